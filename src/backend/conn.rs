@@ -1,0 +1,65 @@
+//! A live, authenticated backend connection and what the proxy knows about it.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+
+use crate::net::Stream;
+
+/// The startup parameters a backend connection was opened with (user and database aside). Two connections with
+/// equal tags are interchangeable after `DISCARD ALL`, because `RESET ALL` returns to these values.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct StartupTag {
+    pub params: Vec<(String, String)>,
+}
+
+/// Where to send a CancelRequest for a backend session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CancelTarget {
+    pub host: String,
+    pub port: u16,
+    pub pid: i32,
+    pub secret: i32,
+}
+
+pub struct ServerConn {
+    pub stream: Stream,
+    /// Bytes read from the server but not yet consumed.
+    pub buf: BytesMut,
+    pub pid: i32,
+    pub secret: i32,
+    /// The server's current ParameterStatus values, kept up to date by whoever reads its frames.
+    pub params: Vec<(String, String)>,
+    pub tag: Arc<StartupTag>,
+    pub host: String,
+    pub port: u16,
+    pub idle_since: Instant,
+}
+
+impl ServerConn {
+    pub fn cancel_target(&self) -> CancelTarget {
+        CancelTarget {
+            host: self.host.clone(),
+            port: self.port,
+            pid: self.pid,
+            secret: self.secret,
+        }
+    }
+
+    /// Records a ParameterStatus value.
+    pub fn set_param(&mut self, name: &str, value: &str) {
+        match self.params.iter_mut().find(|(k, _)| k == name) {
+            Some((_, v)) if v == value => {}
+            Some((_, v)) => *v = value.to_owned(),
+            None => self.params.push((name.to_owned(), value.to_owned())),
+        }
+    }
+
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}

@@ -1,0 +1,304 @@
+//! Opening a backend connection: TCP, optional TLS, the startup packet and authentication (trust, cleartext,
+//! md5, SCRAM-SHA-256), then ParameterStatus and BackendKeyData up to the first ReadyForQuery.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::message::backend::Message;
+use postgres_protocol::message::frontend;
+use rustls::pki_types::ServerName;
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::conn::{ServerConn, StartupTag};
+use super::Backend;
+use crate::config::SslMode;
+use crate::net::Stream;
+use crate::protocol::{sqlstate, PgError};
+
+/// Handshake messages larger than this end the attempt.
+const MAX_HANDSHAKE_BUFFER: usize = 1 << 20;
+
+#[derive(Debug, Error)]
+pub enum ConnectError {
+    #[error("connecting to backend {backend}: {source}")]
+    Io {
+        backend: String,
+        source: std::io::Error,
+    },
+    #[error("backend {0} did not answer in time")]
+    Timeout(String),
+    #[error("backend {0} refused TLS but sslmode is require")]
+    TlsRefused(String),
+    #[error("backend {backend} authentication: {reason}")]
+    Auth { backend: String, reason: String },
+    #[error("backend {backend} refused the connection: {code} {message}")]
+    Server {
+        backend: String,
+        code: String,
+        message: String,
+    },
+    #[error("backend {backend} protocol error: {reason}")]
+    Protocol { backend: String, reason: String },
+}
+
+impl ConnectError {
+    /// What the client is told. Server refusals keep their SQLSTATE and text (as PgBouncer does); our own
+    /// failures say which backend without internal detail.
+    pub fn to_client(&self) -> PgError {
+        match self {
+            ConnectError::Server { code, message, .. } => {
+                PgError::fatal(code.clone(), message.clone())
+            }
+            other => PgError::fatal(
+                sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+                "pgtenant could not connect to the tenant's backend",
+            )
+            .with_detail(match other {
+                ConnectError::Timeout(b) => format!("backend {b} did not answer in time"),
+                ConnectError::Io { backend, .. } => format!("backend {backend} is unreachable"),
+                ConnectError::Auth { backend, .. } => {
+                    format!("pgtenant could not log in to backend {backend}")
+                }
+                _ => "backend handshake failed".to_string(),
+            }),
+        }
+    }
+}
+
+/// Opens and authenticates a connection to `backend`'s `database` with the startup parameters in `tag`.
+pub async fn connect(
+    backend: &Backend,
+    database: &str,
+    tag: Arc<StartupTag>,
+) -> Result<ServerConn, ConnectError> {
+    let timeout = backend.timeouts.connect;
+    match tokio::time::timeout(timeout, connect_inner(backend, database, tag)).await {
+        Ok(r) => r,
+        Err(_) => Err(ConnectError::Timeout(backend.name.clone())),
+    }
+}
+
+async fn connect_inner(
+    backend: &Backend,
+    database: &str,
+    tag: Arc<StartupTag>,
+) -> Result<ServerConn, ConnectError> {
+    let cfg = &backend.config;
+    let io = |source| ConnectError::Io {
+        backend: backend.name.clone(),
+        source,
+    };
+    let tcp = TcpStream::connect((cfg.host.as_str(), cfg.port))
+        .await
+        .map_err(io)?;
+    tcp.set_nodelay(true).map_err(io)?;
+    let mut stream = negotiate_tls(backend, tcp).await?;
+
+    let mut buf = BytesMut::with_capacity(1024);
+    let mut params: Vec<(&str, &str)> = vec![("user", cfg.user.as_str()), ("database", database)];
+    params.extend(tag.params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    frontend::startup_message(params.into_iter(), &mut buf).map_err(io)?;
+    stream.write_all(&buf).await.map_err(io)?;
+    buf.clear();
+
+    let mut conn = ServerConn {
+        stream,
+        buf,
+        pid: 0,
+        secret: 0,
+        params: Vec::new(),
+        tag,
+        host: cfg.host.clone(),
+        port: cfg.port,
+        idle_since: Instant::now(),
+    };
+    authenticate(backend, &mut conn).await?;
+    Ok(conn)
+}
+
+async fn negotiate_tls(backend: &Backend, mut tcp: TcpStream) -> Result<Stream, ConnectError> {
+    let Some(connector) = &backend.tls else {
+        return Ok(Stream::Tcp(tcp));
+    };
+    let io = |source| ConnectError::Io {
+        backend: backend.name.clone(),
+        source,
+    };
+    let mut req = BytesMut::new();
+    frontend::ssl_request(&mut req);
+    tcp.write_all(&req).await.map_err(io)?;
+    let answer = tcp.read_u8().await.map_err(io)?;
+    match answer {
+        b'S' => {
+            let name = ServerName::try_from(backend.config.host.clone()).map_err(|e| {
+                ConnectError::Protocol {
+                    backend: backend.name.clone(),
+                    reason: format!("host is not a valid TLS server name: {e}"),
+                }
+            })?;
+            let tls = connector.connect(name, tcp).await.map_err(io)?;
+            Ok(Stream::ClientTls(Box::new(tls)))
+        }
+        b'N' if backend.config.sslmode == SslMode::Prefer => Ok(Stream::Tcp(tcp)),
+        b'N' => Err(ConnectError::TlsRefused(backend.name.clone())),
+        _ => Err(ConnectError::Protocol {
+            backend: backend.name.clone(),
+            reason: "unexpected answer to SSLRequest".into(),
+        }),
+    }
+}
+
+/// Reads one backend message, reading more bytes as needed.
+pub(super) async fn next_message(
+    backend: &str,
+    conn: &mut ServerConn,
+) -> Result<Message, ConnectError> {
+    loop {
+        let parsed = Message::parse(&mut conn.buf).map_err(|e| ConnectError::Protocol {
+            backend: backend.to_owned(),
+            reason: e.to_string(),
+        })?;
+        if let Some(m) = parsed {
+            return Ok(m);
+        }
+        if conn.buf.len() > MAX_HANDSHAKE_BUFFER {
+            return Err(ConnectError::Protocol {
+                backend: backend.to_owned(),
+                reason: "handshake message too large".into(),
+            });
+        }
+        conn.buf.reserve(4096);
+        let n = conn
+            .stream
+            .read_buf(&mut conn.buf)
+            .await
+            .map_err(|source| ConnectError::Io {
+                backend: backend.to_owned(),
+                source,
+            })?;
+        if n == 0 {
+            return Err(ConnectError::Io {
+                backend: backend.to_owned(),
+                source: std::io::ErrorKind::UnexpectedEof.into(),
+            });
+        }
+    }
+}
+
+pub(super) fn server_error(
+    backend: &str,
+    fields: postgres_protocol::message::backend::ErrorFields<'_>,
+) -> ConnectError {
+    use fallible_iterator::FallibleIterator;
+    let (mut code, mut message) = (String::new(), String::new());
+    let mut it = fields;
+    while let Ok(Some(f)) = it.next() {
+        let value = String::from_utf8_lossy(f.value_bytes()).into_owned();
+        match f.type_() {
+            b'C' => code = value,
+            b'M' => message = value,
+            _ => {}
+        }
+    }
+    ConnectError::Server {
+        backend: backend.to_owned(),
+        code,
+        message,
+    }
+}
+
+async fn send(backend: &Backend, conn: &mut ServerConn, msg: &[u8]) -> Result<(), ConnectError> {
+    conn.stream
+        .write_all(msg)
+        .await
+        .map_err(|source| ConnectError::Io {
+            backend: backend.name.clone(),
+            source,
+        })
+}
+
+async fn authenticate(backend: &Backend, conn: &mut ServerConn) -> Result<(), ConnectError> {
+    let name = backend.name.as_str();
+    let cfg = &backend.config;
+    let auth_err = |reason: String| ConnectError::Auth {
+        backend: name.to_owned(),
+        reason,
+    };
+    let mut scram: Option<ScramSha256> = None;
+    let mut out = BytesMut::new();
+    loop {
+        out.clear();
+        match next_message(name, conn).await? {
+            Message::AuthenticationOk => {}
+            Message::AuthenticationCleartextPassword => {
+                frontend::password_message(cfg.password.as_bytes(), &mut out)
+                    .map_err(|e| auth_err(e.to_string()))?;
+                send(backend, conn, &out).await?;
+            }
+            Message::AuthenticationMd5Password(body) => {
+                let hash = postgres_protocol::authentication::md5_hash(
+                    cfg.user.as_bytes(),
+                    cfg.password.as_bytes(),
+                    body.salt(),
+                );
+                frontend::password_message(hash.as_bytes(), &mut out)
+                    .map_err(|e| auth_err(e.to_string()))?;
+                send(backend, conn, &out).await?;
+            }
+            Message::AuthenticationSasl(body) => {
+                use fallible_iterator::FallibleIterator;
+                let mut mechanisms = body.mechanisms();
+                let mut has_scram = false;
+                while let Ok(Some(m)) = mechanisms.next() {
+                    has_scram |= m == SCRAM_SHA_256;
+                }
+                if !has_scram {
+                    return Err(auth_err("server offers no SCRAM-SHA-256".into()));
+                }
+                let s = ScramSha256::new(cfg.password.as_bytes(), ChannelBinding::unsupported());
+                frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)
+                    .map_err(|e| auth_err(e.to_string()))?;
+                scram = Some(s);
+                send(backend, conn, &out).await?;
+            }
+            Message::AuthenticationSaslContinue(body) => {
+                let s = scram
+                    .as_mut()
+                    .ok_or_else(|| auth_err("unexpected SASL continue".into()))?;
+                s.update(body.data()).map_err(|e| auth_err(e.to_string()))?;
+                frontend::sasl_response(s.message(), &mut out)
+                    .map_err(|e| auth_err(e.to_string()))?;
+                send(backend, conn, &out).await?;
+            }
+            Message::AuthenticationSaslFinal(body) => {
+                let s = scram
+                    .as_mut()
+                    .ok_or_else(|| auth_err("unexpected SASL final".into()))?;
+                s.finish(body.data()).map_err(|e| auth_err(e.to_string()))?;
+            }
+            Message::ParameterStatus(body) => {
+                let (k, v) = (body.name(), body.value());
+                if let (Ok(k), Ok(v)) = (k, v) {
+                    conn.set_param(k, v);
+                }
+            }
+            Message::BackendKeyData(body) => {
+                conn.pid = body.process_id();
+                conn.secret = body.secret_key();
+            }
+            Message::NoticeResponse(_) => {}
+            Message::ErrorResponse(body) => return Err(server_error(name, body.fields())),
+            Message::ReadyForQuery(_) => return Ok(()),
+            _ => {
+                return Err(ConnectError::Protocol {
+                    backend: name.to_owned(),
+                    reason: "unexpected message during startup".into(),
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! Backend servers: connecting and authenticating to them ([`connect`]), the connection type ([`conn`]), simple
+//! control queries on a held connection ([`query`]) and the per-(database, user) pools ([`pool`]).
+
+pub mod conn;
+pub mod connect;
+pub mod pool;
+pub mod query;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_rustls::TlsConnector;
+
+use crate::config::{BackendConfig, SslMode};
+use crate::net::tls::{self, TlsError};
+
+pub use conn::{ServerConn, StartupTag};
+pub use connect::ConnectError;
+pub use pool::{Pool, PoolError, PooledConn};
+
+/// Timeouts every backend connection uses, from `[proxy]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub checkout: Duration,
+    pub idle: Duration,
+}
+
+/// One configured backend server and its pools (one per database; the user is the backend's).
+pub struct Backend {
+    pub name: String,
+    pub config: BackendConfig,
+    tls: Option<TlsConnector>,
+    pools: Mutex<HashMap<String, Arc<Pool>>>,
+    pub timeouts: Timeouts,
+}
+
+impl Backend {
+    pub fn new(
+        name: &str,
+        config: BackendConfig,
+        timeouts: Timeouts,
+    ) -> Result<Arc<Backend>, TlsError> {
+        let tls = match config.sslmode {
+            SslMode::Disable => None,
+            SslMode::Prefer | SslMode::Require => Some(tls::backend_connector()?),
+        };
+        Ok(Arc::new(Backend {
+            name: name.to_owned(),
+            config,
+            tls,
+            pools: Mutex::new(HashMap::new()),
+            timeouts,
+        }))
+    }
+
+    /// The pool for `database`, created on first use.
+    pub fn pool(self: &Arc<Self>, database: &str) -> Arc<Pool> {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        pools
+            .entry(database.to_owned())
+            .or_insert_with(|| Pool::new(self.clone(), database.to_owned()))
+            .clone()
+    }
+
+    pub fn pools(&self) -> Vec<Arc<Pool>> {
+        let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        pools.values().cloned().collect()
+    }
+}
+
+/// All configured backends by name.
+#[derive(Default)]
+pub struct Backends {
+    pub by_name: HashMap<String, Arc<Backend>>,
+}
+
+impl Backends {
+    pub fn get(&self, name: &str) -> Option<&Arc<Backend>> {
+        self.by_name.get(name)
+    }
+}

@@ -1,0 +1,56 @@
+//! Running the proxy's own simple queries (reset, rollback) on a backend connection it holds, outside any client.
+
+use bytes::BytesMut;
+use postgres_protocol::message::backend::Message;
+use postgres_protocol::message::frontend;
+use tokio::io::AsyncWriteExt;
+
+use super::conn::ServerConn;
+use super::connect::{next_message, server_error, ConnectError};
+
+/// Sends each statement as its own Query (so `DISCARD ALL` is not inside an implicit transaction block),
+/// pipelined, and reads every reply up to the matching ReadyForQuery. Returns the final transaction status.
+pub async fn run_simple(
+    backend: &str,
+    conn: &mut ServerConn,
+    statements: &[&str],
+) -> Result<u8, ConnectError> {
+    let mut out = BytesMut::new();
+    for s in statements {
+        frontend::query(s, &mut out).map_err(|e| ConnectError::Protocol {
+            backend: backend.to_owned(),
+            reason: e.to_string(),
+        })?;
+    }
+    conn.stream
+        .write_all(&out)
+        .await
+        .map_err(|source| ConnectError::Io {
+            backend: backend.to_owned(),
+            source,
+        })?;
+    let mut first_error = None;
+    let mut remaining = statements.len();
+    let mut status = b'I';
+    while remaining > 0 {
+        match next_message(backend, conn).await? {
+            Message::ReadyForQuery(body) => {
+                remaining -= 1;
+                status = body.status();
+            }
+            Message::ErrorResponse(body) => {
+                first_error.get_or_insert(server_error(backend, body.fields()));
+            }
+            Message::ParameterStatus(body) => {
+                if let (Ok(k), Ok(v)) = (body.name(), body.value()) {
+                    conn.set_param(k, v);
+                }
+            }
+            _ => {}
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(status),
+    }
+}

@@ -1,0 +1,101 @@
+//! What every session shares: config, users, routes, backends, the cancel registry, TLS and shutdown signals.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use thiserror::Error;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{ScramError, Users};
+use crate::backend::{Backend, Backends, Timeouts};
+use crate::cancel::CancelRegistry;
+use crate::config::Config;
+use crate::net::tls::{self, TlsError};
+use crate::routing::{Router, RoutingTable};
+
+#[derive(Debug, Error)]
+pub enum ContextError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("user credentials: {0}")]
+    Users(#[from] ScramError),
+}
+
+pub struct Shared {
+    pub config: ArcSwap<Config>,
+    pub users: ArcSwap<Users>,
+    pub router: Router,
+    pub backends: ArcSwap<Backends>,
+    pub cancels: Arc<CancelRegistry>,
+    pub tls: Option<TlsAcceptor>,
+    /// ParameterStatus values last seen from a backend, told to clients that start without a tenant.
+    pub last_params: Mutex<Vec<(String, String)>>,
+    /// Fired when sessions must end now (SIGINT, or the SIGTERM grace period ran out).
+    pub terminate: CancellationToken,
+}
+
+impl Shared {
+    pub fn new(config: Config) -> Result<Arc<Shared>, ContextError> {
+        let tls = match &config.tls {
+            Some(t) => Some(tls::acceptor(&t.cert, &t.key)?),
+            None => None,
+        };
+        let users = Users::from_config(&config.users)?;
+        let backends = build_backends(&config)?;
+        let table = RoutingTable::from_config(config.tenants.iter());
+        Ok(Arc::new(Shared {
+            config: ArcSwap::from_pointee(config),
+            users: ArcSwap::from_pointee(users),
+            router: Router::new(table),
+            backends: ArcSwap::from_pointee(backends),
+            cancels: Arc::new(CancelRegistry::default()),
+            tls,
+            last_params: Mutex::new(Vec::new()),
+            terminate: CancellationToken::new(),
+        }))
+    }
+
+    pub fn remember_params(&self, params: &[(String, String)]) {
+        let mut last = self.last_params.lock().unwrap_or_else(|p| p.into_inner());
+        if last.as_slice() != params {
+            *last = params.to_vec();
+        }
+    }
+
+    /// Closes pooled connections idle for longer than the configured limit; runs until `terminate`.
+    pub async fn reap_idle_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = self.terminate.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let max_idle = Duration::from_millis(self.config.load().proxy.server_idle_timeout_ms);
+            for backend in self.backends.load().by_name.values() {
+                for pool in backend.pools() {
+                    pool.reap_idle(max_idle);
+                }
+            }
+        }
+    }
+}
+
+pub fn timeouts(config: &Config) -> Timeouts {
+    Timeouts {
+        connect: config.proxy.connect_timeout(),
+        checkout: config.proxy.checkout_timeout(),
+        idle: Duration::from_millis(config.proxy.server_idle_timeout_ms),
+    }
+}
+
+fn build_backends(config: &Config) -> Result<Backends, TlsError> {
+    let t = timeouts(config);
+    let mut by_name = HashMap::new();
+    for (name, b) in &config.backends {
+        by_name.insert(name.clone(), Backend::new(name, b.clone(), t)?);
+    }
+    Ok(Backends { by_name })
+}

@@ -1,0 +1,149 @@
+//! Statements the proxy answers itself: `SET`/`RESET`/`SHOW pgtenant.tenant`, and everything a session without a
+//! tenant sends (which can only be refused until it picks one).
+
+use tracing::{info, warn};
+
+use super::session::{connect_server, Session};
+use crate::protocol::sql::{Recognised, TenantCommand};
+use crate::protocol::{inspect, messages, sql, sqlstate, PgError};
+use crate::tenant::{may_reach, TenantId};
+
+use super::session::End;
+
+fn no_tenant() -> PgError {
+    PgError::error(sqlstate::INVALID_CATALOG_NAME, "no tenant selected")
+        .with_hint("Run SET pgtenant.tenant = 'name' first, or name the tenant when connecting.")
+}
+
+impl Session {
+    /// Answers a simple Query the recogniser flagged. Called only when the backend owes no reply.
+    pub(super) async fn answer_simple(&mut self, r: Recognised) {
+        match r {
+            Recognised::Command(cmd) => self.tenant_command(cmd).await,
+            Recognised::Refuse(msg) => {
+                PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, msg).encode(&mut self.cout);
+                let status = self.status();
+                messages::ready_for_query(&mut self.cout, status);
+            }
+            Recognised::Pass => {
+                no_tenant().encode(&mut self.cout);
+                let status = self.status();
+                messages::ready_for_query(&mut self.cout, status);
+            }
+        }
+    }
+
+    /// A frame from a client that has no backend. `frame` is `None` for a frame too large to hold whole.
+    pub(super) async fn unrouted(&mut self, tag: u8, frame: Option<&[u8]>) -> Result<(), End> {
+        match tag {
+            b'Q' => {
+                let text = frame.and_then(inspect::query_text).unwrap_or_default();
+                let r = sql::recognise(text);
+                self.answer_simple(r).await;
+            }
+            b'F' => {
+                no_tenant().encode(&mut self.cout);
+                messages::ready_for_query(&mut self.cout, b'I');
+            }
+            b'P' | b'B' | b'D' | b'E' | b'C' => {
+                no_tenant().encode(&mut self.cout);
+                self.skip_to_sync = true;
+            }
+            b'S' => messages::ready_for_query(&mut self.cout, b'I'),
+            // Flush has nothing to flush; copy messages outside COPY are ignored, as PostgreSQL does.
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn tenant_command(&mut self, cmd: TenantCommand) {
+        let result = match cmd {
+            TenantCommand::Show => {
+                let name = self.tenant.as_ref().map(|t| t.as_str()).unwrap_or("");
+                messages::single_text_row(&mut self.cout, "pgtenant.tenant", Some(name), "SHOW");
+                Ok(None)
+            }
+            _ if self.status() != b'I' => Err(PgError::error(
+                sqlstate::ACTIVE_SQL_TRANSACTION,
+                "pgtenant.tenant cannot be changed inside a transaction block",
+            )),
+            TenantCommand::Set(name) => match TenantId::parse(&name) {
+                Ok(t) => self.switch_tenant(Some(t)).await.map(|_| Some("SET")),
+                Err(e) => Err(PgError::error(
+                    sqlstate::INVALID_CATALOG_NAME,
+                    e.to_string(),
+                )),
+            },
+            TenantCommand::Reset => {
+                let t = self.info.startup_tenant.clone();
+                self.switch_tenant(t).await.map(|_| Some("RESET"))
+            }
+        };
+        match result {
+            Ok(Some(tag)) => messages::command_complete(&mut self.cout, tag),
+            Ok(None) => {}
+            Err(e) => e.encode(&mut self.cout),
+        }
+        let status = self.status();
+        messages::ready_for_query(&mut self.cout, status);
+    }
+
+    /// Moves the session to `target` (or to no tenant). Runs only when idle outside a transaction.
+    async fn switch_tenant(&mut self, target: Option<TenantId>) -> Result<(), PgError> {
+        if target == self.tenant {
+            return Ok(());
+        }
+        if self.info.tenant_fixed && target != self.info.startup_tenant {
+            let fixed = self
+                .info
+                .startup_tenant
+                .as_ref()
+                .map(|t| t.as_str())
+                .unwrap_or("");
+            return Err(PgError::error(
+                sqlstate::SQLSERVER_REJECTED_ESTABLISHMENT_OF_SQLCONNECTION,
+                format!("this connection is bound to tenant \"{fixed}\" by its startup parameters"),
+            ));
+        }
+        let server = match &target {
+            Some(t) => {
+                if self.shared.router.load().get(t.as_str()).is_none() {
+                    return Err(PgError::error(
+                        sqlstate::INVALID_CATALOG_NAME,
+                        format!("tenant \"{t}\" does not exist"),
+                    ));
+                }
+                if !may_reach(&self.info.user.tenants, t) {
+                    warn!(user = %self.info.user.name, tenant = %t, "user tried to reach a tenant it may not");
+                    return Err(PgError::error(
+                        sqlstate::INSUFFICIENT_PRIVILEGE,
+                        format!(
+                            "user \"{}\" may not use tenant \"{t}\"",
+                            self.info.user.name
+                        ),
+                    ));
+                }
+                Some(connect_server(&self.shared, &self.info, t).await?)
+            }
+            None => None,
+        };
+        if let Some(new) = &server {
+            let params = new.conn.get().params.clone();
+            for (k, v) in &params {
+                if self.told.iter().all(|(tk, tv)| tk != k || tv != v) {
+                    messages::parameter_status(&mut self.cout, k, v);
+                }
+            }
+            self.told = params;
+        }
+        self.cancel
+            .slot
+            .set(server.as_ref().map(|s| s.conn.get().cancel_target()));
+        if let Some(old) = std::mem::replace(&mut self.server, server) {
+            old.release_idle();
+        }
+        info!(user = %self.info.user.name, from = ?self.tenant, to = ?target, "session moved by SET pgtenant.tenant");
+        self.tenant = target;
+        Ok(())
+    }
+}

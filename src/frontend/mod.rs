@@ -1,0 +1,11 @@
+//! The client side: the pre-protocol handshake and TLS ([`startup`]), password exchanges ([`auth`]), logging a
+//! client in and choosing its tenant ([`login`]), and the relay loop ([`session`]) with the statements the proxy
+//! answers itself ([`intercept`]).
+
+pub mod auth;
+pub mod intercept;
+pub mod login;
+pub mod session;
+pub mod startup;
+
+pub use login::serve_client;

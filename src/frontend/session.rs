@@ -1,0 +1,666 @@
+//! The relay: one task per client that moves raw frames both ways at once and looks only at what it must.
+//!
+//! Reads and writes on both sockets are polled together in one future ([`Session::poll_io`]), so a backend
+//! that streams a large result while the client is still pipelining input never deadlocks the relay, and no
+//! locks or extra tasks sit on the path. Flow control: a side is not read while the other side's outgoing
+//! buffer is above [`OUT_HIGH_WATER`].
+//!
+//! What is inspected: from the client, the tag of every frame (to count the ReadyForQuery replies owed), and the
+//! text of `Query`/`Parse` (where a `SET pgtenant.tenant` may hide); from the backend, ReadyForQuery (transaction
+//! status), ParameterStatus (what the client has been told), and the severity of ErrorResponse.
+
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio_util::io::poll_read_buf;
+use tracing::debug;
+
+use crate::auth::UserEntry;
+use crate::backend::pool::ReleaseState;
+use crate::backend::{PooledConn, StartupTag};
+use crate::cancel::{synthetic_pid, CancelKey};
+use crate::context::Shared;
+use crate::net::Stream;
+use crate::protocol::frame::{Direction, Scan, Scanner};
+use crate::protocol::startup::join_options;
+use crate::protocol::{inspect, messages, sql, sqlstate, PgError};
+use crate::tenant::{quote_ident, TenantId};
+
+/// Frames the proxy must see whole are waited for up to this size; larger ones stream through uninspected.
+pub const WHOLE_FRAME_MAX: usize = 1 << 20;
+/// Stop reading a side while the buffer towards the other side holds more than this.
+pub const OUT_HIGH_WATER: usize = 256 * 1024;
+/// Read buffers grow by this much at a time.
+const READ_CHUNK: usize = 8 * 1024;
+/// How long a closing session may spend delivering its last messages.
+const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Who the client is and what it asked for at startup; fixed for the session's life.
+pub struct ClientInfo {
+    pub user: Arc<UserEntry>,
+    /// Configured user name (without tenant suffix).
+    pub user_name: String,
+    pub database: Option<String>,
+    /// Session parameters from the startup packet (sorted), passed to backends.
+    pub params: Vec<(String, String)>,
+    /// The client's `options` arguments, `pgtenant.tenant` removed.
+    pub options: Vec<String>,
+    pub startup_tenant: Option<TenantId>,
+    /// True when the client named its tenant at startup; then SET may not move it to another.
+    pub tenant_fixed: bool,
+}
+
+/// The backend side of a session.
+pub(super) struct Server {
+    pub conn: PooledConn,
+    pub out: BytesMut,
+    pub scan: Scanner,
+    pub flush: bool,
+    /// ReadyForQuery replies still owed for Query, Sync and FunctionCall frames sent.
+    pub pending: u32,
+    /// Transaction status from the last ReadyForQuery.
+    pub status: u8,
+    /// The backend already told the client it is ending (FATAL), so we need not.
+    pub sent_fatal: bool,
+}
+
+impl Server {
+    pub(super) fn release_idle(self) {
+        self.release(false)
+    }
+
+    fn release(self, broken: bool) {
+        let clean = !broken
+            && self.out.is_empty()
+            && self.pending == 0
+            && !self.scan.mid_frame()
+            && self.conn.get().buf.is_empty();
+        let state = match (clean, self.status) {
+            (false, _) => ReleaseState::Dirty,
+            (true, b'I') => ReleaseState::Idle,
+            (true, _) => ReleaseState::InTransaction,
+        };
+        self.conn.release(state);
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+pub(super) enum End {
+    ClientGone,
+    /// The client sent Terminate.
+    Terminated,
+    ServerGone,
+    Shutdown,
+    Fatal(PgError),
+}
+
+enum Ev {
+    ClientIn,
+    ServerIn,
+    ClientOut(usize),
+    ServerOut(usize),
+    ClientFlushed,
+    ServerFlushed,
+    Shutdown,
+}
+
+pub struct Session {
+    pub(super) shared: Arc<Shared>,
+    pub(super) info: ClientInfo,
+    pub(super) client: Stream,
+    pub(super) cin: BytesMut,
+    pub(super) cout: BytesMut,
+    cscan: Scanner,
+    cflush: bool,
+    /// Bytes `cin` must hold before the next frame can be judged.
+    cin_need: usize,
+    pub(super) server: Option<Server>,
+    pub(super) tenant: Option<TenantId>,
+    /// ParameterStatus values the client has been told.
+    pub(super) told: Vec<(String, String)>,
+    pub(super) cancel: CancelKey,
+    /// After an error in the extended protocol, client messages are dropped up to Sync (as PostgreSQL does).
+    pub(super) skip_to_sync: bool,
+    /// An error to put before a backend ReadyForQuery: after that many more ReadyForQuery have passed.
+    pub(super) inject: Option<(u32, PgError)>,
+    /// A statement the proxy answers itself waits at the head of `cin` until the backend owes nothing.
+    pub(super) blocked: bool,
+}
+
+impl Session {
+    /// Attaches the startup tenant's backend (if any), registers the cancel key, and writes the startup reply.
+    /// On failure the stream is handed back with the error to report.
+    pub async fn start(
+        shared: Arc<Shared>,
+        client: Stream,
+        cin: BytesMut,
+        info: ClientInfo,
+    ) -> Result<Session, (Stream, PgError)> {
+        let server = match &info.startup_tenant {
+            Some(t) => match connect_server(&shared, &info, t).await {
+                Ok(s) => Some(s),
+                Err(mut e) => {
+                    e.severity = messages::Severity::Fatal;
+                    return Err((client, e));
+                }
+            },
+            None => None,
+        };
+        let pid = server
+            .as_ref()
+            .map(|s| s.conn.get().pid)
+            .unwrap_or_else(synthetic_pid);
+        let cancel = shared.cancels.register(pid);
+        cancel
+            .slot
+            .set(server.as_ref().map(|s| s.conn.get().cancel_target()));
+        let told = match &server {
+            Some(s) => {
+                shared.remember_params(&s.conn.get().params);
+                s.conn.get().params.clone()
+            }
+            None => fallback_params(&shared, &info),
+        };
+        let mut session = Session {
+            tenant: info.startup_tenant.clone(),
+            shared,
+            info,
+            client,
+            cin,
+            cout: BytesMut::with_capacity(READ_CHUNK),
+            cscan: Scanner::new(Direction::FromClient, WHOLE_FRAME_MAX),
+            cflush: false,
+            cin_need: 0,
+            server,
+            told,
+            cancel,
+            skip_to_sync: false,
+            inject: None,
+            blocked: false,
+        };
+        messages::auth_ok(&mut session.cout);
+        for (k, v) in &session.told {
+            messages::parameter_status(&mut session.cout, k, v);
+        }
+        messages::backend_key_data(&mut session.cout, session.cancel.pid, session.cancel.secret);
+        messages::ready_for_query(&mut session.cout, b'I');
+        Ok(session)
+    }
+
+    pub async fn run(mut self) {
+        let terminate = self.shared.terminate.clone();
+        let shutdown = terminate.cancelled();
+        tokio::pin!(shutdown);
+        let end = self.relay(shutdown).await;
+        self.finish(end).await;
+    }
+
+    async fn relay(&mut self, mut shutdown: Pin<&mut impl Future<Output = ()>>) -> End {
+        if let Err(end) = self.on_client_input().await {
+            return end;
+        }
+        loop {
+            let ev = poll_fn(|cx| self.poll_io(cx, shutdown.as_mut())).await;
+            let step = match ev {
+                Ok(Ev::ClientOut(n)) => {
+                    self.cout.advance(n);
+                    self.cflush = true;
+                    Ok(())
+                }
+                Ok(Ev::ServerOut(n)) => {
+                    if let Some(s) = self.server.as_mut() {
+                        s.out.advance(n);
+                        s.flush = true;
+                    }
+                    Ok(())
+                }
+                Ok(Ev::ClientFlushed) => Ok(self.cflush = false),
+                Ok(Ev::ServerFlushed) => Ok(if let Some(s) = self.server.as_mut() {
+                    s.flush = false;
+                }),
+                Ok(Ev::ClientIn) => self.on_client_input().await,
+                Ok(Ev::ServerIn) => self.after_server_input().await,
+                Ok(Ev::Shutdown) => Err(End::Shutdown),
+                Err(end) => Err(end),
+            };
+            if let Err(end) = step {
+                return end;
+            }
+        }
+    }
+
+    /// Polls every socket operation that is wanted now and reports the first that is ready.
+    fn poll_io(
+        &mut self,
+        cx: &mut Context<'_>,
+        shutdown: Pin<&mut impl Future<Output = ()>>,
+    ) -> Poll<Result<Ev, End>> {
+        if shutdown.poll(cx).is_ready() {
+            return Poll::Ready(Ok(Ev::Shutdown));
+        }
+        if let Poll::Ready(r) = poll_write_side(cx, &mut self.client, &self.cout, self.cflush) {
+            return Poll::Ready(r.map(|w| w.client()).map_err(|_| End::ClientGone));
+        }
+        if let Some(s) = self.server.as_mut() {
+            if let Poll::Ready(r) =
+                poll_write_side(cx, &mut s.conn.get_mut().stream, &s.out, s.flush)
+            {
+                return Poll::Ready(r.map(|w| w.server()).map_err(|_| End::ServerGone));
+            }
+        }
+        let server_out = self.server.as_ref().map_or(0, |s| s.out.len());
+        if self.cin.len() < self.cin_need.max(READ_CHUNK * 8) && server_out < OUT_HIGH_WATER {
+            self.cin.reserve(READ_CHUNK);
+            match poll_read_buf(Pin::new(&mut self.client), cx, &mut self.cin) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                    return Poll::Ready(Err(End::ClientGone))
+                }
+                Poll::Ready(Ok(_)) => return Poll::Ready(Ok(Ev::ClientIn)),
+                Poll::Pending => {}
+            }
+        }
+        if self.cout.len() < OUT_HIGH_WATER {
+            if let Some(s) = self.server.as_mut() {
+                let conn = s.conn.get_mut();
+                conn.buf.reserve(READ_CHUNK);
+                match poll_read_buf(Pin::new(&mut conn.stream), cx, &mut conn.buf) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                        return Poll::Ready(Err(End::ServerGone))
+                    }
+                    Poll::Ready(Ok(_)) => return Poll::Ready(Ok(Ev::ServerIn)),
+                    Poll::Pending => {}
+                }
+            }
+        }
+        Poll::Pending
+    }
+
+    /// Handles every whole frame the client has sent, until input runs out or a statement must wait.
+    pub(super) async fn on_client_input(&mut self) -> Result<(), End> {
+        while !self.blocked {
+            let step = self
+                .cscan
+                .next(&self.cin, |t| matches!(t, b'Q' | b'P'))
+                .map_err(|e| End::Fatal(PgError::protocol(e.to_string())))?;
+            match step {
+                Scan::NeedMore(n) => {
+                    self.cin_need = n;
+                    return Ok(());
+                }
+                Scan::Rest(n) => self.pass_client(n),
+                Scan::Head { header, avail } => {
+                    if self.server.is_none() && !self.skip_to_sync {
+                        self.unrouted(header.tag, None).await?;
+                    }
+                    self.count_request(header.tag);
+                    self.pass_client(avail);
+                }
+                Scan::Whole(h) => self.client_frame(h.tag, h.total).await?,
+            }
+        }
+        Ok(())
+    }
+
+    async fn client_frame(&mut self, tag: u8, total: usize) -> Result<(), End> {
+        if tag == b'X' {
+            return Err(End::Terminated);
+        }
+        if self.skip_to_sync {
+            self.cin.advance(total);
+            if tag == b'S' {
+                self.end_skip();
+            }
+            return Ok(());
+        }
+        if self.server.is_none() {
+            let frame = self.cin.split_to(total);
+            return self.unrouted(tag, Some(&frame)).await;
+        }
+        let recognised = match tag {
+            b'Q' => sql::recognise(inspect::query_text(&self.cin[..total]).unwrap_or_default()),
+            b'P' => sql::recognise(
+                inspect::parse_statement(&self.cin[..total]).map_or(&[][..], |(_, t)| t),
+            ),
+            _ => sql::Recognised::Pass,
+        };
+        match (tag, recognised) {
+            (_, sql::Recognised::Pass) => {
+                self.count_request(tag);
+                self.pass_client(total);
+            }
+            (b'Q', r) => {
+                if self.server.as_ref().is_some_and(|s| s.pending > 0) {
+                    // Answer only after every reply the backend owes has reached the client.
+                    self.blocked = true;
+                    return Ok(());
+                }
+                self.cin.advance(total);
+                self.answer_simple(r).await;
+            }
+            (_, _) => {
+                // A tenant statement in the extended protocol: refuse it and skip to Sync, as PostgreSQL does
+                // after an error; the error goes out in order, just before the reply to that Sync.
+                self.cin.advance(total);
+                self.skip_to_sync = true;
+                let owed = self.server.as_ref().map_or(0, |s| s.pending);
+                self.inject = Some((
+                    owed,
+                    PgError::error(
+                        sqlstate::FEATURE_NOT_SUPPORTED,
+                        "pgtenant.tenant statements are only accepted in the simple query protocol",
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sync ends an error skip: the backend gets the Sync so its reply carries the injected error.
+    fn end_skip(&mut self) {
+        self.skip_to_sync = false;
+        match self.server.as_mut() {
+            Some(s) => {
+                s.pending += 1;
+                messages::sync(&mut s.out);
+            }
+            None => messages::ready_for_query(&mut self.cout, b'I'),
+        }
+    }
+
+    fn count_request(&mut self, tag: u8) {
+        if let (Some(s), b'Q' | b'S' | b'F') = (self.server.as_mut(), tag) {
+            s.pending += 1;
+        }
+    }
+
+    /// Moves `n` bytes from the client's input to the backend, or drops them when they go nowhere.
+    fn pass_client(&mut self, n: usize) {
+        match self.server.as_mut() {
+            Some(s) if !self.skip_to_sync => move_bytes(&mut self.cin, &mut s.out, n),
+            _ => self.cin.advance(n),
+        }
+    }
+
+    async fn after_server_input(&mut self) -> Result<(), End> {
+        self.on_server_input()?;
+        if self.blocked && self.server.as_ref().is_none_or(|s| s.pending == 0) {
+            self.blocked = false;
+            self.on_client_input().await?;
+        }
+        Ok(())
+    }
+
+    /// Forwards what the backend sent, noting transaction status and parameter changes on the way.
+    fn on_server_input(&mut self) -> Result<(), End> {
+        let Session {
+            server,
+            cout,
+            told,
+            inject,
+            ..
+        } = self;
+        let Some(s) = server.as_mut() else {
+            return Ok(());
+        };
+        let conn = s.conn.get_mut();
+        let mut fwd = 0;
+        loop {
+            let buf = &conn.buf[fwd..];
+            let step = s
+                .scan
+                .next(buf, |t| matches!(t, b'Z' | b'S' | b'E'))
+                .map_err(|e| {
+                    debug!(error = %e, "backend sent a malformed frame");
+                    End::ServerGone
+                })?;
+            match step {
+                Scan::NeedMore(_) => break,
+                Scan::Rest(n) | Scan::Head { avail: n, .. } => fwd += n,
+                Scan::Whole(h) => {
+                    let frame = &buf[..h.total];
+                    match h.tag {
+                        b'Z' => {
+                            s.status = inspect::ready_status(frame).unwrap_or(s.status);
+                            s.pending = s.pending.saturating_sub(1);
+                            if let Some((owed, err)) = inject.take() {
+                                if owed == 0 {
+                                    move_bytes(&mut conn.buf, cout, fwd);
+                                    fwd = 0;
+                                    err.encode(cout);
+                                } else {
+                                    *inject = Some((owed - 1, err));
+                                }
+                            }
+                        }
+                        b'S' => {
+                            if let Some((k, v)) = inspect::parameter_status(frame) {
+                                set_param(told, k, v);
+                                let (k, v) = (k.to_owned(), v.to_owned());
+                                conn.set_param(&k, &v);
+                            }
+                        }
+                        _ => s.sent_fatal |= is_fatal(frame),
+                    }
+                    fwd += h.total;
+                }
+            }
+        }
+        move_bytes(&mut conn.buf, cout, fwd);
+        Ok(())
+    }
+
+    /// Delivers the last words, returns or closes the backend connection, and closes the client.
+    async fn finish(mut self, end: End) {
+        let broken = matches!(end, End::ServerGone);
+        match &end {
+            End::Fatal(e) => e.encode(&mut self.cout),
+            End::ServerGone if !self.server.as_ref().is_some_and(|s| s.sent_fatal) => {
+                PgError::fatal(
+                    sqlstate::CONNECTION_FAILURE,
+                    "pgtenant: the tenant's backend closed the connection unexpectedly",
+                )
+                .encode(&mut self.cout)
+            }
+            End::Shutdown => PgError::fatal(
+                sqlstate::ADMIN_SHUTDOWN,
+                "terminating connection due to administrator command",
+            )
+            .encode(&mut self.cout),
+            _ => {}
+        }
+        if let Some(server) = self.server.take() {
+            server.release(broken);
+        }
+        if !matches!(end, End::ClientGone) {
+            let out = std::mem::take(&mut self.cout);
+            let client = &mut self.client;
+            let _ = tokio::time::timeout(FINAL_WRITE_TIMEOUT, async move {
+                client.write_all(&out).await?;
+                client.flush().await?;
+                client.shutdown().await
+            })
+            .await;
+        }
+        debug!(?end, "session ended");
+    }
+
+    /// The transaction status the client last saw.
+    pub(super) fn status(&self) -> u8 {
+        self.server.as_ref().map_or(b'I', |s| s.status)
+    }
+}
+
+enum Wrote {
+    Bytes(usize),
+    Flushed,
+}
+
+impl Wrote {
+    fn client(self) -> Ev {
+        match self {
+            Wrote::Bytes(n) => Ev::ClientOut(n),
+            Wrote::Flushed => Ev::ClientFlushed,
+        }
+    }
+    fn server(self) -> Ev {
+        match self {
+            Wrote::Bytes(n) => Ev::ServerOut(n),
+            Wrote::Flushed => Ev::ServerFlushed,
+        }
+    }
+}
+
+/// Writes what is buffered for one side, or flushes it once the buffer is empty (TLS keeps its own buffer).
+fn poll_write_side(
+    cx: &mut Context<'_>,
+    stream: &mut Stream,
+    out: &BytesMut,
+    flush: bool,
+) -> Poll<std::io::Result<Wrote>> {
+    if !out.is_empty() {
+        return match Pin::new(stream).poll_write(cx, out) {
+            Poll::Ready(Ok(0)) => Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+            Poll::Ready(r) => Poll::Ready(r.map(Wrote::Bytes)),
+            Poll::Pending => Poll::Pending,
+        };
+    }
+    if flush {
+        return Pin::new(stream)
+            .poll_flush(cx)
+            .map(|r| r.map(|_| Wrote::Flushed));
+    }
+    Poll::Pending
+}
+
+/// Moves the first `n` bytes of `from` to the end of `to`; when that is all of `from` and `to` is empty the
+/// buffers are swapped instead of copied.
+fn move_bytes(from: &mut BytesMut, to: &mut BytesMut, n: usize) {
+    if n == 0 {
+        return;
+    }
+    if to.is_empty() && n == from.len() {
+        std::mem::swap(from, to);
+    } else {
+        to.extend_from_slice(&from[..n]);
+        from.advance(n);
+    }
+}
+
+fn set_param(params: &mut Vec<(String, String)>, name: &str, value: &str) {
+    match params.iter_mut().find(|(k, _)| k == name) {
+        Some((_, v)) => {
+            if v != value {
+                *v = value.to_owned()
+            }
+        }
+        None => params.push((name.to_owned(), value.to_owned())),
+    }
+}
+
+fn is_fatal(frame: &[u8]) -> bool {
+    frame.first() == Some(&b'E')
+        && inspect::error_fields(frame).is_some_and(|(sev, _, _)| sev == "FATAL" || sev == "PANIC")
+}
+
+/// The backend startup parameters for `info` on `route`: the client's session parameters, its options, and the
+/// tenant's schema as `search_path` (in options, so `RESET search_path` and `DISCARD ALL` return to it).
+pub(super) fn startup_tag(info: &ClientInfo, schema: Option<&str>) -> StartupTag {
+    let mut params = info.params.clone();
+    let mut options = info.options.clone();
+    if let Some(schema) = schema {
+        options.push("-c".into());
+        options.push(format!("search_path={}", quote_ident(schema)));
+    }
+    if !options.is_empty() {
+        params.push(("options".into(), join_options(&options)));
+    }
+    params.sort();
+    StartupTag { params }
+}
+
+/// Checks out a backend connection for `tenant`'s current route.
+pub(super) async fn connect_server(
+    shared: &Shared,
+    info: &ClientInfo,
+    tenant: &TenantId,
+) -> Result<Server, PgError> {
+    let route = shared
+        .router
+        .load()
+        .get(tenant.as_str())
+        .cloned()
+        .ok_or_else(|| {
+            PgError::error(
+                sqlstate::INVALID_CATALOG_NAME,
+                format!("tenant \"{tenant}\" does not exist"),
+            )
+        })?;
+    let backends = shared.backends.load();
+    let backend = backends.get(&route.backend).ok_or_else(|| {
+        PgError::error(
+            sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+            format!(
+                "tenant \"{tenant}\" routes to backend \"{}\", which is not configured",
+                route.backend
+            ),
+        )
+    })?;
+    let database = route
+        .database
+        .clone()
+        .or_else(|| backend.config.database.clone())
+        .or_else(|| info.database.clone())
+        .unwrap_or_else(|| info.user_name.clone());
+    let tag = Arc::new(startup_tag(info, route.schema.as_deref()));
+    let conn = backend.pool(&database).checkout(&tag).await.map_err(|e| {
+        debug!(%tenant, error = %e, "backend checkout failed");
+        e.to_client(false)
+    })?;
+    Ok(Server {
+        conn,
+        out: BytesMut::new(),
+        scan: Scanner::new(Direction::FromBackend, WHOLE_FRAME_MAX),
+        flush: false,
+        pending: 0,
+        status: b'I',
+        sent_fatal: false,
+    })
+}
+
+/// What a client that starts without a tenant is told: the parameters last seen from any backend, or plain
+/// defaults before any backend was seen, with the client's own settings on top (a backend would echo them).
+fn fallback_params(shared: &Shared, info: &ClientInfo) -> Vec<(String, String)> {
+    let mut params = shared
+        .last_params
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    if params.is_empty() {
+        for (k, v) in [
+            ("server_version", "15.0"),
+            ("server_encoding", "UTF8"),
+            ("client_encoding", "UTF8"),
+            ("DateStyle", "ISO, MDY"),
+            ("IntervalStyle", "postgres"),
+            ("TimeZone", "UTC"),
+            ("integer_datetimes", "on"),
+            ("standard_conforming_strings", "on"),
+            ("is_superuser", "off"),
+        ] {
+            params.push((k.into(), v.into()));
+        }
+    }
+    set_param(&mut params, "session_authorization", &info.user_name);
+    for (k, v) in &info.params {
+        if params.iter().any(|(name, _)| name == k) || k == "application_name" {
+            set_param(&mut params, k, v);
+        }
+    }
+    params
+}

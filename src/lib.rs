@@ -1,0 +1,13 @@
+//! pgtenant: a PostgreSQL wire-protocol proxy that routes each tenant's connections to that tenant's backend.
+
+pub mod auth;
+pub mod backend;
+pub mod cancel;
+pub mod config;
+pub mod context;
+pub mod frontend;
+pub mod net;
+pub mod protocol;
+pub mod routing;
+pub mod server;
+pub mod tenant;

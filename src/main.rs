@@ -1,0 +1,92 @@
+//! The `pgtenant` command: `serve` runs the proxy.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info};
+
+use pgtenant::config::Config;
+use pgtenant::server::Proxy;
+
+#[derive(Parser)]
+#[command(
+    name = "pgtenant",
+    version,
+    about = "PostgreSQL proxy that routes tenants and moves them live"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Serve {
+        /// Config file (TOML).
+        #[arg(long, short, env = "PGTENANT_CONFIG", default_value = "pgtenant.toml")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "pgtenant=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Serve { config } => runtime.block_on(serve(config)),
+    }
+}
+
+async fn serve(path: PathBuf) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let grace = config.proxy.shutdown_timeout();
+    let proxy = match Proxy::start(config).await {
+        Ok(p) => p,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        error!("cannot install signal handlers");
+        return ExitCode::FAILURE;
+    };
+    tokio::select! {
+        _ = term.recv() => {
+            info!(grace_ms = grace.as_millis() as u64, "SIGTERM: no new connections; waiting for sessions");
+            proxy.shutdown(grace).await;
+        }
+        _ = int.recv() => {
+            info!("SIGINT: closing sessions now");
+            proxy.terminate().await;
+        }
+    }
+    ExitCode::SUCCESS
+}

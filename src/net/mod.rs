@@ -1,0 +1,7 @@
+//! Sockets: one stream type for plain TCP and TLS on either side, client-facing TLS setup, and the small
+//! helpers for reading frames during handshakes.
+
+pub mod stream;
+pub mod tls;
+
+pub use stream::Stream;

@@ -1,0 +1,89 @@
+//! The few things the relay reads out of frames it forwards. Each takes a whole frame (tag included) and returns
+//! `None` on anything malformed: a frame the proxy cannot read is still forwarded, and the peer judges it.
+
+/// The transaction status byte of a ReadyForQuery frame (`I`, `T` or `E`).
+pub fn ready_status(frame: &[u8]) -> Option<u8> {
+    match frame {
+        [b'Z', 0, 0, 0, 5, status @ (b'I' | b'T' | b'E')] => Some(*status),
+        _ => None,
+    }
+}
+
+/// Name and value of a ParameterStatus frame.
+pub fn parameter_status(frame: &[u8]) -> Option<(&str, &str)> {
+    let body = frame.get(5..)?;
+    let mut parts = body.split(|&b| b == 0);
+    let name = std::str::from_utf8(parts.next()?).ok()?;
+    let value = std::str::from_utf8(parts.next()?).ok()?;
+    Some((name, value))
+}
+
+/// Process id and secret key of a BackendKeyData frame.
+pub fn backend_key_data(frame: &[u8]) -> Option<(i32, i32)> {
+    match frame {
+        [b'K', 0, 0, 0, 12, p @ ..] if p.len() == 8 => Some((
+            i32::from_be_bytes([p[0], p[1], p[2], p[3]]),
+            i32::from_be_bytes([p[4], p[5], p[6], p[7]]),
+        )),
+        _ => None,
+    }
+}
+
+/// The statement text of a Query frame, without its terminating zero.
+pub fn query_text(frame: &[u8]) -> Option<&[u8]> {
+    frame.get(5..)?.strip_suffix(&[0])
+}
+
+/// Statement name and text of a Parse frame.
+pub fn parse_statement(frame: &[u8]) -> Option<(&[u8], &[u8])> {
+    let body = frame.get(5..)?;
+    let name_end = memchr::memchr(0, body)?;
+    let rest = &body[name_end + 1..];
+    let text_end = memchr::memchr(0, rest)?;
+    Some((&body[..name_end], &rest[..text_end]))
+}
+
+/// Severity, SQLSTATE and message of an ErrorResponse or NoticeResponse frame.
+pub fn error_fields(frame: &[u8]) -> Option<(String, String, String)> {
+    let mut body = frame.get(5..)?;
+    let (mut severity, mut code, mut message) = (String::new(), String::new(), String::new());
+    while let Some((&field, rest)) = body.split_first() {
+        if field == 0 {
+            break;
+        }
+        let end = memchr::memchr(0, rest)?;
+        let value = String::from_utf8_lossy(&rest[..end]).into_owned();
+        match field {
+            b'V' => severity = value,
+            b'S' if severity.is_empty() => severity = value,
+            b'C' => code = value,
+            b'M' => message = value,
+            _ => {}
+        }
+        body = &rest[end + 1..];
+    }
+    Some((severity, code, message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_frames() {
+        assert_eq!(ready_status(b"Z\0\0\0\x05T"), Some(b'T'));
+        assert_eq!(ready_status(b"Z\0\0\0\x05X"), None);
+        assert_eq!(parameter_status(b"S\0\0\0\x0ba\0b\0"), Some(("a", "b")));
+        assert_eq!(
+            backend_key_data(b"K\0\0\0\x0c\0\0\0\x07\xff\xff\xff\xff"),
+            Some((7, -1))
+        );
+        assert_eq!(query_text(b"Q\0\0\0\x0dselect 1\0"), Some(&b"select 1"[..]));
+        assert_eq!(
+            parse_statement(b"P\0\0\0\x0fs1\0select\0\0\0"),
+            Some((&b"s1"[..], &b"select"[..]))
+        );
+        let e = error_fields(b"E\0\0\0\x1aSERROR\0C42601\0Moops\0\0").unwrap();
+        assert_eq!(e, ("ERROR".into(), "42601".into(), "oops".into()));
+    }
+}

@@ -1,0 +1,395 @@
+//! Recognises the statements the proxy answers itself: `SET [SESSION] pgtenant.tenant {=|TO} value`,
+//! `SET pgtenant.tenant TO DEFAULT`, `RESET pgtenant.tenant` and `SHOW pgtenant.tenant`.
+//!
+//! Most queries never mention `pgtenant`, and a byte scan rules them out. The rest are lexed just enough to split
+//! statements (quotes, dollar quotes and comments respected) and read the first few tokens of each, so that a
+//! tenant statement hidden in a multi-statement query is refused instead of reaching a backend, where it would
+//! silently set a meaningless placeholder variable.
+
+/// What a `pgtenant.tenant` statement asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TenantCommand {
+    /// Move the session to this tenant (the name is not validated here).
+    Set(String),
+    /// Back to the tenant the connection started with (or none).
+    Reset,
+    Show,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recognised {
+    /// Not a tenant statement: forward it.
+    Pass,
+    /// Exactly one tenant statement and nothing else.
+    Command(TenantCommand),
+    /// A tenant statement the proxy cannot honour; the text says why.
+    Refuse(String),
+}
+
+const NAME: &[u8] = b"pgtenant";
+
+/// True when `sql` contains `pgtenant` in any letter case. This is the whole cost for ordinary queries.
+pub fn mentions_pgtenant(sql: &[u8]) -> bool {
+    memchr::memchr2_iter(b'p', b'P', sql).any(|i| {
+        sql.get(i..i + NAME.len())
+            .is_some_and(|w| w.eq_ignore_ascii_case(NAME))
+    })
+}
+
+pub fn recognise(sql: &[u8]) -> Recognised {
+    if !mentions_pgtenant(sql) {
+        return Recognised::Pass;
+    }
+    let statements = split_statements(sql);
+    let mut found = None;
+    let mut nonempty = 0;
+    for stmt in &statements {
+        if stmt.tokens.is_empty() {
+            continue;
+        }
+        nonempty += 1;
+        if let Some(r) = tenant_statement(sql, stmt) {
+            if found.is_some() {
+                return Recognised::Refuse("only one pgtenant.tenant statement per query".into());
+            }
+            found = Some(r);
+        }
+    }
+    match found {
+        None => Recognised::Pass,
+        Some(Err(msg)) => Recognised::Refuse(msg),
+        Some(Ok(_)) if nonempty > 1 => Recognised::Refuse(
+            "SET/RESET/SHOW pgtenant.tenant must be sent as a query of its own, not with other statements".into(),
+        ),
+        Some(Ok(cmd)) => Recognised::Command(cmd),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Tok {
+    /// Unquoted word, lower-cased.
+    Word(String),
+    /// Double-quoted identifier, as written.
+    Quoted(String),
+    /// String literal, unescaped.
+    Str(String),
+    Punct(u8),
+}
+
+#[derive(Debug, Default)]
+struct Statement {
+    tokens: Vec<(Tok, usize)>,
+    end: usize,
+}
+
+/// Splits on top-level semicolons. Tokens carry their start offset so a value can be read from the raw text.
+fn split_statements(sql: &[u8]) -> Vec<Statement> {
+    let mut out = vec![Statement::default()];
+    let mut lx = Lexer { s: sql, i: 0 };
+    while let Some((tok, start)) = lx.next() {
+        let cur = out.last_mut().expect("never empty");
+        if tok == Tok::Punct(b';') {
+            cur.end = start;
+            out.push(Statement::default());
+        } else {
+            cur.tokens.push((tok, start));
+        }
+    }
+    if let Some(last) = out.last_mut() {
+        last.end = sql.len();
+    }
+    out
+}
+
+struct Lexer<'a> {
+    s: &'a [u8],
+    i: usize,
+}
+
+impl Lexer<'_> {
+    fn peek(&self, k: usize) -> Option<u8> {
+        self.s.get(self.i + k).copied()
+    }
+
+    fn next(&mut self) -> Option<(Tok, usize)> {
+        self.skip_space_and_comments();
+        let start = self.i;
+        let c = self.peek(0)?;
+        let tok = match c {
+            b'\'' => Tok::Str(self.quoted(b'\'', false)),
+            b'e' | b'E' if self.peek(1) == Some(b'\'') => {
+                self.i += 1;
+                Tok::Str(self.quoted(b'\'', true))
+            }
+            b'"' => Tok::Quoted(self.quoted(b'"', false)),
+            b'$' if self.dollar_tag().is_some() => {
+                self.dollar_quoted();
+                Tok::Str(String::new())
+            }
+            c if is_word_byte(c) => {
+                while self.peek(0).is_some_and(|b| is_word_byte(b) || b == b'$') {
+                    self.i += 1;
+                }
+                Tok::Word(String::from_utf8_lossy(&self.s[start..self.i]).to_ascii_lowercase())
+            }
+            c => {
+                self.i += 1;
+                Tok::Punct(c)
+            }
+        };
+        Some((tok, start))
+    }
+
+    fn skip_space_and_comments(&mut self) {
+        loop {
+            match (self.peek(0), self.peek(1)) {
+                (Some(c), _) if c.is_ascii_whitespace() => self.i += 1,
+                (Some(b'-'), Some(b'-')) => {
+                    while self.peek(0).is_some_and(|c| c != b'\n') {
+                        self.i += 1;
+                    }
+                }
+                (Some(b'/'), Some(b'*')) => {
+                    self.i += 2;
+                    let mut depth = 1usize;
+                    while depth > 0 {
+                        match (self.peek(0), self.peek(1)) {
+                            (None, _) => return,
+                            (Some(b'*'), Some(b'/')) => {
+                                depth -= 1;
+                                self.i += 2;
+                            }
+                            (Some(b'/'), Some(b'*')) => {
+                                depth += 1;
+                                self.i += 2;
+                            }
+                            _ => self.i += 1,
+                        }
+                    }
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// Reads a quoted run starting at the opening quote; a doubled quote is one quote, and with `backslash`
+    /// a backslash escapes the next byte. An unterminated run ends at the end of the text.
+    fn quoted(&mut self, q: u8, backslash: bool) -> String {
+        self.i += 1;
+        let mut out = Vec::new();
+        while let Some(c) = self.peek(0) {
+            self.i += 1;
+            if backslash && c == b'\\' {
+                if let Some(n) = self.peek(0) {
+                    out.push(n);
+                    self.i += 1;
+                }
+            } else if c == q {
+                if self.peek(0) == Some(q) {
+                    out.push(q);
+                    self.i += 1;
+                } else {
+                    break;
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// The length of a `$tag$` opener at the cursor, if there is one (`$1` is a parameter, not a tag).
+    fn dollar_tag(&self) -> Option<usize> {
+        let rest = &self.s[self.i + 1..];
+        if rest.first().is_some_and(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        let n = rest.iter().take_while(|&&b| is_word_byte(b)).count();
+        (rest.get(n) == Some(&b'$')).then_some(n + 2)
+    }
+
+    fn dollar_quoted(&mut self) {
+        let Some(n) = self.dollar_tag() else { return };
+        let tag = &self.s[self.i..self.i + n];
+        self.i += n;
+        match memchr::memmem::find(&self.s[self.i..], tag) {
+            Some(at) => self.i += at + n,
+            None => self.i = self.s.len(),
+        }
+    }
+}
+
+fn is_word_byte(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80
+}
+
+fn is_name(tok: Option<&(Tok, usize)>, name: &str) -> bool {
+    match tok {
+        Some((Tok::Word(w), _)) | Some((Tok::Quoted(w), _)) => w == name,
+        _ => false,
+    }
+}
+
+/// `Some` when the statement is SET/RESET/SHOW of `pgtenant.tenant`.
+fn tenant_statement(sql: &[u8], stmt: &Statement) -> Option<Result<TenantCommand, String>> {
+    let t = &stmt.tokens;
+    let verb = match t.first() {
+        Some((Tok::Word(w), _)) => w.as_str(),
+        _ => return None,
+    };
+    let mut at = 1;
+    let mut local = false;
+    if verb == "set" {
+        match t.get(1) {
+            Some((Tok::Word(w), _)) if w == "session" => at = 2,
+            Some((Tok::Word(w), _)) if w == "local" => {
+                local = true;
+                at = 2
+            }
+            _ => {}
+        }
+    }
+    let names_tenant = is_name(t.get(at), "pgtenant")
+        && t.get(at + 1)
+            .is_some_and(|(tok, _)| *tok == Tok::Punct(b'.'))
+        && is_name(t.get(at + 2), "tenant");
+    if !names_tenant {
+        return None;
+    }
+    let after = at + 3;
+    Some(match verb {
+        "set" if local => Err(
+            "SET LOCAL pgtenant.tenant is not supported: the tenant is a session setting".into(),
+        ),
+        "set" => set_value(sql, stmt, after),
+        "reset" if t.len() == after => Ok(TenantCommand::Reset),
+        "show" if t.len() == after => Ok(TenantCommand::Show),
+        "reset" | "show" => Err(format!(
+            "syntax error in {} pgtenant.tenant",
+            verb.to_uppercase()
+        )),
+        _ => return None,
+    })
+}
+
+fn set_value(sql: &[u8], stmt: &Statement, at: usize) -> Result<TenantCommand, String> {
+    let t = &stmt.tokens;
+    let syntax = || "syntax error: expected SET pgtenant.tenant = 'name' (or TO name)".to_string();
+    match t.get(at) {
+        Some((Tok::Punct(b'='), _)) => {}
+        Some((Tok::Word(w), _)) if w == "to" => {}
+        _ => return Err(syntax()),
+    }
+    let first = t.get(at + 1).ok_or_else(syntax)?;
+    let rest = &t[at + 1..];
+    match (&first.0, rest.len()) {
+        (Tok::Str(s), 1) | (Tok::Quoted(s), 1) => Ok(TenantCommand::Set(s.clone())),
+        (Tok::Word(w), 1) if w == "default" => Ok(TenantCommand::Reset),
+        (Tok::Word(_), _) | (Tok::Punct(b'-'), _) => {
+            // An unquoted name; tenant names may hold '-', which SQL lexes as punctuation, so read the raw text.
+            let raw = &sql[first.1..stmt.end];
+            let raw = String::from_utf8_lossy(raw).trim().to_ascii_lowercase();
+            if raw
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                Ok(TenantCommand::Set(raw))
+            } else {
+                Err(syntax())
+            }
+        }
+        _ => Err(syntax()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmd(sql: &str) -> Recognised {
+        recognise(sql.as_bytes())
+    }
+
+    #[test]
+    fn ordinary_queries_pass() {
+        assert_eq!(cmd("select 1"), Recognised::Pass);
+        assert_eq!(cmd("select 'pgtenant.tenant'"), Recognised::Pass);
+        assert_eq!(
+            cmd("select current_setting('pgtenant.tenant')"),
+            Recognised::Pass
+        );
+        assert_eq!(cmd("SET pgtenant.other = 1"), Recognised::Pass);
+        assert_eq!(
+            cmd("-- SET pgtenant.tenant = 'x'\nselect 1"),
+            Recognised::Pass
+        );
+        assert_eq!(
+            cmd("select $$; SET pgtenant.tenant = 'x'$$"),
+            Recognised::Pass
+        );
+    }
+
+    #[test]
+    fn tenant_statements_are_recognised() {
+        let set = |s: &str| Recognised::Command(TenantCommand::Set(s.into()));
+        assert_eq!(cmd("SET pgtenant.tenant = 'acme'"), set("acme"));
+        assert_eq!(cmd("set pgtenant.tenant to acme;"), set("acme"));
+        assert_eq!(cmd("SET SESSION pgtenant.tenant TO \"Acme\""), set("Acme"));
+        assert_eq!(cmd("SET pgtenant.tenant TO Acme"), set("acme"));
+        assert_eq!(cmd("SET pgtenant.tenant = my-tenant-2"), set("my-tenant-2"));
+        assert_eq!(cmd("/* hi */ SET PGTENANT.TENANT = 'o''x'"), set("o'x"));
+        assert_eq!(
+            cmd("RESET pgtenant.tenant"),
+            Recognised::Command(TenantCommand::Reset)
+        );
+        assert_eq!(
+            cmd("SET pgtenant.tenant TO DEFAULT"),
+            Recognised::Command(TenantCommand::Reset)
+        );
+        assert_eq!(
+            cmd(" show pgtenant.tenant ; "),
+            Recognised::Command(TenantCommand::Show)
+        );
+    }
+
+    #[test]
+    fn hidden_or_odd_statements_are_refused() {
+        assert!(matches!(
+            cmd("select 1; SET pgtenant.tenant = 'x'"),
+            Recognised::Refuse(_)
+        ));
+        assert!(matches!(
+            cmd("SET LOCAL pgtenant.tenant = 'x'"),
+            Recognised::Refuse(_)
+        ));
+        assert!(matches!(
+            cmd("SET pgtenant.tenant 'x'"),
+            Recognised::Refuse(_)
+        ));
+        assert!(matches!(
+            cmd("SET pgtenant.tenant = x y"),
+            Recognised::Refuse(_)
+        ));
+        assert!(matches!(
+            cmd("RESET pgtenant.tenant now"),
+            Recognised::Refuse(_)
+        ));
+    }
+
+    #[test]
+    fn arbitrary_text_never_panics() {
+        let pieces = [
+            "SET", " ", "pgtenant", ".", "tenant", "'", "\"", "$$", "$a$", "--", "/*", "*/", ";",
+            "=", "E'\\", "-", "\u{e9}",
+        ];
+        let mut seed = 99u64;
+        for _ in 0..5000 {
+            let mut s = String::new();
+            for _ in 0..(seed % 12) {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+                s.push_str(pieces[(seed >> 40) as usize % pieces.len()]);
+            }
+            let _ = recognise(s.as_bytes());
+        }
+    }
+}
