@@ -364,10 +364,12 @@ impl Config {
                 (AuthMethod::ScramSha256, Some(_), None)
                 | (AuthMethod::ScramSha256, None, Some(_)) => {}
                 (AuthMethod::Md5, Some(_), None) => {}
-                _ => return bad(format!(
+                _ => {
+                    return bad(format!(
                     "user {:?}: give exactly one of password / scram_secret (md5 needs password)",
                     u.name
-                )),
+                ))
+                }
             }
             for t in &u.tenants {
                 if t != "*" && TenantId::parse(t).is_err() {

@@ -230,10 +230,11 @@ async fn authenticate(backend: &Backend, conn: &mut ServerConn) -> Result<(), Co
     };
     let mut scram: Option<ScramSha256> = None;
     let mut out = BytesMut::new();
+    let mut authenticated = false;
     loop {
         out.clear();
         match next_message(name, conn).await? {
-            Message::AuthenticationOk => {}
+            Message::AuthenticationOk => authenticated = true,
             Message::AuthenticationCleartextPassword => {
                 frontend::password_message(cfg.password.as_bytes(), &mut out)
                     .map_err(|e| auth_err(e.to_string()))?;
@@ -291,6 +292,11 @@ async fn authenticate(backend: &Backend, conn: &mut ServerConn) -> Result<(), Co
                 conn.secret = body.secret_key();
             }
             Message::NoticeResponse(_) => {}
+            // Before AuthenticationOk an error is about our credentials, not the client's: do not pass its
+            // 28P01 on as if the client's password were wrong.
+            Message::ErrorResponse(body) if !authenticated => {
+                return Err(auth_err(format!("{:?}", server_error(name, body.fields()))))
+            }
             Message::ErrorResponse(body) => return Err(server_error(name, body.fields())),
             Message::ReadyForQuery(_) => return Ok(()),
             _ => {

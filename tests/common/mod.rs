@@ -1,0 +1,490 @@
+//! The shared integration-test harness: throwaway PostgreSQL clusters and an in-process proxy.
+//!
+//! `PgCluster::start()` copies a template cluster (initdb runs once per test binary), starts it on a free port
+//! with its unix socket in its own temp dir, and stops it on drop. Postgres refuses to run as root, so when the
+//! tests run as root every server command runs as the `postgres` user.
+//!
+//! `Harness::new().backend("shared", &pg).tenant("acme", "shared", None, Some("tenant_acme")).start()` builds a
+//! config and runs the proxy on `127.0.0.1:0` inside the test's runtime.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use pgtenant::config::Config;
+use pgtenant::server::Proxy;
+
+pub const PASSWORD: &str = "secret";
+
+fn pg_bin(name: &str) -> PathBuf {
+    for dir in [
+        "/usr/lib/postgresql/15/bin",
+        "/usr/lib/postgresql/16/bin",
+        "/usr/lib/postgresql/17/bin",
+    ] {
+        let p = Path::new(dir).join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    PathBuf::from(name)
+}
+
+fn is_root() -> bool {
+    // SAFETY-free check: `id -u` avoids a libc dependency.
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
+}
+
+/// Runs a server command, as `postgres` when we are root.
+fn run_pg(bin: &str, args: &[&str]) -> Output {
+    let mut cmd = if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(pg_bin(bin));
+        c
+    } else {
+        Command::new(pg_bin(bin))
+    };
+    let out = cmd
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {bin}: {e}"));
+    assert!(
+        out.status.success(),
+        "{bin} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn make_dir_for_postgres(path: &Path) {
+    std::fs::create_dir_all(path).unwrap();
+    if is_root() {
+        let ok = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+}
+
+const HBA: &str = "\
+local all all trust
+host all md5user 127.0.0.1/32 md5
+host all scramuser 127.0.0.1/32 scram-sha-256
+host all all 127.0.0.1/32 trust
+";
+
+const CONF: &str = "
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+shared_buffers = 32MB
+max_connections = 200
+listen_addresses = '127.0.0.1'
+log_min_messages = warning
+";
+
+/// initdb once per test binary; clusters are copies of this.
+fn template() -> &'static Path {
+    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
+    TEMPLATE.get_or_init(|| {
+        let base = std::env::temp_dir().join(format!("pgtenant-tpl-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        make_dir_for_postgres(&base);
+        let data = base.join("data");
+        run_pg(
+            "initdb",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-N",
+                "--no-instructions",
+            ],
+        );
+        std::fs::write(data.join("pg_hba.conf"), HBA).unwrap();
+        let conf = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).unwrap();
+        text.push_str(CONF);
+        std::fs::write(&conf, text).unwrap();
+        make_dir_for_postgres(&base);
+        data
+    })
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running throwaway cluster.
+pub struct PgCluster {
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl PgCluster {
+    pub fn start() -> PgCluster {
+        let tpl = template();
+        let dir = tempfile::Builder::new()
+            .prefix("pgtenant-pg")
+            .tempdir()
+            .unwrap();
+        let data = dir.path().join("data");
+        let ok = Command::new("cp")
+            .arg("-a")
+            .arg(tpl)
+            .arg(&data)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        make_dir_for_postgres(dir.path());
+        for attempt in 0..5 {
+            let port = free_port();
+            let opts = format!("-p {port} -k {}", dir.path().display());
+            let log = dir.path().join("log");
+            let mut cmd = if is_root() {
+                let mut c = Command::new("runuser");
+                c.args(["-u", "postgres", "--"]).arg(pg_bin("pg_ctl"));
+                c
+            } else {
+                Command::new(pg_bin("pg_ctl"))
+            };
+            let out = cmd
+                .args([
+                    "-D",
+                    data.to_str().unwrap(),
+                    "-o",
+                    &opts,
+                    "-l",
+                    log.to_str().unwrap(),
+                    "-w",
+                    "start",
+                ])
+                .output()
+                .unwrap();
+            if out.status.success() {
+                let pg = PgCluster { port, dir };
+                pg.psql("postgres", "CREATE DATABASE app");
+                return pg;
+            }
+            eprintln!(
+                "postgres start attempt {attempt} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        panic!("could not start postgres");
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Runs SQL as the superuser over TCP and returns unaligned, tuples-only output.
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        let out = Command::new("psql")
+            .args([
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+            ])
+            .args(["-p", &self.port.to_string(), "-d", db, "-c", sql])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "psql failed on {sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Makes schemas with a table `t(id, who)` holding one row naming the schema.
+    pub fn tenant_schemas(&self, db: &str, schemas: &[&str]) {
+        for s in schemas {
+            self.psql(
+                db,
+                &format!("CREATE SCHEMA {s}; CREATE TABLE {s}.t (id int primary key, who text); INSERT INTO {s}.t VALUES (1, '{s}')"),
+            );
+        }
+    }
+
+    pub fn stop(&self) {
+        let data = self.data_dir();
+        let args = [
+            "-D",
+            data.to_str().unwrap(),
+            "-m",
+            "immediate",
+            "-w",
+            "stop",
+        ];
+        if is_root() {
+            let _ = Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(pg_bin("pg_ctl"))
+                .args(args)
+                .output();
+        } else {
+            let _ = Command::new(pg_bin("pg_ctl")).args(args).output();
+        }
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Builds a proxy config around test clusters and starts the proxy.
+pub struct Harness {
+    toml: String,
+    users: String,
+    backends: String,
+    tenants: String,
+}
+
+impl Default for Harness {
+    fn default() -> Self {
+        Harness::new()
+    }
+}
+
+impl Harness {
+    pub fn new() -> Harness {
+        Harness {
+            toml: "[proxy]\nlisten = \"127.0.0.1:0\"\nclient_login_timeout_ms = 5000\npool_checkout_timeout_ms = 3000\n"
+                .into(),
+            users: format!("[[users]]\nname = \"app\"\npassword = \"{PASSWORD}\"\ntenants = [\"*\"]\n"),
+            backends: String::new(),
+            tenants: String::new(),
+        }
+    }
+
+    /// Adds a line to `[proxy]`.
+    pub fn proxy(mut self, line: &str) -> Harness {
+        let key = line.split('=').next().unwrap_or("").trim().to_string();
+        self.toml = self
+            .toml
+            .lines()
+            .filter(|l| l.split('=').next().unwrap_or("").trim() != key)
+            .map(|l| format!("{l}\n"))
+            .collect();
+        self.toml.push_str(line);
+        self.toml.push('\n');
+        self
+    }
+
+    /// Adds raw TOML after the generated sections (users, tls, ...).
+    pub fn raw(mut self, text: &str) -> Harness {
+        self.users.push_str(text);
+        self.users.push('\n');
+        self
+    }
+
+    pub fn backend(self, name: &str, pg: &PgCluster) -> Harness {
+        self.backend_with(name, pg, "")
+    }
+
+    pub fn backend_with(mut self, name: &str, pg: &PgCluster, extra: &str) -> Harness {
+        self.backends.push_str(&format!(
+            "[backends.{name}]\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\n{extra}\n",
+            pg.port
+        ));
+        self
+    }
+
+    pub fn tenant(
+        mut self,
+        name: &str,
+        backend: &str,
+        database: Option<&str>,
+        schema: Option<&str>,
+    ) -> Harness {
+        self.tenants
+            .push_str(&format!("[tenants.{name}]\nbackend = \"{backend}\"\n"));
+        if let Some(d) = database {
+            self.tenants.push_str(&format!("database = \"{d}\"\n"));
+        }
+        if let Some(s) = schema {
+            self.tenants.push_str(&format!("schema = \"{s}\"\n"));
+        }
+        self
+    }
+
+    pub fn config(&self) -> Config {
+        let text = format!(
+            "{}\n{}\n{}\n{}",
+            self.toml, self.users, self.backends, self.tenants
+        );
+        Config::from_toml(&text, std::iter::empty()).unwrap_or_else(|e| panic!("{e}\n{text}"))
+    }
+
+    pub async fn start(self) -> TestProxy {
+        let proxy = Proxy::start(self.config()).await.unwrap();
+        TestProxy { proxy }
+    }
+}
+
+pub struct TestProxy {
+    pub proxy: Proxy,
+}
+
+impl TestProxy {
+    pub fn port(&self) -> u16 {
+        self.proxy.local_addr().port()
+    }
+
+    /// A libpq connection string to the proxy.
+    pub fn url(&self, user: &str, db: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={user} dbname={db} password={PASSWORD}",
+            self.port()
+        )
+    }
+
+    pub async fn connect(
+        &self,
+        user: &str,
+        db: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        connect(&self.url(user, db)).await
+    }
+}
+
+pub async fn connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// The SQLSTATE of a tokio-postgres error, or "" when it has none.
+pub fn code(e: &tokio_postgres::Error) -> String {
+    e.code().map(|c| c.code().to_string()).unwrap_or_default()
+}
+
+/// Runs psql against the proxy; returns (success, stdout, stderr).
+pub fn psql(url: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new("psql")
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+        .args(args)
+        .arg(url)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    )
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    f()
+}
+
+/// A raw protocol client for tests that need to misbehave: sends a StartupMessage (trust user) and reads up to
+/// the first ReadyForQuery.
+pub async fn raw_login(port: u16, params: &[(&str, &str)]) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(&startup_packet(196608, params)).await.unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let mut head = [0u8; 5];
+        s.read_exact(&mut head).await.unwrap();
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut body = vec![0u8; len - 4];
+        s.read_exact(&mut body).await.unwrap();
+        seen.push(head[0]);
+        assert_ne!(
+            head[0],
+            b'E',
+            "login failed: {}",
+            String::from_utf8_lossy(&body)
+        );
+        if head[0] == b'Z' {
+            return s;
+        }
+    }
+}
+
+pub fn startup_packet(version: u32, params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = version.to_be_bytes().to_vec();
+    for (k, v) in params {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut p = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    p.extend(body);
+    p
+}
+
+/// Reads frames until one with `tag` arrives or the stream ends; returns that frame's body.
+pub async fn read_until(s: &mut tokio::net::TcpStream, tag: u8) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        let mut head = [0u8; 5];
+        s.read_exact(&mut head).await.ok()?;
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut body = vec![0u8; len.checked_sub(4)?];
+        s.read_exact(&mut body).await.ok()?;
+        if head[0] == tag {
+            return Some(body);
+        }
+    }
+}
+
+/// True when the peer closes the stream within `timeout` (reading and discarding anything it sends first).
+pub async fn closes_within(s: &mut tokio::net::TcpStream, timeout: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(timeout, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
