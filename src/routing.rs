@@ -128,13 +128,22 @@ mod tests {
         });
         let t = router
             .update::<()>(
-                |r| Ok(drop(r.insert(acme.clone(), route.clone()))),
+                |r| {
+                    r.insert(acme.clone(), route.clone());
+                    Ok(())
+                },
                 |_| Ok(()),
             )
             .unwrap();
         assert_eq!(t.epoch, 1);
         assert!(router.load().get("acme").is_some());
-        let failed = router.update(|r| Ok(drop(r.remove("acme"))), |_| Err("disk full"));
+        let failed = router.update(
+            |r| {
+                r.remove("acme");
+                Ok(())
+            },
+            |_| Err("disk full"),
+        );
         assert_eq!(failed.unwrap_err(), "disk full");
         assert!(router.load().get("acme").is_some());
         assert_eq!(router.load().epoch, 1);

@@ -69,11 +69,7 @@ pub fn quote_ident(s: &str) -> String {
 
 /// Splits `app.acme` into user `app` and tenant `acme` at the last separator, unless the whole name is itself a
 /// configured user (so user names may contain the separator).
-pub fn split_user<'a>(
-    raw: &'a str,
-    sep: char,
-    is_user: impl Fn(&str) -> bool,
-) -> (&'a str, Option<&'a str>) {
+pub fn split_user(raw: &str, sep: char, is_user: impl Fn(&str) -> bool) -> (&str, Option<&str>) {
     if is_user(raw) {
         return (raw, None);
     }

@@ -101,7 +101,7 @@ async fn connect_inner(
     let mut buf = BytesMut::with_capacity(1024);
     let mut params: Vec<(&str, &str)> = vec![("user", cfg.user.as_str()), ("database", database)];
     params.extend(tag.params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-    frontend::startup_message(params.into_iter(), &mut buf).map_err(io)?;
+    frontend::startup_message(params, &mut buf).map_err(io)?;
     stream.write_all(&buf).await.map_err(io)?;
     buf.clear();
 

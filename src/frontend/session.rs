@@ -220,10 +220,16 @@ impl Session {
                     }
                     Ok(())
                 }
-                Ok(Ev::ClientFlushed) => Ok(self.cflush = false),
-                Ok(Ev::ServerFlushed) => Ok(if let Some(s) = self.server.as_mut() {
-                    s.flush = false;
-                }),
+                Ok(Ev::ClientFlushed) => {
+                    self.cflush = false;
+                    Ok(())
+                }
+                Ok(Ev::ServerFlushed) => {
+                    if let Some(s) = self.server.as_mut() {
+                        s.flush = false;
+                    }
+                    Ok(())
+                }
                 Ok(Ev::ClientIn) => self.on_client_input().await,
                 Ok(Ev::ServerIn) => self.after_server_input().await,
                 Ok(Ev::Shutdown) => Err(End::Shutdown),

@@ -1,0 +1,288 @@
+//! Real clients end to end: TLS with psql, pgbench, psycopg, and the `pgtenant serve` binary itself.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{closes_within, psql, raw_login, read_until, Harness, PgCluster, PASSWORD};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
+fn tls_files(dir: &std::path::Path) -> String {
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&c, cert.cert.pem()).unwrap();
+    std::fs::write(&k, cert.key_pair.serialize_pem()).unwrap();
+    format!(
+        "[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+        c.display(),
+        k.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_for_clients() {
+    let pg = PgCluster::start();
+    pg.tenant_schemas("app", &["tenant_acme"]);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Harness::new()
+        .backend_with("shared", &pg, "database = \"app\"")
+        .tenant("acme", "shared", None, Some("tenant_acme"))
+        .raw(&tls_files(dir.path()))
+        .start()
+        .await;
+    let url = proxy.url("app.acme", "app");
+    let (ok, out, err) = psql(
+        &format!("{url} sslmode=require"),
+        &["-c", "\\conninfo", "-c", "SELECT who FROM t"],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("SSL connection"), "{out}");
+    assert!(out.ends_with("tenant_acme"), "{out}");
+    // TLS stays optional.
+    let (ok, out, _) = psql(
+        &format!("{url} sslmode=disable"),
+        &["-c", "SELECT who FROM t"],
+    );
+    assert!(ok);
+    assert_eq!(out, "tenant_acme");
+
+    // Bytes sent after SSLRequest but before the answer are refused: no 'S', the connection closes.
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port()))
+        .await
+        .unwrap();
+    let mut injected = SSL_REQUEST.to_vec();
+    injected.extend(common::startup_packet(
+        196608,
+        &[("user", "app.acme"), ("database", "app")],
+    ));
+    s.write_all(&injected).await.unwrap();
+    let mut first = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut first))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert!(
+        n == 0 || first[0] != b'S',
+        "proxy must not start TLS after injected bytes"
+    );
+    assert!(closes_within(&mut s, Duration::from_secs(3)).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_not_configured_answers_n() {
+    let pg = PgCluster::start();
+    pg.tenant_schemas("app", &["tenant_acme"]);
+    let proxy = Harness::new()
+        .backend_with("shared", &pg, "database = \"app\"")
+        .tenant("acme", "shared", None, Some("tenant_acme"))
+        .start()
+        .await;
+    let (ok, _, err) = psql(
+        &format!("{} sslmode=require", proxy.url("app.acme", "app")),
+        &["-c", "SELECT 1"],
+    );
+    assert!(!ok);
+    assert!(err.contains("does not support SSL"), "{err}");
+    let (ok, _, err) = psql(
+        &format!("{} sslmode=prefer", proxy.url("app.acme", "app")),
+        &["-c", "SELECT 1"],
+    );
+    assert!(ok, "{err}");
+}
+
+fn pgbench(url: &str, args: &[&str]) -> String {
+    let out = Command::new("pgbench")
+        .args(args)
+        .arg(url)
+        .env("PGPASSWORD", PASSWORD)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "pgbench {args:?} failed:\n{text}");
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_through_the_proxy_keeps_its_invariants() {
+    let shared = PgCluster::start();
+    shared.psql("app", "CREATE SCHEMA tenant_acme");
+    let dedicated = PgCluster::start();
+    let proxy = Harness::new()
+        .backend_with("shared", &shared, "database = \"app\"")
+        .backend_with("dedicated", &dedicated, "database = \"app\"")
+        .tenant("acme", "shared", None, Some("tenant_acme"))
+        .tenant("hooli", "dedicated", None, None)
+        .start()
+        .await;
+    let urls = [
+        format!(
+            "host=127.0.0.1 port={} user=app.acme dbname=app",
+            proxy.port()
+        ),
+        format!(
+            "host=127.0.0.1 port={} user=app.hooli dbname=app",
+            proxy.port()
+        ),
+    ];
+    for url in &urls {
+        pgbench(url, &["-i", "-s", "1", "-q"]);
+    }
+    let runs: Vec<_> = urls
+        .iter()
+        .flat_map(|u| ["simple", "extended", "prepared"].map(|m| (u.clone(), m)))
+        .collect();
+    let handles: Vec<_> = runs
+        .into_iter()
+        .map(|(url, mode)| {
+            tokio::task::spawn_blocking(move || {
+                pgbench(&url, &["-c", "8", "-j", "2", "-t", "150", "-M", mode])
+            })
+        })
+        .collect();
+    for h in handles {
+        let out = h.await.unwrap();
+        assert!(out.contains("number of failed transactions: 0"), "{out}");
+        assert!(
+            out.contains("number of transactions actually processed: 1200/1200"),
+            "{out}"
+        );
+    }
+    // pgbench's invariant on each backend: balances equal the history of deltas.
+    for (pg, schema) in [(&shared, "tenant_acme"), (&dedicated, "public")] {
+        let check = pg.psql(
+            "app",
+            &format!(
+                "SET search_path = {schema}; SELECT (SELECT sum(abalance) FROM pgbench_accounts) = (SELECT sum(delta) FROM pgbench_history)
+                   AND (SELECT sum(bbalance) FROM pgbench_branches) = (SELECT sum(delta) FROM pgbench_history)
+                   AND (SELECT sum(tbalance) FROM pgbench_tellers) = (SELECT sum(delta) FROM pgbench_history)
+                   AND (SELECT count(*) FROM pgbench_history) = 3600"
+            ),
+        );
+        assert_eq!(check.lines().last(), Some("t"), "{schema}: {check}");
+    }
+    // New connection per transaction.
+    let out = pgbench(&urls[0], &["-c", "4", "-j", "2", "-t", "50", "-C", "-S"]);
+    assert!(out.contains("number of failed transactions: 0"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_works_unchanged() {
+    let have = Command::new("python3")
+        .args(["-c", "import psycopg"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !have {
+        assert!(
+            std::env::var_os("PGTENANT_REQUIRE_PSYCOPG").is_none(),
+            "psycopg is required but missing"
+        );
+        eprintln!("psycopg not installed; skipping (CI installs it)");
+        return;
+    }
+    let pg = PgCluster::start();
+    pg.psql("app", "CREATE SCHEMA tenant_acme");
+    let proxy = Harness::new()
+        .backend_with("shared", &pg, "database = \"app\"")
+        .tenant("acme", "shared", None, Some("tenant_acme"))
+        .start()
+        .await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/psycopg_check.py");
+    let url = proxy.url("app.acme", "app");
+    let no_tenant = proxy.url("app", "app");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .args([script, &url, &no_tenant])
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_lets_sessions_finish_then_ends_them() {
+    let pg = PgCluster::start();
+    pg.tenant_schemas("app", &["tenant_acme"]);
+    let proxy = Harness::new()
+        .backend_with("shared", &pg, "database = \"app\"")
+        .tenant("acme", "shared", None, Some("tenant_acme"))
+        .raw("[[users]]\nname = \"dev\"\nauth = \"trust\"\ntenants = [\"*\"]\n")
+        .start()
+        .await;
+    let port = proxy.port();
+    let mut s = raw_login(port, &[("user", "dev.acme"), ("database", "app")]).await;
+    let proxy = std::sync::Arc::new(proxy);
+    let p = proxy.clone();
+    let stopping = tokio::spawn(async move { p.proxy.shutdown(Duration::from_millis(500)).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // No new clients once shutdown began; the open session still works during the grace period.
+    assert!(tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err());
+    s.write_all(b"Q\0\0\0\x0dselect 1\0").await.unwrap();
+    assert!(read_until(&mut s, b'Z').await.is_some());
+    // Then it is ended with 57P01.
+    let err = read_until(&mut s, b'E').await.unwrap();
+    assert!(String::from_utf8_lossy(&err).contains("57P01"));
+    tokio::time::timeout(Duration::from_secs(5), stopping)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_serves_and_stops_on_sigterm() {
+    let pg = PgCluster::start();
+    pg.tenant_schemas("app", &["tenant_acme"]);
+    let port = common::free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pgtenant.toml");
+    let text = Harness::new()
+        .backend_with("shared", &pg, "database = \"app\"")
+        .tenant("acme", "shared", None, Some("tenant_acme"))
+        .proxy("shutdown_timeout_ms = 300")
+        .config();
+    let mut toml_text = toml::to_string(&text).unwrap();
+    toml_text = toml_text.replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    std::fs::write(&config, toml_text).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgtenant"))
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let url = format!("host=127.0.0.1 port={port} user=app.acme dbname=app password={PASSWORD}");
+    assert!(
+        common::eventually(Duration::from_secs(10), || psql(&url, &["-c", "SELECT 1"])
+            .0)
+        .await
+    );
+    let (ok, out, _) = psql(&url, &["-c", "SELECT who FROM t"]);
+    assert!(ok);
+    assert_eq!(out, "tenant_acme");
+    let client = common::connect(&url).await.unwrap();
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+    assert!(client.simple_query("SELECT 1").await.is_err());
+}
