@@ -286,3 +286,37 @@ async fn the_binary_serves_and_stops_on_sigterm() {
     assert!(status.success());
     assert!(client.simple_query("SELECT 1").await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_backends() {
+    let secure = PgCluster::start();
+    secure.tenant_schemas("app", &["tenant_acme"]);
+    secure.enable_ssl();
+    let plain = PgCluster::start();
+    plain.tenant_schemas("app", &["tenant_acme"]);
+    let proxy = Harness::new()
+        .backend_with("secure", &secure, "database = \"app\"\nsslmode = \"require\"")
+        .backend_with("plain_required", &plain, "database = \"app\"\nsslmode = \"require\"")
+        .backend_with("plain_preferred", &plain, "database = \"app\"\nsslmode = \"prefer\"")
+        .tenant("acme", "secure", None, Some("tenant_acme"))
+        .tenant("globex", "plain_required", None, Some("tenant_acme"))
+        .tenant("initech", "plain_preferred", None, Some("tenant_acme"))
+        .start()
+        .await;
+    let c = proxy.connect("app.acme", "app").await.unwrap();
+    let ssl: bool = c
+        .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ssl, "the backend connection is encrypted");
+    let e = proxy.connect("app.globex", "app").await.unwrap_err();
+    assert_eq!(common::code(&e), "08001", "{e}");
+    let c = proxy.connect("app.initech", "app").await.unwrap();
+    let ssl: bool = c
+        .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!ssl);
+}
