@@ -473,3 +473,12 @@ schema = "tenant_acme"
         assert!(Config::from_toml(&bad_tenant, std::iter::empty()).is_err());
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    #[test]
+    fn the_example_config_is_valid() {
+        let text = include_str!("../config/pgtenant.example.toml");
+        super::Config::from_toml(text, std::iter::empty()).unwrap();
+    }
+}

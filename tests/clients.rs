@@ -295,9 +295,21 @@ async fn tls_to_backends() {
     let plain = PgCluster::start();
     plain.tenant_schemas("app", &["tenant_acme"]);
     let proxy = Harness::new()
-        .backend_with("secure", &secure, "database = \"app\"\nsslmode = \"require\"")
-        .backend_with("plain_required", &plain, "database = \"app\"\nsslmode = \"require\"")
-        .backend_with("plain_preferred", &plain, "database = \"app\"\nsslmode = \"prefer\"")
+        .backend_with(
+            "secure",
+            &secure,
+            "database = \"app\"\nsslmode = \"require\"",
+        )
+        .backend_with(
+            "plain_required",
+            &plain,
+            "database = \"app\"\nsslmode = \"require\"",
+        )
+        .backend_with(
+            "plain_preferred",
+            &plain,
+            "database = \"app\"\nsslmode = \"prefer\"",
+        )
         .tenant("acme", "secure", None, Some("tenant_acme"))
         .tenant("globex", "plain_required", None, Some("tenant_acme"))
         .tenant("initech", "plain_preferred", None, Some("tenant_acme"))
@@ -305,7 +317,10 @@ async fn tls_to_backends() {
         .await;
     let c = proxy.connect("app.acme", "app").await.unwrap();
     let ssl: bool = c
-        .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -314,7 +329,10 @@ async fn tls_to_backends() {
     assert_eq!(common::code(&e), "08001", "{e}");
     let c = proxy.connect("app.initech", "app").await.unwrap();
     let ssl: bool = c
-        .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);

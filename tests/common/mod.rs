@@ -234,12 +234,17 @@ impl PgCluster {
 
     /// Turns on server TLS with a fresh self-signed certificate.
     pub fn enable_ssl(&self) {
-        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+            .unwrap();
         let data = self.data_dir();
         std::fs::write(data.join("server.crt"), cert.cert.pem()).unwrap();
         std::fs::write(data.join("server.key"), cert.key_pair.serialize_pem()).unwrap();
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(data.join("server.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(
+            data.join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
         make_dir_for_postgres(&data);
         self.psql("postgres", "ALTER SYSTEM SET ssl = on");
         self.psql("postgres", "SELECT pg_reload_conf()");

@@ -1,0 +1,71 @@
+# Shared shell helpers for the demo and benchmark scripts: throwaway PostgreSQL clusters in a temp dir.
+# Source it; call pg_setup_workdir first, then pg_start NAME; everything is stopped and removed on exit.
+
+PG_BIN=""
+for d in /usr/lib/postgresql/15/bin /usr/lib/postgresql/16/bin /usr/lib/postgresql/17/bin; do
+  if [ -x "$d/initdb" ]; then PG_BIN="$d"; break; fi
+done
+[ -n "$PG_BIN" ] || PG_BIN="$(dirname "$(command -v initdb)")"
+
+# Postgres refuses to run as root: run server commands as the postgres user then.
+as_pg() {
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+PG_CLUSTERS=()
+PG_WORKDIR=""
+PG_CLEANUP_EXTRA=()
+
+pg_cleanup() {
+  for pid in "${PG_CLEANUP_EXTRA[@]:-}"; do [ -n "$pid" ] && kill "$pid" 2>/dev/null || true; done
+  for dir in "${PG_CLUSTERS[@]:-}"; do
+    [ -n "$dir" ] && as_pg "$PG_BIN/pg_ctl" -D "$dir" -m immediate -w stop >/dev/null 2>&1 || true
+  done
+  [ -n "$PG_WORKDIR" ] && [ -z "${KEEP_WORKDIR:-}" ] && rm -rf "$PG_WORKDIR"
+}
+
+pg_setup_workdir() {
+  PG_WORKDIR="$(mktemp -d /tmp/pgtenant-XXXXXX)"
+  chmod 755 "$PG_WORKDIR"
+  [ "$(id -u)" = 0 ] && chown postgres "$PG_WORKDIR"
+  trap pg_cleanup EXIT
+}
+
+# pg_start NAME: initdb and start a cluster; sets ${NAME}_PORT.
+pg_start() {
+  local name="$1" dir="$PG_WORKDIR/$1" port
+  port="$(free_port)"
+  as_pg "$PG_BIN/initdb" -D "$dir" -U postgres -A trust -N --no-instructions >/dev/null
+  cat >> "$dir/postgresql.conf" <<CONF
+listen_addresses = '127.0.0.1'
+port = $port
+unix_socket_directories = '$PG_WORKDIR'
+max_connections = 300
+shared_buffers = 128MB
+fsync = off
+synchronous_commit = off
+log_min_messages = warning
+CONF
+  as_pg "$PG_BIN/pg_ctl" -D "$dir" -l "$dir.log" -w start >/dev/null
+  PG_CLUSTERS+=("$dir")
+  printf -v "${name}_PORT" '%s' "$port"
+}
+
+# pg_sql PORT DB SQL: run SQL as the superuser, unaligned tuples-only output.
+pg_sql() {
+  psql -X -q -A -t -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$1" -U postgres -d "$2" -c "$3"
+}
+
+# wait_port PORT: until something listens there (10 s).
+wait_port() {
+  for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "nothing listens on port $1" >&2
+  return 1
+}
