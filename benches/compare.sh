@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# Side-by-side pgbench: direct PostgreSQL, PgBouncer (session and transaction pooling) and pgtenant, on one
+# throwaway cluster, interleaved and repeated, printed as one table and written to benches/results/.
+#
+#   bash benches/compare.sh                  # quick: about two minutes
+#   DURATION=15 REPEAT=3 bash benches/compare.sh   # full: about fifteen minutes
+#   CLIENTS=16 THREADS=2 SCALE=10 TARGETS="direct pgbouncer-session pgtenant-session"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/pg-lib.sh
+
+DURATION="${DURATION:-2}"
+REPEAT="${REPEAT:-2}"
+CLIENTS="${CLIENTS:-16}"
+THREADS="${THREADS:-2}"
+SCALE="${SCALE:-10}"
+TARGETS="${TARGETS:-direct pgbouncer-session pgbouncer-transaction pgtenant-session}"
+MODES="${MODES:-simple extended prepared}"
+OUT_DIR="benches/results"
+
+if ! command -v pgbouncer >/dev/null; then
+  echo "== installing pgbouncer (Debian package)"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer) >/dev/null
+  systemctl stop pgbouncer >/dev/null 2>&1 || service pgbouncer stop >/dev/null 2>&1 || true
+fi
+cargo build --release --quiet
+pg_setup_workdir
+pg_start bench
+pg_sql "$bench_PORT" postgres "CREATE DATABASE app" >/dev/null
+W="$PG_WORKDIR"
+export PGPASSWORD=secret
+
+# PgBouncer, one instance per pool mode, SCRAM client auth like pgtenant's.
+start_pgbouncer() {
+  local mode="$1" port
+  port="$(free_port)"
+  printf '"app" "secret"\n' > "$W/userlist.txt"
+  cat > "$W/pgbouncer-$mode.ini" <<INI
+[databases]
+app = host=127.0.0.1 port=$bench_PORT dbname=app user=postgres
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $port
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $W/userlist.txt
+pool_mode = $mode
+max_client_conn = 2000
+default_pool_size = 20
+logfile = $W/pgbouncer-$mode.log
+pidfile = $W/pgbouncer-$mode.pid
+ignore_startup_parameters = extra_float_digits,options
+INI
+  chown postgres "$W"/pgbouncer-"$mode".ini "$W/userlist.txt" 2>/dev/null || true
+  as_pg pgbouncer -d "$W/pgbouncer-$mode.ini"
+  wait_port "$port"
+  PG_CLEANUP_EXTRA+=("$(cat "$W/pgbouncer-$mode.pid")")
+  printf -v "PGB_${mode}_PORT" '%s' "$port"
+}
+
+start_pgtenant() {
+  local mode="$1" port
+  port="$(free_port)"
+  cat > "$W/pgtenant-$mode.toml" <<TOML
+[proxy]
+listen = "127.0.0.1:$port"
+pool_mode = "$mode"
+state_dir = "$W/state-$mode"
+admin_socket = "$W/pgtenant-$mode.sock"
+max_client_conn = 2000
+[[users]]
+name = "app"
+password = "secret"
+tenants = ["*"]
+[backends.main]
+host = "127.0.0.1"
+port = $bench_PORT
+user = "postgres"
+database = "app"
+pool_size = 20
+[tenants.acme]
+backend = "main"
+TOML
+  RUST_LOG=pgtenant=warn ./target/release/pgtenant serve --config "$W/pgtenant-$mode.toml" 2>"$W/pgtenant-$mode.log" &
+  PG_CLEANUP_EXTRA+=("$!")
+  wait_port "$port"
+  printf -v "PGT_${mode}_PORT" '%s' "$port"
+}
+
+url_for() {
+  case "$1" in
+    direct) echo "host=127.0.0.1 port=$bench_PORT user=postgres dbname=app" ;;
+    pgbouncer-session) echo "host=127.0.0.1 port=$PGB_session_PORT user=app dbname=app" ;;
+    pgbouncer-transaction) echo "host=127.0.0.1 port=$PGB_transaction_PORT user=app dbname=app" ;;
+    pgtenant-session) echo "host=127.0.0.1 port=$PGT_session_PORT user=app.acme dbname=app" ;;
+    pgtenant-transaction) echo "host=127.0.0.1 port=$PGT_transaction_PORT user=app.acme dbname=app" ;;
+  esac
+}
+
+for t in $TARGETS; do
+  case "$t" in
+    pgbouncer-*) start_pgbouncer "${t#pgbouncer-}" ;;
+    pgtenant-*) start_pgtenant "${t#pgtenant-}" ;;
+  esac
+done
+
+echo "== pgbench -i -s $SCALE"
+pgbench -i -s "$SCALE" -q "$(url_for direct)" >/dev/null 2>&1
+
+RAW="$W/raw.tsv"
+: > "$RAW"
+run_cell() { # target script mode extra-args...
+  local target="$1" script="$2" mode="$3"; shift 3
+  local args=(-c "$CLIENTS" -j "$THREADS" -T "$DURATION" -M "$mode" "$@")
+  [ "$script" = select ] && args+=(-S)
+  local out tps lat
+  if out="$(pgbench "${args[@]}" "$(url_for "$target")" 2>&1)" && grep -q 'number of failed transactions: 0 ' <<<"$out"; then
+    tps="$(grep -oP 'tps = \K[0-9.]+' <<<"$out" | head -1)"
+    lat="$(grep -oP 'latency average = \K[0-9.]+' <<<"$out" | head -1)"
+  else
+    tps=fail; lat=fail
+  fi
+  printf '%s\t%s\t%s\t%s\t%s\n' "$target" "$script" "$mode" "$tps" "$lat" >> "$RAW"
+  printf '   %-22s %-7s %-9s tps=%s\n' "$target" "$script" "$mode" "$tps"
+}
+
+echo "== runs: ${DURATION}s each, $CLIENTS clients, $THREADS threads, $REPEAT repetitions, targets interleaved"
+for rep in $(seq 1 "$REPEAT"); do
+  for script in select tpcb; do
+    for mode in $MODES; do
+      for t in $TARGETS; do run_cell "$t" "$script" "$mode"; done
+    done
+  done
+  for t in $TARGETS; do run_cell "$t" select connect simple -C; done
+done
+
+mkdir -p "$OUT_DIR"
+STAMP="$(date -u +%Y-%m-%dT%H:%MZ)"
+REPORT="$OUT_DIR/latest.md"
+python3 benches/report.py "$RAW" "$STAMP" "pgbench -c $CLIENTS -j $THREADS -T $DURATION, scale $SCALE, $REPEAT repetitions, $(nproc) cores" > "$REPORT"
+cp "$RAW" "$OUT_DIR/latest.tsv"
+cat "$REPORT"

@@ -1,0 +1,95 @@
+//! Micro-benchmarks of what the relay does per frame and per transaction: scanning frames, looking up a route,
+//! and checking query text for tenant statements.
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use pgtenant::protocol::frame::{Direction, Scan, Scanner};
+use pgtenant::protocol::sql;
+use pgtenant::routing::{Route, Router, RoutingTable};
+use pgtenant::tenant::TenantId;
+
+fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = vec![tag];
+    v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+/// A backend reply like pgbench -S gets, repeated: RowDescription-sized, DataRow, CommandComplete, ReadyForQuery.
+fn backend_stream(replies: usize) -> Vec<u8> {
+    let mut one = frame(b'T', &[0u8; 27]);
+    one.extend(frame(b'D', &[0u8; 14]));
+    one.extend(frame(b'C', b"SELECT 1\0"));
+    one.extend(frame(b'Z', b"I"));
+    one.repeat(replies)
+}
+
+fn scan_all(buf: &[u8]) -> usize {
+    let mut s = Scanner::new(Direction::FromBackend, 1 << 20);
+    let mut at = 0;
+    let mut frames = 0;
+    while let Ok(step) = s.next(&buf[at..], |t| matches!(t, b'Z' | b'S' | b'E')) {
+        let n = match step {
+            Scan::Whole(h) => {
+                frames += 1;
+                h.total
+            }
+            Scan::Head { avail, .. } => avail,
+            Scan::Rest(n) => n,
+            Scan::NeedMore(_) => break,
+        };
+        at += n;
+    }
+    frames
+}
+
+fn frames(c: &mut Criterion) {
+    let buf = backend_stream(1000);
+    let mut g = c.benchmark_group("frame_scan");
+    g.throughput(Throughput::Bytes(buf.len() as u64));
+    g.bench_function("backend_replies", |b| b.iter(|| scan_all(black_box(&buf))));
+    let big = frame(b'D', &vec![7u8; 4 << 20]);
+    g.throughput(Throughput::Bytes(big.len() as u64));
+    g.bench_function("one_4MiB_datarow", |b| b.iter(|| scan_all(black_box(&big))));
+    g.finish();
+}
+
+fn routing(c: &mut Criterion) {
+    let mut g = c.benchmark_group("route_lookup");
+    for n in [1usize, 10_000, 1_000_000] {
+        let mut table = RoutingTable::default();
+        for i in 0..n {
+            let id = TenantId::parse(&format!("tenant{i}")).unwrap_or_else(|_| unreachable!());
+            let route = Route {
+                backend: "b".into(),
+                database: None,
+                schema: Some(format!("s{i}")),
+            };
+            table.routes.insert(id, Arc::new(route));
+        }
+        let router = Router::new(table);
+        let probe = format!("tenant{}", n / 2);
+        g.bench_with_input(BenchmarkId::from_parameter(n), &probe, |b, probe| {
+            b.iter(|| router.load().get(black_box(probe)).map(|r| r.backend.len()))
+        });
+    }
+    g.finish();
+}
+
+fn recogniser(c: &mut Criterion) {
+    let mut g = c.benchmark_group("tenant_statement");
+    let ordinary = b"UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2";
+    g.bench_function("ordinary_query", |b| {
+        b.iter(|| sql::recognise(black_box(ordinary)))
+    });
+    let set = b"SET pgtenant.tenant = 'acme'";
+    g.bench_function("set_statement", |b| {
+        b.iter(|| sql::recognise(black_box(set)))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, frames, routing, recogniser);
+criterion_main!(benches);
