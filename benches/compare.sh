@@ -109,10 +109,11 @@ pgbench -i -s "$SCALE" -q "$(url_for direct)" >/dev/null 2>&1
 
 RAW="$W/raw.tsv"
 : > "$RAW"
-run_cell() { # target script mode extra-args...
-  local target="$1" script="$2" mode="$3"; shift 3
-  local args=(-c "$CLIENTS" -j "$THREADS" -T "$DURATION" -M "$mode" "$@")
-  [ "$script" = select ] && args+=(-S)
+run_cell() { # target script(select|tpcb|connect) mode
+  local target="$1" script="$2" mode="$3"
+  local args=(-n -c "$CLIENTS" -j "$THREADS" -T "$DURATION" -M "$mode")
+  [ "$script" = tpcb ] || args+=(-S)
+  [ "$script" = connect ] && args+=(-C)
   local out tps lat
   if out="$(pgbench "${args[@]}" "$(url_for "$target")" 2>&1)" && grep -q 'number of failed transactions: 0 ' <<<"$out"; then
     tps="$(grep -oP 'tps = \K[0-9.]+' <<<"$out" | head -1)"
@@ -131,7 +132,7 @@ for rep in $(seq 1 "$REPEAT"); do
       for t in $TARGETS; do run_cell "$t" "$script" "$mode"; done
     done
   done
-  for t in $TARGETS; do run_cell "$t" select connect simple -C; done
+  for t in $TARGETS; do run_cell "$t" connect simple; done
 done
 
 mkdir -p "$OUT_DIR"

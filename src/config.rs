@@ -97,6 +97,9 @@ pub struct ProxyConfig {
     /// Connect plus startup plus authentication to a backend. Reloadable.
     #[serde(default = "default_connect_timeout_ms")]
     pub server_connect_timeout_ms: u64,
+    /// A request queued at a paused tenant's gate gives up after this (`57014`). Reloadable.
+    #[serde(default = "default_query_wait_timeout_ms")]
+    pub query_wait_timeout_ms: u64,
     /// Idle pooled backend connections older than this are closed. Reloadable.
     #[serde(default = "default_server_idle_timeout_ms")]
     pub server_idle_timeout_ms: u64,
@@ -234,6 +237,9 @@ fn default_checkout_timeout_ms() -> u64 {
 fn default_connect_timeout_ms() -> u64 {
     5_000
 }
+fn default_query_wait_timeout_ms() -> u64 {
+    30_000
+}
 fn default_server_idle_timeout_ms() -> u64 {
     600_000
 }
@@ -268,6 +274,9 @@ impl ProxyConfig {
     }
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.server_connect_timeout_ms)
+    }
+    pub fn query_wait_timeout(&self) -> Duration {
+        Duration::from_millis(self.query_wait_timeout_ms)
     }
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_millis(self.shutdown_timeout_ms)

@@ -1,8 +1,10 @@
 //! What every session shares: config, users, routes, backends, the cancel registry, TLS and shutdown signals.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use thiserror::Error;
@@ -13,8 +15,12 @@ use crate::auth::{ScramError, Users};
 use crate::backend::{Backend, Backends, Timeouts};
 use crate::cancel::CancelRegistry;
 use crate::config::Config;
+use crate::gate::Gates;
+use crate::metrics::Metrics;
 use crate::net::tls::{self, TlsError};
 use crate::routing::{Router, RoutingTable};
+use crate::sessions::Sessions;
+use crate::state::{AuditLog, RoutesFile, StateError, StateStore};
 
 #[derive(Debug, Error)]
 pub enum ContextError {
@@ -22,6 +28,8 @@ pub enum ContextError {
     Tls(#[from] TlsError),
     #[error("user credentials: {0}")]
     Users(#[from] ScramError),
+    #[error(transparent)]
+    State(#[from] StateError),
 }
 
 pub struct Shared {
@@ -35,18 +43,56 @@ pub struct Shared {
     pub last_params: Mutex<Vec<(String, String)>>,
     /// Fired when sessions must end now (SIGINT, or the SIGTERM grace period ran out).
     pub terminate: CancellationToken,
+    pub gates: Gates,
+    pub sessions: Arc<Sessions>,
+    pub metrics: Arc<Metrics>,
+    pub store: StateStore,
+    pub audit: AuditLog,
+    /// Tenants removed through the admin socket (persisted with the routes).
+    pub removed: Mutex<BTreeSet<String>>,
+    /// The file `reload` re-reads; `None` when the config did not come from a file.
+    pub config_path: Option<PathBuf>,
+    /// False after a state write failed (reported by `/health`).
+    pub state_ok: AtomicBool,
+    pub started: Instant,
 }
 
 impl Shared {
-    pub fn new(config: Config) -> Result<Arc<Shared>, ContextError> {
+    /// Builds the shared state. Routes come from `state_dir` when they were ever persisted (the config only
+    /// seeds them); a corrupt state file is an error.
+    pub fn new(config: Config, config_path: Option<PathBuf>) -> Result<Arc<Shared>, ContextError> {
         let tls = match &config.tls {
             Some(t) => Some(tls::acceptor(&t.cert, &t.key)?),
             None => None,
         };
         let users = Users::from_config(&config.users)?;
         let backends = build_backends(&config)?;
-        let table = RoutingTable::from_config(config.tenants.iter());
+        let store = StateStore::open(&config.proxy.state_dir)?;
+        let audit = AuditLog::open(&store.audit_path())?;
+        let (table, removed) = match store.load_routes()? {
+            Some(file) => {
+                let table = file.to_table().map_err(|reason| StateError::Corrupt {
+                    path: store.dir().join("routes.json"),
+                    reason,
+                })?;
+                (table, file.removed)
+            }
+            None => {
+                let table = RoutingTable::from_config(config.tenants.iter());
+                store.save_routes(&RoutesFile::from_table(&table, BTreeSet::new()))?;
+                (table, BTreeSet::new())
+            }
+        };
         Ok(Arc::new(Shared {
+            gates: Gates::default(),
+            sessions: Arc::new(Sessions::default()),
+            metrics: Metrics::new(),
+            store,
+            audit,
+            removed: Mutex::new(removed),
+            config_path,
+            state_ok: AtomicBool::new(true),
+            started: Instant::now(),
             config: ArcSwap::from_pointee(config),
             users: ArcSwap::from_pointee(users),
             router: Router::new(table),
@@ -56,6 +102,20 @@ impl Shared {
             last_params: Mutex::new(Vec::new()),
             terminate: CancellationToken::new(),
         }))
+    }
+
+    /// Persists `table` (with the removed-tenant list); used as the `persist` step of [`Router::update`].
+    pub fn persist_routes(&self, table: &RoutingTable) -> Result<(), StateError> {
+        let removed = self
+            .removed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let r = self
+            .store
+            .save_routes(&RoutesFile::from_table(table, removed));
+        self.state_ok.store(r.is_ok(), Ordering::Relaxed);
+        r
     }
 
     pub fn remember_params(&self, params: &[(String, String)]) {

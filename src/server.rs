@@ -44,6 +44,14 @@ pub struct Proxy {
 impl Proxy {
     /// Binds the listener and starts accepting.
     pub async fn start(config: Config) -> Result<Proxy, ServerError> {
+        Proxy::start_with_path(config, None).await
+    }
+
+    /// Like [`Proxy::start`], remembering the config file for `reload`.
+    pub async fn start_with_path(
+        config: Config,
+        path: Option<std::path::PathBuf>,
+    ) -> Result<Proxy, ServerError> {
         let addr = config.listen_addr()?;
         let listener = TcpListener::bind(addr)
             .await
@@ -52,7 +60,7 @@ impl Proxy {
             .local_addr()
             .map_err(|source| ServerError::Bind { addr, source })?;
         let max_clients = config.proxy.max_client_conn;
-        let shared = Shared::new(config)?;
+        let shared = Shared::new(config, path)?;
         let proxy = Proxy {
             shared: shared.clone(),
             local_addr,

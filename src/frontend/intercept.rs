@@ -3,7 +3,7 @@
 
 use tracing::{info, warn};
 
-use super::session::{connect_server, Session};
+use super::session::{connect_server, Session, SkipEnd};
 use crate::protocol::sql::{Recognised, TenantCommand};
 use crate::protocol::{inspect, messages, sql, sqlstate, PgError};
 use crate::tenant::{may_reach, TenantId};
@@ -47,7 +47,7 @@ impl Session {
             }
             b'P' | b'B' | b'D' | b'E' | b'C' => {
                 no_tenant().encode(&mut self.cout);
-                self.skip_to_sync = true;
+                self.skip = Some(SkipEnd::Local);
             }
             b'S' => messages::ready_for_query(&mut self.cout, b'I'),
             // Flush has nothing to flush; copy messages outside COPY are ignored, as PostgreSQL does.
@@ -127,23 +127,10 @@ impl Session {
             }
             None => None,
         };
-        if let Some(new) = &server {
-            let params = new.conn.get().params.clone();
-            for (k, v) in &params {
-                if self.told.iter().all(|(tk, tv)| tk != k || tv != v) {
-                    messages::parameter_status(&mut self.cout, k, v);
-                }
-            }
-            self.told = params;
-        }
-        self.cancel
-            .slot
-            .set(server.as_ref().map(|s| s.conn.get().cancel_target()));
-        if let Some(old) = std::mem::replace(&mut self.server, server) {
-            old.release_idle();
-        }
         info!(user = %self.info.user.name, from = ?self.tenant, to = ?target, "session moved by SET pgtenant.tenant");
-        self.tenant = target;
+        // A session that picks its tenant itself starts afresh there: nothing pins it yet.
+        self.pinned = None;
+        self.install(target, server);
         Ok(())
     }
 }

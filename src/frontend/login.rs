@@ -147,6 +147,7 @@ async fn admit(
         Err(AuthFailure::Closed) => return Ok(None),
         Err(AuthFailure::Refused(e)) => {
             info!(user = raw_user, "client authentication failed");
+            shared.metrics.auth_failures.increment(1);
             return Err(e);
         }
     };
@@ -173,6 +174,7 @@ async fn admit(
         options,
         startup_tenant: tenant,
         tenant_fixed: fixed,
+        peer: stream.tcp().peer_addr().ok(),
     };
     Ok(Some((info, buf)))
 }

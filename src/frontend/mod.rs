@@ -3,6 +3,8 @@
 //! answers itself ([`intercept`]).
 
 pub mod auth;
+mod boundary;
+mod client_in;
 pub mod intercept;
 pub mod login;
 pub mod session;

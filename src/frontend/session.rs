@@ -25,10 +25,14 @@ use crate::backend::pool::ReleaseState;
 use crate::backend::{PooledConn, StartupTag};
 use crate::cancel::{synthetic_pid, CancelKey};
 use crate::context::Shared;
+use crate::gate::{Gate, GatePass};
+use crate::metrics::{ErrorKind, TenantMetrics};
 use crate::net::Stream;
 use crate::protocol::frame::{Direction, Scan, Scanner};
 use crate::protocol::startup::join_options;
-use crate::protocol::{inspect, messages, sql, sqlstate, PgError};
+use crate::protocol::{inspect, messages, sqlstate, PgError};
+use crate::routing::Route;
+use crate::sessions::SessionHandle;
 use crate::tenant::{quote_ident, TenantId};
 
 /// Frames the proxy must see whole are waited for up to this size; larger ones stream through uninspected.
@@ -53,6 +57,16 @@ pub struct ClientInfo {
     pub startup_tenant: Option<TenantId>,
     /// True when the client named its tenant at startup; then SET may not move it to another.
     pub tenant_fixed: bool,
+    pub peer: Option<std::net::SocketAddr>,
+}
+
+/// How an error skip ends at the client's Sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum SkipEnd {
+    /// Nothing of the batch reached a backend: answer the Sync ourselves.
+    Local,
+    /// Part of the batch went to the backend: send it the Sync; the error is injected before its reply.
+    ForwardSync,
 }
 
 /// The backend side of a session.
@@ -116,17 +130,32 @@ pub struct Session {
     pub(super) client: Stream,
     pub(super) cin: BytesMut,
     pub(super) cout: BytesMut,
-    cscan: Scanner,
     cflush: bool,
     /// Bytes `cin` must hold before the next frame can be judged.
-    cin_need: usize,
+    pub(super) cin_need: usize,
     pub(super) server: Option<Server>,
     pub(super) tenant: Option<TenantId>,
     /// ParameterStatus values the client has been told.
     pub(super) told: Vec<(String, String)>,
     pub(super) cancel: CancelKey,
     /// After an error in the extended protocol, client messages are dropped up to Sync (as PostgreSQL does).
-    pub(super) skip_to_sync: bool,
+    pub(super) skip: Option<SkipEnd>,
+    /// The rest of a refused streamed frame is dropped.
+    pub(super) discarding: bool,
+    pub(super) cscan: Scanner,
+    /// This session in the registry the admin socket reads.
+    pub(super) handle: SessionHandle,
+    /// The tenant's gate, and the pass held from the start of a transaction to its end.
+    pub(super) gate: Option<Arc<Gate>>,
+    pub(super) pass: Option<GatePass>,
+    /// The route and routing epoch the backend connection was chosen under.
+    pub(super) route: Option<Arc<Route>>,
+    pub(super) epoch: u64,
+    /// Why the session may not move to another backend (state that would not follow it), if anything.
+    pub(super) pinned: Option<&'static str>,
+    pub(super) tm: Option<Arc<TenantMetrics>>,
+    /// Query/Execute messages in the current transaction, added to the tenant's counter when it ends.
+    pub(super) queries: u64,
     /// An error to put before a backend ReadyForQuery: after that many more ReadyForQuery have passed.
     pub(super) inject: Option<(u32, PgError)>,
     /// A statement the proxy answers itself waits at the head of `cin` until the backend owes nothing.
@@ -142,9 +171,9 @@ impl Session {
         cin: BytesMut,
         info: ClientInfo,
     ) -> Result<Session, (Stream, PgError)> {
-        let server = match &info.startup_tenant {
+        let attached = match &info.startup_tenant {
             Some(t) => match connect_server(&shared, &info, t).await {
-                Ok(s) => Some(s),
+                Ok(a) => Some(a),
                 Err(mut e) => {
                     e.severity = messages::Severity::Fatal;
                     return Err((client, e));
@@ -152,23 +181,21 @@ impl Session {
             },
             None => None,
         };
-        let pid = server
+        let pid = attached
             .as_ref()
-            .map(|s| s.conn.get().pid)
+            .map(|a| a.server.conn.get().pid)
             .unwrap_or_else(synthetic_pid);
         let cancel = shared.cancels.register(pid);
-        cancel
-            .slot
-            .set(server.as_ref().map(|s| s.conn.get().cancel_target()));
-        let told = match &server {
-            Some(s) => {
-                shared.remember_params(&s.conn.get().params);
-                s.conn.get().params.clone()
+        let told = match &attached {
+            Some(a) => {
+                shared.remember_params(&a.server.conn.get().params);
+                a.server.conn.get().params.clone()
             }
             None => fallback_params(&shared, &info),
         };
+        let handle = shared.sessions.register(&info.user_name, info.peer);
         let mut session = Session {
-            tenant: info.startup_tenant.clone(),
+            tenant: None,
             shared,
             info,
             client,
@@ -177,13 +204,24 @@ impl Session {
             cscan: Scanner::new(Direction::FromClient, WHOLE_FRAME_MAX),
             cflush: false,
             cin_need: 0,
-            server,
+            server: None,
             told,
             cancel,
-            skip_to_sync: false,
+            skip: None,
+            discarding: false,
             inject: None,
             blocked: false,
+            handle,
+            gate: None,
+            pass: None,
+            route: None,
+            epoch: 0,
+            pinned: None,
+            tm: None,
+            queries: 0,
         };
+        let tenant = session.info.startup_tenant.clone();
+        session.install(tenant, attached);
         messages::auth_ok(&mut session.cout);
         for (k, v) in &session.told {
             messages::parameter_status(&mut session.cout, k, v);
@@ -287,112 +325,6 @@ impl Session {
         Poll::Pending
     }
 
-    /// Handles every whole frame the client has sent, until input runs out or a statement must wait.
-    pub(super) async fn on_client_input(&mut self) -> Result<(), End> {
-        while !self.blocked {
-            let step = self
-                .cscan
-                .next(&self.cin, |t| matches!(t, b'Q' | b'P'))
-                .map_err(|e| End::Fatal(PgError::protocol(e.to_string())))?;
-            match step {
-                Scan::NeedMore(n) => {
-                    self.cin_need = n;
-                    return Ok(());
-                }
-                Scan::Rest(n) => self.pass_client(n),
-                Scan::Head { header, avail } => {
-                    if self.server.is_none() && !self.skip_to_sync {
-                        self.unrouted(header.tag, None).await?;
-                    }
-                    self.count_request(header.tag);
-                    self.pass_client(avail);
-                }
-                Scan::Whole(h) => self.client_frame(h.tag, h.total).await?,
-            }
-        }
-        Ok(())
-    }
-
-    async fn client_frame(&mut self, tag: u8, total: usize) -> Result<(), End> {
-        if tag == b'X' {
-            return Err(End::Terminated);
-        }
-        if self.skip_to_sync {
-            self.cin.advance(total);
-            if tag == b'S' {
-                self.end_skip();
-            }
-            return Ok(());
-        }
-        if self.server.is_none() {
-            let frame = self.cin.split_to(total);
-            return self.unrouted(tag, Some(&frame)).await;
-        }
-        let recognised = match tag {
-            b'Q' => sql::recognise(inspect::query_text(&self.cin[..total]).unwrap_or_default()),
-            b'P' => sql::recognise(
-                inspect::parse_statement(&self.cin[..total]).map_or(&[][..], |(_, t)| t),
-            ),
-            _ => sql::Recognised::Pass,
-        };
-        match (tag, recognised) {
-            (_, sql::Recognised::Pass) => {
-                self.count_request(tag);
-                self.pass_client(total);
-            }
-            (b'Q', r) => {
-                if self.server.as_ref().is_some_and(|s| s.pending > 0) {
-                    // Answer only after every reply the backend owes has reached the client.
-                    self.blocked = true;
-                    return Ok(());
-                }
-                self.cin.advance(total);
-                self.answer_simple(r).await;
-            }
-            (_, _) => {
-                // A tenant statement in the extended protocol: refuse it and skip to Sync, as PostgreSQL does
-                // after an error; the error goes out in order, just before the reply to that Sync.
-                self.cin.advance(total);
-                self.skip_to_sync = true;
-                let owed = self.server.as_ref().map_or(0, |s| s.pending);
-                self.inject = Some((
-                    owed,
-                    PgError::error(
-                        sqlstate::FEATURE_NOT_SUPPORTED,
-                        "pgtenant.tenant statements are only accepted in the simple query protocol",
-                    ),
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// Sync ends an error skip: the backend gets the Sync so its reply carries the injected error.
-    fn end_skip(&mut self) {
-        self.skip_to_sync = false;
-        match self.server.as_mut() {
-            Some(s) => {
-                s.pending += 1;
-                messages::sync(&mut s.out);
-            }
-            None => messages::ready_for_query(&mut self.cout, b'I'),
-        }
-    }
-
-    fn count_request(&mut self, tag: u8) {
-        if let (Some(s), b'Q' | b'S' | b'F') = (self.server.as_mut(), tag) {
-            s.pending += 1;
-        }
-    }
-
-    /// Moves `n` bytes from the client's input to the backend, or drops them when they go nowhere.
-    fn pass_client(&mut self, n: usize) {
-        match self.server.as_mut() {
-            Some(s) if !self.skip_to_sync => move_bytes(&mut self.cin, &mut s.out, n),
-            _ => self.cin.advance(n),
-        }
-    }
-
     async fn after_server_input(&mut self) -> Result<(), End> {
         self.on_server_input()?;
         if self.blocked && self.server.as_ref().is_none_or(|s| s.pending == 0) {
@@ -416,6 +348,7 @@ impl Session {
         };
         let conn = s.conn.get_mut();
         let mut fwd = 0;
+        let mut ended = false;
         loop {
             let buf = &conn.buf[fwd..];
             let step = s
@@ -434,6 +367,7 @@ impl Session {
                         b'Z' => {
                             s.status = inspect::ready_status(frame).unwrap_or(s.status);
                             s.pending = s.pending.saturating_sub(1);
+                            ended |= s.pending == 0 && s.status == b'I';
                             if let Some((owed, err)) = inject.take() {
                                 if owed == 0 {
                                     move_bytes(&mut conn.buf, cout, fwd);
@@ -458,6 +392,9 @@ impl Session {
             }
         }
         move_bytes(&mut conn.buf, cout, fwd);
+        if ended && self.pass.is_some() {
+            self.end_transaction(true);
+        }
         Ok(())
     }
 
@@ -482,6 +419,13 @@ impl Session {
         }
         if let Some(server) = self.server.take() {
             server.release(broken);
+        }
+        self.end_transaction(false);
+        if let Some(tm) = self.tm.take() {
+            tm.clients.decrement(1.0);
+        }
+        if matches!(end, End::ServerGone) {
+            self.count_error(ErrorKind::ServerLost);
         }
         if !matches!(end, End::ClientGone) {
             let out = std::mem::take(&mut self.cout);
@@ -546,7 +490,7 @@ fn poll_write_side(
 
 /// Moves the first `n` bytes of `from` to the end of `to`; when that is all of `from` and `to` is empty the
 /// buffers are swapped instead of copied.
-fn move_bytes(from: &mut BytesMut, to: &mut BytesMut, n: usize) {
+pub(super) fn move_bytes(from: &mut BytesMut, to: &mut BytesMut, n: usize) {
     if n == 0 {
         return;
     }
@@ -590,23 +534,29 @@ pub(super) fn startup_tag(info: &ClientInfo, schema: Option<&str>) -> StartupTag
     StartupTag { params }
 }
 
+/// A backend connection and the route (and epoch) it was chosen under.
+pub(super) struct Attached {
+    pub server: Server,
+    pub route: Arc<Route>,
+    pub epoch: u64,
+}
+
 /// Checks out a backend connection for `tenant`'s current route.
 pub(super) async fn connect_server(
     shared: &Shared,
     info: &ClientInfo,
     tenant: &TenantId,
-) -> Result<Server, PgError> {
-    let route = shared
-        .router
-        .load()
-        .get(tenant.as_str())
-        .cloned()
-        .ok_or_else(|| {
+) -> Result<Attached, PgError> {
+    let (route, epoch) = {
+        let table = shared.router.load();
+        let route = table.get(tenant.as_str()).cloned().ok_or_else(|| {
             PgError::error(
                 sqlstate::INVALID_CATALOG_NAME,
                 format!("tenant \"{tenant}\" does not exist"),
             )
         })?;
+        (route, table.epoch)
+    };
     let backends = shared.backends.load();
     let backend = backends.get(&route.backend).ok_or_else(|| {
         PgError::error(
@@ -628,7 +578,7 @@ pub(super) async fn connect_server(
         debug!(%tenant, error = %e, "backend checkout failed");
         e.to_client(false)
     })?;
-    Ok(Server {
+    let server = Server {
         conn,
         out: BytesMut::new(),
         scan: Scanner::new(Direction::FromBackend, WHOLE_FRAME_MAX),
@@ -636,6 +586,11 @@ pub(super) async fn connect_server(
         pending: 0,
         status: b'I',
         sent_fatal: false,
+    };
+    Ok(Attached {
+        server,
+        route,
+        epoch,
     })
 }
 

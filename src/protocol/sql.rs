@@ -393,3 +393,56 @@ mod tests {
         }
     }
 }
+
+/// Names the session state a simple query may leave behind on its backend connection (a session `SET`, a
+/// prepared statement, `LISTEN`, a cursor, a temporary table, an advisory lock), or `None`. It reads only the
+/// first words, so it errs on the side of naming state that a rolled-back transaction never created.
+pub fn session_state_hint(sql: &[u8]) -> Option<&'static str> {
+    if memchr::memmem::find(sql, b"advisory_lock").is_some()
+        || memchr::memmem::find(sql, b"ADVISORY_LOCK").is_some()
+    {
+        return Some("advisory lock");
+    }
+    let mut lx = Lexer { s: sql, i: 0 };
+    let mut words = Vec::with_capacity(3);
+    while words.len() < 3 {
+        match lx.next() {
+            Some((Tok::Word(w), _)) => words.push(w),
+            _ => break,
+        }
+    }
+    let w: Vec<&str> = words.iter().map(|s| s.as_str()).collect();
+    match w.as_slice() {
+        ["set", "local", ..] | ["set", "transaction", ..] => None,
+        ["set", ..] => Some("session SET"),
+        ["prepare", ..] => Some("prepared statement"),
+        ["listen", ..] => Some("LISTEN"),
+        ["declare", ..] => Some("cursor"),
+        ["create", "temp" | "temporary", ..]
+        | ["create", "global" | "local", "temp" | "temporary"] => Some("temporary table"),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod hint_tests {
+    use super::session_state_hint as hint;
+
+    #[test]
+    fn names_session_state() {
+        assert_eq!(hint(b"SET work_mem = '1MB'"), Some("session SET"));
+        assert_eq!(hint(b"set local work_mem = '1MB'"), None);
+        assert_eq!(
+            hint(b"/* x */ PREPARE p AS SELECT 1"),
+            Some("prepared statement")
+        );
+        assert_eq!(
+            hint(b"create temp table t (x int)"),
+            Some("temporary table")
+        );
+        assert_eq!(hint(b"SELECT pg_advisory_lock(1)"), Some("advisory lock"));
+        assert_eq!(hint(b"listen jobs"), Some("LISTEN"));
+        assert_eq!(hint(b"SELECT 1"), None);
+        assert_eq!(hint(b"UPDATE t SET x = 1"), None);
+    }
+}

@@ -16,3 +16,4 @@ pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
 pub const ACTIVE_SQL_TRANSACTION: &str = "25001";
 pub const INVALID_PARAMETER_VALUE: &str = "22023";
 pub const INTERNAL_ERROR: &str = "XX000";
+pub const QUERY_CANCELED: &str = "57014";

@@ -281,6 +281,7 @@ impl Drop for PgCluster {
 
 /// Builds a proxy config around test clusters and starts the proxy.
 pub struct Harness {
+    state: tempfile::TempDir,
     toml: String,
     users: String,
     backends: String,
@@ -295,10 +296,21 @@ impl Default for Harness {
 
 impl Harness {
     pub fn new() -> Harness {
+        let state = tempfile::Builder::new()
+            .prefix("pgtenant-state")
+            .tempdir()
+            .unwrap();
+        let toml = format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\nclient_login_timeout_ms = 5000\npool_checkout_timeout_ms = 3000\n\
+             state_dir = \"{dir}\"\nadmin_socket = \"{dir}/admin.sock\"\n",
+            dir = state.path().display()
+        );
         Harness {
-            toml: "[proxy]\nlisten = \"127.0.0.1:0\"\nclient_login_timeout_ms = 5000\npool_checkout_timeout_ms = 3000\n"
-                .into(),
-            users: format!("[[users]]\nname = \"app\"\npassword = \"{PASSWORD}\"\ntenants = [\"*\"]\n"),
+            state,
+            toml,
+            users: format!(
+                "[[users]]\nname = \"app\"\npassword = \"{PASSWORD}\"\ntenants = [\"*\"]\n"
+            ),
             backends: String::new(),
             tenants: String::new(),
         }
@@ -365,12 +377,17 @@ impl Harness {
 
     pub async fn start(self) -> TestProxy {
         let proxy = Proxy::start(self.config()).await.unwrap();
-        TestProxy { proxy }
+        TestProxy {
+            proxy,
+            state: self.state,
+        }
     }
 }
 
 pub struct TestProxy {
     pub proxy: Proxy,
+    /// The proxy's state_dir (routes, audit log, admin socket); removed on drop.
+    pub state: tempfile::TempDir,
 }
 
 impl TestProxy {

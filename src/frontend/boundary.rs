@@ -1,0 +1,179 @@
+//! Transaction boundaries: where a session passes its tenant's gate, follows a changed route to a new backend
+//! connection, and takes on or gives up a backend connection.
+
+use std::sync::atomic::Ordering;
+
+use super::session::{connect_server, Attached, End, Session};
+use crate::metrics::ErrorKind;
+use crate::protocol::{messages, sqlstate, PgError};
+use crate::sessions::SessionRoute;
+use crate::tenant::TenantId;
+
+/// Why work could not start.
+pub(super) enum Refusal {
+    /// This statement fails; the session goes on.
+    Statement(PgError),
+    /// The session ends.
+    Session(PgError),
+}
+
+impl Session {
+    /// Called before forwarding a frame. At an idle boundary it waits at the tenant's gate and follows a changed
+    /// route; `Ok(Some(err))` means the frame must be refused with `err` and not forwarded.
+    pub(super) async fn begin_work(&mut self, tag: u8) -> Result<Option<PgError>, End> {
+        // Sync, Flush and stray copy messages start nothing.
+        if self.pass.is_some() || matches!(tag, b'S' | b'H' | b'd' | b'c' | b'f') {
+            return Ok(None);
+        }
+        let Some(gate) = self.gate.clone() else {
+            return Ok(None);
+        };
+        let (max_queued, wait) = {
+            let c = self.shared.config.load();
+            (
+                c.migration.max_queued_per_tenant,
+                c.proxy.query_wait_timeout(),
+            )
+        };
+        let entered = tokio::select! {
+            r = gate.enter(max_queued, wait) => r,
+            _ = self.shared.terminate.cancelled() => return Err(End::Shutdown),
+        };
+        match entered {
+            Ok(pass) => self.pass = Some(pass),
+            Err(e) => {
+                self.count_error(match e {
+                    crate::gate::GateError::QueueFull(_) => ErrorKind::QueueFull,
+                    crate::gate::GateError::WaitTimeout(..) => ErrorKind::GateTimeout,
+                });
+                return Ok(Some(PgError::error(
+                    sqlstate::QUERY_CANCELED,
+                    format!("canceling statement: {e}"),
+                )));
+            }
+        }
+        self.handle
+            .info
+            .in_transaction
+            .store(true, Ordering::Relaxed);
+        match self.follow_route().await {
+            Ok(()) => Ok(None),
+            Err(Refusal::Statement(e)) => {
+                self.end_transaction(false);
+                Ok(Some(e))
+            }
+            Err(Refusal::Session(e)) => Err(End::Fatal(e)),
+        }
+    }
+
+    /// The current transaction is over: give back the gate pass and count it.
+    pub(super) fn end_transaction(&mut self, completed: bool) {
+        if self.pass.take().is_none() {
+            return;
+        }
+        self.handle
+            .info
+            .in_transaction
+            .store(false, Ordering::Relaxed);
+        if let (true, Some(tm)) = (completed, &self.tm) {
+            tm.transactions.increment(1);
+            if self.queries > 0 {
+                tm.queries.increment(self.queries);
+            }
+        }
+        self.queries = 0;
+    }
+
+    /// When the routing table changed since this session's backend was chosen and the tenant's route is now
+    /// different, moves the session to a backend connection of the new route (unless state pins it).
+    async fn follow_route(&mut self) -> Result<(), Refusal> {
+        let Some(tenant) = self.tenant.clone() else {
+            return Ok(());
+        };
+        let (epoch, route) = {
+            let table = self.shared.router.load();
+            if table.epoch == self.epoch {
+                return Ok(());
+            }
+            (table.epoch, table.get(tenant.as_str()).cloned())
+        };
+        let Some(route) = route else {
+            return Err(Refusal::Session(PgError::fatal(
+                sqlstate::INVALID_CATALOG_NAME,
+                format!("tenant \"{tenant}\" was removed"),
+            )));
+        };
+        if self.route.as_deref() == Some(&*route) || self.pinned.is_some() {
+            if self.pinned.is_none() {
+                self.epoch = epoch;
+            }
+            self.publish_route();
+            return Ok(());
+        }
+        let attached = connect_server(&self.shared, &self.info, &tenant)
+            .await
+            .map_err(|e| {
+                self.count_error(ErrorKind::MoveFailed);
+                Refusal::Statement(e)
+            })?;
+        self.install(Some(tenant), Some(attached));
+        self.shared.metrics.moves.increment(1);
+        Ok(())
+    }
+
+    /// Makes `attached` the session's backend (returning the old one to its pool) for `tenant`: tells the
+    /// client about changed parameters, points the cancel key at the new backend, and updates the gate,
+    /// metrics and registry.
+    pub(super) fn install(&mut self, tenant: Option<TenantId>, attached: Option<Attached>) {
+        let (server, route, epoch) = match attached {
+            Some(a) => (Some(a.server), Some(a.route), a.epoch),
+            None => (None, None, 0),
+        };
+        if let Some(new) = &server {
+            let params = &new.conn.get().params;
+            for (k, v) in params {
+                if self.told.iter().all(|(tk, tv)| tk != k || tv != v) {
+                    messages::parameter_status(&mut self.cout, k, v);
+                }
+            }
+            self.told = params.clone();
+        }
+        self.cancel
+            .slot
+            .set(server.as_ref().map(|s| s.conn.get().cancel_target()));
+        if let Some(old) = std::mem::replace(&mut self.server, server) {
+            old.release_idle();
+        }
+        if tenant != self.tenant {
+            if let Some(tm) = self.tm.take() {
+                tm.clients.decrement(1.0);
+            }
+            self.tm = tenant.as_ref().map(|t| self.shared.metrics.tenant(t));
+            if let Some(tm) = &self.tm {
+                tm.clients.increment(1.0);
+            }
+            self.gate = tenant.as_ref().map(|t| self.shared.gates.get(t));
+            self.tenant = tenant;
+        }
+        self.route = route;
+        self.epoch = epoch;
+        self.publish_route();
+    }
+
+    /// Tells the registry where this session is now.
+    pub(super) fn publish_route(&self) {
+        self.handle.info.set_route(SessionRoute {
+            tenant: self.tenant.clone(),
+            backend: self.route.as_ref().map(|r| r.backend.clone()),
+            database: self.route.as_ref().and_then(|r| r.database.clone()),
+            epoch: self.epoch,
+            pinned: self.pinned,
+        });
+    }
+
+    pub(super) fn count_error(&self, kind: ErrorKind) {
+        if let Some(tm) = &self.tm {
+            tm.error(kind);
+        }
+    }
+}

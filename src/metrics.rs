@@ -1,0 +1,305 @@
+//! Prometheus metrics (DESIGN section 8) and the `/metrics` + `/health` endpoint.
+//!
+//! The recorder is an instance owned by the proxy rather than the process-global one, so several proxies (the
+//! tests run many in one process) never mix their figures. Hot-path counters are per tenant and are bumped once
+//! per transaction, not per message; pool and connection gauges are read when scraped.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::tenant::TenantId;
+
+static META: Metadata<'static> = Metadata::new("pgtenant", Level::INFO, Some(module_path!()));
+
+/// Why a client got an error from the proxy itself (the `kind` label of `pgtenant_errors_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    GateTimeout,
+    QueueFull,
+    Forbidden,
+    BackendUnavailable,
+    ServerLost,
+    Protocol,
+    MoveFailed,
+}
+
+const KINDS: [(ErrorKind, &str); 7] = [
+    (ErrorKind::GateTimeout, "gate_timeout"),
+    (ErrorKind::QueueFull, "queue_full"),
+    (ErrorKind::Forbidden, "forbidden"),
+    (ErrorKind::BackendUnavailable, "backend_unavailable"),
+    (ErrorKind::ServerLost, "server_lost"),
+    (ErrorKind::Protocol, "protocol"),
+    (ErrorKind::MoveFailed, "move_failed"),
+];
+
+/// One tenant's series.
+pub struct TenantMetrics {
+    pub transactions: Counter,
+    pub queries: Counter,
+    pub clients: Gauge,
+    errors: Vec<Counter>,
+}
+
+impl TenantMetrics {
+    pub fn error(&self, kind: ErrorKind) {
+        if let Some(i) = KINDS.iter().position(|(k, _)| *k == kind) {
+            self.errors[i].increment(1);
+        }
+    }
+}
+
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    tenants: Mutex<HashMap<TenantId, Arc<TenantMetrics>>>,
+    pub auth_failures: Counter,
+    pub moves: Counter,
+    pub cutover_pause: Histogram,
+}
+
+const DESCRIPTIONS: &[(&str, &str)] = &[
+    (
+        "pgtenant_client_connections",
+        "Client connections by tenant",
+    ),
+    (
+        "pgtenant_transactions_total",
+        "Transactions (and statements outside one) completed, by tenant",
+    ),
+    (
+        "pgtenant_queries_total",
+        "Query and Execute messages relayed, by tenant",
+    ),
+    (
+        "pgtenant_errors_total",
+        "Errors the proxy reported itself, by tenant and kind",
+    ),
+    (
+        "pgtenant_pool_connections",
+        "Backend connections by backend and state (idle, active)",
+    ),
+    (
+        "pgtenant_auth_failures_total",
+        "Failed client authentications",
+    ),
+    (
+        "pgtenant_session_moves_total",
+        "Sessions moved to a new route at a transaction boundary",
+    ),
+    (
+        "pgtenant_gate_queued",
+        "Requests waiting at a closed tenant gate",
+    ),
+    ("migration_state", "Migration state (0 pending .. 8 paused)"),
+    ("migration_progress_percent", "Bulk copy progress"),
+    ("migration_events_copied_total", "Rows copied to the target"),
+    ("migration_events_total", "Rows to copy"),
+    (
+        "dual_write_operations_total",
+        "Change-log drains to the target, by status",
+    ),
+    (
+        "dual_write_target_failures_total",
+        "Target failures during dual write",
+    ),
+    (
+        "dual_write_latency_seconds",
+        "Time to drain the change log to the target after a commit",
+    ),
+    (
+        "dual_write_sync_lag_events",
+        "Change-log entries not yet applied to the target",
+    ),
+    (
+        "cutover_pause_duration_seconds",
+        "Time a tenant's gate was closed during cutover",
+    ),
+    (
+        "cutover_blocked_writers",
+        "Requests waiting during a cutover",
+    ),
+    ("cutover_attempts_total", "Cutover attempts"),
+    (
+        "cutover_timeout_total",
+        "Cutover attempts that passed their timeout",
+    ),
+    ("verification_duration_seconds", "Verification run time"),
+    (
+        "verification_violations_total",
+        "Verification mismatches found",
+    ),
+];
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let buckets = [
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        ];
+        let builder = PrometheusBuilder::new();
+        let builder = builder
+            .set_buckets(&buckets)
+            .unwrap_or_else(|_| PrometheusBuilder::new());
+        let recorder = builder.build_recorder();
+        for (name, help) in DESCRIPTIONS {
+            let unit = name.ends_with("_seconds").then_some(Unit::Seconds);
+            recorder.describe_counter((*name).into(), unit, (*help).into());
+        }
+        let handle = recorder.handle();
+        let counter = |name: &'static str| recorder.register_counter(&Key::from_name(name), &META);
+        let auth_failures = counter("pgtenant_auth_failures_total");
+        let moves = counter("pgtenant_session_moves_total");
+        // Declared now so dashboards and alerts find them; the migration coordinator fills them.
+        for name in [
+            "migration_events_copied_total",
+            "dual_write_target_failures_total",
+            "cutover_attempts_total",
+            "cutover_timeout_total",
+            "verification_violations_total",
+        ] {
+            counter(name).increment(0);
+        }
+        let cutover_pause =
+            recorder.register_histogram(&Key::from_name("cutover_pause_duration_seconds"), &META);
+        let m = Metrics {
+            auth_failures,
+            moves,
+            cutover_pause,
+            tenants: Mutex::new(HashMap::new()),
+            handle,
+            recorder,
+        };
+        for name in [
+            "migration_progress_percent",
+            "dual_write_sync_lag_events",
+            "cutover_blocked_writers",
+        ] {
+            m.gauge(name, vec![]).set(0.0);
+        }
+        Arc::new(m)
+    }
+
+    pub fn gauge(&self, name: &'static str, labels: Vec<Label>) -> Gauge {
+        self.recorder
+            .register_gauge(&Key::from_parts(name, labels), &META)
+    }
+
+    /// The series of a configured tenant (callers pass only tenants in the routing table, which bounds labels).
+    pub fn tenant(&self, tenant: &TenantId) -> Arc<TenantMetrics> {
+        let mut map = self.tenants.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(tenant.clone())
+            .or_insert_with(|| {
+                let label = || vec![Label::new("tenant", tenant.to_string())];
+                let r = &self.recorder;
+                Arc::new(TenantMetrics {
+                    transactions: r.register_counter(
+                        &Key::from_parts("pgtenant_transactions_total", label()),
+                        &META,
+                    ),
+                    queries: r.register_counter(
+                        &Key::from_parts("pgtenant_queries_total", label()),
+                        &META,
+                    ),
+                    clients: r.register_gauge(
+                        &Key::from_parts("pgtenant_client_connections", label()),
+                        &META,
+                    ),
+                    errors: KINDS
+                        .iter()
+                        .map(|(_, kind)| {
+                            let labels = vec![
+                                Label::new("tenant", tenant.to_string()),
+                                Label::new("kind", *kind),
+                            ];
+                            r.register_counter(
+                                &Key::from_parts("pgtenant_errors_total", labels),
+                                &META,
+                            )
+                        })
+                        .collect(),
+                })
+            })
+            .clone()
+    }
+
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+}
+
+/// What `/health` needs to know.
+pub trait HealthSource: Send + Sync + 'static {
+    /// `Ok` with a JSON body when healthy, `Err` with one when not.
+    fn health(&self) -> Result<String, String>;
+    /// Prometheus text, gauges refreshed.
+    fn scrape(&self) -> String;
+}
+
+const MAX_REQUEST: usize = 8 * 1024;
+
+/// Serves `GET /metrics` and `GET /health` until the listener is dropped.
+pub async fn serve(listener: TcpListener, source: Arc<dyn HealthSource>) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let source = source.clone();
+        tokio::spawn(async move {
+            let mut buf = Vec::with_capacity(1024);
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < MAX_REQUEST {
+                    let n = stream.read(&mut chunk).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                Ok::<_, std::io::Error>(())
+            })
+            .await;
+            if !matches!(read, Ok(Ok(()))) {
+                return;
+            }
+            let line = buf.split(|&b| b == b'\r').next().unwrap_or_default();
+            let response = respond(line, source.as_ref());
+            let _ = stream.write_all(response.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}
+
+fn respond(request_line: &[u8], source: &dyn HealthSource) -> String {
+    let reply = |status: &str, kind: &str, body: String| {
+        format!(
+            "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let mut parts = request_line.split(|&b| b == b' ');
+    let (method, path) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    let path = path.split(|&b| b == b'?').next().unwrap_or_default();
+    match (method, path) {
+        (b"GET", b"/metrics") => reply("200 OK", "text/plain; version=0.0.4", source.scrape()),
+        (b"GET", b"/health") => match source.health() {
+            Ok(body) => reply("200 OK", "application/json", body),
+            Err(body) => reply("503 Service Unavailable", "application/json", body),
+        },
+        (b"GET", _) => reply("404 Not Found", "text/plain", "not found\n".into()),
+        _ => reply(
+            "405 Method Not Allowed",
+            "text/plain",
+            "method not allowed\n".into(),
+        ),
+    }
+}

@@ -1,0 +1,118 @@
+//! The registry of live client sessions, for the admin socket: who is connected, to which tenant and backend,
+//! on which routing epoch, and who is inside a transaction now. Sessions update it only when they attach, move
+//! or end (and flip one atomic flag per transaction), so the relay does not pay for it per message.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use crate::tenant::TenantId;
+
+/// Where a session's backend connection came from.
+#[derive(Debug, Clone, Default)]
+pub struct SessionRoute {
+    pub tenant: Option<TenantId>,
+    pub backend: Option<String>,
+    pub database: Option<String>,
+    /// Routing epoch the backend connection was chosen under.
+    pub epoch: u64,
+    /// Session state that cannot move yet keeps it on an older route.
+    pub pinned: Option<&'static str>,
+}
+
+#[derive(Debug)]
+pub struct SessionInfo {
+    pub id: u64,
+    pub user: String,
+    pub peer: Option<SocketAddr>,
+    pub started: Instant,
+    pub in_transaction: AtomicBool,
+    route: Mutex<SessionRoute>,
+}
+
+impl SessionInfo {
+    pub fn set_route(&self, route: SessionRoute) {
+        *self.route.lock().unwrap_or_else(|p| p.into_inner()) = route;
+    }
+
+    pub fn route(&self) -> SessionRoute {
+        self.route.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn to_json(&self, current_epoch: u64) -> Value {
+        let r = self.route();
+        json!({
+            "id": self.id,
+            "user": self.user,
+            "peer": self.peer.map(|p| p.to_string()),
+            "tenant": r.tenant.map(|t| t.to_string()),
+            "backend": r.backend,
+            "database": r.database,
+            "epoch": r.epoch,
+            "on_current_route": r.epoch == current_epoch,
+            "pinned": r.pinned,
+            "in_transaction": self.in_transaction.load(Ordering::Relaxed),
+            "connected_s": self.started.elapsed().as_secs(),
+        })
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Sessions {
+    next: AtomicU64,
+    map: Mutex<HashMap<u64, Arc<SessionInfo>>>,
+}
+
+/// A registered session; dropping it unregisters.
+pub struct SessionHandle {
+    sessions: Arc<Sessions>,
+    pub info: Arc<SessionInfo>,
+}
+
+impl Drop for SessionHandle {
+    fn drop(&mut self) {
+        let mut map = self.sessions.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(&self.info.id);
+    }
+}
+
+impl Sessions {
+    pub fn register(self: &Arc<Self>, user: &str, peer: Option<SocketAddr>) -> SessionHandle {
+        let info = Arc::new(SessionInfo {
+            id: self.next.fetch_add(1, Ordering::Relaxed) + 1,
+            user: user.to_owned(),
+            peer,
+            started: Instant::now(),
+            in_transaction: AtomicBool::new(false),
+            route: Mutex::new(SessionRoute::default()),
+        });
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(info.id, info.clone());
+        SessionHandle {
+            sessions: self.clone(),
+            info,
+        }
+    }
+
+    pub fn all(&self) -> Vec<Arc<SessionInfo>> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = map.values().cloned().collect();
+        v.sort_by_key(|s| s.id);
+        v
+    }
+
+    pub fn of_tenant(&self, tenant: &str) -> Vec<Arc<SessionInfo>> {
+        self.all()
+            .into_iter()
+            .filter(|s| s.route().tenant.is_some_and(|t| t.as_str() == tenant))
+            .collect()
+    }
+
+    pub fn count(&self) -> usize {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}

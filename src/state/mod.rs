@@ -1,0 +1,209 @@
+//! Durable state in `state_dir`: the routing table (with its epoch) and the audit log.
+//!
+//! Files are written atomically (temp file, fsync, rename, fsync of the directory) and carry a checksum, so a
+//! torn or corrupted file stops startup with a clear message instead of routing tenants wrong.
+
+pub mod atomic;
+pub mod audit;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use crate::routing::{Route, RoutingTable};
+use crate::tenant::TenantId;
+
+pub use audit::{AuditEntry, AuditLog};
+
+const ROUTES_FILE: &str = "routes.json";
+const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Error)]
+pub enum StateError {
+    #[error("state directory {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("state file {path} is corrupt or truncated ({reason}); refusing to start rather than route tenants wrong. Restore it from a backup or remove it to reseed routes from the config")]
+    Corrupt { path: PathBuf, reason: String },
+}
+
+impl StateError {
+    pub fn io(path: &Path, source: std::io::Error) -> StateError {
+        StateError::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// What `routes.json` holds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RoutesFile {
+    pub version: u32,
+    pub epoch: u64,
+    pub routes: BTreeMap<String, Route>,
+    /// Tenants removed through the admin socket, so a reload does not bring them back from the config.
+    #[serde(default)]
+    pub removed: BTreeSet<String>,
+}
+
+impl RoutesFile {
+    pub fn from_table(table: &RoutingTable, removed: BTreeSet<String>) -> RoutesFile {
+        RoutesFile {
+            version: FORMAT_VERSION,
+            epoch: table.epoch,
+            routes: table
+                .routes
+                .iter()
+                .map(|(k, v)| (k.to_string(), (**v).clone()))
+                .collect(),
+            removed,
+        }
+    }
+
+    pub fn to_table(&self) -> Result<RoutingTable, String> {
+        let mut table = RoutingTable {
+            epoch: self.epoch,
+            ..Default::default()
+        };
+        for (name, route) in &self.routes {
+            let id = TenantId::parse(name).map_err(|e| e.to_string())?;
+            table.routes.insert(id, std::sync::Arc::new(route.clone()));
+        }
+        Ok(table)
+    }
+}
+
+/// Text plus a checksum line: `<json>\nsha256:<hex>\n`.
+pub(crate) fn seal(json: &str) -> String {
+    format!("{json}\nsha256:{}\n", hex(&Sha256::digest(json.as_bytes())))
+}
+
+pub(crate) fn unseal<'a>(path: &Path, text: &'a str) -> Result<&'a str, StateError> {
+    let corrupt = |reason: &str| StateError::Corrupt {
+        path: path.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let body = text
+        .strip_suffix('\n')
+        .ok_or_else(|| corrupt("no final newline"))?;
+    let (json, sum) = body
+        .rsplit_once('\n')
+        .ok_or_else(|| corrupt("no checksum line"))?;
+    let sum = sum
+        .strip_prefix("sha256:")
+        .ok_or_else(|| corrupt("no checksum line"))?;
+    if hex(&Sha256::digest(json.as_bytes())) != sum {
+        return Err(corrupt("checksum mismatch"));
+    }
+    Ok(json)
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The state directory.
+#[derive(Debug)]
+pub struct StateStore {
+    dir: PathBuf,
+}
+
+impl StateStore {
+    /// Opens (creating if needed) the state directory.
+    pub fn open(dir: &Path) -> Result<StateStore, StateError> {
+        std::fs::create_dir_all(dir).map_err(|e| StateError::io(dir, e))?;
+        Ok(StateStore {
+            dir: dir.to_owned(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The persisted routes, `None` when none were ever written.
+    pub fn load_routes(&self) -> Result<Option<RoutesFile>, StateError> {
+        let path = self.dir.join(ROUTES_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StateError::io(&path, e)),
+        };
+        let json = unseal(&path, &text)?;
+        let file: RoutesFile = serde_json::from_str(json).map_err(|e| StateError::Corrupt {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        if file.version != FORMAT_VERSION {
+            return Err(StateError::Corrupt {
+                path,
+                reason: format!("unknown format version {}", file.version),
+            });
+        }
+        file.to_table().map_err(|reason| StateError::Corrupt {
+            path: self.dir.join(ROUTES_FILE),
+            reason,
+        })?;
+        Ok(Some(file))
+    }
+
+    /// Writes the routes atomically; they are durable when this returns.
+    pub fn save_routes(&self, file: &RoutesFile) -> Result<(), StateError> {
+        let json = serde_json::to_string_pretty(file).map_err(|e| StateError::Corrupt {
+            path: self.dir.join(ROUTES_FILE),
+            reason: e.to_string(),
+        })?;
+        atomic::write(&self.dir.join(ROUTES_FILE), seal(&json).as_bytes())
+    }
+
+    pub fn audit_path(&self) -> PathBuf {
+        self.dir.join("audit.log")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_round_trip_and_corruption_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        assert!(store.load_routes().unwrap().is_none());
+        let mut routes = BTreeMap::new();
+        routes.insert(
+            "acme".to_string(),
+            Route {
+                backend: "b".into(),
+                database: None,
+                schema: Some("s".into()),
+            },
+        );
+        let file = RoutesFile {
+            version: 1,
+            epoch: 7,
+            routes,
+            removed: BTreeSet::new(),
+        };
+        store.save_routes(&file).unwrap();
+        assert_eq!(store.load_routes().unwrap(), Some(file));
+        let path = dir.path().join(ROUTES_FILE);
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replace("\"epoch\": 7", "\"epoch\": 8")).unwrap();
+        assert!(matches!(
+            store.load_routes(),
+            Err(StateError::Corrupt { .. })
+        ));
+        std::fs::write(&path, &text[..text.len() / 2]).unwrap();
+        assert!(matches!(
+            store.load_routes(),
+            Err(StateError::Corrupt { .. })
+        ));
+    }
+}
