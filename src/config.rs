@@ -70,6 +70,13 @@ pub struct ProxyConfig {
     /// Prometheus endpoint (`/metrics`, `/health`); empty disables it. Not reloadable.
     #[serde(default)]
     pub metrics_listen: String,
+    /// Optional TCP admin listener (`host:port`); empty (the default) disables it. Needs `admin_token`.
+    /// Not reloadable.
+    #[serde(default)]
+    pub admin_listen: String,
+    /// The token every request on the TCP admin listener must carry (`"token": "..."`). Reloadable.
+    #[serde(default)]
+    pub admin_token: String,
     /// Where routes, migrations and the audit log live. Not reloadable.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
@@ -85,7 +92,7 @@ pub struct ProxyConfig {
     /// Tenant for connections that name none; empty means none. Reloadable.
     #[serde(default)]
     pub default_tenant: String,
-    /// Client connections beyond this get `53300`. Reloadable.
+    /// Client connections beyond this get `53300`. Not reloadable.
     #[serde(default = "default_max_client_conn")]
     pub max_client_conn: usize,
     /// A client must finish startup and authentication within this. Reloadable.
@@ -323,6 +330,27 @@ impl Config {
         self.listen_addr()?;
         if self.proxy.user_separator.chars().count() != 1 {
             return bad("proxy.user_separator must be one character".into());
+        }
+        if !self.proxy.admin_listen.is_empty() {
+            if self.proxy.admin_token.len() < 16 {
+                return bad(
+                    "proxy.admin_listen needs proxy.admin_token of at least 16 characters".into(),
+                );
+            }
+            if self.proxy.admin_listen.parse::<SocketAddr>().is_err() {
+                return bad(format!(
+                    "proxy.admin_listen {:?} is not host:port",
+                    self.proxy.admin_listen
+                ));
+            }
+        }
+        if !self.proxy.metrics_listen.is_empty()
+            && self.proxy.metrics_listen.parse::<SocketAddr>().is_err()
+        {
+            return bad(format!(
+                "proxy.metrics_listen {:?} is not host:port",
+                self.proxy.metrics_listen
+            ));
         }
         if !self.proxy.default_tenant.is_empty()
             && !self.tenants.contains_key(&self.proxy.default_tenant)

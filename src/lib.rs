@@ -1,15 +1,18 @@
 //! pgtenant: a PostgreSQL wire-protocol proxy that routes each tenant's connections to that tenant's backend.
 
+pub mod admin;
 pub mod auth;
 pub mod backend;
 pub mod cancel;
 pub mod config;
 pub mod context;
+pub mod ctl;
 pub mod frontend;
 pub mod gate;
 pub mod metrics;
 pub mod net;
 pub mod protocol;
+pub mod reload;
 pub mod routing;
 pub mod server;
 pub mod sessions;

@@ -7,7 +7,10 @@ use clap::{Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info};
 
+use pgtenant::admin::commands::execute;
+use pgtenant::admin::Request;
 use pgtenant::config::Config;
+use pgtenant::ctl::CtlArgs;
 use pgtenant::server::Proxy;
 
 #[derive(Parser)]
@@ -29,6 +32,8 @@ enum Command {
         #[arg(long, short, env = "PGTENANT_CONFIG", default_value = "pgtenant.toml")]
         config: PathBuf,
     },
+    /// Talk to a running proxy over its admin socket.
+    Ctl(CtlArgs),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +57,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Serve { config } => runtime.block_on(serve(config)),
+        Command::Ctl(args) => ExitCode::from(runtime.block_on(pgtenant::ctl::run(args)) as u8),
     }
 }
 
@@ -64,29 +70,37 @@ async fn serve(path: PathBuf) -> ExitCode {
         }
     };
     let grace = config.proxy.shutdown_timeout();
-    let proxy = match Proxy::start(config).await {
+    let proxy = match Proxy::start_with_path(config, Some(path)).await {
         Ok(p) => p,
         Err(e) => {
             error!("{e}");
             return ExitCode::FAILURE;
         }
     };
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         error!("cannot install signal handlers");
         return ExitCode::FAILURE;
     };
-    tokio::select! {
-        _ = term.recv() => {
-            info!(grace_ms = grace.as_millis() as u64, "SIGTERM: no new connections; waiting for sessions");
-            proxy.shutdown(grace).await;
-        }
-        _ = int.recv() => {
-            info!("SIGINT: closing sessions now");
-            proxy.terminate().await;
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                info!(grace_ms = grace.as_millis() as u64, "SIGTERM: no new connections; waiting for sessions");
+                proxy.shutdown(grace).await;
+                return ExitCode::SUCCESS;
+            }
+            _ = int.recv() => {
+                info!("SIGINT: closing sessions now");
+                proxy.terminate().await;
+                return ExitCode::SUCCESS;
+            }
+            _ = hup.recv() => match execute(&proxy.shared, Request::Reload, "signal:SIGHUP").await {
+                Ok(r) => info!(result = %r, "SIGHUP: config reloaded"),
+                Err(e) => error!(code = e.code, "SIGHUP: reload refused: {}", e.message),
+            },
         }
     }
-    ExitCode::SUCCESS
 }

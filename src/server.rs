@@ -12,9 +12,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::admin::server::{bind_unix, serve_tcp, serve_unix, AdminServerError};
 use crate::config::{Config, ConfigError};
 use crate::context::{ContextError, Shared};
 use crate::frontend::serve_client;
+use crate::metrics::{self as pgmetrics, HealthSource};
 
 /// Clients over the limit still get a proper `53300` error; this many at most may be in that state at once,
 /// beyond which connections are closed straight away.
@@ -31,14 +33,29 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Admin(#[from] AdminServerError),
 }
 
 /// A running proxy.
 pub struct Proxy {
     pub shared: Arc<Shared>,
     local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    admin_tcp_addr: Option<SocketAddr>,
     stop_accepting: CancellationToken,
     sessions: TaskTracker,
+    /// Admin, metrics and housekeeping tasks, stopped when the proxy is dropped.
+    background: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop_accepting.cancel();
+        for task in &self.background {
+            task.abort();
+        }
+    }
 }
 
 impl Proxy {
@@ -60,27 +77,59 @@ impl Proxy {
             .local_addr()
             .map_err(|source| ServerError::Bind { addr, source })?;
         let max_clients = config.proxy.max_client_conn;
+        let admin = bind_unix(&config.proxy.admin_socket)?;
+        let admin_tcp = bind_optional(&config.proxy.admin_listen).await?;
+        let metrics_listener = bind_optional(&config.proxy.metrics_listen).await?;
         let shared = Shared::new(config, path)?;
-        let proxy = Proxy {
+        let mut proxy = Proxy {
             shared: shared.clone(),
             local_addr,
+            metrics_addr: metrics_listener.as_ref().and_then(|l| l.local_addr().ok()),
+            admin_tcp_addr: admin_tcp.as_ref().and_then(|l| l.local_addr().ok()),
             stop_accepting: CancellationToken::new(),
             sessions: TaskTracker::new(),
+            background: Vec::new(),
         };
-        tokio::spawn(shared.clone().reap_idle_loop());
-        tokio::spawn(accept_loop(
+        proxy
+            .background
+            .push(tokio::spawn(shared.clone().reap_idle_loop()));
+        proxy
+            .background
+            .push(tokio::spawn(serve_unix(admin, shared.clone())));
+        if let Some(l) = admin_tcp {
+            proxy
+                .background
+                .push(tokio::spawn(serve_tcp(l, shared.clone())));
+        }
+        if let Some(l) = metrics_listener {
+            let source: Arc<dyn HealthSource> = Arc::new(Health(shared.clone()));
+            proxy
+                .background
+                .push(tokio::spawn(pgmetrics::serve(l, source)));
+        }
+        proxy.background.push(tokio::spawn(accept_loop(
             listener,
             shared,
             max_clients,
             proxy.stop_accepting.clone(),
             proxy.sessions.clone(),
-        ));
+        )));
         info!(%local_addr, "pgtenant listening");
         Ok(proxy)
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Where the metrics endpoint listens, if it does (useful with port 0).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// Where the TCP admin listener listens, if it does.
+    pub fn admin_tcp_addr(&self) -> Option<SocketAddr> {
+        self.admin_tcp_addr
     }
 
     /// Stops accepting, gives sessions `grace` to finish, then ends the rest.
@@ -105,6 +154,75 @@ impl Proxy {
         self.sessions.close();
         self.shared.terminate.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.sessions.wait()).await;
+    }
+}
+
+/// Binds `addr` unless it is empty.
+async fn bind_optional(addr: &str) -> Result<Option<TcpListener>, ServerError> {
+    if addr.is_empty() {
+        return Ok(None);
+    }
+    let parsed: SocketAddr = addr
+        .parse()
+        .map_err(|_| ConfigError::Invalid(format!("{addr:?} is not host:port")))?;
+    let l = TcpListener::bind(parsed)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: parsed,
+            source,
+        })?;
+    Ok(Some(l))
+}
+
+/// `/health` and `/metrics` for a running proxy.
+struct Health(Arc<Shared>);
+
+impl HealthSource for Health {
+    fn health(&self) -> Result<String, String> {
+        let s = &self.0;
+        let state_ok =
+            s.state_ok.load(std::sync::atomic::Ordering::Relaxed) && s.store.dir().is_dir();
+        let body = serde_json::json!({
+            "status": if state_ok { "ok" } else { "degraded" },
+            "listener": !s.terminate.is_cancelled(),
+            "state_store": state_ok,
+            "sessions": s.sessions.count(),
+            "epoch": s.router.load().epoch,
+        })
+        .to_string();
+        if state_ok && !s.terminate.is_cancelled() {
+            Ok(body)
+        } else {
+            Err(body)
+        }
+    }
+
+    fn scrape(&self) -> String {
+        let s = &self.0;
+        for backend in s.backends.load().by_name.values() {
+            for pool in backend.pools() {
+                let (open, idle) = pool.counts();
+                for (state, n) in [("idle", idle), ("active", open.saturating_sub(idle))] {
+                    let labels = vec![
+                        ::metrics::Label::new("backend", backend.name.clone()),
+                        ::metrics::Label::new("database", pool.database.clone()),
+                        ::metrics::Label::new("state", state),
+                    ];
+                    s.metrics
+                        .gauge("pgtenant_pool_connections", labels)
+                        .set(n as f64);
+                }
+            }
+        }
+        for t in s.router.load().routes.keys() {
+            if let Some(g) = s.gates.peek(t.as_str()) {
+                let labels = vec![::metrics::Label::new("tenant", t.to_string())];
+                s.metrics
+                    .gauge("pgtenant_gate_queued", labels)
+                    .set(g.queued() as f64);
+            }
+        }
+        s.metrics.render()
     }
 }
 

@@ -260,11 +260,11 @@ async fn the_binary_serves_and_stops_on_sigterm() {
     let port = common::free_port();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("pgtenant.toml");
-    let text = Harness::new()
+    let harness = Harness::new()
         .backend_with("shared", &pg, "database = \"app\"")
         .tenant("acme", "shared", None, Some("tenant_acme"))
-        .proxy("shutdown_timeout_ms = 300")
-        .config();
+        .proxy("shutdown_timeout_ms = 300");
+    let text = harness.config();
     let mut toml_text = toml::to_string(&text).unwrap();
     toml_text = toml_text.replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
     std::fs::write(&config, toml_text).unwrap();

@@ -14,15 +14,31 @@ pub const MAX_AUDIT_TAIL: usize = 10_000;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     Tenants,
-    TenantGet { tenant: TenantId },
-    TenantSet { tenant: TenantId, backend: String, database: Option<String>, schema: Option<String> },
-    TenantRemove { tenant: TenantId },
+    TenantGet {
+        tenant: TenantId,
+    },
+    TenantSet {
+        tenant: TenantId,
+        backend: String,
+        database: Option<String>,
+        schema: Option<String>,
+    },
+    TenantRemove {
+        tenant: TenantId,
+    },
     Backends,
-    Pause { tenant: TenantId, timeout_ms: Option<u64> },
-    Resume { tenant: TenantId },
+    Pause {
+        tenant: TenantId,
+        timeout_ms: Option<u64>,
+    },
+    Resume {
+        tenant: TenantId,
+    },
     Stats,
     Reload,
-    Audit { tail: usize },
+    Audit {
+        tail: usize,
+    },
 }
 
 impl Request {
@@ -45,7 +61,11 @@ impl Request {
     pub fn mutates(&self) -> bool {
         matches!(
             self,
-            Request::TenantSet { .. } | Request::TenantRemove { .. } | Request::Pause { .. } | Request::Resume { .. } | Request::Reload
+            Request::TenantSet { .. }
+                | Request::TenantRemove { .. }
+                | Request::Pause { .. }
+                | Request::Resume { .. }
+                | Request::Reload
         )
     }
 }
@@ -77,10 +97,13 @@ pub fn err(e: &AdminError) -> String {
 /// Parses one request line. `token` is the field a TCP listener requires; it is returned, not checked, here.
 pub fn parse(line: &[u8]) -> Result<(Request, Option<String>), AdminError> {
     if line.len() > MAX_REQUEST_BYTES {
-        return Err(AdminError::new("request_too_large", format!("requests are limited to {MAX_REQUEST_BYTES} bytes")));
+        return Err(AdminError::new(
+            "request_too_large",
+            format!("requests are limited to {MAX_REQUEST_BYTES} bytes"),
+        ));
     }
-    let value: Value =
-        serde_json::from_slice(line).map_err(|e| AdminError::new("bad_json", format!("request is not valid JSON: {e}")))?;
+    let value: Value = serde_json::from_slice(line)
+        .map_err(|e| AdminError::new("bad_json", format!("request is not valid JSON: {e}")))?;
     let Value::Object(obj) = value else {
         return Err(AdminError::new("bad_json", "request must be a JSON object"));
     };
@@ -94,20 +117,35 @@ pub fn parse(line: &[u8]) -> Result<(Request, Option<String>), AdminError> {
         "pause" => &["tenant", "timeout_ms"],
         "audit" => &["tail"],
         other => {
-            return Err(AdminError::new("unknown_command", format!("unknown command {:?}", truncate(other))));
+            return Err(AdminError::new(
+                "unknown_command",
+                format!("unknown command {:?}", truncate(other)),
+            ));
         }
     };
-    if let Some(k) = obj.keys().find(|k| !["cmd", "token"].contains(&k.as_str()) && !allowed.contains(&k.as_str())) {
-        return Err(AdminError::new("invalid_argument", format!("{cmd} takes no argument {:?}", truncate(k))));
+    if let Some(k) = obj
+        .keys()
+        .find(|k| !["cmd", "token"].contains(&k.as_str()) && !allowed.contains(&k.as_str()))
+    {
+        return Err(AdminError::new(
+            "invalid_argument",
+            format!("{cmd} takes no argument {:?}", truncate(k)),
+        ));
     }
     let request = match cmd {
         "tenants" => Request::Tenants,
         "backends" => Request::Backends,
         "stats" => Request::Stats,
         "reload" => Request::Reload,
-        "tenant.get" => Request::TenantGet { tenant: a.tenant()? },
-        "tenant.remove" => Request::TenantRemove { tenant: a.tenant()? },
-        "resume" => Request::Resume { tenant: a.tenant()? },
+        "tenant.get" => Request::TenantGet {
+            tenant: a.tenant()?,
+        },
+        "tenant.remove" => Request::TenantRemove {
+            tenant: a.tenant()?,
+        },
+        "resume" => Request::Resume {
+            tenant: a.tenant()?,
+        },
         "pause" => Request::Pause {
             tenant: a.tenant()?,
             timeout_ms: a.opt_u64("timeout_ms", 3_600_000)?,
@@ -137,26 +175,39 @@ impl Args<'_> {
         match self.0.get(key) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(_) => Err(AdminError::new("invalid_argument", format!("{key} must be a string"))),
+            Some(_) => Err(AdminError::new(
+                "invalid_argument",
+                format!("{key} must be a string"),
+            )),
         }
     }
 
     fn str(&self, key: &str) -> Result<&str, AdminError> {
         match self.0.get(key) {
             Some(Value::String(s)) => Ok(s),
-            None | Some(Value::Null) => Err(AdminError::new("missing_argument", format!("{key} is required"))),
-            Some(_) => Err(AdminError::new("invalid_argument", format!("{key} must be a string"))),
+            None | Some(Value::Null) => Err(AdminError::new(
+                "missing_argument",
+                format!("{key} is required"),
+            )),
+            Some(_) => Err(AdminError::new(
+                "invalid_argument",
+                format!("{key} must be a string"),
+            )),
         }
     }
 
     fn tenant(&self) -> Result<TenantId, AdminError> {
-        TenantId::parse(self.str("tenant")?).map_err(|e| AdminError::new("invalid_argument", e.to_string()))
+        TenantId::parse(self.str("tenant")?)
+            .map_err(|e| AdminError::new("invalid_argument", e.to_string()))
     }
 
     fn name(&self, key: &str) -> Result<String, AdminError> {
         let s = self.str(key)?;
         if !valid_identifier(s) {
-            return Err(AdminError::new("invalid_argument", format!("{key} must match [A-Za-z0-9_-]{{1,63}}")));
+            return Err(AdminError::new(
+                "invalid_argument",
+                format!("{key} must match [A-Za-z0-9_-]{{1,63}}"),
+            ));
         }
         Ok(s.to_owned())
     }
@@ -167,7 +218,10 @@ impl Args<'_> {
         match self.opt_str(key)? {
             None => Ok(None),
             Some(s) if !s.is_empty() && s.len() <= 63 && !s.contains('\0') => Ok(Some(s)),
-            Some(_) => Err(AdminError::new("invalid_argument", format!("{key} must be 1 to 63 bytes"))),
+            Some(_) => Err(AdminError::new(
+                "invalid_argument",
+                format!("{key} must be 1 to 63 bytes"),
+            )),
         }
     }
 
@@ -176,9 +230,15 @@ impl Args<'_> {
             None | Some(Value::Null) => Ok(None),
             Some(Value::Number(n)) => match n.as_u64() {
                 Some(v) if v <= max => Ok(Some(v)),
-                _ => Err(AdminError::new("invalid_argument", format!("{key} must be a whole number up to {max}"))),
+                _ => Err(AdminError::new(
+                    "invalid_argument",
+                    format!("{key} must be a whole number up to {max}"),
+                )),
             },
-            Some(_) => Err(AdminError::new("invalid_argument", format!("{key} must be a number"))),
+            Some(_) => Err(AdminError::new(
+                "invalid_argument",
+                format!("{key} must be a number"),
+            )),
         }
     }
 }
@@ -193,7 +253,8 @@ mod tests {
 
     #[test]
     fn parses_requests() {
-        let (r, t) = parse(br#"{"cmd":"pause","tenant":"acme","timeout_ms":250,"token":"x"}"#).unwrap();
+        let (r, t) =
+            parse(br#"{"cmd":"pause","tenant":"acme","timeout_ms":250,"token":"x"}"#).unwrap();
         assert_eq!(
             r,
             Request::Pause {
@@ -202,9 +263,21 @@ mod tests {
             }
         );
         assert_eq!(t.as_deref(), Some("x"));
-        let (r, _) = parse(br#"{"cmd":"tenant.set","tenant":"a","backend":"b","schema":"Weird \"S\""}"#).unwrap();
-        assert!(matches!(r, Request::TenantSet { schema: Some(_), database: None, .. }));
-        assert_eq!(parse(br#"{"cmd":"audit"}"#).unwrap().0, Request::Audit { tail: 20 });
+        let (r, _) =
+            parse(br#"{"cmd":"tenant.set","tenant":"a","backend":"b","schema":"Weird \"S\""}"#)
+                .unwrap();
+        assert!(matches!(
+            r,
+            Request::TenantSet {
+                schema: Some(_),
+                database: None,
+                ..
+            }
+        ));
+        assert_eq!(
+            parse(br#"{"cmd":"audit"}"#).unwrap().0,
+            Request::Audit { tail: 20 }
+        );
     }
 
     #[test]
@@ -214,13 +287,34 @@ mod tests {
         assert_eq!(code(r#"{"cmd":"explode"}"#), "unknown_command");
         assert_eq!(code(r#"{"tenant":"a"}"#), "missing_argument");
         assert_eq!(code(r#"{"cmd":"pause"}"#), "missing_argument");
-        assert_eq!(code(r#"{"cmd":"pause","tenant":"a b"}"#), "invalid_argument");
-        assert_eq!(code(r#"{"cmd":"pause","tenant":"a","timeout_ms":-1}"#), "invalid_argument");
-        assert_eq!(code(r#"{"cmd":"tenants","tenant":"a"}"#), "invalid_argument");
-        assert_eq!(code(r#"{"cmd":"tenant.set","tenant":"a","backend":"x y"}"#), "invalid_argument");
-        assert_eq!(code(r#"{"cmd":"tenant.set","tenant":"a","backend":"b","schema":""}"#), "invalid_argument");
-        assert_eq!(code(r#"{"cmd":"audit","tail":100000000}"#), "invalid_argument");
-        let big = format!(r#"{{"cmd":"tenants","x":"{}"}}"#, "a".repeat(MAX_REQUEST_BYTES));
+        assert_eq!(
+            code(r#"{"cmd":"pause","tenant":"a b"}"#),
+            "invalid_argument"
+        );
+        assert_eq!(
+            code(r#"{"cmd":"pause","tenant":"a","timeout_ms":-1}"#),
+            "invalid_argument"
+        );
+        assert_eq!(
+            code(r#"{"cmd":"tenants","tenant":"a"}"#),
+            "invalid_argument"
+        );
+        assert_eq!(
+            code(r#"{"cmd":"tenant.set","tenant":"a","backend":"x y"}"#),
+            "invalid_argument"
+        );
+        assert_eq!(
+            code(r#"{"cmd":"tenant.set","tenant":"a","backend":"b","schema":""}"#),
+            "invalid_argument"
+        );
+        assert_eq!(
+            code(r#"{"cmd":"audit","tail":100000000}"#),
+            "invalid_argument"
+        );
+        let big = format!(
+            r#"{{"cmd":"tenants","x":"{}"}}"#,
+            "a".repeat(MAX_REQUEST_BYTES)
+        );
         assert_eq!(code(&big), "request_too_large");
     }
 }

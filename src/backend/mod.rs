@@ -7,6 +7,7 @@ pub mod pool;
 pub mod query;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,6 +32,10 @@ pub struct Timeouts {
 pub struct Backend {
     pub name: String,
     pub config: BackendConfig,
+    /// Live pool size (reload may change it).
+    pool_size: AtomicUsize,
+    /// The last connection failure, cleared by the next success (shown by `pgtenant ctl backends`).
+    last_error: Mutex<Option<String>>,
     tls: Option<TlsConnector>,
     pools: Mutex<HashMap<String, Arc<Pool>>>,
     pub timeouts: Timeouts,
@@ -48,6 +53,8 @@ impl Backend {
         };
         Ok(Arc::new(Backend {
             name: name.to_owned(),
+            pool_size: AtomicUsize::new(config.pool_size),
+            last_error: Mutex::new(None),
             config,
             tls,
             pools: Mutex::new(HashMap::new()),
@@ -62,6 +69,25 @@ impl Backend {
             .entry(database.to_owned())
             .or_insert_with(|| Pool::new(self.clone(), database.to_owned()))
             .clone()
+    }
+
+    pub fn pool_size(&self) -> usize {
+        self.pool_size.load(Ordering::Relaxed)
+    }
+
+    pub fn set_pool_size(&self, n: usize) {
+        self.pool_size.store(n, Ordering::Relaxed);
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn note_connect(&self, result: Result<(), String>) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = result.err();
     }
 
     pub fn pools(&self) -> Vec<Arc<Pool>> {

@@ -106,7 +106,7 @@ impl Pool {
     }
 
     fn max(&self) -> usize {
-        self.backend.config.pool_size
+        self.backend.pool_size()
     }
 
     /// A connection with `tag`'s startup parameters, waiting up to the checkout timeout when the pool is full.
@@ -129,8 +129,12 @@ impl Pool {
                 }
                 Step::Open => {
                     return match connect(&self.backend, &self.database, tag.clone()).await {
-                        Ok(conn) => Ok(self.wrap(conn)),
+                        Ok(conn) => {
+                            self.backend.note_connect(Ok(()));
+                            Ok(self.wrap(conn))
+                        }
                         Err(e) => {
+                            self.backend.note_connect(Err(e.to_string()));
                             self.forget();
                             Err(e.into())
                         }

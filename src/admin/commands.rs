@@ -1,0 +1,388 @@
+//! What each admin command does. Mutating commands are written to the audit log (fsynced) before the answer.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::protocol::{AdminError, Request};
+use crate::context::Shared;
+use crate::routing::Route;
+use crate::tenant::TenantId;
+
+/// Default `pause` wait for open transactions to finish.
+const DEFAULT_PAUSE_TIMEOUT_MS: u64 = 10_000;
+
+/// A command's answer plus what the audit log records about it.
+pub struct Done {
+    pub result: Value,
+    pub before: Value,
+    pub after: Value,
+}
+
+impl Done {
+    fn read(result: Value) -> Done {
+        Done {
+            result,
+            before: Value::Null,
+            after: Value::Null,
+        }
+    }
+}
+
+fn unknown_tenant(t: &TenantId) -> AdminError {
+    AdminError::new("unknown_tenant", format!("tenant {t:?} is not routed"))
+}
+
+fn state_error(e: impl std::fmt::Display) -> AdminError {
+    AdminError::new(
+        "state_write_failed",
+        format!("could not persist the change: {e}"),
+    )
+}
+
+/// Runs one request on behalf of `actor`.
+pub async fn execute(shared: &Arc<Shared>, req: Request, actor: &str) -> Result<Value, AdminError> {
+    let command = req.command();
+    let mutates = req.mutates();
+    let tenant = match &req {
+        Request::TenantGet { tenant }
+        | Request::TenantSet { tenant, .. }
+        | Request::TenantRemove { tenant }
+        | Request::Pause { tenant, .. }
+        | Request::Resume { tenant } => Some(tenant.to_string()),
+        _ => None,
+    };
+    let outcome = run(shared, req).await;
+    if !mutates {
+        return outcome.map(|d| d.result);
+    }
+    let (before, after, result) = match &outcome {
+        Ok(d) => (d.before.clone(), d.after.clone(), "ok".to_string()),
+        Err(e) => (Value::Null, Value::Null, format!("error: {}", e.code)),
+    };
+    if let Err(e) = shared
+        .audit
+        .append(actor, command, tenant.as_deref(), before, after, &result)
+    {
+        shared
+            .state_ok
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        return Err(AdminError::new(
+            "audit_write_failed",
+            format!("the command ran ({result}) but could not be written to the audit log: {e}"),
+        ));
+    }
+    outcome.map(|d| d.result)
+}
+
+async fn run(shared: &Arc<Shared>, req: Request) -> Result<Done, AdminError> {
+    match req {
+        Request::Tenants => Ok(Done::read(tenants(shared))),
+        Request::TenantGet { tenant } => tenant_get(shared, &tenant).map(Done::read),
+        Request::TenantSet {
+            tenant,
+            backend,
+            database,
+            schema,
+        } => tenant_set(
+            shared,
+            &tenant,
+            Route {
+                backend,
+                database,
+                schema,
+            },
+        ),
+        Request::TenantRemove { tenant } => tenant_remove(shared, &tenant),
+        Request::Backends => Ok(Done::read(backends(shared))),
+        Request::Pause { tenant, timeout_ms } => pause(shared, &tenant, timeout_ms).await,
+        Request::Resume { tenant } => resume(shared, &tenant),
+        Request::Stats => Ok(Done::read(stats(shared))),
+        Request::Reload => crate::reload::reload(shared),
+        Request::Audit { tail } => audit(shared, tail).map(Done::read),
+    }
+}
+
+fn route_json(r: &Route) -> Value {
+    json!({"backend": r.backend, "database": r.database, "schema": r.schema})
+}
+
+/// Sessions per tenant: (all, on an older route).
+fn session_counts(shared: &Shared, epoch: u64) -> HashMap<String, (usize, usize)> {
+    let mut counts: HashMap<String, (usize, usize)> = HashMap::new();
+    for s in shared.sessions.all() {
+        let r = s.route();
+        if let Some(t) = r.tenant {
+            let c = counts.entry(t.to_string()).or_default();
+            c.0 += 1;
+            c.1 += usize::from(r.epoch != epoch);
+        }
+    }
+    counts
+}
+
+fn gate_json(shared: &Shared, tenant: &str) -> Value {
+    match shared.gates.peek(tenant) {
+        Some(g) => {
+            json!({"paused": g.is_closed(), "queued": g.queued(), "open_transactions": g.active()})
+        }
+        None => json!({"paused": false, "queued": 0, "open_transactions": 0}),
+    }
+}
+
+fn tenants(shared: &Shared) -> Value {
+    let table = shared.router.snapshot();
+    let counts = session_counts(shared, table.epoch);
+    let mut rows: Vec<Value> = table
+        .routes
+        .iter()
+        .map(|(t, r)| {
+            let (sessions, stale) = counts.get(t.as_str()).copied().unwrap_or_default();
+            let mut row = route_json(r);
+            row["tenant"] = json!(t.as_str());
+            row["sessions"] = json!(sessions);
+            row["sessions_on_old_route"] = json!(stale);
+            row["gate"] = gate_json(shared, t.as_str());
+            row
+        })
+        .collect();
+    rows.sort_by(|a, b| a["tenant"].as_str().cmp(&b["tenant"].as_str()));
+    json!({"epoch": table.epoch, "tenants": rows})
+}
+
+fn tenant_get(shared: &Shared, tenant: &TenantId) -> Result<Value, AdminError> {
+    let table = shared.router.snapshot();
+    let route = table
+        .get(tenant.as_str())
+        .ok_or_else(|| unknown_tenant(tenant))?;
+    let sessions: Vec<Value> = shared
+        .sessions
+        .of_tenant(tenant.as_str())
+        .iter()
+        .map(|s| s.to_json(table.epoch))
+        .collect();
+    Ok(json!({
+        "tenant": tenant.as_str(),
+        "epoch": table.epoch,
+        "route": route_json(route),
+        "gate": gate_json(shared, tenant.as_str()),
+        "sessions": sessions,
+    }))
+}
+
+fn tenant_set(shared: &Shared, tenant: &TenantId, route: Route) -> Result<Done, AdminError> {
+    if shared.backends.load().get(&route.backend).is_none() {
+        return Err(AdminError::new(
+            "unknown_backend",
+            format!("backend {:?} is not configured", route.backend),
+        ));
+    }
+    let before = shared
+        .router
+        .load()
+        .get(tenant.as_str())
+        .map(|r| route_json(r));
+    let was_removed = shared
+        .removed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(tenant.as_str());
+    let new_route = Arc::new(route);
+    let updated = shared.router.update(
+        |routes| {
+            routes.insert(tenant.clone(), new_route.clone());
+            Ok(())
+        },
+        |table| shared.persist_routes(table).map_err(state_error),
+    );
+    let table = match updated {
+        Ok(t) => t,
+        Err(e) => {
+            if was_removed {
+                shared
+                    .removed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(tenant.to_string());
+            }
+            return Err(e);
+        }
+    };
+    let after = route_json(&new_route);
+    Ok(Done {
+        result: json!({"tenant": tenant.as_str(), "epoch": table.epoch, "route": after, "before": before}),
+        before: before.unwrap_or(Value::Null),
+        after,
+    })
+}
+
+fn tenant_remove(shared: &Shared, tenant: &TenantId) -> Result<Done, AdminError> {
+    let before = shared
+        .router
+        .load()
+        .get(tenant.as_str())
+        .map(|r| route_json(r))
+        .ok_or_else(|| unknown_tenant(tenant))?;
+    shared
+        .removed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(tenant.to_string());
+    let updated = shared.router.update(
+        |routes| {
+            routes.remove(tenant.as_str());
+            Ok(())
+        },
+        |table| shared.persist_routes(table).map_err(state_error),
+    );
+    let table = match updated {
+        Ok(t) => t,
+        Err(e) => {
+            shared
+                .removed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(tenant.as_str());
+            return Err(e);
+        }
+    };
+    // Requests queued for a removed tenant are let go; they end with a clear error at their boundary.
+    if let Some(g) = shared.gates.peek(tenant.as_str()) {
+        g.open();
+    }
+    Ok(Done {
+        result: json!({"tenant": tenant.as_str(), "epoch": table.epoch, "removed": before}),
+        before,
+        after: Value::Null,
+    })
+}
+
+fn backends(shared: &Shared) -> Value {
+    let backends = shared.backends.load();
+    let mut rows: Vec<Value> = backends
+        .by_name
+        .values()
+        .map(|b| {
+            let pools: Vec<Value> = b
+                .pools()
+                .iter()
+                .map(|p| {
+                    let (open, idle) = p.counts();
+                    json!({"database": p.database, "open": open, "idle": idle, "active": open - idle.min(open)})
+                })
+                .collect();
+            let last_error = b.last_error();
+            json!({
+                "backend": b.name,
+                "host": b.config.host,
+                "port": b.config.port,
+                "user": b.config.user,
+                "database": b.config.database,
+                "sslmode": b.config.sslmode,
+                "pool_size": b.pool_size(),
+                "healthy": last_error.is_none(),
+                "last_error": last_error,
+                "pools": pools,
+            })
+        })
+        .collect();
+    rows.sort_by(|a, b| a["backend"].as_str().cmp(&b["backend"].as_str()));
+    json!({"backends": rows})
+}
+
+async fn pause(
+    shared: &Shared,
+    tenant: &TenantId,
+    timeout_ms: Option<u64>,
+) -> Result<Done, AdminError> {
+    if shared.router.load().get(tenant.as_str()).is_none() {
+        return Err(unknown_tenant(tenant));
+    }
+    let gate = shared.gates.get(tenant);
+    let started = Instant::now();
+    let newly = gate.close();
+    let timeout = Duration::from_millis(timeout_ms.unwrap_or(DEFAULT_PAUSE_TIMEOUT_MS));
+    let drained = gate.wait_drained(timeout).await;
+    let waited_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let still_open: Vec<u64> = shared
+        .sessions
+        .of_tenant(tenant.as_str())
+        .iter()
+        .filter(|s| s.in_transaction.load(std::sync::atomic::Ordering::Relaxed))
+        .map(|s| s.id)
+        .collect();
+    let result = json!({
+        "tenant": tenant.as_str(),
+        "paused": true,
+        "already_paused": !newly,
+        "drained": drained,
+        "drain_ms": waited_ms,
+        "open_transactions": gate.active(),
+        "open_sessions": if drained { Vec::new() } else { still_open },
+        "queued": gate.queued(),
+    });
+    Ok(Done {
+        after: json!({"paused": true, "drained": drained}),
+        before: json!({"paused": !newly}),
+        result,
+    })
+}
+
+fn resume(shared: &Shared, tenant: &TenantId) -> Result<Done, AdminError> {
+    let gate = shared
+        .gates
+        .peek(tenant.as_str())
+        .filter(|g| g.is_closed())
+        .ok_or_else(|| {
+            AdminError::new("invalid_state", format!("tenant {tenant:?} is not paused"))
+        })?;
+    let released = gate.open();
+    Ok(Done {
+        result: json!({"tenant": tenant.as_str(), "paused": false, "released": released}),
+        before: json!({"paused": true}),
+        after: json!({"paused": false, "released": released}),
+    })
+}
+
+/// Counters from the metrics registry, by series, for the `stats` command.
+fn counters(shared: &Shared) -> BTreeMap<String, f64> {
+    shared
+        .metrics
+        .render()
+        .lines()
+        .filter(|l| l.starts_with("pgtenant_") && !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+fn stats(shared: &Shared) -> Value {
+    let table = shared.router.snapshot();
+    let paused: Vec<&str> = table
+        .routes
+        .keys()
+        .filter(|t| shared.gates.peek(t.as_str()).is_some_and(|g| g.is_closed()))
+        .map(|t| t.as_str())
+        .collect();
+    json!({
+        "uptime_s": shared.started.elapsed().as_secs(),
+        "epoch": table.epoch,
+        "tenants": table.routes.len(),
+        "client_sessions": shared.sessions.count(),
+        "paused_tenants": paused,
+        "counters": counters(shared),
+        "backends": backends(shared)["backends"],
+    })
+}
+
+fn audit(shared: &Shared, tail: usize) -> Result<Value, AdminError> {
+    let (entries, broken_at) = shared
+        .audit
+        .tail(tail)
+        .map_err(|e| AdminError::new("state_read_failed", e.to_string()))?;
+    Ok(json!({"entries": entries, "verified": broken_at.is_none(), "broken_at_line": broken_at}))
+}

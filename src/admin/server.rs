@@ -1,0 +1,156 @@
+//! Admin listeners. The unix socket is created with mode 0600; a stale socket file (no one listening) is
+//! replaced, a live one is an error. Each connection carries any number of requests, one JSON line each; an
+//! error answer leaves the connection usable. The TCP listener requires a token on every request.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tracing::{info, warn};
+
+use super::commands::execute;
+use super::protocol::{self, AdminError, MAX_REQUEST_BYTES};
+use crate::auth::scram::constant_time_eq;
+use crate::context::Shared;
+
+/// Admin connections served at once; more wait for a free slot.
+const MAX_ADMIN_CONNECTIONS: usize = 16;
+
+#[derive(Debug, Error)]
+pub enum AdminServerError {
+    #[error("admin socket {path}: another pgtenant is listening there")]
+    InUse { path: String },
+    #[error("admin socket {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// Binds the unix socket, replacing a stale file, and restricts it to the owner.
+pub fn bind_unix(path: &Path) -> Result<UnixListener, AdminServerError> {
+    let shown = path.display().to_string();
+    let io = |source| AdminServerError::Io {
+        path: shown.clone(),
+        source,
+    };
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(AdminServerError::InUse { path: shown });
+        }
+        std::fs::remove_file(path).map_err(io)?;
+    }
+    let listener = UnixListener::bind(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    Ok(listener)
+}
+
+pub async fn serve_unix(listener: UnixListener, shared: Arc<Shared>) {
+    let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let actor = match stream.peer_cred() {
+            Ok(c) => format!("uid:{}", c.uid()),
+            Err(_) => "uid:?".to_string(),
+        };
+        let (shared, slots) = (shared.clone(), slots.clone());
+        tokio::spawn(async move {
+            let Ok(_slot) = slots.acquire_owned().await else {
+                return;
+            };
+            connection(stream, shared, actor, None).await;
+        });
+    }
+}
+
+pub async fn serve_tcp(listener: TcpListener, shared: Arc<Shared>) {
+    let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let token = shared.config.load().proxy.admin_token.clone();
+        let (shared, slots) = (shared.clone(), slots.clone());
+        tokio::spawn(async move {
+            let Ok(_slot) = slots.acquire_owned().await else {
+                return;
+            };
+            connection(stream, shared, format!("tcp:{peer}"), Some(token)).await;
+        });
+    }
+}
+
+/// Serves requests on one connection until it closes or sends an over-long line.
+async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    shared: Arc<Shared>,
+    actor: String,
+    token: Option<String>,
+) {
+    let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    loop {
+        while let Some(end) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=end).collect();
+            let line = line.strip_suffix(b"\n").unwrap_or(&line);
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let mut answer = answer(&shared, line, &actor, token.as_deref()).await;
+            answer.push('\n');
+            if stream.write_all(answer.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+        if buf.len() > MAX_REQUEST_BYTES {
+            let mut answer = protocol::err(&AdminError::new(
+                "request_too_large",
+                format!("requests are limited to {MAX_REQUEST_BYTES} bytes"),
+            ));
+            answer.push('\n');
+            let _ = stream.write_all(answer.as_bytes()).await;
+            return;
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+async fn answer(shared: &Arc<Shared>, line: &[u8], actor: &str, token: Option<&str>) -> String {
+    let (request, given) = match protocol::parse(line) {
+        Ok(r) => r,
+        Err(e) => return protocol::err(&e),
+    };
+    if let Some(expected) = token {
+        let ok = given.is_some_and(|g| constant_time_eq(g.as_bytes(), expected.as_bytes()));
+        if !ok {
+            warn!(actor, "admin request with a missing or wrong token");
+            return protocol::err(&AdminError::new(
+                "unauthorized",
+                "missing or wrong admin token",
+            ));
+        }
+    }
+    let command = request.command();
+    match execute(shared, request, actor).await {
+        Ok(result) => {
+            info!(actor, command, "admin command");
+            protocol::ok(result)
+        }
+        Err(e) => {
+            info!(actor, command, code = e.code, "admin command refused");
+            protocol::err(&e)
+        }
+    }
+}

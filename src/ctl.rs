@@ -1,0 +1,346 @@
+//! `pgtenant ctl`: the admin socket from the command line. Human-readable output by default, the raw result
+//! with `--json`; exit status 1 (message on stderr) when the proxy refuses a request, 2 when it cannot be reached.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use crate::config::Config;
+
+#[derive(Args, Debug)]
+pub struct CtlArgs {
+    /// Admin socket path (default: $PGTENANT_ADMIN_SOCKET, else admin_socket of --config, else /tmp/pgtenant.sock).
+    #[arg(long, global = true)]
+    pub socket: Option<PathBuf>,
+    /// Config file to take the socket path from.
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// Print the raw JSON result.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CtlCommand {
+    /// List routes, gates and sessions per tenant.
+    Tenants,
+    /// Show, change or remove one tenant's route.
+    Tenant {
+        #[command(subcommand)]
+        action: TenantAction,
+    },
+    /// Backends with pool figures and health.
+    Backends,
+    /// Hold a tenant's new transactions; answers when its open transactions have finished.
+    Pause {
+        tenant: String,
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+    },
+    /// Release a paused tenant's queue in order.
+    Resume { tenant: String },
+    /// Counters and figures.
+    Stats,
+    /// Re-read the config file and apply what can change live.
+    Reload,
+    /// The audit log.
+    Audit {
+        #[arg(long, default_value_t = 20)]
+        tail: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TenantAction {
+    Get {
+        tenant: String,
+    },
+    Set {
+        tenant: String,
+        #[arg(long)]
+        backend: String,
+        #[arg(long)]
+        database: Option<String>,
+        #[arg(long)]
+        schema: Option<String>,
+    },
+    Remove {
+        tenant: String,
+    },
+}
+
+fn request(cmd: &CtlCommand) -> Value {
+    match cmd {
+        CtlCommand::Tenants => json!({"cmd": "tenants"}),
+        CtlCommand::Tenant { action } => match action {
+            TenantAction::Get { tenant } => json!({"cmd": "tenant.get", "tenant": tenant}),
+            TenantAction::Set {
+                tenant,
+                backend,
+                database,
+                schema,
+            } => {
+                json!({"cmd": "tenant.set", "tenant": tenant, "backend": backend, "database": database, "schema": schema})
+            }
+            TenantAction::Remove { tenant } => json!({"cmd": "tenant.remove", "tenant": tenant}),
+        },
+        CtlCommand::Backends => json!({"cmd": "backends"}),
+        CtlCommand::Pause { tenant, timeout_ms } => {
+            json!({"cmd": "pause", "tenant": tenant, "timeout_ms": timeout_ms})
+        }
+        CtlCommand::Resume { tenant } => json!({"cmd": "resume", "tenant": tenant}),
+        CtlCommand::Stats => json!({"cmd": "stats"}),
+        CtlCommand::Reload => json!({"cmd": "reload"}),
+        CtlCommand::Audit { tail } => json!({"cmd": "audit", "tail": tail}),
+    }
+}
+
+/// Where the admin socket is, by the documented order of precedence.
+pub fn socket_path(args: &CtlArgs) -> PathBuf {
+    if let Some(s) = &args.socket {
+        return s.clone();
+    }
+    if let Some(s) = std::env::var_os("PGTENANT_ADMIN_SOCKET") {
+        return s.into();
+    }
+    let config = args.config.clone().or_else(|| {
+        let default = PathBuf::from("pgtenant.toml");
+        default.exists().then_some(default)
+    });
+    if let Some(c) = config.and_then(|p| Config::load(&p).ok()) {
+        return c.proxy.admin_socket;
+    }
+    PathBuf::from("/tmp/pgtenant.sock")
+}
+
+/// Sends one request and returns the response object.
+pub async fn send(socket: &Path, request: &Value) -> Result<Value, String> {
+    let run = async {
+        let stream = UnixStream::connect(socket)
+            .await
+            .map_err(|e| format!("cannot reach pgtenant at {}: {e}", socket.display()))?;
+        let (read, mut write) = stream.into_split();
+        let mut line = request.to_string();
+        line.push('\n');
+        write
+            .write_all(line.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut answer = String::new();
+        BufReader::new(read)
+            .read_line(&mut answer)
+            .await
+            .map_err(|e| e.to_string())?;
+        serde_json::from_str::<Value>(&answer).map_err(|e| format!("bad answer from pgtenant: {e}"))
+    };
+    tokio::time::timeout(Duration::from_secs(3600), run)
+        .await
+        .map_err(|_| "no answer from pgtenant".to_string())?
+}
+
+/// Runs the command; returns the process exit code.
+pub async fn run(args: CtlArgs) -> i32 {
+    let socket = socket_path(&args);
+    let response = match send(&socket, &request(&args.command)).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("pgtenant ctl: {e}");
+            return 2;
+        }
+    };
+    if response["ok"] != json!(true) {
+        let code = response["error"]["code"].as_str().unwrap_or("error");
+        let message = response["error"]["message"].as_str().unwrap_or("");
+        if args.json {
+            println!("{response}");
+        }
+        eprintln!("pgtenant ctl: {code}: {message}");
+        return 1;
+    }
+    let result = &response["result"];
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(result).unwrap_or_default()
+        );
+    } else {
+        print!("{}", human(&args.command, result));
+    }
+    0
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Renders rows as an aligned table.
+fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut out: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        if let Some(last) = out.last_mut() {
+            *last = last.trim_end().to_string();
+        }
+        out.join("  ") + "\n"
+    };
+    let mut out = line(headers.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        out += &line(r);
+    }
+    out
+}
+
+fn human(cmd: &CtlCommand, r: &Value) -> String {
+    match cmd {
+        CtlCommand::Tenants => {
+            let rows = r["tenants"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|t| {
+                    vec![
+                        s(&t["tenant"]),
+                        s(&t["backend"]),
+                        s(&t["database"]),
+                        s(&t["schema"]),
+                        if t["gate"]["paused"] == json!(true) {
+                            "paused".into()
+                        } else {
+                            "open".into()
+                        },
+                        s(&t["sessions"]),
+                        s(&t["sessions_on_old_route"]),
+                    ]
+                })
+                .collect();
+            format!(
+                "epoch {}\n{}",
+                s(&r["epoch"]),
+                table(
+                    &[
+                        "TENANT",
+                        "BACKEND",
+                        "DATABASE",
+                        "SCHEMA",
+                        "GATE",
+                        "SESSIONS",
+                        "ON_OLD_ROUTE"
+                    ],
+                    rows
+                )
+            )
+        }
+        CtlCommand::Backends => {
+            let rows = r["backends"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|b| {
+                    let pools: Vec<String> = b["pools"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|p| {
+                            format!(
+                                "{}:{}/{}",
+                                s(&p["database"]),
+                                s(&p["active"]),
+                                s(&p["open"])
+                            )
+                        })
+                        .collect();
+                    vec![
+                        s(&b["backend"]),
+                        format!("{}:{}", s(&b["host"]), s(&b["port"])),
+                        s(&b["pool_size"]),
+                        if b["healthy"] == json!(true) {
+                            "ok".into()
+                        } else {
+                            s(&b["last_error"])
+                        },
+                        pools.join(" "),
+                    ]
+                })
+                .collect();
+            table(
+                &[
+                    "BACKEND",
+                    "ADDRESS",
+                    "POOL_SIZE",
+                    "HEALTH",
+                    "POOLS (db:active/open)",
+                ],
+                rows,
+            )
+        }
+        CtlCommand::Audit { .. } => {
+            let rows = r["entries"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| {
+                    vec![
+                        s(&e["seq"]),
+                        s(&e["time"]),
+                        s(&e["actor"]),
+                        s(&e["command"]),
+                        s(&e["tenant"]),
+                        s(&e["result"]),
+                    ]
+                })
+                .collect();
+            let verified = if r["verified"] == json!(true) {
+                "checksums verified".to_string()
+            } else {
+                format!("CHECKSUM CHAIN BROKEN at line {}", s(&r["broken_at_line"]))
+            };
+            format!(
+                "{}{verified}\n",
+                table(
+                    &["SEQ", "TIME", "ACTOR", "COMMAND", "TENANT", "RESULT"],
+                    rows
+                )
+            )
+        }
+        _ => key_values(r, ""),
+    }
+}
+
+fn key_values(v: &Value, prefix: &str) -> String {
+    match v {
+        Value::Object(m) => m
+            .iter()
+            .map(|(k, v)| {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                match v {
+                    Value::Object(_) => key_values(v, &key),
+                    other => format!("{key}: {}\n", s(other)),
+                }
+            })
+            .collect(),
+        other => format!("{}\n", s(other)),
+    }
+}

@@ -1,0 +1,193 @@
+//! `reload` (and SIGHUP): re-read the config file, validate all of it, and apply what can change while running:
+//! users, new backends, backend pool sizes, new tenants, and the session settings of `[proxy]`. What needs a
+//! restart is reported. An invalid file changes nothing.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use crate::admin::commands::Done;
+use crate::admin::AdminError;
+use crate::auth::Users;
+use crate::backend::{Backend, Backends};
+use crate::config::Config;
+use crate::context::{timeouts, Shared};
+use crate::routing::Route;
+use crate::tenant::TenantId;
+
+fn failed(msg: impl Into<String>) -> AdminError {
+    AdminError::new("reload_failed", msg)
+}
+
+pub fn reload(shared: &Arc<Shared>) -> Result<Done, AdminError> {
+    let path = shared.config_path.clone().ok_or_else(|| {
+        AdminError::new(
+            "invalid_state",
+            "pgtenant was not started from a config file",
+        )
+    })?;
+    let new = Config::load(&path).map_err(|e| failed(e.to_string()))?;
+    let old = shared.config.load_full();
+    let mut applied: Vec<String> = Vec::new();
+    let mut restart = restart_only_changes(&old, &new);
+
+    let users = Users::from_config(&new.users).map_err(|e| failed(format!("users: {e}")))?;
+    let backends = plan_backends(shared, &new, &mut applied, &mut restart)?;
+    let new_tenants = plan_tenants(shared, &new, &backends)?;
+
+    // Everything is valid: apply.
+    shared.users.store(Arc::new(users));
+    applied.push("users".into());
+    shared.backends.store(Arc::new(backends));
+    if !new_tenants.is_empty() {
+        shared
+            .router
+            .update(
+                |routes| {
+                    for (t, r) in &new_tenants {
+                        routes.insert(t.clone(), Arc::new(r.clone()));
+                    }
+                    Ok(())
+                },
+                |table| {
+                    shared
+                        .persist_routes(table)
+                        .map_err(|e| AdminError::new("state_write_failed", e.to_string()))
+                },
+            )
+            .map_err(|e| failed(e.message))?;
+        applied.extend(
+            new_tenants
+                .iter()
+                .map(|(t, _)| format!("tenants.{t} (new)")),
+        );
+    }
+    shared.config.store(Arc::new(keep_restart_only(&old, new)));
+    applied.push("proxy session settings".into());
+    let result = json!({"applied": applied, "requires_restart": restart});
+    Ok(Done {
+        before: Value::Null,
+        after: result.clone(),
+        result,
+    })
+}
+
+/// Settings that only take effect at start.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
+    let (o, n) = (&old.proxy, &new.proxy);
+    let mut changed = Vec::new();
+    let checks = [
+        ("proxy.listen", o.listen != n.listen),
+        ("proxy.admin_socket", o.admin_socket != n.admin_socket),
+        ("proxy.admin_listen", o.admin_listen != n.admin_listen),
+        ("proxy.metrics_listen", o.metrics_listen != n.metrics_listen),
+        ("proxy.state_dir", o.state_dir != n.state_dir),
+        ("proxy.pool_mode", o.pool_mode != n.pool_mode),
+        (
+            "proxy.max_client_conn",
+            o.max_client_conn != n.max_client_conn,
+        ),
+        (
+            "tls",
+            old.tls.as_ref().map(|t| (&t.cert, &t.key))
+                != new.tls.as_ref().map(|t| (&t.cert, &t.key)),
+        ),
+    ];
+    for (name, differs) in checks {
+        if differs {
+            changed.push(name.to_string());
+        }
+    }
+    changed
+}
+
+/// The new config with the start-only settings of the running one, which stay in force until a restart.
+fn keep_restart_only(old: &Config, mut new: Config) -> Config {
+    new.proxy.listen = old.proxy.listen.clone();
+    new.proxy.admin_socket = old.proxy.admin_socket.clone();
+    new.proxy.admin_listen = old.proxy.admin_listen.clone();
+    new.proxy.metrics_listen = old.proxy.metrics_listen.clone();
+    new.proxy.state_dir = old.proxy.state_dir.clone();
+    new.proxy.pool_mode = old.proxy.pool_mode;
+    new.proxy.max_client_conn = old.proxy.max_client_conn;
+    new.tls = old.tls.clone();
+    new
+}
+
+/// The backend set after reload: unchanged and resized backends keep their pools; new ones are added; a backend
+/// whose address or credentials changed keeps running as it was (restart needed); removing a backend that a
+/// route uses is refused.
+fn plan_backends(
+    shared: &Shared,
+    new: &Config,
+    applied: &mut Vec<String>,
+    restart: &mut Vec<String>,
+) -> Result<Backends, AdminError> {
+    let current = shared.backends.load();
+    let table = shared.router.snapshot();
+    let mut by_name: HashMap<String, Arc<Backend>> = HashMap::new();
+    for (name, cfg) in &new.backends {
+        match current.get(name) {
+            Some(b) => {
+                let mut same = b.config.clone();
+                same.pool_size = cfg.pool_size;
+                if same != *cfg {
+                    restart.push(format!("backends.{name} (address, credentials or TLS)"));
+                } else if b.pool_size() != cfg.pool_size {
+                    b.set_pool_size(cfg.pool_size);
+                    applied.push(format!("backends.{name}.pool_size = {}", cfg.pool_size));
+                }
+                by_name.insert(name.clone(), b.clone());
+            }
+            None => {
+                let b = Backend::new(name, cfg.clone(), timeouts(new))
+                    .map_err(|e| failed(e.to_string()))?;
+                applied.push(format!("backends.{name} (new)"));
+                by_name.insert(name.clone(), b);
+            }
+        }
+    }
+    for name in current
+        .by_name
+        .keys()
+        .filter(|n| !new.backends.contains_key(*n))
+    {
+        if let Some((t, _)) = table.routes.iter().find(|(_, r)| &r.backend == name) {
+            return Err(failed(format!(
+                "backend {name:?} is removed but tenant {t} still routes to it"
+            )));
+        }
+        applied.push(format!("backends.{name} (removed)"));
+    }
+    Ok(Backends { by_name })
+}
+
+/// Tenants in the config that are neither routed nor removed through the admin socket.
+fn plan_tenants(
+    shared: &Shared,
+    new: &Config,
+    backends: &Backends,
+) -> Result<Vec<(TenantId, Route)>, AdminError> {
+    let table = shared.router.snapshot();
+    let removed = shared
+        .removed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let mut out = Vec::new();
+    for (name, t) in &new.tenants {
+        if table.get(name).is_some() || removed.contains(name) {
+            continue;
+        }
+        let id = TenantId::parse(name).map_err(|e| failed(e.to_string()))?;
+        if backends.get(&t.backend).is_none() {
+            return Err(failed(format!(
+                "tenant {name} routes to unknown backend {:?}",
+                t.backend
+            )));
+        }
+        out.push((id, Route::from(t)));
+    }
+    Ok(out)
+}
