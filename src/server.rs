@@ -148,6 +148,16 @@ impl Proxy {
         self.terminate().await;
     }
 
+    /// Ends every session and stops every listener; returns when they are gone (the admin socket is free).
+    pub async fn close(mut self) {
+        self.terminate().await;
+        for task in std::mem::take(&mut self.background) {
+            task.abort();
+            let _ = task.await;
+        }
+        let _ = std::fs::remove_file(&self.shared.config.load().proxy.admin_socket);
+    }
+
     /// Ends every session now (each client gets a 57P01 error).
     pub async fn terminate(&self) {
         self.stop_accepting.cancel();

@@ -103,8 +103,8 @@ impl Session {
                 format!("tenant \"{tenant}\" was removed"),
             )));
         };
-        if self.route.as_deref() == Some(&*route) || self.pinned.is_some() {
-            if self.pinned.is_none() {
+        if self.route.as_deref() == Some(&*route) || self.pin_reason().is_some() {
+            if self.pin_reason().is_none() {
                 self.epoch = epoch;
             }
             self.publish_route();
@@ -167,7 +167,7 @@ impl Session {
             backend: self.route.as_ref().map(|r| r.backend.clone()),
             database: self.route.as_ref().and_then(|r| r.database.clone()),
             epoch: self.epoch,
-            pinned: self.pinned,
+            pinned: self.pin_reason(),
         });
     }
 

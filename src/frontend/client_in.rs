@@ -163,19 +163,44 @@ impl Session {
     }
 
     /// Notes session state that would not follow the session to another backend connection, so the session
-    /// stays where it is when its tenant's route changes. (A coarse check on statement text; exact tracking
-    /// with replay replaces it.)
+    /// stays where it is when its tenant's route changes. (Statement names from Parse/Close, and a coarse check
+    /// of simple-query text; exact tracking with replay replaces it.)
     fn note_session_state(&mut self, tag: u8, total: usize) {
-        if self.pinned.is_some() {
-            return;
-        }
         let frame = &self.cin[..total];
-        self.pinned = match tag {
-            b'P' => inspect::parse_statement(frame)
-                .filter(|(name, _)| !name.is_empty())
-                .map(|_| "named prepared statement"),
-            b'Q' => inspect::query_text(frame).and_then(sql::session_state_hint),
-            _ => None,
-        };
+        match tag {
+            b'P' => {
+                if let Some((name, _)) =
+                    inspect::parse_statement(frame).filter(|(n, _)| !n.is_empty())
+                {
+                    if self.statements.len() >= MAX_TRACKED_STATEMENTS {
+                        self.pinned = Some("too many prepared statements to track");
+                    } else {
+                        self.statements.insert(name.into());
+                    }
+                }
+            }
+            b'C' => {
+                if let Some(name) = frame
+                    .get(5..)
+                    .and_then(|b| b.strip_prefix(b"S"))
+                    .and_then(|b| b.strip_suffix(&[0]))
+                {
+                    self.statements.remove(name);
+                }
+            }
+            b'Q' if self.pinned.is_none() => {
+                self.pinned = inspect::query_text(frame).and_then(sql::session_state_hint);
+            }
+            _ => {}
+        }
+    }
+
+    /// Why this session may not move to another backend connection now, if anything.
+    pub(super) fn pin_reason(&self) -> Option<&'static str> {
+        self.pinned
+            .or_else(|| (!self.statements.is_empty()).then_some("named prepared statement"))
     }
 }
+
+/// Beyond this many open named statements a session is simply pinned.
+const MAX_TRACKED_STATEMENTS: usize = 10_000;

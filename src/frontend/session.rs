@@ -153,6 +153,8 @@ pub struct Session {
     pub(super) epoch: u64,
     /// Why the session may not move to another backend (state that would not follow it), if anything.
     pub(super) pinned: Option<&'static str>,
+    /// Named prepared statements the client created and has not closed (they pin the session while they exist).
+    pub(super) statements: std::collections::HashSet<Box<[u8]>>,
     pub(super) tm: Option<Arc<TenantMetrics>>,
     /// Query/Execute messages in the current transaction, added to the tenant's counter when it ends.
     pub(super) queries: u64,
@@ -217,6 +219,7 @@ impl Session {
             route: None,
             epoch: 0,
             pinned: None,
+            statements: Default::default(),
             tm: None,
             queries: 0,
         };

@@ -425,6 +425,13 @@ pub fn code(e: &tokio_postgres::Error) -> String {
     e.code().map(|c| c.code().to_string()).unwrap_or_default()
 }
 
+/// The server's message of a tokio-postgres error (its Display says only "db error").
+pub fn message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_else(|| e.to_string())
+}
+
 /// Runs psql against the proxy; returns (success, stdout, stderr).
 pub fn psql(url: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new("psql")
@@ -523,4 +530,52 @@ pub async fn closes_within(s: &mut tokio::net::TcpStream, timeout: Duration) -> 
     })
     .await
     .is_ok()
+}
+
+impl TestProxy {
+    pub fn admin_socket(&self) -> PathBuf {
+        self.state.path().join("admin.sock")
+    }
+
+    /// Sends one admin request and returns the whole response object.
+    pub async fn admin(&self, request: serde_json::Value) -> serde_json::Value {
+        pgtenant::ctl::send(&self.admin_socket(), &request)
+            .await
+            .unwrap()
+    }
+
+    /// Sends one admin request that must succeed and returns its result.
+    pub async fn admin_ok(&self, request: serde_json::Value) -> serde_json::Value {
+        let r = self.admin(request.clone()).await;
+        assert_eq!(r["ok"], serde_json::json!(true), "{request} -> {r}");
+        r["result"].clone()
+    }
+
+    /// The error code of an admin request that must fail.
+    pub async fn admin_err(&self, request: serde_json::Value) -> String {
+        let r = self.admin(request.clone()).await;
+        assert_eq!(r["ok"], serde_json::json!(false), "{request} -> {r}");
+        r["error"]["code"].as_str().unwrap().to_string()
+    }
+}
+
+/// `GET path` over plain HTTP; returns (status code, body).
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
 }

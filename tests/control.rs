@@ -1,0 +1,644 @@
+//! The control plane on real PostgreSQL: admin commands and their errors, live route changes, the per-tenant
+//! gate, durable state and audit log, metrics, and reload.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{code, http_get, Harness, PgCluster, TestProxy};
+use serde_json::json;
+
+struct Two {
+    shared: PgCluster,
+    dedicated: PgCluster,
+}
+
+fn clusters() -> Two {
+    let shared = PgCluster::start();
+    shared.tenant_schemas("app", &["tenant_acme", "tenant_globex"]);
+    let dedicated = PgCluster::start();
+    dedicated.tenant_schemas("app", &["tenant_acme"]);
+    dedicated.psql("app", "UPDATE tenant_acme.t SET who = 'dedicated'");
+    Two { shared, dedicated }
+}
+
+fn harness(w: &Two) -> Harness {
+    Harness::new()
+        .backend_with("shared", &w.shared, "database = \"app\"")
+        .backend_with("dedicated", &w.dedicated, "database = \"app\"")
+        .tenant("acme", "shared", None, Some("tenant_acme"))
+        .tenant("globex", "shared", None, Some("tenant_globex"))
+}
+
+async fn who(c: &tokio_postgres::Client) -> String {
+    c.query_one("SELECT who FROM t", &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_commands_and_their_errors() {
+    let w = clusters();
+    let p = harness(&w).start().await;
+    let c = p.connect("app.acme", "app").await.unwrap();
+    who(&c).await;
+
+    let t = p.admin_ok(json!({"cmd": "tenants"})).await;
+    assert_eq!(t["tenants"].as_array().unwrap().len(), 2);
+    assert_eq!(t["tenants"][0]["tenant"], "acme");
+    assert_eq!(t["tenants"][0]["sessions"], 1);
+    let g = p
+        .admin_ok(json!({"cmd": "tenant.get", "tenant": "acme"}))
+        .await;
+    assert_eq!(g["route"]["schema"], "tenant_acme");
+    assert_eq!(g["sessions"][0]["on_current_route"], true);
+    let b = p.admin_ok(json!({"cmd": "backends"})).await;
+    assert_eq!(b["backends"][1]["backend"], "shared");
+    assert_eq!(b["backends"][1]["pools"][0]["open"], 1);
+    let s = p.admin_ok(json!({"cmd": "stats"})).await;
+    assert_eq!(s["client_sessions"], 1);
+    let set = p
+        .admin_ok(json!({"cmd": "tenant.set", "tenant": "initech", "backend": "dedicated", "schema": "tenant_acme"}))
+        .await;
+    assert!(set["epoch"].as_u64().unwrap() > t["epoch"].as_u64().unwrap());
+    let c2 = p.connect("app.initech", "app").await.unwrap();
+    assert_eq!(who(&c2).await, "dedicated");
+    p.admin_ok(json!({"cmd": "tenant.remove", "tenant": "initech"}))
+        .await;
+    assert_eq!(
+        code(&p.connect("app.initech", "app").await.unwrap_err()),
+        "3D000"
+    );
+    // The removed tenant's open session ends with a clear error at its next statement.
+    let e = c2.query_one("SELECT 1", &[]).await.unwrap_err();
+    assert!(common::message(&e).contains("was removed"), "{e}");
+    p.admin_ok(json!({"cmd": "pause", "tenant": "globex", "timeout_ms": 100}))
+        .await;
+    p.admin_ok(json!({"cmd": "resume", "tenant": "globex"}))
+        .await;
+
+    // Every refusal has its stable code.
+    assert_eq!(p.admin_err(json!({"cmd": "nope"})).await, "unknown_command");
+    assert_eq!(
+        p.admin_err(json!({"cmd": "tenant.get"})).await,
+        "missing_argument"
+    );
+    assert_eq!(
+        p.admin_err(json!({"cmd": "tenant.get", "tenant": "a b"}))
+            .await,
+        "invalid_argument"
+    );
+    assert_eq!(
+        p.admin_err(json!({"cmd": "tenant.get", "tenant": "ghost"}))
+            .await,
+        "unknown_tenant"
+    );
+    assert_eq!(
+        p.admin_err(json!({"cmd": "tenant.remove", "tenant": "ghost"}))
+            .await,
+        "unknown_tenant"
+    );
+    assert_eq!(
+        p.admin_err(json!({"cmd": "pause", "tenant": "ghost"}))
+            .await,
+        "unknown_tenant"
+    );
+    assert_eq!(
+        p.admin_err(json!({"cmd": "tenant.set", "tenant": "x", "backend": "ghost"}))
+            .await,
+        "unknown_backend"
+    );
+    assert_eq!(
+        p.admin_err(json!({"cmd": "resume", "tenant": "acme"}))
+            .await,
+        "invalid_state"
+    );
+    assert_eq!(p.admin_err(json!({"cmd": "reload"})).await, "invalid_state");
+    assert_eq!(
+        p.admin_err(json!({"cmd": "audit", "tail": -3})).await,
+        "invalid_argument"
+    );
+
+    // Raw lines on one connection: bad JSON, then a good request, on the same connection.
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let stream = tokio::net::UnixStream::connect(p.admin_socket())
+        .await
+        .unwrap();
+    let (r, mut wr) = stream.into_split();
+    let mut lines = BufReader::new(r).lines();
+    wr.write_all(b"{not json\n{\"cmd\":\"tenants\"}\n")
+        .await
+        .unwrap();
+    let first: serde_json::Value =
+        serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+    assert_eq!(first["error"]["code"], "bad_json");
+    let second: serde_json::Value =
+        serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+    assert_eq!(second["ok"], true);
+    let big = vec![b'x'; 70 * 1024];
+    wr.write_all(&big).await.unwrap();
+    let third: serde_json::Value =
+        serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+    assert_eq!(third["error"]["code"], "request_too_large");
+
+    // The socket is the owner's only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(p.admin_socket())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_binary_prints_tables_json_and_exit_codes() {
+    let w = clusters();
+    let p = harness(&w).start().await;
+    let sock = p.admin_socket();
+    let ctl = move |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgtenant"))
+            .arg("ctl")
+            .args(args)
+            .env("PGTENANT_ADMIN_SOCKET", &sock)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (status, out, _) = tokio::task::spawn_blocking(move || {
+        let r = ctl(&["tenants"]);
+        assert!(
+            r.1.contains("TENANT") && r.1.contains("tenant_globex"),
+            "{}",
+            r.1
+        );
+        let j = ctl(&["--json", "tenant", "get", "acme"]);
+        let v: serde_json::Value = serde_json::from_str(&j.1).unwrap();
+        assert_eq!(v["route"]["backend"], "shared");
+        let bad = ctl(&["tenant", "get", "ghost"]);
+        assert_eq!(bad.0, 1);
+        assert!(bad.2.contains("unknown_tenant"), "{}", bad.2);
+        let unreachable = std::process::Command::new(env!("CARGO_BIN_EXE_pgtenant"))
+            .args(["ctl", "--socket", "/nonexistent/pgtenant.sock", "stats"])
+            .output()
+            .unwrap();
+        assert_eq!(unreachable.status.code(), Some(2));
+        let set = ctl(&[
+            "tenant",
+            "set",
+            "acme",
+            "--backend",
+            "dedicated",
+            "--schema",
+            "tenant_acme",
+        ]);
+        assert_eq!(set.0, 0, "{}", set.2);
+        ctl(&["audit", "--tail", "5"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 0);
+    assert!(
+        out.contains("tenant.set") && out.contains("checksums verified"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_flip_moves_sessions_at_their_next_transaction() {
+    let w = clusters();
+    let p = harness(&w).start().await;
+    let mover = p.connect("app.acme", "app").await.unwrap();
+    let in_tx = p.connect("app.acme", "app").await.unwrap();
+    let pinned = p.connect("app.acme", "app").await.unwrap();
+    let other = p.connect("app.globex", "app").await.unwrap();
+    assert_eq!(who(&mover).await, "tenant_acme");
+    pinned.batch_execute("SET work_mem = '8MB'").await.unwrap();
+    in_tx.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(who(&in_tx).await, "tenant_acme");
+
+    // A client looping on queries across the flip sees every query answered.
+    let looper = p.connect("app.acme", "app").await.unwrap();
+    let loop_task = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        for _ in 0..200 {
+            let w: String = looper
+                .query_one("SELECT who FROM t", &[])
+                .await
+                .unwrap()
+                .get(0);
+            if seen.last() != Some(&w) {
+                seen.push(w);
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        seen
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    p.admin_ok(json!({"cmd": "tenant.set", "tenant": "acme", "backend": "dedicated", "schema": "tenant_acme"}))
+        .await;
+    assert_eq!(
+        who(&mover).await,
+        "dedicated",
+        "the next transaction lands on the new route"
+    );
+    assert_eq!(
+        who(&in_tx).await,
+        "tenant_acme",
+        "an open transaction finishes where it started"
+    );
+    in_tx.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(who(&in_tx).await, "dedicated");
+    assert_eq!(
+        who(&pinned).await,
+        "tenant_acme",
+        "session state keeps a session on its old backend"
+    );
+    let seen = loop_task.await.unwrap();
+    assert_eq!(
+        seen,
+        vec!["tenant_acme".to_string(), "dedicated".to_string()]
+    );
+    // Other tenants were never touched.
+    assert_eq!(who(&other).await, "tenant_globex");
+    let g = p
+        .admin_ok(json!({"cmd": "tenant.get", "tenant": "acme"}))
+        .await;
+    let stale: Vec<_> = g["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["on_current_route"] == false)
+        .collect();
+    assert_eq!(stale.len(), 1, "{g}");
+    assert_eq!(stale[0]["pinned"], "session SET");
+    let t = p.admin_ok(json!({"cmd": "tenants"})).await;
+    assert_eq!(t["tenants"][0]["sessions_on_old_route"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_holds_new_transactions_and_resume_releases_them_in_order() {
+    let w = clusters();
+    let p = harness(&w).start().await;
+    let setup = p.connect("app.acme", "app").await.unwrap();
+    setup
+        .batch_execute("CREATE TABLE log (id serial primary key, n int)")
+        .await
+        .unwrap();
+    let open = p.connect("app.acme", "app").await.unwrap();
+    open.batch_execute("BEGIN; INSERT INTO log (n) VALUES (-1)")
+        .await
+        .unwrap();
+
+    // Pause waits for the open transaction, and reports it when the timeout passes first.
+    let r = p
+        .admin_ok(json!({"cmd": "pause", "tenant": "acme", "timeout_ms": 200}))
+        .await;
+    assert_eq!(
+        (r["drained"].clone(), r["open_transactions"].clone()),
+        (json!(false), json!(1))
+    );
+    assert_eq!(r["open_sessions"].as_array().unwrap().len(), 1);
+    // The open transaction runs to its end while the gate is closed.
+    open.batch_execute("INSERT INTO log (n) VALUES (0); COMMIT")
+        .await
+        .unwrap();
+    let r = p
+        .admin_ok(json!({"cmd": "pause", "tenant": "acme", "timeout_ms": 2000}))
+        .await;
+    assert_eq!(r["drained"], true);
+    assert_eq!(r["already_paused"], true);
+
+    // New work queues, in arrival order.
+    let mut tasks = Vec::new();
+    for n in 1..=5 {
+        let c = p.connect("app.acme", "app").await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            c.execute("INSERT INTO log (n) VALUES ($1)", &[&n])
+                .await
+                .unwrap();
+        }));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let t = p
+                .admin_ok(json!({"cmd": "tenant.get", "tenant": "acme"}))
+                .await;
+            if t["gate"]["queued"] == n {
+                break;
+            }
+            assert!(Instant::now() < deadline, "request {n} never queued: {t}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let held: i64 = w
+        .shared
+        .psql("app", "SELECT count(*) FROM tenant_acme.log WHERE n > 0")
+        .parse()
+        .unwrap();
+    assert_eq!(held, 0, "nothing of a queued request reaches the backend");
+    let r = p.admin_ok(json!({"cmd": "resume", "tenant": "acme"})).await;
+    assert_eq!(r["released"], 5);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // The gate wakes the queue in arrival order (see the gate's unit tests); once released, the five sessions
+    // race each other to their own backend connections, so only the before/after order is checked here.
+    let order = w.shared.psql(
+        "app",
+        "SELECT string_agg(n::text, ',' ORDER BY id) FROM tenant_acme.log",
+    );
+    assert!(order.starts_with("-1,0,"), "{order}");
+    let mut rest: Vec<i32> = order
+        .split(',')
+        .skip(2)
+        .map(|n| n.parse().unwrap())
+        .collect();
+    rest.sort();
+    assert_eq!(rest, vec![1, 2, 3, 4, 5]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_and_wait_timeout_are_clear_errors() {
+    let w = clusters();
+    let p = harness(&w)
+        .proxy("query_wait_timeout_ms = 400")
+        .raw("[migration]\nmax_queued_per_tenant = 1\n")
+        .start()
+        .await;
+    let a = p.connect("app.acme", "app").await.unwrap();
+    let b = p.connect("app.acme", "app").await.unwrap();
+    a.batch_execute("CREATE TABLE q (n int)").await.unwrap();
+    p.admin_ok(json!({"cmd": "pause", "tenant": "acme"})).await;
+    let started = Instant::now();
+    let first = tokio::spawn(async move { a.execute("INSERT INTO q VALUES (1)", &[]).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let e = b
+        .batch_execute("INSERT INTO q VALUES (2)")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "57014", "{e}");
+    assert!(common::message(&e).contains("queue is full"), "{e}");
+    let e = first.await.unwrap().unwrap_err();
+    assert_eq!(code(&e), "57014");
+    assert!(common::message(&e).contains("paused"), "{e}");
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    p.admin_ok(json!({"cmd": "resume", "tenant": "acme"})).await;
+    assert_eq!(
+        w.shared.psql("app", "SELECT count(*) FROM tenant_acme.q"),
+        "0"
+    );
+    // The sessions go on after the refusals.
+    b.batch_execute("INSERT INTO q VALUES (3)").await.unwrap();
+    assert_eq!(
+        w.shared.psql("app", "SELECT count(*) FROM tenant_acme.q"),
+        "1"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_tenant_never_delays_another() {
+    let w = clusters();
+    let p = harness(&w).start().await;
+    let blocked = p.connect("app.acme", "app").await.unwrap();
+    let other = p.connect("app.globex", "app").await.unwrap();
+    p.admin_ok(json!({"cmd": "pause", "tenant": "acme"})).await;
+    let waiting = tokio::spawn(async move { blocked.query_one("SELECT 1", &[]).await.map(|_| ()) });
+    let until = Instant::now() + Duration::from_millis(800);
+    let mut done = 0;
+    while Instant::now() < until {
+        assert_eq!(who(&other).await, "tenant_globex");
+        done += 1;
+    }
+    assert!(!waiting.is_finished(), "acme stays held");
+    assert!(
+        done >= 20,
+        "globex completed only {done} queries while acme was paused"
+    );
+    p.admin_ok(json!({"cmd": "resume", "tenant": "acme"})).await;
+    waiting.await.unwrap().unwrap();
+    eprintln!("globex completed {done} queries in 800 ms while acme was paused");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_survive_a_restart_and_a_corrupt_state_file_is_refused() {
+    let w = clusters();
+    let h = harness(&w);
+    let config = h.config();
+    let TestProxy { proxy, state } = h.start().await;
+    let p = TestProxy { proxy, state };
+    p.admin_ok(json!({"cmd": "tenant.set", "tenant": "acme", "backend": "dedicated", "schema": "tenant_acme"}))
+        .await;
+    p.admin_ok(json!({"cmd": "tenant.remove", "tenant": "globex"}))
+        .await;
+    let epoch = p.admin_ok(json!({"cmd": "tenants"})).await["epoch"]
+        .as_u64()
+        .unwrap();
+    let TestProxy { proxy, state } = p;
+    proxy.close().await;
+
+    // Same config, same state_dir: the persisted routes win over the config's.
+    let restarted = pgtenant::server::Proxy::start(config.clone())
+        .await
+        .unwrap();
+    let p = TestProxy {
+        proxy: restarted,
+        state,
+    };
+    let c = p.connect("app.acme", "app").await.unwrap();
+    assert_eq!(who(&c).await, "dedicated");
+    assert_eq!(
+        code(&p.connect("app.globex", "app").await.unwrap_err()),
+        "3D000"
+    );
+    let t = p.admin_ok(json!({"cmd": "tenants"})).await;
+    assert_eq!(t["epoch"].as_u64().unwrap(), epoch);
+    let TestProxy { proxy, state } = p;
+    proxy.close().await;
+
+    let routes = state.path().join("routes.json");
+    let text = std::fs::read_to_string(&routes).unwrap();
+    std::fs::write(&routes, text.replace("dedicated", "shared")).unwrap();
+    let err = pgtenant::server::Proxy::start(config.clone())
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("corrupt"), "{err}");
+    std::fs::write(&routes, &text[..text.len() - 20]).unwrap();
+    let err = pgtenant::server::Proxy::start(config).await.err().unwrap();
+    assert!(err.to_string().contains("corrupt"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_log_records_and_verifies_every_change() {
+    let w = clusters();
+    let p = harness(&w).start().await;
+    p.admin_ok(json!({"cmd": "tenant.set", "tenant": "acme", "backend": "dedicated", "schema": "tenant_acme"}))
+        .await;
+    p.admin_ok(json!({"cmd": "pause", "tenant": "globex", "timeout_ms": 50}))
+        .await;
+    p.admin_ok(json!({"cmd": "resume", "tenant": "globex"}))
+        .await;
+    p.admin_err(json!({"cmd": "resume", "tenant": "globex"}))
+        .await;
+    p.admin_ok(json!({"cmd": "tenants"})).await;
+    let a = p.admin_ok(json!({"cmd": "audit", "tail": 10})).await;
+    assert_eq!(a["verified"], true);
+    let entries = a["entries"].as_array().unwrap();
+    let commands: Vec<&str> = entries
+        .iter()
+        .map(|e| e["command"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        commands,
+        vec!["tenant.set", "pause", "resume", "resume"],
+        "reads are not audited"
+    );
+    assert_eq!(entries[0]["before"]["backend"], "shared");
+    assert_eq!(entries[0]["after"]["backend"], "dedicated");
+    assert!(entries[0]["actor"].as_str().unwrap().starts_with("uid:"));
+    assert_eq!(entries[3]["result"], "error: invalid_state");
+    // Tampering is detected.
+    let path = p.state.path().join("audit.log");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replacen("dedicated", "elsewhere", 1)).unwrap();
+    let a = p.admin_ok(json!({"cmd": "audit"})).await;
+    assert_eq!(a["verified"], false);
+    assert_eq!(a["broken_at_line"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_health_endpoints() {
+    let w = clusters();
+    let p = harness(&w)
+        .proxy("metrics_listen = \"127.0.0.1:0\"")
+        .start()
+        .await;
+    let addr = p.proxy.metrics_addr().unwrap();
+    let c = p.connect("app.acme", "app").await.unwrap();
+    for _ in 0..5 {
+        who(&c).await;
+    }
+    c.batch_execute("BEGIN; SELECT 1; SELECT 2; COMMIT")
+        .await
+        .unwrap();
+    let _ = common::connect(&format!(
+        "host=127.0.0.1 port={} user=app.acme dbname=app password=bad",
+        p.port()
+    ))
+    .await;
+    let (status, body) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    for series in [
+        "pgtenant_client_connections{tenant=\"acme\"} 1",
+        "pgtenant_transactions_total{tenant=\"acme\"}",
+        "pgtenant_queries_total{tenant=\"acme\"}",
+        "pgtenant_errors_total{tenant=\"acme\",kind=\"gate_timeout\"} 0",
+        "pgtenant_pool_connections{backend=\"shared\",database=\"app\",state=\"active\"} 1",
+        "pgtenant_auth_failures_total 1",
+        "cutover_attempts_total 0",
+        "dual_write_sync_lag_events 0",
+    ] {
+        assert!(body.contains(series), "missing {series} in\n{body}");
+    }
+    let tx: f64 = body
+        .lines()
+        .find(|l| l.starts_with("pgtenant_transactions_total{tenant=\"acme\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(tx >= 6.0, "{tx}");
+    assert!(!body.contains("tenant=\"ghost\""));
+    let (status, body) = http_get(addr, "/health").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("\"status\":\"ok\""), "{body}");
+    assert_eq!(http_get(addr, "/nope").await.0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_applies_what_it_can_and_an_invalid_file_changes_nothing() {
+    let w = clusters();
+    let h = harness(&w);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pgtenant.toml");
+    let config = h.config();
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    let proxy = pgtenant::server::Proxy::start_with_path(config.clone(), Some(path.clone()))
+        .await
+        .unwrap();
+    let p = TestProxy {
+        proxy,
+        state: tempfile::tempdir().unwrap(),
+    };
+    let sock = config.proxy.admin_socket.clone();
+    let admin = |v: serde_json::Value| {
+        let sock = sock.clone();
+        async move { pgtenant::ctl::send(&sock, &v).await.unwrap() }
+    };
+
+    let mut next = config.clone();
+    next.proxy.listen = "127.0.0.1:1".into();
+    next.backends.get_mut("shared").unwrap().pool_size = 3;
+    next.tenants.insert(
+        "hooli".into(),
+        pgtenant::config::TenantConfig {
+            backend: "dedicated".into(),
+            database: None,
+            schema: Some("tenant_acme".into()),
+        },
+    );
+    next.users.push(pgtenant::config::UserConfig {
+        name: "late".into(),
+        password: Some("pw2".into()),
+        scram_secret: None,
+        auth: None,
+        tenants: vec!["hooli".into()],
+    });
+    std::fs::write(&path, toml::to_string(&next).unwrap()).unwrap();
+    let r = admin(json!({"cmd": "reload"})).await;
+    assert_eq!(r["ok"], true, "{r}");
+    let applied = r["result"]["applied"].to_string();
+    assert!(
+        applied.contains("tenants.hooli (new)") && applied.contains("pool_size = 3"),
+        "{applied}"
+    );
+    assert_eq!(r["result"]["requires_restart"], json!(["proxy.listen"]));
+    let c = common::connect(&format!(
+        "host=127.0.0.1 port={} user=late.hooli dbname=app password=pw2",
+        p.port()
+    ))
+    .await
+    .unwrap();
+    assert_eq!(who(&c).await, "dedicated");
+
+    // An invalid file is refused whole.
+    std::fs::write(&path, "[proxy]\nlisten = 5\n").unwrap();
+    let r = admin(json!({"cmd": "reload"})).await;
+    assert_eq!(r["error"]["code"], "reload_failed");
+    let mut dangling = next.clone();
+    dangling.tenants.insert(
+        "broken".into(),
+        pgtenant::config::TenantConfig {
+            backend: "nope".into(),
+            database: None,
+            schema: None,
+        },
+    );
+    std::fs::write(
+        &path,
+        toml::to_string(&dangling)
+            .unwrap()
+            .replace("[backends.dedicated]", "[backends.gone]"),
+    )
+    .unwrap();
+    let r = admin(json!({"cmd": "reload"})).await;
+    assert_eq!(r["error"]["code"], "reload_failed", "{r}");
+    let t = admin(json!({"cmd": "tenants"})).await;
+    assert_eq!(
+        t["result"]["tenants"].as_array().unwrap().len(),
+        3,
+        "nothing changed"
+    );
+    assert!(c.query_one("SELECT 1", &[]).await.is_ok());
+}
