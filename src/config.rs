@@ -92,6 +92,9 @@ pub struct ProxyConfig {
     /// Tenant for connections that name none; empty means none. Reloadable.
     #[serde(default)]
     pub default_tenant: String,
+    /// Runtime worker threads; 0 means one per CPU core. Not reloadable.
+    #[serde(default)]
+    pub workers: usize,
     /// Client connections beyond this get `53300`. Not reloadable.
     #[serde(default = "default_max_client_conn")]
     pub max_client_conn: usize,

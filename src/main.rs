@@ -45,19 +45,39 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
+    match cli.command {
+        Command::Serve { config } => {
+            let config_file = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    error!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let Some(runtime) = runtime(config_file.proxy.workers) else {
+                return ExitCode::FAILURE;
+            };
+            runtime.block_on(serve(config))
+        }
+        Command::Ctl(args) => match runtime(1) {
+            Some(rt) => ExitCode::from(rt.block_on(pgtenant::ctl::run(args)) as u8),
+            None => ExitCode::FAILURE,
+        },
+    }
+}
+
+/// A multi-threaded runtime with `workers` threads (0: one per core).
+fn runtime(workers: usize) -> Option<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        builder.worker_threads(workers);
+    }
+    match builder.enable_all().build() {
+        Ok(r) => Some(r),
         Err(e) => {
             error!(error = %e, "cannot start the async runtime");
-            return ExitCode::FAILURE;
+            None
         }
-    };
-    match cli.command {
-        Command::Serve { config } => runtime.block_on(serve(config)),
-        Command::Ctl(args) => ExitCode::from(runtime.block_on(pgtenant::ctl::run(args)) as u8),
     }
 }
 

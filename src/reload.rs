@@ -111,6 +111,7 @@ fn keep_restart_only(old: &Config, mut new: Config) -> Config {
     new.proxy.state_dir = old.proxy.state_dir.clone();
     new.proxy.pool_mode = old.proxy.pool_mode;
     new.proxy.max_client_conn = old.proxy.max_client_conn;
+    new.proxy.workers = old.proxy.workers;
     new.tls = old.tls.clone();
     new
 }

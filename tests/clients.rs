@@ -263,7 +263,8 @@ async fn the_binary_serves_and_stops_on_sigterm() {
     let harness = Harness::new()
         .backend_with("shared", &pg, "database = \"app\"")
         .tenant("acme", "shared", None, Some("tenant_acme"))
-        .proxy("shutdown_timeout_ms = 300");
+        .proxy("shutdown_timeout_ms = 300")
+        .raw("[[users]]\nname = \"dev\"\nauth = \"trust\"\ntenants = [\"*\"]\n");
     let text = harness.config();
     let mut toml_text = toml::to_string(&text).unwrap();
     toml_text = toml_text.replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
@@ -281,6 +282,32 @@ async fn the_binary_serves_and_stops_on_sigterm() {
     let (ok, out, _) = psql(&url, &["-c", "SELECT who FROM t"]);
     assert!(ok);
     assert_eq!(out, "tenant_acme");
+    // SIGHUP reloads the config file: a tenant added to it becomes routable.
+    let mut next = text.clone();
+    next.tenants.insert(
+        "late".into(),
+        pgtenant::config::TenantConfig {
+            backend: "shared".into(),
+            database: None,
+            schema: Some("tenant_acme".into()),
+        },
+    );
+    let next_text = toml::to_string(&next)
+        .unwrap()
+        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    std::fs::write(&config, next_text).unwrap();
+    assert!(Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let late = format!("host=127.0.0.1 port={port} user=app.late dbname=app password={PASSWORD}");
+    assert!(
+        common::eventually(Duration::from_secs(5), || psql(&late, &["-c", "SELECT 1"])
+            .0)
+        .await
+    );
+
     let client = common::connect(&url).await.unwrap();
     assert!(Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -293,6 +320,30 @@ async fn the_binary_serves_and_stops_on_sigterm() {
         .unwrap();
     assert!(status.success());
     assert!(client.simple_query("SELECT 1").await.is_err());
+
+    // SIGINT ends sessions at once, with 57P01.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgtenant"))
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    assert!(
+        common::eventually(Duration::from_secs(10), || psql(&url, &["-c", "SELECT 1"])
+            .0)
+        .await
+    );
+    let mut raw = raw_login(port, &[("user", "dev.acme"), ("database", "app")]).await;
+    assert!(Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let err = read_until(&mut raw, b'E').await.unwrap();
+    assert!(String::from_utf8_lossy(&err).contains("57P01"));
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

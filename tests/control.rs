@@ -554,6 +554,53 @@ async fn metrics_and_health_endpoints() {
     assert_eq!(status, 200);
     assert!(body.contains("\"status\":\"ok\""), "{body}");
     assert_eq!(http_get(addr, "/nope").await.0, 404);
+    // A state directory that is gone makes the proxy unhealthy.
+    let moved = p.state.path().with_extension("moved");
+    std::fs::rename(p.state.path(), &moved).unwrap();
+    let (status, body) = http_get(addr, "/health").await;
+    std::fs::rename(&moved, p.state.path()).unwrap();
+    assert_eq!(status, 503, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_admin_listener_requires_the_token() {
+    let w = clusters();
+    let p = harness(&w)
+        .proxy("admin_listen = \"127.0.0.1:0\"")
+        .proxy("admin_token = \"0123456789abcdef-token\"")
+        .start()
+        .await;
+    let addr = p.proxy.admin_tcp_addr().unwrap();
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (r, mut wr) = stream.into_split();
+    let mut lines = BufReader::new(r).lines();
+    for (request, expected) in [
+        (json!({"cmd": "tenants"}), "unauthorized"),
+        (json!({"cmd": "tenants", "token": "wrong"}), "unauthorized"),
+        (
+            json!({"cmd": "tenants", "token": "0123456789abcdef-token"}),
+            "ok",
+        ),
+    ] {
+        wr.write_all(format!("{request}\n").as_bytes())
+            .await
+            .unwrap();
+        let answer: serde_json::Value =
+            serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        let got = if answer["ok"] == true {
+            "ok"
+        } else {
+            answer["error"]["code"].as_str().unwrap()
+        };
+        assert_eq!(got, expected, "{request}");
+    }
+    // A short token is refused by config validation.
+    let bad = harness(&w)
+        .proxy("admin_listen = \"127.0.0.1:0\"")
+        .proxy("admin_token = \"short\"");
+    let text = format!("{:?}", std::panic::catch_unwind(|| bad.config()).is_err());
+    assert_eq!(text, "true");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
