@@ -15,6 +15,7 @@ CLIENTS="${CLIENTS:-16}"
 THREADS="${THREADS:-2}"
 SCALE="${SCALE:-10}"
 TARGETS="${TARGETS:-direct pgbouncer-session pgbouncer-transaction pgtenant-session}"
+PGT_WORKERS="${PGT_WORKERS:-0}"   # pgtenant runtime threads (0: one per core)
 MODES="${MODES:-simple extended prepared}"
 OUT_DIR="benches/results"
 
@@ -65,6 +66,7 @@ start_pgtenant() {
 [proxy]
 listen = "127.0.0.1:$port"
 pool_mode = "$mode"
+workers = $PGT_WORKERS
 state_dir = "$W/state-$mode"
 admin_socket = "$W/pgtenant-$mode.sock"
 max_client_conn = 2000
@@ -138,6 +140,6 @@ done
 mkdir -p "$OUT_DIR"
 STAMP="$(date -u +%Y-%m-%dT%H:%MZ)"
 REPORT="$OUT_DIR/latest.md"
-python3 benches/report.py "$RAW" "$STAMP" "pgbench -c $CLIENTS -j $THREADS -T $DURATION, scale $SCALE, $REPEAT repetitions, $(nproc) cores" > "$REPORT"
+python3 benches/report.py "$RAW" "$STAMP" "pgbench -c $CLIENTS -j $THREADS -T $DURATION, scale $SCALE, $REPEAT repetitions, $(nproc) cores, pgtenant workers=$PGT_WORKERS" > "$REPORT"
 cp "$RAW" "$OUT_DIR/latest.tsv"
 cat "$REPORT"

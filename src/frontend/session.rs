@@ -251,13 +251,14 @@ impl Session {
             let step = match ev {
                 Ok(Ev::ClientOut(n)) => {
                     self.cout.advance(n);
-                    self.cflush = true;
+                    // Plain TCP writes go straight to the socket; only TLS buffers and needs a flush.
+                    self.cflush = self.client.is_tls();
                     Ok(())
                 }
                 Ok(Ev::ServerOut(n)) => {
                     if let Some(s) = self.server.as_mut() {
                         s.out.advance(n);
-                        s.flush = true;
+                        s.flush = s.conn.get().stream.is_tls();
                     }
                     Ok(())
                 }

@@ -398,30 +398,43 @@ mod tests {
 /// prepared statement, `LISTEN`, a cursor, a temporary table, an advisory lock), or `None`. It reads only the
 /// first words, so it errs on the side of naming state that a rolled-back transaction never created.
 pub fn session_state_hint(sql: &[u8]) -> Option<&'static str> {
-    if memchr::memmem::find(sql, b"advisory_lock").is_some()
-        || memchr::memmem::find(sql, b"ADVISORY_LOCK").is_some()
-    {
+    let advisory = |needle: &[u8]| memchr::memmem::find(sql, needle).is_some();
+    if advisory(b"advisory_lock") || advisory(b"ADVISORY_LOCK") {
         return Some("advisory lock");
     }
+    // The first three words, without allocating: this runs for every simple query.
     let mut lx = Lexer { s: sql, i: 0 };
-    let mut words = Vec::with_capacity(3);
-    while words.len() < 3 {
-        match lx.next() {
-            Some((Tok::Word(w), _)) => words.push(w),
-            _ => break,
+    let mut words: [&[u8]; 3] = [b""; 3];
+    for w in words.iter_mut() {
+        lx.skip_space_and_comments();
+        let start = lx.i;
+        while lx.peek(0).is_some_and(is_word_byte) {
+            lx.i += 1;
         }
+        if lx.i == start {
+            break;
+        }
+        *w = &sql[start..lx.i];
     }
-    let w: Vec<&str> = words.iter().map(|s| s.as_str()).collect();
-    match w.as_slice() {
-        ["set", "local", ..] | ["set", "transaction", ..] => None,
-        ["set", ..] => Some("session SET"),
-        ["prepare", ..] => Some("prepared statement"),
-        ["listen", ..] => Some("LISTEN"),
-        ["declare", ..] => Some("cursor"),
-        ["create", "temp" | "temporary", ..]
-        | ["create", "global" | "local", "temp" | "temporary"] => Some("temporary table"),
-        _ => None,
+    let is = |w: &[u8], k: &str| w.eq_ignore_ascii_case(k.as_bytes());
+    let temp = |w: &[u8]| is(w, "temp") || is(w, "temporary");
+    let [a, b, c] = words;
+    if is(a, "set") {
+        return (!is(b, "local") && !is(b, "transaction")).then_some("session SET");
     }
+    if is(a, "prepare") {
+        return Some("prepared statement");
+    }
+    if is(a, "listen") {
+        return Some("LISTEN");
+    }
+    if is(a, "declare") {
+        return Some("cursor");
+    }
+    if is(a, "create") && (temp(b) || ((is(b, "global") || is(b, "local")) && temp(c))) {
+        return Some("temporary table");
+    }
+    None
 }
 
 #[cfg(test)]

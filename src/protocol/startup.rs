@@ -136,7 +136,8 @@ fn take_cstr<'a>(body: &mut &'a [u8]) -> Result<&'a [u8], StartupError> {
 }
 
 /// Splits a startup `options` value into arguments the way PostgreSQL's `pg_split_opts` does: white space
-/// separates, a backslash takes the next character literally.
+/// separates, a backslash takes the next character literally. A lone trailing backslash would make an empty
+/// argument there (which the server refuses); it is dropped, so split and join round-trip.
 pub fn split_options(options: &str) -> Vec<String> {
     let mut args = Vec::new();
     let mut cur = String::new();
@@ -151,10 +152,10 @@ pub fn split_options(options: &str) -> Vec<String> {
                 }
             }
             c if c.is_ascii_whitespace() => {
-                if in_arg {
+                if in_arg && !cur.is_empty() {
                     args.push(std::mem::take(&mut cur));
-                    in_arg = false;
                 }
+                in_arg = false;
             }
             c => {
                 in_arg = true;
@@ -162,7 +163,7 @@ pub fn split_options(options: &str) -> Vec<String> {
             }
         }
     }
-    if in_arg {
+    if in_arg && !cur.is_empty() {
         args.push(cur);
     }
     args
@@ -303,5 +304,8 @@ mod tests {
             r"-c geqo=off --search_path=a\ b -cwork_mem=4MB"
         );
         assert_eq!(split_options(&join_options(&args)), args);
+        // Found by the fuzzer: a trailing lone backslash.
+        let odd = split_options("--a=b\t\\");
+        assert_eq!(split_options(&join_options(&odd)), odd);
     }
 }
