@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use thiserror::Error;
+use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::sync::CancellationToken;
 
 use crate::auth::{ScramError, Users};
 use crate::backend::{Backend, Backends, Timeouts};
@@ -42,7 +42,7 @@ pub struct Shared {
     /// ParameterStatus values last seen from a backend, told to clients that start without a tenant.
     pub last_params: Mutex<Vec<(String, String)>>,
     /// Fired when sessions must end now (SIGINT, or the SIGTERM grace period ran out).
-    pub terminate: CancellationToken,
+    pub terminate: Terminate,
     pub gates: Gates,
     pub sessions: Arc<Sessions>,
     pub metrics: Arc<Metrics>,
@@ -100,7 +100,7 @@ impl Shared {
             cancels: Arc::new(CancelRegistry::default()),
             tls,
             last_params: Mutex::new(Vec::new()),
-            terminate: CancellationToken::new(),
+            terminate: Terminate::default(),
         }))
     }
 
@@ -130,7 +130,7 @@ impl Shared {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
             tokio::select! {
-                _ = self.terminate.cancelled() => return,
+                _ = self.terminate.fired() => return,
                 _ = tick.tick() => {}
             }
             let max_idle = Duration::from_millis(self.config.load().proxy.server_idle_timeout_ms);
@@ -140,6 +140,36 @@ impl Shared {
                 }
             }
         }
+    }
+}
+
+/// The "end every session now" signal. Sessions poll it on every relay step, so checking it is one atomic load
+/// (a `CancellationToken` takes a mutex to answer `is_cancelled`).
+#[derive(Default)]
+pub struct Terminate {
+    fired: AtomicBool,
+    notify: Notify,
+}
+
+impl Terminate {
+    pub fn fire(&self) {
+        self.fired.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    pub fn is_fired(&self) -> bool {
+        self.fired.load(Ordering::SeqCst)
+    }
+
+    /// Completes when the signal fires (at once if it already has).
+    pub async fn fired(&self) {
+        let notified = self.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.is_fired() {
+            return;
+        }
+        notified.await;
     }
 }
 

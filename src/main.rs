@@ -66,12 +66,18 @@ fn main() -> ExitCode {
     }
 }
 
-/// A multi-threaded runtime with `workers` threads (0: one per core).
+/// The runtime: one thread (no cross-thread wake-ups at all) for `workers = 1`, else a multi-threaded one
+/// with `workers` threads (0: one per core).
 fn runtime(workers: usize) -> Option<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if workers > 0 {
-        builder.worker_threads(workers);
-    }
+    let mut builder = match workers {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
     match builder.enable_all().build() {
         Ok(r) => Some(r),
         Err(e) => {

@@ -162,7 +162,7 @@ impl Proxy {
     pub async fn terminate(&self) {
         self.stop_accepting.cancel();
         self.sessions.close();
-        self.shared.terminate.cancel();
+        self.shared.terminate.fire();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.sessions.wait()).await;
     }
 }
@@ -194,13 +194,13 @@ impl HealthSource for Health {
             s.state_ok.load(std::sync::atomic::Ordering::Relaxed) && s.store.dir().is_dir();
         let body = serde_json::json!({
             "status": if state_ok { "ok" } else { "degraded" },
-            "listener": !s.terminate.is_cancelled(),
+            "listener": !s.terminate.is_fired(),
             "state_store": state_ok,
             "sessions": s.sessions.count(),
             "epoch": s.router.load().epoch,
         })
         .to_string();
-        if state_ok && !s.terminate.is_cancelled() {
+        if state_ok && !s.terminate.is_fired() {
             Ok(body)
         } else {
             Err(body)

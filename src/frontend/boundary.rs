@@ -37,7 +37,7 @@ impl Session {
         };
         let entered = tokio::select! {
             r = gate.enter(max_queued, wait) => r,
-            _ = self.shared.terminate.cancelled() => return Err(End::Shutdown),
+            _ = self.shared.terminate.fired() => return Err(End::Shutdown),
         };
         match entered {
             Ok(pass) => self.pass = Some(pass),

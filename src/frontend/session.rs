@@ -235,8 +235,8 @@ impl Session {
     }
 
     pub async fn run(mut self) {
-        let terminate = self.shared.terminate.clone();
-        let shutdown = terminate.cancelled();
+        let shared = self.shared.clone();
+        let shutdown = shared.terminate.fired();
         tokio::pin!(shutdown);
         let end = self.relay(shutdown).await;
         self.finish(end).await;
@@ -289,7 +289,7 @@ impl Session {
         cx: &mut Context<'_>,
         shutdown: Pin<&mut impl Future<Output = ()>>,
     ) -> Poll<Result<Ev, End>> {
-        if shutdown.poll(cx).is_ready() {
+        if self.shared.terminate.is_fired() {
             return Poll::Ready(Ok(Ev::Shutdown));
         }
         if let Poll::Ready(r) = poll_write_side(cx, &mut self.client, &self.cout, self.cflush) {
@@ -325,6 +325,10 @@ impl Session {
                     Poll::Pending => {}
                 }
             }
+        }
+        // Registering for the shutdown wake-up only on the way to sleep keeps it off the busy path.
+        if shutdown.poll(cx).is_ready() {
+            return Poll::Ready(Ok(Ev::Shutdown));
         }
         Poll::Pending
     }
