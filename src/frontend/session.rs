@@ -39,8 +39,10 @@ use crate::tenant::{quote_ident, TenantId};
 pub const WHOLE_FRAME_MAX: usize = 1 << 20;
 /// Stop reading a side while the buffer towards the other side holds more than this.
 pub const OUT_HIGH_WATER: usize = 256 * 1024;
-/// Read buffers grow by this much at a time.
-const READ_CHUNK: usize = 8 * 1024;
+/// Reads stop once this much client input is waiting to be handled (unless a whole frame needs more).
+const CLIENT_IN_MAX: usize = 64 * 1024;
+/// An idle session's read buffers stay this small; they double while reads keep filling them.
+const READ_MIN: usize = 1024;
 /// How long a closing session may spend delivering its last messages.
 const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -202,7 +204,7 @@ impl Session {
             info,
             client,
             cin,
-            cout: BytesMut::with_capacity(READ_CHUNK),
+            cout: BytesMut::new(),
             cscan: Scanner::new(Direction::FromClient, WHOLE_FRAME_MAX),
             cflush: false,
             cin_need: 0,
@@ -251,6 +253,7 @@ impl Session {
             let step = match ev {
                 Ok(Ev::ClientOut(n)) => {
                     self.cout.advance(n);
+                    trim(&mut self.cout);
                     // Plain TCP writes go straight to the socket; only TLS buffers and needs a flush.
                     self.cflush = self.client.is_tls();
                     Ok(())
@@ -258,6 +261,7 @@ impl Session {
                 Ok(Ev::ServerOut(n)) => {
                     if let Some(s) = self.server.as_mut() {
                         s.out.advance(n);
+                        trim(&mut s.out);
                         s.flush = s.conn.get().stream.is_tls();
                     }
                     Ok(())
@@ -303,8 +307,8 @@ impl Session {
             }
         }
         let server_out = self.server.as_ref().map_or(0, |s| s.out.len());
-        if self.cin.len() < self.cin_need.max(READ_CHUNK * 8) && server_out < OUT_HIGH_WATER {
-            self.cin.reserve(READ_CHUNK);
+        if self.cin.len() < self.cin_need.max(CLIENT_IN_MAX) && server_out < OUT_HIGH_WATER {
+            read_space(&mut self.cin);
             match poll_read_buf(Pin::new(&mut self.client), cx, &mut self.cin) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
                     return Poll::Ready(Err(End::ClientGone))
@@ -316,7 +320,7 @@ impl Session {
         if self.cout.len() < OUT_HIGH_WATER {
             if let Some(s) = self.server.as_mut() {
                 let conn = s.conn.get_mut();
-                conn.buf.reserve(READ_CHUNK);
+                read_space(&mut conn.buf);
                 match poll_read_buf(Pin::new(&mut conn.stream), cx, &mut conn.buf) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
                         return Poll::Ready(Err(End::ServerGone))
@@ -471,6 +475,21 @@ impl Wrote {
             Wrote::Bytes(n) => Ev::ServerOut(n),
             Wrote::Flushed => Ev::ServerFlushed,
         }
+    }
+}
+
+/// Makes room for a read without holding big buffers for idle sessions: at least 512 bytes free, growing
+/// geometrically while reads keep filling the buffer.
+fn read_space(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < 512 {
+        buf.reserve(buf.capacity().max(READ_MIN));
+    }
+}
+
+/// Gives back the memory of a buffer that grew for a burst once it is empty again.
+fn trim(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > OUT_HIGH_WATER {
+        *buf = BytesMut::new();
     }
 }
 

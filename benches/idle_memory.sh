@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Proxy memory per idle client connection: N connections without a tenant (client side only), and M connections
+# of a tenant in session mode (each also holds a pooled backend connection).
+#   bash benches/idle_memory.sh        N=1000 M=200
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/pg-lib.sh
+N="${N:-1000}"
+M="${M:-200}"
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+python3 -c 'import psycopg' 2>/dev/null || python3 -m pip install --quiet 'psycopg[binary]'
+cargo build --release --quiet
+pg_setup_workdir
+pg_start main
+pg_sql "$main_PORT" postgres "ALTER SYSTEM SET max_connections = $((M + 50))" >/dev/null
+as_pg "$PG_BIN/pg_ctl" -D "$PG_WORKDIR/main" -w restart >/dev/null
+pg_sql "$main_PORT" postgres "CREATE DATABASE app" >/dev/null
+PORT="$(free_port)"
+cat > "$PG_WORKDIR/pgtenant.toml" <<TOML
+[proxy]
+listen = "127.0.0.1:$PORT"
+admin_socket = "$PG_WORKDIR/admin.sock"
+state_dir = "$PG_WORKDIR/state"
+max_client_conn = $((N + M + 100))
+workers = 1
+[[users]]
+name = "app"
+password = "secret"
+tenants = ["*"]
+[backends.main]
+host = "127.0.0.1"
+port = $main_PORT
+database = "app"
+pool_size = $M
+[tenants.acme]
+backend = "main"
+TOML
+measure() { # user count: a fresh proxy for each measurement, so freed memory is not reused
+  RUST_LOG=pgtenant=warn ./target/release/pgtenant serve --config "$PG_WORKDIR/pgtenant.toml" &
+  local pid=$!
+  PG_CLEANUP_EXTRA+=("$pid")
+  wait_port "$PORT"
+  python3 benches/idle_memory.py "$pid" "host=127.0.0.1 port=$PORT user=$1 dbname=app password=secret" "$2"
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  sleep 0.5
+}
+echo "without a tenant (client side only):"
+measure app "$N"
+echo "with a tenant in session mode (client side plus the pooled backend connection it holds):"
+measure app.acme "$M"
