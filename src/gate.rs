@@ -41,15 +41,27 @@ pub struct Gate {
     drained: Notify,
 }
 
-/// Held by a session from the first message of a transaction to the ReadyForQuery that ends it.
+/// Held by a session from the first message of a transaction to the ReadyForQuery that ends it. It owns the
+/// session's handle on the gate for that time, so taking and giving back a pass costs no reference counting.
 pub struct GatePass {
-    gate: Arc<Gate>,
+    gate: Option<Arc<Gate>>,
+}
+
+impl GatePass {
+    /// Ends the transaction's hold on the gate and hands the gate back.
+    pub fn leave(mut self) -> Option<Arc<Gate>> {
+        let gate = self.gate.take();
+        if let Some(g) = &gate {
+            g.exit();
+        }
+        gate
+    }
 }
 
 impl Drop for GatePass {
     fn drop(&mut self) {
-        if self.gate.active.fetch_sub(1, SeqCst) == 1 && self.gate.closed.load(SeqCst) {
-            self.gate.drained.notify_waiters();
+        if let Some(g) = self.gate.take() {
+            g.exit();
         }
     }
 }
@@ -83,38 +95,48 @@ impl Gate {
         self.lock().waiters.len()
     }
 
-    fn try_pass(self: &Arc<Self>) -> Option<GatePass> {
+    fn exit(&self) {
+        if self.active.fetch_sub(1, SeqCst) == 1 && self.closed.load(SeqCst) {
+            self.drained.notify_waiters();
+        }
+    }
+
+    /// The open-gate fast path: a pass, or the gate back when it is closed.
+    pub fn try_pass(self: Arc<Self>) -> Result<GatePass, Arc<Gate>> {
         if self.closed.load(SeqCst) {
-            return None;
+            return Err(self);
         }
         self.active.fetch_add(1, SeqCst);
-        let pass = GatePass { gate: self.clone() };
         if self.closed.load(SeqCst) {
-            drop(pass);
-            return None;
+            self.exit();
+            return Err(self);
         }
-        Some(pass)
+        Ok(GatePass { gate: Some(self) })
     }
 
     /// Lets a session start a transaction, waiting (FIFO, at most `max_queued` waiting, at most `wait`) while the
-    /// gate is closed.
+    /// gate is closed. On refusal the gate is handed back with the reason.
     pub async fn enter(
-        self: &Arc<Self>,
+        self: Arc<Self>,
         max_queued: usize,
         wait: Duration,
-    ) -> Result<GatePass, GateError> {
+    ) -> Result<GatePass, (Arc<Gate>, GateError)> {
         let deadline = tokio::time::Instant::now() + wait;
+        let mut gate = self;
         loop {
-            if let Some(pass) = self.try_pass() {
-                return Ok(pass);
-            }
+            gate = match gate.try_pass() {
+                Ok(pass) => return Ok(pass),
+                Err(g) => g,
+            };
             let (id, rx) = {
-                let mut q = self.lock();
-                if !self.closed.load(SeqCst) {
+                let mut q = gate.lock();
+                if !gate.closed.load(SeqCst) {
                     continue;
                 }
                 if q.waiters.len() >= max_queued {
-                    return Err(GateError::QueueFull(self.tenant.to_string()));
+                    let e = GateError::QueueFull(gate.tenant.to_string());
+                    drop(q);
+                    return Err((gate, e));
                 }
                 let (tx, rx) = oneshot::channel();
                 let id = q.next_id;
@@ -123,11 +145,9 @@ impl Gate {
                 (id, rx)
             };
             if tokio::time::timeout_at(deadline, rx).await.is_err() {
-                self.lock().waiters.retain(|(w, _)| *w != id);
-                return Err(GateError::WaitTimeout(
-                    self.tenant.to_string(),
-                    wait.as_millis() as u64,
-                ));
+                gate.lock().waiters.retain(|(w, _)| *w != id);
+                let e = GateError::WaitTimeout(gate.tenant.to_string(), wait.as_millis() as u64);
+                return Err((gate, e));
             }
         }
     }
@@ -201,7 +221,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn open_gate_admits_at_once() {
         let g = gate();
-        let p = g.enter(10, Duration::from_secs(1)).await.unwrap();
+        let p = g
+            .clone()
+            .enter(10, Duration::from_secs(1))
+            .await
+            .ok()
+            .unwrap();
         assert_eq!(g.active(), 1);
         drop(p);
         assert_eq!(g.active(), 0);
@@ -210,14 +235,19 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn closed_gate_queues_in_order_and_drains() {
         let g = gate();
-        let running = g.enter(10, Duration::from_secs(1)).await.unwrap();
+        let running = g
+            .clone()
+            .enter(10, Duration::from_secs(1))
+            .await
+            .ok()
+            .unwrap();
         assert!(g.close());
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
         for i in 0..3 {
             let (g, order) = (g.clone(), order.clone());
             tasks.push(tokio::spawn(async move {
-                let pass = g.enter(10, Duration::from_secs(60)).await.unwrap();
+                let pass = g.enter(10, Duration::from_secs(60)).await.ok().unwrap();
                 order.lock().unwrap().push(i);
                 drop(pass);
             }));
@@ -242,12 +272,16 @@ mod tests {
         let g = gate();
         g.close();
         let g2 = g.clone();
-        let waiter =
-            tokio::spawn(async move { g2.enter(1, Duration::from_secs(5)).await.map(drop) });
+        let waiter = tokio::spawn(async move {
+            g2.enter(1, Duration::from_secs(5))
+                .await
+                .map(drop)
+                .map_err(|(_, e)| e)
+        });
         tokio::task::yield_now().await;
         assert!(matches!(
-            g.enter(1, Duration::from_secs(5)).await,
-            Err(GateError::QueueFull(_))
+            g.clone().enter(1, Duration::from_secs(5)).await,
+            Err((_, GateError::QueueFull(_)))
         ));
         assert!(matches!(
             waiter.await.unwrap(),

@@ -2,8 +2,10 @@
 //! connection, and takes on or gives up a backend connection.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use super::session::{connect_server, Attached, End, Session};
+use crate::gate::{Gate, GateError, GatePass};
 use crate::metrics::ErrorKind;
 use crate::protocol::{messages, sqlstate, PgError};
 use crate::sessions::SessionRoute;
@@ -25,26 +27,20 @@ impl Session {
         if self.pass.is_some() || matches!(tag, b'S' | b'H' | b'd' | b'c' | b'f') {
             return Ok(None);
         }
-        let Some(gate) = self.gate.clone() else {
+        let Some(gate) = self.gate.take() else {
             return Ok(None);
         };
-        let (max_queued, wait) = {
-            let c = self.shared.config.load();
-            (
-                c.migration.max_queued_per_tenant,
-                c.proxy.query_wait_timeout(),
-            )
-        };
-        let entered = tokio::select! {
-            r = gate.enter(max_queued, wait) => r,
-            _ = self.shared.terminate.fired() => return Err(End::Shutdown),
+        let entered = match gate.try_pass() {
+            Ok(pass) => Ok(pass),
+            Err(gate) => self.wait_at_gate(gate).await?,
         };
         match entered {
             Ok(pass) => self.pass = Some(pass),
-            Err(e) => {
+            Err((gate, e)) => {
+                self.gate = Some(gate);
                 self.count_error(match e {
-                    crate::gate::GateError::QueueFull(_) => ErrorKind::QueueFull,
-                    crate::gate::GateError::WaitTimeout(..) => ErrorKind::GateTimeout,
+                    GateError::QueueFull(_) => ErrorKind::QueueFull,
+                    GateError::WaitTimeout(..) => ErrorKind::GateTimeout,
                 });
                 return Ok(Some(PgError::error(
                     sqlstate::QUERY_CANCELED,
@@ -66,11 +62,34 @@ impl Session {
         }
     }
 
+    /// The slow path: the gate is closed, so wait in its queue (or until the proxy shuts down).
+    async fn wait_at_gate(
+        &mut self,
+        gate: Arc<Gate>,
+    ) -> Result<Result<GatePass, (Arc<Gate>, GateError)>, End> {
+        let (max_queued, wait) = {
+            let c = self.shared.config.load();
+            (
+                c.migration.max_queued_per_tenant,
+                c.proxy.query_wait_timeout(),
+            )
+        };
+        let fallback = gate.clone();
+        tokio::select! {
+            r = gate.enter(max_queued, wait) => Ok(r),
+            _ = self.shared.terminate.fired() => {
+                self.gate = Some(fallback);
+                Err(End::Shutdown)
+            }
+        }
+    }
+
     /// The current transaction is over: give back the gate pass and count it.
     pub(super) fn end_transaction(&mut self, completed: bool) {
-        if self.pass.take().is_none() {
+        let Some(pass) = self.pass.take() else {
             return;
-        }
+        };
+        self.gate = pass.leave();
         self.handle
             .info
             .in_transaction
