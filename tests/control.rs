@@ -689,3 +689,35 @@ async fn reload_applies_what_it_can_and_an_invalid_file_changes_nothing() {
     );
     assert!(c.query_one("SELECT 1", &[]).await.is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extended_protocol_copy_ends_its_transaction() {
+    // tokio-postgres runs COPY through the extended protocol; the Sync it sends with the COPY is ignored by the
+    // backend, so the proxy must not wait for a reply to it (or the tenant could never be paused again).
+    use futures_util::SinkExt;
+    let w = clusters();
+    let p = harness(&w).start().await;
+    let c = p.connect("app.acme", "app").await.unwrap();
+    c.batch_execute("CREATE TABLE cp (n int)").await.unwrap();
+    let sink = c.copy_in("COPY cp FROM STDIN").await.unwrap();
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from_static(b"1\n2\n3\n"))
+        .await
+        .unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 3);
+    let r = p
+        .admin_ok(json!({"cmd": "pause", "tenant": "acme", "timeout_ms": 1000}))
+        .await;
+    assert_eq!(r["drained"], true, "{r}");
+    p.admin_ok(json!({"cmd": "resume", "tenant": "acme"})).await;
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM cp", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 3);
+    // And it still follows a route change.
+    p.admin_ok(json!({"cmd": "tenant.set", "tenant": "acme", "backend": "dedicated", "schema": "tenant_acme"}))
+        .await;
+    assert_eq!(who(&c).await, "dedicated");
+}

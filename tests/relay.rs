@@ -525,3 +525,55 @@ async fn backend_death_is_reported_to_the_client() {
     );
     drop(pg);
 }
+
+fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = vec![tag];
+    v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+fn parse(sql: &str) -> Vec<u8> {
+    let mut body = vec![0u8];
+    body.extend_from_slice(sql.as_bytes());
+    body.extend_from_slice(&[0, 0, 0]);
+    frame(b'P', &body)
+}
+
+fn bind_execute() -> Vec<u8> {
+    let mut v = frame(b'B', &[0, 0, 0, 0, 0, 0, 0, 0]);
+    v.extend(frame(b'E', &[0, 0, 0, 0, 0]));
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_tenant_statement_fails_its_whole_batch() {
+    let (pg, proxy) = setup(&[]).await;
+    pg.psql("app", "CREATE TABLE tenant_acme.b (n int)");
+    let mut s = raw_login(proxy.port(), &[("user", "dev.acme"), ("database", "app")]).await;
+    // One batch: an INSERT, then SET pgtenant.tenant, then Sync. PostgreSQL would fail the batch at the second
+    // statement and roll the implicit transaction back; the proxy must do the same.
+    let mut batch = parse("INSERT INTO b VALUES (1)");
+    batch.extend(bind_execute());
+    batch.extend(parse("SET pgtenant.tenant = 'acme'"));
+    batch.extend(bind_execute());
+    batch.extend(frame(b'S', b""));
+    s.write_all(&batch).await.unwrap();
+    let err = read_until(&mut s, b'E').await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&err).contains("0A000"),
+        "{}",
+        String::from_utf8_lossy(&err)
+    );
+    assert_eq!(read_until(&mut s, b'Z').await.unwrap(), b"I");
+    assert_eq!(pg.psql("app", "SELECT count(*) FROM tenant_acme.b"), "0");
+    // The session goes on.
+    s.write_all(&frame(b'Q', b"INSERT INTO b VALUES (2)\0"))
+        .await
+        .unwrap();
+    assert_eq!(read_until(&mut s, b'Z').await.unwrap(), b"I");
+    assert_eq!(
+        pg.psql("app", "SELECT string_agg(n::text, ',') FROM tenant_acme.b"),
+        "2"
+    );
+}

@@ -11,6 +11,15 @@ use crate::protocol::{messages, sqlstate, PgError};
 use crate::sessions::SessionRoute;
 use crate::tenant::TenantId;
 
+/// Whether a frame that may start new work can go to the backend now.
+pub(super) enum Admission {
+    Go,
+    /// Refuse the frame with this error; nothing of it reaches the backend.
+    Refuse(PgError),
+    /// Not yet: the backend still owes replies to earlier frames. The session blocks until it does not.
+    Wait,
+}
+
 /// Why work could not start.
 pub(super) enum Refusal {
     /// This statement fails; the session goes on.
@@ -21,14 +30,19 @@ pub(super) enum Refusal {
 
 impl Session {
     /// Called before forwarding a frame. At an idle boundary it waits at the tenant's gate and follows a changed
-    /// route; `Ok(Some(err))` means the frame must be refused with `err` and not forwarded.
-    pub(super) async fn begin_work(&mut self, tag: u8) -> Result<Option<PgError>, End> {
+    /// route. New work starts only once the backend owes nothing (a Sync the proxy forwarded on its own, or an
+    /// exempt frame, may still be answered), so a refusal or a move never overtakes owed replies.
+    pub(super) async fn begin_work(&mut self, tag: u8) -> Result<Admission, End> {
         // Sync, Flush and stray copy messages start nothing.
         if self.pass.is_some() || matches!(tag, b'S' | b'H' | b'd' | b'c' | b'f') {
-            return Ok(None);
+            return Ok(Admission::Go);
+        }
+        if self.server.as_ref().is_some_and(|s| s.pending > 0) {
+            self.blocked = true;
+            return Ok(Admission::Wait);
         }
         let Some(gate) = self.gate.take() else {
-            return Ok(None);
+            return Ok(Admission::Go);
         };
         let entered = match gate.try_pass() {
             Ok(pass) => Ok(pass),
@@ -42,7 +56,7 @@ impl Session {
                     GateError::QueueFull(_) => ErrorKind::QueueFull,
                     GateError::WaitTimeout(..) => ErrorKind::GateTimeout,
                 });
-                return Ok(Some(PgError::error(
+                return Ok(Admission::Refuse(PgError::error(
                     sqlstate::QUERY_CANCELED,
                     format!("canceling statement: {e}"),
                 )));
@@ -53,10 +67,10 @@ impl Session {
             .in_transaction
             .store(true, Ordering::Relaxed);
         match self.follow_route().await {
-            Ok(()) => Ok(None),
+            Ok(()) => Ok(Admission::Go),
             Err(Refusal::Statement(e)) => {
                 self.end_transaction(false);
-                Ok(Some(e))
+                Ok(Admission::Refuse(e))
             }
             Err(Refusal::Session(e)) => Err(End::Fatal(e)),
         }
@@ -129,11 +143,31 @@ impl Session {
             self.publish_route();
             return Ok(());
         }
+        // A new route on the same backend and database draws from the same pool: give the old connection back
+        // first, or a full pool would refuse every move. Without a connection the session cannot go on if the
+        // checkout then fails.
+        let same_pool = self
+            .route
+            .as_ref()
+            .is_some_and(|old| old.backend == route.backend && old.database == route.database);
+        if same_pool {
+            self.cancel.slot.set(None);
+            if let Some(old) = self.server.take() {
+                old.release_idle();
+            }
+        }
         let attached = connect_server(&self.shared, &self.info, &tenant)
             .await
             .map_err(|e| {
                 self.count_error(ErrorKind::MoveFailed);
-                Refusal::Statement(e)
+                if same_pool {
+                    Refusal::Session(PgError {
+                        severity: crate::protocol::messages::Severity::Fatal,
+                        ..e
+                    })
+                } else {
+                    Refusal::Statement(e)
+                }
             })?;
         self.install(Some(tenant), Some(attached));
         self.shared.metrics.moves.increment(1);

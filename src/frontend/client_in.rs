@@ -3,14 +3,16 @@
 
 use bytes::Buf;
 
-use super::session::{move_bytes, End, Session, SkipEnd};
+use super::boundary::Admission;
+use super::session::{move_bytes, End, Session, SkipEnd, OUT_HIGH_WATER};
 use crate::protocol::frame::Scan;
 use crate::protocol::{inspect, messages, sql, sqlstate, PgError};
 
 impl Session {
     /// Handles every frame the client has sent, until input runs out or a statement must wait.
     pub(super) async fn on_client_input(&mut self) -> Result<(), End> {
-        while !self.blocked {
+        // Stop while our own answers pile up unread: a client that never reads cannot grow them without bound.
+        while !self.blocked && self.cout.len() < OUT_HIGH_WATER {
             let step = self
                 .cscan
                 .next(&self.cin, |t| matches!(t, b'Q' | b'P'))
@@ -22,7 +24,11 @@ impl Session {
                 }
                 Scan::Rest(n) => self.pass_client(n),
                 Scan::Head { header, avail } => {
-                    self.client_head(header.tag).await?;
+                    if !self.client_head(header.tag).await? {
+                        // Not now: leave the frame where it is and read its header again later.
+                        self.cscan.rewind();
+                        return Ok(());
+                    }
                     self.pass_client(avail);
                 }
                 Scan::Whole(h) => self.client_frame(h.tag, h.total).await?,
@@ -32,20 +38,25 @@ impl Session {
     }
 
     /// The start of a frame too large to hold whole: it streams through uninspected, or is dropped when refused.
-    async fn client_head(&mut self, tag: u8) -> Result<(), End> {
+    /// `Ok(false)`: it must wait (the session is blocked until the backend owes nothing).
+    async fn client_head(&mut self, tag: u8) -> Result<bool, End> {
         if self.skip.is_some() || self.discarding {
-            return Ok(());
+            return Ok(true);
         }
         if self.server.is_none() {
             self.unrouted(tag, None).await?;
             self.discarding = true;
-        } else if let Some(err) = self.begin_work(tag).await? {
-            self.refuse(tag, err);
-            self.discarding = true;
-        } else {
-            self.count_request(tag);
+            return Ok(true);
         }
-        Ok(())
+        match self.begin_work(tag).await? {
+            Admission::Go => self.count_request(tag),
+            Admission::Wait => return Ok(false),
+            Admission::Refuse(err) => {
+                self.refuse(tag, err);
+                self.discarding = true;
+            }
+        }
+        Ok(true)
     }
 
     async fn client_frame(&mut self, tag: u8, total: usize) -> Result<(), End> {
@@ -71,16 +82,18 @@ impl Session {
             _ => sql::Recognised::Pass,
         };
         match (tag, recognised) {
-            (_, sql::Recognised::Pass) => {
-                if let Some(err) = self.begin_work(tag).await? {
+            (_, sql::Recognised::Pass) => match self.begin_work(tag).await? {
+                Admission::Wait => {}
+                Admission::Refuse(err) => {
                     self.cin.advance(total);
                     self.refuse(tag, err);
-                    return Ok(());
                 }
-                self.note_session_state(tag, total);
-                self.count_request(tag);
-                self.pass_client(total);
-            }
+                Admission::Go => {
+                    self.note_session_state(tag, total);
+                    self.count_request(tag);
+                    self.pass_client(total);
+                }
+            },
             (b'Q', r) => {
                 if self.server.as_ref().is_some_and(|s| s.pending > 0) {
                     // Answer only after every reply the backend owes has reached the client.
@@ -90,21 +103,36 @@ impl Session {
                 self.cin.advance(total);
                 self.answer_simple(r).await;
             }
-            (_, _) => {
-                // A tenant statement in the extended protocol: refuse it and skip to Sync, as PostgreSQL does
-                // after an error; the error goes out in order, just before the reply to that Sync.
-                self.cin.advance(total);
-                self.skip = Some(SkipEnd::ForwardSync);
-                let owed = self.server.as_ref().map_or(0, |s| s.pending);
-                self.inject = Some((
-                    owed,
-                    PgError::error(
-                        sqlstate::FEATURE_NOT_SUPPORTED,
-                        "pgtenant.tenant statements are only accepted in the simple query protocol",
-                    ),
-                ));
-            }
+            (_, _) => self.refuse_in_batch(tag, total).await?,
         }
+        Ok(())
+    }
+
+    /// A tenant statement in the extended protocol is refused where it stands in its batch, as PostgreSQL
+    /// would fail it: an Execute that must fail takes its place (so the batch's earlier statements are not
+    /// committed by a bare Sync), its error is replaced by ours, and the rest is skipped up to the client's Sync,
+    /// which the backend answers.
+    async fn refuse_in_batch(&mut self, tag: u8, total: usize) -> Result<(), End> {
+        let err = PgError::error(
+            sqlstate::FEATURE_NOT_SUPPORTED,
+            "pgtenant.tenant statements are only accepted in the simple query protocol",
+        );
+        match self.begin_work(tag).await? {
+            Admission::Wait => return Ok(()),
+            Admission::Refuse(gate_err) => {
+                self.cin.advance(total);
+                self.refuse(tag, gate_err);
+                return Ok(());
+            }
+            Admission::Go => {}
+        }
+        self.cin.advance(total);
+        if let Some(s) = self.server.as_mut() {
+            messages::execute_refused(&mut s.out);
+            s.note_sent(b'E');
+            s.replace_error = Some(err);
+        }
+        self.skip = Some(SkipEnd::ForwardSync);
         Ok(())
     }
 
@@ -126,8 +154,8 @@ impl Session {
         self.skip = None;
         match (how, self.server.as_mut()) {
             (SkipEnd::ForwardSync, Some(s)) => {
-                s.pending += 1;
                 messages::sync(&mut s.out);
+                s.note_sent(b'S');
             }
             _ => {
                 let status = self.status();
@@ -138,14 +166,9 @@ impl Session {
 
     fn count_request(&mut self, tag: u8) {
         if let Some(s) = self.server.as_mut() {
-            match tag {
-                b'Q' | b'F' => {
-                    s.pending += 1;
-                    self.queries += 1;
-                }
-                b'S' => s.pending += 1,
-                b'E' => self.queries += 1,
-                _ => {}
+            s.note_sent(tag);
+            if matches!(tag, b'Q' | b'E' | b'F') {
+                self.queries += 1;
             }
         }
     }
@@ -169,22 +192,29 @@ impl Session {
         let frame = &self.cin[..total];
         match tag {
             b'P' => {
-                if let Some((name, _)) =
-                    inspect::parse_statement(frame).filter(|(n, _)| !n.is_empty())
+                let Some((name, text)) = inspect::parse_statement(frame) else {
+                    return;
+                };
+                if self.pinned.is_none() {
+                    self.pinned = sql::session_state_hint(text);
+                }
+                if name.is_empty() {
+                    return;
+                }
+                if self.statements.len() >= MAX_TRACKED_STATEMENTS
+                    || name.len() > MAX_STATEMENT_NAME
                 {
-                    if self.statements.len() >= MAX_TRACKED_STATEMENTS {
-                        self.pinned = Some("too many prepared statements to track");
-                    } else {
-                        self.statements.insert(name.into());
-                    }
+                    self.pinned = Some("too many or too long prepared statement names to track");
+                } else {
+                    self.statements.insert(name.into());
                 }
             }
             b'C' => {
-                if let Some(name) = frame
+                let name = frame
                     .get(5..)
                     .and_then(|b| b.strip_prefix(b"S"))
-                    .and_then(|b| b.strip_suffix(&[0]))
-                {
+                    .and_then(|b| b.strip_suffix(&[0]));
+                if let Some(name) = name {
                     self.statements.remove(name);
                 }
             }
@@ -202,5 +232,7 @@ impl Session {
     }
 }
 
-/// Beyond this many open named statements a session is simply pinned.
-const MAX_TRACKED_STATEMENTS: usize = 10_000;
+/// Beyond this many open named statements, or a name longer than this, a session is simply pinned (so tracking
+/// costs at most ~256 KiB per session).
+const MAX_TRACKED_STATEMENTS: usize = 1_000;
+const MAX_STATEMENT_NAME: usize = 256;

@@ -67,7 +67,7 @@ pub struct ClientInfo {
 pub(super) enum SkipEnd {
     /// Nothing of the batch reached a backend: answer the Sync ourselves.
     Local,
-    /// Part of the batch went to the backend: send it the Sync; the error is injected before its reply.
+    /// Part of the batch went to the backend: send it the Sync; the backend answers it.
     ForwardSync,
 }
 
@@ -83,19 +83,59 @@ pub(super) struct Server {
     pub status: u8,
     /// The backend already told the client it is ending (FATAL), so we need not.
     pub sent_fatal: bool,
+    /// Extended-protocol messages were sent since the last Sync: the batch is not finished.
+    pub batch_open: bool,
+    /// The backend is in copy-in mode (it ignores Sync there).
+    pub copy_in: bool,
+    /// Syncs sent since the last Execute or Query: those the backend will ignore if that started a COPY.
+    pub syncs_since_exec: u32,
+    /// The backend's next ErrorResponse (before the next ReadyForQuery) is replaced by this one.
+    pub replace_error: Option<PgError>,
 }
 
 impl Server {
+    /// Books a client frame sent to this backend: replies owed, batch and COPY state.
+    pub(super) fn note_sent(&mut self, tag: u8) {
+        match tag {
+            b'Q' => {
+                self.pending += 1;
+                self.syncs_since_exec = 0;
+            }
+            b'F' => self.pending += 1,
+            b'S' => {
+                self.batch_open = false;
+                // PostgreSQL ignores Sync during copy-in.
+                if !self.copy_in {
+                    self.pending += 1;
+                    self.syncs_since_exec += 1;
+                }
+            }
+            b'E' => {
+                self.batch_open = true;
+                self.syncs_since_exec = 0;
+            }
+            b'P' | b'B' | b'D' | b'C' => self.batch_open = true,
+            b'c' | b'f' => self.copy_in = false,
+            _ => {}
+        }
+    }
+
+    /// Nothing is owed, unsent, half-read or half-finished: the connection may be reset and reused.
+    fn quiet(&self) -> bool {
+        self.out.is_empty()
+            && self.pending == 0
+            && !self.batch_open
+            && !self.copy_in
+            && !self.scan.mid_frame()
+            && self.conn.get().buf.is_empty()
+    }
+
     pub(super) fn release_idle(self) {
         self.release(false)
     }
 
-    fn release(self, broken: bool) {
-        let clean = !broken
-            && self.out.is_empty()
-            && self.pending == 0
-            && !self.scan.mid_frame()
-            && self.conn.get().buf.is_empty();
+    pub(super) fn release(self, broken: bool) {
+        let clean = !broken && self.quiet();
         let state = match (clean, self.status) {
             (false, _) => ReleaseState::Dirty,
             (true, b'I') => ReleaseState::Idle,
@@ -160,8 +200,6 @@ pub struct Session {
     pub(super) tm: Option<Arc<TenantMetrics>>,
     /// Query/Execute messages in the current transaction, added to the tenant's counter when it ends.
     pub(super) queries: u64,
-    /// An error to put before a backend ReadyForQuery: after that many more ReadyForQuery have passed.
-    pub(super) inject: Option<(u32, PgError)>,
     /// A statement the proxy answers itself waits at the head of `cin` until the backend owes nothing.
     pub(super) blocked: bool,
 }
@@ -213,7 +251,6 @@ impl Session {
             cancel,
             skip: None,
             discarding: false,
-            inject: None,
             blocked: false,
             handle,
             gate: None,
@@ -256,7 +293,12 @@ impl Session {
                     trim(&mut self.cout);
                     // Plain TCP writes go straight to the socket; only TLS buffers and needs a flush.
                     self.cflush = self.client.is_tls();
-                    Ok(())
+                    // Input held back while our answers piled up can go on now.
+                    if self.cout.len() < OUT_HIGH_WATER && !self.cin.is_empty() {
+                        self.on_client_input().await
+                    } else {
+                        Ok(())
+                    }
                 }
                 Ok(Ev::ServerOut(n)) => {
                     if let Some(s) = self.server.as_mut() {
@@ -307,7 +349,10 @@ impl Session {
             }
         }
         let server_out = self.server.as_ref().map_or(0, |s| s.out.len());
-        if self.cin.len() < self.cin_need.max(CLIENT_IN_MAX) && server_out < OUT_HIGH_WATER {
+        if self.cin.len() < self.cin_need.max(CLIENT_IN_MAX)
+            && server_out < OUT_HIGH_WATER
+            && self.cout.len() < OUT_HIGH_WATER
+        {
             read_space(&mut self.cin);
             match poll_read_buf(Pin::new(&mut self.client), cx, &mut self.cin) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
@@ -349,11 +394,7 @@ impl Session {
     /// Forwards what the backend sent, noting transaction status and parameter changes on the way.
     fn on_server_input(&mut self) -> Result<(), End> {
         let Session {
-            server,
-            cout,
-            told,
-            inject,
-            ..
+            server, cout, told, ..
         } = self;
         let Some(s) = server.as_mut() else {
             return Ok(());
@@ -365,7 +406,7 @@ impl Session {
             let buf = &conn.buf[fwd..];
             let step = s
                 .scan
-                .next(buf, |t| matches!(t, b'Z' | b'S' | b'E'))
+                .next(buf, |t| matches!(t, b'Z' | b'S' | b'E' | b'G'))
                 .map_err(|e| {
                     debug!(error = %e, "backend sent a malformed frame");
                     End::ServerGone
@@ -379,16 +420,8 @@ impl Session {
                         b'Z' => {
                             s.status = inspect::ready_status(frame).unwrap_or(s.status);
                             s.pending = s.pending.saturating_sub(1);
-                            ended |= s.pending == 0 && s.status == b'I';
-                            if let Some((owed, err)) = inject.take() {
-                                if owed == 0 {
-                                    move_bytes(&mut conn.buf, cout, fwd);
-                                    fwd = 0;
-                                    err.encode(cout);
-                                } else {
-                                    *inject = Some((owed - 1, err));
-                                }
-                            }
+                            s.replace_error = None;
+                            ended |= s.pending == 0 && s.status == b'I' && !s.batch_open;
                         }
                         b'S' => {
                             if let Some((k, v)) = inspect::parameter_status(frame) {
@@ -396,6 +429,22 @@ impl Session {
                                 let (k, v) = (k.to_owned(), v.to_owned());
                                 conn.set_param(&k, &v);
                             }
+                        }
+                        b'G' => {
+                            // The Syncs sent after the Execute that started this COPY reach a backend in
+                            // copy-in mode, which ignores them: no ReadyForQuery will answer them.
+                            s.copy_in = true;
+                            s.pending = s.pending.saturating_sub(s.syncs_since_exec);
+                            s.syncs_since_exec = 0;
+                        }
+                        b'E' if s.replace_error.is_some() => {
+                            move_bytes(&mut conn.buf, cout, fwd);
+                            conn.buf.advance(h.total);
+                            fwd = 0;
+                            if let Some(e) = s.replace_error.take() {
+                                e.encode(cout);
+                            }
+                            continue;
                         }
                         _ => s.sent_fatal |= is_fatal(frame),
                     }
@@ -430,7 +479,8 @@ impl Session {
             _ => {}
         }
         if let Some(server) = self.server.take() {
-            server.release(broken);
+            // A client that died inside a frame left the backend holding part of it.
+            server.release(broken || self.cscan.mid_frame());
         }
         self.end_transaction(false);
         if let Some(tm) = self.tm.take() {
@@ -613,6 +663,10 @@ pub(super) async fn connect_server(
         pending: 0,
         status: b'I',
         sent_fatal: false,
+        batch_open: false,
+        copy_in: false,
+        syncs_since_exec: 0,
+        replace_error: None,
     };
     Ok(Attached {
         server,

@@ -99,6 +99,12 @@ impl Scanner {
         }
     }
 
+    /// Forgets a [`Scan::Head`] just returned, so the next call reads that frame's header again (the caller has
+    /// left the frame's bytes where they were).
+    pub fn rewind(&mut self) {
+        self.owed = 0;
+    }
+
     /// True between a [`Scan::Head`] and the last [`Scan::Rest`] of that frame.
     pub fn mid_frame(&self) -> bool {
         self.owed > 0

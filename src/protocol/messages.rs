@@ -177,6 +177,15 @@ pub fn command_complete(buf: &mut BytesMut, tag: &str) {
     frame(buf, b'C', |b| cstr(b, tag));
 }
 
+/// A frontend Execute of a portal that cannot exist: the backend answers it with an error at exactly this
+/// point of an extended-protocol batch, which the proxy then replaces with its own.
+pub fn execute_refused(buf: &mut BytesMut) {
+    frame(buf, b'E', |b| {
+        cstr(b, "pgtenant refused this statement");
+        b.put_i32(0);
+    });
+}
+
 /// A frontend Sync (the proxy sends one to end an extended-protocol batch it refused part of).
 pub fn sync(buf: &mut BytesMut) {
     frame(buf, b'S', |_| {});
