@@ -144,8 +144,11 @@ impl Gate {
                 q.waiters.push_back((id, tx));
                 (id, rx)
             };
-            if tokio::time::timeout_at(deadline, rx).await.is_err() {
-                gate.lock().waiters.retain(|(w, _)| *w != id);
+            // If this wait is abandoned (timeout, or the session going away), its place in the queue goes too.
+            let place = QueuePlace { gate: &gate, id };
+            let woken = tokio::time::timeout_at(deadline, rx).await.is_ok();
+            drop(place);
+            if !woken {
                 let e = GateError::WaitTimeout(gate.tenant.to_string(), wait.as_millis() as u64);
                 return Err((gate, e));
             }
@@ -186,6 +189,18 @@ impl Gate {
             let _ = tx.send(());
         }
         n
+    }
+}
+
+/// A waiter's place in the queue; dropping it removes the place if `open` has not taken it already.
+struct QueuePlace<'a> {
+    gate: &'a Gate,
+    id: u64,
+}
+
+impl Drop for QueuePlace<'_> {
+    fn drop(&mut self) {
+        self.gate.lock().waiters.retain(|(w, _)| *w != self.id);
     }
 }
 
@@ -288,5 +303,19 @@ mod tests {
             Err(GateError::WaitTimeout(..))
         ));
         assert_eq!(g.queued(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abandoned_wait_gives_up_its_place() {
+        let g = gate();
+        g.close();
+        let g2 = g.clone();
+        let waiter =
+            tokio::spawn(async move { g2.enter(1, Duration::from_secs(60)).await.is_ok() });
+        tokio::task::yield_now().await;
+        assert_eq!(g.queued(), 1);
+        waiter.abort();
+        let _ = waiter.await;
+        assert_eq!(g.queued(), 0, "the queue slot is free again");
     }
 }
