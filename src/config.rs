@@ -51,6 +51,13 @@ pub enum PoolMode {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
+pub enum PinnedAtMove {
+    Wait,
+    Disconnect,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum TenantSource {
     UserSuffix,
     Options,
@@ -116,6 +123,13 @@ pub struct ProxyConfig {
     /// On SIGTERM, sessions get this long to finish before they are closed. Reloadable.
     #[serde(default = "default_shutdown_timeout_ms")]
     pub shutdown_timeout_ms: u64,
+    /// A session whose tenant moved but whose state cannot follow it yet: `wait` keeps it on the old backend,
+    /// `disconnect` ends it (57P01) at its first statement after `pinned_grace_ms`. Reloadable.
+    #[serde(default = "default_pinned_at_move")]
+    pub pinned_at_move: PinnedAtMove,
+    /// Grace period for `pinned_at_move = "disconnect"`. Reloadable.
+    #[serde(default = "default_pinned_grace_ms")]
+    pub pinned_grace_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -254,6 +268,12 @@ fn default_server_idle_timeout_ms() -> u64 {
     600_000
 }
 fn default_shutdown_timeout_ms() -> u64 {
+    30_000
+}
+fn default_pinned_at_move() -> PinnedAtMove {
+    PinnedAtMove::Wait
+}
+fn default_pinned_grace_ms() -> u64 {
     30_000
 }
 fn default_pg_port() -> u16 {

@@ -61,6 +61,8 @@ pub struct Metrics {
     tenants: Mutex<HashMap<TenantId, Arc<TenantMetrics>>>,
     pub auth_failures: Counter,
     pub moves: Counter,
+    pub pinned_waits: Counter,
+    pub pinned_disconnects: Counter,
     pub cutover_pause: Histogram,
 }
 
@@ -155,6 +157,8 @@ impl Metrics {
         let counter = |name: &'static str| recorder.register_counter(&Key::from_name(name), &META);
         let auth_failures = counter("pgtenant_auth_failures_total");
         let moves = counter("pgtenant_session_moves_total");
+        let pinned_waits = counter("pgtenant_pinned_sessions_waited_total");
+        let pinned_disconnects = counter("pgtenant_pinned_sessions_disconnected_total");
         // Declared now so dashboards and alerts find them; the migration coordinator fills them.
         for name in [
             "migration_events_copied_total",
@@ -170,6 +174,8 @@ impl Metrics {
         let m = Metrics {
             auth_failures,
             moves,
+            pinned_waits,
+            pinned_disconnects,
             cutover_pause,
             tenants: Mutex::new(HashMap::new()),
             handle,

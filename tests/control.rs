@@ -721,3 +721,35 @@ async fn an_extended_protocol_copy_ends_its_transaction() {
         .await;
     assert_eq!(who(&c).await, "dedicated");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_sessions_wait_or_are_disconnected_by_configuration() {
+    let w = clusters();
+    let p = harness(&w)
+        .proxy("pinned_at_move = \"disconnect\"")
+        .proxy("pinned_grace_ms = 300")
+        .proxy("metrics_listen = \"127.0.0.1:0\"")
+        .start()
+        .await;
+    let pinned = p.connect("app.acme", "app").await.unwrap();
+    pinned.batch_execute("SET work_mem = '8MB'").await.unwrap();
+    let free = p.connect("app.acme", "app").await.unwrap();
+    p.admin_ok(json!({"cmd": "tenant.set", "tenant": "acme", "backend": "dedicated", "schema": "tenant_acme"}))
+        .await;
+    // Within the grace period the pinned session stays where it is; a free one moves.
+    assert_eq!(who(&pinned).await, "tenant_acme");
+    assert_eq!(who(&free).await, "dedicated");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let e = pinned.query_one("SELECT 1", &[]).await.unwrap_err();
+    assert_eq!(code(&e), "57P01", "{e}");
+    assert!(common::message(&e).contains("session SET"), "{e}");
+    let (_, body) = http_get(p.proxy.metrics_addr().unwrap(), "/metrics").await;
+    assert!(
+        body.contains("pgtenant_pinned_sessions_waited_total 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("pgtenant_pinned_sessions_disconnected_total 1"),
+        "{body}"
+    );
+}

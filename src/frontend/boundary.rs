@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::session::{connect_server, Attached, End, Session};
+use crate::config::PinnedAtMove;
 use crate::gate::{Gate, GateError, GatePass};
 use crate::metrics::ErrorKind;
 use crate::protocol::{messages, sqlstate, PgError};
@@ -136,13 +137,16 @@ impl Session {
                 format!("tenant \"{tenant}\" was removed"),
             )));
         };
-        if self.route.as_deref() == Some(&*route) || self.pin_reason().is_some() {
-            if self.pin_reason().is_none() {
-                self.epoch = epoch;
-            }
+        if self.route.as_deref() == Some(&*route) {
+            self.epoch = epoch;
+            self.stale_since = None;
             self.publish_route();
             return Ok(());
         }
+        if let Some(reason) = self.pin_reason() {
+            return self.pinned_on_old_route(&tenant, reason);
+        }
+        self.stale_since = None;
         // A new route on the same backend and database draws from the same pool: give the old connection back
         // first, or a full pool would refuse every move. Without a connection the session cannot go on if the
         // checkout then fails.
@@ -171,6 +175,38 @@ impl Session {
             })?;
         self.install(Some(tenant), Some(attached));
         self.shared.metrics.moves.increment(1);
+        Ok(())
+    }
+
+    /// The tenant moved but this session's state cannot follow it yet: keep it on the old backend, or end it
+    /// after the grace period, as configured. Both are counted.
+    fn pinned_on_old_route(
+        &mut self,
+        tenant: &TenantId,
+        reason: &'static str,
+    ) -> Result<(), Refusal> {
+        let (policy, grace) = {
+            let c = self.shared.config.load();
+            (
+                c.proxy.pinned_at_move,
+                std::time::Duration::from_millis(c.proxy.pinned_grace_ms),
+            )
+        };
+        let since = *self.stale_since.get_or_insert_with(|| {
+            self.shared.metrics.pinned_waits.increment(1);
+            std::time::Instant::now()
+        });
+        self.publish_route();
+        if policy == PinnedAtMove::Disconnect && since.elapsed() >= grace {
+            self.shared.metrics.pinned_disconnects.increment(1);
+            return Err(Refusal::Session(PgError::fatal(
+                sqlstate::ADMIN_SHUTDOWN,
+                format!(
+                    "terminating connection: tenant \"{tenant}\" moved to another backend and this session holds \
+                     state that cannot follow it ({reason}); reconnect"
+                ),
+            )));
+        }
         Ok(())
     }
 

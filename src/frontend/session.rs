@@ -195,6 +195,8 @@ pub struct Session {
     pub(super) epoch: u64,
     /// Why the session may not move to another backend (state that would not follow it), if anything.
     pub(super) pinned: Option<&'static str>,
+    /// Since when a route change has been waiting for this pinned session to unpin.
+    pub(super) stale_since: Option<std::time::Instant>,
     /// Named prepared statements the client created and has not closed (they pin the session while they exist).
     pub(super) statements: std::collections::HashSet<Box<[u8]>>,
     pub(super) tm: Option<Arc<TenantMetrics>>,
@@ -259,6 +261,7 @@ impl Session {
             epoch: 0,
             pinned: None,
             statements: Default::default(),
+            stale_since: None,
             tm: None,
             queries: 0,
         };
