@@ -52,8 +52,12 @@ pub struct Shared {
     pub removed: Mutex<BTreeSet<String>>,
     /// The file `reload` re-reads; `None` when the config did not come from a file.
     pub config_path: Option<PathBuf>,
-    /// False after a state write failed (reported by `/health`).
+    /// False after the routes file could not be written (reported by `/health`).
     pub state_ok: AtomicBool,
+    /// False after an audit entry could not be written (reported by `/health` until restart).
+    pub audit_ok: AtomicBool,
+    /// Serialises the commands that change routes (tenant set/remove, reload).
+    pub admin_lock: tokio::sync::Mutex<()>,
     pub started: Instant,
 }
 
@@ -92,6 +96,8 @@ impl Shared {
             removed: Mutex::new(removed),
             config_path,
             state_ok: AtomicBool::new(true),
+            audit_ok: AtomicBool::new(true),
+            admin_lock: tokio::sync::Mutex::new(()),
             started: Instant::now(),
             config: ArcSwap::from_pointee(config),
             users: ArcSwap::from_pointee(users),

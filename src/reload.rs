@@ -2,7 +2,6 @@
 //! users, new backends, backend pool sizes, new tenants, and the session settings of `[proxy]`. What needs a
 //! restart is reported. An invalid file changes nothing.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
@@ -29,24 +28,26 @@ pub fn reload(shared: &Arc<Shared>) -> Result<Done, AdminError> {
     })?;
     let new = Config::load(&path).map_err(|e| failed(e.to_string()))?;
     let old = shared.config.load_full();
-    let mut applied: Vec<String> = Vec::new();
     let mut restart = restart_only_changes(&old, &new);
+    // What will be in force: the new file with the start-only settings still running. It must be valid as a
+    // whole (e.g. a running TCP admin listener keeps needing a proper token).
+    let merged = keep_restart_only(&old, new);
+    merged.validate().map_err(|e| failed(e.to_string()))?;
 
-    let users = Users::from_config(&new.users).map_err(|e| failed(format!("users: {e}")))?;
-    let backends = plan_backends(shared, &new, &mut applied, &mut restart)?;
-    let new_tenants = plan_tenants(shared, &new, &backends)?;
-
-    // Everything is valid: apply.
-    shared.users.store(Arc::new(users));
-    applied.push("users".into());
-    shared.backends.store(Arc::new(backends));
+    // Plan everything first; nothing changes until every check has passed and the routes are on disk.
+    let users = Users::from_config(&merged.users).map_err(|e| failed(format!("users: {e}")))?;
+    let plan = plan_backends(shared, &merged, &mut restart)?;
+    let new_tenants = plan_tenants(shared, &merged, &plan.backends)?;
+    let mut applied = plan.applied;
     if !new_tenants.is_empty() {
         shared
             .router
             .update(
                 |routes| {
                     for (t, r) in &new_tenants {
-                        routes.insert(t.clone(), Arc::new(r.clone()));
+                        routes
+                            .entry(t.clone())
+                            .or_insert_with(|| Arc::new(r.clone()));
                     }
                     Ok(())
                 },
@@ -63,7 +64,13 @@ pub fn reload(shared: &Arc<Shared>) -> Result<Done, AdminError> {
                 .map(|(t, _)| format!("tenants.{t} (new)")),
         );
     }
-    shared.config.store(Arc::new(keep_restart_only(&old, new)));
+    for (backend, size) in plan.resize {
+        backend.set_pool_size(size);
+    }
+    shared.users.store(Arc::new(users));
+    applied.push("users".into());
+    shared.backends.store(Arc::new(plan.backends));
+    shared.config.store(Arc::new(merged));
     applied.push("proxy session settings".into());
     let result = json!({"applied": applied, "requires_restart": restart});
     Ok(Done {
@@ -116,18 +123,29 @@ fn keep_restart_only(old: &Config, mut new: Config) -> Config {
     new
 }
 
+/// What reload will do to the backends, decided before anything changes.
+struct BackendPlan {
+    backends: Backends,
+    /// Pool sizes to set once the reload is sure to go through.
+    resize: Vec<(Arc<Backend>, usize)>,
+    applied: Vec<String>,
+}
+
 /// The backend set after reload: unchanged and resized backends keep their pools; new ones are added; a backend
 /// whose address or credentials changed keeps running as it was (restart needed); removing a backend that a
 /// route uses is refused.
 fn plan_backends(
     shared: &Shared,
     new: &Config,
-    applied: &mut Vec<String>,
     restart: &mut Vec<String>,
-) -> Result<Backends, AdminError> {
+) -> Result<BackendPlan, AdminError> {
     let current = shared.backends.load();
     let table = shared.router.snapshot();
-    let mut by_name: HashMap<String, Arc<Backend>> = HashMap::new();
+    let mut plan = BackendPlan {
+        backends: Backends::default(),
+        resize: Vec::new(),
+        applied: Vec::new(),
+    };
     for (name, cfg) in &new.backends {
         match current.get(name) {
             Some(b) => {
@@ -136,16 +154,17 @@ fn plan_backends(
                 if same != *cfg {
                     restart.push(format!("backends.{name} (address, credentials or TLS)"));
                 } else if b.pool_size() != cfg.pool_size {
-                    b.set_pool_size(cfg.pool_size);
-                    applied.push(format!("backends.{name}.pool_size = {}", cfg.pool_size));
+                    plan.resize.push((b.clone(), cfg.pool_size));
+                    plan.applied
+                        .push(format!("backends.{name}.pool_size = {}", cfg.pool_size));
                 }
-                by_name.insert(name.clone(), b.clone());
+                plan.backends.by_name.insert(name.clone(), b.clone());
             }
             None => {
                 let b = Backend::new(name, cfg.clone(), timeouts(new))
                     .map_err(|e| failed(e.to_string()))?;
-                applied.push(format!("backends.{name} (new)"));
-                by_name.insert(name.clone(), b);
+                plan.applied.push(format!("backends.{name} (new)"));
+                plan.backends.by_name.insert(name.clone(), b);
             }
         }
     }
@@ -159,9 +178,9 @@ fn plan_backends(
                 "backend {name:?} is removed but tenant {t} still routes to it"
             )));
         }
-        applied.push(format!("backends.{name} (removed)"));
+        plan.applied.push(format!("backends.{name} (removed)"));
     }
-    Ok(Backends { by_name })
+    Ok(plan)
 }
 
 /// Tenants in the config that are neither routed nor removed through the admin socket.

@@ -209,19 +209,22 @@ impl HealthSource for Health {
 
     fn scrape(&self) -> String {
         let s = &self.0;
+        // Per backend (summed over its databases): database names can come from clients, labels must not.
         for backend in s.backends.load().by_name.values() {
+            let (mut open, mut idle) = (0, 0);
             for pool in backend.pools() {
-                let (open, idle) = pool.counts();
-                for (state, n) in [("idle", idle), ("active", open.saturating_sub(idle))] {
-                    let labels = vec![
-                        ::metrics::Label::new("backend", backend.name.clone()),
-                        ::metrics::Label::new("database", pool.database.clone()),
-                        ::metrics::Label::new("state", state),
-                    ];
-                    s.metrics
-                        .gauge("pgtenant_pool_connections", labels)
-                        .set(n as f64);
-                }
+                let (o, i) = pool.counts();
+                open += o;
+                idle += i;
+            }
+            for (state, n) in [("idle", idle), ("active", open - idle.min(open))] {
+                let labels = vec![
+                    ::metrics::Label::new("backend", backend.name.clone()),
+                    ::metrics::Label::new("state", state),
+                ];
+                s.metrics
+                    .gauge("pgtenant_pool_connections", labels)
+                    .set(n as f64);
             }
         }
         for t in s.router.load().routes.keys() {

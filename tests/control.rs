@@ -535,7 +535,7 @@ async fn metrics_and_health_endpoints() {
         "pgtenant_transactions_total{tenant=\"acme\"}",
         "pgtenant_queries_total{tenant=\"acme\"}",
         "pgtenant_errors_total{tenant=\"acme\",kind=\"gate_timeout\"} 0",
-        "pgtenant_pool_connections{backend=\"shared\",database=\"app\",state=\"active\"} 1",
+        "pgtenant_pool_connections{backend=\"shared\",state=\"active\"} 1",
         "pgtenant_auth_failures_total 1",
         "cutover_attempts_total 0",
         "dual_write_sync_lag_events 0",

@@ -54,6 +54,13 @@ pub async fn execute(shared: &Arc<Shared>, req: Request, actor: &str) -> Result<
         | Request::Resume { tenant } => Some(tenant.to_string()),
         _ => None,
     };
+    // Route changes (and reload) run one at a time, with their audit entry written before the next starts, so
+    // the log's order is the epochs' order and `removed` is never changed by two writers.
+    let _serial = if req.changes_routes() {
+        Some(shared.admin_lock.lock().await)
+    } else {
+        None
+    };
     let outcome = run(shared, req).await;
     if !mutates {
         return outcome.map(|d| d.result);
@@ -67,7 +74,7 @@ pub async fn execute(shared: &Arc<Shared>, req: Request, actor: &str) -> Result<
         .append(actor, command, tenant.as_deref(), before, after, &result)
     {
         shared
-            .state_ok
+            .audit_ok
             .store(false, std::sync::atomic::Ordering::Relaxed);
         return Err(AdminError::new(
             "audit_write_failed",
@@ -303,6 +310,11 @@ async fn pause(
     let gate = shared.gates.get(tenant);
     let started = Instant::now();
     let newly = gate.close();
+    if shared.router.load().get(tenant.as_str()).is_none() {
+        // Removed meanwhile: do not leave a gate closed for a tenant that may be added back later.
+        gate.open();
+        return Err(unknown_tenant(tenant));
+    }
     let timeout = Duration::from_millis(timeout_ms.unwrap_or(DEFAULT_PAUSE_TIMEOUT_MS));
     let drained = gate.wait_drained(timeout).await;
     let waited_ms = started.elapsed().as_secs_f64() * 1000.0;

@@ -57,6 +57,14 @@ impl Request {
         }
     }
 
+    /// Commands that change the routing table; they run one at a time.
+    pub fn changes_routes(&self) -> bool {
+        matches!(
+            self,
+            Request::TenantSet { .. } | Request::TenantRemove { .. } | Request::Reload
+        )
+    }
+
     /// Commands that change something (and so are written to the audit log).
     pub fn mutates(&self) -> bool {
         matches!(

@@ -17,8 +17,10 @@ use super::protocol::{self, AdminError, MAX_REQUEST_BYTES};
 use crate::auth::scram::constant_time_eq;
 use crate::context::Shared;
 
-/// Admin connections served at once; more wait for a free slot.
+/// Admin connections served at once; more wait for a free slot (unix) or are closed (TCP).
 const MAX_ADMIN_CONNECTIONS: usize = 16;
+/// An admin connection that sends nothing for this long is closed.
+const ADMIN_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 #[derive(Debug, Error)]
 pub enum AdminServerError {
@@ -50,16 +52,27 @@ pub fn bind_unix(path: &Path) -> Result<UnixListener, AdminServerError> {
 }
 
 pub async fn serve_unix(listener: UnixListener, shared: Arc<Shared>) {
+    use std::os::unix::fs::MetadataExt;
     let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    // Only the socket's owner (and root) may administer; this also covers the moment between bind and chmod.
+    let owner = std::fs::metadata(&shared.config.load().proxy.admin_socket)
+        .map(|m| m.uid())
+        .ok();
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((mut stream, _)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
-        let actor = match stream.peer_cred() {
-            Ok(c) => format!("uid:{}", c.uid()),
-            Err(_) => "uid:?".to_string(),
-        };
+        let uid = stream.peer_cred().ok().map(|c| c.uid());
+        if uid.is_none() || (uid != Some(0) && uid != owner) {
+            warn!(?uid, "admin connection from another user refused");
+            let mut answer =
+                protocol::err(&AdminError::new("unauthorized", "not the proxy's user"));
+            answer.push('\n');
+            let _ = stream.write_all(answer.as_bytes()).await;
+            continue;
+        }
+        let actor = format!("uid:{}", uid.unwrap_or_default());
         let (shared, slots) = (shared.clone(), slots.clone());
         tokio::spawn(async move {
             let Ok(_slot) = slots.acquire_owned().await else {
@@ -120,9 +133,9 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
             let _ = stream.write_all(answer.as_bytes()).await;
             return;
         }
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        match tokio::time::timeout(ADMIN_IDLE_TIMEOUT, stream.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
         }
     }
 }

@@ -129,10 +129,16 @@ impl AuditLog {
         let mut line = serde_json::to_string(&entry).unwrap_or_default();
         line.push('\n');
         let err = |e| StateError::io(&self.path, e);
-        tail.file.write_all(line.as_bytes()).map_err(err)?;
-        tail.file.sync_data().map_err(err)?;
+        let len_before = tail.file.metadata().map_err(err)?.len();
+        if let Err(e) = tail.file.write_all(line.as_bytes()) {
+            // Never leave half a line for the next entry to be glued onto.
+            let _ = tail.file.set_len(len_before);
+            return Err(err(e));
+        }
+        // The line is in the file now: the chain moves on even if the fsync below fails.
         tail.seq = entry.seq;
         tail.sum = entry.sum.clone().unwrap_or_default();
+        tail.file.sync_data().map_err(err)?;
         Ok(entry)
     }
 
