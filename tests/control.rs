@@ -30,6 +30,16 @@ fn harness(w: &Two) -> Harness {
         .tenant("globex", "shared", None, Some("tenant_globex"))
 }
 
+async fn show(c: &tokio_postgres::Client, what: &str) -> String {
+    let rows = c.simple_query(&format!("SHOW {what}")).await.unwrap();
+    rows.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .unwrap()
+}
+
 async fn who(c: &tokio_postgres::Client) -> String {
     c.query_one("SELECT who FROM t", &[]).await.unwrap().get(0)
 }
@@ -215,7 +225,27 @@ async fn a_route_flip_moves_sessions_at_their_next_transaction() {
     let pinned = p.connect("app.acme", "app").await.unwrap();
     let other = p.connect("app.globex", "app").await.unwrap();
     assert_eq!(who(&mover).await, "tenant_acme");
-    pinned.batch_execute("SET work_mem = '8MB'").await.unwrap();
+    pinned.batch_execute("LISTEN jobs").await.unwrap();
+    // A session with state the proxy carries: a SET, an SQL PREPARE, a protocol-level prepared statement,
+    // and a SET made inside a rolled-back transaction (which must not come along).
+    let stateful = p.connect("app.acme", "app").await.unwrap();
+    stateful
+        .batch_execute("SET work_mem = '8MB'")
+        .await
+        .unwrap();
+    stateful
+        .batch_execute("PREPARE q AS SELECT who FROM t")
+        .await
+        .unwrap();
+    stateful
+        .batch_execute("BEGIN; SET statement_timeout = '7s'; ROLLBACK")
+        .await
+        .unwrap();
+    stateful
+        .batch_execute("SET LOCAL lock_timeout = '3s'")
+        .await
+        .unwrap();
+    let kept = stateful.prepare("SELECT who || '!' FROM t").await.unwrap();
     in_tx.batch_execute("BEGIN").await.unwrap();
     assert_eq!(who(&in_tx).await, "tenant_acme");
 
@@ -254,7 +284,39 @@ async fn a_route_flip_moves_sessions_at_their_next_transaction() {
     assert_eq!(
         who(&pinned).await,
         "tenant_acme",
-        "session state keeps a session on its old backend"
+        "LISTEN keeps a session on its old backend"
+    );
+    assert_eq!(
+        who(&stateful).await,
+        "dedicated",
+        "carried state does not hold a session back"
+    );
+    assert_eq!(show(&stateful, "work_mem").await, "8MB");
+    assert_eq!(
+        show(&stateful, "statement_timeout").await,
+        "0",
+        "a rolled-back SET is not carried"
+    );
+    assert_eq!(
+        show(&stateful, "lock_timeout").await,
+        "0",
+        "SET LOCAL is not carried"
+    );
+    let prepared = stateful.simple_query("EXECUTE q").await.unwrap();
+    let first = prepared.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+        _ => None,
+    });
+    assert_eq!(
+        first.as_deref(),
+        Some("dedicated"),
+        "an SQL PREPAREd statement survives the move"
+    );
+    let row = stateful.query_one(&kept, &[]).await.unwrap();
+    assert_eq!(
+        row.get::<_, String>(0),
+        "dedicated!",
+        "a protocol-level prepared statement survives the move"
     );
     let seen = loop_task.await.unwrap();
     assert_eq!(
@@ -273,7 +335,7 @@ async fn a_route_flip_moves_sessions_at_their_next_transaction() {
         .filter(|s| s["on_current_route"] == false)
         .collect();
     assert_eq!(stale.len(), 1, "{g}");
-    assert_eq!(stale[0]["pinned"], "session SET");
+    assert_eq!(stale[0]["pinned"], "LISTEN");
     let t = p.admin_ok(json!({"cmd": "tenants"})).await;
     assert_eq!(t["tenants"][0]["sessions_on_old_route"], 1);
 }
@@ -732,7 +794,10 @@ async fn pinned_sessions_wait_or_are_disconnected_by_configuration() {
         .start()
         .await;
     let pinned = p.connect("app.acme", "app").await.unwrap();
-    pinned.batch_execute("SET work_mem = '8MB'").await.unwrap();
+    pinned
+        .batch_execute("SELECT pg_advisory_lock(42)")
+        .await
+        .unwrap();
     let free = p.connect("app.acme", "app").await.unwrap();
     p.admin_ok(json!({"cmd": "tenant.set", "tenant": "acme", "backend": "dedicated", "schema": "tenant_acme"}))
         .await;
@@ -742,7 +807,7 @@ async fn pinned_sessions_wait_or_are_disconnected_by_configuration() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     let e = pinned.query_one("SELECT 1", &[]).await.unwrap_err();
     assert_eq!(code(&e), "57P01", "{e}");
-    assert!(common::message(&e).contains("session SET"), "{e}");
+    assert!(common::message(&e).contains("advisory lock"), "{e}");
     let (_, body) = http_get(p.proxy.metrics_addr().unwrap(), "/metrics").await;
     assert!(
         body.contains("pgtenant_pinned_sessions_waited_total 1"),

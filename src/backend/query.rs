@@ -54,3 +54,42 @@ pub async fn run_simple(
         None => Ok(status),
     }
 }
+
+/// Sends Parse frames followed by one Sync and reads to the ReadyForQuery; any error fails the whole replay.
+pub async fn run_parses(
+    backend: &str,
+    conn: &mut ServerConn,
+    frames: &[bytes::Bytes],
+) -> Result<(), ConnectError> {
+    if frames.is_empty() {
+        return Ok(());
+    }
+    let mut out = BytesMut::new();
+    for f in frames {
+        out.extend_from_slice(f);
+    }
+    frontend::sync(&mut out);
+    conn.stream
+        .write_all(&out)
+        .await
+        .map_err(|source| ConnectError::Io {
+            backend: backend.to_owned(),
+            source,
+        })?;
+    let mut first_error = None;
+    loop {
+        match next_message(backend, conn).await? {
+            Message::ReadyForQuery(_) => break,
+            Message::ErrorResponse(body) => {
+                first_error.get_or_insert(server_error(backend, body.fields()));
+            }
+            Message::ParameterStatus(body) => {
+                if let (Ok(k), Ok(v)) = (body.name(), body.value()) {
+                    conn.set_param(k, v);
+                }
+            }
+            _ => {}
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}

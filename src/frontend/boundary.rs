@@ -160,22 +160,57 @@ impl Session {
                 old.release_idle();
             }
         }
-        let attached = connect_server(&self.shared, &self.info, &tenant)
-            .await
-            .map_err(|e| {
+        let fail = |e: PgError| {
+            if same_pool {
+                Refusal::Session(PgError {
+                    severity: crate::protocol::messages::Severity::Fatal,
+                    ..e
+                })
+            } else {
+                Refusal::Statement(e)
+            }
+        };
+        let mut attached = match connect_server(&self.shared, &self.info, &tenant).await {
+            Ok(a) => a,
+            Err(e) => {
                 self.count_error(ErrorKind::MoveFailed);
-                if same_pool {
-                    Refusal::Session(PgError {
-                        severity: crate::protocol::messages::Severity::Fatal,
-                        ..e
-                    })
-                } else {
-                    Refusal::Statement(e)
-                }
-            })?;
+                return Err(fail(e));
+            }
+        };
+        if let Err(e) = self.replay_state(&mut attached).await {
+            self.count_error(ErrorKind::MoveFailed);
+            attached.server.release(true);
+            return Err(fail(e));
+        }
         self.install(Some(tenant), Some(attached));
         self.shared.metrics.moves.increment(1);
         Ok(())
+    }
+
+    /// Recreates the session's tracked state (SETs, SQL PREPAREs, named statements) on a new backend connection,
+    /// invisibly to the client. Any failure is the move's failure: the session does not drift silently.
+    async fn replay_state(&self, attached: &mut Attached) -> Result<(), PgError> {
+        if self.state.is_empty() {
+            return Ok(());
+        }
+        let (simple, parses) = self.state.replay();
+        let conn = attached.server.conn.get_mut();
+        let backend = attached.route.backend.clone();
+        let statements: Vec<&str> = simple.iter().map(String::as_str).collect();
+        let replay = async {
+            if !statements.is_empty() {
+                crate::backend::query::run_simple(&backend, conn, &statements).await?;
+            }
+            crate::backend::query::run_parses(&backend, conn, &parses).await
+        };
+        replay.await.map_err(|e| {
+            tracing::warn!(error = %e, "could not carry session state to the new backend");
+            PgError::error(
+                sqlstate::CONNECTION_FAILURE,
+                "pgtenant could not recreate this session's state on the tenant's new backend",
+            )
+            .with_detail(e.to_string())
+        })
     }
 
     /// The tenant moved but this session's state cannot follow it yet: keep it on the old backend, or end it
@@ -246,6 +281,7 @@ impl Session {
         }
         self.route = route;
         self.epoch = epoch;
+        self.state.new_connection();
         self.publish_route();
     }
 

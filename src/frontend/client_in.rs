@@ -49,7 +49,7 @@ impl Session {
             return Ok(true);
         }
         match self.begin_work(tag).await? {
-            Admission::Go => self.count_request(tag),
+            Admission::Go => self.count_request(tag, None),
             Admission::Wait => return Ok(false),
             Admission::Refuse(err) => {
                 self.refuse(tag, err);
@@ -89,8 +89,7 @@ impl Session {
                     self.refuse(tag, err);
                 }
                 Admission::Go => {
-                    self.note_session_state(tag, total);
-                    self.count_request(tag);
+                    self.count_request(tag, Some(total));
                     self.pass_client(total);
                 }
             },
@@ -129,8 +128,9 @@ impl Session {
         self.cin.advance(total);
         if let Some(s) = self.server.as_mut() {
             messages::execute_refused(&mut s.out);
-            s.note_sent(b'E');
+            let owes = s.note_sent(b'E');
             s.replace_error = Some(err);
+            self.state.on_client(b'E', None, owes);
         }
         self.skip = Some(SkipEnd::ForwardSync);
         Ok(())
@@ -155,7 +155,8 @@ impl Session {
         match (how, self.server.as_mut()) {
             (SkipEnd::ForwardSync, Some(s)) => {
                 messages::sync(&mut s.out);
-                s.note_sent(b'S');
+                let owes = s.note_sent(b'S');
+                self.state.on_client(b'S', Some(b"S\0\0\0\x04"), owes);
             }
             _ => {
                 let status = self.status();
@@ -164,9 +165,12 @@ impl Session {
         }
     }
 
-    fn count_request(&mut self, tag: u8) {
+    /// Books a frame about to be forwarded (`total`: its length when it is held whole).
+    fn count_request(&mut self, tag: u8, total: Option<usize>) {
         if let Some(s) = self.server.as_mut() {
-            s.note_sent(tag);
+            let owes = s.note_sent(tag);
+            self.state
+                .on_client(tag, total.map(|n| &self.cin[..n]), owes);
             if matches!(tag, b'Q' | b'E' | b'F') {
                 self.queries += 1;
             }
@@ -185,54 +189,8 @@ impl Session {
         }
     }
 
-    /// Notes session state that would not follow the session to another backend connection, so the session
-    /// stays where it is when its tenant's route changes. (Statement names from Parse/Close, and a coarse check
-    /// of simple-query text; exact tracking with replay replaces it.)
-    fn note_session_state(&mut self, tag: u8, total: usize) {
-        let frame = &self.cin[..total];
-        match tag {
-            b'P' => {
-                let Some((name, text)) = inspect::parse_statement(frame) else {
-                    return;
-                };
-                if self.pinned.is_none() {
-                    self.pinned = sql::session_state_hint(text);
-                }
-                if name.is_empty() {
-                    return;
-                }
-                if self.statements.len() >= MAX_TRACKED_STATEMENTS
-                    || name.len() > MAX_STATEMENT_NAME
-                {
-                    self.pinned = Some("too many or too long prepared statement names to track");
-                } else {
-                    self.statements.insert(name.into());
-                }
-            }
-            b'C' => {
-                let name = frame
-                    .get(5..)
-                    .and_then(|b| b.strip_prefix(b"S"))
-                    .and_then(|b| b.strip_suffix(&[0]));
-                if let Some(name) = name {
-                    self.statements.remove(name);
-                }
-            }
-            b'Q' if self.pinned.is_none() => {
-                self.pinned = inspect::query_text(frame).and_then(sql::session_state_hint);
-            }
-            _ => {}
-        }
-    }
-
     /// Why this session may not move to another backend connection now, if anything.
     pub(super) fn pin_reason(&self) -> Option<&'static str> {
-        self.pinned
-            .or_else(|| (!self.statements.is_empty()).then_some("named prepared statement"))
+        self.state.pin_reason()
     }
 }
-
-/// Beyond this many open named statements, or a name longer than this, a session is simply pinned (so tracking
-/// costs at most ~256 KiB per session).
-const MAX_TRACKED_STATEMENTS: usize = 1_000;
-const MAX_STATEMENT_NAME: usize = 256;

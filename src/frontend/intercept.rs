@@ -129,8 +129,7 @@ impl Session {
         };
         info!(user = %self.info.user.name, from = ?self.tenant, to = ?target, "session moved by SET pgtenant.tenant");
         // A session that picks its tenant itself starts afresh there: nothing pins it yet.
-        self.pinned = None;
-        self.statements.clear();
+        self.state.clear();
         self.install(target, server);
         Ok(())
     }

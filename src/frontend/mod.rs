@@ -9,5 +9,6 @@ pub mod intercept;
 pub mod login;
 pub mod session;
 pub mod startup;
+mod state;
 
 pub use login::serve_client;

@@ -20,6 +20,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::io::poll_read_buf;
 use tracing::debug;
 
+use super::state::SessionState;
 use crate::auth::UserEntry;
 use crate::backend::pool::ReleaseState;
 use crate::backend::{PooledConn, StartupTag};
@@ -94,20 +95,26 @@ pub(super) struct Server {
 }
 
 impl Server {
-    /// Books a client frame sent to this backend: replies owed, batch and COPY state.
-    pub(super) fn note_sent(&mut self, tag: u8) {
+    /// Books a client frame sent to this backend: replies owed, batch and COPY state. Returns whether the
+    /// backend will answer it with a ReadyForQuery.
+    pub(super) fn note_sent(&mut self, tag: u8) -> bool {
         match tag {
             b'Q' => {
                 self.pending += 1;
                 self.syncs_since_exec = 0;
+                return true;
             }
-            b'F' => self.pending += 1,
+            b'F' => {
+                self.pending += 1;
+                return true;
+            }
             b'S' => {
                 self.batch_open = false;
                 // PostgreSQL ignores Sync during copy-in.
                 if !self.copy_in {
                     self.pending += 1;
                     self.syncs_since_exec += 1;
+                    return true;
                 }
             }
             b'E' => {
@@ -118,6 +125,7 @@ impl Server {
             b'c' | b'f' => self.copy_in = false,
             _ => {}
         }
+        false
     }
 
     /// Nothing is owed, unsent, half-read or half-finished: the connection may be reset and reused.
@@ -194,11 +202,10 @@ pub struct Session {
     pub(super) route: Option<Arc<Route>>,
     pub(super) epoch: u64,
     /// Why the session may not move to another backend (state that would not follow it), if anything.
-    pub(super) pinned: Option<&'static str>,
+    /// Session state to carry to another backend connection, or that pins the session to this one.
+    pub(super) state: SessionState,
     /// Since when a route change has been waiting for this pinned session to unpin.
     pub(super) stale_since: Option<std::time::Instant>,
-    /// Named prepared statements the client created and has not closed (they pin the session while they exist).
-    pub(super) statements: std::collections::HashSet<Box<[u8]>>,
     pub(super) tm: Option<Arc<TenantMetrics>>,
     /// Query/Execute messages in the current transaction, added to the tenant's counter when it ends.
     pub(super) queries: u64,
@@ -259,8 +266,7 @@ impl Session {
             pass: None,
             route: None,
             epoch: 0,
-            pinned: None,
-            statements: Default::default(),
+            state: SessionState::default(),
             stale_since: None,
             tm: None,
             queries: 0,
@@ -397,7 +403,11 @@ impl Session {
     /// Forwards what the backend sent, noting transaction status and parameter changes on the way.
     fn on_server_input(&mut self) -> Result<(), End> {
         let Session {
-            server, cout, told, ..
+            server,
+            cout,
+            told,
+            state,
+            ..
         } = self;
         let Some(s) = server.as_mut() else {
             return Ok(());
@@ -409,7 +419,9 @@ impl Session {
             let buf = &conn.buf[fwd..];
             let step = s
                 .scan
-                .next(buf, |t| matches!(t, b'Z' | b'S' | b'E' | b'G'))
+                .next(buf, |t| {
+                    matches!(t, b'Z' | b'S' | b'E' | b'G' | b'C' | b'1' | b'3')
+                })
                 .map_err(|e| {
                     debug!(error = %e, "backend sent a malformed frame");
                     End::ServerGone
@@ -419,6 +431,9 @@ impl Session {
                 Scan::Rest(n) | Scan::Head { avail: n, .. } => fwd += n,
                 Scan::Whole(h) => {
                     let frame = &buf[..h.total];
+                    if matches!(h.tag, b'Z' | b'E' | b'C' | b'1' | b'3') {
+                        state.on_backend(h.tag, frame);
+                    }
                     match h.tag {
                         b'Z' => {
                             s.status = inspect::ready_status(frame).unwrap_or(s.status);
@@ -437,6 +452,7 @@ impl Session {
                             // The Syncs sent after the Execute that started this COPY reach a backend in
                             // copy-in mode, which ignores them: no ReadyForQuery will answer them.
                             s.copy_in = true;
+                            state.syncs_ignored(s.syncs_since_exec);
                             s.pending = s.pending.saturating_sub(s.syncs_since_exec);
                             s.syncs_since_exec = 0;
                         }

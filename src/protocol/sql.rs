@@ -459,3 +459,284 @@ mod hint_tests {
         assert_eq!(hint(b"UPDATE t SET x = 1"), None);
     }
 }
+
+/// What a simple query does to session state that the proxy can carry to another backend connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    None,
+    /// A session-level SET: the setting's key and the statement to replay.
+    Set {
+        key: String,
+        text: String,
+    },
+    Reset {
+        key: String,
+    },
+    ResetAll,
+    /// SQL-level PREPARE: the statement name and the statement to replay.
+    Prepare {
+        name: String,
+        text: String,
+    },
+    Deallocate {
+        name: String,
+    },
+    DeallocateAll,
+    DiscardAll,
+    DiscardTemp,
+    /// State that cannot be carried over (LISTEN, a temporary table, an advisory lock, a WITH HOLD cursor).
+    Pin(&'static str),
+    /// That kind of state is gone.
+    Unpin(&'static str),
+    /// Several statements among which one changes session state: not tracked, so the session is pinned.
+    Untracked,
+}
+
+pub const PIN_LISTEN: &str = "LISTEN";
+pub const PIN_TEMP: &str = "temporary table";
+pub const PIN_ADVISORY: &str = "advisory lock";
+pub const PIN_CURSOR: &str = "cursor WITH HOLD";
+
+/// First words that can start a state-changing statement; anything else is `Effect::None` without lexing.
+const STATE_WORDS: [&str; 9] = [
+    "set",
+    "reset",
+    "prepare",
+    "deallocate",
+    "discard",
+    "listen",
+    "unlisten",
+    "create",
+    "declare",
+];
+
+/// Classifies a simple query. Cheap for ordinary queries: one look at the first word (and a substring check
+/// for advisory locks).
+pub fn classify(sql: &[u8]) -> Effect {
+    let has = |needle: &[u8]| memchr::memmem::find(sql, needle).is_some();
+    if has(b"advisory_unlock_all") || has(b"ADVISORY_UNLOCK_ALL") {
+        return Effect::Unpin(PIN_ADVISORY);
+    }
+    if has(b"advisory_lock") || has(b"ADVISORY_LOCK") {
+        return Effect::Pin(PIN_ADVISORY);
+    }
+    let mut lx = Lexer { s: sql, i: 0 };
+    lx.skip_space_and_comments();
+    let start = lx.i;
+    while lx.peek(0).is_some_and(is_word_byte) {
+        lx.i += 1;
+    }
+    let first = &sql[start..lx.i];
+    let candidate = STATE_WORDS
+        .iter()
+        .any(|w| first.eq_ignore_ascii_case(w.as_bytes()))
+        || first.eq_ignore_ascii_case(b"close");
+    if !candidate {
+        return Effect::None;
+    }
+    let statements: Vec<Statement> = split_statements(sql)
+        .into_iter()
+        .filter(|s| !s.tokens.is_empty())
+        .collect();
+    match statements.as_slice() {
+        [one] => classify_one(sql, one),
+        many if many.iter().any(|s| classify_one(sql, s) != Effect::None) => Effect::Untracked,
+        _ => Effect::None,
+    }
+}
+
+fn word(t: Option<&(Tok, usize)>) -> Option<&str> {
+    match t {
+        Some((Tok::Word(w), _)) => Some(w.as_str()),
+        _ => None,
+    }
+}
+
+/// A setting name: words and quoted identifiers joined by dots (`myapp.tenant_id`).
+fn setting_name(t: &[(Tok, usize)]) -> Option<(String, usize)> {
+    let mut name = String::new();
+    let mut i = 0;
+    loop {
+        match t.get(i) {
+            Some((Tok::Word(w), _)) | Some((Tok::Quoted(w), _)) => name.push_str(w),
+            _ => return None,
+        }
+        i += 1;
+        if t.get(i).is_some_and(|(tok, _)| *tok == Tok::Punct(b'.')) {
+            name.push('.');
+            i += 1;
+        } else {
+            return Some((name, i));
+        }
+    }
+}
+
+fn classify_one(sql: &[u8], stmt: &Statement) -> Effect {
+    let t = &stmt.tokens;
+    let text = || {
+        String::from_utf8_lossy(&sql[t[0].1..stmt.end])
+            .trim()
+            .to_string()
+    };
+    let w = |i: usize| word(t.get(i));
+    match (w(0), w(1), w(2)) {
+        (Some("set"), Some("local" | "transaction" | "constraints"), _) => Effect::None,
+        (Some("set"), Some("session"), Some("characteristics")) => Effect::Set {
+            key: "session_characteristics".into(),
+            text: text(),
+        },
+        (Some("set"), Some("session"), Some("authorization")) => Effect::Set {
+            key: "session_authorization".into(),
+            text: text(),
+        },
+        (Some("set"), Some("time"), Some("zone")) => Effect::Set {
+            key: "timezone".into(),
+            text: text(),
+        },
+        (Some("set"), Some("names"), _) => Effect::Set {
+            key: "client_encoding".into(),
+            text: text(),
+        },
+        (Some("set"), Some("schema"), _) => Effect::Set {
+            key: "search_path".into(),
+            text: text(),
+        },
+        (Some("set"), _, _) => {
+            let at = if w(1) == Some("session") { 2 } else { 1 };
+            let Some((key, used)) = setting_name(&t[at..]) else {
+                return Effect::Untracked;
+            };
+            let value_at = at + used + 1;
+            if w(value_at) == Some("default") && t.len() == value_at + 1 {
+                Effect::Reset { key }
+            } else {
+                Effect::Set { key, text: text() }
+            }
+        }
+        (Some("reset"), Some("all"), _) => Effect::ResetAll,
+        (Some("reset"), Some("session"), Some("authorization")) => Effect::Reset {
+            key: "session_authorization".into(),
+        },
+        (Some("reset"), Some("time"), Some("zone")) => Effect::Reset {
+            key: "timezone".into(),
+        },
+        (Some("reset"), _, _) => match setting_name(&t[1..]) {
+            Some((key, _)) => Effect::Reset { key },
+            None => Effect::Untracked,
+        },
+        (Some("prepare"), Some("transaction"), _) => Effect::None,
+        (Some("prepare"), _, _) => match setting_name(&t[1..2.min(t.len())]) {
+            Some((name, _)) => Effect::Prepare { name, text: text() },
+            None => Effect::Untracked,
+        },
+        (Some("deallocate"), Some("all"), _)
+        | (Some("deallocate"), Some("prepare"), Some("all")) => Effect::DeallocateAll,
+        (Some("deallocate"), _, _) => {
+            let at = if w(1) == Some("prepare") { 2 } else { 1 };
+            match setting_name(&t[at.min(t.len())..]) {
+                Some((name, _)) => Effect::Deallocate { name },
+                None => Effect::Untracked,
+            }
+        }
+        (Some("discard"), Some("all"), _) => Effect::DiscardAll,
+        (Some("discard"), Some("temp" | "temporary"), _) => Effect::DiscardTemp,
+        (Some("listen"), _, _) => Effect::Pin(PIN_LISTEN),
+        (Some("unlisten"), _, _) if t.get(1).is_some_and(|(tok, _)| *tok == Tok::Punct(b'*')) => {
+            Effect::Unpin(PIN_LISTEN)
+        }
+        (Some("create"), Some("temp" | "temporary"), _) => Effect::Pin(PIN_TEMP),
+        (Some("create"), Some("global" | "local"), Some("temp" | "temporary")) => {
+            Effect::Pin(PIN_TEMP)
+        }
+        (Some("declare"), _, _) => {
+            let holds = t
+                .windows(2)
+                .any(|p| word(p.first()) == Some("with") && word(p.get(1)) == Some("hold"));
+            if holds {
+                Effect::Pin(PIN_CURSOR)
+            } else {
+                Effect::None
+            }
+        }
+        (Some("close"), Some("all"), _) => Effect::Unpin(PIN_CURSOR),
+        _ => Effect::None,
+    }
+}
+
+#[cfg(test)]
+mod effect_tests {
+    use super::{classify, Effect};
+
+    fn set(key: &str, text: &str) -> Effect {
+        Effect::Set {
+            key: key.into(),
+            text: text.into(),
+        }
+    }
+
+    #[test]
+    fn classifies_session_state() {
+        assert_eq!(classify(b"SELECT 1"), Effect::None);
+        assert_eq!(
+            classify(b"SET work_mem = '8MB';"),
+            set("work_mem", "SET work_mem = '8MB'")
+        );
+        assert_eq!(
+            classify(b"set session myapp.x to 1"),
+            set("myapp.x", "set session myapp.x to 1")
+        );
+        assert_eq!(
+            classify(b"SET TIME ZONE 'UTC'"),
+            set("timezone", "SET TIME ZONE 'UTC'")
+        );
+        assert_eq!(classify(b"SET LOCAL work_mem = '1MB'"), Effect::None);
+        assert_eq!(
+            classify(b"SET work_mem TO DEFAULT"),
+            Effect::Reset {
+                key: "work_mem".into()
+            }
+        );
+        assert_eq!(
+            classify(b"RESET work_mem"),
+            Effect::Reset {
+                key: "work_mem".into()
+            }
+        );
+        assert_eq!(classify(b"RESET ALL"), Effect::ResetAll);
+        assert_eq!(
+            classify(b"PREPARE q(int) AS SELECT $1"),
+            Effect::Prepare {
+                name: "q".into(),
+                text: "PREPARE q(int) AS SELECT $1".into()
+            }
+        );
+        assert_eq!(
+            classify(b"DEALLOCATE q"),
+            Effect::Deallocate { name: "q".into() }
+        );
+        assert_eq!(classify(b"DEALLOCATE ALL"), Effect::DeallocateAll);
+        assert_eq!(classify(b"DISCARD ALL"), Effect::DiscardAll);
+        assert_eq!(classify(b"LISTEN jobs"), Effect::Pin("LISTEN"));
+        assert_eq!(classify(b"UNLISTEN *"), Effect::Unpin("LISTEN"));
+        assert_eq!(
+            classify(b"CREATE TEMP TABLE t (x int)"),
+            Effect::Pin("temporary table")
+        );
+        assert_eq!(
+            classify(b"DECLARE c CURSOR WITH HOLD FOR SELECT 1"),
+            Effect::Pin("cursor WITH HOLD")
+        );
+        assert_eq!(classify(b"DECLARE c CURSOR FOR SELECT 1"), Effect::None);
+        assert_eq!(
+            classify(b"select pg_advisory_lock(1)"),
+            Effect::Pin("advisory lock")
+        );
+        assert_eq!(
+            classify(b"select pg_advisory_unlock_all()"),
+            Effect::Unpin("advisory lock")
+        );
+        assert_eq!(classify(b"select pg_advisory_xact_lock(1)"), Effect::None);
+        assert_eq!(classify(b"SET a = 1; SELECT 1"), Effect::Untracked);
+        assert_eq!(classify(b"CREATE TABLE t (x int)"), Effect::None);
+    }
+}

@@ -1,0 +1,398 @@
+//! Session state the proxy carries when it moves a session to another backend connection: session-level
+//! `SET`s, SQL `PREPARE`d statements and protocol-level named statements, counted only once the backend has
+//! confirmed them (CommandComplete/ReadyForQuery without error, ParseComplete, CloseComplete; a SET inside a
+//! transaction counts at COMMIT and is dropped at ROLLBACK). State that cannot be carried (LISTEN, temporary
+//! tables, advisory locks, WITH HOLD cursors, statements the proxy could not follow) pins the session.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+
+use crate::protocol::inspect;
+use crate::protocol::sql::{self, Effect};
+
+/// Bounds on what one session may make the proxy remember.
+const MAX_SETS: usize = 256;
+const MAX_PREPARED: usize = 1_000;
+const MAX_NAME: usize = 256;
+const MAX_REPLAY_BYTES: usize = 4 << 20;
+
+pub const PIN_UNTRACKED: &str = "session state the proxy does not track";
+
+/// A Parse or Close sent and not yet answered, with the number of the ReadyForQuery that ends its batch.
+enum Awaiting {
+    Parse {
+        name: Option<Box<[u8]>>,
+        frame: Bytes,
+        batch: u64,
+    },
+    Close {
+        name: Option<Box<[u8]>>,
+        batch: u64,
+    },
+}
+
+impl Awaiting {
+    fn batch(&self) -> u64 {
+        match self {
+            Awaiting::Parse { batch, .. } | Awaiting::Close { batch, .. } => *batch,
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct SessionState {
+    /// Confirmed session-level SETs, one per setting (the last one wins), in order.
+    sets: Vec<(String, String)>,
+    /// SETs made inside the current transaction block.
+    tx_changes: Vec<Effect>,
+    /// Confirmed SQL-level prepared statements.
+    sql_prepared: Vec<(String, String)>,
+    /// Confirmed named statements and the Parse frames that made them.
+    parsed: Vec<(Box<[u8]>, Bytes)>,
+    awaiting: VecDeque<Awaiting>,
+    /// Effects of simple queries sent and not yet answered, with whether an error came back.
+    queries: VecDeque<(Effect, bool)>,
+    /// ReadyForQuery replies asked for / received on the current connection.
+    rfq_sent: u64,
+    rfq_done: u64,
+    /// A ROLLBACK was seen; at the next ReadyForQuery it either ended the block or was ROLLBACK TO SAVEPOINT.
+    rollback_seen: bool,
+    pins: Vec<&'static str>,
+    replay_bytes: usize,
+}
+
+impl SessionState {
+    /// Why the session cannot move, if anything.
+    pub fn pin_reason(&self) -> Option<&'static str> {
+        self.pins.first().copied()
+    }
+
+    fn pin(&mut self, reason: &'static str) {
+        if !self.pins.contains(&reason) {
+            self.pins.push(reason);
+        }
+    }
+
+    fn unpin(&mut self, reason: &'static str) {
+        self.pins.retain(|p| *p != reason);
+    }
+
+    /// A new backend connection: nothing is owed on it.
+    pub fn new_connection(&mut self) {
+        self.awaiting.clear();
+        self.queries.clear();
+        self.rfq_sent = 0;
+        self.rfq_done = 0;
+    }
+
+    /// Everything is forgotten (the session moved to another tenant, or sent DISCARD ALL).
+    pub fn clear(&mut self) {
+        *self = SessionState::default();
+    }
+
+    /// A client frame was forwarded; `owes_ready` says whether the backend will answer it with ReadyForQuery
+    /// (a Sync during COPY is ignored). `frame` is `None` for a frame too large to hold whole.
+    pub fn on_client(&mut self, tag: u8, frame: Option<&[u8]>, owes_ready: bool) {
+        if owes_ready {
+            self.rfq_sent += 1;
+        }
+        let Some(frame) = frame else {
+            match tag {
+                b'Q' => self.queries.push_back((Effect::None, false)),
+                b'P' => {
+                    self.pin(PIN_UNTRACKED);
+                    self.awaiting.push_back(Awaiting::Parse {
+                        name: None,
+                        frame: Bytes::new(),
+                        batch: self.rfq_sent + 1,
+                    });
+                }
+                _ => {}
+            }
+            return;
+        };
+        match tag {
+            b'Q' => {
+                let effect = inspect::query_text(frame).map_or(Effect::None, sql::classify);
+                self.queries.push_back((effect, false));
+            }
+            b'P' => self.on_parse(frame),
+            b'C' => {
+                let name = frame.get(5..).and_then(|b| match b.split_first() {
+                    Some((b'S', rest)) => rest.strip_suffix(&[0]).filter(|n| !n.is_empty()),
+                    _ => None,
+                });
+                self.awaiting.push_back(Awaiting::Close {
+                    name: name.map(Into::into),
+                    batch: self.rfq_sent + 1,
+                });
+            }
+            _ => {}
+        }
+    }
+
+    fn on_parse(&mut self, frame: &[u8]) {
+        let Some((name, text)) = inspect::parse_statement(frame) else {
+            return;
+        };
+        // Statements that change session state through the extended protocol are not followed: pin instead.
+        if sql::classify(text) != Effect::None {
+            self.pin(PIN_UNTRACKED);
+        }
+        let name = (!name.is_empty()).then(|| Box::<[u8]>::from(name));
+        if name.as_ref().is_some_and(|n| n.len() > MAX_NAME) {
+            self.pin(PIN_UNTRACKED);
+        }
+        let frame = if name.is_some() {
+            Bytes::copy_from_slice(frame)
+        } else {
+            Bytes::new()
+        };
+        self.awaiting.push_back(Awaiting::Parse {
+            name,
+            frame,
+            batch: self.rfq_sent + 1,
+        });
+    }
+
+    /// Syncs the backend ignored (sent during a COPY) will get no ReadyForQuery.
+    pub fn syncs_ignored(&mut self, n: u32) {
+        self.rfq_sent = self.rfq_sent.saturating_sub(u64::from(n));
+    }
+
+    /// A backend frame went to the client. `status` is the ReadyForQuery status for `Z`.
+    pub fn on_backend(&mut self, tag: u8, frame: &[u8]) {
+        match tag {
+            b'1' => {
+                if let Some(Awaiting::Parse {
+                    name: Some(name),
+                    frame,
+                    ..
+                }) = self.pop_awaiting(true)
+                {
+                    self.add_parsed(name, frame);
+                }
+            }
+            b'3' => {
+                if let Some(Awaiting::Close {
+                    name: Some(name), ..
+                }) = self.pop_awaiting(false)
+                {
+                    self.parsed.retain(|(n, _)| *n != name);
+                }
+            }
+            b'E' => {
+                if let Some(front) = self.queries.front_mut() {
+                    front.1 = true;
+                }
+            }
+            b'C' => {
+                let tag = frame.get(5..).unwrap_or_default();
+                if tag.starts_with(b"ROLLBACK") {
+                    self.rollback_seen = true;
+                } else if tag.starts_with(b"COMMIT") {
+                    let changes = std::mem::take(&mut self.tx_changes);
+                    for c in changes {
+                        self.apply(c);
+                    }
+                }
+            }
+            b'Z' => self.on_ready(inspect::ready_status(frame).unwrap_or(b'I')),
+            _ => {}
+        }
+    }
+
+    /// The next awaited reply of this kind; entries before it were skipped by an error and are dropped.
+    fn pop_awaiting(&mut self, parse: bool) -> Option<Awaiting> {
+        while let Some(a) = self.awaiting.pop_front() {
+            if matches!(a, Awaiting::Parse { .. }) == parse {
+                return Some(a);
+            }
+        }
+        None
+    }
+
+    fn on_ready(&mut self, status: u8) {
+        self.rfq_done += 1;
+        let done = self.rfq_done;
+        // Parses and Closes of batches that are over and were not answered failed or were skipped.
+        while self.awaiting.front().is_some_and(|a| a.batch() <= done) {
+            self.awaiting.pop_front();
+        }
+        if self.rollback_seen {
+            self.rollback_seen = false;
+            if status == b'T' && !self.tx_changes.is_empty() {
+                // ROLLBACK TO SAVEPOINT: which SETs survived is not followed.
+                self.tx_changes.clear();
+                self.pin(PIN_UNTRACKED);
+            } else {
+                self.tx_changes.clear();
+            }
+        }
+        let Some((effect, failed)) = self.queries.pop_front() else {
+            return;
+        };
+        if failed || effect == Effect::None {
+            return;
+        }
+        match (&effect, status) {
+            // Inside a transaction block these count only if it commits.
+            (Effect::Set { .. } | Effect::Reset { .. } | Effect::ResetAll, b'T') => {
+                self.tx_changes.push(effect)
+            }
+            _ => self.apply(effect),
+        }
+    }
+
+    fn apply(&mut self, effect: Effect) {
+        match effect {
+            Effect::None => {}
+            Effect::Set { key, text } => {
+                self.sets.retain(|(k, _)| *k != key);
+                self.replay_bytes += text.len();
+                self.sets.push((key, text));
+                if self.sets.len() > MAX_SETS {
+                    self.pin(PIN_UNTRACKED);
+                }
+            }
+            Effect::Reset { key } => self.sets.retain(|(k, _)| *k != key),
+            Effect::ResetAll => self.sets.clear(),
+            Effect::Prepare { name, text } => {
+                self.sql_prepared.retain(|(n, _)| *n != name);
+                self.replay_bytes += text.len();
+                self.sql_prepared.push((name, text));
+                if self.sql_prepared.len() > MAX_PREPARED {
+                    self.pin(PIN_UNTRACKED);
+                }
+            }
+            Effect::Deallocate { name } => self.sql_prepared.retain(|(n, _)| *n != name),
+            Effect::DeallocateAll => self.sql_prepared.clear(),
+            Effect::DiscardAll => self.clear_all_but_counters(),
+            Effect::DiscardTemp => self.unpin(sql::PIN_TEMP),
+            Effect::Pin(p) => self.pin(p),
+            Effect::Unpin(p) => self.unpin(p),
+            Effect::Untracked => self.pin(PIN_UNTRACKED),
+        }
+        if self.replay_bytes > MAX_REPLAY_BYTES {
+            self.pin(PIN_UNTRACKED);
+        }
+    }
+
+    fn clear_all_but_counters(&mut self) {
+        self.sets.clear();
+        self.tx_changes.clear();
+        self.sql_prepared.clear();
+        self.parsed.clear();
+        self.pins.clear();
+        self.replay_bytes = 0;
+    }
+
+    fn add_parsed(&mut self, name: Box<[u8]>, frame: Bytes) {
+        self.parsed.retain(|(n, _)| *n != name);
+        self.replay_bytes += frame.len();
+        self.parsed.push((name, frame));
+        if self.parsed.len() > MAX_PREPARED {
+            self.pin(PIN_UNTRACKED);
+        }
+    }
+
+    /// What a new backend connection must run, in order, to hold this session's state: simple statements
+    /// (SETs, then SQL PREPAREs) and Parse frames.
+    pub fn replay(&self) -> (Vec<String>, Vec<Bytes>) {
+        let mut simple: Vec<String> = self.sets.iter().map(|(_, t)| t.clone()).collect();
+        simple.extend(self.sql_prepared.iter().map(|(_, t)| t.clone()));
+        (simple, self.parsed.iter().map(|(_, f)| f.clone()).collect())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sets.is_empty() && self.sql_prepared.is_empty() && self.parsed.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    fn q(s: &mut SessionState, sql: &str, replies: &[(u8, &[u8])]) {
+        let mut body = sql.as_bytes().to_vec();
+        body.push(0);
+        s.on_client(b'Q', Some(&frame(b'Q', &body)), true);
+        for (t, b) in replies {
+            s.on_backend(*t, &frame(*t, b));
+        }
+    }
+
+    const OK_I: &[(u8, &[u8])] = &[(b'C', b"SET\0"), (b'Z', b"I")];
+
+    #[test]
+    fn confirmed_sets_are_kept_and_local_or_rolled_back_ones_are_not() {
+        let mut s = SessionState::default();
+        q(&mut s, "SET work_mem = '8MB'", OK_I);
+        assert_eq!(s.replay().0.len(), 1);
+        q(&mut s, "SET LOCAL statement_timeout = 5", OK_I);
+        q(&mut s, "BEGIN", &[(b'C', b"BEGIN\0"), (b'Z', b"T")]);
+        q(
+            &mut s,
+            "SET search_path = x",
+            &[(b'C', b"SET\0"), (b'Z', b"T")],
+        );
+        q(&mut s, "ROLLBACK", &[(b'C', b"ROLLBACK\0"), (b'Z', b"I")]);
+        q(&mut s, "BEGIN", &[(b'C', b"BEGIN\0"), (b'Z', b"T")]);
+        q(&mut s, "SET geqo = off", &[(b'C', b"SET\0"), (b'Z', b"T")]);
+        q(&mut s, "COMMIT", &[(b'C', b"COMMIT\0"), (b'Z', b"I")]);
+        q(
+            &mut s,
+            "SET nope = 1",
+            &[(b'E', b"SERROR\0\0"), (b'Z', b"I")],
+        );
+        assert_eq!(s.replay().0, vec!["SET work_mem = '8MB'", "SET geqo = off"]);
+        q(
+            &mut s,
+            "RESET work_mem",
+            &[(b'C', b"RESET\0"), (b'Z', b"I")],
+        );
+        assert_eq!(s.replay().0, vec!["SET geqo = off"]);
+        assert_eq!(s.pin_reason(), None);
+        q(&mut s, "LISTEN x", &[(b'C', b"LISTEN\0"), (b'Z', b"I")]);
+        assert_eq!(s.pin_reason(), Some("LISTEN"));
+        q(
+            &mut s,
+            "DISCARD ALL",
+            &[(b'C', b"DISCARD ALL\0"), (b'Z', b"I")],
+        );
+        assert_eq!(s.pin_reason(), None);
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn named_statements_follow_parse_and_close_replies() {
+        let mut s = SessionState::default();
+        let parse = |name: &str| {
+            let mut b = name.as_bytes().to_vec();
+            b.extend_from_slice(b"\0select 1\0\0\0");
+            frame(b'P', &b)
+        };
+        s.on_client(b'P', Some(&parse("s1")), false);
+        s.on_client(b'P', Some(&parse("s2")), false);
+        s.on_client(b'S', Some(&frame(b'S', b"")), true);
+        s.on_backend(b'1', &frame(b'1', b""));
+        s.on_backend(b'E', &frame(b'E', b"SERROR\0\0"));
+        s.on_backend(b'Z', &frame(b'Z', b"I"));
+        assert_eq!(s.replay().1.len(), 1, "only s1 was confirmed");
+        let mut close = b"Ss1\0".to_vec();
+        s.on_client(b'C', Some(&frame(b'C', &close)), false);
+        s.on_client(b'S', Some(&frame(b'S', b"")), true);
+        s.on_backend(b'3', &frame(b'3', b""));
+        s.on_backend(b'Z', &frame(b'Z', b"I"));
+        assert!(s.replay().1.is_empty());
+        close.clear();
+    }
+}
