@@ -818,3 +818,55 @@ async fn pinned_sessions_wait_or_are_disconnected_by_configuration() {
         "{body}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_psql_session_keeps_its_settings_and_prepared_statements_across_a_move() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let w = clusters();
+    let p = harness(&w).start().await;
+    let mut child = Command::new("psql")
+        .args(["-X", "-A", "-t", "-q", &p.url("app.acme", "app")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(b"SET work_mem = '9MB';\nPREPARE p2 AS SELECT who FROM t;\nSELECT 'before', who FROM t;\n")
+        .unwrap();
+    stdin.flush().unwrap();
+    // Wait until psql's session has run the PREPARE on the shared backend.
+    let shared = &w.shared;
+    assert!(
+        common::eventually(Duration::from_secs(5), || {
+            shared.psql(
+                "app",
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT ''before''%' AND state = 'idle'",
+            ) == "1"
+        })
+        .await
+    );
+    p.admin_ok(json!({"cmd": "tenant.set", "tenant": "acme", "backend": "dedicated", "schema": "tenant_acme"}))
+        .await;
+    stdin
+        .write_all(b"SHOW work_mem;\nEXECUTE p2;\n\\q\n")
+        .unwrap();
+    drop(stdin);
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        text.lines().collect::<Vec<_>>(),
+        vec!["before|tenant_acme", "9MB", "dedicated"],
+        "{text}"
+    );
+}
