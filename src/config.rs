@@ -354,6 +354,11 @@ impl Config {
         if self.proxy.user_separator.chars().count() != 1 {
             return bad("proxy.user_separator must be one character".into());
         }
+        if self.proxy.pool_mode == PoolMode::Transaction {
+            return bad(
+                "proxy.pool_mode = \"transaction\" is not available yet; use \"session\"".into(),
+            );
+        }
         if !self.proxy.admin_listen.is_empty() {
             if self.proxy.admin_token.len() < 16 {
                 return bad(

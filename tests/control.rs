@@ -286,10 +286,19 @@ async fn a_route_flip_moves_sessions_at_their_next_transaction() {
         "tenant_acme",
         "LISTEN keeps a session on its old backend"
     );
+    let started = std::time::Instant::now();
     assert_eq!(
         who(&stateful).await,
         "dedicated",
         "carried state does not hold a session back"
+    );
+    let with_move = started.elapsed();
+    let started = std::time::Instant::now();
+    who(&stateful).await;
+    eprintln!(
+        "move with state replay: first transaction after the flip {:?}, the next one {:?}",
+        with_move,
+        started.elapsed()
     );
     assert_eq!(show(&stateful, "work_mem").await, "8MB");
     assert_eq!(
