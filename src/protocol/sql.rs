@@ -513,12 +513,20 @@ const STATE_WORDS: [&str; 9] = [
 /// Classifies a simple query. Cheap for ordinary queries: one look at the first word (and a substring check
 /// for advisory locks).
 pub fn classify(sql: &[u8]) -> Effect {
-    let has = |needle: &[u8]| memchr::memmem::find(sql, needle).is_some();
-    if has(b"advisory_unlock_all") || has(b"ADVISORY_UNLOCK_ALL") {
-        return Effect::Unpin(PIN_ADVISORY);
-    }
-    if has(b"advisory_lock") || has(b"ADVISORY_LOCK") {
-        return Effect::Pin(PIN_ADVISORY);
+    // One case-insensitive pass finds "advisory" (rare); only then look closer.
+    let advisory = memchr::memchr2_iter(b'a', b'A', sql).any(|i| {
+        sql.get(i..i + 8)
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"advisory"))
+    });
+    if advisory {
+        let lower = sql.to_ascii_lowercase();
+        let has = |needle: &[u8]| memchr::memmem::find(&lower, needle).is_some();
+        if has(b"advisory_unlock_all") {
+            return Effect::Unpin(PIN_ADVISORY);
+        }
+        if has(b"advisory_lock") {
+            return Effect::Pin(PIN_ADVISORY);
+        }
     }
     let mut lx = Lexer { s: sql, i: 0 };
     lx.skip_space_and_comments();
