@@ -1,6 +1,7 @@
-//! Running the proxy's own simple queries (reset, rollback) on a backend connection it holds, outside any client.
+//! The proxy's own requests on a backend connection it holds, outside any client: resets, rollbacks, and the
+//! replay of a moved session's state.
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 use tokio::io::AsyncWriteExt;
@@ -22,15 +23,43 @@ pub async fn run_simple(
             reason: e.to_string(),
         })?;
     }
+    send_and_read(backend, conn, &out, statements.len()).await
+}
+
+/// Sends Parse frames followed by one Sync and reads to the ReadyForQuery; any error fails the whole replay.
+pub async fn run_parses(
+    backend: &str,
+    conn: &mut ServerConn,
+    frames: &[Bytes],
+) -> Result<(), ConnectError> {
+    if frames.is_empty() {
+        return Ok(());
+    }
+    let mut out = BytesMut::new();
+    for f in frames {
+        out.extend_from_slice(f);
+    }
+    frontend::sync(&mut out);
+    send_and_read(backend, conn, &out, 1).await.map(|_| ())
+}
+
+/// Writes `out` and reads replies up to the `readies`-th ReadyForQuery, keeping ParameterStatus values.
+/// Returns the last transaction status, or the first error the backend reported.
+async fn send_and_read(
+    backend: &str,
+    conn: &mut ServerConn,
+    out: &[u8],
+    readies: usize,
+) -> Result<u8, ConnectError> {
     conn.stream
-        .write_all(&out)
+        .write_all(out)
         .await
         .map_err(|source| ConnectError::Io {
             backend: backend.to_owned(),
             source,
         })?;
     let mut first_error = None;
-    let mut remaining = statements.len();
+    let mut remaining = readies;
     let mut status = b'I';
     while remaining > 0 {
         match next_message(backend, conn).await? {
@@ -49,47 +78,5 @@ pub async fn run_simple(
             _ => {}
         }
     }
-    match first_error {
-        Some(e) => Err(e),
-        None => Ok(status),
-    }
-}
-
-/// Sends Parse frames followed by one Sync and reads to the ReadyForQuery; any error fails the whole replay.
-pub async fn run_parses(
-    backend: &str,
-    conn: &mut ServerConn,
-    frames: &[bytes::Bytes],
-) -> Result<(), ConnectError> {
-    if frames.is_empty() {
-        return Ok(());
-    }
-    let mut out = BytesMut::new();
-    for f in frames {
-        out.extend_from_slice(f);
-    }
-    frontend::sync(&mut out);
-    conn.stream
-        .write_all(&out)
-        .await
-        .map_err(|source| ConnectError::Io {
-            backend: backend.to_owned(),
-            source,
-        })?;
-    let mut first_error = None;
-    loop {
-        match next_message(backend, conn).await? {
-            Message::ReadyForQuery(_) => break,
-            Message::ErrorResponse(body) => {
-                first_error.get_or_insert(server_error(backend, body.fields()));
-            }
-            Message::ParameterStatus(body) => {
-                if let (Ok(k), Ok(v)) = (body.name(), body.value()) {
-                    conn.set_param(k, v);
-                }
-            }
-            _ => {}
-        }
-    }
-    first_error.map_or(Ok(()), Err)
+    first_error.map_or(Ok(status), Err)
 }
