@@ -237,10 +237,9 @@ async fn a_route_flip_moves_sessions_at_their_next_transaction() {
         .batch_execute("PREPARE q AS SELECT who FROM t")
         .await
         .unwrap();
-    stateful
-        .batch_execute("BEGIN; SET statement_timeout = '7s'; ROLLBACK")
-        .await
-        .unwrap();
+    for step in ["BEGIN", "SET statement_timeout = '7s'", "ROLLBACK"] {
+        stateful.batch_execute(step).await.unwrap();
+    }
     stateful
         .batch_execute("SET LOCAL lock_timeout = '3s'")
         .await

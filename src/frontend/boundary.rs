@@ -180,7 +180,16 @@ impl Session {
         if let Err(e) = self.replay_state(&mut attached).await {
             self.count_error(ErrorKind::MoveFailed);
             attached.server.release(true);
-            return Err(fail(e));
+            if same_pool {
+                return Err(fail(e));
+            }
+            // The state cannot be recreated there: the session stays where its state is, as a pinned session
+            // (so `pinned_at_move` decides), instead of failing every statement from now on.
+            self.state.replay_failed();
+            let reason = self
+                .pin_reason()
+                .unwrap_or("session state could not be replayed");
+            return self.pinned_on_old_route(&tenant, reason);
         }
         self.install(Some(tenant), Some(attached));
         self.shared.metrics.moves.increment(1);

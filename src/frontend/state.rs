@@ -13,6 +13,7 @@ use crate::protocol::sql::{self, Effect};
 
 /// Bounds on what one session may make the proxy remember.
 const MAX_SETS: usize = 256;
+const MAX_TX_CHANGES: usize = 256;
 const MAX_PREPARED: usize = 1_000;
 const MAX_NAME: usize = 256;
 const MAX_REPLAY_BYTES: usize = 4 << 20;
@@ -59,7 +60,6 @@ pub struct SessionState {
     /// A ROLLBACK was seen; at the next ReadyForQuery it either ended the block or was ROLLBACK TO SAVEPOINT.
     rollback_seen: bool,
     pins: Vec<&'static str>,
-    replay_bytes: usize,
 }
 
 impl SessionState {
@@ -96,10 +96,18 @@ impl SessionState {
     pub fn on_client(&mut self, tag: u8, frame: Option<&[u8]>, owes_ready: bool) {
         if owes_ready {
             self.rfq_sent += 1;
+            // Every ReadyForQuery pops one entry, so Syncs and FunctionCalls get an empty one.
+            if tag != b'Q' {
+                self.queries.push_back((Effect::None, false));
+            }
         }
         let Some(frame) = frame else {
             match tag {
-                b'Q' => self.queries.push_back((Effect::None, false)),
+                b'Q' => {
+                    // Too large to read: whatever it does is not followed.
+                    self.pin(PIN_UNTRACKED);
+                    self.queries.push_back((Effect::None, false));
+                }
                 b'P' => {
                     self.pin(PIN_UNTRACKED);
                     self.awaiting.push_back(Awaiting::Parse {
@@ -179,7 +187,7 @@ impl SessionState {
                     name: Some(name), ..
                 }) = self.pop_awaiting(false)
                 {
-                    self.parsed.retain(|(n, _)| *n != name);
+                    self.forget_statement(&name);
                 }
             }
             b'E' => {
@@ -220,62 +228,96 @@ impl SessionState {
         while self.awaiting.front().is_some_and(|a| a.batch() <= done) {
             self.awaiting.pop_front();
         }
-        if self.rollback_seen {
-            self.rollback_seen = false;
-            if status == b'T' && !self.tx_changes.is_empty() {
-                // ROLLBACK TO SAVEPOINT: which SETs survived is not followed.
-                self.tx_changes.clear();
-                self.pin(PIN_UNTRACKED);
-            } else {
-                self.tx_changes.clear();
-            }
+        if self.rollback_seen && status == b'T' && !self.tx_changes.is_empty() {
+            // ROLLBACK TO SAVEPOINT: which SETs survived is not followed.
+            self.pin(PIN_UNTRACKED);
+        }
+        self.rollback_seen = false;
+        if status == b'I' {
+            // Out of the block: a COMMIT already applied its SETs; anything left (ROLLBACK, a failed COMMIT,
+            // PREPARE TRANSACTION) did not take effect in this session.
+            self.tx_changes.clear();
         }
         let Some((effect, failed)) = self.queries.pop_front() else {
             return;
         };
-        if failed || effect == Effect::None {
-            return;
-        }
-        match (&effect, status) {
-            // Inside a transaction block these count only if it commits.
-            (Effect::Set { .. } | Effect::Reset { .. } | Effect::ResetAll, b'T') => {
-                self.tx_changes.push(effect)
+        match effect {
+            Effect::None => {}
+            // Locks taken, or untracked changes made, before a later statement of the query failed stay.
+            Effect::Pin(_) | Effect::Untracked => self.apply(effect),
+            _ if failed => {}
+            Effect::Set { .. } | Effect::Reset { .. } | Effect::ResetAll if status == b'T' => {
+                if self.tx_changes.len() >= MAX_TX_CHANGES {
+                    self.pin(PIN_UNTRACKED);
+                } else {
+                    self.tx_changes.push(effect);
+                }
             }
             _ => self.apply(effect),
         }
+    }
+
+    /// SQL-level and protocol-level prepared statements share one namespace in PostgreSQL.
+    fn forget_statement(&mut self, name: &[u8]) {
+        self.parsed.retain(|(n, _)| &**n != name);
+        self.sql_prepared.retain(|(n, _)| n.as_bytes() != name);
     }
 
     fn apply(&mut self, effect: Effect) {
         match effect {
             Effect::None => {}
             Effect::Set { key, text } => {
-                self.sets.retain(|(k, _)| *k != key);
-                self.replay_bytes += text.len();
-                self.sets.push((key, text));
-                if self.sets.len() > MAX_SETS {
+                // A statement's name resolution depends on search_path and role at PREPARE time: changing them
+                // after statements exist would make a replay resolve names differently.
+                let resolves_names = matches!(
+                    key.as_str(),
+                    "search_path" | "role" | "session_authorization"
+                );
+                if resolves_names && !(self.sql_prepared.is_empty() && self.parsed.is_empty()) {
                     self.pin(PIN_UNTRACKED);
                 }
+                self.sets.retain(|(k, _)| *k != key);
+                self.sets.push((key, text));
             }
             Effect::Reset { key } => self.sets.retain(|(k, _)| *k != key),
-            Effect::ResetAll => self.sets.clear(),
+            // RESET ALL leaves the role and the session authorization alone.
+            Effect::ResetAll => self
+                .sets
+                .retain(|(k, _)| k == "role" || k == "session_authorization"),
             Effect::Prepare { name, text } => {
-                self.sql_prepared.retain(|(n, _)| *n != name);
-                self.replay_bytes += text.len();
+                self.forget_statement(name.as_bytes());
                 self.sql_prepared.push((name, text));
-                if self.sql_prepared.len() > MAX_PREPARED {
-                    self.pin(PIN_UNTRACKED);
-                }
             }
-            Effect::Deallocate { name } => self.sql_prepared.retain(|(n, _)| *n != name),
-            Effect::DeallocateAll => self.sql_prepared.clear(),
+            Effect::Deallocate { name } => self.forget_statement(name.as_bytes()),
+            Effect::DeallocateAll => {
+                self.sql_prepared.clear();
+                self.parsed.clear();
+            }
             Effect::DiscardAll => self.clear_all_but_counters(),
             Effect::DiscardTemp => self.unpin(sql::PIN_TEMP),
             Effect::Pin(p) => self.pin(p),
             Effect::Unpin(p) => self.unpin(p),
             Effect::Untracked => self.pin(PIN_UNTRACKED),
         }
-        if self.replay_bytes > MAX_REPLAY_BYTES {
+        self.check_bounds();
+    }
+
+    /// Past the bounds the session is pinned and what would be replayed is dropped (it cannot move anyway).
+    fn check_bounds(&mut self) {
+        let bytes: usize = self.sets.iter().map(|(_, t)| t.len()).sum::<usize>()
+            + self
+                .sql_prepared
+                .iter()
+                .map(|(_, t)| t.len())
+                .sum::<usize>()
+            + self.parsed.iter().map(|(_, f)| f.len()).sum::<usize>();
+        let too_many = self.sets.len() > MAX_SETS
+            || self.sql_prepared.len() + self.parsed.len() > MAX_PREPARED;
+        if too_many || bytes > MAX_REPLAY_BYTES {
             self.pin(PIN_UNTRACKED);
+            self.sets.clear();
+            self.sql_prepared.clear();
+            self.parsed.clear();
         }
     }
 
@@ -285,16 +327,20 @@ impl SessionState {
         self.sql_prepared.clear();
         self.parsed.clear();
         self.pins.clear();
-        self.replay_bytes = 0;
     }
 
     fn add_parsed(&mut self, name: Box<[u8]>, frame: Bytes) {
-        self.parsed.retain(|(n, _)| *n != name);
-        self.replay_bytes += frame.len();
-        self.parsed.push((name, frame));
-        if self.parsed.len() > MAX_PREPARED {
-            self.pin(PIN_UNTRACKED);
+        if self.pin_reason() == Some(PIN_UNTRACKED) {
+            return;
         }
+        self.forget_statement(&name);
+        self.parsed.push((name, frame));
+        self.check_bounds();
+    }
+
+    /// The session's state could not be recreated elsewhere: it stays where it is.
+    pub fn replay_failed(&mut self) {
+        self.pin(PIN_UNTRACKED);
     }
 
     /// What a new backend connection must run, in order, to hold this session's state: simple statements
@@ -394,5 +440,52 @@ mod tests {
         s.on_backend(b'Z', &frame(b'Z', b"I"));
         assert!(s.replay().1.is_empty());
         close.clear();
+    }
+
+    #[test]
+    fn second_read_findings_stay_fixed() {
+        // RESET ALL keeps the role.
+        let mut s = SessionState::default();
+        q(&mut s, "SET ROLE reader", OK_I);
+        q(&mut s, "SET work_mem = '8MB'", OK_I);
+        q(&mut s, "RESET ALL", &[(b'C', b"RESET\0"), (b'Z', b"I")]);
+        assert_eq!(s.replay().0, vec!["SET ROLE reader"]);
+        // A Sync's ReadyForQuery does not settle a simple query pipelined behind it.
+        let mut s = SessionState::default();
+        s.on_client(b'S', Some(&frame(b'S', b"")), true);
+        s.on_client(b'Q', Some(&frame(b'Q', b"SET work_mem = 'bogus'\0")), true);
+        s.on_backend(b'Z', &frame(b'Z', b"I"));
+        s.on_backend(b'E', &frame(b'E', b"SERROR\0\0"));
+        s.on_backend(b'Z', &frame(b'Z', b"I"));
+        assert!(s.is_empty(), "the failed SET is not kept");
+        // DEALLOCATE reaches statements made by Parse (one namespace).
+        let mut s = SessionState::default();
+        s.on_client(b'P', Some(&frame(b'P', b"s1\0select 1\0\0\0")), false);
+        s.on_client(b'S', Some(&frame(b'S', b"")), true);
+        s.on_backend(b'1', &frame(b'1', b""));
+        s.on_backend(b'Z', &frame(b'Z', b"I"));
+        assert_eq!(s.replay().1.len(), 1);
+        q(
+            &mut s,
+            "DEALLOCATE s1",
+            &[(b'C', b"DEALLOCATE\0"), (b'Z', b"I")],
+        );
+        assert!(s.is_empty());
+        // A COMMIT that fails drops the block's SETs.
+        let mut s = SessionState::default();
+        q(&mut s, "BEGIN", &[(b'C', b"BEGIN\0"), (b'Z', b"T")]);
+        q(&mut s, "SET geqo = off", &[(b'C', b"SET\0"), (b'Z', b"T")]);
+        q(&mut s, "COMMIT", &[(b'E', b"SERROR\0\0"), (b'Z', b"I")]);
+        q(&mut s, "BEGIN", &[(b'C', b"BEGIN\0"), (b'Z', b"T")]);
+        q(&mut s, "COMMIT", &[(b'C', b"COMMIT\0"), (b'Z', b"I")]);
+        assert!(s.is_empty());
+        // A lock taken by a query that then failed still pins.
+        let mut s = SessionState::default();
+        q(
+            &mut s,
+            "SELECT pg_advisory_lock(1); SELECT 1/0",
+            &[(b'E', b"SERROR\0\0"), (b'Z', b"I")],
+        );
+        assert_eq!(s.pin_reason(), Some("advisory lock"));
     }
 }

@@ -472,7 +472,16 @@ pub fn classify(sql: &[u8]) -> Effect {
     let candidate = STATE_WORDS
         .iter()
         .any(|w| first.eq_ignore_ascii_case(w.as_bytes()))
-        || first.eq_ignore_ascii_case(b"close");
+        || first.eq_ignore_ascii_case(b"close")
+        || memchr::memchr(b';', sql).is_some();
+    // set_config(..., false) changes a setting for the session in a way the proxy does not follow.
+    let set_config = memchr::memchr2_iter(b's', b'S', sql).any(|i| {
+        sql.get(i..i + 10)
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"set_config"))
+    });
+    if set_config {
+        return Effect::Untracked;
+    }
     if !candidate {
         return Effect::None;
     }
@@ -515,18 +524,15 @@ fn setting_name(t: &[(Tok, usize)]) -> Option<(String, usize)> {
 
 fn classify_one(sql: &[u8], stmt: &Statement) -> Effect {
     let t = &stmt.tokens;
-    let text = || {
-        String::from_utf8_lossy(&sql[t[0].1..stmt.end])
-            .trim()
-            .to_string()
+    // Replayed text must be the client's bytes exactly; text that is not UTF-8 is not tracked.
+    let Ok(raw) = std::str::from_utf8(&sql[t[0].1..stmt.end]) else {
+        return Effect::Untracked;
     };
+    let text = || raw.trim().to_string();
     let w = |i: usize| word(t.get(i));
     match (w(0), w(1), w(2)) {
         (Some("set"), Some("local" | "transaction" | "constraints"), _) => Effect::None,
-        (Some("set"), Some("session"), Some("characteristics")) => Effect::Set {
-            key: "session_characteristics".into(),
-            text: text(),
-        },
+        (Some("set"), Some("session"), Some("characteristics")) => Effect::Untracked,
         (Some("set"), Some("session"), Some("authorization")) => Effect::Set {
             key: "session_authorization".into(),
             text: text(),
@@ -548,6 +554,8 @@ fn classify_one(sql: &[u8], stmt: &Statement) -> Effect {
             let Some((key, used)) = setting_name(&t[at..]) else {
                 return Effect::Untracked;
             };
+            // Setting names are case-insensitive even when quoted.
+            let key = key.to_ascii_lowercase();
             let value_at = at + used + 1;
             if w(value_at) == Some("default") && t.len() == value_at + 1 {
                 Effect::Reset { key }
@@ -563,7 +571,9 @@ fn classify_one(sql: &[u8], stmt: &Statement) -> Effect {
             key: "timezone".into(),
         },
         (Some("reset"), _, _) => match setting_name(&t[1..]) {
-            Some((key, _)) => Effect::Reset { key },
+            Some((key, _)) => Effect::Reset {
+                key: key.to_ascii_lowercase(),
+            },
             None => Effect::Untracked,
         },
         (Some("prepare"), Some("transaction"), _) => Effect::None,
@@ -679,6 +689,22 @@ mod effect_tests {
         );
         assert_eq!(classify(b"select pg_advisory_xact_lock(1)"), Effect::None);
         assert_eq!(classify(b"SET a = 1; SELECT 1"), Effect::Untracked);
+        assert_eq!(
+            classify(b"SELECT 1; SET search_path = x"),
+            Effect::Untracked
+        );
+        assert_eq!(
+            classify(b"SELECT set_config('work_mem', '1MB', false)"),
+            Effect::Untracked
+        );
+        assert_eq!(
+            classify(b"SET \"Work_Mem\" = '1MB'"),
+            set("work_mem", "SET \"Work_Mem\" = '1MB'")
+        );
+        assert_eq!(
+            classify(b"SELECT pg_Advisory_Lock(1)"),
+            Effect::Pin("advisory lock")
+        );
         assert_eq!(classify(b"CREATE TABLE t (x int)"), Effect::None);
     }
 }
