@@ -342,3 +342,35 @@ async fn backend_authentication_methods() {
     let e = proxy.connect("app.broken", "app").await.unwrap_err();
     assert_eq!(code(&e), "08001", "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_sources_and_default_tenant() {
+    let w = world();
+    // Only the user suffix counts: a database named like a tenant does not, and no tenant at all is refused.
+    let strict = harness(&w)
+        .proxy("tenant_sources = [\"user_suffix\"]")
+        .start()
+        .await;
+    let e = strict.connect("app", "acme").await.unwrap_err();
+    assert_eq!(code(&e), "08004", "{e}");
+    assert!(common::message(&e).contains("user name suffix"), "{e}");
+    assert_eq!(
+        where_am_i(&strict.connect("app.globex", "acme").await.unwrap())
+            .await
+            .0,
+        "tenant_globex"
+    );
+    // A default tenant catches connections that name none, and SET may still move them.
+    let defaulted = harness(&w)
+        .proxy("default_tenant = \"globex\"")
+        .start()
+        .await;
+    let c = defaulted.connect("app", "app").await.unwrap();
+    assert_eq!(where_am_i(&c).await.0, "tenant_globex");
+    c.simple_query("SET pgtenant.tenant = 'acme'")
+        .await
+        .unwrap();
+    assert_eq!(where_am_i(&c).await.0, "tenant_acme");
+    c.simple_query("RESET pgtenant.tenant").await.unwrap();
+    assert_eq!(where_am_i(&c).await.0, "tenant_globex");
+}

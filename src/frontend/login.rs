@@ -210,7 +210,7 @@ fn choose_tenant(
         None => {
             return Err(PgError::fatal(
                 sqlstate::SQLSERVER_REJECTED_ESTABLISHMENT_OF_SQLCONNECTION,
-                "no tenant named: use user@tenant suffix, options=-c pgtenant.tenant=NAME or a tenant database",
+                "no tenant named: use a user name suffix (user.tenant), options=-c pgtenant.tenant=NAME or a tenant database",
             ))
         }
     };
