@@ -2,6 +2,7 @@
 //! (reading password messages) lives in `frontend::auth`; the SCRAM server arithmetic is in [`scram`].
 
 pub mod scram;
+pub mod scram_client;
 
 use std::collections::HashMap;
 use std::sync::Arc;

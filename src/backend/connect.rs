@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::authentication::sasl::SCRAM_SHA_256;
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 use rustls::pki_types::ServerName;
@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 
 use super::conn::{ServerConn, StartupTag};
 use super::Backend;
+use crate::auth::scram_client::ScramClient;
 use crate::config::SslMode;
 use crate::net::Stream;
 use crate::protocol::{sqlstate, PgError};
@@ -228,7 +229,7 @@ async fn authenticate(backend: &Backend, conn: &mut ServerConn) -> Result<(), Co
         backend: name.to_owned(),
         reason,
     };
-    let mut scram: Option<ScramSha256> = None;
+    let mut scram: Option<ScramClient> = None;
     let mut out = BytesMut::new();
     let mut authenticated = false;
     loop {
@@ -260,8 +261,8 @@ async fn authenticate(backend: &Backend, conn: &mut ServerConn) -> Result<(), Co
                 if !has_scram {
                     return Err(auth_err("server offers no SCRAM-SHA-256".into()));
                 }
-                let s = ScramSha256::new(cfg.password.as_bytes(), ChannelBinding::unsupported());
-                frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)
+                let s = ScramClient::new(&cfg.password);
+                frontend::sasl_initial_response(SCRAM_SHA_256, &s.initial(), &mut out)
                     .map_err(|e| auth_err(e.to_string()))?;
                 scram = Some(s);
                 send(backend, conn, &out).await?;
@@ -270,16 +271,17 @@ async fn authenticate(backend: &Backend, conn: &mut ServerConn) -> Result<(), Co
                 let s = scram
                     .as_mut()
                     .ok_or_else(|| auth_err("unexpected SASL continue".into()))?;
-                s.update(body.data()).map_err(|e| auth_err(e.to_string()))?;
-                frontend::sasl_response(s.message(), &mut out)
+                let answer = s
+                    .respond(body.data(), &backend.scram_cache)
                     .map_err(|e| auth_err(e.to_string()))?;
+                frontend::sasl_response(&answer, &mut out).map_err(|e| auth_err(e.to_string()))?;
                 send(backend, conn, &out).await?;
             }
             Message::AuthenticationSaslFinal(body) => {
                 let s = scram
-                    .as_mut()
+                    .as_ref()
                     .ok_or_else(|| auth_err("unexpected SASL final".into()))?;
-                s.finish(body.data()).map_err(|e| auth_err(e.to_string()))?;
+                s.verify(body.data()).map_err(|e| auth_err(e.to_string()))?;
             }
             Message::ParameterStatus(body) => {
                 let (k, v) = (body.name(), body.value());

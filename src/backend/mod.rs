@@ -36,6 +36,8 @@ pub struct Backend {
     pool_size: AtomicUsize,
     /// The last connection failure, cleared by the next success (shown by `pgtenant ctl backends`).
     last_error: Mutex<Option<String>>,
+    /// SCRAM salted password for this backend's user, computed once.
+    pub(crate) scram_cache: crate::auth::scram_client::SaltedPasswordCache,
     tls: Option<TlsConnector>,
     pools: Mutex<HashMap<String, Arc<Pool>>>,
     pub timeouts: Timeouts,
@@ -55,6 +57,7 @@ impl Backend {
             name: name.to_owned(),
             pool_size: AtomicUsize::new(config.pool_size),
             last_error: Mutex::new(None),
+            scram_cache: Default::default(),
             config,
             tls,
             pools: Mutex::new(HashMap::new()),
