@@ -20,23 +20,34 @@ const GS2_BIWS: &str = "biws";
 /// Iteration counts above this are refused (a hostile server could make us spin).
 const MAX_ITERATIONS: u32 = 1 << 20;
 
+/// A salted password and the (salt, iteration count) it was made with.
+struct Salted {
+    salt: Vec<u8>,
+    iterations: u32,
+    key: [u8; 32],
+}
+
 /// The salted password for one (salt, iteration count), reused across connections of one backend.
 #[derive(Default)]
 pub struct SaltedPasswordCache {
-    entry: Mutex<Option<(Vec<u8>, u32, [u8; 32])>>,
+    entry: Mutex<Option<Salted>>,
 }
 
 impl SaltedPasswordCache {
     fn get(&self, password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
         let mut entry = self.entry.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((s, i, salted)) = entry.as_ref() {
-            if s == salt && *i == iterations {
-                return *salted;
+        if let Some(e) = entry.as_ref() {
+            if e.salt == salt && e.iterations == iterations {
+                return e.key;
             }
         }
-        let salted = hi(password, salt, iterations);
-        *entry = Some((salt.to_vec(), iterations, salted));
-        salted
+        let key = hi(password, salt, iterations);
+        *entry = Some(Salted {
+            salt: salt.to_vec(),
+            iterations,
+            key,
+        });
+        key
     }
 }
 
