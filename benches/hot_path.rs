@@ -89,6 +89,16 @@ fn recogniser(c: &mut Criterion) {
         b.iter(|| sql::recognise(black_box(set)))
     });
     g.finish();
+    // Session-state tracking looks at every simple query the client sends.
+    let mut g = c.benchmark_group("session_state_classify");
+    g.bench_function("ordinary_query", |b| {
+        b.iter(|| sql::classify(black_box(ordinary)))
+    });
+    let tracked = b"SET work_mem = '64MB'";
+    g.bench_function("session_set", |b| {
+        b.iter(|| sql::classify(black_box(tracked)))
+    });
+    g.finish();
 }
 
 criterion_group!(benches, frames, routing, recogniser);
