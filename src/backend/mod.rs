@@ -20,6 +20,9 @@ pub use conn::{ServerConn, StartupTag};
 pub use connect::ConnectError;
 pub use pool::{Pool, PoolError, PooledConn};
 
+/// Most databases one backend serves pools for.
+pub const MAX_POOLS_PER_BACKEND: usize = 256;
+
 /// Timeouts every backend connection uses, from `[proxy]`.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
@@ -65,13 +68,19 @@ impl Backend {
         }))
     }
 
-    /// The pool for `database`, created on first use.
-    pub fn pool(self: &Arc<Self>, database: &str) -> Arc<Pool> {
+    /// The pool for `database`, created on first use. Database names can come from clients (when neither the
+    /// route nor the backend names one), so the number of pools per backend is bounded.
+    pub fn pool(self: &Arc<Self>, database: &str) -> Option<Arc<Pool>> {
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
-        pools
-            .entry(database.to_owned())
-            .or_insert_with(|| Pool::new(self.clone(), database.to_owned()))
-            .clone()
+        if let Some(p) = pools.get(database) {
+            return Some(p.clone());
+        }
+        if pools.len() >= MAX_POOLS_PER_BACKEND {
+            return None;
+        }
+        let pool = Pool::new(self.clone(), database.to_owned());
+        pools.insert(database.to_owned(), pool.clone());
+        Some(pool)
     }
 
     pub fn pool_size(&self) -> usize {

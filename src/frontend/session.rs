@@ -670,7 +670,17 @@ pub(super) async fn connect_server(
         .or_else(|| info.database.clone())
         .unwrap_or_else(|| info.user_name.clone());
     let tag = Arc::new(startup_tag(info, route.schema.as_deref()));
-    let conn = backend.pool(&database).checkout(&tag).await.map_err(|e| {
+    let pool = backend.pool(&database).ok_or_else(|| {
+        PgError::error(
+            sqlstate::TOO_MANY_CONNECTIONS,
+            format!(
+                "pgtenant: backend \"{}\" already serves {} databases",
+                backend.name,
+                crate::backend::MAX_POOLS_PER_BACKEND
+            ),
+        )
+    })?;
+    let conn = pool.checkout(&tag).await.map_err(|e| {
         debug!(%tenant, error = %e, "backend checkout failed");
         e.to_client(false)
     })?;
