@@ -62,27 +62,10 @@ INI
 start_pgtenant() {
   local mode="$1" port
   port="$(free_port)"
-  cat > "$W/pgtenant-$mode.toml" <<TOML
-[proxy]
-listen = "127.0.0.1:$port"
-pool_mode = "$mode"
+  pgtenant_config "$W/pgtenant-$mode.toml" "$port" "$bench_PORT" 20 "" \
+    "pool_mode = \"$mode\"
 workers = $PGT_WORKERS
-state_dir = "$W/state-$mode"
-admin_socket = "$W/pgtenant-$mode.sock"
-max_client_conn = 2000
-[[users]]
-name = "app"
-password = "secret"
-tenants = ["*"]
-[backends.main]
-host = "127.0.0.1"
-port = $bench_PORT
-user = "postgres"
-database = "app"
-pool_size = 20
-[tenants.acme]
-backend = "main"
-TOML
+max_client_conn = 2000"
   RUST_LOG=pgtenant=warn ./target/release/pgtenant serve --config "$W/pgtenant-$mode.toml" 2>"$W/pgtenant-$mode.log" &
   PG_CLEANUP_EXTRA+=("$!")
   wait_port "$port"

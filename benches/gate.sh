@@ -15,24 +15,7 @@ pg_start main
 pg_sql "$main_PORT" postgres "CREATE DATABASE app" >/dev/null
 pg_sql "$main_PORT" app "CREATE SCHEMA tenant_acme" >/dev/null
 PORT="$(free_port)"
-cat > "$PG_WORKDIR/pgtenant.toml" <<TOML
-[proxy]
-listen = "127.0.0.1:$PORT"
-admin_socket = "$PG_WORKDIR/admin.sock"
-state_dir = "$PG_WORKDIR/state"
-[[users]]
-name = "app"
-password = "secret"
-tenants = ["*"]
-[backends.main]
-host = "127.0.0.1"
-port = $main_PORT
-database = "app"
-pool_size = 40
-[tenants.acme]
-backend = "main"
-schema = "tenant_acme"
-TOML
+pgtenant_config "$PG_WORKDIR/pgtenant.toml" "$PORT" "$main_PORT" 40 tenant_acme
 RUST_LOG=pgtenant=warn ./target/release/pgtenant serve --config "$PG_WORKDIR/pgtenant.toml" &
 PG_CLEANUP_EXTRA+=("$!")
 wait_port "$PORT"
@@ -43,6 +26,6 @@ SECONDS_LOAD=$((ROUNDS / 2 + 15))
 pgbench -n -c "$CLIENTS" -j 2 -T "$SECONDS_LOAD" -M prepared "$URL" > "$PG_WORKDIR/pgbench.out" 2>&1 &
 LOAD=$!
 sleep 3
-python3 benches/gate_latency.py "$PG_WORKDIR/admin.sock" "$URL" "$ROUNDS"
+python3 benches/gate_latency.py "$PG_WORKDIR/pgtenant.sock" "$URL" "$ROUNDS"
 wait "$LOAD"
 grep -E "tps|failed|processed" "$PG_WORKDIR/pgbench.out"

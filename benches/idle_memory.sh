@@ -16,25 +16,9 @@ pg_sql "$main_PORT" postgres "ALTER SYSTEM SET max_connections = $((M + 50))" >/
 as_pg "$PG_BIN/pg_ctl" -D "$PG_WORKDIR/main" -w restart >/dev/null
 pg_sql "$main_PORT" postgres "CREATE DATABASE app" >/dev/null
 PORT="$(free_port)"
-cat > "$PG_WORKDIR/pgtenant.toml" <<TOML
-[proxy]
-listen = "127.0.0.1:$PORT"
-admin_socket = "$PG_WORKDIR/admin.sock"
-state_dir = "$PG_WORKDIR/state"
-max_client_conn = $((N + M + 100))
-workers = 1
-[[users]]
-name = "app"
-password = "secret"
-tenants = ["*"]
-[backends.main]
-host = "127.0.0.1"
-port = $main_PORT
-database = "app"
-pool_size = $M
-[tenants.acme]
-backend = "main"
-TOML
+pgtenant_config "$PG_WORKDIR/pgtenant.toml" "$PORT" "$main_PORT" "$M" "" \
+  "max_client_conn = $((N + M + 100))
+workers = 1"
 measure() { # user count: a fresh proxy for each measurement, so freed memory is not reused
   RUST_LOG=pgtenant=warn ./target/release/pgtenant serve --config "$PG_WORKDIR/pgtenant.toml" &
   local pid=$!

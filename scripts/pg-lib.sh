@@ -69,3 +69,19 @@ wait_port() {
   echo "nothing listens on port $1" >&2
   return 1
 }
+
+# pgtenant_config FILE LISTEN_PORT BACKEND_PORT POOL_SIZE [SCHEMA] [EXTRA_PROXY_LINES]
+# Writes a one-backend config: backend "main" (database app), tenant "acme" (in SCHEMA when given), user
+# app/secret; the admin socket and state directory sit beside FILE.
+pgtenant_config() {
+  local file="$1" port="$2" backend="$3" pool="$4" schema="${5:-}" extra="${6:-}"
+  local base="${file%.toml}"
+  {
+    printf '[proxy]\nlisten = "127.0.0.1:%s"\nadmin_socket = "%s.sock"\nstate_dir = "%s-state"\n' "$port" "$base" "$base"
+    if [ -n "$extra" ]; then printf '%s\n' "$extra"; fi
+    printf '[[users]]\nname = "app"\npassword = "secret"\ntenants = ["*"]\n'
+    printf '[backends.main]\nhost = "127.0.0.1"\nport = %s\nuser = "postgres"\ndatabase = "app"\npool_size = %s\n' "$backend" "$pool"
+    printf '[tenants.acme]\nbackend = "main"\n'
+    if [ -n "$schema" ]; then printf 'schema = "%s"\n' "$schema"; fi
+  } > "$file"
+}

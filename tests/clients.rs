@@ -346,6 +346,17 @@ async fn the_binary_serves_and_stops_on_sigterm() {
     assert!(status.success());
 }
 
+/// Whether the session's backend connection is encrypted, as the backend sees it.
+async fn backend_ssl(c: &tokio_postgres::Client) -> bool {
+    c.query_one(
+        "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_to_backends() {
     let secure = PgCluster::start();
@@ -375,25 +386,11 @@ async fn tls_to_backends() {
         .start()
         .await;
     let c = proxy.connect("app.acme", "app").await.unwrap();
-    let ssl: bool = c
-        .query_one(
-            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let ssl = backend_ssl(&c).await;
     assert!(ssl, "the backend connection is encrypted");
     let e = proxy.connect("app.globex", "app").await.unwrap_err();
     assert_eq!(common::code(&e), "08001", "{e}");
     let c = proxy.connect("app.initech", "app").await.unwrap();
-    let ssl: bool = c
-        .query_one(
-            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let ssl = backend_ssl(&c).await;
     assert!(!ssl);
 }
