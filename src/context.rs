@@ -59,6 +59,8 @@ pub struct Shared {
     /// Serialises the commands that change routes (tenant set/remove, reload).
     pub admin_lock: tokio::sync::Mutex<()>,
     pub started: Instant,
+    /// Live migrations: records, running tees, failpoints.
+    pub migrations: crate::migration::Migrations,
 }
 
 impl Shared {
@@ -73,6 +75,7 @@ impl Shared {
         let backends = build_backends(&config)?;
         let store = StateStore::open(&config.proxy.state_dir)?;
         let audit = AuditLog::open(&store.audit_path())?;
+        let migrations = crate::migration::Migrations::open(store.dir())?;
         let (table, removed) = match store.load_routes()? {
             Some(file) => {
                 let table = file.to_table().map_err(|reason| StateError::Corrupt {
@@ -99,6 +102,7 @@ impl Shared {
             audit_ok: AtomicBool::new(true),
             admin_lock: tokio::sync::Mutex::new(()),
             started: Instant::now(),
+            migrations,
             config: ArcSwap::from_pointee(config),
             users: ArcSwap::from_pointee(users),
             router: Router::new(table),

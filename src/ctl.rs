@@ -54,6 +54,154 @@ pub enum CtlCommand {
         #[arg(long, default_value_t = 20)]
         tail: u64,
     },
+    /// Live tenant migrations.
+    Migrate {
+        #[command(subcommand)]
+        action: MigrateAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum MigrateAction {
+    /// Start moving a tenant to another backend (preflight, capture, bulk copy, dual write).
+    Start {
+        tenant: String,
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        database: Option<String>,
+        #[arg(long)]
+        schema: Option<String>,
+        /// Verification that must pass before cutover: count, hash or full (a list takes the strongest).
+        #[arg(long)]
+        verify: Option<String>,
+        /// auto: cut over once verified and caught up; manual (default): wait for `migrate cutover`.
+        #[arg(long)]
+        cutover: Option<String>,
+        /// Accept (and replace) rows the target already holds.
+        #[arg(long)]
+        allow_existing: bool,
+    },
+    /// State, progress, lag, last pause.
+    Status {
+        tenant: Option<String>,
+        /// Redraw a progress bar until the migration settles.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Switch the tenant to the target now.
+    Cutover { tenant: String },
+    /// Stop a migration before cutover and remove its capture.
+    Abort {
+        tenant: String,
+        #[arg(long)]
+        drop_target: bool,
+    },
+    /// Hold copy/tee work (not the tenant's traffic).
+    Pause { tenant: String },
+    /// Continue copy/tee work, or retry a failed migration.
+    Resume { tenant: String },
+    /// Compare source and target now.
+    Verify {
+        tenant: String,
+        #[arg(long)]
+        level: Option<String>,
+    },
+    /// Re-copy the ranges the last verification found different.
+    Repair { tenant: String },
+    /// Move a migrated tenant back to its source.
+    Rollback { tenant: String },
+    /// End a migration: remove capture on both sides.
+    Finalize {
+        tenant: String,
+        #[arg(long)]
+        drop_source: bool,
+    },
+}
+
+fn migrate_request(a: &MigrateAction) -> Value {
+    match a {
+        MigrateAction::Start {
+            tenant,
+            to,
+            database,
+            schema,
+            verify,
+            cutover,
+            allow_existing,
+        } => json!({"cmd": "migrate.start", "tenant": tenant, "to": to, "database": database,
+            "schema": schema, "verify": verify, "cutover": cutover, "allow_existing": allow_existing}),
+        MigrateAction::Status { tenant, .. } => json!({"cmd": "migrate.status", "tenant": tenant}),
+        MigrateAction::Cutover { tenant } => json!({"cmd": "migrate.cutover", "tenant": tenant}),
+        MigrateAction::Abort {
+            tenant,
+            drop_target,
+        } => json!({"cmd": "migrate.abort", "tenant": tenant, "drop_target": drop_target}),
+        MigrateAction::Pause { tenant } => json!({"cmd": "migrate.pause", "tenant": tenant}),
+        MigrateAction::Resume { tenant } => json!({"cmd": "migrate.resume", "tenant": tenant}),
+        MigrateAction::Verify { tenant, level } => {
+            json!({"cmd": "migrate.verify", "tenant": tenant, "level": level})
+        }
+        MigrateAction::Repair { tenant } => json!({"cmd": "migrate.repair", "tenant": tenant}),
+        MigrateAction::Rollback { tenant } => json!({"cmd": "migrate.rollback", "tenant": tenant}),
+        MigrateAction::Finalize {
+            tenant,
+            drop_source,
+        } => json!({"cmd": "migrate.finalize", "tenant": tenant, "drop_source": drop_source}),
+    }
+}
+
+/// A one-line progress bar for `migrate status --watch`.
+pub fn progress_line(r: &Value) -> String {
+    let pct = r["progress_percent"]
+        .as_f64()
+        .unwrap_or(0.0)
+        .clamp(0.0, 100.0);
+    let filled = (pct / 100.0 * 30.0).round() as usize;
+    format!(
+        "{:<8} [{}{}] {:>5.1}%  {:<14} rows {}/{}  lag {}  pause {} ms",
+        s(&r["tenant"]),
+        "#".repeat(filled),
+        ".".repeat(30 - filled),
+        pct,
+        s(&r["state"]),
+        s(&r["rows_copied"]),
+        s(&r["rows_total"]),
+        s(&r["lag_events"]),
+        r["last_pause_ms"]
+            .as_f64()
+            .map_or("-".to_string(), |p| format!("{p:.1}")),
+    )
+}
+
+/// Redraws the progress line until the migration reaches a settled state; returns the exit code.
+async fn watch(socket: &Path, tenant: &str) -> i32 {
+    use std::io::Write;
+    loop {
+        let r = match send(socket, &json!({"cmd": "migrate.status", "tenant": tenant})).await {
+            Ok(r) if r["ok"] == json!(true) => r["result"].clone(),
+            Ok(r) => {
+                eprintln!(
+                    "\npgtenant ctl: {}: {}",
+                    s(&r["error"]["code"]),
+                    s(&r["error"]["message"])
+                );
+                return 1;
+            }
+            Err(e) => {
+                eprintln!("\npgtenant ctl: {e}");
+                return 2;
+            }
+        };
+        print!("\r{}", progress_line(&r));
+        let _ = std::io::stdout().flush();
+        let state = r["state"].as_str().unwrap_or("");
+        if ["migrated", "completed", "rolled_back", "failed"].contains(&state) {
+            println!();
+            return 0;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -98,6 +246,7 @@ fn request(cmd: &CtlCommand) -> Value {
         CtlCommand::Stats => json!({"cmd": "stats"}),
         CtlCommand::Reload => json!({"cmd": "reload"}),
         CtlCommand::Audit { tail } => json!({"cmd": "audit", "tail": tail}),
+        CtlCommand::Migrate { action } => migrate_request(action),
     }
 }
 
@@ -147,6 +296,16 @@ pub async fn send(socket: &Path, request: &Value) -> Result<Value, String> {
 /// Runs the command; returns the process exit code.
 pub async fn run(args: CtlArgs) -> i32 {
     let socket = socket_path(&args);
+    if let CtlCommand::Migrate {
+        action:
+            MigrateAction::Status {
+                tenant: Some(t),
+                watch: true,
+            },
+    } = &args.command
+    {
+        return watch(&socket, t).await;
+    }
     let response = match send(&socket, &request(&args.command)).await {
         Ok(r) => r,
         Err(e) => {
@@ -319,6 +478,39 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
                     &["SEQ", "TIME", "ACTOR", "COMMAND", "TENANT", "RESULT"],
                     rows
                 )
+            )
+        }
+        CtlCommand::Migrate {
+            action: MigrateAction::Status { tenant: None, .. },
+        } => {
+            let rows = r["migrations"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|m| {
+                    vec![
+                        s(&m["tenant"]),
+                        s(&m["state"]),
+                        format!("{}%", s(&m["progress_percent"])),
+                        format!("{}/{}", s(&m["rows_copied"]), s(&m["rows_total"])),
+                        s(&m["lag_events"]),
+                        s(&m["last_pause_ms"]),
+                        s(&m["cutover_attempts"]),
+                        s(&m["verification"]["passed"]),
+                        format!(
+                            "{} -> {}",
+                            s(&m["source"]["backend"]),
+                            s(&m["target"]["backend"])
+                        ),
+                    ]
+                })
+                .collect();
+            table(
+                &[
+                    "TENANT", "STATE", "PROGRESS", "ROWS", "LAG", "PAUSE_MS", "ATTEMPTS",
+                    "VERIFIED", "ROUTE",
+                ],
+                rows,
             )
         }
         _ => key_values(r, ""),

@@ -10,6 +10,7 @@ pub mod ctl;
 pub mod frontend;
 pub mod gate;
 pub mod metrics;
+pub mod migration;
 pub mod net;
 pub mod protocol;
 pub mod reload;

@@ -191,6 +191,16 @@ impl Metrics {
         Arc::new(m)
     }
 
+    pub fn counter(&self, name: &'static str, labels: Vec<Label>) -> Counter {
+        self.recorder
+            .register_counter(&Key::from_parts(name, labels), &META)
+    }
+
+    pub fn histogram(&self, name: &'static str, labels: Vec<Label>) -> Histogram {
+        self.recorder
+            .register_histogram(&Key::from_parts(name, labels), &META)
+    }
+
     pub fn gauge(&self, name: &'static str, labels: Vec<Label>) -> Gauge {
         self.recorder
             .register_gauge(&Key::from_parts(name, labels), &META)

@@ -52,6 +52,7 @@ pub struct Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.stop_accepting.cancel();
+        self.shared.migrations.shutdown();
         for task in &self.background {
             task.abort();
         }
@@ -93,6 +94,8 @@ impl Proxy {
         proxy
             .background
             .push(tokio::spawn(shared.clone().reap_idle_loop()));
+        // Unfinished migrations continue from their persisted state.
+        crate::migration::coordinator::resume_all(&shared).await;
         proxy
             .background
             .push(tokio::spawn(serve_unix(admin, shared.clone())));
@@ -163,6 +166,7 @@ impl Proxy {
         self.stop_accepting.cancel();
         self.sessions.close();
         self.shared.terminate.fire();
+        self.shared.migrations.shutdown();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.sessions.wait()).await;
     }
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::protocol::{AdminError, Request};
+use super::protocol::{AdminError, Migrate, Request};
 use crate::context::Shared;
 use crate::routing::Route;
 use crate::tenant::TenantId;
@@ -52,6 +52,7 @@ pub async fn execute(shared: &Arc<Shared>, req: Request, actor: &str) -> Result<
         | Request::TenantRemove { tenant }
         | Request::Pause { tenant, .. }
         | Request::Resume { tenant } => Some(tenant.to_string()),
+        Request::Migrate(m) => m.tenant().map(|t| t.to_string()),
         _ => None,
     };
     // Route changes (and reload) run one at a time, with their audit entry written before the next starts, so
@@ -109,6 +110,59 @@ async fn run(shared: &Arc<Shared>, req: Request) -> Result<Done, AdminError> {
         Request::Stats => Ok(Done::read(stats(shared))),
         Request::Reload => crate::reload::reload(shared),
         Request::Audit { tail } => audit(shared, tail).map(Done::read),
+        Request::Migrate(m) => migrate(shared, m).await,
+    }
+}
+
+async fn migrate(shared: &Arc<Shared>, m: Migrate) -> Result<Done, AdminError> {
+    use crate::migration::ops;
+    let before = m
+        .tenant()
+        .and_then(|t| shared.migrations.get(t.as_str()))
+        .map(|r| json!({"state": r.shown_state()}))
+        .unwrap_or(Value::Null);
+    let result = match &m {
+        Migrate::Start(req) => ops::start(shared, req.clone()).await,
+        Migrate::Status { tenant } => ops::status(shared, tenant.as_ref().map(|t| t.as_str())),
+        Migrate::Cutover { tenant } => ops::cutover_cmd(shared, tenant.as_str()).await,
+        Migrate::Abort {
+            tenant,
+            drop_target,
+        } => ops::abort(shared, tenant.as_str(), *drop_target).await,
+        Migrate::Pause { tenant } => ops::set_paused(shared, tenant.as_str(), true),
+        Migrate::Resume { tenant } => ops::set_paused(shared, tenant.as_str(), false),
+        Migrate::Verify { tenant, level } => ops::verify_cmd(shared, tenant.as_str(), *level).await,
+        Migrate::Repair { tenant } => ops::repair(shared, tenant.as_str()).await,
+        Migrate::Rollback { tenant } => ops::rollback_cmd(shared, tenant.as_str()).await,
+        Migrate::Finalize {
+            tenant,
+            drop_source,
+        } => ops::finalize(shared, tenant.as_str(), *drop_source).await,
+    }
+    .map_err(|e| AdminError::new(e.code, e.message))?;
+    let after = m
+        .tenant()
+        .and_then(|t| shared.migrations.get(t.as_str()))
+        .map(|r| json!({"state": r.shown_state()}))
+        .unwrap_or(Value::Null);
+    Ok(Done {
+        result,
+        before,
+        after,
+    })
+}
+
+/// A route change under a running migration would pull the tenant out from under it.
+fn refuse_if_migrating(shared: &Shared, tenant: &TenantId) -> Result<(), AdminError> {
+    match shared.migrations.get(tenant.as_str()) {
+        Some(r) if !r.state.is_final() => Err(AdminError::new(
+            "invalid_state",
+            format!(
+                "tenant {tenant:?} is being migrated ({}); finish or abort the migration first",
+                r.shown_state()
+            ),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -180,6 +234,7 @@ fn tenant_get(shared: &Shared, tenant: &TenantId) -> Result<Value, AdminError> {
 }
 
 fn tenant_set(shared: &Shared, tenant: &TenantId, route: Route) -> Result<Done, AdminError> {
+    refuse_if_migrating(shared, tenant)?;
     if shared.backends.load().get(&route.backend).is_none() {
         return Err(AdminError::new(
             "unknown_backend",
@@ -226,6 +281,7 @@ fn tenant_set(shared: &Shared, tenant: &TenantId, route: Route) -> Result<Done, 
 }
 
 fn tenant_remove(shared: &Shared, tenant: &TenantId) -> Result<Done, AdminError> {
+    refuse_if_migrating(shared, tenant)?;
     let before = shared
         .router
         .load()

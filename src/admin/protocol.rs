@@ -4,6 +4,8 @@
 
 use serde_json::{json, Map, Value};
 
+use crate::migration::ops::StartRequest;
+use crate::migration::record::{CutoverMode, VerifyLevel};
 use crate::tenant::{valid_identifier, TenantId};
 
 /// Longest request line accepted.
@@ -39,6 +41,75 @@ pub enum Request {
     Audit {
         tail: usize,
     },
+    Migrate(Migrate),
+}
+
+/// The `migrate.*` commands (DESIGN section 6).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Migrate {
+    Start(StartRequest),
+    Status {
+        tenant: Option<TenantId>,
+    },
+    Cutover {
+        tenant: TenantId,
+    },
+    Abort {
+        tenant: TenantId,
+        drop_target: bool,
+    },
+    Pause {
+        tenant: TenantId,
+    },
+    Resume {
+        tenant: TenantId,
+    },
+    Verify {
+        tenant: TenantId,
+        level: Option<VerifyLevel>,
+    },
+    Repair {
+        tenant: TenantId,
+    },
+    Rollback {
+        tenant: TenantId,
+    },
+    Finalize {
+        tenant: TenantId,
+        drop_source: bool,
+    },
+}
+
+impl Migrate {
+    pub fn command(&self) -> &'static str {
+        match self {
+            Migrate::Start(_) => "migrate.start",
+            Migrate::Status { .. } => "migrate.status",
+            Migrate::Cutover { .. } => "migrate.cutover",
+            Migrate::Abort { .. } => "migrate.abort",
+            Migrate::Pause { .. } => "migrate.pause",
+            Migrate::Resume { .. } => "migrate.resume",
+            Migrate::Verify { .. } => "migrate.verify",
+            Migrate::Repair { .. } => "migrate.repair",
+            Migrate::Rollback { .. } => "migrate.rollback",
+            Migrate::Finalize { .. } => "migrate.finalize",
+        }
+    }
+
+    pub fn tenant(&self) -> Option<&TenantId> {
+        match self {
+            Migrate::Start(r) => Some(&r.tenant),
+            Migrate::Status { tenant } => tenant.as_ref(),
+            Migrate::Cutover { tenant }
+            | Migrate::Abort { tenant, .. }
+            | Migrate::Pause { tenant }
+            | Migrate::Resume { tenant }
+            | Migrate::Verify { tenant, .. }
+            | Migrate::Repair { tenant }
+            | Migrate::Rollback { tenant }
+            | Migrate::Finalize { tenant, .. } => Some(tenant),
+        }
+    }
 }
 
 impl Request {
@@ -54,6 +125,7 @@ impl Request {
             Request::Stats => "stats",
             Request::Reload => "reload",
             Request::Audit { .. } => "audit",
+            Request::Migrate(m) => m.command(),
         }
     }
 
@@ -62,7 +134,7 @@ impl Request {
         matches!(
             self,
             Request::TenantSet { .. } | Request::TenantRemove { .. } | Request::Reload
-        )
+        ) || matches!(self, Request::Migrate(Migrate::Start(_)))
     }
 
     /// Commands that change something (and so are written to the audit log).
@@ -74,7 +146,7 @@ impl Request {
                 | Request::Pause { .. }
                 | Request::Resume { .. }
                 | Request::Reload
-        )
+        ) || matches!(self, Request::Migrate(m) if !matches!(m, Migrate::Status { .. }))
     }
 }
 
@@ -124,6 +196,21 @@ pub fn parse(line: &[u8]) -> Result<(Request, Option<String>), AdminError> {
         "tenant.set" => &["tenant", "backend", "database", "schema"],
         "pause" => &["tenant", "timeout_ms"],
         "audit" => &["tail"],
+        "migrate.start" => &[
+            "tenant",
+            "to",
+            "database",
+            "schema",
+            "verify",
+            "cutover",
+            "allow_existing",
+        ],
+        "migrate.status" => &["tenant"],
+        "migrate.cutover" | "migrate.pause" | "migrate.resume" | "migrate.repair"
+        | "migrate.rollback" => &["tenant"],
+        "migrate.abort" => &["tenant", "drop_target"],
+        "migrate.finalize" => &["tenant", "drop_source"],
+        "migrate.verify" => &["tenant", "level"],
         other => {
             return Err(AdminError::new(
                 "unknown_command",
@@ -167,9 +254,67 @@ pub fn parse(line: &[u8]) -> Result<(Request, Option<String>), AdminError> {
         "audit" => Request::Audit {
             tail: a.opt_u64("tail", MAX_AUDIT_TAIL as u64)?.unwrap_or(20) as usize,
         },
+        m if m.starts_with("migrate.") => Request::Migrate(parse_migrate(m, &a)?),
         _ => unreachable!("listed above"),
     };
     Ok((request, token))
+}
+
+fn parse_migrate(cmd: &str, a: &Args) -> Result<Migrate, AdminError> {
+    Ok(match cmd {
+        "migrate.start" => Migrate::Start(StartRequest {
+            tenant: a.tenant()?,
+            to: a.name("to")?,
+            database: a.opt_ident("database")?,
+            schema: a.opt_ident("schema")?,
+            verify: a.verify_level("verify")?.unwrap_or_default(),
+            cutover: match a.opt_str("cutover")?.as_deref() {
+                None | Some("manual") => CutoverMode::Manual,
+                Some("auto") => CutoverMode::Auto,
+                Some(_) => {
+                    return Err(AdminError::new(
+                        "invalid_argument",
+                        "cutover must be \"auto\" or \"manual\"",
+                    ))
+                }
+            },
+            allow_existing: a.opt_bool("allow_existing")?,
+        }),
+        "migrate.status" => Migrate::Status {
+            tenant: match a.opt_str("tenant")? {
+                Some(_) => Some(a.tenant()?),
+                None => None,
+            },
+        },
+        "migrate.cutover" => Migrate::Cutover {
+            tenant: a.tenant()?,
+        },
+        "migrate.pause" => Migrate::Pause {
+            tenant: a.tenant()?,
+        },
+        "migrate.resume" => Migrate::Resume {
+            tenant: a.tenant()?,
+        },
+        "migrate.repair" => Migrate::Repair {
+            tenant: a.tenant()?,
+        },
+        "migrate.rollback" => Migrate::Rollback {
+            tenant: a.tenant()?,
+        },
+        "migrate.abort" => Migrate::Abort {
+            tenant: a.tenant()?,
+            drop_target: a.opt_bool("drop_target")?,
+        },
+        "migrate.finalize" => Migrate::Finalize {
+            tenant: a.tenant()?,
+            drop_source: a.opt_bool("drop_source")?,
+        },
+        "migrate.verify" => Migrate::Verify {
+            tenant: a.tenant()?,
+            level: a.verify_level("level")?,
+        },
+        _ => unreachable!("listed in parse"),
+    })
 }
 
 fn truncate(s: &str) -> String {
@@ -231,6 +376,35 @@ impl Args<'_> {
                 format!("{key} must be 1 to 63 bytes"),
             )),
         }
+    }
+
+    fn opt_bool(&self, key: &str) -> Result<bool, AdminError> {
+        match self.0.get(key) {
+            None | Some(Value::Null) => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(_) => Err(AdminError::new(
+                "invalid_argument",
+                format!("{key} must be true or false"),
+            )),
+        }
+    }
+
+    /// `count`, `hash` or `full`, or a comma list of them (the strongest counts).
+    fn verify_level(&self, key: &str) -> Result<Option<VerifyLevel>, AdminError> {
+        let Some(s) = self.opt_str(key)? else {
+            return Ok(None);
+        };
+        let mut best = None;
+        for part in s.split(',') {
+            let level = VerifyLevel::parse(part.trim()).ok_or_else(|| {
+                AdminError::new(
+                    "invalid_argument",
+                    format!("{key} must be count, hash or full"),
+                )
+            })?;
+            best = best.max(Some(level));
+        }
+        Ok(best)
     }
 
     fn opt_u64(&self, key: &str, max: u64) -> Result<Option<u64>, AdminError> {

@@ -11,6 +11,11 @@ use crate::protocol::{inspect, messages, sql, sqlstate, PgError};
 impl Session {
     /// Handles every frame the client has sent, until input runs out or a statement must wait.
     pub(super) async fn on_client_input(&mut self) -> Result<(), End> {
+        // While a ReadyForQuery waits for the migration tee, input waits too (the client has not seen the end
+        // of its transaction yet, and a move or a gate check now would judge the wrong moment).
+        if self.tee_wait.is_some() {
+            return Ok(());
+        }
         // Stop while our own answers pile up unread: a client that never reads cannot grow them without bound.
         while !self.blocked && self.cout.len() < OUT_HIGH_WATER {
             let step = self

@@ -172,6 +172,8 @@ enum Ev {
     ClientFlushed,
     ServerFlushed,
     Shutdown,
+    /// The migration tee has the transaction's changes on the target (or gave up waiting).
+    TeeDone,
 }
 
 pub struct Session {
@@ -211,6 +213,12 @@ pub struct Session {
     pub(super) queries: u64,
     /// A statement the proxy answers itself waits at the head of `cin` until the backend owes nothing.
     pub(super) blocked: bool,
+    /// The current transaction changed rows (judged from CommandComplete tags and COPY FROM).
+    pub(super) wrote: bool,
+    /// While a migration tee drains this transaction's changes to the target, the ReadyForQuery that ends it
+    /// waits in `held` and neither side is processed further.
+    pub(super) tee_wait: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
+    pub(super) held: BytesMut,
 }
 
 impl Session {
@@ -270,6 +278,9 @@ impl Session {
             stale_since: None,
             tm: None,
             queries: 0,
+            wrote: false,
+            tee_wait: None,
+            held: BytesMut::new(),
         };
         let tenant = session.info.startup_tenant.clone();
         session.install(tenant, attached);
@@ -329,6 +340,7 @@ impl Session {
                 }
                 Ok(Ev::ClientIn) => self.on_client_input().await,
                 Ok(Ev::ServerIn) => self.after_server_input().await,
+                Ok(Ev::TeeDone) => self.after_tee().await,
                 Ok(Ev::Shutdown) => Err(End::Shutdown),
                 Err(end) => Err(end),
             };
@@ -346,6 +358,11 @@ impl Session {
     ) -> Poll<Result<Ev, End>> {
         if self.shared.terminate.is_fired() {
             return Poll::Ready(Ok(Ev::Shutdown));
+        }
+        if let Some(wait) = self.tee_wait.as_mut() {
+            if wait.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(Ev::TeeDone));
+            }
         }
         if let Poll::Ready(r) = poll_write_side(cx, &mut self.client, &self.cout, self.cflush) {
             return Poll::Ready(r.map(|w| w.client()).map_err(|_| End::ClientGone));
@@ -371,7 +388,7 @@ impl Session {
                 Poll::Pending => {}
             }
         }
-        if self.cout.len() < OUT_HIGH_WATER {
+        if self.cout.len() < OUT_HIGH_WATER && self.tee_wait.is_none() {
             if let Some(s) = self.server.as_mut() {
                 let conn = s.conn.get_mut();
                 read_space(&mut conn.buf);
@@ -391,7 +408,28 @@ impl Session {
         Poll::Pending
     }
 
+    /// The tee released a held ReadyForQuery: deliver it and go on with whatever arrived meanwhile.
+    async fn after_tee(&mut self) -> Result<(), End> {
+        self.tee_wait = None;
+        self.cout.extend_from_slice(&self.held);
+        self.held.clear();
+        if self
+            .server
+            .as_ref()
+            .is_some_and(|s| !s.conn.get().buf.is_empty())
+        {
+            self.after_server_input().await?;
+        }
+        if self.tee_wait.is_none() && !self.cin.is_empty() {
+            self.on_client_input().await?;
+        }
+        Ok(())
+    }
+
     async fn after_server_input(&mut self) -> Result<(), End> {
+        if self.tee_wait.is_some() {
+            return Ok(());
+        }
         self.on_server_input()?;
         if self.blocked && self.server.as_ref().is_none_or(|s| s.pending == 0) {
             self.blocked = false;
@@ -407,6 +445,11 @@ impl Session {
             cout,
             told,
             state,
+            wrote,
+            shared,
+            tenant,
+            held,
+            tee_wait,
             ..
         } = self;
         let Some(s) = server.as_mut() else {
@@ -439,8 +482,21 @@ impl Session {
                             s.status = inspect::ready_status(frame).unwrap_or(s.status);
                             s.pending = s.pending.saturating_sub(1);
                             s.replace_error = None;
-                            ended |= s.pending == 0 && s.status == b'I' && !s.batch_open;
+                            let end = s.pending == 0 && s.status == b'I' && !s.batch_open;
+                            ended |= end;
+                            if end && std::mem::take(wrote) {
+                                if let Some(wait) = tee_for(shared, tenant.as_ref()) {
+                                    // Everything before this ReadyForQuery goes out; it waits for the tee.
+                                    move_bytes(&mut conn.buf, cout, fwd);
+                                    held.extend_from_slice(&conn.buf[..h.total]);
+                                    conn.buf.advance(h.total);
+                                    fwd = 0;
+                                    *tee_wait = Some(wait);
+                                    break;
+                                }
+                            }
                         }
+                        b'C' => *wrote |= inspect::is_write_tag(frame),
                         b'S' => {
                             if let Some((k, v)) = inspect::parameter_status(frame) {
                                 set_param(told, k, v);
@@ -452,6 +508,7 @@ impl Session {
                             // The Syncs sent after the Execute that started this COPY reach a backend in
                             // copy-in mode, which ignores them: no ReadyForQuery will answer them.
                             s.copy_in = true;
+                            *wrote = true;
                             state.syncs_ignored(s.syncs_since_exec);
                             s.pending = s.pending.saturating_sub(s.syncs_since_exec);
                             s.syncs_since_exec = 0;
@@ -596,6 +653,19 @@ pub(super) fn move_bytes(from: &mut BytesMut, to: &mut BytesMut, n: usize) {
         to.extend_from_slice(&from[..n]);
         from.advance(n);
     }
+}
+
+/// The wait for the migration tee of `tenant`, when one is running.
+fn tee_for(
+    shared: &Shared,
+    tenant: Option<&TenantId>,
+) -> Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>> {
+    let tees = shared.migrations.tees.load();
+    if tees.is_empty() {
+        return None;
+    }
+    let tee = tees.get(tenant?.as_str())?.clone();
+    Some(Box::pin(async move { tee.after_commit().await }))
 }
 
 fn set_param(params: &mut Vec<(String, String)>, name: &str, value: &str) {

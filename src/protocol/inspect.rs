@@ -65,9 +65,35 @@ pub fn error_fields(frame: &[u8]) -> Option<(String, String, String)> {
     Some((severity, code, message))
 }
 
+/// True for the CommandComplete of a statement that changes rows (INSERT, UPDATE, DELETE, MERGE). A write hidden
+/// in a function call is not seen here; the migration's background catch-up applies it.
+pub fn is_write_tag(frame: &[u8]) -> bool {
+    let tag = frame.get(5..).unwrap_or(&[]);
+    [&b"INSERT "[..], b"UPDATE ", b"DELETE ", b"MERGE "]
+        .iter()
+        .any(|w| tag.starts_with(w))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn write_tags() {
+        let cc = |t: &str| {
+            let mut f = vec![b'C', 0, 0, 0, 0];
+            f.extend_from_slice(t.as_bytes());
+            f.push(0);
+            f
+        };
+        assert!(is_write_tag(&cc("INSERT 0 1")));
+        assert!(is_write_tag(&cc("UPDATE 3")));
+        assert!(is_write_tag(&cc("DELETE 0")));
+        assert!(is_write_tag(&cc("MERGE 2")));
+        assert!(!is_write_tag(&cc("SELECT 1")));
+        assert!(!is_write_tag(&cc("COMMIT")));
+        assert!(!is_write_tag(b"C"));
+    }
 
     #[test]
     fn reads_frames() {

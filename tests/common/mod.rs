@@ -251,6 +251,26 @@ impl PgCluster {
         std::thread::sleep(Duration::from_millis(300));
     }
 
+    /// Starts a stopped cluster again on its port.
+    pub fn restart(&self) {
+        let data = self.data_dir();
+        let opts = format!("-p {} -k {}", self.port, self.dir.path().display());
+        let log = self.dir.path().join("log");
+        run_pg(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-o",
+                &opts,
+                "-l",
+                log.to_str().unwrap(),
+                "-w",
+                "start",
+            ],
+        );
+    }
+
     pub fn stop(&self) {
         let data = self.data_dir();
         let args = [

@@ -1,0 +1,318 @@
+//! Cutover and rollback (DESIGN section 5): close the tenant's gate, let open transactions end, drain the log to
+//! empty, sync sequences, ready the reverse capture, persist and swap the route, open the gate. Everything before
+//! the swap is bounded by `cutover_timeout_ms`; past it the gate opens back onto the source and the migration
+//! stays in `dual_write`. The swap is the point of no return.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use metrics::Label;
+use serde_json::{json, Value};
+use tokio_postgres::Client;
+use tracing::{info, warn};
+
+use super::capture;
+use super::catalog;
+use super::coordinator::{endpoints, start_tee, stop_tee, transition, Direction, Live};
+use super::pg::Endpoint;
+use super::record::{Record, State};
+use super::MigrateError;
+use crate::context::Shared;
+use crate::gate::Gate;
+use crate::routing::Route;
+use crate::tenant::TenantId;
+
+fn labels(tenant: &str, result: Option<&str>) -> Vec<Label> {
+    let mut l = vec![Label::new("tenant", tenant.to_owned())];
+    if let Some(r) = result {
+        l.push(Label::new("result", r.to_owned()));
+    }
+    l
+}
+
+fn gate_of(shared: &Shared, tenant: &str) -> Result<Arc<Gate>, MigrateError> {
+    let id = TenantId::parse(tenant).map_err(|e| MigrateError::Refused(e.to_string()))?;
+    let gate = shared.gates.get(&id);
+    if gate.is_closed() {
+        return Err(MigrateError::Refused(format!(
+            "tenant {tenant:?} is paused by an operator; resume it first"
+        )));
+    }
+    Ok(gate)
+}
+
+/// Moves the tenant to the target. The caller holds `live.lock`.
+pub async fn cutover(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<Value, MigrateError> {
+    let rec = shared
+        .migrations
+        .get(&live.tenant)
+        .ok_or(MigrateError::Cancelled)?;
+    if rec.state != State::DualWrite || rec.paused {
+        return Err(MigrateError::Refused(format!(
+            "cutover needs state dual_write (not paused); the migration is {}",
+            rec.shown_state()
+        )));
+    }
+    let gate = gate_of(shared, &rec.tenant)?;
+    let timeout = Duration::from_millis(shared.config.load().migration.cutover_timeout_ms);
+    let rec = transition(shared, &rec.tenant, State::CutoverPaused, |r| {
+        r.cutover_attempts += 1
+    })?;
+    let m = &shared.metrics;
+    let closed_at = Instant::now();
+    gate.close();
+    let deadline = closed_at + timeout;
+    let attempt =
+        tokio::time::timeout(timeout, before_swap(shared, live, &rec, &gate, deadline)).await;
+    let over = || {
+        MigrateError::Timeout(format!(
+            "cutover passed its {} ms limit",
+            timeout.as_millis()
+        ))
+    };
+    let failure = match attempt {
+        Ok(Ok(())) if Instant::now() >= deadline => Some(over()),
+        // The swap is outside the timeout: once it is on disk it must be completed, not abandoned halfway.
+        Ok(Ok(())) => swap_route(shared, &rec.tenant, &rec.target).err(),
+        Ok(Err(e)) => Some(e),
+        Err(_) => Some(over()),
+    };
+    if let Some(e) = failure {
+        let pause = closed_at.elapsed();
+        gate.open();
+        if matches!(e, MigrateError::Timeout(_)) {
+            m.counter("cutover_timeout_total", labels(&rec.tenant, None))
+                .increment(1);
+        }
+        m.counter(
+            "cutover_attempts_total",
+            labels(&rec.tenant, Some("failed")),
+        )
+        .increment(1);
+        warn!(tenant = %rec.tenant, error = %e, "cutover fell back to the source");
+        fall_back(shared, &rec, &e.to_string(), pause).await;
+        return Err(e);
+    }
+    // Past the swap: the target is authoritative. Sessions move at their next transaction boundary.
+    match shared
+        .migrations
+        .failpoints
+        .check("cutover.after_swap")
+        .await
+    {
+        Ok(()) => {}
+        // The proxy stopped right here: a restart finds `cutover_paused` with the route swapped and completes.
+        Err(MigrateError::Cancelled) => return Err(MigrateError::Cancelled),
+        Err(e) => {
+            warn!(tenant = %rec.tenant, error = %e, "failpoint after the swap ignored: the swap stands")
+        }
+    }
+    let rec = shared.migrations.get(&rec.tenant).unwrap_or(rec);
+    start_tee(shared, live, &rec, Direction::Reverse).await?;
+    let blocked = gate.queued();
+    gate.open();
+    let pause = closed_at.elapsed();
+    m.histogram("cutover_pause_duration_seconds", labels(&rec.tenant, None))
+        .record(pause.as_secs_f64());
+    m.gauge("cutover_blocked_writers", labels(&rec.tenant, None))
+        .set(blocked as f64);
+    m.counter("cutover_attempts_total", labels(&rec.tenant, Some("ok")))
+        .increment(1);
+    let pause_ms = pause.as_secs_f64() * 1000.0;
+    transition(shared, &rec.tenant, State::Migrated, |r| {
+        r.last_pause_ms = Some(pause_ms);
+        r.last_cutover_error = None;
+    })?;
+    info!(tenant = %rec.tenant, pause_ms, blocked, "cutover done");
+    Ok(
+        json!({"tenant": rec.tenant, "state": "migrated", "pause_ms": pause_ms, "queued_during_pause": blocked}),
+    )
+}
+
+/// Steps 1-3 of the cutover, up to and including the route swap.
+async fn before_swap(
+    shared: &Arc<Shared>,
+    live: &Arc<Live>,
+    rec: &Record,
+    gate: &Gate,
+    deadline: Instant,
+) -> Result<(), MigrateError> {
+    let fp = shared.migrations.failpoints.clone();
+    fp.check("cutover.after_close").await?;
+    let left = deadline.saturating_duration_since(Instant::now());
+    if !gate.wait_drained(left).await {
+        return Err(MigrateError::Timeout(format!(
+            "{} transaction(s) of the tenant still open",
+            gate.active()
+        )));
+    }
+    let (source, target) = endpoints(shared, rec)?;
+    let (_, tee) = live
+        .tee()
+        .filter(|(d, _)| *d == Direction::Forward)
+        .ok_or_else(|| MigrateError::Refused("the tee is not running".into()))?;
+    tee.drain_to_empty(deadline).await?;
+    fp.check("cutover.after_drain").await?;
+    let (src, dst) = (source.connect().await?, target.connect().await?);
+    sync_sequences(&src, &source, &dst, &target).await?;
+    capture::install(&dst, &target, &rec.tenant, &rec.tables).await?;
+    fp.check("cutover.before_swap").await?;
+    // Writes that reached the source meanwhile (outside the proxy) go across before the swap.
+    tee.drain_to_empty(deadline).await?;
+    Ok(())
+}
+
+/// Cutover did not happen: remove the reverse capture made for it and stay in dual_write.
+async fn fall_back(shared: &Shared, rec: &Record, error: &str, pause: Duration) {
+    if let Ok((_, target)) = endpoints(shared, rec) {
+        if let Ok(c) = target.connect().await {
+            if let Err(e) = capture::remove_triggers(&c, &rec.tenant).await {
+                warn!(tenant = %rec.tenant, error = %e, "could not remove the reverse capture");
+            }
+        }
+    }
+    let pause_ms = pause.as_secs_f64() * 1000.0;
+    let _ = transition(shared, &rec.tenant, State::DualWrite, |r| {
+        r.last_cutover_error = Some(error.to_owned());
+        r.last_pause_ms = Some(pause_ms);
+    });
+}
+
+/// Persists the route of `tenant` as `route` with a higher epoch and publishes it.
+fn swap_route(shared: &Shared, tenant: &str, route: &Route) -> Result<(), MigrateError> {
+    let id = TenantId::parse(tenant).map_err(|e| MigrateError::Refused(e.to_string()))?;
+    let route = Arc::new(route.clone());
+    shared.router.update(
+        |routes| {
+            routes.insert(id.clone(), route.clone());
+            Ok(())
+        },
+        |table| shared.persist_routes(table).map_err(MigrateError::from),
+    )?;
+    Ok(())
+}
+
+/// Sets every sequence of `to`'s schema at or above the same sequence on `from`.
+pub async fn sync_sequences(
+    from: &Client,
+    from_side: &Endpoint,
+    to: &Client,
+    to_side: &Endpoint,
+) -> Result<(), MigrateError> {
+    for seq in catalog::sequences(from, &from_side.schema).await? {
+        let row = from
+            .query_one(
+                &format!(
+                    "SELECT last_value, is_called FROM {}",
+                    from_side.qualified(&seq)
+                ),
+                &[],
+            )
+            .await
+            .map_err(|e| MigrateError::pg(&format!("read sequence {seq}"), e))?;
+        let (last, called): (i64, bool) = (row.get(0), row.get(1));
+        if !called {
+            continue;
+        }
+        let q = to_side.qualified(&seq);
+        to.query_one(
+            &format!("SELECT setval($1::text::regclass, greatest($2, (SELECT last_value FROM {q})), true)"),
+            &[&q, &last],
+        )
+        .await
+        .map_err(|e| MigrateError::pg(&format!("set sequence {seq} on the target"), e))?;
+    }
+    Ok(())
+}
+
+/// Moves the tenant back to the source after a cutover, with the same machinery. The caller holds `live.lock`.
+pub async fn rollback(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<Value, MigrateError> {
+    let rec = shared
+        .migrations
+        .get(&live.tenant)
+        .ok_or(MigrateError::Cancelled)?;
+    if rec.state != State::Migrated {
+        return Err(MigrateError::Refused(format!(
+            "rollback needs state migrated; the migration is {}",
+            rec.shown_state()
+        )));
+    }
+    let gate = gate_of(shared, &rec.tenant)?;
+    let timeout = Duration::from_millis(shared.config.load().migration.cutover_timeout_ms);
+    let closed_at = Instant::now();
+    gate.close();
+    let deadline = closed_at + timeout;
+    let swap = async {
+        if !gate.wait_drained(timeout).await {
+            return Err(MigrateError::Timeout(
+                "open transactions did not finish".into(),
+            ));
+        }
+        let (source, target) = endpoints(shared, &rec)?;
+        let (_, tee) = live
+            .tee()
+            .ok_or_else(|| MigrateError::Refused("the reverse tee is not running".into()))?;
+        tee.drain_to_empty(deadline).await?;
+        let (src, dst) = (source.connect().await?, target.connect().await?);
+        sync_sequences(&dst, &target, &src, &source).await?;
+        shared
+            .migrations
+            .failpoints
+            .check("rollback.before_swap")
+            .await
+    };
+    let result = match tokio::time::timeout(timeout, swap).await {
+        Ok(Ok(())) => swap_route(shared, &rec.tenant, &rec.source),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(MigrateError::Timeout(
+            "rollback passed its time limit".into(),
+        )),
+    };
+    if let Err(e) = result {
+        gate.open();
+        return Err(e);
+    }
+    stop_tee(shared, live);
+    gate.open();
+    let pause_ms = closed_at.elapsed().as_secs_f64() * 1000.0;
+    shared
+        .metrics
+        .histogram("cutover_pause_duration_seconds", labels(&rec.tenant, None))
+        .record(pause_ms / 1000.0);
+    finish_rollback(shared, &rec, pause_ms).await?;
+    Ok(json!({"tenant": rec.tenant, "state": "rolled_back", "pause_ms": pause_ms}))
+}
+
+/// After the route is back on the source: capture removed on both sides, record ended.
+pub async fn finish_rollback(
+    shared: &Shared,
+    rec: &Record,
+    pause_ms: f64,
+) -> Result<(), MigrateError> {
+    let (source, target) = endpoints(shared, rec)?;
+    capture::remove(&target.connect().await?, &rec.tenant).await?;
+    capture::remove(&source.connect().await?, &rec.tenant).await?;
+    transition(shared, &rec.tenant, State::RolledBack, |r| {
+        r.last_pause_ms = Some(pause_ms);
+    })?;
+    shared.migrations.forget_live(&rec.tenant);
+    Ok(())
+}
+
+/// A restart found the migration inside a cutover: finish it if the route was swapped, else fall back.
+pub async fn recover(shared: &Arc<Shared>, rec: &Record) {
+    let current = shared.router.load().get(&rec.tenant).cloned();
+    if current.as_deref() == Some(&rec.target) {
+        let _ = transition(shared, &rec.tenant, State::Migrated, |r| {
+            r.last_cutover_error = None;
+        });
+    } else {
+        fall_back(
+            shared,
+            rec,
+            "the proxy restarted during the cutover, before the route swap",
+            Duration::ZERO,
+        )
+        .await;
+    }
+}

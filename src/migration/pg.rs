@@ -1,0 +1,67 @@
+//! Coordinator connections to backends (tokio-postgres): one side of a migration is a backend, a database on it
+//! and the tenant's schema.
+
+use std::time::Duration;
+
+use tokio_postgres::{Client, NoTls};
+use tracing::debug;
+
+use super::MigrateError;
+use crate::config::{BackendConfig, SslMode};
+use crate::tenant::quote_ident;
+
+/// Settings every coordinator session uses: text forms that compare equal on both sides (hashes are over row
+/// text), and the bypass that lets our own DDL (triggers) past the DDL guard.
+const SESSION_SETUP: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; \
+     SET IntervalStyle = 'postgres'; SET extra_float_digits = 3; SET bytea_output = 'hex'; \
+     SET pgtenant.bypass_ddl_guard = 'on'; SET lock_timeout = '10s'";
+
+/// Where one side of a migration lives.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub backend: String,
+    pub config: BackendConfig,
+    pub database: String,
+    pub schema: String,
+}
+
+impl Endpoint {
+    /// `"schema"."table"`.
+    pub fn qualified(&self, table: &str) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(table))
+    }
+
+    pub async fn connect(&self) -> Result<Client, MigrateError> {
+        if self.config.sslmode == SslMode::Require {
+            return Err(MigrateError::Refused(format!(
+                "backend {:?} requires TLS, which the migration coordinator does not speak yet",
+                self.backend
+            )));
+        }
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host(&self.config.host)
+            .port(self.config.port)
+            .user(&self.config.user)
+            .dbname(&self.database)
+            .application_name("pgtenant-migration")
+            .connect_timeout(Duration::from_secs(10));
+        if !self.config.password.is_empty() {
+            cfg.password(&self.config.password);
+        }
+        let (client, conn) = cfg
+            .connect(NoTls)
+            .await
+            .map_err(|e| MigrateError::pg(&format!("connect to {}", self.backend), e))?;
+        let backend = self.backend.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(%backend, error = %e, "migration connection ended");
+            }
+        });
+        client
+            .batch_execute(SESSION_SETUP)
+            .await
+            .map_err(|e| MigrateError::pg("session setup", e))?;
+        Ok(client)
+    }
+}

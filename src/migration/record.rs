@@ -1,0 +1,236 @@
+//! The migration record (DESIGN section 5): what a migration is, where it stands, and what it has done. Records
+//! are written to `state_dir/migrations.json` before every transition, so a restarted proxy resumes from them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::routing::Route;
+use crate::state::{atomic, StateError};
+
+const FILE: &str = "migrations.json";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Pending,
+    BulkCopy,
+    DualWrite,
+    CutoverPaused,
+    Migrated,
+    Completed,
+    Failed,
+    RolledBack,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::BulkCopy => "bulk_copy",
+            State::DualWrite => "dual_write",
+            State::CutoverPaused => "cutover_paused",
+            State::Migrated => "migrated",
+            State::Completed => "completed",
+            State::Failed => "failed",
+            State::RolledBack => "rolled_back",
+        }
+    }
+
+    /// The `migration_state` gauge value (the order of the DESIGN table; 8 is `paused`).
+    pub fn code(self) -> f64 {
+        match self {
+            State::Pending => 0.0,
+            State::BulkCopy => 1.0,
+            State::DualWrite => 2.0,
+            State::CutoverPaused => 3.0,
+            State::Migrated => 4.0,
+            State::Completed => 5.0,
+            State::Failed => 6.0,
+            State::RolledBack => 7.0,
+        }
+    }
+
+    /// Ended migrations hold nothing (no capture, no tee) and no longer block a new one for the tenant.
+    pub fn is_final(self) -> bool {
+        matches!(self, State::Completed | State::RolledBack)
+    }
+
+    /// The route swap has not happened: the source is authoritative and `abort` is allowed.
+    pub fn before_swap(self) -> bool {
+        matches!(
+            self,
+            State::Pending
+                | State::BulkCopy
+                | State::DualWrite
+                | State::CutoverPaused
+                | State::Failed
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CutoverMode {
+    #[default]
+    Manual,
+    Auto,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum VerifyLevel {
+    #[default]
+    Count,
+    Hash,
+    Full,
+}
+
+impl VerifyLevel {
+    pub fn parse(s: &str) -> Option<VerifyLevel> {
+        match s {
+            "count" => Some(VerifyLevel::Count),
+            "hash" => Some(VerifyLevel::Hash),
+            "full" => Some(VerifyLevel::Full),
+            _ => None,
+        }
+    }
+}
+
+/// One table's copy checkpoint: done, with the snapshot it was read in (change-log entries visible in that
+/// snapshot are already in the copy).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableCheckpoint {
+    pub rows: u64,
+    pub snapshot: String,
+}
+
+/// The last verification's outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct VerifyReport {
+    pub level: Option<VerifyLevel>,
+    pub passed: bool,
+    pub at: String,
+    pub duration_ms: u64,
+    pub tables: u64,
+    pub rows: u64,
+    /// Human-readable mismatches: table, key range, counts or keys.
+    pub violations: Vec<String>,
+    /// Mismatching ranges as (table, lower key, upper key) JSON, for `repair`.
+    #[serde(default)]
+    pub ranges: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub tenant: String,
+    pub state: State,
+    /// Copy/tee work paused by the operator (the tenant's traffic is not).
+    #[serde(default)]
+    pub paused: bool,
+    /// The state a `failed` migration failed in (resume retries from there).
+    #[serde(default)]
+    pub failed_in: Option<State>,
+    pub source: Route,
+    pub target: Route,
+    /// The schema the tenant's tables are in, on both sides.
+    pub schema: String,
+    pub source_database: String,
+    pub target_database: String,
+    pub verify: VerifyLevel,
+    pub cutover: CutoverMode,
+    /// Target schema made by this migration (dropped by `abort --drop-target`).
+    #[serde(default)]
+    pub created_target_schema: bool,
+    pub tables: Vec<String>,
+    #[serde(default)]
+    pub copied: BTreeMap<String, TableCheckpoint>,
+    pub rows_total: u64,
+    pub rows_copied: u64,
+    #[serde(default)]
+    pub last_pause_ms: Option<f64>,
+    #[serde(default)]
+    pub cutover_attempts: u64,
+    #[serde(default)]
+    pub last_cutover_error: Option<String>,
+    #[serde(default)]
+    pub verification: Option<VerifyReport>,
+    #[serde(default)]
+    pub last_error: Option<String>,
+    pub started_at: String,
+    pub updated_at: String,
+}
+
+impl Record {
+    pub fn progress_percent(&self) -> f64 {
+        match self.state {
+            State::Pending => 0.0,
+            State::BulkCopy if self.rows_total > 0 => {
+                (self.rows_copied as f64 * 100.0 / self.rows_total as f64).min(99.9)
+            }
+            State::BulkCopy => 0.0,
+            State::Failed | State::RolledBack if self.rows_total > 0 => {
+                (self.rows_copied as f64 * 100.0 / self.rows_total as f64).min(100.0)
+            }
+            State::Failed | State::RolledBack => 0.0,
+            _ => 100.0,
+        }
+    }
+
+    /// The state reported to operators (`paused` while copy/tee work is held).
+    pub fn shown_state(&self) -> &'static str {
+        if self.paused && !self.state.is_final() {
+            "paused"
+        } else {
+            self.state.as_str()
+        }
+    }
+
+    pub fn copied_tables(&self) -> BTreeSet<&str> {
+        self.copied.keys().map(String::as_str).collect()
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, Default)]
+struct File {
+    version: u32,
+    migrations: BTreeMap<String, Record>,
+}
+
+/// `migrations.json` in the state directory.
+#[derive(Debug)]
+pub struct Store {
+    path: PathBuf,
+}
+
+impl Store {
+    pub fn new(dir: &Path) -> Store {
+        Store {
+            path: dir.join(FILE),
+        }
+    }
+
+    pub fn load(&self) -> Result<BTreeMap<String, Record>, StateError> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+            Err(e) => return Err(StateError::io(&self.path, e)),
+        };
+        let json = crate::state::unseal(&self.path, &text)?;
+        let file: File = serde_json::from_str(json).map_err(|e| StateError::Corrupt {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(file.migrations)
+    }
+
+    pub fn save(&self, records: &BTreeMap<String, Record>) -> Result<(), StateError> {
+        let file = serde_json::json!({"version": 1, "migrations": records});
+        let json = serde_json::to_string_pretty(&file).map_err(|e| StateError::Corrupt {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })?;
+        atomic::write(&self.path, crate::state::seal(&json).as_bytes())
+    }
+}

@@ -1,0 +1,264 @@
+//! The tee: keeps one side in step with the other by draining the tenant's change log.
+//!
+//! Sessions whose transaction wrote call [`Tee::after_commit`] before they release the ReadyForQuery that ends
+//! it. Drains are coalesced: a commit takes a ticket, the driver notes the highest ticket before it starts a
+//! pass, and one pass answers every ticket up to that one (their commits were visible before the pass read the
+//! log). A failing or slow target never fails a client: a waiter is released after `tee_timeout_ms` at most, or
+//! at once when a pass fails; the entries stay in the log and the driver retries with backoff. Between commits
+//! the driver also polls the log (writes that reached the database outside the proxy are applied too).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use metrics::{Counter, Gauge, Histogram};
+use tokio::sync::{watch, Mutex, MutexGuard, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::apply::{Link, Pass, PASS_LIMIT};
+use super::catalog::Table;
+use super::pg::Endpoint;
+use super::MigrateError;
+use crate::config::TeeMode;
+
+/// Longest pause between retries after failures.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often the backlog gauge is refreshed from the database when nothing else updates it.
+const LAG_REFRESH: Duration = Duration::from_secs(1);
+
+pub struct TeeMetrics {
+    pub ok: Counter,
+    pub failed: Counter,
+    pub target_failures: Counter,
+    pub latency: Histogram,
+    pub lag: Gauge,
+}
+
+/// What the tee drains: from one endpoint to the other.
+pub struct TeeSpec {
+    pub tenant: String,
+    pub from: Endpoint,
+    pub to: Endpoint,
+    pub tables: Vec<Table>,
+    pub mode: TeeMode,
+    pub timeout: Duration,
+    pub interval: Duration,
+}
+
+pub struct Tee {
+    spec: TeeSpec,
+    requested: AtomicU64,
+    done: watch::Sender<u64>,
+    wake: Notify,
+    link: Mutex<Option<Link>>,
+    /// Operator pause: no drains (waiters released at once), lag grows.
+    paused: AtomicBool,
+    stop: CancellationToken,
+    lag: AtomicU64,
+    failures: AtomicU64,
+    last_error: std::sync::Mutex<Option<String>>,
+    metrics: TeeMetrics,
+}
+
+impl Tee {
+    pub fn start(spec: TeeSpec, metrics: TeeMetrics, paused: bool) -> Arc<Tee> {
+        let (done, _) = watch::channel(0);
+        let tee = Arc::new(Tee {
+            spec,
+            requested: AtomicU64::new(0),
+            done,
+            wake: Notify::new(),
+            link: Mutex::new(None),
+            paused: AtomicBool::new(paused),
+            stop: CancellationToken::new(),
+            lag: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            last_error: std::sync::Mutex::new(None),
+            metrics,
+        });
+        tokio::spawn(tee.clone().run());
+        tee
+    }
+
+    pub fn tenant(&self) -> &str {
+        &self.spec.tenant
+    }
+
+    /// Called by a session after a transaction that wrote has committed, before its ReadyForQuery goes out.
+    pub async fn after_commit(&self) {
+        if self.spec.mode == TeeMode::Async || self.paused.load(Ordering::Relaxed) {
+            self.wake.notify_one();
+            return;
+        }
+        let started = Instant::now();
+        let ticket = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut rx = self.done.subscribe();
+        self.wake.notify_one();
+        let _ = tokio::time::timeout(self.spec.timeout, rx.wait_for(|d| *d >= ticket)).await;
+        self.metrics.latency.record(started.elapsed().as_secs_f64());
+    }
+
+    pub fn lag(&self) -> u64 {
+        self.lag.load(Ordering::Relaxed)
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    /// Stops the driver; waiters are released.
+    pub fn stop(&self) {
+        self.stop.cancel();
+        self.release_all();
+    }
+
+    fn release_all(&self) {
+        let r = self.requested.load(Ordering::SeqCst);
+        self.done.send_replace(r);
+    }
+
+    /// Takes the drain lock (no pass runs while it is held) with a connected link.
+    pub async fn hold(&self) -> Result<MutexGuard<'_, Option<Link>>, MigrateError> {
+        let mut guard = self.link.lock().await;
+        if guard.is_none() {
+            *guard = Some(self.connect().await?);
+        }
+        Ok(guard)
+    }
+
+    /// Drains until the log is empty (cutover, rollback, finalize), within `deadline`.
+    pub async fn drain_to_empty(&self, deadline: Instant) -> Result<u64, MigrateError> {
+        let mut guard = self.hold().await?;
+        let mut total = 0u64;
+        loop {
+            let link = guard.as_mut().ok_or(MigrateError::Cancelled)?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            let pass = match tokio::time::timeout(left, link.pass(&self.spec.tenant)).await {
+                Ok(Ok(p)) => p,
+                Ok(Err(e)) => {
+                    *guard = None;
+                    return Err(e);
+                }
+                Err(_) => {
+                    *guard = None;
+                    return Err(MigrateError::Timeout("draining the change log".into()));
+                }
+            };
+            total += pass.applied as u64;
+            if pass.read == 0 {
+                self.lag.store(0, Ordering::Relaxed);
+                self.metrics.lag.set(0.0);
+                self.release_all();
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Link, MigrateError> {
+        let from = self.spec.from.connect().await?;
+        let to = self.spec.to.connect().await?;
+        Ok(Link::new(
+            from,
+            to,
+            self.spec.to.clone(),
+            self.spec.tables.clone(),
+        ))
+    }
+
+    async fn run(self: Arc<Self>) {
+        let mut backoff = Duration::ZERO;
+        let mut last_lag = Instant::now() - LAG_REFRESH;
+        loop {
+            let wait = if backoff.is_zero() {
+                self.spec.interval
+            } else {
+                backoff
+            };
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = self.wake.notified(), if backoff.is_zero() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+            if self.paused.load(Ordering::SeqCst) {
+                self.release_all();
+                continue;
+            }
+            let ticket = self.requested.load(Ordering::SeqCst);
+            match self.drain_once().await {
+                Ok(more) => {
+                    backoff = Duration::ZERO;
+                    self.done.send_replace(ticket);
+                    self.metrics.ok.increment(1);
+                    if more {
+                        self.wake.notify_one();
+                    }
+                }
+                Err(e) => {
+                    self.release_all();
+                    self.failures.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.failed.increment(1);
+                    self.metrics.target_failures.increment(1);
+                    backoff = (backoff * 2).clamp(Duration::from_millis(100), MAX_BACKOFF);
+                    warn!(tenant = %self.spec.tenant, error = %e, retry_in_ms = backoff.as_millis() as u64, "tee drain failed");
+                    *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(e.to_string());
+                }
+            }
+            if last_lag.elapsed() >= LAG_REFRESH {
+                last_lag = Instant::now();
+                self.refresh_lag().await;
+            }
+        }
+    }
+
+    /// One pass; `Ok(true)` when the log may hold more.
+    async fn drain_once(&self) -> Result<bool, MigrateError> {
+        let mut guard = self.hold().await?;
+        let Some(link) = guard.as_mut() else {
+            return Ok(false);
+        };
+        match link.pass(&self.spec.tenant).await {
+            Ok(Pass { read, applied }) => {
+                if read > 0 {
+                    debug!(tenant = %self.spec.tenant, read, applied, "tee pass");
+                }
+                if read == 0 {
+                    self.lag.store(0, Ordering::Relaxed);
+                    self.metrics.lag.set(0.0);
+                }
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                Ok(read as i64 >= PASS_LIMIT)
+            }
+            Err(e) => {
+                // The connection may be the problem; the next attempt reconnects.
+                *guard = None;
+                Err(e)
+            }
+        }
+    }
+
+    async fn refresh_lag(&self) {
+        let guard = self.link.lock().await;
+        if let Some(link) = guard.as_ref() {
+            if let Ok(n) = super::capture::backlog(&link.from, &self.spec.tenant).await {
+                self.lag.store(n, Ordering::Relaxed);
+                self.metrics.lag.set(n as f64);
+            }
+        }
+    }
+}
+
+impl Drop for Tee {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
