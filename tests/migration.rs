@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
+use pgtenant::migration::failpoint::Action;
 use serde_json::{json, Value};
 
 /// Tables that catch every way statement replay would diverge: serial and identity keys, now() and random()
@@ -250,4 +251,477 @@ async fn wait_lag_zero(proxy: &TestProxy, tenant: &str) {
         assert!(Instant::now() < deadline, "lag did not drain: {s}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+fn small_schema(pg: &PgCluster) {
+    pg.psql(
+        "app",
+        "CREATE SCHEMA tenant_acme;
+         CREATE TABLE tenant_acme.a (id serial PRIMARY KEY, v int);
+         CREATE TABLE tenant_acme.b (id serial PRIMARY KEY, v int);
+         CREATE TABLE tenant_acme.c (v int);
+         INSERT INTO tenant_acme.a (v) SELECT g FROM generate_series(1, 2000) g;
+         INSERT INTO tenant_acme.b (v) SELECT g FROM generate_series(1, 2000) g;
+         INSERT INTO tenant_acme.c SELECT g FROM generate_series(1, 100) g;
+         CREATE SCHEMA tenant_beta; CREATE TABLE tenant_beta.t (id int PRIMARY KEY);",
+    );
+}
+
+async fn start_acme(proxy: &TestProxy) -> Value {
+    proxy
+        .admin_ok(
+            json!({"cmd": "migrate.start", "tenant": "acme", "to": "dedicated", "verify": "hash"}),
+        )
+        .await
+}
+
+/// Capture triggers left, '/', change-log rows left (or "none" without a pgtenant schema).
+fn capture_left(pg: &PgCluster) -> String {
+    let triggers = pg.psql(
+        "app",
+        "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'pgtenant_%'",
+    );
+    let log = if pg.psql("app", "SELECT to_regclass('pgtenant.change_log') IS NULL") == "t" {
+        "none".to_string()
+    } else {
+        pg.psql("app", "SELECT count(*) FROM pgtenant.change_log")
+    };
+    format!("{triggers}/{log}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_resume_copy_tee_and_a_swapped_cutover() {
+    let shared = PgCluster::start();
+    let dedicated = PgCluster::start();
+    small_schema(&shared);
+    let h = harness(&shared, &dedicated).raw("copy_parallel_tables = 1");
+    let config = h.config();
+    let proxy = h.start().await;
+    let fp = &proxy.proxy.shared.migrations.failpoints;
+    fp.set("copy.after_table", Some(Action::Hang));
+    start_acme(&proxy).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status(&proxy, "acme").await["tables_copied"] != json!(1) {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let c = proxy.connect("app.acme", "app").await.unwrap();
+    c.batch_execute("UPDATE a SET v = -v WHERE id <= 10; INSERT INTO c VALUES (-1)")
+        .await
+        .unwrap();
+    // Restart inside bulk_copy: the copied table keeps its checkpoint, the others are copied afterwards.
+    proxy.proxy.terminate().await;
+    let TestProxy { proxy: old, state } = proxy;
+    old.close().await;
+    let proxy = TestProxy {
+        proxy: pgtenant::server::Proxy::start(config.clone())
+            .await
+            .unwrap(),
+        state,
+    };
+    let s = wait_state(&proxy, "acme", "dual_write", Duration::from_secs(30)).await;
+    assert_eq!(s["tables_copied"], json!(3), "{s}");
+    let c = proxy.connect("app.acme", "app").await.unwrap();
+    c.batch_execute("UPDATE b SET v = 0 WHERE id = 5; DELETE FROM c WHERE v = 2")
+        .await
+        .unwrap();
+    // Restart in dual_write: the tee resumes; writes made while it was down are applied.
+    let TestProxy { proxy: old, state } = proxy;
+    old.close().await;
+    shared.psql("app", "INSERT INTO tenant_acme.a (v) VALUES (77777)");
+    let proxy = TestProxy {
+        proxy: pgtenant::server::Proxy::start(config.clone())
+            .await
+            .unwrap(),
+        state,
+    };
+    wait_state(&proxy, "acme", "dual_write", Duration::from_secs(5)).await;
+    wait_lag_zero(&proxy, "acme").await;
+    let v = proxy
+        .admin_ok(json!({"cmd": "migrate.verify", "tenant": "acme", "level": "full"}))
+        .await;
+    assert_eq!(v["passed"], json!(true), "{v}");
+    // Restart right after the route swap: the next start completes the cutover.
+    proxy
+        .proxy
+        .shared
+        .migrations
+        .failpoints
+        .set("cutover.after_swap", Some(Action::Hang));
+    let socket = proxy.admin_socket();
+    let cut = tokio::spawn(async move {
+        pgtenant::ctl::send(
+            &socket,
+            &json!({"cmd": "migrate.cutover", "tenant": "acme"}),
+        )
+        .await
+    });
+    wait_state(&proxy, "acme", "cutover_paused", Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let TestProxy { proxy: old, state } = proxy;
+    old.close().await;
+    let _ = cut.await;
+    let proxy = TestProxy {
+        proxy: pgtenant::server::Proxy::start(config.clone())
+            .await
+            .unwrap(),
+        state,
+    };
+    wait_state(&proxy, "acme", "migrated", Duration::from_secs(5)).await;
+    let c = proxy.connect("app.acme", "app").await.unwrap();
+    let port: i32 = c
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(port as u16, dedicated.port);
+    let rows = c
+        .query(
+            "SELECT id, v FROM a WHERE v = 77777 OR v < 0 ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let rows: Vec<(i32, i32)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(
+        rows.len(),
+        11,
+        "{rows:?}\n{}",
+        shared.psql(
+            "app",
+            "SELECT id, v FROM tenant_acme.a WHERE v = 77777 OR v < 0 ORDER BY id"
+        )
+    );
+    assert_eq!(
+        fingerprint(&shared, "tenant_acme"),
+        fingerprint(&dedicated, "tenant_acme")
+    );
+    // Finalize removes capture from both sides; the source is left as it was.
+    let f = proxy
+        .admin_ok(json!({"cmd": "migrate.finalize", "tenant": "acme"}))
+        .await;
+    assert_eq!(f["state"], json!("completed"));
+    assert_eq!(capture_left(&shared), "0/0");
+    assert_eq!(capture_left(&dedicated), "0/0");
+    // DDL is allowed again once capture is gone.
+    c.batch_execute("ALTER TABLE a ADD COLUMN extra int")
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cutover_falls_back_behind_a_long_transaction_and_survives_a_dead_target() {
+    let shared = PgCluster::start();
+    let dedicated = PgCluster::start();
+    small_schema(&shared);
+    let proxy = harness(&shared, &dedicated)
+        .raw("tee_timeout_ms = 300")
+        .start()
+        .await;
+    start_acme(&proxy).await;
+    wait_state(&proxy, "acme", "dual_write", Duration::from_secs(30)).await;
+    let long = proxy.connect("app.acme", "app").await.unwrap();
+    long.batch_execute("BEGIN; UPDATE a SET v = 4242 WHERE id = 1")
+        .await
+        .unwrap();
+    let err = proxy
+        .admin_err(json!({"cmd": "migrate.cutover", "tenant": "acme"}))
+        .await;
+    assert_eq!(err, "cutover_failed");
+    let s = status(&proxy, "acme").await;
+    assert_eq!(s["state"], json!("dual_write"), "{s}");
+    assert_eq!(s["cutover_attempts"], json!(1));
+    assert!(
+        s["last_cutover_error"]
+            .as_str()
+            .unwrap()
+            .contains("still open"),
+        "{s}"
+    );
+    // The gate is open again: the tenant works, on the source.
+    let other = proxy.connect("app.acme", "app").await.unwrap();
+    other
+        .batch_execute("UPDATE b SET v = 1 WHERE id = 1")
+        .await
+        .unwrap();
+    long.batch_execute("COMMIT").await.unwrap();
+
+    // The target dies: client writes keep succeeding (the tee gives up after tee_timeout_ms), lag shows.
+    dedicated.stop();
+    for i in 0..5 {
+        other
+            .batch_execute(&format!("INSERT INTO a (v) VALUES ({})", 9000 + i))
+            .await
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = status(&proxy, "acme").await;
+        if s["lag_events"].as_u64().unwrap_or(0) >= 5 {
+            assert!(!s["tee"]["last_error"].is_null(), "{s}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{s}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    dedicated.restart();
+    wait_lag_zero(&proxy, "acme").await;
+    // The next attempt succeeds and nothing was lost.
+    let cut = proxy
+        .admin_ok(json!({"cmd": "migrate.cutover", "tenant": "acme"}))
+        .await;
+    assert_eq!(cut["state"], json!("migrated"));
+    let q = "SELECT string_agg(id || ':' || v, ',' ORDER BY id) FROM tenant_acme.a WHERE v = 4242 OR v >= 9000";
+    assert_eq!(dedicated.psql("app", q), shared.psql("app", q));
+    assert_eq!(
+        dedicated.psql(
+            "app",
+            "SELECT count(*) FROM tenant_acme.a WHERE v = 4242 OR v >= 9000"
+        ),
+        "6"
+    );
+    assert_eq!(
+        fingerprint(&shared, "tenant_acme"),
+        fingerprint(&dedicated, "tenant_acme")
+    );
+    let metrics = proxy.proxy.shared.metrics.render();
+    for series in [
+        "cutover_attempts_total{tenant=\"acme\",result=\"failed\"} 1",
+        "cutover_attempts_total{tenant=\"acme\",result=\"ok\"} 1",
+        "cutover_pause_duration_seconds_count{tenant=\"acme\"} 1",
+        "migration_state{tenant=\"acme\"} 4",
+    ] {
+        assert!(metrics.contains(series), "{series} missing:\n{metrics}");
+    }
+    assert!(metrics.contains("dual_write_target_failures_total{tenant=\"acme\"}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_works_from_every_state_before_the_swap() {
+    let shared = PgCluster::start();
+    let dedicated = PgCluster::start();
+    small_schema(&shared);
+    let proxy = harness(&shared, &dedicated).start().await;
+    let before = fingerprint(&shared, "tenant_acme");
+    let fp = proxy.proxy.shared.migrations.failpoints.clone();
+    let abort = |drop_target: bool| json!({"cmd": "migrate.abort", "tenant": "acme", "drop_target": drop_target});
+    // pending
+    fp.set("pending.before_capture", Some(Action::Hang));
+    start_acme(&proxy).await;
+    assert_eq!(status(&proxy, "acme").await["state"], json!("pending"));
+    let r = proxy.admin_ok(abort(true)).await;
+    assert_eq!(r["state"], json!("rolled_back"));
+    fp.set("pending.before_capture", None);
+    // bulk_copy
+    fp.set("copy.after_table", Some(Action::Hang));
+    start_acme(&proxy).await;
+    wait_state(&proxy, "acme", "bulk_copy", Duration::from_secs(10)).await;
+    let r = proxy.admin_ok(abort(false)).await;
+    assert!(r["target_rows_left"].as_u64().is_some(), "{r}");
+    fp.set("copy.after_table", None);
+    // failed (a copy step that keeps failing)
+    fp.set("copy.before_checkpoint", Some(Action::Error));
+    proxy
+        .admin_ok(json!({"cmd": "migrate.start", "tenant": "acme", "to": "dedicated", "allow_existing": true}))
+        .await;
+    let s = wait_state(&proxy, "acme", "failed", Duration::from_secs(30)).await;
+    assert_eq!(s["failed_in"], json!("bulk_copy"));
+    assert!(s["last_error"].as_str().unwrap().contains("failpoint"));
+    fp.set("copy.before_checkpoint", None);
+    // Resume retries from where it failed.
+    proxy
+        .admin_ok(json!({"cmd": "migrate.resume", "tenant": "acme"}))
+        .await;
+    wait_state(&proxy, "acme", "dual_write", Duration::from_secs(30)).await;
+    // dual_write, with writes going on; then pause/resume of the work.
+    let c = proxy.connect("app.acme", "app").await.unwrap();
+    c.batch_execute("UPDATE a SET v = v + 1 WHERE id < 50")
+        .await
+        .unwrap();
+    let p = proxy
+        .admin_ok(json!({"cmd": "migrate.pause", "tenant": "acme"}))
+        .await;
+    assert_eq!(p["state"], json!("paused"));
+    c.batch_execute("UPDATE a SET v = v + 1 WHERE id < 50")
+        .await
+        .unwrap();
+    proxy
+        .admin_ok(json!({"cmd": "migrate.resume", "tenant": "acme"}))
+        .await;
+    let r = proxy.admin_ok(abort(true)).await;
+    assert_eq!(r["target_dropped"], json!(true));
+    // The source is exactly as the application left it, and holds no capture.
+    assert_eq!(capture_left(&shared), "0/0");
+    assert_eq!(
+        shared.psql("app", "SELECT sum(v) FROM tenant_acme.a WHERE id < 50"),
+        (1..50).map(|v| v + 2).sum::<i64>().to_string()
+    );
+    let after = fingerprint(&shared, "tenant_acme");
+    assert_ne!(before, after);
+    c.batch_execute("UPDATE a SET v = v - 2 WHERE id < 50")
+        .await
+        .unwrap();
+    assert_eq!(fingerprint(&shared, "tenant_acme"), before);
+    // The audit log has every transition.
+    let audit = proxy.admin_ok(json!({"cmd": "audit", "tail": 200})).await;
+    let text = audit.to_string();
+    for needle in [
+        "migrate.start",
+        "migrate.abort",
+        "migrate.state",
+        "\"failed\"",
+        "\"rolled_back\"",
+    ] {
+        assert!(text.contains(needle), "{needle} not audited");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_are_refused_clearly_and_ddl_is_guarded() {
+    let shared = PgCluster::start();
+    let dedicated = PgCluster::start();
+    small_schema(&shared);
+    let proxy = harness(&shared, &dedicated)
+        .tenant("gamma", "shared", None, None)
+        .start()
+        .await;
+    let start = |extra: Value| {
+        let mut r = json!({"cmd": "migrate.start", "tenant": "acme", "to": "dedicated"});
+        for (k, v) in extra.as_object().unwrap() {
+            r[k] = v.clone();
+        }
+        r
+    };
+    for (req, code) in [
+        (start(json!({"tenant": "nobody"})), "unknown_tenant"),
+        (start(json!({"to": "elsewhere"})), "unknown_backend"),
+        (start(json!({"to": "shared"})), "invalid_argument"),
+        (start(json!({"tenant": "gamma"})), "preflight_failed"),
+        (start(json!({"verify": "sha"})), "invalid_argument"),
+        (start(json!({"cutover": "soon"})), "invalid_argument"),
+        (start(json!({"allow_existing": "yes"})), "invalid_argument"),
+        (
+            json!({"cmd": "migrate.start", "tenant": "acme"}),
+            "missing_argument",
+        ),
+        (
+            json!({"cmd": "migrate.status", "tenant": "acme"}),
+            "no_migration",
+        ),
+        (
+            json!({"cmd": "migrate.cutover", "tenant": "acme"}),
+            "no_migration",
+        ),
+        (
+            json!({"cmd": "migrate.abort", "tenant": "a b"}),
+            "invalid_argument",
+        ),
+        (
+            json!({"cmd": "migrate.verify", "tenant": "acme", "level": "x"}),
+            "invalid_argument",
+        ),
+        (
+            json!({"cmd": "migrate.cutover", "tenant": "acme", "force": true}),
+            "invalid_argument",
+        ),
+    ] {
+        assert_eq!(proxy.admin_err(req.clone()).await, code, "{req}");
+    }
+    // A target that already holds rows is refused unless allowed.
+    dedicated.psql(
+        "app",
+        "CREATE SCHEMA tenant_acme; CREATE TABLE tenant_acme.a (id serial PRIMARY KEY, v int);
+         CREATE TABLE tenant_acme.b (id serial PRIMARY KEY, v int); CREATE TABLE tenant_acme.c (v int);
+         INSERT INTO tenant_acme.c VALUES (1)",
+    );
+    let r = proxy.admin(start(json!({}))).await;
+    assert_eq!(r["error"]["code"], json!("preflight_failed"), "{r}");
+    assert!(r["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("already holds 1 rows"));
+    assert_eq!(
+        capture_left(&shared),
+        "0/none",
+        "preflight installed nothing"
+    );
+    proxy
+        .admin_ok(start(
+            json!({"allow_existing": true, "verify": "count,hash"}),
+        ))
+        .await;
+    assert_eq!(proxy.admin_err(start(json!({}))).await, "invalid_state");
+    wait_state(&proxy, "acme", "dual_write", Duration::from_secs(30)).await;
+    for (req, code) in [
+        (
+            json!({"cmd": "migrate.rollback", "tenant": "acme"}),
+            "invalid_state",
+        ),
+        (
+            json!({"cmd": "migrate.finalize", "tenant": "acme"}),
+            "invalid_state",
+        ),
+        (
+            json!({"cmd": "tenant.set", "tenant": "acme", "backend": "dedicated"}),
+            "invalid_state",
+        ),
+        (
+            json!({"cmd": "tenant.remove", "tenant": "acme"}),
+            "invalid_state",
+        ),
+    ] {
+        assert_eq!(proxy.admin_err(req.clone()).await, code, "{req}");
+    }
+    // DDL on the migrating schema is refused, through the proxy and directly; the tenant's DML is not.
+    let c = proxy.connect("app.acme", "app").await.unwrap();
+    let e = c
+        .batch_execute("ALTER TABLE a ADD COLUMN x int")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "55000");
+    assert!(message(&e).contains("being migrated"), "{}", message(&e));
+    c.batch_execute("INSERT INTO a (v) VALUES (1)")
+        .await
+        .unwrap();
+    // The other tenant's DDL is not affected.
+    let b = proxy.connect("app.beta", "app").await.unwrap();
+    b.batch_execute("ALTER TABLE t ADD COLUMN y int")
+        .await
+        .unwrap();
+    // ctl: status table, JSON, and a refused command's exit code.
+    let ctl = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_pgtenant"))
+            .arg("ctl")
+            .arg("--socket")
+            .arg(proxy.admin_socket())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = ctl(&["migrate", "status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("TENANT") && text.contains("dual_write"),
+        "{text}"
+    );
+    let out = ctl(&["migrate", "status", "acme", "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["progress_percent"], json!(100.0));
+    let out = ctl(&["migrate", "finalize", "acme"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid_state"));
+    let out = ctl(&["migrate", "cutover", "acme"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = ctl(&["migrate", "status", "acme", "--watch"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("migrated"));
+    assert_eq!(
+        proxy
+            .admin_err(json!({"cmd": "migrate.abort", "tenant": "acme"}))
+            .await,
+        "invalid_state"
+    );
 }

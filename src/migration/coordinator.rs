@@ -47,6 +47,7 @@ pub struct Live {
     pub partial_rows: AtomicU64,
     pub tee: Mutex<Option<(Direction, Arc<Tee>)>>,
     pub tables: Mutex<Vec<Table>>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Live {
@@ -58,7 +59,23 @@ impl Live {
             partial_rows: AtomicU64::new(0),
             tee: Mutex::new(None),
             tables: Mutex::new(Vec::new()),
+            task: Mutex::new(None),
         })
+    }
+
+    /// Stops the driving task and waits (bounded) until it has ended, so nothing it was doing (a capture
+    /// install, a copy batch) can land after the caller's cleanup.
+    pub async fn halt(&self) {
+        self.stop.cancel();
+        let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = task {
+            if tokio::time::timeout(Duration::from_secs(60), t)
+                .await
+                .is_err()
+            {
+                warn!(tenant = %self.tenant, "migration task did not stop within 60 s");
+            }
+        }
     }
 
     pub fn tee(&self) -> Option<(Direction, Arc<Tee>)> {
@@ -337,12 +354,14 @@ pub async fn load_tables(shared: &Shared, live: &Live, rec: &Record) -> Result<(
 
 /// Spawns the task that drives `tenant`'s migration.
 pub fn spawn(shared: Arc<Shared>, live: Arc<Live>) {
-    tokio::spawn(async move {
-        drive(&shared, &live).await;
-        if !live.stop.is_cancelled() {
-            warn!(tenant = %live.tenant, "migration task ended");
+    let task_live = live.clone();
+    let handle = tokio::spawn(async move {
+        drive(&shared, &task_live).await;
+        if !task_live.stop.is_cancelled() {
+            warn!(tenant = %task_live.tenant, "migration task ended");
         }
     });
+    *live.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
 }
 
 /// Resumes every unfinished migration after a start (DESIGN: restart safety).
@@ -437,18 +456,18 @@ async fn step(shared: &Arc<Shared>, live: &Arc<Live>, rec: &Record) -> Result<()
     match rec.state {
         State::Pending => {
             let (source, target) = endpoints(shared, rec)?;
-            fp.check("pending.before_capture").await?;
+            fp.check_until("pending.before_capture", &live.stop).await?;
             // The target's ledger (and later its reverse capture) live in its own pgtenant schema.
             capture::setup(&target.connect().await?).await?;
             let client = source.connect().await?;
             capture::install(&client, &source, &rec.tenant, &rec.tables).await?;
-            fp.check("pending.after_capture").await?;
+            fp.check_until("pending.after_capture", &live.stop).await?;
             transition(shared, &rec.tenant, State::BulkCopy, |_| {})?;
             Ok(())
         }
         State::BulkCopy => {
             bulk_copy(shared, live, rec).await?;
-            fp.check("copy.before_dual_write").await?;
+            fp.check_until("copy.before_dual_write", &live.stop).await?;
             let rec = transition(shared, &rec.tenant, State::DualWrite, |r| {
                 r.rows_copied = r.copied.values().map(|c| c.rows).sum();
             })?;
@@ -519,6 +538,7 @@ async fn bulk_copy(
         batch_rows: cfg.migration.copy_batch_rows.max(1),
         parallel: cfg.migration.copy_parallel_tables.max(1),
         failpoints: shared.migrations.failpoints.clone(),
+        stop: live.stop.clone(),
     };
     let progress = Arc::new(Progress {
         shared: shared.clone(),

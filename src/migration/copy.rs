@@ -38,6 +38,7 @@ pub struct CopyJob {
     pub batch_rows: usize,
     pub parallel: usize,
     pub failpoints: Arc<super::failpoint::Failpoints>,
+    pub stop: tokio_util::sync::CancellationToken,
 }
 
 /// Counts the rows of `tables` in a fresh snapshot (for `rows_total`).
@@ -130,7 +131,9 @@ async fn worker(
             return Err(MigrateError::Cancelled);
         }
         let rows = copy_table(job, &source, &mut target, &table, progress).await?;
-        job.failpoints.check("copy.before_checkpoint").await?;
+        job.failpoints
+            .check_until("copy.before_checkpoint", &job.stop)
+            .await?;
         progress.table_done(
             &table.name,
             TableCheckpoint {
@@ -148,7 +151,9 @@ async fn worker(
             )
             .await
             .map_err(|e| MigrateError::pg("trim change log after copy", e))?;
-        job.failpoints.check("copy.after_table").await?;
+        job.failpoints
+            .check_until("copy.after_table", &job.stop)
+            .await?;
     }
     let _ = source.batch_execute("COMMIT").await;
     Ok(())

@@ -61,7 +61,20 @@ impl Failpoints {
 
     /// Checks `name`: `Err` for `error`; waits while `hang` is set.
     pub async fn check(&self, name: &str) -> Result<(), MigrateError> {
+        self.check_until(name, &tokio_util::sync::CancellationToken::new())
+            .await
+    }
+
+    /// Like [`Failpoints::check`]; a hang also ends (with `Cancelled`) when `stop` fires.
+    pub async fn check_until(
+        &self,
+        name: &str,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> Result<(), MigrateError> {
         loop {
+            if stop.is_cancelled() {
+                return Err(MigrateError::Cancelled);
+            }
             match self.get(name) {
                 None => return Ok(()),
                 Some(Action::Error) => return Err(MigrateError::Failpoint(name.to_owned())),

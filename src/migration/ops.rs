@@ -602,13 +602,14 @@ pub async fn finalize(
             ),
         ));
     }
+    // The task first (it may be waiting for the lock), then the lock.
+    live.halt().await;
     let _one = live.lock.lock().await;
     if let Some((_, tee)) = live.tee() {
         // The source gets every change made so far, so it is a consistent (frozen) copy when capture goes.
         tee.drain_to_empty(Instant::now() + Duration::from_secs(30))
             .await?;
     }
-    live.stop.cancel();
     stop_tee(shared, &live);
     let (source, target) = endpoints(shared, &rec)?;
     let (src, dst) = (source.connect().await?, target.connect().await?);
@@ -651,7 +652,7 @@ pub async fn abort(
     let live = shared.migrations.live(tenant);
     let _one = match &live {
         Some(l) => {
-            l.stop.cancel();
+            l.halt().await;
             Some(l.lock.lock().await)
         }
         None => None,

@@ -11,10 +11,12 @@ use crate::config::{BackendConfig, SslMode};
 use crate::tenant::quote_ident;
 
 /// Settings every coordinator session uses: text forms that compare equal on both sides (hashes are over row
-/// text), and the bypass that lets our own DDL (triggers) past the DDL guard.
+/// text), the bypass that lets our own DDL (triggers) past the DDL guard, and synchronous commit: exactly-once
+/// rests on the order "applied on the target, then deleted from the log, then ledger trimmed", which a server
+/// running with `synchronous_commit = off` could lose on a crash.
 const SESSION_SETUP: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; \
      SET IntervalStyle = 'postgres'; SET extra_float_digits = 3; SET bytea_output = 'hex'; \
-     SET pgtenant.bypass_ddl_guard = 'on'; SET lock_timeout = '10s'";
+     SET pgtenant.bypass_ddl_guard = 'on'; SET lock_timeout = '10s'; SET synchronous_commit = on";
 
 /// Where one side of a migration lives.
 #[derive(Debug, Clone)]

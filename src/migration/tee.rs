@@ -52,6 +52,8 @@ pub struct Tee {
     done: watch::Sender<u64>,
     wake: Notify,
     link: Mutex<Option<Link>>,
+    /// A connection to the "from" side for counting the backlog while the link is down.
+    probe: Mutex<Option<tokio_postgres::Client>>,
     /// Operator pause: no drains (waiters released at once), lag grows.
     paused: AtomicBool,
     stop: CancellationToken,
@@ -70,6 +72,7 @@ impl Tee {
             done,
             wake: Notify::new(),
             link: Mutex::new(None),
+            probe: Mutex::new(None),
             paused: AtomicBool::new(paused),
             stop: CancellationToken::new(),
             lag: AtomicU64::new(0),
@@ -246,13 +249,22 @@ impl Tee {
         }
     }
 
+    /// Counts the backlog on the "from" side with a connection of its own (so it works while the other side
+    /// is down).
     async fn refresh_lag(&self) {
-        let guard = self.link.lock().await;
-        if let Some(link) = guard.as_ref() {
-            if let Ok(n) = super::capture::backlog(&link.from, &self.spec.tenant).await {
+        let mut probe = self.probe.lock().await;
+        if probe.as_ref().is_none_or(|c| c.is_closed()) {
+            *probe = self.spec.from.connect().await.ok();
+        }
+        let Some(client) = probe.as_ref() else {
+            return;
+        };
+        match super::capture::backlog(client, &self.spec.tenant).await {
+            Ok(n) => {
                 self.lag.store(n, Ordering::Relaxed);
                 self.metrics.lag.set(n as f64);
             }
+            Err(_) => *probe = None,
         }
     }
 }
