@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The main job: two throwaway PostgreSQL clusters, pgtenant in front of them, pgbench traffic for two tenants
-# on different backends, and a report of what landed where.
-#   bash scripts/demo.sh            (DEMO_SECONDS=20 DEMO_CLIENTS=8 to change the load)
+# The main job: two throwaway PostgreSQL clusters, pgtenant in front of them, two tenants in schemas on the
+# shared cluster with pgbench traffic through the proxy, and a live migration of one of them to the other
+# cluster while the traffic runs. Ends with a summary: rows moved, pause, failed transactions, verification.
+#   bash scripts/demo.sh     (DEMO_SECONDS=30 DEMO_CLIENTS=8 DEMO_SCALE=10 to change the load)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/pg-lib.sh
 
-SECONDS_RUN="${DEMO_SECONDS:-10}"
+SECONDS_RUN="${DEMO_SECONDS:-25}"
 CLIENTS="${DEMO_CLIENTS:-4}"
+SCALE="${DEMO_SCALE:-5}"
 
 echo "== building pgtenant (release)"
 cargo build --release --quiet
@@ -20,7 +22,7 @@ pg_sql "$shared_PORT" postgres "CREATE DATABASE app" >/dev/null
 pg_sql "$dedicated_PORT" postgres "CREATE DATABASE app" >/dev/null
 pg_sql "$shared_PORT" app "CREATE SCHEMA tenant_acme; CREATE SCHEMA tenant_globex" >/dev/null
 echo "   shared    on port $shared_PORT (database app, schemas tenant_acme, tenant_globex)"
-echo "   dedicated on port $dedicated_PORT (database app)"
+echo "   dedicated on port $dedicated_PORT (database app, empty)"
 
 PROXY_PORT="$(free_port)"
 CONFIG="$PG_WORKDIR/pgtenant.toml"
@@ -54,7 +56,11 @@ backend = "shared"
 schema = "tenant_acme"
 
 [tenants.globex]
-backend = "dedicated"
+backend = "shared"
+schema = "tenant_globex"
+
+[migration]
+pg_dump = "$PG_BIN/pg_dump"
 TOML
 
 echo "== starting pgtenant on port $PROXY_PORT"
@@ -65,33 +71,57 @@ wait_port "$PROXY_PORT"
 export PGPASSWORD=secret
 url() { echo "host=127.0.0.1 port=$PROXY_PORT user=app.$1 dbname=app"; }
 
-echo "== pgbench -i through the proxy for acme and globex"
-for t in acme globex; do pgbench -i -s 1 -q "$(url $t)" 2>&1 | tail -1; done
+echo "== pgbench -i -s $SCALE through the proxy for acme and globex (both on the shared cluster)"
+for t in acme globex; do pgbench -i -s "$SCALE" -q "$(url $t)" 2>&1 | tail -1; done
+ctl() { ./target/release/pgtenant ctl --socket "$PG_WORKDIR/pgtenant.sock" "$@"; }
 
 echo "== pgbench -c $CLIENTS -T $SECONDS_RUN for both tenants at once"
-pgbench -c "$CLIENTS" -j 2 -T "$SECONDS_RUN" -M prepared "$(url acme)" > "$PG_WORKDIR/acme.out" 2>&1 &
+pgbench -n -c "$CLIENTS" -j 2 -T "$SECONDS_RUN" -M prepared "$(url acme)" > "$PG_WORKDIR/acme.out" 2>&1 &
 A=$!
-pgbench -c "$CLIENTS" -j 2 -T "$SECONDS_RUN" -M extended "$(url globex)" > "$PG_WORKDIR/globex.out" 2>&1 &
+pgbench -n -c "$CLIENTS" -j 2 -T "$SECONDS_RUN" -M extended "$(url globex)" > "$PG_WORKDIR/globex.out" 2>&1 &
 G=$!
+sleep 3
+
+echo "== live migration of acme to the dedicated cluster while pgbench runs"
+ctl migrate start acme --to dedicated --verify hash --cutover auto
+ctl migrate status acme --watch
 wait $A $G
 
 echo
-echo "== what landed where"
-printf '%-8s %-10s %-10s %-14s %8s %10s %8s\n' tenant backend port schema tps failed history
+echo "== after the migration"
+ctl migrate verify acme --level full --json > "$PG_WORKDIR/verify.json"
+ctl migrate status acme --json > "$PG_WORKDIR/status.json"
+ctl migrate finalize acme >/dev/null
+field() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {}, {'d': d}))" "$@"; }
+
+printf '%-8s %-10s %-14s %8s %10s\n' tenant backend schema tps failed
 for t in acme globex; do
-  where="$(psql -X -A -t -F ' ' "$(url $t)" -c "SELECT inet_server_port(), current_schema(), (SELECT count(*) FROM pgbench_history)")"
-  read -r port schema hist <<<"$where"
+  where="$(psql -X -A -t -F ' ' "$(url $t)" -c "SELECT inet_server_port(), current_schema()")"
+  read -r port schema <<<"$where"
   backend=shared; [ "$port" = "$dedicated_PORT" ] && backend=dedicated
   tps="$(grep -oP 'tps = \K[0-9.]+' "$PG_WORKDIR/$t.out" | head -1)"
   failed="$(grep -oP 'number of failed transactions: \K[0-9]+' "$PG_WORKDIR/$t.out" || echo '?')"
-  printf '%-8s %-10s %-10s %-14s %8.0f %10s %8s\n' "$t" "$backend" "$port" "$schema" "$tps" "$failed" "$hist"
+  printf '%-8s %-10s %-14s %8.0f %10s\n' "$t" "$backend" "$schema" "$tps" "$failed"
 done
+
+# The same data on both sides (the source stayed in step until finalize) and pgbench's own invariant.
+digest() {
+  pg_sql "$1" app "SELECT (SELECT count(*) FROM tenant_acme.pgbench_history), (SELECT sum(abalance) FROM tenant_acme.pgbench_accounts),
+    (SELECT sum(delta) FROM tenant_acme.pgbench_history), (SELECT md5(string_agg(a::text, ',' ORDER BY aid)) FROM tenant_acme.pgbench_accounts a)"
+}
+src="$(digest "$shared_PORT")"; dst="$(digest "$dedicated_PORT")"
+IFS='|' read -r hist abal delta _ <<<"$dst"
 echo
-echo "== checked directly on the backends"
-echo "   shared/tenant_acme history rows:  $(pg_sql "$shared_PORT" app 'SELECT count(*) FROM tenant_acme.pgbench_history')"
-echo "   shared/tenant_globex tables:      $(pg_sql "$shared_PORT" app "SELECT count(*) FROM pg_tables WHERE schemaname = 'tenant_globex'")"
-echo "   dedicated/public history rows:    $(pg_sql "$dedicated_PORT" app 'SELECT count(*) FROM public.pgbench_history')"
+echo "summary"
+echo "   rows moved by the bulk copy:   $(field "$PG_WORKDIR/status.json" 'd["rows_copied"]')"
+echo "   cutover pause (gate closed):   $(field "$PG_WORKDIR/status.json" '"%.1f ms" % d["last_pause_ms"]') after $(field "$PG_WORKDIR/status.json" 'd["cutover_attempts"]') attempt(s)"
+echo "   full verification after cutover: $(field "$PG_WORKDIR/verify.json" '"passed" if d["passed"] else "FAILED: %s" % d["violations"][:3]') ($(field "$PG_WORKDIR/verify.json" 'd["rows"]') rows compared)"
+echo "   source and target identical:   $([ "$src" = "$dst" ] && echo yes || echo "NO ($src vs $dst)")"
+echo "   pgbench invariant on target:   sum(abalance)=$abal sum(delta)=$delta over $hist history rows"
+status=0
 for t in acme globex; do
-  grep -q 'number of failed transactions: 0 ' "$PG_WORKDIR/$t.out" || { echo "pgbench for $t reported failures"; cat "$PG_WORKDIR/$t.out"; exit 1; }
+  grep -q 'number of failed transactions: 0 ' "$PG_WORKDIR/$t.out" || { echo "pgbench for $t reported failures"; cat "$PG_WORKDIR/$t.out"; status=1; }
 done
-echo "demo ok"
+[ "$src" = "$dst" ] && [ "$abal" = "$delta" ] || status=1
+grep -q '"passed": true' "$PG_WORKDIR/verify.json" || status=1
+[ "$status" = 0 ] && echo "demo ok" || { echo "demo FAILED"; exit 1; }
