@@ -688,6 +688,39 @@ async fn bad_requests_are_refused_clearly_and_ddl_is_guarded() {
     b.batch_execute("ALTER TABLE t ADD COLUMN y int")
         .await
         .unwrap();
+    // A row changed on the target behind the tee's back: hash verification names its range, cutover is refused
+    // until `repair` re-copies that range.
+    dedicated.psql("app", "UPDATE tenant_acme.a SET v = -999 WHERE id = 7");
+    let v = proxy
+        .admin_ok(json!({"cmd": "migrate.verify", "tenant": "acme", "level": "hash"}))
+        .await;
+    assert_eq!(v["passed"], json!(false), "{v}");
+    let violation = v["violations"][0].as_str().unwrap();
+    assert!(
+        violation.starts_with("a: rows differ in key range [start, {\"id\": 501})"),
+        "{violation}"
+    );
+    let full = proxy
+        .admin_ok(json!({"cmd": "migrate.verify", "tenant": "acme", "level": "full"}))
+        .await;
+    assert!(
+        full.to_string().contains("row {\\\"id\\\": 7} differs"),
+        "{full}"
+    );
+    assert_eq!(
+        proxy
+            .admin_err(json!({"cmd": "migrate.cutover", "tenant": "acme"}))
+            .await,
+        "verification_failed"
+    );
+    let r = proxy
+        .admin_ok(json!({"cmd": "migrate.repair", "tenant": "acme"}))
+        .await;
+    assert_eq!(r["verification"]["passed"], json!(true), "{r}");
+    assert_eq!(
+        dedicated.psql("app", "SELECT v FROM tenant_acme.a WHERE id = 7"),
+        "7"
+    );
     // ctl: status table, JSON, and a refused command's exit code.
     let ctl = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_pgtenant"))

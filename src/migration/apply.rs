@@ -1,14 +1,18 @@
-//! Applying change-log entries from one side to the other, exactly once.
+//! Applying change-log entries from one side to the other, exactly once, in two round trips per pass.
 //!
-//! A pass reads the oldest entries of the tenant from the "from" side, and in one transaction on the "to" side
-//! records their ids in `pgtenant.applied` (`ON CONFLICT DO NOTHING RETURNING id` tells which ones are new) and
-//! applies just those; only after that commit are the entries deleted from the "from" log. A crash anywhere in
-//! between leaves either entries that the ledger says were applied (skipped next time) or entries not yet
-//! applied (applied next time), never a second application.
+//! Round trip 1 (the "from" side): delete the entries the previous pass applied, then read the oldest entries.
+//! Round trip 2 (the "to" side), pipelined: BEGIN; trim ledger rows whose log entries are gone; one statement
+//! per entry that records its id in `pgtenant.applied` and applies the row image only if that id was new
+//! (`WITH l AS (INSERT ... ON CONFLICT DO NOTHING RETURNING 1) UPDATE ... WHERE EXISTS (SELECT 1 FROM l)`);
+//! COMMIT. Entries leave the "from" log only after that commit, and ledger rows only after their entries left
+//! the log, so a crash anywhere leaves either entries the ledger says were applied (skipped) or entries not
+//! yet applied (applied next time), never a second application.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 
-use futures_util::future::try_join_all;
+use futures_util::future::{join, try_join_all};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 
@@ -37,15 +41,22 @@ pub struct Link {
     pub to_side: Endpoint,
     tables: HashMap<String, Table>,
     statements: HashMap<(String, i8), Statement>,
+    /// Applied on the "to" side; not yet deleted from the "from" log.
+    unconfirmed: Vec<i64>,
+    /// Deleted from the "from" log; their ledger rows can go.
+    trim: Vec<i64>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Pass {
     pub read: usize,
-    pub applied: usize,
 }
 
 const READ: &str = "SELECT id, tbl, op, old_row::text, new_row::text FROM pgtenant.change_log WHERE tenant = $1 ORDER BY id LIMIT $2";
+const DELETE: &str = "DELETE FROM pgtenant.change_log WHERE tenant = $1 AND id = ANY($2)";
+const TRIM: &str = "DELETE FROM pgtenant.applied WHERE tenant = $1 AND id = ANY($2)";
+
+type Step<'a> = Pin<Box<dyn Future<Output = Result<(), tokio_postgres::Error>> + Send + 'a>>;
 
 impl Link {
     pub fn new(from: Client, to: Client, to_side: Endpoint, tables: Vec<Table>) -> Link {
@@ -55,103 +66,93 @@ impl Link {
             to_side,
             tables: tables.into_iter().map(|t| (t.name.clone(), t)).collect(),
             statements: HashMap::new(),
+            unconfirmed: Vec::new(),
+            trim: Vec::new(),
         }
     }
 
-    /// Reads up to `limit` entries from the "from" log (in `from`'s current transaction, if one is open).
-    pub async fn read(&self, tenant: &str, limit: i64) -> Result<Vec<Entry>, MigrateError> {
-        let rows = self
-            .from
-            .query(READ, &[&tenant, &limit])
-            .await
-            .map_err(|e| MigrateError::pg("read change log", e))?;
-        Ok(rows
-            .iter()
-            .map(|r| Entry {
-                id: r.get(0),
-                table: r.get(1),
-                op: r.get(2),
-                old_row: r.get(3),
-                new_row: r.get(4),
-            })
-            .collect())
-    }
-
-    /// One pass: apply the oldest entries and remove them from the log. Returns what it read and applied.
+    /// One pass: confirm the previous pass, read the oldest entries and apply them. Returns what it read;
+    /// `read == 0` means the log held nothing unapplied.
     pub async fn pass(&mut self, tenant: &str) -> Result<Pass, MigrateError> {
-        let entries = self.read(tenant, PASS_LIMIT).await?;
+        let done = std::mem::take(&mut self.unconfirmed);
+        let delete = async {
+            if done.is_empty() {
+                Ok(0)
+            } else {
+                self.from.execute(DELETE, &[&tenant, &done]).await
+            }
+        };
+        let params: [&(dyn ToSql + Sync); 2] = [&tenant, &PASS_LIMIT];
+        let read = self.from.query(READ, &params);
+        let (deleted, rows) = join(delete, read).await;
+        if let Err(e) = deleted {
+            self.unconfirmed = done;
+            return Err(MigrateError::pg("trim change log", e));
+        }
+        self.trim.extend(done);
+        let rows = rows.map_err(|e| MigrateError::pg("read change log", e))?;
+        let entries: Vec<Entry> = rows.iter().map(entry).collect();
         if entries.is_empty() {
+            if !self.trim.is_empty() {
+                self.to
+                    .execute(TRIM, &[&tenant, &self.trim])
+                    .await
+                    .map_err(|e| MigrateError::pg("trim ledger", e))?;
+                self.trim.clear();
+            }
             return Ok(Pass::default());
         }
-        let applied = self.apply(tenant, &entries).await?;
-        let ids: Vec<i64> = entries.iter().map(|e| e.id).collect();
-        self.from
-            .execute(
-                "DELETE FROM pgtenant.change_log WHERE tenant = $1 AND id = ANY($2)",
-                &[&tenant, &ids],
-            )
-            .await
-            .map_err(|e| MigrateError::pg("trim change log", e))?;
-        // The ledger rows only guard against the crash window before the delete above; they can go now.
-        self.to
-            .execute(
-                "DELETE FROM pgtenant.applied WHERE tenant = $1 AND id = ANY($2)",
-                &[&tenant, &ids],
-            )
-            .await
-            .map_err(|e| MigrateError::pg("trim ledger", e))?;
+        self.apply(tenant, &entries).await?;
+        self.unconfirmed = entries.iter().map(|e| e.id).collect();
         Ok(Pass {
             read: entries.len(),
-            applied,
         })
     }
 
-    /// Applies `entries` on the "to" side in one transaction, skipping those the ledger already has. Returns
-    /// how many were applied.
-    pub async fn apply(&mut self, tenant: &str, entries: &[Entry]) -> Result<usize, MigrateError> {
+    /// Applies `entries` on the "to" side in one pipelined transaction; entries the ledger already has are
+    /// skipped by the statements themselves.
+    pub async fn apply(&mut self, tenant: &str, entries: &[Entry]) -> Result<(), MigrateError> {
         for e in entries {
             self.prepare(e).await?;
         }
-        let ids: Vec<i64> = entries.iter().map(|e| e.id).collect();
-        let tx = self
-            .to
-            .transaction()
-            .await
-            .map_err(|e| MigrateError::pg("begin apply", e))?;
-        tx.batch_execute("SET LOCAL session_replication_role = replica")
-            .await
-            .map_err(|e| MigrateError::pg("apply setup", e))?;
-        let fresh: std::collections::HashSet<i64> = tx
-            .query(
-                "INSERT INTO pgtenant.applied (tenant, id) SELECT $1, unnest($2::bigint[]) \
-                 ON CONFLICT DO NOTHING RETURNING id",
-                &[&tenant, &ids],
-            )
-            .await
-            .map_err(|e| MigrateError::pg("record applied entries", e))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        let todo: Vec<&Entry> = entries.iter().filter(|e| fresh.contains(&e.id)).collect();
-        // Sent back to back (tokio-postgres pipelines futures polled together) and executed in order.
-        let work = todo.iter().map(|e| {
+        let to = &self.to;
+        let trim = std::mem::take(&mut self.trim);
+        let mut steps: Vec<Step<'_>> = Vec::with_capacity(entries.len() + 3);
+        steps.push(Box::pin(to.batch_execute(
+            "BEGIN; SET LOCAL session_replication_role = replica",
+        )));
+        if !trim.is_empty() {
+            let trim = &trim;
+            steps.push(Box::pin(async move {
+                to.execute(TRIM, &[&tenant, trim]).await.map(|_| ())
+            }));
+        }
+        for e in entries {
             let stmt = &self.statements[&(e.table.clone(), e.op)];
-            let params: Vec<&(dyn ToSql + Sync)> = match e.op as u8 {
-                b'I' => vec![&e.new_row],
-                b'U' => vec![&e.new_row, &e.old_row],
-                b'D' => vec![&e.old_row],
-                _ => vec![],
-            };
-            let tx = &tx;
-            async move { tx.execute(stmt, &params).await }
-        });
-        try_join_all(work)
-            .await
-            .map_err(|e| MigrateError::pg("apply change", e))?;
-        tx.commit()
-            .await
-            .map_err(|e| MigrateError::pg("commit apply", e))?;
-        Ok(todo.len())
+            steps.push(Box::pin(async move {
+                let mut params: Vec<&(dyn ToSql + Sync)> = vec![&tenant, &e.id];
+                match e.op as u8 {
+                    b'I' => params.push(&e.new_row),
+                    b'U' => {
+                        params.push(&e.new_row);
+                        params.push(&e.old_row);
+                    }
+                    b'D' => params.push(&e.old_row),
+                    _ => {}
+                }
+                to.execute(stmt, &params).await.map(|_| ())
+            }));
+        }
+        steps.push(Box::pin(to.batch_execute("COMMIT")));
+        // Sent back to back in this order (tokio-postgres pipelines futures polled together) and executed in
+        // order; the first failure aborts the transaction, which COMMIT then ends.
+        let result = try_join_all(steps).await;
+        if let Err(e) = result {
+            let _ = self.to.batch_execute("ROLLBACK").await;
+            self.trim = trim;
+            return Err(MigrateError::pg("apply changes", e));
+        }
+        Ok(())
     }
 
     async fn prepare(&mut self, e: &Entry) -> Result<(), MigrateError> {
@@ -176,16 +177,32 @@ impl Link {
     }
 }
 
-/// The statement that applies one kind of row image to `table` on `side`. Rows are rebuilt from their JSON image
-/// with `jsonb_populate_record`, so every column type round-trips through its own text form.
+/// A change-log row as an [`Entry`] (columns as in [`READ`]).
+pub fn entry(r: &tokio_postgres::Row) -> Entry {
+    Entry {
+        id: r.get(0),
+        table: r.get(1),
+        op: r.get(2),
+        old_row: r.get(3),
+        new_row: r.get(4),
+    }
+}
+
+/// The statement that applies one kind of row image to `table` on `side`, only if the entry's id is new to the
+/// ledger ($1 tenant, $2 id, then the images). Rows are rebuilt from their JSON image with
+/// `jsonb_populate_record`, so every column type round-trips through its own text form.
 pub fn apply_sql(side: &Endpoint, table: &Table, op: u8) -> Result<String, MigrateError> {
     let q = side.qualified(&table.name);
     let cols: Vec<String> = table.columns.iter().map(|c| quote_ident(c)).collect();
     let list = cols.join(", ");
-    let matches = |alias: &str| -> String {
+    let ledger = "WITH l AS (INSERT INTO pgtenant.applied (tenant, id) VALUES ($1, $2) \
+                  ON CONFLICT DO NOTHING RETURNING 1)";
+    let new = "EXISTS (SELECT 1 FROM l)";
+    let image = |n: u8| format!("jsonb_populate_record(NULL::{q}, ${n}::text::jsonb)");
+    let matches = |old: u8| -> String {
         if table.key.is_empty() {
             // Full-row identity: one row whose image equals the old image.
-            format!("x.ctid = (SELECT y.ctid FROM {q} y WHERE to_jsonb(y) = {alias} LIMIT 1)")
+            format!("x.ctid = (SELECT y.ctid FROM {q} y WHERE to_jsonb(y) = ${old}::text::jsonb LIMIT 1)")
         } else {
             table
                 .key
@@ -197,7 +214,8 @@ pub fn apply_sql(side: &Endpoint, table: &Table, op: u8) -> Result<String, Migra
     };
     Ok(match op {
         b'I' => format!(
-            "INSERT INTO {q} ({list}) OVERRIDING SYSTEM VALUE SELECT {list} FROM jsonb_populate_record(NULL::{q}, $1::text::jsonb)"
+            "{ledger} INSERT INTO {q} ({list}) OVERRIDING SYSTEM VALUE SELECT {list} FROM {} WHERE {new}",
+            image(3)
         ),
         b'U' => {
             let sets: Vec<String> = table
@@ -206,34 +224,32 @@ pub fn apply_sql(side: &Endpoint, table: &Table, op: u8) -> Result<String, Migra
                 .filter(|c| !table.identity_always.contains(c))
                 .map(|c| format!("{0} = r.{0}", quote_ident(c)))
                 .collect();
-            if table.key.is_empty() {
-                format!(
-                    "UPDATE {q} AS x SET {} FROM jsonb_populate_record(NULL::{q}, $1::text::jsonb) r WHERE {}",
-                    sets.join(", "),
-                    matches("$2::text::jsonb")
-                )
+            let old = if table.key.is_empty() {
+                String::new()
             } else {
-                format!(
-                    "UPDATE {q} AS x SET {} FROM jsonb_populate_record(NULL::{q}, $1::text::jsonb) r, \
-                     jsonb_populate_record(NULL::{q}, $2::text::jsonb) o WHERE {}",
-                    sets.join(", "),
-                    matches("")
-                )
-            }
+                format!(", {} o", image(4))
+            };
+            format!(
+                "{ledger} UPDATE {q} AS x SET {} FROM {} r{old} WHERE {} AND {new}",
+                sets.join(", "),
+                image(3),
+                matches(4)
+            )
         }
         b'D' => {
             if table.key.is_empty() {
-                format!("DELETE FROM {q} AS x WHERE {}", matches("$1::text::jsonb"))
+                format!("{ledger} DELETE FROM {q} AS x WHERE {} AND {new}", matches(3))
             } else {
                 format!(
-                    "DELETE FROM {q} AS x USING jsonb_populate_record(NULL::{q}, $1::text::jsonb) o WHERE {}",
-                    matches("")
+                    "{ledger} DELETE FROM {q} AS x USING {} o WHERE {} AND {new}",
+                    image(3),
+                    matches(3)
                 )
             }
         }
         // DELETE, not TRUNCATE: foreign keys from tables truncated alongside would refuse a lone TRUNCATE
         // (their own 'T' entries follow), while DELETE under the replica role does not check them.
-        b'T' => format!("DELETE FROM {q}"),
+        b'T' => format!("{ledger} DELETE FROM {q} WHERE {new}"),
         other => {
             return Err(MigrateError::Refused(format!(
                 "unknown change-log operation {:?}",

@@ -474,28 +474,8 @@ async fn step(shared: &Arc<Shared>, live: &Arc<Live>, rec: &Record) -> Result<()
             start_tee(shared, live, &rec, Direction::Forward).await?;
             Ok(())
         }
-        State::DualWrite => {
-            let tee = start_tee(shared, live, rec, Direction::Forward).await?;
-            tee.set_paused(false);
-            if rec.verification.is_none() {
-                let _ = super::ops::verify_now(shared, live, rec.verify).await;
-            } else if rec.cutover == CutoverMode::Auto
-                && rec.verification.as_ref().is_some_and(|v| v.passed)
-                && tee.lag() <= AUTO_CUTOVER_LAG
-                && rec.cutover_attempts < 20
-            {
-                let _guard = live.lock.lock().await;
-                if let Err(e) = super::cutover::cutover(shared, live).await {
-                    warn!(tenant = %rec.tenant, error = %e, "automatic cutover attempt failed");
-                    sleep(live, Duration::from_secs(1)).await;
-                }
-            }
-            sleep(live, TICK).await;
-            Ok(())
-        }
-        State::Migrated => {
-            let tee = start_tee(shared, live, rec, Direction::Reverse).await?;
-            tee.set_paused(false);
+        State::DualWrite | State::Migrated => {
+            running(shared, live, rec.state).await?;
             sleep(live, TICK).await;
             Ok(())
         }
@@ -504,6 +484,47 @@ async fn step(shared: &Arc<Shared>, live: &Arc<Live>, rec: &Record) -> Result<()
             Ok(())
         }
     }
+}
+
+/// The running states: keep the tee going, verify once on entering dual_write, cut over when automatic. Under
+/// `live.lock`, with the state read again: the commands that stop the tee (cutover, rollback, finalize) hold
+/// the lock until their transition is written, so this can never restart a tee they just stopped.
+async fn running(
+    shared: &Arc<Shared>,
+    live: &Arc<Live>,
+    expected: State,
+) -> Result<(), MigrateError> {
+    let _one = live.lock.lock().await;
+    let Some(rec) = shared.migrations.get(&live.tenant) else {
+        return Ok(());
+    };
+    if rec.state != expected || rec.paused || live.stop.is_cancelled() {
+        return Ok(());
+    }
+    if rec.state == State::Migrated {
+        start_tee(shared, live, &rec, Direction::Reverse)
+            .await?
+            .set_paused(false);
+        return Ok(());
+    }
+    let tee = start_tee(shared, live, &rec, Direction::Forward).await?;
+    tee.set_paused(false);
+    if rec.verification.is_none() {
+        if let Err(e) = super::ops::verify_locked(shared, live, rec.verify).await {
+            warn!(tenant = %rec.tenant, error = %e, "verification failed to run");
+        }
+    } else if rec.cutover == CutoverMode::Auto
+        && rec.verification.as_ref().is_some_and(|v| v.passed)
+        && tee.lag() <= AUTO_CUTOVER_LAG
+        && rec.cutover_attempts < 20
+    {
+        if let Err(e) = super::cutover::cutover(shared, live).await {
+            warn!(tenant = %rec.tenant, error = %e, "automatic cutover attempt failed");
+            drop(_one);
+            sleep(live, Duration::from_secs(1)).await;
+        }
+    }
+    Ok(())
 }
 
 /// The copy step: rows_total counted once, then the tables without a checkpoint.

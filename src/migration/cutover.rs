@@ -59,11 +59,29 @@ pub async fn cutover(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<Value, Mi
         r.cutover_attempts += 1
     })?;
     let m = &shared.metrics;
+    // Everything that does not need the tenant held is done before the gate closes: connections, the
+    // sequence list, and the reverse capture on the target (which takes no traffic until the swap).
+    let ready = match prepare(shared, live, &rec).await {
+        Ok(r) => r,
+        Err(e) => {
+            m.counter(
+                "cutover_attempts_total",
+                labels(&rec.tenant, Some("failed")),
+            )
+            .increment(1);
+            fall_back(shared, &rec, &e.to_string(), Duration::ZERO).await;
+            return Err(e);
+        }
+    };
     let closed_at = Instant::now();
     gate.close();
     let deadline = closed_at + timeout;
-    let attempt =
-        tokio::time::timeout(timeout, before_swap(shared, live, &rec, &gate, deadline)).await;
+    let mut marks = Marks::new(closed_at);
+    let attempt = tokio::time::timeout(
+        timeout,
+        before_swap(shared, &ready, &gate, deadline, &mut marks),
+    )
+    .await;
     let over = || {
         MigrateError::Timeout(format!(
             "cutover passed its {} ms limit",
@@ -73,7 +91,11 @@ pub async fn cutover(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<Value, Mi
     let failure = match attempt {
         Ok(Ok(())) if Instant::now() >= deadline => Some(over()),
         // The swap is outside the timeout: once it is on disk it must be completed, not abandoned halfway.
-        Ok(Ok(())) => swap_route(shared, &rec.tenant, &rec.target).err(),
+        Ok(Ok(())) => {
+            let r = swap_route(shared, &rec.tenant, &rec.target).err();
+            marks.mark("swap_route");
+            r
+        }
         Ok(Err(e)) => Some(e),
         Err(_) => Some(over()),
     };
@@ -109,6 +131,7 @@ pub async fn cutover(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<Value, Mi
     }
     let rec = shared.migrations.get(&rec.tenant).unwrap_or(rec);
     start_tee(shared, live, &rec, Direction::Reverse).await?;
+    marks.mark("start_reverse_tee");
     let blocked = gate.queued();
     gate.open();
     let pause = closed_at.elapsed();
@@ -125,17 +148,55 @@ pub async fn cutover(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<Value, Mi
     })?;
     info!(tenant = %rec.tenant, pause_ms, blocked, "cutover done");
     Ok(
-        json!({"tenant": rec.tenant, "state": "migrated", "pause_ms": pause_ms, "queued_during_pause": blocked}),
+        json!({"tenant": rec.tenant, "state": "migrated", "pause_ms": pause_ms, "queued_during_pause": blocked, "steps_ms": marks.json()}),
     )
 }
 
-/// Steps 1-3 of the cutover, up to and including the route swap.
-async fn before_swap(
+/// What the cutover sets up before it closes the gate.
+struct Ready {
+    src: Client,
+    dst: Client,
+    source: Endpoint,
+    target: Endpoint,
+    sequences: Vec<String>,
+    tee: Arc<super::tee::Tee>,
+}
+
+async fn prepare(
     shared: &Arc<Shared>,
     live: &Arc<Live>,
     rec: &Record,
+) -> Result<Ready, MigrateError> {
+    let (source, target) = endpoints(shared, rec)?;
+    let (_, tee) = live
+        .tee()
+        .filter(|(d, _)| *d == Direction::Forward)
+        .ok_or_else(|| MigrateError::Refused("the tee is not running".into()))?;
+    let (src, dst) = (source.connect().await?, target.connect().await?);
+    let sequences = catalog::sequences(&src, &source.schema).await?;
+    capture::install(&dst, &target, &rec.tenant, &rec.tables).await?;
+    shared
+        .migrations
+        .failpoints
+        .check("cutover.before_close")
+        .await?;
+    Ok(Ready {
+        src,
+        dst,
+        source,
+        target,
+        sequences,
+        tee,
+    })
+}
+
+/// Steps 1-3 of the cutover with the gate closed, up to (not including) the route swap.
+async fn before_swap(
+    shared: &Arc<Shared>,
+    ready: &Ready,
     gate: &Gate,
     deadline: Instant,
+    marks: &mut Marks,
 ) -> Result<(), MigrateError> {
     let fp = shared.migrations.failpoints.clone();
     fp.check("cutover.after_close").await?;
@@ -146,20 +207,55 @@ async fn before_swap(
             gate.active()
         )));
     }
-    let (source, target) = endpoints(shared, rec)?;
-    let (_, tee) = live
-        .tee()
-        .filter(|(d, _)| *d == Direction::Forward)
-        .ok_or_else(|| MigrateError::Refused("the tee is not running".into()))?;
-    tee.drain_to_empty(deadline).await?;
+    marks.mark("open_transactions");
+    ready.tee.drain_to_empty(deadline).await?;
+    marks.mark("drain_log");
     fp.check("cutover.after_drain").await?;
-    let (src, dst) = (source.connect().await?, target.connect().await?);
-    sync_sequences(&src, &source, &dst, &target).await?;
-    capture::install(&dst, &target, &rec.tenant, &rec.tables).await?;
+    sync_sequences(
+        &ready.src,
+        &ready.source,
+        &ready.dst,
+        &ready.target,
+        &ready.sequences,
+    )
+    .await?;
+    marks.mark("sequences");
     fp.check("cutover.before_swap").await?;
     // Writes that reached the source meanwhile (outside the proxy) go across before the swap.
-    tee.drain_to_empty(deadline).await?;
+    ready.tee.drain_to_empty(deadline).await?;
+    marks.mark("final_drain");
     Ok(())
+}
+
+/// Time spent in each step while the gate is closed (reported with the cutover, for operators).
+struct Marks {
+    last: Instant,
+    steps: Vec<(&'static str, f64)>,
+}
+
+impl Marks {
+    fn new(start: Instant) -> Marks {
+        Marks {
+            last: start,
+            steps: Vec::new(),
+        }
+    }
+
+    fn mark(&mut self, step: &'static str) {
+        let now = Instant::now();
+        let ms = (now - self.last).as_secs_f64() * 1000.0;
+        self.steps.push((step, (ms * 100.0).round() / 100.0));
+        self.last = now;
+    }
+
+    fn json(&self) -> Value {
+        Value::Object(
+            self.steps
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), json!(v)))
+                .collect(),
+        )
+    }
 }
 
 /// Cutover did not happen: remove the reverse capture made for it and stay in dual_write.
@@ -192,36 +288,51 @@ fn swap_route(shared: &Shared, tenant: &str, route: &Route) -> Result<(), Migrat
     Ok(())
 }
 
-/// Sets every sequence of `to`'s schema at or above the same sequence on `from`.
+/// Sets each of `sequences` on `to` at or above the same sequence on `from`: one query per side.
 pub async fn sync_sequences(
     from: &Client,
     from_side: &Endpoint,
     to: &Client,
     to_side: &Endpoint,
+    sequences: &[String],
 ) -> Result<(), MigrateError> {
-    for seq in catalog::sequences(from, &from_side.schema).await? {
-        let row = from
-            .query_one(
-                &format!(
-                    "SELECT last_value, is_called FROM {}",
-                    from_side.qualified(&seq)
-                ),
-                &[],
-            )
-            .await
-            .map_err(|e| MigrateError::pg(&format!("read sequence {seq}"), e))?;
-        let (last, called): (i64, bool) = (row.get(0), row.get(1));
-        if !called {
-            continue;
-        }
-        let q = to_side.qualified(&seq);
-        to.query_one(
-            &format!("SELECT setval($1::text::regclass, greatest($2, (SELECT last_value FROM {q})), true)"),
-            &[&q, &last],
-        )
-        .await
-        .map_err(|e| MigrateError::pg(&format!("set sequence {seq} on the target"), e))?;
+    if sequences.is_empty() {
+        return Ok(());
     }
+    let read: Vec<String> = sequences
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            format!(
+                "SELECT {i}::int, last_value, is_called FROM {}",
+                from_side.qualified(s)
+            )
+        })
+        .collect();
+    let rows = from
+        .query(&read.join(" UNION ALL "), &[])
+        .await
+        .map_err(|e| MigrateError::pg("read sequences", e))?;
+    let mut sets = Vec::new();
+    for row in &rows {
+        let (i, last, called): (i32, i64, bool) = (row.get(0), row.get(1), row.get(2));
+        let Some(seq) = sequences.get(i as usize) else {
+            continue;
+        };
+        if called {
+            let q = to_side.qualified(seq);
+            sets.push(format!(
+                "setval({}::regclass, greatest({last}, (SELECT last_value FROM {q})), true)",
+                capture::quote_literal(&q)
+            ));
+        }
+    }
+    if sets.is_empty() {
+        return Ok(());
+    }
+    to.query(&format!("SELECT {}", sets.join(", ")), &[])
+        .await
+        .map_err(|e| MigrateError::pg("set sequences on the target", e))?;
     Ok(())
 }
 
@@ -239,6 +350,13 @@ pub async fn rollback(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<Value, M
     }
     let gate = gate_of(shared, &rec.tenant)?;
     let timeout = Duration::from_millis(shared.config.load().migration.cutover_timeout_ms);
+    // Connections and the sequence list before the gate closes, as in the cutover.
+    let (source, target) = endpoints(shared, &rec)?;
+    let (_, tee) = live
+        .tee()
+        .ok_or_else(|| MigrateError::Refused("the reverse tee is not running".into()))?;
+    let (src, dst) = (source.connect().await?, target.connect().await?);
+    let sequences = catalog::sequences(&dst, &target.schema).await?;
     let closed_at = Instant::now();
     gate.close();
     let deadline = closed_at + timeout;
@@ -248,13 +366,8 @@ pub async fn rollback(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<Value, M
                 "open transactions did not finish".into(),
             ));
         }
-        let (source, target) = endpoints(shared, &rec)?;
-        let (_, tee) = live
-            .tee()
-            .ok_or_else(|| MigrateError::Refused("the reverse tee is not running".into()))?;
         tee.drain_to_empty(deadline).await?;
-        let (src, dst) = (source.connect().await?, target.connect().await?);
-        sync_sequences(&dst, &target, &src, &source).await?;
+        sync_sequences(&dst, &target, &src, &source, &sequences).await?;
         shared
             .migrations
             .failpoints

@@ -156,7 +156,7 @@ impl Tee {
                     return Err(MigrateError::Timeout("draining the change log".into()));
                 }
             };
-            total += pass.applied as u64;
+            total += pass.read as u64;
             if pass.read == 0 {
                 self.lag.store(0, Ordering::Relaxed);
                 self.metrics.lag.set(0.0);
@@ -230,9 +230,9 @@ impl Tee {
             return Ok(false);
         };
         match link.pass(&self.spec.tenant).await {
-            Ok(Pass { read, applied }) => {
+            Ok(Pass { read }) => {
                 if read > 0 {
-                    debug!(tenant = %self.spec.tenant, read, applied, "tee pass");
+                    debug!(tenant = %self.spec.tenant, read, "tee pass");
                 }
                 if read == 0 {
                     self.lag.store(0, Ordering::Relaxed);

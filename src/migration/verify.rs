@@ -45,16 +45,7 @@ pub async fn aligned(sides: &Sides<'_>, link: &mut Link) -> Result<(Client, Clie
         )
         .await
         .map_err(|e| MigrateError::pg("read change log in snapshot", e))?;
-    let entries: Vec<_> = rows
-        .iter()
-        .map(|r| super::apply::Entry {
-            id: r.get(0),
-            table: r.get(1),
-            op: r.get(2),
-            old_row: r.get(3),
-            new_row: r.get(4),
-        })
-        .collect();
+    let entries: Vec<_> = rows.iter().map(super::apply::entry).collect();
     for chunk in entries.chunks(super::apply::PASS_LIMIT as usize) {
         link.apply(sides.tenant, chunk).await?;
     }

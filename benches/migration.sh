@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# Migration figures, measured in one run on this machine (issue 6 item 3):
+#   - TPS of pgbench -c CLIENTS on a tenant before its migration and during dual_write (the synchronous tee);
+#   - bulk-copy rows/s against `pg_dump --data-only | psql` of the same schema;
+#   - gate-closed pause p50/p99/max over ROUNDS cutovers and ROUNDS rollbacks under pgbench -c CLIENTS.
+#   bash benches/migration.sh        (DURATION=20 CLIENTS=16 SCALE=10 ROUNDS=20; writes benches/results/migration.md)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/pg-lib.sh
+
+DURATION="${DURATION:-20}"
+CLIENTS="${CLIENTS:-16}"
+SCALE="${SCALE:-10}"
+ROUNDS="${ROUNDS:-20}"
+TEE="${TEE:-sync}"
+LOOP_SCALE="${LOOP_SCALE:-5}"
+OUT="benches/results/migration.md"
+
+cargo build --release --quiet
+pg_setup_workdir
+pg_start shared
+pg_start dedicated
+for p in "$shared_PORT" "$dedicated_PORT"; do pg_sql "$p" postgres "CREATE DATABASE app" >/dev/null; done
+pg_sql "$shared_PORT" app "CREATE SCHEMA tenant_acme; CREATE SCHEMA tenant_loop" >/dev/null
+PROXY_PORT="$(free_port)"
+CONFIG="$PG_WORKDIR/pgtenant.toml"
+SOCK="$PG_WORKDIR/pgtenant.sock"
+cat > "$CONFIG" <<TOML
+[proxy]
+listen = "127.0.0.1:$PROXY_PORT"
+admin_socket = "$SOCK"
+state_dir = "$PG_WORKDIR/state"
+[[users]]
+name = "app"
+password = "secret"
+tenants = ["*"]
+[backends.shared]
+host = "127.0.0.1"
+port = $shared_PORT
+database = "app"
+pool_size = 40
+[backends.dedicated]
+host = "127.0.0.1"
+port = $dedicated_PORT
+database = "app"
+pool_size = 40
+[tenants.acme]
+backend = "shared"
+schema = "tenant_acme"
+[tenants.loop]
+backend = "shared"
+schema = "tenant_loop"
+[migration]
+pg_dump = "$PG_BIN/pg_dump"
+tee = "$TEE"
+TOML
+RUST_LOG=pgtenant=warn ./target/release/pgtenant serve --config "$CONFIG" &
+PG_CLEANUP_EXTRA+=("$!")
+wait_port "$PROXY_PORT"
+export PGPASSWORD=secret
+url() { echo "host=127.0.0.1 port=$PROXY_PORT user=app.$1 dbname=app"; }
+ctl() { ./target/release/pgtenant ctl --socket "$SOCK" "$@"; }
+state() { ctl migrate status "$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])'; }
+wait_state() {
+  until [ "$(state "$1")" = "$2" ]; do sleep 0.05; done
+}
+tps() { grep -oP 'tps = \K[0-9.]+' "$1" | head -1; }
+failed() { grep -oP 'number of failed transactions: \K[0-9]+' "$1"; }
+
+pgbench -i -s "$SCALE" -q "$(url acme)" >/dev/null 2>&1
+pgbench -i -s "$LOOP_SCALE" -q "$(url loop)" >/dev/null 2>&1
+
+echo "== TPS before and during dual_write (pgbench -c $CLIENTS -T $DURATION, TPC-B, prepared)"
+pgbench -n -c "$CLIENTS" -j 2 -T "$DURATION" -M prepared "$(url acme)" > "$PG_WORKDIR/before.out" 2>&1
+t0=$(date +%s.%N)
+ctl migrate start acme --to dedicated --verify count >/dev/null
+wait_state acme bulk_copy
+c0=$(date +%s.%N)
+wait_state acme dual_write
+c1=$(date +%s.%N)
+rows=$(ctl migrate status acme --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["rows_copied"])')
+pgbench -n -c "$CLIENTS" -j 2 -T "$DURATION" -M prepared "$(url acme)" > "$PG_WORKDIR/during.out" 2>&1
+ctl migrate abort acme --drop-target >/dev/null
+
+echo "== pg_dump --data-only | psql of the same schema"
+pg_sql "$dedicated_PORT" postgres "CREATE DATABASE dumpcopy" >/dev/null
+"$PG_BIN/pg_dump" -h 127.0.0.1 -p "$shared_PORT" -U postgres --schema-only -n tenant_acme app | grep -v '^\\' | psql -X -q -h 127.0.0.1 -p "$dedicated_PORT" -U postgres dumpcopy >/dev/null
+d0=$(date +%s.%N)
+"$PG_BIN/pg_dump" -h 127.0.0.1 -p "$shared_PORT" -U postgres --data-only -n tenant_acme app | grep -v '^\\' | psql -X -q -h 127.0.0.1 -p "$dedicated_PORT" -U postgres dumpcopy >/dev/null
+d1=$(date +%s.%N)
+
+echo "== $ROUNDS cutovers and rollbacks of tenant loop under pgbench -c $CLIENTS"
+# pgbench in 5-second runs until the rounds are done (each run prints its own summary).
+( while [ ! -f "$PG_WORKDIR/stop" ]; do
+    pgbench -n -c "$CLIENTS" -j 2 -T 5 -M prepared "$(url loop)" >> "$PG_WORKDIR/loop.out" 2>&1 || true
+  done ) &
+BENCH=$!
+PG_CLEANUP_EXTRA+=("$BENCH")
+: > "$PG_WORKDIR/pauses.tsv"
+for i in $(seq 1 "$ROUNDS"); do
+  ctl migrate start loop --to dedicated --verify count --allow-existing >/dev/null
+  wait_state loop dual_write
+  sleep 0.5
+  ctl migrate cutover loop --json > "$PG_WORKDIR/cut.json"
+  cut=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["pause_ms"])' "$PG_WORKDIR/cut.json")
+  python3 -c 'import json,sys; print("   steps (ms):", json.load(open(sys.argv[1]))["steps_ms"])' "$PG_WORKDIR/cut.json"
+  sleep 0.5
+  back=$(ctl migrate rollback loop --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["pause_ms"])')
+  printf '%s\t%s\n' "$cut" "$back" >> "$PG_WORKDIR/pauses.tsv"
+  printf '   round %2d: cutover %6.1f ms, rollback %6.1f ms\n' "$i" "$cut" "$back"
+done
+touch "$PG_WORKDIR/stop"; wait "$BENCH" || true
+
+python3 - "$PG_WORKDIR" "$t0" "$c0" "$c1" "$rows" "$d0" "$d1" "$CLIENTS" "$DURATION" "$SCALE" "$ROUNDS" "$TEE" "$LOOP_SCALE" > "$OUT" <<'PY'
+import sys, re, statistics
+w, t0, c0, c1, rows, d0, d1, clients, duration, scale, rounds, tee, loop_scale = sys.argv[1:]
+def grab(name, pat):
+    m = re.search(pat, open(f"{w}/{name}.out").read())
+    return float(m.group(1)) if m else float("nan")
+before = grab("before", r"tps = ([0-9.]+)")
+during = grab("during", r"tps = ([0-9.]+)")
+fb, fd = grab("before", r"failed transactions: (\d+)"), grab("during", r"failed transactions: (\d+)")
+loop_failed = sum(int(x) for x in re.findall(r"failed transactions: (\d+)", open(f"{w}/loop.out").read()))
+loop_runs = len(re.findall(r"failed transactions: (\d+)", open(f"{w}/loop.out").read()))
+copy_s = float(c1) - float(c0)
+dump_s = float(d1) - float(d0)
+rows = int(rows)
+cuts, backs = [], []
+for line in open(f"{w}/pauses.tsv") if rounds != "0" else []:
+    a, b = line.split()
+    cuts.append(float(a)); backs.append(float(b))
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+print(f"# Migration figures\n\npgbench -c {clients} -j 2, TPC-B, -M prepared, scale {scale} (tenant acme); "
+      f"pause rounds on a scale-{loop_scale} tenant under pgbench -c {clients}. One run.\n")
+print("| figure | value |\n|---|---|")
+print(f"| TPS before migration | {before:.0f} (failed {fb:.0f}) |")
+print(f"| TPS during dual_write ({tee} tee) | {during:.0f} (failed {fd:.0f}) |")
+print(f"| ratio during / before | {during / before:.2f} |")
+print(f"| bulk copy | {rows} rows in {copy_s:.2f} s = {rows / copy_s:,.0f} rows/s |")
+print(f"| pg_dump --data-only \\| psql, same schema | {dump_s:.2f} s = {rows / dump_s:,.0f} rows/s |")
+print(f"| bulk copy speed / pg_dump \\| psql | {dump_s / copy_s:.2f} |")
+for name, xs in (("cutover", cuts), ("rollback", backs)):
+    if not xs:
+        continue
+    print(f"| {name} pause over {len(xs)} runs: p50 / p99 / max | {pct(xs, 50):.1f} / {pct(xs, 99):.1f} / {max(xs):.1f} ms |")
+print(f"| failed pgbench transactions during the {rounds} rounds ({loop_runs} pgbench runs) | {loop_failed} |")
+PY
+cat "$OUT"
