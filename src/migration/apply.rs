@@ -258,3 +258,59 @@ pub fn apply_sql(side: &Endpoint, table: &Table, op: u8) -> Result<String, Migra
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::BackendConfig;
+
+    fn side() -> Endpoint {
+        Endpoint {
+            backend: "b".into(),
+            config: BackendConfig {
+                host: "h".into(),
+                port: 5432,
+                user: "u".into(),
+                password: String::new(),
+                database: None,
+                pool_size: 1,
+                sslmode: Default::default(),
+            },
+            database: "d".into(),
+            schema: "Ten\"ant".into(),
+        }
+    }
+
+    fn table(key: &[&str]) -> Table {
+        Table {
+            name: "or'ders".into(),
+            columns: vec!["id".into(), "Note".into()],
+            identity_always: vec![],
+            key: key.iter().map(|k| k.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn statements_quote_names_and_check_the_ledger() {
+        let s = side();
+        let insert = apply_sql(&s, &table(&["id"]), b'I').unwrap();
+        assert!(insert.starts_with("WITH l AS (INSERT INTO pgtenant.applied"));
+        assert!(insert.contains(r#"INSERT INTO "Ten""ant"."or'ders" ("id", "Note")"#));
+        assert!(insert.ends_with("WHERE EXISTS (SELECT 1 FROM l)"));
+        let update = apply_sql(&s, &table(&["id"]), b'U').unwrap();
+        assert!(update.contains(r#"x."id" = o."id""#));
+        assert!(update.contains("$4::text::jsonb) o"));
+        let delete = apply_sql(&s, &table(&[]), b'D').unwrap();
+        assert!(delete.contains("to_jsonb(y) = $3::text::jsonb LIMIT 1"));
+        assert!(apply_sql(&s, &table(&[]), b'X').is_err());
+    }
+
+    #[test]
+    fn identity_always_columns_are_not_assigned() {
+        let mut t = table(&["id"]);
+        t.identity_always = vec!["id".into()];
+        let update = apply_sql(&side(), &t, b'U').unwrap();
+        assert!(!update.contains(r#""id" = r."id""#), "{update}");
+        assert!(update.contains(r#""Note" = r."Note""#));
+    }
+}

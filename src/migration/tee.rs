@@ -166,6 +166,37 @@ impl Tee {
         }
     }
 
+    /// Drains while traffic goes on until a pass finds fewer than `small` entries (the backlog is down to a few
+    /// milliseconds of writes), within `deadline`. The cutover calls it before closing the gate, so the final
+    /// drain with the tenant held is short.
+    pub async fn catch_up(&self, deadline: Instant, small: usize) -> Result<(), MigrateError> {
+        loop {
+            let read = {
+                let mut guard = self.hold().await?;
+                let link = guard.as_mut().ok_or(MigrateError::Cancelled)?;
+                let left = deadline.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(left, link.pass(&self.spec.tenant)).await {
+                    Ok(Ok(p)) => p.read,
+                    Ok(Err(e)) => {
+                        *guard = None;
+                        return Err(e);
+                    }
+                    Err(_) => {
+                        *guard = None;
+                        return Err(MigrateError::Timeout(format!(
+                            "the tee is still {} entries behind; try again when lag_events is low",
+                            self.lag()
+                        )));
+                    }
+                }
+            };
+            self.release_all();
+            if read < small {
+                return Ok(());
+            }
+        }
+    }
+
     async fn connect(&self) -> Result<Link, MigrateError> {
         let from = self.spec.from.connect().await?;
         let to = self.spec.to.connect().await?;
