@@ -16,6 +16,7 @@ use futures_util::future::{join, try_join_all};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 
+use super::batch::{batch_sql, plan, Work};
 use super::catalog::Table;
 use super::pg::Endpoint;
 use super::MigrateError;
@@ -25,7 +26,7 @@ use crate::tenant::quote_ident;
 pub const PASS_LIMIT: i64 = 5_000;
 
 /// One change-log entry.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     pub id: i64,
     pub table: String,
@@ -109,15 +110,17 @@ impl Link {
         })
     }
 
-    /// Applies `entries` on the "to" side in one pipelined transaction; entries the ledger already has are
-    /// skipped by the statements themselves.
+    /// Applies `entries` on the "to" side in one pipelined transaction, batched by [`super::batch::plan`];
+    /// entries the ledger already has are skipped by the statements themselves.
     pub async fn apply(&mut self, tenant: &str, entries: &[Entry]) -> Result<(), MigrateError> {
-        for e in entries {
-            self.prepare(e).await?;
+        let work = plan(entries, &self.tables);
+        for w in &work {
+            self.prepare_work(w).await?;
         }
         let to = &self.to;
+        let statements = &self.statements;
         let trim = std::mem::take(&mut self.trim);
-        let mut steps: Vec<Step<'_>> = Vec::with_capacity(entries.len() + 3);
+        let mut steps: Vec<Step<'_>> = Vec::with_capacity(work.len() + 3);
         steps.push(Box::pin(to.batch_execute(
             "BEGIN; SET LOCAL session_replication_role = replica",
         )));
@@ -127,20 +130,34 @@ impl Link {
                 to.execute(TRIM, &[&tenant, trim]).await.map(|_| ())
             }));
         }
-        for e in entries {
-            let stmt = &self.statements[&(e.table.clone(), e.op)];
+        for w in &work {
             steps.push(Box::pin(async move {
-                let mut params: Vec<&(dyn ToSql + Sync)> = vec![&tenant, &e.id];
-                match e.op as u8 {
-                    b'I' => params.push(&e.new_row),
-                    b'U' => {
-                        params.push(&e.new_row);
-                        params.push(&e.old_row);
+                let stmt = &statements[&statement_key(w)];
+                match w {
+                    Work::One(e) => {
+                        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&tenant, &e.id];
+                        match e.op as u8 {
+                            b'I' => params.push(&e.new_row),
+                            b'U' => {
+                                params.push(&e.new_row);
+                                params.push(&e.old_row);
+                            }
+                            b'D' => params.push(&e.old_row),
+                            _ => {}
+                        }
+                        to.execute(stmt, &params).await
                     }
-                    b'D' => params.push(&e.old_row),
-                    _ => {}
+                    Work::Rows { ids, images, .. } => {
+                        to.execute(stmt, &[&tenant, ids, images]).await
+                    }
+                    Work::Updates {
+                        ids,
+                        last_ids,
+                        images,
+                        ..
+                    } => to.execute(stmt, &[&tenant, ids, last_ids, images]).await,
                 }
-                to.execute(stmt, &params).await.map(|_| ())
+                .map(|_| ())
             }));
         }
         steps.push(Box::pin(to.batch_execute("COMMIT")));
@@ -155,25 +172,39 @@ impl Link {
         Ok(())
     }
 
-    async fn prepare(&mut self, e: &Entry) -> Result<(), MigrateError> {
-        let key = (e.table.clone(), e.op);
+    async fn prepare_work(&mut self, w: &Work<'_>) -> Result<(), MigrateError> {
+        let key = statement_key(w);
         if self.statements.contains_key(&key) {
             return Ok(());
         }
-        let table = self.tables.get(&e.table).ok_or_else(|| {
+        let table = self.tables.get(&key.0).ok_or_else(|| {
             MigrateError::Refused(format!(
                 "change log names table {:?}, which is not part of the migration",
-                e.table
+                key.0
             ))
         })?;
-        let sql = apply_sql(&self.to_side, table, e.op as u8)?;
+        let sql = match w {
+            Work::One(e) => apply_sql(&self.to_side, table, e.op as u8)?,
+            _ => batch_sql(&self.to_side, table, key.1 as u8).ok_or_else(|| {
+                MigrateError::Refused(format!("no batch statement for {:?}", key))
+            })?,
+        };
         let stmt = self
             .to
             .prepare(&sql)
             .await
-            .map_err(|err| MigrateError::pg(&format!("prepare apply of {}", e.table), err))?;
+            .map_err(|err| MigrateError::pg(&format!("prepare apply of {}", key.0), err))?;
         self.statements.insert(key, stmt);
         Ok(())
+    }
+}
+
+/// The statement cache key of a unit of work: (table, operation), batch kinds in lower case.
+fn statement_key(w: &Work<'_>) -> (String, i8) {
+    match w {
+        Work::One(e) => (e.table.clone(), e.op),
+        Work::Rows { table, kind, .. } => ((*table).to_owned(), *kind as i8),
+        Work::Updates { table, .. } => ((*table).to_owned(), b'u' as i8),
     }
 }
 

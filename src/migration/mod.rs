@@ -4,6 +4,7 @@
 //! migration through its states and answers the `migrate.*` admin commands ([`coordinator`]).
 
 pub mod apply;
+pub mod batch;
 pub mod capture;
 pub mod catalog;
 pub mod coordinator;
