@@ -23,12 +23,14 @@ pg_start dedicated
 for p in "$shared_PORT" "$dedicated_PORT"; do pg_sql "$p" postgres "CREATE DATABASE app" >/dev/null; done
 pg_sql "$shared_PORT" app "CREATE SCHEMA tenant_acme; CREATE SCHEMA tenant_loop" >/dev/null
 PROXY_PORT="$(free_port)"
+METRICS_PORT="$(free_port)"
 CONFIG="$PG_WORKDIR/pgtenant.toml"
 SOCK="$PG_WORKDIR/pgtenant.sock"
 cat > "$CONFIG" <<TOML
 [proxy]
 listen = "127.0.0.1:$PROXY_PORT"
 admin_socket = "$SOCK"
+metrics_listen = "127.0.0.1:$METRICS_PORT"
 state_dir = "$PG_WORKDIR/state"
 [[users]]
 name = "app"
@@ -54,7 +56,7 @@ schema = "tenant_loop"
 pg_dump = "$PG_BIN/pg_dump"
 tee = "$TEE"
 TOML
-RUST_LOG=pgtenant=warn ./target/release/pgtenant serve --config "$CONFIG" &
+RUST_LOG="${RUST_LOG:-pgtenant=warn}" ./target/release/pgtenant serve --config "$CONFIG" 2> "$PG_WORKDIR/proxy.log" &
 PG_CLEANUP_EXTRA+=("$!")
 wait_port "$PROXY_PORT"
 export PGPASSWORD=secret
@@ -71,7 +73,7 @@ pgbench -i -s "$SCALE" -q "$(url acme)" >/dev/null 2>&1
 pgbench -i -s "$LOOP_SCALE" -q "$(url loop)" >/dev/null 2>&1
 
 echo "== TPS before and during dual_write (pgbench -c $CLIENTS -T $DURATION, TPC-B, prepared)"
-pgbench -n -c "$CLIENTS" -j 2 -T "$DURATION" -M prepared "$(url acme)" > "$PG_WORKDIR/before.out" 2>&1
+pgbench -n -r -c "$CLIENTS" -j 2 -T "$DURATION" -M prepared "$(url acme)" > "$PG_WORKDIR/before.out" 2>&1
 t0=$(date +%s.%N)
 ctl migrate start acme --to dedicated --verify count >/dev/null
 wait_state acme bulk_copy
@@ -83,7 +85,8 @@ rows=$(ctl migrate status acme --json | python3 -c 'import json,sys; print(json.
 lag() { ctl migrate status acme --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["lag_events"])'; }
 sleep 2
 until [ "$(lag)" -lt 100 ]; do sleep 0.5; done
-pgbench -n -c "$CLIENTS" -j 2 -T "$DURATION" -M prepared "$(url acme)" > "$PG_WORKDIR/during.out" 2>&1
+pgbench -n -r -c "$CLIENTS" -j 2 -T "$DURATION" -M prepared "$(url acme)" > "$PG_WORKDIR/during.out" 2>&1
+curl -s "http://127.0.0.1:$METRICS_PORT/metrics" | grep -E '^dual_write_(latency|operations)' > "$PG_WORKDIR/tee.metrics" || true
 ctl migrate abort acme --drop-target >/dev/null
 
 echo "== pg_dump --data-only | psql of the same schema"
@@ -152,3 +155,8 @@ for name, xs in (("cutover", cuts), ("rollback", backs)):
 print(f"| failed pgbench transactions during the {rounds} rounds ({loop_runs} pgbench runs) | {loop_failed} |")
 PY
 cat "$OUT"
+cat "$PG_WORKDIR/tee.metrics"
+[ -n "${SHOW_STATEMENTS:-}" ] && grep -A12 'latency (ms)' "$PG_WORKDIR/before.out" "$PG_WORKDIR/during.out"
+true
+[ -n "${KEEP_LOG:-}" ] && cp "$PG_WORKDIR/proxy.log" "$KEEP_LOG"
+true
