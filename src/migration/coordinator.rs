@@ -176,7 +176,7 @@ impl Migrations {
         self.tees.store(Arc::new(map));
     }
 
-    pub(super) fn register_live(&self, tenant: &str) -> Arc<Live> {
+    pub fn register_live(&self, tenant: &str) -> Arc<Live> {
         let live = Live::new(tenant);
         self.live
             .lock()

@@ -657,6 +657,25 @@ pub async fn abort(
         }
         None => None,
     };
+    // A cutover that held the lock may have swapped the route meanwhile: then it is too late to abort.
+    let rec = shared.migrations.get(tenant).unwrap_or(rec);
+    if !rec.state.before_swap() {
+        if let Some(l) = &live {
+            // The old task was stopped for good; a fresh one takes over the running tee.
+            let fresh = shared.migrations.register_live(tenant);
+            *fresh.tables.lock().unwrap_or_else(|p| p.into_inner()) = l.tables();
+            *fresh.tee.lock().unwrap_or_else(|p| p.into_inner()) =
+                l.tee.lock().unwrap_or_else(|p| p.into_inner()).take();
+            coordinator::spawn(shared.clone(), fresh);
+        }
+        return Err(OpError::new(
+            "invalid_state",
+            format!(
+                "the migration reached {} while abort waited; use rollback",
+                rec.shown_state()
+            ),
+        ));
+    }
     if let Some(l) = &live {
         stop_tee(shared, l);
     }
