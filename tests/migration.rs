@@ -581,6 +581,10 @@ async fn bad_requests_are_refused_clearly_and_ddl_is_guarded() {
     let shared = PgCluster::start();
     let dedicated = PgCluster::start();
     small_schema(&shared);
+    shared.psql(
+        "app",
+        "CREATE TABLE tenant_acme.u (id int PRIMARY KEY, pos int UNIQUE); INSERT INTO tenant_acme.u VALUES (1, 1), (2, 2)",
+    );
     let proxy = harness(&shared, &dedicated)
         .tenant("gamma", "shared", None, None)
         .start()
@@ -632,6 +636,7 @@ async fn bad_requests_are_refused_clearly_and_ddl_is_guarded() {
         "app",
         "CREATE SCHEMA tenant_acme; CREATE TABLE tenant_acme.a (id serial PRIMARY KEY, v int);
          CREATE TABLE tenant_acme.b (id serial PRIMARY KEY, v int); CREATE TABLE tenant_acme.c (v int);
+         CREATE TABLE tenant_acme.u (id int PRIMARY KEY, pos int UNIQUE);
          INSERT INTO tenant_acme.c VALUES (1)",
     );
     let r = proxy.admin(start(json!({}))).await;
@@ -674,6 +679,20 @@ async fn bad_requests_are_refused_clearly_and_ddl_is_guarded() {
     }
     // DDL on the migrating schema is refused, through the proxy and directly; the tenant's DML is not.
     let c = proxy.connect("app.acme", "app").await.unwrap();
+    // Two rows swapping a unique value in one transaction: collapsed into one UPDATE this would pass through a
+    // duplicate; the applier falls back to one entry at a time.
+    c.batch_execute(
+        "BEGIN; UPDATE u SET pos = 99 WHERE id = 1; UPDATE u SET pos = 1 WHERE id = 2; UPDATE u SET pos = 2 WHERE id = 1; COMMIT",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        dedicated.psql(
+            "app",
+            "SELECT string_agg(id || ':' || pos, ',' ORDER BY id) FROM tenant_acme.u"
+        ),
+        "1:2,2:1"
+    );
     let e = c
         .batch_execute("ALTER TABLE a ADD COLUMN x int")
         .await

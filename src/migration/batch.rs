@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use serde_json::{Map, Value};
+use serde_json::value::RawValue;
 
 use super::apply::Entry;
 use super::catalog::Table;
@@ -160,11 +160,16 @@ impl<'a> Collapsed<'a> {
     }
 }
 
-/// The key columns' values of a row image, as comparable text.
+/// The key columns' values of a row image, as their raw JSON text (PostgreSQL renders each value one way, and
+/// parsing numbers would round keys beyond 2^53 together).
 fn key_of(image: &str, key: &[String]) -> Option<String> {
-    let row: Map<String, Value> = serde_json::from_str(image).ok()?;
-    let values: Vec<&Value> = key.iter().map(|k| row.get(k)).collect::<Option<_>>()?;
-    serde_json::to_string(&values).ok()
+    let row: HashMap<String, Box<RawValue>> = serde_json::from_str(image).ok()?;
+    let values: Vec<&str> = key
+        .iter()
+        .map(|k| row.get(k).map(|v| v.get()))
+        .collect::<Option<_>>()?;
+    // A raw JSON text never holds a bare U+001F (JSON escapes control characters), so this join is unambiguous.
+    Some(values.join("\u{1f}"))
 }
 
 /// The statement of a batch `kind` (b'i', b'd', b'u') for `table` on `side`. Parameters: $1 tenant, $2 every id

@@ -97,7 +97,23 @@ pub async fn setup(client: &Client) -> Result<(), MigrateError> {
 }
 
 fn trigger_name(tenant: &str, kind: &str) -> String {
-    quote_ident(&format!("pgtenant_{kind}_{tenant}"))
+    quote_ident(&raw_trigger_name(tenant, kind))
+}
+
+/// `pgtenant_<kind>_<tenant>`, shortened with a hash when it would pass PostgreSQL's 63-byte identifier limit
+/// (which would truncate it, and then `remove` would look for a name that does not exist).
+fn raw_trigger_name(tenant: &str, kind: &str) -> String {
+    let name = format!("pgtenant_{kind}_{tenant}");
+    if name.len() <= 63 {
+        return name;
+    }
+    use sha2::Digest;
+    let hash = crate::state::hex(&sha2::Sha256::digest(tenant.as_bytes()));
+    format!(
+        "pgtenant_{kind}_{}_{}",
+        tenant.get(..30).unwrap_or(tenant),
+        &hash[..12]
+    )
 }
 
 /// Installs capture on every table of `side` for `tenant`, and guards the schema against DDL, in one
@@ -107,6 +123,7 @@ pub async fn install(
     side: &Endpoint,
     tenant: &str,
     tables: &[String],
+    stop: &tokio_util::sync::CancellationToken,
 ) -> Result<(), MigrateError> {
     setup(client).await?;
     let arg = quote_literal(tenant);
@@ -120,10 +137,11 @@ pub async fn install(
     );
     for t in tables {
         let q = side.qualified(t);
+        // CREATE OR REPLACE: a retry after a crash that left the triggers in place succeeds.
         sql.push_str(&format!(
-            "CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {q} FOR EACH ROW \
+            "CREATE OR REPLACE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {q} FOR EACH ROW \
              EXECUTE FUNCTION pgtenant.capture({arg});\
-             CREATE TRIGGER {} AFTER TRUNCATE ON {q} FOR EACH STATEMENT \
+             CREATE OR REPLACE TRIGGER {} AFTER TRUNCATE ON {q} FOR EACH STATEMENT \
              EXECUTE FUNCTION pgtenant.capture({arg});",
             trigger_name(tenant, "capture"),
             trigger_name(tenant, "truncate"),
@@ -144,6 +162,9 @@ pub async fn install(
                 tries += 1;
                 if !busy || tries >= LOCK_TRIES {
                     return Err(MigrateError::pg("install capture triggers", e));
+                }
+                if stop.is_cancelled() {
+                    return Err(MigrateError::Cancelled);
                 }
                 let jitter = rand::random::<u64>() % 50;
                 tokio::time::sleep(std::time::Duration::from_millis(20 + jitter)).await;
@@ -179,8 +200,8 @@ async fn remove_inner(client: &Client, tenant: &str, ledger: bool) -> Result<(),
                FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
               WHERE t.tgname IN ($1, $2)",
             &[
-                &format!("pgtenant_capture_{tenant}"),
-                &format!("pgtenant_truncate_{tenant}"),
+                &raw_trigger_name(tenant, "capture"),
+                &raw_trigger_name(tenant, "truncate"),
             ],
         )
         .await

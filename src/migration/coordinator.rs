@@ -200,7 +200,7 @@ impl Migrations {
         for l in live {
             l.stop.cancel();
             if let Some((_, t)) = l.tee.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                t.stop();
+                t.stop_now();
             }
         }
     }
@@ -295,7 +295,7 @@ pub async fn start_tee(
         if d == dir {
             return Ok(t);
         }
-        stop_tee(shared, live);
+        stop_tee(shared, live).await;
     }
     let (source, target) = endpoints(shared, rec)?;
     let (from, to) = match dir {
@@ -335,10 +335,12 @@ pub async fn start_tee(
     Ok(tee)
 }
 
-pub fn stop_tee(shared: &Shared, live: &Live) {
+/// Unpublishes and stops the tee of `live`; returns once no pass of it is in flight.
+pub async fn stop_tee(shared: &Shared, live: &Live) {
     shared.migrations.publish_tee(&live.tenant, None);
-    if let Some((_, t)) = live.tee.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        t.stop();
+    let tee = live.tee.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some((_, t)) = tee {
+        t.stop().await;
     }
 }
 
@@ -460,7 +462,7 @@ async fn step(shared: &Arc<Shared>, live: &Arc<Live>, rec: &Record) -> Result<()
             // The target's ledger (and later its reverse capture) live in its own pgtenant schema.
             capture::setup(&target.connect().await?).await?;
             let client = source.connect().await?;
-            capture::install(&client, &source, &rec.tenant, &rec.tables).await?;
+            capture::install(&client, &source, &rec.tenant, &rec.tables, &live.stop).await?;
             fp.check_until("pending.after_capture", &live.stop).await?;
             transition(shared, &rec.tenant, State::BulkCopy, |_| {})?;
             Ok(())
@@ -501,6 +503,12 @@ async fn running(
     if rec.state != expected || rec.paused || live.stop.is_cancelled() {
         return Ok(());
     }
+    if rec.state == State::Migrated && on_source(shared, &rec) {
+        // A rollback swapped the route back but did not finish its cleanup: finish it.
+        stop_tee(shared, live).await;
+        return super::cutover::finish_rollback(shared, &rec, rec.last_pause_ms.unwrap_or(0.0))
+            .await;
+    }
     if rec.state == State::Migrated {
         start_tee(shared, live, &rec, Direction::Reverse)
             .await?
@@ -525,6 +533,14 @@ async fn running(
         }
     }
     Ok(())
+}
+
+fn on_source(shared: &Shared, rec: &Record) -> bool {
+    shared
+        .router
+        .load()
+        .get(&rec.tenant)
+        .is_some_and(|r| **r == rec.source)
 }
 
 /// The copy step: rows_total counted once, then the tables without a checkpoint.

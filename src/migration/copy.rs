@@ -131,6 +131,18 @@ async fn worker(
             return Err(MigrateError::Cancelled);
         }
         let rows = copy_table(job, &source, &mut target, &table, progress).await?;
+        // Entries committed before the snapshot are in the copy; the others stay for the tee. The cleanup runs
+        // before the checkpoint (it is idempotent), so a checkpointed table never has its copied changes left in
+        // the log.
+        let cleanup = job.source.connect().await?;
+        cleanup
+            .execute(
+                "DELETE FROM pgtenant.change_log WHERE tenant = $1 AND tbl = $2 \
+                 AND pg_visible_in_snapshot(xid, $3::text::pg_snapshot)",
+                &[&job.tenant, &table.name, &snapshot],
+            )
+            .await
+            .map_err(|e| MigrateError::pg("trim change log after copy", e))?;
         job.failpoints
             .check_until("copy.before_checkpoint", &job.stop)
             .await?;
@@ -141,16 +153,6 @@ async fn worker(
                 snapshot: snapshot.to_owned(),
             },
         )?;
-        // Entries committed before the snapshot are in the copy; the others stay for the tee.
-        let cleanup = job.source.connect().await?;
-        cleanup
-            .execute(
-                "DELETE FROM pgtenant.change_log WHERE tenant = $1 AND tbl = $2 \
-                 AND pg_visible_in_snapshot(xid, $3::text::pg_snapshot)",
-                &[&job.tenant, &table.name, &snapshot],
-            )
-            .await
-            .map_err(|e| MigrateError::pg("trim change log after copy", e))?;
         job.failpoints
             .check_until("copy.after_table", &job.stop)
             .await?;

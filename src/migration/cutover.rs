@@ -134,7 +134,11 @@ pub async fn cutover(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<Value, Mi
         }
     }
     let rec = shared.migrations.get(&rec.tenant).unwrap_or(rec);
-    start_tee(shared, live, &rec, Direction::Reverse).await?;
+    // Past the swap nothing may keep the gate closed: a reverse tee that cannot start now is started by the
+    // migration's task at its next tick (the source lags meanwhile, visibly).
+    if let Err(e) = start_tee(shared, live, &rec, Direction::Reverse).await {
+        warn!(tenant = %rec.tenant, error = %e, "reverse tee did not start with the cutover");
+    }
     marks.mark("start_reverse_tee");
     let blocked = gate.queued();
     gate.open();
@@ -146,6 +150,8 @@ pub async fn cutover(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<Value, Mi
     m.counter("cutover_attempts_total", labels(&rec.tenant, Some("ok")))
         .increment(1);
     let pause_ms = pause.as_secs_f64() * 1000.0;
+    // If this write fails the record stays `cutover_paused` with the route swapped; every command checks the
+    // route, and a restart completes it (recover).
     transition(shared, &rec.tenant, State::Migrated, |r| {
         r.last_pause_ms = Some(pause_ms);
         r.last_cutover_error = None;
@@ -178,7 +184,7 @@ async fn prepare(
         .ok_or_else(|| MigrateError::Refused("the tee is not running".into()))?;
     let (src, dst) = (source.connect().await?, target.connect().await?);
     let sequences = catalog::sequences(&src, &source.schema).await?;
-    capture::install(&dst, &target, &rec.tenant, &rec.tables).await?;
+    capture::install(&dst, &target, &rec.tenant, &rec.tables, &live.stop).await?;
     let timeout = Duration::from_millis(shared.config.load().migration.cutover_timeout_ms);
     tee.catch_up(Instant::now() + timeout, CAUGHT_UP).await?;
     shared
@@ -327,9 +333,13 @@ pub async fn sync_sequences(
         };
         if called {
             let q = to_side.qualified(seq);
+            // At or beyond the source's value in the sequence's own direction.
+            let lit = capture::quote_literal(&q);
             sets.push(format!(
-                "setval({}::regclass, greatest({last}, (SELECT last_value FROM {q})), true)",
-                capture::quote_literal(&q)
+                "setval({lit}::regclass, CASE WHEN (SELECT seqincrement FROM pg_sequence \
+                 WHERE seqrelid = {lit}::regclass) > 0 \
+                 THEN greatest({last}, (SELECT last_value FROM {q})) \
+                 ELSE least({last}, (SELECT last_value FROM {q})) END, true)"
             ));
         }
     }
@@ -392,7 +402,7 @@ pub async fn rollback(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<Value, M
         gate.open();
         return Err(e);
     }
-    stop_tee(shared, live);
+    stop_tee(shared, live).await;
     gate.open();
     let pause_ms = closed_at.elapsed().as_secs_f64() * 1000.0;
     shared

@@ -182,13 +182,11 @@ fn plan(shared: &Shared, req: &StartRequest) -> Result<Record, OpError> {
         database: Some(target_database.clone()),
         schema: Some(req.schema.clone().unwrap_or_else(|| schema.clone())),
     };
-    if target.backend == route.backend
-        && target_database == source_database
-        && target.schema == route.schema
-    {
+    if target.backend == route.backend && target_database == source_database {
+        // Capture objects are per database: source and target in one database would share them.
         return Err(OpError::new(
             "invalid_argument",
-            "the target is where the tenant already is",
+            "the target must be another database or server than the source",
         ));
     }
     let now = crate::state::audit::rfc3339_now();
@@ -504,7 +502,7 @@ pub async fn verify_locked(
     };
     let started = Instant::now();
     let (src, dst) = {
-        let mut guard = tee.hold().await?;
+        let mut guard = tee.hold(Instant::now() + Duration::from_secs(60)).await?;
         let link = guard.as_mut().ok_or(MigrateError::Cancelled)?;
         verify::aligned(&sides, link).await?
     };
@@ -603,6 +601,12 @@ pub async fn finalize(
         ));
     }
     // The task first (it may be waiting for the lock), then the lock.
+    if !on_route(shared, &rec.target, tenant) {
+        return Err(OpError::new(
+            "invalid_state",
+            "the tenant's route is not the target's (a rollback did not finish); run migrate rollback again",
+        ));
+    }
     live.halt().await;
     let _one = live.lock.lock().await;
     if let Some((_, tee)) = live.tee() {
@@ -610,7 +614,7 @@ pub async fn finalize(
         tee.drain_to_empty(Instant::now() + Duration::from_secs(30))
             .await?;
     }
-    stop_tee(shared, &live);
+    stop_tee(shared, &live).await;
     let (source, target) = endpoints(shared, &rec)?;
     let (src, dst) = (source.connect().await?, target.connect().await?);
     capture::remove(&dst, tenant).await?;
@@ -659,14 +663,9 @@ pub async fn abort(
     };
     // A cutover that held the lock may have swapped the route meanwhile: then it is too late to abort.
     let rec = shared.migrations.get(tenant).unwrap_or(rec);
-    if !rec.state.before_swap() {
+    if !rec.state.before_swap() || on_route(shared, &rec.target, tenant) {
         if let Some(l) = &live {
-            // The old task was stopped for good; a fresh one takes over the running tee.
-            let fresh = shared.migrations.register_live(tenant);
-            *fresh.tables.lock().unwrap_or_else(|p| p.into_inner()) = l.tables();
-            *fresh.tee.lock().unwrap_or_else(|p| p.into_inner()) =
-                l.tee.lock().unwrap_or_else(|p| p.into_inner()).take();
-            coordinator::spawn(shared.clone(), fresh);
+            respawn(shared, l);
         }
         return Err(OpError::new(
             "invalid_state",
@@ -677,32 +676,84 @@ pub async fn abort(
         ));
     }
     if let Some(l) = &live {
-        stop_tee(shared, l);
+        stop_tee(shared, l).await;
     }
+    // From here on cutover must not trust an earlier verification: capture is going away.
+    shared
+        .migrations
+        .update(tenant, |r| r.verification = None)?;
     let (source, target) = endpoints(shared, &rec)?;
-    capture::remove(&source.connect().await?, tenant).await?;
-    let dst = target.connect().await?;
-    capture::remove(&dst, tenant).await?;
-    let left = target_rows(&dst, &target, &rec.tables).await;
-    if drop_target {
-        let sql = if rec.created_target_schema {
-            format!("DROP SCHEMA {} CASCADE", quote_ident(&target.schema))
-        } else {
-            let list: Vec<String> = rec.tables.iter().map(|t| target.qualified(t)).collect();
-            format!("TRUNCATE {}", list.join(", "))
-        };
-        dst.batch_execute(&sql)
-            .await
-            .map_err(|e| MigrateError::pg("drop the target copy", e))?;
+    // The source must end clean; if it cannot be reached the abort fails (the migration goes on) and can be
+    // repeated.
+    let cleaned = match source.connect().await {
+        Ok(c) => capture::remove(&c, tenant).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = cleaned {
+        if let Some(l) = &live {
+            respawn(shared, l);
+        }
+        return Err(e.into());
     }
+    // The target's leftovers (ledger rows, copied data) are cleaned best-effort: a dead target is a common reason
+    // to abort, and its leftovers are removed by name at the next migration of this tenant.
+    let target_cleanup = abort_target(&target, &rec, tenant, drop_target).await;
     transition(shared, tenant, State::RolledBack, |r| r.paused = false)?;
     shared.migrations.forget_live(tenant);
+    let (left, error) = match target_cleanup {
+        Ok(left) => (Some(left), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
     Ok(json!({
         "tenant": tenant,
         "state": "rolled_back",
-        "target_rows_left": if drop_target { 0 } else { left },
-        "target_dropped": drop_target,
+        "target_rows_left": left,
+        "target_dropped": drop_target && error.is_none(),
+        "target_cleanup_error": error,
     }))
+}
+
+/// Removes the migration's objects from the target and, with `drop_target`, the copied data. Returns the rows
+/// left on the target.
+async fn abort_target(
+    target: &Endpoint,
+    rec: &Record,
+    tenant: &str,
+    drop_target: bool,
+) -> Result<u64, MigrateError> {
+    let dst = target.connect().await?;
+    capture::remove(&dst, tenant).await?;
+    if !drop_target {
+        return Ok(target_rows(&dst, target, &rec.tables).await);
+    }
+    let sql = if rec.created_target_schema {
+        format!("DROP SCHEMA {} CASCADE", quote_ident(&target.schema))
+    } else {
+        let list: Vec<String> = rec.tables.iter().map(|t| target.qualified(t)).collect();
+        format!("TRUNCATE {}", list.join(", "))
+    };
+    dst.batch_execute(&sql)
+        .await
+        .map_err(|e| MigrateError::pg("drop the target copy", e))?;
+    Ok(0)
+}
+
+/// A fresh task for a migration whose task was halted (its token is cancelled for good), taking over the tee.
+fn respawn(shared: &Arc<Shared>, old: &Live) {
+    let fresh = shared.migrations.register_live(&old.tenant);
+    *fresh.tables.lock().unwrap_or_else(|p| p.into_inner()) = old.tables();
+    *fresh.tee.lock().unwrap_or_else(|p| p.into_inner()) =
+        old.tee.lock().unwrap_or_else(|p| p.into_inner()).take();
+    coordinator::spawn(shared.clone(), fresh);
+}
+
+/// The tenant's current route is `route`.
+fn on_route(shared: &Shared, route: &Route, tenant: &str) -> bool {
+    shared
+        .router
+        .load()
+        .get(tenant)
+        .is_some_and(|r| **r == *route)
 }
 
 async fn target_rows(dst: &Client, target: &Endpoint, tables: &[String]) -> u64 {
@@ -760,7 +811,7 @@ pub async fn repair(shared: &Arc<Shared>, tenant: &str) -> Result<Value, OpError
     };
     let mut repaired = 0u64;
     {
-        let mut guard = tee.hold().await?;
+        let mut guard = tee.hold(Instant::now() + Duration::from_secs(60)).await?;
         let link = guard.as_mut().ok_or(MigrateError::Cancelled)?;
         let (src, _dst) = verify::aligned(&sides, link).await?;
         for range in &ranges {

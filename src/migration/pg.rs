@@ -16,7 +16,8 @@ use crate::tenant::quote_ident;
 /// running with `synchronous_commit = off` could lose on a crash.
 const SESSION_SETUP: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; \
      SET IntervalStyle = 'postgres'; SET extra_float_digits = 3; SET bytea_output = 'hex'; \
-     SET pgtenant.bypass_ddl_guard = 'on'; SET lock_timeout = '10s'; SET synchronous_commit = on";
+     SET pgtenant.bypass_ddl_guard = 'on'; SET lock_timeout = '10s'; SET synchronous_commit = on; \
+     SET statement_timeout = '300s'; SET idle_in_transaction_session_timeout = '600s'";
 
 /// Where one side of a migration lives.
 #[derive(Debug, Clone)]
@@ -46,7 +47,12 @@ impl Endpoint {
             .user(&self.config.user)
             .dbname(&self.database)
             .application_name("pgtenant-migration")
-            .connect_timeout(Duration::from_secs(10));
+            .connect_timeout(Duration::from_secs(10))
+            // A blackholed server is noticed in about a minute, not after the kernel's retransmission timeout.
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(30))
+            .keepalives_interval(Duration::from_secs(10))
+            .keepalives_retries(3);
         if !self.config.password.is_empty() {
             cfg.password(&self.config.password);
         }

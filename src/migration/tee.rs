@@ -16,7 +16,7 @@ use tokio::sync::{watch, Mutex, MutexGuard, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::apply::{Link, Pass, PASS_LIMIT};
+use super::apply::{Link, PASS_LIMIT};
 use super::catalog::Table;
 use super::pg::Endpoint;
 use super::MigrateError;
@@ -24,6 +24,8 @@ use crate::config::TeeMode;
 
 /// Longest pause between retries after failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Longest one background pass may take (a blackholed target must not hang the tee for a TCP timeout).
+const PASS_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the backlog gauge is refreshed from the database when nothing else updates it.
 const LAG_REFRESH: Duration = Duration::from_secs(1);
 
@@ -118,49 +120,97 @@ impl Tee {
         self.wake.notify_one();
     }
 
-    /// Stops the driver; waiters are released.
-    pub fn stop(&self) {
+    /// Stops the driver, waits for a pass in flight to end (so nothing of this direction is applied after this
+    /// returns), and releases the waiters.
+    pub async fn stop(&self) {
+        self.stop.cancel();
+        drop(self.link.lock().await);
+        self.release_all();
+    }
+
+    /// Stops the driver without waiting (the proxy is shutting down).
+    pub fn stop_now(&self) {
         self.stop.cancel();
         self.release_all();
     }
 
     fn release_all(&self) {
-        let r = self.requested.load(Ordering::SeqCst);
-        self.done.send_replace(r);
+        self.publish(self.requested.load(Ordering::SeqCst));
     }
 
-    /// Takes the drain lock (no pass runs while it is held) with a connected link.
-    pub async fn hold(&self) -> Result<MutexGuard<'_, Option<Link>>, MigrateError> {
-        let mut guard = self.link.lock().await;
+    /// Releases the commits holding tickets up to `ticket` (never moves backwards).
+    fn publish(&self, ticket: u64) {
+        self.done.send_if_modified(|d| {
+            let newer = ticket > *d;
+            if newer {
+                *d = ticket;
+            }
+            newer
+        });
+    }
+
+    /// Takes the drain lock (no pass runs while it is held) with a connected link, within `deadline`.
+    pub async fn hold(
+        &self,
+        deadline: Instant,
+    ) -> Result<MutexGuard<'_, Option<Link>>, MigrateError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut guard = tokio::time::timeout(left, self.link.lock())
+            .await
+            .map_err(|_| MigrateError::Timeout("waiting for the tee".into()))?;
         if guard.is_none() {
-            *guard = Some(self.connect().await?);
+            let left = deadline.saturating_duration_since(Instant::now());
+            let link = tokio::time::timeout(left, self.connect())
+                .await
+                .map_err(|_| MigrateError::Timeout("connecting the tee".into()))??;
+            *guard = Some(link);
         }
         Ok(guard)
     }
 
+    /// One pass under the held lock, bounded by `deadline`. Commits that took their ticket before the pass read
+    /// the log are released when the pass read everything there was (fewer than a full batch).
+    async fn pass_locked(
+        &self,
+        guard: &mut MutexGuard<'_, Option<Link>>,
+        deadline: Instant,
+    ) -> Result<usize, MigrateError> {
+        let link = guard.as_mut().ok_or(MigrateError::Cancelled)?;
+        let ticket = self.requested.load(Ordering::SeqCst);
+        let left = deadline.saturating_duration_since(Instant::now());
+        let read = match tokio::time::timeout(left, link.pass(&self.spec.tenant)).await {
+            Ok(Ok(p)) => p.read,
+            Ok(Err(e)) => {
+                **guard = None;
+                return Err(e);
+            }
+            Err(_) => {
+                // The link is in an unknown state mid-pass; the next use reconnects.
+                **guard = None;
+                return Err(MigrateError::Timeout(format!(
+                    "draining the change log ({} entries behind)",
+                    self.lag()
+                )));
+            }
+        };
+        if (read as i64) < PASS_LIMIT {
+            self.publish(ticket);
+        }
+        if read == 0 {
+            self.lag.store(0, Ordering::Relaxed);
+            self.metrics.lag.set(0.0);
+        }
+        Ok(read)
+    }
+
     /// Drains until the log is empty (cutover, rollback, finalize), within `deadline`.
     pub async fn drain_to_empty(&self, deadline: Instant) -> Result<u64, MigrateError> {
-        let mut guard = self.hold().await?;
+        let mut guard = self.hold(deadline).await?;
         let mut total = 0u64;
         loop {
-            let link = guard.as_mut().ok_or(MigrateError::Cancelled)?;
-            let left = deadline.saturating_duration_since(Instant::now());
-            let pass = match tokio::time::timeout(left, link.pass(&self.spec.tenant)).await {
-                Ok(Ok(p)) => p,
-                Ok(Err(e)) => {
-                    *guard = None;
-                    return Err(e);
-                }
-                Err(_) => {
-                    *guard = None;
-                    return Err(MigrateError::Timeout("draining the change log".into()));
-                }
-            };
-            total += pass.read as u64;
-            if pass.read == 0 {
-                self.lag.store(0, Ordering::Relaxed);
-                self.metrics.lag.set(0.0);
-                self.release_all();
+            let read = self.pass_locked(&mut guard, deadline).await?;
+            total += read as u64;
+            if read == 0 {
                 return Ok(total);
             }
         }
@@ -172,25 +222,9 @@ impl Tee {
     pub async fn catch_up(&self, deadline: Instant, small: usize) -> Result<(), MigrateError> {
         loop {
             let read = {
-                let mut guard = self.hold().await?;
-                let link = guard.as_mut().ok_or(MigrateError::Cancelled)?;
-                let left = deadline.saturating_duration_since(Instant::now());
-                match tokio::time::timeout(left, link.pass(&self.spec.tenant)).await {
-                    Ok(Ok(p)) => p.read,
-                    Ok(Err(e)) => {
-                        *guard = None;
-                        return Err(e);
-                    }
-                    Err(_) => {
-                        *guard = None;
-                        return Err(MigrateError::Timeout(format!(
-                            "the tee is still {} entries behind; try again when lag_events is low",
-                            self.lag()
-                        )));
-                    }
-                }
+                let mut guard = self.hold(deadline).await?;
+                self.pass_locked(&mut guard, deadline).await?
             };
-            self.release_all();
             if read < small {
                 return Ok(());
             }
@@ -226,17 +260,18 @@ impl Tee {
                 self.release_all();
                 continue;
             }
-            let ticket = self.requested.load(Ordering::SeqCst);
             match self.drain_once().await {
                 Ok(more) => {
                     backoff = Duration::ZERO;
-                    self.done.send_replace(ticket);
                     self.metrics.ok.increment(1);
+                    *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
                     if more {
                         self.wake.notify_one();
                     }
                 }
+                Err(MigrateError::Cancelled) => return,
                 Err(e) => {
+                    // A failing target never holds a client: the waiters go now, the entries stay in the log.
                     self.release_all();
                     self.failures.fetch_add(1, Ordering::Relaxed);
                     self.metrics.failed.increment(1);
@@ -256,28 +291,16 @@ impl Tee {
 
     /// One pass; `Ok(true)` when the log may hold more.
     async fn drain_once(&self) -> Result<bool, MigrateError> {
-        let mut guard = self.hold().await?;
-        let Some(link) = guard.as_mut() else {
-            return Ok(false);
-        };
-        match link.pass(&self.spec.tenant).await {
-            Ok(Pass { read }) => {
-                if read > 0 {
-                    debug!(tenant = %self.spec.tenant, read, "tee pass");
-                }
-                if read == 0 {
-                    self.lag.store(0, Ordering::Relaxed);
-                    self.metrics.lag.set(0.0);
-                }
-                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                Ok(read as i64 >= PASS_LIMIT)
-            }
-            Err(e) => {
-                // The connection may be the problem; the next attempt reconnects.
-                *guard = None;
-                Err(e)
-            }
+        let deadline = Instant::now() + PASS_TIMEOUT;
+        let mut guard = self.hold(deadline).await?;
+        if self.stop.is_cancelled() {
+            return Err(MigrateError::Cancelled);
         }
+        let read = self.pass_locked(&mut guard, deadline).await?;
+        if read > 0 {
+            debug!(tenant = %self.spec.tenant, read, "tee pass");
+        }
+        Ok(read as i64 >= PASS_LIMIT)
     }
 
     /// Counts the backlog on the "from" side with a connection of its own (so it works while the other side
