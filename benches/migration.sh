@@ -108,11 +108,18 @@ for i in $(seq 1 "$ROUNDS"); do
   ctl migrate start loop --to dedicated --verify count --allow-existing >/dev/null
   wait_state loop dual_write
   sleep 0.5
-  ctl migrate cutover loop --json > "$PG_WORKDIR/cut.json"
+  if ! ctl migrate cutover loop --json > "$PG_WORKDIR/cut.json"; then
+    echo "   round $i: cutover refused or failed (recorded, migration aborted)"; echo "failed" >> "$PG_WORKDIR/failed_rounds"
+    ctl migrate abort loop >/dev/null || true
+    continue
+  fi
   cut=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["pause_ms"])' "$PG_WORKDIR/cut.json")
   python3 -c 'import json,sys; print("   steps (ms):", json.load(open(sys.argv[1]))["steps_ms"])' "$PG_WORKDIR/cut.json"
   sleep 0.5
-  back=$(ctl migrate rollback loop --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["pause_ms"])')
+  until ctl migrate rollback loop --json > "$PG_WORKDIR/back.json"; do
+    echo "   round $i: rollback attempt failed; retrying"; echo "failed" >> "$PG_WORKDIR/failed_rounds"; sleep 1
+  done
+  back=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["pause_ms"])' "$PG_WORKDIR/back.json")
   printf '%s\t%s\n' "$cut" "$back" >> "$PG_WORKDIR/pauses.tsv"
   printf '   round %2d: cutover %6.1f ms, rollback %6.1f ms\n' "$i" "$cut" "$back"
 done
@@ -152,7 +159,10 @@ for name, xs in (("cutover", cuts), ("rollback", backs)):
     if not xs:
         continue
     print(f"| {name} pause over {len(xs)} runs: p50 / p99 / max | {pct(xs, 50):.1f} / {pct(xs, 99):.1f} / {max(xs):.1f} ms |")
+import os
+failed_attempts = sum(1 for _ in open(f"{w}/failed_rounds")) if os.path.exists(f"{w}/failed_rounds") else 0
 print(f"| failed pgbench transactions during the {rounds} rounds ({loop_runs} pgbench runs) | {loop_failed} |")
+print(f"| cutover/rollback attempts that fell back (timeout) | {failed_attempts} |")
 PY
 cat "$OUT"
 cat "$PG_WORKDIR/tee.metrics"
