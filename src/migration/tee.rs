@@ -285,6 +285,7 @@ impl Tee {
             if last_lag.elapsed() >= LAG_REFRESH {
                 last_lag = Instant::now();
                 self.refresh_lag().await;
+                self.vacuum().await;
             }
         }
     }
@@ -301,6 +302,25 @@ impl Tee {
             debug!(tenant = %self.spec.tenant, read, "tee pass");
         }
         Ok(read as i64 >= PASS_LIMIT)
+    }
+
+    /// Vacuums the change log and the ledger. Both are queues (every row is inserted and deleted within
+    /// milliseconds), and autovacuum visits a database at most once per `autovacuum_naptime` (a minute by
+    /// default): without this, every read of the log walks past a minute's worth of dead index entries.
+    /// `TRUNCATE false`: truncating the table's tail would take an exclusive lock that stalls the capture
+    /// triggers of every writing transaction.
+    async fn vacuum(&self) {
+        let guard = self.link.lock().await;
+        let Some(link) = guard.as_ref() else {
+            return;
+        };
+        let sql = "VACUUM (SKIP_LOCKED, TRUNCATE false) pgtenant.change_log, pgtenant.applied";
+        let (a, b) =
+            futures_util::future::join(link.from.batch_execute(sql), link.to.batch_execute(sql))
+                .await;
+        if let Err(e) = a.and(b) {
+            debug!(tenant = %self.spec.tenant, error = %e, "vacuum of the change log failed");
+        }
     }
 
     /// Counts the backlog on the "from" side with a connection of its own (so it works while the other side
