@@ -36,7 +36,10 @@ fn harness(shared: &PgCluster, dedicated: &PgCluster) -> Harness {
         .backend_with("dedicated", dedicated, "database = \"app\"\npool_size = 30")
         .tenant("acme", "shared", None, Some("tenant_acme"))
         .tenant("beta", "shared", None, Some("tenant_beta"))
-        .raw("[migration]\npg_dump = \"/usr/lib/postgresql/15/bin/pg_dump\"\ncopy_batch_rows = 1000\nverify_chunk_rows = 500\ncutover_timeout_ms = 3000")
+        .raw(&format!(
+            "[migration]\npg_dump = \"{}\"\ncopy_batch_rows = 1000\nverify_chunk_rows = 500\ncutover_timeout_ms = 3000",
+            pg_bin("pg_dump").display()
+        ))
 }
 
 async fn status(proxy: &TestProxy, tenant: &str) -> Value {

@@ -20,7 +20,7 @@ use pgtenant::server::Proxy;
 
 pub const PASSWORD: &str = "secret";
 
-fn pg_bin(name: &str) -> PathBuf {
+pub fn pg_bin(name: &str) -> PathBuf {
     for dir in [
         "/usr/lib/postgresql/15/bin",
         "/usr/lib/postgresql/16/bin",
