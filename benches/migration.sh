@@ -26,36 +26,9 @@ PROXY_PORT="$(free_port)"
 METRICS_PORT="$(free_port)"
 CONFIG="$PG_WORKDIR/pgtenant.toml"
 SOCK="$PG_WORKDIR/pgtenant.sock"
-cat > "$CONFIG" <<TOML
-[proxy]
-listen = "127.0.0.1:$PROXY_PORT"
-admin_socket = "$SOCK"
-metrics_listen = "127.0.0.1:$METRICS_PORT"
-state_dir = "$PG_WORKDIR/state"
-[[users]]
-name = "app"
-password = "secret"
-tenants = ["*"]
-[backends.shared]
-host = "127.0.0.1"
-port = $shared_PORT
-database = "app"
-pool_size = 40
-[backends.dedicated]
-host = "127.0.0.1"
-port = $dedicated_PORT
-database = "app"
-pool_size = 40
-[tenants.acme]
-backend = "shared"
-schema = "tenant_acme"
-[tenants.loop]
-backend = "shared"
-schema = "tenant_loop"
-[migration]
-pg_dump = "$PG_BIN/pg_dump"
-tee = "$TEE"
-TOML
+migration_config "$CONFIG" "$PROXY_PORT" "$shared_PORT" "$dedicated_PORT" 40 \
+  "metrics_listen = \"127.0.0.1:$METRICS_PORT\"" acme loop
+printf 'tee = "%s"\n' "$TEE" >> "$CONFIG"
 RUST_LOG="${RUST_LOG:-pgtenant=warn}" ./target/release/pgtenant serve --config "$CONFIG" 2> "$PG_WORKDIR/proxy.log" &
 PG_CLEANUP_EXTRA+=("$!")
 wait_port "$PROXY_PORT"

@@ -26,42 +26,7 @@ echo "   dedicated on port $dedicated_PORT (database app, empty)"
 
 PROXY_PORT="$(free_port)"
 CONFIG="$PG_WORKDIR/pgtenant.toml"
-cat > "$CONFIG" <<TOML
-[proxy]
-listen = "127.0.0.1:$PROXY_PORT"
-admin_socket = "$PG_WORKDIR/pgtenant.sock"
-state_dir = "$PG_WORKDIR/state"
-
-[[users]]
-name = "app"
-password = "secret"
-tenants = ["*"]
-
-[backends.shared]
-host = "127.0.0.1"
-port = $shared_PORT
-user = "postgres"
-database = "app"
-pool_size = 20
-
-[backends.dedicated]
-host = "127.0.0.1"
-port = $dedicated_PORT
-user = "postgres"
-database = "app"
-pool_size = 20
-
-[tenants.acme]
-backend = "shared"
-schema = "tenant_acme"
-
-[tenants.globex]
-backend = "shared"
-schema = "tenant_globex"
-
-[migration]
-pg_dump = "$PG_BIN/pg_dump"
-TOML
+migration_config "$CONFIG" "$PROXY_PORT" "$shared_PORT" "$dedicated_PORT" 20 "" acme globex
 
 echo "== starting pgtenant on port $PROXY_PORT"
 RUST_LOG="${RUST_LOG:-pgtenant=warn}" ./target/release/pgtenant serve --config "$CONFIG" &

@@ -85,3 +85,25 @@ pgtenant_config() {
     if [ -n "$schema" ]; then printf 'schema = "%s"\n' "$schema"; fi
   } > "$file"
 }
+
+# migration_config FILE LISTEN_PORT SHARED_PORT DEDICATED_PORT POOL_SIZE EXTRA_PROXY_LINES TENANT...
+# Writes a two-backend config (backends "shared" and "dedicated", database app), user app/secret, each TENANT in
+# schema tenant_TENANT on shared, and a [migration] section using this machine's pg_dump; the admin socket and
+# state directory sit in $PG_WORKDIR. Append more [migration] keys to FILE afterwards.
+migration_config() {
+  local file="$1" port="$2" shared="$3" dedicated="$4" pool="$5" extra="$6"
+  shift 6
+  {
+    printf '[proxy]\nlisten = "127.0.0.1:%s"\nadmin_socket = "%s/pgtenant.sock"\nstate_dir = "%s/state"\n' \
+      "$port" "$PG_WORKDIR" "$PG_WORKDIR"
+    if [ -n "$extra" ]; then printf '%s\n' "$extra"; fi
+    printf '[[users]]\nname = "app"\npassword = "secret"\ntenants = ["*"]\n'
+    for b in shared dedicated; do
+      local p="$shared"; [ "$b" = dedicated ] && p="$dedicated"
+      printf '[backends.%s]\nhost = "127.0.0.1"\nport = %s\nuser = "postgres"\ndatabase = "app"\npool_size = %s\n' \
+        "$b" "$p" "$pool"
+    done
+    for t in "$@"; do printf '[tenants.%s]\nbackend = "shared"\nschema = "tenant_%s"\n' "$t" "$t"; done
+    printf '[migration]\npg_dump = "%s/pg_dump"\n' "$PG_BIN"
+  } > "$file"
+}

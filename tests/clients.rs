@@ -5,7 +5,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{closes_within, psql, raw_login, read_until, Harness, PgCluster, PASSWORD};
+use common::{closes_within, pgbench, psql, raw_login, read_until, Harness, PgCluster, PASSWORD};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
@@ -92,22 +92,6 @@ async fn tls_not_configured_answers_n() {
         &["-c", "SELECT 1"],
     );
     assert!(ok, "{err}");
-}
-
-fn pgbench(url: &str, args: &[&str]) -> String {
-    let out = Command::new("pgbench")
-        .args(args)
-        .arg(url)
-        .env("PGPASSWORD", PASSWORD)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "pgbench {args:?} failed:\n{text}");
-    text
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

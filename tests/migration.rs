@@ -77,22 +77,6 @@ fn fingerprint(pg: &PgCluster, schema: &str) -> String {
     )
 }
 
-fn pgbench(url: &str, args: &[&str]) -> String {
-    let out = Command::new("pgbench")
-        .args(args)
-        .arg(url)
-        .env("PGPASSWORD", PASSWORD)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "pgbench {args:?} failed:\n{text}");
-    text
-}
-
 fn acme_url(proxy: &TestProxy) -> String {
     format!(
         "host=127.0.0.1 port={} user=app.acme dbname=app",
@@ -680,7 +664,6 @@ async fn bad_requests_are_refused_clearly_and_ddl_is_guarded() {
     ] {
         assert_eq!(proxy.admin_err(req.clone()).await, code, "{req}");
     }
-    // DDL on the migrating schema is refused, through the proxy and directly; the tenant's DML is not.
     let c = proxy.connect("app.acme", "app").await.unwrap();
     // Two rows swapping a unique value in one transaction: collapsed into one UPDATE this would pass through a
     // duplicate; the applier falls back to one entry at a time.
@@ -696,6 +679,7 @@ async fn bad_requests_are_refused_clearly_and_ddl_is_guarded() {
         ),
         "1:2,2:1"
     );
+    // DDL on the migrating schema is refused, through the proxy and directly; the tenant's DML is not.
     let e = c
         .batch_execute("ALTER TABLE a ADD COLUMN x int")
         .await

@@ -243,6 +243,27 @@ pub fn entry(r: &tokio_postgres::Row) -> Entry {
     }
 }
 
+/// `x.k1 = alias.k1 AND ...` over the table's primary key (`x` is the table being changed).
+pub(super) fn key_match(table: &Table, alias: &str) -> String {
+    table
+        .key
+        .iter()
+        .map(|k| format!("x.{0} = {alias}.{0}", quote_ident(k)))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// `c1 = r.c1, ...` for every column an UPDATE may assign (not `GENERATED ALWAYS AS IDENTITY`).
+pub(super) fn assignments(table: &Table) -> String {
+    table
+        .columns
+        .iter()
+        .filter(|c| !table.identity_always.contains(c))
+        .map(|c| format!("{0} = r.{0}", quote_ident(c)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The statement that applies one kind of row image to `table` on `side`, only if the entry's id is new to the
 /// ledger ($1 tenant, $2 id, then the images). Rows are rebuilt from their JSON image with
 /// `jsonb_populate_record`, so every column type round-trips through its own text form.
@@ -264,12 +285,7 @@ pub fn apply_sql(side: &Endpoint, table: &Table, op: u8) -> Result<String, Migra
                  jsonb_populate_record(NULL::{q}, ${old}::text::jsonb)::text LIMIT 1)"
             )
         } else {
-            table
-                .key
-                .iter()
-                .map(|k| format!("x.{0} = o.{0}", quote_ident(k)))
-                .collect::<Vec<_>>()
-                .join(" AND ")
+            key_match(table, "o")
         }
     };
     Ok(match op {
@@ -278,12 +294,6 @@ pub fn apply_sql(side: &Endpoint, table: &Table, op: u8) -> Result<String, Migra
             image(3)
         ),
         b'U' => {
-            let sets: Vec<String> = table
-                .columns
-                .iter()
-                .filter(|c| !table.identity_always.contains(c))
-                .map(|c| format!("{0} = r.{0}", quote_ident(c)))
-                .collect();
             let old = if table.key.is_empty() {
                 String::new()
             } else {
@@ -291,7 +301,7 @@ pub fn apply_sql(side: &Endpoint, table: &Table, op: u8) -> Result<String, Migra
             };
             format!(
                 "{ledger} UPDATE {q} AS x SET {} FROM {} r{old} WHERE {} AND {new}",
-                sets.join(", "),
+                assignments(table),
                 image(3),
                 matches(4)
             )

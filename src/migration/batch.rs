@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use serde_json::value::RawValue;
 
-use super::apply::Entry;
+use super::apply::{assignments, key_match, Entry};
 use super::catalog::Table;
 use super::pg::Endpoint;
 use crate::tenant::quote_ident;
@@ -185,14 +185,6 @@ pub fn batch_sql(side: &Endpoint, table: &Table, kind: u8) -> Option<String> {
              CROSS JOIN LATERAL jsonb_populate_record(NULL::{q}, u.img::jsonb) AS {alias}"
         )
     };
-    let key_match = |alias: &str| {
-        table
-            .key
-            .iter()
-            .map(|k| format!("x.{0} = {alias}.{0}", quote_ident(k)))
-            .collect::<Vec<_>>()
-            .join(" AND ")
-    };
     let cols: Vec<String> = table.columns.iter().map(|c| quote_ident(c)).collect();
     Some(match kind {
         b'i' => format!(
@@ -207,20 +199,14 @@ pub fn batch_sql(side: &Endpoint, table: &Table, kind: u8) -> Option<String> {
         b'd' if !table.key.is_empty() => format!(
             "{ledger} DELETE FROM {q} AS x USING {} WHERE {}",
             rows("$2", "$3", "o"),
-            key_match("o")
+            key_match(table, "o")
         ),
         b'u' if !table.key.is_empty() => {
-            let sets: Vec<String> = table
-                .columns
-                .iter()
-                .filter(|c| !table.identity_always.contains(c))
-                .map(|c| format!("{0} = r.{0}", quote_ident(c)))
-                .collect();
             format!(
                 "{ledger} UPDATE {q} AS x SET {} FROM {} WHERE {}",
-                sets.join(", "),
+                assignments(table),
                 rows("$3", "$4", "r"),
-                key_match("r")
+                key_match(table, "r")
             )
         }
         _ => return None,

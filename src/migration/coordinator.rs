@@ -258,7 +258,7 @@ pub fn set_state_gauge(shared: &Shared, rec: &Record) {
     };
     m.gauge("migration_state", labels(&rec.tenant)).set(state);
     m.gauge("migration_progress_percent", labels(&rec.tenant))
-        .set(rec.progress_percent());
+        .set(rec.progress_percent(0));
     m.gauge("migration_events_total", labels(&rec.tenant))
         .set(rec.rows_total as f64);
 }
@@ -405,7 +405,7 @@ async fn drive(shared: &Arc<Shared>, live: &Arc<Live>) {
             }
         }
         let step = if rec.paused {
-            pause_work(shared, live);
+            pause_work(live);
             sleep(live, TICK).await;
             Ok(())
         } else {
@@ -439,11 +439,10 @@ fn note_error(shared: &Shared, tenant: &str, e: &MigrateError) {
         .update(tenant, |r| r.last_error = Some(e.to_string()));
 }
 
-fn pause_work(shared: &Shared, live: &Live) {
+fn pause_work(live: &Live) {
     if let Some((_, t)) = live.tee() {
         t.set_paused(true);
     }
-    let _ = shared;
 }
 
 async fn sleep(live: &Live, d: Duration) {

@@ -7,7 +7,6 @@
 //! snapshot, with their own cleanup); a table half-copied before is truncated and copied again.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -303,17 +302,4 @@ async fn copy_one(
     sink.finish()
         .await
         .map_err(|e| MigrateError::pg("copy in", e))
-}
-
-/// Rows copied so far (shared with status).
-#[derive(Default)]
-pub struct Counter(pub AtomicU64);
-
-impl Counter {
-    pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
 }

@@ -87,12 +87,4 @@ impl Failpoints {
             }
         }
     }
-
-    /// The synchronous check (no hang) for places that cannot wait.
-    pub fn check_now(&self, name: &str) -> Result<(), MigrateError> {
-        match self.get(name) {
-            Some(Action::Error) => Err(MigrateError::Failpoint(name.to_owned())),
-            _ => Ok(()),
-        }
-    }
 }

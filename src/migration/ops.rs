@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tokio_postgres::Client;
 
-use super::capture::{self, quote_literal};
+use super::capture;
 use super::catalog::{self, Table};
 use super::coordinator::{self, endpoints, set_state_gauge, stop_tee, transition, Direction, Live};
 use super::pg::Endpoint;
@@ -386,17 +386,13 @@ fn status_json(shared: &Shared, rec: &Record) -> Value {
         .as_ref()
         .map_or(0, |l| l.partial_rows.load(Ordering::Relaxed));
     let tee = live.as_ref().and_then(|l| l.tee());
-    let rows_copied = if rec.state == State::BulkCopy {
-        rec.rows_copied + partial
+    let in_flight = if rec.state == State::BulkCopy {
+        partial
     } else {
-        rec.rows_copied
+        0
     };
-    let progress = match rec.state {
-        State::BulkCopy if rec.rows_total > 0 => {
-            (rows_copied as f64 * 100.0 / rec.rows_total as f64).min(99.9)
-        }
-        _ => rec.progress_percent(),
-    };
+    let rows_copied = rec.rows_copied + in_flight;
+    let progress = rec.progress_percent(in_flight);
     json!({
         "tenant": rec.tenant,
         "state": rec.shown_state(),
@@ -880,6 +876,5 @@ async fn repair_range(
     tx.commit()
         .await
         .map_err(|e| MigrateError::pg("commit repair", e))?;
-    let _ = quote_literal;
     Ok(rows.len() as u64)
 }

@@ -163,17 +163,19 @@ pub struct Record {
 }
 
 impl Record {
-    pub fn progress_percent(&self) -> f64 {
+    /// Copy progress; `in_flight` rows are copied but their table has no checkpoint yet.
+    pub fn progress_percent(&self, in_flight: u64) -> f64 {
+        let share = |cap: f64| {
+            if self.rows_total == 0 {
+                0.0
+            } else {
+                ((self.rows_copied + in_flight) as f64 * 100.0 / self.rows_total as f64).min(cap)
+            }
+        };
         match self.state {
             State::Pending => 0.0,
-            State::BulkCopy if self.rows_total > 0 => {
-                (self.rows_copied as f64 * 100.0 / self.rows_total as f64).min(99.9)
-            }
-            State::BulkCopy => 0.0,
-            State::Failed | State::RolledBack if self.rows_total > 0 => {
-                (self.rows_copied as f64 * 100.0 / self.rows_total as f64).min(100.0)
-            }
-            State::Failed | State::RolledBack => 0.0,
+            State::BulkCopy => share(99.9),
+            State::Failed | State::RolledBack => share(100.0),
             _ => 100.0,
         }
     }

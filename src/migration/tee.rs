@@ -60,7 +60,6 @@ pub struct Tee {
     paused: AtomicBool,
     stop: CancellationToken,
     lag: AtomicU64,
-    failures: AtomicU64,
     last_error: std::sync::Mutex<Option<String>>,
     metrics: TeeMetrics,
 }
@@ -78,16 +77,11 @@ impl Tee {
             paused: AtomicBool::new(paused),
             stop: CancellationToken::new(),
             lag: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
             last_error: std::sync::Mutex::new(None),
             metrics,
         });
         tokio::spawn(tee.clone().run());
         tee
-    }
-
-    pub fn tenant(&self) -> &str {
-        &self.spec.tenant
     }
 
     /// Called by a session after a transaction that wrote has committed, before its ReadyForQuery goes out.
@@ -273,7 +267,6 @@ impl Tee {
                 Err(e) => {
                     // A failing target never holds a client: the waiters go now, the entries stay in the log.
                     self.release_all();
-                    self.failures.fetch_add(1, Ordering::Relaxed);
                     self.metrics.failed.increment(1);
                     self.metrics.target_failures.increment(1);
                     backoff = (backoff * 2).clamp(Duration::from_millis(100), MAX_BACKOFF);

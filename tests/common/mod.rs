@@ -134,6 +134,32 @@ pub fn free_port() -> u16 {
 }
 
 /// A running throwaway cluster.
+/// `pg_ctl start` of the cluster in `base/data` on `port`, its socket and log in `base`.
+fn pg_ctl_start(base: &Path, port: u16) -> Output {
+    let data = base.join("data");
+    let opts = format!("-p {port} -k {}", base.display());
+    let log = base.join("log");
+    let mut cmd = if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(pg_bin("pg_ctl"));
+        c
+    } else {
+        Command::new(pg_bin("pg_ctl"))
+    };
+    cmd.args([
+        "-D",
+        data.to_str().unwrap(),
+        "-o",
+        &opts,
+        "-l",
+        log.to_str().unwrap(),
+        "-w",
+        "start",
+    ])
+    .output()
+    .unwrap()
+}
+
 pub struct PgCluster {
     pub port: u16,
     dir: tempfile::TempDir,
@@ -157,28 +183,7 @@ impl PgCluster {
         make_dir_for_postgres(dir.path());
         for attempt in 0..5 {
             let port = free_port();
-            let opts = format!("-p {port} -k {}", dir.path().display());
-            let log = dir.path().join("log");
-            let mut cmd = if is_root() {
-                let mut c = Command::new("runuser");
-                c.args(["-u", "postgres", "--"]).arg(pg_bin("pg_ctl"));
-                c
-            } else {
-                Command::new(pg_bin("pg_ctl"))
-            };
-            let out = cmd
-                .args([
-                    "-D",
-                    data.to_str().unwrap(),
-                    "-o",
-                    &opts,
-                    "-l",
-                    log.to_str().unwrap(),
-                    "-w",
-                    "start",
-                ])
-                .output()
-                .unwrap();
+            let out = pg_ctl_start(dir.path(), port);
             if out.status.success() {
                 let pg = PgCluster { port, dir };
                 pg.psql("postgres", "CREATE DATABASE app");
@@ -253,21 +258,11 @@ impl PgCluster {
 
     /// Starts a stopped cluster again on its port.
     pub fn restart(&self) {
-        let data = self.data_dir();
-        let opts = format!("-p {} -k {}", self.port, self.dir.path().display());
-        let log = self.dir.path().join("log");
-        run_pg(
-            "pg_ctl",
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                "-o",
-                &opts,
-                "-l",
-                log.to_str().unwrap(),
-                "-w",
-                "start",
-            ],
+        let out = pg_ctl_start(self.dir.path(), self.port);
+        assert!(
+            out.status.success(),
+            "restart failed: {}",
+            String::from_utf8_lossy(&out.stderr)
         );
     }
 
@@ -468,6 +463,23 @@ pub fn psql(url: &str, args: &[&str]) -> (bool, String, String) {
 }
 
 /// Polls `f` until it returns true or `timeout` passes.
+/// Runs pgbench against `url` (password from the harness) and returns its output; panics when it fails.
+pub fn pgbench(url: &str, args: &[&str]) -> String {
+    let out = Command::new("pgbench")
+        .args(args)
+        .arg(url)
+        .env("PGPASSWORD", PASSWORD)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "pgbench {args:?} failed:\n{text}");
+    text
+}
+
 pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + timeout;
     while tokio::time::Instant::now() < deadline {
