@@ -94,7 +94,7 @@ pub fn synthetic_pid() -> i32 {
 /// Sends a CancelRequest to the backend and waits (briefly) for it to close the connection, as libpq does.
 pub async fn forward(target: CancelTarget) -> std::io::Result<()> {
     let run = async {
-        let mut tcp = TcpStream::connect((target.host.as_str(), target.port)).await?;
+        let mut tcp = TcpStream::connect((&*target.host, target.port)).await?;
         let mut buf = BytesMut::new();
         postgres_protocol::message::frontend::cancel_request(target.pid, target.secret, &mut buf);
         tcp.write_all(&buf).await?;

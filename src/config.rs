@@ -130,6 +130,10 @@ pub struct ProxyConfig {
     /// Grace period for `pinned_at_move = "disconnect"`. Reloadable.
     #[serde(default = "default_pinned_grace_ms")]
     pub pinned_grace_ms: u64,
+    /// Transaction pool mode: named prepared statements kept per backend connection (least recently used are
+    /// closed beyond it), like PgBouncer's setting of the same name. Reloadable.
+    #[serde(default = "default_max_prepared_statements")]
+    pub max_prepared_statements: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -313,6 +317,9 @@ fn default_pinned_at_move() -> PinnedAtMove {
 fn default_pinned_grace_ms() -> u64 {
     30_000
 }
+fn default_max_prepared_statements() -> usize {
+    200
+}
 fn default_pg_port() -> u16 {
     5432
 }
@@ -409,10 +416,8 @@ impl Config {
         if self.proxy.user_separator.chars().count() != 1 {
             return bad("proxy.user_separator must be one character".into());
         }
-        if self.proxy.pool_mode == PoolMode::Transaction {
-            return bad(
-                "proxy.pool_mode = \"transaction\" is not available yet; use \"session\"".into(),
-            );
+        if !(1..=100_000).contains(&self.proxy.max_prepared_statements) {
+            return bad("proxy.max_prepared_statements must be between 1 and 100000".into());
         }
         if !self.proxy.admin_listen.is_empty() {
             if self.proxy.admin_token.len() < 16 {

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 
+use super::statements::ServerStatements;
 use crate::net::Stream;
 
 /// The startup parameters a backend connection was opened with (user and database aside). Two connections with
@@ -17,7 +18,7 @@ pub struct StartupTag {
 /// Where to send a CancelRequest for a backend session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CancelTarget {
-    pub host: String,
+    pub host: Arc<str>,
     pub port: u16,
     pub pid: i32,
     pub secret: i32,
@@ -32,9 +33,15 @@ pub struct ServerConn {
     /// The server's current ParameterStatus values, kept up to date by whoever reads its frames.
     pub params: Vec<(String, String)>,
     pub tag: Arc<StartupTag>,
-    pub host: String,
+    pub host: Arc<str>,
     pub port: u16,
     pub idle_since: Instant,
+    /// Prepared statements pgtenant made here for transaction-pool clients.
+    pub statements: ServerStatements,
+    /// Fingerprint of the session `SET`s in effect here (0: none beyond the startup parameters).
+    pub applied_sets: u64,
+    /// A `SET ROLE` or `SET SESSION AUTHORIZATION` is among them (`RESET ALL` leaves those alone).
+    pub applied_role: bool,
 }
 
 impl ServerConn {

@@ -113,9 +113,12 @@ async fn connect_inner(
         secret: 0,
         params: Vec::new(),
         tag,
-        host: cfg.host.clone(),
+        host: cfg.host.as_str().into(),
         port: cfg.port,
         idle_since: Instant::now(),
+        statements: Default::default(),
+        applied_sets: 0,
+        applied_role: false,
     };
     authenticate(backend, &mut conn).await?;
     Ok(conn)

@@ -5,6 +5,7 @@ pub mod conn;
 pub mod connect;
 pub mod pool;
 pub mod query;
+pub mod statements;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

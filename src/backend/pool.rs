@@ -63,6 +63,9 @@ pub enum ReleaseState {
     InTransaction,
     /// A reply still owed, a COPY unfinished, or the stream broken: close it.
     Dirty,
+    /// Idle outside a transaction at the end of a transaction-pool transaction: back to the pool as it is, its
+    /// prepared statements and settings tracked by the proxy (no reset, no round trip).
+    Keep,
 }
 
 #[derive(Default)]
@@ -79,6 +82,8 @@ pub struct Pool {
     freed: Notify,
 }
 
+// Short-lived, on the stack: boxing the connection would cost an allocation per checkout.
+#[allow(clippy::large_enum_variant)]
 enum Step {
     Reuse(ServerConn),
     Open,
@@ -116,10 +121,15 @@ impl Pool {
     ) -> Result<PooledConn, PoolError> {
         let deadline = tokio::time::Instant::now() + self.backend.timeouts.checkout;
         loop {
+            // The common case (a free connection) takes one lock; the wake-up is registered only before a
+            // second look, so a connection freed in between is not missed.
+            let (mut step, mut evicted) = self.choose(tag);
             let notified = self.freed.notified();
             tokio::pin!(notified);
-            notified.as_mut().enable();
-            let (step, evicted) = self.choose(tag);
+            if matches!(step, Step::Wait) {
+                notified.as_mut().enable();
+                (step, evicted) = self.choose(tag);
+            }
             drop(evicted);
             match step {
                 Step::Reuse(conn) if alive(&conn) => return Ok(self.wrap(conn)),
@@ -155,7 +165,12 @@ impl Pool {
     /// Picks what a checkout does, under the lock; an evicted connection is returned to be closed outside it.
     fn choose(&self, tag: &Arc<StartupTag>) -> (Step, Option<ServerConn>) {
         let mut inner = self.lock();
-        if let Some(i) = inner.idle.iter().rposition(|c| c.tag == *tag) {
+        // Sessions share their tag's Arc, so the pointer comparison settles almost every check.
+        if let Some(i) = inner
+            .idle
+            .iter()
+            .rposition(|c| Arc::ptr_eq(&c.tag, tag) || c.tag == *tag)
+        {
             return (Step::Reuse(inner.idle.swap_remove(i)), None);
         }
         if inner.total < self.max() {
@@ -255,6 +270,10 @@ impl PooledConn {
         };
         let pool = self.pool.clone();
         let statements: &'static [&'static str] = match state {
+            ReleaseState::Keep => {
+                pool.checkin(conn);
+                return;
+            }
             ReleaseState::Idle => &["DISCARD ALL"],
             ReleaseState::InTransaction => &["ROLLBACK", "DISCARD ALL"],
             ReleaseState::Dirty => {
@@ -268,7 +287,13 @@ impl PooledConn {
             let reset =
                 tokio::time::timeout(RESET_TIMEOUT, run_simple(&name, &mut conn, statements)).await;
             match reset {
-                Ok(Ok(b'I')) => pool.checkin(conn),
+                Ok(Ok(b'I')) => {
+                    // DISCARD ALL dropped every prepared statement and setting.
+                    conn.statements.clear();
+                    conn.applied_sets = 0;
+                    conn.applied_role = false;
+                    pool.checkin(conn)
+                }
                 other => {
                     tracing::debug!(backend = %name, ?other, "reset failed; closing backend connection");
                     drop(conn);

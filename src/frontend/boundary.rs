@@ -67,7 +67,17 @@ impl Session {
             .info
             .in_transaction
             .store(true, Ordering::Relaxed);
-        match self.follow_route().await {
+        if self.tx_mode {
+            // A connection kept past the last transaction (say, a late notice was still unread) goes back now if
+            // nothing pins the session, so a changed route is followed the transaction-pool way.
+            self.park();
+        }
+        let routed = if self.tx_mode && self.server.is_none() {
+            self.unpark().await
+        } else {
+            self.follow_route().await
+        };
+        match routed {
             Ok(()) => Ok(Admission::Go),
             Err(Refusal::Statement(e)) => {
                 self.end_transaction(false);

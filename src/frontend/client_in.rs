@@ -4,6 +4,17 @@
 use bytes::Buf;
 
 use super::boundary::Admission;
+use crate::protocol::frame::Header;
+
+/// What happens to the head of a frame too large to hold whole.
+enum HeadStep {
+    /// Forward (or drop, when refused) what has arrived of it.
+    Pass,
+    /// Already forwarded or dropped.
+    Handled,
+    /// Not yet.
+    Later,
+}
 use super::session::{move_bytes, End, Session, SkipEnd, OUT_HIGH_WATER};
 use crate::protocol::frame::Scan;
 use crate::protocol::{inspect, messages, sql, sqlstate, PgError};
@@ -28,40 +39,55 @@ impl Session {
                     return Ok(());
                 }
                 Scan::Rest(n) => self.pass_client(n),
-                Scan::Head { header, avail } => {
-                    if !self.client_head(header.tag).await? {
+                Scan::Head { header, avail } => match self.client_head(header, avail).await? {
+                    HeadStep::Pass => self.pass_client(avail),
+                    HeadStep::Handled => {}
+                    HeadStep::Later => {
                         // Not now: leave the frame where it is and read its header again later.
                         self.cscan.rewind();
                         return Ok(());
                     }
-                    self.pass_client(avail);
-                }
+                },
                 Scan::Whole(h) => self.client_frame(h.tag, h.total).await?,
             }
         }
         Ok(())
     }
 
-    /// The start of a frame too large to hold whole: it streams through uninspected, or is dropped when refused.
-    /// `Ok(false)`: it must wait (the session is blocked until the backend owes nothing).
-    async fn client_head(&mut self, tag: u8) -> Result<bool, End> {
+    /// The start of a frame too large to hold whole: it streams through uninspected (renamed, for a Bind in
+    /// transaction pool mode), or is dropped when refused.
+    async fn client_head(&mut self, header: Header, avail: usize) -> Result<HeadStep, End> {
+        let tag = header.tag;
         if self.skip.is_some() || self.discarding {
-            return Ok(true);
+            return Ok(HeadStep::Pass);
         }
-        if self.server.is_none() {
+        if self.server.is_none() && self.tenant.is_none() {
             self.unrouted(tag, None).await?;
             self.discarding = true;
-            return Ok(true);
+            return Ok(HeadStep::Pass);
         }
         match self.begin_work(tag).await? {
+            Admission::Go if self.tx_mode && matches!(tag, b'P' | b'B') => {
+                // The names must be read before anything is booked; until they arrive the frame waits.
+                match self.forward_statement_head(tag, header.total, avail) {
+                    Ok(false) => return Ok(HeadStep::Later),
+                    Ok(true) => {}
+                    Err(e) => return Err(End::Fatal(e)),
+                }
+                if !self.discarding {
+                    self.count_request(tag, None);
+                }
+                return Ok(HeadStep::Handled);
+            }
             Admission::Go => self.count_request(tag, None),
-            Admission::Wait => return Ok(false),
+            // The session is blocked until the backend owes nothing.
+            Admission::Wait => return Ok(HeadStep::Later),
             Admission::Refuse(err) => {
                 self.refuse(tag, err);
                 self.discarding = true;
             }
         }
-        Ok(true)
+        Ok(HeadStep::Pass)
     }
 
     async fn client_frame(&mut self, tag: u8, total: usize) -> Result<(), End> {
@@ -76,8 +102,23 @@ impl Session {
             return Ok(());
         }
         if self.server.is_none() {
-            let frame = self.cin.split_to(total);
-            return self.unrouted(tag, Some(&frame)).await;
+            if self.tenant.is_none() {
+                let frame = self.cin.split_to(total);
+                return self.unrouted(tag, Some(&frame)).await;
+            }
+            if self.parked_frame(tag, total) || (tag == b'P' && self.parse_locally(total)) {
+                return Ok(());
+            }
+        }
+        if self.tx_mode && tag == b'Q' && self.is_deallocate(total) {
+            if self.server.as_ref().is_some_and(|s| s.pending > 0) {
+                // Answered here only after every reply the backend owes has reached the client.
+                self.blocked = true;
+                return Ok(());
+            }
+            if self.deallocate_locally(total) {
+                return Ok(());
+            }
         }
         let recognised = match tag {
             b'Q' => sql::recognise(inspect::query_text(&self.cin[..total]).unwrap_or_default()),
@@ -95,7 +136,11 @@ impl Session {
                 }
                 Admission::Go => {
                     self.count_request(tag, Some(total));
-                    self.pass_client(total);
+                    if self.tx_mode && matches!(tag, b'P' | b'B' | b'D' | b'C') {
+                        self.forward_statement(total);
+                    } else {
+                        self.pass_client(total);
+                    }
                 }
             },
             (b'Q', r) => {
@@ -131,13 +176,7 @@ impl Session {
             Admission::Go => {}
         }
         self.cin.advance(total);
-        if let Some(s) = self.server.as_mut() {
-            messages::execute_refused(&mut s.out);
-            let owes = s.note_sent(b'E');
-            s.replace_error = Some(err);
-            self.state.on_client(b'E', None, owes);
-        }
-        self.skip = Some(SkipEnd::ForwardSync);
+        self.fail_in_batch(err);
         Ok(())
     }
 
@@ -192,10 +231,5 @@ impl Session {
         if self.discarding && !self.cscan.mid_frame() {
             self.discarding = false;
         }
-    }
-
-    /// Why this session may not move to another backend connection now, if anything.
-    pub(super) fn pin_reason(&self) -> Option<&'static str> {
-        self.state.pin_reason()
     }
 }

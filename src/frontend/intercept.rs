@@ -130,7 +130,10 @@ impl Session {
         info!(user = %self.info.user.name, from = ?self.tenant, to = ?target, "session moved by SET pgtenant.tenant");
         // A session that picks its tenant itself starts afresh there: nothing pins it yet.
         self.state.clear();
+        self.statements.clear();
+        self.resolved = None;
         self.install(target, server);
+        self.park();
         Ok(())
     }
 }

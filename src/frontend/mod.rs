@@ -7,8 +7,10 @@ mod boundary;
 mod client_in;
 pub mod intercept;
 pub mod login;
+mod pooling;
 pub mod session;
 pub mod startup;
 mod state;
+mod statements;
 
 pub use login::serve_client;

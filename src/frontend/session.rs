@@ -21,10 +21,12 @@ use tokio_util::io::poll_read_buf;
 use tracing::debug;
 
 use super::state::SessionState;
+use super::statements::{ClientStatements, Inflight};
 use crate::auth::UserEntry;
 use crate::backend::pool::ReleaseState;
-use crate::backend::{PooledConn, StartupTag};
+use crate::backend::{Backends, Pool, PooledConn, StartupTag};
 use crate::cancel::{synthetic_pid, CancelKey};
+use crate::config::PoolMode;
 use crate::context::Shared;
 use crate::gate::{Gate, GatePass};
 use crate::metrics::{ErrorKind, TenantMetrics};
@@ -92,6 +94,8 @@ pub(super) struct Server {
     pub syncs_since_exec: u32,
     /// The backend's next ErrorResponse (before the next ReadyForQuery) is replaced by this one.
     pub replace_error: Option<PgError>,
+    /// Parse and Close frames awaiting completion (transaction pool mode rewrites and adds some).
+    pub inflight: Inflight,
 }
 
 impl Server {
@@ -101,11 +105,13 @@ impl Server {
         match tag {
             b'Q' => {
                 self.pending += 1;
+                self.inflight.sent_ready();
                 self.syncs_since_exec = 0;
                 return true;
             }
             b'F' => {
                 self.pending += 1;
+                self.inflight.sent_ready();
                 return true;
             }
             b'S' => {
@@ -113,6 +119,7 @@ impl Server {
                 // PostgreSQL ignores Sync during copy-in.
                 if !self.copy_in {
                     self.pending += 1;
+                    self.inflight.sent_ready();
                     self.syncs_since_exec += 1;
                     return true;
                 }
@@ -136,6 +143,11 @@ impl Server {
             && !self.copy_in
             && !self.scan.mid_frame()
             && self.conn.get().buf.is_empty()
+    }
+
+    /// Idle outside a transaction with nothing owed or pending: a transaction-pool session may give it back.
+    pub(super) fn parkable(&self) -> bool {
+        self.status == b'I' && self.replace_error.is_none() && self.quiet()
     }
 
     pub(super) fn release_idle(self) {
@@ -219,6 +231,12 @@ pub struct Session {
     /// waits in `held` and neither side is processed further.
     pub(super) tee_wait: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
     pub(super) held: BytesMut,
+    /// Transaction pool mode: the backend connection is held only from the start of a transaction to its end.
+    pub(super) tx_mode: bool,
+    /// Transaction pool mode: the client's named statements, prepared on each connection as needed.
+    pub(super) statements: ClientStatements,
+    /// Transaction pool mode: where the tenant's transactions went last (reused while nothing changed).
+    pub(super) resolved: Option<Resolved>,
 }
 
 impl Session {
@@ -281,9 +299,14 @@ impl Session {
             wrote: false,
             tee_wait: None,
             held: BytesMut::new(),
+            tx_mode: false,
+            statements: ClientStatements::default(),
+            resolved: None,
         };
+        session.tx_mode = session.shared.config.load().proxy.pool_mode == PoolMode::Transaction;
         let tenant = session.info.startup_tenant.clone();
         session.install(tenant, attached);
+        session.park();
         messages::auth_ok(&mut session.cout);
         for (k, v) in &session.told {
             messages::parameter_status(&mut session.cout, k, v);
@@ -450,6 +473,7 @@ impl Session {
             tenant,
             held,
             tee_wait,
+            statements,
             ..
         } = self;
         let Some(s) = server.as_mut() else {
@@ -474,6 +498,13 @@ impl Session {
                 Scan::Rest(n) | Scan::Head { avail: n, .. } => fwd += n,
                 Scan::Whole(h) => {
                     let frame = &buf[..h.total];
+                    if matches!(h.tag, b'1' | b'3') && s.inflight.on_complete() {
+                        // The completion of a Parse or Close the proxy sent on its own.
+                        move_bytes(&mut conn.buf, cout, fwd);
+                        conn.buf.advance(h.total);
+                        fwd = 0;
+                        continue;
+                    }
                     if matches!(h.tag, b'Z' | b'E' | b'C' | b'1' | b'3') {
                         state.on_backend(h.tag, frame);
                     }
@@ -481,6 +512,7 @@ impl Session {
                         b'Z' => {
                             s.status = inspect::ready_status(frame).unwrap_or(s.status);
                             s.pending = s.pending.saturating_sub(1);
+                            s.inflight.on_ready(&mut conn.statements, statements);
                             s.replace_error = None;
                             let end = s.pending == 0 && s.status == b'I' && !s.batch_open;
                             ended |= end;
@@ -496,7 +528,12 @@ impl Session {
                                 }
                             }
                         }
-                        b'C' => *wrote |= inspect::is_write_tag(frame),
+                        b'C' => {
+                            *wrote |= inspect::is_write_tag(frame);
+                            if frame.get(5) == Some(&b'D') {
+                                forget_statements(frame, &mut conn.statements, statements);
+                            }
+                        }
                         b'S' => {
                             if let Some((k, v)) = inspect::parameter_status(frame) {
                                 set_param(told, k, v);
@@ -510,6 +547,7 @@ impl Session {
                             s.copy_in = true;
                             *wrote = true;
                             state.syncs_ignored(s.syncs_since_exec);
+                            s.inflight.ignored(s.syncs_since_exec);
                             s.pending = s.pending.saturating_sub(s.syncs_since_exec);
                             s.syncs_since_exec = 0;
                         }
@@ -529,8 +567,11 @@ impl Session {
             }
         }
         move_bytes(&mut conn.buf, cout, fwd);
-        if ended && self.pass.is_some() {
-            self.end_transaction(true);
+        if ended {
+            if self.pass.is_some() {
+                self.end_transaction(true);
+            }
+            self.park();
         }
         Ok(())
     }
@@ -668,6 +709,21 @@ fn tee_for(
     Some(Box::pin(async move { tee.after_commit().await }))
 }
 
+/// A CommandComplete starting with `D`: after `DISCARD ALL` or `DEALLOCATE ALL` the connection has no prepared
+/// statements left, nor has the client. (A single SQL `DEALLOCATE` reaching the backend names one of the
+/// client's SQL-level statements: the proxy refuses it for its own names.)
+fn forget_statements(
+    frame: &[u8],
+    server: &mut crate::backend::statements::ServerStatements,
+    client: &mut ClientStatements,
+) {
+    let tag = &frame[5..];
+    if tag.starts_with(b"DISCARD ALL") || tag.starts_with(b"DEALLOCATE ALL") {
+        server.clear();
+        client.clear();
+    }
+}
+
 fn set_param(params: &mut Vec<(String, String)>, name: &str, value: &str) {
     match params.iter_mut().find(|(k, _)| k == name) {
         Some((_, v)) => {
@@ -707,12 +763,25 @@ pub(super) struct Attached {
     pub epoch: u64,
 }
 
-/// Checks out a backend connection for `tenant`'s current route.
-pub(super) async fn connect_server(
+/// Where a tenant's transactions go now: its route, the routing epoch, and the pool and startup parameters a
+/// backend connection is drawn with. Kept by transaction-pool sessions while the epoch and backends stay.
+#[derive(Clone)]
+pub(super) struct Resolved {
+    pub tenant: TenantId,
+    pub route: Arc<Route>,
+    pub epoch: u64,
+    pub pool: Arc<Pool>,
+    pub tag: Arc<StartupTag>,
+    /// The backends table this was resolved against (a reload replaces it).
+    pub backends: Arc<Backends>,
+}
+
+/// Looks up `tenant`'s current route and the pool serving it.
+pub(super) fn resolve(
     shared: &Shared,
     info: &ClientInfo,
     tenant: &TenantId,
-) -> Result<Attached, PgError> {
+) -> Result<Resolved, PgError> {
     let (route, epoch) = {
         let table = shared.router.load();
         let route = table.get(tenant.as_str()).cloned().ok_or_else(|| {
@@ -723,7 +792,7 @@ pub(super) async fn connect_server(
         })?;
         (route, table.epoch)
     };
-    let backends = shared.backends.load();
+    let backends = shared.backends.load_full();
     let backend = backends.get(&route.backend).ok_or_else(|| {
         PgError::error(
             sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
@@ -750,11 +819,23 @@ pub(super) async fn connect_server(
             ),
         )
     })?;
-    let conn = pool.checkout(&tag).await.map_err(|e| {
+    Ok(Resolved {
+        tenant: tenant.clone(),
+        route,
+        epoch,
+        pool,
+        tag,
+        backends,
+    })
+}
+
+/// Checks out a backend connection of `resolved`'s pool.
+pub(super) async fn checkout(resolved: &Resolved, tenant: &TenantId) -> Result<Server, PgError> {
+    let conn = resolved.pool.checkout(&resolved.tag).await.map_err(|e| {
         debug!(%tenant, error = %e, "backend checkout failed");
         e.to_client(false)
     })?;
-    let server = Server {
+    Ok(Server {
         conn,
         out: BytesMut::new(),
         scan: Scanner::new(Direction::FromBackend, WHOLE_FRAME_MAX),
@@ -766,11 +847,22 @@ pub(super) async fn connect_server(
         copy_in: false,
         syncs_since_exec: 0,
         replace_error: None,
-    };
+        inflight: Inflight::default(),
+    })
+}
+
+/// Checks out a backend connection for `tenant`'s current route.
+pub(super) async fn connect_server(
+    shared: &Shared,
+    info: &ClientInfo,
+    tenant: &TenantId,
+) -> Result<Attached, PgError> {
+    let resolved = resolve(shared, info, tenant)?;
+    let server = checkout(&resolved, tenant).await?;
     Ok(Attached {
         server,
-        route,
-        epoch,
+        route: resolved.route,
+        epoch: resolved.epoch,
     })
 }
 

@@ -354,6 +354,51 @@ impl SessionState {
     pub fn is_empty(&self) -> bool {
         self.sets.is_empty() && self.sql_prepared.is_empty() && self.parsed.is_empty()
     }
+
+    /// The confirmed session `SET`s, in the order to replay them.
+    pub fn set_statements(&self) -> impl Iterator<Item = &str> {
+        self.sets.iter().map(|(_, t)| t.as_str())
+    }
+
+    /// Identifies the confirmed `SET`s (0 for none), and says whether one of them changes the role, which
+    /// `RESET ALL` would not undo.
+    pub fn sets_fingerprint(&self) -> (u64, bool) {
+        use std::hash::{Hash, Hasher};
+        if self.sets.is_empty() {
+            return (0, false);
+        }
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.sets.hash(&mut h);
+        let role = self
+            .sets
+            .iter()
+            .any(|(k, _)| k == "role" || k == "session_authorization");
+        // 0 stands for "no SETs".
+        (h.finish().max(1), role)
+    }
+
+    /// The settings that decide how a statement's names resolve when it is prepared (`search_path`, role),
+    /// as the SET texts in effect; part of a pooled statement's identity.
+    pub fn resolution(&self) -> String {
+        let mut out = String::new();
+        for (k, t) in &self.sets {
+            if matches!(k.as_str(), "search_path" | "role" | "session_authorization") {
+                out.push_str(t);
+                out.push('\0');
+            }
+        }
+        out
+    }
+
+    /// SQL-level prepared statements exist (they live under the client's own names on one backend connection).
+    pub fn has_sql_prepared(&self) -> bool {
+        !self.sql_prepared.is_empty()
+    }
+
+    /// A statement the proxy deallocated on the client's behalf.
+    pub fn forget(&mut self, name: &[u8]) {
+        self.forget_statement(name);
+    }
 }
 
 #[cfg(test)]

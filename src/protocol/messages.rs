@@ -187,6 +187,10 @@ pub fn execute_refused(buf: &mut BytesMut) {
 }
 
 /// A frontend Sync (the proxy sends one to end an extended-protocol batch it refused part of).
+pub fn parse_complete(buf: &mut BytesMut) {
+    buf.extend_from_slice(b"1\0\0\0\x04");
+}
+
 pub fn sync(buf: &mut BytesMut) {
     frame(buf, b'S', |_| {});
 }

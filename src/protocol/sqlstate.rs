@@ -17,3 +17,5 @@ pub const ACTIVE_SQL_TRANSACTION: &str = "25001";
 pub const INVALID_PARAMETER_VALUE: &str = "22023";
 pub const INTERNAL_ERROR: &str = "XX000";
 pub const QUERY_CANCELED: &str = "57014";
+pub const CONFIGURATION_LIMIT_EXCEEDED: &str = "53400";
+pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";

@@ -1,0 +1,308 @@
+//! Transaction pool mode: a session holds a backend connection only from the first message of a transaction
+//! (or of a statement or extended-protocol batch outside one) until the ReadyForQuery that ends it, unless
+//! state that cannot move pins it there. Between transactions the session is *parked*: no backend connection.
+//!
+//! Each connection remembers which session `SET`s are in effect on it (as a fingerprint); a session that lands
+//! on a connection with other settings first gets `RESET ALL` and its own SETs, in one round trip, invisibly.
+//! Named prepared statements follow the session through [`super::statements`].
+
+use bytes::Buf;
+use std::sync::Arc;
+
+use super::boundary::Refusal;
+use super::session::{checkout, move_bytes, resolve, Session, SkipEnd};
+use super::statements::{ClientStatements, Target, MAX_HEAD_NAMES};
+use crate::backend::pool::ReleaseState;
+use crate::metrics::ErrorKind;
+use crate::protocol::{messages, sql, sqlstate, PgError};
+
+/// Why a session in transaction pool mode keeps its backend connection although it is idle.
+const PIN_SQL_PREPARE: &str = "SQL PREPARE (transaction pool mode)";
+
+impl Session {
+    /// Why this session may not leave its backend connection (or move to another), if anything.
+    pub(super) fn pin_reason(&self) -> Option<&'static str> {
+        // SQL-level statements live under the client's own names, on one connection.
+        self.state
+            .pin_reason()
+            .or_else(|| (self.tx_mode && self.state.has_sql_prepared()).then_some(PIN_SQL_PREPARE))
+    }
+
+    /// At the end of a transaction: gives the backend connection back to the pool when the session is in
+    /// transaction pool mode and nothing ties it to this connection.
+    pub(super) fn park(&mut self) {
+        if !self.tx_mode || !self.server.as_ref().is_some_and(|s| s.parkable()) {
+            return;
+        }
+        if self.pin_reason().is_some() {
+            return;
+        }
+        let Some(mut server) = self.server.take() else {
+            return;
+        };
+        self.cancel.slot.set(None);
+        let conn = server.conn.get_mut();
+        (conn.applied_sets, conn.applied_role) = self.state.sets_fingerprint();
+        server.conn.release(ReleaseState::Keep);
+    }
+
+    /// At the start of a transaction of a parked session: a backend connection of the tenant's current route
+    /// (a route changed since the last transaction is how a transaction-pool session moves), holding the
+    /// session's settings.
+    pub(super) async fn unpark(&mut self) -> Result<(), Refusal> {
+        let Some(tenant) = self.tenant.clone() else {
+            return Ok(());
+        };
+        let resolved = match self.resolved.take() {
+            Some(r) if r.tenant == tenant && self.fresh(&r) => r,
+            _ => resolve(&self.shared, &self.info, &tenant).map_err(Refusal::Statement)?,
+        };
+        let mut server = match checkout(&resolved, &tenant).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.count_error(ErrorKind::BackendUnavailable);
+                return Err(Refusal::Statement(e));
+            }
+        };
+        if let Err(e) = self.apply_settings(&mut server, &resolved).await {
+            self.count_error(ErrorKind::MoveFailed);
+            server.release(true);
+            return Err(Refusal::Statement(e));
+        }
+        self.cancel
+            .slot
+            .set(Some(server.conn.get().cancel_target()));
+        self.server = Some(server);
+        if self.epoch != resolved.epoch {
+            if self.route.as_ref().is_some_and(|r| **r != *resolved.route) {
+                self.shared.metrics.moves.increment(1);
+            }
+            self.route = Some(resolved.route.clone());
+            self.epoch = resolved.epoch;
+            self.publish_route();
+        }
+        self.resolved = Some(resolved);
+        Ok(())
+    }
+
+    /// A cached resolution still holds: same routing epoch, same backends.
+    fn fresh(&self, r: &super::session::Resolved) -> bool {
+        self.shared.router.load().epoch == r.epoch
+            && Arc::ptr_eq(&self.shared.backends.load(), &r.backends)
+    }
+
+    /// Brings the connection's session settings to this session's (`RESET ALL` and its SETs) when they differ,
+    /// and tells the client about parameters that differ from what it was told.
+    async fn apply_settings(
+        &mut self,
+        server: &mut super::session::Server,
+        resolved: &super::session::Resolved,
+    ) -> Result<(), PgError> {
+        let (fingerprint, role) = self.state.sets_fingerprint();
+        let conn = server.conn.get_mut();
+        if conn.applied_sets == fingerprint {
+            return Ok(());
+        }
+        let mut statements = vec!["RESET ALL"];
+        if conn.applied_role {
+            statements.extend(["RESET SESSION AUTHORIZATION", "RESET ROLE"]);
+        }
+        statements.extend(self.state.set_statements());
+        crate::backend::query::run_simple(&resolved.route.backend, conn, &statements)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "could not apply session settings on a pooled connection");
+                PgError::error(
+                    sqlstate::CONNECTION_FAILURE,
+                    "pgtenant could not recreate this session's settings on a pooled backend connection",
+                )
+                .with_detail(e.to_string())
+            })?;
+        (conn.applied_sets, conn.applied_role) = (fingerprint, role);
+        for (k, v) in &conn.params {
+            if self.told.iter().all(|(tk, tv)| tk != k || tv != v) {
+                messages::parameter_status(&mut self.cout, k, v);
+            }
+        }
+        self.told.clone_from(&conn.params);
+        Ok(())
+    }
+
+    /// A frame that needs no backend connection while parked: a lone Sync is answered (nothing is open), Flush
+    /// and copy messages outside COPY are ignored, as PostgreSQL does. False: the frame starts work.
+    pub(super) fn parked_frame(&mut self, tag: u8, total: usize) -> bool {
+        match tag {
+            b'S' => messages::ready_for_query(&mut self.cout, b'I'),
+            b'H' | b'd' | b'c' | b'f' => {}
+            _ => return false,
+        }
+        self.cin.advance(total);
+        true
+    }
+
+    /// A named Parse while parked is answered here: the statement is prepared on a backend connection when a
+    /// Bind or Describe first needs it there. Holding no connection for it matters: a client that prepares
+    /// synchronously (libpq's PQprepare, as pgbench -M prepared does) while other clients of the same thread
+    /// hold every connection in open transactions would otherwise wait for them, and they for it. An error in
+    /// the statement is reported when it is first used. False: not such a Parse.
+    pub(super) fn parse_locally(&mut self, total: usize) -> bool {
+        let frame = &self.cin[..total];
+        // A tenant statement is refused where it is used, like any other.
+        let text = crate::protocol::inspect::parse_statement(frame).map_or(&[][..], |(_, t)| t);
+        if !matches!(sql::recognise(text), sql::Recognised::Pass) {
+            return false;
+        }
+        let state = &self.state;
+        match self.statements.register(frame, || state.resolution()) {
+            Ok(false) => return false,
+            Ok(true) => {
+                // The session state sees the Parse and its completion, as if a backend had answered.
+                self.state.on_client(b'P', Some(frame), false);
+                self.state.on_backend(b'1', b"1\0\0\0\x04");
+                messages::parse_complete(&mut self.cout);
+            }
+            Err(e) => self.refuse(b'P', e),
+        }
+        self.cin.advance(total);
+        true
+    }
+
+    /// Forwards a whole Parse, Bind, Describe or Close under server statement names (transaction pool mode).
+    pub(super) fn forward_statement(&mut self, total: usize) {
+        let limit = self.shared.config.load().proxy.max_prepared_statements;
+        let Some(s) = self.server.as_mut() else {
+            self.cin.advance(total);
+            return;
+        };
+        let state = &self.state;
+        let conn = s.conn.get_mut();
+        let result = self.statements.forward(
+            &self.cin[..total],
+            || state.resolution(),
+            Target {
+                out: &mut s.out,
+                inflight: &mut s.inflight,
+                statements: &mut conn.statements,
+                limit,
+            },
+        );
+        self.cin.advance(total);
+        if let Err(e) = result {
+            self.fail_in_batch(e);
+        }
+    }
+
+    /// The head of a Parse or Bind too large to hold whole, in transaction pool mode. `Ok(false)`: its names
+    /// have not all arrived yet. An unnamed Parse streams through; a named one cannot be prepared elsewhere and
+    /// is refused.
+    pub(super) fn forward_statement_head(
+        &mut self,
+        tag: u8,
+        total: usize,
+        avail: usize,
+    ) -> Result<bool, PgError> {
+        let limit = self.shared.config.load().proxy.max_prepared_statements;
+        let Some(s) = self.server.as_mut() else {
+            return Ok(true);
+        };
+        let head = &self.cin[..avail];
+        let names_end = head
+            .get(5..)
+            .and_then(|b| memchr::memchr(0, b))
+            .map(|n| 5 + n);
+        let Some(name_end) = names_end else {
+            return names_pending(avail, total);
+        };
+        if tag == b'P' {
+            if name_end > 5 {
+                self.discarding = true;
+                self.cin.advance(avail);
+                self.fail_in_batch(PgError::error(
+                    sqlstate::PROGRAM_LIMIT_EXCEEDED,
+                    "pgtenant: named prepared statements over 1 MiB are not supported in transaction pool mode",
+                ));
+                return Ok(true);
+            }
+            ClientStatements::passed(&mut s.inflight);
+            move_bytes(&mut self.cin, &mut s.out, avail);
+            return Ok(true);
+        }
+        let conn = s.conn.get_mut();
+        let target = Target {
+            out: &mut s.out,
+            inflight: &mut s.inflight,
+            statements: &mut conn.statements,
+            limit,
+        };
+        match self.statements.bind_head(head, total, target) {
+            Some(consumed) => {
+                self.cin.advance(consumed);
+                move_bytes(&mut self.cin, &mut s.out, avail - consumed);
+                Ok(true)
+            }
+            None => names_pending(avail, total),
+        }
+    }
+
+    /// A simple query that starts with DEALLOCATE (a cheap look before the proxy takes a closer one).
+    pub(super) fn is_deallocate(&self, total: usize) -> bool {
+        let text = crate::protocol::inspect::query_text(&self.cin[..total]).unwrap_or_default();
+        text.trim_ascii_start()
+            .get(..10)
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"deallocate"))
+    }
+
+    /// SQL `DEALLOCATE name` in transaction pool mode. Of a statement the client prepared through the protocol
+    /// (older psycopg does this), it is answered here: the server statement may be shared and stays. Of one of
+    /// the proxy's own names, it is refused (other sessions rely on it). True when answered.
+    pub(super) fn deallocate_locally(&mut self, total: usize) -> bool {
+        let text = crate::protocol::inspect::query_text(&self.cin[..total]).unwrap_or_default();
+        let sql::Effect::Deallocate { name } = sql::classify(text) else {
+            return false;
+        };
+        // In a failed transaction PostgreSQL refuses it; let the backend say so.
+        if self.status() == b'E' {
+            return false;
+        }
+        if name.starts_with("pgtenant_") {
+            self.cin.advance(total);
+            PgError::error(
+                sqlstate::INSUFFICIENT_PRIVILEGE,
+                format!("prepared statement \"{name}\" belongs to pgtenant"),
+            )
+            .encode(&mut self.cout);
+        } else if self.statements.deallocate(name.as_bytes()) {
+            self.state.forget(name.as_bytes());
+            self.cin.advance(total);
+            messages::command_complete(&mut self.cout, "DEALLOCATE");
+        } else {
+            return false;
+        }
+        let status = self.status();
+        messages::ready_for_query(&mut self.cout, status);
+        true
+    }
+
+    /// Fails the extended-protocol batch in progress where it stands: an Execute that must fail takes the place
+    /// of the refused frame (so a bare Sync does not commit the batch's earlier work), its error is replaced by
+    /// `err`, and the rest is skipped up to the client's Sync, which the backend answers.
+    pub(super) fn fail_in_batch(&mut self, err: PgError) {
+        if let Some(s) = self.server.as_mut() {
+            messages::execute_refused(&mut s.out);
+            let owes = s.note_sent(b'E');
+            s.replace_error = Some(err);
+            self.state.on_client(b'E', None, owes);
+        }
+        self.skip = Some(SkipEnd::ForwardSync);
+    }
+}
+
+/// Names not complete in the head of a streamed frame: wait for more, within a bound.
+fn names_pending(avail: usize, total: usize) -> Result<bool, PgError> {
+    if avail >= total || avail >= MAX_HEAD_NAMES {
+        return Err(PgError::protocol(
+            "statement or portal name too long or not terminated",
+        ));
+    }
+    Ok(false)
+}

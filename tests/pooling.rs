@@ -1,0 +1,527 @@
+//! Transaction pool mode on real PostgreSQL: many clients on a few backend connections, session settings and
+//! named prepared statements following each client from connection to connection, pins holding a connection,
+//! and a route flip between two transactions.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use common::{code, Harness, PgCluster, TestProxy};
+use postgres_protocol::message::frontend;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+struct Two {
+    shared: PgCluster,
+    dedicated: PgCluster,
+}
+
+fn clusters() -> Two {
+    let shared = PgCluster::start();
+    shared.tenant_schemas("app", &["tenant_acme", "tenant_globex"]);
+    let dedicated = PgCluster::start();
+    dedicated.tenant_schemas("app", &["tenant_acme"]);
+    dedicated.psql("app", "UPDATE tenant_acme.t SET who = 'dedicated'");
+    Two { shared, dedicated }
+}
+
+fn harness(w: &Two, pool_size: usize) -> Harness {
+    Harness::new()
+        .proxy("pool_mode = \"transaction\"")
+        .backend_with(
+            "shared",
+            &w.shared,
+            &format!("database = \"app\"\npool_size = {pool_size}"),
+        )
+        .backend_with(
+            "dedicated",
+            &w.dedicated,
+            &format!("database = \"app\"\npool_size = {pool_size}"),
+        )
+        .tenant("acme", "shared", None, Some("tenant_acme"))
+        .tenant("globex", "shared", None, Some("tenant_globex"))
+        .raw("[[users]]\nname = \"dev\"\nauth = \"trust\"\ntenants = [\"*\"]\n")
+}
+
+async fn show(c: &tokio_postgres::Client, what: &str) -> String {
+    let rows = c.simple_query(&format!("SHOW {what}")).await.unwrap();
+    rows.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .unwrap()
+}
+
+/// Client connections the proxy holds open to `pg`'s database `app`.
+fn backend_connections(pg: &PgCluster) -> usize {
+    pg.psql(
+        "app",
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = 'app' AND pid <> pg_backend_pid() \
+         AND backend_type = 'client backend'",
+    )
+    .trim()
+    .parse()
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_pgbench_clients_share_five_connections_without_a_failure() {
+    let w = clusters();
+    let p = harness(&w, 5).start().await;
+    let url = p.url("app.acme", "app");
+    common::pgbench(&url, &["-i", "-q", "-s", "1"]);
+    for mode in ["prepared", "extended", "simple"] {
+        let out = common::pgbench(
+            &url,
+            &[
+                "-n",
+                "-c",
+                "50",
+                "-j",
+                "2",
+                "-T",
+                "4",
+                "-M",
+                mode,
+                "--max-tries",
+                "1",
+            ],
+        );
+        let failed = out
+            .lines()
+            .find(|l| l.starts_with("number of failed transactions"))
+            .unwrap_or_else(|| panic!("no failure count in:\n{out}"));
+        assert!(failed.contains(": 0 "), "-M {mode}: {failed}\n{out}");
+        let done = out
+            .lines()
+            .find(|l| l.starts_with("number of transactions actually processed"))
+            .unwrap();
+        assert!(!done.contains(": 0/"), "-M {mode} ran nothing: {out}");
+        assert!(
+            backend_connections(&w.shared) <= 5,
+            "pool of 5 exceeded after -M {mode}"
+        );
+    }
+    // pgbench's own invariant: the balances moved exactly as the history says.
+    let check = w.shared.psql(
+        "app",
+        "SELECT (SELECT sum(abalance) FROM tenant_acme.pgbench_accounts) = \
+                (SELECT coalesce(sum(delta), 0) FROM tenant_acme.pgbench_history)",
+    );
+    assert_eq!(check.trim(), "t");
+    // -C: a new client connection per transaction, on the same five backend connections.
+    let out = common::pgbench(&url, &["-n", "-c", "8", "-j", "2", "-T", "2", "-C", "-S"]);
+    assert!(out.contains("number of failed transactions: 0 "), "{out}");
+    assert!(backend_connections(&w.shared) <= 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_follow_each_client_and_never_leak_to_another() {
+    let w = clusters();
+    let p = harness(&w, 2).start().await;
+    let setter = p.connect("app.acme", "app").await.unwrap();
+    let plain = p.connect("app.acme", "app").await.unwrap();
+    let local = p.connect("app.acme", "app").await.unwrap();
+    let role = p.connect("app.acme", "app").await.unwrap();
+    let path = p.connect("app.acme", "app").await.unwrap();
+    setter.batch_execute("SET work_mem = '3MB'").await.unwrap();
+    setter
+        .batch_execute("SET application_name = 'setter'")
+        .await
+        .unwrap();
+    // SET LOCAL, and a SET inside a transaction that rolls back, change nothing after the transaction.
+    local
+        .batch_execute("BEGIN; SET LOCAL work_mem = '5MB'; COMMIT")
+        .await
+        .unwrap();
+    local
+        .batch_execute("BEGIN; SET work_mem = '6MB'; ROLLBACK")
+        .await
+        .unwrap();
+    w.shared.psql("app", "CREATE ROLE helper; GRANT ALL ON SCHEMA tenant_acme, tenant_globex TO helper; GRANT ALL ON ALL TABLES IN SCHEMA tenant_acme, tenant_globex TO helper");
+    role.batch_execute("SET ROLE helper").await.unwrap();
+    path.batch_execute("SET search_path = tenant_globex")
+        .await
+        .unwrap();
+    // Two connections for five clients: every round lands each client on whichever connection is free.
+    for round in 0..30 {
+        let (a, b, c, d, e) = tokio::join!(
+            show(&setter, "work_mem"),
+            show(&plain, "work_mem"),
+            show(&local, "work_mem"),
+            show(&role, "role"),
+            path.query_one("SELECT current_schema()::text, who FROM t", &[]),
+        );
+        assert_eq!(a, "3MB", "round {round}");
+        assert_eq!(b, "4MB", "round {round}");
+        assert_eq!(c, "4MB", "round {round}");
+        assert_eq!(d, "helper", "round {round}");
+        let e = e.unwrap();
+        assert_eq!(e.get::<_, String>(0), "tenant_globex");
+        assert_eq!(e.get::<_, String>(1), "tenant_globex");
+        assert_eq!(show(&plain, "application_name").await, "");
+        assert_eq!(show(&plain, "role").await, "none");
+        let schema: String = plain
+            .query_one("SELECT current_schema()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(schema, "tenant_acme");
+    }
+    assert_eq!(show(&setter, "application_name").await, "setter");
+    // RESET ALL forgets them.
+    setter.batch_execute("RESET ALL").await.unwrap();
+    for _ in 0..5 {
+        let (a, _) = tokio::join!(show(&setter, "work_mem"), show(&plain, "work_mem"));
+        assert_eq!(a, "4MB");
+    }
+    assert!(backend_connections(&w.shared) <= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_work_on_every_connection() {
+    let w = clusters();
+    let p = harness(&w, 2).start().await;
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        clients.push(p.connect("app.acme", "app").await.unwrap());
+    }
+    // Each client prepares its own statements (some with the same text as other clients').
+    let mut stmts = Vec::new();
+    for (i, c) in clients.iter().enumerate() {
+        let own = c
+            .prepare(&format!("SELECT $1::int + {i}, who FROM t"))
+            .await
+            .unwrap();
+        let shared = c.prepare("SELECT $1::int * 2").await.unwrap();
+        stmts.push((own, shared));
+    }
+    for round in 0..20i32 {
+        let mut tasks = Vec::new();
+        for (i, (c, (own, shared))) in clients.iter().zip(&stmts).enumerate() {
+            tasks.push(async move {
+                let r = c.query_one(own, &[&round]).await.unwrap();
+                assert_eq!(r.get::<_, i32>(0), round + i as i32);
+                assert_eq!(r.get::<_, String>(1), "tenant_acme");
+                let r = c.query_one(shared, &[&round]).await.unwrap();
+                assert_eq!(r.get::<_, i32>(0), round * 2);
+                // Inside a transaction too.
+                c.simple_query("BEGIN").await.unwrap();
+                let r = c.query_one(own, &[&1i32]).await.unwrap();
+                assert_eq!(r.get::<_, i32>(0), 1 + i as i32);
+                c.simple_query("COMMIT").await.unwrap();
+            });
+        }
+        futures_util::future::join_all(tasks).await;
+    }
+    assert!(backend_connections(&w.shared) <= 2);
+    // A statement that stops working on a connection fails cleanly, and the session goes on.
+    let bad = clients[0].prepare("SELECT who FROM t").await.unwrap();
+    w.shared
+        .psql("app", "ALTER TABLE tenant_acme.t RENAME COLUMN who TO whom");
+    let mut failures = 0;
+    for _ in 0..4 {
+        if let Err(e) = clients[0].query(&bad, &[]).await {
+            failures += 1;
+            assert!(["0A000", "42703"].contains(&code(&e).as_str()), "{e:?}");
+        }
+    }
+    assert!(failures > 0);
+    let r: i32 = clients[0]
+        .query_one("SELECT 41 + 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(r, 42);
+}
+
+/// A raw protocol client, to send exactly the frames a test needs.
+struct Raw {
+    s: TcpStream,
+}
+
+impl Raw {
+    async fn connect(p: &TestProxy) -> Raw {
+        let s = common::raw_login(p.port(), &[("user", "dev.acme"), ("database", "app")]).await;
+        Raw { s }
+    }
+
+    async fn send(&mut self, build: impl FnOnce(&mut BytesMut)) {
+        let mut buf = BytesMut::new();
+        build(&mut buf);
+        self.s.write_all(&buf).await.unwrap();
+    }
+
+    /// Reads frames up to ReadyForQuery; returns their tags and the text of data rows and errors.
+    async fn replies(&mut self) -> (String, Vec<String>) {
+        let mut tags = String::new();
+        let mut texts = Vec::new();
+        loop {
+            let mut head = [0u8; 5];
+            tokio::time::timeout(Duration::from_secs(10), self.s.read_exact(&mut head))
+                .await
+                .expect("reply within 10 s")
+                .unwrap();
+            let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+            let mut body = vec![0u8; len - 4];
+            self.s.read_exact(&mut body).await.unwrap();
+            tags.push(head[0] as char);
+            match head[0] {
+                b'D' => {
+                    // One text column.
+                    let n = i32::from_be_bytes([body[2], body[3], body[4], body[5]]);
+                    texts.push(String::from_utf8_lossy(&body[6..6 + n as usize]).into_owned());
+                }
+                b'E' => {
+                    let code = body
+                        .split(|b| *b == 0)
+                        .find(|f| f.first() == Some(&b'C'))
+                        .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
+                        .unwrap_or_default();
+                    texts.push(code);
+                }
+                b'Z' => return (tags, texts),
+                _ => {}
+            }
+        }
+    }
+
+    async fn parse(&mut self, name: &str, sql: &str) -> (String, Vec<String>) {
+        self.send(|b| {
+            frontend::parse(name, sql, std::iter::empty(), b).unwrap();
+            frontend::sync(b);
+        })
+        .await;
+        self.replies().await
+    }
+
+    async fn execute(&mut self, name: &str, arg: &str) -> (String, Vec<String>) {
+        self.send(|b| {
+            frontend::bind(
+                "",
+                name,
+                std::iter::once(0i16),
+                std::iter::once(arg),
+                |a, buf| {
+                    buf.extend_from_slice(a.as_bytes());
+                    Ok(postgres_protocol::IsNull::No)
+                },
+                std::iter::once(0i16),
+                b,
+            )
+            .map_err(|_| ())
+            .unwrap();
+            frontend::execute("", 0, b).unwrap();
+            frontend::sync(b);
+        })
+        .await;
+        self.replies().await
+    }
+
+    async fn simple(&mut self, sql: &str) -> (String, Vec<String>) {
+        self.send(|b| frontend::query(sql, b).unwrap()).await;
+        self.replies().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statement_names_never_collide_and_follow_a_route_flip() {
+    let w = clusters();
+    let p = harness(&w, 1).start().await;
+    let mut a = Raw::connect(&p).await;
+    let mut b = Raw::connect(&p).await;
+    // The same name, different statements, one backend connection.
+    assert_eq!(a.parse("s1", "SELECT 'a:' || $1::text").await.0, "1Z");
+    assert_eq!(b.parse("s1", "SELECT 'b:' || $1::text").await.0, "1Z");
+    // The same text under another name shares the server statement; the reply sequence is unchanged.
+    assert_eq!(b.parse("other", "SELECT 'a:' || $1::text").await.0, "1Z");
+    for i in 0..5 {
+        let arg = i.to_string();
+        assert_eq!(a.execute("s1", &arg).await.1, vec![format!("a:{i}")]);
+        assert_eq!(b.execute("s1", &arg).await.1, vec![format!("b:{i}")]);
+        assert_eq!(b.execute("other", &arg).await.1, vec![format!("a:{i}")]);
+    }
+    // Preparing a name twice in a row is answered in order, once.
+    let (tags, _) = a.simple("SELECT 1").await;
+    assert_eq!(tags, "TDCZ");
+
+    // Flip acme to the other cluster between two transactions: the statement is prepared there on first use,
+    // and Describe of it works without any extra reply reaching the client.
+    p.admin_ok(json!({"cmd": "tenant.set", "tenant": "acme", "backend": "dedicated", "schema": "tenant_acme"}))
+        .await;
+    a.send(|buf| {
+        frontend::describe(b'S', "s1", buf).unwrap();
+        frontend::sync(buf);
+    })
+    .await;
+    assert_eq!(a.replies().await.0, "tTZ");
+    assert_eq!(a.execute("s1", "x").await.1, vec!["a:x".to_string()]);
+    let (_, who) = a.simple("SELECT who FROM t").await;
+    assert_eq!(who, vec!["dedicated".to_string()]);
+    assert_eq!(backend_connections(&w.dedicated), 1);
+
+    // Close removes the client's name only; the other client's statement of the same text still works.
+    a.send(|buf| {
+        frontend::close(b'S', "s1", buf).unwrap();
+        frontend::sync(buf);
+    })
+    .await;
+    assert_eq!(a.replies().await.0, "3Z");
+    let (tags, codes) = a.execute("s1", "1").await;
+    assert_eq!(tags, "EZ");
+    assert_eq!(codes, vec!["26000".to_string()]);
+    assert_eq!(b.execute("other", "z").await.1, vec!["a:z".to_string()]);
+    // SQL DEALLOCATE of a protocol-level statement (what older psycopg does) is answered by the proxy.
+    assert_eq!(b.simple("DEALLOCATE other").await.0, "CZ");
+    assert_eq!(b.execute("other", "z").await.1, vec!["26000".to_string()]);
+    assert_eq!(b.execute("s1", "z").await.1, vec!["b:z".to_string()]);
+    // A Parse outside a transaction is answered without a backend connection; an error in the statement is
+    // reported where it is used, every time, and the session goes on.
+    assert_eq!(b.parse("broken", "SELEC nothing").await.0, "1Z");
+    for _ in 0..2 {
+        let (tags, codes) = b.execute("broken", "1").await;
+        assert_eq!((tags.as_str(), codes[0].as_str()), ("EZ", "42601"));
+    }
+    assert_eq!(b.execute("s1", "ok").await.1, vec!["b:ok".to_string()]);
+    // Inside a transaction, the Parse goes to the backend and fails there, leaving no name behind.
+    assert_eq!(b.simple("BEGIN").await.0, "CZ");
+    let (tags, codes) = b.parse("broken2", "SELEC nothing").await;
+    assert_eq!((tags.as_str(), codes[0].as_str()), ("EZ", "42601"));
+    assert_eq!(b.simple("ROLLBACK").await.0, "CZ");
+    assert_eq!(b.execute("broken2", "1").await.1, vec!["26000".to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_statement_bound_evicts_and_prepares_again() {
+    let w = clusters();
+    let p = harness(&w, 1)
+        .proxy("max_prepared_statements = 2")
+        .start()
+        .await;
+    let mut a = Raw::connect(&p).await;
+    for i in 0..6 {
+        assert_eq!(
+            a.parse(&format!("q{i}"), &format!("SELECT '{i}' || $1::text"))
+                .await
+                .0,
+            "1Z"
+        );
+    }
+    for round in 0..3 {
+        for i in 0..6 {
+            assert_eq!(
+                a.execute(&format!("q{i}"), "r").await.1,
+                vec![format!("{i}r")],
+                "round {round}"
+            );
+        }
+    }
+    let (_, n) = a
+        .simple("SELECT count(*)::text FROM pg_prepared_statements")
+        .await;
+    let n: usize = n[0].parse().unwrap();
+    assert!(n <= 2, "{n} statements held on the connection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_sessions_keep_their_connection_until_they_unpin() {
+    let w = clusters();
+    let p = harness(&w, 1)
+        .proxy("pool_checkout_timeout_ms = 500")
+        .start()
+        .await;
+    let pinned = p.connect("app.acme", "app").await.unwrap();
+    let other = p.connect("app.acme", "app").await.unwrap();
+    let pins: [(&[&str], &str); 5] = [
+        (&["LISTEN jobs"], "UNLISTEN *"),
+        (&["CREATE TEMP TABLE scratch (x int)"], "DISCARD TEMP"),
+        (
+            &["SELECT pg_advisory_lock(7)"],
+            "SELECT pg_advisory_unlock_all()",
+        ),
+        (&["PREPARE sqlp AS SELECT 1"], "DEALLOCATE sqlp"),
+        (
+            &["BEGIN", "DECLARE c CURSOR WITH HOLD FOR SELECT 1", "COMMIT"],
+            "CLOSE ALL",
+        ),
+    ];
+    for (steps, unpin) in pins {
+        for step in steps {
+            pinned.batch_execute(step).await.unwrap();
+        }
+        let pin = steps.join("; ");
+        // The only connection stays with the pinned session: another client waits and times out.
+        let e = other.simple_query("SELECT 1").await.unwrap_err();
+        assert_eq!(code(&e), "53300", "{pin}: {e:?}");
+        // The pinned session keeps its state across transactions.
+        let pid1: i32 = pinned
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let pid2: i32 = pinned
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(pid1, pid2, "{pin}");
+        pinned.batch_execute(unpin).await.unwrap();
+        if let Err(e) = other.simple_query("SELECT 1").await {
+            panic!("after {unpin}: {e:?}");
+        }
+    }
+    // An open transaction holds the connection too, until it ends.
+    pinned.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(
+        code(&other.simple_query("SELECT 1").await.unwrap_err()),
+        "53300"
+    );
+    pinned.batch_execute("COMMIT").await.unwrap();
+    other.simple_query("SELECT 1").await.unwrap();
+}
+
+#[test]
+fn psycopg_prepares_automatically_in_both_pool_modes() {
+    let have = std::process::Command::new("python3")
+        .args(["-c", "import psycopg"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !have {
+        assert!(
+            std::env::var_os("PGTENANT_REQUIRE_PSYCOPG").is_none(),
+            "psycopg is required but missing"
+        );
+        eprintln!("psycopg not installed; skipping (CI installs it)");
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let w = clusters();
+    for (mode, pool) in [("transaction", 2), ("session", 6)] {
+        let p = rt.block_on(
+            harness(&w, pool)
+                .proxy(&format!("pool_mode = \"{mode}\""))
+                .start(),
+        );
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/psycopg_pool.py");
+        let out = std::process::Command::new("python3")
+            .args([script, &p.url("app.acme", "app")])
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{mode}: {text}");
+        assert!(text.contains("psycopg pool ok"), "{mode}: {text}");
+        rt.block_on(async { drop(p) });
+    }
+}
