@@ -55,6 +55,12 @@ async fn show(c: &tokio_postgres::Client, what: &str) -> String {
         .unwrap()
 }
 
+async fn who_is(c: &tokio_postgres::Client) -> Result<String, tokio_postgres::Error> {
+    c.query_one("SELECT who FROM t", &[])
+        .await
+        .map(|r| r.get::<_, String>(0))
+}
+
 /// Client connections the proxy holds open to `pg`'s database `app`.
 fn backend_connections(pg: &PgCluster) -> usize {
     pg.psql(
@@ -172,6 +178,21 @@ async fn settings_follow_each_client_and_never_leak_to_another() {
         assert_eq!(schema, "tenant_acme");
     }
     assert_eq!(show(&setter, "application_name").await, "setter");
+    // A client that logs in takes a connection for its startup and gives it back: whatever another client's SETs
+    // left there is reset before anyone without them uses it.
+    for _ in 0..4 {
+        let late = p.connect("app.acme", "app").await.unwrap();
+        let (a, b, c) = tokio::join!(
+            show(&late, "role"),
+            show(&plain, "role"),
+            show(&role, "role")
+        );
+        assert_eq!(
+            (a.as_str(), b.as_str(), c.as_str()),
+            ("none", "none", "helper")
+        );
+        assert_eq!(show(&late, "work_mem").await, "4MB");
+    }
     // RESET ALL forgets them.
     setter.batch_execute("RESET ALL").await.unwrap();
     for _ in 0..5 {
@@ -378,6 +399,15 @@ async fn statement_names_never_collide_and_follow_a_route_flip() {
     assert_eq!(b.simple("DEALLOCATE other").await.0, "CZ");
     assert_eq!(b.execute("other", "z").await.1, vec!["26000".to_string()]);
     assert_eq!(b.execute("s1", "z").await.1, vec!["b:z".to_string()]);
+    // The unnamed statement does not outlive its user's transaction on a pooled connection.
+    a.send(|buf| {
+        frontend::parse("", "SELECT 'private'", std::iter::empty(), buf).unwrap();
+        frontend::sync(buf);
+    })
+    .await;
+    assert_eq!(a.replies().await.0, "1Z");
+    let (tags, codes) = b.execute("", "x").await;
+    assert_eq!((tags.as_str(), codes[0].as_str()), ("EZ", "26000"));
     // A Parse outside a transaction is answered without a backend connection; an error in the statement is
     // reported where it is used, every time, and the session goes on.
     assert_eq!(b.parse("broken", "SELEC nothing").await.0, "1Z");
@@ -523,5 +553,79 @@ fn psycopg_prepares_automatically_in_both_pool_modes() {
         assert!(out.status.success(), "{mode}: {text}");
         assert!(text.contains("psycopg pool ok"), "{mode}: {text}");
         rt.block_on(async { drop(p) });
+    }
+}
+
+/// Sessions holding each kind of state that cannot move, in either pool mode: under `wait` they stay on the old
+/// backend until the state is gone and then move; under `disconnect` they end with 57P01 naming the state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_pin_kind_waits_or_disconnects_at_a_move() {
+    let w = clusters();
+    let pins: [(&[&str], &str, &str); 5] = [
+        (&["LISTEN jobs"], "UNLISTEN *", "LISTEN"),
+        (
+            &["CREATE TEMP TABLE scratch (x int)"],
+            "DISCARD TEMP",
+            "temporary table",
+        ),
+        (
+            &["SELECT pg_advisory_lock(7)"],
+            "SELECT pg_advisory_unlock_all()",
+            "advisory lock",
+        ),
+        (
+            &["BEGIN", "DECLARE c CURSOR WITH HOLD FOR SELECT 1", "COMMIT"],
+            "CLOSE ALL",
+            "WITH HOLD",
+        ),
+        (
+            &["SELECT 1; SET work_mem = '9MB'"],
+            "DISCARD ALL",
+            "does not track",
+        ),
+    ];
+    for mode in ["session", "transaction"] {
+        for policy in ["wait", "disconnect"] {
+            let p = harness(&w, 10)
+                .proxy(&format!("pool_mode = \"{mode}\""))
+                .proxy(&format!("pinned_at_move = \"{policy}\""))
+                .proxy("pinned_grace_ms = 300")
+                .start()
+                .await;
+            let mut sessions = Vec::new();
+            for (steps, _, _) in &pins {
+                let c = p.connect("app.acme", "app").await.unwrap();
+                for step in *steps {
+                    c.batch_execute(step).await.unwrap();
+                }
+                sessions.push(c);
+            }
+            let free = p.connect("app.acme", "app").await.unwrap();
+            let label = format!("{mode}/{policy}");
+            p.admin_ok(json!({"cmd": "tenant.set", "tenant": "acme", "backend": "dedicated", "schema": "tenant_acme"}))
+                .await;
+            assert_eq!(who_is(&free).await.unwrap(), "dedicated", "{label}");
+            for c in &sessions {
+                assert_eq!(who_is(c).await.unwrap(), "tenant_acme", "{label}");
+            }
+            if policy == "wait" {
+                for ((_, unpin, reason), c) in pins.iter().zip(&sessions) {
+                    c.batch_execute(unpin).await.unwrap();
+                    assert_eq!(who_is(c).await.unwrap(), "dedicated", "{label} {reason}");
+                }
+            } else {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                for ((_, _, reason), c) in pins.iter().zip(&sessions) {
+                    let e = who_is(c).await.unwrap_err();
+                    assert_eq!(code(&e), "57P01", "{label} {reason}: {e}");
+                    assert!(
+                        common::message(&e).contains(reason),
+                        "{label} {reason}: {e}"
+                    );
+                }
+            }
+            p.admin_ok(json!({"cmd": "tenant.set", "tenant": "acme", "backend": "shared", "schema": "tenant_acme"}))
+                .await;
+        }
     }
 }

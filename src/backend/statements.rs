@@ -30,6 +30,8 @@ pub struct ServerStatements {
     /// Statement id -> last use.
     used: HashMap<StatementId, u64>,
     tick: u64,
+    /// A client prepared the unnamed statement here (the next session closes it before anything else).
+    pub unnamed: bool,
 }
 
 impl ServerStatements {

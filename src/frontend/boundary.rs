@@ -69,8 +69,15 @@ impl Session {
             .store(true, Ordering::Relaxed);
         if self.tx_mode {
             // A connection kept past the last transaction (say, a late notice was still unread) goes back now if
-            // nothing pins the session, so a changed route is followed the transaction-pool way.
+            // nothing pins the session (reset, or closed if it cannot be), so the next one comes from the pool
+            // the transaction-pool way. Only pinned sessions keep theirs (and never replay anything).
             self.park();
+            if self.pin_reason().is_none() {
+                if let Some(old) = self.server.take() {
+                    self.cancel.slot.set(None);
+                    old.release_idle();
+                }
+            }
         }
         let routed = if self.tx_mode && self.server.is_none() {
             self.unpark().await

@@ -29,9 +29,14 @@ impl Session {
         }
         // Stop while our own answers pile up unread: a client that never reads cannot grow them without bound.
         while !self.blocked && self.cout.len() < OUT_HIGH_WATER {
+            // Transaction pool mode renames statements in Bind, Describe and Close: those are read whole too (a
+            // Bind over 1 MiB is renamed at its head).
+            let tx = self.tx_mode;
             let step = self
                 .cscan
-                .next(&self.cin, |t| matches!(t, b'Q' | b'P'))
+                .next(&self.cin, |t| {
+                    matches!(t, b'Q' | b'P') || tx && matches!(t, b'B' | b'D' | b'C')
+                })
                 .map_err(|e| End::Fatal(PgError::protocol(e.to_string())))?;
             match step {
                 Scan::NeedMore(n) => {
@@ -110,7 +115,12 @@ impl Session {
                 return Ok(());
             }
         }
-        if self.tx_mode && tag == b'Q' && self.is_deallocate(total) {
+        // (Not in the middle of an unsynced batch, whose replies could come after a local answer.)
+        if self.tx_mode
+            && tag == b'Q'
+            && !self.server.as_ref().is_some_and(|s| s.batch_open)
+            && self.is_deallocate(total)
+        {
             if self.server.as_ref().is_some_and(|s| s.pending > 0) {
                 // Answered here only after every reply the backend owes has reached the client.
                 self.blocked = true;
@@ -137,7 +147,7 @@ impl Session {
                 Admission::Go => {
                     self.count_request(tag, Some(total));
                     if self.tx_mode && matches!(tag, b'P' | b'B' | b'D' | b'C') {
-                        self.forward_statement(total);
+                        self.forward_statement(total).map_err(End::Fatal)?;
                     } else {
                         self.pass_client(total);
                     }

@@ -11,13 +11,15 @@ use std::sync::Arc;
 
 use super::boundary::Refusal;
 use super::session::{checkout, move_bytes, resolve, Session, SkipEnd};
-use super::statements::{ClientStatements, Target, MAX_HEAD_NAMES};
+use super::statements::{ClientStatements, Target, MAX_HEAD_NAMES, MAX_INFLIGHT};
 use crate::backend::pool::ReleaseState;
 use crate::metrics::ErrorKind;
 use crate::protocol::{messages, sql, sqlstate, PgError};
 
 /// Why a session in transaction pool mode keeps its backend connection although it is idle.
 const PIN_SQL_PREPARE: &str = "SQL PREPARE (transaction pool mode)";
+/// A connection's settings fingerprint when nobody knows what it holds (never equal to a session's).
+const UNKNOWN_SETS: u64 = u64::MAX;
 
 impl Session {
     /// Why this session may not leave its backend connection (or move to another), if anything.
@@ -42,8 +44,37 @@ impl Session {
         };
         self.cancel.slot.set(None);
         let conn = server.conn.get_mut();
-        (conn.applied_sets, conn.applied_role) = self.state.sets_fingerprint();
+        (conn.applied_sets, conn.applied_role) = if server.synced {
+            self.state.sets_fingerprint()
+        } else {
+            // Settings of unknown origin: whoever comes next starts with a full reset.
+            (UNKNOWN_SETS, true)
+        };
         server.conn.release(ReleaseState::Keep);
+    }
+
+    /// A connection checked out outside [`Session::unpark`] (at login, or for `SET pgtenant.tenant`) in
+    /// transaction pool mode: make its settings the session's, then park.
+    pub(super) async fn settle(&mut self) {
+        if !self.tx_mode {
+            return;
+        }
+        if let Some(mut server) = self.server.take() {
+            let backend = self
+                .route
+                .as_ref()
+                .map(|r| r.backend.clone())
+                .unwrap_or_default();
+            match self.apply_settings(&mut server, &backend).await {
+                Ok(()) => self.server = Some(server),
+                Err(e) => {
+                    tracing::debug!(error = %e.message, "could not settle a pooled connection");
+                    self.cancel.slot.set(None);
+                    server.release(true);
+                }
+            }
+        }
+        self.park();
     }
 
     /// At the start of a transaction of a parked session: a backend connection of the tenant's current route
@@ -64,10 +95,19 @@ impl Session {
                 return Err(Refusal::Statement(e));
             }
         };
-        if let Err(e) = self.apply_settings(&mut server, &resolved).await {
+        if let Err(e) = self
+            .apply_settings(&mut server, &resolved.route.backend)
+            .await
+        {
             self.count_error(ErrorKind::MoveFailed);
             server.release(true);
             return Err(Refusal::Statement(e));
+        }
+        // The unnamed statement is not the pool's: one left by the connection's last user is closed first (its
+        // CloseComplete is taken out of the replies).
+        let conn = server.conn.get_mut();
+        if std::mem::take(&mut conn.statements.unnamed) {
+            ClientStatements::close_unnamed(&mut server.out, &mut server.inflight);
         }
         self.cancel
             .slot
@@ -96,11 +136,12 @@ impl Session {
     async fn apply_settings(
         &mut self,
         server: &mut super::session::Server,
-        resolved: &super::session::Resolved,
+        backend: &str,
     ) -> Result<(), PgError> {
         let (fingerprint, role) = self.state.sets_fingerprint();
         let conn = server.conn.get_mut();
         if conn.applied_sets == fingerprint {
+            server.synced = true;
             return Ok(());
         }
         let mut statements = vec!["RESET ALL"];
@@ -108,7 +149,7 @@ impl Session {
             statements.extend(["RESET SESSION AUTHORIZATION", "RESET ROLE"]);
         }
         statements.extend(self.state.set_statements());
-        crate::backend::query::run_simple(&resolved.route.backend, conn, &statements)
+        crate::backend::query::run_simple(backend, conn, &statements)
             .await
             .map_err(|e| {
                 tracing::warn!(error = %e, "could not apply session settings on a pooled connection");
@@ -119,6 +160,7 @@ impl Session {
                 .with_detail(e.to_string())
             })?;
         (conn.applied_sets, conn.applied_role) = (fingerprint, role);
+        server.synced = true;
         for (k, v) in &conn.params {
             if self.told.iter().all(|(tk, tv)| tk != k || tv != v) {
                 messages::parameter_status(&mut self.cout, k, v);
@@ -168,12 +210,17 @@ impl Session {
     }
 
     /// Forwards a whole Parse, Bind, Describe or Close under server statement names (transaction pool mode).
-    pub(super) fn forward_statement(&mut self, total: usize) {
+    pub(super) fn forward_statement(&mut self, total: usize) -> Result<(), PgError> {
         let limit = self.shared.config.load().proxy.max_prepared_statements;
         let Some(s) = self.server.as_mut() else {
             self.cin.advance(total);
-            return;
+            return Ok(());
         };
+        if s.inflight.len() >= MAX_INFLIGHT {
+            return Err(PgError::protocol(
+                "too many Parse and Close messages without a Sync",
+            ));
+        }
         let state = &self.state;
         let conn = s.conn.get_mut();
         let result = self.statements.forward(
@@ -190,6 +237,7 @@ impl Session {
         if let Err(e) = result {
             self.fail_in_batch(e);
         }
+        Ok(())
     }
 
     /// The head of a Parse or Bind too large to hold whole, in transaction pool mode. `Ok(false)`: its names
@@ -224,6 +272,7 @@ impl Session {
                 return Ok(true);
             }
             ClientStatements::passed(&mut s.inflight);
+            s.conn.get_mut().statements.unnamed = true;
             move_bytes(&mut self.cin, &mut s.out, avail);
             return Ok(true);
         }

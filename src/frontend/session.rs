@@ -96,6 +96,9 @@ pub(super) struct Server {
     pub replace_error: Option<PgError>,
     /// Parse and Close frames awaiting completion (transaction pool mode rewrites and adds some).
     pub inflight: Inflight,
+    /// Transaction pool mode: the connection's session settings were made this session's, so what it holds
+    /// when it goes back is this session's SETs.
+    pub synced: bool,
 }
 
 impl Server {
@@ -304,9 +307,12 @@ impl Session {
             resolved: None,
         };
         session.tx_mode = session.shared.config.load().proxy.pool_mode == PoolMode::Transaction;
+        if session.tx_mode {
+            session.state.set_pooled();
+        }
         let tenant = session.info.startup_tenant.clone();
         session.install(tenant, attached);
-        session.park();
+        session.settle().await;
         messages::auth_ok(&mut session.cout);
         for (k, v) in &session.told {
             messages::parameter_status(&mut session.cout, k, v);
@@ -848,6 +854,7 @@ pub(super) async fn checkout(resolved: &Resolved, tenant: &TenantId) -> Result<S
         syncs_since_exec: 0,
         replace_error: None,
         inflight: Inflight::default(),
+        synced: false,
     })
 }
 

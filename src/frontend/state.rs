@@ -60,6 +60,11 @@ pub struct SessionState {
     /// A ROLLBACK was seen; at the next ReadyForQuery it either ended the block or was ROLLBACK TO SAVEPOINT.
     rollback_seen: bool,
     pins: Vec<&'static str>,
+    /// Transaction pool mode: named statements are the pool's business (renamed and prepared per connection),
+    /// so they are neither kept for a replay nor a reason to pin.
+    pooled: bool,
+    /// A `SET LOCAL` ran in the current transaction block.
+    local_set: bool,
 }
 
 impl SessionState {
@@ -88,7 +93,15 @@ impl SessionState {
 
     /// Everything is forgotten (the session moved to another tenant, or sent DISCARD ALL).
     pub fn clear(&mut self) {
-        *self = SessionState::default();
+        *self = SessionState {
+            pooled: self.pooled,
+            ..SessionState::default()
+        };
+    }
+
+    /// Transaction pool mode (see `pooled`).
+    pub fn set_pooled(&mut self) {
+        self.pooled = true;
     }
 
     /// A client frame was forwarded; `owes_ready` says whether the backend will answer it with ReadyForQuery
@@ -145,8 +158,11 @@ impl SessionState {
             return;
         };
         // Statements that change session state through the extended protocol are not followed: pin instead.
-        if sql::classify(text) != Effect::None {
-            self.pin(PIN_UNTRACKED);
+        match sql::classify(text) {
+            Effect::None => {}
+            // Until the transaction ends, statements prepared now may resolve names differently.
+            Effect::LocalSet => self.local_set = true,
+            _ => self.pin(PIN_UNTRACKED),
         }
         let name = (!name.is_empty()).then(|| Box::<[u8]>::from(name));
         if name.as_ref().is_some_and(|n| n.len() > MAX_NAME) {
@@ -237,12 +253,14 @@ impl SessionState {
             // Out of the block: a COMMIT already applied its SETs; anything left (ROLLBACK, a failed COMMIT,
             // PREPARE TRANSACTION) did not take effect in this session.
             self.tx_changes.clear();
+            self.local_set = false;
         }
         let Some((effect, failed)) = self.queries.pop_front() else {
             return;
         };
         match effect {
             Effect::None => {}
+            Effect::LocalSet => self.local_set = status != b'I',
             // Locks taken, or untracked changes made, before a later statement of the query failed stay.
             Effect::Pin(_) | Effect::Untracked => self.apply(effect),
             _ if failed => {}
@@ -265,7 +283,7 @@ impl SessionState {
 
     fn apply(&mut self, effect: Effect) {
         match effect {
-            Effect::None => {}
+            Effect::None | Effect::LocalSet => {}
             Effect::Set { key, text } => {
                 // A statement's name resolution depends on search_path and role at PREPARE time: changing them
                 // after statements exist would make a replay resolve names differently.
@@ -273,7 +291,9 @@ impl SessionState {
                     key.as_str(),
                     "search_path" | "role" | "session_authorization"
                 );
-                if resolves_names && !(self.sql_prepared.is_empty() && self.parsed.is_empty()) {
+                // (Pooled statements carry the resolution settings in their identity.)
+                let parsed = !self.pooled && !self.parsed.is_empty();
+                if resolves_names && (!self.sql_prepared.is_empty() || parsed) {
                     self.pin(PIN_UNTRACKED);
                 }
                 self.sets.retain(|(k, _)| *k != key);
@@ -330,7 +350,7 @@ impl SessionState {
     }
 
     fn add_parsed(&mut self, name: Box<[u8]>, frame: Bytes) {
-        if self.pin_reason() == Some(PIN_UNTRACKED) {
+        if self.pooled || self.pin_reason() == Some(PIN_UNTRACKED) {
             return;
         }
         self.forget_statement(&name);
@@ -373,8 +393,8 @@ impl SessionState {
             .sets
             .iter()
             .any(|(k, _)| k == "role" || k == "session_authorization");
-        // 0 stands for "no SETs".
-        (h.finish().max(1), role)
+        // 0 stands for "no SETs", u64::MAX for "unknown".
+        (h.finish().clamp(1, u64::MAX - 1), role)
     }
 
     /// The settings that decide how a statement's names resolve when it is prepared (`search_path`, role),
@@ -386,6 +406,13 @@ impl SessionState {
                 out.push_str(t);
                 out.push('\0');
             }
+        }
+        // Inside a block whose SETs (LOCAL, or not yet committed) may change resolution, a statement's
+        // meaning is this transaction's alone: a unique identity keeps anyone else from sharing it.
+        if self.local_set || !self.tx_changes.is_empty() {
+            static UNIQUE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = UNIQUE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            out.push_str(&format!("\0tx{n}"));
         }
         out
     }

@@ -424,6 +424,8 @@ pub enum Effect {
     Unpin(&'static str),
     /// Several statements among which one changes session state: not tracked, so the session is pinned.
     Untracked,
+    /// `SET LOCAL`: nothing to replay, but name resolution may differ until the transaction ends.
+    LocalSet,
 }
 
 pub const PIN_LISTEN: &str = "LISTEN";
@@ -531,7 +533,8 @@ fn classify_one(sql: &[u8], stmt: &Statement) -> Effect {
     let text = || raw.trim().to_string();
     let w = |i: usize| word(t.get(i));
     match (w(0), w(1), w(2)) {
-        (Some("set"), Some("local" | "transaction" | "constraints"), _) => Effect::None,
+        (Some("set"), Some("local"), _) => Effect::LocalSet,
+        (Some("set"), Some("transaction" | "constraints"), _) => Effect::None,
         (Some("set"), Some("session"), Some("characteristics")) => Effect::Untracked,
         (Some("set"), Some("session"), Some("authorization")) => Effect::Set {
             key: "session_authorization".into(),
@@ -641,7 +644,7 @@ mod effect_tests {
             classify(b"SET TIME ZONE 'UTC'"),
             set("timezone", "SET TIME ZONE 'UTC'")
         );
-        assert_eq!(classify(b"SET LOCAL work_mem = '1MB'"), Effect::None);
+        assert_eq!(classify(b"SET LOCAL work_mem = '1MB'"), Effect::LocalSet);
         assert_eq!(
             classify(b"SET work_mem TO DEFAULT"),
             Effect::Reset {
