@@ -81,6 +81,13 @@ pub enum MigrateAction {
         /// Accept (and replace) rows the target already holds.
         #[arg(long)]
         allow_existing: bool,
+        /// Shared tables: the column naming each row's tenant (migrates the tenant's rows of the tables that
+        /// have it, in the route's schema or public).
+        #[arg(long)]
+        tenant_column: Option<String>,
+        /// The tenant's value in that column (default: the tenant's name).
+        #[arg(long)]
+        tenant_key: Option<String>,
     },
     /// State, progress, lag, last pause.
     Status {
@@ -129,8 +136,11 @@ fn migrate_request(a: &MigrateAction) -> Value {
             verify,
             cutover,
             allow_existing,
+            tenant_column,
+            tenant_key,
         } => json!({"cmd": "migrate.start", "tenant": tenant, "to": to, "database": database,
-            "schema": schema, "verify": verify, "cutover": cutover, "allow_existing": allow_existing}),
+            "schema": schema, "verify": verify, "cutover": cutover, "allow_existing": allow_existing,
+            "tenant_column": tenant_column, "tenant_key": tenant_key}),
         MigrateAction::Status { tenant, .. } => json!({"cmd": "migrate.status", "tenant": tenant}),
         MigrateAction::Cutover { tenant } => json!({"cmd": "migrate.cutover", "tenant": tenant}),
         MigrateAction::Abort {

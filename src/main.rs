@@ -33,7 +33,7 @@ enum Command {
         config: PathBuf,
     },
     /// Talk to a running proxy over its admin socket.
-    Ctl(CtlArgs),
+    Ctl(Box<CtlArgs>),
 }
 
 fn main() -> ExitCode {
@@ -60,7 +60,7 @@ fn main() -> ExitCode {
             runtime.block_on(serve(config))
         }
         Command::Ctl(args) => match runtime(1) {
-            Some(rt) => ExitCode::from(rt.block_on(pgtenant::ctl::run(args)) as u8),
+            Some(rt) => ExitCode::from(rt.block_on(pgtenant::ctl::run(*args)) as u8),
             None => ExitCode::FAILURE,
         },
     }

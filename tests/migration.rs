@@ -591,6 +591,13 @@ async fn bad_requests_are_refused_clearly_and_ddl_is_guarded() {
         (start(json!({"verify": "sha"})), "invalid_argument"),
         (start(json!({"cutover": "soon"})), "invalid_argument"),
         (start(json!({"allow_existing": "yes"})), "invalid_argument"),
+        (start(json!({"tenant_column": ""})), "invalid_argument"),
+        (start(json!({"tenant_key": ""})), "invalid_argument"),
+        // Shared tables: no table of gamma's (public) schema has that column.
+        (
+            start(json!({"tenant": "gamma", "tenant_column": "tenant_id"})),
+            "preflight_failed",
+        ),
         (
             json!({"cmd": "migrate.start", "tenant": "acme"}),
             "missing_argument",
@@ -763,4 +770,178 @@ async fn bad_requests_are_refused_clearly_and_ddl_is_guarded() {
             .await,
         "invalid_state"
     );
+}
+
+/// Tenants whose rows live in shared tables with a tenant column: only the tenant's rows move (live, under
+/// writes from it and from another tenant of the same tables), other tenants' rows on both sides are never
+/// touched, and `finalize --drop-source` deletes only the tenant's rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrates_a_tenants_rows_of_shared_tables() {
+    const TABLES: &str = "
+        CREATE TABLE accounts (id serial PRIMARY KEY, tenant text NOT NULL, name text, balance int NOT NULL DEFAULT 0);
+        CREATE TABLE transfers (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, tenant text NOT NULL,
+            account_id int NOT NULL REFERENCES accounts(id) ON DELETE CASCADE, amount int, at timestamptz DEFAULT now());
+        CREATE TABLE notes (tenant text, body text);
+        CREATE TABLE settings (k text PRIMARY KEY, v text);";
+    let shared = PgCluster::start();
+    let dedicated = PgCluster::start();
+    shared.psql("app", TABLES);
+    shared.psql(
+        "app",
+        "INSERT INTO accounts (tenant, name) SELECT CASE WHEN g % 2 = 0 THEN 'acme' ELSE 'globex' END, 'a' || g
+           FROM generate_series(1, 4000) g;
+         INSERT INTO transfers (tenant, account_id, amount) SELECT a.tenant, a.id, g FROM accounts a, generate_series(1, 3) g;
+         INSERT INTO notes SELECT CASE WHEN g % 2 = 0 THEN 'acme' ELSE 'globex' END, 'n' || g FROM generate_series(1, 300) g;
+         INSERT INTO settings VALUES ('shared', 'yes');",
+    );
+    // The target already serves another tenant in the same tables, its keys in ranges of their own: after the
+    // cutover acme's new rows take keys from the target's sequences while globex keeps using the source's, and
+    // the reverse tee carries acme's rows back to the source, so the two must not overlap.
+    dedicated.psql("app", TABLES);
+    dedicated.psql(
+        "app",
+        "SELECT setval('accounts_id_seq', 1000000);
+         ALTER TABLE transfers ALTER COLUMN id RESTART WITH 5000000;
+         INSERT INTO accounts (tenant, name) SELECT 'initech', 'i' || g FROM generate_series(1, 50) g;
+         INSERT INTO notes VALUES ('initech', 'keep me');",
+    );
+    let proxy = Harness::new()
+        .backend_with("shared", &shared, "database = \"app\"\npool_size = 20")
+        .backend_with("dedicated", &dedicated, "database = \"app\"\npool_size = 20")
+        .tenant("acme", "shared", None, None)
+        .tenant("globex", "shared", None, None)
+        .raw("[migration]\ncopy_batch_rows = 500\nverify_chunk_rows = 300\ncutover_timeout_ms = 3000")
+        .start()
+        .await;
+    let rows = |pg: &PgCluster, tenant: &str| {
+        pg.psql(
+            "app",
+            &format!(
+                "SELECT (SELECT count(*) || ':' || md5(string_agg(x::text, ',' ORDER BY x::text)) FROM accounts x WHERE tenant = '{tenant}')
+                  || ' ' || (SELECT count(*) || ':' || md5(string_agg(x::text, ',' ORDER BY x::text)) FROM transfers x WHERE tenant = '{tenant}')
+                  || ' ' || (SELECT count(*) || ':' || md5(string_agg(x::text, ',' ORDER BY x::text)) FROM notes x WHERE tenant = '{tenant}')"
+            ),
+        )
+    };
+    let writer = |tenant: &'static str, secs: u64| {
+        let url = proxy.url(&format!("app.{tenant}"), "app");
+        tokio::spawn(async move {
+            let c = connect(&url).await.unwrap();
+            let until = Instant::now() + Duration::from_secs(secs);
+            let mut n = 0;
+            while Instant::now() < until {
+                n += 1;
+                c.batch_execute(&format!(
+                    "BEGIN;
+                     INSERT INTO accounts (tenant, name) VALUES ('{tenant}', 'live {n}');
+                     INSERT INTO transfers (tenant, account_id, amount) VALUES ('{tenant}', currval('accounts_id_seq'), {n});
+                     UPDATE accounts SET balance = balance + {n} WHERE tenant = '{tenant}' AND id = (SELECT min(id) FROM accounts WHERE tenant = '{tenant}');
+                     DELETE FROM accounts WHERE tenant = '{tenant}' AND name = 'a{}';
+                     INSERT INTO notes VALUES ('{tenant}', 'live {n}');
+                     COMMIT;",
+                    n * 2
+                ))
+                .await
+                .unwrap();
+            }
+            n
+        })
+    };
+    let acme = writer("acme", 12);
+    let globex = writer("globex", 12);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let started = proxy
+        .admin_ok(
+            json!({"cmd": "migrate.start", "tenant": "acme", "to": "dedicated", "verify": "hash",
+                         "tenant_column": "tenant"}),
+        )
+        .await;
+    // Tables without the tenant column are not the tenant's.
+    assert_eq!(
+        started["tables"],
+        json!(["accounts", "notes", "transfers"]),
+        "{started}"
+    );
+    assert_eq!(started["full_row_identity"], json!(["notes"]));
+    wait_state(&proxy, "acme", "dual_write", Duration::from_secs(60)).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = status(&proxy, "acme").await;
+        if !s["verification"].is_null() {
+            assert_eq!(s["verification"]["passed"], json!(true), "{s:#}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{s}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    proxy
+        .admin_ok(json!({"cmd": "migrate.cutover", "tenant": "acme"}))
+        .await;
+    assert!(acme.await.unwrap() > 5);
+    assert!(globex.await.unwrap() > 5);
+    wait_lag_zero(&proxy, "acme").await;
+    // acme's rows are the same on both sides (the reverse tee keeps the source in step), globex never reached
+    // the target, and the target's own tenant and the table without a tenant column are untouched.
+    assert_eq!(rows(&shared, "acme"), rows(&dedicated, "acme"));
+    let moved: u64 = rows(&dedicated, "acme")
+        .split(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(moved > 1500, "{}", rows(&dedicated, "acme"));
+    assert_eq!(
+        dedicated.psql(
+            "app",
+            "SELECT count(*) FROM accounts WHERE tenant = 'globex'"
+        ),
+        "0"
+    );
+    assert_eq!(
+        dedicated.psql(
+            "app",
+            "SELECT (SELECT count(*) FROM accounts WHERE tenant = 'initech') || ' ' || (SELECT count(*) FROM notes WHERE tenant = 'initech') || ' ' || (SELECT count(*) FROM settings)"
+        ),
+        "50 1 0"
+    );
+    let v = proxy
+        .admin_ok(json!({"cmd": "migrate.verify", "tenant": "acme", "level": "full"}))
+        .await;
+    assert_eq!(v["passed"], json!(true), "{v}");
+    // New acme work runs on the target, with keys from the target's sequence (past everything copied).
+    let c = proxy.connect("app.acme", "app").await.unwrap();
+    let id: i32 = c
+        .query_one(
+            "INSERT INTO accounts (tenant, name) VALUES ('acme', 'after') RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(id > 1_000_000, "{id}");
+    wait_lag_zero(&proxy, "acme").await;
+    assert_eq!(rows(&shared, "acme"), rows(&dedicated, "acme"));
+    let globex_before = rows(&shared, "globex");
+    let fin = proxy
+        .admin_ok(json!({"cmd": "migrate.finalize", "tenant": "acme", "drop_source": true}))
+        .await;
+    assert_eq!(fin["state"], json!("completed"), "{fin}");
+    assert_eq!(
+        shared.psql(
+            "app",
+            "SELECT (SELECT count(*) FROM accounts WHERE tenant = 'acme') + (SELECT count(*) FROM transfers WHERE tenant = 'acme') + (SELECT count(*) FROM notes WHERE tenant = 'acme')"
+        ),
+        "0"
+    );
+    assert_eq!(rows(&shared, "globex"), globex_before);
+    assert_eq!(shared.psql("app", "SELECT count(*) FROM settings"), "1");
+    for pg in [&shared, &dedicated] {
+        assert_eq!(
+            pg.psql(
+                "app",
+                "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'pgtenant_%'"
+            ),
+            "0"
+        );
+    }
 }

@@ -371,8 +371,19 @@ async fn statement_names_never_collide_and_follow_a_route_flip() {
 
     // Flip acme to the other cluster between two transactions: the statement is prepared there on first use,
     // and Describe of it works without any extra reply reaching the client.
+    let steady = std::time::Instant::now();
+    a.simple("SELECT 1").await;
+    let steady = steady.elapsed();
+    let flip = std::time::Instant::now();
     p.admin_ok(json!({"cmd": "tenant.set", "tenant": "acme", "backend": "dedicated", "schema": "tenant_acme"}))
         .await;
+    // (Reported, not asserted: the cost of a move in transaction pool mode.)
+    let (_, who) = b.simple("SELECT who FROM t").await;
+    eprintln!(
+        "move: route flip to the next transaction done {:?} (a transaction before it: {steady:?})",
+        flip.elapsed()
+    );
+    assert_eq!(who, vec!["dedicated".to_string()]);
     a.send(|buf| {
         frontend::describe(b'S', "s1", buf).unwrap();
         frontend::sync(buf);

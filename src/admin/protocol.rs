@@ -204,6 +204,8 @@ pub fn parse(line: &[u8]) -> Result<(Request, Option<String>), AdminError> {
             "verify",
             "cutover",
             "allow_existing",
+            "tenant_column",
+            "tenant_key",
         ],
         "migrate.status" => &["tenant"],
         "migrate.cutover" | "migrate.pause" | "migrate.resume" | "migrate.repair"
@@ -279,6 +281,16 @@ fn parse_migrate(cmd: &str, a: &Args) -> Result<Migrate, AdminError> {
                 }
             },
             allow_existing: a.opt_bool("allow_existing")?,
+            tenant_column: a.opt_ident("tenant_column")?,
+            tenant_key: match a.opt_str("tenant_key")? {
+                Some(k) if k.is_empty() || k.len() > 256 || k.contains('\0') => {
+                    return Err(AdminError::new(
+                        "invalid_argument",
+                        "tenant_key must be 1 to 256 bytes",
+                    ))
+                }
+                k => k,
+            },
         }),
         "migrate.status" => Migrate::Status {
             tenant: match a.opt_str("tenant")? {

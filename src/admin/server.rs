@@ -41,7 +41,15 @@ pub fn bind_unix(path: &Path) -> Result<UnixListener, AdminServerError> {
         source,
     };
     if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        // A socket that accepts a connection has a live owner. Asked three times: a process that forked while
+        // an earlier listener of ours was still open holds its descriptor until it execs, and may answer once.
+        let live = (0..3).all(|i| {
+            if i > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            std::os::unix::net::UnixStream::connect(path).is_ok()
+        });
+        if live {
             return Err(AdminServerError::InUse { path: shown });
         }
         std::fs::remove_file(path).map_err(io)?;

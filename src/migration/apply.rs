@@ -348,6 +348,7 @@ mod tests {
             },
             database: "d".into(),
             schema: "Ten\"ant".into(),
+            filter: None,
         }
     }
 

@@ -35,6 +35,13 @@ CREATE TABLE IF NOT EXISTS pgtenant.guarded (
 );
 CREATE OR REPLACE FUNCTION pgtenant.capture() RETURNS trigger LANGUAGE plpgsql AS $fn$
 BEGIN
+    -- Shared tables (arguments: tenant, tenant column, tenant's value): only the tenant's rows.
+    IF TG_NARGS >= 3 AND TG_LEVEL = 'ROW' THEN
+        IF (TG_OP = 'INSERT' OR to_jsonb(OLD)->>TG_ARGV[1] IS DISTINCT FROM TG_ARGV[2])
+           AND (TG_OP = 'DELETE' OR to_jsonb(NEW)->>TG_ARGV[1] IS DISTINCT FROM TG_ARGV[2]) THEN
+            RETURN NULL;
+        END IF;
+    END IF;
     IF TG_LEVEL = 'STATEMENT' THEN
         INSERT INTO pgtenant.change_log (tenant, tbl, op) VALUES (TG_ARGV[0], TG_TABLE_NAME, 'T');
     ELSIF TG_OP = 'INSERT' THEN
@@ -127,6 +134,16 @@ pub async fn install(
 ) -> Result<(), MigrateError> {
     setup(client).await?;
     let arg = quote_literal(tenant);
+    // Shared tables: the trigger keeps only the tenant's rows (and a TRUNCATE, which would empty the table for
+    // every tenant, is not captured).
+    let row_args = match &side.filter {
+        None => arg.clone(),
+        Some(f) => format!(
+            "{arg}, {}, {}",
+            quote_literal(&f.column),
+            quote_literal(&f.key)
+        ),
+    };
     // All tables are locked up front with a short lock_timeout, and the whole transaction is retried when that
     // times out: waiting while holding some of the locks could deadlock with an application transaction, and
     // then PostgreSQL might pick the application as the victim.
@@ -140,12 +157,16 @@ pub async fn install(
         // CREATE OR REPLACE: a retry after a crash that left the triggers in place succeeds.
         sql.push_str(&format!(
             "CREATE OR REPLACE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {q} FOR EACH ROW \
-             EXECUTE FUNCTION pgtenant.capture({arg});\
-             CREATE OR REPLACE TRIGGER {} AFTER TRUNCATE ON {q} FOR EACH STATEMENT \
-             EXECUTE FUNCTION pgtenant.capture({arg});",
+             EXECUTE FUNCTION pgtenant.capture({row_args});",
             trigger_name(tenant, "capture"),
-            trigger_name(tenant, "truncate"),
         ));
+        if side.filter.is_none() {
+            sql.push_str(&format!(
+                "CREATE OR REPLACE TRIGGER {} AFTER TRUNCATE ON {q} FOR EACH STATEMENT \
+                 EXECUTE FUNCTION pgtenant.capture({arg});",
+                trigger_name(tenant, "truncate"),
+            ));
+        }
     }
     sql.push_str(&format!(
         "INSERT INTO pgtenant.guarded (schema_name, tenant) VALUES ({}, {arg}) \

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use super::catalog::{self, Table};
 use super::failpoint::Failpoints;
-use super::pg::Endpoint;
+use super::pg::{Endpoint, Filter};
 use super::record::{CutoverMode, Record, State, Store};
 use super::tee::{Tee, TeeMetrics, TeeSpec};
 use super::{capture, copy, MigrateError};
@@ -275,6 +275,10 @@ pub fn endpoints(shared: &Shared, rec: &Record) -> Result<(Endpoint, Endpoint), 
             config: b.config.clone(),
             database: database.to_owned(),
             schema: schema.to_owned(),
+            filter: rec.tenant_column.as_ref().map(|column| Filter {
+                column: column.clone(),
+                key: rec.tenant_key.clone().unwrap_or_else(|| rec.tenant.clone()),
+            }),
         })
     };
     let target_schema = rec.target.schema.as_deref().unwrap_or(&rec.schema);

@@ -50,7 +50,7 @@ pub async fn count_rows(
     for t in tables {
         let row = client
             .query_one(
-                &format!("SELECT count(*) FROM {}", side.qualified(&t.name)),
+                &format!("SELECT count(*) FROM {} x", side.rows(&t.name)),
                 &[],
             )
             .await
@@ -170,7 +170,9 @@ async fn copy_table(
     progress: &dyn CopyProgress,
 ) -> Result<u64, MigrateError> {
     let src = job.source.qualified(&table.name);
+    let src_rows = format!("{} s", job.source.rows(&table.name));
     let dst = job.target.qualified(&table.name);
+    let dst_where = job.target.tenant_where();
     let cols: Vec<String> = table.columns.iter().map(|c| quote_ident(c)).collect();
     let list = cols.join(", ");
     let tx = target
@@ -178,7 +180,7 @@ async fn copy_table(
         .await
         .map_err(|e| MigrateError::pg("begin copy", e))?;
     tx.batch_execute(&format!(
-        "SET LOCAL session_replication_role = replica; DELETE FROM {dst}"
+        "SET LOCAL session_replication_role = replica; DELETE FROM {dst}{dst_where}"
     ))
     .await
     .map_err(|e| MigrateError::pg(&format!("prepare {}", table.name), e))?;
@@ -190,18 +192,15 @@ async fn copy_table(
             return Err(MigrateError::Cancelled);
         }
         let (query, last) = if key.is_empty() {
-            (format!("SELECT {list} FROM {src}"), None)
+            (format!("SELECT {list} FROM {src_rows}"), None)
         } else {
-            batch_query(
-                source,
-                table,
-                &src,
-                &list,
-                &key,
-                after.as_deref(),
-                job.batch_rows,
-            )
-            .await?
+            let sql = BatchSql {
+                src: &src,
+                src_rows: &src_rows,
+                list: &list,
+                key: &key,
+            };
+            batch_query(source, table, &sql, after.as_deref(), job.batch_rows).await?
         };
         let n = copy_one(source, &tx, &query, &dst, &list).await?;
         total += n;
@@ -217,17 +216,33 @@ async fn copy_table(
     Ok(total)
 }
 
+/// The SQL pieces of one table's batches.
+struct BatchSql<'a> {
+    /// The table (names its row type).
+    src: &'a str,
+    /// The tenant's rows of it, aliased, for FROM.
+    src_rows: &'a str,
+    /// The column list.
+    list: &'a str,
+    /// Quoted key columns.
+    key: &'a [String],
+}
+
 /// The next batch: the key of its last row (found with an index-ordered probe), and the query for the rows after
 /// `after` up to it. `None` as last key means this batch runs to the end of the table.
 async fn batch_query(
     source: &Client,
     table: &Table,
-    src: &str,
-    list: &str,
-    key: &[String],
+    sql: &BatchSql<'_>,
     after: Option<&str>,
     batch_rows: usize,
 ) -> Result<(String, Option<String>), MigrateError> {
+    let BatchSql {
+        src,
+        src_rows,
+        list,
+        key,
+    } = *sql;
     let tuple = format!("({})", key.join(", "));
     let bound = |json: &str| {
         let lit = quote_literal(json);
@@ -248,7 +263,7 @@ async fn batch_query(
         .collect::<Vec<_>>()
         .join(", ");
     let probe = format!(
-        "SELECT jsonb_build_object({obj})::text FROM {src} {} ORDER BY {} OFFSET {} LIMIT 1",
+        "SELECT jsonb_build_object({obj})::text FROM {src_rows} {} ORDER BY {} OFFSET {} LIMIT 1",
         lower
             .as_ref()
             .map(|l| format!("WHERE {l}"))
@@ -270,7 +285,7 @@ async fn batch_query(
     } else {
         format!(" WHERE {}", conds.join(" AND "))
     };
-    let query = format!("SELECT {list} FROM {src}{filter}");
+    let query = format!("SELECT {list} FROM {src_rows}{filter}");
     // With no bound found this batch is the table's tail; say so by returning no "last" key.
     Ok((query, last))
 }

@@ -29,6 +29,9 @@ pub struct StartRequest {
     pub verify: VerifyLevel,
     pub cutover: CutoverMode,
     pub allow_existing: bool,
+    /// Shared tables: the tenant column, and the tenant's value in it (default: the tenant's name).
+    pub tenant_column: Option<String>,
+    pub tenant_key: Option<String>,
 }
 
 /// An operation's refusal: a stable code and a message.
@@ -152,11 +155,18 @@ fn plan(shared: &Shared, req: &StartRequest) -> Result<Record, OpError> {
         .ok_or_else(|| {
             OpError::new("unknown_tenant", format!("tenant {tenant:?} is not routed"))
         })?;
-    let schema = route.schema.clone().ok_or_else(|| {
-        preflight(format!(
-            "tenant {tenant:?} has no schema in its route; only schema-per-tenant routes can be migrated"
-        ))
-    })?;
+    // Schema routes move the whole schema; shared tables move the tenant's rows of the tables that have the
+    // tenant column (in the route's schema, or public).
+    let shared_tables = req.tenant_column.is_some();
+    let schema = match (&route.schema, shared_tables) {
+        (Some(s), _) => s.clone(),
+        (None, true) => "public".to_owned(),
+        (None, false) => {
+            return Err(preflight(format!(
+                "tenant {tenant:?} has no schema in its route; give --tenant-column to migrate its rows of shared tables"
+            )))
+        }
+    };
     let backends = shared.backends.load();
     let src_backend = backends
         .get(&route.backend)
@@ -180,7 +190,12 @@ fn plan(shared: &Shared, req: &StartRequest) -> Result<Record, OpError> {
     let target = Route {
         backend: req.to.clone(),
         database: Some(target_database.clone()),
-        schema: Some(req.schema.clone().unwrap_or_else(|| schema.clone())),
+        schema: match (&req.schema, shared_tables) {
+            (Some(s), _) => Some(s.clone()),
+            // Shared tables: the same kind of route on the target (schema or none).
+            (None, true) => route.schema.clone(),
+            (None, false) => Some(schema.clone()),
+        },
     };
     if target.backend == route.backend && target_database == source_database {
         // Capture objects are per database: source and target in one database would share them.
@@ -198,6 +213,8 @@ fn plan(shared: &Shared, req: &StartRequest) -> Result<Record, OpError> {
         source: route,
         target,
         schema,
+        tenant_column: req.tenant_column.clone(),
+        tenant_key: req.tenant_key.clone(),
         source_database,
         target_database,
         verify: req.verify,
@@ -236,14 +253,20 @@ async fn check_sides(
             source.schema
         )));
     }
-    let tables = catalog::tables(&src, &source.schema)
+    let mut tables = catalog::tables(&src, &source.schema)
         .await
         .map_err(preflight)?;
+    if let Some(f) = &source.filter {
+        tables.retain(|t| t.columns.contains(&f.column));
+    }
     if tables.is_empty() {
-        return Err(preflight(format!(
-            "schema {:?} has no tables to migrate",
-            source.schema
-        )));
+        return Err(preflight(match &source.filter {
+            None => format!("schema {:?} has no tables to migrate", source.schema),
+            Some(f) => format!(
+                "no table in schema {:?} has the tenant column {:?}",
+                source.schema, f.column
+            ),
+        }));
     }
     let dst = target.connect().await.map_err(preflight)?;
     superuser(&dst, &target.backend).await?;
@@ -252,7 +275,7 @@ async fn check_sides(
         .await
         .map_err(preflight)?
     {
-        if target.schema != source.schema {
+        if target.schema != source.schema || target.filter.is_some() {
             return Err(preflight(format!(
                 "target schema {:?} does not exist; create it with the tables' definitions first",
                 target.schema
@@ -279,7 +302,7 @@ async fn check_sides(
         }
         let rows = dst
             .query_one(
-                &format!("SELECT count(*) FROM {}", target.qualified(&t.name)),
+                &format!("SELECT count(*) FROM {} x", target.rows(&t.name)),
                 &[],
             )
             .await
@@ -616,12 +639,9 @@ pub async fn finalize(
     capture::remove(&dst, tenant).await?;
     capture::remove(&src, tenant).await?;
     if drop_source {
-        src.batch_execute(&format!(
-            "DROP SCHEMA {} CASCADE",
-            quote_ident(&source.schema)
-        ))
-        .await
-        .map_err(|e| MigrateError::pg("drop the source schema", e))?;
+        src.batch_execute(&drop_tenant_sql(&source, &rec.tables))
+            .await
+            .map_err(|e| MigrateError::pg("drop the tenant's data on the source", e))?;
     }
     transition(shared, tenant, State::Completed, |_| {})?;
     shared.migrations.forget_live(tenant);
@@ -724,6 +744,8 @@ async fn abort_target(
     }
     let sql = if rec.created_target_schema {
         format!("DROP SCHEMA {} CASCADE", quote_ident(&target.schema))
+    } else if target.filter.is_some() {
+        drop_tenant_sql(target, &rec.tables)
     } else {
         let list: Vec<String> = rec.tables.iter().map(|t| target.qualified(t)).collect();
         format!("TRUNCATE {}", list.join(", "))
@@ -732,6 +754,24 @@ async fn abort_target(
         .await
         .map_err(|e| MigrateError::pg("drop the target copy", e))?;
     Ok(0)
+}
+
+/// Deletes the tenant's data on `side`: its schema, or for shared tables its rows (in one transaction, foreign
+/// keys not checked: every table of the tenant loses the tenant's rows together).
+fn drop_tenant_sql(side: &Endpoint, tables: &[String]) -> String {
+    if side.filter.is_none() {
+        return format!("DROP SCHEMA {} CASCADE", quote_ident(&side.schema));
+    }
+    let mut sql = String::from("BEGIN; SET LOCAL session_replication_role = replica;");
+    for t in tables {
+        sql.push_str(&format!(
+            " DELETE FROM {}{};",
+            side.qualified(t),
+            side.tenant_where()
+        ));
+    }
+    sql.push_str(" COMMIT;");
+    sql
 }
 
 /// A fresh task for a migration whose task was halted (its token is cancelled for good), taking over the tee.
@@ -756,10 +796,7 @@ async fn target_rows(dst: &Client, target: &Endpoint, tables: &[String]) -> u64 
     let mut n = 0;
     for t in tables {
         if let Ok(r) = dst
-            .query_one(
-                &format!("SELECT count(*) FROM {}", target.qualified(t)),
-                &[],
-            )
+            .query_one(&format!("SELECT count(*) FROM {} x", target.rows(t)), &[])
             .await
         {
             n += r.get::<_, i64>(0).max(0) as u64;

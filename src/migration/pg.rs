@@ -26,12 +26,46 @@ pub struct Endpoint {
     pub config: BackendConfig,
     pub database: String,
     pub schema: String,
+    /// Shared tables: only the rows whose `column` holds `key` are the tenant's.
+    pub filter: Option<Filter>,
+}
+
+/// The tenant's rows in shared tables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Filter {
+    pub column: String,
+    pub key: String,
 }
 
 impl Endpoint {
-    /// `"schema"."table"`.
+    /// `"schema"."table"`: the table itself (to write to, lock, trigger on, or name its row type).
     pub fn qualified(&self, table: &str) -> String {
         format!("{}.{}", quote_ident(&self.schema), quote_ident(table))
+    }
+
+    /// The tenant's rows of `table`, for a FROM clause (give it an alias): the table, or for shared tables a
+    /// subquery that keeps only the tenant's rows.
+    pub fn rows(&self, table: &str) -> String {
+        match &self.filter {
+            None => self.qualified(table),
+            Some(_) => format!(
+                "(SELECT * FROM {}{})",
+                self.qualified(table),
+                self.tenant_where()
+            ),
+        }
+    }
+
+    /// ` WHERE column = 'key'` for shared tables, else nothing.
+    pub fn tenant_where(&self) -> String {
+        match &self.filter {
+            None => String::new(),
+            Some(f) => format!(
+                " WHERE {} = {}",
+                quote_ident(&f.column),
+                super::capture::quote_literal(&f.key)
+            ),
+        }
     }
 
     pub async fn connect(&self) -> Result<Client, MigrateError> {

@@ -136,6 +136,12 @@ pub struct Record {
     pub target: Route,
     /// The schema the tenant's tables are in, on both sides.
     pub schema: String,
+    /// Shared tables: the column that says which tenant a row belongs to, and the tenant's value in it (the
+    /// tenant's name unless given). Only tables with that column migrate, and only the tenant's rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant_column: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant_key: Option<String>,
     pub source_database: String,
     pub target_database: String,
     pub verify: VerifyLevel,

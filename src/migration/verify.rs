@@ -94,7 +94,7 @@ pub async fn compare(
 async fn count(c: &Client, side: &Endpoint, t: &Table) -> Result<u64, MigrateError> {
     let row = c
         .query_one(
-            &format!("SELECT count(*) FROM {}", side.qualified(&t.name)),
+            &format!("SELECT count(*) FROM {} x", side.rows(&t.name)),
             &[],
         )
         .await
@@ -164,7 +164,7 @@ async fn hash_chunks(
         let q = |side: &Endpoint| {
             format!(
                 "SELECT coalesce(md5(string_agg(h, '' ORDER BY h)), '') FROM (SELECT {h} AS h FROM {} x) s",
-                side.qualified(&t.name)
+                side.rows(&t.name)
             )
         };
         let a: String = one(src, &q(sides.source)).await?;
@@ -190,7 +190,7 @@ async fn hash_chunks(
         "SELECT k FROM (SELECT {} AS k, row_number() OVER (ORDER BY {order}) AS rn FROM {} x) s \
          WHERE (rn - 1) % {} = 0 ORDER BY rn",
         key_json(t),
-        sides.source.qualified(&t.name),
+        sides.source.rows(&t.name),
         sides.chunk_rows.max(1)
     );
     let bounds: Vec<String> = src
@@ -205,7 +205,7 @@ async fn hash_chunks(
         let q = |side: &Endpoint| {
             format!(
                 "SELECT coalesce(md5(string_agg({h}, '' ORDER BY {order})), '') FROM {} x {}",
-                side.qualified(&t.name),
+                side.rows(&t.name),
                 chunk_filter(side, t, &bounds, i)
             )
         };
@@ -258,7 +258,7 @@ async fn differing_keys(
             "SELECT {}, {} FROM {} x {}",
             key_json(t),
             row_hash(t),
-            side.qualified(&t.name),
+            side.rows(&t.name),
             chunk_filter(side, t, bounds, i)
         )
     };
