@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Proxy memory per idle client connection: N connections without a tenant (client side only), and M connections
-# of a tenant in session mode (each also holds a pooled backend connection).
+# Proxy memory per idle client connection: N connections without a tenant (client side only), M connections
+# of a tenant in session mode (each also holds a pooled backend connection), and N connections of a tenant in
+# transaction mode (between transactions they hold no backend connection).
 #   bash benches/idle_memory.sh        N=1000 M=200
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,12 +20,16 @@ PORT="$(free_port)"
 pgtenant_config "$PG_WORKDIR/pgtenant.toml" "$PORT" "$main_PORT" "$M" "" \
   "max_client_conn = $((N + M + 100))
 workers = 1"
-measure() { # user count: a fresh proxy for each measurement, so freed memory is not reused
-  RUST_LOG=pgtenant=warn ./target/release/pgtenant serve --config "$PG_WORKDIR/pgtenant.toml" &
+pgtenant_config "$PG_WORKDIR/pgtenant-tx.toml" "$PORT" "$main_PORT" 20 "" \
+  "max_client_conn = $((N + M + 100))
+workers = 1
+pool_mode = \"transaction\""
+measure() { # user count [config]: a fresh proxy for each measurement, so freed memory is not reused
+  RUST_LOG=pgtenant=warn ./target/release/pgtenant serve --config "${3:-$PG_WORKDIR/pgtenant.toml}" &
   local pid=$!
   PG_CLEANUP_EXTRA+=("$pid")
   wait_port "$PORT"
-  python3 benches/idle_memory.py "$pid" "host=127.0.0.1 port=$PORT user=$1 dbname=app password=secret" "$2"
+  python3 benches/idle_memory.py "$pid" "host=127.0.0.1 port=$PORT user=$1 dbname=app password=secret" "$2" ${4:-}
   kill "$pid"; wait "$pid" 2>/dev/null || true
   sleep 0.5
 }
@@ -32,3 +37,5 @@ echo "without a tenant (client side only):"
 measure app "$N"
 echo "with a tenant in session mode (client side plus the pooled backend connection it holds):"
 measure app.acme "$M"
+echo "with a tenant in transaction mode (no backend connection held between transactions):"
+measure app.acme "$N" "$PG_WORKDIR/pgtenant-tx.toml" all

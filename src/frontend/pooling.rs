@@ -50,7 +50,16 @@ impl Session {
             // Settings of unknown origin: whoever comes next starts with a full reset.
             (UNKNOWN_SETS, true)
         };
+        let (out, mut inflight) = (
+            std::mem::take(&mut server.out),
+            std::mem::take(&mut server.inflight),
+        );
         server.conn.release(ReleaseState::Keep);
+        // A parked session holds no large buffers: one that grew for a burst goes.
+        if out.capacity() <= 8 * 1024 {
+            inflight.reset();
+            self.spare = Some((out, inflight));
+        }
     }
 
     /// A connection checked out outside [`Session::unpark`] (at login, or for `SET pgtenant.tenant`) in
@@ -88,7 +97,7 @@ impl Session {
             Some(r) if r.tenant == tenant && self.fresh(&r) => r,
             _ => resolve(&self.shared, &self.info, &tenant).map_err(Refusal::Statement)?,
         };
-        let mut server = match checkout(&resolved, &tenant).await {
+        let mut server = match checkout(&resolved, &tenant, self.spare.take()).await {
             Ok(s) => s,
             Err(e) => {
                 self.count_error(ErrorKind::BackendUnavailable);

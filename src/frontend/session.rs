@@ -240,6 +240,10 @@ pub struct Session {
     pub(super) statements: ClientStatements,
     /// Transaction pool mode: where the tenant's transactions went last (reused while nothing changed).
     pub(super) resolved: Option<Resolved>,
+    /// Transaction pool mode: the output buffer and in-flight queue of the last backend connection, kept for
+    /// the next one (buffers swap between the client's input and the backend's output; dropping them at every
+    /// park would cost an allocation per transaction).
+    pub(super) spare: Option<(BytesMut, Inflight)>,
 }
 
 impl Session {
@@ -305,6 +309,7 @@ impl Session {
             tx_mode: false,
             statements: ClientStatements::default(),
             resolved: None,
+            spare: None,
         };
         session.tx_mode = session.shared.config.load().proxy.pool_mode == PoolMode::Transaction;
         if session.tx_mode {
@@ -313,6 +318,9 @@ impl Session {
         let tenant = session.info.startup_tenant.clone();
         session.install(tenant, attached);
         session.settle().await;
+        // Whatever settling told the client goes out as the startup reply's own parameters below: nothing may
+        // precede AuthenticationOk.
+        session.cout.clear();
         messages::auth_ok(&mut session.cout);
         for (k, v) in &session.told {
             messages::parameter_status(&mut session.cout, k, v);
@@ -835,15 +843,20 @@ pub(super) fn resolve(
     })
 }
 
-/// Checks out a backend connection of `resolved`'s pool.
-pub(super) async fn checkout(resolved: &Resolved, tenant: &TenantId) -> Result<Server, PgError> {
+/// Checks out a backend connection of `resolved`'s pool (with a spare output buffer and in-flight queue).
+pub(super) async fn checkout(
+    resolved: &Resolved,
+    tenant: &TenantId,
+    spare: Option<(BytesMut, Inflight)>,
+) -> Result<Server, PgError> {
     let conn = resolved.pool.checkout(&resolved.tag).await.map_err(|e| {
         debug!(%tenant, error = %e, "backend checkout failed");
         e.to_client(false)
     })?;
+    let (out, inflight) = spare.unwrap_or_default();
     Ok(Server {
         conn,
-        out: BytesMut::new(),
+        out,
         scan: Scanner::new(Direction::FromBackend, WHOLE_FRAME_MAX),
         flush: false,
         pending: 0,
@@ -853,7 +866,7 @@ pub(super) async fn checkout(resolved: &Resolved, tenant: &TenantId) -> Result<S
         copy_in: false,
         syncs_since_exec: 0,
         replace_error: None,
-        inflight: Inflight::default(),
+        inflight,
         synced: false,
     })
 }
@@ -865,7 +878,7 @@ pub(super) async fn connect_server(
     tenant: &TenantId,
 ) -> Result<Attached, PgError> {
     let resolved = resolve(shared, info, tenant)?;
-    let server = checkout(&resolved, tenant).await?;
+    let server = checkout(&resolved, tenant, None).await?;
     Ok(Attached {
         server,
         route: resolved.route,

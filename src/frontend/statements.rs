@@ -93,6 +93,13 @@ impl Inflight {
         self.queue.len()
     }
 
+    /// Empty and counting from zero, for the next connection (the queue keeps its memory).
+    pub fn reset(&mut self) {
+        self.queue.clear();
+        self.sent = 0;
+        self.done = 0;
+    }
+
     /// A ParseComplete or CloseComplete arrived: true when it answers the proxy's own frame (drop it).
     pub fn on_complete(&mut self) -> bool {
         self.queue.pop_front().is_some_and(|e| e.swallow)

@@ -213,7 +213,11 @@ async fn before_swap(
     let fp = shared.migrations.failpoints.clone();
     fp.check("cutover.after_close").await?;
     let left = deadline.saturating_duration_since(Instant::now());
-    if !gate.wait_drained(left).await {
+    if !ready
+        .tee
+        .drain_while(gate.wait_drained(left), deadline)
+        .await?
+    {
         return Err(MigrateError::Timeout(format!(
             "{} transaction(s) of the tenant still open",
             gate.active()
@@ -378,7 +382,10 @@ pub async fn rollback(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<Value, M
     gate.close();
     let deadline = closed_at + timeout;
     let swap = async {
-        if !gate.wait_drained(timeout).await {
+        if !tee
+            .drain_while(gate.wait_drained(timeout), deadline)
+            .await?
+        {
             return Err(MigrateError::Timeout(
                 "open transactions did not finish".into(),
             ));

@@ -225,6 +225,39 @@ impl Tee {
         }
     }
 
+    /// While the gate waits for the tenant's open transactions (`drained`), keeps draining the log, so that
+    /// when the last one ends only its own changes are left for the final drain. Passes are never cut short
+    /// (a pass abandoned halfway would leave the target inside a transaction): the one running when `drained`
+    /// finishes is awaited. Returns what `drained` said.
+    pub async fn drain_while(
+        &self,
+        drained: impl std::future::Future<Output = bool>,
+        deadline: Instant,
+    ) -> Result<bool, MigrateError> {
+        let done = AtomicBool::new(false);
+        let waiter = async {
+            let ok = drained.await;
+            done.store(true, Ordering::SeqCst);
+            ok
+        };
+        let drainer = async {
+            while !done.load(Ordering::SeqCst) && Instant::now() < deadline {
+                let read = {
+                    let mut guard = self.hold(deadline).await?;
+                    self.pass_locked(&mut guard, deadline).await?
+                };
+                if read == 0 {
+                    // Nothing to do: look again shortly (a commit lands in the log before its transaction ends).
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+            Ok::<(), MigrateError>(())
+        };
+        let (ok, drained) = futures_util::future::join(waiter, drainer).await;
+        drained?;
+        Ok(ok)
+    }
+
     async fn connect(&self) -> Result<Link, MigrateError> {
         let from = self.spec.from.connect().await?;
         let to = self.spec.to.connect().await?;
