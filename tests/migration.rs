@@ -874,6 +874,14 @@ async fn migrates_a_tenants_rows_of_shared_tables() {
         assert!(Instant::now() < deadline, "{s}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Rows that change tenant: one of acme's leaves it (a delete for acme), one of globex's joins it (an insert).
+    let c = proxy.connect("app.acme", "app").await.unwrap();
+    c.batch_execute(
+        "UPDATE accounts SET tenant = 'globex' WHERE id = 2; UPDATE accounts SET tenant = 'acme' WHERE id = 1;
+         UPDATE notes SET tenant = 'globex' WHERE body = 'n2'; UPDATE notes SET tenant = 'acme' WHERE body = 'n1'",
+    )
+    .await
+    .unwrap();
     proxy
         .admin_ok(json!({"cmd": "migrate.cutover", "tenant": "acme"}))
         .await;

@@ -300,26 +300,32 @@ pub fn apply_sql(side: &Endpoint, table: &Table, op: u8) -> Result<String, Migra
                 format!(", {} o", image(4))
             };
             format!(
-                "{ledger} UPDATE {q} AS x SET {} FROM {} r{old} WHERE {} AND {new}",
+                "{ledger} UPDATE {q} AS x SET {} FROM {} r{old} WHERE {} AND {new}{}",
                 assignments(table),
                 image(3),
-                matches(4)
+                matches(4),
+                side.tenant_and("x")
             )
         }
         b'D' => {
             if table.key.is_empty() {
-                format!("{ledger} DELETE FROM {q} AS x WHERE {} AND {new}", matches(3))
+                format!(
+                    "{ledger} DELETE FROM {q} AS x WHERE {} AND {new}{}",
+                    matches(3),
+                    side.tenant_and("x")
+                )
             } else {
                 format!(
-                    "{ledger} DELETE FROM {q} AS x USING {} o WHERE {} AND {new}",
+                    "{ledger} DELETE FROM {q} AS x USING {} o WHERE {} AND {new}{}",
                     image(3),
-                    matches(3)
+                    matches(3),
+                    side.tenant_and("x")
                 )
             }
         }
         // DELETE, not TRUNCATE: foreign keys from tables truncated alongside would refuse a lone TRUNCATE
         // (their own 'T' entries follow), while DELETE under the replica role does not check them.
-        b'T' => format!("{ledger} DELETE FROM {q} WHERE {new}"),
+        b'T' => format!("{ledger} DELETE FROM {q} AS x WHERE {new}{}", side.tenant_and("x")),
         other => {
             return Err(MigrateError::Refused(format!(
                 "unknown change-log operation {:?}",

@@ -197,16 +197,18 @@ pub fn batch_sql(side: &Endpoint, table: &Table, kind: u8) -> Option<String> {
             rows("$2", "$3", "r")
         ),
         b'd' if !table.key.is_empty() => format!(
-            "{ledger} DELETE FROM {q} AS x USING {} WHERE {}",
+            "{ledger} DELETE FROM {q} AS x USING {} WHERE {}{}",
             rows("$2", "$3", "o"),
-            key_match(table, "o")
+            key_match(table, "o"),
+            side.tenant_and("x")
         ),
         b'u' if !table.key.is_empty() => {
             format!(
-                "{ledger} UPDATE {q} AS x SET {} FROM {} WHERE {}",
+                "{ledger} UPDATE {q} AS x SET {} FROM {} WHERE {}{}",
                 assignments(table),
                 rows("$3", "$4", "r"),
-                key_match(table, "r")
+                key_match(table, "r"),
+                side.tenant_and("x")
             )
         }
         _ => return None,

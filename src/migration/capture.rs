@@ -30,15 +30,36 @@ CREATE TABLE IF NOT EXISTS pgtenant.applied (
     PRIMARY KEY (tenant, id)
 );
 CREATE TABLE IF NOT EXISTS pgtenant.guarded (
-    schema_name text PRIMARY KEY,
-    tenant      text NOT NULL
+    schema_name text NOT NULL,
+    tenant      text NOT NULL,
+    PRIMARY KEY (schema_name, tenant)
 );
+-- Several tenants of one schema (shared tables) may migrate at once: one guard row each.
+DO $up$ BEGIN
+    IF (SELECT array_length(conkey, 1) FROM pg_constraint
+         WHERE conrelid = 'pgtenant.guarded'::regclass AND contype = 'p') = 1 THEN
+        ALTER TABLE pgtenant.guarded DROP CONSTRAINT guarded_pkey, ADD PRIMARY KEY (schema_name, tenant);
+    END IF;
+END $up$;
 CREATE OR REPLACE FUNCTION pgtenant.capture() RETURNS trigger LANGUAGE plpgsql AS $fn$
+DECLARE
+    was boolean;
+    now_is boolean;
 BEGIN
-    -- Shared tables (arguments: tenant, tenant column, tenant's value): only the tenant's rows.
+    -- Shared tables (arguments: tenant, tenant column, tenant's value): only the tenant's rows. A row that leaves
+    -- the tenant is a delete for it, one that joins it an insert.
     IF TG_NARGS >= 3 AND TG_LEVEL = 'ROW' THEN
-        IF (TG_OP = 'INSERT' OR to_jsonb(OLD)->>TG_ARGV[1] IS DISTINCT FROM TG_ARGV[2])
-           AND (TG_OP = 'DELETE' OR to_jsonb(NEW)->>TG_ARGV[1] IS DISTINCT FROM TG_ARGV[2]) THEN
+        was := TG_OP <> 'INSERT' AND to_jsonb(OLD)->>TG_ARGV[1] IS NOT DISTINCT FROM TG_ARGV[2];
+        now_is := TG_OP <> 'DELETE' AND to_jsonb(NEW)->>TG_ARGV[1] IS NOT DISTINCT FROM TG_ARGV[2];
+        IF NOT was AND NOT now_is THEN
+            RETURN NULL;
+        ELSIF TG_OP = 'UPDATE' AND NOT now_is THEN
+            INSERT INTO pgtenant.change_log (tenant, tbl, op, old_row)
+            VALUES (TG_ARGV[0], TG_TABLE_NAME, 'D', to_jsonb(OLD));
+            RETURN NULL;
+        ELSIF TG_OP = 'UPDATE' AND NOT was THEN
+            INSERT INTO pgtenant.change_log (tenant, tbl, op, new_row)
+            VALUES (TG_ARGV[0], TG_TABLE_NAME, 'I', to_jsonb(NEW));
             RETURN NULL;
         END IF;
     END IF;
@@ -170,7 +191,7 @@ pub async fn install(
     }
     sql.push_str(&format!(
         "INSERT INTO pgtenant.guarded (schema_name, tenant) VALUES ({}, {arg}) \
-         ON CONFLICT (schema_name) DO UPDATE SET tenant = EXCLUDED.tenant; COMMIT;",
+         ON CONFLICT (schema_name, tenant) DO NOTHING; COMMIT;",
         quote_literal(&side.schema)
     ));
     let mut tries = 0;

@@ -58,6 +58,32 @@ pub async fn sequences(client: &Client, schema: &str) -> Result<Vec<String>, Mig
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
+/// The sequences the cutover keeps in step on `side`: every sequence of the schema, or for shared tables only
+/// those owned by the migrated tables (serial and identity columns; other sequences of a shared schema belong
+/// to other tables and may not exist on the other side).
+pub async fn sequences_of(
+    client: &Client,
+    side: &super::pg::Endpoint,
+    tables: &[String],
+) -> Result<Vec<String>, MigrateError> {
+    if side.filter.is_none() {
+        return sequences(client, &side.schema).await;
+    }
+    let rows = client
+        .query(
+            "SELECT DISTINCT s.relname::text FROM pg_class s \
+               JOIN pg_namespace n ON n.oid = s.relnamespace \
+               JOIN pg_depend d ON d.objid = s.oid AND d.classid = 'pg_class'::regclass \
+                AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i') \
+               JOIN pg_class t ON t.oid = d.refobjid \
+              WHERE n.nspname = $1 AND s.relkind = 'S' AND t.relname = ANY($2) ORDER BY 1",
+            &[&side.schema, &tables],
+        )
+        .await
+        .map_err(|e| MigrateError::pg("list sequences", e))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 pub async fn schema_exists(client: &Client, schema: &str) -> Result<bool, MigrateError> {
     let row = client
         .query_one(

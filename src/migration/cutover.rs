@@ -16,6 +16,7 @@ use super::catalog;
 use super::coordinator::{endpoints, start_tee, stop_tee, transition, Direction, Live};
 use super::pg::Endpoint;
 use super::record::{Record, State};
+use super::tee::DRAIN_MARGIN;
 use super::MigrateError;
 use crate::context::Shared;
 use crate::gate::Gate;
@@ -183,7 +184,7 @@ async fn prepare(
         .filter(|(d, _)| *d == Direction::Forward)
         .ok_or_else(|| MigrateError::Refused("the tee is not running".into()))?;
     let (src, dst) = (source.connect().await?, target.connect().await?);
-    let sequences = catalog::sequences(&src, &source.schema).await?;
+    let sequences = catalog::sequences_of(&src, &source, &rec.tables).await?;
     capture::install(&dst, &target, &rec.tenant, &rec.tables, &live.stop).await?;
     let timeout = Duration::from_millis(shared.config.load().migration.cutover_timeout_ms);
     tee.catch_up(Instant::now() + timeout, CAUGHT_UP).await?;
@@ -212,7 +213,7 @@ async fn before_swap(
 ) -> Result<(), MigrateError> {
     let fp = shared.migrations.failpoints.clone();
     fp.check("cutover.after_close").await?;
-    let left = deadline.saturating_duration_since(Instant::now());
+    let left = deadline.saturating_duration_since(Instant::now() + DRAIN_MARGIN);
     if !ready
         .tee
         .drain_while(gate.wait_drained(left), deadline)
@@ -376,16 +377,14 @@ pub async fn rollback(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<Value, M
         .tee()
         .ok_or_else(|| MigrateError::Refused("the reverse tee is not running".into()))?;
     let (src, dst) = (source.connect().await?, target.connect().await?);
-    let sequences = catalog::sequences(&dst, &target.schema).await?;
+    let sequences = catalog::sequences_of(&dst, &target, &rec.tables).await?;
     tee.catch_up(Instant::now() + timeout, CAUGHT_UP).await?;
     let closed_at = Instant::now();
     gate.close();
     let deadline = closed_at + timeout;
     let swap = async {
-        if !tee
-            .drain_while(gate.wait_drained(timeout), deadline)
-            .await?
-        {
+        let left = deadline.saturating_duration_since(Instant::now() + DRAIN_MARGIN);
+        if !tee.drain_while(gate.wait_drained(left), deadline).await? {
             return Err(MigrateError::Timeout(
                 "open transactions did not finish".into(),
             ));

@@ -879,9 +879,10 @@ async fn repair_range(
         .await
         .map_err(|e| MigrateError::pg("begin repair", e))?;
     tx.batch_execute(&format!(
-        "SET LOCAL session_replication_role = replica; DELETE FROM {} x {}",
+        "SET LOCAL session_replication_role = replica; DELETE FROM {} x {}{}",
         target.qualified(&t.name),
-        verify::range_filter(target, t, range)
+        verify::range_filter(target, t, range),
+        target.tenant_and("x")
     ))
     .await
     .map_err(|e| MigrateError::pg("clear range", e))?;
@@ -889,7 +890,7 @@ async fn repair_range(
         .query(
             &format!(
                 "SELECT to_jsonb(x)::text FROM {} x {}",
-                source.qualified(&t.name),
+                source.rows(&t.name),
                 verify::range_filter(source, t, range)
             ),
             &[],

@@ -56,16 +56,30 @@ impl Endpoint {
         }
     }
 
-    /// ` WHERE column = 'key'` for shared tables, else nothing.
+    /// ` WHERE column::text = 'key'` for shared tables, else nothing. The column's text form is compared, as
+    /// the capture trigger does (it sees the row as JSON), so both agree for every column type.
     pub fn tenant_where(&self) -> String {
-        match &self.filter {
-            None => String::new(),
-            Some(f) => format!(
-                " WHERE {} = {}",
+        self.tenant_cond("")
+            .map(|c| format!(" WHERE {c}"))
+            .unwrap_or_default()
+    }
+
+    /// ` AND alias.column::text = 'key'` for shared tables, else nothing: applied changes touch only the
+    /// tenant's rows, even where another tenant's row on the target has the same key.
+    pub fn tenant_and(&self, alias: &str) -> String {
+        self.tenant_cond(&format!("{alias}."))
+            .map(|c| format!(" AND {c}"))
+            .unwrap_or_default()
+    }
+
+    fn tenant_cond(&self, prefix: &str) -> Option<String> {
+        self.filter.as_ref().map(|f| {
+            format!(
+                "{prefix}{}::text = {}",
                 quote_ident(&f.column),
                 super::capture::quote_literal(&f.key)
-            ),
-        }
+            )
+        })
     }
 
     pub async fn connect(&self) -> Result<Client, MigrateError> {

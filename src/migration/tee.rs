@@ -26,6 +26,9 @@ use crate::config::TeeMode;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Longest one background pass may take (a blackholed target must not hang the tee for a TCP timeout).
 const PASS_TIMEOUT: Duration = Duration::from_secs(30);
+/// [`Tee::drain_while`] starts no pass, and its callers stop waiting for open transactions, this long before
+/// their deadline, so the deadline finds no pass halfway.
+pub const DRAIN_MARGIN: Duration = Duration::from_millis(100);
 /// How often the backlog gauge is refreshed from the database when nothing else updates it.
 const LAG_REFRESH: Duration = Duration::from_secs(1);
 
@@ -240,22 +243,37 @@ impl Tee {
             done.store(true, Ordering::SeqCst);
             ok
         };
+        // No new pass starts near the deadline, so none is running when the caller's time runs out.
+        let last_start = deadline
+            .checked_sub(DRAIN_MARGIN)
+            .unwrap_or_else(Instant::now);
         let drainer = async {
-            while !done.load(Ordering::SeqCst) && Instant::now() < deadline {
+            while !done.load(Ordering::SeqCst) && Instant::now() < last_start {
                 let read = {
                     let mut guard = self.hold(deadline).await?;
                     self.pass_locked(&mut guard, deadline).await?
                 };
                 if read == 0 {
                     // Nothing to do: look again shortly (a commit lands in the log before its transaction ends).
-                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             }
             Ok::<(), MigrateError>(())
         };
-        let (ok, drained) = futures_util::future::join(waiter, drainer).await;
-        drained?;
-        Ok(ok)
+        tokio::pin!(waiter, drainer);
+        // A drainer that fails ends the wait at once (the gate must not stay closed for an error already known);
+        // otherwise the pass running when the transactions are done is awaited.
+        tokio::select! {
+            ok = &mut waiter => {
+                drainer.await?;
+                Ok(ok)
+            }
+            r = &mut drainer => match r {
+                // The deadline came during a pass: what counts is whether the transactions finished.
+                Ok(()) | Err(MigrateError::Timeout(_)) => Ok(waiter.await),
+                Err(e) => Err(e),
+            },
+        }
     }
 
     async fn connect(&self) -> Result<Link, MigrateError> {
