@@ -167,17 +167,7 @@ async fn pgbench_through_the_proxy_keeps_its_invariants() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psycopg_works_unchanged() {
-    let have = Command::new("python3")
-        .args(["-c", "import psycopg"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !have {
-        assert!(
-            std::env::var_os("PGTENANT_REQUIRE_PSYCOPG").is_none(),
-            "psycopg is required but missing"
-        );
-        eprintln!("psycopg not installed; skipping (CI installs it)");
+    if !common::psycopg_available() {
         return;
     }
     let pg = PgCluster::start();

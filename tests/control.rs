@@ -5,22 +5,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{code, http_get, Harness, PgCluster, TestProxy};
+use common::{code, http_get, Harness, TestProxy};
 use serde_json::json;
 
-struct Two {
-    shared: PgCluster,
-    dedicated: PgCluster,
-}
-
-fn clusters() -> Two {
-    let shared = PgCluster::start();
-    shared.tenant_schemas("app", &["tenant_acme", "tenant_globex"]);
-    let dedicated = PgCluster::start();
-    dedicated.tenant_schemas("app", &["tenant_acme"]);
-    dedicated.psql("app", "UPDATE tenant_acme.t SET who = 'dedicated'");
-    Two { shared, dedicated }
-}
+use common::{show, two_clusters as clusters, Two};
 
 fn harness(w: &Two) -> Harness {
     Harness::new()
@@ -28,16 +16,6 @@ fn harness(w: &Two) -> Harness {
         .backend_with("dedicated", &w.dedicated, "database = \"app\"")
         .tenant("acme", "shared", None, Some("tenant_acme"))
         .tenant("globex", "shared", None, Some("tenant_globex"))
-}
-
-async fn show(c: &tokio_postgres::Client, what: &str) -> String {
-    let rows = c.simple_query(&format!("SHOW {what}")).await.unwrap();
-    rows.iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
-            _ => None,
-        })
-        .unwrap()
 }
 
 async fn who(c: &tokio_postgres::Client) -> String {

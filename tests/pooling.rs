@@ -13,19 +13,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-struct Two {
-    shared: PgCluster,
-    dedicated: PgCluster,
-}
-
-fn clusters() -> Two {
-    let shared = PgCluster::start();
-    shared.tenant_schemas("app", &["tenant_acme", "tenant_globex"]);
-    let dedicated = PgCluster::start();
-    dedicated.tenant_schemas("app", &["tenant_acme"]);
-    dedicated.psql("app", "UPDATE tenant_acme.t SET who = 'dedicated'");
-    Two { shared, dedicated }
-}
+use common::{show, two_clusters as clusters, Two};
 
 fn harness(w: &Two, pool_size: usize) -> Harness {
     Harness::new()
@@ -43,16 +31,6 @@ fn harness(w: &Two, pool_size: usize) -> Harness {
         .tenant("acme", "shared", None, Some("tenant_acme"))
         .tenant("globex", "shared", None, Some("tenant_globex"))
         .raw("[[users]]\nname = \"dev\"\nauth = \"trust\"\ntenants = [\"*\"]\n")
-}
-
-async fn show(c: &tokio_postgres::Client, what: &str) -> String {
-    let rows = c.simple_query(&format!("SHOW {what}")).await.unwrap();
-    rows.iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
-            _ => None,
-        })
-        .unwrap()
 }
 
 async fn who_is(c: &tokio_postgres::Client) -> Result<String, tokio_postgres::Error> {
@@ -526,17 +504,7 @@ async fn pinned_sessions_keep_their_connection_until_they_unpin() {
 
 #[test]
 fn psycopg_prepares_automatically_in_both_pool_modes() {
-    let have = std::process::Command::new("python3")
-        .args(["-c", "import psycopg"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !have {
-        assert!(
-            std::env::var_os("PGTENANT_REQUIRE_PSYCOPG").is_none(),
-            "psycopg is required but missing"
-        );
-        eprintln!("psycopg not installed; skipping (CI installs it)");
+    if !common::psycopg_available() {
         return;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()

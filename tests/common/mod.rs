@@ -611,3 +611,48 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+
+/// Two clusters: "shared" with schemas tenant_acme and tenant_globex, "dedicated" with tenant_acme (whose row
+/// says "dedicated"), each schema holding table t (id, who).
+pub struct Two {
+    pub shared: PgCluster,
+    pub dedicated: PgCluster,
+}
+
+pub fn two_clusters() -> Two {
+    let shared = PgCluster::start();
+    shared.tenant_schemas("app", &["tenant_acme", "tenant_globex"]);
+    let dedicated = PgCluster::start();
+    dedicated.tenant_schemas("app", &["tenant_acme"]);
+    dedicated.psql("app", "UPDATE tenant_acme.t SET who = 'dedicated'");
+    Two { shared, dedicated }
+}
+
+/// Whether psycopg can be imported; when it cannot and the test command installed it
+/// (PGTENANT_REQUIRE_PSYCOPG), that is a failure.
+pub fn psycopg_available() -> bool {
+    let have = Command::new("python3")
+        .args(["-c", "import psycopg"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !have {
+        assert!(
+            std::env::var_os("PGTENANT_REQUIRE_PSYCOPG").is_none(),
+            "psycopg is required but missing"
+        );
+        eprintln!("psycopg not installed; skipping (CI installs it)");
+    }
+    have
+}
+
+/// The value `SHOW what` gives in this session.
+pub async fn show(c: &tokio_postgres::Client, what: &str) -> String {
+    let rows = c.simple_query(&format!("SHOW {what}")).await.unwrap();
+    rows.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .unwrap()
+}
