@@ -953,3 +953,103 @@ async fn migrates_a_tenants_rows_of_shared_tables() {
         );
     }
 }
+
+/// `max_concurrent`, the asynchronous tee, a restart inside `cutover_paused` before the route swap (falls back
+/// to dual_write, nothing lost, the next cutover succeeds) and `--cutover auto`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_async_tee_restart_before_swap_and_auto_cutover() {
+    let shared = PgCluster::start();
+    let dedicated = PgCluster::start();
+    small_schema(&shared);
+    shared.psql(
+        "app",
+        "INSERT INTO tenant_beta.t SELECT g FROM generate_series(1, 50) g",
+    );
+    let h = harness(&shared, &dedicated).raw("max_concurrent = 1\ntee = \"async\"");
+    let config = h.config();
+    let proxy = h.start().await;
+    start_acme(&proxy).await;
+    let refused = proxy
+        .admin_err(json!({"cmd": "migrate.start", "tenant": "beta", "to": "dedicated"}))
+        .await;
+    assert_eq!(refused, "limit_reached");
+    wait_state(&proxy, "acme", "dual_write", Duration::from_secs(30)).await;
+    // The asynchronous tee: commits return at once, the target follows.
+    let c = proxy.connect("app.acme", "app").await.unwrap();
+    for i in 0..50 {
+        c.batch_execute(&format!(
+            "UPDATE a SET v = v + 1 WHERE id = {}; INSERT INTO b (v) VALUES ({i})",
+            i + 1
+        ))
+        .await
+        .unwrap();
+    }
+    wait_lag_zero(&proxy, "acme").await;
+    assert_eq!(
+        fingerprint(&shared, "tenant_acme"),
+        fingerprint(&dedicated, "tenant_acme")
+    );
+    // A restart while the cutover holds the tenant, before the route swap: it falls back to dual_write.
+    proxy
+        .proxy
+        .shared
+        .migrations
+        .failpoints
+        .set("cutover.before_swap", Some(Action::Hang));
+    let socket = proxy.admin_socket();
+    let cut = tokio::spawn(async move {
+        pgtenant::ctl::send(
+            &socket,
+            &json!({"cmd": "migrate.cutover", "tenant": "acme"}),
+        )
+        .await
+    });
+    wait_state(&proxy, "acme", "cutover_paused", Duration::from_secs(10)).await;
+    let TestProxy { proxy: old, state } = proxy;
+    old.close().await;
+    let _ = cut.await;
+    let proxy = TestProxy {
+        proxy: pgtenant::server::Proxy::start(config).await.unwrap(),
+        state,
+    };
+    wait_state(&proxy, "acme", "dual_write", Duration::from_secs(10)).await;
+    let c = proxy.connect("app.acme", "app").await.unwrap();
+    let port: i32 = c
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(port as u16, shared.port, "still on the source");
+    assert!(
+        capture_left(&dedicated).starts_with("0/"),
+        "no reverse capture left on the target: {}",
+        capture_left(&dedicated)
+    );
+    c.batch_execute("INSERT INTO b (v) VALUES (-5)")
+        .await
+        .unwrap();
+    proxy
+        .admin_ok(json!({"cmd": "migrate.cutover", "tenant": "acme"}))
+        .await;
+    wait_lag_zero(&proxy, "acme").await;
+    assert_eq!(
+        fingerprint(&shared, "tenant_acme"),
+        fingerprint(&dedicated, "tenant_acme")
+    );
+    proxy
+        .admin_ok(json!({"cmd": "migrate.finalize", "tenant": "acme"}))
+        .await;
+    // With acme done, beta may start; --cutover auto switches it once verified and caught up.
+    proxy
+        .admin_ok(
+            json!({"cmd": "migrate.start", "tenant": "beta", "to": "dedicated",
+                         "verify": "count", "cutover": "auto"}),
+        )
+        .await;
+    let s = wait_state(&proxy, "beta", "migrated", Duration::from_secs(30)).await;
+    assert!(s["last_pause_ms"].as_f64().is_some(), "{s}");
+    assert_eq!(
+        dedicated.psql("app", "SELECT count(*) FROM tenant_beta.t"),
+        "50"
+    );
+}
