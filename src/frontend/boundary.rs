@@ -81,8 +81,11 @@ impl Session {
         }
         let routed = if self.tx_mode && self.server.is_none() {
             self.unpark().await
+        } else if self.route_changed() {
+            // Rare: boxed, so its state does not sit in every idle session's task.
+            Box::pin(self.follow_route()).await
         } else {
-            self.follow_route().await
+            Ok(())
         };
         match routed {
             Ok(()) => Ok(Admission::Go),
@@ -133,6 +136,11 @@ impl Session {
             }
         }
         self.queries = 0;
+    }
+
+    /// The routing table changed since this session's backend was chosen (only then can the route differ).
+    fn route_changed(&self) -> bool {
+        self.tenant.is_some() && self.shared.router.load().epoch != self.epoch
     }
 
     /// When the routing table changed since this session's backend was chosen and the tenant's route is now

@@ -133,7 +133,7 @@ impl Session {
         self.statements.clear();
         self.resolved = None;
         self.install(target, server);
-        self.settle().await;
+        Box::pin(self.settle()).await;
         Ok(())
     }
 }

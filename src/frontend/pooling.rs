@@ -74,7 +74,7 @@ impl Session {
                 .as_ref()
                 .map(|r| r.backend.clone())
                 .unwrap_or_default();
-            match self.apply_settings(&mut server, &backend).await {
+            match Box::pin(self.apply_settings(&mut server, &backend)).await {
                 Ok(()) => self.server = Some(server),
                 Err(e) => {
                     tracing::debug!(error = %e.message, "could not settle a pooled connection");
@@ -104,10 +104,15 @@ impl Session {
                 return Err(Refusal::Statement(e));
             }
         };
-        if let Err(e) = self
-            .apply_settings(&mut server, &resolved.route.backend)
-            .await
-        {
+        let (fingerprint, _) = self.state.sets_fingerprint();
+        let settled = if server.conn.get().applied_sets == fingerprint {
+            server.synced = true;
+            Ok(())
+        } else {
+            // Rare (the connection's settings differ): boxed, so its state does not sit in every session's task.
+            Box::pin(self.apply_settings(&mut server, &resolved.route.backend)).await
+        };
+        if let Err(e) = settled {
             self.count_error(ErrorKind::MoveFailed);
             server.release(true);
             return Err(Refusal::Statement(e));

@@ -317,7 +317,7 @@ impl Session {
         }
         let tenant = session.info.startup_tenant.clone();
         session.install(tenant, attached);
-        session.settle().await;
+        Box::pin(session.settle()).await;
         // Whatever settling told the client goes out as the startup reply's own parameters below: nothing may
         // precede AuthenticationOk.
         session.cout.clear();

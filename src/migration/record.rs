@@ -200,6 +200,9 @@ impl Record {
     }
 }
 
+/// Format of `migrations.json`: 2 added shared-table migrations (`tenant_column`, `tenant_key`).
+const VERSION: u32 = 2;
+
 #[derive(Debug, Serialize, Deserialize, Default)]
 struct File {
     version: u32,
@@ -230,15 +233,44 @@ impl Store {
             path: self.path.clone(),
             reason: e.to_string(),
         })?;
+        // A newer pgtenant's records may carry what this one would misread (a shared-table migration read as a
+        // whole-schema one could drop the schema at finalize): refuse rather than guess.
+        if file.version > VERSION {
+            return Err(StateError::Corrupt {
+                path: self.path.clone(),
+                reason: format!(
+                    "written by a newer pgtenant (format {}; this one reads up to {VERSION})",
+                    file.version
+                ),
+            });
+        }
         Ok(file.migrations)
     }
 
     pub fn save(&self, records: &BTreeMap<String, Record>) -> Result<(), StateError> {
-        let file = serde_json::json!({"version": 1, "migrations": records});
+        let file = serde_json::json!({"version": VERSION, "migrations": records});
         let json = serde_json::to_string_pretty(&file).map_err(|e| StateError::Corrupt {
             path: self.path.clone(),
             reason: e.to_string(),
         })?;
         atomic::write(&self.path, crate::state::seal(&json).as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_newer_format_is_refused_and_older_ones_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        for (version, ok) in [(1, true), (2, true), (3, false)] {
+            let json = format!("{{\"version\": {version}, \"migrations\": {{}}}}");
+            std::fs::write(dir.path().join(FILE), crate::state::seal(&json)).unwrap();
+            assert_eq!(store.load().is_ok(), ok, "version {version}");
+        }
+        store.save(&BTreeMap::new()).unwrap();
+        assert!(store.load().unwrap().is_empty());
     }
 }
