@@ -262,6 +262,39 @@ async fn start_acme(proxy: &TestProxy) -> Value {
         .await
 }
 
+/// Starts acme's cutover with `failpoint` hanging, waits until the tenant is held, and restarts the proxy there.
+async fn restart_in_cutover(
+    proxy: TestProxy,
+    config: &pgtenant::config::Config,
+    failpoint: &str,
+) -> TestProxy {
+    proxy
+        .proxy
+        .shared
+        .migrations
+        .failpoints
+        .set(failpoint, Some(Action::Hang));
+    let socket = proxy.admin_socket();
+    let cut = tokio::spawn(async move {
+        pgtenant::ctl::send(
+            &socket,
+            &json!({"cmd": "migrate.cutover", "tenant": "acme"}),
+        )
+        .await
+    });
+    wait_state(&proxy, "acme", "cutover_paused", Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let TestProxy { proxy: old, state } = proxy;
+    old.close().await;
+    let _ = cut.await;
+    TestProxy {
+        proxy: pgtenant::server::Proxy::start(config.clone())
+            .await
+            .unwrap(),
+        state,
+    }
+}
+
 /// Capture triggers left, '/', change-log rows left (or "none" without a pgtenant schema).
 fn capture_left(pg: &PgCluster) -> String {
     let triggers = pg.psql(
@@ -329,31 +362,7 @@ async fn restarts_resume_copy_tee_and_a_swapped_cutover() {
         .await;
     assert_eq!(v["passed"], json!(true), "{v}");
     // Restart right after the route swap: the next start completes the cutover.
-    proxy
-        .proxy
-        .shared
-        .migrations
-        .failpoints
-        .set("cutover.after_swap", Some(Action::Hang));
-    let socket = proxy.admin_socket();
-    let cut = tokio::spawn(async move {
-        pgtenant::ctl::send(
-            &socket,
-            &json!({"cmd": "migrate.cutover", "tenant": "acme"}),
-        )
-        .await
-    });
-    wait_state(&proxy, "acme", "cutover_paused", Duration::from_secs(10)).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let TestProxy { proxy: old, state } = proxy;
-    old.close().await;
-    let _ = cut.await;
-    let proxy = TestProxy {
-        proxy: pgtenant::server::Proxy::start(config.clone())
-            .await
-            .unwrap(),
-        state,
-    };
+    let proxy = restart_in_cutover(proxy, &config, "cutover.after_swap").await;
     wait_state(&proxy, "acme", "migrated", Duration::from_secs(5)).await;
     let c = proxy.connect("app.acme", "app").await.unwrap();
     let port: i32 = c
@@ -990,28 +999,7 @@ async fn limits_async_tee_restart_before_swap_and_auto_cutover() {
         fingerprint(&dedicated, "tenant_acme")
     );
     // A restart while the cutover holds the tenant, before the route swap: it falls back to dual_write.
-    proxy
-        .proxy
-        .shared
-        .migrations
-        .failpoints
-        .set("cutover.before_swap", Some(Action::Hang));
-    let socket = proxy.admin_socket();
-    let cut = tokio::spawn(async move {
-        pgtenant::ctl::send(
-            &socket,
-            &json!({"cmd": "migrate.cutover", "tenant": "acme"}),
-        )
-        .await
-    });
-    wait_state(&proxy, "acme", "cutover_paused", Duration::from_secs(10)).await;
-    let TestProxy { proxy: old, state } = proxy;
-    old.close().await;
-    let _ = cut.await;
-    let proxy = TestProxy {
-        proxy: pgtenant::server::Proxy::start(config).await.unwrap(),
-        state,
-    };
+    let proxy = restart_in_cutover(proxy, &config, "cutover.before_swap").await;
     wait_state(&proxy, "acme", "dual_write", Duration::from_secs(10)).await;
     let c = proxy.connect("app.acme", "app").await.unwrap();
     let port: i32 = c
