@@ -4,7 +4,9 @@
 use bytes::Buf;
 
 use super::boundary::Admission;
-use crate::protocol::frame::Header;
+use super::session::{move_bytes, End, Session, SkipEnd, OUT_HIGH_WATER};
+use crate::protocol::frame::{Header, Scan};
+use crate::protocol::{inspect, messages, sql, sqlstate, PgError};
 
 /// What happens to the head of a frame too large to hold whole.
 enum HeadStep {
@@ -15,9 +17,6 @@ enum HeadStep {
     /// Not yet.
     Later,
 }
-use super::session::{move_bytes, End, Session, SkipEnd, OUT_HIGH_WATER};
-use crate::protocol::frame::Scan;
-use crate::protocol::{inspect, messages, sql, sqlstate, PgError};
 
 impl Session {
     /// Handles every frame the client has sent, until input runs out or a statement must wait.
@@ -188,6 +187,19 @@ impl Session {
         self.cin.advance(total);
         self.fail_in_batch(err);
         Ok(())
+    }
+
+    /// Fails the extended-protocol batch in progress where it stands: an Execute that must fail takes the place
+    /// of the refused frame (so a bare Sync does not commit the batch's earlier work), its error is replaced by
+    /// `err`, and the rest is skipped up to the client's Sync, which the backend answers.
+    pub(super) fn fail_in_batch(&mut self, err: PgError) {
+        if let Some(s) = self.server.as_mut() {
+            messages::execute_refused(&mut s.out);
+            let owes = s.note_sent(b'E');
+            s.replace_error = Some(err);
+            self.state.on_client(b'E', None, owes);
+        }
+        self.skip = Some(SkipEnd::ForwardSync);
     }
 
     /// Answers a frame that may not reach the backend (nothing of it was forwarded, and the backend owes

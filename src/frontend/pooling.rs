@@ -10,7 +10,7 @@ use bytes::Buf;
 use std::sync::Arc;
 
 use super::boundary::Refusal;
-use super::session::{checkout, move_bytes, resolve, Session, SkipEnd};
+use super::session::{checkout, move_bytes, resolve, Session};
 use super::statements::{ClientStatements, Target, MAX_HEAD_NAMES, MAX_INFLIGHT};
 use crate::backend::pool::ReleaseState;
 use crate::metrics::ErrorKind;
@@ -74,7 +74,7 @@ impl Session {
                 .as_ref()
                 .map(|r| r.backend.clone())
                 .unwrap_or_default();
-            match Box::pin(self.apply_settings(&mut server, &backend)).await {
+            match self.settle_settings(&mut server, &backend).await {
                 Ok(()) => self.server = Some(server),
                 Err(e) => {
                     tracing::debug!(error = %e.message, "could not settle a pooled connection");
@@ -104,15 +104,10 @@ impl Session {
                 return Err(Refusal::Statement(e));
             }
         };
-        let (fingerprint, _) = self.state.sets_fingerprint();
-        let settled = if server.conn.get().applied_sets == fingerprint {
-            server.synced = true;
-            Ok(())
-        } else {
-            // Rare (the connection's settings differ): boxed, so its state does not sit in every session's task.
-            Box::pin(self.apply_settings(&mut server, &resolved.route.backend)).await
-        };
-        if let Err(e) = settled {
+        if let Err(e) = self
+            .settle_settings(&mut server, &resolved.route.backend)
+            .await
+        {
             self.count_error(ErrorKind::MoveFailed);
             server.release(true);
             return Err(Refusal::Statement(e));
@@ -145,8 +140,22 @@ impl Session {
             && Arc::ptr_eq(&self.shared.backends.load(), &r.backends)
     }
 
-    /// Brings the connection's session settings to this session's (`RESET ALL` and its SETs) when they differ,
-    /// and tells the client about parameters that differ from what it was told.
+    /// Makes the connection's session settings this session's. The connection usually has them already; the
+    /// replay (rare) is boxed, so its state does not sit in every session's task.
+    async fn settle_settings(
+        &mut self,
+        server: &mut super::session::Server,
+        backend: &str,
+    ) -> Result<(), PgError> {
+        if server.conn.get().applied_sets != self.state.sets_fingerprint().0 {
+            Box::pin(self.apply_settings(server, backend)).await?;
+        }
+        server.synced = true;
+        Ok(())
+    }
+
+    /// Brings the connection's session settings to this session's (`RESET ALL` and its SETs), and tells the
+    /// client about parameters that differ from what it was told.
     async fn apply_settings(
         &mut self,
         server: &mut super::session::Server,
@@ -154,10 +163,6 @@ impl Session {
     ) -> Result<(), PgError> {
         let (fingerprint, role) = self.state.sets_fingerprint();
         let conn = server.conn.get_mut();
-        if conn.applied_sets == fingerprint {
-            server.synced = true;
-            return Ok(());
-        }
         let mut statements = vec!["RESET ALL"];
         if conn.applied_role {
             statements.extend(["RESET SESSION AUTHORIZATION", "RESET ROLE"]);
@@ -174,7 +179,6 @@ impl Session {
                 .with_detail(e.to_string())
             })?;
         (conn.applied_sets, conn.applied_role) = (fingerprint, role);
-        server.synced = true;
         for (k, v) in &conn.params {
             if self.told.iter().all(|(tk, tv)| tk != k || tv != v) {
                 messages::parameter_status(&mut self.cout, k, v);
@@ -335,7 +339,7 @@ impl Session {
             )
             .encode(&mut self.cout);
         } else if self.statements.deallocate(name.as_bytes()) {
-            self.state.forget(name.as_bytes());
+            self.state.forget_statement(name.as_bytes());
             self.cin.advance(total);
             messages::command_complete(&mut self.cout, "DEALLOCATE");
         } else {
@@ -344,19 +348,6 @@ impl Session {
         let status = self.status();
         messages::ready_for_query(&mut self.cout, status);
         true
-    }
-
-    /// Fails the extended-protocol batch in progress where it stands: an Execute that must fail takes the place
-    /// of the refused frame (so a bare Sync does not commit the batch's earlier work), its error is replaced by
-    /// `err`, and the rest is skipped up to the client's Sync, which the backend answers.
-    pub(super) fn fail_in_batch(&mut self, err: PgError) {
-        if let Some(s) = self.server.as_mut() {
-            messages::execute_refused(&mut s.out);
-            let owes = s.note_sent(b'E');
-            s.replace_error = Some(err);
-            self.state.on_client(b'E', None, owes);
-        }
-        self.skip = Some(SkipEnd::ForwardSync);
     }
 }
 

@@ -276,7 +276,7 @@ impl SessionState {
     }
 
     /// SQL-level and protocol-level prepared statements share one namespace in PostgreSQL.
-    fn forget_statement(&mut self, name: &[u8]) {
+    pub fn forget_statement(&mut self, name: &[u8]) {
         self.parsed.retain(|(n, _)| &**n != name);
         self.sql_prepared.retain(|(n, _)| n.as_bytes() != name);
     }
@@ -421,23 +421,12 @@ impl SessionState {
     pub fn has_sql_prepared(&self) -> bool {
         !self.sql_prepared.is_empty()
     }
-
-    /// A statement the proxy deallocated on the client's behalf.
-    pub fn forget(&mut self, name: &[u8]) {
-        self.forget_statement(name);
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut v = vec![tag];
-        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-        v.extend_from_slice(body);
-        v
-    }
+    use crate::protocol::test_frame as frame;
 
     fn q(s: &mut SessionState, sql: &str, replies: &[(u8, &[u8])]) {
         let mut body = sql.as_bytes().to_vec();

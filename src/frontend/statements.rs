@@ -173,18 +173,17 @@ impl ClientStatements {
         match frame[0] {
             b'P' => return self.parse(frame, resolution, t),
             b'B' => match split_names(body) {
-                Some((portal, stmt, rest)) if !stmt.is_empty() && self.ensure(stmt, &mut t) => {
-                    let name = self.server_name_of(stmt);
-                    put_frame(t.out, b'B', &[portal, b"\0", &name, b"\0", rest]);
-                }
+                Some((portal, stmt, rest)) if !stmt.is_empty() => match self.ensure(stmt, &mut t) {
+                    Some(id) => {
+                        put_frame(t.out, b'B', &[portal, b"\0", &server_name(id), b"\0", rest])
+                    }
+                    None => t.out.extend_from_slice(frame),
+                },
                 _ => t.out.extend_from_slice(frame),
             },
-            b'D' => match statement_target(body) {
-                Some(stmt) if self.ensure(stmt, &mut t) => {
-                    let name = self.server_name_of(stmt);
-                    put_frame(t.out, b'D', &[b"S", &name, b"\0"]);
-                }
-                _ => t.out.extend_from_slice(frame),
+            b'D' => match statement_target(body).and_then(|stmt| self.ensure(stmt, &mut t)) {
+                Some(id) => put_frame(t.out, b'D', &[b"S", &server_name(id), b"\0"]),
+                None => t.out.extend_from_slice(frame),
             },
             b'C' => {
                 match statement_target(body) {
@@ -318,7 +317,7 @@ impl ClientStatements {
             t.inflight.push(false, undo(None));
             close_own(t.out, t.inflight, NOOP_NAME, Undo::Nothing);
         } else {
-            evict_for(id, t.statements, t.out, t.inflight, t.limit);
+            record_prepared(id, t.statements, t.out, t.inflight, t.limit);
             close_own(t.out, t.inflight, &server_name(id), Undo::Nothing);
             t.out.extend_from_slice(&parse);
             t.inflight.push(false, undo(Some(id)));
@@ -327,26 +326,19 @@ impl ClientStatements {
     }
 
     /// Makes sure the connection has the statement the client calls `name`, preparing it there first when it
-    /// does not. False when the client has no such statement (the frame goes as it is; the backend reports it).
-    fn ensure(&mut self, name: &[u8], t: &mut Target<'_>) -> bool {
-        let Some(stmt) = self.map.get(name) else {
-            return false;
-        };
+    /// does not, and gives its identity. `None` when the client has no such statement (the frame goes as it is;
+    /// the backend reports it).
+    fn ensure(&mut self, name: &[u8], t: &mut Target<'_>) -> Option<StatementId> {
+        let stmt = self.map.get(name)?;
         if !t.statements.touch(stmt.id) {
-            evict_for(stmt.id, t.statements, t.out, t.inflight, t.limit);
+            record_prepared(stmt.id, t.statements, t.out, t.inflight, t.limit);
             // A Close first: after frames the backend skipped, the proxy may believe a statement is gone that
             // is still there; preparing it again must not fail for that.
             close_own(t.out, t.inflight, &server_name(stmt.id), Undo::Nothing);
             t.out.extend_from_slice(&stmt.parse);
             t.inflight.push(true, Undo::Forget(stmt.id));
         }
-        true
-    }
-
-    fn server_name_of(&self, name: &[u8]) -> [u8; SERVER_NAME_LEN] {
-        self.map
-            .get(name)
-            .map_or([b'_'; SERVER_NAME_LEN], |s| server_name(s.id))
+        Some(stmt.id)
     }
 
     /// The head of a Bind too large to hold whole: when its names are all in `head`, writes the rewritten
@@ -356,17 +348,21 @@ impl ClientStatements {
     pub fn bind_head(&mut self, head: &[u8], total: usize, mut t: Target<'_>) -> Option<usize> {
         let (portal, stmt, _) = split_names(head.get(5..)?)?;
         let consumed = 5 + portal.len() + 1 + stmt.len() + 1;
-        if stmt.is_empty() || !self.ensure(stmt, &mut t) {
+        let known = if stmt.is_empty() {
+            None
+        } else {
+            self.ensure(stmt, &mut t)
+        };
+        let Some(id) = known else {
             t.out.extend_from_slice(&head[..consumed]);
             return Some(consumed);
-        }
-        let name = self.server_name_of(stmt);
+        };
         let len = total - 1 - stmt.len() + SERVER_NAME_LEN;
         t.out.put_u8(b'B');
         t.out.put_u32(len as u32);
         t.out.extend_from_slice(portal);
         t.out.put_u8(0);
-        t.out.extend_from_slice(&name);
+        t.out.extend_from_slice(&server_name(id));
         t.out.put_u8(0);
         Some(consumed)
     }
@@ -392,7 +388,8 @@ impl ClientStatements {
         self.map.contains_key(name)
     }
 
-    /// Records that a frame the client sent unrewritten was a Parse (large, unnamed) or Close.
+    /// Records that a Parse the client sent unrewritten (unnamed, too large to hold whole) is awaiting its
+    /// completion.
     pub fn passed(inflight: &mut Inflight) {
         inflight.push(false, Undo::Nothing);
     }
@@ -406,7 +403,7 @@ fn close_own(out: &mut BytesMut, inflight: &mut Inflight, name: &[u8], undo: Und
 
 /// Records `id` on the connection, closing the least recently used statement there first when that is over the
 /// bound.
-fn evict_for(
+fn record_prepared(
     id: StatementId,
     statements: &mut ServerStatements,
     out: &mut BytesMut,
@@ -468,13 +465,7 @@ fn put_frame(out: &mut BytesMut, tag: u8, parts: &[&[u8]]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut v = vec![tag];
-        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-        v.extend_from_slice(body);
-        v
-    }
+    use crate::protocol::test_frame as frame;
 
     struct Conn {
         out: BytesMut,

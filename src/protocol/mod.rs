@@ -13,4 +13,13 @@ pub mod sqlstate;
 pub mod startup;
 
 pub use frame::{Direction, FrameError, Scan, Scanner};
+
+/// A frame with `tag` and `body`, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_frame(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = vec![tag];
+    v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    v.extend_from_slice(body);
+    v
+}
 pub use messages::PgError;
