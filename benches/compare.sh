@@ -56,6 +56,7 @@ INI
   as_pg pgbouncer -d "$W/pgbouncer-$mode.ini"
   wait_port "$port"
   PG_CLEANUP_EXTRA+=("$(cat "$W/pgbouncer-$mode.pid")")
+  printf -v "PID_pgbouncer_${mode}" '%s' "$(cat "$W/pgbouncer-$mode.pid")"
   printf -v "PGB_${mode}_PORT" '%s' "$port"
 }
 
@@ -68,6 +69,7 @@ workers = $PGT_WORKERS
 max_client_conn = 2000"
   RUST_LOG=pgtenant=warn ./target/release/pgtenant serve --config "$W/pgtenant-$mode.toml" 2>"$W/pgtenant-$mode.log" &
   PG_CLEANUP_EXTRA+=("$!")
+  printf -v "PID_pgtenant_${mode}" '%s' "$!"
   wait_port "$port"
   printf -v "PGT_${mode}_PORT" '%s' "$port"
 }
@@ -93,20 +95,35 @@ echo "== pgbench -i -s $SCALE"
 pgbench -i -s "$SCALE" -q "$(url_for direct)" >/dev/null 2>&1
 
 RAW="$W/raw.tsv"
+TICK="$(getconf CLK_TCK)"
+# CPU time (user + system, in clock ticks) the proxy process of a target has used so far; empty for direct.
+cpu_ticks() {
+  local var="PID_${1//-/_}"
+  [ -n "${!var:-}" ] && awk '{print $14 + $15}' "/proc/${!var}/stat"
+  true
+}
 : > "$RAW"
 run_cell() { # target script(select|tpcb|connect) mode
   local target="$1" script="$2" mode="$3"
   local args=(-n -c "$CLIENTS" -j "$THREADS" -T "$DURATION" -M "$mode")
   [ "$script" = tpcb ] || args+=(-S)
   [ "$script" = connect ] && args+=(-C)
-  local out tps lat
+  local out tps lat c0 c1 txns cpu=""
+  c0="$(cpu_ticks "$target")"
   if out="$(pgbench "${args[@]}" "$(url_for "$target")" 2>&1)" && grep -q 'number of failed transactions: 0 ' <<<"$out"; then
     tps="$(grep -oP 'tps = \K[0-9.]+' <<<"$out" | head -1)"
     lat="$(grep -oP 'latency average = \K[0-9.]+' <<<"$out" | head -1)"
+    txns="$(grep -oP 'number of transactions actually processed: \K[0-9]+' <<<"$out" | head -1)"
+    c1="$(cpu_ticks "$target")"
+    # The proxy's CPU per transaction: on a machine whose cores pgbench, PostgreSQL and the proxy share, this is
+    # what the TPS ratio mostly measures.
+    if [ -n "$c0" ] && [ -n "$txns" ] && [ "$txns" -gt 0 ]; then
+      cpu="$(python3 -c "print(f'{($c1 - $c0) / $TICK / $txns * 1e6:.1f}')")"
+    fi
   else
     tps=fail; lat=fail
   fi
-  printf '%s\t%s\t%s\t%s\t%s\n' "$target" "$script" "$mode" "$tps" "$lat" >> "$RAW"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$script" "$mode" "$tps" "$lat" "$cpu" >> "$RAW"
   printf '   %-22s %-7s %-9s tps=%s\n' "$target" "$script" "$mode" "$tps"
 }
 

@@ -70,9 +70,10 @@ d0=$(date +%s.%N)
 d1=$(date +%s.%N)
 
 echo "== $ROUNDS cutovers and rollbacks of tenant loop under pgbench -c $CLIENTS"
+if [ -n "${PERF_PROXY:-}" ]; then perf record -g -o /tmp/perf.proxy.data -p "$(pgrep -f "pgtenant serve" | head -1)" & PERF_PID=$!; fi
 # pgbench in 5-second runs until the rounds are done (each run prints its own summary).
 ( while [ ! -f "$PG_WORKDIR/stop" ]; do
-    pgbench -n -c "$CLIENTS" -j 2 -T 5 -M prepared "$(url loop)" >> "$PG_WORKDIR/loop.out" 2>&1 || true
+    pgbench -n -c "$CLIENTS" -j 2 -T 5 -M "${LOOP_MODE:-prepared}" "$(url loop)" >> "$PG_WORKDIR/loop.out" 2>&1 || true
   done ) &
 BENCH=$!
 PG_CLEANUP_EXTRA+=("$BENCH")
@@ -97,6 +98,7 @@ for i in $(seq 1 "$ROUNDS"); do
   printf '   round %2d: cutover %6.1f ms, rollback %6.1f ms\n' "$i" "$cut" "$back"
 done
 touch "$PG_WORKDIR/stop"; wait "$BENCH" || true
+if [ -n "${PERF_PID:-}" ]; then kill -INT "$PERF_PID"; sleep 2; fi
 
 python3 - "$PG_WORKDIR" "$t0" "$c0" "$c1" "$rows" "$d0" "$d1" "$CLIENTS" "$DURATION" "$SCALE" "$ROUNDS" "$TEE" "$LOOP_SCALE" > "$OUT" <<'PY'
 import sys, re, statistics

@@ -262,6 +262,32 @@ async fn start_acme(proxy: &TestProxy) -> Value {
         .await
 }
 
+/// With the tee held, the reply to a committing write (CommandComplete as well as ReadyForQuery) is held until
+/// the tee timeout: an asynchronous client must not see the CommandComplete alone (pgbench's libpq thread would
+/// block on it, with every other connection of the thread).
+async fn commit_reply_waits_for_the_tee_whole(proxy: &TestProxy) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fp = &proxy.proxy.shared.migrations.failpoints;
+    fp.set("tee.before_pass", Some(Action::Hang));
+    let mut s = raw_login(proxy.port(), &[("user", "dev.acme"), ("database", "app")]).await;
+    let sql = b"INSERT INTO a (v) VALUES (7000)\0";
+    let mut q = vec![b'Q'];
+    q.extend_from_slice(&((sql.len() + 4) as u32).to_be_bytes());
+    q.extend_from_slice(sql);
+    s.write_all(&q).await.unwrap();
+    let mut first = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(200), s.read_exact(&mut first)).await;
+    assert!(early.is_err(), "a reply arrived before the tee timeout");
+    s.read_exact(&mut first).await.unwrap();
+    assert_eq!(first[0], b'C');
+    let mut rest = [0u8; 4];
+    s.read_exact(&mut rest).await.unwrap();
+    let mut body = vec![0u8; u32::from_be_bytes(rest) as usize - 4];
+    s.read_exact(&mut body).await.unwrap();
+    assert!(read_until(&mut s, b'Z').await.is_some());
+    fp.set("tee.before_pass", None);
+}
+
 /// Starts acme's cutover with `failpoint` hanging, waits until the tenant is held, and restarts the proxy there.
 async fn restart_in_cutover(
     proxy: TestProxy,
@@ -412,10 +438,12 @@ async fn cutover_falls_back_behind_a_long_transaction_and_survives_a_dead_target
     small_schema(&shared);
     let proxy = harness(&shared, &dedicated)
         .raw("tee_timeout_ms = 300")
+        .raw("[[users]]\nname = \"dev\"\nauth = \"trust\"\ntenants = [\"*\"]\n")
         .start()
         .await;
     start_acme(&proxy).await;
     wait_state(&proxy, "acme", "dual_write", Duration::from_secs(30)).await;
+    commit_reply_waits_for_the_tee_whole(&proxy).await;
     let long = proxy.connect("app.acme", "app").await.unwrap();
     long.batch_execute("BEGIN; UPDATE a SET v = 4242 WHERE id = 1")
         .await

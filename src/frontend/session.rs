@@ -532,10 +532,12 @@ impl Session {
                             ended |= end;
                             if end && std::mem::take(wrote) {
                                 if let Some(wait) = tee_for(shared, tenant.as_ref()) {
-                                    // Everything before this ReadyForQuery goes out; it waits for the tee.
-                                    move_bytes(&mut conn.buf, cout, fwd);
-                                    held.extend_from_slice(&conn.buf[..h.total]);
-                                    conn.buf.advance(h.total);
+                                    // The reply to the commit waits for the tee whole, CommandComplete
+                                    // included: an asynchronous client (libpq's PQgetResult, as pgbench uses
+                                    // it) that saw the CommandComplete alone would block its thread, every
+                                    // other connection of that thread with it, waiting for the ReadyForQuery.
+                                    held.extend_from_slice(&conn.buf[..fwd + h.total]);
+                                    conn.buf.advance(fwd + h.total);
                                     fwd = 0;
                                     *tee_wait = Some(wait);
                                     break;

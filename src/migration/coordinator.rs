@@ -330,6 +330,7 @@ pub async fn start_tee(
         mode: cfg.migration.tee,
         timeout: Duration::from_millis(cfg.migration.tee_timeout_ms),
         interval: Duration::from_millis(cfg.migration.catchup_interval_ms.max(10)),
+        failpoints: shared.migrations.failpoints.clone(),
     };
     let tee = Tee::start(spec, metrics, rec.paused);
     *live.tee.lock().unwrap_or_else(|p| p.into_inner()) = Some((dir, tee.clone()));

@@ -18,6 +18,7 @@ use tracing::{debug, warn};
 
 use super::apply::{Link, PASS_LIMIT};
 use super::catalog::Table;
+use super::failpoint::Failpoints;
 use super::pg::Endpoint;
 use super::MigrateError;
 use crate::config::TeeMode;
@@ -49,6 +50,8 @@ pub struct TeeSpec {
     pub mode: TeeMode,
     pub timeout: Duration,
     pub interval: Duration,
+    /// `tee.before_pass`: between taking the drain lock and reading the log.
+    pub failpoints: Arc<Failpoints>,
 }
 
 pub struct Tee {
@@ -172,6 +175,10 @@ impl Tee {
         guard: &mut MutexGuard<'_, Option<Link>>,
         deadline: Instant,
     ) -> Result<usize, MigrateError> {
+        self.spec
+            .failpoints
+            .check_until("tee.before_pass", &self.stop)
+            .await?;
         let link = guard.as_mut().ok_or(MigrateError::Cancelled)?;
         let ticket = self.requested.load(Ordering::SeqCst);
         let left = deadline.saturating_duration_since(Instant::now());
@@ -279,6 +286,12 @@ impl Tee {
     async fn connect(&self) -> Result<Link, MigrateError> {
         let from = self.spec.from.connect().await?;
         let to = self.spec.to.connect().await?;
+        // Changing session_replication_role empties the backend's plan cache, so a per-pass `SET LOCAL` made
+        // every pass parse and plan all its statements again: this connection only ever applies, so it keeps
+        // the replica role for good (the per-pass `SET LOCAL` stays as a guard, now a no-op).
+        to.batch_execute("SET session_replication_role = replica")
+            .await
+            .map_err(|e| MigrateError::pg("set the apply connection's replication role", e))?;
         Ok(Link::new(
             from,
             to,
