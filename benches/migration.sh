@@ -29,6 +29,7 @@ SOCK="$PG_WORKDIR/pgtenant.sock"
 migration_config "$CONFIG" "$PROXY_PORT" "$shared_PORT" "$dedicated_PORT" 40 \
   "metrics_listen = \"127.0.0.1:$METRICS_PORT\"" acme loop
 printf 'tee = "%s"\n' "$TEE" >> "$CONFIG"
+[ -n "${COPY_BATCH:-}" ] && printf 'copy_batch_rows = %s\n' "$COPY_BATCH" >> "$CONFIG"
 RUST_LOG="${RUST_LOG:-pgtenant=warn}" ./target/release/pgtenant serve --config "$CONFIG" 2> "$PG_WORKDIR/proxy.log" &
 PG_CLEANUP_EXTRA+=("$!")
 wait_port "$PROXY_PORT"

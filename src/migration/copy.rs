@@ -1,5 +1,5 @@
 //! Bulk copy: the tenant's tables read in one snapshot of the source and written to the target with binary
-//! COPY, several tables at once, in key-ordered batches so progress moves as rows arrive.
+//! COPY, several tables at once, each as one stream (progress moves as rows arrive).
 //!
 //! A table counts as copied when its target transaction committed; its checkpoint records the snapshot it was
 //! read in, and the change-log entries visible in that snapshot (already contained in the copy) are deleted, so
@@ -9,7 +9,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::{pin_mut, SinkExt, StreamExt, TryStreamExt};
 use tokio_postgres::Client;
 
@@ -19,6 +19,9 @@ use super::pg::Endpoint;
 use super::record::TableCheckpoint;
 use super::MigrateError;
 use crate::tenant::quote_ident;
+
+/// Bytes of rows passed to the target per COPY message.
+const COPY_BLOCK: usize = 64 * 1024;
 
 /// What the copy reports as it goes.
 pub trait CopyProgress: Send + Sync {
@@ -160,8 +163,8 @@ async fn worker(
     Ok(())
 }
 
-/// Copies one table in key-ordered batches within one target transaction (emptied first, so a retry after a
-/// crash starts clean). Returns the rows copied.
+/// Copies one table as one stream within one target transaction (emptied first, so a retry after a crash starts
+/// clean). Returns the rows copied.
 async fn copy_table(
     job: &CopyJob,
     source: &Client,
@@ -169,7 +172,6 @@ async fn copy_table(
     table: &Table,
     progress: &dyn CopyProgress,
 ) -> Result<u64, MigrateError> {
-    let src = job.source.qualified(&table.name);
     let src_rows = format!("{} s", job.source.rows(&table.name));
     let dst = job.target.qualified(&table.name);
     let dst_where = job.target.tenant_where();
@@ -184,137 +186,85 @@ async fn copy_table(
     ))
     .await
     .map_err(|e| MigrateError::pg(&format!("prepare {}", table.name), e))?;
-    let key: Vec<String> = table.key.iter().map(|k| quote_ident(k)).collect();
-    let mut total = 0u64;
-    let mut after: Option<String> = None;
-    loop {
-        if progress.stopped() {
-            return Err(MigrateError::Cancelled);
-        }
-        let (query, last) = if key.is_empty() {
-            (format!("SELECT {list} FROM {src_rows}"), None)
-        } else {
-            let sql = BatchSql {
-                src: &src,
-                src_rows: &src_rows,
-                list: &list,
-                key: &key,
-            };
-            batch_query(source, table, &sql, after.as_deref(), job.batch_rows).await?
-        };
-        let n = copy_one(source, &tx, &query, &dst, &list).await?;
-        total += n;
-        progress.rows(n);
-        match last {
-            Some(l) if n > 0 => after = Some(l),
-            _ => break,
-        }
-    }
+    let copy = Copy {
+        query: format!("SELECT {list} FROM {src_rows}"),
+        dst: &dst,
+        list: &list,
+        step: job.batch_rows.max(1) as u64,
+    };
+    let total = copy_one(source, &tx, &copy, progress).await?;
     tx.commit()
         .await
         .map_err(|e| MigrateError::pg(&format!("commit copy of {}", table.name), e))?;
     Ok(total)
 }
 
-/// The SQL pieces of one table's batches.
-struct BatchSql<'a> {
-    /// The table (names its row type).
-    src: &'a str,
-    /// The tenant's rows of it, aliased, for FROM.
-    src_rows: &'a str,
+/// One table's stream.
+struct Copy<'a> {
+    /// The rows to copy.
+    query: String,
+    /// The target table, qualified.
+    dst: &'a str,
     /// The column list.
     list: &'a str,
-    /// Quoted key columns.
-    key: &'a [String],
+    /// Rows between progress reports.
+    step: u64,
 }
 
-/// The next batch: the key of its last row (found with an index-ordered probe), and the query for the rows after
-/// `after` up to it. `None` as last key means this batch runs to the end of the table.
-async fn batch_query(
-    source: &Client,
-    table: &Table,
-    sql: &BatchSql<'_>,
-    after: Option<&str>,
-    batch_rows: usize,
-) -> Result<(String, Option<String>), MigrateError> {
-    let BatchSql {
-        src,
-        src_rows,
-        list,
-        key,
-    } = *sql;
-    let tuple = format!("({})", key.join(", "));
-    let bound = |json: &str| {
-        let lit = quote_literal(json);
-        format!(
-            "(SELECT {} FROM jsonb_populate_record(NULL::{src}, {lit}::jsonb) AS b)",
-            key.iter()
-                .map(|k| format!("b.{k}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    };
-    let lower = after.map(|a| format!("{tuple} > {}", bound(a)));
-    let obj = table
-        .key
-        .iter()
-        .zip(key)
-        .map(|(raw, q)| format!("{}, {q}", quote_literal(raw)))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let probe = format!(
-        "SELECT jsonb_build_object({obj})::text FROM {src_rows} {} ORDER BY {} OFFSET {} LIMIT 1",
-        lower
-            .as_ref()
-            .map(|l| format!("WHERE {l}"))
-            .unwrap_or_default(),
-        key.join(", "),
-        batch_rows.max(1) - 1
-    );
-    let last: Option<String> = source
-        .query_opt(&probe, &[])
-        .await
-        .map_err(|e| MigrateError::pg(&format!("batch bound of {}", table.name), e))?
-        .map(|r| r.get(0));
-    let mut conds: Vec<String> = lower.into_iter().collect();
-    if let Some(l) = &last {
-        conds.push(format!("{tuple} <= {}", bound(l)));
-    }
-    let filter = if conds.is_empty() {
-        String::new()
-    } else {
-        format!(" WHERE {}", conds.join(" AND "))
-    };
-    let query = format!("SELECT {list} FROM {src_rows}{filter}");
-    // With no bound found this batch is the table's tail; say so by returning no "last" key.
-    Ok((query, last))
-}
-
-/// Streams one `COPY (query) TO STDOUT` into `COPY dst FROM STDIN`, both binary. Returns rows written.
+/// Streams one `COPY (query) TO STDOUT` into `COPY dst FROM STDIN`, both binary, reporting progress every
+/// `step` rows. Returns rows written.
 async fn copy_one(
     source: &Client,
     tx: &tokio_postgres::Transaction<'_>,
-    query: &str,
-    dst: &str,
-    list: &str,
+    copy: &Copy<'_>,
+    progress: &dyn CopyProgress,
 ) -> Result<u64, MigrateError> {
     let out = source
-        .copy_out(&format!("COPY ({query}) TO STDOUT (FORMAT binary)"))
+        .copy_out(&format!("COPY ({}) TO STDOUT (FORMAT binary)", copy.query))
         .await
         .map_err(|e| MigrateError::pg("copy out", e))?;
     let sink = tx
-        .copy_in::<_, Bytes>(&format!("COPY {dst} ({list}) FROM STDIN (FORMAT binary)"))
+        .copy_in::<_, Bytes>(&format!(
+            "COPY {} ({}) FROM STDIN (FORMAT binary)",
+            copy.dst, copy.list
+        ))
         .await
         .map_err(|e| MigrateError::pg("copy in", e))?;
     pin_mut!(out);
     pin_mut!(sink);
     let mut stream = out.map_err(|e| MigrateError::pg("copy out", e));
+    // PostgreSQL sends one CopyData per row (the binary header rides with the first, the trailer comes alone);
+    // the COPY FROM side takes the byte stream cut anywhere, so rows are passed on in blocks (one message and one
+    // sink call per block, not per row), and messages count the rows for progress as they arrive.
+    let mut block = BytesMut::with_capacity(COPY_BLOCK);
+    let (mut messages, mut reported) = (0u64, 0u64);
     while let Some(chunk) = stream.next().await {
-        sink.send(chunk?)
+        block.extend_from_slice(&chunk?);
+        messages += 1;
+        // `messages - 1`: every message but a possible trailer is a row already here.
+        if messages - 1 - reported >= copy.step {
+            if progress.stopped() {
+                return Err(MigrateError::Cancelled);
+            }
+            progress.rows(messages - 1 - reported);
+            reported = messages - 1;
+        }
+        if block.len() >= COPY_BLOCK {
+            sink.send(block.split().freeze())
+                .await
+                .map_err(|e| MigrateError::pg("copy in", e))?;
+            block.reserve(COPY_BLOCK);
+        }
+    }
+    if !block.is_empty() {
+        sink.send(block.freeze())
             .await
             .map_err(|e| MigrateError::pg("copy in", e))?;
     }
-    sink.finish()
+    let rows = sink
+        .finish()
         .await
-        .map_err(|e| MigrateError::pg("copy in", e))
+        .map_err(|e| MigrateError::pg("copy in", e))?;
+    progress.rows(rows.saturating_sub(reported));
+    Ok(rows)
 }
