@@ -138,7 +138,10 @@ impl Pool {
                     self.forget();
                 }
                 Step::Open => {
-                    return match connect(&self.backend, &self.database, tag.clone()).await {
+                    // Boxed: a connection attempt (TCP, TLS, authentication) is a large state that would
+                    // otherwise be part of every session task that may check out, for the session's life.
+                    let opening = Box::pin(connect(&self.backend, &self.database, tag.clone()));
+                    return match opening.await {
                         Ok(conn) => {
                             self.backend.note_connect(Ok(()));
                             Ok(self.wrap(conn))

@@ -47,7 +47,8 @@ impl Session {
         };
         let entered = match gate.try_pass() {
             Ok(pass) => Ok(pass),
-            Err(gate) => self.wait_at_gate(gate).await?,
+            // Rare (the gate is closed): boxed, so its state is not part of every session's task.
+            Err(gate) => Box::pin(self.wait_at_gate(gate)).await?,
         };
         match entered {
             Ok(pass) => self.pass = Some(pass),

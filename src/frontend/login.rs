@@ -37,7 +37,10 @@ pub async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, admitted: bool) {
     let peer = tcp.peer_addr().ok();
     let _ = tcp.set_nodelay(true);
     let timeout = shared.config.load().proxy.login_timeout();
-    let session = match tokio::time::timeout(timeout, login(&shared, tcp, admitted)).await {
+    // Boxed: the login's state (handshake, TLS, SCRAM) is several KiB, and inline it would size this task for
+    // the connection's whole life; on the heap it is freed once the session starts.
+    let login = Box::pin(login(&shared, tcp, admitted));
+    let session = match tokio::time::timeout(timeout, login).await {
         Err(_) => {
             debug!(?peer, "client did not finish startup in time");
             return;
@@ -49,7 +52,7 @@ pub async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, admitted: bool) {
         Ok(Ok(None)) => return,
         Ok(Ok(Some(session))) => session,
     };
-    session.run().await;
+    Box::new(session).run().await;
 }
 
 async fn login(

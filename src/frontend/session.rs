@@ -330,7 +330,9 @@ impl Session {
         Ok(session)
     }
 
-    pub async fn run(mut self) {
+    /// Relays until either side ends, then says goodbye. The session is boxed: an async fn keeps its arguments
+    /// twice in its state (rust-lang/rust#62958), and the session is most of a connection's task.
+    pub async fn run(mut self: Box<Self>) {
         let shared = self.shared.clone();
         let shutdown = shared.terminate.fired();
         tokio::pin!(shutdown);
@@ -593,7 +595,7 @@ impl Session {
     }
 
     /// Delivers the last words, returns or closes the backend connection, and closes the client.
-    async fn finish(mut self, end: End) {
+    async fn finish(&mut self, end: End) {
         let broken = matches!(end, End::ServerGone);
         match &end {
             End::Fatal(e) => e.encode(&mut self.cout),

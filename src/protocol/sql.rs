@@ -475,7 +475,7 @@ pub fn classify(sql: &[u8]) -> Effect {
         .iter()
         .any(|w| first.eq_ignore_ascii_case(w.as_bytes()))
         || first.eq_ignore_ascii_case(b"close")
-        || memchr::memchr(b';', sql).is_some();
+        || more_than_one_statement(sql);
     // set_config(..., false) changes a setting for the session in a way the proxy does not follow.
     let set_config = memchr::memchr2_iter(b's', b'S', sql).any(|i| {
         sql.get(i..i + 10)
@@ -496,6 +496,21 @@ pub fn classify(sql: &[u8]) -> Effect {
         many if many.iter().any(|s| classify_one(sql, s) != Effect::None) => Effect::Untracked,
         _ => Effect::None,
     }
+}
+
+/// Whether text follows the first `;` (other than blanks and comments): a cheap, conservative test (a `;`
+/// inside a literal also says yes) that spares the common single statement with a trailing `;`, as pgbench and
+/// many drivers send it, the full tokenisation.
+fn more_than_one_statement(sql: &[u8]) -> bool {
+    let Some(semi) = memchr::memchr(b';', sql) else {
+        return false;
+    };
+    let mut rest = Lexer {
+        s: &sql[semi + 1..],
+        i: 0,
+    };
+    rest.skip_space_and_comments();
+    rest.i < rest.s.len()
 }
 
 fn word(t: Option<&(Tok, usize)>) -> Option<&str> {
@@ -632,6 +647,17 @@ mod effect_tests {
     #[test]
     fn classifies_session_state() {
         assert_eq!(classify(b"SELECT 1"), Effect::None);
+        // A trailing `;` (and blanks or comments after it) is still one statement; anything more is looked at.
+        assert!(!super::more_than_one_statement(
+            b"SELECT 1; -- done\n /* c */ "
+        ));
+        assert!(super::more_than_one_statement(b"SELECT ';' AS x"));
+        assert_eq!(classify(b"SELECT 1;  "), Effect::None);
+        assert_eq!(
+            classify(b"SELECT 1; LISTEN ch"),
+            classify(b"LISTEN ch; SELECT 1")
+        );
+        assert_ne!(classify(b"SELECT 1; LISTEN ch"), Effect::None);
         assert_eq!(
             classify(b"SET work_mem = '8MB';"),
             set("work_mem", "SET work_mem = '8MB'")
