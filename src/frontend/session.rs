@@ -44,6 +44,8 @@ pub const WHOLE_FRAME_MAX: usize = 1 << 20;
 pub const OUT_HIGH_WATER: usize = 256 * 1024;
 /// Reads stop once this much client input is waiting to be handled (unless a whole frame needs more).
 const CLIENT_IN_MAX: usize = 64 * 1024;
+/// Capacity of the held-reply buffer kept across transactions.
+const HELD_KEEP: usize = 4 * 1024;
 /// An idle session's read buffers stay this small; they double while reads keep filling them.
 const READ_MIN: usize = 1024;
 /// How long a closing session may spend delivering its last messages.
@@ -230,8 +232,8 @@ pub struct Session {
     pub(super) blocked: bool,
     /// The current transaction changed rows (judged from CommandComplete tags and COPY FROM).
     pub(super) wrote: bool,
-    /// While a migration tee drains this transaction's changes to the target, the ReadyForQuery that ends it
-    /// waits in `held` and neither side is processed further.
+    /// While a migration tee drains this transaction's changes to the target, the reply that ends it (what the
+    /// backend sent up to its ReadyForQuery in that read) waits in `held` and neither side is processed further.
     pub(super) tee_wait: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
     pub(super) held: BytesMut,
     /// Transaction pool mode: the backend connection is held only from the start of a transaction to its end.
@@ -447,11 +449,15 @@ impl Session {
         Poll::Pending
     }
 
-    /// The tee released a held ReadyForQuery: deliver it and go on with whatever arrived meanwhile.
+    /// The tee released a held reply: deliver it and go on with whatever arrived meanwhile.
     async fn after_tee(&mut self) -> Result<(), End> {
         self.tee_wait = None;
         self.cout.extend_from_slice(&self.held);
         self.held.clear();
+        // A reply held with a large result before it does not keep its buffer in an idle session.
+        if self.held.capacity() > HELD_KEEP {
+            self.held = BytesMut::new();
+        }
         if self
             .server
             .as_ref()
@@ -597,6 +603,9 @@ impl Session {
     /// Delivers the last words, returns or closes the backend connection, and closes the client.
     async fn finish(&mut self, end: End) {
         let broken = matches!(end, End::ServerGone);
+        // A reply held for the tee belongs to a transaction that did commit on the source: it goes out first.
+        let held = std::mem::take(&mut self.held);
+        self.cout.extend_from_slice(&held);
         match &end {
             End::Fatal(e) => e.encode(&mut self.cout),
             End::ServerGone if !self.server.as_ref().is_some_and(|s| s.sent_fatal) => {

@@ -186,7 +186,7 @@ async fn copy_table(
     ))
     .await
     .map_err(|e| MigrateError::pg(&format!("prepare {}", table.name), e))?;
-    let copy = Copy {
+    let copy = TableCopy {
         query: format!("SELECT {list} FROM {src_rows}"),
         dst: &dst,
         list: &list,
@@ -200,7 +200,7 @@ async fn copy_table(
 }
 
 /// One table's stream.
-struct Copy<'a> {
+struct TableCopy<'a> {
     /// The rows to copy.
     query: String,
     /// The target table, qualified.
@@ -216,7 +216,7 @@ struct Copy<'a> {
 async fn copy_one(
     source: &Client,
     tx: &tokio_postgres::Transaction<'_>,
-    copy: &Copy<'_>,
+    copy: &TableCopy<'_>,
     progress: &dyn CopyProgress,
 ) -> Result<u64, MigrateError> {
     let out = source

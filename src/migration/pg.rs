@@ -95,6 +95,9 @@ impl Endpoint {
             .user(&self.config.user)
             .dbname(&self.database)
             .application_name("pgtenant-migration")
+            // A role's or database's timeouts are for applications: a table's copy is one long statement, and
+            // the snapshot holder sits idle inside its transaction while the tables are copied.
+            .options("-c statement_timeout=0 -c idle_in_transaction_session_timeout=0")
             .connect_timeout(Duration::from_secs(10))
             // A blackholed server is noticed in about a minute, not after the kernel's retransmission timeout.
             .keepalives(true)

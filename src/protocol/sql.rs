@@ -498,13 +498,17 @@ pub fn classify(sql: &[u8]) -> Effect {
     }
 }
 
-/// Whether text follows the first `;` (other than blanks and comments): a cheap, conservative test (a `;`
-/// inside a literal also says yes) that spares the common single statement with a trailing `;`, as pgbench and
-/// many drivers send it, the full tokenisation.
+/// Whether the text may hold more than one statement: a cheap, conservative test that spares the common single
+/// statement with a trailing `;` (as pgbench and many drivers send it) the full tokenisation. Only a text with
+/// exactly one `;` is looked at: if that `;` sits inside a literal or comment there is one statement, and if it
+/// ends a statement, what follows is read from a clean position (blanks and comments only: one statement).
 fn more_than_one_statement(sql: &[u8]) -> bool {
     let Some(semi) = memchr::memchr(b';', sql) else {
         return false;
     };
+    if memchr::memchr(b';', &sql[semi + 1..]).is_some() {
+        return true;
+    }
     let mut rest = Lexer {
         s: &sql[semi + 1..],
         i: 0,
@@ -652,6 +656,12 @@ mod effect_tests {
             b"SELECT 1; -- done\n /* c */ "
         ));
         assert!(super::more_than_one_statement(b"SELECT ';' AS x"));
+        // A `;` inside a literal followed by what looks like a comment must not hide a second statement.
+        assert_ne!(
+            classify(b"SELECT ';--'; SET search_path TO other"),
+            Effect::None
+        );
+        assert_ne!(classify(b"SELECT $$;/*$$; LISTEN ch; -- */"), Effect::None);
         assert_eq!(classify(b"SELECT 1;  "), Effect::None);
         assert_eq!(
             classify(b"SELECT 1; LISTEN ch"),
