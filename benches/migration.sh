@@ -4,6 +4,8 @@
 #   - bulk-copy rows/s against `pg_dump --data-only | psql` of the same schema;
 #   - gate-closed pause p50/p99/max over ROUNDS cutovers and ROUNDS rollbacks under pgbench -c CLIENTS.
 #   bash benches/migration.sh        (DURATION=20 CLIENTS=16 SCALE=10 ROUNDS=20; writes benches/results/migration.md)
+#   Also: LOOP_SCALE (5), TEE (sync|async), LOOP_MODE (pgbench -M of the pause rounds, prepared), COPY_BATCH
+#   (migration.copy_batch_rows), PERF_PROXY=1 (perf record -g of the proxy during the rounds, /tmp/perf.proxy.data).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/pg-lib.sh
