@@ -431,6 +431,56 @@ async fn restarts_resume_copy_tee_and_a_swapped_cutover() {
         .unwrap();
 }
 
+/// Transaction pool mode: sessions park between transactions while their commits wait for the tee, and move
+/// to the target at their next transaction after the cutover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrates_live_in_transaction_pool_mode() {
+    let shared = PgCluster::start();
+    let dedicated = PgCluster::start();
+    shared.psql("app", "CREATE SCHEMA tenant_acme");
+    let proxy = harness(&shared, &dedicated)
+        .proxy("pool_mode = \"transaction\"")
+        .start()
+        .await;
+    let url = acme_url(&proxy);
+    pgbench(&url, &["-i", "-s", "1", "-q"]);
+    let bench_url = url.clone();
+    let bench = tokio::task::spawn_blocking(move || {
+        pgbench(
+            &bench_url,
+            &["-n", "-c", "8", "-j", "2", "-T", "10", "-M", "prepared"],
+        )
+    });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    proxy
+        .admin_ok(
+            json!({"cmd": "migrate.start", "tenant": "acme", "to": "dedicated", "verify": "count"}),
+        )
+        .await;
+    wait_state(&proxy, "acme", "dual_write", Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let cut = proxy
+        .admin_ok(json!({"cmd": "migrate.cutover", "tenant": "acme"}))
+        .await;
+    assert_eq!(cut["state"], json!("migrated"), "{cut}");
+    let out = bench.await.unwrap();
+    assert!(out.contains("number of failed transactions: 0"), "{out}");
+    let invariant = "SET search_path = tenant_acme; SELECT (SELECT sum(abalance) FROM pgbench_accounts) = (SELECT sum(delta) FROM pgbench_history)";
+    assert_eq!(dedicated.psql("app", invariant).lines().last(), Some("t"));
+    wait_lag_zero(&proxy, "acme").await;
+    assert_eq!(
+        fingerprint(&dedicated, "tenant_acme"),
+        fingerprint(&shared, "tenant_acme")
+    );
+    let c = proxy.connect("app.acme", "app").await.unwrap();
+    let port: i32 = c
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(port as u16, dedicated.port);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cutover_falls_back_behind_a_long_transaction_and_survives_a_dead_target() {
     let shared = PgCluster::start();
