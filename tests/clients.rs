@@ -5,7 +5,9 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{closes_within, pgbench, psql, raw_login, read_until, Harness, PgCluster, PASSWORD};
+use common::{
+    closes_within, pgbench, psql, python, raw_login, read_until, Harness, PgCluster, PASSWORD,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
@@ -177,23 +179,13 @@ async fn psycopg_works_unchanged() {
         .tenant("acme", "shared", None, Some("tenant_acme"))
         .start()
         .await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/psycopg_check.py");
     let url = proxy.url("app.acme", "app");
     let no_tenant = proxy.url("app", "app");
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .args([script, &url, &no_tenant])
-            .output()
-    })
-    .await
-    .unwrap()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, text) =
+        tokio::task::spawn_blocking(move || python("psycopg_check.py", &[&url, &no_tenant]))
+            .await
+            .unwrap();
+    assert!(ok, "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

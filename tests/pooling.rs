@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use common::{code, Harness, PgCluster, TestProxy};
+use common::{code, python, Harness, PgCluster, TestProxy};
 use postgres_protocol::message::frontend;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -519,17 +519,8 @@ fn psycopg_prepares_automatically_in_both_pool_modes() {
                 .proxy(&format!("pool_mode = \"{mode}\""))
                 .start(),
         );
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/psycopg_pool.py");
-        let out = std::process::Command::new("python3")
-            .args([script, &p.url("app.acme", "app")])
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "{mode}: {text}");
+        let (ok, text) = python("psycopg_pool.py", &[&p.url("app.acme", "app")]);
+        assert!(ok, "{mode}: {text}");
         assert!(text.contains("psycopg pool ok"), "{mode}: {text}");
         rt.block_on(async { drop(p) });
     }

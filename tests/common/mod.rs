@@ -462,6 +462,22 @@ pub fn psql(url: &str, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// Runs `tests/python/<script>` with `args`; returns whether it succeeded and its stdout and stderr.
+pub fn python(script: &str, args: &[&str]) -> (bool, String) {
+    let path = format!("{}/tests/python/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("python3")
+        .arg(path)
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 /// Polls `f` until it returns true or `timeout` passes.
 /// Runs pgbench against `url` (password from the harness) and returns its output; panics when it fails.
 pub fn pgbench(url: &str, args: &[&str]) -> String {
