@@ -46,8 +46,7 @@ pub struct Link {
     unconfirmed: Vec<i64>,
     /// Deleted from the "from" log; their ledger rows can go.
     trim: Vec<i64>,
-    /// READ, DELETE (on "from") and TRIM (on "to"), prepared at the first pass: a pass then costs one round
-    /// trip per side and no parsing.
+    /// READ, DELETE (on "from") and TRIM (on "to"), prepared by [`Link::ready`].
     fixed: Option<[Statement; 3]>,
 }
 
@@ -76,10 +75,18 @@ impl Link {
         }
     }
 
-    async fn fixed(&mut self) -> Result<[Statement; 3], MigrateError> {
+    /// The link's setup, done at its first use: the "to" connection takes the replica role for good (changing
+    /// `session_replication_role` empties a backend's plan cache, so setting it per pass made every pass parse
+    /// and plan its statements again), and the fixed statements are prepared (a pass then costs one round trip
+    /// per side and no parsing).
+    async fn ready(&mut self) -> Result<[Statement; 3], MigrateError> {
         if let Some(f) = &self.fixed {
             return Ok(f.clone());
         }
+        self.to
+            .batch_execute("SET session_replication_role = replica")
+            .await
+            .map_err(|e| MigrateError::pg("set the apply connection's replication role", e))?;
         let (read, delete, trim) = futures_util::future::try_join3(
             self.from.prepare(READ),
             self.from.prepare(DELETE),
@@ -95,7 +102,7 @@ impl Link {
     /// One pass: confirm the previous pass, read the oldest entries and apply them. Returns what it read;
     /// `read == 0` means the log held nothing unapplied.
     pub async fn pass(&mut self, tenant: &str) -> Result<Pass, MigrateError> {
-        let [read_stmt, delete_stmt, trim_stmt] = self.fixed().await?;
+        let [read_stmt, delete_stmt, trim_stmt] = self.ready().await?;
         let done = std::mem::take(&mut self.unconfirmed);
         let delete = async {
             if done.is_empty() {
@@ -135,10 +142,10 @@ impl Link {
     /// entries the ledger already has are skipped by the statements themselves.
     pub async fn apply(&mut self, tenant: &str, entries: &[Entry]) -> Result<(), MigrateError> {
         let work = plan(entries, &self.tables);
+        let [_, _, trim] = self.ready().await?;
         for w in &work {
             self.prepare_work(w).await?;
         }
-        let [_, _, trim] = self.fixed().await?;
         match self.apply_work(tenant, &work, &trim).await {
             Err(e)
                 if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
@@ -168,9 +175,7 @@ impl Link {
         let statements = &self.statements;
         let trim = std::mem::take(&mut self.trim);
         let mut steps: Vec<Step<'_>> = Vec::with_capacity(work.len() + 3);
-        steps.push(Box::pin(to.batch_execute(
-            "BEGIN; SET LOCAL session_replication_role = replica",
-        )));
+        steps.push(Box::pin(to.batch_execute("BEGIN")));
         if !trim.is_empty() {
             let trim = &trim;
             steps.push(Box::pin(async move {

@@ -286,12 +286,6 @@ impl Tee {
     async fn connect(&self) -> Result<Link, MigrateError> {
         let from = self.spec.from.connect().await?;
         let to = self.spec.to.connect().await?;
-        // Changing session_replication_role empties the backend's plan cache, so a per-pass `SET LOCAL` made
-        // every pass parse and plan all its statements again: this connection only ever applies, so it keeps
-        // the replica role for good (the per-pass `SET LOCAL` stays as a guard, now a no-op).
-        to.batch_execute("SET session_replication_role = replica")
-            .await
-            .map_err(|e| MigrateError::pg("set the apply connection's replication role", e))?;
         Ok(Link::new(
             from,
             to,
