@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Side-by-side pgbench: direct PostgreSQL, PgBouncer (session and transaction pooling) and pgtenant, on one
 # throwaway cluster, interleaved and repeated, printed as one table and written to benches/results/.
+# Fairness: every proxy runs in a session of its own (pgtenant_serve, see scripts/pg-lib.sh: autogroup
+# scheduling), odd repetitions run the targets in order and even ones in reverse, and every TPC-B cell starts
+# from vacuumed small tables, an empty history and a checkpoint.
 #
-#   bash benches/compare.sh                  # quick: about two minutes
-#   DURATION=15 REPEAT=3 bash benches/compare.sh   # full: about fifteen minutes
+#   bash benches/compare.sh                        # quick: about three minutes (2 s cells)
+#   DURATION=10 REPEAT=2 bash benches/compare.sh   # full: about thirteen minutes
 #   CLIENTS=16 THREADS=2 SCALE=10 TARGETS="direct pgbouncer-session pgtenant-session"
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -67,9 +70,8 @@ start_pgtenant() {
     "pool_mode = \"$mode\"
 workers = $PGT_WORKERS
 max_client_conn = 2000"
-  RUST_LOG=pgtenant=warn ./target/release/pgtenant serve --config "$W/pgtenant-$mode.toml" 2>"$W/pgtenant-$mode.log" &
-  PG_CLEANUP_EXTRA+=("$!")
-  printf -v "PID_pgtenant_${mode}" '%s' "$!"
+  RUST_LOG=pgtenant=warn pgtenant_serve "$W/pgtenant-$mode.toml" "$W/pgtenant-$mode.log"
+  printf -v "PID_pgtenant_${mode}" '%s' "$PGTENANT_PID"
   wait_port "$port"
   printf -v "PGT_${mode}_PORT" '%s' "$port"
 }
@@ -103,12 +105,20 @@ cpu_ticks() {
   true
 }
 : > "$RAW"
+reset_tpcb() {
+  local db=(psql -X -q -v ON_ERROR_STOP=1 "$(url_for direct)")
+  "${db[@]}" -c "VACUUM pgbench_branches" -c "VACUUM pgbench_tellers" -c "TRUNCATE pgbench_history" \
+    -c "CHECKPOINT" >/dev/null
+}
 run_cell() { # target script(select|tpcb|connect) mode
   local target="$1" script="$2" mode="$3"
   local args=(-n -c "$CLIENTS" -j "$THREADS" -T "$DURATION" -M "$mode")
   [ "$script" = tpcb ] || args+=(-S)
   [ "$script" = connect ] && args+=(-C)
   local out tps lat c0 c1 txns cpu=""
+  # Every TPC-B cell starts from the same state, as a pgbench run without -n would: small tables vacuumed,
+  # history emptied, and nothing left dirty by the cell before.
+  [ "$script" = tpcb ] && reset_tpcb
   c0="$(cpu_ticks "$target")"
   if out="$(pgbench "${args[@]}" "$(url_for "$target")" 2>&1)" && grep -q 'number of failed transactions: 0 ' <<<"$out"; then
     tps="$(grep -oP 'tps = \K[0-9.]+' <<<"$out" | head -1)"
@@ -129,12 +139,16 @@ run_cell() { # target script(select|tpcb|connect) mode
 
 echo "== runs: ${DURATION}s each, $CLIENTS clients, $THREADS threads, $REPEAT repetitions, targets interleaved"
 for rep in $(seq 1 "$REPEAT"); do
+  # Odd repetitions run the targets in order, even ones in reverse: whatever drifts during a repetition (tables
+  # growing, caches warming) then falls on every target alike over two repetitions.
+  order="$TARGETS"
+  if [ $((rep % 2)) = 0 ]; then order=""; for t in $TARGETS; do order="$t $order"; done; fi
   for script in select tpcb; do
     for mode in $MODES; do
-      for t in $TARGETS; do run_cell "$t" "$script" "$mode"; done
+      for t in $order; do run_cell "$t" "$script" "$mode"; done
     done
   done
-  for t in $TARGETS; do run_cell "$t" connect simple; done
+  for t in $order; do run_cell "$t" connect simple; done
 done
 
 mkdir -p "$OUT_DIR"

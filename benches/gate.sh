@@ -16,8 +16,7 @@ pg_sql "$main_PORT" postgres "CREATE DATABASE app" >/dev/null
 pg_sql "$main_PORT" app "CREATE SCHEMA tenant_acme" >/dev/null
 PORT="$(free_port)"
 pgtenant_config "$PG_WORKDIR/pgtenant.toml" "$PORT" "$main_PORT" 40 tenant_acme
-RUST_LOG=pgtenant=warn ./target/release/pgtenant serve --config "$PG_WORKDIR/pgtenant.toml" &
-PG_CLEANUP_EXTRA+=("$!")
+RUST_LOG=pgtenant=warn pgtenant_serve "$PG_WORKDIR/pgtenant.toml"
 wait_port "$PORT"
 export PGPASSWORD=secret
 URL="host=127.0.0.1 port=$PORT user=app.acme dbname=app password=secret"

@@ -1,10 +1,11 @@
 //! Micro-benchmarks of what the relay does per frame and per transaction: scanning frames, looking up a route,
-//! and checking query text for tenant statements.
+//! checking query text for tenant statements, and tracking session state.
 
 use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use pgtenant::frontend::state::SessionState;
 use pgtenant::protocol::frame::{Direction, Scan, Scanner};
 use pgtenant::protocol::sql;
 use pgtenant::routing::{Route, Router, RoutingTable};
@@ -101,5 +102,43 @@ fn recogniser(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, frames, routing, recogniser);
+/// Session-state tracking, per round trip: what the relay books for each client frame it forwards and each
+/// backend frame it passes on (pgbench's statements, unnamed, as -M simple and -M extended send them).
+fn session_state(c: &mut Criterion) {
+    let text = b"UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2\0";
+    let query = frame(b'Q', text);
+    let mut parse_body = vec![0u8];
+    parse_body.extend_from_slice(text);
+    parse_body.extend_from_slice(&[0, 0]);
+    let parse = frame(b'P', &parse_body);
+    let sync = frame(b'S', b"");
+    let complete = frame(b'C', b"UPDATE 1\0");
+    let ready = frame(b'Z', b"I");
+    let parsed = frame(b'1', b"");
+    let mut g = c.benchmark_group("session_state_track");
+    let mut st = SessionState::default();
+    g.bench_function("simple_query_round_trip", |b| {
+        b.iter(|| {
+            st.on_client(b'Q', Some(black_box(&query)), true);
+            st.on_backend(b'C', black_box(&complete));
+            st.on_backend(b'Z', black_box(&ready));
+        })
+    });
+    let mut st = SessionState::default();
+    g.bench_function("extended_statement_round_trip", |b| {
+        b.iter(|| {
+            st.on_client(b'P', Some(black_box(&parse)), false);
+            for tag in [b'B', b'D', b'E'] {
+                st.on_client(tag, None, false);
+            }
+            st.on_client(b'S', Some(black_box(&sync)), true);
+            st.on_backend(b'1', black_box(&parsed));
+            st.on_backend(b'C', black_box(&complete));
+            st.on_backend(b'Z', black_box(&ready));
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, frames, routing, recogniser, session_state);
 criterion_main!(benches);

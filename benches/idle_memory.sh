@@ -25,9 +25,8 @@ pgtenant_config "$PG_WORKDIR/pgtenant-tx.toml" "$PORT" "$main_PORT" 20 "" \
 workers = 1
 pool_mode = \"transaction\""
 measure() { # user count [config]: a fresh proxy for each measurement, so freed memory is not reused
-  RUST_LOG=pgtenant=warn ./target/release/pgtenant serve --config "${3:-$PG_WORKDIR/pgtenant.toml}" &
-  local pid=$!
-  PG_CLEANUP_EXTRA+=("$pid")
+  RUST_LOG=pgtenant=warn pgtenant_serve "${3:-$PG_WORKDIR/pgtenant.toml}"
+  local pid=$PGTENANT_PID
   wait_port "$PORT"
   python3 benches/idle_memory.py "$pid" "host=127.0.0.1 port=$PORT user=$1 dbname=app password=secret" "$2" ${4:-}
   kill "$pid"; wait "$pid" 2>/dev/null || true

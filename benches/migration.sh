@@ -32,8 +32,7 @@ migration_config "$CONFIG" "$PROXY_PORT" "$shared_PORT" "$dedicated_PORT" 40 \
   "metrics_listen = \"127.0.0.1:$METRICS_PORT\"" acme loop
 printf 'tee = "%s"\n' "$TEE" >> "$CONFIG"
 [ -n "${COPY_BATCH:-}" ] && printf 'copy_batch_rows = %s\n' "$COPY_BATCH" >> "$CONFIG"
-RUST_LOG="${RUST_LOG:-pgtenant=warn}" ./target/release/pgtenant serve --config "$CONFIG" 2> "$PG_WORKDIR/proxy.log" &
-PG_CLEANUP_EXTRA+=("$!")
+pgtenant_serve "$CONFIG" "$PG_WORKDIR/proxy.log"
 wait_port "$PROXY_PORT"
 export PGPASSWORD=secret
 url() { echo "host=127.0.0.1 port=$PROXY_PORT user=app.$1 dbname=app"; }
@@ -73,7 +72,7 @@ d0=$(date +%s.%N)
 d1=$(date +%s.%N)
 
 echo "== $ROUNDS cutovers and rollbacks of tenant loop under pgbench -c $CLIENTS"
-if [ -n "${PERF_PROXY:-}" ]; then perf record -g -o /tmp/perf.proxy.data -p "$(pgrep -f "pgtenant serve" | head -1)" & PERF_PID=$!; fi
+if [ -n "${PERF_PROXY:-}" ]; then perf record -g -o /tmp/perf.proxy.data -p "$PGTENANT_PID" & PERF_PID=$!; fi
 # pgbench in 5-second runs until the rounds are done (each run prints its own summary).
 ( while [ ! -f "$PG_WORKDIR/stop" ]; do
     pgbench -n -c "$CLIENTS" -j 2 -T 5 -M "${LOOP_MODE:-prepared}" "$(url loop)" >> "$PG_WORKDIR/loop.out" 2>&1 || true

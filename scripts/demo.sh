@@ -29,8 +29,7 @@ CONFIG="$PG_WORKDIR/pgtenant.toml"
 migration_config "$CONFIG" "$PROXY_PORT" "$shared_PORT" "$dedicated_PORT" 20 "" acme globex
 
 echo "== starting pgtenant on port $PROXY_PORT"
-RUST_LOG="${RUST_LOG:-pgtenant=warn}" ./target/release/pgtenant serve --config "$CONFIG" &
-PG_CLEANUP_EXTRA+=("$!")
+pgtenant_serve "$CONFIG"
 wait_port "$PROXY_PORT"
 
 export PGPASSWORD=secret

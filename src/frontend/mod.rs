@@ -10,7 +10,7 @@ pub mod login;
 mod pooling;
 pub mod session;
 pub mod startup;
-mod state;
+pub mod state;
 mod statements;
 
 pub use login::serve_client;
