@@ -5,7 +5,7 @@
 # scheduling), odd repetitions run the targets in order and even ones in reverse, and every TPC-B cell starts
 # from vacuumed small tables, an empty history and a checkpoint.
 #
-#   bash benches/compare.sh                        # quick: about three minutes (2 s cells)
+#   bash benches/compare.sh                        # quick: about two and a half minutes (2 s cells)
 #   DURATION=10 REPEAT=2 bash benches/compare.sh   # full: about thirteen minutes
 #   CLIENTS=16 THREADS=2 SCALE=10 TARGETS="direct pgbouncer-session pgtenant-session"
 set -euo pipefail
