@@ -160,12 +160,7 @@ async fn migrates_a_tenant_live_and_rolls_back() {
     assert!(writes > 10);
     // After cutover new work runs on the target; the source is kept in step by the reverse tee.
     let c = proxy.connect("app.acme", "app").await.unwrap();
-    let port: i32 = c
-        .query_one("SELECT inet_server_port()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(port as u16, dedicated.port);
+    assert_eq!(server_port(&c).await, dedicated.port);
     c.batch_execute("INSERT INTO orders (note) VALUES ('after cutover')")
         .await
         .unwrap();
@@ -203,12 +198,7 @@ async fn migrates_a_tenant_live_and_rolls_back() {
         .unwrap()
         .get(0);
     assert_eq!(n, 1);
-    let port: i32 = c
-        .query_one("SELECT inet_server_port()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(port as u16, shared.port);
+    assert_eq!(server_port(&c).await, shared.port);
     // Capture is gone from both sides.
     for pg in [&shared, &dedicated] {
         assert_eq!(
@@ -270,11 +260,9 @@ async fn commit_reply_waits_for_the_tee_whole(proxy: &TestProxy) {
     let fp = &proxy.proxy.shared.migrations.failpoints;
     fp.set("tee.before_pass", Some(Action::Hang));
     let mut s = raw_login(proxy.port(), &[("user", "dev.acme"), ("database", "app")]).await;
-    let sql = b"INSERT INTO a (v) VALUES (7000)\0";
-    let mut q = vec![b'Q'];
-    q.extend_from_slice(&((sql.len() + 4) as u32).to_be_bytes());
-    q.extend_from_slice(sql);
-    s.write_all(&q).await.unwrap();
+    s.write_all(&frame(b'Q', b"INSERT INTO a (v) VALUES (7000)\0"))
+        .await
+        .unwrap();
     let mut first = [0u8; 1];
     let early = tokio::time::timeout(Duration::from_millis(200), s.read_exact(&mut first)).await;
     assert!(early.is_err(), "a reply arrived before the tee timeout");
@@ -286,6 +274,16 @@ async fn commit_reply_waits_for_the_tee_whole(proxy: &TestProxy) {
     s.read_exact(&mut body).await.unwrap();
     assert!(read_until(&mut s, b'Z').await.is_some());
     fp.set("tee.before_pass", None);
+}
+
+/// The port of the server the connection's queries run on.
+async fn server_port(c: &tokio_postgres::Client) -> u16 {
+    let port: i32 = c
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    port as u16
 }
 
 /// Starts acme's cutover with `failpoint` hanging, waits until the tenant is held, and restarts the proxy there.
@@ -391,12 +389,7 @@ async fn restarts_resume_copy_tee_and_a_swapped_cutover() {
     let proxy = restart_in_cutover(proxy, &config, "cutover.after_swap").await;
     wait_state(&proxy, "acme", "migrated", Duration::from_secs(5)).await;
     let c = proxy.connect("app.acme", "app").await.unwrap();
-    let port: i32 = c
-        .query_one("SELECT inet_server_port()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(port as u16, dedicated.port);
+    assert_eq!(server_port(&c).await, dedicated.port);
     let rows = c
         .query(
             "SELECT id, v FROM a WHERE v = 77777 OR v < 0 ORDER BY id",
@@ -473,12 +466,7 @@ async fn migrates_live_in_transaction_pool_mode() {
         fingerprint(&shared, "tenant_acme")
     );
     let c = proxy.connect("app.acme", "app").await.unwrap();
-    let port: i32 = c
-        .query_one("SELECT inet_server_port()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(port as u16, dedicated.port);
+    assert_eq!(server_port(&c).await, dedicated.port);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1080,12 +1068,7 @@ async fn limits_async_tee_restart_before_swap_and_auto_cutover() {
     let proxy = restart_in_cutover(proxy, &config, "cutover.before_swap").await;
     wait_state(&proxy, "acme", "dual_write", Duration::from_secs(10)).await;
     let c = proxy.connect("app.acme", "app").await.unwrap();
-    let port: i32 = c
-        .query_one("SELECT inet_server_port()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(port as u16, shared.port, "still on the source");
+    assert_eq!(server_port(&c).await, shared.port, "still on the source");
     assert!(
         capture_left(&dedicated).starts_with("0/"),
         "no reverse capture left on the target: {}",

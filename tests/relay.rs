@@ -7,7 +7,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{
-    closes_within, code, eventually, psql, raw_login, read_until, Harness, PgCluster, TestProxy,
+    closes_within, code, eventually, frame, psql, raw_login, read_until, Harness, PgCluster,
+    TestProxy,
 };
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::AsyncWriteExt;
@@ -524,13 +525,6 @@ async fn backend_death_is_reported_to_the_client() {
         .await
     );
     drop(pg);
-}
-
-fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut v = vec![tag];
-    v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-    v.extend_from_slice(body);
-    v
 }
 
 fn parse(sql: &str) -> Vec<u8> {

@@ -4,7 +4,8 @@
 use bytes::Buf;
 
 use super::boundary::Admission;
-use super::session::{move_bytes, End, Session, SkipEnd, OUT_HIGH_WATER};
+use super::session::{move_bytes, End, Server, Session, SkipEnd, OUT_HIGH_WATER};
+use super::state::SessionState;
 use crate::protocol::frame::{parse_header, Direction, Header, Scan};
 use crate::protocol::{inspect, messages, sql, sqlstate, PgError};
 
@@ -82,27 +83,17 @@ impl Session {
                 b'S' | b'H' => true,
                 b'E' => admitted,
                 b'B' | b'D' | b'C' => admitted && !self.tx_mode,
-                b'Q' if self.tx_mode => false,
-                b'Q' => {
-                    let text = inspect::query_text(frame).unwrap_or_default();
-                    admitted && matches!(sql::recognise(text), sql::Recognised::Pass)
-                }
-                b'P' => {
-                    let text = inspect::parse_statement(frame).map_or(&[][..], |(_, t)| t);
+                b'Q' | b'P' => {
                     admitted
                         && !self.tx_mode
-                        && matches!(sql::recognise(text), sql::Recognised::Pass)
+                        && matches!(recognise_frame(h.tag, frame), sql::Recognised::Pass)
                 }
                 _ => false,
             };
             if !plain {
                 break;
             }
-            let owes = s.note_sent(h.tag);
-            self.state.on_client(h.tag, Some(frame), owes);
-            if h.tag == b'E' || h.tag == b'Q' {
-                self.queries += 1;
-            }
+            book(s, &mut self.state, &mut self.queries, h.tag, Some(frame));
             run += h.total;
         }
         move_bytes(&mut self.cin, &mut s.out, run);
@@ -179,13 +170,7 @@ impl Session {
                 return Ok(());
             }
         }
-        let recognised = match tag {
-            b'Q' => sql::recognise(inspect::query_text(&self.cin[..total]).unwrap_or_default()),
-            b'P' => sql::recognise(
-                inspect::parse_statement(&self.cin[..total]).map_or(&[][..], |(_, t)| t),
-            ),
-            _ => sql::Recognised::Pass,
-        };
+        let recognised = recognise_frame(tag, &self.cin[..total]);
         match (tag, recognised) {
             (_, sql::Recognised::Pass) => match self.begin_work(tag).await? {
                 Admission::Wait => {}
@@ -284,12 +269,8 @@ impl Session {
     /// Books a frame about to be forwarded (`total`: its length when it is held whole).
     fn count_request(&mut self, tag: u8, total: Option<usize>) {
         if let Some(s) = self.server.as_mut() {
-            let owes = s.note_sent(tag);
-            self.state
-                .on_client(tag, total.map(|n| &self.cin[..n]), owes);
-            if matches!(tag, b'Q' | b'E' | b'F') {
-                self.queries += 1;
-            }
+            let frame = total.map(|n| &self.cin[..n]);
+            book(s, &mut self.state, &mut self.queries, tag, frame);
         }
     }
 
@@ -303,5 +284,30 @@ impl Session {
         if self.discarding && !self.cscan.mid_frame() {
             self.discarding = false;
         }
+    }
+}
+
+/// Books a client frame forwarded to `server`: what the backend will owe for it, the session state it may
+/// change, and the query count (`frame`: the frame when it is held whole).
+fn book(
+    server: &mut Server,
+    state: &mut SessionState,
+    queries: &mut u64,
+    tag: u8,
+    frame: Option<&[u8]>,
+) {
+    let owes = server.note_sent(tag);
+    state.on_client(tag, frame, owes);
+    if matches!(tag, b'Q' | b'E' | b'F') {
+        *queries += 1;
+    }
+}
+
+/// Whether a whole Query or Parse frame is a tenant statement; other frames pass.
+fn recognise_frame(tag: u8, frame: &[u8]) -> sql::Recognised {
+    match tag {
+        b'Q' => sql::recognise(inspect::query_text(frame).unwrap_or_default()),
+        b'P' => sql::recognise(inspect::parse_statement(frame).map_or(&[][..], |(_, t)| t)),
+        _ => sql::Recognised::Pass,
     }
 }

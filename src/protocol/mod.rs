@@ -13,6 +13,7 @@ pub mod sqlstate;
 pub mod startup;
 
 pub use frame::{Direction, FrameError, Scan, Scanner};
+pub use messages::PgError;
 
 /// A frame with `tag` and `body`, for unit tests.
 #[cfg(test)]
@@ -22,4 +23,3 @@ pub(crate) fn test_frame(tag: u8, body: &[u8]) -> Vec<u8> {
     v.extend_from_slice(body);
     v
 }
-pub use messages::PgError;

@@ -6,6 +6,10 @@
 //! tenant statement hidden in a multi-statement query is refused instead of reaching a backend, where it would
 //! silently set a meaningless placeholder variable.
 
+use std::sync::LazyLock;
+
+use memchr::memmem::Finder;
+
 /// What a `pgtenant.tenant` statement asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TenantCommand {
@@ -25,10 +29,6 @@ pub enum Recognised {
     /// A tenant statement the proxy cannot honour; the text says why.
     Refuse(String),
 }
-
-use std::sync::LazyLock;
-
-use memchr::memmem::Finder;
 
 const NAME: &[u8] = b"pgtenant";
 

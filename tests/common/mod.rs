@@ -470,12 +470,24 @@ pub fn python(script: &str, args: &[&str]) -> (bool, String) {
         .args(args)
         .output()
         .unwrap();
-    let text = format!(
+    (out.status.success(), output_text(&out))
+}
+
+/// A finished command's stdout followed by its stderr.
+fn output_text(out: &std::process::Output) -> String {
+    format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    )
+}
+
+/// A protocol frame with `tag` and `body`, for tests that speak the wire protocol themselves.
+pub fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = vec![tag];
+    v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    v.extend_from_slice(body);
+    v
 }
 
 /// Polls `f` until it returns true or `timeout` passes.
@@ -487,11 +499,7 @@ pub fn pgbench(url: &str, args: &[&str]) -> String {
         .env("PGPASSWORD", PASSWORD)
         .output()
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = output_text(&out);
     assert!(out.status.success(), "pgbench {args:?} failed:\n{text}");
     text
 }
