@@ -11,10 +11,12 @@ use thiserror::Error;
 use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
 
+use crate::auth::throttle::AuthThrottle;
 use crate::auth::{ScramError, Users};
 use crate::backend::{Backend, Backends, Timeouts};
 use crate::cancel::CancelRegistry;
 use crate::config::Config;
+use crate::frontend::limits::{ClientCounts, LoginSlots};
 use crate::gate::Gates;
 use crate::metrics::Metrics;
 use crate::net::tls::{self, TlsError};
@@ -39,6 +41,8 @@ pub struct Shared {
     pub backends: ArcSwap<Backends>,
     pub cancels: Arc<CancelRegistry>,
     pub tls: Option<TlsAcceptor>,
+    /// `tls-server-end-point` binding data of the TLS certificate (SCRAM-SHA-256-PLUS).
+    pub tls_end_point: Option<Vec<u8>>,
     /// ParameterStatus values last seen from a backend, told to clients that start without a tenant.
     pub last_params: Mutex<Vec<(String, String)>>,
     /// Fired when sessions must end now (SIGINT, or the SIGTERM grace period ran out).
@@ -61,20 +65,33 @@ pub struct Shared {
     pub started: Instant,
     /// Live migrations: records, running tees, failpoints.
     pub migrations: crate::migration::Migrations,
+    /// Logged-in clients under `max_client_conn`.
+    pub client_permits: Arc<tokio::sync::Semaphore>,
+    /// Connections still logging in (`max_login_conn`).
+    pub logins: Arc<LoginSlots>,
+    /// Logged-in clients per user and tenant.
+    pub clients: Arc<ClientCounts>,
+    pub auth_throttle: AuthThrottle,
+    /// The key signing the audit chain and seeding fake SCRAM salts (`proxy.key_file`).
+    pub key: crate::state::key::ProxyKey,
 }
 
 impl Shared {
     /// Builds the shared state. Routes come from `state_dir` when they were ever persisted (the config only
     /// seeds them); a corrupt state file is an error.
     pub fn new(config: Config, config_path: Option<PathBuf>) -> Result<Arc<Shared>, ContextError> {
-        let tls = match &config.tls {
-            Some(t) => Some(tls::acceptor(&t.cert, &t.key)?),
-            None => None,
+        let (tls, tls_end_point) = match &config.tls {
+            Some(t) => {
+                let server = tls::acceptor(&t.cert, &t.key)?;
+                (Some(server.acceptor), server.end_point)
+            }
+            None => (None, None),
         };
         let users = Users::from_config(&config.users)?;
         let backends = build_backends(&config)?;
         let store = StateStore::open(&config.proxy.state_dir)?;
-        let audit = AuditLog::open(&store.audit_path())?;
+        let key = crate::state::key::ProxyKey::load_or_create(&config.proxy.key_file_path())?;
+        let audit = AuditLog::open(&store.audit_path(), key.clone())?;
         let migrations = crate::migration::Migrations::open(store.dir())?;
         let (table, removed) = match store.load_routes()? {
             Some(file) => {
@@ -91,6 +108,11 @@ impl Shared {
             }
         };
         Ok(Arc::new(Shared {
+            client_permits: Arc::new(tokio::sync::Semaphore::new(config.proxy.max_client_conn)),
+            logins: LoginSlots::new(config.proxy.max_login_conn),
+            clients: Arc::new(ClientCounts::default()),
+            auth_throttle: AuthThrottle::new(config.proxy.auth_failure_delay_ms),
+            key,
             gates: Gates::default(),
             sessions: Arc::new(Sessions::default()),
             metrics: Metrics::new(),
@@ -109,6 +131,7 @@ impl Shared {
             backends: ArcSwap::from_pointee(backends),
             cancels: Arc::new(CancelRegistry::default()),
             tls,
+            tls_end_point,
             last_params: Mutex::new(Vec::new()),
             terminate: Terminate::default(),
         }))
@@ -188,6 +211,7 @@ pub fn timeouts(config: &Config) -> Timeouts {
         connect: config.proxy.connect_timeout(),
         checkout: config.proxy.checkout_timeout(),
         idle: Duration::from_millis(config.proxy.server_idle_timeout_ms),
+        keepalive: config.proxy.keepalive(),
     }
 }
 

@@ -9,8 +9,6 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use crate::config::Config;
-
 #[derive(Args, Debug)]
 pub struct CtlArgs {
     /// Admin socket path (default: $PGTENANT_ADMIN_SOCKET, else admin_socket of --config, else /tmp/pgtenant.sock).
@@ -272,10 +270,44 @@ pub fn socket_path(args: &CtlArgs) -> PathBuf {
         let default = PathBuf::from("pgtenant.toml");
         default.exists().then_some(default)
     });
-    if let Some(c) = config.and_then(|p| Config::load(&p).ok()) {
-        return c.proxy.admin_socket;
+    if let Some(path) = config.and_then(|p| socket_from_config(&p)) {
+        return path;
     }
-    PathBuf::from("/tmp/pgtenant.sock")
+    PathBuf::from("pgtenant-state/run/admin.sock")
+}
+
+/// The admin socket a config file names, read without resolving the file's secrets (an operator running
+/// `ctl` may not be able to read the proxy's password files or see its environment).
+fn socket_from_config(path: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let table: toml::Table = toml::from_str(&text).ok()?;
+    let proxy = table.get("proxy").and_then(|p| p.as_table());
+    let get = |key: &str| proxy.and_then(|p| p.get(key)).and_then(|v| v.as_str());
+    Some(crate::config::admin_socket_for(
+        Path::new(get("admin_socket").unwrap_or("")),
+        Path::new(get("state_dir").unwrap_or("./pgtenant-state")),
+    ))
+}
+
+/// Refuses to talk to a socket served by another user: someone who created the socket path first (in a shared
+/// directory such as /tmp) would otherwise receive our commands and could answer them with anything.
+fn check_peer(stream: &UnixStream, socket: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let theirs = stream
+        .peer_cred()
+        .map_err(|e| format!("cannot check who serves {}: {e}", socket.display()))?
+        .uid();
+    // The owner of /proc/self is this process's effective user.
+    let ours = std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .map_err(|e| format!("cannot tell this process's user: {e}"))?;
+    if theirs != ours && theirs != 0 {
+        return Err(format!(
+            "refusing to talk to {}: it is served by uid {theirs}, not by this user (uid {ours}) or root",
+            socket.display()
+        ));
+    }
+    Ok(())
 }
 
 /// Sends one request and returns the response object.
@@ -284,6 +316,7 @@ pub async fn send(socket: &Path, request: &Value) -> Result<Value, String> {
         let stream = UnixStream::connect(socket)
             .await
             .map_err(|e| format!("cannot reach pgtenant at {}: {e}", socket.display()))?;
+        check_peer(&stream, socket)?;
         let (read, mut write) = stream.into_split();
         let mut line = request.to_string();
         line.push('\n');

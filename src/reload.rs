@@ -10,7 +10,7 @@ use crate::admin::commands::Done;
 use crate::admin::AdminError;
 use crate::auth::Users;
 use crate::backend::{Backend, Backends};
-use crate::config::Config;
+use crate::config::{BackendConfig, Config};
 use crate::context::{timeouts, Shared};
 use crate::routing::Route;
 use crate::tenant::TenantId;
@@ -64,8 +64,8 @@ pub fn reload(shared: &Arc<Shared>) -> Result<Done, AdminError> {
                 .map(|(t, _)| format!("tenants.{t} (new)")),
         );
     }
-    for (backend, size) in plan.resize {
-        backend.set_pool_size(size);
+    for (backend, config) in plan.resize {
+        backend.set_limits(&config);
     }
     shared.users.store(Arc::new(users));
     applied.push("users".into());
@@ -126,8 +126,8 @@ fn keep_restart_only(old: &Config, mut new: Config) -> Config {
 /// What reload will do to the backends, decided before anything changes.
 struct BackendPlan {
     backends: Backends,
-    /// Pool sizes to set once the reload is sure to go through.
-    resize: Vec<(Arc<Backend>, usize)>,
+    /// Limits to set once the reload is sure to go through.
+    resize: Vec<(Arc<Backend>, BackendConfig)>,
     applied: Vec<String>,
 }
 
@@ -149,14 +149,13 @@ fn plan_backends(
     for (name, cfg) in &new.backends {
         match current.get(name) {
             Some(b) => {
-                let mut same = b.config.clone();
-                same.pool_size = cfg.pool_size;
-                if same != *cfg {
-                    restart.push(format!("backends.{name} (address, credentials or TLS)"));
-                } else if b.pool_size() != cfg.pool_size {
-                    plan.resize.push((b.clone(), cfg.pool_size));
-                    plan.applied
-                        .push(format!("backends.{name}.pool_size = {}", cfg.pool_size));
+                if without_limits(&b.config) != without_limits(cfg) {
+                    restart.push(format!(
+                        "backends.{name} (address, credentials, roles or TLS)"
+                    ));
+                } else if limits(&b.config) != limits(cfg) {
+                    plan.resize.push((b.clone(), cfg.clone()));
+                    plan.applied.push(format!("backends.{name} limits"));
                 }
                 plan.backends.by_name.insert(name.clone(), b.clone());
             }
@@ -181,6 +180,29 @@ fn plan_backends(
         plan.applied.push(format!("backends.{name} (removed)"));
     }
     Ok(plan)
+}
+
+/// A backend's reloadable limits.
+fn limits(c: &BackendConfig) -> (usize, usize, usize, usize, u64) {
+    (
+        c.pool_size,
+        c.max_connections,
+        c.max_tenant_connections,
+        c.reserve_pool_size,
+        c.reserve_pool_timeout_ms,
+    )
+}
+
+/// A backend's config with its reloadable limits left out, to compare what needs a restart.
+fn without_limits(c: &BackendConfig) -> BackendConfig {
+    BackendConfig {
+        pool_size: 0,
+        max_connections: 0,
+        max_tenant_connections: 0,
+        reserve_pool_size: 0,
+        reserve_pool_timeout_ms: 0,
+        ..c.clone()
+    }
 }
 
 /// Tenants in the config that are neither routed nor removed through the admin socket.

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 
-use crate::config::TenantConfig;
+use crate::config::{Isolation, TenantConfig};
 use crate::tenant::TenantId;
 
 /// A routing table version. Every change increases it, so a session can tell its backend is of an older route.
@@ -22,12 +22,25 @@ impl fmt::Display for Epoch {
     }
 }
 
-/// Where a tenant lives: a backend, and optionally a database and a schema on it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// Where a tenant lives (a backend, and optionally a database and a schema on it) and how it is kept apart
+/// from the other tenants there. Optional fields are left out of `routes.json` when unset, so files written
+/// before they existed read the same.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub struct Route {
     pub backend: String,
     pub database: Option<String>,
     pub schema: Option<String>,
+    /// `role` or `shared`; none: the backend's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<Isolation>,
+    /// Login role for role isolation; none: the backend's `tenant_role` template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// The tenant's rows live in shared tables told apart by this column.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant_column: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant_key: Option<String>,
 }
 
 impl From<&TenantConfig> for Route {
@@ -36,6 +49,38 @@ impl From<&TenantConfig> for Route {
             backend: t.backend.clone(),
             database: t.database.clone(),
             schema: t.schema.clone(),
+            isolation: t.isolation,
+            role: t.role.clone(),
+            tenant_column: t.tenant_column.clone(),
+            tenant_key: t.tenant_key.clone(),
+        }
+    }
+}
+
+impl Route {
+    /// A plain route: a backend, and optionally a database and schema on it.
+    pub fn new(backend: &str, database: Option<String>, schema: Option<String>) -> Route {
+        Route {
+            backend: backend.to_owned(),
+            database,
+            schema,
+            ..Route::default()
+        }
+    }
+
+    /// The route's isolation, with the backend's as the default.
+    pub fn isolation(&self, backend: &crate::config::BackendConfig) -> Isolation {
+        self.isolation.unwrap_or(backend.isolation)
+    }
+
+    /// The same place on another backend (what a migration's target looks like): everything but the place
+    /// itself is kept.
+    pub fn moved(&self, backend: &str, database: Option<String>, schema: Option<String>) -> Route {
+        Route {
+            backend: backend.to_owned(),
+            database,
+            schema,
+            ..self.clone()
         }
     }
 }
@@ -121,11 +166,7 @@ mod tests {
     fn update_bumps_epoch_and_persist_failure_hides_change() {
         let router = Router::new(RoutingTable::default());
         let acme = TenantId::parse("acme").unwrap();
-        let route = Arc::new(Route {
-            backend: "b".into(),
-            database: None,
-            schema: None,
-        });
+        let route = Arc::new(Route::new("b", None, None));
         let t = router
             .update::<()>(
                 |r| {

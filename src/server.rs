@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use thiserror::Error;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -17,10 +16,6 @@ use crate::config::{Config, ConfigError};
 use crate::context::{ContextError, Shared};
 use crate::frontend::serve_client;
 use crate::metrics::{self as pgmetrics, HealthSource};
-
-/// Clients over the limit still get a proper `53300` error; this many at most may be in that state at once,
-/// beyond which connections are closed straight away.
-const MAX_REJECTING: usize = 64;
 
 #[derive(Debug, Error)]
 pub enum ServerError {
@@ -77,8 +72,7 @@ impl Proxy {
         let local_addr = listener
             .local_addr()
             .map_err(|source| ServerError::Bind { addr, source })?;
-        let max_clients = config.proxy.max_client_conn;
-        let admin = bind_unix(&config.proxy.admin_socket)?;
+        let admin = bind_unix(&config.proxy.admin_socket_path())?;
         let admin_tcp = bind_optional(&config.proxy.admin_listen).await?;
         let metrics_listener = bind_optional(&config.proxy.metrics_listen).await?;
         let shared = Shared::new(config, path)?;
@@ -94,6 +88,9 @@ impl Proxy {
         proxy
             .background
             .push(tokio::spawn(shared.clone().reap_idle_loop()));
+        proxy
+            .background
+            .push(tokio::spawn(check_serving_roles(shared.clone())));
         // Unfinished migrations continue from their persisted state.
         crate::migration::coordinator::resume_all(&shared).await;
         proxy
@@ -113,7 +110,6 @@ impl Proxy {
         proxy.background.push(tokio::spawn(accept_loop(
             listener,
             shared,
-            max_clients,
             proxy.stop_accepting.clone(),
             proxy.sessions.clone(),
         )));
@@ -158,7 +154,7 @@ impl Proxy {
             task.abort();
             let _ = task.await;
         }
-        let _ = std::fs::remove_file(&self.shared.config.load().proxy.admin_socket);
+        let _ = std::fs::remove_file(self.shared.config.load().proxy.admin_socket_path());
     }
 
     /// Ends every session now (each client gets a 57P01 error).
@@ -168,6 +164,23 @@ impl Proxy {
         self.shared.terminate.fire();
         self.shared.migrations.shutdown();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.sessions.wait()).await;
+    }
+}
+
+/// Opens one connection per backend as its serving role, at start: a backend that cannot be reached or refuses
+/// the login is logged now rather than at the first client, and a serving role that is a superuser (or
+/// bypasses row-level security) is warned about (see `Pool::privileged`).
+async fn check_serving_roles(shared: Arc<Shared>) {
+    let backends = shared.backends.load_full();
+    for backend in backends.by_name.values() {
+        let database = backend.config.database.as_deref().unwrap_or("postgres");
+        let Some(pool) = backend.pool(database, &backend.serving_login()) else {
+            continue;
+        };
+        let tag = Arc::new(crate::backend::StartupTag::default());
+        if let Ok(conn) = pool.checkout(&tag, None).await {
+            conn.release(crate::backend::pool::ReleaseState::Idle);
+        }
     }
 }
 
@@ -220,6 +233,15 @@ impl HealthSource for Health {
                 let (o, i) = pool.counts();
                 open += o;
                 idle += i;
+                if pool.privileged() == Some(true) {
+                    let labels = vec![
+                        ::metrics::Label::new("backend", backend.name.clone()),
+                        ::metrics::Label::new("role", pool.login.user.clone()),
+                    ];
+                    s.metrics
+                        .gauge("pgtenant_serving_role_privileged", labels)
+                        .set(1.0);
+                }
             }
             for (state, n) in [("idle", idle), ("active", open - idle.min(open))] {
                 let labels = vec![
@@ -246,12 +268,9 @@ impl HealthSource for Health {
 async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
-    max_clients: usize,
     stop: CancellationToken,
     sessions: TaskTracker,
 ) {
-    let admitted = Arc::new(Semaphore::new(max_clients));
-    let rejecting = Arc::new(Semaphore::new(MAX_REJECTING));
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
@@ -266,23 +285,14 @@ async fn accept_loop(
                 continue;
             }
         };
+        // Connections still logging in have a budget of their own; when it is full the oldest one that has not
+        // sent its startup packet makes room, so idle sockets cannot lock real clients out. The client limit
+        // (`max_client_conn`) is taken once a client has said who it is.
+        let Some(ticket) = shared.logins.enter() else {
+            tracing::debug!("login budget full of clients mid-authentication; connection closed");
+            continue;
+        };
         let shared = shared.clone();
-        match admitted.clone().try_acquire_owned() {
-            Ok(permit) => {
-                sessions.spawn(async move {
-                    serve_client(shared, tcp, true).await;
-                    drop(permit);
-                });
-            }
-            Err(_) => {
-                let Ok(permit) = rejecting.clone().try_acquire_owned() else {
-                    continue;
-                };
-                sessions.spawn(async move {
-                    serve_client(shared, tcp, false).await;
-                    drop(permit);
-                });
-            }
-        }
+        sessions.spawn(serve_client(shared, tcp, ticket));
     }
 }

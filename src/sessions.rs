@@ -10,6 +10,8 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
+use crate::context::Terminate;
+use crate::protocol::PgError;
 use crate::tenant::TenantId;
 
 /// Where a session's backend connection came from.
@@ -24,7 +26,6 @@ pub struct SessionRoute {
     pub pinned: Option<&'static str>,
 }
 
-#[derive(Debug)]
 pub struct SessionInfo {
     pub id: u64,
     pub user: String,
@@ -32,9 +33,32 @@ pub struct SessionInfo {
     pub started: Instant,
     pub in_transaction: AtomicBool,
     route: Mutex<SessionRoute>,
+    /// Fired to end this session from outside (a cutover ending pinned sessions, an operator's KILL).
+    pub end: Terminate,
+    end_reason: Mutex<Option<PgError>>,
+}
+
+impl std::fmt::Debug for SessionInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SessionInfo({}, {})", self.id, self.user)
+    }
 }
 
 impl SessionInfo {
+    /// Ends the session with `reason` (a FATAL error the client is sent) at its next step, or now if idle.
+    pub fn end_with(&self, reason: PgError) {
+        *self.end_reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+        self.end.fire();
+    }
+
+    /// Why the session was told to end, if it was.
+    pub fn take_end_reason(&self) -> Option<PgError> {
+        self.end_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
     pub fn set_route(&self, route: SessionRoute) {
         *self.route.lock().unwrap_or_else(|p| p.into_inner()) = route;
     }
@@ -89,6 +113,8 @@ impl Sessions {
             started: Instant::now(),
             in_transaction: AtomicBool::new(false),
             route: Mutex::new(SessionRoute::default()),
+            end: Terminate::default(),
+            end_reason: Mutex::new(None),
         });
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         map.insert(info.id, info.clone());

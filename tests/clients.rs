@@ -254,8 +254,8 @@ async fn the_binary_serves_and_stops_on_sigterm() {
         "late".into(),
         pgtenant::config::TenantConfig {
             backend: "shared".into(),
-            database: None,
             schema: Some("tenant_acme".into()),
+            ..Default::default()
         },
     );
     let next_text = toml::to_string(&next)

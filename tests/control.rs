@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{code, http_get, Harness, TestProxy};
+use common::{closes_within, code, http_get, Harness, TestProxy};
 use serde_json::json;
 
 use common::{show, two_clusters as clusters, Two};
@@ -40,7 +40,8 @@ async fn admin_commands_and_their_errors() {
     assert_eq!(g["sessions"][0]["on_current_route"], true);
     let b = p.admin_ok(json!({"cmd": "backends"})).await;
     assert_eq!(b["backends"][1]["backend"], "shared");
-    assert_eq!(b["backends"][1]["pools"][0]["open"], 1);
+    // (The startup check of the serving role left one idle connection beside the session's.)
+    assert_eq!(b["backends"][1]["pools"][0]["active"], 1);
     let s = p.admin_ok(json!({"cmd": "stats"})).await;
     assert_eq!(s["client_sessions"], 1);
     let set = p
@@ -620,29 +621,68 @@ async fn tcp_admin_listener_requires_the_token() {
         .await;
     let addr = p.proxy.admin_tcp_addr().unwrap();
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (r, mut wr) = stream.into_split();
-    let mut lines = BufReader::new(r).lines();
-    for (request, expected) in [
-        (json!({"cmd": "tenants"}), "unauthorized"),
-        (json!({"cmd": "tenants", "token": "wrong"}), "unauthorized"),
-        (
-            json!({"cmd": "tenants", "token": "0123456789abcdef-token"}),
-            "ok",
-        ),
-    ] {
-        wr.write_all(format!("{request}\n").as_bytes())
-            .await
-            .unwrap();
-        let answer: serde_json::Value =
-            serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
-        let got = if answer["ok"] == true {
-            "ok"
-        } else {
-            answer["error"]["code"].as_str().unwrap()
-        };
-        assert_eq!(got, expected, "{request}");
+    let token = "0123456789abcdef-token";
+    // Sends each request on one connection and returns each answer's code ("ok" for success; "closed" when
+    // the proxy hung up instead of answering).
+    async fn exchange(addr: std::net::SocketAddr, requests: &[serde_json::Value]) -> Vec<String> {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (r, mut wr) = stream.into_split();
+        let mut lines = BufReader::new(r).lines();
+        let mut got = Vec::new();
+        for request in requests {
+            if wr
+                .write_all(format!("{request}\n").as_bytes())
+                .await
+                .is_err()
+            {
+                got.push("closed".to_string());
+                continue;
+            }
+            let code = match lines.next_line().await {
+                Ok(Some(line)) => {
+                    let answer: serde_json::Value = serde_json::from_str(&line).unwrap();
+                    if answer["ok"] == true {
+                        "ok".to_string()
+                    } else {
+                        answer["error"]["code"].as_str().unwrap().to_string()
+                    }
+                }
+                _ => "closed".to_string(),
+            };
+            got.push(code);
+        }
+        got
     }
+    let bare = json!({"cmd": "tenants"});
+    let wrong = json!({"cmd": "tenants", "token": "wrong"});
+    let right = json!({"cmd": "tenants", "token": token});
+    // Without the token on the first line, the connection is refused and closed.
+    assert_eq!(
+        exchange(addr, &[bare.clone(), right.clone()]).await,
+        ["unauthorized", "closed"]
+    );
+    assert_eq!(
+        exchange(addr, std::slice::from_ref(&wrong)).await,
+        ["unauthorized"]
+    );
+    // With it, later requests may leave it out, but a wrong one is refused.
+    assert_eq!(
+        exchange(
+            addr,
+            &[right.clone(), bare.clone(), wrong.clone(), bare.clone()]
+        )
+        .await,
+        ["ok", "ok", "unauthorized", "ok"]
+    );
+    // Silent connections cannot take the listener: 40 of them are open, yet an operator gets in, and a
+    // silent one is closed after the first-line deadline.
+    let mut silent = Vec::new();
+    for _ in 0..40 {
+        silent.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    assert_eq!(exchange(addr, std::slice::from_ref(&right)).await, ["ok"]);
+    let mut last = silent.pop().unwrap();
+    assert!(closes_within(&mut last, Duration::from_secs(4)).await);
     // A short token is refused by config validation.
     let bad = harness(&w)
         .proxy("admin_listen = \"127.0.0.1:0\"")
@@ -679,8 +719,8 @@ async fn reload_applies_what_it_can_and_an_invalid_file_changes_nothing() {
         "hooli".into(),
         pgtenant::config::TenantConfig {
             backend: "dedicated".into(),
-            database: None,
             schema: Some("tenant_acme".into()),
+            ..Default::default()
         },
     );
     next.users.push(pgtenant::config::UserConfig {
@@ -689,13 +729,16 @@ async fn reload_applies_what_it_can_and_an_invalid_file_changes_nothing() {
         scram_secret: None,
         auth: None,
         tenants: vec!["hooli".into()],
+        networks: Vec::new(),
+        require_tls: false,
+        max_client_conn: None,
     });
     std::fs::write(&path, toml::to_string(&next).unwrap()).unwrap();
     let r = admin(json!({"cmd": "reload"})).await;
     assert_eq!(r["ok"], true, "{r}");
     let applied = r["result"]["applied"].to_string();
     assert!(
-        applied.contains("tenants.hooli (new)") && applied.contains("pool_size = 3"),
+        applied.contains("tenants.hooli (new)") && applied.contains("backends.shared limits"),
         "{applied}"
     );
     assert_eq!(r["result"]["requires_restart"], json!(["proxy.listen"]));
@@ -716,8 +759,7 @@ async fn reload_applies_what_it_can_and_an_invalid_file_changes_nothing() {
         "broken".into(),
         pgtenant::config::TenantConfig {
             backend: "nope".into(),
-            database: None,
-            schema: None,
+            ..Default::default()
         },
     );
     std::fs::write(

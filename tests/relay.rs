@@ -341,7 +341,7 @@ async fn pooled_connections_are_reset_and_reused() {
         .await
         .unwrap()
         .get(0);
-    c.batch_execute("SET work_mem = '7MB'; PREPARE p AS SELECT 1; CREATE TEMP TABLE tmp (x int)")
+    c.batch_execute("SET work_mem = '7MB'; PREPARE p AS SELECT 1")
         .await
         .unwrap();
     drop(c);
@@ -353,6 +353,30 @@ async fn pooled_connections_are_reset_and_reused() {
         .unwrap()
         .get(0);
     assert_eq!(pid, again, "the idle connection is reused");
+    // A session that made a temporary object: its connection is closed, not handed on (PostgreSQL keeps the
+    // temporary namespace for the backend's life).
+    let t = proxy.connect("app.acme", "app").await.unwrap();
+    let temp_pid: i32 = t
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    t.batch_execute("CREATE TEMP TABLE tmp (x int); DROP TABLE tmp")
+        .await
+        .unwrap();
+    drop(t);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = proxy.connect("app.acme", "app").await.unwrap();
+    let fresh: i32 = t
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(
+        temp_pid, fresh,
+        "a connection that had temporary objects is not reused"
+    );
+    drop(t);
     let wm: String = c.query_one("SHOW work_mem", &[]).await.unwrap().get(0);
     assert_eq!(wm, "4MB");
     assert!(

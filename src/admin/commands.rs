@@ -94,15 +94,7 @@ async fn run(shared: &Arc<Shared>, req: Request) -> Result<Done, AdminError> {
             backend,
             database,
             schema,
-        } => tenant_set(
-            shared,
-            &tenant,
-            Route {
-                backend,
-                database,
-                schema,
-            },
-        ),
+        } => tenant_set(shared, &tenant, Route::new(&backend, database, schema)),
         Request::TenantRemove { tenant } => tenant_remove(shared, &tenant),
         Request::Backends => Ok(Done::read(backends(shared))),
         Request::Pause { tenant, timeout_ms } => pause(shared, &tenant, timeout_ms).await,
@@ -328,25 +320,44 @@ fn backends(shared: &Shared) -> Value {
         .by_name
         .values()
         .map(|b| {
-            let pools: Vec<Value> = b
+            let mut privileged_roles = Vec::new();
+            let mut pools: Vec<Value> = b
                 .pools()
                 .iter()
                 .map(|p| {
                     let (open, idle) = p.counts();
-                    json!({"database": p.database, "open": open, "idle": idle, "active": open - idle.min(open)})
+                    if p.privileged() == Some(true) {
+                        privileged_roles.push(p.login.user.clone());
+                    }
+                    json!({
+                        "database": p.database,
+                        "role": p.login.user,
+                        "open": open,
+                        "idle": idle,
+                        "active": open - idle.min(open),
+                        "waiting": p.waiting(),
+                        "privileged_role": p.privileged(),
+                    })
                 })
                 .collect();
+            pools.sort_by(|a, b| (a["database"].as_str(), a["role"].as_str()).cmp(&(b["database"].as_str(), b["role"].as_str())));
+            privileged_roles.sort();
             let last_error = b.last_error();
             json!({
                 "backend": b.name,
                 "host": b.config.host,
                 "port": b.config.port,
                 "user": b.config.user,
+                "admin_user": b.config.admin_user(),
+                "isolation": b.config.isolation,
                 "database": b.config.database,
                 "sslmode": b.config.sslmode,
                 "pool_size": b.pool_size(),
+                "max_connections": b.max_connections(),
+                "open": b.open(),
                 "healthy": last_error.is_none(),
                 "last_error": last_error,
+                "warnings": privileged_roles.iter().map(|r| format!("serving role {r:?} is a superuser or has BYPASSRLS")).collect::<Vec<_>>(),
                 "pools": pools,
             })
         })

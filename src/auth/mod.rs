@@ -1,13 +1,16 @@
 //! Client authentication data: who may log in, with what, and which tenants they may reach. The exchange itself
 //! (reading password messages) lives in `frontend::auth`; the SCRAM server arithmetic is in [`scram`].
 
+pub mod channel_binding;
 pub mod scram;
 pub mod scram_client;
+pub mod throttle;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::config::{AuthMethod, UserConfig};
+use crate::net::cidr::Cidr;
 
 pub use scram::{ScramError, ScramVerifier};
 
@@ -24,6 +27,10 @@ pub struct UserEntry {
     pub credential: Credential,
     /// Tenant names or `"*"`.
     pub tenants: Vec<String>,
+    /// Where the user may connect from (empty: anywhere).
+    pub networks: Vec<Cidr>,
+    pub require_tls: bool,
+    pub max_client_conn: Option<usize>,
 }
 
 /// The configured users, by name. Replaced whole on reload.
@@ -54,6 +61,14 @@ impl Users {
                 name: u.name.clone(),
                 credential,
                 tenants: u.tenants.clone(),
+                // Validated with the config.
+                networks: u
+                    .networks
+                    .iter()
+                    .filter_map(|n| Cidr::parse(n).ok())
+                    .collect(),
+                require_tls: u.require_tls,
+                max_client_conn: u.max_client_conn,
             };
             by_name.insert(u.name.clone(), Arc::new(entry));
         }

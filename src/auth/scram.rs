@@ -1,5 +1,5 @@
-//! The server side of SCRAM-SHA-256 (RFC 5802/7677) as PostgreSQL speaks it, without I/O. We offer only
-//! `SCRAM-SHA-256` (no channel binding), so a client may send the `n` or `y` GS2 flag but not `p=`.
+//! The server side of SCRAM-SHA-256 (RFC 5802/7677) as PostgreSQL speaks it, without I/O, with
+//! SCRAM-SHA-256-PLUS (`tls-server-end-point` channel binding) over TLS.
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -76,27 +76,39 @@ impl ScramVerifier {
         ))
     }
 
-    /// A verifier no proof can match, used for unknown users so that they take the same path as wrong passwords.
-    pub fn impossible() -> ScramVerifier {
+    /// A verifier no proof can match, used for unknown users so that they take the same path as wrong
+    /// passwords. Its salt is `salt` (derive it from the user name with a secret key: a known user keeps its
+    /// salt from one attempt to the next, so an unknown one must too, or the salt tells them apart).
+    pub fn impossible(salt: &[u8]) -> ScramVerifier {
         let mut rng = rand::thread_rng();
         let mut v = ScramVerifier {
             iterations: 4096,
-            salt: vec![0; 16],
+            salt: salt.to_vec(),
             stored_key: [0; 32],
             server_key: [0; 32],
         };
-        rng.fill_bytes(&mut v.salt);
         rng.fill_bytes(&mut v.stored_key);
         rng.fill_bytes(&mut v.server_key);
         v
     }
 }
 
+/// The channel binding of an exchange, as the client chose its mechanism.
+#[derive(Debug, Clone, Copy)]
+pub enum Binding<'a> {
+    /// SCRAM-SHA-256-PLUS: the `tls-server-end-point` data of our certificate.
+    Plus(&'a [u8]),
+    /// SCRAM-SHA-256; `plus_offered` says whether we offered the PLUS variant (then a client saying it could
+    /// bind but thinks we cannot, flag `y`, was downgraded by someone in the middle).
+    Plain { plus_offered: bool },
+}
+
 /// The exchange after the client-first message.
 #[derive(Debug)]
 pub struct ScramExchange {
     verifier: ScramVerifier,
-    gs2_header: String,
+    /// What `c=` must hold, decoded: the GS2 header plus, with channel binding, the binding data.
+    binding_input: Vec<u8>,
     nonce: String,
     client_first_bare: String,
     server_first: String,
@@ -114,16 +126,26 @@ impl ScramExchange {
     pub fn start(
         verifier: ScramVerifier,
         client_first: &[u8],
+        binding: Binding<'_>,
     ) -> Result<(ScramExchange, String), ScramError> {
         let msg = text(client_first)?;
         let (flag, rest) = msg
             .split_once(',')
             .ok_or(ScramError::Malformed("no GS2 header"))?;
-        match flag {
-            "n" | "y" => {}
-            f if f.starts_with("p=") => return Err(ScramError::ChannelBinding),
+        let channel: &[u8] = match (flag, binding) {
+            ("p=tls-server-end-point", Binding::Plus(data)) => data,
+            ("n", Binding::Plain { .. }) => &[],
+            (
+                "y",
+                Binding::Plain {
+                    plus_offered: false,
+                },
+            ) => &[],
+            _ if flag == "n" || flag == "y" || flag.starts_with("p=") => {
+                return Err(ScramError::ChannelBinding)
+            }
             _ => return Err(ScramError::Malformed("bad GS2 flag")),
-        }
+        };
         let (authzid, bare) = rest
             .split_once(',')
             .ok_or(ScramError::Malformed("no GS2 header"))?;
@@ -146,9 +168,11 @@ impl ScramExchange {
             B64.encode(&verifier.salt),
             verifier.iterations
         );
+        let mut binding_input = format!("{flag},,").into_bytes();
+        binding_input.extend_from_slice(channel);
         let exchange = ScramExchange {
             verifier,
-            gs2_header: format!("{flag},,"),
+            binding_input,
             nonce,
             client_first_bare: bare.to_owned(),
             server_first: server_first.clone(),
@@ -167,7 +191,8 @@ impl ScramExchange {
             .next()
             .and_then(|a| a.strip_prefix("c="))
             .ok_or(ScramError::Malformed("no c="))?;
-        if B64.decode(binding).ok().as_deref() != Some(self.gs2_header.as_bytes()) {
+        let given = B64.decode(binding).unwrap_or_default();
+        if !constant_time_eq(&given, &self.binding_input) {
             return Err(ScramError::ChannelBinding);
         }
         if attrs.next().and_then(|a| a.strip_prefix("r=")) != Some(self.nonce.as_str()) {
@@ -212,9 +237,22 @@ mod tests {
     use super::*;
     use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 
+    const PLAIN: Binding<'static> = Binding::Plain {
+        plus_offered: false,
+    };
+
     fn run(verifier: ScramVerifier, password: &str) -> Result<(), ScramError> {
-        let mut client = ScramSha256::new(password.as_bytes(), ChannelBinding::unrequested());
-        let (exchange, server_first) = ScramExchange::start(verifier, client.message())?;
+        run_with(verifier, password, ChannelBinding::unrequested(), PLAIN)
+    }
+
+    fn run_with(
+        verifier: ScramVerifier,
+        password: &str,
+        client_binding: ChannelBinding,
+        binding: Binding<'_>,
+    ) -> Result<(), ScramError> {
+        let mut client = ScramSha256::new(password.as_bytes(), client_binding);
+        let (exchange, server_first) = ScramExchange::start(verifier, client.message(), binding)?;
         client
             .update(server_first.as_bytes())
             .map_err(|_| ScramError::Proof)?;
@@ -230,18 +268,46 @@ mod tests {
         run(v.clone(), "secret").unwrap();
         assert_eq!(run(v, "wrong"), Err(ScramError::Proof));
         assert_eq!(
-            run(ScramVerifier::impossible(), "secret"),
+            run(ScramVerifier::impossible(&[1; 16]), "secret"),
             Err(ScramError::Proof)
         );
     }
 
     #[test]
+    fn channel_binding_is_checked_and_downgrades_are_refused() {
+        let v = ScramVerifier::from_password("secret").unwrap();
+        let data = [7u8; 32];
+        // A client binding to our certificate's hash gets in.
+        let plus = ChannelBinding::tls_server_end_point(data.to_vec());
+        run_with(v.clone(), "secret", plus, Binding::Plus(&data)).unwrap();
+        // Bound to another certificate (someone in the middle): refused.
+        let other = ChannelBinding::tls_server_end_point(vec![8u8; 32]);
+        assert_eq!(
+            run_with(v.clone(), "secret", other, Binding::Plus(&data)),
+            Err(ScramError::ChannelBinding)
+        );
+        // "I could bind, but you cannot" while we offered PLUS: a downgrade.
+        let downgraded = ScramExchange::start(
+            v.clone(),
+            b"y,,n=,r=abc",
+            Binding::Plain { plus_offered: true },
+        );
+        assert!(matches!(downgraded, Err(ScramError::ChannelBinding)));
+        assert!(ScramExchange::start(v.clone(), b"y,,n=,r=abc", PLAIN).is_ok());
+        // Choosing PLUS without binding data, or binding while choosing the plain mechanism: refused.
+        assert!(ScramExchange::start(v.clone(), b"n,,n=,r=abc", Binding::Plus(&data)).is_err());
+        assert!(ScramExchange::start(v, b"p=tls-server-end-point,,n=,r=abc", PLAIN).is_err());
+    }
+
+    #[test]
     fn malformed_messages_are_refused() {
         let v = ScramVerifier::from_password("x").unwrap();
-        assert!(ScramExchange::start(v.clone(), b"p=tls-server-end-point,,n=,r=abc").is_err());
-        assert!(ScramExchange::start(v.clone(), b"n,,n=").is_err());
-        assert!(ScramExchange::start(v.clone(), b"").is_err());
-        let (ex, _) = ScramExchange::start(v, b"n,,n=,r=abc").unwrap();
+        assert!(
+            ScramExchange::start(v.clone(), b"p=tls-server-end-point,,n=,r=abc", PLAIN).is_err()
+        );
+        assert!(ScramExchange::start(v.clone(), b"n,,n=", PLAIN).is_err());
+        assert!(ScramExchange::start(v.clone(), b"", PLAIN).is_err());
+        let (ex, _) = ScramExchange::start(v, b"n,,n=,r=abc", PLAIN).unwrap();
         assert!(ex.finish(b"c=biws,r=abc,p=AAAA").is_err());
         assert!(ScramVerifier::parse("md5abc").is_err());
     }

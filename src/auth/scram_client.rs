@@ -180,7 +180,13 @@ mod tests {
         cache: &SaltedPasswordCache,
     ) -> Result<(), ScramError> {
         let mut client = ScramClient::new(password);
-        let (exchange, server_first) = ScramExchange::start(verifier.clone(), &client.initial())?;
+        let (exchange, server_first) = ScramExchange::start(
+            verifier.clone(),
+            &client.initial(),
+            crate::auth::scram::Binding::Plain {
+                plus_offered: false,
+            },
+        )?;
         let client_final = client.respond(server_first.as_bytes(), cache)?;
         let server_final = exchange.finish(&client_final)?;
         client.verify(server_final.as_bytes())

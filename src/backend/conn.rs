@@ -42,6 +42,12 @@ pub struct ServerConn {
     pub applied_sets: u64,
     /// A `SET ROLE` or `SET SESSION AUTHORIZATION` is among them (`RESET ALL` leaves those alone).
     pub applied_role: bool,
+    /// Transaction pool mode: the tenant whose transaction used the connection last. Another tenant gets it
+    /// only after a full reset.
+    pub owner: Option<crate::tenant::TenantId>,
+    /// Transaction pool mode: its last user ran something whose session effects the proxy cannot follow
+    /// (a `DO` block, `CALL`): the next user, of any tenant, gets it only after a full reset.
+    pub suspect: bool,
 }
 
 impl ServerConn {

@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::conn::{ServerConn, StartupTag};
-use super::Backend;
+use super::{Backend, Pool};
 use crate::auth::scram_client::ScramClient;
 use crate::config::SslMode;
 use crate::net::Stream;
@@ -70,24 +70,20 @@ impl ConnectError {
     }
 }
 
-/// Opens and authenticates a connection to `backend`'s `database` with the startup parameters in `tag`.
-pub async fn connect(
-    backend: &Backend,
-    database: &str,
-    tag: Arc<StartupTag>,
-) -> Result<ServerConn, ConnectError> {
+/// Opens and authenticates a connection for `pool` (its backend, database and login) with the startup
+/// parameters in `tag`.
+pub async fn connect(pool: &Pool, tag: Arc<StartupTag>) -> Result<ServerConn, ConnectError> {
+    let backend = &pool.backend;
     let timeout = backend.timeouts.connect;
-    match tokio::time::timeout(timeout, connect_inner(backend, database, tag)).await {
+    match tokio::time::timeout(timeout, connect_inner(pool, tag)).await {
         Ok(r) => r,
         Err(_) => Err(ConnectError::Timeout(backend.name.clone())),
     }
 }
 
-async fn connect_inner(
-    backend: &Backend,
-    database: &str,
-    tag: Arc<StartupTag>,
-) -> Result<ServerConn, ConnectError> {
+async fn connect_inner(pool: &Pool, tag: Arc<StartupTag>) -> Result<ServerConn, ConnectError> {
+    let backend = &*pool.backend;
+    let database = pool.database.as_str();
     let cfg = &backend.config;
     let io = |source| ConnectError::Io {
         backend: backend.name.clone(),
@@ -97,10 +93,12 @@ async fn connect_inner(
         .await
         .map_err(io)?;
     tcp.set_nodelay(true).map_err(io)?;
+    crate::net::keepalive::apply(&tcp, backend.timeouts.keepalive);
     let mut stream = negotiate_tls(backend, tcp).await?;
 
     let mut buf = BytesMut::with_capacity(1024);
-    let mut params: Vec<(&str, &str)> = vec![("user", cfg.user.as_str()), ("database", database)];
+    let mut params: Vec<(&str, &str)> =
+        vec![("user", pool.login.user.as_str()), ("database", database)];
     params.extend(tag.params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     frontend::startup_message(params, &mut buf).map_err(io)?;
     stream.write_all(&buf).await.map_err(io)?;
@@ -119,8 +117,10 @@ async fn connect_inner(
         statements: Default::default(),
         applied_sets: 0,
         applied_role: false,
+        owner: None,
+        suspect: false,
     };
-    authenticate(backend, &mut conn).await?;
+    authenticate(pool, &mut conn).await?;
     Ok(conn)
 }
 
@@ -225,9 +225,10 @@ async fn send(backend: &Backend, conn: &mut ServerConn, msg: &[u8]) -> Result<()
         })
 }
 
-async fn authenticate(backend: &Backend, conn: &mut ServerConn) -> Result<(), ConnectError> {
+async fn authenticate(pool: &Pool, conn: &mut ServerConn) -> Result<(), ConnectError> {
+    let backend = &*pool.backend;
     let name = backend.name.as_str();
-    let cfg = &backend.config;
+    let (user, password) = (pool.login.user.as_str(), pool.login.password.expose());
     let auth_err = |reason: String| ConnectError::Auth {
         backend: name.to_owned(),
         reason,
@@ -240,14 +241,14 @@ async fn authenticate(backend: &Backend, conn: &mut ServerConn) -> Result<(), Co
         match next_message(name, conn).await? {
             Message::AuthenticationOk => authenticated = true,
             Message::AuthenticationCleartextPassword => {
-                frontend::password_message(cfg.password.as_bytes(), &mut out)
+                frontend::password_message(password.as_bytes(), &mut out)
                     .map_err(|e| auth_err(e.to_string()))?;
                 send(backend, conn, &out).await?;
             }
             Message::AuthenticationMd5Password(body) => {
                 let hash = postgres_protocol::authentication::md5_hash(
-                    cfg.user.as_bytes(),
-                    cfg.password.as_bytes(),
+                    user.as_bytes(),
+                    password.as_bytes(),
                     body.salt(),
                 );
                 frontend::password_message(hash.as_bytes(), &mut out)
@@ -264,7 +265,7 @@ async fn authenticate(backend: &Backend, conn: &mut ServerConn) -> Result<(), Co
                 if !has_scram {
                     return Err(auth_err("server offers no SCRAM-SHA-256".into()));
                 }
-                let s = ScramClient::new(&cfg.password);
+                let s = ScramClient::new(password);
                 frontend::sasl_initial_response(SCRAM_SHA_256, &s.initial(), &mut out)
                     .map_err(|e| auth_err(e.to_string()))?;
                 scram = Some(s);
@@ -275,7 +276,7 @@ async fn authenticate(backend: &Backend, conn: &mut ServerConn) -> Result<(), Co
                     .as_mut()
                     .ok_or_else(|| auth_err("unexpected SASL continue".into()))?;
                 let answer = s
-                    .respond(body.data(), &backend.scram_cache)
+                    .respond(body.data(), &pool.scram_cache)
                     .map_err(|e| auth_err(e.to_string()))?;
                 frontend::sasl_response(&answer, &mut out).map_err(|e| auth_err(e.to_string()))?;
                 send(backend, conn, &out).await?;

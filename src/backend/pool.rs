@@ -1,24 +1,37 @@
-//! A pool of connections to one backend database as the backend's configured user.
+//! A pool of connections to one backend database as one login role.
 //!
 //! Connections remember the startup parameters they were opened with ([`StartupTag`]); a checkout prefers an
 //! idle connection with the same tag, and when the pool is full of idle connections with other tags it closes one
 //! and opens a fresh one rather than hand out a connection whose session defaults differ from what the client
 //! asked for. Returned connections are reset (`DISCARD ALL`, after `ROLLBACK` when the client left mid-transaction)
-//! before anyone else may use them; a connection left mid-query or mid-COPY is closed instead.
+//! before anyone else may use them, and closed instead when their session ever made temporary objects
+//! (PostgreSQL keeps the temporary namespace for the backend's life) or left anything half-done.
+//!
+//! Shares: a client that finds the pool full waits in a queue served round-robin by tenant, a tenant may hold
+//! at most `max_tenant_connections` of a shared pool, a client that waited `reserve_pool_timeout_ms` may use
+//! `reserve_pool_size` extra connections, and the backend's `max_connections` caps all of its pools together
+//! (an idle connection of another pool is closed to make room for a waiting one).
+//!
+//! Concurrency note: the pool's lock is never held while another pool's is taken; the backend's slot lock is
+//! taken inside a pool's lock, never the other way round.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use thiserror::Error;
 use tokio::io::Interest;
-use tokio::sync::Notify;
 
 use super::conn::{ServerConn, StartupTag};
 use super::connect::{connect, ConnectError};
-use super::query::run_simple;
-use super::Backend;
+use super::query::{query_value, run_simple, temp_schema_used};
+use super::waiters::{Grant, WaitQueue};
+use super::{Backend, Login};
+use crate::auth::scram_client::SaltedPasswordCache;
 use crate::protocol::{sqlstate, PgError};
+use crate::tenant::TenantId;
 
 /// Bound on the reset a returned connection gets before it is trusted again.
 const RESET_TIMEOUT: Duration = Duration::from_secs(5);
@@ -26,7 +39,12 @@ const RESET_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Error)]
 pub enum PoolError {
     #[error("no connection to backend {backend} database {database} became free in time")]
-    Timeout { backend: String, database: String },
+    Timeout {
+        backend: String,
+        database: String,
+        /// What was full, in the words of the setting that limits it.
+        limit: String,
+    },
     #[error(transparent)]
     Connect(#[from] ConnectError),
 }
@@ -34,23 +52,18 @@ pub enum PoolError {
 impl PoolError {
     pub fn to_client(&self, severity_fatal: bool) -> PgError {
         let e = match self {
-            PoolError::Timeout { .. } => PgError::error(
+            PoolError::Timeout { limit, .. } => PgError::error(
                 sqlstate::TOO_MANY_CONNECTIONS,
-                "pgtenant: timed out waiting for a backend connection (pool is full)",
+                format!("pgtenant: no backend connection became free within pool_checkout_timeout_ms ({limit})"),
             ),
             PoolError::Connect(c) => c.to_client(),
         };
-        if severity_fatal {
-            PgError {
-                severity: crate::protocol::messages::Severity::Fatal,
-                ..e
-            }
+        let severity = if severity_fatal {
+            crate::protocol::messages::Severity::Fatal
         } else {
-            PgError {
-                severity: crate::protocol::messages::Severity::Error,
-                ..e
-            }
-        }
+            crate::protocol::messages::Severity::Error
+        };
+        PgError { severity, ..e }
     }
 }
 
@@ -71,32 +84,48 @@ pub enum ReleaseState {
 #[derive(Default)]
 struct Inner {
     idle: Vec<ServerConn>,
-    /// Open connections, idle or not, plus connections being opened.
+    /// Open connections, idle or not, plus connections being opened (and places granted to open one).
     total: usize,
+    /// Connections held per tenant (kept only while `max_tenant_connections` is set).
+    held: HashMap<TenantId, usize>,
+    waiting: WaitQueue,
 }
 
 pub struct Pool {
     pub backend: Arc<Backend>,
     pub database: String,
+    pub login: Login,
+    /// SCRAM salted password of this pool's login, computed once.
+    pub(crate) scram_cache: SaltedPasswordCache,
+    /// Whether the login role is a superuser or bypasses row-level security (a serving role should do
+    /// neither): looked up on the pool's first connection.
+    privileged: AtomicU8,
     inner: Mutex<Inner>,
-    freed: Notify,
 }
+
+const PRIVILEGE_UNKNOWN: u8 = 0;
+const PRIVILEGE_NONE: u8 = 1;
+const PRIVILEGE_HIGH: u8 = 2;
 
 // Short-lived, on the stack: boxing the connection would cost an allocation per checkout.
 #[allow(clippy::large_enum_variant)]
 enum Step {
     Reuse(ServerConn),
     Open,
-    Wait,
+    /// The backend's `max_connections` is reached: make room in another pool, then look again.
+    Starved,
+    Wait(u64, tokio::sync::oneshot::Receiver<Grant>),
 }
 
 impl Pool {
-    pub fn new(backend: Arc<Backend>, database: String) -> Arc<Pool> {
+    pub fn new(backend: Arc<Backend>, database: String, login: Login) -> Arc<Pool> {
         Arc::new(Pool {
             backend,
             database,
+            login,
+            scram_cache: SaltedPasswordCache::default(),
+            privileged: AtomicU8::new(PRIVILEGE_UNKNOWN),
             inner: Mutex::new(Inner::default()),
-            freed: Notify::new(),
         })
     }
 
@@ -110,110 +139,345 @@ impl Pool {
         (inner.total, inner.idle.len())
     }
 
+    /// Clients waiting for a connection.
+    pub fn waiting(&self) -> usize {
+        self.lock().waiting.len()
+    }
+
     fn max(&self) -> usize {
         self.backend.pool_size()
     }
 
-    /// A connection with `tag`'s startup parameters, waiting up to the checkout timeout when the pool is full.
+    /// A connection with `tag`'s startup parameters for `tenant`, waiting up to the checkout timeout when the
+    /// pool is full.
     pub async fn checkout(
         self: &Arc<Self>,
         tag: &Arc<StartupTag>,
+        tenant: Option<&TenantId>,
     ) -> Result<PooledConn, PoolError> {
         let deadline = tokio::time::Instant::now() + self.backend.timeouts.checkout;
+        let mut reclaimed = false;
         loop {
-            // The common case (a free connection) takes one lock; the wake-up is registered only before a
-            // second look, so a connection freed in between is not missed.
-            let (mut step, mut evicted) = self.choose(tag);
-            let notified = self.freed.notified();
-            tokio::pin!(notified);
-            if matches!(step, Step::Wait) {
-                notified.as_mut().enable();
-                (step, evicted) = self.choose(tag);
-            }
+            let (step, evicted) = self.choose(tag, tenant, reclaimed);
             drop(evicted);
-            match step {
-                Step::Reuse(conn) if alive(&conn) => return Ok(self.wrap(conn)),
-                Step::Reuse(dead) => {
-                    drop(dead);
-                    self.forget();
+            let grant = match step {
+                Step::Reuse(conn) => Grant::Conn(conn),
+                Step::Open => Grant::Open,
+                Step::Starved => {
+                    // Boxed out of the common path; closes an idle connection of another pool, if any.
+                    self.backend.reclaim_idle(self);
+                    reclaimed = true;
+                    continue;
                 }
-                Step::Open => {
-                    // Boxed: a connection attempt (TCP, TLS, authentication) is a large state that would
-                    // otherwise be part of every session task that may check out, for the session's life.
-                    let opening = Box::pin(connect(&self.backend, &self.database, tag.clone()));
-                    return match opening.await {
-                        Ok(conn) => {
-                            self.backend.note_connect(Ok(()));
-                            Ok(self.wrap(conn))
-                        }
-                        Err(e) => {
-                            self.backend.note_connect(Err(e.to_string()));
-                            self.forget();
-                            Err(e.into())
-                        }
-                    };
+                Step::Wait(id, rx) => self.wait(id, rx, tenant, deadline).await?,
+            };
+            return self.take(grant, tag, tenant).await;
+        }
+    }
+
+    /// Picks what a checkout does, under the lock; an evicted connection is returned to be closed outside it.
+    fn choose(
+        self: &Arc<Self>,
+        tag: &Arc<StartupTag>,
+        tenant: Option<&TenantId>,
+        reclaimed: bool,
+    ) -> (Step, Option<ServerConn>) {
+        let mut inner = self.lock();
+        let cap = self.backend.max_tenant_connections();
+        if under_cap(&inner, tenant, cap) {
+            // Sessions share their tag's Arc, so the pointer comparison settles almost every check. (An idle
+            // connection beside a queue is one no waiter could take: their tenants are at their cap.)
+            if let Some(i) = inner
+                .idle
+                .iter()
+                .rposition(|c| Arc::ptr_eq(&c.tag, tag) || c.tag == *tag)
+            {
+                let conn = inner.idle.swap_remove(i);
+                note_held(&mut inner, tenant, cap);
+                return (Step::Reuse(conn), None);
+            }
+        }
+        // Nobody overtakes a queue: a new client waits behind those already waiting.
+        if inner.waiting.is_empty() && under_cap(&inner, tenant, cap) {
+            if inner.total < self.max() {
+                if self.backend.take_slot() {
+                    inner.total += 1;
+                    note_held(&mut inner, tenant, cap);
+                    return (Step::Open, None);
                 }
-                Step::Wait => {
-                    if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                        return Err(PoolError::Timeout {
-                            backend: self.backend.name.clone(),
-                            database: self.database.clone(),
-                        });
+                if !inner.idle.is_empty() {
+                    // The backend is full but this pool has an idle connection with other parameters: its
+                    // place on the backend is reused.
+                    let old = inner.idle.remove(0);
+                    note_held(&mut inner, tenant, cap);
+                    return (Step::Open, Some(old));
+                }
+                if !reclaimed {
+                    return (Step::Starved, None);
+                }
+                self.backend.starving(self);
+            } else if !inner.idle.is_empty() {
+                // Full, but some idle connection has other startup parameters: replace the oldest one.
+                let old = inner.idle.remove(0);
+                note_held(&mut inner, tenant, cap);
+                return (Step::Open, Some(old));
+            }
+        }
+        let (id, rx) = inner.waiting.push(tenant);
+        (Step::Wait(id, rx), None)
+    }
+
+    /// Waits for a grant until the deadline; past `reserve_pool_timeout_ms` a reserve place may be taken.
+    async fn wait(
+        self: &Arc<Self>,
+        id: u64,
+        mut rx: tokio::sync::oneshot::Receiver<Grant>,
+        tenant: Option<&TenantId>,
+        deadline: tokio::time::Instant,
+    ) -> Result<Grant, PoolError> {
+        let reserve = self.backend.reserve();
+        let mut reserve_at = (reserve.0 > 0).then(|| tokio::time::Instant::now() + reserve.1);
+        loop {
+            let reserve_wait = async {
+                match reserve_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                granted = &mut rx => {
+                    // A sender is only dropped with the pool; treat it as a timeout.
+                    return granted.map_err(|_| self.timeout());
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    let removed = self.lock().waiting.remove(tenant, id);
+                    if removed {
+                        return Err(self.timeout());
+                    }
+                    // Served just now: the grant is on its way.
+                    return rx.await.map_err(|_| self.timeout());
+                }
+                _ = reserve_wait => {
+                    reserve_at = None;
+                    if self.take_reserve(id, tenant, reserve.0) {
+                        return Ok(Grant::Open);
                     }
                 }
             }
         }
     }
 
-    /// Picks what a checkout does, under the lock; an evicted connection is returned to be closed outside it.
-    fn choose(&self, tag: &Arc<StartupTag>) -> (Step, Option<ServerConn>) {
+    /// A waiter past the reserve timeout takes one of the reserve places, if one is free.
+    fn take_reserve(&self, id: u64, tenant: Option<&TenantId>, reserve: usize) -> bool {
         let mut inner = self.lock();
-        // Sessions share their tag's Arc, so the pointer comparison settles almost every check.
-        if let Some(i) = inner
-            .idle
-            .iter()
-            .rposition(|c| Arc::ptr_eq(&c.tag, tag) || c.tag == *tag)
-        {
-            return (Step::Reuse(inner.idle.swap_remove(i)), None);
+        let cap = self.backend.max_tenant_connections();
+        if inner.total >= self.max() + reserve || !under_cap(&inner, tenant, cap) {
+            return false;
         }
-        if inner.total < self.max() {
-            inner.total += 1;
-            return (Step::Open, None);
+        if !self.backend.take_slot() {
+            return false;
         }
-        if !inner.idle.is_empty() {
-            // Full, but some idle connection has other startup parameters: replace the oldest one.
-            let old = inner.idle.remove(0);
-            return (Step::Open, Some(old));
+        if !inner.waiting.remove(tenant, id) {
+            // Served meanwhile: the place is not needed.
+            drop(inner);
+            self.backend.free_slot();
+            return false;
         }
-        (Step::Wait, None)
+        inner.total += 1;
+        note_held(&mut inner, tenant, cap);
+        tracing::debug!(backend = %self.backend.name, "reserve pool connection");
+        true
     }
 
-    fn wrap(self: &Arc<Self>, conn: ServerConn) -> PooledConn {
+    /// Turns a grant into a usable connection: a live one with the right parameters, else a new one opened in
+    /// its place.
+    async fn take(
+        self: &Arc<Self>,
+        grant: Grant,
+        tag: &Arc<StartupTag>,
+        tenant: Option<&TenantId>,
+    ) -> Result<PooledConn, PoolError> {
+        if let Grant::Conn(conn) = grant {
+            if alive(&conn) && (Arc::ptr_eq(&conn.tag, tag) || conn.tag == *tag) {
+                return Ok(self.wrap(conn, tenant));
+            }
+            // Dead, or opened with other parameters: its place is ours to open a new one in.
+            drop(conn);
+        }
+        // Boxed: a connection attempt (TCP, TLS, authentication) is a large state that would otherwise be part
+        // of every session task that may check out, for the session's life.
+        let opening = Box::pin(connect(self, tag.clone()));
+        match opening.await {
+            Ok(mut conn) => {
+                self.backend.note_connect(Ok(()));
+                if self.privileged.load(Ordering::Relaxed) == PRIVILEGE_UNKNOWN {
+                    Box::pin(self.check_privileges(&mut conn)).await;
+                }
+                Ok(self.wrap(conn, tenant))
+            }
+            Err(e) => {
+                self.backend.note_connect(Err(&e));
+                self.forget(tenant);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Looks up whether the login role is a superuser or has BYPASSRLS, and warns when it is: a serving role
+    /// needs neither, and either one undoes the isolation between tenants inside the database.
+    async fn check_privileges(&self, conn: &mut ServerConn) {
+        let sql = "SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user";
+        let Ok(Some(value)) = query_value(&self.backend.name, conn, sql).await else {
+            return;
+        };
+        let high = value == "t";
+        let state = if high { PRIVILEGE_HIGH } else { PRIVILEGE_NONE };
+        if self.privileged.swap(state, Ordering::Relaxed) != state && high {
+            tracing::warn!(
+                backend = %self.backend.name,
+                role = %self.login.user,
+                "serving role is a superuser or has BYPASSRLS: tenants on it are not isolated inside the database; \
+                 give serving connections a role of their own (README: Security model)"
+            );
+        }
+    }
+
+    /// Whether the login role is a superuser or bypasses row-level security (`None`: not known yet).
+    pub fn privileged(&self) -> Option<bool> {
+        match self.privileged.load(Ordering::Relaxed) {
+            PRIVILEGE_NONE => Some(false),
+            PRIVILEGE_HIGH => Some(true),
+            _ => None,
+        }
+    }
+
+    fn timeout(&self) -> PoolError {
+        let b = &self.backend;
+        let limit = if b.max_connections() > 0 && b.open() >= b.max_connections() {
+            format!(
+                "backend \"{}\" is at max_connections = {}",
+                b.name,
+                b.max_connections()
+            )
+        } else if b.max_tenant_connections() > 0 {
+            format!(
+                "backend \"{}\" pool_size = {} or max_tenant_connections = {} is in use",
+                b.name,
+                self.max(),
+                b.max_tenant_connections()
+            )
+        } else {
+            format!(
+                "backend \"{}\" pool_size = {} is in use",
+                b.name,
+                self.max()
+            )
+        };
+        PoolError::Timeout {
+            backend: b.name.clone(),
+            database: self.database.clone(),
+            limit,
+        }
+    }
+
+    fn wrap(self: &Arc<Self>, conn: ServerConn, tenant: Option<&TenantId>) -> PooledConn {
         PooledConn {
             conn: Some(conn),
             pool: self.clone(),
+            tenant: tenant.cloned(),
         }
     }
 
-    /// A connection is gone for good.
-    fn forget(&self) {
+    /// A connection (or a place granted to open one) is gone for good: its place goes to the next waiter, or
+    /// back to the backend.
+    fn forget(&self, tenant: Option<&TenantId>) {
         let mut inner = self.lock();
+        let cap = self.backend.max_tenant_connections();
         inner.total = inner.total.saturating_sub(1);
+        note_released(&mut inner, tenant, cap);
+        if inner.total < self.max() && self.give(&mut inner, Grant::Open, cap).is_none() {
+            inner.total += 1;
+            return;
+        }
         drop(inner);
-        self.freed.notify_one();
+        self.backend.free_slot();
     }
 
-    fn checkin(&self, mut conn: ServerConn) {
+    /// Offers a grant to the waiters; returns it when nobody took it.
+    fn give(&self, inner: &mut Inner, grant: Grant, cap: usize) -> Option<Grant> {
+        if inner.waiting.is_empty() {
+            return Some(grant);
+        }
+        let Inner { waiting, held, .. } = inner;
+        match waiting.hand_out(grant, |t| {
+            cap == 0 || t.is_none_or(|t| held.get(t).copied().unwrap_or(0) < cap)
+        }) {
+            Ok(served) => {
+                if cap > 0 {
+                    if let Some(t) = served {
+                        *held.entry(t).or_default() += 1;
+                    }
+                }
+                None
+            }
+            Err(grant) => Some(grant),
+        }
+    }
+
+    fn checkin(&self, mut conn: ServerConn, tenant: Option<&TenantId>) {
         conn.idle_since = Instant::now();
         let mut inner = self.lock();
+        let cap = self.backend.max_tenant_connections();
+        note_released(&mut inner, tenant, cap);
         if inner.total > self.max() {
             // The pool shrank on reload; let this one go.
             inner.total -= 1;
-        } else {
-            inner.idle.push(conn);
+            drop(inner);
+            drop(conn);
+            self.backend.free_slot();
+            return;
         }
+        let Some(Grant::Conn(conn)) = self.give(&mut inner, Grant::Conn(conn), cap) else {
+            return;
+        };
+        if self.backend.has_starving() {
+            // Another pool of this backend waits for room: this idle connection makes it.
+            inner.total -= 1;
+            drop(inner);
+            drop(conn);
+            self.backend.free_slot();
+            return;
+        }
+        inner.idle.push(conn);
+    }
+
+    /// Offers a place freed on the backend to this pool's waiters; false when none took it.
+    pub(super) fn offer_slot(&self) -> bool {
+        let mut inner = self.lock();
+        if inner.total >= self.max() {
+            return false;
+        }
+        let cap = self.backend.max_tenant_connections();
+        inner.total += 1;
+        if self.give(&mut inner, Grant::Open, cap).is_some() {
+            inner.total -= 1;
+            return false;
+        }
+        true
+    }
+
+    /// Closes one idle connection to make room on the backend for another pool; true when one was closed.
+    pub(super) fn close_one_idle(&self) -> bool {
+        let mut inner = self.lock();
+        if inner.idle.is_empty() {
+            return false;
+        }
+        let conn = inner.idle.remove(0);
+        inner.total -= 1;
         drop(inner);
-        self.freed.notify_one();
+        drop(conn);
+        self.backend.release_slot_quietly();
+        true
     }
 
     /// Closes idle connections that have not been used for `max_idle`.
@@ -225,9 +489,34 @@ impl Pool {
             .into_iter()
             .partition(|c| now.duration_since(c.idle_since) < max_idle);
         inner.idle = keep;
-        inner.total -= before - inner.idle.len();
+        let closed = before - inner.idle.len();
+        inner.total -= closed;
         drop(inner);
         drop(old);
+        for _ in 0..closed {
+            self.backend.free_slot();
+        }
+    }
+}
+
+fn under_cap(inner: &Inner, tenant: Option<&TenantId>, cap: usize) -> bool {
+    cap == 0 || tenant.is_none_or(|t| inner.held.get(t).copied().unwrap_or(0) < cap)
+}
+
+fn note_held(inner: &mut Inner, tenant: Option<&TenantId>, cap: usize) {
+    if let (true, Some(t)) = (cap > 0, tenant) {
+        *inner.held.entry(t.clone()).or_default() += 1;
+    }
+}
+
+fn note_released(inner: &mut Inner, tenant: Option<&TenantId>, cap: usize) {
+    if let (true, Some(t)) = (cap > 0, tenant) {
+        if let Some(n) = inner.held.get_mut(t) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                inner.held.remove(t);
+            }
+        }
     }
 }
 
@@ -247,6 +536,7 @@ fn alive(conn: &ServerConn) -> bool {
 pub struct PooledConn {
     conn: Option<ServerConn>,
     pool: Arc<Pool>,
+    tenant: Option<TenantId>,
 }
 
 impl PooledConn {
@@ -266,41 +556,48 @@ impl PooledConn {
         &self.pool
     }
 
-    /// Gives the connection back: reset in the background, then idle; or closed when it is not clean.
+    /// Gives the connection back: reset in the background, then idle; or closed when it is not clean, or when
+    /// its session made temporary objects.
     pub fn release(mut self, state: ReleaseState) {
         let Some(mut conn) = self.conn.take() else {
             return;
         };
-        let pool = self.pool.clone();
+        let (pool, tenant) = (self.pool.clone(), self.tenant.take());
         let statements: &'static [&'static str] = match state {
             ReleaseState::Keep => {
-                pool.checkin(conn);
+                pool.checkin(conn, tenant.as_ref());
                 return;
             }
             ReleaseState::Idle => &["DISCARD ALL"],
             ReleaseState::InTransaction => &["ROLLBACK", "DISCARD ALL"],
             ReleaseState::Dirty => {
                 drop(conn);
-                pool.forget();
+                pool.forget(tenant.as_ref());
                 return;
             }
         };
         tokio::spawn(async move {
             let name = pool.backend.name.clone();
-            let reset =
-                tokio::time::timeout(RESET_TIMEOUT, run_simple(&name, &mut conn, statements)).await;
+            let reset = tokio::time::timeout(RESET_TIMEOUT, async {
+                let status = run_simple(&name, &mut conn, statements).await?;
+                let temp = temp_schema_used(&name, &mut conn).await?;
+                Ok::<_, ConnectError>((status, temp))
+            })
+            .await;
             match reset {
-                Ok(Ok(b'I')) => {
+                Ok(Ok((b'I', false))) => {
                     // DISCARD ALL dropped every prepared statement and setting.
                     conn.statements.clear();
                     conn.applied_sets = 0;
                     conn.applied_role = false;
-                    pool.checkin(conn)
+                    conn.owner = None;
+                    conn.suspect = false;
+                    pool.checkin(conn, tenant.as_ref())
                 }
                 other => {
-                    tracing::debug!(backend = %name, ?other, "reset failed; closing backend connection");
+                    tracing::debug!(backend = %name, ?other, "reset failed or temporary objects were used; closing backend connection");
                     drop(conn);
-                    pool.forget();
+                    pool.forget(tenant.as_ref());
                 }
             }
         });
@@ -310,7 +607,7 @@ impl PooledConn {
 impl Drop for PooledConn {
     fn drop(&mut self) {
         if self.conn.take().is_some() {
-            self.pool.forget();
+            self.pool.forget(self.tenant.as_ref());
         }
     }
 }

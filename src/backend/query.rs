@@ -26,6 +26,60 @@ pub async fn run_simple(
     send_and_read(backend, conn, &out, statements.len()).await
 }
 
+/// Whether the session on `conn` ever made a temporary object: PostgreSQL keeps its temporary namespace for
+/// the backend's whole life (`pg_my_temp_schema()` stays set after the objects are gone), so such a
+/// connection is closed rather than handed to someone else.
+pub async fn temp_schema_used(backend: &str, conn: &mut ServerConn) -> Result<bool, ConnectError> {
+    let value = query_value(backend, conn, "SELECT pg_my_temp_schema() <> 0").await?;
+    Ok(value.as_deref() != Some("f"))
+}
+
+/// Runs one simple query and returns the first column of its first row (text), if any.
+pub async fn query_value(
+    backend: &str,
+    conn: &mut ServerConn,
+    sql: &str,
+) -> Result<Option<String>, ConnectError> {
+    let mut out = BytesMut::new();
+    frontend::query(sql, &mut out).map_err(|e| ConnectError::Protocol {
+        backend: backend.to_owned(),
+        reason: e.to_string(),
+    })?;
+    conn.stream
+        .write_all(&out)
+        .await
+        .map_err(|source| ConnectError::Io {
+            backend: backend.to_owned(),
+            source,
+        })?;
+    let (mut value, mut error) = (None, None);
+    loop {
+        match next_message(backend, conn).await? {
+            Message::DataRow(row) if value.is_none() => {
+                use fallible_iterator::FallibleIterator;
+                let mut ranges = row.ranges();
+                if let Ok(Some(Some(r))) = ranges.next() {
+                    value = Some(String::from_utf8_lossy(&row.buffer()[r]).into_owned());
+                }
+            }
+            Message::ErrorResponse(body) => {
+                error.get_or_insert(server_error(backend, body.fields()));
+            }
+            Message::ParameterStatus(body) => {
+                if let (Ok(k), Ok(v)) = (body.name(), body.value()) {
+                    conn.set_param(k, v);
+                }
+            }
+            Message::ReadyForQuery(_) => break,
+            _ => {}
+        }
+    }
+    match error {
+        Some(e) => Err(e),
+        None => Ok(value),
+    }
+}
+
 /// Sends Parse frames followed by one Sync and reads to the ReadyForQuery; any error fails the whole replay.
 pub async fn run_parses(
     backend: &str,

@@ -6,8 +6,9 @@ use bytes::{Buf, BytesMut};
 use rand::RngCore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::auth::scram::{constant_time_eq, ScramExchange, MAX_SASL_MESSAGE};
+use crate::auth::scram::{constant_time_eq, Binding, ScramExchange, MAX_SASL_MESSAGE};
 use crate::auth::{Credential, ScramVerifier, UserEntry, Users};
+use crate::context::Shared;
 use crate::net::Stream;
 use crate::protocol::{messages, sqlstate, PgError};
 
@@ -38,8 +39,10 @@ fn protocol(msg: &str) -> AuthFailure {
 }
 
 /// Authenticates `user` (the configured name; `raw_user` is what the client sent, which md5 hashes with).
-/// Unknown users go through a SCRAM exchange that cannot succeed, so they look like wrong passwords.
+/// Unknown users go through a SCRAM exchange that cannot succeed, with a salt derived from their name, so they
+/// look like wrong passwords of known users: same messages, same salt on every attempt.
 pub async fn authenticate(
+    shared: &Shared,
     stream: &mut Stream,
     buf: &mut BytesMut,
     users: &Users,
@@ -47,11 +50,23 @@ pub async fn authenticate(
     raw_user: &str,
 ) -> Result<Arc<UserEntry>, AuthFailure> {
     let entry = users.get(user).cloned();
+    // Over TLS the client may bind the exchange to our certificate.
+    let end_point = if stream.is_tls() {
+        shared.tls_end_point.as_deref()
+    } else {
+        None
+    };
     let ok = match entry.as_deref().map(|e| &e.credential) {
         Some(Credential::Trust) => true,
         Some(Credential::Md5 { password }) => md5(stream, buf, password, raw_user).await?,
-        Some(Credential::Scram(v)) => scram(stream, buf, v.clone()).await?,
-        None => scram(stream, buf, ScramVerifier::impossible()).await?,
+        Some(Credential::Scram(v)) => scram(stream, buf, v.clone(), end_point).await?,
+        None => {
+            let salt = shared
+                .key
+                .mac("pgtenant fake scram salt", &[user.as_bytes()]);
+            let verifier = ScramVerifier::impossible(&salt[..16]);
+            scram(stream, buf, verifier, end_point).await?
+        }
     };
     match entry {
         Some(e) if ok => Ok(e),
@@ -120,20 +135,31 @@ async fn scram(
     stream: &mut Stream,
     buf: &mut BytesMut,
     verifier: ScramVerifier,
+    end_point: Option<&[u8]>,
 ) -> Result<bool, AuthFailure> {
     let mut out = BytesMut::new();
-    messages::auth_sasl(&mut out, &["SCRAM-SHA-256"]);
+    if end_point.is_some() {
+        messages::auth_sasl(&mut out, &["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]);
+    } else {
+        messages::auth_sasl(&mut out, &["SCRAM-SHA-256"]);
+    }
     send(stream, &out).await?;
 
     let initial = read_password_message(stream, buf).await?;
     let (mechanism, data) = split_initial_response(&initial)
         .ok_or_else(|| protocol("invalid SASL initial response"))?;
-    if mechanism != b"SCRAM-SHA-256" {
-        return Err(protocol(
-            "client selected an invalid SASL authentication mechanism",
-        ));
-    }
-    let (exchange, server_first) = match ScramExchange::start(verifier, data) {
+    let binding = match (mechanism, end_point) {
+        (b"SCRAM-SHA-256-PLUS", Some(data)) => Binding::Plus(data),
+        (b"SCRAM-SHA-256", offered) => Binding::Plain {
+            plus_offered: offered.is_some(),
+        },
+        _ => {
+            return Err(protocol(
+                "client selected an invalid SASL authentication mechanism",
+            ))
+        }
+    };
+    let (exchange, server_first) = match ScramExchange::start(verifier, data, binding) {
         Ok(x) => x,
         Err(e) => return Err(protocol(&e.to_string())),
     };

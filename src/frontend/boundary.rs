@@ -111,11 +111,16 @@ impl Session {
             )
         };
         let fallback = gate.clone();
+        let info = self.handle.info.clone();
         tokio::select! {
             r = gate.enter(max_queued, wait) => Ok(r),
             _ = self.shared.terminate.fired() => {
                 self.gate = Some(fallback);
                 Err(End::Shutdown)
+            }
+            _ = info.end.fired() => {
+                self.gate = Some(fallback);
+                Err(self.shutdown_end())
             }
         }
     }

@@ -196,7 +196,7 @@ impl Session {
                 self.cin.advance(total);
                 self.answer_simple(r).await;
             }
-            (_, _) => self.refuse_in_batch(tag, total).await?,
+            (_, r) => self.refuse_in_batch(tag, total, r).await?,
         }
         Ok(())
     }
@@ -205,11 +205,21 @@ impl Session {
     /// would fail it: an Execute that must fail takes its place (so the batch's earlier statements are not
     /// committed by a bare Sync), its error is replaced by ours, and the rest is skipped up to the client's Sync,
     /// which the backend answers.
-    async fn refuse_in_batch(&mut self, tag: u8, total: usize) -> Result<(), End> {
-        let err = PgError::error(
-            sqlstate::FEATURE_NOT_SUPPORTED,
-            "pgtenant.tenant statements are only accepted in the simple query protocol",
-        );
+    async fn refuse_in_batch(
+        &mut self,
+        tag: u8,
+        total: usize,
+        why: sql::Recognised,
+    ) -> Result<(), End> {
+        let err = match why {
+            sql::Recognised::Forbidden(msg) => {
+                PgError::error(sqlstate::INSUFFICIENT_PRIVILEGE, msg)
+            }
+            _ => PgError::error(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "pgtenant.tenant statements are only accepted in the simple query protocol",
+            ),
+        };
         match self.begin_work(tag).await? {
             Admission::Wait => return Ok(()),
             Admission::Refuse(gate_err) => {

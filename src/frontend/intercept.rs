@@ -25,6 +25,11 @@ impl Session {
                 let status = self.status();
                 messages::ready_for_query(&mut self.cout, status);
             }
+            Recognised::Forbidden(msg) => {
+                PgError::error(sqlstate::INSUFFICIENT_PRIVILEGE, msg).encode(&mut self.cout);
+                let status = self.status();
+                messages::ready_for_query(&mut self.cout, status);
+            }
             Recognised::Pass => {
                 no_tenant().encode(&mut self.cout);
                 let status = self.status();
@@ -107,12 +112,12 @@ impl Session {
         }
         let server = match &target {
             Some(t) => {
-                if self.shared.router.load().get(t.as_str()).is_none() {
+                let Some(route) = self.shared.router.load().get(t.as_str()).cloned() else {
                     return Err(PgError::error(
                         sqlstate::INVALID_CATALOG_NAME,
                         format!("tenant \"{t}\" does not exist"),
                     ));
-                }
+                };
                 if !may_reach(&self.info.user.tenants, t) {
                     warn!(user = %self.info.user.name, tenant = %t, "user tried to reach a tenant it may not");
                     return Err(PgError::error(
@@ -123,10 +128,22 @@ impl Session {
                         ),
                     ));
                 }
-                Some(connect_server(&self.shared, &self.info, t).await?)
+                super::guards::check_startup(
+                    &self.info.params,
+                    &self.info.options,
+                    &route,
+                    t.as_str(),
+                )?;
+                let slot = super::login::tenant_slot_for(&self.shared, t)?;
+                Some((connect_server(&self.shared, &self.info, t).await?, slot))
             }
             None => None,
         };
+        let (server, slot) = match server {
+            Some((server, slot)) => (Some(server), Some(slot)),
+            None => (None, None),
+        };
+        self.info.admission.tenant = slot;
         info!(user = %self.info.user.name, from = ?self.tenant, to = ?target, "session moved by SET pgtenant.tenant");
         // A session that picks its tenant itself starts afresh there: nothing pins it yet.
         self.state.clear();

@@ -10,6 +10,9 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use super::auth::{authenticate, AuthFailure};
+use super::guards;
+use super::limits::{LoginTicket, TenantSlot};
+use super::session::Admission;
 use super::session::{ClientInfo, Session};
 use super::startup::{handshake, report, HandshakeError, Hello};
 use crate::auth::UserEntry;
@@ -31,16 +34,28 @@ pub enum LoginError {
     Io(#[from] std::io::Error),
 }
 
-/// Handles one accepted client connection to its end. `admitted` is false when the client limit is reached:
-/// such a client is told so (53300) after its startup packet, like PostgreSQL does.
-pub async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, admitted: bool) {
+/// Handles one accepted client connection to its end. `ticket` is its place among connections logging in,
+/// given up once the session starts (or taken by a newer connection while this one has not spoken yet).
+pub async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, ticket: LoginTicket) {
     let peer = tcp.peer_addr().ok();
     let _ = tcp.set_nodelay(true);
-    let timeout = shared.config.load().proxy.login_timeout();
+    let (timeout, keepalive) = {
+        let c = shared.config.load();
+        (c.proxy.login_timeout(), c.proxy.keepalive())
+    };
+    crate::net::keepalive::apply(&tcp, keepalive);
     // Boxed: the login's state (handshake, TLS, SCRAM) is several KiB, and inline it would size this task for
     // the connection's whole life; on the heap it is freed once the session starts.
-    let login = Box::pin(login(&shared, tcp, admitted));
-    let session = match tokio::time::timeout(timeout, login).await {
+    let login = Box::pin(login(&shared, tcp, &ticket));
+    let outcome = tokio::select! {
+        r = tokio::time::timeout(timeout, login) => r,
+        _ = ticket.evicted() => {
+            debug!(?peer, "silent connection closed to make room for a new one");
+            return;
+        }
+    };
+    drop(ticket);
+    let session = match outcome {
         Err(_) => {
             debug!(?peer, "client did not finish startup in time");
             return;
@@ -58,7 +73,7 @@ pub async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, admitted: bool) {
 async fn login(
     shared: &Arc<Shared>,
     tcp: TcpStream,
-    admitted: bool,
+    ticket: &LoginTicket,
 ) -> Result<Option<Session>, LoginError> {
     let (mut stream, buf, message) = match handshake(tcp, shared.tls.as_ref()).await? {
         None => return Ok(None),
@@ -72,7 +87,8 @@ async fn login(
             message,
         }) => (stream, buf, message),
     };
-    match admit(shared, &mut stream, buf, &message, admitted).await {
+    ticket.spoke();
+    match admit(shared, &mut stream, buf, &message).await {
         Ok(Some((info, buf))) => match Session::start(shared.clone(), stream, buf, info).await {
             Ok(session) => Ok(Some(session)),
             Err((mut stream, err)) => {
@@ -105,14 +121,16 @@ async fn admit(
     stream: &mut Stream,
     mut buf: BytesMut,
     message: &StartupMessage,
-    admitted: bool,
 ) -> Result<Option<(ClientInfo, BytesMut)>, PgError> {
-    if !admitted {
+    let Ok(client_permit) = shared.client_permits.clone().try_acquire_owned() else {
         return Err(PgError::fatal(
             sqlstate::TOO_MANY_CONNECTIONS,
-            "sorry, too many clients already",
+            format!(
+                "sorry, too many clients already (pgtenant max_client_conn = {})",
+                shared.config.load().proxy.max_client_conn
+            ),
         ));
-    }
+    };
     let unsupported = message.protocol_options();
     if message.minor > 0 || !unsupported.is_empty() {
         let mut out = BytesMut::new();
@@ -145,15 +163,32 @@ async fn admit(
     let sep = config.proxy.user_separator.chars().next().unwrap_or('.');
     let (user, suffix) = tenant::split_user(raw_user, sep, |u| users.contains(u));
 
-    let entry = match authenticate(stream, &mut buf, &users, user, raw_user).await {
+    let peer = stream.tcp().peer_addr().ok();
+    let entry = match authenticate(shared, stream, &mut buf, &users, user, raw_user).await {
         Ok(e) => e,
         Err(AuthFailure::Closed) => return Ok(None),
         Err(AuthFailure::Refused(e)) => {
-            info!(user = raw_user, "client authentication failed");
+            info!(user = raw_user, ?peer, "client authentication failed");
             shared.metrics.auth_failures.increment(1);
+            shared.auth_throttle.failed(peer.map(|p| p.ip())).await;
             return Err(e);
         }
     };
+    shared.auth_throttle.succeeded(peer.map(|p| p.ip()));
+    check_origin(&entry, peer, stream.is_tls())?;
+    let user_slot = shared
+        .clients
+        .user(&entry.name, entry.max_client_conn)
+        .ok_or_else(|| {
+            PgError::fatal(
+                sqlstate::TOO_MANY_CONNECTIONS,
+                format!(
+                    "too many connections for user \"{}\" (its max_client_conn = {})",
+                    entry.name,
+                    entry.max_client_conn.unwrap_or_default()
+                ),
+            )
+        })?;
 
     let mut options = split_options(message.get("options").unwrap_or(""));
     let hints = StartupHints {
@@ -169,7 +204,19 @@ async fn admit(
         .cloned()
         .collect();
     params.sort();
+    let mut tenant_slot = None;
+    if let Some(t) = &tenant {
+        if let Some(route) = shared.router.load().get(t.as_str()) {
+            guards::check_startup(&params, &options, route, t.as_str()).map_err(fatal)?;
+        }
+        tenant_slot = Some(tenant_slot_for(shared, t).map_err(fatal)?);
+    }
     let info = ClientInfo {
+        admission: Admission {
+            _client: client_permit,
+            _user: user_slot,
+            tenant: tenant_slot,
+        },
         user: entry,
         user_name: user.to_owned(),
         database: message.get("database").map(str::to_owned),
@@ -177,9 +224,75 @@ async fn admit(
         options,
         startup_tenant: tenant,
         tenant_fixed: fixed,
-        peer: stream.tcp().peer_addr().ok(),
+        peer,
     };
     Ok(Some((info, buf)))
+}
+
+/// A client of `tenant` counted against the tenant's client limit (its own `max_client_conn`, else
+/// `proxy.max_client_conn_per_tenant`).
+pub(super) fn tenant_slot_for(
+    shared: &Arc<Shared>,
+    tenant: &TenantId,
+) -> Result<TenantSlot, PgError> {
+    let config = shared.config.load();
+    let max = config
+        .tenants
+        .get(tenant.as_str())
+        .and_then(|t| t.max_client_conn)
+        .or((config.proxy.max_client_conn_per_tenant > 0)
+            .then_some(config.proxy.max_client_conn_per_tenant));
+    shared.clients.tenant(tenant, max).ok_or_else(|| {
+        PgError::error(
+            sqlstate::TOO_MANY_CONNECTIONS,
+            format!(
+                "too many connections for tenant \"{tenant}\" (max_client_conn for the tenant = {})",
+                max.unwrap_or_default()
+            ),
+        )
+    })
+}
+
+/// After the password: the user's allowed networks and its TLS requirement. Checked only now, so someone who
+/// does not know the password learns nothing from the answer.
+fn check_origin(
+    user: &UserEntry,
+    peer: Option<std::net::SocketAddr>,
+    tls: bool,
+) -> Result<(), PgError> {
+    if user.require_tls && !tls {
+        return Err(PgError::fatal(
+            sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+            format!(
+                "user \"{}\" must connect over TLS (sslmode=require)",
+                user.name
+            ),
+        ));
+    }
+    if user.networks.is_empty() {
+        return Ok(());
+    }
+    let allowed = peer.is_some_and(|p| user.networks.iter().any(|n| n.contains(p.ip())));
+    if !allowed {
+        warn!(user = %user.name, ?peer, "login from a network the user may not connect from");
+        return Err(PgError::fatal(
+            sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+            format!(
+                "user \"{}\" may not connect from {}",
+                user.name,
+                peer.map(|p| p.ip().to_string())
+                    .unwrap_or_else(|| "here".into())
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn fatal(e: PgError) -> PgError {
+    PgError {
+        severity: messages::Severity::Fatal,
+        ..e
+    }
 }
 
 /// Resolves the startup tenant and checks the user may reach it. Returns the tenant (or none) and whether the

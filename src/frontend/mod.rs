@@ -5,12 +5,15 @@
 pub mod auth;
 mod boundary;
 mod client_in;
+pub mod guards;
 pub mod intercept;
+pub mod limits;
 pub mod login;
 mod pooling;
 pub mod session;
 pub mod startup;
 pub mod state;
 mod statements;
+mod timeouts;
 
 pub use login::serve_client;

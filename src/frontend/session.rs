@@ -22,6 +22,7 @@ use tracing::debug;
 
 use super::state::SessionState;
 use super::statements::{ClientStatements, Inflight};
+use super::timeouts::{Phase, Timeouts};
 use crate::auth::UserEntry;
 use crate::backend::pool::ReleaseState;
 use crate::backend::{Backends, Pool, PooledConn, StartupTag};
@@ -51,8 +52,17 @@ const READ_MIN: usize = 1024;
 /// How long a closing session may spend delivering its last messages.
 const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The places a logged-in client holds under the client limits; given back when the session ends.
+pub struct Admission {
+    pub(super) _client: tokio::sync::OwnedSemaphorePermit,
+    pub(super) _user: super::limits::UserSlot,
+    /// Changes when `SET pgtenant.tenant` moves the session.
+    pub(super) tenant: Option<super::limits::TenantSlot>,
+}
+
 /// Who the client is and what it asked for at startup; fixed for the session's life.
 pub struct ClientInfo {
+    pub admission: Admission,
     pub user: Arc<UserEntry>,
     /// Configured user name (without tenant suffix).
     pub user_name: String,
@@ -191,6 +201,8 @@ enum Ev {
     Shutdown,
     /// The migration tee has the transaction's changes on the target (or gave up waiting).
     TeeDone,
+    /// A client timeout may have passed.
+    Timer,
 }
 
 pub struct Session {
@@ -246,6 +258,8 @@ pub struct Session {
     /// the next one (buffers swap between the client's input and the backend's output; dropping them at every
     /// park would cost an allocation per transaction).
     pub(super) spare: Option<(BytesMut, Inflight)>,
+    /// Client timeouts (`None` when none is configured).
+    pub(super) timeouts: Option<Box<Timeouts>>,
 }
 
 impl Session {
@@ -312,7 +326,9 @@ impl Session {
             statements: ClientStatements::default(),
             resolved: None,
             spare: None,
+            timeouts: None,
         };
+        session.timeouts = Timeouts::new(&session.shared.config.load().proxy);
         session.tx_mode = session.shared.config.load().proxy.pool_mode == PoolMode::Transaction;
         if session.tx_mode {
             session.state.set_pooled();
@@ -336,10 +352,54 @@ impl Session {
     /// twice in its state (rust-lang/rust#62958), and the session is most of a connection's task.
     pub async fn run(mut self: Box<Self>) {
         let shared = self.shared.clone();
-        let shutdown = shared.terminate.fired();
+        let info = self.handle.info.clone();
+        // Either the whole proxy ends every session, or this one is told to end.
+        let shutdown = async {
+            tokio::select! {
+                _ = shared.terminate.fired() => {}
+                _ = info.end.fired() => {}
+            }
+        };
         tokio::pin!(shutdown);
         let end = self.relay(shutdown).await;
         self.finish(end).await;
+    }
+
+    /// Why the session stops on a shutdown wake-up: told to end on its own (with its reason), or with the
+    /// proxy.
+    pub(super) fn shutdown_end(&self) -> End {
+        match self.handle.info.take_end_reason() {
+            Some(reason) => End::Fatal(reason),
+            None => End::Shutdown,
+        }
+    }
+
+    /// The session's client timeout fired: end it if the current phase's limit passed.
+    fn on_timer(&mut self) -> Result<(), End> {
+        let phase =
+            if self.tee_wait.is_some() || self.server.as_ref().is_some_and(|s| s.pending > 0) {
+                Phase::Busy
+            } else if self.status() != b'I' {
+                Phase::InTransaction
+            } else {
+                Phase::Idle
+            };
+        let Some(t) = self.timeouts.as_mut() else {
+            return Ok(());
+        };
+        let Some(err) = t.check(phase) else {
+            return Ok(());
+        };
+        tracing::info!(phase = ?phase, tenant = ?self.tenant, "client timeout; ending the session");
+        if phase == Phase::Busy {
+            // Stop the statement on the server too; the connection is closed either way.
+            if let Some(target) = self.server.as_ref().map(|s| s.conn.get().cancel_target()) {
+                tokio::spawn(async move {
+                    let _ = crate::cancel::forward(target).await;
+                });
+            }
+        }
+        Err(End::Fatal(err))
     }
 
     async fn relay(&mut self, mut shutdown: Pin<&mut impl Future<Output = ()>>) -> End {
@@ -379,10 +439,21 @@ impl Session {
                     }
                     Ok(())
                 }
-                Ok(Ev::ClientIn) => self.on_client_input().await,
-                Ok(Ev::ServerIn) => self.after_server_input().await,
+                Ok(Ev::ClientIn) => {
+                    if let Some(t) = self.timeouts.as_mut() {
+                        t.client_event();
+                    }
+                    self.on_client_input().await
+                }
+                Ok(Ev::ServerIn) => {
+                    if let Some(t) = self.timeouts.as_mut() {
+                        t.server_event();
+                    }
+                    self.after_server_input().await
+                }
+                Ok(Ev::Timer) => self.on_timer(),
                 Ok(Ev::TeeDone) => self.after_tee().await,
-                Ok(Ev::Shutdown) => Err(End::Shutdown),
+                Ok(Ev::Shutdown) => Err(self.shutdown_end()),
                 Err(end) => Err(end),
             };
             if let Err(end) = step {
@@ -397,7 +468,7 @@ impl Session {
         cx: &mut Context<'_>,
         shutdown: Pin<&mut impl Future<Output = ()>>,
     ) -> Poll<Result<Ev, End>> {
-        if self.shared.terminate.is_fired() {
+        if self.shared.terminate.is_fired() || self.handle.info.end.is_fired() {
             return Poll::Ready(Ok(Ev::Shutdown));
         }
         if let Some(wait) = self.tee_wait.as_mut() {
@@ -442,9 +513,14 @@ impl Session {
                 }
             }
         }
-        // Registering for the shutdown wake-up only on the way to sleep keeps it off the busy path.
+        // Registering for the shutdown and timer wake-ups only on the way to sleep keeps them off the busy path.
         if shutdown.poll(cx).is_ready() {
             return Poll::Ready(Ok(Ev::Shutdown));
+        }
+        if let Some(t) = self.timeouts.as_mut() {
+            if t.poll(cx).is_ready() {
+                return Poll::Ready(Ok(Ev::Timer));
+            }
         }
         Poll::Pending
     }
@@ -836,11 +912,20 @@ pub(super) fn resolve(
         .or_else(|| info.database.clone())
         .unwrap_or_else(|| info.user_name.clone());
     let tag = Arc::new(startup_tag(info, route.schema.as_deref()));
-    let pool = backend.pool(&database).ok_or_else(|| {
+    let login = {
+        let config = shared.config.load();
+        crate::backend::identity::login_for(&config, backend, &route, tenant).map_err(|e| {
+            PgError::error(
+                sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+                e.to_string(),
+            )
+        })?
+    };
+    let pool = backend.pool(&database, &login).ok_or_else(|| {
         PgError::error(
             sqlstate::TOO_MANY_CONNECTIONS,
             format!(
-                "pgtenant: backend \"{}\" already serves {} databases",
+                "pgtenant: backend \"{}\" already serves {} pools",
                 backend.name,
                 crate::backend::MAX_POOLS_PER_BACKEND
             ),
@@ -862,10 +947,14 @@ pub(super) async fn checkout(
     tenant: &TenantId,
     spare: Option<(BytesMut, Inflight)>,
 ) -> Result<Server, PgError> {
-    let conn = resolved.pool.checkout(&resolved.tag).await.map_err(|e| {
-        debug!(%tenant, error = %e, "backend checkout failed");
-        e.to_client(false)
-    })?;
+    let conn = resolved
+        .pool
+        .checkout(&resolved.tag, Some(tenant))
+        .await
+        .map_err(|e| {
+            debug!(%tenant, error = %e, "backend checkout failed");
+            e.to_client(false)
+        })?;
     let (out, inflight) = spare.unwrap_or_default();
     Ok(Server {
         conn,

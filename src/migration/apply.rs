@@ -371,15 +371,7 @@ mod tests {
     fn side() -> Endpoint {
         Endpoint {
             backend: "b".into(),
-            config: BackendConfig {
-                host: "h".into(),
-                port: 5432,
-                user: "u".into(),
-                password: String::new(),
-                database: None,
-                pool_size: 1,
-                sslmode: Default::default(),
-            },
+            config: BackendConfig::new("h", 5432, "u"),
             database: "d".into(),
             schema: "Ten\"ant".into(),
             filter: None,

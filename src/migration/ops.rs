@@ -187,16 +187,16 @@ fn plan(shared: &Shared, req: &StartRequest) -> Result<Record, OpError> {
         .clone()
         .or_else(|| to.config.database.clone())
         .unwrap_or_else(|| source_database.clone());
-    let target = Route {
-        backend: req.to.clone(),
-        database: Some(target_database.clone()),
-        schema: match (&req.schema, shared_tables) {
+    let target = route.moved(
+        &req.to,
+        Some(target_database.clone()),
+        match (&req.schema, shared_tables) {
             (Some(s), _) => Some(s.clone()),
             // Shared tables: the same kind of route on the target (schema or none).
             (None, true) => route.schema.clone(),
             (None, false) => Some(schema.clone()),
         },
-    };
+    );
     if target.backend == route.backend && target_database == source_database {
         // Capture objects are per database: source and target in one database would share them.
         return Err(OpError::new(

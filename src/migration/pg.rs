@@ -92,7 +92,7 @@ impl Endpoint {
         let mut cfg = tokio_postgres::Config::new();
         cfg.host(&self.config.host)
             .port(self.config.port)
-            .user(&self.config.user)
+            .user(self.config.admin_user())
             .dbname(&self.database)
             .application_name("pgtenant-migration")
             // A role's or database's timeouts are for applications: a table's copy is one long statement, and
@@ -104,8 +104,8 @@ impl Endpoint {
             .keepalives_idle(Duration::from_secs(30))
             .keepalives_interval(Duration::from_secs(10))
             .keepalives_retries(3);
-        if !self.config.password.is_empty() {
-            cfg.password(&self.config.password);
+        if !self.config.admin_password().is_empty() {
+            cfg.password(self.config.admin_password());
         }
         let (client, conn) = cfg
             .connect(NoTls)

@@ -1,6 +1,8 @@
 //! Sockets: one stream type for plain TCP and TLS on either side, client-facing TLS setup, and the small
 //! helpers for reading frames during handshakes.
 
+pub mod cidr;
+pub mod keepalive;
 pub mod stream;
 pub mod tls;
 

@@ -25,8 +25,15 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The client-facing TLS setup: the acceptor, and the channel-binding data of its certificate (for
+/// SCRAM-SHA-256-PLUS; `None` when the certificate's algorithm has no `tls-server-end-point` binding).
+pub struct ServerTls {
+    pub acceptor: TlsAcceptor,
+    pub end_point: Option<Vec<u8>>,
+}
+
 /// Builds the client-facing acceptor from a PEM chain and key.
-pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+pub fn acceptor(cert: &Path, key: &Path) -> Result<ServerTls, TlsError> {
     let certs = CertificateDer::pem_file_iter(cert)
         .and_then(|i| i.collect::<Result<Vec<_>, _>>())
         .map_err(|e| TlsError::Cert {
@@ -37,11 +44,17 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
         path: key.display().to_string(),
         reason: e.to_string(),
     })?;
+    let end_point = certs
+        .first()
+        .and_then(|c| crate::auth::channel_binding::tls_server_end_point(c.as_ref()));
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(certs, key)?;
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok(ServerTls {
+        acceptor: TlsAcceptor::from(Arc::new(config)),
+        end_point,
+    })
 }
 
 /// A connector for backends with `sslmode = "require"`/`"prefer"`: encryption without certificate checks.

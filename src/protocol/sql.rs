@@ -28,7 +28,13 @@ pub enum Recognised {
     Command(TenantCommand),
     /// A tenant statement the proxy cannot honour; the text says why.
     Refuse(String),
+    /// A statement that would change a setting the proxy keeps for itself (`session_replication_role`, which
+    /// would switch change capture off, and `pgtenant.*`): refused with `42501`.
+    Forbidden(String),
 }
+
+/// Settings no client may change through the proxy (lower case; `pgtenant.*` is checked apart).
+pub const GUARDED_SETTINGS: &[&str] = &["session_replication_role"];
 
 const NAME: &[u8] = b"pgtenant";
 
@@ -42,6 +48,9 @@ pub fn mentions_pgtenant(sql: &[u8]) -> bool {
 // Substring searchers built once: building one costs more than searching a statement with it.
 static ADVISORY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"advisory"));
 static SET_CONFIG: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"set_config"));
+static PGTENANT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(NAME));
+static REPLICATION_ROLE: LazyLock<Finder<'static>> =
+    LazyLock::new(|| Finder::new(b"replication_role"));
 
 /// Statements up to this long are lower-cased on the stack for the case-insensitive word searches.
 const SHORT_TEXT: usize = 512;
@@ -72,7 +81,8 @@ fn contains_at_first_letter(sql: &[u8], needle: &[u8]) -> bool {
 }
 
 pub fn recognise(sql: &[u8]) -> Recognised {
-    if !mentions_pgtenant(sql) {
+    let [pgtenant, replication] = contains_words(sql, [&PGTENANT, &REPLICATION_ROLE]);
+    if !pgtenant && !replication {
         return Recognised::Pass;
     }
     let statements = split_statements(sql);
@@ -83,6 +93,11 @@ pub fn recognise(sql: &[u8]) -> Recognised {
             continue;
         }
         nonempty += 1;
+        if let Some(name) = guarded_setting(stmt) {
+            return Recognised::Forbidden(format!(
+                "pgtenant: setting \"{name}\" cannot be changed through the proxy"
+            ));
+        }
         if let Some(r) = tenant_statement(sql, stmt) {
             if found.is_some() {
                 return Recognised::Refuse("only one pgtenant.tenant statement per query".into());
@@ -265,6 +280,48 @@ fn is_name(tok: Option<&(Tok, usize)>, name: &str) -> bool {
     }
 }
 
+/// The guarded setting a statement would change: `SET`/`RESET` of it (also `SESSION`/`LOCAL`), or a
+/// `set_config` call naming it.
+fn guarded_setting(stmt: &Statement) -> Option<String> {
+    let t = &stmt.tokens;
+    let guarded = |name: &str| {
+        let n = name.to_ascii_lowercase();
+        let own = n
+            .strip_prefix("pgtenant.")
+            .is_some_and(|rest| rest != "tenant");
+        (own || GUARDED_SETTINGS.contains(&n.as_str())).then_some(n)
+    };
+    if t.iter()
+        .any(|(tok, _)| matches!(tok, Tok::Word(w) if w == "set_config"))
+    {
+        return t.iter().find_map(|(tok, _)| match tok {
+            Tok::Str(s) => guarded(s),
+            _ => None,
+        });
+    }
+    let at = match (t.first(), t.get(1)) {
+        (Some((Tok::Word(v), _)), Some((Tok::Word(w), _)))
+            if v == "set" && (w == "session" || w == "local") =>
+        {
+            2
+        }
+        (Some((Tok::Word(v), _)), _) if v == "set" || v == "reset" => 1,
+        _ => return None,
+    };
+    let name = match (t.get(at), t.get(at + 1), t.get(at + 2)) {
+        (
+            Some((Tok::Word(a) | Tok::Quoted(a), _)),
+            Some((Tok::Punct(b'.'), _)),
+            Some((Tok::Word(b) | Tok::Quoted(b), _)),
+        ) => {
+            format!("{a}.{b}")
+        }
+        (Some((Tok::Word(a) | Tok::Quoted(a), _)), _, _) => a.clone(),
+        _ => return None,
+    };
+    guarded(&name)
+}
+
 /// `Some` when the statement is SET/RESET/SHOW of `pgtenant.tenant`.
 fn tenant_statement(sql: &[u8], stmt: &Statement) -> Option<Result<TenantCommand, String>> {
     let t = &stmt.tokens;
@@ -368,6 +425,33 @@ mod tests {
     }
 
     #[test]
+    fn settings_the_proxy_keeps_are_refused() {
+        let forbidden = |sql: &str| matches!(cmd(sql), Recognised::Forbidden(_));
+        for sql in [
+            "SET session_replication_role = replica",
+            "set SESSION Session_Replication_Role to 'replica'",
+            "SET LOCAL session_replication_role = replica",
+            "RESET session_replication_role",
+            "select 1; SET \"session_replication_role\" = replica",
+            "SELECT set_config('session_replication_role', 'replica', false)",
+            "SELECT set_config('SESSION_REPLICATION_ROLE', 'replica', true)",
+            "SET pgtenant.other = 1",
+            "SET pgtenant.bypass_ddl_guard = on",
+            "SELECT set_config('pgtenant.apply_key', 'x', false)",
+        ] {
+            assert!(forbidden(sql), "{sql}");
+        }
+        for sql in [
+            "SHOW session_replication_role",
+            "SELECT 'set session_replication_role = replica'",
+            "SELECT current_setting('session_replication_role')",
+            "SET work_mem = '8MB'",
+        ] {
+            assert!(!forbidden(sql), "{sql}");
+        }
+    }
+
+    #[test]
     fn ordinary_queries_pass() {
         assert_eq!(cmd("select 1"), Recognised::Pass);
         assert_eq!(cmd("select 'pgtenant.tenant'"), Recognised::Pass);
@@ -375,7 +459,6 @@ mod tests {
             cmd("select current_setting('pgtenant.tenant')"),
             Recognised::Pass
         );
-        assert_eq!(cmd("SET pgtenant.other = 1"), Recognised::Pass);
         assert_eq!(
             cmd("-- SET pgtenant.tenant = 'x'\nselect 1"),
             Recognised::Pass

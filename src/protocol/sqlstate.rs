@@ -19,3 +19,6 @@ pub const INTERNAL_ERROR: &str = "XX000";
 pub const QUERY_CANCELED: &str = "57014";
 pub const CONFIGURATION_LIMIT_EXCEEDED: &str = "53400";
 pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
+pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
+pub const IDLE_IN_TRANSACTION_SESSION_TIMEOUT: &str = "25P03";
+pub const OBJECT_NOT_IN_PREREQUISITE_STATE: &str = "55000";

@@ -1,6 +1,8 @@
-//! The audit log: append-only JSON lines, one per admin command (and reload), each carrying a checksum chained
-//! to the line before it, so an edited, dropped or reordered line is detected. A line is fsynced before the
-//! command answers.
+//! The audit log: append-only JSON lines, one per admin command (and reload), each carrying an HMAC (keyed
+//! with the proxy key, which lives outside the state directory) chained to the line before it, so an edited,
+//! dropped or reordered line is detected, and whoever can write the log but not read the key cannot forge a
+//! new chain. A line is fsynced before the command answers. Lines written before the key existed carry an
+//! unkeyed checksum (`sum`); they verify only as a prefix of the log, never after a keyed line.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -11,6 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::key::ProxyKey;
 use super::{hex, StateError};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -29,8 +32,19 @@ pub struct AuditEntry {
     pub after: serde_json::Value,
     /// `ok`, or `error: <code>`.
     pub result: String,
+    /// Unkeyed checksum of lines written by older versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sum: Option<String>,
+    /// HMAC-SHA-256 (first 16 bytes, hex) of the previous line's value and this line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+impl AuditEntry {
+    /// The chain value this line carries.
+    fn link(&self) -> &str {
+        self.mac.as_deref().or(self.sum.as_deref()).unwrap_or("")
+    }
 }
 
 struct Tail {
@@ -41,23 +55,39 @@ struct Tail {
 
 pub struct AuditLog {
     path: PathBuf,
+    key: ProxyKey,
     tail: Mutex<Tail>,
 }
 
-fn checksum(prev: &str, entry: &AuditEntry) -> String {
-    let mut unsummed = entry.clone();
-    unsummed.sum = None;
-    let json = serde_json::to_string(&unsummed).unwrap_or_default();
-    let digest = Sha256::digest(format!("{prev}\n{json}").as_bytes());
+/// The line as signed: without its chain fields.
+fn body(entry: &AuditEntry) -> String {
+    let mut bare = entry.clone();
+    bare.sum = None;
+    bare.mac = None;
+    serde_json::to_string(&bare).unwrap_or_default()
+}
+
+/// Unkeyed checksum of older versions.
+fn legacy_checksum(prev: &str, entry: &AuditEntry) -> String {
+    let digest = Sha256::digest(format!("{prev}\n{}", body(entry)).as_bytes());
     hex(&digest[..16])
 }
 
-/// Verifies a whole log's text; returns the entries, the last checksum, and the 1-based line of the first
+fn mac(key: &ProxyKey, prev: &str, entry: &AuditEntry) -> String {
+    let m = key.mac(
+        "pgtenant audit chain",
+        &[prev.as_bytes(), b"\n", body(entry).as_bytes()],
+    );
+    hex(&m[..16])
+}
+
+/// Verifies a whole log's text; returns the entries, the last chain value, and the 1-based line of the first
 /// problem (if any).
-fn parse_chain(text: &str) -> (Vec<AuditEntry>, String, Option<usize>) {
+fn parse_chain(key: &ProxyKey, text: &str) -> (Vec<AuditEntry>, String, Option<usize>) {
     let mut prev = String::new();
     let mut entries = Vec::new();
     let mut bad = None;
+    let mut keyed = false;
     for (i, line) in text.lines().enumerate() {
         let entry: AuditEntry = match serde_json::from_str(line) {
             Ok(e) => e,
@@ -66,11 +96,19 @@ fn parse_chain(text: &str) -> (Vec<AuditEntry>, String, Option<usize>) {
                 continue;
             }
         };
-        let expected = checksum(&prev, &entry);
-        if entry.sum.as_deref() != Some(expected.as_str()) {
+        let ok = match (&entry.mac, &entry.sum) {
+            (Some(m), None) => {
+                keyed = true;
+                *m == mac(key, &prev, &entry)
+            }
+            // An unkeyed line after a keyed one is a forgery, however well it sums.
+            (None, Some(s)) => !keyed && *s == legacy_checksum(&prev, &entry),
+            _ => false,
+        };
+        if !ok {
             bad.get_or_insert(i + 1);
         }
-        prev = entry.sum.clone().unwrap_or_default();
+        prev = entry.link().to_owned();
         entries.push(entry);
     }
     (entries, prev, bad)
@@ -79,7 +117,7 @@ fn parse_chain(text: &str) -> (Vec<AuditEntry>, String, Option<usize>) {
 impl AuditLog {
     /// Opens the log for appending. A last line without its newline was never acknowledged (we fsync before
     /// answering), so it is cut off.
-    pub fn open(path: &Path) -> Result<AuditLog, StateError> {
+    pub fn open(path: &Path, key: ProxyKey) -> Result<AuditLog, StateError> {
         let err = |e| StateError::io(path, e);
         let mut file = OpenOptions::new()
             .read(true)
@@ -95,10 +133,11 @@ impl AuditLog {
             file.seek(SeekFrom::End(0)).map_err(err)?;
             text.truncate(keep);
         }
-        let (entries, sum, _) = parse_chain(&text);
+        let (entries, sum, _) = parse_chain(&key, &text);
         let seq = entries.last().map_or(0, |e| e.seq);
         Ok(AuditLog {
             path: path.to_owned(),
+            key,
             tail: Mutex::new(Tail { file, seq, sum }),
         })
     }
@@ -124,8 +163,9 @@ impl AuditLog {
             after,
             result: result.to_owned(),
             sum: None,
+            mac: None,
         };
-        entry.sum = Some(checksum(&tail.sum, &entry));
+        entry.mac = Some(mac(&self.key, &tail.sum, &entry));
         let mut line = serde_json::to_string(&entry).unwrap_or_default();
         line.push('\n');
         let err = |e| StateError::io(&self.path, e);
@@ -137,7 +177,7 @@ impl AuditLog {
         }
         // The line is in the file now: the chain moves on even if the fsync below fails.
         tail.seq = entry.seq;
-        tail.sum = entry.sum.clone().unwrap_or_default();
+        tail.sum = entry.link().to_owned();
         tail.file.sync_data().map_err(err)?;
         Ok(entry)
     }
@@ -147,7 +187,7 @@ impl AuditLog {
         let _writer = self.tail.lock().unwrap_or_else(|p| p.into_inner());
         let text =
             std::fs::read_to_string(&self.path).map_err(|e| StateError::io(&self.path, e))?;
-        let (mut entries, _, bad) = parse_chain(&text);
+        let (mut entries, _, bad) = parse_chain(&self.key, &text);
         let skip = entries.len().saturating_sub(n);
         Ok((entries.split_off(skip), bad))
     }
@@ -188,7 +228,7 @@ mod tests {
     fn chain_verifies_and_detects_edits() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
-        let log = AuditLog::open(&path).unwrap();
+        let log = AuditLog::open(&path, ProxyKey::for_tests(7)).unwrap();
         log.append(
             "uid:0",
             "tenant.set",
@@ -213,7 +253,7 @@ mod tests {
         assert_eq!(entries[1].seq, 2);
         drop(log);
         // Reopen continues the chain.
-        let log = AuditLog::open(&path).unwrap();
+        let log = AuditLog::open(&path, ProxyKey::for_tests(7)).unwrap();
         log.append(
             "uid:0",
             "resume",
@@ -232,16 +272,57 @@ mod tests {
     }
 
     #[test]
+    fn a_chain_rewritten_without_the_key_does_not_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&path, ProxyKey::for_tests(7)).unwrap();
+        log.append("a", "pause", None, json!(null), json!(null), "ok")
+            .unwrap();
+        log.append("a", "resume", None, json!(null), json!(null), "ok")
+            .unwrap();
+        drop(log);
+        // Someone with write access but another key re-signs an edited history.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut prev = String::new();
+        let forger = ProxyKey::for_tests(9);
+        let mut forged = String::new();
+        for line in text.replacen("\"pause\"", "\"tenant.remove\"", 1).lines() {
+            let mut e: AuditEntry = serde_json::from_str(line).unwrap();
+            e.mac = Some(mac(&forger, &prev, &e));
+            prev = e.mac.clone().unwrap();
+            forged.push_str(&serde_json::to_string(&e).unwrap());
+            forged.push('\n');
+        }
+        std::fs::write(&path, forged).unwrap();
+        let log = AuditLog::open(&path, ProxyKey::for_tests(7)).unwrap();
+        assert_eq!(log.tail(10).unwrap().1, Some(1));
+        // Nor does one rewritten in the old unkeyed form after keyed lines.
+        let mut e: AuditEntry = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        e.mac = None;
+        e.sum = Some(legacy_checksum("", &e));
+        let legacy = serde_json::to_string(&e).unwrap();
+        std::fs::write(
+            &path,
+            format!("{}\n{legacy}\n", text.lines().next().unwrap()),
+        )
+        .unwrap();
+        assert_eq!(log.tail(10).unwrap().1, Some(2));
+        // Lines of older versions at the start still verify.
+        std::fs::write(&path, format!("{legacy}\n")).unwrap();
+        assert_eq!(log.tail(10).unwrap().1, None);
+    }
+
+    #[test]
     fn torn_last_line_is_cut() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
-        let log = AuditLog::open(&path).unwrap();
+        let log = AuditLog::open(&path, ProxyKey::for_tests(7)).unwrap();
         log.append("a", "x", None, json!(null), json!(null), "ok")
             .unwrap();
         drop(log);
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(b"{\"seq\":2,\"ti").unwrap();
-        let log = AuditLog::open(&path).unwrap();
+        let log = AuditLog::open(&path, ProxyKey::for_tests(7)).unwrap();
         log.append("a", "y", None, json!(null), json!(null), "ok")
             .unwrap();
         let (entries, bad) = log.tail(10).unwrap();

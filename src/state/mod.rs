@@ -5,6 +5,7 @@
 
 pub mod atomic;
 pub mod audit;
+pub mod key;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -177,14 +178,7 @@ mod tests {
         let store = StateStore::open(dir.path()).unwrap();
         assert!(store.load_routes().unwrap().is_none());
         let mut routes = BTreeMap::new();
-        routes.insert(
-            "acme".to_string(),
-            Route {
-                backend: "b".into(),
-                database: None,
-                schema: Some("s".into()),
-            },
-        );
+        routes.insert("acme".to_string(), Route::new("b", None, Some("s".into())));
         let file = RoutesFile {
             version: 1,
             epoch: 7,

@@ -317,7 +317,7 @@ impl Harness {
             .unwrap();
         let toml = format!(
             "[proxy]\nlisten = \"127.0.0.1:0\"\nclient_login_timeout_ms = 5000\npool_checkout_timeout_ms = 3000\n\
-             state_dir = \"{dir}\"\nadmin_socket = \"{dir}/admin.sock\"\n",
+             state_dir = \"{dir}\"\nadmin_socket = \"{dir}/admin.sock\"\nkey_file = \"{dir}/pgtenant.key\"\n",
             dir = state.path().display()
         );
         Harness {

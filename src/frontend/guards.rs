@@ -1,0 +1,126 @@
+//! Startup parameters a routed tenant may not send: those that would take its backend session out of its
+//! route (another schema, another role) or switch off what the proxy relies on (change capture).
+
+use crate::protocol::{sqlstate, PgError};
+use crate::routing::Route;
+
+/// Settings refused at startup for every routed tenant (names normalised: lower case, `-` as `_`).
+const REFUSED: &[&str] = &["role", "session_authorization", "session_replication_role"];
+
+/// The name a setting has inside PostgreSQL: case-insensitive, and `-` in `--name=value` means `_`.
+fn normalise(name: &str) -> String {
+    name.to_ascii_lowercase().replace('-', "_")
+}
+
+/// Every `-c name=value` / `--name=value` setting in split `options`, by normalised name.
+fn option_settings(options: &[String]) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut i = 0;
+    while i < options.len() {
+        let arg = &options[i];
+        let (setting, used) = if arg == "-c" {
+            (options.get(i + 1).map(String::as_str), 2)
+        } else if let Some(s) = arg.strip_prefix("-c") {
+            (Some(s), 1)
+        } else if let Some(s) = arg.strip_prefix("--") {
+            (Some(s), 1)
+        } else {
+            (None, 1)
+        };
+        if let Some((name, _)) = setting.and_then(|s| s.split_once('=')) {
+            names.push(normalise(name));
+        }
+        i += used;
+    }
+    names
+}
+
+/// Why `refused` is refused for a tenant on `route`, if it is.
+fn refused(name: &str, route: &Route) -> Option<&'static str> {
+    if REFUSED.contains(&name) {
+        return Some(
+            "it would change who the backend session runs as or switch off change capture",
+        );
+    }
+    if name.starts_with("pgtenant.") {
+        return Some("pgtenant.* settings belong to the proxy");
+    }
+    if name == "search_path" && route.schema.is_some() {
+        return Some("the tenant's schema route sets search_path");
+    }
+    None
+}
+
+/// Checks a session's startup parameters and options against the route it is about to use. The error is an
+/// ERROR; a caller refusing a login makes it FATAL.
+pub fn check_startup(
+    params: &[(String, String)],
+    options: &[String],
+    route: &Route,
+    tenant: &str,
+) -> Result<(), PgError> {
+    let names = params
+        .iter()
+        .map(|(k, _)| normalise(k))
+        .chain(option_settings(options));
+    for name in names {
+        if let Some(why) = refused(&name, route) {
+            return Err(PgError::error(
+                sqlstate::INSUFFICIENT_PRIVILEGE,
+                format!("pgtenant: startup parameter \"{name}\" is not allowed for tenant \"{tenant}\": {why}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(params: &[(&str, &str)], options: &[&str], schema: bool) -> Result<(), String> {
+        let params: Vec<(String, String)> = params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let options: Vec<String> = options.iter().map(|s| s.to_string()).collect();
+        let route = Route::new("b", None, schema.then(|| "tenant_acme".to_string()));
+        check_startup(&params, &options, &route, "acme").map_err(|e| e.message)
+    }
+
+    #[test]
+    fn escapes_are_refused_and_ordinary_settings_pass() {
+        assert!(check(
+            &[("application_name", "x"), ("TimeZone", "UTC")],
+            &["-c", "work_mem=8MB"],
+            true
+        )
+        .is_ok());
+        assert!(check(&[("search_path", "tenant_globex")], &[], true).is_err());
+        assert!(
+            check(&[("search_path", "x")], &[], false).is_ok(),
+            "no schema route: nothing to escape"
+        );
+        for opts in [
+            &["-c", "search_path=tenant_globex"][..],
+            &["-csearch_path=x"],
+            &["--search-path=x"],
+            &["-c", "SEARCH_PATH=x"],
+        ] {
+            assert!(check(&[], opts, true).is_err(), "{opts:?}");
+        }
+        for name in [
+            "role",
+            "session_authorization",
+            "Session_Replication_Role",
+            "pgtenant.anything",
+        ] {
+            assert!(check(&[(name, "x")], &[], false).is_err(), "{name}");
+            assert!(
+                check(&[], &[&format!("--{name}=x")], false).is_err(),
+                "{name}"
+            );
+        }
+        assert!(check(&[], &["-c", "session-replication-role=replica"], false).is_err());
+    }
+}
