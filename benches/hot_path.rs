@@ -63,11 +63,7 @@ fn routing(c: &mut Criterion) {
         let mut table = RoutingTable::default();
         for i in 0..n {
             let id = TenantId::parse(&format!("tenant{i}")).unwrap_or_else(|_| unreachable!());
-            let route = Route {
-                backend: "b".into(),
-                database: None,
-                schema: Some(format!("s{i}")),
-            };
+            let route = Route::new("b", None, Some(format!("s{i}")));
             table.routes.insert(id, Arc::new(route));
         }
         let router = Router::new(table);
