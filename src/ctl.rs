@@ -219,15 +219,38 @@ pub enum TenantAction {
     },
     Set {
         tenant: String,
+        /// The backend (a `[backends.NAME]` of the config) the tenant's connections go to.
         #[arg(long)]
         backend: String,
+        /// Database on the backend (default: the backend's, else the one the client asks for).
         #[arg(long)]
         database: Option<String>,
+        /// Schema of the tenant's own (its search_path); none for a database of its own.
         #[arg(long)]
         schema: Option<String>,
+        /// `role` (log in as the tenant's own role) or `shared` (the backend's serving role); default: the
+        /// backend's `isolation`.
+        #[arg(long)]
+        isolation: Option<String>,
+        /// Login role for isolation = role (default: the backend's tenant_role template).
+        #[arg(long)]
+        role: Option<String>,
+        /// The tenant's rows live in shared tables told apart by this column.
+        #[arg(long)]
+        tenant_column: Option<String>,
+        /// The tenant's value in that column (default: the tenant's name).
+        #[arg(long)]
+        tenant_key: Option<String>,
     },
     Remove {
         tenant: String,
+    },
+    /// Print the SQL that creates the tenant's role and grants it exactly its data (schema, database, or rows
+    /// of shared tables with row-level security); --apply runs it with the backend's admin credentials.
+    Grants {
+        tenant: String,
+        #[arg(long)]
+        apply: bool,
     },
 }
 
@@ -241,8 +264,17 @@ fn request(cmd: &CtlCommand) -> Value {
                 backend,
                 database,
                 schema,
-            } => {
-                json!({"cmd": "tenant.set", "tenant": tenant, "backend": backend, "database": database, "schema": schema})
+                isolation,
+                role,
+                tenant_column,
+                tenant_key,
+            } => json!({
+                "cmd": "tenant.set", "tenant": tenant, "backend": backend, "database": database,
+                "schema": schema, "isolation": isolation, "role": role, "tenant_column": tenant_column,
+                "tenant_key": tenant_key,
+            }),
+            TenantAction::Grants { tenant, apply } => {
+                json!({"cmd": "tenant.grants", "tenant": tenant, "apply": apply})
             }
             TenantAction::Remove { tenant } => json!({"cmd": "tenant.remove", "tenant": tenant}),
         },

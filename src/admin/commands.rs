@@ -49,6 +49,7 @@ pub async fn execute(shared: &Arc<Shared>, req: Request, actor: &str) -> Result<
     let tenant = match &req {
         Request::TenantGet { tenant }
         | Request::TenantSet { tenant, .. }
+        | Request::TenantGrants { tenant, .. }
         | Request::TenantRemove { tenant }
         | Request::Pause { tenant, .. }
         | Request::Resume { tenant } => Some(tenant.to_string()),
@@ -89,12 +90,8 @@ async fn run(shared: &Arc<Shared>, req: Request) -> Result<Done, AdminError> {
     match req {
         Request::Tenants => Ok(Done::read(tenants(shared))),
         Request::TenantGet { tenant } => tenant_get(shared, &tenant).map(Done::read),
-        Request::TenantSet {
-            tenant,
-            backend,
-            database,
-            schema,
-        } => tenant_set(shared, &tenant, Route::new(&backend, database, schema)),
+        Request::TenantSet { tenant, route } => tenant_set(shared, &tenant, route),
+        Request::TenantGrants { tenant, apply } => tenant_grants(shared, &tenant, apply).await,
         Request::TenantRemove { tenant } => tenant_remove(shared, &tenant),
         Request::Backends => Ok(Done::read(backends(shared))),
         Request::Pause { tenant, timeout_ms } => pause(shared, &tenant, timeout_ms).await,
@@ -159,7 +156,62 @@ fn refuse_if_migrating(shared: &Shared, tenant: &TenantId) -> Result<(), AdminEr
 }
 
 fn route_json(r: &Route) -> Value {
-    json!({"backend": r.backend, "database": r.database, "schema": r.schema})
+    serde_json::to_value(r).unwrap_or(Value::Null)
+}
+
+/// `tenant grants`: the SQL for the tenant's role and grants, run on the backend with its admin credentials
+/// when `apply`.
+async fn tenant_grants(
+    shared: &Shared,
+    tenant: &TenantId,
+    apply: bool,
+) -> Result<Done, AdminError> {
+    use super::grants::{plan, GrantError};
+    let route = shared
+        .router
+        .load()
+        .get(tenant.as_str())
+        .cloned()
+        .ok_or_else(|| unknown_tenant(tenant))?;
+    let backend = shared
+        .backends
+        .load()
+        .get(&route.backend)
+        .cloned()
+        .ok_or_else(|| {
+            AdminError::new(
+                "unknown_backend",
+                format!("backend {:?} is not configured", route.backend),
+            )
+        })?;
+    let config = shared.config.load();
+    let grants = plan(&config, &backend, tenant, &route).map_err(|e| match e {
+        GrantError::Shared(_) => AdminError::new("invalid_state", e.to_string()),
+        _ => AdminError::new("invalid_argument", e.to_string()),
+    })?;
+    let sql = grants.sql();
+    let result = json!({"tenant": tenant.as_str(), "role": grants.role, "database": grants.database, "sql": sql, "applied": apply});
+    if apply {
+        let side = crate::migration::pg::Endpoint {
+            backend: backend.name.clone(),
+            config: backend.config.clone(),
+            database: grants.database.clone(),
+            schema: "public".into(),
+            filter: None,
+        };
+        let failed =
+            |e: crate::migration::MigrateError| AdminError::new("grants_failed", e.to_string());
+        let client = side.connect().await.map_err(failed)?;
+        client
+            .batch_execute(&format!("BEGIN;\n{sql}\nCOMMIT;"))
+            .await
+            .map_err(|e| failed(crate::migration::MigrateError::pg("apply grants", e)))?;
+    }
+    Ok(Done {
+        before: Value::Null,
+        after: json!({"role": grants.role, "applied": apply}),
+        result,
+    })
 }
 
 /// Sessions per tenant: (all, on an older route).

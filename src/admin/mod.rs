@@ -2,6 +2,7 @@
 //! with a token.
 
 pub mod commands;
+pub mod grants;
 pub mod protocol;
 pub mod server;
 

@@ -4,8 +4,10 @@
 
 use serde_json::{json, Map, Value};
 
+use crate::config::Isolation;
 use crate::migration::ops::StartRequest;
 use crate::migration::record::{CutoverMode, VerifyLevel};
+use crate::routing::Route;
 use crate::tenant::{valid_identifier, TenantId};
 
 /// Longest request line accepted.
@@ -21,9 +23,11 @@ pub enum Request {
     },
     TenantSet {
         tenant: TenantId,
-        backend: String,
-        database: Option<String>,
-        schema: Option<String>,
+        route: Route,
+    },
+    TenantGrants {
+        tenant: TenantId,
+        apply: bool,
     },
     TenantRemove {
         tenant: TenantId,
@@ -118,6 +122,7 @@ impl Request {
             Request::Tenants => "tenants",
             Request::TenantGet { .. } => "tenant.get",
             Request::TenantSet { .. } => "tenant.set",
+            Request::TenantGrants { .. } => "tenant.grants",
             Request::TenantRemove { .. } => "tenant.remove",
             Request::Backends => "backends",
             Request::Pause { .. } => "pause",
@@ -142,6 +147,7 @@ impl Request {
         matches!(
             self,
             Request::TenantSet { .. }
+                | Request::TenantGrants { apply: true, .. }
                 | Request::TenantRemove { .. }
                 | Request::Pause { .. }
                 | Request::Resume { .. }
@@ -193,7 +199,17 @@ pub fn parse(line: &[u8]) -> Result<(Request, Option<String>), AdminError> {
     let allowed: &[&str] = match cmd {
         "tenants" | "backends" | "stats" | "reload" => &[],
         "tenant.get" | "tenant.remove" | "resume" => &["tenant"],
-        "tenant.set" => &["tenant", "backend", "database", "schema"],
+        "tenant.set" => &[
+            "tenant",
+            "backend",
+            "database",
+            "schema",
+            "isolation",
+            "role",
+            "tenant_column",
+            "tenant_key",
+        ],
+        "tenant.grants" => &["tenant", "apply"],
         "pause" => &["tenant", "timeout_ms"],
         "audit" => &["tail"],
         "migrate.start" => &[
@@ -249,9 +265,29 @@ pub fn parse(line: &[u8]) -> Result<(Request, Option<String>), AdminError> {
         },
         "tenant.set" => Request::TenantSet {
             tenant: a.tenant()?,
-            backend: a.name("backend")?,
-            database: a.opt_ident("database")?,
-            schema: a.opt_ident("schema")?,
+            route: Route {
+                backend: a.name("backend")?,
+                database: a.opt_ident("database")?,
+                schema: a.opt_ident("schema")?,
+                isolation: match a.opt_str("isolation")?.as_deref() {
+                    None => None,
+                    Some("role") => Some(Isolation::Role),
+                    Some("shared") => Some(Isolation::Shared),
+                    Some(_) => {
+                        return Err(AdminError::new(
+                            "invalid_argument",
+                            "isolation must be \"role\" or \"shared\"",
+                        ))
+                    }
+                },
+                role: a.opt_ident("role")?,
+                tenant_column: a.opt_ident("tenant_column")?,
+                tenant_key: a.opt_key("tenant_key")?,
+            },
+        },
+        "tenant.grants" => Request::TenantGrants {
+            tenant: a.tenant()?,
+            apply: a.opt_bool("apply")?,
         },
         "audit" => Request::Audit {
             tail: a.opt_u64("tail", MAX_AUDIT_TAIL as u64)?.unwrap_or(20) as usize,
@@ -282,15 +318,7 @@ fn parse_migrate(cmd: &str, a: &Args) -> Result<Migrate, AdminError> {
             },
             allow_existing: a.opt_bool("allow_existing")?,
             tenant_column: a.opt_ident("tenant_column")?,
-            tenant_key: match a.opt_str("tenant_key")? {
-                Some(k) if k.is_empty() || k.len() > 256 || k.contains('\0') => {
-                    return Err(AdminError::new(
-                        "invalid_argument",
-                        "tenant_key must be 1 to 256 bytes",
-                    ))
-                }
-                k => k,
-            },
+            tenant_key: a.opt_key("tenant_key")?,
         }),
         "migrate.status" => Migrate::Status {
             tenant: match a.opt_str("tenant")? {
@@ -390,6 +418,17 @@ impl Args<'_> {
         }
     }
 
+    /// A tenant key: 1 to 256 bytes, no NUL (a literal wherever it reaches SQL).
+    fn opt_key(&self, key: &str) -> Result<Option<String>, AdminError> {
+        match self.opt_str(key)? {
+            Some(k) if k.is_empty() || k.len() > 256 || k.contains('\0') => Err(AdminError::new(
+                "invalid_argument",
+                format!("{key} must be 1 to 256 bytes"),
+            )),
+            k => Ok(k),
+        }
+    }
+
     fn opt_bool(&self, key: &str) -> Result<bool, AdminError> {
         match self.0.get(key) {
             None | Some(Value::Null) => Ok(false),
@@ -462,12 +501,24 @@ mod tests {
                 .unwrap();
         assert!(matches!(
             r,
-            Request::TenantSet {
-                schema: Some(_),
-                database: None,
-                ..
-            }
+            Request::TenantSet { ref route, .. } if route.schema.is_some() && route.database.is_none()
         ));
+        let (r, _) = parse(
+            br#"{"cmd":"tenant.set","tenant":"a","backend":"b","isolation":"role","role":"t_a","tenant_column":"tid","tenant_key":"7"}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            r,
+            Request::TenantSet { ref route, .. }
+                if route.isolation == Some(Isolation::Role) && route.role.as_deref() == Some("t_a")
+                    && route.tenant_key.as_deref() == Some("7")
+        ));
+        assert_eq!(
+            parse(br#"{"cmd":"tenant.set","tenant":"a","backend":"b","isolation":"x"}"#)
+                .unwrap_err()
+                .code,
+            "invalid_argument"
+        );
         assert_eq!(
             parse(br#"{"cmd":"audit"}"#).unwrap().0,
             Request::Audit { tail: 20 }

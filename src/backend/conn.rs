@@ -42,6 +42,9 @@ pub struct ServerConn {
     pub applied_sets: u64,
     /// A `SET ROLE` or `SET SESSION AUTHORIZATION` is among them (`RESET ALL` leaves those alone).
     pub applied_role: bool,
+    /// Transaction pooling of a shared pool: the schema the proxy last set as `search_path` here (`None`:
+    /// the connection's own default, or not known).
+    pub route_path: Option<Arc<str>>,
     /// Transaction pool mode: the tenant whose transaction used the connection last. Another tenant gets it
     /// only after a full reset.
     pub owner: Option<crate::tenant::TenantId>,

@@ -119,6 +119,7 @@ async fn connect_inner(pool: &Pool, tag: Arc<StartupTag>) -> Result<ServerConn, 
         applied_role: false,
         owner: None,
         suspect: false,
+        route_path: None,
     };
     authenticate(pool, &mut conn).await?;
     Ok(conn)

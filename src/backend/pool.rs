@@ -592,6 +592,7 @@ impl PooledConn {
                     conn.applied_role = false;
                     conn.owner = None;
                     conn.suspect = false;
+                    conn.route_path = None;
                     pool.checkin(conn, tenant.as_ref())
                 }
                 other => {

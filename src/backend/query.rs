@@ -40,11 +40,23 @@ pub async fn query_value(
     conn: &mut ServerConn,
     sql: &str,
 ) -> Result<Option<String>, ConnectError> {
+    run_collect(backend, conn, &[sql]).await.map(|(v, _)| v)
+}
+
+/// Like [`run_simple`] (each statement its own Query, pipelined, in one round trip), also returning the first
+/// column of the first row any of them returned. Any error fails the whole run.
+pub async fn run_collect(
+    backend: &str,
+    conn: &mut ServerConn,
+    statements: &[&str],
+) -> Result<(Option<String>, u8), ConnectError> {
     let mut out = BytesMut::new();
-    frontend::query(sql, &mut out).map_err(|e| ConnectError::Protocol {
-        backend: backend.to_owned(),
-        reason: e.to_string(),
-    })?;
+    for s in statements {
+        frontend::query(s, &mut out).map_err(|e| ConnectError::Protocol {
+            backend: backend.to_owned(),
+            reason: e.to_string(),
+        })?;
+    }
     conn.stream
         .write_all(&out)
         .await
@@ -52,8 +64,9 @@ pub async fn query_value(
             backend: backend.to_owned(),
             source,
         })?;
-    let (mut value, mut error) = (None, None);
-    loop {
+    let (mut value, mut error, mut status) = (None, None, b'I');
+    let mut remaining = statements.len();
+    while remaining > 0 {
         match next_message(backend, conn).await? {
             Message::DataRow(row) if value.is_none() => {
                 use fallible_iterator::FallibleIterator;
@@ -70,13 +83,16 @@ pub async fn query_value(
                     conn.set_param(k, v);
                 }
             }
-            Message::ReadyForQuery(_) => break,
+            Message::ReadyForQuery(body) => {
+                remaining -= 1;
+                status = body.status();
+            }
             _ => {}
         }
     }
     match error {
         Some(e) => Err(e),
-        None => Ok(value),
+        None => Ok((value, status)),
     }
 }
 

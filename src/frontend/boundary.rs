@@ -290,8 +290,14 @@ impl Session {
     /// metrics and registry.
     pub(super) fn install(&mut self, tenant: Option<TenantId>, attached: Option<Attached>) {
         let (server, route, epoch) = match attached {
-            Some(a) => (Some(a.server), Some(a.route), a.epoch),
-            None => (None, None, 0),
+            Some(a) => {
+                self.route_path = a.route_path;
+                (Some(a.server), Some(a.route), a.epoch)
+            }
+            None => {
+                self.route_path = None;
+                (None, None, 0)
+            }
         };
         if let Some(new) = &server {
             let params = &new.conn.get().params;

@@ -15,11 +15,46 @@ use super::statements::{ClientStatements, Target, MAX_HEAD_NAMES, MAX_INFLIGHT};
 use crate::backend::pool::ReleaseState;
 use crate::metrics::ErrorKind;
 use crate::protocol::{messages, sql, sqlstate, PgError};
+use crate::tenant::quote_ident;
 
 /// Why a session in transaction pool mode keeps its backend connection although it is idle.
 const PIN_SQL_PREPARE: &str = "SQL PREPARE (transaction pool mode)";
 /// A connection's settings fingerprint when nobody knows what it holds (never equal to a session's).
 const UNKNOWN_SETS: u64 = u64::MAX;
+/// Connections with temporary objects closed in a row before a checkout gives up.
+const MAX_TEMP_RETRIES: usize = 3;
+/// What a connection gets before another tenant (or any session after a `DO`/`CALL`) may use it: the first
+/// statement asks whether the session ever made temporary objects (such a connection is closed instead:
+/// PostgreSQL keeps the temporary namespace for the backend's life), the rest undo everything `DISCARD ALL`
+/// would except the prepared statements, which the proxy names by content and tracks per connection.
+const FULL_RESET: [&str; 7] = [
+    "SELECT pg_my_temp_schema() <> 0",
+    "RESET ALL",
+    "RESET SESSION AUTHORIZATION",
+    "CLOSE ALL",
+    "UNLISTEN *",
+    "SELECT pg_advisory_unlock_all()",
+    "DISCARD SEQUENCES",
+];
+
+/// Why a pooled connection could not be made this session's.
+pub(super) enum Unsettled {
+    /// Its last session made temporary objects: close it, take another.
+    TempObjects,
+    Failed(PgError),
+}
+
+impl Unsettled {
+    pub(super) fn into_error(self) -> PgError {
+        match self {
+            Unsettled::TempObjects => PgError::error(
+                sqlstate::TOO_MANY_CONNECTIONS,
+                "pgtenant: no clean backend connection became free (others held temporary objects)",
+            ),
+            Unsettled::Failed(e) => e,
+        }
+    }
+}
 
 impl Session {
     /// Why this session may not leave its backend connection (or move to another), if anything.
@@ -50,6 +85,9 @@ impl Session {
             // Settings of unknown origin: whoever comes next starts with a full reset.
             (UNKNOWN_SETS, true)
         };
+        // Who used it, and whether they ran code whose effects are unknown: decides the next user's reset.
+        conn.owner = self.tenant.clone();
+        conn.suspect |= self.state.take_opaque() || !server.synced;
         let (out, mut inflight) = (
             std::mem::take(&mut server.out),
             std::mem::take(&mut server.inflight),
@@ -77,7 +115,7 @@ impl Session {
             match self.settle_settings(&mut server, &backend).await {
                 Ok(()) => self.server = Some(server),
                 Err(e) => {
-                    tracing::debug!(error = %e.message, "could not settle a pooled connection");
+                    tracing::debug!(error = %e.into_error().message, "could not settle a pooled connection");
                     self.cancel.slot.set(None);
                     server.release(true);
                 }
@@ -97,21 +135,8 @@ impl Session {
             Some(r) if r.tenant == tenant && self.fresh(&r) => r,
             _ => resolve(&self.shared, &self.info, &tenant).map_err(Refusal::Statement)?,
         };
-        let mut server = match checkout(&resolved, &tenant, self.spare.take()).await {
-            Ok(s) => s,
-            Err(e) => {
-                self.count_error(ErrorKind::BackendUnavailable);
-                return Err(Refusal::Statement(e));
-            }
-        };
-        if let Err(e) = self
-            .settle_settings(&mut server, &resolved.route.backend)
-            .await
-        {
-            self.count_error(ErrorKind::MoveFailed);
-            server.release(true);
-            return Err(Refusal::Statement(e));
-        }
+        self.route_path = resolved.route_path.clone();
+        let mut server = self.checkout_settled(&resolved, &tenant).await?;
         // The unnamed statement is not the pool's: one left by the connection's last user is closed first (its
         // CloseComplete is taken out of the replies).
         let conn = server.conn.get_mut();
@@ -134,51 +159,115 @@ impl Session {
         Ok(())
     }
 
+    /// A connection of `resolved`'s pool holding this session's settings. One whose last session made
+    /// temporary objects is closed and another taken (a few times at most).
+    async fn checkout_settled(
+        &mut self,
+        resolved: &super::session::Resolved,
+        tenant: &crate::tenant::TenantId,
+    ) -> Result<super::session::Server, Refusal> {
+        let mut tries = 0;
+        loop {
+            let mut server = match checkout(resolved, tenant, self.spare.take()).await {
+                Ok(s) => s,
+                Err(e) => {
+                    self.count_error(ErrorKind::BackendUnavailable);
+                    return Err(Refusal::Statement(e));
+                }
+            };
+            match self
+                .settle_settings(&mut server, &resolved.route.backend)
+                .await
+            {
+                Ok(()) => return Ok(server),
+                Err(Unsettled::TempObjects) if tries < MAX_TEMP_RETRIES => {
+                    tries += 1;
+                    server.release(true);
+                }
+                Err(e) => {
+                    self.count_error(ErrorKind::MoveFailed);
+                    server.release(true);
+                    return Err(Refusal::Statement(e.into_error()));
+                }
+            }
+        }
+    }
+
     /// A cached resolution still holds: same routing epoch, same backends.
     fn fresh(&self, r: &super::session::Resolved) -> bool {
         self.shared.router.load().epoch == r.epoch
             && Arc::ptr_eq(&self.shared.backends.load(), &r.backends)
     }
 
-    /// Makes the connection's session settings this session's. The connection usually has them already; the
-    /// replay (rare) is boxed, so its state does not sit in every session's task.
+    /// Makes the connection this session's: its settings, its tenant's schema (shared pools) and, when
+    /// another tenant used it last or its last user ran code whose effects are unknown (`DO`, `CALL`), a full
+    /// reset first. The connection usually needs nothing; the reset (rare per session, one round trip) is
+    /// boxed, so its state does not sit in every session's task.
     async fn settle_settings(
         &mut self,
         server: &mut super::session::Server,
         backend: &str,
-    ) -> Result<(), PgError> {
-        if server.conn.get().applied_sets != self.state.sets_fingerprint().0 {
-            Box::pin(self.apply_settings(server, backend)).await?;
+    ) -> Result<(), Unsettled> {
+        let conn = server.conn.get();
+        let foreign = conn.owner.is_some() && conn.owner != self.tenant;
+        let full = foreign || conn.suspect;
+        if full
+            || conn.route_path != self.route_path
+            || conn.applied_sets != self.state.sets_fingerprint().0
+        {
+            Box::pin(self.apply_settings(server, backend, full)).await?;
         }
         server.synced = true;
         Ok(())
     }
 
-    /// Brings the connection's session settings to this session's (`RESET ALL` and its SETs), and tells the
-    /// client about parameters that differ from what it was told.
+    /// Brings the connection's session to this session's: a full reset when `full` (anything another
+    /// session may have left: settings, role, cursors, listeners, advisory locks, sequences' cached values;
+    /// a connection whose session made temporary objects is refused, to be closed), else `RESET ALL`; then
+    /// the tenant's schema and this session's SETs. One round trip. Tells the client about parameters that
+    /// differ from what it was told.
     async fn apply_settings(
         &mut self,
         server: &mut super::session::Server,
         backend: &str,
-    ) -> Result<(), PgError> {
+        full: bool,
+    ) -> Result<(), Unsettled> {
         let (fingerprint, role) = self.state.sets_fingerprint();
         let conn = server.conn.get_mut();
-        let mut statements = vec!["RESET ALL"];
-        if conn.applied_role {
-            statements.extend(["RESET SESSION AUTHORIZATION", "RESET ROLE"]);
+        let path = self
+            .route_path
+            .as_ref()
+            .map(|p| format!("SET search_path = {}", quote_ident(p)));
+        let mut statements: Vec<&str> = Vec::new();
+        if full {
+            statements.extend(FULL_RESET);
+        } else {
+            statements.push("RESET ALL");
+            if conn.applied_role {
+                statements.extend(["RESET SESSION AUTHORIZATION", "RESET ROLE"]);
+            }
         }
+        statements.extend(path.as_deref());
         statements.extend(self.state.set_statements());
-        crate::backend::query::run_simple(backend, conn, &statements)
+        let (temp, _) = crate::backend::query::run_collect(backend, conn, &statements)
             .await
             .map_err(|e| {
                 tracing::warn!(error = %e, "could not apply session settings on a pooled connection");
-                PgError::error(
-                    sqlstate::CONNECTION_FAILURE,
-                    "pgtenant could not recreate this session's settings on a pooled backend connection",
+                Unsettled::Failed(
+                    PgError::error(
+                        sqlstate::CONNECTION_FAILURE,
+                        "pgtenant could not recreate this session's settings on a pooled backend connection",
+                    )
+                    .with_detail(e.to_string()),
                 )
-                .with_detail(e.to_string())
             })?;
+        if full && temp.as_deref() != Some("f") {
+            return Err(Unsettled::TempObjects);
+        }
         (conn.applied_sets, conn.applied_role) = (fingerprint, role);
+        conn.route_path = self.route_path.clone();
+        conn.owner = self.tenant.clone();
+        conn.suspect = false;
         for (k, v) in &conn.params {
             if self.told.iter().all(|(tk, tv)| tk != k || tv != v) {
                 messages::parameter_status(&mut self.cout, k, v);
@@ -212,8 +301,8 @@ impl Session {
         if !matches!(sql::recognise(text), sql::Recognised::Pass) {
             return false;
         }
-        let state = &self.state;
-        match self.statements.register(frame, || state.resolution()) {
+        let (state, path) = (&self.state, self.route_path.as_deref());
+        match self.statements.register(frame, || resolution(state, path)) {
             Ok(false) => return false,
             Ok(true) => {
                 // The session state sees the Parse and its completion, as if a backend had answered.
@@ -239,11 +328,11 @@ impl Session {
                 "too many Parse and Close messages without a Sync",
             ));
         }
-        let state = &self.state;
+        let (state, path) = (&self.state, self.route_path.as_deref());
         let conn = s.conn.get_mut();
         let result = self.statements.forward(
             &self.cin[..total],
-            || state.resolution(),
+            || resolution(state, path),
             Target {
                 out: &mut s.out,
                 inflight: &mut s.inflight,
@@ -348,6 +437,17 @@ impl Session {
         let status = self.status();
         messages::ready_for_query(&mut self.cout, status);
         true
+    }
+}
+
+/// What decides how a statement's names resolve when it is prepared: the tenant's schema where the proxy
+/// sets it per transaction (one connection serves several schema tenants, and a plan made for one schema must
+/// never be reused for another), then the session's own `search_path`/role SETs.
+fn resolution(state: &super::state::SessionState, route_path: Option<&str>) -> String {
+    let own = state.resolution();
+    match route_path {
+        Some(p) => format!("route:{p}\0{own}"),
+        None => own,
     }
 }
 

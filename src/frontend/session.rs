@@ -27,7 +27,7 @@ use crate::auth::UserEntry;
 use crate::backend::pool::ReleaseState;
 use crate::backend::{Backends, Pool, PooledConn, StartupTag};
 use crate::cancel::{synthetic_pid, CancelKey};
-use crate::config::PoolMode;
+use crate::config::{Isolation, PoolMode};
 use crate::context::Shared;
 use crate::gate::{Gate, GatePass};
 use crate::metrics::{ErrorKind, TenantMetrics};
@@ -260,6 +260,8 @@ pub struct Session {
     pub(super) spare: Option<(BytesMut, Inflight)>,
     /// Client timeouts (`None` when none is configured).
     pub(super) timeouts: Option<Box<Timeouts>>,
+    /// Transaction pooling of a shared pool: the tenant's schema, set per transaction (see [`resolve`]).
+    pub(super) route_path: Option<Arc<str>>,
 }
 
 impl Session {
@@ -327,6 +329,7 @@ impl Session {
             resolved: None,
             spare: None,
             timeouts: None,
+            route_path: None,
         };
         session.timeouts = Timeouts::new(&session.shared.config.load().proxy);
         session.tx_mode = session.shared.config.load().proxy.pool_mode == PoolMode::Transaction;
@@ -630,8 +633,18 @@ impl Session {
                         }
                         b'C' => {
                             *wrote |= inspect::is_write_tag(frame);
-                            if frame.get(5) == Some(&b'D') {
-                                forget_statements(frame, &mut conn.statements, statements);
+                            match frame.get(5) {
+                                Some(b'D') => {
+                                    forget_statements(frame, &mut conn.statements, statements);
+                                    if frame[5..].starts_with(b"DISCARD ALL") {
+                                        conn.route_path = None;
+                                    }
+                                }
+                                // A RESET may have put search_path back: the schema is set again next time.
+                                Some(b'R') if frame[5..].starts_with(b"RESET") => {
+                                    conn.route_path = None
+                                }
+                                _ => {}
                             }
                         }
                         b'S' => {
@@ -864,6 +877,7 @@ pub(super) struct Attached {
     pub server: Server,
     pub route: Arc<Route>,
     pub epoch: u64,
+    pub route_path: Option<Arc<str>>,
 }
 
 /// Where a tenant's transactions go now: its route, the routing epoch, and the pool and startup parameters a
@@ -877,6 +891,8 @@ pub(super) struct Resolved {
     pub tag: Arc<StartupTag>,
     /// The backends table this was resolved against (a reload replaces it).
     pub backends: Arc<Backends>,
+    /// The schema set per transaction (`SET search_path`) rather than at connect (see [`resolve`]).
+    pub route_path: Option<Arc<str>>,
 }
 
 /// Looks up `tenant`'s current route and the pool serving it.
@@ -911,16 +927,27 @@ pub(super) fn resolve(
         .or_else(|| backend.config.database.clone())
         .or_else(|| info.database.clone())
         .unwrap_or_else(|| info.user_name.clone());
-    let tag = Arc::new(startup_tag(info, route.schema.as_deref()));
-    let login = {
-        let config = shared.config.load();
+    let config = shared.config.load();
+    // Transaction pooling of a shared pool: the schema is applied per transaction (SET search_path), not at
+    // connect, so one pool serves every schema tenant of the backend.
+    let route_path = (config.proxy.pool_mode == PoolMode::Transaction
+        && route.isolation(&backend.config) == Isolation::Shared)
+        .then(|| route.schema.as_deref().map(Arc::<str>::from))
+        .flatten();
+    let tag_schema = if route_path.is_some() {
+        None
+    } else {
+        route.schema.as_deref()
+    };
+    let tag = Arc::new(startup_tag(info, tag_schema));
+    let login =
         crate::backend::identity::login_for(&config, backend, &route, tenant).map_err(|e| {
             PgError::error(
                 sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
                 e.to_string(),
             )
-        })?
-    };
+        })?;
+    drop(config);
     let pool = backend.pool(&database, &login).ok_or_else(|| {
         PgError::error(
             sqlstate::TOO_MANY_CONNECTIONS,
@@ -938,6 +965,7 @@ pub(super) fn resolve(
         pool,
         tag,
         backends,
+        route_path,
     })
 }
 
@@ -985,6 +1013,7 @@ pub(super) async fn connect_server(
         server,
         route: resolved.route,
         epoch: resolved.epoch,
+        route_path: resolved.route_path,
     })
 }
 

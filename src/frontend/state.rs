@@ -65,6 +65,9 @@ pub struct SessionState {
     pooled: bool,
     /// A `SET LOCAL` ran in the current transaction block.
     local_set: bool,
+    /// A `DO` or `CALL` ran since the last [`SessionState::take_opaque`]: what it did to the session is not
+    /// known.
+    opaque: bool,
 }
 
 impl SessionState {
@@ -95,6 +98,7 @@ impl SessionState {
     pub fn clear(&mut self) {
         *self = SessionState {
             pooled: self.pooled,
+            opaque: self.opaque,
             ..SessionState::default()
         };
     }
@@ -162,6 +166,7 @@ impl SessionState {
             Effect::None => {}
             // Until the transaction ends, statements prepared now may resolve names differently.
             Effect::LocalSet => self.local_set = true,
+            Effect::Opaque => self.opaque = true,
             _ => self.pin(PIN_UNTRACKED),
         }
         let name = (!name.is_empty()).then(|| Box::<[u8]>::from(name));
@@ -260,6 +265,8 @@ impl SessionState {
         };
         match effect {
             Effect::None => {}
+            // Even a DO block that failed may have left something behind (a temporary namespace).
+            Effect::Opaque => self.opaque = true,
             Effect::LocalSet => self.local_set = status != b'I',
             // Locks taken, or untracked changes made, before a later statement of the query failed stay.
             Effect::Pin(_) | Effect::Untracked => self.apply(effect),
@@ -284,6 +291,7 @@ impl SessionState {
     fn apply(&mut self, effect: Effect) {
         match effect {
             Effect::None | Effect::LocalSet => {}
+            Effect::Opaque => self.opaque = true,
             Effect::Set { key, text } => {
                 // A statement's name resolution depends on search_path and role at PREPARE time: changing them
                 // after statements exist would make a replay resolve names differently.
@@ -415,6 +423,11 @@ impl SessionState {
             out.push_str(&format!("\0tx{n}"));
         }
         out
+    }
+
+    /// Whether a `DO` or `CALL` ran since the last call (the flag is cleared).
+    pub fn take_opaque(&mut self) -> bool {
+        std::mem::take(&mut self.opaque)
     }
 
     /// SQL-level prepared statements exist (they live under the client's own names on one backend connection).

@@ -566,6 +566,9 @@ pub enum Effect {
     Untracked,
     /// `SET LOCAL`: nothing to replay, but name resolution may differ until the transaction ends.
     LocalSet,
+    /// `DO` or `CALL`: code whose session effects (settings, temporary objects) the proxy cannot see. Nothing
+    /// pins, but the backend connection is fully reset before its next user.
+    Opaque,
 }
 
 pub const PIN_LISTEN: &str = "LISTEN";
@@ -574,7 +577,9 @@ pub const PIN_ADVISORY: &str = "advisory lock";
 pub const PIN_CURSOR: &str = "cursor WITH HOLD";
 
 /// First words that can start a state-changing statement; anything else is `Effect::None` without lexing.
-const STATE_WORDS: [&str; 9] = [
+const STATE_WORDS: [&str; 11] = [
+    "do",
+    "call",
     "set",
     "reset",
     "prepare",
@@ -626,8 +631,20 @@ pub fn classify(sql: &[u8]) -> Effect {
         .collect();
     match statements.as_slice() {
         [one] => classify_one(sql, one),
-        many if many.iter().any(|s| classify_one(sql, s) != Effect::None) => Effect::Untracked,
-        _ => Effect::None,
+        many => {
+            let effects: Vec<Effect> = many
+                .iter()
+                .map(|s| classify_one(sql, s))
+                .filter(|e| *e != Effect::None)
+                .collect();
+            if effects.is_empty() {
+                Effect::None
+            } else if effects.iter().all(|e| *e == Effect::Opaque) {
+                Effect::Opaque
+            } else {
+                Effect::Untracked
+            }
+        }
     }
 }
 
@@ -766,6 +783,7 @@ fn classify_one(sql: &[u8], stmt: &Statement) -> Effect {
             }
         }
         (Some("close"), Some("all"), _) => Effect::Unpin(PIN_CURSOR),
+        (Some("do" | "call"), _, _) => Effect::Opaque,
         _ => Effect::None,
     }
 }

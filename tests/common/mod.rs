@@ -81,6 +81,7 @@ const HBA: &str = "\
 local all all trust
 host all md5user 127.0.0.1/32 md5
 host all scramuser 127.0.0.1/32 scram-sha-256
+host all t_secure 127.0.0.1/32 scram-sha-256
 host all all 127.0.0.1/32 trust
 ";
 
@@ -356,11 +357,23 @@ impl Harness {
         self.backend_with(name, pg, "")
     }
 
-    pub fn backend_with(mut self, name: &str, pg: &PgCluster, extra: &str) -> Harness {
+    pub fn backend_with(self, name: &str, pg: &PgCluster, extra: &str) -> Harness {
+        self.backend_as(name, pg, "postgres", extra)
+    }
+
+    /// A backend whose serving role is `user` (migrations and grants use `admin_user`, given in `extra`).
+    pub fn backend_as(mut self, name: &str, pg: &PgCluster, user: &str, extra: &str) -> Harness {
         self.backends.push_str(&format!(
-            "[backends.{name}]\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\n{extra}\n",
+            "[backends.{name}]\nhost = \"127.0.0.1\"\nport = {}\nuser = \"{user}\"\n{extra}\n",
             pg.port
         ));
+        self
+    }
+
+    /// Adds raw TOML to a tenant's table (after `tenant(...)` for it).
+    pub fn tenant_extra(mut self, text: &str) -> Harness {
+        self.tenants.push_str(text);
+        self.tenants.push('\n');
         self
     }
 
