@@ -30,16 +30,46 @@ CREATE TABLE tenant_beta.t (id int PRIMARY KEY, v int);
 INSERT INTO tenant_beta.t SELECT g, g FROM generate_series(1, 100) g;
 ";
 
+/// Serving connections log in as each tenant's own role (`isolation = "role"`, grants made by `tenant grants
+/// --apply`, see [`grant`]) under a serving role that is not a superuser; migrations use the admin role.
 fn harness(shared: &PgCluster, dedicated: &PgCluster) -> Harness {
+    least_privilege(shared);
+    least_privilege(dedicated);
+    let backend =
+        "admin_user = \"postgres\"\nisolation = \"role\"\ndatabase = \"app\"\npool_size = 30";
     Harness::new()
-        .backend_with("shared", shared, "database = \"app\"\npool_size = 30")
-        .backend_with("dedicated", dedicated, "database = \"app\"\npool_size = 30")
+        .backend_as("shared", shared, "pgtenant_serve", backend)
+        .backend_as("dedicated", dedicated, "pgtenant_serve", backend)
         .tenant("acme", "shared", None, Some("tenant_acme"))
         .tenant("beta", "shared", None, Some("tenant_beta"))
         .raw(&format!(
             "[migration]\npg_dump = \"{}\"\ncopy_batch_rows = 1000\nverify_chunk_rows = 500\ncutover_timeout_ms = 3000",
             pg_bin("pg_dump").display()
         ))
+}
+
+/// The serving role, an ordinary login role.
+fn least_privilege(pg: &PgCluster) {
+    pg.psql(
+        "postgres",
+        "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'pgtenant_serve') THEN CREATE ROLE pgtenant_serve LOGIN; END IF; END $$",
+    );
+}
+
+/// Makes the tenants' roles and grants on their current backend (the target's are made by `migrate start`).
+async fn grant(proxy: &TestProxy, tenants: &[&str]) {
+    for t in tenants {
+        proxy
+            .admin_ok(json!({"cmd": "tenant.grants", "tenant": t, "apply": true}))
+            .await;
+    }
+}
+
+/// Starts the proxy of `h` and grants acme and beta their roles.
+async fn up(h: Harness) -> TestProxy {
+    let proxy = h.start().await;
+    grant(&proxy, &["acme", "beta"]).await;
+    proxy
 }
 
 async fn status(proxy: &TestProxy, tenant: &str) -> Value {
@@ -89,7 +119,7 @@ async fn migrates_a_tenant_live_and_rolls_back() {
     let shared = PgCluster::start();
     let dedicated = PgCluster::start();
     shared.psql("app", SCHEMA);
-    let proxy = harness(&shared, &dedicated).start().await;
+    let proxy = up(harness(&shared, &dedicated)).await;
     let url = acme_url(&proxy);
     pgbench(&url, &["-i", "-s", "1", "-q"]);
     let before_beta = fingerprint(&shared, "tenant_beta");
@@ -199,20 +229,36 @@ async fn migrates_a_tenant_live_and_rolls_back() {
         .get(0);
     assert_eq!(n, 1);
     assert_eq!(server_port(&c).await, shared.port);
-    // Capture is gone from both sides.
+    // Capture is gone from both sides; the target's copy stays fenced (a write made there directly, not through
+    // the proxy, would be lost), the source takes writes again.
     for pg in [&shared, &dedicated] {
-        assert_eq!(
-            pg.psql(
-                "app",
-                "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'pgtenant_%'"
-            ),
-            "0"
-        );
-        assert_eq!(
-            pg.psql("app", "SELECT count(*) FROM pgtenant.change_log"),
-            "0"
-        );
+        assert_eq!(capture_left(pg), "0/0");
     }
+    assert_eq!(
+        dedicated.psql(
+            "app",
+            "SELECT count(*) FROM pg_trigger WHERE tgname = 'pgtenant_fence_acme'"
+        ),
+        shared.psql(
+            "app",
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'tenant_acme'"
+        )
+    );
+    let direct = connect(&format!(
+        "host=127.0.0.1 port={} user=postgres dbname=app",
+        dedicated.port
+    ))
+    .await
+    .unwrap();
+    let e = direct
+        .batch_execute("INSERT INTO tenant_acme.orders (note) VALUES ('stale')")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "55000", "{}", message(&e));
+    shared.psql(
+        "app",
+        "INSERT INTO tenant_acme.orders (note) VALUES ('source is live again')",
+    );
 }
 
 async fn wait_lag_zero(proxy: &TestProxy, tenant: &str) {
@@ -319,11 +365,12 @@ async fn restart_in_cutover(
     }
 }
 
-/// Capture triggers left, '/', change-log rows left (or "none" without a pgtenant schema).
+/// Capture triggers left, '/', change-log rows left (or "none" without a pgtenant schema). Fence triggers are
+/// not counted: they stay on a side the tenant moved away from, as long as its data does.
 fn capture_left(pg: &PgCluster) -> String {
     let triggers = pg.psql(
         "app",
-        "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'pgtenant_%'",
+        "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'pgtenant_%' AND tgname NOT LIKE 'pgtenant\\_fence\\_%'",
     );
     let log = if pg.psql("app", "SELECT to_regclass('pgtenant.change_log') IS NULL") == "t" {
         "none".to_string()
@@ -340,7 +387,7 @@ async fn restarts_resume_copy_tee_and_a_swapped_cutover() {
     small_schema(&shared);
     let h = harness(&shared, &dedicated).raw("copy_parallel_tables = 1");
     let config = h.config();
-    let proxy = h.start().await;
+    let proxy = up(h).await;
     let fp = &proxy.proxy.shared.migrations.failpoints;
     fp.set("copy.after_table", Some(Action::Hang));
     start_acme(&proxy).await;
@@ -411,17 +458,25 @@ async fn restarts_resume_copy_tee_and_a_swapped_cutover() {
         fingerprint(&shared, "tenant_acme"),
         fingerprint(&dedicated, "tenant_acme")
     );
-    // Finalize removes capture from both sides; the source is left as it was.
+    // Finalize removes capture from both sides; the source is left as it was, fenced while its data is kept.
     let f = proxy
         .admin_ok(json!({"cmd": "migrate.finalize", "tenant": "acme"}))
         .await;
     assert_eq!(f["state"], json!("completed"));
     assert_eq!(capture_left(&shared), "0/0");
     assert_eq!(capture_left(&dedicated), "0/0");
+    let e = connect(&format!(
+        "host=127.0.0.1 port={} user=postgres dbname=app",
+        shared.port
+    ))
+    .await
+    .unwrap()
+    .batch_execute("UPDATE tenant_acme.a SET v = v + 1")
+    .await
+    .unwrap_err();
+    assert_eq!(code(&e), "55000", "{}", message(&e));
     // DDL is allowed again once capture is gone.
-    c.batch_execute("ALTER TABLE a ADD COLUMN extra int")
-        .await
-        .unwrap();
+    c.batch_execute("CREATE TABLE fresh (x int)").await.unwrap();
 }
 
 /// Transaction pool mode: sessions park between transactions while their commits wait for the tee, and move
@@ -431,10 +486,7 @@ async fn migrates_live_in_transaction_pool_mode() {
     let shared = PgCluster::start();
     let dedicated = PgCluster::start();
     shared.psql("app", "CREATE SCHEMA tenant_acme");
-    let proxy = harness(&shared, &dedicated)
-        .proxy("pool_mode = \"transaction\"")
-        .start()
-        .await;
+    let proxy = up(harness(&shared, &dedicated).proxy("pool_mode = \"transaction\"")).await;
     let url = acme_url(&proxy);
     pgbench(&url, &["-i", "-s", "1", "-q"]);
     let bench_url = url.clone();
@@ -474,11 +526,10 @@ async fn cutover_falls_back_behind_a_long_transaction_and_survives_a_dead_target
     let shared = PgCluster::start();
     let dedicated = PgCluster::start();
     small_schema(&shared);
-    let proxy = harness(&shared, &dedicated)
+    let proxy = up(harness(&shared, &dedicated)
         .raw("tee_timeout_ms = 300")
-        .raw("[[users]]\nname = \"dev\"\nauth = \"trust\"\ntenants = [\"*\"]\n")
-        .start()
-        .await;
+        .raw("[[users]]\nname = \"dev\"\nauth = \"trust\"\ntenants = [\"*\"]\n"))
+    .await;
     start_acme(&proxy).await;
     wait_state(&proxy, "acme", "dual_write", Duration::from_secs(30)).await;
     commit_reply_waits_for_the_tee_whole(&proxy).await;
@@ -563,7 +614,7 @@ async fn abort_works_from_every_state_before_the_swap() {
     let shared = PgCluster::start();
     let dedicated = PgCluster::start();
     small_schema(&shared);
-    let proxy = harness(&shared, &dedicated).start().await;
+    let proxy = up(harness(&shared, &dedicated)).await;
     let before = fingerprint(&shared, "tenant_acme");
     let fp = proxy.proxy.shared.migrations.failpoints.clone();
     let abort = |drop_target: bool| json!({"cmd": "migrate.abort", "tenant": "acme", "drop_target": drop_target});
@@ -647,10 +698,15 @@ async fn bad_requests_are_refused_clearly_and_ddl_is_guarded() {
         "app",
         "CREATE TABLE tenant_acme.u (id int PRIMARY KEY, pos int UNIQUE); INSERT INTO tenant_acme.u VALUES (1, 1), (2, 2)",
     );
-    let proxy = harness(&shared, &dedicated)
-        .tenant("gamma", "shared", None, None)
-        .start()
-        .await;
+    let proxy = up(harness(&shared, &dedicated).tenant("gamma", "shared", None, None)).await;
+    // A table of the tenant's own (its role owns it).
+    proxy
+        .connect("app.acme", "app")
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE own (id int PRIMARY KEY)")
+        .await
+        .unwrap();
     let start = |extra: Value| {
         let mut r = json!({"cmd": "migrate.start", "tenant": "acme", "to": "dedicated"});
         for (k, v) in extra.as_object().unwrap() {
@@ -706,6 +762,7 @@ async fn bad_requests_are_refused_clearly_and_ddl_is_guarded() {
         "CREATE SCHEMA tenant_acme; CREATE TABLE tenant_acme.a (id serial PRIMARY KEY, v int);
          CREATE TABLE tenant_acme.b (id serial PRIMARY KEY, v int); CREATE TABLE tenant_acme.c (v int);
          CREATE TABLE tenant_acme.u (id int PRIMARY KEY, pos int UNIQUE);
+         CREATE TABLE tenant_acme.own (id int PRIMARY KEY);
          INSERT INTO tenant_acme.c VALUES (1)",
     );
     let r = proxy.admin(start(json!({}))).await;
@@ -761,19 +818,37 @@ async fn bad_requests_are_refused_clearly_and_ddl_is_guarded() {
         ),
         "1:2,2:1"
     );
-    // DDL on the migrating schema is refused, through the proxy and directly; the tenant's DML is not.
-    let e = c
-        .batch_execute("ALTER TABLE a ADD COLUMN x int")
+    // DDL on the migrating schema is refused, through the proxy and directly, even on a table the tenant owns
+    // and even under session_replication_role = replica (which only an administrator can set); the tenant's
+    // DML is not.
+    for ddl in [
+        "ALTER TABLE own ADD COLUMN x int",
+        "DROP TRIGGER pgtenant_fence_acme ON own",
+        "CREATE TABLE fresh (x int)",
+    ] {
+        let e = c.batch_execute(ddl).await.unwrap_err();
+        assert_eq!(code(&e), "55000", "{ddl}: {}", message(&e));
+        assert!(message(&e).contains("being migrated"), "{}", message(&e));
+    }
+    let admin = connect(&format!(
+        "host=127.0.0.1 port={} user=postgres dbname=app",
+        shared.port
+    ))
+    .await
+    .unwrap();
+    let e = admin
+        .batch_execute(
+            "SET session_replication_role = replica; ALTER TABLE tenant_acme.a ADD COLUMN x int",
+        )
         .await
         .unwrap_err();
-    assert_eq!(code(&e), "55000");
-    assert!(message(&e).contains("being migrated"), "{}", message(&e));
+    assert_eq!(code(&e), "55000", "{}", message(&e));
     c.batch_execute("INSERT INTO a (v) VALUES (1)")
         .await
         .unwrap();
     // The other tenant's DDL is not affected.
     let b = proxy.connect("app.beta", "app").await.unwrap();
-    b.batch_execute("ALTER TABLE t ADD COLUMN y int")
+    b.batch_execute("CREATE TABLE beta_own (y int); ALTER TABLE beta_own ADD COLUMN z int")
         .await
         .unwrap();
     // A row changed on the target behind the tee's back: hash verification names its range, cutover is refused
@@ -880,14 +955,22 @@ async fn migrates_a_tenants_rows_of_shared_tables() {
          INSERT INTO accounts (tenant, name) SELECT 'initech', 'i' || g FROM generate_series(1, 50) g;
          INSERT INTO notes VALUES ('initech', 'keep me');",
     );
+    // Each tenant's sessions see only its rows (row-level security tied to its role).
+    least_privilege(&shared);
+    least_privilege(&dedicated);
+    let backend =
+        "admin_user = \"postgres\"\nisolation = \"role\"\ndatabase = \"app\"\npool_size = 20";
     let proxy = Harness::new()
-        .backend_with("shared", &shared, "database = \"app\"\npool_size = 20")
-        .backend_with("dedicated", &dedicated, "database = \"app\"\npool_size = 20")
+        .backend_as("shared", &shared, "pgtenant_serve", backend)
+        .backend_as("dedicated", &dedicated, "pgtenant_serve", backend)
         .tenant("acme", "shared", None, None)
+        .tenant_extra("tenant_column = \"tenant\"")
         .tenant("globex", "shared", None, None)
+        .tenant_extra("tenant_column = \"tenant\"")
         .raw("[migration]\ncopy_batch_rows = 500\nverify_chunk_rows = 300\ncutover_timeout_ms = 3000")
         .start()
         .await;
+    grant(&proxy, &["acme", "globex"]).await;
     let rows = |pg: &PgCluster, tenant: &str| {
         pg.psql(
             "app",
@@ -950,7 +1033,14 @@ async fn migrates_a_tenants_rows_of_shared_tables() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Rows that change tenant: one of acme's leaves it (a delete for acme), one of globex's joins it (an insert).
-    let c = proxy.connect("app.acme", "app").await.unwrap();
+    // No tenant may give its rows away (row-level security), so an administrator moves them, on the source
+    // directly: capture sees writes made outside the proxy too.
+    let c = connect(&format!(
+        "host=127.0.0.1 port={} user=postgres dbname=app",
+        shared.port
+    ))
+    .await
+    .unwrap();
     c.batch_execute(
         "UPDATE accounts SET tenant = 'globex' WHERE id = 2; UPDATE accounts SET tenant = 'acme' WHERE id = 1;
          UPDATE notes SET tenant = 'globex' WHERE body = 'n2'; UPDATE notes SET tenant = 'acme' WHERE body = 'n1'",
@@ -1042,7 +1132,7 @@ async fn limits_async_tee_restart_before_swap_and_auto_cutover() {
     );
     let h = harness(&shared, &dedicated).raw("max_concurrent = 1\ntee = \"async\"");
     let config = h.config();
-    let proxy = h.start().await;
+    let proxy = up(h).await;
     start_acme(&proxy).await;
     let refused = proxy
         .admin_err(json!({"cmd": "migrate.start", "tenant": "beta", "to": "dedicated"}))

@@ -12,6 +12,17 @@ use crate::protocol::{messages, sqlstate, PgError};
 use crate::sessions::SessionRoute;
 use crate::tenant::TenantId;
 
+/// The error a session pinned to a tenant's old backend gets when a migration moved the tenant.
+pub fn moved_away(tenant: &TenantId, reason: &str) -> PgError {
+    PgError::fatal(
+        sqlstate::ADMIN_SHUTDOWN,
+        format!(
+            "terminating connection: tenant \"{tenant}\" was moved to another backend by a migration, and this session \
+             holds state that cannot follow it ({reason}); reconnect"
+        ),
+    )
+}
+
 /// Whether a frame that may start new work can go to the backend now.
 pub(super) enum Admission {
     Go,
@@ -267,6 +278,16 @@ impl Session {
                 std::time::Duration::from_millis(c.proxy.pinned_grace_ms),
             )
         };
+        // A migration moved the tenant: its old side is fenced, so a session left there could only fail.
+        if self
+            .shared
+            .migrations
+            .moved_at(tenant.as_str())
+            .is_some_and(|at| at > self.epoch)
+        {
+            self.shared.metrics.pinned_disconnects.increment(1);
+            return Err(Refusal::Session(moved_away(tenant, reason)));
+        }
         let since = *self.stale_since.get_or_insert_with(|| {
             self.shared.metrics.pinned_waits.increment(1);
             std::time::Instant::now()

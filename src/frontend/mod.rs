@@ -16,4 +16,5 @@ pub mod state;
 mod statements;
 mod timeouts;
 
+pub use boundary::moved_away;
 pub use login::serve_client;

@@ -1,9 +1,16 @@
-//! Change capture: row-image triggers on the tenant's tables that write into `pgtenant.change_log` inside the
-//! writing transaction, the `pgtenant.applied` ledger that makes applying exactly-once, and the DDL guard.
+//! Change capture and fencing: row-image triggers on the tenant's tables that write into `pgtenant.change_log`
+//! inside the writing transaction, the `pgtenant.applied` ledger that makes applying exactly-once, the DDL
+//! guard, and the fence that refuses the tenant's writes on the side it has moved away from.
 //!
-//! Everything is named after the tenant (`pgtenant_capture_<tenant>`), so `abort` and `finalize` find and drop
-//! it by name even if the record's table list were stale. Applying runs with `session_replication_role =
-//! replica`, under which these (ordinary) triggers do not fire: applied changes are never captured again.
+//! Nothing a client can set switches any of it off: the triggers fire `ALWAYS` (also under
+//! `session_replication_role = replica`), there is no bypass setting, and the functions run as their owner
+//! (the backend's admin role, `SECURITY DEFINER`), so tenants need no rights on the `pgtenant` schema. The
+//! migration's own connections are told apart by a random key that only the admin role can read
+//! (`pgtenant.apply_key`): they set it as `pgtenant.apply_key` at connect, and the triggers skip them, so applied
+//! changes are never captured again and the fence does not stop the tee.
+//!
+//! Everything is named after the tenant (`pgtenant_capture_<tenant>`, `pgtenant_fence_<tenant>`), so `abort` and
+//! `finalize` find and drop it by name even if the record's table list were stale.
 
 use tokio_postgres::Client;
 
@@ -14,6 +21,7 @@ use crate::tenant::quote_ident;
 /// The shared objects; idempotent, safe to run while other tenants migrate.
 const SETUP: &str = r#"
 CREATE SCHEMA IF NOT EXISTS pgtenant;
+REVOKE ALL ON SCHEMA pgtenant FROM PUBLIC;
 CREATE TABLE IF NOT EXISTS pgtenant.change_log (
     id      bigserial PRIMARY KEY,
     tenant  text NOT NULL,
@@ -41,11 +49,47 @@ DO $up$ BEGIN
         ALTER TABLE pgtenant.guarded DROP CONSTRAINT guarded_pkey, ADD PRIMARY KEY (schema_name, tenant);
     END IF;
 END $up$;
-CREATE OR REPLACE FUNCTION pgtenant.capture() RETURNS trigger LANGUAGE plpgsql AS $fn$
+-- Tenants whose writes are refused here: they have moved to another backend.
+CREATE TABLE IF NOT EXISTS pgtenant.fenced (
+    tenant     text PRIMARY KEY,
+    reason     text NOT NULL,
+    -- Schema tenants keep their DDL guard while fenced, so a tenant role owning its tables cannot drop the
+    -- fence; shared tables (whose schema other tenants use) do not.
+    keep_guard boolean NOT NULL DEFAULT true,
+    since      timestamptz NOT NULL DEFAULT now()
+);
+-- The key the migration's own connections present; readable by the admin role only.
+CREATE TABLE IF NOT EXISTS pgtenant.apply_key (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    k   text NOT NULL
+);
+INSERT INTO pgtenant.apply_key (k)
+    VALUES (encode(sha256(convert_to(gen_random_uuid()::text || gen_random_uuid()::text || clock_timestamp()::text, 'UTF8')), 'hex'))
+    ON CONFLICT DO NOTHING;
+REVOKE ALL ON ALL TABLES IN SCHEMA pgtenant FROM PUBLIC;
+-- Whether this session is the migration's own: it set the key. Cheap for everyone else (no key set).
+CREATE OR REPLACE FUNCTION pgtenant.is_applier() RETURNS boolean LANGUAGE plpgsql STABLE
+    SECURITY DEFINER SET search_path = pg_catalog AS $fn$
+DECLARE
+    given text := current_setting('pgtenant.apply_key', true);
+BEGIN
+    IF given IS NULL OR given = '' THEN
+        RETURN false;
+    END IF;
+    RETURN given = (SELECT k FROM pgtenant.apply_key);
+END
+$fn$;
+REVOKE ALL ON FUNCTION pgtenant.is_applier() FROM PUBLIC;
+CREATE OR REPLACE FUNCTION pgtenant.capture() RETURNS trigger LANGUAGE plpgsql
+    SECURITY DEFINER SET search_path = pg_catalog AS $fn$
 DECLARE
     was boolean;
     now_is boolean;
 BEGIN
+    -- The migration's own writes (applied changes, copies, repairs) are not captured again.
+    IF pgtenant.is_applier() THEN
+        RETURN NULL;
+    END IF;
     -- Shared tables (arguments: tenant, tenant column, tenant's value): only the tenant's rows. A row that leaves
     -- the tenant is a delete for it, one that joins it an insert.
     IF TG_NARGS >= 3 AND TG_LEVEL = 'ROW' THEN
@@ -78,11 +122,35 @@ BEGIN
     RETURN NULL;
 END
 $fn$;
-CREATE OR REPLACE FUNCTION pgtenant.ddl_guard() RETURNS event_trigger LANGUAGE plpgsql AS $fn$
+CREATE OR REPLACE FUNCTION pgtenant.fence() RETURNS trigger LANGUAGE plpgsql
+    SECURITY DEFINER SET search_path = pg_catalog AS $fn$
+DECLARE
+    why text;
+BEGIN
+    -- Shared tables (arguments: tenant, tenant column, tenant's value): only writes touching the tenant's rows.
+    IF TG_NARGS >= 3 AND TG_LEVEL = 'ROW' THEN
+        IF NOT ((TG_OP <> 'INSERT' AND to_jsonb(OLD)->>TG_ARGV[1] IS NOT DISTINCT FROM TG_ARGV[2])
+             OR (TG_OP <> 'DELETE' AND to_jsonb(NEW)->>TG_ARGV[1] IS NOT DISTINCT FROM TG_ARGV[2])) THEN
+            RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+        END IF;
+    END IF;
+    SELECT reason INTO why FROM pgtenant.fenced WHERE tenant = TG_ARGV[0];
+    IF FOUND AND NOT pgtenant.is_applier() THEN
+        RAISE EXCEPTION 'pgtenant: tenant "%" has moved (%); writes to its old location are refused', TG_ARGV[0], why
+            USING ERRCODE = '55000', HINT = 'Connect through pgtenant, which routes the tenant to where it lives now.';
+    END IF;
+    IF TG_LEVEL = 'ROW' THEN
+        RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+CREATE OR REPLACE FUNCTION pgtenant.ddl_guard() RETURNS event_trigger LANGUAGE plpgsql
+    SECURITY DEFINER SET search_path = pg_catalog AS $fn$
 DECLARE
     hit record;
 BEGIN
-    IF coalesce(current_setting('pgtenant.bypass_ddl_guard', true), '') = 'on' THEN
+    IF pgtenant.is_applier() THEN
         RETURN;
     END IF;
     IF TG_EVENT = 'sql_drop' THEN
@@ -94,8 +162,8 @@ BEGIN
           JOIN pgtenant.guarded g ON g.schema_name = d.schema_name LIMIT 1;
     END IF;
     IF FOUND THEN
-        RAISE EXCEPTION 'pgtenant: DDL on schema "%" is refused while tenant "%" is being migrated', hit.schema_name, hit.tenant
-            USING ERRCODE = '55000', HINT = 'Finish or abort the migration (pgtenant ctl migrate ...) first.';
+        RAISE EXCEPTION 'pgtenant: DDL on schema "%" is refused while tenant "%" is being migrated or has moved away', hit.schema_name, hit.tenant
+            USING ERRCODE = '55000', HINT = 'Pause the move and apply the change on both sides (README: schema changes during a move), or finish or abort the migration first.';
     END IF;
 END
 $fn$;
@@ -109,9 +177,13 @@ BEGIN
     END IF;
 END
 $do$;
+-- Also under session_replication_role = replica.
+ALTER EVENT TRIGGER pgtenant_ddl_guard ENABLE ALWAYS;
+ALTER EVENT TRIGGER pgtenant_drop_guard ENABLE ALWAYS;
 "#;
 
-/// Creates the shared objects (change log, ledger, functions, DDL guard) on `client`'s database.
+/// Creates the shared objects (change log, ledger, fence, functions, DDL guard) on `client`'s database, and
+/// makes `client` one of the migration's own connections.
 pub async fn setup(client: &Client) -> Result<(), MigrateError> {
     // Two coordinators creating the schema at once can collide on the catalog; the lock makes it one at a time.
     let sql = format!("SELECT pg_advisory_xact_lock(7406721); {SETUP}");
@@ -121,7 +193,29 @@ pub async fn setup(client: &Client) -> Result<(), MigrateError> {
     client
         .batch_execute(&tx_sql)
         .await
-        .map_err(|e| MigrateError::pg("install pgtenant schema", e))
+        .map_err(|e| MigrateError::pg("install pgtenant schema", e))?;
+    present_key(client).await
+}
+
+/// Makes `client` one of the migration's own connections (see the module comment), when the database has
+/// the migration's objects already; the admin role reads the key, nobody else can.
+pub async fn present_key(client: &Client) -> Result<(), MigrateError> {
+    let row = client
+        .query_one(
+            "SELECT CASE WHEN to_regclass('pgtenant.apply_key') IS NOT NULL \
+             THEN (xpath('/row/k/text()', query_to_xml('SELECT k FROM pgtenant.apply_key', false, true, '')))[1]::text END",
+            &[],
+        )
+        .await
+        .map_err(|e| MigrateError::pg("read the apply key", e))?;
+    let key: Option<String> = row.get(0);
+    if let Some(k) = key {
+        client
+            .batch_execute(&format!("SET pgtenant.apply_key = {}", quote_literal(&k)))
+            .await
+            .map_err(|e| MigrateError::pg("present the apply key", e))?;
+    }
+    Ok(())
 }
 
 fn trigger_name(tenant: &str, kind: &str) -> String {
@@ -175,19 +269,32 @@ pub async fn install(
     );
     for t in tables {
         let q = side.qualified(t);
-        // CREATE OR REPLACE: a retry after a crash that left the triggers in place succeeds.
-        sql.push_str(&format!(
-            "CREATE OR REPLACE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {q} FOR EACH ROW \
-             EXECUTE FUNCTION pgtenant.capture({row_args});",
+        // CREATE OR REPLACE: a retry after a crash that left the triggers in place succeeds. ENABLE ALWAYS:
+        // they fire under session_replication_role = replica too.
+        let (capture, truncate, fence) = (
             trigger_name(tenant, "capture"),
+            trigger_name(tenant, "truncate"),
+            trigger_name(tenant, "fence"),
+        );
+        sql.push_str(&format!(
+            "CREATE OR REPLACE TRIGGER {capture} AFTER INSERT OR UPDATE OR DELETE ON {q} FOR EACH ROW \
+             EXECUTE FUNCTION pgtenant.capture({row_args}); ALTER TABLE {q} ENABLE ALWAYS TRIGGER {capture};"
         ));
         if side.filter.is_none() {
             sql.push_str(&format!(
-                "CREATE OR REPLACE TRIGGER {} AFTER TRUNCATE ON {q} FOR EACH STATEMENT \
-                 EXECUTE FUNCTION pgtenant.capture({arg});",
-                trigger_name(tenant, "truncate"),
+                "CREATE OR REPLACE TRIGGER {truncate} AFTER TRUNCATE ON {q} FOR EACH STATEMENT \
+                 EXECUTE FUNCTION pgtenant.capture({arg}); ALTER TABLE {q} ENABLE ALWAYS TRIGGER {truncate};\
+                 CREATE OR REPLACE TRIGGER {fence} BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON {q} \
+                 FOR EACH STATEMENT EXECUTE FUNCTION pgtenant.fence({arg});"
+            ));
+        } else {
+            // Shared tables: only writes to the tenant's rows are fenced.
+            sql.push_str(&format!(
+                "CREATE OR REPLACE TRIGGER {fence} BEFORE INSERT OR UPDATE OR DELETE ON {q} \
+                 FOR EACH ROW EXECUTE FUNCTION pgtenant.fence({row_args});"
             ));
         }
+        sql.push_str(&format!("ALTER TABLE {q} ENABLE ALWAYS TRIGGER {fence};"));
     }
     sql.push_str(&format!(
         "INSERT INTO pgtenant.guarded (schema_name, tenant) VALUES ({}, {arg}) \
@@ -219,8 +326,9 @@ pub async fn install(
 const LOCK_WAIT_MS: u64 = 100;
 const LOCK_TRIES: u32 = 300;
 
-/// Removes everything [`install`] made for `tenant` on this database, and the tenant's change log and ledger
-/// rows. Finds the triggers by name, so it works whatever state the migration was left in.
+/// Removes capture for `tenant` on this database (triggers, change log, ledger). The fence stays while the
+/// tenant is fenced here (see [`fence`]); otherwise its triggers go too. Finds the triggers by name, so it
+/// works whatever state the migration was left in.
 pub async fn remove(client: &Client, tenant: &str) -> Result<(), MigrateError> {
     remove_inner(client, tenant, true).await
 }
@@ -230,27 +338,49 @@ pub async fn remove_triggers(client: &Client, tenant: &str) -> Result<(), Migrat
     remove_inner(client, tenant, false).await
 }
 
-async fn remove_inner(client: &Client, tenant: &str, ledger: bool) -> Result<(), MigrateError> {
-    let installed: bool = client
-        .query_one("SELECT to_regclass('pgtenant.change_log') IS NOT NULL", &[])
-        .await
-        .map_err(|e| MigrateError::pg("look for capture", e))?
-        .get(0);
+/// `DROP TRIGGER` statements for `tenant`'s triggers of the given kinds on this database.
+async fn drop_statements(
+    client: &Client,
+    tenant: &str,
+    kinds: &[&str],
+) -> Result<Vec<String>, MigrateError> {
+    let names: Vec<String> = kinds.iter().map(|k| raw_trigger_name(tenant, k)).collect();
     let rows = client
         .query(
             "SELECT format('DROP TRIGGER %I ON %I.%I', t.tgname, n.nspname, c.relname)
                FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE t.tgname IN ($1, $2)",
-            &[
-                &raw_trigger_name(tenant, "capture"),
-                &raw_trigger_name(tenant, "truncate"),
-            ],
+              WHERE t.tgname = ANY($1)",
+            &[&names],
         )
         .await
-        .map_err(|e| MigrateError::pg("find capture triggers", e))?;
+        .map_err(|e| MigrateError::pg("find pgtenant triggers", e))?;
+    Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+}
+
+/// Whether the migration's objects exist here, and whether `tenant` is fenced here.
+async fn fenced_here(client: &Client, tenant: &str) -> Result<(bool, bool), MigrateError> {
+    let row = client
+        .query_one(
+            "SELECT to_regclass('pgtenant.fenced') IS NOT NULL,
+                    CASE WHEN to_regclass('pgtenant.fenced') IS NOT NULL THEN
+                      (xpath('/row/n/text()', query_to_xml(format('SELECT count(*) AS n FROM pgtenant.fenced WHERE tenant = %L', $1::text), false, true, '')))[1]::text::int > 0
+                    ELSE false END",
+            &[&tenant],
+        )
+        .await
+        .map_err(|e| MigrateError::pg("look for the fence", e))?;
+    Ok((row.get(0), row.get(1)))
+}
+
+async fn remove_inner(client: &Client, tenant: &str, ledger: bool) -> Result<(), MigrateError> {
+    let (installed, fenced) = fenced_here(client, tenant).await?;
+    let kinds: &[&str] = if fenced {
+        &["capture", "truncate"]
+    } else {
+        &["capture", "truncate", "fence"]
+    };
     let mut sql = String::from("BEGIN;");
-    for r in &rows {
-        let stmt: String = r.get(0);
+    for stmt in drop_statements(client, tenant, kinds).await? {
         sql.push_str(&stmt);
         sql.push(';');
     }
@@ -258,7 +388,8 @@ async fn remove_inner(client: &Client, tenant: &str, ledger: bool) -> Result<(),
         let arg = quote_literal(tenant);
         sql.push_str(&format!(
             "DELETE FROM pgtenant.change_log WHERE tenant = {arg};\
-             DELETE FROM pgtenant.guarded WHERE tenant = {arg};"
+             DELETE FROM pgtenant.guarded g WHERE tenant = {arg} AND NOT EXISTS \
+               (SELECT 1 FROM pgtenant.fenced f WHERE f.tenant = g.tenant AND f.keep_guard);"
         ));
         if ledger {
             sql.push_str(&format!(
@@ -267,9 +398,65 @@ async fn remove_inner(client: &Client, tenant: &str, ledger: bool) -> Result<(),
         }
     }
     sql.push_str("COMMIT;");
-    if let Err(e) = client.batch_execute(&sql).await {
+    run_tx(client, &sql, "remove capture").await
+}
+
+/// Fences `tenant` here: from this commit on, its writes on this database fail (`55000`) for everyone but the
+/// migration's own connections. `keep_guard`: the tenant's schema keeps refusing DDL meanwhile (schema
+/// tenants), so the fence cannot be dropped by a tenant role that owns its tables.
+pub async fn fence(
+    client: &Client,
+    tenant: &str,
+    reason: &str,
+    keep_guard: bool,
+) -> Result<(), MigrateError> {
+    let sql = format!(
+        "INSERT INTO pgtenant.fenced (tenant, reason, keep_guard) VALUES ({t}, {r}, {keep_guard}) \
+         ON CONFLICT (tenant) DO UPDATE SET reason = EXCLUDED.reason, keep_guard = EXCLUDED.keep_guard, since = now()",
+        t = quote_literal(tenant),
+        r = quote_literal(reason),
+    );
+    client
+        .batch_execute(&sql)
+        .await
+        .map_err(|e| MigrateError::pg("fence the old side", e))
+}
+
+/// Lets `tenant`'s writes through here again (its fence triggers stay, inactive, while capture is installed).
+pub async fn unfence(client: &Client, tenant: &str) -> Result<(), MigrateError> {
+    let (installed, _) = fenced_here(client, tenant).await?;
+    if !installed {
+        return Ok(());
+    }
+    client
+        .execute("DELETE FROM pgtenant.fenced WHERE tenant = $1", &[&tenant])
+        .await
+        .map_err(|e| MigrateError::pg("unfence", e))?;
+    Ok(())
+}
+
+/// Removes the fence for good: its triggers, its row and the guard it kept (with the data it protected).
+pub async fn remove_fence(client: &Client, tenant: &str) -> Result<(), MigrateError> {
+    let (installed, _) = fenced_here(client, tenant).await?;
+    let mut sql = String::from("BEGIN;");
+    for stmt in drop_statements(client, tenant, &["fence"]).await? {
+        sql.push_str(&stmt);
+        sql.push(';');
+    }
+    if installed {
+        let arg = quote_literal(tenant);
+        sql.push_str(&format!(
+            "DELETE FROM pgtenant.fenced WHERE tenant = {arg}; DELETE FROM pgtenant.guarded WHERE tenant = {arg};"
+        ));
+    }
+    sql.push_str("COMMIT;");
+    run_tx(client, &sql, "remove the fence").await
+}
+
+async fn run_tx(client: &Client, sql: &str, what: &str) -> Result<(), MigrateError> {
+    if let Err(e) = client.batch_execute(sql).await {
         let _ = client.batch_execute("ROLLBACK").await;
-        return Err(MigrateError::pg("remove capture", e));
+        return Err(MigrateError::pg(what, e));
     }
     Ok(())
 }

@@ -97,6 +97,9 @@ pub struct Migrations {
     /// The running tees by tenant; sessions look here after a transaction that wrote.
     pub tees: ArcSwap<HashMap<String, Arc<Tee>>>,
     pub failpoints: Arc<Failpoints>,
+    /// The routing epoch at which a migration moved each tenant (cutover or rollback): a session still on an
+    /// older route of the tenant is ended rather than left writing to the fenced old side.
+    moved: Mutex<HashMap<String, u64>>,
 }
 
 impl Migrations {
@@ -109,7 +112,25 @@ impl Migrations {
             live: Mutex::new(HashMap::new()),
             tees: ArcSwap::from_pointee(HashMap::new()),
             failpoints: Arc::new(Failpoints::from_env()),
+            moved: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// A migration swapped `tenant`'s route at routing epoch `epoch`.
+    pub fn note_moved(&self, tenant: &str, epoch: u64) {
+        self.moved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tenant.to_owned(), epoch);
+    }
+
+    /// The epoch at which a migration last moved `tenant`, if one did since the proxy started.
+    pub fn moved_at(&self, tenant: &str) -> Option<u64> {
+        self.moved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(tenant)
+            .copied()
     }
 
     pub fn get(&self, tenant: &str) -> Option<Record> {

@@ -141,6 +141,8 @@ pub async fn cutover(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<Value, Mi
         warn!(tenant = %rec.tenant, error = %e, "reverse tee did not start with the cutover");
     }
     marks.mark("start_reverse_tee");
+    let ended = end_pinned_sessions(shared, &rec.tenant);
+    marks.mark("end_pinned_sessions");
     let blocked = gate.queued();
     gate.open();
     let pause = closed_at.elapsed();
@@ -157,9 +159,9 @@ pub async fn cutover(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<Value, Mi
         r.last_pause_ms = Some(pause_ms);
         r.last_cutover_error = None;
     })?;
-    info!(tenant = %rec.tenant, pause_ms, blocked, "cutover done");
+    info!(tenant = %rec.tenant, pause_ms, blocked, ended, "cutover done");
     Ok(
-        json!({"tenant": rec.tenant, "state": "migrated", "pause_ms": pause_ms, "queued_during_pause": blocked, "steps_ms": marks.json()}),
+        json!({"tenant": rec.tenant, "state": "migrated", "pause_ms": pause_ms, "queued_during_pause": blocked, "pinned_sessions_ended": ended, "steps_ms": marks.json()}),
     )
 }
 
@@ -169,6 +171,7 @@ struct Ready {
     dst: Client,
     source: Endpoint,
     target: Endpoint,
+    source_tenant: String,
     sequences: Vec<String>,
     tee: Arc<super::tee::Tee>,
 }
@@ -198,6 +201,7 @@ async fn prepare(
         dst,
         source,
         target,
+        source_tenant: rec.tenant.clone(),
         sequences,
         tee,
     })
@@ -238,6 +242,18 @@ async fn before_swap(
     .await?;
     marks.mark("sequences");
     fp.check("cutover.before_swap").await?;
+    // The fence goes up with the swap: from here on no write of the tenant commits on the source (a direct
+    // one fails with 55000), and whatever reached the source before it is drained across below. The target
+    // may still be fenced from an earlier rollback.
+    capture::fence(
+        &ready.src,
+        &ready.source_tenant,
+        "cut over to another backend",
+        ready.source.filter.is_none(),
+    )
+    .await?;
+    capture::unfence(&ready.dst, &ready.source_tenant).await?;
+    marks.mark("fence");
     // Writes that reached the source meanwhile (outside the proxy) go across before the swap.
     ready.tee.drain_to_empty(deadline).await?;
     marks.mark("final_drain");
@@ -275,9 +291,20 @@ impl Marks {
     }
 }
 
-/// Cutover did not happen: remove the reverse capture made for it and stay in dual_write.
+/// Cutover did not happen: lift the fence if it went up, remove the reverse capture made for it and stay in
+/// dual_write.
 async fn fall_back(shared: &Shared, rec: &Record, error: &str, pause: Duration) {
-    if let Ok((_, target)) = endpoints(shared, rec) {
+    if let Ok((source, target)) = endpoints(shared, rec) {
+        match source.connect().await {
+            Ok(c) => {
+                if let Err(e) = capture::unfence(&c, &rec.tenant).await {
+                    warn!(tenant = %rec.tenant, error = %e, "could not lift the fence on the source");
+                }
+            }
+            Err(e) => {
+                warn!(tenant = %rec.tenant, error = %e, "could not reach the source to lift the fence")
+            }
+        }
         if let Ok(c) = target.connect().await {
             if let Err(e) = capture::remove_triggers(&c, &rec.tenant).await {
                 warn!(tenant = %rec.tenant, error = %e, "could not remove the reverse capture");
@@ -295,14 +322,36 @@ async fn fall_back(shared: &Shared, rec: &Record, error: &str, pause: Duration) 
 fn swap_route(shared: &Shared, tenant: &str, route: &Route) -> Result<(), MigrateError> {
     let id = TenantId::parse(tenant).map_err(|e| MigrateError::Refused(e.to_string()))?;
     let route = Arc::new(route.clone());
-    shared.router.update(
+    let table = shared.router.update(
         |routes| {
             routes.insert(id.clone(), route.clone());
             Ok(())
         },
         |table| shared.persist_routes(table).map_err(MigrateError::from),
     )?;
+    shared.migrations.note_moved(tenant, table.epoch);
     Ok(())
+}
+
+/// Ends the tenant's sessions that are still on its old route and cannot move (pinned by state that cannot
+/// follow them): the old side is fenced, so they could only fail there. Called with the gate still closed, so
+/// none of them is inside a transaction. Returns how many were told to end.
+fn end_pinned_sessions(shared: &Shared, tenant: &str) -> usize {
+    let Some(epoch) = shared.migrations.moved_at(tenant) else {
+        return 0;
+    };
+    let Ok(id) = TenantId::parse(tenant) else {
+        return 0;
+    };
+    let mut ended = 0;
+    for s in shared.sessions.of_tenant(tenant) {
+        let route = s.route();
+        if let (true, Some(reason)) = (route.epoch < epoch, route.pinned) {
+            s.end_with(crate::frontend::moved_away(&id, reason));
+            ended += 1;
+        }
+    }
+    ended
 }
 
 /// Sets each of `sequences` on `to` at or above the same sequence on `from`: one query per side.
@@ -395,20 +444,40 @@ pub async fn rollback(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<Value, M
             .migrations
             .failpoints
             .check("rollback.before_swap")
-            .await
+            .await?;
+        // The target's copy is fenced from the swap on; the source takes writes again.
+        capture::fence(
+            &dst,
+            &rec.tenant,
+            "rolled back to its earlier backend",
+            target.filter.is_none(),
+        )
+        .await?;
+        capture::unfence(&src, &rec.tenant).await?;
+        tee.drain_to_empty(deadline).await
     };
     let result = match tokio::time::timeout(timeout, swap).await {
-        Ok(Ok(())) => swap_route(shared, &rec.tenant, &rec.source),
+        Ok(Ok(_)) => swap_route(shared, &rec.tenant, &rec.source),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(MigrateError::Timeout(
             "rollback passed its time limit".into(),
         )),
     };
     if let Err(e) = result {
+        // Not swapped: the target takes the tenant's writes again, the source stays fenced.
+        let _ = capture::unfence(&dst, &rec.tenant).await;
+        let _ = capture::fence(
+            &src,
+            &rec.tenant,
+            "cut over to another backend",
+            source.filter.is_none(),
+        )
+        .await;
         gate.open();
         return Err(e);
     }
     stop_tee(shared, live).await;
+    end_pinned_sessions(shared, &rec.tenant);
     gate.open();
     let pause_ms = closed_at.elapsed().as_secs_f64() * 1000.0;
     shared
@@ -439,9 +508,27 @@ pub async fn finish_rollback(
 pub async fn recover(shared: &Arc<Shared>, rec: &Record) {
     let current = shared.router.load().get(&rec.tenant).cloned();
     if current.as_deref() == Some(&rec.target) {
-        let _ = transition(shared, &rec.tenant, State::Migrated, |r| {
+        // Swapped: make sure the fence is where it belongs (the proxy may have stopped right after the swap).
+        if let Ok((source, target)) = endpoints(shared, rec) {
+            if let (Ok(src), Ok(dst)) = (source.connect().await, target.connect().await) {
+                let fenced = capture::fence(
+                    &src,
+                    &rec.tenant,
+                    "cut over to another backend",
+                    source.filter.is_none(),
+                )
+                .await;
+                let open = capture::unfence(&dst, &rec.tenant).await;
+                if let Err(e) = fenced.and(open) {
+                    warn!(tenant = %rec.tenant, error = %e, "could not settle the fence after a restart");
+                }
+            }
+        }
+        if let Err(e) = transition(shared, &rec.tenant, State::Migrated, |r| {
             r.last_cutover_error = None;
-        });
+        }) {
+            warn!(tenant = %rec.tenant, error = %e, "could not record the finished cutover");
+        }
     } else {
         fall_back(
             shared,

@@ -116,6 +116,7 @@ pub async fn start(shared: &Arc<Shared>, req: StartRequest) -> Result<Value, OpE
         created_target_schema: created,
         ..rec
     };
+    grant_target(shared, &rec, &target).await?;
     shared
         .migrations
         .put(rec.clone())
@@ -319,6 +320,31 @@ async fn check_sides(
     Ok((tables, created))
 }
 
+/// With role isolation on the target, the tenant's role and grants are made there before anything is copied,
+/// so the tenant's sessions can use the target the moment the route swaps.
+async fn grant_target(shared: &Shared, rec: &Record, target: &Endpoint) -> Result<(), OpError> {
+    let Some(backend) = shared.backends.load().get(&rec.target.backend).cloned() else {
+        return Err(preflight(format!(
+            "backend {:?} is not configured",
+            rec.target.backend
+        )));
+    };
+    let tenant = TenantId::parse(&rec.tenant).map_err(preflight)?;
+    let config = shared.config.load();
+    let mut route = rec.target.clone();
+    route.database = Some(rec.target_database.clone());
+    let plan = match crate::admin::grants::plan(&config, &backend, &tenant, &route) {
+        Ok(p) => p,
+        Err(crate::admin::grants::GrantError::Shared(_)) => return Ok(()),
+        Err(e) => return Err(preflight(e)),
+    };
+    let client = target.connect().await.map_err(preflight)?;
+    client
+        .batch_execute(&format!("BEGIN;\n{}\nCOMMIT;", plan.sql()))
+        .await
+        .map_err(|e| preflight(MigrateError::pg("grant the tenant's role on the target", e)))
+}
+
 async fn superuser(c: &Client, backend: &str) -> Result<(), OpError> {
     let row = c
         .query_one(
@@ -329,7 +355,7 @@ async fn superuser(c: &Client, backend: &str) -> Result<(), OpError> {
         .map_err(|e| preflight(MigrateError::pg("check role", e)))?;
     if !row.get::<_, bool>(0) {
         return Err(preflight(format!(
-            "backend {backend:?}: the configured user must be a superuser to install capture triggers and apply changes with session_replication_role = replica"
+            "backend {backend:?}: migrations connect as the backend's admin_user (default: user), which must be a superuser to install capture triggers and event triggers; serving connections never need one"
         )));
     }
     Ok(())
@@ -345,9 +371,9 @@ async fn create_schema(shared: &Shared, source: &Endpoint, dst: &Client) -> Resu
         .arg(format!("--schema={}", source.schema))
         .arg(format!("--host={}", source.config.host))
         .arg(format!("--port={}", source.config.port))
-        .arg(format!("--username={}", source.config.user))
+        .arg(format!("--username={}", source.config.admin_user()))
         .arg(format!("--dbname={}", source.database))
-        .env("PGPASSWORD", &source.config.password)
+        .env("PGPASSWORD", source.config.admin_password())
         .kill_on_drop(true);
     let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
         .await
@@ -637,11 +663,13 @@ pub async fn finalize(
     let (source, target) = endpoints(shared, &rec)?;
     let (src, dst) = (source.connect().await?, target.connect().await?);
     capture::remove(&dst, tenant).await?;
+    // On the source the fence stays as long as the data does.
     capture::remove(&src, tenant).await?;
     if drop_source {
         src.batch_execute(&drop_tenant_sql(&source, &rec.tables))
             .await
             .map_err(|e| MigrateError::pg("drop the tenant's data on the source", e))?;
+        capture::remove_fence(&src, tenant).await?;
     }
     transition(shared, tenant, State::Completed, |_| {})?;
     shared.migrations.forget_live(tenant);

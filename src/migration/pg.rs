@@ -11,12 +11,12 @@ use crate::config::{BackendConfig, SslMode};
 use crate::tenant::quote_ident;
 
 /// Settings every coordinator session uses: text forms that compare equal on both sides (hashes are over row
-/// text), the bypass that lets our own DDL (triggers) past the DDL guard, and synchronous commit: exactly-once
-/// rests on the order "applied on the target, then deleted from the log, then ledger trimmed", which a server
-/// running with `synchronous_commit = off` could lose on a crash.
+/// text), and synchronous commit: exactly-once rests on the order "applied on the target, then deleted from
+/// the log, then ledger trimmed", which a server running with `synchronous_commit = off` could lose on a crash.
+/// (Our own DDL and writes get past the guard, capture and fence by the apply key, see `capture`.)
 const SESSION_SETUP: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; \
      SET IntervalStyle = 'postgres'; SET extra_float_digits = 3; SET bytea_output = 'hex'; \
-     SET pgtenant.bypass_ddl_guard = 'on'; SET lock_timeout = '10s'; SET synchronous_commit = on; \
+     SET lock_timeout = '10s'; SET synchronous_commit = on; \
      SET statement_timeout = '300s'; SET idle_in_transaction_session_timeout = '600s'";
 
 /// Where one side of a migration lives.
@@ -121,6 +121,7 @@ impl Endpoint {
             .batch_execute(SESSION_SETUP)
             .await
             .map_err(|e| MigrateError::pg("session setup", e))?;
+        super::capture::present_key(&client).await?;
         Ok(client)
     }
 }
