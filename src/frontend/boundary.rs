@@ -353,7 +353,8 @@ impl Session {
     }
 
     /// Tells the registry where this session is now.
-    pub(super) fn publish_route(&self) {
+    pub(super) fn publish_route(&mut self) {
+        self.published_pin = self.pin_reason();
         self.handle.info.set_route(SessionRoute {
             tenant: self.tenant.clone(),
             backend: self.route.as_ref().map(|r| r.backend.clone()),

@@ -262,6 +262,8 @@ pub struct Session {
     pub(super) timeouts: Option<Box<Timeouts>>,
     /// Transaction pooling of a shared pool: the tenant's schema, set per transaction (see [`resolve`]).
     pub(super) route_path: Option<Arc<str>>,
+    /// The pin reason the session registry was last told.
+    pub(super) published_pin: Option<&'static str>,
 }
 
 impl Session {
@@ -330,6 +332,7 @@ impl Session {
             spare: None,
             timeouts: None,
             route_path: None,
+            published_pin: None,
         };
         session.timeouts = Timeouts::new(&session.shared.config.load().proxy);
         session.tx_mode = session.shared.config.load().proxy.pool_mode == PoolMode::Transaction;
@@ -685,6 +688,11 @@ impl Session {
                 self.end_transaction(true);
             }
             self.park();
+            // The registry shows whether the session is pinned (a cutover ends pinned sessions on the old
+            // route); it changes rarely, so it is published only when it did.
+            if self.pin_reason() != self.published_pin {
+                self.publish_route();
+            }
         }
         Ok(())
     }

@@ -380,6 +380,29 @@ pub async fn load_tables(shared: &Shared, live: &Live, rec: &Record) -> Result<(
     Ok(())
 }
 
+/// The tee of the migration's running state, started now if the driver has not yet (a command right after a
+/// restart must not be refused because the driver's first tick has not come). Call under `live.lock`.
+pub async fn ensure_tee(
+    shared: &Arc<Shared>,
+    live: &Live,
+    rec: &Record,
+) -> Result<Arc<Tee>, MigrateError> {
+    let dir = match rec.state {
+        State::DualWrite | State::CutoverPaused => Direction::Forward,
+        State::Migrated => Direction::Reverse,
+        _ => {
+            return Err(MigrateError::Refused(format!(
+                "the tee runs in dual_write and migrated; the migration is {}",
+                rec.shown_state()
+            )))
+        }
+    };
+    if live.tables().is_empty() {
+        load_tables(shared, live, rec).await?;
+    }
+    start_tee(shared, live, rec, dir).await
+}
+
 /// Spawns the task that drives `tenant`'s migration.
 pub fn spawn(shared: Arc<Shared>, live: Arc<Live>) {
     let task_live = live.clone();

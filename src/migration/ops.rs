@@ -525,6 +525,9 @@ pub async fn verify_locked(
         .migrations
         .get(&live.tenant)
         .ok_or(MigrateError::Cancelled)?;
+    if matches!(rec.state, State::DualWrite | State::Migrated) && !rec.paused {
+        coordinator::ensure_tee(shared, live, &rec).await?;
+    }
     let (tee_dir, tee) = live.tee().ok_or_else(|| {
         MigrateError::Refused(format!(
             "verification needs dual_write or migrated; the migration is {}",
@@ -589,6 +592,7 @@ pub async fn cutover_cmd(shared: &Arc<Shared>, tenant: &str) -> Result<Value, Op
         ));
     }
     let _one = live.lock.lock().await;
+    coordinator::ensure_tee(shared, &live, &rec).await?;
     let passed = rec
         .verification
         .as_ref()
@@ -624,8 +628,11 @@ pub async fn cutover_cmd(shared: &Arc<Shared>, tenant: &str) -> Result<Value, Op
 
 /// `migrate rollback T`.
 pub async fn rollback_cmd(shared: &Arc<Shared>, tenant: &str) -> Result<Value, OpError> {
-    let (_, live) = live_of(shared, tenant)?;
+    let (rec, live) = live_of(shared, tenant)?;
     let _one = live.lock.lock().await;
+    if rec.state == State::Migrated {
+        coordinator::ensure_tee(shared, &live, &rec).await?;
+    }
     Ok(cutover::rollback(shared, &live).await?)
 }
 

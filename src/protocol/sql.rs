@@ -280,8 +280,8 @@ fn is_name(tok: Option<&(Tok, usize)>, name: &str) -> bool {
     }
 }
 
-/// The guarded setting a statement would change: `SET`/`RESET` of it (also `SESSION`/`LOCAL`), or a
-/// `set_config` call naming it.
+/// The guarded setting a statement would change: `SET` of it (also `SESSION`/`LOCAL`), or a `set_config`
+/// call naming it. (`RESET` only puts back the server's default, which is harmless.)
 fn guarded_setting(stmt: &Statement) -> Option<String> {
     let t = &stmt.tokens;
     let guarded = |name: &str| {
@@ -305,7 +305,7 @@ fn guarded_setting(stmt: &Statement) -> Option<String> {
         {
             2
         }
-        (Some((Tok::Word(v), _)), _) if v == "set" || v == "reset" => 1,
+        (Some((Tok::Word(v), _)), _) if v == "set" => 1,
         _ => return None,
     };
     let name = match (t.get(at), t.get(at + 1), t.get(at + 2)) {
@@ -431,7 +431,6 @@ mod tests {
             "SET session_replication_role = replica",
             "set SESSION Session_Replication_Role to 'replica'",
             "SET LOCAL session_replication_role = replica",
-            "RESET session_replication_role",
             "select 1; SET \"session_replication_role\" = replica",
             "SELECT set_config('session_replication_role', 'replica', false)",
             "SELECT set_config('SESSION_REPLICATION_ROLE', 'replica', true)",
@@ -443,6 +442,7 @@ mod tests {
         }
         for sql in [
             "SHOW session_replication_role",
+            "RESET session_replication_role",
             "SELECT 'set session_replication_role = replica'",
             "SELECT current_setting('session_replication_role')",
             "SET work_mem = '8MB'",

@@ -395,11 +395,21 @@ impl Harness {
         self
     }
 
-    pub fn config(&self) -> Config {
-        let text = format!(
+    /// The config as TOML text (for a proxy run as its own process).
+    pub fn text(&self) -> String {
+        format!(
             "{}\n{}\n{}\n{}",
             self.toml, self.users, self.backends, self.tenants
-        );
+        )
+    }
+
+    /// The state directory the config names.
+    pub fn state_dir(&self) -> &Path {
+        self.state.path()
+    }
+
+    pub fn config(&self) -> Config {
+        let text = self.text();
         Config::from_toml(&text, std::iter::empty()).unwrap_or_else(|e| panic!("{e}\n{text}"))
     }
 
