@@ -114,6 +114,14 @@ pub enum MigrateAction {
     },
     /// Re-copy the ranges the last verification found different.
     Repair { tenant: String },
+    /// Apply a schema change on both sides of a running move, in order, with the tenant held briefly (the
+    /// tenant's own DDL is refused while its migration runs).
+    Ddl {
+        tenant: String,
+        /// The statement(s), run with the tenant's schema as search_path.
+        #[arg(long)]
+        sql: String,
+    },
     /// Move a migrated tenant back to its source.
     Rollback { tenant: String },
     /// End a migration: remove capture on both sides.
@@ -151,6 +159,7 @@ fn migrate_request(a: &MigrateAction) -> Value {
             json!({"cmd": "migrate.verify", "tenant": tenant, "level": level})
         }
         MigrateAction::Repair { tenant } => json!({"cmd": "migrate.repair", "tenant": tenant}),
+        MigrateAction::Ddl { tenant, sql } => json!({"cmd": "migrate.ddl", "tenant": tenant, "sql": sql}),
         MigrateAction::Rollback { tenant } => json!({"cmd": "migrate.rollback", "tenant": tenant}),
         MigrateAction::Finalize {
             tenant,

@@ -1017,3 +1017,50 @@ async fn a_blackholed_target_during_a_tee_pass_holds_commits_only_to_the_timeout
         acme.slowest
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approved_schema_change_is_applied_on_both_sides_in_order() {
+    let env = env().await;
+    let load = load(&env.proxy);
+    env.proxy.start_migration().await;
+    env.proxy.wait_state("dual_write", Duration::from_secs(60)).await;
+    until_acked(&load.acme, 20).await;
+    // The tenant's own DDL is refused during the move...
+    let c = connect(&env.proxy.url("acme")).await.unwrap();
+    let e = c
+        .batch_execute("ALTER TABLE pgbench_history ADD COLUMN note text")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "55000", "{}", message(&e));
+    // ...an operator applies it on both sides, under load, with the tenant held briefly.
+    let r = env
+        .proxy
+        .admin_ok(json!({"cmd": "migrate.ddl", "tenant": "acme",
+            "sql": "ALTER TABLE ledger ADD COLUMN note text DEFAULT 'n'; CREATE TABLE extra (id int PRIMARY KEY, v text)"}))
+        .await;
+    assert!(r["held_ms"].as_f64().unwrap() < 2000.0, "{r}");
+    assert!(r["tables"].to_string().contains("extra"), "{r}");
+    c.batch_execute("INSERT INTO extra VALUES (1, 'one'); UPDATE ledger SET note = 'seen' WHERE n = 1").await.unwrap();
+    until_acked(&load.acme, 20).await;
+    env.proxy.wait_lag_zero().await;
+    assert_eq!(env.dedicated.psql("app", "SELECT v FROM tenant_acme.extra"), "one");
+    let v = env
+        .proxy
+        .admin_ok(json!({"cmd": "migrate.verify", "tenant": "acme", "level": "full"}))
+        .await;
+    assert_eq!(v["passed"], true, "{v}");
+    // A statement the target refuses after the source took it pauses the move and says so.
+    env.dedicated.psql("app", "CREATE TABLE tenant_acme.clash (x int)");
+    let e = env
+        .proxy
+        .admin(json!({"cmd": "migrate.ddl", "tenant": "acme", "sql": "CREATE TABLE clash (x int)"}))
+        .await;
+    assert_eq!(e["error"]["code"], "ddl_partial", "{e}");
+    assert_eq!(env.proxy.status().await["paused"], true);
+    // An operator puts it right (the clash goes, the source's new table is made on the target) and resumes.
+    env.dedicated.psql("app", "DROP TABLE tenant_acme.clash; CREATE TABLE tenant_acme.clash (x int)");
+    env.proxy.admin_ok(json!({"cmd": "migrate.resume", "tenant": "acme"})).await;
+    env.proxy.admin_ok(json!({"cmd": "migrate.cutover", "tenant": "acme"})).await;
+    until_acked(&load.acme, 20).await;
+    settle(&env, load, &env.dedicated).await;
+}

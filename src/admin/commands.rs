@@ -122,6 +122,9 @@ async fn migrate(shared: &Arc<Shared>, m: Migrate) -> Result<Done, AdminError> {
         Migrate::Resume { tenant } => ops::set_paused(shared, tenant.as_str(), false),
         Migrate::Verify { tenant, level } => ops::verify_cmd(shared, tenant.as_str(), *level).await,
         Migrate::Repair { tenant } => ops::repair(shared, tenant.as_str()).await,
+        Migrate::Ddl { tenant, sql } => {
+            crate::migration::ddl::ddl(shared, tenant.as_str(), sql).await
+        }
         Migrate::Rollback { tenant } => ops::rollback_cmd(shared, tenant.as_str()).await,
         Migrate::Finalize {
             tenant,

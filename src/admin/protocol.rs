@@ -75,6 +75,10 @@ pub enum Migrate {
     Repair {
         tenant: TenantId,
     },
+    Ddl {
+        tenant: TenantId,
+        sql: String,
+    },
     Rollback {
         tenant: TenantId,
     },
@@ -95,6 +99,7 @@ impl Migrate {
             Migrate::Resume { .. } => "migrate.resume",
             Migrate::Verify { .. } => "migrate.verify",
             Migrate::Repair { .. } => "migrate.repair",
+            Migrate::Ddl { .. } => "migrate.ddl",
             Migrate::Rollback { .. } => "migrate.rollback",
             Migrate::Finalize { .. } => "migrate.finalize",
         }
@@ -110,6 +115,7 @@ impl Migrate {
             | Migrate::Resume { tenant }
             | Migrate::Verify { tenant, .. }
             | Migrate::Repair { tenant }
+            | Migrate::Ddl { tenant, .. }
             | Migrate::Rollback { tenant }
             | Migrate::Finalize { tenant, .. } => Some(tenant),
         }
@@ -229,6 +235,7 @@ pub fn parse(line: &[u8]) -> Result<(Request, Option<String>), AdminError> {
         "migrate.abort" => &["tenant", "drop_target"],
         "migrate.finalize" => &["tenant", "drop_source"],
         "migrate.verify" => &["tenant", "level"],
+        "migrate.ddl" => &["tenant", "sql"],
         other => {
             return Err(AdminError::new(
                 "unknown_command",
@@ -337,6 +344,18 @@ fn parse_migrate(cmd: &str, a: &Args) -> Result<Migrate, AdminError> {
         },
         "migrate.repair" => Migrate::Repair {
             tenant: a.tenant()?,
+        },
+        "migrate.ddl" => Migrate::Ddl {
+            tenant: a.tenant()?,
+            sql: match a.str("sql")? {
+                s if s.trim().is_empty() || s.len() > crate::migration::ddl::MAX_DDL_BYTES || s.contains('\0') => {
+                    return Err(AdminError::new(
+                        "invalid_argument",
+                        "sql must be a non-empty statement of at most 64 KiB",
+                    ))
+                }
+                s => s.to_owned(),
+            },
         },
         "migrate.rollback" => Migrate::Rollback {
             tenant: a.tenant()?,

@@ -9,6 +9,7 @@ pub mod capture;
 pub mod catalog;
 pub mod coordinator;
 pub mod copy;
+pub mod ddl;
 pub mod cutover;
 pub mod failpoint;
 pub mod ops;

@@ -42,7 +42,7 @@ pub struct OpError {
 }
 
 impl OpError {
-    fn new(code: &'static str, message: impl Into<String>) -> OpError {
+    pub(super) fn new(code: &'static str, message: impl Into<String>) -> OpError {
         OpError {
             code,
             message: message.into(),
@@ -66,7 +66,7 @@ fn preflight(e: impl std::fmt::Display) -> OpError {
     OpError::new("preflight_failed", e.to_string())
 }
 
-fn live_of(shared: &Shared, tenant: &str) -> Result<(Record, Arc<Live>), OpError> {
+pub(super) fn live_of(shared: &Shared, tenant: &str) -> Result<(Record, Arc<Live>), OpError> {
     let rec = shared.migrations.get(tenant).ok_or_else(|| {
         OpError::new(
             "no_migration",
