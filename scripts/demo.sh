@@ -21,23 +21,32 @@ pg_start dedicated
 pg_sql "$shared_PORT" postgres "CREATE DATABASE app" >/dev/null
 pg_sql "$dedicated_PORT" postgres "CREATE DATABASE app" >/dev/null
 pg_sql "$shared_PORT" app "CREATE SCHEMA tenant_acme; CREATE SCHEMA tenant_globex" >/dev/null
+serving_role "$shared_PORT"
+serving_role "$dedicated_PORT"
 echo "   shared    on port $shared_PORT (database app, schemas tenant_acme, tenant_globex)"
 echo "   dedicated on port $dedicated_PORT (database app, empty)"
 
 PROXY_PORT="$(free_port)"
 CONFIG="$PG_WORKDIR/pgtenant.toml"
-migration_config "$CONFIG" "$PROXY_PORT" "$shared_PORT" "$dedicated_PORT" 20 "" acme globex
+ISOLATION=role migration_config "$CONFIG" "$PROXY_PORT" "$shared_PORT" "$dedicated_PORT" 20 "" acme globex
 
 echo "== starting pgtenant on port $PROXY_PORT"
 pgtenant_serve "$CONFIG"
 wait_port "$PROXY_PORT"
+ctl() { ./target/release/pgtenant ctl --socket "$PG_WORKDIR/pgtenant.sock" "$@"; }
+
+echo "== each tenant gets a role of its own (serving connections are never a superuser)"
+for t in acme globex; do ctl tenant grants "$t" --apply >/dev/null && echo "   t_$t: schema tenant_$t only"; done
 
 export PGPASSWORD=secret
 url() { echo "host=127.0.0.1 port=$PROXY_PORT user=app.$1 dbname=app"; }
 
 echo "== pgbench -i -s $SCALE through the proxy for acme and globex (both on the shared cluster)"
 for t in acme globex; do pgbench -i -s "$SCALE" -q "$(url $t)" 2>&1 | tail -1; done
-ctl() { ./target/release/pgtenant ctl --socket "$PG_WORKDIR/pgtenant.sock" "$@"; }
+if psql -X -q "$(url acme)" -c "SELECT count(*) FROM tenant_globex.pgbench_accounts" >/dev/null 2>"$PG_WORKDIR/peek.err"; then
+  echo "acme could read globex's rows"; exit 1
+fi
+echo "   acme reading globex's table: $(grep -o 'permission denied[^"]*' "$PG_WORKDIR/peek.err" | head -1)"
 
 echo "== pgbench -c $CLIENTS -T $SECONDS_RUN for both tenants at once"
 pgbench -n -c "$CLIENTS" -j 2 -T "$SECONDS_RUN" -M prepared "$(url acme)" > "$PG_WORKDIR/acme.out" 2>&1 &

@@ -107,10 +107,17 @@ pgtenant_config() {
   } > "$file"
 }
 
+# serving_role PORT: creates pgtenant_serve, an ordinary login role (no superuser), on the cluster at PORT.
+serving_role() {
+  pg_sql "$1" postgres "CREATE ROLE pgtenant_serve LOGIN" >/dev/null
+}
+
 # migration_config FILE LISTEN_PORT SHARED_PORT DEDICATED_PORT POOL_SIZE EXTRA_PROXY_LINES TENANT...
 # Writes a two-backend config (backends "shared" and "dedicated", database app), user app/secret, each TENANT in
 # schema tenant_TENANT on shared, and a [migration] section using this machine's pg_dump; the admin socket and
-# state directory sit in $PG_WORKDIR. Append more [migration] keys to FILE afterwards.
+# state directory sit in $PG_WORKDIR. Append more [migration] keys to FILE afterwards. With ISOLATION=role, tenants
+# log in as their own roles under the serving role pgtenant_serve (see serving_role; grant each tenant with
+# `pgtenant ctl tenant grants T --apply`) and migrations use postgres; otherwise everything runs as postgres.
 migration_config() {
   local file="$1" port="$2" shared="$3" dedicated="$4" pool="$5" extra="$6"
   shift 6
@@ -121,8 +128,13 @@ migration_config() {
     printf '[[users]]\nname = "app"\npassword = "secret"\ntenants = ["*"]\n'
     for b in shared dedicated; do
       local p="$shared"; [ "$b" = dedicated ] && p="$dedicated"
-      printf '[backends.%s]\nhost = "127.0.0.1"\nport = %s\nuser = "postgres"\ndatabase = "app"\npool_size = %s\n' \
-        "$b" "$p" "$pool"
+      if [ "${ISOLATION:-}" = role ]; then
+        printf '[backends.%s]\nhost = "127.0.0.1"\nport = %s\nuser = "pgtenant_serve"\nadmin_user = "postgres"\nisolation = "role"\ndatabase = "app"\npool_size = %s\n' \
+          "$b" "$p" "$pool"
+      else
+        printf '[backends.%s]\nhost = "127.0.0.1"\nport = %s\nuser = "postgres"\ndatabase = "app"\npool_size = %s\n' \
+          "$b" "$p" "$pool"
+      fi
     done
     for t in "$@"; do printf '[tenants.%s]\nbackend = "shared"\nschema = "tenant_%s"\n' "$t" "$t"; done
     printf '[migration]\npg_dump = "%s/pg_dump"\n' "$PG_BIN"
