@@ -8,6 +8,7 @@
 #   bash benches/compare.sh                        # quick: about two and a half minutes (2 s cells)
 #   DURATION=10 REPEAT=2 bash benches/compare.sh   # full: about thirteen minutes
 #   CLIENTS=16 THREADS=2 SCALE=10 TARGETS="direct pgbouncer-session pgtenant-session"
+#   BASELINE=/path/to/older/pgtenant TARGETS="pgtenant-session baseline-session"   # A/B against another build
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/pg-lib.sh
@@ -63,17 +64,17 @@ INI
   printf -v "PGB_${mode}_PORT" '%s' "$port"
 }
 
-start_pgtenant() {
-  local mode="$1" port
+start_pgtenant() { # mode [name bin]: name pgtenant (this build) or baseline ($BASELINE)
+  local mode="$1" name="${2:-pgtenant}" bin="${3:-./target/release/pgtenant}" port
   port="$(free_port)"
-  pgtenant_config "$W/pgtenant-$mode.toml" "$port" "$bench_PORT" 20 "" \
+  pgtenant_config "$W/$name-$mode.toml" "$port" "$bench_PORT" 20 "" \
     "pool_mode = \"$mode\"
 workers = $PGT_WORKERS
 max_client_conn = 2000"
-  RUST_LOG=pgtenant=warn pgtenant_serve "$W/pgtenant-$mode.toml" "$W/pgtenant-$mode.log"
-  printf -v "PID_pgtenant_${mode}" '%s' "$PGTENANT_PID"
+  RUST_LOG=pgtenant=warn PGTENANT_BIN="$bin" pgtenant_serve "$W/$name-$mode.toml" "$W/$name-$mode.log"
+  printf -v "PID_${name}_${mode}" '%s' "$PGTENANT_PID"
   wait_port "$port"
-  printf -v "PGT_${mode}_PORT" '%s' "$port"
+  printf -v "PORT_${name}_${mode}" '%s' "$port"
 }
 
 url_for() {
@@ -81,8 +82,10 @@ url_for() {
     direct) echo "host=127.0.0.1 port=$bench_PORT user=postgres dbname=app" ;;
     pgbouncer-session) echo "host=127.0.0.1 port=$PGB_session_PORT user=app dbname=app" ;;
     pgbouncer-transaction) echo "host=127.0.0.1 port=$PGB_transaction_PORT user=app dbname=app" ;;
-    pgtenant-session) echo "host=127.0.0.1 port=$PGT_session_PORT user=app.acme dbname=app" ;;
-    pgtenant-transaction) echo "host=127.0.0.1 port=$PGT_transaction_PORT user=app.acme dbname=app" ;;
+    pgtenant-session) echo "host=127.0.0.1 port=$PORT_pgtenant_session user=app.acme dbname=app" ;;
+    pgtenant-transaction) echo "host=127.0.0.1 port=$PORT_pgtenant_transaction user=app.acme dbname=app" ;;
+    baseline-session) echo "host=127.0.0.1 port=$PORT_baseline_session user=app.acme dbname=app" ;;
+    baseline-transaction) echo "host=127.0.0.1 port=$PORT_baseline_transaction user=app.acme dbname=app" ;;
   esac
 }
 
@@ -90,6 +93,7 @@ for t in $TARGETS; do
   case "$t" in
     pgbouncer-*) start_pgbouncer "${t#pgbouncer-}" ;;
     pgtenant-*) start_pgtenant "${t#pgtenant-}" ;;
+    baseline-*) start_pgtenant "${t#baseline-}" baseline "$BASELINE" ;;
   esac
 done
 

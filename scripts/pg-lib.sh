@@ -69,7 +69,7 @@ pgtenant_serve() {
   case $- in *m*) jc=1; set +m ;; esac
   (
     [ -z "$log" ] || exec 2>"$log"
-    RUST_LOG="${RUST_LOG:-pgtenant=warn}" exec setsid ./target/release/pgtenant serve --config "$1"
+    RUST_LOG="${RUST_LOG:-pgtenant=warn}" exec setsid "${PGTENANT_BIN:-./target/release/pgtenant}" serve --config "$1"
   ) &
   PGTENANT_PID=$!
   [ -z "$jc" ] || set -m

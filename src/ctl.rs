@@ -159,7 +159,9 @@ fn migrate_request(a: &MigrateAction) -> Value {
             json!({"cmd": "migrate.verify", "tenant": tenant, "level": level})
         }
         MigrateAction::Repair { tenant } => json!({"cmd": "migrate.repair", "tenant": tenant}),
-        MigrateAction::Ddl { tenant, sql } => json!({"cmd": "migrate.ddl", "tenant": tenant, "sql": sql}),
+        MigrateAction::Ddl { tenant, sql } => {
+            json!({"cmd": "migrate.ddl", "tenant": tenant, "sql": sql})
+        }
         MigrateAction::Rollback { tenant } => json!({"cmd": "migrate.rollback", "tenant": tenant}),
         MigrateAction::Finalize {
             tenant,

@@ -1023,7 +1023,9 @@ async fn an_approved_schema_change_is_applied_on_both_sides_in_order() {
     let env = env().await;
     let load = load(&env.proxy);
     env.proxy.start_migration().await;
-    env.proxy.wait_state("dual_write", Duration::from_secs(60)).await;
+    env.proxy
+        .wait_state("dual_write", Duration::from_secs(60))
+        .await;
     until_acked(&load.acme, 20).await;
     // The tenant's own DDL is refused during the move...
     let c = connect(&env.proxy.url("acme")).await.unwrap();
@@ -1040,17 +1042,25 @@ async fn an_approved_schema_change_is_applied_on_both_sides_in_order() {
         .await;
     assert!(r["held_ms"].as_f64().unwrap() < 2000.0, "{r}");
     assert!(r["tables"].to_string().contains("extra"), "{r}");
-    c.batch_execute("INSERT INTO extra VALUES (1, 'one'); UPDATE ledger SET note = 'seen' WHERE n = 1").await.unwrap();
+    c.batch_execute(
+        "INSERT INTO extra VALUES (1, 'one'); UPDATE ledger SET note = 'seen' WHERE n = 1",
+    )
+    .await
+    .unwrap();
     until_acked(&load.acme, 20).await;
     env.proxy.wait_lag_zero().await;
-    assert_eq!(env.dedicated.psql("app", "SELECT v FROM tenant_acme.extra"), "one");
+    assert_eq!(
+        env.dedicated.psql("app", "SELECT v FROM tenant_acme.extra"),
+        "one"
+    );
     let v = env
         .proxy
         .admin_ok(json!({"cmd": "migrate.verify", "tenant": "acme", "level": "full"}))
         .await;
     assert_eq!(v["passed"], true, "{v}");
     // A statement the target refuses after the source took it pauses the move and says so.
-    env.dedicated.psql("app", "CREATE TABLE tenant_acme.clash (x int)");
+    env.dedicated
+        .psql("app", "CREATE TABLE tenant_acme.clash (x int)");
     let e = env
         .proxy
         .admin(json!({"cmd": "migrate.ddl", "tenant": "acme", "sql": "CREATE TABLE clash (x int)"}))
@@ -1058,9 +1068,16 @@ async fn an_approved_schema_change_is_applied_on_both_sides_in_order() {
     assert_eq!(e["error"]["code"], "ddl_partial", "{e}");
     assert_eq!(env.proxy.status().await["paused"], true);
     // An operator puts it right (the clash goes, the source's new table is made on the target) and resumes.
-    env.dedicated.psql("app", "DROP TABLE tenant_acme.clash; CREATE TABLE tenant_acme.clash (x int)");
-    env.proxy.admin_ok(json!({"cmd": "migrate.resume", "tenant": "acme"})).await;
-    env.proxy.admin_ok(json!({"cmd": "migrate.cutover", "tenant": "acme"})).await;
+    env.dedicated.psql(
+        "app",
+        "DROP TABLE tenant_acme.clash; CREATE TABLE tenant_acme.clash (x int)",
+    );
+    env.proxy
+        .admin_ok(json!({"cmd": "migrate.resume", "tenant": "acme"}))
+        .await;
+    env.proxy
+        .admin_ok(json!({"cmd": "migrate.cutover", "tenant": "acme"}))
+        .await;
     until_acked(&load.acme, 20).await;
     settle(&env, load, &env.dedicated).await;
 }

@@ -348,7 +348,10 @@ fn parse_migrate(cmd: &str, a: &Args) -> Result<Migrate, AdminError> {
         "migrate.ddl" => Migrate::Ddl {
             tenant: a.tenant()?,
             sql: match a.str("sql")? {
-                s if s.trim().is_empty() || s.len() > crate::migration::ddl::MAX_DDL_BYTES || s.contains('\0') => {
+                s if s.trim().is_empty()
+                    || s.len() > crate::migration::ddl::MAX_DDL_BYTES
+                    || s.contains('\0') =>
+                {
                     return Err(AdminError::new(
                         "invalid_argument",
                         "sql must be a non-empty statement of at most 64 KiB",

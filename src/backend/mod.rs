@@ -67,6 +67,8 @@ pub struct Backend {
     tls: Option<TlsConnector>,
     pools: Mutex<HashMap<(String, String), Arc<Pool>>>,
     slots: Mutex<Slots>,
+    /// Pools waiting for room (mirrors `slots.starving.len()`), read without the lock on every check-in.
+    starving_count: AtomicUsize,
     pub timeouts: Timeouts,
 }
 
@@ -91,6 +93,7 @@ impl Backend {
             tls,
             pools: Mutex::new(HashMap::new()),
             slots: Mutex::new(Slots::default()),
+            starving_count: AtomicUsize::new(0),
             timeouts,
         };
         backend.set_limits(&backend.config.clone());
@@ -182,7 +185,13 @@ impl Backend {
     /// A connection closed: its place goes to a pool waiting for room (round-robin), else back.
     fn free_slot(&self) {
         loop {
-            let next = self.lock_slots().starving.pop_front();
+            let next = {
+                let mut slots = self.lock_slots();
+                let next = slots.starving.pop_front();
+                self.starving_count
+                    .store(slots.starving.len(), Ordering::Relaxed);
+                next
+            };
             let Some(pool) = next else {
                 break;
             };
@@ -191,7 +200,10 @@ impl Backend {
             };
             if pool.offer_slot() {
                 if pool.waiting() > 0 {
-                    self.lock_slots().starving.push_back(Arc::downgrade(&pool));
+                    let mut slots = self.lock_slots();
+                    slots.starving.push_back(Arc::downgrade(&pool));
+                    self.starving_count
+                        .store(slots.starving.len(), Ordering::Relaxed);
                 }
                 return;
             }
@@ -207,7 +219,7 @@ impl Backend {
     }
 
     fn has_starving(&self) -> bool {
-        !self.lock_slots().starving.is_empty()
+        self.starving_count.load(Ordering::Relaxed) > 0
     }
 
     /// `pool` waits for room on the backend.
@@ -219,6 +231,8 @@ impl Backend {
             .any(|p| std::ptr::eq(p.as_ptr(), Arc::as_ptr(pool)))
         {
             slots.starving.push_back(Arc::downgrade(pool));
+            self.starving_count
+                .store(slots.starving.len(), Ordering::Relaxed);
         }
     }
 

@@ -45,7 +45,8 @@ pub async fn ddl(shared: &Arc<Shared>, tenant: &str, sql: &str) -> Result<Value,
     }
     let _one = live.lock.lock().await;
     let tee = ensure_tee(shared, &live, &rec).await?;
-    let id = TenantId::parse(tenant).map_err(|e| OpError::new("invalid_argument", e.to_string()))?;
+    let id =
+        TenantId::parse(tenant).map_err(|e| OpError::new("invalid_argument", e.to_string()))?;
     let gate = shared.gates.get(&id);
     if gate.is_closed() {
         return Err(OpError::new(
