@@ -585,7 +585,7 @@ impl PooledConn {
             })
             .await;
             match reset {
-                Ok(Ok((b'I', false))) => {
+                Ok(Ok((crate::protocol::tag::status::IDLE, false))) => {
                     // DISCARD ALL dropped every prepared statement and setting.
                     conn.statements.clear();
                     conn.applied_sets = 0;

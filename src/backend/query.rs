@@ -8,6 +8,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::conn::ServerConn;
 use super::connect::{next_message, server_error, ConnectError};
+use crate::protocol::tag::status::IDLE;
 
 /// Sends each statement as its own Query (so `DISCARD ALL` is not inside an implicit transaction block),
 /// pipelined, and reads every reply up to the matching ReadyForQuery. Returns the final transaction status.
@@ -64,7 +65,7 @@ pub async fn run_collect(
             backend: backend.to_owned(),
             source,
         })?;
-    let (mut value, mut error, mut status) = (None, None, b'I');
+    let (mut value, mut error, mut status) = (None, None, IDLE);
     let mut remaining = statements.len();
     while remaining > 0 {
         match next_message(backend, conn).await? {
@@ -130,7 +131,7 @@ async fn send_and_read(
         })?;
     let mut first_error = None;
     let mut remaining = readies;
-    let mut status = b'I';
+    let mut status = IDLE;
     while remaining > 0 {
         match next_message(backend, conn).await? {
             Message::ReadyForQuery(body) => {

@@ -10,6 +10,7 @@ use crate::auth::scram::{constant_time_eq, Binding, ScramExchange, MAX_SASL_MESS
 use crate::auth::{Credential, ScramVerifier, UserEntry, Users};
 use crate::context::Shared;
 use crate::net::Stream;
+use crate::protocol::tag::frontend as fe;
 use crate::protocol::{messages, sqlstate, PgError};
 
 /// Why a login did not get through authentication.
@@ -83,10 +84,10 @@ async fn read_password_message(
         if buf.len() >= 5 {
             let tag = buf[0];
             let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-            if tag == b'X' {
+            if tag == fe::TERMINATE {
                 return Err(AuthFailure::Closed);
             }
-            if tag != b'p' {
+            if tag != fe::PASSWORD {
                 return Err(protocol("expected a password response"));
             }
             if !(4..=MAX_SASL_MESSAGE + 64).contains(&len) {

@@ -4,11 +4,13 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::session::{connect_server, Attached, End, Session};
+use super::resolve::{connect_server, Attached};
+use super::session::{End, Session};
 use crate::config::PinnedAtMove;
 use crate::gate::{Gate, GateError, GatePass};
 use crate::metrics::ErrorKind;
-use crate::protocol::{messages, sqlstate, PgError};
+use crate::protocol::tag::frontend as fe;
+use crate::protocol::{sqlstate, PgError};
 use crate::sessions::SessionRoute;
 use crate::tenant::TenantId;
 
@@ -46,14 +48,19 @@ impl Session {
     /// exempt frame, may still be answered), so a refusal or a move never overtakes owed replies.
     pub(super) async fn begin_work(&mut self, tag: u8) -> Result<Admission, End> {
         // Sync, Flush and stray copy messages start nothing.
-        if self.pass.is_some() || matches!(tag, b'S' | b'H' | b'd' | b'c' | b'f') {
+        if self.txn.pass.is_some()
+            || matches!(
+                tag,
+                fe::SYNC | fe::FLUSH | fe::COPY_DATA | fe::COPY_DONE | fe::COPY_FAIL
+            )
+        {
             return Ok(Admission::Go);
         }
         if self.server.as_ref().is_some_and(|s| s.pending > 0) {
-            self.blocked = true;
+            self.txn.blocked = true;
             return Ok(Admission::Wait);
         }
-        let Some(gate) = self.gate.take() else {
+        let Some(gate) = self.txn.gate.take() else {
             return Ok(Admission::Go);
         };
         let entered = match gate.try_pass() {
@@ -62,9 +69,9 @@ impl Session {
             Err(gate) => Box::pin(self.wait_at_gate(gate)).await?,
         };
         match entered {
-            Ok(pass) => self.pass = Some(pass),
+            Ok(pass) => self.txn.pass = Some(pass),
             Err((gate, e)) => {
-                self.gate = Some(gate);
+                self.txn.gate = Some(gate);
                 self.count_error(match e {
                     GateError::QueueFull(_) => ErrorKind::QueueFull,
                     GateError::WaitTimeout(..) => ErrorKind::GateTimeout,
@@ -79,7 +86,7 @@ impl Session {
             .info
             .in_transaction
             .store(true, Ordering::Relaxed);
-        if self.tx_mode {
+        if self.pooling.tx_mode {
             // A connection kept past the last transaction (say, a late notice was still unread) goes back now if
             // nothing pins the session (reset, or closed if it cannot be), so the next one comes from the pool
             // the transaction-pool way. Only pinned sessions keep theirs (and never replay anything).
@@ -91,7 +98,7 @@ impl Session {
                 }
             }
         }
-        let routed = if self.tx_mode && self.server.is_none() {
+        let routed = if self.pooling.tx_mode && self.server.is_none() {
             self.unpark().await
         } else if self.route_changed() {
             // Rare: boxed, so its state does not sit in every idle session's task.
@@ -126,11 +133,11 @@ impl Session {
         tokio::select! {
             r = gate.enter(max_queued, wait) => Ok(r),
             _ = self.shared.terminate.fired() => {
-                self.gate = Some(fallback);
+                self.txn.gate = Some(fallback);
                 Err(End::Shutdown)
             }
             _ = info.end.fired() => {
-                self.gate = Some(fallback);
+                self.txn.gate = Some(fallback);
                 Err(self.shutdown_end())
             }
         }
@@ -138,37 +145,37 @@ impl Session {
 
     /// The current transaction is over: give back the gate pass and count it.
     pub(super) fn end_transaction(&mut self, completed: bool) {
-        let Some(pass) = self.pass.take() else {
+        let Some(pass) = self.txn.pass.take() else {
             return;
         };
-        self.gate = pass.leave();
+        self.txn.gate = pass.leave();
         self.handle
             .info
             .in_transaction
             .store(false, Ordering::Relaxed);
-        if let (true, Some(tm)) = (completed, &self.tm) {
+        if let (true, Some(tm)) = (completed, &self.place.tm) {
             tm.transactions.increment(1);
-            if self.queries > 0 {
-                tm.queries.increment(self.queries);
+            if self.txn.queries > 0 {
+                tm.queries.increment(self.txn.queries);
             }
         }
-        self.queries = 0;
+        self.txn.queries = 0;
     }
 
     /// The routing table changed since this session's backend was chosen (only then can the route differ).
     fn route_changed(&self) -> bool {
-        self.tenant.is_some() && self.shared.router.load().epoch != self.epoch
+        self.place.tenant.is_some() && self.shared.router.load().epoch != self.place.epoch
     }
 
     /// When the routing table changed since this session's backend was chosen and the tenant's route is now
     /// different, moves the session to a backend connection of the new route (unless state pins it).
     async fn follow_route(&mut self) -> Result<(), Refusal> {
-        let Some(tenant) = self.tenant.clone() else {
+        let Some(tenant) = self.place.tenant.clone() else {
             return Ok(());
         };
         let (epoch, route) = {
             let table = self.shared.router.load();
-            if table.epoch == self.epoch {
+            if table.epoch == self.place.epoch {
                 return Ok(());
             }
             (table.epoch, table.get(tenant.as_str()).cloned())
@@ -179,20 +186,21 @@ impl Session {
                 format!("tenant \"{tenant}\" was removed"),
             )));
         };
-        if self.route.as_deref() == Some(&*route) {
-            self.epoch = epoch;
-            self.stale_since = None;
+        if self.place.route.as_deref() == Some(&*route) {
+            self.place.epoch = epoch;
+            self.place.stale_since = None;
             self.publish_route();
             return Ok(());
         }
         if let Some(reason) = self.pin_reason() {
             return self.pinned_on_old_route(&tenant, reason);
         }
-        self.stale_since = None;
+        self.place.stale_since = None;
         // A new route on the same backend and database draws from the same pool: give the old connection back
         // first, or a full pool would refuse every move. Without a connection the session cannot go on if the
         // checkout then fails.
         let same_pool = self
+            .place
             .route
             .as_ref()
             .is_some_and(|old| old.backend == route.backend && old.database == route.database);
@@ -283,12 +291,12 @@ impl Session {
             .shared
             .migrations
             .moved_at(tenant.as_str())
-            .is_some_and(|at| at > self.epoch)
+            .is_some_and(|at| at > self.place.epoch)
         {
             self.shared.metrics.pinned_disconnects.increment(1);
             return Err(Refusal::Session(moved_away(tenant, reason)));
         }
-        let since = *self.stale_since.get_or_insert_with(|| {
+        let since = *self.place.stale_since.get_or_insert_with(|| {
             self.shared.metrics.pinned_waits.increment(1);
             std::time::Instant::now()
         });
@@ -312,22 +320,16 @@ impl Session {
     pub(super) fn install(&mut self, tenant: Option<TenantId>, attached: Option<Attached>) {
         let (server, route, epoch) = match attached {
             Some(a) => {
-                self.route_path = a.route_path;
+                self.pooling.route_path = a.route_path;
                 (Some(a.server), Some(a.route), a.epoch)
             }
             None => {
-                self.route_path = None;
+                self.pooling.route_path = None;
                 (None, None, 0)
             }
         };
         if let Some(new) = &server {
-            let params = &new.conn.get().params;
-            for (k, v) in params {
-                if self.told.iter().all(|(tk, tv)| tk != k || tv != v) {
-                    messages::parameter_status(&mut self.cout, k, v);
-                }
-            }
-            self.told = params.clone();
+            self.client.tell(&new.conn.get().params);
         }
         self.cancel
             .slot
@@ -335,37 +337,37 @@ impl Session {
         if let Some(old) = std::mem::replace(&mut self.server, server) {
             old.release_idle();
         }
-        if tenant != self.tenant {
-            if let Some(tm) = self.tm.take() {
+        if tenant != self.place.tenant {
+            if let Some(tm) = self.place.tm.take() {
                 tm.clients.decrement(1.0);
             }
-            self.tm = tenant.as_ref().map(|t| self.shared.metrics.tenant(t));
-            if let Some(tm) = &self.tm {
+            self.place.tm = tenant.as_ref().map(|t| self.shared.metrics.tenant(t));
+            if let Some(tm) = &self.place.tm {
                 tm.clients.increment(1.0);
             }
-            self.gate = tenant.as_ref().map(|t| self.shared.gates.get(t));
-            self.tenant = tenant;
+            self.txn.gate = tenant.as_ref().map(|t| self.shared.gates.get(t));
+            self.place.tenant = tenant;
         }
-        self.route = route;
-        self.epoch = epoch;
+        self.place.route = route;
+        self.place.epoch = epoch;
         self.state.new_connection();
         self.publish_route();
     }
 
     /// Tells the registry where this session is now.
     pub(super) fn publish_route(&mut self) {
-        self.published_pin = self.pin_reason();
+        self.place.published_pin = self.pin_reason();
         self.handle.info.set_route(SessionRoute {
-            tenant: self.tenant.clone(),
-            backend: self.route.as_ref().map(|r| r.backend.clone()),
-            database: self.route.as_ref().and_then(|r| r.database.clone()),
-            epoch: self.epoch,
+            tenant: self.place.tenant.clone(),
+            backend: self.place.route.as_ref().map(|r| r.backend.clone()),
+            database: self.place.route.as_ref().and_then(|r| r.database.clone()),
+            epoch: self.place.epoch,
             pinned: self.pin_reason(),
         });
     }
 
     pub(super) fn count_error(&self, kind: ErrorKind) {
-        if let Some(tm) = &self.tm {
+        if let Some(tm) = &self.place.tm {
             tm.error(kind);
         }
     }

@@ -4,9 +4,12 @@
 use bytes::Buf;
 
 use super::boundary::Admission;
-use super::session::{move_bytes, End, Server, Session, SkipEnd, OUT_HIGH_WATER};
+use super::relay::{move_bytes, OUT_HIGH_WATER};
+use super::server::Server;
+use super::session::{End, Session, SkipEnd};
 use super::state::SessionState;
 use crate::protocol::frame::{parse_header, Direction, Header, Scan};
+use crate::protocol::tag::frontend as fe;
 use crate::protocol::{inspect, messages, sql, sqlstate, PgError};
 
 /// What happens to the head of a frame too large to hold whole.
@@ -24,24 +27,26 @@ impl Session {
     pub(super) async fn on_client_input(&mut self) -> Result<(), End> {
         // While a ReadyForQuery waits for the migration tee, input waits too (the client has not seen the end
         // of its transaction yet, and a move or a gate check now would judge the wrong moment).
-        if self.tee_wait.is_some() {
+        if self.txn.tee_wait.is_some() {
             return Ok(());
         }
         // Stop while our own answers pile up unread: a client that never reads cannot grow them without bound.
-        while !self.blocked && self.cout.len() < OUT_HIGH_WATER {
+        while !self.txn.blocked && self.client.cout.len() < OUT_HIGH_WATER {
             self.pass_admitted_run();
             // Transaction pool mode renames statements in Bind, Describe and Close: those are read whole too (a
             // Bind over 1 MiB is renamed at its head).
-            let tx = self.tx_mode;
+            let tx = self.pooling.tx_mode;
             let step = self
-                .cscan
-                .next(&self.cin, |t| {
-                    matches!(t, b'Q' | b'P') || tx && matches!(t, b'B' | b'D' | b'C')
+                .client
+                .scan
+                .next(&self.client.cin, |t| {
+                    matches!(t, fe::QUERY | fe::PARSE)
+                        || tx && matches!(t, fe::BIND | fe::DESCRIBE | fe::CLOSE)
                 })
                 .map_err(|e| End::Fatal(PgError::protocol(e.to_string())))?;
             match step {
                 Scan::NeedMore(n) => {
-                    self.cin_need = n;
+                    self.client.need = n;
                     return Ok(());
                 }
                 Scan::Rest(n) => self.pass_client(n),
@@ -50,7 +55,7 @@ impl Session {
                     HeadStep::Handled => {}
                     HeadStep::Later => {
                         // Not now: leave the frame where it is and read its header again later.
-                        self.cscan.rewind();
+                        self.client.scan.rewind();
                         return Ok(());
                     }
                 },
@@ -67,25 +72,25 @@ impl Session {
     /// needs more (a new transaction, a tenant statement, a rename in transaction pool mode, COPY data, a
     /// Terminate) ends the run and takes the ordinary path.
     fn pass_admitted_run(&mut self) {
-        if self.skip.is_some() || self.discarding || self.cscan.mid_frame() {
+        if self.client.skip.is_some() || self.client.discarding || self.client.scan.mid_frame() {
             return;
         }
         let Some(s) = self.server.as_mut() else {
             return;
         };
-        let admitted = self.pass.is_some();
+        let admitted = self.txn.pass.is_some();
         let mut run = 0;
-        while let Ok(Some(h)) = parse_header(&self.cin[run..], Direction::FromClient) {
-            let Some(frame) = self.cin.get(run..run + h.total) else {
+        while let Ok(Some(h)) = parse_header(&self.client.cin[run..], Direction::FromClient) {
+            let Some(frame) = self.client.cin.get(run..run + h.total) else {
                 break;
             };
             let plain = match h.tag {
-                b'S' | b'H' => true,
-                b'E' => admitted,
-                b'B' | b'D' | b'C' => admitted && !self.tx_mode,
-                b'Q' | b'P' => {
+                fe::SYNC | fe::FLUSH => true,
+                fe::EXECUTE => admitted,
+                fe::BIND | fe::DESCRIBE | fe::CLOSE => admitted && !self.pooling.tx_mode,
+                fe::QUERY | fe::PARSE => {
                     admitted
-                        && !self.tx_mode
+                        && !self.pooling.tx_mode
                         && matches!(recognise_frame(h.tag, frame), sql::Recognised::Pass)
                 }
                 _ => false,
@@ -93,33 +98,39 @@ impl Session {
             if !plain {
                 break;
             }
-            book(s, &mut self.state, &mut self.queries, h.tag, Some(frame));
+            book(
+                s,
+                &mut self.state,
+                &mut self.txn.queries,
+                h.tag,
+                Some(frame),
+            );
             run += h.total;
         }
-        move_bytes(&mut self.cin, &mut s.out, run);
+        move_bytes(&mut self.client.cin, &mut s.out, run);
     }
 
     /// The start of a frame too large to hold whole: it streams through uninspected (renamed, for a Bind in
     /// transaction pool mode), or is dropped when refused.
     async fn client_head(&mut self, header: Header, avail: usize) -> Result<HeadStep, End> {
         let tag = header.tag;
-        if self.skip.is_some() || self.discarding {
+        if self.client.skip.is_some() || self.client.discarding {
             return Ok(HeadStep::Pass);
         }
-        if self.server.is_none() && self.tenant.is_none() {
+        if self.server.is_none() && self.place.tenant.is_none() {
             self.unrouted(tag, None).await?;
-            self.discarding = true;
+            self.client.discarding = true;
             return Ok(HeadStep::Pass);
         }
         match self.begin_work(tag).await? {
-            Admission::Go if self.tx_mode && matches!(tag, b'P' | b'B') => {
+            Admission::Go if self.pooling.tx_mode && matches!(tag, fe::PARSE | fe::BIND) => {
                 // The names must be read before anything is booked; until they arrive the frame waits.
                 match self.forward_statement_head(tag, header.total, avail) {
                     Ok(false) => return Ok(HeadStep::Later),
                     Ok(true) => {}
                     Err(e) => return Err(End::Fatal(e)),
                 }
-                if !self.discarding {
+                if !self.client.discarding {
                     self.count_request(tag, None);
                 }
                 return Ok(HeadStep::Handled);
@@ -129,71 +140,73 @@ impl Session {
             Admission::Wait => return Ok(HeadStep::Later),
             Admission::Refuse(err) => {
                 self.refuse(tag, err);
-                self.discarding = true;
+                self.client.discarding = true;
             }
         }
         Ok(HeadStep::Pass)
     }
 
     async fn client_frame(&mut self, tag: u8, total: usize) -> Result<(), End> {
-        if tag == b'X' {
+        if tag == fe::TERMINATE {
             return Err(End::Terminated);
         }
-        if let Some(how) = self.skip {
-            self.cin.advance(total);
-            if tag == b'S' {
+        if let Some(how) = self.client.skip {
+            self.client.cin.advance(total);
+            if tag == fe::SYNC {
                 self.end_skip(how);
             }
             return Ok(());
         }
         if self.server.is_none() {
-            if self.tenant.is_none() {
-                let frame = self.cin.split_to(total);
+            if self.place.tenant.is_none() {
+                let frame = self.client.cin.split_to(total);
                 return self.unrouted(tag, Some(&frame)).await;
             }
-            if self.parked_frame(tag, total) || (tag == b'P' && self.parse_locally(total)) {
+            if self.parked_frame(tag, total) || (tag == fe::PARSE && self.parse_locally(total)) {
                 return Ok(());
             }
         }
         // (Not in the middle of an unsynced batch, whose replies could come after a local answer.)
-        if self.tx_mode
-            && tag == b'Q'
+        if self.pooling.tx_mode
+            && tag == fe::QUERY
             && !self.server.as_ref().is_some_and(|s| s.batch_open)
             && self.is_deallocate(total)
         {
             if self.server.as_ref().is_some_and(|s| s.pending > 0) {
                 // Answered here only after every reply the backend owes has reached the client.
-                self.blocked = true;
+                self.txn.blocked = true;
                 return Ok(());
             }
             if self.deallocate_locally(total) {
                 return Ok(());
             }
         }
-        let recognised = recognise_frame(tag, &self.cin[..total]);
+        let recognised = recognise_frame(tag, &self.client.cin[..total]);
         match (tag, recognised) {
             (_, sql::Recognised::Pass) => match self.begin_work(tag).await? {
                 Admission::Wait => {}
                 Admission::Refuse(err) => {
-                    self.cin.advance(total);
+                    self.client.cin.advance(total);
                     self.refuse(tag, err);
                 }
                 Admission::Go => {
                     self.count_request(tag, Some(total));
-                    if self.tx_mode && matches!(tag, b'P' | b'B' | b'D' | b'C') {
+                    if self.pooling.tx_mode
+                        && matches!(tag, fe::PARSE | fe::BIND | fe::DESCRIBE | fe::CLOSE)
+                    {
                         self.forward_statement(total).map_err(End::Fatal)?;
                     } else {
                         self.pass_client(total);
                     }
                 }
             },
-            (b'Q', r) => {
+            (fe::QUERY, r) => {
                 if self.server.as_ref().is_some_and(|s| s.pending > 0) {
                     // Answer only after every reply the backend owes has reached the client.
-                    self.blocked = true;
+                    self.txn.blocked = true;
                     return Ok(());
                 }
-                self.cin.advance(total);
+                self.client.cin.advance(total);
                 self.answer_simple(r).await;
             }
             (_, r) => self.refuse_in_batch(tag, total, r).await?,
@@ -223,13 +236,13 @@ impl Session {
         match self.begin_work(tag).await? {
             Admission::Wait => return Ok(()),
             Admission::Refuse(gate_err) => {
-                self.cin.advance(total);
+                self.client.cin.advance(total);
                 self.refuse(tag, gate_err);
                 return Ok(());
             }
             Admission::Go => {}
         }
-        self.cin.advance(total);
+        self.client.cin.advance(total);
         self.fail_in_batch(err);
         Ok(())
     }
@@ -240,38 +253,32 @@ impl Session {
     pub(super) fn fail_in_batch(&mut self, err: PgError) {
         if let Some(s) = self.server.as_mut() {
             messages::execute_refused(&mut s.out);
-            let owes = s.note_sent(b'E');
+            let owes = s.note_sent(fe::EXECUTE);
             s.replace_error = Some(err);
-            self.state.on_client(b'E', None, owes);
+            self.state.on_client(fe::EXECUTE, None, owes);
         }
-        self.skip = Some(SkipEnd::ForwardSync);
+        self.client.skip = Some(SkipEnd::ForwardSync);
     }
 
     /// Answers a frame that may not reach the backend (nothing of it was forwarded, and the backend owes
     /// nothing): the error, then ReadyForQuery now or at the client's Sync.
     pub(super) fn refuse(&mut self, tag: u8, err: PgError) {
-        err.encode(&mut self.cout);
-        match tag {
-            b'Q' | b'F' => {
-                let status = self.status();
-                messages::ready_for_query(&mut self.cout, status);
-            }
-            _ => self.skip = Some(SkipEnd::Local),
-        }
+        let status = self.status();
+        self.client.refuse(tag, err, status);
     }
 
     /// The client's Sync ends an error skip.
     fn end_skip(&mut self, how: SkipEnd) {
-        self.skip = None;
+        self.client.skip = None;
         match (how, self.server.as_mut()) {
             (SkipEnd::ForwardSync, Some(s)) => {
                 messages::sync(&mut s.out);
-                let owes = s.note_sent(b'S');
-                self.state.on_client(b'S', Some(b"S\0\0\0\x04"), owes);
+                let owes = s.note_sent(fe::SYNC);
+                self.state.on_client(fe::SYNC, Some(b"S\0\0\0\x04"), owes);
             }
             _ => {
                 let status = self.status();
-                messages::ready_for_query(&mut self.cout, status);
+                messages::ready_for_query(&mut self.client.cout, status);
             }
         }
     }
@@ -279,20 +286,20 @@ impl Session {
     /// Books a frame about to be forwarded (`total`: its length when it is held whole).
     fn count_request(&mut self, tag: u8, total: Option<usize>) {
         if let Some(s) = self.server.as_mut() {
-            let frame = total.map(|n| &self.cin[..n]);
-            book(s, &mut self.state, &mut self.queries, tag, frame);
+            let frame = total.map(|n| &self.client.cin[..n]);
+            book(s, &mut self.state, &mut self.txn.queries, tag, frame);
         }
     }
 
     /// Moves `n` bytes from the client's input to the backend, or drops them when they go nowhere.
     pub(super) fn pass_client(&mut self, n: usize) {
-        let drop = self.discarding || self.skip.is_some();
+        let drop = self.client.discarding || self.client.skip.is_some();
         match self.server.as_mut() {
-            Some(s) if !drop => move_bytes(&mut self.cin, &mut s.out, n),
-            _ => self.cin.advance(n),
+            Some(s) if !drop => move_bytes(&mut self.client.cin, &mut s.out, n),
+            _ => self.client.cin.advance(n),
         }
-        if self.discarding && !self.cscan.mid_frame() {
-            self.discarding = false;
+        if self.client.discarding && !self.client.scan.mid_frame() {
+            self.client.discarding = false;
         }
     }
 }
@@ -308,7 +315,7 @@ fn book(
 ) {
     let owes = server.note_sent(tag);
     state.on_client(tag, frame, owes);
-    if matches!(tag, b'Q' | b'E' | b'F') {
+    if matches!(tag, fe::QUERY | fe::EXECUTE | fe::FUNCTION_CALL) {
         *queries += 1;
     }
 }
@@ -316,8 +323,8 @@ fn book(
 /// Whether a whole Query or Parse frame is a tenant statement; other frames pass.
 fn recognise_frame(tag: u8, frame: &[u8]) -> sql::Recognised {
     match tag {
-        b'Q' => sql::recognise(inspect::query_text(frame).unwrap_or_default()),
-        b'P' => sql::recognise(inspect::parse_statement(frame).map_or(&[][..], |(_, t)| t)),
+        fe::QUERY => sql::recognise(inspect::query_text(frame).unwrap_or_default()),
+        fe::PARSE => sql::recognise(inspect::parse_statement(frame).map_or(&[][..], |(_, t)| t)),
         _ => sql::Recognised::Pass,
     }
 }

@@ -3,12 +3,14 @@
 
 use tracing::{info, warn};
 
-use super::session::{connect_server, Session, SkipEnd};
+use super::resolve::connect_server;
+use super::session::{Session, SkipEnd};
 use crate::protocol::sql::{Recognised, TenantCommand};
 use crate::protocol::{inspect, messages, sql, sqlstate, PgError};
 use crate::tenant::{may_reach, TenantId};
 
 use super::session::End;
+use crate::protocol::tag::{frontend as fe, status};
 
 fn no_tenant() -> PgError {
     PgError::error(sqlstate::INVALID_CATALOG_NAME, "no tenant selected")
@@ -21,19 +23,19 @@ impl Session {
         match r {
             Recognised::Command(cmd) => self.tenant_command(cmd).await,
             Recognised::Refuse(msg) => {
-                PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, msg).encode(&mut self.cout);
+                PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, msg).encode(&mut self.client.cout);
                 let status = self.status();
-                messages::ready_for_query(&mut self.cout, status);
+                messages::ready_for_query(&mut self.client.cout, status);
             }
             Recognised::Forbidden(msg) => {
-                PgError::error(sqlstate::INSUFFICIENT_PRIVILEGE, msg).encode(&mut self.cout);
+                PgError::error(sqlstate::INSUFFICIENT_PRIVILEGE, msg).encode(&mut self.client.cout);
                 let status = self.status();
-                messages::ready_for_query(&mut self.cout, status);
+                messages::ready_for_query(&mut self.client.cout, status);
             }
             Recognised::Pass => {
-                no_tenant().encode(&mut self.cout);
+                no_tenant().encode(&mut self.client.cout);
                 let status = self.status();
-                messages::ready_for_query(&mut self.cout, status);
+                messages::ready_for_query(&mut self.client.cout, status);
             }
         }
     }
@@ -41,20 +43,20 @@ impl Session {
     /// A frame from a client that has no backend. `frame` is `None` for a frame too large to hold whole.
     pub(super) async fn unrouted(&mut self, tag: u8, frame: Option<&[u8]>) -> Result<(), End> {
         match tag {
-            b'Q' => {
+            fe::QUERY => {
                 let text = frame.and_then(inspect::query_text).unwrap_or_default();
                 let r = sql::recognise(text);
                 self.answer_simple(r).await;
             }
-            b'F' => {
-                no_tenant().encode(&mut self.cout);
-                messages::ready_for_query(&mut self.cout, b'I');
+            fe::FUNCTION_CALL => {
+                no_tenant().encode(&mut self.client.cout);
+                messages::ready_for_query(&mut self.client.cout, status::IDLE);
             }
-            b'P' | b'B' | b'D' | b'E' | b'C' => {
-                no_tenant().encode(&mut self.cout);
-                self.skip = Some(SkipEnd::Local);
+            fe::PARSE | fe::BIND | fe::DESCRIBE | fe::EXECUTE | fe::CLOSE => {
+                no_tenant().encode(&mut self.client.cout);
+                self.client.skip = Some(SkipEnd::Local);
             }
-            b'S' => messages::ready_for_query(&mut self.cout, b'I'),
+            fe::SYNC => messages::ready_for_query(&mut self.client.cout, status::IDLE),
             // Flush has nothing to flush; copy messages outside COPY are ignored, as PostgreSQL does.
             _ => {}
         }
@@ -64,11 +66,16 @@ impl Session {
     async fn tenant_command(&mut self, cmd: TenantCommand) {
         let result = match cmd {
             TenantCommand::Show => {
-                let name = self.tenant.as_ref().map(|t| t.as_str()).unwrap_or("");
-                messages::single_text_row(&mut self.cout, "pgtenant.tenant", Some(name), "SHOW");
+                let name = self.place.tenant.as_ref().map(|t| t.as_str()).unwrap_or("");
+                messages::single_text_row(
+                    &mut self.client.cout,
+                    "pgtenant.tenant",
+                    Some(name),
+                    "SHOW",
+                );
                 Ok(None)
             }
-            _ if self.status() != b'I' => Err(PgError::error(
+            _ if self.status() != status::IDLE => Err(PgError::error(
                 sqlstate::ACTIVE_SQL_TRANSACTION,
                 "pgtenant.tenant cannot be changed inside a transaction block",
             )),
@@ -85,17 +92,17 @@ impl Session {
             }
         };
         match result {
-            Ok(Some(tag)) => messages::command_complete(&mut self.cout, tag),
+            Ok(Some(tag)) => messages::command_complete(&mut self.client.cout, tag),
             Ok(None) => {}
-            Err(e) => e.encode(&mut self.cout),
+            Err(e) => e.encode(&mut self.client.cout),
         }
         let status = self.status();
-        messages::ready_for_query(&mut self.cout, status);
+        messages::ready_for_query(&mut self.client.cout, status);
     }
 
     /// Moves the session to `target` (or to no tenant). Runs only when idle outside a transaction.
     async fn switch_tenant(&mut self, target: Option<TenantId>) -> Result<(), PgError> {
-        if target == self.tenant {
+        if target == self.place.tenant {
             return Ok(());
         }
         if self.info.tenant_fixed && target != self.info.startup_tenant {
@@ -144,11 +151,11 @@ impl Session {
             None => (None, None),
         };
         self.info.admission.tenant = slot;
-        info!(user = %self.info.user.name, from = ?self.tenant, to = ?target, "session moved by SET pgtenant.tenant");
+        info!(user = %self.info.user.name, from = ?self.place.tenant, to = ?target, "session moved by SET pgtenant.tenant");
         // A session that picks its tenant itself starts afresh there: nothing pins it yet.
         self.state.clear();
-        self.statements.clear();
-        self.resolved = None;
+        self.pooling.statements.clear();
+        self.pooling.resolved = None;
         self.install(target, server);
         Box::pin(self.settle()).await;
         Ok(())

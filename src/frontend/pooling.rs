@@ -10,10 +10,14 @@ use bytes::Buf;
 use std::sync::Arc;
 
 use super::boundary::Refusal;
-use super::session::{checkout, move_bytes, resolve, Session};
+use super::relay::move_bytes;
+use super::resolve::{checkout, resolve, Resolved};
+use super::server::Server;
+use super::session::Session;
 use super::statements::{ClientStatements, Target, MAX_HEAD_NAMES, MAX_INFLIGHT};
 use crate::backend::pool::ReleaseState;
 use crate::metrics::ErrorKind;
+use crate::protocol::tag::{backend as be, frontend as fe, status};
 use crate::protocol::{messages, sql, sqlstate, PgError};
 use crate::tenant::quote_ident;
 
@@ -60,15 +64,15 @@ impl Session {
     /// Why this session may not leave its backend connection (or move to another), if anything.
     pub(super) fn pin_reason(&self) -> Option<&'static str> {
         // SQL-level statements live under the client's own names, on one connection.
-        self.state
-            .pin_reason()
-            .or_else(|| (self.tx_mode && self.state.has_sql_prepared()).then_some(PIN_SQL_PREPARE))
+        self.state.pin_reason().or_else(|| {
+            (self.pooling.tx_mode && self.state.has_sql_prepared()).then_some(PIN_SQL_PREPARE)
+        })
     }
 
     /// At the end of a transaction: gives the backend connection back to the pool when the session is in
     /// transaction pool mode and nothing ties it to this connection.
     pub(super) fn park(&mut self) {
-        if !self.tx_mode || !self.server.as_ref().is_some_and(|s| s.parkable()) {
+        if !self.pooling.tx_mode || !self.server.as_ref().is_some_and(|s| s.parkable()) {
             return;
         }
         if self.pin_reason().is_some() {
@@ -86,7 +90,7 @@ impl Session {
             (UNKNOWN_SETS, true)
         };
         // Who used it, and whether they ran code whose effects are unknown: decides the next user's reset.
-        conn.owner = self.tenant.clone();
+        conn.owner = self.place.tenant.clone();
         conn.suspect |= self.state.take_opaque() || !server.synced;
         let (out, mut inflight) = (
             std::mem::take(&mut server.out),
@@ -96,18 +100,19 @@ impl Session {
         // A parked session holds no large buffers: one that grew for a burst goes.
         if out.capacity() <= 8 * 1024 {
             inflight.reset();
-            self.spare = Some((out, inflight));
+            self.pooling.spare = Some((out, inflight));
         }
     }
 
     /// A connection checked out outside [`Session::unpark`] (at login, or for `SET pgtenant.tenant`) in
     /// transaction pool mode: make its settings the session's, then park.
     pub(super) async fn settle(&mut self) {
-        if !self.tx_mode {
+        if !self.pooling.tx_mode {
             return;
         }
         if let Some(mut server) = self.server.take() {
             let backend = self
+                .place
                 .route
                 .as_ref()
                 .map(|r| r.backend.clone())
@@ -128,14 +133,14 @@ impl Session {
     /// (a route changed since the last transaction is how a transaction-pool session moves), holding the
     /// session's settings.
     pub(super) async fn unpark(&mut self) -> Result<(), Refusal> {
-        let Some(tenant) = self.tenant.clone() else {
+        let Some(tenant) = self.place.tenant.clone() else {
             return Ok(());
         };
-        let resolved = match self.resolved.take() {
+        let resolved = match self.pooling.resolved.take() {
             Some(r) if r.tenant == tenant && self.fresh(&r) => r,
             _ => resolve(&self.shared, &self.info, &tenant).map_err(Refusal::Statement)?,
         };
-        self.route_path = resolved.route_path.clone();
+        self.pooling.route_path = resolved.route_path.clone();
         let mut server = self.checkout_settled(&resolved, &tenant).await?;
         // The unnamed statement is not the pool's: one left by the connection's last user is closed first (its
         // CloseComplete is taken out of the replies).
@@ -147,15 +152,20 @@ impl Session {
             .slot
             .set(Some(server.conn.get().cancel_target()));
         self.server = Some(server);
-        if self.epoch != resolved.epoch {
-            if self.route.as_ref().is_some_and(|r| **r != *resolved.route) {
+        if self.place.epoch != resolved.epoch {
+            if self
+                .place
+                .route
+                .as_ref()
+                .is_some_and(|r| **r != *resolved.route)
+            {
                 self.shared.metrics.moves.increment(1);
             }
-            self.route = Some(resolved.route.clone());
-            self.epoch = resolved.epoch;
+            self.place.route = Some(resolved.route.clone());
+            self.place.epoch = resolved.epoch;
             self.publish_route();
         }
-        self.resolved = Some(resolved);
+        self.pooling.resolved = Some(resolved);
         Ok(())
     }
 
@@ -163,12 +173,12 @@ impl Session {
     /// temporary objects is closed and another taken (a few times at most).
     async fn checkout_settled(
         &mut self,
-        resolved: &super::session::Resolved,
+        resolved: &Resolved,
         tenant: &crate::tenant::TenantId,
-    ) -> Result<super::session::Server, Refusal> {
+    ) -> Result<Server, Refusal> {
         let mut tries = 0;
         loop {
-            let mut server = match checkout(resolved, tenant, self.spare.take()).await {
+            let mut server = match checkout(resolved, tenant, self.pooling.spare.take()).await {
                 Ok(s) => s,
                 Err(e) => {
                     self.count_error(ErrorKind::BackendUnavailable);
@@ -194,7 +204,7 @@ impl Session {
     }
 
     /// A cached resolution still holds: same routing epoch, same backends.
-    fn fresh(&self, r: &super::session::Resolved) -> bool {
+    fn fresh(&self, r: &Resolved) -> bool {
         self.shared.router.load().epoch == r.epoch
             && Arc::ptr_eq(&self.shared.backends.load(), &r.backends)
     }
@@ -205,14 +215,14 @@ impl Session {
     /// boxed, so its state does not sit in every session's task.
     async fn settle_settings(
         &mut self,
-        server: &mut super::session::Server,
+        server: &mut Server,
         backend: &str,
     ) -> Result<(), Unsettled> {
         let conn = server.conn.get();
-        let foreign = conn.owner.is_some() && conn.owner != self.tenant;
+        let foreign = conn.owner.is_some() && conn.owner != self.place.tenant;
         let full = foreign || conn.suspect;
         if full
-            || conn.route_path != self.route_path
+            || conn.route_path != self.pooling.route_path
             || conn.applied_sets != self.state.sets_fingerprint().0
         {
             Box::pin(self.apply_settings(server, backend, full)).await?;
@@ -228,13 +238,14 @@ impl Session {
     /// differ from what it was told.
     async fn apply_settings(
         &mut self,
-        server: &mut super::session::Server,
+        server: &mut Server,
         backend: &str,
         full: bool,
     ) -> Result<(), Unsettled> {
         let (fingerprint, role) = self.state.sets_fingerprint();
         let conn = server.conn.get_mut();
         let path = self
+            .pooling
             .route_path
             .as_ref()
             .map(|p| format!("SET search_path = {}", quote_ident(p)));
@@ -265,15 +276,10 @@ impl Session {
             return Err(Unsettled::TempObjects);
         }
         (conn.applied_sets, conn.applied_role) = (fingerprint, role);
-        conn.route_path = self.route_path.clone();
-        conn.owner = self.tenant.clone();
+        conn.route_path = self.pooling.route_path.clone();
+        conn.owner = self.place.tenant.clone();
         conn.suspect = false;
-        for (k, v) in &conn.params {
-            if self.told.iter().all(|(tk, tv)| tk != k || tv != v) {
-                messages::parameter_status(&mut self.cout, k, v);
-            }
-        }
-        self.told.clone_from(&conn.params);
+        self.client.tell(&conn.params);
         Ok(())
     }
 
@@ -281,11 +287,11 @@ impl Session {
     /// and copy messages outside COPY are ignored, as PostgreSQL does. False: the frame starts work.
     pub(super) fn parked_frame(&mut self, tag: u8, total: usize) -> bool {
         match tag {
-            b'S' => messages::ready_for_query(&mut self.cout, b'I'),
-            b'H' | b'd' | b'c' | b'f' => {}
+            fe::SYNC => messages::ready_for_query(&mut self.client.cout, status::IDLE),
+            fe::FLUSH | fe::COPY_DATA | fe::COPY_DONE | fe::COPY_FAIL => {}
             _ => return false,
         }
-        self.cin.advance(total);
+        self.client.cin.advance(total);
         true
     }
 
@@ -295,24 +301,28 @@ impl Session {
     /// hold every connection in open transactions would otherwise wait for them, and they for it. An error in
     /// the statement is reported when it is first used. False: not such a Parse.
     pub(super) fn parse_locally(&mut self, total: usize) -> bool {
-        let frame = &self.cin[..total];
+        let frame = &self.client.cin[..total];
         // A tenant statement is refused where it is used, like any other.
         let text = crate::protocol::inspect::parse_statement(frame).map_or(&[][..], |(_, t)| t);
         if !matches!(sql::recognise(text), sql::Recognised::Pass) {
             return false;
         }
-        let (state, path) = (&self.state, self.route_path.as_deref());
-        match self.statements.register(frame, || resolution(state, path)) {
+        let (state, path) = (&self.state, self.pooling.route_path.as_deref());
+        match self
+            .pooling
+            .statements
+            .register(frame, || resolution(state, path))
+        {
             Ok(false) => return false,
             Ok(true) => {
                 // The session state sees the Parse and its completion, as if a backend had answered.
-                self.state.on_client(b'P', Some(frame), false);
-                self.state.on_backend(b'1', b"1\0\0\0\x04");
-                messages::parse_complete(&mut self.cout);
+                self.state.on_client(fe::PARSE, Some(frame), false);
+                self.state.on_backend(be::PARSE_COMPLETE, b"1\0\0\0\x04");
+                messages::parse_complete(&mut self.client.cout);
             }
-            Err(e) => self.refuse(b'P', e),
+            Err(e) => self.refuse(fe::PARSE, e),
         }
-        self.cin.advance(total);
+        self.client.cin.advance(total);
         true
     }
 
@@ -320,7 +330,7 @@ impl Session {
     pub(super) fn forward_statement(&mut self, total: usize) -> Result<(), PgError> {
         let limit = self.shared.config.load().proxy.max_prepared_statements;
         let Some(s) = self.server.as_mut() else {
-            self.cin.advance(total);
+            self.client.cin.advance(total);
             return Ok(());
         };
         if s.inflight.len() >= MAX_INFLIGHT {
@@ -328,10 +338,10 @@ impl Session {
                 "too many Parse and Close messages without a Sync",
             ));
         }
-        let (state, path) = (&self.state, self.route_path.as_deref());
+        let (state, path) = (&self.state, self.pooling.route_path.as_deref());
         let conn = s.conn.get_mut();
-        let result = self.statements.forward(
-            &self.cin[..total],
+        let result = self.pooling.statements.forward(
+            &self.client.cin[..total],
             || resolution(state, path),
             Target {
                 out: &mut s.out,
@@ -340,7 +350,7 @@ impl Session {
                 limit,
             },
         );
-        self.cin.advance(total);
+        self.client.cin.advance(total);
         if let Err(e) = result {
             self.fail_in_batch(e);
         }
@@ -360,7 +370,7 @@ impl Session {
         let Some(s) = self.server.as_mut() else {
             return Ok(true);
         };
-        let head = &self.cin[..avail];
+        let head = &self.client.cin[..avail];
         let names_end = head
             .get(5..)
             .and_then(|b| memchr::memchr(0, b))
@@ -368,10 +378,10 @@ impl Session {
         let Some(name_end) = names_end else {
             return names_pending(avail, total);
         };
-        if tag == b'P' {
+        if tag == fe::PARSE {
             if name_end > 5 {
-                self.discarding = true;
-                self.cin.advance(avail);
+                self.client.discarding = true;
+                self.client.cin.advance(avail);
                 self.fail_in_batch(PgError::error(
                     sqlstate::PROGRAM_LIMIT_EXCEEDED,
                     "pgtenant: named prepared statements over 1 MiB are not supported in transaction pool mode",
@@ -380,7 +390,7 @@ impl Session {
             }
             ClientStatements::passed(&mut s.inflight);
             s.conn.get_mut().statements.unnamed = true;
-            move_bytes(&mut self.cin, &mut s.out, avail);
+            move_bytes(&mut self.client.cin, &mut s.out, avail);
             return Ok(true);
         }
         let conn = s.conn.get_mut();
@@ -390,10 +400,10 @@ impl Session {
             statements: &mut conn.statements,
             limit,
         };
-        match self.statements.bind_head(head, total, target) {
+        match self.pooling.statements.bind_head(head, total, target) {
             Some(consumed) => {
-                self.cin.advance(consumed);
-                move_bytes(&mut self.cin, &mut s.out, avail - consumed);
+                self.client.cin.advance(consumed);
+                move_bytes(&mut self.client.cin, &mut s.out, avail - consumed);
                 Ok(true)
             }
             None => names_pending(avail, total),
@@ -402,7 +412,8 @@ impl Session {
 
     /// A simple query that starts with DEALLOCATE (a cheap look before the proxy takes a closer one).
     pub(super) fn is_deallocate(&self, total: usize) -> bool {
-        let text = crate::protocol::inspect::query_text(&self.cin[..total]).unwrap_or_default();
+        let text =
+            crate::protocol::inspect::query_text(&self.client.cin[..total]).unwrap_or_default();
         text.trim_ascii_start()
             .get(..10)
             .is_some_and(|w| w.eq_ignore_ascii_case(b"deallocate"))
@@ -412,30 +423,31 @@ impl Session {
     /// (older psycopg does this), it is answered here: the server statement may be shared and stays. Of one of
     /// the proxy's own names, it is refused (other sessions rely on it). True when answered.
     pub(super) fn deallocate_locally(&mut self, total: usize) -> bool {
-        let text = crate::protocol::inspect::query_text(&self.cin[..total]).unwrap_or_default();
+        let text =
+            crate::protocol::inspect::query_text(&self.client.cin[..total]).unwrap_or_default();
         let sql::Effect::Deallocate { name } = sql::classify(text) else {
             return false;
         };
         // In a failed transaction PostgreSQL refuses it; let the backend say so.
-        if self.status() == b'E' {
+        if self.status() == status::FAILED {
             return false;
         }
         if name.starts_with("pgtenant_") {
-            self.cin.advance(total);
+            self.client.cin.advance(total);
             PgError::error(
                 sqlstate::INSUFFICIENT_PRIVILEGE,
                 format!("prepared statement \"{name}\" belongs to pgtenant"),
             )
-            .encode(&mut self.cout);
-        } else if self.statements.deallocate(name.as_bytes()) {
+            .encode(&mut self.client.cout);
+        } else if self.pooling.statements.deallocate(name.as_bytes()) {
             self.state.forget_statement(name.as_bytes());
-            self.cin.advance(total);
-            messages::command_complete(&mut self.cout, "DEALLOCATE");
+            self.client.cin.advance(total);
+            messages::command_complete(&mut self.client.cout, "DEALLOCATE");
         } else {
             return false;
         }
         let status = self.status();
-        messages::ready_for_query(&mut self.cout, status);
+        messages::ready_for_query(&mut self.client.cout, status);
         true
     }
 }

@@ -10,6 +10,7 @@ use bytes::Bytes;
 
 use crate::protocol::inspect;
 use crate::protocol::sql::{self, Effect};
+use crate::protocol::tag::{backend as be, frontend as fe, status};
 
 /// Bounds on what one session may make the proxy remember.
 const MAX_SETS: usize = 256;
@@ -114,18 +115,18 @@ impl SessionState {
         if owes_ready {
             self.rfq_sent += 1;
             // Every ReadyForQuery pops one entry, so Syncs and FunctionCalls get an empty one.
-            if tag != b'Q' {
+            if tag != fe::QUERY {
                 self.queries.push_back((Effect::None, false));
             }
         }
         let Some(frame) = frame else {
             match tag {
-                b'Q' => {
+                fe::QUERY => {
                     // Too large to read: whatever it does is not followed.
                     self.pin(PIN_UNTRACKED);
                     self.queries.push_back((Effect::None, false));
                 }
-                b'P' => {
+                fe::PARSE => {
                     self.pin(PIN_UNTRACKED);
                     self.awaiting.push_back(Awaiting::Parse {
                         name: None,
@@ -138,12 +139,12 @@ impl SessionState {
             return;
         };
         match tag {
-            b'Q' => {
+            fe::QUERY => {
                 let effect = inspect::query_text(frame).map_or(Effect::None, sql::classify);
                 self.queries.push_back((effect, false));
             }
-            b'P' => self.on_parse(frame),
-            b'C' => {
+            fe::PARSE => self.on_parse(frame),
+            fe::CLOSE => {
                 let name = frame.get(5..).and_then(|b| match b.split_first() {
                     Some((b'S', rest)) => rest.strip_suffix(&[0]).filter(|n| !n.is_empty()),
                     _ => None,
@@ -193,7 +194,7 @@ impl SessionState {
     /// A backend frame went to the client. `status` is the ReadyForQuery status for `Z`.
     pub fn on_backend(&mut self, tag: u8, frame: &[u8]) {
         match tag {
-            b'1' => {
+            be::PARSE_COMPLETE => {
                 if let Some(Awaiting::Parse {
                     name: Some(name),
                     frame,
@@ -203,7 +204,7 @@ impl SessionState {
                     self.add_parsed(name, frame);
                 }
             }
-            b'3' => {
+            be::CLOSE_COMPLETE => {
                 if let Some(Awaiting::Close {
                     name: Some(name), ..
                 }) = self.pop_awaiting(false)
@@ -211,12 +212,12 @@ impl SessionState {
                     self.forget_statement(&name);
                 }
             }
-            b'E' => {
+            be::ERROR_RESPONSE => {
                 if let Some(front) = self.queries.front_mut() {
                     front.1 = true;
                 }
             }
-            b'C' => {
+            be::COMMAND_COMPLETE => {
                 let tag = frame.get(5..).unwrap_or_default();
                 if tag.starts_with(b"ROLLBACK") {
                     self.rollback_seen = true;
@@ -227,7 +228,9 @@ impl SessionState {
                     }
                 }
             }
-            b'Z' => self.on_ready(inspect::ready_status(frame).unwrap_or(b'I')),
+            be::READY_FOR_QUERY => {
+                self.on_ready(inspect::ready_status(frame).unwrap_or(status::IDLE))
+            }
             _ => {}
         }
     }
@@ -249,12 +252,12 @@ impl SessionState {
         while self.awaiting.front().is_some_and(|a| a.batch() <= done) {
             self.awaiting.pop_front();
         }
-        if self.rollback_seen && status == b'T' && !self.tx_changes.is_empty() {
+        if self.rollback_seen && status == status::IN_BLOCK && !self.tx_changes.is_empty() {
             // ROLLBACK TO SAVEPOINT: which SETs survived is not followed.
             self.pin(PIN_UNTRACKED);
         }
         self.rollback_seen = false;
-        if status == b'I' {
+        if status == status::IDLE {
             // Out of the block: a COMMIT already applied its SETs; anything left (ROLLBACK, a failed COMMIT,
             // PREPARE TRANSACTION) did not take effect in this session.
             self.tx_changes.clear();
@@ -267,11 +270,13 @@ impl SessionState {
             Effect::None => {}
             // Even a DO block that failed may have left something behind (a temporary namespace).
             Effect::Opaque => self.opaque = true,
-            Effect::LocalSet => self.local_set = status != b'I',
+            Effect::LocalSet => self.local_set = status != status::IDLE,
             // Locks taken, or untracked changes made, before a later statement of the query failed stay.
             Effect::Pin(_) | Effect::Untracked => self.apply(effect),
             _ if failed => {}
-            Effect::Set { .. } | Effect::Reset { .. } | Effect::ResetAll if status == b'T' => {
+            Effect::Set { .. } | Effect::Reset { .. } | Effect::ResetAll
+                if status == status::IN_BLOCK =>
+            {
                 if self.tx_changes.len() >= MAX_TX_CHANGES {
                     self.pin(PIN_UNTRACKED);
                 } else {

@@ -14,6 +14,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 
 use crate::backend::statements::{server_name, ServerStatements, StatementId, SERVER_NAME_LEN};
+use crate::protocol::tag::frontend as fe;
 use crate::protocol::{sqlstate, PgError};
 
 /// A statement name no one uses: Close of it is a no-op that still answers CloseComplete in order, and a Parse
@@ -171,27 +172,30 @@ impl ClientStatements {
     ) -> Result<(), PgError> {
         let body = &frame[5..];
         match frame[0] {
-            b'P' => return self.parse(frame, resolution, t),
-            b'B' => match split_names(body) {
+            fe::PARSE => return self.parse(frame, resolution, t),
+            fe::BIND => match split_names(body) {
                 Some((portal, stmt, rest)) if !stmt.is_empty() => match self.ensure(stmt, &mut t) {
-                    Some(id) => {
-                        put_frame(t.out, b'B', &[portal, b"\0", &server_name(id), b"\0", rest])
-                    }
+                    Some(id) => put_frame(
+                        t.out,
+                        fe::BIND,
+                        &[portal, b"\0", &server_name(id), b"\0", rest],
+                    ),
                     None => t.out.extend_from_slice(frame),
                 },
                 _ => t.out.extend_from_slice(frame),
             },
-            b'D' => match statement_target(body).and_then(|stmt| self.ensure(stmt, &mut t)) {
-                Some(id) => put_frame(t.out, b'D', &[b"S", &server_name(id), b"\0"]),
+            fe::DESCRIBE => match statement_target(body).and_then(|stmt| self.ensure(stmt, &mut t))
+            {
+                Some(id) => put_frame(t.out, fe::DESCRIBE, &[b"S", &server_name(id), b"\0"]),
                 None => t.out.extend_from_slice(frame),
             },
-            b'C' => {
+            fe::CLOSE => {
                 match statement_target(body) {
                     Some(stmt) => {
                         // The client's name goes; the server statement stays for others. Closing a name nobody
                         // uses answers CloseComplete in the right place.
                         let before = self.remove(stmt);
-                        put_frame(t.out, b'C', &[b"S", NOOP_NAME, b"\0"]);
+                        put_frame(t.out, fe::CLOSE, &[b"S", NOOP_NAME, b"\0"]);
                         t.inflight.push(
                             false,
                             Undo::Client {
@@ -252,7 +256,11 @@ impl ClientStatements {
         }
         let id = statement_id(definition, &resolution());
         let mut parse = BytesMut::with_capacity(size);
-        put_frame(&mut parse, b'P', &[&server_name(id), b"\0", definition]);
+        put_frame(
+            &mut parse,
+            fe::PARSE,
+            &[&server_name(id), b"\0", definition],
+        );
         let parse = parse.freeze();
         // Re-preparing a name replaces it (PostgreSQL would refuse with 42P05; the replacement is harmless).
         let before = self.insert(
@@ -313,7 +321,7 @@ impl ClientStatements {
         if t.statements.touch(id) {
             // Closing first makes the throwaway Parse safe whatever an earlier, skipped frame left behind.
             close_own(t.out, t.inflight, NOOP_NAME, Undo::Nothing);
-            put_frame(t.out, b'P', &[NOOP_NAME, b"\0", definition]);
+            put_frame(t.out, fe::PARSE, &[NOOP_NAME, b"\0", definition]);
             t.inflight.push(false, undo(None));
             close_own(t.out, t.inflight, NOOP_NAME, Undo::Nothing);
         } else {
@@ -358,7 +366,7 @@ impl ClientStatements {
             return Some(consumed);
         };
         let len = total - 1 - stmt.len() + SERVER_NAME_LEN;
-        t.out.put_u8(b'B');
+        t.out.put_u8(fe::BIND);
         t.out.put_u32(len as u32);
         t.out.extend_from_slice(portal);
         t.out.put_u8(0);
@@ -397,7 +405,7 @@ impl ClientStatements {
 
 /// A Close of statement `name` of the proxy's own; its CloseComplete does not reach the client.
 fn close_own(out: &mut BytesMut, inflight: &mut Inflight, name: &[u8], undo: Undo) {
-    put_frame(out, b'C', &[b"S", name, b"\0"]);
+    put_frame(out, fe::CLOSE, &[b"S", name, b"\0"]);
     inflight.push(true, undo);
 }
 

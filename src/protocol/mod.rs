@@ -11,6 +11,7 @@ pub mod messages;
 pub mod sql;
 pub mod sqlstate;
 pub mod startup;
+pub mod tag;
 
 pub use frame::{Direction, FrameError, Scan, Scanner};
 pub use messages::PgError;

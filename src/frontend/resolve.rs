@@ -1,0 +1,164 @@
+//! Where a tenant's transactions go: its route, the pool and login that serve it, and the startup parameters a
+//! backend connection is opened with; checking a connection out for it.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tracing::debug;
+
+use super::server::Server;
+use super::session::ClientInfo;
+use super::statements::Inflight;
+use crate::backend::{Backends, Pool, StartupTag};
+use crate::config::{Isolation, PoolMode};
+use crate::context::Shared;
+use crate::protocol::startup::join_options;
+use crate::protocol::{sqlstate, PgError};
+use crate::routing::Route;
+use crate::tenant::{quote_ident, TenantId};
+
+/// The backend startup parameters for `info` on `route`: the client's session parameters, its options, and the
+/// tenant's schema as `search_path` (in options, so `RESET search_path` and `DISCARD ALL` return to it).
+pub(super) fn startup_tag(info: &ClientInfo, schema: Option<&str>) -> StartupTag {
+    let mut params = info.params.clone();
+    let mut options = info.options.clone();
+    if let Some(schema) = schema {
+        options.push("-c".into());
+        options.push(format!("search_path={}", quote_ident(schema)));
+    }
+    if !options.is_empty() {
+        params.push(("options".into(), join_options(&options)));
+    }
+    params.sort();
+    StartupTag { params }
+}
+
+/// A backend connection and the route (and epoch) it was chosen under.
+pub(super) struct Attached {
+    pub server: Server,
+    pub route: Arc<Route>,
+    pub epoch: u64,
+    pub route_path: Option<Arc<str>>,
+}
+
+/// Where a tenant's transactions go now: its route, the routing epoch, and the pool and startup parameters a
+/// backend connection is drawn with. Kept by transaction-pool sessions while the epoch and backends stay.
+#[derive(Clone)]
+pub(super) struct Resolved {
+    pub tenant: TenantId,
+    pub route: Arc<Route>,
+    pub epoch: u64,
+    pub pool: Arc<Pool>,
+    pub tag: Arc<StartupTag>,
+    /// The backends table this was resolved against (a reload replaces it).
+    pub backends: Arc<Backends>,
+    /// The schema set per transaction (`SET search_path`) rather than at connect (see [`resolve`]).
+    pub route_path: Option<Arc<str>>,
+}
+
+/// Looks up `tenant`'s current route and the pool serving it.
+pub(super) fn resolve(
+    shared: &Shared,
+    info: &ClientInfo,
+    tenant: &TenantId,
+) -> Result<Resolved, PgError> {
+    let (route, epoch) = {
+        let table = shared.router.load();
+        let route = table.get(tenant.as_str()).cloned().ok_or_else(|| {
+            PgError::error(
+                sqlstate::INVALID_CATALOG_NAME,
+                format!("tenant \"{tenant}\" does not exist"),
+            )
+        })?;
+        (route, table.epoch)
+    };
+    let backends = shared.backends.load_full();
+    let backend = backends.get(&route.backend).ok_or_else(|| {
+        PgError::error(
+            sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+            format!(
+                "tenant \"{tenant}\" routes to backend \"{}\", which is not configured",
+                route.backend
+            ),
+        )
+    })?;
+    let database = route
+        .database
+        .clone()
+        .or_else(|| backend.config.database.clone())
+        .or_else(|| info.database.clone())
+        .unwrap_or_else(|| info.user_name.clone());
+    let config = shared.config.load();
+    // Transaction pooling of a shared pool: the schema is applied per transaction (SET search_path), not at
+    // connect, so one pool serves every schema tenant of the backend.
+    let route_path = (config.proxy.pool_mode == PoolMode::Transaction
+        && route.isolation(&backend.config) == Isolation::Shared)
+        .then(|| route.schema.as_deref().map(Arc::<str>::from))
+        .flatten();
+    let tag_schema = if route_path.is_some() {
+        None
+    } else {
+        route.schema.as_deref()
+    };
+    let tag = Arc::new(startup_tag(info, tag_schema));
+    let login =
+        crate::backend::identity::login_for(&config, backend, &route, tenant).map_err(|e| {
+            PgError::error(
+                sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+                e.to_string(),
+            )
+        })?;
+    drop(config);
+    let pool = backend.pool(&database, &login).ok_or_else(|| {
+        PgError::error(
+            sqlstate::TOO_MANY_CONNECTIONS,
+            format!(
+                "pgtenant: backend \"{}\" already serves {} pools",
+                backend.name,
+                crate::backend::MAX_POOLS_PER_BACKEND
+            ),
+        )
+    })?;
+    Ok(Resolved {
+        tenant: tenant.clone(),
+        route,
+        epoch,
+        pool,
+        tag,
+        backends,
+        route_path,
+    })
+}
+
+/// Checks out a backend connection of `resolved`'s pool (with a spare output buffer and in-flight queue).
+pub(super) async fn checkout(
+    resolved: &Resolved,
+    tenant: &TenantId,
+    spare: Option<(BytesMut, Inflight)>,
+) -> Result<Server, PgError> {
+    let conn = resolved
+        .pool
+        .checkout(&resolved.tag, Some(tenant))
+        .await
+        .map_err(|e| {
+            debug!(%tenant, error = %e, "backend checkout failed");
+            e.to_client(false)
+        })?;
+    Ok(Server::new(conn, spare))
+}
+
+/// Checks out a backend connection for `tenant`'s current route.
+pub(super) async fn connect_server(
+    shared: &Shared,
+    info: &ClientInfo,
+    tenant: &TenantId,
+) -> Result<Attached, PgError> {
+    let resolved = resolve(shared, info, tenant)?;
+    let server = checkout(&resolved, tenant, None).await?;
+    Ok(Attached {
+        server,
+        route: resolved.route,
+        epoch: resolved.epoch,
+        route_path: resolved.route_path,
+    })
+}

@@ -1,0 +1,256 @@
+//! What the session does with what the backend sends: forward it, noting on the way the transaction status
+//! (ReadyForQuery), completions the proxy asked for itself (taken out), ParameterStatus (what the client has been
+//! told), the start of COPY FROM, writes (for the migration tee), and ErrorResponses the proxy replaces.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::Buf;
+use tracing::debug;
+
+use super::parts::{ClientSide, Txn};
+use super::relay::move_bytes;
+use super::server::Server;
+use super::session::{End, Session};
+use super::state::SessionState;
+use super::statements::ClientStatements;
+use crate::backend::statements::ServerStatements;
+use crate::context::Shared;
+use crate::protocol::frame::Scan;
+use crate::protocol::inspect;
+use crate::protocol::tag::{backend as be, status};
+use crate::tenant::TenantId;
+
+/// The frames looked at whole; everything else streams through.
+fn inspected(t: u8) -> bool {
+    matches!(
+        t,
+        be::READY_FOR_QUERY
+            | be::PARAMETER_STATUS
+            | be::ERROR_RESPONSE
+            | be::COPY_IN_RESPONSE
+            | be::COMMAND_COMPLETE
+            | be::PARSE_COMPLETE
+            | be::CLOSE_COMPLETE
+    )
+}
+
+/// What becomes of one whole frame.
+enum Next {
+    /// Forwarded with the frames around it.
+    Forward,
+    /// Taken out of the stream (a reply to the proxy's own frame).
+    Drop,
+    /// Replaced by the proxy's error (already written).
+    Replaced,
+    /// The reply up to and including this frame waits for the migration tee.
+    Hold(Pin<Box<dyn Future<Output = ()> + Send + Sync>>),
+}
+
+/// The parts of a session a backend frame may touch, borrowed apart from the backend connection.
+struct Parts<'a> {
+    client: &'a mut ClientSide,
+    txn: &'a mut Txn,
+    state: &'a mut SessionState,
+    statements: &'a mut ClientStatements,
+    shared: &'a Shared,
+    tenant: Option<&'a TenantId>,
+    /// A transaction (or a statement outside one) ended in this read.
+    ended: bool,
+}
+
+impl Session {
+    /// Forwards what the backend sent, noting transaction status and parameter changes on the way.
+    pub(super) fn on_server_input(&mut self) -> Result<(), End> {
+        let Some(s) = self.server.as_mut() else {
+            return Ok(());
+        };
+        let mut parts = Parts {
+            client: &mut self.client,
+            txn: &mut self.txn,
+            state: &mut self.state,
+            statements: &mut self.pooling.statements,
+            shared: &self.shared,
+            tenant: self.place.tenant.as_ref(),
+            ended: false,
+        };
+        read_frames(s, &mut parts)?;
+        if parts.ended {
+            if self.txn.pass.is_some() {
+                self.end_transaction(true);
+            }
+            self.park();
+            // The registry shows whether the session is pinned (a cutover ends pinned sessions on the old
+            // route); it changes rarely, so it is published only when it did.
+            if self.pin_reason() != self.place.published_pin {
+                self.publish_route();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Moves every complete frame of the backend's input towards the client (streaming large ones), stopping
+/// early when a reply must wait for the tee.
+fn read_frames(s: &mut Server, p: &mut Parts<'_>) -> Result<(), End> {
+    let mut fwd = 0;
+    loop {
+        let buf = &s.conn.get().buf[fwd..];
+        let step = s.scan.next(buf, inspected).map_err(|e| {
+            debug!(error = %e, "backend sent a malformed frame");
+            End::ServerGone
+        })?;
+        let (tag, total) = match step {
+            Scan::NeedMore(_) => break,
+            Scan::Rest(n) | Scan::Head { avail: n, .. } => {
+                fwd += n;
+                continue;
+            }
+            Scan::Whole(h) => (h.tag, h.total),
+        };
+        match backend_frame(s, fwd, tag, total, p) {
+            Next::Forward => fwd += total,
+            Next::Drop | Next::Replaced => fwd = 0,
+            Next::Hold(wait) => {
+                let conn = s.conn.get_mut();
+                p.txn.hold(&mut conn.buf, fwd + total);
+                p.txn.tee_wait = Some(wait);
+                return Ok(());
+            }
+        }
+    }
+    move_bytes(&mut s.conn.get_mut().buf, &mut p.client.cout, fwd);
+    Ok(())
+}
+
+/// One whole frame at `at + ..total` of the backend's input (what precedes it is being forwarded).
+fn backend_frame(s: &mut Server, at: usize, tag: u8, total: usize, p: &mut Parts<'_>) -> Next {
+    let conn = s.conn.get_mut();
+    let frame = &conn.buf[at..at + total];
+    if matches!(tag, be::PARSE_COMPLETE | be::CLOSE_COMPLETE) && s.inflight.on_complete() {
+        // The completion of a Parse or Close the proxy sent on its own.
+        move_bytes(&mut conn.buf, &mut p.client.cout, at);
+        conn.buf.advance(total);
+        return Next::Drop;
+    }
+    if matches!(
+        tag,
+        be::READY_FOR_QUERY
+            | be::ERROR_RESPONSE
+            | be::COMMAND_COMPLETE
+            | be::PARSE_COMPLETE
+            | be::CLOSE_COMPLETE
+    ) {
+        p.state.on_backend(tag, frame);
+    }
+    match tag {
+        be::READY_FOR_QUERY => return ready_for_query(s, at, total, p),
+        be::COMMAND_COMPLETE => {
+            p.txn.wrote |= inspect::is_write_tag(frame);
+            command_complete(
+                frame,
+                &mut conn.statements,
+                &mut conn.route_path,
+                p.statements,
+            )
+        }
+        be::PARAMETER_STATUS => {
+            if let Some((k, v)) = inspect::parameter_status(frame) {
+                let (k, v) = (k.to_owned(), v.to_owned());
+                p.client.set_told(&k, &v);
+                conn.set_param(&k, &v);
+            }
+        }
+        be::COPY_IN_RESPONSE => copy_in_started(s, p),
+        be::ERROR_RESPONSE if s.replace_error.is_some() => {
+            move_bytes(&mut conn.buf, &mut p.client.cout, at);
+            conn.buf.advance(total);
+            if let Some(e) = s.replace_error.take() {
+                e.encode(&mut p.client.cout);
+            }
+            return Next::Replaced;
+        }
+        _ => s.sent_fatal |= is_fatal(frame),
+    }
+    Next::Forward
+}
+
+/// ReadyForQuery: the transaction status, replies owed, and at the end of a transaction that wrote, the wait
+/// for the migration tee. The reply to the commit waits for the tee whole, CommandComplete included: an
+/// asynchronous client (libpq's PQgetResult, as pgbench uses it) that saw the CommandComplete alone would
+/// block its thread, every other connection of that thread with it, waiting for the ReadyForQuery.
+fn ready_for_query(s: &mut Server, at: usize, total: usize, p: &mut Parts<'_>) -> Next {
+    let conn = s.conn.get_mut();
+    s.status = inspect::ready_status(&conn.buf[at..at + total]).unwrap_or(s.status);
+    s.pending = s.pending.saturating_sub(1);
+    s.inflight.on_ready(&mut conn.statements, p.statements);
+    s.replace_error = None;
+    let end = s.pending == 0 && s.status == status::IDLE && !s.batch_open;
+    p.ended |= end;
+    if end && std::mem::take(&mut p.txn.wrote) {
+        if let Some(wait) = tee_for(p.shared, p.tenant) {
+            return Next::Hold(wait);
+        }
+    }
+    Next::Forward
+}
+
+/// CommandComplete: after `DISCARD ALL` or `DEALLOCATE ALL` the connection has no prepared statements left,
+/// nor has the client (a single SQL `DEALLOCATE` reaching the backend names one of the client's SQL-level
+/// statements: the proxy refuses it for its own names); after `DISCARD ALL` or a `RESET` the schema the proxy
+/// set per transaction may be gone, so it is set again next time.
+fn command_complete(
+    frame: &[u8],
+    server: &mut ServerStatements,
+    route_path: &mut Option<std::sync::Arc<str>>,
+    client: &mut ClientStatements,
+) {
+    let done = frame.get(5..).unwrap_or_default();
+    if done.starts_with(b"DISCARD ALL") || done.starts_with(b"DEALLOCATE ALL") {
+        server.clear();
+        client.clear();
+    }
+    if done.starts_with(b"DISCARD ALL") || done.starts_with(b"RESET") {
+        *route_path = None;
+    }
+}
+
+/// CopyInResponse: the Syncs sent after the Execute that started this COPY reach a backend in copy-in mode,
+/// which ignores them: no ReadyForQuery will answer them.
+fn copy_in_started(s: &mut Server, p: &mut Parts<'_>) {
+    s.copy_in = true;
+    p.txn.wrote = true;
+    p.state.syncs_ignored(s.syncs_since_exec);
+    s.inflight.ignored(s.syncs_since_exec);
+    s.pending = s.pending.saturating_sub(s.syncs_since_exec);
+    s.syncs_since_exec = 0;
+}
+
+/// The wait for the migration tee of `tenant`, when one is running.
+fn tee_for(
+    shared: &Shared,
+    tenant: Option<&TenantId>,
+) -> Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>> {
+    let tees = shared.migrations.tees.load();
+    if tees.is_empty() {
+        return None;
+    }
+    let tee = tees.get(tenant?.as_str())?.clone();
+    Some(Box::pin(async move { tee.after_commit().await }))
+}
+
+pub(super) fn set_param(params: &mut Vec<(String, String)>, name: &str, value: &str) {
+    match params.iter_mut().find(|(k, _)| k == name) {
+        Some((_, v)) => {
+            if v != value {
+                *v = value.to_owned()
+            }
+        }
+        None => params.push((name.to_owned(), value.to_owned())),
+    }
+}
+
+fn is_fatal(frame: &[u8]) -> bool {
+    frame.first() == Some(&be::ERROR_RESPONSE)
+        && inspect::error_fields(frame).is_some_and(|(sev, _, _)| sev == "FATAL" || sev == "PANIC")
+}
