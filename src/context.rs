@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use thiserror::Error;
-use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
 
 use crate::auth::throttle::AuthThrottle;
@@ -22,6 +21,7 @@ use crate::metrics::Metrics;
 use crate::net::tls::{self, TlsError};
 use crate::routing::{Router, RoutingTable};
 use crate::sessions::Sessions;
+pub use crate::shutdown::Terminate;
 use crate::state::{AuditLog, RoutesFile, StateError, StateStore};
 
 #[derive(Debug, Error)]
@@ -173,36 +173,6 @@ impl Shared {
                 }
             }
         }
-    }
-}
-
-/// The "end every session now" signal. Sessions poll it on every relay step, so checking it is one atomic load
-/// (a `CancellationToken` takes a mutex to answer `is_cancelled`).
-#[derive(Default)]
-pub struct Terminate {
-    fired: AtomicBool,
-    notify: Notify,
-}
-
-impl Terminate {
-    pub fn fire(&self) {
-        self.fired.store(true, Ordering::SeqCst);
-        self.notify.notify_waiters();
-    }
-
-    pub fn is_fired(&self) -> bool {
-        self.fired.load(Ordering::SeqCst)
-    }
-
-    /// Completes when the signal fires (at once if it already has).
-    pub async fn fired(&self) {
-        let notified = self.notify.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        if self.is_fired() {
-            return;
-        }
-        notified.await;
     }
 }
 

@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use crate::context::Terminate;
 use crate::protocol::PgError;
+use crate::shutdown::Terminate;
 use crate::tenant::TenantId;
 
 /// Where a session's backend connection came from.

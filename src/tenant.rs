@@ -5,7 +5,17 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-use crate::config::TenantSource;
+use serde::{Deserialize, Serialize};
+
+/// Where a connection's tenant may come from (`proxy.tenant_sources`, DESIGN section 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TenantSource {
+    UserSuffix,
+    Options,
+    Database,
+    Set,
+}
 
 /// A validated tenant name: `[A-Za-z0-9_-]{1,63}`. Cheap to clone.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -51,20 +61,6 @@ impl fmt::Display for TenantId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
-}
-
-/// Quotes an SQL identifier (schema names reach SQL only through this).
-pub fn quote_ident(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars().filter(|&c| c != '\0') {
-        if c == '"' {
-            out.push('"');
-        }
-        out.push(c);
-    }
-    out.push('"');
-    out
 }
 
 /// Splits `app.acme` into user `app` and tenant `acme` at the last separator, unless the whole name is itself a
@@ -151,12 +147,11 @@ mod tests {
     ];
 
     #[test]
-    fn names_and_quoting() {
+    fn names() {
         assert!(TenantId::parse("acme-2_x").is_ok());
         assert!(TenantId::parse("").is_err());
         assert!(TenantId::parse("a.b").is_err());
         assert!(TenantId::parse(&"a".repeat(64)).is_err());
-        assert_eq!(quote_ident("tenant_\"x"), "\"tenant_\"\"x\"");
     }
 
     #[test]

@@ -7,29 +7,13 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::protocol::{AdminError, Migrate, Request};
+use super::Done;
 use crate::context::Shared;
 use crate::routing::Route;
 use crate::tenant::TenantId;
 
 /// Default `pause` wait for open transactions to finish.
 const DEFAULT_PAUSE_TIMEOUT_MS: u64 = 10_000;
-
-/// A command's answer plus what the audit log records about it.
-pub struct Done {
-    pub result: Value,
-    pub before: Value,
-    pub after: Value,
-}
-
-impl Done {
-    fn read(result: Value) -> Done {
-        Done {
-            result,
-            before: Value::Null,
-            after: Value::Null,
-        }
-    }
-}
 
 fn unknown_tenant(t: &TenantId) -> AdminError {
     AdminError::new("unknown_tenant", format!("tenant {t:?} is not routed"))
@@ -97,7 +81,7 @@ async fn run(shared: &Arc<Shared>, req: Request) -> Result<Done, AdminError> {
         Request::Pause { tenant, timeout_ms } => pause(shared, &tenant, timeout_ms).await,
         Request::Resume { tenant } => resume(shared, &tenant),
         Request::Stats => Ok(Done::read(stats(shared))),
-        Request::Reload => crate::reload::reload(shared),
+        Request::Reload => crate::admin::reload::reload(shared),
         Request::Audit { tail } => audit(shared, tail).map(Done::read),
         Request::Migrate(m) => migrate(shared, m).await,
     }

@@ -7,9 +7,10 @@
 //! the password goes in as a SCRAM verifier, so the printed SQL does not show it.
 
 use crate::config::{Config, Isolation};
-use crate::migration::capture::quote_literal;
+use crate::quote::quote_ident;
+use crate::quote::quote_literal;
 use crate::routing::Route;
-use crate::tenant::{quote_ident, TenantId};
+use crate::tenant::TenantId;
 
 /// The schema holding the role-to-key mapping and the function row-level security calls.
 pub const RLS_SCHEMA: &str = "pgtenant_rls";

@@ -18,9 +18,10 @@ use thiserror::Error;
 use crate::net::cidr::Cidr;
 use crate::tenant::{valid_identifier, TenantId};
 
+pub use crate::tenant::TenantSource;
 pub use backend::{BackendConfig, BackendSecrets, Isolation, SslMode, TenantConfig};
 pub use migration::{MigrationConfig, TeeMode};
-pub use proxy::{admin_socket_for, Keepalive, PinnedAtMove, PoolMode, ProxyConfig, TenantSource};
+pub use proxy::{admin_socket_for, Keepalive, PinnedAtMove, PoolMode, ProxyConfig};
 pub use secret::Secret;
 pub use users::{AuthMethod, TlsConfig, UserConfig};
 

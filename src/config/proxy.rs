@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::tenant::TenantSource;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PoolMode {
@@ -17,15 +19,6 @@ pub enum PoolMode {
 pub enum PinnedAtMove {
     Wait,
     Disconnect,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TenantSource {
-    UserSuffix,
-    Options,
-    Database,
-    Set,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

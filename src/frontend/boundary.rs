@@ -4,8 +4,9 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use super::parts::End;
 use super::resolve::{connect_server, Attached};
-use super::session::{End, Session};
+use super::session::Session;
 use crate::config::PinnedAtMove;
 use crate::gate::{Gate, GateError, GatePass};
 use crate::metrics::ErrorKind;

@@ -4,9 +4,9 @@
 use bytes::Buf;
 
 use super::boundary::Admission;
-use super::relay::{move_bytes, OUT_HIGH_WATER};
+use super::parts::{move_bytes, End, SkipEnd, OUT_HIGH_WATER};
 use super::server::Server;
-use super::session::{End, Session, SkipEnd};
+use super::session::Session;
 use super::state::SessionState;
 use crate::protocol::frame::{parse_header, Direction, Header, Scan};
 use crate::protocol::tag::frontend as fe;

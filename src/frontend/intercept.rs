@@ -3,13 +3,14 @@
 
 use tracing::{info, warn};
 
+use super::parts::SkipEnd;
 use super::resolve::connect_server;
-use super::session::{Session, SkipEnd};
+use super::session::Session;
 use crate::protocol::sql::{Recognised, TenantCommand};
 use crate::protocol::{inspect, messages, sql, sqlstate, PgError};
 use crate::tenant::{may_reach, TenantId};
 
-use super::session::End;
+use super::parts::End;
 use crate::protocol::tag::{frontend as fe, status};
 
 fn no_tenant() -> PgError {

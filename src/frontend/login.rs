@@ -10,10 +10,10 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use super::auth::{authenticate, AuthFailure};
+use super::client_info::{Admission, ClientInfo};
 use super::guards;
 use super::limits::{LoginTicket, TenantSlot};
-use super::session::Admission;
-use super::session::{ClientInfo, Session};
+use super::session::Session;
 use super::startup::{handshake, report, HandshakeError, Hello};
 use crate::auth::UserEntry;
 use crate::config::TenantSource;

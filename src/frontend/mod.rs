@@ -5,6 +5,7 @@
 pub mod auth;
 mod boundary;
 mod client_in;
+pub mod client_info;
 pub mod guards;
 pub mod intercept;
 pub mod limits;

@@ -8,20 +8,65 @@ use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
 
-use super::session::SkipEnd;
 use super::statements::{ClientStatements, Inflight};
 use crate::gate::{Gate, GatePass};
 use crate::metrics::TenantMetrics;
 use crate::net::Stream;
-use crate::protocol::frame::{Direction, Scanner};
+use crate::protocol::frame::{Direction, Scanner, WHOLE_FRAME_MAX};
 use crate::protocol::{messages, tag, PgError};
 use crate::routing::Route;
 use crate::tenant::TenantId;
 
-/// Frames the proxy must see whole are waited for up to this size; larger ones stream through uninspected.
-pub const WHOLE_FRAME_MAX: usize = 1 << 20;
+/// Stop reading a side while the buffer towards the other side holds more than this.
+pub const OUT_HIGH_WATER: usize = 256 * 1024;
 /// Capacity of the held-reply buffer kept across transactions.
 const HELD_KEEP: usize = 4 * 1024;
+
+/// How an error skip ends at the client's Sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum SkipEnd {
+    /// Nothing of the batch reached a backend: answer the Sync ourselves.
+    Local,
+    /// Part of the batch went to the backend: send it the Sync; the backend answers it.
+    ForwardSync,
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+pub(super) enum End {
+    ClientGone,
+    /// The client sent Terminate.
+    Terminated,
+    ServerGone,
+    Shutdown,
+    Fatal(PgError),
+}
+
+/// Moves the first `n` bytes of `from` to the end of `to`; when that is all of `from` and `to` is empty the
+/// buffers are swapped instead of copied.
+pub(super) fn move_bytes(from: &mut BytesMut, to: &mut BytesMut, n: usize) {
+    if n == 0 {
+        return;
+    }
+    if to.is_empty() && n == from.len() {
+        std::mem::swap(from, to);
+    } else {
+        to.extend_from_slice(&from[..n]);
+        from.advance(n);
+    }
+}
+
+/// Sets `name` to `value` in a list of parameters.
+pub(super) fn set_param(params: &mut Vec<(String, String)>, name: &str, value: &str) {
+    match params.iter_mut().find(|(k, _)| k == name) {
+        Some((_, v)) => {
+            if v != value {
+                *v = value.to_owned()
+            }
+        }
+        None => params.push((name.to_owned(), value.to_owned())),
+    }
+}
 
 /// The client's socket and what is buffered either way.
 pub(super) struct ClientSide {
@@ -72,14 +117,7 @@ impl ClientSide {
 
     /// Records a ParameterStatus value the client is told.
     pub fn set_told(&mut self, name: &str, value: &str) {
-        match self.told.iter_mut().find(|(k, _)| k == name) {
-            Some((_, v)) => {
-                if v != value {
-                    *v = value.to_owned()
-                }
-            }
-            None => self.told.push((name.to_owned(), value.to_owned())),
-        }
+        set_param(&mut self.told, name, value);
     }
 
     /// Tells the client every parameter of `params` that differs from what it was told, and remembers them.

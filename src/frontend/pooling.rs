@@ -10,7 +10,7 @@ use bytes::Buf;
 use std::sync::Arc;
 
 use super::boundary::Refusal;
-use super::relay::move_bytes;
+use super::parts::move_bytes;
 use super::resolve::{checkout, resolve, Resolved};
 use super::server::Server;
 use super::session::Session;
@@ -19,7 +19,7 @@ use crate::backend::pool::ReleaseState;
 use crate::metrics::ErrorKind;
 use crate::protocol::tag::{backend as be, frontend as fe, status};
 use crate::protocol::{messages, sql, sqlstate, PgError};
-use crate::tenant::quote_ident;
+use crate::quote::quote_ident;
 
 /// Why a session in transaction pool mode keeps its backend connection although it is idle.
 const PIN_SQL_PREPARE: &str = "SQL PREPARE (transaction pool mode)";

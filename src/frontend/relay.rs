@@ -13,13 +13,12 @@ use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWrite;
 use tokio_util::io::poll_read_buf;
 
-use super::session::{End, Session};
+use super::parts::{End, OUT_HIGH_WATER};
+use super::session::Session;
 use super::timeouts::Phase;
 use crate::net::Stream;
 use crate::protocol::tag;
 
-/// Stop reading a side while the buffer towards the other side holds more than this.
-pub const OUT_HIGH_WATER: usize = 256 * 1024;
 /// Reads stop once this much client input is waiting to be handled (unless a whole frame needs more).
 const CLIENT_IN_MAX: usize = 64 * 1024;
 /// An idle session's read buffers stay this small; they double while reads keep filling them.
@@ -289,18 +288,4 @@ fn poll_write_side(
             .map(|r| r.map(|_| Wrote::Flushed));
     }
     Poll::Pending
-}
-
-/// Moves the first `n` bytes of `from` to the end of `to`; when that is all of `from` and `to` is empty the
-/// buffers are swapped instead of copied.
-pub(super) fn move_bytes(from: &mut BytesMut, to: &mut BytesMut, n: usize) {
-    if n == 0 {
-        return;
-    }
-    if to.is_empty() && n == from.len() {
-        std::mem::swap(from, to);
-    } else {
-        to.extend_from_slice(&from[..n]);
-        from.advance(n);
-    }
 }

@@ -6,16 +6,17 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use tracing::debug;
 
+use super::client_info::ClientInfo;
 use super::server::Server;
-use super::session::ClientInfo;
 use super::statements::Inflight;
 use crate::backend::{Backends, Pool, StartupTag};
 use crate::config::{Isolation, PoolMode};
 use crate::context::Shared;
 use crate::protocol::startup::join_options;
 use crate::protocol::{sqlstate, PgError};
+use crate::quote::quote_ident;
 use crate::routing::Route;
-use crate::tenant::{quote_ident, TenantId};
+use crate::tenant::TenantId;
 
 /// The backend startup parameters for `info` on `route`: the client's session parameters, its options, and the
 /// tenant's schema as `search_path` (in options, so `RESET search_path` and `DISCARD ALL` return to it).

@@ -3,10 +3,10 @@
 
 use bytes::BytesMut;
 
-use super::parts::WHOLE_FRAME_MAX;
 use super::statements::Inflight;
 use crate::backend::pool::ReleaseState;
 use crate::backend::PooledConn;
+use crate::protocol::frame::WHOLE_FRAME_MAX;
 use crate::protocol::frame::{Direction, Scanner};
 use crate::protocol::tag::{frontend as fe, status};
 use crate::protocol::PgError;

@@ -8,10 +8,9 @@ use std::pin::Pin;
 use bytes::Buf;
 use tracing::debug;
 
-use super::parts::{ClientSide, Txn};
-use super::relay::move_bytes;
+use super::parts::{move_bytes, ClientSide, End, Txn};
 use super::server::Server;
-use super::session::{End, Session};
+use super::session::Session;
 use super::state::SessionState;
 use super::statements::ClientStatements;
 use crate::backend::statements::ServerStatements;
@@ -237,17 +236,6 @@ fn tee_for(
     }
     let tee = tees.get(tenant?.as_str())?.clone();
     Some(Box::pin(async move { tee.after_commit().await }))
-}
-
-pub(super) fn set_param(params: &mut Vec<(String, String)>, name: &str, value: &str) {
-    match params.iter_mut().find(|(k, _)| k == name) {
-        Some((_, v)) => {
-            if v != value {
-                *v = value.to_owned()
-            }
-        }
-        None => params.push((name.to_owned(), value.to_owned())),
-    }
 }
 
 fn is_fatal(frame: &[u8]) -> bool {

@@ -9,12 +9,12 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tracing::debug;
 
-use super::parts::{ClientSide, Place, Pooling, Txn};
+use super::client_info::ClientInfo;
+use super::parts::{ClientSide, End, Place, Pooling, Txn};
 use super::resolve::connect_server;
 use super::server::Server;
 use super::state::SessionState;
 use super::timeouts::Timeouts;
-use crate::auth::UserEntry;
 use crate::cancel::{synthetic_pid, CancelKey};
 use crate::config::PoolMode;
 use crate::context::Shared;
@@ -23,55 +23,9 @@ use crate::net::Stream;
 use crate::protocol::tag;
 use crate::protocol::{messages, sqlstate, PgError};
 use crate::sessions::SessionHandle;
-use crate::tenant::TenantId;
 
 /// How long a closing session may spend delivering its last messages.
 const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// The places a logged-in client holds under the client limits; given back when the session ends.
-pub struct Admission {
-    pub(super) _client: tokio::sync::OwnedSemaphorePermit,
-    pub(super) _user: super::limits::UserSlot,
-    /// Changes when `SET pgtenant.tenant` moves the session.
-    pub(super) tenant: Option<super::limits::TenantSlot>,
-}
-
-/// Who the client is and what it asked for at startup; fixed for the session's life.
-pub struct ClientInfo {
-    pub admission: Admission,
-    pub user: Arc<UserEntry>,
-    /// Configured user name (without tenant suffix).
-    pub user_name: String,
-    pub database: Option<String>,
-    /// Session parameters from the startup packet (sorted), passed to backends.
-    pub params: Vec<(String, String)>,
-    /// The client's `options` arguments, `pgtenant.tenant` removed.
-    pub options: Vec<String>,
-    pub startup_tenant: Option<TenantId>,
-    /// True when the client named its tenant at startup; then SET may not move it to another.
-    pub tenant_fixed: bool,
-    pub peer: Option<std::net::SocketAddr>,
-}
-
-/// How an error skip ends at the client's Sync.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum SkipEnd {
-    /// Nothing of the batch reached a backend: answer the Sync ourselves.
-    Local,
-    /// Part of the batch went to the backend: send it the Sync; the backend answers it.
-    ForwardSync,
-}
-
-/// Why a session ended.
-#[derive(Debug)]
-pub(super) enum End {
-    ClientGone,
-    /// The client sent Terminate.
-    Terminated,
-    ServerGone,
-    Shutdown,
-    Fatal(PgError),
-}
 
 pub struct Session {
     pub(super) shared: Arc<Shared>,
@@ -254,10 +208,10 @@ fn fallback_params(shared: &Shared, info: &ClientInfo) -> Vec<(String, String)> 
             params.push((k.into(), v.into()));
         }
     }
-    super::server_in::set_param(&mut params, "session_authorization", &info.user_name);
+    super::parts::set_param(&mut params, "session_authorization", &info.user_name);
     for (k, v) in &info.params {
         if params.iter().any(|(name, _)| name == k) || k == "application_name" {
-            super::server_in::set_param(&mut params, k, v);
+            super::parts::set_param(&mut params, k, v);
         }
     }
     params

@@ -9,15 +9,15 @@ use std::collections::HashMap;
 
 use serde_json::value::RawValue;
 
-use super::apply::{assignments, key_match, Entry};
 use super::catalog::Table;
 use super::pg::Endpoint;
-use crate::tenant::quote_ident;
+use super::rowsql::{assignments, key_match, Entry};
+use crate::quote::quote_ident;
 
 /// One statement of a pass.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Work<'a> {
-    /// An entry applied by itself (see [`super::apply::apply_sql`]).
+    /// An entry applied by itself (see [`super::rowsql::apply_sql`]).
     One(&'a Entry),
     /// A run of inserts (`kind` b'i') or key deletes (b'd'): `(id, image)` pairs.
     Rows {

@@ -16,7 +16,7 @@ use tokio_postgres::Client;
 
 use super::pg::Endpoint;
 use super::MigrateError;
-use crate::tenant::quote_ident;
+use crate::quote::{quote_ident, quote_literal};
 
 /// The shared objects; idempotent, safe to run while other tenants migrate.
 const SETUP: &str = r#"
@@ -194,28 +194,7 @@ pub async fn setup(client: &Client) -> Result<(), MigrateError> {
         .batch_execute(&tx_sql)
         .await
         .map_err(|e| MigrateError::pg("install pgtenant schema", e))?;
-    present_key(client).await
-}
-
-/// Makes `client` one of the migration's own connections (see the module comment), when the database has
-/// the migration's objects already; the admin role reads the key, nobody else can.
-pub async fn present_key(client: &Client) -> Result<(), MigrateError> {
-    let row = client
-        .query_one(
-            "SELECT CASE WHEN to_regclass('pgtenant.apply_key') IS NOT NULL \
-             THEN (xpath('/row/k/text()', query_to_xml('SELECT k FROM pgtenant.apply_key', false, true, '')))[1]::text END",
-            &[],
-        )
-        .await
-        .map_err(|e| MigrateError::pg("read the apply key", e))?;
-    let key: Option<String> = row.get(0);
-    if let Some(k) = key {
-        client
-            .batch_execute(&format!("SET pgtenant.apply_key = {}", quote_literal(&k)))
-            .await
-            .map_err(|e| MigrateError::pg("present the apply key", e))?;
-    }
-    Ok(())
+    super::pg::present_key(client).await
 }
 
 fn trigger_name(tenant: &str, kind: &str) -> String {
@@ -471,18 +450,4 @@ pub async fn backlog(client: &Client, tenant: &str) -> Result<u64, MigrateError>
         .await
         .map_err(|e| MigrateError::pg("count change log", e))?;
     Ok(row.get::<_, i64>(0).max(0) as u64)
-}
-
-/// A SQL string literal (standard_conforming_strings is on in every supported server).
-pub fn quote_literal(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('\'');
-    for c in s.chars().filter(|&c| c != '\0') {
-        if c == '\'' {
-            out.push('\'');
-        }
-        out.push(c);
-    }
-    out.push('\'');
-    out
 }

@@ -13,12 +13,12 @@ use bytes::{Bytes, BytesMut};
 use futures_util::{pin_mut, SinkExt, StreamExt, TryStreamExt};
 use tokio_postgres::Client;
 
-use super::capture::quote_literal;
 use super::catalog::Table;
 use super::pg::Endpoint;
 use super::record::TableCheckpoint;
 use super::MigrateError;
-use crate::tenant::quote_ident;
+use crate::quote::quote_ident;
+use crate::quote::quote_literal;
 
 /// Bytes of rows passed to the target per COPY message.
 const COPY_BLOCK: usize = 64 * 1024;

@@ -388,7 +388,7 @@ pub async fn sync_sequences(
         if called {
             let q = to_side.qualified(seq);
             // At or beyond the source's value in the sequence's own direction.
-            let lit = capture::quote_literal(&q);
+            let lit = crate::quote::quote_literal(&q);
             sets.push(format!(
                 "setval({lit}::regclass, CASE WHEN (SELECT seqincrement FROM pg_sequence \
                  WHERE seqrelid = {lit}::regclass) > 0 \

@@ -26,7 +26,8 @@ use super::pg::Endpoint;
 use super::record::State;
 use super::MigrateError;
 use crate::context::Shared;
-use crate::tenant::{quote_ident, TenantId};
+use crate::quote::quote_ident;
+use crate::tenant::TenantId;
 
 /// Longest DDL text accepted.
 pub const MAX_DDL_BYTES: usize = 64 * 1024;

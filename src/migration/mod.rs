@@ -15,6 +15,7 @@ pub mod failpoint;
 pub mod ops;
 pub mod pg;
 pub mod record;
+pub mod rowsql;
 pub mod tee;
 pub mod verify;
 

@@ -16,8 +16,9 @@ use super::record::{CutoverMode, Record, State, VerifyLevel, VerifyReport};
 use super::verify::{self, Sides};
 use super::{cutover, MigrateError};
 use crate::context::Shared;
+use crate::quote::quote_ident;
 use crate::routing::Route;
-use crate::tenant::{quote_ident, TenantId};
+use crate::tenant::TenantId;
 
 /// What `migrate start` asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,7 +8,7 @@ use tracing::debug;
 
 use super::MigrateError;
 use crate::config::{BackendConfig, SslMode};
-use crate::tenant::quote_ident;
+use crate::quote::{quote_ident, quote_literal};
 
 /// Settings every coordinator session uses: text forms that compare equal on both sides (hashes are over row
 /// text), and synchronous commit: exactly-once rests on the order "applied on the target, then deleted from
@@ -77,7 +77,7 @@ impl Endpoint {
             format!(
                 "{prefix}{}::text = {}",
                 quote_ident(&f.column),
-                super::capture::quote_literal(&f.key)
+                quote_literal(&f.key)
             )
         })
     }
@@ -121,7 +121,28 @@ impl Endpoint {
             .batch_execute(SESSION_SETUP)
             .await
             .map_err(|e| MigrateError::pg("session setup", e))?;
-        super::capture::present_key(&client).await?;
+        present_key(&client).await?;
         Ok(client)
     }
+}
+
+/// Makes `client` one of the migration's own connections (see `capture`), when the database has
+/// the migration's objects already; the admin role reads the key, nobody else can.
+pub async fn present_key(client: &Client) -> Result<(), MigrateError> {
+    let row = client
+        .query_one(
+            "SELECT CASE WHEN to_regclass('pgtenant.apply_key') IS NOT NULL \
+             THEN (xpath('/row/k/text()', query_to_xml('SELECT k FROM pgtenant.apply_key', false, true, '')))[1]::text END",
+            &[],
+        )
+        .await
+        .map_err(|e| MigrateError::pg("read the apply key", e))?;
+    let key: Option<String> = row.get(0);
+    if let Some(k) = key {
+        client
+            .batch_execute(&format!("SET pgtenant.apply_key = {}", quote_literal(&k)))
+            .await
+            .map_err(|e| MigrateError::pg("present the apply key", e))?;
+    }
+    Ok(())
 }

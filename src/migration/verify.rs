@@ -13,12 +13,12 @@ use serde_json::{json, Value};
 use tokio_postgres::Client;
 
 use super::apply::Link;
-use super::capture::quote_literal;
 use super::catalog::Table;
 use super::pg::Endpoint;
 use super::record::{VerifyLevel, VerifyReport};
 use super::MigrateError;
-use crate::tenant::quote_ident;
+use crate::quote::quote_ident;
+use crate::quote::quote_literal;
 
 /// Keys listed per table by `full`.
 const MAX_LISTED: usize = 100;
@@ -45,7 +45,7 @@ pub async fn aligned(sides: &Sides<'_>, link: &mut Link) -> Result<(Client, Clie
         )
         .await
         .map_err(|e| MigrateError::pg("read change log in snapshot", e))?;
-    let entries: Vec<_> = rows.iter().map(super::apply::entry).collect();
+    let entries: Vec<_> = rows.iter().map(super::rowsql::entry).collect();
     for chunk in entries.chunks(super::apply::PASS_LIMIT as usize) {
         link.apply(sides.tenant, chunk).await?;
     }

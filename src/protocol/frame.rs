@@ -7,6 +7,9 @@
 
 use thiserror::Error;
 
+/// Frames the proxy must see whole are waited for up to this size; larger ones stream through uninspected.
+pub const WHOLE_FRAME_MAX: usize = 1 << 20;
+
 /// Tag byte plus length field.
 pub const HEADER_LEN: usize = 5;
 

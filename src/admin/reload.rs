@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use crate::admin::commands::Done;
 use crate::admin::AdminError;
+use crate::admin::Done;
 use crate::auth::Users;
 use crate::backend::{Backend, Backends};
 use crate::config::{BackendConfig, Config};
