@@ -92,7 +92,7 @@ impl Proxy {
             .background
             .push(tokio::spawn(check_serving_roles(shared.clone())));
         // Unfinished migrations continue from their persisted state.
-        crate::migration::coordinator::resume_all(&shared).await;
+        crate::migration::driver::resume_all(&shared).await;
         proxy
             .background
             .push(tokio::spawn(serve_unix(admin, shared.clone())));

@@ -13,9 +13,12 @@ use tracing::{info, warn};
 
 use super::capture;
 use super::catalog;
-use super::coordinator::{endpoints, start_tee, stop_tee, transition, Direction, Live};
+use super::decide::{decide_swap, BeforeSwap, SwapDecision};
+use super::machine::{transition, Event};
 use super::pg::Endpoint;
 use super::record::{Record, State};
+use super::registry::{Direction, Live};
+use super::sides::{endpoints, start_tee, stop_tee};
 use super::tee::DRAIN_MARGIN;
 use super::MigrateError;
 use crate::context::Shared;
@@ -59,68 +62,70 @@ pub async fn cutover(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<Value, Mi
         )));
     }
     let gate = gate_of(shared, &rec.tenant)?;
-    let timeout = Duration::from_millis(shared.config.load().migration.cutover_timeout_ms);
-    let rec = transition(shared, &rec.tenant, State::CutoverPaused, |r| {
+    let limit = Duration::from_millis(shared.config.load().migration.cutover_timeout_ms);
+    let rec = transition(shared, &rec.tenant, Event::CutoverStarted, |r| {
         r.cutover_attempts += 1
     })?;
-    let m = &shared.metrics;
     // Everything that does not need the tenant held is done before the gate closes: connections, the
     // sequence list, and the reverse capture on the target (which takes no traffic until the swap).
     let ready = match prepare(shared, live, &rec).await {
         Ok(r) => r,
         Err(e) => {
-            m.counter(
-                "cutover_attempts_total",
-                labels(&rec.tenant, Some("failed")),
-            )
-            .increment(1);
-            fall_back(shared, &rec, &e.to_string(), Duration::ZERO).await;
+            count_attempt(shared, &rec.tenant, "failed");
+            fall_back(shared, &rec, &e.to_string(), Duration::ZERO).await?;
             return Err(e);
         }
     };
     let closed_at = Instant::now();
     gate.close();
-    let deadline = closed_at + timeout;
+    let deadline = closed_at + limit;
     let mut marks = Marks::new(closed_at);
-    let attempt = tokio::time::timeout(
-        timeout,
+    let outcome = match tokio::time::timeout(
+        limit,
         before_swap(shared, &ready, &gate, deadline, &mut marks),
     )
-    .await;
-    let over = || {
-        MigrateError::Timeout(format!(
-            "cutover passed its {} ms limit",
-            timeout.as_millis()
-        ))
+    .await
+    {
+        Ok(Ok(())) => BeforeSwap::Done,
+        Ok(Err(e)) => BeforeSwap::Failed(e),
+        Err(_) => BeforeSwap::TimedOut,
     };
-    let failure = match attempt {
-        Ok(Ok(())) if Instant::now() >= deadline => Some(over()),
-        // The swap is outside the timeout: once it is on disk it must be completed, not abandoned halfway.
-        Ok(Ok(())) => {
+    // The swap is outside the time limit: once it is on disk it must be completed, not abandoned halfway.
+    let failure = match decide_swap(outcome, Instant::now() >= deadline, limit) {
+        SwapDecision::Swap => {
             let r = swap_route(shared, &rec.tenant, &rec.target).err();
             marks.mark("swap_route");
             r
         }
-        Ok(Err(e)) => Some(e),
-        Err(_) => Some(over()),
+        SwapDecision::FallBack(e) => Some(e),
     };
     if let Some(e) = failure {
         let pause = closed_at.elapsed();
         gate.open();
         if matches!(e, MigrateError::Timeout(_)) {
-            m.counter("cutover_timeout_total", labels(&rec.tenant, None))
+            shared
+                .metrics
+                .counter("cutover_timeout_total", labels(&rec.tenant, None))
                 .increment(1);
         }
-        m.counter(
-            "cutover_attempts_total",
-            labels(&rec.tenant, Some("failed")),
-        )
-        .increment(1);
+        count_attempt(shared, &rec.tenant, "failed");
         warn!(tenant = %rec.tenant, error = %e, "cutover fell back to the source");
-        fall_back(shared, &rec, &e.to_string(), pause).await;
+        fall_back(shared, &rec, &e.to_string(), pause).await?;
         return Err(e);
     }
-    // Past the swap: the target is authoritative. Sessions move at their next transaction boundary.
+    after_swap(shared, live, &rec, &gate, closed_at, marks).await
+}
+
+/// Past the swap: the target is authoritative, the reverse tee starts, sessions that cannot follow end, the
+/// gate opens, and the migration is `migrated`.
+async fn after_swap(
+    shared: &Arc<Shared>,
+    live: &Arc<Live>,
+    rec: &Record,
+    gate: &Gate,
+    closed_at: Instant,
+    mut marks: Marks,
+) -> Result<Value, MigrateError> {
     match shared
         .migrations
         .failpoints
@@ -134,7 +139,10 @@ pub async fn cutover(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<Value, Mi
             warn!(tenant = %rec.tenant, error = %e, "failpoint after the swap ignored: the swap stands")
         }
     }
-    let rec = shared.migrations.get(&rec.tenant).unwrap_or(rec);
+    let rec = shared
+        .migrations
+        .get(&rec.tenant)
+        .unwrap_or_else(|| rec.clone());
     // Past the swap nothing may keep the gate closed: a reverse tee that cannot start now is started by the
     // migration's task at its next tick (the source lags meanwhile, visibly).
     if let Err(e) = start_tee(shared, live, &rec, Direction::Reverse).await {
@@ -146,16 +154,16 @@ pub async fn cutover(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<Value, Mi
     let blocked = gate.queued();
     gate.open();
     let pause = closed_at.elapsed();
+    let m = &shared.metrics;
     m.histogram("cutover_pause_duration_seconds", labels(&rec.tenant, None))
         .record(pause.as_secs_f64());
     m.gauge("cutover_blocked_writers", labels(&rec.tenant, None))
         .set(blocked as f64);
-    m.counter("cutover_attempts_total", labels(&rec.tenant, Some("ok")))
-        .increment(1);
+    count_attempt(shared, &rec.tenant, "ok");
     let pause_ms = pause.as_secs_f64() * 1000.0;
     // If this write fails the record stays `cutover_paused` with the route swapped; every command checks the
     // route, and a restart completes it (recover).
-    transition(shared, &rec.tenant, State::Migrated, |r| {
+    transition(shared, &rec.tenant, Event::Swapped, |r| {
         r.last_pause_ms = Some(pause_ms);
         r.last_cutover_error = None;
     })?;
@@ -163,6 +171,13 @@ pub async fn cutover(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<Value, Mi
     Ok(
         json!({"tenant": rec.tenant, "state": "migrated", "pause_ms": pause_ms, "queued_during_pause": blocked, "pinned_sessions_ended": ended, "steps_ms": marks.json()}),
     )
+}
+
+fn count_attempt(shared: &Shared, tenant: &str, result: &str) {
+    shared
+        .metrics
+        .counter("cutover_attempts_total", labels(tenant, Some(result)))
+        .increment(1);
 }
 
 /// What the cutover sets up before it closes the gate.
@@ -293,7 +308,12 @@ impl Marks {
 
 /// Cutover did not happen: lift the fence if it went up, remove the reverse capture made for it and stay in
 /// dual_write.
-async fn fall_back(shared: &Shared, rec: &Record, error: &str, pause: Duration) {
+async fn fall_back(
+    shared: &Shared,
+    rec: &Record,
+    error: &str,
+    pause: Duration,
+) -> Result<(), MigrateError> {
     if let Ok((source, target)) = endpoints(shared, rec) {
         match source.connect().await {
             Ok(c) => {
@@ -312,10 +332,11 @@ async fn fall_back(shared: &Shared, rec: &Record, error: &str, pause: Duration) 
         }
     }
     let pause_ms = pause.as_secs_f64() * 1000.0;
-    let _ = transition(shared, &rec.tenant, State::DualWrite, |r| {
+    transition(shared, &rec.tenant, Event::FellBack, |r| {
         r.last_cutover_error = Some(error.to_owned());
         r.last_pause_ms = Some(pause_ms);
-    });
+    })?;
+    Ok(())
 }
 
 /// Persists the route of `tenant` as `route` with a higher epoch and publishes it.
@@ -497,7 +518,7 @@ pub async fn finish_rollback(
     let (source, target) = endpoints(shared, rec)?;
     capture::remove(&target.connect().await?, &rec.tenant).await?;
     capture::remove(&source.connect().await?, &rec.tenant).await?;
-    transition(shared, &rec.tenant, State::RolledBack, |r| {
+    transition(shared, &rec.tenant, Event::RolledBack, |r| {
         r.last_pause_ms = Some(pause_ms);
     })?;
     shared.migrations.forget_live(&rec.tenant);
@@ -524,18 +545,20 @@ pub async fn recover(shared: &Arc<Shared>, rec: &Record) {
                 }
             }
         }
-        if let Err(e) = transition(shared, &rec.tenant, State::Migrated, |r| {
+        if let Err(e) = transition(shared, &rec.tenant, Event::Swapped, |r| {
             r.last_cutover_error = None;
         }) {
             warn!(tenant = %rec.tenant, error = %e, "could not record the finished cutover");
         }
-    } else {
-        fall_back(
-            shared,
-            rec,
-            "the proxy restarted during the cutover, before the route swap",
-            Duration::ZERO,
-        )
-        .await;
+    } else if let Err(e) = fall_back(
+        shared,
+        rec,
+        "the proxy restarted during the cutover, before the route swap",
+        Duration::ZERO,
+    )
+    .await
+    {
+        // The record still says cutover_paused with the route on the source: the next start tries again.
+        warn!(tenant = %rec.tenant, error = %e, "could not record the fallback of an interrupted cutover");
     }
 }

@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::capture;
-use super::coordinator::{ensure_tee, load_tables, stop_tee};
 use super::ops::OpError;
 use super::pg::Endpoint;
 use super::record::State;
+use super::sides::{endpoints, ensure_tee, load_tables, stop_tee};
 use super::MigrateError;
 use crate::context::Shared;
 use crate::quote::quote_ident;
@@ -66,7 +66,7 @@ pub async fn ddl(shared: &Arc<Shared>, tenant: &str, sql: &str) -> Result<Value,
             )));
         }
         tee.drain_to_empty(Instant::now() + timeout).await?;
-        let (source, target) = super::coordinator::endpoints(shared, &rec)?;
+        let (source, target) = endpoints(shared, &rec)?;
         let (first, second) = match rec.state {
             State::Migrated => (target, source),
             _ => (source, target),
@@ -128,14 +128,14 @@ async fn apply_both(first: &Endpoint, second: &Endpoint, sql: &str) -> Result<()
 /// the new definitions. Returns the tables.
 async fn refresh(
     shared: &Arc<Shared>,
-    live: &Arc<super::coordinator::Live>,
+    live: &Arc<super::registry::Live>,
     tenant: &str,
 ) -> Result<Vec<String>, MigrateError> {
     let rec = shared
         .migrations
         .get(tenant)
         .ok_or(MigrateError::Cancelled)?;
-    let (source, target) = super::coordinator::endpoints(shared, &rec)?;
+    let (source, target) = endpoints(shared, &rec)?;
     let authoritative = if rec.state == State::Migrated {
         &target
     } else {

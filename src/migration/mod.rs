@@ -1,27 +1,38 @@
-//! Live tenant migration (DESIGN section 5): record and state machine ([`record`]), change capture
-//! ([`capture`]), bulk copy ([`copy`]), the exactly-once applier ([`apply`]) and the tee that runs it after
-//! commits ([`tee`]), verification ([`verify`]), cutover ([`cutover`]) and the coordinator that drives a
-//! migration through its states and answers the `migrate.*` admin commands ([`coordinator`]).
+//! Live tenant migration (DESIGN section 5).
+//!
+//! - What a migration is and where it stands: the record ([`record`]), the state machine ([`machine`]: states,
+//!   events, the one transition table), the registry of records and running work ([`registry`]).
+//! - What drives it: the per-migration task ([`driver`]) and its pure decisions ([`decide`]); the admin
+//!   operations ([`ops`], [`ddl`]).
+//! - The work: change capture and the fence ([`capture`]), bulk copy ([`copy`]), the exactly-once applier
+//!   ([`apply`], [`batch`], [`rowsql`]) and the tee that runs it after commits ([`tee`]), verification
+//!   ([`verify`], [`verification`]), cutover and rollback ([`cutover`]); both sides and their connections
+//!   ([`sides`], [`pg`], [`catalog`]); failpoints for tests ([`failpoint`]).
 
 pub mod apply;
 pub mod batch;
 pub mod capture;
 pub mod catalog;
-pub mod coordinator;
 pub mod copy;
 pub mod cutover;
 pub mod ddl;
+pub mod decide;
+pub mod driver;
 pub mod failpoint;
+pub mod machine;
 pub mod ops;
 pub mod pg;
 pub mod record;
+pub mod registry;
 pub mod rowsql;
+pub mod sides;
 pub mod tee;
+pub mod verification;
 pub mod verify;
 
 use thiserror::Error;
 
-pub use coordinator::Migrations;
+pub use registry::Migrations;
 
 #[derive(Debug, Error)]
 pub enum MigrateError {

@@ -169,6 +169,38 @@ pub struct Record {
 }
 
 impl Record {
+    /// A record in `pending` of `tenant`, moving schema `s` from backend `a` to `b` (for unit tests).
+    #[cfg(test)]
+    pub fn for_tests(tenant: &str) -> Record {
+        Record {
+            tenant: tenant.to_owned(),
+            state: State::Pending,
+            paused: false,
+            failed_in: None,
+            source: Route::new("a", Some("app".into()), Some("s".into())),
+            target: Route::new("b", Some("app".into()), Some("s".into())),
+            schema: "s".into(),
+            tenant_column: None,
+            tenant_key: None,
+            source_database: "app".into(),
+            target_database: "app".into(),
+            verify: VerifyLevel::Count,
+            cutover: CutoverMode::Manual,
+            created_target_schema: false,
+            tables: Vec::new(),
+            copied: BTreeMap::new(),
+            rows_total: 0,
+            rows_copied: 0,
+            last_pause_ms: None,
+            cutover_attempts: 0,
+            last_cutover_error: None,
+            verification: None,
+            last_error: None,
+            started_at: String::new(),
+            updated_at: String::new(),
+        }
+    }
+
     /// Copy progress; `in_flight` rows are copied but their table has no checkpoint yet.
     pub fn progress_percent(&self, in_flight: u64) -> f64 {
         let share = |cap: f64| {

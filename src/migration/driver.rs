@@ -1,0 +1,297 @@
+//! The task that drives one migration through its states: capture, bulk copy, then keeping the tee running,
+//! verifying, and cutting over when automatic. What it does in each state and after a failure is decided by
+//! `decide`; every state change goes through `machine::transition`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::warn;
+
+use super::catalog::Table;
+use super::decide::{self, AfterFailure, Step};
+use super::machine::{labels, set_state_gauge, transition, Event};
+use super::record::{Record, State};
+use super::registry::{Direction, Live};
+use super::sides::{endpoints, load_tables, start_tee, stop_tee};
+use super::{capture, copy, MigrateError};
+use crate::context::Shared;
+
+/// How often the driving task looks at its migration when nothing happens.
+const TICK: Duration = Duration::from_millis(200);
+
+/// Spawns the task that drives `tenant`'s migration.
+pub fn spawn(shared: Arc<Shared>, live: Arc<Live>) {
+    let task_live = live.clone();
+    let handle = tokio::spawn(async move {
+        drive(&shared, &task_live).await;
+        if !task_live.stop.is_cancelled() {
+            warn!(tenant = %task_live.tenant, "migration task ended");
+        }
+    });
+    *live.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+}
+
+/// Resumes every unfinished migration after a start (DESIGN: restart safety).
+pub async fn resume_all(shared: &Arc<Shared>) {
+    for rec in shared.migrations.all() {
+        if rec.state.is_final() {
+            continue;
+        }
+        let live = shared.migrations.register_live(&rec.tenant);
+        set_state_gauge(shared, &rec);
+        if rec.state == State::CutoverPaused {
+            super::cutover::recover(shared, &rec).await;
+        }
+        spawn(shared.clone(), live);
+    }
+}
+
+async fn drive(shared: &Arc<Shared>, live: &Arc<Live>) {
+    let mut failures = 0u32;
+    let mut loaded = false;
+    loop {
+        if live.stop.is_cancelled() || shared.terminate.is_fired() {
+            return;
+        }
+        let Some(rec) = shared.migrations.get(&live.tenant) else {
+            return;
+        };
+        if rec.state.is_final() {
+            return;
+        }
+        if !loaded && rec.state != State::Failed {
+            match load_tables(shared, live, &rec).await {
+                Ok(()) => loaded = true,
+                Err(e) => {
+                    note_error(shared, &rec.tenant, &e);
+                    sleep(live, Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+        }
+        match step(shared, live, &rec).await {
+            Ok(()) => failures = 0,
+            Err(MigrateError::Cancelled) => {}
+            Err(e) => {
+                failures += 1;
+                note_error(shared, &rec.tenant, &e);
+                match decide::after_failure(rec.state, failures) {
+                    AfterFailure::Retry(after) => sleep(live, after).await,
+                    AfterFailure::Fail => fail(shared, live, &rec, &e, &mut failures).await,
+                }
+            }
+        }
+    }
+}
+
+/// Marks the migration `failed` (an operator resumes it). If even that cannot be written, the failure is
+/// logged and the step tried again later: the record on disk still says where the migration stands.
+async fn fail(shared: &Shared, live: &Live, rec: &Record, e: &MigrateError, failures: &mut u32) {
+    warn!(tenant = %rec.tenant, error = %e, "migration failed");
+    let failed = transition(shared, &rec.tenant, Event::StepFailed, |r| {
+        r.failed_in = Some(rec.state);
+        r.last_error = Some(e.to_string());
+    });
+    match failed {
+        Ok(_) => *failures = 0,
+        Err(write) => {
+            warn!(tenant = %rec.tenant, error = %write, "could not record the failure; trying again");
+            sleep(live, Duration::from_secs(5)).await;
+        }
+    }
+}
+
+fn note_error(shared: &Shared, tenant: &str, e: &MigrateError) {
+    warn!(%tenant, error = %e, "migration step failed");
+    let _ = shared
+        .migrations
+        .update(tenant, |r| r.last_error = Some(e.to_string()));
+}
+
+fn pause_work(live: &Live) {
+    if let Some((_, t)) = live.tee() {
+        t.set_paused(true);
+    }
+}
+
+async fn sleep(live: &Live, d: Duration) {
+    tokio::select! {
+        _ = live.stop.cancelled() => {}
+        _ = tokio::time::sleep(d) => {}
+    }
+}
+
+async fn step(shared: &Arc<Shared>, live: &Arc<Live>, rec: &Record) -> Result<(), MigrateError> {
+    let fp = shared.migrations.failpoints.clone();
+    match decide::step_for(rec) {
+        Step::InstallCapture => {
+            let (source, target) = endpoints(shared, rec)?;
+            fp.check_until("pending.before_capture", &live.stop).await?;
+            // The target's ledger (and later its reverse capture) live in its own pgtenant schema.
+            capture::setup(&target.connect().await?).await?;
+            let client = source.connect().await?;
+            capture::install(&client, &source, &rec.tenant, &rec.tables, &live.stop).await?;
+            fp.check_until("pending.after_capture", &live.stop).await?;
+            transition(shared, &rec.tenant, Event::CaptureInstalled, |_| {})?;
+            Ok(())
+        }
+        Step::Copy => {
+            bulk_copy(shared, live, rec).await?;
+            fp.check_until("copy.before_dual_write", &live.stop).await?;
+            let rec = transition(shared, &rec.tenant, Event::Copied, |r| {
+                r.rows_copied = r.copied.values().map(|c| c.rows).sum();
+            })?;
+            start_tee(shared, live, &rec, Direction::Forward).await?;
+            Ok(())
+        }
+        Step::Run => {
+            running(shared, live, rec.state).await?;
+            sleep(live, TICK).await;
+            Ok(())
+        }
+        Step::Wait => {
+            if rec.paused {
+                pause_work(live);
+            }
+            sleep(live, TICK).await;
+            Ok(())
+        }
+    }
+}
+
+/// The running states: keep the tee going, verify once on entering dual_write, cut over when automatic. Under
+/// `live.lock`, with the state read again: the commands that stop the tee (cutover, rollback, finalize) hold
+/// the lock until their transition is written, so this can never restart a tee they just stopped.
+async fn running(
+    shared: &Arc<Shared>,
+    live: &Arc<Live>,
+    expected: State,
+) -> Result<(), MigrateError> {
+    let _one = live.lock.lock().await;
+    let Some(rec) = shared.migrations.get(&live.tenant) else {
+        return Ok(());
+    };
+    if rec.state != expected || rec.paused || live.stop.is_cancelled() {
+        return Ok(());
+    }
+    if rec.state == State::Migrated && on_source(shared, &rec) {
+        // A rollback swapped the route back but did not finish its cleanup: finish it.
+        stop_tee(shared, live).await;
+        return super::cutover::finish_rollback(shared, &rec, rec.last_pause_ms.unwrap_or(0.0))
+            .await;
+    }
+    if rec.state == State::Migrated {
+        start_tee(shared, live, &rec, Direction::Reverse)
+            .await?
+            .set_paused(false);
+        return Ok(());
+    }
+    let tee = start_tee(shared, live, &rec, Direction::Forward).await?;
+    tee.set_paused(false);
+    if rec.verification.is_none() {
+        if let Err(e) = super::verification::verify_locked(shared, live, rec.verify).await {
+            warn!(tenant = %rec.tenant, error = %e, "verification failed to run");
+        }
+    } else if decide::should_auto_cutover(&rec, tee.lag()) {
+        if let Err(e) = super::cutover::cutover(shared, live).await {
+            warn!(tenant = %rec.tenant, error = %e, "automatic cutover attempt failed");
+            drop(_one);
+            sleep(live, Duration::from_secs(1)).await;
+        }
+    }
+    Ok(())
+}
+
+fn on_source(shared: &Shared, rec: &Record) -> bool {
+    shared
+        .router
+        .load()
+        .get(&rec.tenant)
+        .is_some_and(|r| **r == rec.source)
+}
+
+/// The copy step: rows_total counted once, then the tables without a checkpoint.
+async fn bulk_copy(
+    shared: &Arc<Shared>,
+    live: &Arc<Live>,
+    rec: &Record,
+) -> Result<(), MigrateError> {
+    let (source, target) = endpoints(shared, rec)?;
+    let mut rec = rec.clone();
+    if rec.rows_total == 0 && rec.copied.is_empty() {
+        let client = source.connect().await?;
+        let total = copy::count_rows(&client, &source, &live.tables()).await?;
+        rec = shared
+            .migrations
+            .update(&rec.tenant, |r| r.rows_total = total)?;
+        set_state_gauge(shared, &rec);
+    }
+    let done = rec.copied_tables();
+    let tables: Vec<Table> = live
+        .tables()
+        .into_iter()
+        .filter(|t| !done.contains(t.name.as_str()))
+        .collect();
+    live.partial_rows.store(0, Ordering::Relaxed);
+    let cfg = shared.config.load();
+    let job = copy::CopyJob {
+        tenant: rec.tenant.clone(),
+        source,
+        target,
+        tables,
+        batch_rows: cfg.migration.copy_batch_rows.max(1),
+        parallel: cfg.migration.copy_parallel_tables.max(1),
+        failpoints: shared.migrations.failpoints.clone(),
+        stop: live.stop.clone(),
+    };
+    let progress = Arc::new(Progress {
+        shared: shared.clone(),
+        live: live.clone(),
+    });
+    copy::run(job, progress).await
+}
+
+struct Progress {
+    shared: Arc<Shared>,
+    live: Arc<Live>,
+}
+
+impl copy::CopyProgress for Progress {
+    fn rows(&self, n: u64) {
+        self.live.partial_rows.fetch_add(n, Ordering::Relaxed);
+        self.shared
+            .metrics
+            .counter("migration_events_copied_total", labels(&self.live.tenant))
+            .increment(n);
+    }
+
+    fn table_done(
+        &self,
+        table: &str,
+        cp: super::record::TableCheckpoint,
+    ) -> Result<(), MigrateError> {
+        let rows = cp.rows;
+        let rec = self.shared.migrations.update(&self.live.tenant, |r| {
+            r.copied.insert(table.to_owned(), cp);
+            r.rows_copied = r.copied.values().map(|c| c.rows).sum();
+            r.rows_total = r.rows_total.max(r.rows_copied);
+        })?;
+        self.live.partial_rows.fetch_sub(
+            rows.min(self.live.partial_rows.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
+        set_state_gauge(&self.shared, &rec);
+        Ok(())
+    }
+
+    fn stopped(&self) -> bool {
+        self.live.stop.is_cancelled()
+            || self.shared.terminate.is_fired()
+            || self
+                .shared
+                .migrations
+                .get(&self.live.tenant)
+                .is_none_or(|r| r.paused)
+    }
+}

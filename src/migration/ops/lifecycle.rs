@@ -1,0 +1,291 @@
+//! The commands that move a running migration on or end it: verify, cutover, rollback, finalize, abort.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio_postgres::Client;
+
+use super::{live_of, OpError};
+use crate::context::Shared;
+use crate::migration::machine::{transition, Event};
+use crate::migration::pg::Endpoint;
+use crate::migration::record::{Record, State, VerifyLevel};
+use crate::migration::registry::Live;
+use crate::migration::sides::{endpoints, ensure_tee, stop_tee};
+use crate::migration::verification::{verify_locked, verify_now};
+use crate::migration::{capture, cutover, driver, MigrateError};
+use crate::quote::quote_ident;
+use crate::routing::Route;
+
+/// `migrate verify T [--level L]`.
+pub async fn verify_cmd(
+    shared: &Arc<Shared>,
+    tenant: &str,
+    level: Option<VerifyLevel>,
+) -> Result<Value, OpError> {
+    let (rec, live) = live_of(shared, tenant)?;
+    let report = verify_now(shared, &live, level.unwrap_or(rec.verify)).await?;
+    Ok(serde_json::to_value(report).unwrap_or(Value::Null))
+}
+
+/// `migrate cutover T`: verification at the migration's level must pass first (run now if it has not).
+pub async fn cutover_cmd(shared: &Arc<Shared>, tenant: &str) -> Result<Value, OpError> {
+    let (rec, live) = live_of(shared, tenant)?;
+    if rec.state != State::DualWrite || rec.paused {
+        return Err(OpError::new(
+            "invalid_state",
+            format!(
+                "cutover needs state dual_write (not paused); the migration is {}",
+                rec.shown_state()
+            ),
+        ));
+    }
+    let _one = live.lock.lock().await;
+    ensure_tee(shared, &live, &rec).await?;
+    let passed = rec
+        .verification
+        .as_ref()
+        .is_some_and(|v| v.passed && v.level.is_some_and(|l| l >= rec.verify));
+    if !passed {
+        let report = verify_locked(shared, &live, rec.verify).await?;
+        if !report.passed {
+            return Err(OpError::new(
+                "verification_failed",
+                format!(
+                    "verification ({:?}) found {} mismatch(es): {}",
+                    rec.verify,
+                    report.violations.len(),
+                    report
+                        .violations
+                        .iter()
+                        .take(5)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+            ));
+        }
+    }
+    cutover::cutover(shared, &live).await.map_err(|e| {
+        let mut err = OpError::from(e);
+        if err.code == "migration_failed" || err.code == "timeout" {
+            err.code = "cutover_failed";
+        }
+        err
+    })
+}
+
+/// `migrate rollback T`.
+pub async fn rollback_cmd(shared: &Arc<Shared>, tenant: &str) -> Result<Value, OpError> {
+    let (rec, live) = live_of(shared, tenant)?;
+    let _one = live.lock.lock().await;
+    if rec.state == State::Migrated {
+        ensure_tee(shared, &live, &rec).await?;
+    }
+    Ok(cutover::rollback(shared, &live).await?)
+}
+
+/// `migrate finalize T [--drop-source]`.
+pub async fn finalize(
+    shared: &Arc<Shared>,
+    tenant: &str,
+    drop_source: bool,
+) -> Result<Value, OpError> {
+    let (rec, live) = live_of(shared, tenant)?;
+    if rec.state != State::Migrated {
+        return Err(OpError::new(
+            "invalid_state",
+            format!(
+                "finalize needs state migrated; the migration is {}",
+                rec.shown_state()
+            ),
+        ));
+    }
+    // The task first (it may be waiting for the lock), then the lock.
+    if !on_route(shared, &rec.target, tenant) {
+        return Err(OpError::new(
+            "invalid_state",
+            "the tenant's route is not the target's (a rollback did not finish); run migrate rollback again",
+        ));
+    }
+    live.halt().await;
+    let _one = live.lock.lock().await;
+    if let Some((_, tee)) = live.tee() {
+        // The source gets every change made so far, so it is a consistent (frozen) copy when capture goes.
+        tee.drain_to_empty(Instant::now() + Duration::from_secs(30))
+            .await?;
+    }
+    stop_tee(shared, &live).await;
+    let (source, target) = endpoints(shared, &rec)?;
+    let (src, dst) = (source.connect().await?, target.connect().await?);
+    capture::remove(&dst, tenant).await?;
+    // On the source the fence stays as long as the data does.
+    capture::remove(&src, tenant).await?;
+    if drop_source {
+        src.batch_execute(&drop_tenant_sql(&source, &rec.tables))
+            .await
+            .map_err(|e| MigrateError::pg("drop the tenant's data on the source", e))?;
+        capture::remove_fence(&src, tenant).await?;
+    }
+    transition(shared, tenant, Event::Finalized, |_| {})?;
+    shared.migrations.forget_live(tenant);
+    Ok(json!({"tenant": tenant, "state": "completed", "source_dropped": drop_source}))
+}
+
+/// `migrate abort T [--drop-target]`: from any state before the swap, back to how the source was.
+pub async fn abort(
+    shared: &Arc<Shared>,
+    tenant: &str,
+    drop_target: bool,
+) -> Result<Value, OpError> {
+    let rec = shared.migrations.get(tenant).ok_or_else(|| {
+        OpError::new(
+            "no_migration",
+            format!("tenant {tenant:?} has no migration"),
+        )
+    })?;
+    if !rec.state.before_swap() {
+        return Err(OpError::new(
+            "invalid_state",
+            format!(
+                "abort works before cutover; the migration is {} (use rollback)",
+                rec.shown_state()
+            ),
+        ));
+    }
+    let live = shared.migrations.live(tenant);
+    let _one = match &live {
+        Some(l) => {
+            l.halt().await;
+            Some(l.lock.lock().await)
+        }
+        None => None,
+    };
+    // A cutover that held the lock may have swapped the route meanwhile: then it is too late to abort.
+    let rec = shared.migrations.get(tenant).unwrap_or(rec);
+    if !rec.state.before_swap() || on_route(shared, &rec.target, tenant) {
+        if let Some(l) = &live {
+            respawn(shared, l);
+        }
+        return Err(OpError::new(
+            "invalid_state",
+            format!(
+                "the migration reached {} while abort waited; use rollback",
+                rec.shown_state()
+            ),
+        ));
+    }
+    if let Some(l) = &live {
+        stop_tee(shared, l).await;
+    }
+    // From here on cutover must not trust an earlier verification: capture is going away.
+    shared
+        .migrations
+        .update(tenant, |r| r.verification = None)?;
+    let (source, target) = endpoints(shared, &rec)?;
+    // The source must end clean; if it cannot be reached the abort fails (the migration goes on) and can be
+    // repeated.
+    let cleaned = match source.connect().await {
+        Ok(c) => capture::remove(&c, tenant).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = cleaned {
+        if let Some(l) = &live {
+            respawn(shared, l);
+        }
+        return Err(e.into());
+    }
+    // The target's leftovers (ledger rows, copied data) are cleaned best-effort: a dead target is a common reason
+    // to abort, and its leftovers are removed by name at the next migration of this tenant.
+    let target_cleanup = abort_target(&target, &rec, tenant, drop_target).await;
+    transition(shared, tenant, Event::Aborted, |r| r.paused = false)?;
+    shared.migrations.forget_live(tenant);
+    let (left, error) = match target_cleanup {
+        Ok(left) => (Some(left), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    Ok(json!({
+        "tenant": tenant,
+        "state": "rolled_back",
+        "target_rows_left": left,
+        "target_dropped": drop_target && error.is_none(),
+        "target_cleanup_error": error,
+    }))
+}
+
+/// Removes the migration's objects from the target and, with `drop_target`, the copied data. Returns the rows
+/// left on the target.
+async fn abort_target(
+    target: &Endpoint,
+    rec: &Record,
+    tenant: &str,
+    drop_target: bool,
+) -> Result<u64, MigrateError> {
+    let dst = target.connect().await?;
+    capture::remove(&dst, tenant).await?;
+    if !drop_target {
+        return Ok(target_rows(&dst, target, &rec.tables).await);
+    }
+    let sql = if rec.created_target_schema {
+        format!("DROP SCHEMA {} CASCADE", quote_ident(&target.schema))
+    } else if target.filter.is_some() {
+        drop_tenant_sql(target, &rec.tables)
+    } else {
+        let list: Vec<String> = rec.tables.iter().map(|t| target.qualified(t)).collect();
+        format!("TRUNCATE {}", list.join(", "))
+    };
+    dst.batch_execute(&sql)
+        .await
+        .map_err(|e| MigrateError::pg("drop the target copy", e))?;
+    Ok(0)
+}
+
+/// Deletes the tenant's data on `side`: its schema, or for shared tables its rows (in one transaction, foreign
+/// keys not checked: every table of the tenant loses the tenant's rows together).
+fn drop_tenant_sql(side: &Endpoint, tables: &[String]) -> String {
+    if side.filter.is_none() {
+        return format!("DROP SCHEMA {} CASCADE", quote_ident(&side.schema));
+    }
+    let mut sql = String::from("BEGIN; SET LOCAL session_replication_role = replica;");
+    for t in tables {
+        sql.push_str(&format!(
+            " DELETE FROM {}{};",
+            side.qualified(t),
+            side.tenant_where()
+        ));
+    }
+    sql.push_str(" COMMIT;");
+    sql
+}
+
+/// A fresh task for a migration whose task was halted (its token is cancelled for good), taking over the tee.
+fn respawn(shared: &Arc<Shared>, old: &Live) {
+    let fresh = shared.migrations.register_live(&old.tenant);
+    *fresh.tables.lock().unwrap_or_else(|p| p.into_inner()) = old.tables();
+    *fresh.tee.lock().unwrap_or_else(|p| p.into_inner()) =
+        old.tee.lock().unwrap_or_else(|p| p.into_inner()).take();
+    driver::spawn(shared.clone(), fresh);
+}
+
+/// The tenant's current route is `route`.
+fn on_route(shared: &Shared, route: &Route, tenant: &str) -> bool {
+    shared
+        .router
+        .load()
+        .get(tenant)
+        .is_some_and(|r| **r == *route)
+}
+
+async fn target_rows(dst: &Client, target: &Endpoint, tables: &[String]) -> u64 {
+    let mut n = 0;
+    for t in tables {
+        if let Ok(r) = dst
+            .query_one(&format!("SELECT count(*) FROM {} x", target.rows(t)), &[])
+            .await
+        {
+            n += r.get::<_, i64>(0).max(0) as u64;
+        }
+    }
+    n
+}

@@ -1,0 +1,353 @@
+//! `migrate start`: the plan, the preflight (both sides checked, the target schema made from the source's
+//! definition when missing, the tenant's role granted on the target), and the record that starts the driver.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio_postgres::Client;
+
+use super::{preflight, route_json, OpError};
+use crate::context::Shared;
+use crate::migration::catalog::{self, Table};
+use crate::migration::driver;
+use crate::migration::machine::set_state_gauge;
+use crate::migration::pg::Endpoint;
+use crate::migration::record::{CutoverMode, Record, State, VerifyLevel};
+use crate::migration::sides::endpoints;
+use crate::migration::MigrateError;
+use crate::tenant::TenantId;
+
+/// What `migrate start` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartRequest {
+    pub tenant: TenantId,
+    pub to: String,
+    pub database: Option<String>,
+    pub schema: Option<String>,
+    pub verify: VerifyLevel,
+    pub cutover: CutoverMode,
+    pub allow_existing: bool,
+    /// Shared tables: the tenant column, and the tenant's value in it (default: the tenant's name).
+    pub tenant_column: Option<String>,
+    pub tenant_key: Option<String>,
+}
+
+/// Preflight, then the record in `pending` and the task that drives it.
+pub async fn start(shared: &Arc<Shared>, req: StartRequest) -> Result<Value, OpError> {
+    let tenant = req.tenant.as_str();
+    if let Some(r) = shared
+        .migrations
+        .get(tenant)
+        .filter(|r| !r.state.is_final())
+    {
+        return Err(OpError::new(
+            "invalid_state",
+            format!(
+                "tenant {tenant:?} already has a migration ({})",
+                r.shown_state()
+            ),
+        ));
+    }
+    let limit = shared.config.load().migration.max_concurrent;
+    if shared.migrations.active_count() >= limit {
+        return Err(OpError::new(
+            "limit_reached",
+            format!("{limit} migrations are running (migration.max_concurrent)"),
+        ));
+    }
+    let rec = plan(shared, &req)?;
+    let (source, target) = endpoints(shared, &rec).map_err(preflight)?;
+    let (tables, created) = check_sides(shared, &source, &target, req.allow_existing).await?;
+    let rec = Record {
+        tables: tables.iter().map(|t| t.name.clone()).collect(),
+        created_target_schema: created,
+        ..rec
+    };
+    grant_target(shared, &rec, &target).await?;
+    shared
+        .migrations
+        .put(rec.clone())
+        .map_err(|e| OpError::new("state_write_failed", e.to_string()))?;
+    set_state_gauge(shared, &rec);
+    let live = shared.migrations.register_live(tenant);
+    *live.tables.lock().unwrap_or_else(|p| p.into_inner()) = tables.clone();
+    driver::spawn(shared.clone(), live);
+    let no_key: Vec<&str> = tables
+        .iter()
+        .filter(|t| t.key.is_empty())
+        .map(|t| t.name.as_str())
+        .collect();
+    Ok(json!({
+        "tenant": tenant,
+        "state": "pending",
+        "tables": rec.tables,
+        "full_row_identity": no_key,
+        "created_target_schema": created,
+        "source": route_json(&rec.source, &rec.source_database),
+        "target": route_json(&rec.target, &rec.target_database),
+    }))
+}
+
+/// The record a start would create, from the tenant's route and the request (no I/O).
+fn plan(shared: &Shared, req: &StartRequest) -> Result<Record, OpError> {
+    let tenant = req.tenant.as_str();
+    let route = shared
+        .router
+        .load()
+        .get(tenant)
+        .map(|r| (**r).clone())
+        .ok_or_else(|| {
+            OpError::new("unknown_tenant", format!("tenant {tenant:?} is not routed"))
+        })?;
+    // Schema routes move the whole schema; shared tables move the tenant's rows of the tables that have the
+    // tenant column (in the route's schema, or public).
+    let shared_tables = req.tenant_column.is_some();
+    let schema = match (&route.schema, shared_tables) {
+        (Some(s), _) => s.clone(),
+        (None, true) => "public".to_owned(),
+        (None, false) => {
+            return Err(preflight(format!(
+                "tenant {tenant:?} has no schema in its route; give --tenant-column to migrate its rows of shared tables"
+            )))
+        }
+    };
+    let backends = shared.backends.load();
+    let src_backend = backends
+        .get(&route.backend)
+        .ok_or_else(|| preflight(format!("backend {:?} is not configured", route.backend)))?;
+    let to = backends.get(&req.to).ok_or_else(|| {
+        OpError::new(
+            "unknown_backend",
+            format!("backend {:?} is not configured", req.to),
+        )
+    })?;
+    let source_database = route
+        .database
+        .clone()
+        .or_else(|| src_backend.config.database.clone())
+        .ok_or_else(|| preflight("the tenant's route and backend name no database"))?;
+    let target_database = req
+        .database
+        .clone()
+        .or_else(|| to.config.database.clone())
+        .unwrap_or_else(|| source_database.clone());
+    let target = route.moved(
+        &req.to,
+        Some(target_database.clone()),
+        match (&req.schema, shared_tables) {
+            (Some(s), _) => Some(s.clone()),
+            // Shared tables: the same kind of route on the target (schema or none).
+            (None, true) => route.schema.clone(),
+            (None, false) => Some(schema.clone()),
+        },
+    );
+    if target.backend == route.backend && target_database == source_database {
+        // Capture objects are per database: source and target in one database would share them.
+        return Err(OpError::new(
+            "invalid_argument",
+            "the target must be another database or server than the source",
+        ));
+    }
+    let now = crate::state::audit::rfc3339_now();
+    Ok(Record {
+        tenant: tenant.to_owned(),
+        state: State::Pending,
+        paused: false,
+        failed_in: None,
+        source: route,
+        target,
+        schema,
+        tenant_column: req.tenant_column.clone(),
+        tenant_key: req.tenant_key.clone(),
+        source_database,
+        target_database,
+        verify: req.verify,
+        cutover: req.cutover,
+        created_target_schema: false,
+        tables: Vec::new(),
+        copied: Default::default(),
+        rows_total: 0,
+        rows_copied: 0,
+        last_pause_ms: None,
+        cutover_attempts: 0,
+        last_cutover_error: None,
+        verification: None,
+        last_error: None,
+        started_at: now.clone(),
+        updated_at: now,
+    })
+}
+
+/// Checks both sides; creates the target schema from the source's definition when it is missing. Returns the
+/// tables and whether the schema was created.
+async fn check_sides(
+    shared: &Shared,
+    source: &Endpoint,
+    target: &Endpoint,
+    allow_existing: bool,
+) -> Result<(Vec<Table>, bool), OpError> {
+    let src = source.connect().await.map_err(preflight)?;
+    superuser(&src, &source.backend).await?;
+    if !catalog::schema_exists(&src, &source.schema)
+        .await
+        .map_err(preflight)?
+    {
+        return Err(preflight(format!(
+            "schema {:?} does not exist on the source",
+            source.schema
+        )));
+    }
+    let mut tables = catalog::tables(&src, &source.schema)
+        .await
+        .map_err(preflight)?;
+    if let Some(f) = &source.filter {
+        tables.retain(|t| t.columns.contains(&f.column));
+    }
+    if tables.is_empty() {
+        return Err(preflight(match &source.filter {
+            None => format!("schema {:?} has no tables to migrate", source.schema),
+            Some(f) => format!(
+                "no table in schema {:?} has the tenant column {:?}",
+                source.schema, f.column
+            ),
+        }));
+    }
+    let dst = target.connect().await.map_err(preflight)?;
+    superuser(&dst, &target.backend).await?;
+    let mut created = false;
+    if !catalog::schema_exists(&dst, &target.schema)
+        .await
+        .map_err(preflight)?
+    {
+        if target.schema != source.schema || target.filter.is_some() {
+            return Err(preflight(format!(
+                "target schema {:?} does not exist; create it with the tables' definitions first",
+                target.schema
+            )));
+        }
+        create_schema(shared, source, &dst).await?;
+        created = true;
+    }
+    let theirs = catalog::tables(&dst, &target.schema)
+        .await
+        .map_err(preflight)?;
+    for t in &tables {
+        let Some(other) = theirs.iter().find(|o| o.name == t.name) else {
+            return Err(preflight(format!(
+                "table {:?} is missing on the target",
+                t.name
+            )));
+        };
+        if other.columns != t.columns {
+            return Err(preflight(format!(
+                "table {:?} has columns {:?} on the source but {:?} on the target",
+                t.name, t.columns, other.columns
+            )));
+        }
+        let rows = dst
+            .query_one(
+                &format!("SELECT count(*) FROM {} x", target.rows(&t.name)),
+                &[],
+            )
+            .await
+            .map_err(|e| preflight(MigrateError::pg("count target rows", e)))?
+            .get::<_, i64>(0);
+        if rows > 0 && !allow_existing {
+            return Err(preflight(format!(
+                "table {:?} already holds {rows} rows on the target (--allow-existing replaces them)",
+                t.name
+            )));
+        }
+    }
+    // Leftovers of an earlier migration of this tenant (abort removes them; a crash may not have).
+    Ok((tables, created))
+}
+
+/// With role isolation on the target, the tenant's role and grants are made there before anything is copied,
+/// so the tenant's sessions can use the target the moment the route swaps.
+async fn grant_target(shared: &Shared, rec: &Record, target: &Endpoint) -> Result<(), OpError> {
+    let Some(backend) = shared.backends.load().get(&rec.target.backend).cloned() else {
+        return Err(preflight(format!(
+            "backend {:?} is not configured",
+            rec.target.backend
+        )));
+    };
+    let tenant = TenantId::parse(&rec.tenant).map_err(preflight)?;
+    let config = shared.config.load();
+    let mut route = rec.target.clone();
+    route.database = Some(rec.target_database.clone());
+    let plan = match crate::admin::grants::plan(&config, &backend, &tenant, &route) {
+        Ok(p) => p,
+        Err(crate::admin::grants::GrantError::Shared(_)) => return Ok(()),
+        Err(e) => return Err(preflight(e)),
+    };
+    let client = target.connect().await.map_err(preflight)?;
+    client
+        .batch_execute(&format!("BEGIN;\n{}\nCOMMIT;", plan.sql()))
+        .await
+        .map_err(|e| preflight(MigrateError::pg("grant the tenant's role on the target", e)))
+}
+
+async fn superuser(c: &Client, backend: &str) -> Result<(), OpError> {
+    let row = c
+        .query_one(
+            "SELECT rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(|e| preflight(MigrateError::pg("check role", e)))?;
+    if !row.get::<_, bool>(0) {
+        return Err(preflight(format!(
+            "backend {backend:?}: migrations connect as the backend's admin_user (default: user), which must be a superuser to install capture triggers and event triggers; serving connections never need one"
+        )));
+    }
+    Ok(())
+}
+
+/// `pg_dump --schema-only` of the tenant's schema on the source, run on the target in one transaction.
+async fn create_schema(shared: &Shared, source: &Endpoint, dst: &Client) -> Result<(), OpError> {
+    let pg_dump = shared.config.load().migration.pg_dump.clone();
+    let mut cmd = tokio::process::Command::new(&pg_dump);
+    cmd.arg("--schema-only")
+        .arg("--no-owner")
+        .arg("--no-privileges")
+        .arg(format!("--schema={}", source.schema))
+        .arg(format!("--host={}", source.config.host))
+        .arg(format!("--port={}", source.config.port))
+        .arg(format!("--username={}", source.config.admin_user()))
+        .arg(format!("--dbname={}", source.database))
+        .env("PGPASSWORD", source.config.admin_password())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .map_err(|_| preflight("pg_dump --schema-only took over 120 s"))?
+        .map_err(|e| {
+            preflight(format!(
+                "the target schema is missing and {pg_dump:?} could not run ({e}); install pg_dump, set migration.pg_dump, or create the schema on the target first"
+            ))
+        })?;
+    if !out.status.success() {
+        return Err(preflight(format!(
+            "pg_dump --schema-only failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    // psql meta-commands (\restrict in newer dumps) are not SQL.
+    let sql: String = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('\\'))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let wrapped = format!("BEGIN;\n{sql}\nCOMMIT;");
+    if let Err(e) = dst.batch_execute(&wrapped).await {
+        let _ = dst.batch_execute("ROLLBACK").await;
+        return Err(preflight(MigrateError::pg(
+            "create the target schema from pg_dump",
+            e,
+        )));
+    }
+    // pg_dump's script empties search_path for the session; put ours back.
+    let _ = dst.batch_execute("RESET search_path").await;
+    Ok(())
+}

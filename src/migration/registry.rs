@@ -1,0 +1,228 @@
+//! The registry of migrations: the persisted records (`state_dir/migrations.json`, written before any change
+//! takes effect) and what runs for each one (its driving task, its tee, its table definitions).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use super::catalog::Table;
+use super::failpoint::Failpoints;
+use super::record::{Record, Store};
+use super::tee::Tee;
+use super::MigrateError;
+use crate::state::StateError;
+
+/// Which way a tee runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Source to target (dual_write).
+    Forward,
+    /// Target back to source (after cutover).
+    Reverse,
+}
+
+/// What runs for one migration.
+pub struct Live {
+    pub tenant: String,
+    /// One operation at a time (verify, cutover, rollback, finalize, abort, repair).
+    pub lock: tokio::sync::Mutex<()>,
+    pub stop: CancellationToken,
+    /// Rows copied for tables not yet checkpointed.
+    pub partial_rows: AtomicU64,
+    pub tee: Mutex<Option<(Direction, Arc<Tee>)>>,
+    pub tables: Mutex<Vec<Table>>,
+    pub(super) task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Live {
+    pub(super) fn new(tenant: &str) -> Arc<Live> {
+        Arc::new(Live {
+            tenant: tenant.to_owned(),
+            lock: tokio::sync::Mutex::new(()),
+            stop: CancellationToken::new(),
+            partial_rows: AtomicU64::new(0),
+            tee: Mutex::new(None),
+            tables: Mutex::new(Vec::new()),
+            task: Mutex::new(None),
+        })
+    }
+
+    /// Stops the driving task and waits (bounded) until it has ended, so nothing it was doing (a capture
+    /// install, a copy batch) can land after the caller's cleanup.
+    pub async fn halt(&self) {
+        self.stop.cancel();
+        let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = task {
+            if tokio::time::timeout(Duration::from_secs(60), t)
+                .await
+                .is_err()
+            {
+                warn!(tenant = %self.tenant, "migration task did not stop within 60 s");
+            }
+        }
+    }
+
+    pub fn tee(&self) -> Option<(Direction, Arc<Tee>)> {
+        self.tee.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn tables(&self) -> Vec<Table> {
+        self.tables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+pub struct Migrations {
+    store: Store,
+    records: Mutex<BTreeMap<String, Record>>,
+    live: Mutex<HashMap<String, Arc<Live>>>,
+    /// The running tees by tenant; sessions look here after a transaction that wrote.
+    pub tees: ArcSwap<HashMap<String, Arc<Tee>>>,
+    pub failpoints: Arc<Failpoints>,
+    /// The routing epoch at which a migration moved each tenant (cutover or rollback): a session still on an
+    /// older route of the tenant is ended rather than left writing to the fenced old side.
+    moved: Mutex<HashMap<String, u64>>,
+}
+
+impl Migrations {
+    pub fn open(dir: &std::path::Path) -> Result<Migrations, StateError> {
+        let store = Store::new(dir);
+        let records = store.load()?;
+        Ok(Migrations {
+            store,
+            records: Mutex::new(records),
+            live: Mutex::new(HashMap::new()),
+            tees: ArcSwap::from_pointee(HashMap::new()),
+            failpoints: Arc::new(Failpoints::from_env()),
+            moved: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A migration swapped `tenant`'s route at routing epoch `epoch`.
+    pub fn note_moved(&self, tenant: &str, epoch: u64) {
+        self.moved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tenant.to_owned(), epoch);
+    }
+
+    /// The epoch at which a migration last moved `tenant`, if one did since the proxy started.
+    pub fn moved_at(&self, tenant: &str) -> Option<u64> {
+        self.moved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(tenant)
+            .copied()
+    }
+
+    pub fn get(&self, tenant: &str) -> Option<Record> {
+        self.records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(tenant)
+            .cloned()
+    }
+
+    pub fn all(&self) -> Vec<Record> {
+        self.records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn live(&self, tenant: &str) -> Option<Arc<Live>> {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(tenant)
+            .cloned()
+    }
+
+    /// Migrations not yet ended.
+    pub fn active_count(&self) -> usize {
+        self.all().iter().filter(|r| !r.state.is_final()).count()
+    }
+
+    /// Writes `record` (new or changed) to disk, then makes it current. On a write failure nothing changes.
+    pub fn put(&self, record: Record) -> Result<(), StateError> {
+        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = records.clone();
+        next.insert(record.tenant.clone(), record);
+        self.store.save(&next)?;
+        *records = next;
+        Ok(())
+    }
+
+    /// Changes the record of `tenant` with `f` and persists it.
+    pub fn update(
+        &self,
+        tenant: &str,
+        f: impl FnOnce(&mut Record),
+    ) -> Result<Record, MigrateError> {
+        let mut rec = self
+            .get(tenant)
+            .ok_or_else(|| MigrateError::Refused(format!("no migration for tenant {tenant:?}")))?;
+        f(&mut rec);
+        rec.updated_at = crate::state::audit::rfc3339_now();
+        self.put(rec.clone())?;
+        Ok(rec)
+    }
+
+    pub(super) fn publish_tee(&self, tenant: &str, tee: Option<Arc<Tee>>) {
+        let mut map = (**self.tees.load()).clone();
+        match tee {
+            Some(t) => map.insert(tenant.to_owned(), t),
+            None => map.remove(tenant),
+        };
+        self.tees.store(Arc::new(map));
+    }
+
+    pub fn register_live(&self, tenant: &str) -> Arc<Live> {
+        let live = Live::new(tenant);
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tenant.to_owned(), live.clone());
+        live
+    }
+
+    /// Stops every migration task and tee (the proxy is going away; records stay as they are on disk, and the
+    /// next start resumes them).
+    pub fn shutdown(&self) {
+        self.failpoints.close();
+        self.tees.store(Arc::new(HashMap::new()));
+        let live: Vec<Arc<Live>> = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(_, l)| l)
+            .collect();
+        for l in live {
+            l.stop.cancel();
+            if let Some((_, t)) = l.tee.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                t.stop_now();
+            }
+        }
+    }
+
+    pub fn forget_live(&self, tenant: &str) {
+        if let Some(live) = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(tenant)
+        {
+            live.stop.cancel();
+        }
+    }
+}
