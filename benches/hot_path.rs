@@ -8,7 +8,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use pgtenant::frontend::state::SessionState;
 use pgtenant::protocol::frame::{Direction, Scan, Scanner};
 use pgtenant::protocol::sql;
-use pgtenant::routing::{Route, Router, RoutingTable};
+use pgtenant::routing::{BackendId, Route, Router, RoutingTable};
 use pgtenant::tenant::TenantId;
 
 fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
@@ -63,7 +63,7 @@ fn routing(c: &mut Criterion) {
         let mut table = RoutingTable::default();
         for i in 0..n {
             let id = TenantId::parse(&format!("tenant{i}")).unwrap_or_else(|_| unreachable!());
-            let route = Route::new("b", None, Some(format!("s{i}")));
+            let route = Route::new(BackendId::parse("b").unwrap(), None, Some(format!("s{i}")));
             table.routes.insert(id, Arc::new(route));
         }
         let router = Router::new(table);

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info};
 
-use pgtenant::admin::commands::execute;
+use pgtenant::admin::cmd::execute;
 use pgtenant::admin::Request;
 use pgtenant::config::Config;
 use pgtenant::ctl::CtlArgs;
@@ -123,9 +123,9 @@ async fn serve(path: PathBuf) -> ExitCode {
                 proxy.terminate().await;
                 return ExitCode::SUCCESS;
             }
-            _ = hup.recv() => match execute(&proxy.shared, Request::Reload, "signal:SIGHUP").await {
+            _ = hup.recv() => match execute(&proxy.shared, Request::Reload(Default::default()), "signal:SIGHUP").await {
                 Ok(r) => info!(result = %r, "SIGHUP: config reloaded"),
-                Err(e) => error!(code = e.code, "SIGHUP: reload refused: {}", e.message),
+                Err(e) => error!(code = e.code.as_str(), "SIGHUP: reload refused: {}", e.message),
             },
         }
     }

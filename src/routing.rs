@@ -22,12 +22,73 @@ impl fmt::Display for Epoch {
     }
 }
 
+/// A backend's name (a `[backends.NAME]` of the config): `[A-Za-z0-9_-]{1,63}`. Cheap to clone.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct BackendId(Arc<str>);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid backend name {0:?}: use 1 to 63 of A-Z a-z 0-9 _ -")]
+pub struct InvalidBackendName(String);
+
+impl BackendId {
+    pub fn parse(s: &str) -> Result<BackendId, InvalidBackendName> {
+        if crate::tenant::valid_identifier(s) {
+            Ok(BackendId(Arc::from(s)))
+        } else {
+            Err(InvalidBackendName(s.chars().take(80).collect()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for BackendId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Borrow<str> for BackendId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for BackendId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::str::FromStr for BackendId {
+    type Err = InvalidBackendName;
+    fn from_str(s: &str) -> Result<BackendId, InvalidBackendName> {
+        BackendId::parse(s)
+    }
+}
+
+impl Serialize for BackendId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for BackendId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<BackendId, D::Error> {
+        let s = String::deserialize(d)?;
+        BackendId::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 /// Where a tenant lives (a backend, and optionally a database and a schema on it) and how it is kept apart
 /// from the other tenants there. Optional fields are left out of `routes.json` when unset, so files written
 /// before they existed read the same.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub struct Route {
-    pub backend: String,
+    pub backend: BackendId,
     pub database: Option<String>,
     pub schema: Option<String>,
     /// `role` or `shared`; none: the backend's default.
@@ -59,9 +120,9 @@ impl From<&TenantConfig> for Route {
 
 impl Route {
     /// A plain route: a backend, and optionally a database and schema on it.
-    pub fn new(backend: &str, database: Option<String>, schema: Option<String>) -> Route {
+    pub fn new(backend: BackendId, database: Option<String>, schema: Option<String>) -> Route {
         Route {
-            backend: backend.to_owned(),
+            backend,
             database,
             schema,
             ..Route::default()
@@ -75,9 +136,14 @@ impl Route {
 
     /// The same place on another backend (what a migration's target looks like): everything but the place
     /// itself is kept.
-    pub fn moved(&self, backend: &str, database: Option<String>, schema: Option<String>) -> Route {
+    pub fn moved(
+        &self,
+        backend: &BackendId,
+        database: Option<String>,
+        schema: Option<String>,
+    ) -> Route {
         Route {
-            backend: backend.to_owned(),
+            backend: backend.clone(),
             database,
             schema,
             ..self.clone()
@@ -166,7 +232,11 @@ mod tests {
     fn update_bumps_epoch_and_persist_failure_hides_change() {
         let router = Router::new(RoutingTable::default());
         let acme = TenantId::parse("acme").unwrap();
-        let route = Arc::new(Route::new("b", None, None));
+        let route = Arc::new(Route::new(
+            crate::routing::BackendId::parse("b").unwrap(),
+            None,
+            None,
+        ));
         let t = router
             .update::<()>(
                 |r| {

@@ -235,7 +235,7 @@ impl HealthSource for Health {
                 idle += i;
                 if pool.privileged() == Some(true) {
                     let labels = vec![
-                        ::metrics::Label::new("backend", backend.name.clone()),
+                        ::metrics::Label::new("backend", backend.name.to_string()),
                         ::metrics::Label::new("role", pool.login.user.clone()),
                     ];
                     s.metrics
@@ -245,7 +245,7 @@ impl HealthSource for Health {
             }
             for (state, n) in [("idle", idle), ("active", open - idle.min(open))] {
                 let labels = vec![
-                    ::metrics::Label::new("backend", backend.name.clone()),
+                    ::metrics::Label::new("backend", backend.name.to_string()),
                     ::metrics::Label::new("state", state),
                 ];
                 s.metrics

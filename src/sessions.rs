@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use serde_json::{json, Value};
-
+use crate::admin::reply::SessionView;
 use crate::protocol::PgError;
+use crate::routing::BackendId;
 use crate::shutdown::Terminate;
 use crate::tenant::TenantId;
 
@@ -18,7 +18,7 @@ use crate::tenant::TenantId;
 #[derive(Debug, Clone, Default)]
 pub struct SessionRoute {
     pub tenant: Option<TenantId>,
-    pub backend: Option<String>,
+    pub backend: Option<BackendId>,
     pub database: Option<String>,
     /// Routing epoch the backend connection was chosen under.
     pub epoch: u64,
@@ -67,21 +67,21 @@ impl SessionInfo {
         self.route.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    pub fn to_json(&self, current_epoch: u64) -> Value {
+    pub fn view(&self, current_epoch: u64) -> SessionView {
         let r = self.route();
-        json!({
-            "id": self.id,
-            "user": self.user,
-            "peer": self.peer.map(|p| p.to_string()),
-            "tenant": r.tenant.map(|t| t.to_string()),
-            "backend": r.backend,
-            "database": r.database,
-            "epoch": r.epoch,
-            "on_current_route": r.epoch == current_epoch,
-            "pinned": r.pinned,
-            "in_transaction": self.in_transaction.load(Ordering::Relaxed),
-            "connected_s": self.started.elapsed().as_secs(),
-        })
+        SessionView {
+            id: self.id,
+            user: self.user.clone(),
+            peer: self.peer.map(|p| p.to_string()),
+            tenant: r.tenant,
+            backend: r.backend,
+            database: r.database,
+            epoch: r.epoch,
+            on_current_route: r.epoch == current_epoch,
+            pinned: r.pinned.map(str::to_owned),
+            in_transaction: self.in_transaction.load(Ordering::Relaxed),
+            connected_s: self.started.elapsed().as_secs(),
+        }
     }
 }
 

@@ -63,6 +63,34 @@ impl fmt::Display for TenantId {
     }
 }
 
+/// Read access as text (SQL literals, metric labels, log fields); a `TenantId` is only made by [`TenantId::parse`].
+impl std::ops::Deref for TenantId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for TenantId {
+    type Err = TenantError;
+    fn from_str(s: &str) -> Result<TenantId, TenantError> {
+        TenantId::parse(s)
+    }
+}
+
+impl Serialize for TenantId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for TenantId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<TenantId, D::Error> {
+        let s = String::deserialize(d)?;
+        TenantId::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 /// Splits `app.acme` into user `app` and tenant `acme` at the last separator, unless the whole name is itself a
 /// configured user (so user names may contain the separator).
 pub fn split_user(raw: &str, sep: char, is_user: impl Fn(&str) -> bool) -> (&str, Option<&str>) {

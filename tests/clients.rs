@@ -253,7 +253,7 @@ async fn the_binary_serves_and_stops_on_sigterm() {
     next.tenants.insert(
         "late".into(),
         pgtenant::config::TenantConfig {
-            backend: "shared".into(),
+            backend: pgtenant::routing::BackendId::parse("shared").unwrap(),
             schema: Some("tenant_acme".into()),
             ..Default::default()
         },

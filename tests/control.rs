@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{closes_within, code, http_get, Harness, TestProxy};
+use common::{admin_line, closes_within, code, http_get, Harness, TestProxy};
 use serde_json::json;
 
 use common::{show, two_clusters as clusters, Two};
@@ -709,7 +709,7 @@ async fn reload_applies_what_it_can_and_an_invalid_file_changes_nothing() {
     let sock = config.proxy.admin_socket.clone();
     let admin = |v: serde_json::Value| {
         let sock = sock.clone();
-        async move { pgtenant::ctl::send(&sock, &v).await.unwrap() }
+        async move { admin_line(&sock, &v).await }
     };
 
     let mut next = config.clone();
@@ -718,7 +718,7 @@ async fn reload_applies_what_it_can_and_an_invalid_file_changes_nothing() {
     next.tenants.insert(
         "hooli".into(),
         pgtenant::config::TenantConfig {
-            backend: "dedicated".into(),
+            backend: pgtenant::routing::BackendId::parse("dedicated").unwrap(),
             schema: Some("tenant_acme".into()),
             ..Default::default()
         },
@@ -758,7 +758,7 @@ async fn reload_applies_what_it_can_and_an_invalid_file_changes_nothing() {
     dangling.tenants.insert(
         "broken".into(),
         pgtenant::config::TenantConfig {
-            backend: "nope".into(),
+            backend: pgtenant::routing::BackendId::parse("nope").unwrap(),
             ..Default::default()
         },
     );

@@ -178,9 +178,7 @@ impl ProxyProc {
     }
 
     async fn admin(&self, req: Value) -> Value {
-        pgtenant::ctl::send(&self.socket, &req)
-            .await
-            .unwrap_or_else(|e| panic!("{e}\n{}", self.log_text()))
+        common::admin_line(&self.socket, &req).await
     }
 
     async fn admin_ok(&self, req: Value) -> Value {
@@ -551,7 +549,7 @@ async fn kill9_inside_cutover_before_the_swap_falls_back_to_the_source() {
         .await;
     let socket = env.proxy.socket.clone();
     let cutover = tokio::spawn(async move {
-        pgtenant::ctl::send(
+        try_admin_line(
             &socket,
             &json!({"cmd": "migrate.cutover", "tenant": "acme"}),
         )
@@ -603,7 +601,7 @@ async fn kill9_inside_cutover_after_the_swap_completes_it() {
         .await;
     let socket = env.proxy.socket.clone();
     let cutover = tokio::spawn(async move {
-        pgtenant::ctl::send(
+        try_admin_line(
             &socket,
             &json!({"cmd": "migrate.cutover", "tenant": "acme"}),
         )

@@ -346,7 +346,7 @@ async fn restart_in_cutover(
         .set(failpoint, Some(Action::Hang));
     let socket = proxy.admin_socket();
     let cut = tokio::spawn(async move {
-        pgtenant::ctl::send(
+        try_admin_line(
             &socket,
             &json!({"cmd": "migrate.cutover", "tenant": "acme"}),
         )

@@ -1,29 +1,15 @@
 //! The admin socket (DESIGN section 6): JSON lines over a unix socket (mode 0600) and, optionally, over TCP
-//! with a token.
+//! with a token. One typed protocol ([`request`], [`reply`], [`code`]) shared by the server and `ctl`.
 
-pub mod commands;
-pub mod grants;
-pub mod protocol;
+pub mod args;
+pub mod cmd;
+pub mod code;
+pub mod grant_sql;
 pub mod reload;
+pub mod reply;
+pub mod request;
 pub mod server;
 
-pub use protocol::{AdminError, Request};
-
-use serde_json::Value;
-
-/// A command's answer plus what the audit log records about it.
-pub struct Done {
-    pub result: Value,
-    pub before: Value,
-    pub after: Value,
-}
-
-impl Done {
-    pub fn read(result: Value) -> Done {
-        Done {
-            result,
-            before: Value::Null,
-            after: Value::Null,
-        }
-    }
-}
+pub use cmd::Done;
+pub use code::{AdminCode, AdminError};
+pub use request::Request;

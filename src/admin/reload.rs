@@ -4,9 +4,10 @@
 
 use std::sync::Arc;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use crate::admin::AdminError;
+use crate::admin::code::{AdminCode, AdminError};
+use crate::admin::reply::Reloaded;
 use crate::admin::Done;
 use crate::auth::Users;
 use crate::backend::{Backend, Backends};
@@ -16,13 +17,13 @@ use crate::routing::Route;
 use crate::tenant::TenantId;
 
 fn failed(msg: impl Into<String>) -> AdminError {
-    AdminError::new("reload_failed", msg)
+    AdminError::new(AdminCode::ReloadFailed, msg)
 }
 
 pub fn reload(shared: &Arc<Shared>) -> Result<Done, AdminError> {
     let path = shared.config_path.clone().ok_or_else(|| {
         AdminError::new(
-            "invalid_state",
+            AdminCode::InvalidState,
             "pgtenant was not started from a config file",
         )
     })?;
@@ -54,7 +55,7 @@ pub fn reload(shared: &Arc<Shared>) -> Result<Done, AdminError> {
                 |table| {
                     shared
                         .persist_routes(table)
-                        .map_err(|e| AdminError::new("state_write_failed", e.to_string()))
+                        .map_err(|e| AdminError::new(AdminCode::StateWriteFailed, e.to_string()))
                 },
             )
             .map_err(|e| failed(e.message))?;
@@ -72,12 +73,12 @@ pub fn reload(shared: &Arc<Shared>) -> Result<Done, AdminError> {
     shared.backends.store(Arc::new(plan.backends));
     shared.config.store(Arc::new(merged));
     applied.push("proxy session settings".into());
-    let result = json!({"applied": applied, "requires_restart": restart});
-    Ok(Done {
-        before: Value::Null,
-        after: result.clone(),
-        result,
-    })
+    let result = Reloaded {
+        applied,
+        requires_restart: restart,
+    };
+    let after = super::cmd::to_json(&result);
+    Ok(Done::change(&result, Value::Null, after))
 }
 
 /// Settings that only take effect at start.

@@ -13,8 +13,10 @@ use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
-use super::commands::execute;
-use super::protocol::{self, AdminError, MAX_REQUEST_BYTES};
+use super::cmd::execute;
+use super::code::{AdminCode, AdminError};
+use super::reply::Response;
+use super::request::{self, MAX_REQUEST_BYTES};
 use crate::auth::scram::constant_time_eq;
 use crate::context::Shared;
 use crate::frontend::limits::LoginSlots;
@@ -86,8 +88,10 @@ pub async fn serve_unix(listener: UnixListener, shared: Arc<Shared>) {
         let uid = stream.peer_cred().ok().map(|c| c.uid());
         if uid.is_none() || (uid != Some(0) && uid != owner) {
             warn!(?uid, "admin connection from another user refused");
-            let mut answer =
-                protocol::err(&AdminError::new("unauthorized", "not the proxy's user"));
+            let mut answer = Response::refusal(AdminError::new(
+                AdminCode::Unauthorized,
+                "not the proxy's user",
+            ));
             answer.push('\n');
             let _ = stream.write_all(answer.as_bytes()).await;
             continue;
@@ -130,7 +134,7 @@ pub async fn serve_tcp(listener: TcpListener, shared: Arc<Shared>) {
             };
             drop(ticket);
             let token = shared.config.load().proxy.admin_token.clone();
-            let authenticated = protocol::parse(&line)
+            let authenticated = request::parse(&line)
                 .ok()
                 .and_then(|(_, given)| given)
                 .is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes()));
@@ -139,8 +143,8 @@ pub async fn serve_tcp(listener: TcpListener, shared: Arc<Shared>) {
                     actor,
                     "admin connection without the right token on its first line"
                 );
-                let mut answer = protocol::err(&AdminError::new(
-                    "unauthorized",
+                let mut answer = Response::refusal(AdminError::new(
+                    AdminCode::Unauthorized,
                     "missing or wrong admin token",
                 ));
                 answer.push('\n');
@@ -148,8 +152,8 @@ pub async fn serve_tcp(listener: TcpListener, shared: Arc<Shared>) {
                 return;
             }
             let Ok(_slot) = served.try_acquire_owned() else {
-                let mut answer = protocol::err(&AdminError::new(
-                    "too_many_connections",
+                let mut answer = Response::refusal(AdminError::new(
+                    AdminCode::TooManyConnections,
                     format!("at most {MAX_ADMIN_CONNECTIONS} admin connections at once"),
                 ));
                 answer.push('\n');
@@ -211,8 +215,8 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
         if buf.len() > MAX_REQUEST_BYTES {
-            let mut answer = protocol::err(&AdminError::new(
-                "request_too_large",
+            let mut answer = Response::refusal(AdminError::new(
+                AdminCode::RequestTooLarge,
                 format!("requests are limited to {MAX_REQUEST_BYTES} bytes"),
             ));
             answer.push('\n');
@@ -227,17 +231,17 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 async fn answer(shared: &Arc<Shared>, line: &[u8], actor: &str, token: Option<&str>) -> String {
-    let (request, given) = match protocol::parse(line) {
+    let (request, given) = match request::parse(line) {
         Ok(r) => r,
-        Err(e) => return protocol::err(&e),
+        Err(e) => return Response::refusal(e),
     };
     // The connection proved the token on its first line; a later request may leave it out, but one it gives
     // must be right.
     if let (Some(expected), Some(given)) = (token, given.as_deref()) {
         if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
             warn!(actor, "admin request with a missing or wrong token");
-            return protocol::err(&AdminError::new(
-                "unauthorized",
+            return Response::refusal(AdminError::new(
+                AdminCode::Unauthorized,
                 "missing or wrong admin token",
             ));
         }
@@ -246,11 +250,16 @@ async fn answer(shared: &Arc<Shared>, line: &[u8], actor: &str, token: Option<&s
     match execute(shared, request, actor).await {
         Ok(result) => {
             info!(actor, command, "admin command");
-            protocol::ok(result)
+            Response::line(Ok(result))
         }
         Err(e) => {
-            info!(actor, command, code = e.code, "admin command refused");
-            protocol::err(&e)
+            info!(
+                actor,
+                command,
+                code = e.code.as_str(),
+                "admin command refused"
+            );
+            Response::refusal(e)
         }
     }
 }

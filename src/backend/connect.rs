@@ -19,6 +19,7 @@ use crate::auth::scram_client::ScramClient;
 use crate::config::SslMode;
 use crate::net::Stream;
 use crate::protocol::{sqlstate, PgError};
+use crate::routing::BackendId;
 
 /// Handshake messages larger than this end the attempt.
 const MAX_HANDSHAKE_BUFFER: usize = 1 << 20;
@@ -27,23 +28,23 @@ const MAX_HANDSHAKE_BUFFER: usize = 1 << 20;
 pub enum ConnectError {
     #[error("connecting to backend {backend}: {source}")]
     Io {
-        backend: String,
+        backend: BackendId,
         source: std::io::Error,
     },
     #[error("backend {0} did not answer in time")]
-    Timeout(String),
+    Timeout(BackendId),
     #[error("backend {0} refused TLS but sslmode is require")]
-    TlsRefused(String),
+    TlsRefused(BackendId),
     #[error("backend {backend} authentication: {reason}")]
-    Auth { backend: String, reason: String },
+    Auth { backend: BackendId, reason: String },
     #[error("backend {backend} refused the connection: {code} {message}")]
     Server {
-        backend: String,
+        backend: BackendId,
         code: String,
         message: String,
     },
     #[error("backend {backend} protocol error: {reason}")]
-    Protocol { backend: String, reason: String },
+    Protocol { backend: BackendId, reason: String },
 }
 
 impl ConnectError {
@@ -159,12 +160,12 @@ async fn negotiate_tls(backend: &Backend, mut tcp: TcpStream) -> Result<Stream, 
 
 /// Reads one backend message, reading more bytes as needed.
 pub(super) async fn next_message(
-    backend: &str,
+    backend: &BackendId,
     conn: &mut ServerConn,
 ) -> Result<Message, ConnectError> {
     loop {
         let parsed = Message::parse(&mut conn.buf).map_err(|e| ConnectError::Protocol {
-            backend: backend.to_owned(),
+            backend: backend.clone(),
             reason: e.to_string(),
         })?;
         if let Some(m) = parsed {
@@ -172,7 +173,7 @@ pub(super) async fn next_message(
         }
         if conn.buf.len() > MAX_HANDSHAKE_BUFFER {
             return Err(ConnectError::Protocol {
-                backend: backend.to_owned(),
+                backend: backend.clone(),
                 reason: "handshake message too large".into(),
             });
         }
@@ -182,12 +183,12 @@ pub(super) async fn next_message(
             .read_buf(&mut conn.buf)
             .await
             .map_err(|source| ConnectError::Io {
-                backend: backend.to_owned(),
+                backend: backend.clone(),
                 source,
             })?;
         if n == 0 {
             return Err(ConnectError::Io {
-                backend: backend.to_owned(),
+                backend: backend.clone(),
                 source: std::io::ErrorKind::UnexpectedEof.into(),
             });
         }
@@ -195,7 +196,7 @@ pub(super) async fn next_message(
 }
 
 pub(super) fn server_error(
-    backend: &str,
+    backend: &BackendId,
     fields: postgres_protocol::message::backend::ErrorFields<'_>,
 ) -> ConnectError {
     use fallible_iterator::FallibleIterator;
@@ -210,7 +211,7 @@ pub(super) fn server_error(
         }
     }
     ConnectError::Server {
-        backend: backend.to_owned(),
+        backend: backend.clone(),
         code,
         message,
     }
@@ -228,10 +229,10 @@ async fn send(backend: &Backend, conn: &mut ServerConn, msg: &[u8]) -> Result<()
 
 async fn authenticate(pool: &Pool, conn: &mut ServerConn) -> Result<(), ConnectError> {
     let backend = &*pool.backend;
-    let name = backend.name.as_str();
+    let name = &backend.name;
     let (user, password) = (pool.login.user.as_str(), pool.login.password.expose());
     let auth_err = |reason: String| ConnectError::Auth {
-        backend: name.to_owned(),
+        backend: name.clone(),
         reason,
     };
     let mut scram: Option<ScramClient> = None;
@@ -308,7 +309,7 @@ async fn authenticate(pool: &Pool, conn: &mut ServerConn) -> Result<(), ConnectE
             Message::ReadyForQuery(_) => return Ok(()),
             _ => {
                 return Err(ConnectError::Protocol {
-                    backend: name.to_owned(),
+                    backend: name.clone(),
                     reason: "unexpected message during startup".into(),
                 })
             }

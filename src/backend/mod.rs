@@ -19,6 +19,7 @@ use tokio_rustls::TlsConnector;
 
 use crate::config::{BackendConfig, SslMode};
 use crate::net::tls::{self, TlsError};
+use crate::routing::BackendId;
 
 pub use conn::{ServerConn, StartupTag};
 pub use connect::ConnectError;
@@ -56,7 +57,7 @@ struct Health {
 
 /// One configured backend server and its pools (one per database and login role).
 pub struct Backend {
-    pub name: String,
+    pub name: BackendId,
     pub config: BackendConfig,
     /// Live limits (reload may change them).
     pool_size: AtomicUsize,
@@ -74,7 +75,7 @@ pub struct Backend {
 
 impl Backend {
     pub fn new(
-        name: &str,
+        name: &BackendId,
         config: BackendConfig,
         timeouts: Timeouts,
     ) -> Result<Arc<Backend>, TlsError> {
@@ -83,7 +84,7 @@ impl Backend {
             SslMode::Prefer | SslMode::Require => Some(tls::backend_connector()?),
         };
         let backend = Backend {
-            name: name.to_owned(),
+            name: name.clone(),
             pool_size: AtomicUsize::new(0),
             max_connections: AtomicUsize::new(0),
             max_tenant_connections: AtomicUsize::new(0),
@@ -282,7 +283,7 @@ impl Backend {
 /// All configured backends by name.
 #[derive(Default)]
 pub struct Backends {
-    pub by_name: HashMap<String, Arc<Backend>>,
+    pub by_name: HashMap<BackendId, Arc<Backend>>,
 }
 
 impl Backends {

@@ -374,7 +374,7 @@ impl Pool {
             )
         };
         PoolError::Timeout {
-            backend: b.name.clone(),
+            backend: b.name.to_string(),
             database: self.database.clone(),
             limit,
         }

@@ -9,18 +9,19 @@ use tokio::io::AsyncWriteExt;
 use super::conn::ServerConn;
 use super::connect::{next_message, server_error, ConnectError};
 use crate::protocol::tag::status::IDLE;
+use crate::routing::BackendId;
 
 /// Sends each statement as its own Query (so `DISCARD ALL` is not inside an implicit transaction block),
 /// pipelined, and reads every reply up to the matching ReadyForQuery. Returns the final transaction status.
 pub async fn run_simple(
-    backend: &str,
+    backend: &BackendId,
     conn: &mut ServerConn,
     statements: &[&str],
 ) -> Result<u8, ConnectError> {
     let mut out = BytesMut::new();
     for s in statements {
         frontend::query(s, &mut out).map_err(|e| ConnectError::Protocol {
-            backend: backend.to_owned(),
+            backend: backend.clone(),
             reason: e.to_string(),
         })?;
     }
@@ -30,14 +31,17 @@ pub async fn run_simple(
 /// Whether the session on `conn` ever made a temporary object: PostgreSQL keeps its temporary namespace for
 /// the backend's whole life (`pg_my_temp_schema()` stays set after the objects are gone), so such a
 /// connection is closed rather than handed to someone else.
-pub async fn temp_schema_used(backend: &str, conn: &mut ServerConn) -> Result<bool, ConnectError> {
+pub async fn temp_schema_used(
+    backend: &BackendId,
+    conn: &mut ServerConn,
+) -> Result<bool, ConnectError> {
     let value = query_value(backend, conn, "SELECT pg_my_temp_schema() <> 0").await?;
     Ok(value.as_deref() != Some("f"))
 }
 
 /// Runs one simple query and returns the first column of its first row (text), if any.
 pub async fn query_value(
-    backend: &str,
+    backend: &BackendId,
     conn: &mut ServerConn,
     sql: &str,
 ) -> Result<Option<String>, ConnectError> {
@@ -47,14 +51,14 @@ pub async fn query_value(
 /// Like [`run_simple`] (each statement its own Query, pipelined, in one round trip), also returning the first
 /// column of the first row any of them returned. Any error fails the whole run.
 pub async fn run_collect(
-    backend: &str,
+    backend: &BackendId,
     conn: &mut ServerConn,
     statements: &[&str],
 ) -> Result<(Option<String>, u8), ConnectError> {
     let mut out = BytesMut::new();
     for s in statements {
         frontend::query(s, &mut out).map_err(|e| ConnectError::Protocol {
-            backend: backend.to_owned(),
+            backend: backend.clone(),
             reason: e.to_string(),
         })?;
     }
@@ -62,7 +66,7 @@ pub async fn run_collect(
         .write_all(&out)
         .await
         .map_err(|source| ConnectError::Io {
-            backend: backend.to_owned(),
+            backend: backend.clone(),
             source,
         })?;
     let (mut value, mut error, mut status) = (None, None, IDLE);
@@ -99,7 +103,7 @@ pub async fn run_collect(
 
 /// Sends Parse frames followed by one Sync and reads to the ReadyForQuery; any error fails the whole replay.
 pub async fn run_parses(
-    backend: &str,
+    backend: &BackendId,
     conn: &mut ServerConn,
     frames: &[Bytes],
 ) -> Result<(), ConnectError> {
@@ -117,7 +121,7 @@ pub async fn run_parses(
 /// Writes `out` and reads replies up to the `readies`-th ReadyForQuery, keeping ParameterStatus values.
 /// Returns the last transaction status, or the first error the backend reported.
 async fn send_and_read(
-    backend: &str,
+    backend: &BackendId,
     conn: &mut ServerConn,
     out: &[u8],
     readies: usize,
@@ -126,7 +130,7 @@ async fn send_and_read(
         .write_all(out)
         .await
         .map_err(|source| ConnectError::Io {
-            backend: backend.to_owned(),
+            backend: backend.clone(),
             source,
         })?;
     let mut first_error = None;

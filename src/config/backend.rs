@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::secret::Secret;
+use crate::routing::BackendId;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -17,7 +18,9 @@ pub enum SslMode {
 }
 
 /// How a tenant's backend connections are kept apart from other tenants' (README "Security model").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Isolation {
     /// The backend connection logs in as the tenant's own role, so the database enforces the boundary; one
@@ -144,7 +147,7 @@ impl BackendConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
-    pub backend: String,
+    pub backend: BackendId,
     pub database: Option<String>,
     pub schema: Option<String>,
     /// `role` or `shared`; default: the backend's.

@@ -16,7 +16,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::net::cidr::Cidr;
-use crate::tenant::{valid_identifier, TenantId};
+use crate::routing::BackendId;
+use crate::tenant::TenantId;
 
 pub use crate::tenant::TenantSource;
 pub use backend::{BackendConfig, BackendSecrets, Isolation, SslMode, TenantConfig};
@@ -47,7 +48,7 @@ pub struct Config {
     #[serde(default)]
     pub users: Vec<UserConfig>,
     #[serde(default)]
-    pub backends: BTreeMap<String, BackendConfig>,
+    pub backends: BTreeMap<BackendId, BackendConfig>,
     /// Initial routes; persisted routes override them once the control plane has written any.
     #[serde(default)]
     pub tenants: BTreeMap<String, TenantConfig>,
@@ -173,12 +174,8 @@ impl Config {
                 self.proxy.default_tenant
             ));
         }
+        // Backend names are checked as they are read (BackendId).
         for (name, b) in &self.backends {
-            if !valid_identifier(name) {
-                return bad(format!(
-                    "backend name {name:?} must match [A-Za-z0-9_-]{{1,63}}"
-                ));
-            }
             if b.pool_size == 0 {
                 return bad(format!("backends.{name}.pool_size must be at least 1"));
             }

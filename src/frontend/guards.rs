@@ -84,7 +84,11 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         let options: Vec<String> = options.iter().map(|s| s.to_string()).collect();
-        let route = Route::new("b", None, schema.then(|| "tenant_acme".to_string()));
+        let route = Route::new(
+            crate::routing::BackendId::parse("b").unwrap(),
+            None,
+            schema.then(|| "tenant_acme".to_string()),
+        );
         check_startup(&params, &options, &route, "acme").map_err(|e| e.message)
     }
 

@@ -20,6 +20,7 @@ use crate::metrics::ErrorKind;
 use crate::protocol::tag::{backend as be, frontend as fe, status};
 use crate::protocol::{messages, sql, sqlstate, PgError};
 use crate::quote::quote_ident;
+use crate::routing::BackendId;
 
 /// Why a session in transaction pool mode keeps its backend connection although it is idle.
 const PIN_SQL_PREPARE: &str = "SQL PREPARE (transaction pool mode)";
@@ -216,7 +217,7 @@ impl Session {
     async fn settle_settings(
         &mut self,
         server: &mut Server,
-        backend: &str,
+        backend: &BackendId,
     ) -> Result<(), Unsettled> {
         let conn = server.conn.get();
         let foreign = conn.owner.is_some() && conn.owner != self.place.tenant;
@@ -239,7 +240,7 @@ impl Session {
     async fn apply_settings(
         &mut self,
         server: &mut Server,
-        backend: &str,
+        backend: &BackendId,
         full: bool,
     ) -> Result<(), Unsettled> {
         let (fingerprint, role) = self.state.sets_fingerprint();

@@ -19,6 +19,7 @@ use super::record::TableCheckpoint;
 use super::MigrateError;
 use crate::quote::quote_ident;
 use crate::quote::quote_literal;
+use crate::tenant::TenantId;
 
 /// Bytes of rows passed to the target per COPY message.
 const COPY_BLOCK: usize = 64 * 1024;
@@ -33,7 +34,7 @@ pub trait CopyProgress: Send + Sync {
 }
 
 pub struct CopyJob {
-    pub tenant: String,
+    pub tenant: TenantId,
     pub source: Endpoint,
     pub target: Endpoint,
     pub tables: Vec<Table>,
@@ -141,7 +142,7 @@ async fn worker(
             .execute(
                 "DELETE FROM pgtenant.change_log WHERE tenant = $1 AND tbl = $2 \
                  AND pg_visible_in_snapshot(xid, $3::text::pg_snapshot)",
-                &[&job.tenant, &table.name, &snapshot],
+                &[&job.tenant.as_str(), &table.name, &snapshot],
             )
             .await
             .map_err(|e| MigrateError::pg("trim change log after copy", e))?;

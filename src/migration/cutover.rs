@@ -6,8 +6,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::ops::reply::{CutOver, RolledBack};
 use metrics::Label;
-use serde_json::{json, Value};
 use tokio_postgres::Client;
 use tracing::{info, warn};
 
@@ -38,9 +38,8 @@ fn labels(tenant: &str, result: Option<&str>) -> Vec<Label> {
     l
 }
 
-fn gate_of(shared: &Shared, tenant: &str) -> Result<Arc<Gate>, MigrateError> {
-    let id = TenantId::parse(tenant).map_err(|e| MigrateError::Refused(e.to_string()))?;
-    let gate = shared.gates.get(&id);
+fn gate_of(shared: &Shared, tenant: &TenantId) -> Result<Arc<Gate>, MigrateError> {
+    let gate = shared.gates.get(tenant);
     if gate.is_closed() {
         return Err(MigrateError::Refused(format!(
             "tenant {tenant:?} is paused by an operator; resume it first"
@@ -50,7 +49,7 @@ fn gate_of(shared: &Shared, tenant: &str) -> Result<Arc<Gate>, MigrateError> {
 }
 
 /// Moves the tenant to the target. The caller holds `live.lock`.
-pub async fn cutover(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<Value, MigrateError> {
+pub async fn cutover(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<CutOver, MigrateError> {
     let rec = shared
         .migrations
         .get(&live.tenant)
@@ -125,7 +124,7 @@ async fn after_swap(
     gate: &Gate,
     closed_at: Instant,
     mut marks: Marks,
-) -> Result<Value, MigrateError> {
+) -> Result<CutOver, MigrateError> {
     match shared
         .migrations
         .failpoints
@@ -168,9 +167,18 @@ async fn after_swap(
         r.last_cutover_error = None;
     })?;
     info!(tenant = %rec.tenant, pause_ms, blocked, ended, "cutover done");
-    Ok(
-        json!({"tenant": rec.tenant, "state": "migrated", "pause_ms": pause_ms, "queued_during_pause": blocked, "pinned_sessions_ended": ended, "steps_ms": marks.json()}),
-    )
+    Ok(CutOver {
+        tenant: rec.tenant.clone(),
+        state: State::Migrated.as_str().to_owned(),
+        pause_ms,
+        queued_during_pause: blocked,
+        pinned_sessions_ended: ended,
+        steps_ms: marks
+            .steps
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+    })
 }
 
 fn count_attempt(shared: &Shared, tenant: &str, result: &str) {
@@ -186,7 +194,7 @@ struct Ready {
     dst: Client,
     source: Endpoint,
     target: Endpoint,
-    source_tenant: String,
+    source_tenant: TenantId,
     sequences: Vec<String>,
     tee: Arc<super::tee::Tee>,
 }
@@ -295,15 +303,6 @@ impl Marks {
         self.steps.push((step, (ms * 100.0).round() / 100.0));
         self.last = now;
     }
-
-    fn json(&self) -> Value {
-        Value::Object(
-            self.steps
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), json!(v)))
-                .collect(),
-        )
-    }
 }
 
 /// Cutover did not happen: lift the fence if it went up, remove the reverse capture made for it and stay in
@@ -340,12 +339,11 @@ async fn fall_back(
 }
 
 /// Persists the route of `tenant` as `route` with a higher epoch and publishes it.
-fn swap_route(shared: &Shared, tenant: &str, route: &Route) -> Result<(), MigrateError> {
-    let id = TenantId::parse(tenant).map_err(|e| MigrateError::Refused(e.to_string()))?;
+fn swap_route(shared: &Shared, tenant: &TenantId, route: &Route) -> Result<(), MigrateError> {
     let route = Arc::new(route.clone());
     let table = shared.router.update(
         |routes| {
-            routes.insert(id.clone(), route.clone());
+            routes.insert(tenant.clone(), route.clone());
             Ok(())
         },
         |table| shared.persist_routes(table).map_err(MigrateError::from),
@@ -357,18 +355,15 @@ fn swap_route(shared: &Shared, tenant: &str, route: &Route) -> Result<(), Migrat
 /// Ends the tenant's sessions that are still on its old route and cannot move (pinned by state that cannot
 /// follow them): the old side is fenced, so they could only fail there. Called with the gate still closed, so
 /// none of them is inside a transaction. Returns how many were told to end.
-fn end_pinned_sessions(shared: &Shared, tenant: &str) -> usize {
+fn end_pinned_sessions(shared: &Shared, tenant: &TenantId) -> usize {
     let Some(epoch) = shared.migrations.moved_at(tenant) else {
-        return 0;
-    };
-    let Ok(id) = TenantId::parse(tenant) else {
         return 0;
     };
     let mut ended = 0;
     for s in shared.sessions.of_tenant(tenant) {
         let route = s.route();
         if let (true, Some(reason)) = (route.epoch < epoch, route.pinned) {
-            s.end_with(crate::frontend::moved_away(&id, reason));
+            s.end_with(crate::frontend::moved_away(tenant, reason));
             ended += 1;
         }
     }
@@ -428,7 +423,7 @@ pub async fn sync_sequences(
 }
 
 /// Moves the tenant back to the source after a cutover, with the same machinery. The caller holds `live.lock`.
-pub async fn rollback(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<Value, MigrateError> {
+pub async fn rollback(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<RolledBack, MigrateError> {
     let rec = shared
         .migrations
         .get(&live.tenant)
@@ -506,7 +501,11 @@ pub async fn rollback(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<Value, M
         .histogram("cutover_pause_duration_seconds", labels(&rec.tenant, None))
         .record(pause_ms / 1000.0);
     finish_rollback(shared, &rec, pause_ms).await?;
-    Ok(json!({"tenant": rec.tenant, "state": "rolled_back", "pause_ms": pause_ms}))
+    Ok(RolledBack {
+        tenant: rec.tenant.clone(),
+        state: State::RolledBack.as_str().to_owned(),
+        pause_ms,
+    })
 }
 
 /// After the route is back on the source: capture removed on both sides, record ended.

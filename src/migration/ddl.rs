@@ -17,14 +17,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use super::ops::reply::DdlApplied;
 
 use super::capture;
-use super::ops::OpError;
 use super::pg::Endpoint;
 use super::record::State;
 use super::sides::{endpoints, ensure_tee, load_tables, stop_tee};
 use super::MigrateError;
+use crate::admin::code::{AdminCode, AdminError};
 use crate::context::Shared;
 use crate::quote::quote_ident;
 use crate::tenant::TenantId;
@@ -33,11 +33,14 @@ use crate::tenant::TenantId;
 pub const MAX_DDL_BYTES: usize = 64 * 1024;
 
 /// Runs `sql` on both sides of `tenant`'s migration.
-pub async fn ddl(shared: &Arc<Shared>, tenant: &str, sql: &str) -> Result<Value, OpError> {
+pub async fn ddl(
+    shared: &Arc<Shared>,
+    tenant: &TenantId,
+    sql: &str,
+) -> Result<DdlApplied, AdminError> {
     let (rec, live) = super::ops::live_of(shared, tenant)?;
     if !matches!(rec.state, State::DualWrite | State::Migrated) {
-        return Err(OpError::new(
-            "invalid_state",
+        return Err(AdminError::new(AdminCode::InvalidState,
             format!(
                 "migrate ddl needs dual_write or migrated; the migration is {} (before that, abort and start again after the change)",
                 rec.shown_state()
@@ -46,12 +49,10 @@ pub async fn ddl(shared: &Arc<Shared>, tenant: &str, sql: &str) -> Result<Value,
     }
     let _one = live.lock.lock().await;
     let tee = ensure_tee(shared, &live, &rec).await?;
-    let id =
-        TenantId::parse(tenant).map_err(|e| OpError::new("invalid_argument", e.to_string()))?;
-    let gate = shared.gates.get(&id);
+    let gate = shared.gates.get(tenant);
     if gate.is_closed() {
-        return Err(OpError::new(
-            "invalid_state",
+        return Err(AdminError::new(
+            AdminCode::InvalidState,
             format!("tenant {tenant:?} is paused by an operator; resume it first"),
         ));
     }
@@ -76,9 +77,14 @@ pub async fn ddl(shared: &Arc<Shared>, tenant: &str, sql: &str) -> Result<Value,
     .await;
     let held_ms = closed_at.elapsed().as_secs_f64() * 1000.0;
     let outcome = match result {
-        Ok(()) => refresh(shared, &live, tenant).await.map(|tables| {
-            json!({"tenant": tenant, "applied": ["source", "target"], "held_ms": held_ms, "tables": tables})
-        }),
+        Ok(()) => refresh(shared, &live, tenant)
+            .await
+            .map(|tables| DdlApplied {
+                tenant: tenant.clone(),
+                applied: vec!["source".into(), "target".into()],
+                held_ms,
+                tables,
+            }),
         Err(e) => Err(e),
     };
     gate.open();
@@ -87,9 +93,9 @@ pub async fn ddl(shared: &Arc<Shared>, tenant: &str, sql: &str) -> Result<Value,
         super::ops::set_paused(shared, tenant, true)?;
     }
     outcome.map_err(|e| match e {
-        MigrateError::Refused(m) => OpError::new("ddl_partial", m),
-        MigrateError::Timeout(m) => OpError::new("timeout", m),
-        other => OpError::from(other),
+        MigrateError::Refused(m) => AdminError::new(AdminCode::DdlPartial, m),
+        MigrateError::Timeout(m) => AdminError::new(AdminCode::Timeout, m),
+        other => AdminError::from(other),
     })
 }
 

@@ -9,6 +9,7 @@ use tracing::debug;
 use super::MigrateError;
 use crate::config::{BackendConfig, SslMode};
 use crate::quote::{quote_ident, quote_literal};
+use crate::routing::BackendId;
 
 /// Settings every coordinator session uses: text forms that compare equal on both sides (hashes are over row
 /// text), and synchronous commit: exactly-once rests on the order "applied on the target, then deleted from
@@ -22,7 +23,7 @@ const SESSION_SETUP: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; \
 /// Where one side of a migration lives.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
-    pub backend: String,
+    pub backend: BackendId,
     pub config: BackendConfig,
     pub database: String,
     pub schema: String,

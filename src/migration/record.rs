@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::routing::Route;
 use crate::state::{atomic, StateError};
+use crate::tenant::TenantId;
 
 const FILE: &str = "migrations.json";
 
@@ -70,7 +71,7 @@ impl State {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum CutoverMode {
     #[default]
@@ -78,13 +79,33 @@ pub enum CutoverMode {
     Auto,
 }
 
+/// Read from `count`, `hash` or `full`, or a comma list of them (the strongest counts).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case", try_from = "String")]
 pub enum VerifyLevel {
     #[default]
     Count,
     Hash,
     Full,
+}
+
+impl TryFrom<String> for VerifyLevel {
+    type Error = String;
+    fn try_from(list: String) -> Result<VerifyLevel, String> {
+        list.split(',')
+            .map(|part| VerifyLevel::parse(part.trim()).ok_or("must be count, hash or full"))
+            .try_fold(None, |best: Option<VerifyLevel>, l| {
+                l.map(|l| best.max(Some(l)))
+            })?
+            .ok_or_else(|| "must be count, hash or full".to_string())
+    }
+}
+
+impl std::str::FromStr for VerifyLevel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<VerifyLevel, String> {
+        VerifyLevel::try_from(s.to_owned())
+    }
 }
 
 impl VerifyLevel {
@@ -117,14 +138,22 @@ pub struct VerifyReport {
     pub rows: u64,
     /// Human-readable mismatches: table, key range, counts or keys.
     pub violations: Vec<String>,
-    /// Mismatching ranges as (table, lower key, upper key) JSON, for `repair`.
+    /// Mismatching key ranges, for `repair`.
     #[serde(default)]
-    pub ranges: Vec<serde_json::Value>,
+    pub ranges: Vec<KeyRange>,
+}
+
+/// A key range of one table (keys as JSON text; none: open on that side).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRange {
+    pub table: String,
+    pub from: Option<String>,
+    pub to: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {
-    pub tenant: String,
+    pub tenant: TenantId,
     pub state: State,
     /// Copy/tee work paused by the operator (the tenant's traffic is not).
     #[serde(default)]
@@ -173,12 +202,20 @@ impl Record {
     #[cfg(test)]
     pub fn for_tests(tenant: &str) -> Record {
         Record {
-            tenant: tenant.to_owned(),
+            tenant: TenantId::parse(tenant).expect("a valid tenant name"),
             state: State::Pending,
             paused: false,
             failed_in: None,
-            source: Route::new("a", Some("app".into()), Some("s".into())),
-            target: Route::new("b", Some("app".into()), Some("s".into())),
+            source: Route::new(
+                crate::routing::BackendId::parse("a").unwrap(),
+                Some("app".into()),
+                Some("s".into()),
+            ),
+            target: Route::new(
+                crate::routing::BackendId::parse("b").unwrap(),
+                Some("app".into()),
+                Some("s".into()),
+            ),
             schema: "s".into(),
             tenant_column: None,
             tenant_key: None,
@@ -238,7 +275,7 @@ const VERSION: u32 = 2;
 #[derive(Debug, Serialize, Deserialize, Default)]
 struct File {
     version: u32,
-    migrations: BTreeMap<String, Record>,
+    migrations: BTreeMap<TenantId, Record>,
 }
 
 /// `migrations.json` in the state directory.
@@ -254,7 +291,7 @@ impl Store {
         }
     }
 
-    pub fn load(&self) -> Result<BTreeMap<String, Record>, StateError> {
+    pub fn load(&self) -> Result<BTreeMap<TenantId, Record>, StateError> {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
@@ -279,7 +316,7 @@ impl Store {
         Ok(file.migrations)
     }
 
-    pub fn save(&self, records: &BTreeMap<String, Record>) -> Result<(), StateError> {
+    pub fn save(&self, records: &BTreeMap<TenantId, Record>) -> Result<(), StateError> {
         let file = serde_json::json!({"version": VERSION, "migrations": records});
         let json = serde_json::to_string_pretty(&file).map_err(|e| StateError::Corrupt {
             path: self.path.clone(),

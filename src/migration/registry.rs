@@ -16,6 +16,7 @@ use super::record::{Record, Store};
 use super::tee::Tee;
 use super::MigrateError;
 use crate::state::StateError;
+use crate::tenant::TenantId;
 
 /// Which way a tee runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,7 +29,7 @@ pub enum Direction {
 
 /// What runs for one migration.
 pub struct Live {
-    pub tenant: String,
+    pub tenant: TenantId,
     /// One operation at a time (verify, cutover, rollback, finalize, abort, repair).
     pub lock: tokio::sync::Mutex<()>,
     pub stop: CancellationToken,
@@ -40,9 +41,9 @@ pub struct Live {
 }
 
 impl Live {
-    pub(super) fn new(tenant: &str) -> Arc<Live> {
+    pub(super) fn new(tenant: &TenantId) -> Arc<Live> {
         Arc::new(Live {
-            tenant: tenant.to_owned(),
+            tenant: tenant.clone(),
             lock: tokio::sync::Mutex::new(()),
             stop: CancellationToken::new(),
             partial_rows: AtomicU64::new(0),
@@ -81,14 +82,14 @@ impl Live {
 
 pub struct Migrations {
     store: Store,
-    records: Mutex<BTreeMap<String, Record>>,
-    live: Mutex<HashMap<String, Arc<Live>>>,
+    records: Mutex<BTreeMap<TenantId, Record>>,
+    live: Mutex<HashMap<TenantId, Arc<Live>>>,
     /// The running tees by tenant; sessions look here after a transaction that wrote.
-    pub tees: ArcSwap<HashMap<String, Arc<Tee>>>,
+    pub tees: ArcSwap<HashMap<TenantId, Arc<Tee>>>,
     pub failpoints: Arc<Failpoints>,
     /// The routing epoch at which a migration moved each tenant (cutover or rollback): a session still on an
     /// older route of the tenant is ended rather than left writing to the fenced old side.
-    moved: Mutex<HashMap<String, u64>>,
+    moved: Mutex<HashMap<TenantId, u64>>,
 }
 
 impl Migrations {
@@ -106,11 +107,11 @@ impl Migrations {
     }
 
     /// A migration swapped `tenant`'s route at routing epoch `epoch`.
-    pub fn note_moved(&self, tenant: &str, epoch: u64) {
+    pub fn note_moved(&self, tenant: &TenantId, epoch: u64) {
         self.moved
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(tenant.to_owned(), epoch);
+            .insert(tenant.clone(), epoch);
     }
 
     /// The epoch at which a migration last moved `tenant`, if one did since the proxy started.
@@ -177,21 +178,21 @@ impl Migrations {
         Ok(rec)
     }
 
-    pub(super) fn publish_tee(&self, tenant: &str, tee: Option<Arc<Tee>>) {
+    pub(super) fn publish_tee(&self, tenant: &TenantId, tee: Option<Arc<Tee>>) {
         let mut map = (**self.tees.load()).clone();
         match tee {
-            Some(t) => map.insert(tenant.to_owned(), t),
+            Some(t) => map.insert(tenant.clone(), t),
             None => map.remove(tenant),
         };
         self.tees.store(Arc::new(map));
     }
 
-    pub fn register_live(&self, tenant: &str) -> Arc<Live> {
+    pub fn register_live(&self, tenant: &TenantId) -> Arc<Live> {
         let live = Live::new(tenant);
         self.live
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(tenant.to_owned(), live.clone());
+            .insert(tenant.clone(), live.clone());
         live
     }
 

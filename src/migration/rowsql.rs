@@ -127,7 +127,7 @@ mod tests {
 
     fn side() -> Endpoint {
         Endpoint {
-            backend: "b".into(),
+            backend: crate::routing::BackendId::parse("b").unwrap(),
             config: BackendConfig::new("h", 5432, "u"),
             database: "d".into(),
             schema: "Ten\"ant".into(),

@@ -14,22 +14,26 @@ use super::registry::{Direction, Live};
 use super::tee::{Tee, TeeMetrics, TeeSpec};
 use super::MigrateError;
 use crate::context::Shared;
+use crate::routing::BackendId;
 
 /// The two endpoints of a record, from the configured backends.
 pub fn endpoints(shared: &Shared, rec: &Record) -> Result<(Endpoint, Endpoint), MigrateError> {
     let backends = shared.backends.load();
-    let side = |backend: &str, database: &str, schema: &str| {
+    let side = |backend: &BackendId, database: &str, schema: &str| {
         let b = backends.get(backend).ok_or_else(|| {
             MigrateError::Refused(format!("backend {backend:?} is no longer configured"))
         })?;
         Ok::<_, MigrateError>(Endpoint {
-            backend: backend.to_owned(),
+            backend: backend.clone(),
             config: b.config.clone(),
             database: database.to_owned(),
             schema: schema.to_owned(),
             filter: rec.tenant_column.as_ref().map(|column| Filter {
                 column: column.clone(),
-                key: rec.tenant_key.clone().unwrap_or_else(|| rec.tenant.clone()),
+                key: rec
+                    .tenant_key
+                    .clone()
+                    .unwrap_or_else(|| rec.tenant.to_string()),
             }),
         })
     };
@@ -63,7 +67,7 @@ pub async fn start_tee(
     let t = &rec.tenant;
     let status = |s: &str| {
         vec![
-            Label::new("tenant", t.clone()),
+            Label::new("tenant", t.to_string()),
             Label::new("status", s.to_owned()),
         ]
     };

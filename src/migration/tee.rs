@@ -22,6 +22,7 @@ use super::failpoint::Failpoints;
 use super::pg::Endpoint;
 use super::MigrateError;
 use crate::config::TeeMode;
+use crate::tenant::TenantId;
 
 /// Longest pause between retries after failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -43,7 +44,7 @@ pub struct TeeMetrics {
 
 /// What the tee drains: from one endpoint to the other.
 pub struct TeeSpec {
-    pub tenant: String,
+    pub tenant: TenantId,
     pub from: Endpoint,
     pub to: Endpoint,
     pub tables: Vec<Table>,

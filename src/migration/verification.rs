@@ -61,7 +61,7 @@ pub async fn verify_locked(
     };
     let report = verify::compare(&sides, &src, &dst, level).await?;
     let m = &shared.metrics;
-    let l = vec![metrics::Label::new("tenant", rec.tenant.clone())];
+    let l = vec![metrics::Label::new("tenant", rec.tenant.to_string())];
     m.histogram("verification_duration_seconds", l.clone())
         .record(started.elapsed().as_secs_f64());
     m.counter("verification_violations_total", l)

@@ -9,13 +9,12 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use serde_json::{json, Value};
 use tokio_postgres::Client;
 
 use super::apply::Link;
 use super::catalog::Table;
 use super::pg::Endpoint;
-use super::record::{VerifyLevel, VerifyReport};
+use super::record::{KeyRange, VerifyLevel, VerifyReport};
 use super::MigrateError;
 use crate::quote::quote_ident;
 use crate::quote::quote_literal;
@@ -174,9 +173,11 @@ async fn hash_chunks(
                 "{}: rows differ (table without primary key)",
                 t.name
             ));
-            report
-                .ranges
-                .push(json!({"table": t.name, "from": null, "to": null}));
+            report.ranges.push(KeyRange {
+                table: t.name.clone(),
+                from: None,
+                to: None,
+            });
         }
         return Ok(());
     }
@@ -222,9 +223,11 @@ async fn hash_chunks(
             from.as_deref().unwrap_or("start"),
             to.as_deref().unwrap_or("end")
         ));
-        report
-            .ranges
-            .push(json!({"table": t.name, "from": from, "to": to}));
+        report.ranges.push(KeyRange {
+            table: t.name.clone(),
+            from,
+            to,
+        });
         if level == VerifyLevel::Full {
             let keys = differing_keys(sides, src, dst, t, &bounds, i).await?;
             for k in keys {
@@ -287,13 +290,13 @@ async fn fetch(c: &Client, sql: &str) -> Result<BTreeMap<String, String>, Migrat
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
-/// The range JSON of a report as the SQL filter it names, for repair.
-pub fn range_filter(side: &Endpoint, t: &Table, range: &Value) -> String {
+/// A report's key range as the SQL filter it names, for repair.
+pub fn range_filter(side: &Endpoint, t: &Table, range: &KeyRange) -> String {
     let mut conds = Vec::new();
-    if let Some(f) = range.get("from").and_then(Value::as_str) {
+    if let Some(f) = &range.from {
         conds.push(key_cmp(side, t, ">=", f));
     }
-    if let Some(to) = range.get("to").and_then(Value::as_str) {
+    if let Some(to) = &range.to {
         conds.push(key_cmp(side, t, "<", to));
     }
     if conds.is_empty() {

@@ -178,7 +178,14 @@ mod tests {
         let store = StateStore::open(dir.path()).unwrap();
         assert!(store.load_routes().unwrap().is_none());
         let mut routes = BTreeMap::new();
-        routes.insert("acme".to_string(), Route::new("b", None, Some("s".into())));
+        routes.insert(
+            "acme".to_string(),
+            Route::new(
+                crate::routing::BackendId::parse("b").unwrap(),
+                None,
+                Some("s".into()),
+            ),
+        );
         let file = RoutesFile {
             version: 1,
             epoch: 7,

@@ -616,11 +616,9 @@ impl TestProxy {
         self.state.path().join("admin.sock")
     }
 
-    /// Sends one admin request and returns the whole response object.
+    /// Sends one admin request (as given, valid or not) and returns the whole response object.
     pub async fn admin(&self, request: serde_json::Value) -> serde_json::Value {
-        pgtenant::ctl::send(&self.admin_socket(), &request)
-            .await
-            .unwrap()
+        admin_line(&self.admin_socket(), &request).await
     }
 
     /// Sends one admin request that must succeed and returns its result.
@@ -636,6 +634,35 @@ impl TestProxy {
         assert_eq!(r["ok"], serde_json::json!(false), "{request} -> {r}");
         r["error"]["code"].as_str().unwrap().to_string()
     }
+}
+
+/// Writes `request` as one line to the admin socket and reads the answer line.
+pub async fn admin_line(socket: &Path, request: &serde_json::Value) -> serde_json::Value {
+    try_admin_line(socket, request)
+        .await
+        .unwrap_or_else(|e| panic!("{request}: {e}"))
+}
+
+/// [`admin_line`] for requests that may not get an answer (the proxy is killed meanwhile).
+pub async fn try_admin_line(
+    socket: &Path,
+    request: &serde_json::Value,
+) -> Result<serde_json::Value, String> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (read, mut write) = stream.into_split();
+    write
+        .write_all(format!("{request}\n").as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    tokio::io::BufReader::new(read)
+        .read_line(&mut answer)
+        .await
+        .map_err(|e| e.to_string())?;
+    serde_json::from_str(&answer).map_err(|e| format!("{e}: {answer:?}"))
 }
 
 /// `GET path` over plain HTTP; returns (status code, body).

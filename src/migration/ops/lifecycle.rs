@@ -3,38 +3,39 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
 use tokio_postgres::Client;
 
-use super::{live_of, OpError};
+use super::live_of;
+use super::reply::{Aborted, CutOver, Finalized, RolledBack};
+use crate::admin::code::{AdminCode, AdminError};
 use crate::context::Shared;
 use crate::migration::machine::{transition, Event};
 use crate::migration::pg::Endpoint;
-use crate::migration::record::{Record, State, VerifyLevel};
+use crate::migration::record::{Record, State, VerifyLevel, VerifyReport};
 use crate::migration::registry::Live;
 use crate::migration::sides::{endpoints, ensure_tee, stop_tee};
 use crate::migration::verification::{verify_locked, verify_now};
 use crate::migration::{capture, cutover, driver, MigrateError};
 use crate::quote::quote_ident;
 use crate::routing::Route;
+use crate::tenant::TenantId;
 
 /// `migrate verify T [--level L]`.
 pub async fn verify_cmd(
     shared: &Arc<Shared>,
-    tenant: &str,
+    tenant: &TenantId,
     level: Option<VerifyLevel>,
-) -> Result<Value, OpError> {
+) -> Result<VerifyReport, AdminError> {
     let (rec, live) = live_of(shared, tenant)?;
-    let report = verify_now(shared, &live, level.unwrap_or(rec.verify)).await?;
-    Ok(serde_json::to_value(report).unwrap_or(Value::Null))
+    Ok(verify_now(shared, &live, level.unwrap_or(rec.verify)).await?)
 }
 
 /// `migrate cutover T`: verification at the migration's level must pass first (run now if it has not).
-pub async fn cutover_cmd(shared: &Arc<Shared>, tenant: &str) -> Result<Value, OpError> {
+pub async fn cutover_cmd(shared: &Arc<Shared>, tenant: &TenantId) -> Result<CutOver, AdminError> {
     let (rec, live) = live_of(shared, tenant)?;
     if rec.state != State::DualWrite || rec.paused {
-        return Err(OpError::new(
-            "invalid_state",
+        return Err(AdminError::new(
+            AdminCode::InvalidState,
             format!(
                 "cutover needs state dual_write (not paused); the migration is {}",
                 rec.shown_state()
@@ -50,8 +51,8 @@ pub async fn cutover_cmd(shared: &Arc<Shared>, tenant: &str) -> Result<Value, Op
     if !passed {
         let report = verify_locked(shared, &live, rec.verify).await?;
         if !report.passed {
-            return Err(OpError::new(
-                "verification_failed",
+            return Err(AdminError::new(
+                AdminCode::VerificationFailed,
                 format!(
                     "verification ({:?}) found {} mismatch(es): {}",
                     rec.verify,
@@ -68,16 +69,19 @@ pub async fn cutover_cmd(shared: &Arc<Shared>, tenant: &str) -> Result<Value, Op
         }
     }
     cutover::cutover(shared, &live).await.map_err(|e| {
-        let mut err = OpError::from(e);
-        if err.code == "migration_failed" || err.code == "timeout" {
-            err.code = "cutover_failed";
+        let mut err = AdminError::from(e);
+        if matches!(err.code, AdminCode::MigrationFailed | AdminCode::Timeout) {
+            err.code = AdminCode::CutoverFailed;
         }
         err
     })
 }
 
 /// `migrate rollback T`.
-pub async fn rollback_cmd(shared: &Arc<Shared>, tenant: &str) -> Result<Value, OpError> {
+pub async fn rollback_cmd(
+    shared: &Arc<Shared>,
+    tenant: &TenantId,
+) -> Result<RolledBack, AdminError> {
     let (rec, live) = live_of(shared, tenant)?;
     let _one = live.lock.lock().await;
     if rec.state == State::Migrated {
@@ -89,13 +93,13 @@ pub async fn rollback_cmd(shared: &Arc<Shared>, tenant: &str) -> Result<Value, O
 /// `migrate finalize T [--drop-source]`.
 pub async fn finalize(
     shared: &Arc<Shared>,
-    tenant: &str,
+    tenant: &TenantId,
     drop_source: bool,
-) -> Result<Value, OpError> {
+) -> Result<Finalized, AdminError> {
     let (rec, live) = live_of(shared, tenant)?;
     if rec.state != State::Migrated {
-        return Err(OpError::new(
-            "invalid_state",
+        return Err(AdminError::new(
+            AdminCode::InvalidState,
             format!(
                 "finalize needs state migrated; the migration is {}",
                 rec.shown_state()
@@ -104,8 +108,7 @@ pub async fn finalize(
     }
     // The task first (it may be waiting for the lock), then the lock.
     if !on_route(shared, &rec.target, tenant) {
-        return Err(OpError::new(
-            "invalid_state",
+        return Err(AdminError::new(AdminCode::InvalidState,
             "the tenant's route is not the target's (a rollback did not finish); run migrate rollback again",
         ));
     }
@@ -130,24 +133,28 @@ pub async fn finalize(
     }
     transition(shared, tenant, Event::Finalized, |_| {})?;
     shared.migrations.forget_live(tenant);
-    Ok(json!({"tenant": tenant, "state": "completed", "source_dropped": drop_source}))
+    Ok(Finalized {
+        tenant: tenant.clone(),
+        state: State::Completed.as_str().to_owned(),
+        source_dropped: drop_source,
+    })
 }
 
 /// `migrate abort T [--drop-target]`: from any state before the swap, back to how the source was.
 pub async fn abort(
     shared: &Arc<Shared>,
-    tenant: &str,
+    tenant: &TenantId,
     drop_target: bool,
-) -> Result<Value, OpError> {
+) -> Result<Aborted, AdminError> {
     let rec = shared.migrations.get(tenant).ok_or_else(|| {
-        OpError::new(
-            "no_migration",
+        AdminError::new(
+            AdminCode::NoMigration,
             format!("tenant {tenant:?} has no migration"),
         )
     })?;
     if !rec.state.before_swap() {
-        return Err(OpError::new(
-            "invalid_state",
+        return Err(AdminError::new(
+            AdminCode::InvalidState,
             format!(
                 "abort works before cutover; the migration is {} (use rollback)",
                 rec.shown_state()
@@ -168,8 +175,8 @@ pub async fn abort(
         if let Some(l) = &live {
             respawn(shared, l);
         }
-        return Err(OpError::new(
-            "invalid_state",
+        return Err(AdminError::new(
+            AdminCode::InvalidState,
             format!(
                 "the migration reached {} while abort waited; use rollback",
                 rec.shown_state()
@@ -205,13 +212,13 @@ pub async fn abort(
         Ok(left) => (Some(left), None),
         Err(e) => (None, Some(e.to_string())),
     };
-    Ok(json!({
-        "tenant": tenant,
-        "state": "rolled_back",
-        "target_rows_left": left,
-        "target_dropped": drop_target && error.is_none(),
-        "target_cleanup_error": error,
-    }))
+    Ok(Aborted {
+        tenant: tenant.clone(),
+        state: State::RolledBack.as_str().to_owned(),
+        target_rows_left: left,
+        target_dropped: drop_target && error.is_none(),
+        target_cleanup_error: error,
+    })
 }
 
 /// Removes the migration's objects from the target and, with `drop_target`, the copied data. Returns the rows

@@ -3,27 +3,29 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
 use tokio_postgres::Client;
 
-use super::{live_of, OpError};
+use super::live_of;
+use super::reply::Repaired;
+use crate::admin::code::{AdminCode, AdminError};
 use crate::context::Shared;
 use crate::migration::catalog::Table;
 use crate::migration::pg::Endpoint;
-use crate::migration::record::{State, VerifyLevel};
+use crate::migration::record::{KeyRange, State, VerifyLevel};
 use crate::migration::sides::endpoints;
 use crate::migration::verification::verify_locked;
 use crate::migration::verify::{self, Sides};
 use crate::migration::MigrateError;
 use crate::quote::quote_ident;
+use crate::tenant::TenantId;
 
 /// `migrate repair T`: re-copies the key ranges the last verification found different, under the tee's drain
 /// lock and in one source snapshot (so the ranges end exactly as the source had them), then verifies again.
-pub async fn repair(shared: &Arc<Shared>, tenant: &str) -> Result<Value, OpError> {
+pub async fn repair(shared: &Arc<Shared>, tenant: &TenantId) -> Result<Repaired, AdminError> {
     let (rec, live) = live_of(shared, tenant)?;
     if rec.state != State::DualWrite {
-        return Err(OpError::new(
-            "invalid_state",
+        return Err(AdminError::new(
+            AdminCode::InvalidState,
             format!(
                 "repair needs dual_write; the migration is {}",
                 rec.shown_state()
@@ -36,8 +38,8 @@ pub async fn repair(shared: &Arc<Shared>, tenant: &str) -> Result<Value, OpError
         .map(|v| v.ranges.clone())
         .unwrap_or_default();
     if ranges.is_empty() {
-        return Err(OpError::new(
-            "invalid_state",
+        return Err(AdminError::new(
+            AdminCode::InvalidState,
             "the last verification found nothing to repair (run migrate verify --level hash)",
         ));
     }
@@ -46,7 +48,7 @@ pub async fn repair(shared: &Arc<Shared>, tenant: &str) -> Result<Value, OpError
     let tables = live.tables();
     let (_, tee) = live
         .tee()
-        .ok_or_else(|| OpError::new("invalid_state", "the tee is not running"))?;
+        .ok_or_else(|| AdminError::new(AdminCode::InvalidState, "the tee is not running"))?;
     let sides = Sides {
         tenant,
         source: &source,
@@ -60,20 +62,19 @@ pub async fn repair(shared: &Arc<Shared>, tenant: &str) -> Result<Value, OpError
         let link = guard.as_mut().ok_or(MigrateError::Cancelled)?;
         let (src, _dst) = verify::aligned(&sides, link).await?;
         for range in &ranges {
-            let Some(t) = range
-                .get("table")
-                .and_then(Value::as_str)
-                .and_then(|n| tables.iter().find(|t| t.name == n))
-            else {
+            let Some(t) = tables.iter().find(|t| t.name == range.table) else {
                 continue;
             };
             repaired += repair_range(&src, &mut link.to, &source, &target, t, range).await?;
         }
     }
     let report = verify_locked(shared, &live, VerifyLevel::Hash).await?;
-    Ok(
-        json!({"tenant": tenant, "ranges": ranges.len(), "rows_copied": repaired, "verification": report}),
-    )
+    Ok(Repaired {
+        tenant: tenant.clone(),
+        ranges: ranges.len(),
+        rows_copied: repaired,
+        verification: report,
+    })
 }
 
 async fn repair_range(
@@ -82,7 +83,7 @@ async fn repair_range(
     source: &Endpoint,
     target: &Endpoint,
     t: &Table,
-    range: &Value,
+    range: &KeyRange,
 ) -> Result<u64, MigrateError> {
     let cols: Vec<String> = t.columns.iter().map(|c| quote_ident(c)).collect();
     let list = cols.join(", ");

@@ -4,10 +4,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
-use super::{preflight, route_json, OpError};
+use crate::admin::args::{is_default, or_default, Ident, TenantKey};
+use crate::admin::code::{AdminCode, AdminError};
+use crate::routing::{BackendId, Route};
+
+use super::preflight;
+use super::reply::{Place, Started};
 use crate::context::Shared;
 use crate::migration::catalog::{self, Table};
 use crate::migration::driver;
@@ -18,31 +23,67 @@ use crate::migration::sides::endpoints;
 use crate::migration::MigrateError;
 use crate::tenant::TenantId;
 
-/// What `migrate start` asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What `migrate start` asks for (the `migrate.start` request's arguments).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
 pub struct StartRequest {
     pub tenant: TenantId,
-    pub to: String,
-    pub database: Option<String>,
-    pub schema: Option<String>,
+    /// The backend to move the tenant to.
+    #[arg(long)]
+    pub to: BackendId,
+    /// Database on the target (default: the target backend's, else the source's name).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<Ident>,
+    /// Schema on the target (default: the source's).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<Ident>,
+    /// Verification that must pass before cutover: count, hash or full (a comma list takes the strongest).
+    #[arg(long, default_value = "count")]
+    #[serde(
+        default,
+        deserialize_with = "or_default",
+        skip_serializing_if = "is_default"
+    )]
     pub verify: VerifyLevel,
+    /// auto: cut over once verified and caught up; manual: wait for `migrate cutover`.
+    #[arg(long, value_enum, default_value = "manual")]
+    #[serde(
+        default,
+        deserialize_with = "or_default",
+        skip_serializing_if = "is_default"
+    )]
     pub cutover: CutoverMode,
+    /// Accept (and replace) rows the target already holds.
+    #[arg(long)]
+    #[serde(
+        default,
+        deserialize_with = "or_default",
+        skip_serializing_if = "is_default"
+    )]
     pub allow_existing: bool,
-    /// Shared tables: the tenant column, and the tenant's value in it (default: the tenant's name).
-    pub tenant_column: Option<String>,
-    pub tenant_key: Option<String>,
+    /// Shared tables: the column naming each row's tenant (migrates the tenant's rows of the tables that
+    /// have it, in the route's schema or public).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant_column: Option<Ident>,
+    /// The tenant's value in that column (default: the tenant's name).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant_key: Option<TenantKey>,
 }
 
 /// Preflight, then the record in `pending` and the task that drives it.
-pub async fn start(shared: &Arc<Shared>, req: StartRequest) -> Result<Value, OpError> {
+pub async fn start(shared: &Arc<Shared>, req: StartRequest) -> Result<Started, AdminError> {
     let tenant = req.tenant.as_str();
     if let Some(r) = shared
         .migrations
         .get(tenant)
         .filter(|r| !r.state.is_final())
     {
-        return Err(OpError::new(
-            "invalid_state",
+        return Err(AdminError::new(
+            AdminCode::InvalidState,
             format!(
                 "tenant {tenant:?} already has a migration ({})",
                 r.shown_state()
@@ -51,8 +92,8 @@ pub async fn start(shared: &Arc<Shared>, req: StartRequest) -> Result<Value, OpE
     }
     let limit = shared.config.load().migration.max_concurrent;
     if shared.migrations.active_count() >= limit {
-        return Err(OpError::new(
-            "limit_reached",
+        return Err(AdminError::new(
+            AdminCode::LimitReached,
             format!("{limit} migrations are running (migration.max_concurrent)"),
         ));
     }
@@ -68,38 +109,34 @@ pub async fn start(shared: &Arc<Shared>, req: StartRequest) -> Result<Value, OpE
     shared
         .migrations
         .put(rec.clone())
-        .map_err(|e| OpError::new("state_write_failed", e.to_string()))?;
+        .map_err(|e| AdminError::new(AdminCode::StateWriteFailed, e.to_string()))?;
     set_state_gauge(shared, &rec);
-    let live = shared.migrations.register_live(tenant);
+    let live = shared.migrations.register_live(&req.tenant);
     *live.tables.lock().unwrap_or_else(|p| p.into_inner()) = tables.clone();
     driver::spawn(shared.clone(), live);
-    let no_key: Vec<&str> = tables
-        .iter()
-        .filter(|t| t.key.is_empty())
-        .map(|t| t.name.as_str())
-        .collect();
-    Ok(json!({
-        "tenant": tenant,
-        "state": "pending",
-        "tables": rec.tables,
-        "full_row_identity": no_key,
-        "created_target_schema": created,
-        "source": route_json(&rec.source, &rec.source_database),
-        "target": route_json(&rec.target, &rec.target_database),
-    }))
+    Ok(Started {
+        tenant: req.tenant.clone(),
+        state: State::Pending.as_str().to_owned(),
+        full_row_identity: tables
+            .iter()
+            .filter(|t| t.key.is_empty())
+            .map(|t| t.name.clone())
+            .collect(),
+        created_target_schema: created,
+        source: Place::source(&rec),
+        target: Place::target(&rec),
+        tables: rec.tables,
+    })
 }
 
 /// The record a start would create, from the tenant's route and the request (no I/O).
-fn plan(shared: &Shared, req: &StartRequest) -> Result<Record, OpError> {
-    let tenant = req.tenant.as_str();
+fn plan(shared: &Shared, req: &StartRequest) -> Result<Record, AdminError> {
     let route = shared
         .router
         .load()
-        .get(tenant)
+        .get(req.tenant.as_str())
         .map(|r| (**r).clone())
-        .ok_or_else(|| {
-            OpError::new("unknown_tenant", format!("tenant {tenant:?} is not routed"))
-        })?;
+        .ok_or_else(|| AdminError::unknown_tenant(&req.tenant))?;
     // Schema routes move the whole schema; shared tables move the tenant's rows of the tables that have the
     // tenant column (in the route's schema, or public).
     let shared_tables = req.tenant_column.is_some();
@@ -108,58 +145,36 @@ fn plan(shared: &Shared, req: &StartRequest) -> Result<Record, OpError> {
         (None, true) => "public".to_owned(),
         (None, false) => {
             return Err(preflight(format!(
-                "tenant {tenant:?} has no schema in its route; give --tenant-column to migrate its rows of shared tables"
+                "tenant {:?} has no schema in its route; give --tenant-column to migrate its rows of shared tables",
+                req.tenant
             )))
         }
     };
-    let backends = shared.backends.load();
-    let src_backend = backends
-        .get(&route.backend)
-        .ok_or_else(|| preflight(format!("backend {:?} is not configured", route.backend)))?;
-    let to = backends.get(&req.to).ok_or_else(|| {
-        OpError::new(
-            "unknown_backend",
-            format!("backend {:?} is not configured", req.to),
-        )
-    })?;
-    let source_database = route
-        .database
-        .clone()
-        .or_else(|| src_backend.config.database.clone())
-        .ok_or_else(|| preflight("the tenant's route and backend name no database"))?;
-    let target_database = req
-        .database
-        .clone()
-        .or_else(|| to.config.database.clone())
-        .unwrap_or_else(|| source_database.clone());
-    let target = route.moved(
-        &req.to,
-        Some(target_database.clone()),
-        match (&req.schema, shared_tables) {
-            (Some(s), _) => Some(s.clone()),
-            // Shared tables: the same kind of route on the target (schema or none).
-            (None, true) => route.schema.clone(),
-            (None, false) => Some(schema.clone()),
-        },
-    );
+    let (source_database, target_database) = databases(shared, &route, req)?;
+    let target_schema = match (&req.schema, shared_tables) {
+        (Some(s), _) => Some(String::from(s.clone())),
+        // Shared tables: the same kind of route on the target (schema or none).
+        (None, true) => route.schema.clone(),
+        (None, false) => Some(schema.clone()),
+    };
+    let target = route.moved(&req.to, Some(target_database.clone()), target_schema);
     if target.backend == route.backend && target_database == source_database {
         // Capture objects are per database: source and target in one database would share them.
-        return Err(OpError::new(
-            "invalid_argument",
+        return Err(AdminError::invalid(
             "the target must be another database or server than the source",
         ));
     }
     let now = crate::state::audit::rfc3339_now();
     Ok(Record {
-        tenant: tenant.to_owned(),
+        tenant: req.tenant.clone(),
         state: State::Pending,
         paused: false,
         failed_in: None,
         source: route,
         target,
         schema,
-        tenant_column: req.tenant_column.clone(),
-        tenant_key: req.tenant_key.clone(),
+        tenant_column: req.tenant_column.clone().map(String::from),
+        tenant_key: req.tenant_key.clone().map(String::from),
         source_database,
         target_database,
         verify: req.verify,
@@ -179,6 +194,34 @@ fn plan(shared: &Shared, req: &StartRequest) -> Result<Record, OpError> {
     })
 }
 
+/// The source's database (the route's, else its backend's) and the target's (the request's, else the target
+/// backend's, else the source's name).
+fn databases(
+    shared: &Shared,
+    route: &Route,
+    req: &StartRequest,
+) -> Result<(String, String), AdminError> {
+    let backends = shared.backends.load();
+    let src_backend = backends
+        .get(&route.backend)
+        .ok_or_else(|| preflight(format!("backend {:?} is not configured", route.backend)))?;
+    let to = backends
+        .get(&req.to)
+        .ok_or_else(|| AdminError::unknown_backend(&req.to))?;
+    let source_database = route
+        .database
+        .clone()
+        .or_else(|| src_backend.config.database.clone())
+        .ok_or_else(|| preflight("the tenant's route and backend name no database"))?;
+    let target_database = req
+        .database
+        .clone()
+        .map(String::from)
+        .or_else(|| to.config.database.clone())
+        .unwrap_or_else(|| source_database.clone());
+    Ok((source_database, target_database))
+}
+
 /// Checks both sides; creates the target schema from the source's definition when it is missing. Returns the
 /// tables and whether the schema was created.
 async fn check_sides(
@@ -186,7 +229,7 @@ async fn check_sides(
     source: &Endpoint,
     target: &Endpoint,
     allow_existing: bool,
-) -> Result<(Vec<Table>, bool), OpError> {
+) -> Result<(Vec<Table>, bool), AdminError> {
     let src = source.connect().await.map_err(preflight)?;
     superuser(&src, &source.backend).await?;
     if !catalog::schema_exists(&src, &source.schema)
@@ -266,7 +309,7 @@ async fn check_sides(
 
 /// With role isolation on the target, the tenant's role and grants are made there before anything is copied,
 /// so the tenant's sessions can use the target the moment the route swaps.
-async fn grant_target(shared: &Shared, rec: &Record, target: &Endpoint) -> Result<(), OpError> {
+async fn grant_target(shared: &Shared, rec: &Record, target: &Endpoint) -> Result<(), AdminError> {
     let Some(backend) = shared.backends.load().get(&rec.target.backend).cloned() else {
         return Err(preflight(format!(
             "backend {:?} is not configured",
@@ -277,9 +320,9 @@ async fn grant_target(shared: &Shared, rec: &Record, target: &Endpoint) -> Resul
     let config = shared.config.load();
     let mut route = rec.target.clone();
     route.database = Some(rec.target_database.clone());
-    let plan = match crate::admin::grants::plan(&config, &backend, &tenant, &route) {
+    let plan = match crate::admin::grant_sql::plan(&config, &backend, &tenant, &route) {
         Ok(p) => p,
-        Err(crate::admin::grants::GrantError::Shared(_)) => return Ok(()),
+        Err(crate::admin::grant_sql::GrantError::Shared(_)) => return Ok(()),
         Err(e) => return Err(preflight(e)),
     };
     let client = target.connect().await.map_err(preflight)?;
@@ -289,7 +332,7 @@ async fn grant_target(shared: &Shared, rec: &Record, target: &Endpoint) -> Resul
         .map_err(|e| preflight(MigrateError::pg("grant the tenant's role on the target", e)))
 }
 
-async fn superuser(c: &Client, backend: &str) -> Result<(), OpError> {
+async fn superuser(c: &Client, backend: &str) -> Result<(), AdminError> {
     let row = c
         .query_one(
             "SELECT rolsuper FROM pg_roles WHERE rolname = current_user",
@@ -306,7 +349,7 @@ async fn superuser(c: &Client, backend: &str) -> Result<(), OpError> {
 }
 
 /// `pg_dump --schema-only` of the tenant's schema on the source, run on the target in one transaction.
-async fn create_schema(shared: &Shared, source: &Endpoint, dst: &Client) -> Result<(), OpError> {
+async fn create_schema(shared: &Shared, source: &Endpoint, dst: &Client) -> Result<(), AdminError> {
     let pg_dump = shared.config.load().migration.pg_dump.clone();
     let mut cmd = tokio::process::Command::new(&pg_dump);
     cmd.arg("--schema-only")

@@ -2,37 +2,38 @@
 
 use std::sync::atomic::Ordering;
 
-use serde_json::{json, Value};
-
-use super::{live_of, route_json, OpError};
+use super::live_of;
+use super::reply::{Place, Status, StatusList, TeeView, WorkPaused};
+use crate::admin::code::AdminError;
 use crate::context::Shared;
 use crate::migration::machine::{set_state_gauge, transition, Event};
 use crate::migration::record::{Record, State};
 use crate::migration::registry::Direction;
+use crate::tenant::TenantId;
 
-/// `migrate status [T]`.
-pub fn status(shared: &Shared, tenant: Option<&str>) -> Result<Value, OpError> {
-    match tenant {
-        Some(t) => {
-            let rec = shared.migrations.get(t).ok_or_else(|| {
-                OpError::new("no_migration", format!("tenant {t:?} has no migration"))
-            })?;
-            Ok(status_json(shared, &rec))
-        }
-        None => {
-            let all: Vec<Value> = shared
-                .migrations
-                .all()
-                .iter()
-                .map(|r| status_json(shared, r))
-                .collect();
-            Ok(json!({"migrations": all}))
-        }
+/// `migrate status T`.
+pub fn status_of(shared: &Shared, tenant: &TenantId) -> Result<Status, AdminError> {
+    let rec = shared
+        .migrations
+        .get(tenant.as_str())
+        .ok_or_else(|| AdminError::no_migration(tenant.as_str()))?;
+    Ok(status(shared, &rec))
+}
+
+/// `migrate status`.
+pub fn status_all(shared: &Shared) -> StatusList {
+    StatusList {
+        migrations: shared
+            .migrations
+            .all()
+            .iter()
+            .map(|r| status(shared, r))
+            .collect(),
     }
 }
 
-fn status_json(shared: &Shared, rec: &Record) -> Value {
-    let live = shared.migrations.live(&rec.tenant);
+fn status(shared: &Shared, rec: &Record) -> Status {
+    let live = shared.migrations.live(rec.tenant.as_str());
     let partial = live
         .as_ref()
         .map_or(0, |l| l.partial_rows.load(Ordering::Relaxed));
@@ -42,42 +43,49 @@ fn status_json(shared: &Shared, rec: &Record) -> Value {
     } else {
         0
     };
-    let rows_copied = rec.rows_copied + in_flight;
     let progress = rec.progress_percent(in_flight);
-    json!({
-        "tenant": rec.tenant,
-        "state": rec.shown_state(),
-        "phase": rec.state.as_str(),
-        "paused": rec.paused,
-        "failed_in": rec.failed_in.map(State::as_str),
-        "source": route_json(&rec.source, &rec.source_database),
-        "target": route_json(&rec.target, &rec.target_database),
-        "progress_percent": (progress * 10.0).round() / 10.0,
-        "rows_copied": rows_copied,
-        "rows_total": rec.rows_total,
-        "tables": rec.tables,
-        "tables_copied": rec.copied.len(),
-        "lag_events": tee.as_ref().map_or(0, |(_, t)| t.lag()),
-        "tee": tee.as_ref().map(|(d, t)| json!({
-            "direction": if *d == Direction::Forward { "source_to_target" } else { "target_to_source" },
-            "mode": shared.config.load().migration.tee,
-            "last_error": t.last_error(),
-        })),
-        "last_pause_ms": rec.last_pause_ms,
-        "cutover_attempts": rec.cutover_attempts,
-        "last_cutover_error": rec.last_cutover_error,
-        "cutover": rec.cutover,
-        "verify_level": rec.verify,
-        "verification": rec.verification,
-        "last_error": rec.last_error,
-        "started_at": rec.started_at,
-        "updated_at": rec.updated_at,
-    })
+    Status {
+        tenant: rec.tenant.clone(),
+        state: rec.shown_state().to_owned(),
+        phase: rec.state.as_str().to_owned(),
+        paused: rec.paused,
+        failed_in: rec.failed_in.map(|s| s.as_str().to_owned()),
+        source: Place::source(rec),
+        target: Place::target(rec),
+        progress_percent: (progress * 10.0).round() / 10.0,
+        rows_copied: rec.rows_copied + in_flight,
+        rows_total: rec.rows_total,
+        tables: rec.tables.clone(),
+        tables_copied: rec.copied.len(),
+        lag_events: tee.as_ref().map_or(0, |(_, t)| t.lag()),
+        tee: tee.as_ref().map(|(d, t)| TeeView {
+            direction: match d {
+                Direction::Forward => "source_to_target",
+                _ => "target_to_source",
+            }
+            .to_owned(),
+            mode: shared.config.load().migration.tee,
+            last_error: t.last_error(),
+        }),
+        last_pause_ms: rec.last_pause_ms,
+        cutover_attempts: rec.cutover_attempts,
+        last_cutover_error: rec.last_cutover_error.clone(),
+        cutover: rec.cutover,
+        verify_level: rec.verify,
+        verification: rec.verification.clone(),
+        last_error: rec.last_error.clone(),
+        started_at: rec.started_at.clone(),
+        updated_at: rec.updated_at.clone(),
+    }
 }
 
 /// `migrate pause T` / `migrate resume T`: hold or restart copy and tee work (not the tenant's traffic). Resume
 /// of a `failed` migration retries from the state it failed in.
-pub fn set_paused(shared: &Shared, tenant: &str, paused: bool) -> Result<Value, OpError> {
+pub fn set_paused(
+    shared: &Shared,
+    tenant: &TenantId,
+    paused: bool,
+) -> Result<WorkPaused, AdminError> {
     let (rec, live) = live_of(shared, tenant)?;
     if rec.state == State::Failed && !paused {
         let from = rec.failed_in.unwrap_or(State::Pending);
@@ -85,24 +93,33 @@ pub fn set_paused(shared: &Shared, tenant: &str, paused: bool) -> Result<Value, 
             r.failed_in = None;
             r.paused = false;
         })?;
-        return Ok(json!({"tenant": tenant, "state": from.as_str(), "retried": true}));
+        return Ok(WorkPaused {
+            tenant: tenant.clone(),
+            state: from.as_str().to_owned(),
+            paused: false,
+            retried: true,
+        });
     }
     if !matches!(
         rec.state,
         State::Pending | State::BulkCopy | State::DualWrite | State::Migrated
     ) {
-        return Err(OpError::new(
-            "invalid_state",
-            format!(
-                "cannot pause or resume a migration in {}",
-                rec.shown_state()
-            ),
-        ));
+        return Err(AdminError::invalid_state(format!(
+            "cannot pause or resume a migration in {}",
+            rec.shown_state()
+        )));
     }
-    let rec = shared.migrations.update(tenant, |r| r.paused = paused)?;
+    let rec = shared
+        .migrations
+        .update(tenant.as_str(), |r| r.paused = paused)?;
     if let Some((_, t)) = live.tee() {
         t.set_paused(paused);
     }
     set_state_gauge(shared, &rec);
-    Ok(json!({"tenant": tenant, "state": rec.shown_state(), "paused": paused}))
+    Ok(WorkPaused {
+        tenant: tenant.clone(),
+        state: rec.shown_state().to_owned(),
+        paused,
+        retried: false,
+    })
 }

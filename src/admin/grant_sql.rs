@@ -249,7 +249,11 @@ mod tests {
 
     #[test]
     fn schema_routes_get_their_schema_only() {
-        let sql = plan_for(Route::new("b", None, Some("tenant_acme".into())));
+        let sql = plan_for(Route::new(
+            crate::routing::BackendId::parse("b").unwrap(),
+            None,
+            Some("tenant_acme".into()),
+        ));
         assert!(sql.contains("REVOKE ALL ON SCHEMA \"tenant_acme\" FROM PUBLIC;"));
         assert!(sql.contains("GRANT USAGE, CREATE ON SCHEMA \"tenant_acme\" TO \"t_acme\";"));
         assert!(sql.contains("NOSUPERUSER") && sql.contains("NOBYPASSRLS"));
@@ -260,7 +264,7 @@ mod tests {
 
     #[test]
     fn shared_tables_get_row_level_security_and_no_truncate() {
-        let mut route = Route::new("b", None, None);
+        let mut route = Route::new(crate::routing::BackendId::parse("b").unwrap(), None, None);
         route.tenant_column = Some("tenant_id".into());
         route.tenant_key = Some("4'2".into());
         let sql = plan_for(route);
@@ -273,7 +277,11 @@ mod tests {
 
     #[test]
     fn hostile_names_stay_quoted() {
-        let sql = plan_for(Route::new("b", None, Some("x\"; DROP TABLE y; --".into())));
+        let sql = plan_for(Route::new(
+            crate::routing::BackendId::parse("b").unwrap(),
+            None,
+            Some("x\"; DROP TABLE y; --".into()),
+        ));
         assert!(sql.contains("\"x\"\"; DROP TABLE y; --\""));
     }
 }

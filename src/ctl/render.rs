@@ -1,0 +1,215 @@
+//! `ctl`'s human-readable output: tables for lists, `key: value` lines for everything else. Lists are read
+//! back into the server's own reply types, so a renamed field is a compile error, not a blank column.
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use super::{CtlCommand, MigrateAction};
+use crate::admin::reply::{AuditView, BackendList, TenantList};
+use crate::migration::ops::reply::{Status, StatusList};
+
+/// The result as the command's table, or as `key: value` lines.
+pub fn human(cmd: &CtlCommand, result: &Value) -> String {
+    let rendered = match cmd {
+        CtlCommand::Tenants => typed(result, tenants),
+        CtlCommand::Backends => typed(result, backends),
+        CtlCommand::Audit(_) => typed(result, audit),
+        CtlCommand::Migrate {
+            action: MigrateAction::Status { who, .. },
+        } if who.tenant.is_none() => typed(result, migrations),
+        _ => None,
+    };
+    rendered.unwrap_or_else(|| key_values(result, ""))
+}
+
+fn typed<T: DeserializeOwned>(result: &Value, render: fn(T) -> String) -> Option<String> {
+    serde_json::from_value(result.clone()).ok().map(render)
+}
+
+fn opt<T: ToString>(v: &Option<T>) -> String {
+    v.as_ref().map_or("-".into(), T::to_string)
+}
+
+fn tenants(list: TenantList) -> String {
+    let rows = list
+        .tenants
+        .iter()
+        .map(|t| {
+            vec![
+                t.tenant.to_string(),
+                t.route.backend.to_string(),
+                opt(&t.route.database),
+                opt(&t.route.schema),
+                if t.gate.paused { "paused" } else { "open" }.into(),
+                t.sessions.to_string(),
+                t.sessions_on_old_route.to_string(),
+            ]
+        })
+        .collect();
+    let headers = [
+        "TENANT",
+        "BACKEND",
+        "DATABASE",
+        "SCHEMA",
+        "GATE",
+        "SESSIONS",
+        "ON_OLD_ROUTE",
+    ];
+    format!("epoch {}\n{}", list.epoch, table(&headers, rows))
+}
+
+fn backends(list: BackendList) -> String {
+    let rows = list
+        .backends
+        .iter()
+        .map(|b| {
+            let pools: Vec<String> = b
+                .pools
+                .iter()
+                .map(|p| format!("{}:{}/{}", p.database, p.active, p.open))
+                .collect();
+            vec![
+                b.backend.clone(),
+                format!("{}:{}", b.host, b.port),
+                b.pool_size.to_string(),
+                match &b.last_error {
+                    None => "ok".into(),
+                    Some(e) => e.clone(),
+                },
+                pools.join(" "),
+            ]
+        })
+        .collect();
+    let headers = [
+        "BACKEND",
+        "ADDRESS",
+        "POOL_SIZE",
+        "HEALTH",
+        "POOLS (db:active/open)",
+    ];
+    table(&headers, rows)
+}
+
+fn audit(view: AuditView) -> String {
+    let rows = view
+        .entries
+        .iter()
+        .map(|e| {
+            vec![
+                e.seq.to_string(),
+                e.time.clone(),
+                e.actor.clone(),
+                e.command.clone(),
+                opt(&e.tenant),
+                e.result.clone(),
+            ]
+        })
+        .collect();
+    let verified = if view.verified {
+        "checksums verified".to_string()
+    } else {
+        format!(
+            "CHECKSUM CHAIN BROKEN at line {}",
+            opt(&view.broken_at_line)
+        )
+    };
+    let headers = ["SEQ", "TIME", "ACTOR", "COMMAND", "TENANT", "RESULT"];
+    format!("{}{verified}\n", table(&headers, rows))
+}
+
+fn migrations(list: StatusList) -> String {
+    let rows = list
+        .migrations
+        .iter()
+        .map(|m| {
+            vec![
+                m.tenant.to_string(),
+                m.state.clone(),
+                format!("{}%", m.progress_percent),
+                format!("{}/{}", m.rows_copied, m.rows_total),
+                m.lag_events.to_string(),
+                opt(&m.last_pause_ms),
+                m.cutover_attempts.to_string(),
+                opt(&m.verification.as_ref().map(|v| v.passed)),
+                format!("{} -> {}", m.source.backend, m.target.backend),
+            ]
+        })
+        .collect();
+    let headers = [
+        "TENANT", "STATE", "PROGRESS", "ROWS", "LAG", "PAUSE_MS", "ATTEMPTS", "VERIFIED", "ROUTE",
+    ];
+    table(&headers, rows)
+}
+
+/// A one-line progress bar for `migrate status --watch`.
+pub fn progress_line(s: &Status) -> String {
+    let pct = s.progress_percent.clamp(0.0, 100.0);
+    let filled = (pct / 100.0 * 30.0).round() as usize;
+    format!(
+        "{:<8} [{}{}] {:>5.1}%  {:<14} rows {}/{}  lag {}  pause {} ms",
+        s.tenant,
+        "#".repeat(filled),
+        ".".repeat(30 - filled),
+        pct,
+        s.state,
+        s.rows_copied,
+        s.rows_total,
+        s.lag_events,
+        s.last_pause_ms
+            .map_or("-".to_string(), |p| format!("{p:.1}")),
+    )
+}
+
+/// Renders rows as an aligned table.
+fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut out: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        if let Some(last) = out.last_mut() {
+            *last = last.trim_end().to_string();
+        }
+        out.join("  ") + "\n"
+    };
+    let mut out = line(headers.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        out += &line(r);
+    }
+    out
+}
+
+fn scalar(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn key_values(v: &Value, prefix: &str) -> String {
+    match v {
+        Value::Object(m) => m
+            .iter()
+            .map(|(k, v)| {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                match v {
+                    Value::Object(_) => key_values(v, &key),
+                    other => format!("{key}: {}\n", scalar(other)),
+                }
+            })
+            .collect(),
+        other => format!("{}\n", scalar(other)),
+    }
+}

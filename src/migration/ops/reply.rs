@@ -1,0 +1,163 @@
+//! What the `migrate.*` commands answer (typed, shared with `ctl`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::TeeMode;
+use crate::migration::record::{CutoverMode, Record, VerifyLevel, VerifyReport};
+use crate::routing::{BackendId, Route};
+use crate::tenant::TenantId;
+
+/// One side of a migration: backend, database and schema.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Place {
+    pub backend: BackendId,
+    pub database: String,
+    pub schema: Option<String>,
+}
+
+impl Place {
+    pub fn of(route: &Route, database: &str) -> Place {
+        Place {
+            backend: route.backend.clone(),
+            database: database.to_owned(),
+            schema: route.schema.clone(),
+        }
+    }
+
+    pub fn source(rec: &Record) -> Place {
+        Place::of(&rec.source, &rec.source_database)
+    }
+
+    pub fn target(rec: &Record) -> Place {
+        Place::of(&rec.target, &rec.target_database)
+    }
+}
+
+/// `migrate start`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Started {
+    pub tenant: TenantId,
+    pub state: String,
+    pub tables: Vec<String>,
+    /// Tables without a primary key (rows are matched on all their columns).
+    pub full_row_identity: Vec<String>,
+    pub created_target_schema: bool,
+    pub source: Place,
+    pub target: Place,
+}
+
+/// `migrate status T`, and each row of `migrate status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub tenant: TenantId,
+    /// The state as operators see it (`failed` while failed).
+    pub state: String,
+    /// The state the driver is in (where a retry starts).
+    pub phase: String,
+    pub paused: bool,
+    pub failed_in: Option<String>,
+    pub source: Place,
+    pub target: Place,
+    pub progress_percent: f64,
+    pub rows_copied: u64,
+    pub rows_total: u64,
+    pub tables: Vec<String>,
+    pub tables_copied: usize,
+    pub lag_events: u64,
+    pub tee: Option<TeeView>,
+    pub last_pause_ms: Option<f64>,
+    pub cutover_attempts: u64,
+    pub last_cutover_error: Option<String>,
+    pub cutover: CutoverMode,
+    pub verify_level: VerifyLevel,
+    pub verification: Option<VerifyReport>,
+    pub last_error: Option<String>,
+    pub started_at: String,
+    pub updated_at: String,
+}
+
+/// The tee between the sides: direction, mode and its last error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TeeView {
+    /// `source_to_target` before the swap, `target_to_source` after.
+    pub direction: String,
+    pub mode: TeeMode,
+    pub last_error: Option<String>,
+}
+
+/// `migrate status` without a tenant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusList {
+    pub migrations: Vec<Status>,
+}
+
+/// `migrate pause|resume T`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkPaused {
+    pub tenant: TenantId,
+    pub state: String,
+    pub paused: bool,
+    /// A failed migration was resumed: it retries from `state`.
+    pub retried: bool,
+}
+
+/// `migrate cutover T`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CutOver {
+    pub tenant: TenantId,
+    pub state: String,
+    /// Gate closed to gate open.
+    pub pause_ms: f64,
+    pub queued_during_pause: usize,
+    pub pinned_sessions_ended: usize,
+    /// Each cutover step's time.
+    pub steps_ms: BTreeMap<String, f64>,
+}
+
+/// `migrate rollback T`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolledBack {
+    pub tenant: TenantId,
+    pub state: String,
+    pub pause_ms: f64,
+}
+
+/// `migrate finalize T`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Finalized {
+    pub tenant: TenantId,
+    pub state: String,
+    pub source_dropped: bool,
+}
+
+/// `migrate abort T`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Aborted {
+    pub tenant: TenantId,
+    pub state: String,
+    /// Rows left on the target (none when its cleanup failed).
+    pub target_rows_left: Option<u64>,
+    pub target_dropped: bool,
+    pub target_cleanup_error: Option<String>,
+}
+
+/// `migrate repair T`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Repaired {
+    pub tenant: TenantId,
+    pub ranges: usize,
+    pub rows_copied: u64,
+    pub verification: VerifyReport,
+}
+
+/// `migrate ddl T`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DdlApplied {
+    pub tenant: TenantId,
+    pub applied: Vec<String>,
+    /// How long the tenant was held.
+    pub held_ms: f64,
+    pub tables: Vec<String>,
+}
