@@ -3,85 +3,14 @@
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Isolation, TenantConfig};
+pub use crate::ids::{BackendId, Epoch, InvalidBackendName};
 use crate::tenant::TenantId;
-
-/// A routing table version. Every change increases it, so a session can tell its backend is of an older route.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct Epoch(pub u64);
-
-impl fmt::Display for Epoch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-/// A backend's name (a `[backends.NAME]` of the config): `[A-Za-z0-9_-]{1,63}`. Cheap to clone.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct BackendId(Arc<str>);
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("invalid backend name {0:?}: use 1 to 63 of A-Z a-z 0-9 _ -")]
-pub struct InvalidBackendName(String);
-
-impl BackendId {
-    pub fn parse(s: &str) -> Result<BackendId, InvalidBackendName> {
-        if crate::tenant::valid_identifier(s) {
-            Ok(BackendId(Arc::from(s)))
-        } else {
-            Err(InvalidBackendName(s.chars().take(80).collect()))
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::ops::Deref for BackendId {
-    type Target = str;
-    fn deref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl Borrow<str> for BackendId {
-    fn borrow(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for BackendId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::str::FromStr for BackendId {
-    type Err = InvalidBackendName;
-    fn from_str(s: &str) -> Result<BackendId, InvalidBackendName> {
-        BackendId::parse(s)
-    }
-}
-
-impl Serialize for BackendId {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for BackendId {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<BackendId, D::Error> {
-        let s = String::deserialize(d)?;
-        BackendId::parse(&s).map_err(serde::de::Error::custom)
-    }
-}
 
 /// Where a tenant lives (a backend, and optionally a database and a schema on it) and how it is kept apart
 /// from the other tenants there. Optional fields are left out of `routes.json` when unset, so files written
@@ -159,7 +88,7 @@ impl Borrow<str> for TenantId {
 
 #[derive(Debug, Clone, Default)]
 pub struct RoutingTable {
-    pub epoch: u64,
+    pub epoch: Epoch,
     pub routes: HashMap<TenantId, Arc<Route>>,
 }
 
@@ -175,7 +104,10 @@ impl RoutingTable {
         let routes = tenants
             .filter_map(|(name, t)| Some((TenantId::parse(name).ok()?, Arc::new(Route::from(t)))))
             .collect();
-        RoutingTable { epoch: 1, routes }
+        RoutingTable {
+            epoch: Epoch(1),
+            routes,
+        }
     }
 }
 
@@ -215,7 +147,7 @@ impl Router {
         let mut routes = current.routes.clone();
         change(&mut routes)?;
         let next = Arc::new(RoutingTable {
-            epoch: current.epoch + 1,
+            epoch: current.epoch.next(),
             routes,
         });
         persist(&next)?;
@@ -246,7 +178,7 @@ mod tests {
                 |_| Ok(()),
             )
             .unwrap();
-        assert_eq!(t.epoch, 1);
+        assert_eq!(t.epoch, Epoch(1));
         assert!(router.load().get("acme").is_some());
         let failed = router.update(
             |r| {
@@ -257,6 +189,6 @@ mod tests {
         );
         assert_eq!(failed.unwrap_err(), "disk full");
         assert!(router.load().get("acme").is_some());
-        assert_eq!(router.load().epoch, 1);
+        assert_eq!(router.load().epoch, Epoch(1));
     }
 }

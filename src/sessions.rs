@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use crate::admin::reply::SessionView;
 use crate::protocol::PgError;
-use crate::routing::BackendId;
+use crate::routing::{BackendId, Epoch};
 use crate::shutdown::Terminate;
 use crate::tenant::TenantId;
 
@@ -21,7 +21,7 @@ pub struct SessionRoute {
     pub backend: Option<BackendId>,
     pub database: Option<String>,
     /// Routing epoch the backend connection was chosen under.
-    pub epoch: u64,
+    pub epoch: Epoch,
     /// Session state that cannot move yet keeps it on an older route.
     pub pinned: Option<&'static str>,
 }
@@ -67,7 +67,7 @@ impl SessionInfo {
         self.route.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    pub fn view(&self, current_epoch: u64) -> SessionView {
+    pub fn view(&self, current_epoch: Epoch) -> SessionView {
         let r = self.route();
         SessionView {
             id: self.id,

@@ -5,7 +5,6 @@ pub mod args;
 pub mod cmd;
 pub mod code;
 pub mod grant_sql;
-pub mod reload;
 pub mod reply;
 pub mod request;
 pub mod server;

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::code::AdminError;
 use crate::config::{Isolation, SslMode};
-use crate::routing::{BackendId, Route};
+use crate::routing::{BackendId, Epoch, Route};
 use crate::state::audit::AuditEntry;
 use crate::tenant::TenantId;
 
@@ -58,7 +58,7 @@ pub struct GateView {
 /// `tenants`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TenantList {
-    pub epoch: u64,
+    pub epoch: Epoch,
     pub tenants: Vec<TenantRow>,
 }
 
@@ -81,7 +81,7 @@ pub struct SessionView {
     pub tenant: Option<TenantId>,
     pub backend: Option<BackendId>,
     pub database: Option<String>,
-    pub epoch: u64,
+    pub epoch: Epoch,
     pub on_current_route: bool,
     /// What keeps the session on an older route, if anything.
     pub pinned: Option<String>,
@@ -93,7 +93,7 @@ pub struct SessionView {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TenantView {
     pub tenant: TenantId,
-    pub epoch: u64,
+    pub epoch: Epoch,
     pub route: Route,
     pub gate: GateView,
     pub sessions: Vec<SessionView>,
@@ -103,7 +103,7 @@ pub struct TenantView {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RouteSet {
     pub tenant: TenantId,
-    pub epoch: u64,
+    pub epoch: Epoch,
     pub route: Route,
     pub before: Option<Route>,
 }
@@ -112,7 +112,7 @@ pub struct RouteSet {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RouteRemoved {
     pub tenant: TenantId,
-    pub epoch: u64,
+    pub epoch: Epoch,
     pub removed: Route,
 }
 
@@ -191,7 +191,7 @@ pub struct Resumed {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatsView {
     pub uptime_s: u64,
-    pub epoch: u64,
+    pub epoch: Epoch,
     pub tenants: usize,
     pub client_sessions: usize,
     pub paused_tenants: Vec<TenantId>,

@@ -11,6 +11,7 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 use tracing::{info, warn};
 
 use super::cmd::execute;
@@ -247,7 +248,8 @@ async fn answer(shared: &Arc<Shared>, line: &[u8], actor: &str, token: Option<&s
         }
     }
     let command = request.command();
-    match execute(shared, request, actor).await {
+    let span = tracing::info_span!("admin", actor, command);
+    match execute(shared, request, actor).instrument(span).await {
         Ok(result) => {
             info!(actor, command, "admin command");
             Response::line(Ok(result))

@@ -17,8 +17,8 @@ use super::conn::{ServerConn, StartupTag};
 use super::{Backend, Pool};
 use crate::auth::scram_client::ScramClient;
 use crate::config::SslMode;
+use crate::errors::ClientError;
 use crate::net::Stream;
-use crate::protocol::{sqlstate, PgError};
 use crate::routing::BackendId;
 
 /// Handshake messages larger than this end the attempt.
@@ -50,23 +50,22 @@ pub enum ConnectError {
 impl ConnectError {
     /// What the client is told. Server refusals keep their SQLSTATE and text (as PgBouncer does); our own
     /// failures say which backend without internal detail.
-    pub fn to_client(&self) -> PgError {
+    pub fn to_client(&self) -> ClientError {
         match self {
-            ConnectError::Server { code, message, .. } => {
-                PgError::fatal(code.clone(), message.clone())
-            }
-            other => PgError::fatal(
-                sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
-                "pgtenant could not connect to the tenant's backend",
-            )
-            .with_detail(match other {
-                ConnectError::Timeout(b) => format!("backend {b} did not answer in time"),
-                ConnectError::Io { backend, .. } => format!("backend {backend} is unreachable"),
-                ConnectError::Auth { backend, .. } => {
-                    format!("pgtenant could not log in to backend {backend}")
-                }
-                _ => "backend handshake failed".to_string(),
-            }),
+            ConnectError::Server { code, message, .. } => ClientError::BackendRefused {
+                code: code.clone(),
+                message: message.clone(),
+            },
+            other => ClientError::BackendUnreachable {
+                detail: match other {
+                    ConnectError::Timeout(b) => format!("backend {b} did not answer in time"),
+                    ConnectError::Io { backend, .. } => format!("backend {backend} is unreachable"),
+                    ConnectError::Auth { backend, .. } => {
+                        format!("pgtenant could not log in to backend {backend}")
+                    }
+                    _ => "backend handshake failed".to_string(),
+                },
+            },
         }
     }
 }
@@ -90,12 +89,17 @@ async fn connect_inner(pool: &Pool, tag: Arc<StartupTag>) -> Result<ServerConn, 
         backend: backend.name.clone(),
         source,
     };
-    let tcp = TcpStream::connect((cfg.host.as_str(), cfg.port))
-        .await
-        .map_err(io)?;
-    tcp.set_nodelay(true).map_err(io)?;
-    crate::net::keepalive::apply(&tcp, backend.timeouts.keepalive);
-    let mut stream = negotiate_tls(backend, tcp).await?;
+    let mut stream = match backend.dialer.get() {
+        Some(dial) => Stream::Memory(dial()),
+        None => {
+            let tcp = TcpStream::connect((cfg.host.as_str(), cfg.port))
+                .await
+                .map_err(io)?;
+            tcp.set_nodelay(true).map_err(io)?;
+            crate::net::keepalive::apply(&tcp, backend.timeouts.keepalive);
+            negotiate_tls(backend, tcp).await?
+        }
+    };
 
     let mut buf = BytesMut::with_capacity(1024);
     let mut params: Vec<(&str, &str)> =
@@ -228,70 +232,18 @@ async fn send(backend: &Backend, conn: &mut ServerConn, msg: &[u8]) -> Result<()
 }
 
 async fn authenticate(pool: &Pool, conn: &mut ServerConn) -> Result<(), ConnectError> {
-    let backend = &*pool.backend;
-    let name = &backend.name;
-    let (user, password) = (pool.login.user.as_str(), pool.login.password.expose());
-    let auth_err = |reason: String| ConnectError::Auth {
-        backend: name.clone(),
-        reason,
+    let name = &pool.backend.name;
+    let mut auth = Auth {
+        pool,
+        scram: None,
+        authenticated: false,
     };
-    let mut scram: Option<ScramClient> = None;
     let mut out = BytesMut::new();
-    let mut authenticated = false;
     loop {
         out.clear();
         match next_message(name, conn).await? {
-            Message::AuthenticationOk => authenticated = true,
-            Message::AuthenticationCleartextPassword => {
-                frontend::password_message(password.as_bytes(), &mut out)
-                    .map_err(|e| auth_err(e.to_string()))?;
-                send(backend, conn, &out).await?;
-            }
-            Message::AuthenticationMd5Password(body) => {
-                let hash = postgres_protocol::authentication::md5_hash(
-                    user.as_bytes(),
-                    password.as_bytes(),
-                    body.salt(),
-                );
-                frontend::password_message(hash.as_bytes(), &mut out)
-                    .map_err(|e| auth_err(e.to_string()))?;
-                send(backend, conn, &out).await?;
-            }
-            Message::AuthenticationSasl(body) => {
-                use fallible_iterator::FallibleIterator;
-                let mut mechanisms = body.mechanisms();
-                let mut has_scram = false;
-                while let Ok(Some(m)) = mechanisms.next() {
-                    has_scram |= m == SCRAM_SHA_256;
-                }
-                if !has_scram {
-                    return Err(auth_err("server offers no SCRAM-SHA-256".into()));
-                }
-                let s = ScramClient::new(password);
-                frontend::sasl_initial_response(SCRAM_SHA_256, &s.initial(), &mut out)
-                    .map_err(|e| auth_err(e.to_string()))?;
-                scram = Some(s);
-                send(backend, conn, &out).await?;
-            }
-            Message::AuthenticationSaslContinue(body) => {
-                let s = scram
-                    .as_mut()
-                    .ok_or_else(|| auth_err("unexpected SASL continue".into()))?;
-                let answer = s
-                    .respond(body.data(), &pool.scram_cache)
-                    .map_err(|e| auth_err(e.to_string()))?;
-                frontend::sasl_response(&answer, &mut out).map_err(|e| auth_err(e.to_string()))?;
-                send(backend, conn, &out).await?;
-            }
-            Message::AuthenticationSaslFinal(body) => {
-                let s = scram
-                    .as_ref()
-                    .ok_or_else(|| auth_err("unexpected SASL final".into()))?;
-                s.verify(body.data()).map_err(|e| auth_err(e.to_string()))?;
-            }
             Message::ParameterStatus(body) => {
-                let (k, v) = (body.name(), body.value());
-                if let (Ok(k), Ok(v)) = (k, v) {
+                if let (Ok(k), Ok(v)) = (body.name(), body.value()) {
                     conn.set_param(k, v);
                 }
             }
@@ -302,17 +254,99 @@ async fn authenticate(pool: &Pool, conn: &mut ServerConn) -> Result<(), ConnectE
             Message::NoticeResponse(_) => {}
             // Before AuthenticationOk an error is about our credentials, not the client's: do not pass its
             // 28P01 on as if the client's password were wrong.
-            Message::ErrorResponse(body) if !authenticated => {
-                return Err(auth_err(format!("{:?}", server_error(name, body.fields()))))
+            Message::ErrorResponse(body) if !auth.authenticated => {
+                return Err(auth.failed(format!("{:?}", server_error(name, body.fields()))))
             }
             Message::ErrorResponse(body) => return Err(server_error(name, body.fields())),
             Message::ReadyForQuery(_) => return Ok(()),
+            other => {
+                auth.step(other, &mut out)?;
+                if !out.is_empty() {
+                    send(&pool.backend, conn, &out).await?;
+                }
+            }
+        }
+    }
+}
+
+/// Our side of the backend's authentication exchange (password, MD5 or SCRAM-SHA-256).
+struct Auth<'a> {
+    pool: &'a Pool,
+    scram: Option<ScramClient>,
+    authenticated: bool,
+}
+
+impl Auth<'_> {
+    fn failed(&self, reason: String) -> ConnectError {
+        ConnectError::Auth {
+            backend: self.pool.backend.name.clone(),
+            reason,
+        }
+    }
+
+    /// Answers one authentication message into `out` (left empty when there is nothing to send).
+    fn step(&mut self, msg: Message, out: &mut BytesMut) -> Result<(), ConnectError> {
+        let (user, password) = (
+            self.pool.login.user.as_str(),
+            self.pool.login.password.expose(),
+        );
+        let pool = self.pool;
+        let failed = |e: &dyn std::fmt::Display| ConnectError::Auth {
+            backend: pool.backend.name.clone(),
+            reason: e.to_string(),
+        };
+        match msg {
+            Message::AuthenticationOk => self.authenticated = true,
+            Message::AuthenticationCleartextPassword => {
+                frontend::password_message(password.as_bytes(), out).map_err(|e| failed(&e))?
+            }
+            Message::AuthenticationMd5Password(body) => {
+                let hash = postgres_protocol::authentication::md5_hash(
+                    user.as_bytes(),
+                    password.as_bytes(),
+                    body.salt(),
+                );
+                frontend::password_message(hash.as_bytes(), out).map_err(|e| failed(&e))?;
+            }
+            Message::AuthenticationSasl(body) => {
+                use fallible_iterator::FallibleIterator;
+                let mut mechanisms = body.mechanisms();
+                let mut has_scram = false;
+                while let Ok(Some(m)) = mechanisms.next() {
+                    has_scram |= m == SCRAM_SHA_256;
+                }
+                if !has_scram {
+                    return Err(failed(&"server offers no SCRAM-SHA-256"));
+                }
+                let s = ScramClient::new(password);
+                frontend::sasl_initial_response(SCRAM_SHA_256, &s.initial(), out)
+                    .map_err(|e| failed(&e))?;
+                self.scram = Some(s);
+            }
+            Message::AuthenticationSaslContinue(body) => {
+                let s = self
+                    .scram
+                    .as_mut()
+                    .ok_or_else(|| failed(&"unexpected SASL continue"))?;
+                let answer = s
+                    .respond(body.data(), &pool.scram_cache)
+                    .map_err(|e| failed(&e))?;
+                frontend::sasl_response(&answer, out).map_err(|e| failed(&e))?;
+            }
+            Message::AuthenticationSaslFinal(body) => {
+                let s = self
+                    .scram
+                    .as_ref()
+                    .ok_or_else(|| failed(&"unexpected SASL final"))?;
+                s.verify(body.data()).map_err(|e| failed(&e))?;
+            }
             _ => {
                 return Err(ConnectError::Protocol {
-                    backend: name.clone(),
+                    backend: self.pool.backend.name.clone(),
                     reason: "unexpected message during startup".into(),
                 })
             }
         }
+        Ok(())
     }
 }

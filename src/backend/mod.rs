@@ -55,6 +55,9 @@ struct Health {
     suppressed: u64,
 }
 
+/// Opens an in-process pipe to a scripted backend instead of a socket (the relay's unit tests).
+pub type MemoryDialer = Arc<dyn Fn() -> tokio::io::DuplexStream + Send + Sync>;
+
 /// One configured backend server and its pools (one per database and login role).
 pub struct Backend {
     pub name: BackendId,
@@ -71,6 +74,8 @@ pub struct Backend {
     /// Pools waiting for room (mirrors `slots.starving.len()`), read without the lock on every check-in.
     starving_count: AtomicUsize,
     pub timeouts: Timeouts,
+    /// Set only by tests: connections go through this pipe, not to `config.host`.
+    pub(crate) dialer: std::sync::OnceLock<MemoryDialer>,
 }
 
 impl Backend {
@@ -96,6 +101,7 @@ impl Backend {
             slots: Mutex::new(Slots::default()),
             starving_count: AtomicUsize::new(0),
             timeouts,
+            dialer: std::sync::OnceLock::new(),
         };
         backend.set_limits(&backend.config.clone());
         Ok(Arc::new(backend))

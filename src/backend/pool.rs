@@ -30,7 +30,8 @@ use super::query::{query_value, run_simple, temp_schema_used};
 use super::waiters::{Grant, WaitQueue};
 use super::{Backend, Login};
 use crate::auth::scram_client::SaltedPasswordCache;
-use crate::protocol::{sqlstate, PgError};
+use crate::errors::ClientError;
+use crate::protocol::PgError;
 use crate::tenant::TenantId;
 
 /// Bound on the reset a returned connection gets before it is trusted again.
@@ -50,14 +51,13 @@ pub enum PoolError {
 }
 
 impl PoolError {
+    /// What the client is told: FATAL when the failure ends its connection (at login), else ERROR.
     pub fn to_client(&self, severity_fatal: bool) -> PgError {
         let e = match self {
-            PoolError::Timeout { limit, .. } => PgError::error(
-                sqlstate::TOO_MANY_CONNECTIONS,
-                format!("pgtenant: no backend connection became free within pool_checkout_timeout_ms ({limit})"),
-            ),
+            PoolError::Timeout { limit, .. } => ClientError::PoolTimeout(limit.to_string()),
             PoolError::Connect(c) => c.to_client(),
-        };
+        }
+        .to_pg();
         let severity = if severity_fatal {
             crate::protocol::messages::Severity::Fatal
         } else {
@@ -525,7 +525,10 @@ fn alive(conn: &ServerConn) -> bool {
     if !conn.buf.is_empty() {
         return false;
     }
-    match conn.stream.tcp().ready(Interest::READABLE).now_or_never() {
+    let Some(tcp) = conn.stream.tcp() else {
+        return true;
+    };
+    match tcp.ready(Interest::READABLE).now_or_never() {
         Some(Ok(r)) => !(r.is_readable() || r.is_read_closed() || r.is_error()),
         Some(Err(_)) => false,
         None => true,

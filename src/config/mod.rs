@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::ids::BackendId;
 use crate::net::cidr::Cidr;
-use crate::routing::BackendId;
 use crate::tenant::TenantId;
 
 pub use crate::tenant::TenantSource;
@@ -137,44 +137,50 @@ impl Config {
 
     /// Checks everything that deserialisation cannot: references between sections and identifier syntax.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_proxy()?;
+        self.validate_backends()?;
+        self.validate_tenants()?;
+        self.validate_users()
+    }
+
+    fn validate_proxy(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
+        let p = &self.proxy;
         self.listen_addr()?;
-        if self.proxy.user_separator.chars().count() != 1 {
+        if p.user_separator.chars().count() != 1 {
             return bad("proxy.user_separator must be one character".into());
         }
-        if !(1..=100_000).contains(&self.proxy.max_prepared_statements) {
+        if !(1..=100_000).contains(&p.max_prepared_statements) {
             return bad("proxy.max_prepared_statements must be between 1 and 100000".into());
         }
-        if !self.proxy.admin_listen.is_empty() {
-            if self.proxy.admin_token.len() < 16 {
-                return bad(
-                    "proxy.admin_listen needs proxy.admin_token of at least 16 characters".into(),
-                );
-            }
-            if self.proxy.admin_listen.parse::<SocketAddr>().is_err() {
-                return bad(format!(
-                    "proxy.admin_listen {:?} is not host:port",
-                    self.proxy.admin_listen
-                ));
+        if p.max_login_conn == 0 {
+            return bad("proxy.max_login_conn must be at least 1".into());
+        }
+        if !p.admin_listen.is_empty() && p.admin_token.len() < 16 {
+            return bad(
+                "proxy.admin_listen needs proxy.admin_token of at least 16 characters".into(),
+            );
+        }
+        for (key, value) in [
+            ("admin_listen", &p.admin_listen),
+            ("metrics_listen", &p.metrics_listen),
+        ] {
+            if !value.is_empty() && value.parse::<SocketAddr>().is_err() {
+                return bad(format!("proxy.{key} {value:?} is not host:port"));
             }
         }
-        if !self.proxy.metrics_listen.is_empty()
-            && self.proxy.metrics_listen.parse::<SocketAddr>().is_err()
-        {
-            return bad(format!(
-                "proxy.metrics_listen {:?} is not host:port",
-                self.proxy.metrics_listen
-            ));
-        }
-        if !self.proxy.default_tenant.is_empty()
-            && !self.tenants.contains_key(&self.proxy.default_tenant)
-        {
+        if !p.default_tenant.is_empty() && !self.tenants.contains_key(&p.default_tenant) {
             return bad(format!(
                 "proxy.default_tenant {:?} is not a configured tenant",
-                self.proxy.default_tenant
+                p.default_tenant
             ));
         }
-        // Backend names are checked as they are read (BackendId).
+        Ok(())
+    }
+
+    /// Backend names are checked as they are read (BackendId); the rest here.
+    fn validate_backends(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
         for (name, b) in &self.backends {
             if b.pool_size == 0 {
                 return bad(format!("backends.{name}.pool_size must be at least 1"));
@@ -187,6 +193,11 @@ impl Config {
                 return bad(format!("backends.{name}.tenant_role must be 1 to 63 bytes"));
             }
         }
+        Ok(())
+    }
+
+    fn validate_tenants(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
         for (name, t) in &self.tenants {
             TenantId::parse(name)
                 .map_err(|e| ConfigError::Invalid(format!("tenant {name:?}: {e}")))?;
@@ -214,10 +225,7 @@ impl Config {
                 return bad(format!("tenants.{name}.tenant_key must be 1 to 256 bytes"));
             }
         }
-        if self.proxy.max_login_conn == 0 {
-            return bad("proxy.max_login_conn must be at least 1".into());
-        }
-        self.validate_users()
+        Ok(())
     }
 
     fn validate_users(&self) -> Result<(), ConfigError> {

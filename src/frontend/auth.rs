@@ -9,9 +9,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::auth::scram::{constant_time_eq, Binding, ScramExchange, MAX_SASL_MESSAGE};
 use crate::auth::{Credential, ScramVerifier, UserEntry, Users};
 use crate::context::Shared;
+use crate::errors::ClientError;
 use crate::net::Stream;
 use crate::protocol::tag::frontend as fe;
-use crate::protocol::{messages, sqlstate, PgError};
+use crate::protocol::{messages, PgError};
 
 /// Why a login did not get through authentication.
 #[derive(Debug)]
@@ -29,14 +30,11 @@ impl From<std::io::Error> for AuthFailure {
 }
 
 fn failed(raw_user: &str) -> AuthFailure {
-    AuthFailure::Refused(PgError::fatal(
-        sqlstate::INVALID_PASSWORD,
-        format!("password authentication failed for user \"{raw_user}\""),
-    ))
+    AuthFailure::Refused(ClientError::PasswordFailed(raw_user.to_owned()).into())
 }
 
 fn protocol(msg: &str) -> AuthFailure {
-    AuthFailure::Refused(PgError::protocol(msg.to_owned()))
+    AuthFailure::Refused(PgError::from(ClientError::Protocol(msg.to_owned())))
 }
 
 /// Authenticates `user` (the configured name; `raw_user` is what the client sent, which md5 hashes with).

@@ -8,22 +8,22 @@ use super::parts::End;
 use super::resolve::{connect_server, Attached};
 use super::session::Session;
 use crate::config::PinnedAtMove;
+use crate::errors::ClientError;
 use crate::gate::{Gate, GateError, GatePass};
 use crate::metrics::ErrorKind;
 use crate::protocol::tag::frontend as fe;
-use crate::protocol::{sqlstate, PgError};
+use crate::protocol::PgError;
+use crate::routing::Epoch;
 use crate::sessions::SessionRoute;
 use crate::tenant::TenantId;
 
 /// The error a session pinned to a tenant's old backend gets when a migration moved the tenant.
 pub fn moved_away(tenant: &TenantId, reason: &str) -> PgError {
-    PgError::fatal(
-        sqlstate::ADMIN_SHUTDOWN,
-        format!(
-            "terminating connection: tenant \"{tenant}\" was moved to another backend by a migration, and this session \
-             holds state that cannot follow it ({reason}); reconnect"
-        ),
-    )
+    ClientError::MovedAway {
+        tenant: tenant.clone(),
+        reason: reason.to_owned(),
+    }
+    .into()
 }
 
 /// Whether a frame that may start new work can go to the backend now.
@@ -77,10 +77,7 @@ impl Session {
                     GateError::QueueFull(_) => ErrorKind::QueueFull,
                     GateError::WaitTimeout(..) => ErrorKind::GateTimeout,
                 });
-                return Ok(Admission::Refuse(PgError::error(
-                    sqlstate::QUERY_CANCELED,
-                    format!("canceling statement: {e}"),
-                )));
+                return Ok(Admission::Refuse(ClientError::Held(e.to_string()).into()));
             }
         }
         self.handle
@@ -182,10 +179,9 @@ impl Session {
             (table.epoch, table.get(tenant.as_str()).cloned())
         };
         let Some(route) = route else {
-            return Err(Refusal::Session(PgError::fatal(
-                sqlstate::INVALID_CATALOG_NAME,
-                format!("tenant \"{tenant}\" was removed"),
-            )));
+            return Err(Refusal::Session(
+                ClientError::TenantRemoved(tenant.clone()).into(),
+            ));
         };
         if self.place.route.as_deref() == Some(&*route) {
             self.place.epoch = epoch;
@@ -265,11 +261,9 @@ impl Session {
         };
         replay.await.map_err(|e| {
             tracing::warn!(error = %e, "could not carry session state to the new backend");
-            PgError::error(
-                sqlstate::CONNECTION_FAILURE,
-                "pgtenant could not recreate this session's state on the tenant's new backend",
-            )
-            .with_detail(e.to_string())
+            ClientError::StateNotRecreated
+                .to_pg()
+                .with_detail(e.to_string())
         })
     }
 
@@ -304,13 +298,13 @@ impl Session {
         self.publish_route();
         if policy == PinnedAtMove::Disconnect && since.elapsed() >= grace {
             self.shared.metrics.pinned_disconnects.increment(1);
-            return Err(Refusal::Session(PgError::fatal(
-                sqlstate::ADMIN_SHUTDOWN,
-                format!(
-                    "terminating connection: tenant \"{tenant}\" moved to another backend and this session holds \
-                     state that cannot follow it ({reason}); reconnect"
-                ),
-            )));
+            return Err(Refusal::Session(
+                ClientError::PinnedTooLong {
+                    tenant: tenant.clone(),
+                    reason: reason.to_owned(),
+                }
+                .into(),
+            ));
         }
         Ok(())
     }
@@ -326,7 +320,7 @@ impl Session {
             }
             None => {
                 self.pooling.route_path = None;
-                (None, None, 0)
+                (None, None, Epoch::default())
             }
         };
         if let Some(new) = &server {
@@ -347,6 +341,9 @@ impl Session {
                 tm.clients.increment(1.0);
             }
             self.txn.gate = tenant.as_ref().map(|t| self.shared.gates.get(t));
+            if let Some(t) = &tenant {
+                tracing::Span::current().record("tenant", t.as_str());
+            }
             self.place.tenant = tenant;
         }
         self.place.route = route;

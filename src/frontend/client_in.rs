@@ -8,9 +8,10 @@ use super::parts::{move_bytes, End, SkipEnd, OUT_HIGH_WATER};
 use super::server::Server;
 use super::session::Session;
 use super::state::SessionState;
+use crate::errors::ClientError;
 use crate::protocol::frame::{parse_header, Direction, Header, Scan};
 use crate::protocol::tag::frontend as fe;
-use crate::protocol::{inspect, messages, sql, sqlstate, PgError};
+use crate::protocol::{inspect, messages, sql, PgError};
 
 /// What happens to the head of a frame too large to hold whole.
 enum HeadStep {
@@ -43,7 +44,7 @@ impl Session {
                     matches!(t, fe::QUERY | fe::PARSE)
                         || tx && matches!(t, fe::BIND | fe::DESCRIBE | fe::CLOSE)
                 })
-                .map_err(|e| End::Fatal(PgError::protocol(e.to_string())))?;
+                .map_err(|e| End::Fatal(PgError::from(ClientError::Protocol(e.to_string()))))?;
             match step {
                 Scan::NeedMore(n) => {
                     self.client.need = n;
@@ -225,14 +226,10 @@ impl Session {
         why: sql::Recognised,
     ) -> Result<(), End> {
         let err = match why {
-            sql::Recognised::Forbidden(msg) => {
-                PgError::error(sqlstate::INSUFFICIENT_PRIVILEGE, msg)
-            }
-            _ => PgError::error(
-                sqlstate::FEATURE_NOT_SUPPORTED,
-                "pgtenant.tenant statements are only accepted in the simple query protocol",
-            ),
-        };
+            sql::Recognised::Forbidden(msg) => ClientError::Forbidden(msg),
+            _ => ClientError::TenantStatementNotSimple,
+        }
+        .to_pg();
         match self.begin_work(tag).await? {
             Admission::Wait => return Ok(()),
             Admission::Refuse(gate_err) => {

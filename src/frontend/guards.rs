@@ -1,7 +1,8 @@
 //! Startup parameters a routed tenant may not send: those that would take its backend session out of its
 //! route (another schema, another role) or switch off what the proxy relies on (change capture).
 
-use crate::protocol::{sqlstate, PgError};
+use crate::errors::ClientError;
+use crate::protocol::PgError;
 use crate::routing::Route;
 
 /// Settings refused at startup for every routed tenant (names normalised: lower case, `-` as `_`).
@@ -65,10 +66,12 @@ pub fn check_startup(
         .chain(option_settings(options));
     for name in names {
         if let Some(why) = refused(&name, route) {
-            return Err(PgError::error(
-                sqlstate::INSUFFICIENT_PRIVILEGE,
-                format!("pgtenant: startup parameter \"{name}\" is not allowed for tenant \"{tenant}\": {why}"),
-            ));
+            return Err(ClientError::ForbiddenStartupParameter {
+                name,
+                tenant: tenant.to_owned(),
+                why,
+            }
+            .into());
         }
     }
     Ok(())

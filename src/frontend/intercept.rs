@@ -6,17 +6,13 @@ use tracing::{info, warn};
 use super::parts::SkipEnd;
 use super::resolve::connect_server;
 use super::session::Session;
+use crate::errors::ClientError;
 use crate::protocol::sql::{Recognised, TenantCommand};
-use crate::protocol::{inspect, messages, sql, sqlstate, PgError};
+use crate::protocol::{inspect, messages, sql, PgError};
 use crate::tenant::{may_reach, TenantId};
 
 use super::parts::End;
 use crate::protocol::tag::{frontend as fe, status};
-
-fn no_tenant() -> PgError {
-    PgError::error(sqlstate::INVALID_CATALOG_NAME, "no tenant selected")
-        .with_hint("Run SET pgtenant.tenant = 'name' first, or name the tenant when connecting.")
-}
 
 impl Session {
     /// Answers a simple Query the recogniser flagged. Called only when the backend owes no reply.
@@ -24,17 +20,21 @@ impl Session {
         match r {
             Recognised::Command(cmd) => self.tenant_command(cmd).await,
             Recognised::Refuse(msg) => {
-                PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, msg).encode(&mut self.client.cout);
+                ClientError::Unsupported(msg)
+                    .to_pg()
+                    .encode(&mut self.client.cout);
                 let status = self.status();
                 messages::ready_for_query(&mut self.client.cout, status);
             }
             Recognised::Forbidden(msg) => {
-                PgError::error(sqlstate::INSUFFICIENT_PRIVILEGE, msg).encode(&mut self.client.cout);
+                ClientError::Forbidden(msg)
+                    .to_pg()
+                    .encode(&mut self.client.cout);
                 let status = self.status();
                 messages::ready_for_query(&mut self.client.cout, status);
             }
             Recognised::Pass => {
-                no_tenant().encode(&mut self.client.cout);
+                ClientError::NoTenant.to_pg().encode(&mut self.client.cout);
                 let status = self.status();
                 messages::ready_for_query(&mut self.client.cout, status);
             }
@@ -50,11 +50,11 @@ impl Session {
                 self.answer_simple(r).await;
             }
             fe::FUNCTION_CALL => {
-                no_tenant().encode(&mut self.client.cout);
+                ClientError::NoTenant.to_pg().encode(&mut self.client.cout);
                 messages::ready_for_query(&mut self.client.cout, status::IDLE);
             }
             fe::PARSE | fe::BIND | fe::DESCRIBE | fe::EXECUTE | fe::CLOSE => {
-                no_tenant().encode(&mut self.client.cout);
+                ClientError::NoTenant.to_pg().encode(&mut self.client.cout);
                 self.client.skip = Some(SkipEnd::Local);
             }
             fe::SYNC => messages::ready_for_query(&mut self.client.cout, status::IDLE),
@@ -76,16 +76,12 @@ impl Session {
                 );
                 Ok(None)
             }
-            _ if self.status() != status::IDLE => Err(PgError::error(
-                sqlstate::ACTIVE_SQL_TRANSACTION,
-                "pgtenant.tenant cannot be changed inside a transaction block",
-            )),
+            _ if self.status() != status::IDLE => {
+                Err(ClientError::TenantChangeInTransaction.into())
+            }
             TenantCommand::Set(name) => match TenantId::parse(&name) {
                 Ok(t) => self.switch_tenant(Some(t)).await.map(|_| Some("SET")),
-                Err(e) => Err(PgError::error(
-                    sqlstate::INVALID_CATALOG_NAME,
-                    e.to_string(),
-                )),
+                Err(e) => Err(ClientError::InvalidTenantName(e.to_string()).into()),
             },
             TenantCommand::Reset => {
                 let t = self.info.startup_tenant.clone();
@@ -113,28 +109,20 @@ impl Session {
                 .as_ref()
                 .map(|t| t.as_str())
                 .unwrap_or("");
-            return Err(PgError::error(
-                sqlstate::SQLSERVER_REJECTED_ESTABLISHMENT_OF_SQLCONNECTION,
-                format!("this connection is bound to tenant \"{fixed}\" by its startup parameters"),
-            ));
+            return Err(ClientError::TenantFixed(fixed.to_owned()).into());
         }
         let server = match &target {
             Some(t) => {
                 let Some(route) = self.shared.router.load().get(t.as_str()).cloned() else {
-                    return Err(PgError::error(
-                        sqlstate::INVALID_CATALOG_NAME,
-                        format!("tenant \"{t}\" does not exist"),
-                    ));
+                    return Err(ClientError::UnknownTenant(t.to_string()).into());
                 };
                 if !may_reach(&self.info.user.tenants, t) {
                     warn!(user = %self.info.user.name, tenant = %t, "user tried to reach a tenant it may not");
-                    return Err(PgError::error(
-                        sqlstate::INSUFFICIENT_PRIVILEGE,
-                        format!(
-                            "user \"{}\" may not use tenant \"{t}\"",
-                            self.info.user.name
-                        ),
-                    ));
+                    return Err(ClientError::TenantNotAllowed {
+                        user: self.info.user.name.clone(),
+                        tenant: t.clone(),
+                    }
+                    .into());
                 }
                 super::guards::check_startup(
                     &self.info.params,

@@ -7,6 +7,7 @@ use bytes::BytesMut;
 use thiserror::Error;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tracing::Instrument;
 use tracing::{debug, info, warn};
 
 use super::auth::{authenticate, AuthFailure};
@@ -18,9 +19,10 @@ use super::startup::{handshake, report, HandshakeError, Hello};
 use crate::auth::UserEntry;
 use crate::config::TenantSource;
 use crate::context::Shared;
+use crate::errors::ClientError;
 use crate::net::Stream;
 use crate::protocol::startup::{split_options, take_setting, StartupMessage};
-use crate::protocol::{messages, sqlstate, PgError};
+use crate::protocol::{messages, PgError};
 use crate::tenant::{self, may_reach, StartupHints, TenantError, TenantId};
 
 /// Startup parameters that are about the connection itself, not session settings for the backend.
@@ -37,16 +39,38 @@ pub enum LoginError {
 /// Handles one accepted client connection to its end. `ticket` is its place among connections logging in,
 /// given up once the session starts (or taken by a newer connection while this one has not spoken yet).
 pub async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, ticket: LoginTicket) {
-    let peer = tcp.peer_addr().ok();
     let _ = tcp.set_nodelay(true);
-    let (timeout, keepalive) = {
-        let c = shared.config.load();
-        (c.proxy.login_timeout(), c.proxy.keepalive())
-    };
-    crate::net::keepalive::apply(&tcp, keepalive);
+    crate::net::keepalive::apply(&tcp, shared.config.load().proxy.keepalive());
+    serve_stream(shared, Stream::Tcp(tcp), ticket).await
+}
+
+/// Logs a client in on `stream` and runs its session (a TCP socket, or an in-process pipe in tests), inside a
+/// `session` span: every log line of the connection names its peer, and once known its session id, user
+/// and tenant.
+pub async fn serve_stream(shared: Arc<Shared>, stream: Stream, ticket: LoginTicket) {
+    let peer = stream.peer_addr();
+    let span = tracing::info_span!(
+        "session",
+        id = tracing::field::Empty,
+        ?peer,
+        user = tracing::field::Empty,
+        tenant = tracing::field::Empty,
+    );
+    serve_in_span(shared, stream, ticket, peer)
+        .instrument(span)
+        .await
+}
+
+async fn serve_in_span(
+    shared: Arc<Shared>,
+    stream: Stream,
+    ticket: LoginTicket,
+    peer: Option<std::net::SocketAddr>,
+) {
+    let timeout = shared.config.load().proxy.login_timeout();
     // Boxed: the login's state (handshake, TLS, SCRAM) is several KiB, and inline it would size this task for
     // the connection's whole life; on the heap it is freed once the session starts.
-    let login = Box::pin(login(&shared, tcp, &ticket));
+    let login = Box::pin(login(&shared, stream, &ticket));
     let outcome = tokio::select! {
         r = tokio::time::timeout(timeout, login) => r,
         _ = ticket.evicted() => {
@@ -67,15 +91,18 @@ pub async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, ticket: LoginTick
         Ok(Ok(None)) => return,
         Ok(Ok(Some(session))) => session,
     };
+    let span = tracing::Span::current();
+    span.record("id", session.handle.info.id);
+    span.record("user", session.info.user_name.as_str());
     Box::new(session).run().await;
 }
 
 async fn login(
     shared: &Arc<Shared>,
-    tcp: TcpStream,
+    stream: Stream,
     ticket: &LoginTicket,
 ) -> Result<Option<Session>, LoginError> {
-    let (mut stream, buf, message) = match handshake(tcp, shared.tls.as_ref()).await? {
+    let (mut stream, buf, message) = match handshake(stream, shared.tls.as_ref()).await? {
         None => return Ok(None),
         Some(Hello::Cancel { pid, secret }) => {
             forward_cancel(shared, pid, secret).await;
@@ -123,47 +150,24 @@ async fn admit(
     message: &StartupMessage,
 ) -> Result<Option<(ClientInfo, BytesMut)>, PgError> {
     let Ok(client_permit) = shared.client_permits.clone().try_acquire_owned() else {
-        return Err(PgError::fatal(
-            sqlstate::TOO_MANY_CONNECTIONS,
-            format!(
-                "sorry, too many clients already (pgtenant max_client_conn = {})",
-                shared.config.load().proxy.max_client_conn
-            ),
-        ));
+        return Err(ClientError::TooManyClients(shared.config.load().proxy.max_client_conn).into());
     };
-    let unsupported = message.protocol_options();
-    if message.minor > 0 || !unsupported.is_empty() {
-        let mut out = BytesMut::new();
-        messages::negotiate_protocol_version(&mut out, 0, &unsupported);
-        stream
-            .write_all(&out)
-            .await
-            .map_err(|_| PgError::protocol("client gone"))?;
-    }
-    if message
-        .get("replication")
-        .is_some_and(|r| !matches!(r, "false" | "off" | "no" | "0"))
-    {
-        return Err(PgError::fatal(
-            sqlstate::FEATURE_NOT_SUPPORTED,
-            "pgtenant does not proxy replication connections",
-        ));
-    }
+    check_packet(stream, message).await?;
     let raw_user = message
         .get("user")
         .filter(|u| !u.is_empty())
-        .ok_or_else(|| {
-            PgError::fatal(
-                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
-                "no PostgreSQL user name specified in startup packet",
-            )
-        })?;
-    let config = shared.config.load();
+        .ok_or(ClientError::NoUser)?;
     let users = shared.users.load();
-    let sep = config.proxy.user_separator.chars().next().unwrap_or('.');
+    let sep = shared
+        .config
+        .load()
+        .proxy
+        .user_separator
+        .chars()
+        .next()
+        .unwrap_or('.');
     let (user, suffix) = tenant::split_user(raw_user, sep, |u| users.contains(u));
-
-    let peer = stream.tcp().peer_addr().ok();
+    let peer = stream.peer_addr();
     let entry = match authenticate(shared, stream, &mut buf, &users, user, raw_user).await {
         Ok(e) => e,
         Err(AuthFailure::Closed) => return Ok(None),
@@ -179,17 +183,10 @@ async fn admit(
     let user_slot = shared
         .clients
         .user(&entry.name, entry.max_client_conn)
-        .ok_or_else(|| {
-            PgError::fatal(
-                sqlstate::TOO_MANY_CONNECTIONS,
-                format!(
-                    "too many connections for user \"{}\" (its max_client_conn = {})",
-                    entry.name,
-                    entry.max_client_conn.unwrap_or_default()
-                ),
-            )
+        .ok_or_else(|| ClientError::TooManyUserClients {
+            user: entry.name.clone(),
+            limit: entry.max_client_conn.unwrap_or_default(),
         })?;
-
     let mut options = split_options(message.get("options").unwrap_or(""));
     let hints = StartupHints {
         user_suffix: suffix,
@@ -197,20 +194,11 @@ async fn admit(
         database: message.get("database"),
     };
     let (tenant, fixed) = choose_tenant(shared, &entry, &hints)?;
-    let mut params: Vec<(String, String)> = message
-        .params
-        .iter()
-        .filter(|(k, _)| !CONNECTION_PARAMS.contains(&k.as_str()) && !k.starts_with("_pq_."))
-        .cloned()
-        .collect();
-    params.sort();
-    let mut tenant_slot = None;
-    if let Some(t) = &tenant {
-        if let Some(route) = shared.router.load().get(t.as_str()) {
-            guards::check_startup(&params, &options, route, t.as_str()).map_err(fatal)?;
-        }
-        tenant_slot = Some(tenant_slot_for(shared, t).map_err(fatal)?);
-    }
+    let params = session_params(message);
+    let tenant_slot = match &tenant {
+        Some(t) => Some(admit_tenant(shared, t, &params, &options)?),
+        None => None,
+    };
     let info = ClientInfo {
         admission: Admission {
             _client: client_permit,
@@ -229,6 +217,51 @@ async fn admit(
     Ok(Some((info, buf)))
 }
 
+/// Answers protocol options we do not know (NegotiateProtocolVersion) and refuses replication connections.
+async fn check_packet(stream: &mut Stream, message: &StartupMessage) -> Result<(), PgError> {
+    let unsupported = message.protocol_options();
+    if message.minor > 0 || !unsupported.is_empty() {
+        let mut out = BytesMut::new();
+        messages::negotiate_protocol_version(&mut out, 0, &unsupported);
+        stream
+            .write_all(&out)
+            .await
+            .map_err(|_| PgError::from(ClientError::Protocol("client gone".into())))?;
+    }
+    if message
+        .get("replication")
+        .is_some_and(|r| !matches!(r, "false" | "off" | "no" | "0"))
+    {
+        return Err(ClientError::Replication.into());
+    }
+    Ok(())
+}
+
+/// The startup parameters a backend session is given (not the connection's own), sorted.
+fn session_params(message: &StartupMessage) -> Vec<(String, String)> {
+    let mut params: Vec<(String, String)> = message
+        .params
+        .iter()
+        .filter(|(k, _)| !CONNECTION_PARAMS.contains(&k.as_str()) && !k.starts_with("_pq_."))
+        .cloned()
+        .collect();
+    params.sort();
+    params
+}
+
+/// The startup tenant's guards and client limit; refusals end the login (FATAL).
+fn admit_tenant(
+    shared: &Arc<Shared>,
+    tenant: &TenantId,
+    params: &[(String, String)],
+    options: &[String],
+) -> Result<TenantSlot, PgError> {
+    if let Some(route) = shared.router.load().get(tenant.as_str()) {
+        guards::check_startup(params, options, route, tenant.as_str()).map_err(fatal)?;
+    }
+    tenant_slot_for(shared, tenant).map_err(fatal)
+}
+
 /// A client of `tenant` counted against the tenant's client limit (its own `max_client_conn`, else
 /// `proxy.max_client_conn_per_tenant`).
 pub(super) fn tenant_slot_for(
@@ -243,13 +276,11 @@ pub(super) fn tenant_slot_for(
         .or((config.proxy.max_client_conn_per_tenant > 0)
             .then_some(config.proxy.max_client_conn_per_tenant));
     shared.clients.tenant(tenant, max).ok_or_else(|| {
-        PgError::error(
-            sqlstate::TOO_MANY_CONNECTIONS,
-            format!(
-                "too many connections for tenant \"{tenant}\" (max_client_conn for the tenant = {})",
-                max.unwrap_or_default()
-            ),
-        )
+        ClientError::TooManyTenantClients {
+            tenant: tenant.clone(),
+            limit: max.unwrap_or_default(),
+        }
+        .into()
     })
 }
 
@@ -261,13 +292,7 @@ fn check_origin(
     tls: bool,
 ) -> Result<(), PgError> {
     if user.require_tls && !tls {
-        return Err(PgError::fatal(
-            sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
-            format!(
-                "user \"{}\" must connect over TLS (sslmode=require)",
-                user.name
-            ),
-        ));
+        return Err(ClientError::TlsRequired(user.name.clone()).into());
     }
     if user.networks.is_empty() {
         return Ok(());
@@ -275,15 +300,13 @@ fn check_origin(
     let allowed = peer.is_some_and(|p| user.networks.iter().any(|n| n.contains(p.ip())));
     if !allowed {
         warn!(user = %user.name, ?peer, "login from a network the user may not connect from");
-        return Err(PgError::fatal(
-            sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
-            format!(
-                "user \"{}\" may not connect from {}",
-                user.name,
-                peer.map(|p| p.ip().to_string())
-                    .unwrap_or_else(|| "here".into())
-            ),
-        ));
+        return Err(ClientError::NetworkRefused {
+            user: user.name.clone(),
+            peer: peer
+                .map(|p| p.ip().to_string())
+                .unwrap_or_else(|| "here".into()),
+        }
+        .into());
     }
     Ok(())
 }
@@ -308,43 +331,32 @@ fn choose_tenant(
         table.get(d).is_some()
     })
     .map_err(|e| match e {
-        TenantError::Conflict { .. } => PgError::fatal(
-            sqlstate::SQLSERVER_REJECTED_ESTABLISHMENT_OF_SQLCONNECTION,
-            e.to_string(),
-        ),
-        TenantError::InvalidName(_) => {
-            PgError::fatal(sqlstate::INVALID_CATALOG_NAME, e.to_string())
-        }
+        TenantError::Conflict { .. } => ClientError::TenantConflict(e.to_string()).fatal(),
+        TenantError::InvalidName(_) => ClientError::InvalidTenantName(e.to_string()).fatal(),
     })?;
     let (tenant, fixed) = match named {
         Some(t) => (t, true),
-        None if !config.proxy.default_tenant.is_empty() => match TenantId::parse(&config.proxy.default_tenant) {
-            Ok(t) => (t, false),
-            Err(e) => return Err(PgError::fatal(sqlstate::INVALID_CATALOG_NAME, e.to_string())),
-        },
-        None if config.proxy.tenant_sources.contains(&TenantSource::Set) => return Ok((None, false)),
-        None => {
-            return Err(PgError::fatal(
-                sqlstate::SQLSERVER_REJECTED_ESTABLISHMENT_OF_SQLCONNECTION,
-                "no tenant named: use a user name suffix (user.tenant), options=-c pgtenant.tenant=NAME or a tenant database",
-            ))
+        None if !config.proxy.default_tenant.is_empty() => {
+            match TenantId::parse(&config.proxy.default_tenant) {
+                Ok(t) => (t, false),
+                Err(e) => return Err(ClientError::InvalidTenantName(e.to_string()).fatal()),
+            }
         }
+        None if config.proxy.tenant_sources.contains(&TenantSource::Set) => {
+            return Ok((None, false))
+        }
+        None => return Err(ClientError::NoTenantNamed.fatal()),
     };
     if table.get(tenant.as_str()).is_none() {
-        return Err(PgError::fatal(
-            sqlstate::INVALID_CATALOG_NAME,
-            format!("tenant \"{tenant}\" does not exist"),
-        ));
+        return Err(ClientError::UnknownTenant(tenant.to_string()).fatal());
     }
     if !may_reach(&user.tenants, &tenant) {
         warn!(user = %user.name, %tenant, "user tried to reach a tenant it may not");
-        return Err(PgError::fatal(
-            sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
-            format!(
-                "user \"{}\" may not connect to tenant \"{tenant}\"",
-                user.name
-            ),
-        ));
+        return Err(ClientError::TenantLoginNotAllowed {
+            user: user.name.clone(),
+            tenant,
+        }
+        .fatal());
     }
     Ok((Some(tenant), fixed))
 }

@@ -20,6 +20,8 @@ pub mod session;
 pub mod startup;
 pub mod state;
 mod statements;
+#[cfg(test)]
+mod tests;
 mod timeouts;
 
 pub use boundary::moved_away;

@@ -14,7 +14,7 @@ use crate::metrics::TenantMetrics;
 use crate::net::Stream;
 use crate::protocol::frame::{Direction, Scanner, WHOLE_FRAME_MAX};
 use crate::protocol::{messages, tag, PgError};
-use crate::routing::Route;
+use crate::routing::{Epoch, Route};
 use crate::tenant::TenantId;
 
 /// Stop reading a side while the buffer towards the other side holds more than this.
@@ -189,7 +189,7 @@ pub(super) struct Pooling {
 pub(super) struct Place {
     pub tenant: Option<TenantId>,
     pub route: Option<Arc<Route>>,
-    pub epoch: u64,
+    pub epoch: Epoch,
     /// Since when a route change has been waiting for this pinned session to unpin.
     pub stale_since: Option<std::time::Instant>,
     pub tm: Option<Arc<TenantMetrics>>,

@@ -16,9 +16,10 @@ use super::server::Server;
 use super::session::Session;
 use super::statements::{ClientStatements, Target, MAX_HEAD_NAMES, MAX_INFLIGHT};
 use crate::backend::pool::ReleaseState;
+use crate::errors::ClientError;
 use crate::metrics::ErrorKind;
 use crate::protocol::tag::{backend as be, frontend as fe, status};
-use crate::protocol::{messages, sql, sqlstate, PgError};
+use crate::protocol::{messages, sql, PgError};
 use crate::quote::quote_ident;
 use crate::routing::BackendId;
 
@@ -52,10 +53,7 @@ pub(super) enum Unsettled {
 impl Unsettled {
     pub(super) fn into_error(self) -> PgError {
         match self {
-            Unsettled::TempObjects => PgError::error(
-                sqlstate::TOO_MANY_CONNECTIONS,
-                "pgtenant: no clean backend connection became free (others held temporary objects)",
-            ),
+            Unsettled::TempObjects => ClientError::NoCleanConnection.into(),
             Unsettled::Failed(e) => e,
         }
     }
@@ -266,10 +264,7 @@ impl Session {
             .map_err(|e| {
                 tracing::warn!(error = %e, "could not apply session settings on a pooled connection");
                 Unsettled::Failed(
-                    PgError::error(
-                        sqlstate::CONNECTION_FAILURE,
-                        "pgtenant could not recreate this session's settings on a pooled backend connection",
-                    )
+                    ClientError::SettingsNotRecreated.to_pg()
                     .with_detail(e.to_string()),
                 )
             })?;
@@ -335,9 +330,9 @@ impl Session {
             return Ok(());
         };
         if s.inflight.len() >= MAX_INFLIGHT {
-            return Err(PgError::protocol(
+            return Err(PgError::from(ClientError::Protocol(String::from(
                 "too many Parse and Close messages without a Sync",
-            ));
+            ))));
         }
         let (state, path) = (&self.state, self.pooling.route_path.as_deref());
         let conn = s.conn.get_mut();
@@ -383,10 +378,7 @@ impl Session {
             if name_end > 5 {
                 self.client.discarding = true;
                 self.client.cin.advance(avail);
-                self.fail_in_batch(PgError::error(
-                    sqlstate::PROGRAM_LIMIT_EXCEEDED,
-                    "pgtenant: named prepared statements over 1 MiB are not supported in transaction pool mode",
-                ));
+                self.fail_in_batch(ClientError::StatementTooLarge.into());
                 return Ok(true);
             }
             ClientStatements::passed(&mut s.inflight);
@@ -435,11 +427,9 @@ impl Session {
         }
         if name.starts_with("pgtenant_") {
             self.client.cin.advance(total);
-            PgError::error(
-                sqlstate::INSUFFICIENT_PRIVILEGE,
-                format!("prepared statement \"{name}\" belongs to pgtenant"),
-            )
-            .encode(&mut self.client.cout);
+            ClientError::ReservedStatement(name.to_owned())
+                .to_pg()
+                .encode(&mut self.client.cout);
         } else if self.pooling.statements.deallocate(name.as_bytes()) {
             self.state.forget_statement(name.as_bytes());
             self.client.cin.advance(total);
@@ -467,9 +457,9 @@ fn resolution(state: &super::state::SessionState, route_path: Option<&str>) -> S
 /// Names not complete in the head of a streamed frame: wait for more, within a bound.
 fn names_pending(avail: usize, total: usize) -> Result<bool, PgError> {
     if avail >= total || avail >= MAX_HEAD_NAMES {
-        return Err(PgError::protocol(
+        return Err(PgError::from(ClientError::Protocol(String::from(
             "statement or portal name too long or not terminated",
-        ));
+        ))));
     }
     Ok(false)
 }

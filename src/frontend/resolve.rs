@@ -12,10 +12,11 @@ use super::statements::Inflight;
 use crate::backend::{Backends, Pool, StartupTag};
 use crate::config::{Isolation, PoolMode};
 use crate::context::Shared;
+use crate::errors::ClientError;
 use crate::protocol::startup::join_options;
-use crate::protocol::{sqlstate, PgError};
+use crate::protocol::PgError;
 use crate::quote::quote_ident;
-use crate::routing::Route;
+use crate::routing::{Epoch, Route};
 use crate::tenant::TenantId;
 
 /// The backend startup parameters for `info` on `route`: the client's session parameters, its options, and the
@@ -38,7 +39,7 @@ pub(super) fn startup_tag(info: &ClientInfo, schema: Option<&str>) -> StartupTag
 pub(super) struct Attached {
     pub server: Server,
     pub route: Arc<Route>,
-    pub epoch: u64,
+    pub epoch: Epoch,
     pub route_path: Option<Arc<str>>,
 }
 
@@ -48,7 +49,7 @@ pub(super) struct Attached {
 pub(super) struct Resolved {
     pub tenant: TenantId,
     pub route: Arc<Route>,
-    pub epoch: u64,
+    pub epoch: Epoch,
     pub pool: Arc<Pool>,
     pub tag: Arc<StartupTag>,
     /// The backends table this was resolved against (a reload replaces it).
@@ -65,24 +66,20 @@ pub(super) fn resolve(
 ) -> Result<Resolved, PgError> {
     let (route, epoch) = {
         let table = shared.router.load();
-        let route = table.get(tenant.as_str()).cloned().ok_or_else(|| {
-            PgError::error(
-                sqlstate::INVALID_CATALOG_NAME,
-                format!("tenant \"{tenant}\" does not exist"),
-            )
-        })?;
+        let route = table
+            .get(tenant.as_str())
+            .cloned()
+            .ok_or_else(|| ClientError::UnknownTenant(tenant.to_string()))?;
         (route, table.epoch)
     };
     let backends = shared.backends.load_full();
-    let backend = backends.get(&route.backend).ok_or_else(|| {
-        PgError::error(
-            sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
-            format!(
-                "tenant \"{tenant}\" routes to backend \"{}\", which is not configured",
-                route.backend
-            ),
-        )
-    })?;
+    let backend =
+        backends
+            .get(&route.backend)
+            .ok_or_else(|| ClientError::BackendNotConfigured {
+                tenant: tenant.clone(),
+                backend: route.backend.to_string(),
+            })?;
     let database = route
         .database
         .clone()
@@ -102,24 +99,15 @@ pub(super) fn resolve(
         route.schema.as_deref()
     };
     let tag = Arc::new(startup_tag(info, tag_schema));
-    let login =
-        crate::backend::identity::login_for(&config, backend, &route, tenant).map_err(|e| {
-            PgError::error(
-                sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
-                e.to_string(),
-            )
-        })?;
+    let login = crate::backend::identity::login_for(&config, backend, &route, tenant)
+        .map_err(|e| ClientError::NoLogin(e.to_string()))?;
     drop(config);
-    let pool = backend.pool(&database, &login).ok_or_else(|| {
-        PgError::error(
-            sqlstate::TOO_MANY_CONNECTIONS,
-            format!(
-                "pgtenant: backend \"{}\" already serves {} pools",
-                backend.name,
-                crate::backend::MAX_POOLS_PER_BACKEND
-            ),
-        )
-    })?;
+    let pool = backend
+        .pool(&database, &login)
+        .ok_or_else(|| ClientError::TooManyPools {
+            backend: backend.name.to_string(),
+            pools: crate::backend::MAX_POOLS_PER_BACKEND,
+        })?;
     Ok(Resolved {
         tenant: tenant.clone(),
         route,

@@ -18,10 +18,11 @@ use super::timeouts::Timeouts;
 use crate::cancel::{synthetic_pid, CancelKey};
 use crate::config::PoolMode;
 use crate::context::Shared;
+use crate::errors::ClientError;
 use crate::metrics::ErrorKind;
 use crate::net::Stream;
 use crate::protocol::tag;
-use crate::protocol::{messages, sqlstate, PgError};
+use crate::protocol::{messages, PgError};
 use crate::sessions::SessionHandle;
 
 /// How long a closing session may spend delivering its last messages.
@@ -142,17 +143,11 @@ impl Session {
         match &end {
             End::Fatal(e) => e.encode(&mut self.client.cout),
             End::ServerGone if !self.server.as_ref().is_some_and(|s| s.sent_fatal) => {
-                PgError::fatal(
-                    sqlstate::CONNECTION_FAILURE,
-                    "pgtenant: the tenant's backend closed the connection unexpectedly",
-                )
-                .encode(&mut self.client.cout)
+                ClientError::BackendClosed
+                    .to_pg()
+                    .encode(&mut self.client.cout)
             }
-            End::Shutdown => PgError::fatal(
-                sqlstate::ADMIN_SHUTDOWN,
-                "terminating connection due to administrator command",
-            )
-            .encode(&mut self.client.cout),
+            End::Shutdown => ClientError::Shutdown.to_pg().encode(&mut self.client.cout),
             _ => {}
         }
         if let Some(server) = self.server.take() {

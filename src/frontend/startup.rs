@@ -4,9 +4,9 @@
 use bytes::BytesMut;
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
+use crate::errors::ClientError;
 use crate::net::Stream;
 use crate::protocol::messages::PgError;
 use crate::protocol::startup::{self, StartupError, StartupMessage, StartupPacket};
@@ -64,10 +64,9 @@ async fn read_packet(
 /// Runs the handshake up to a StartupMessage or CancelRequest. Protocol errors are reported to the client
 /// before the error is returned.
 pub async fn handshake(
-    tcp: TcpStream,
+    mut stream: Stream,
     tls: Option<&TlsAcceptor>,
 ) -> Result<Option<Hello>, HandshakeError> {
-    let mut stream = Stream::Tcp(tcp);
     let mut buf = BytesMut::with_capacity(1024);
     let mut gss_answered = false;
     loop {
@@ -77,7 +76,11 @@ pub async fn handshake(
         let parsed = match startup::parse(&packet) {
             Ok(p) => p,
             Err(e) => {
-                report(&mut stream, PgError::protocol(e.to_string())).await;
+                report(
+                    &mut stream,
+                    PgError::from(ClientError::Protocol(e.to_string())),
+                )
+                .await;
                 return Err(e.into());
             }
         };
@@ -114,8 +117,14 @@ async fn negotiate_tls(
     pending: &BytesMut,
     tls: Option<&TlsAcceptor>,
 ) -> Result<Stream, HandshakeError> {
-    let Stream::Tcp(mut tcp) = stream else {
-        return Err(HandshakeError::Violation("SSLRequest inside TLS"));
+    let mut tcp = match stream {
+        Stream::Tcp(tcp) => tcp,
+        // An in-process pipe has no TLS to offer.
+        Stream::Memory(mut pipe) => {
+            pipe.write_all(b"N").await?;
+            return Ok(Stream::Memory(pipe));
+        }
+        _ => return Err(HandshakeError::Violation("SSLRequest inside TLS")),
     };
     // Bytes sent after SSLRequest but before our answer would otherwise be read as if they had come through TLS
     // (CVE-2021-23214); a client that does this is broken or an attacker's, so the connection ends.

@@ -14,8 +14,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 
 use crate::backend::statements::{server_name, ServerStatements, StatementId, SERVER_NAME_LEN};
+use crate::errors::ClientError;
 use crate::protocol::tag::frontend as fe;
-use crate::protocol::{sqlstate, PgError};
+use crate::protocol::PgError;
 
 /// A statement name no one uses: Close of it is a no-op that still answers CloseComplete in order, and a Parse
 /// under it (closed right after) answers ParseComplete for a statement the connection already has.
@@ -245,14 +246,11 @@ impl ClientStatements {
         if (self.map.len() >= MAX_CLIENT_STATEMENTS || self.bytes + size > MAX_CLIENT_BYTES)
             && !self.map.contains_key(name)
         {
-            return Err(PgError::error(
-                sqlstate::CONFIGURATION_LIMIT_EXCEEDED,
-                format!(
-                    "pgtenant: a session may keep at most {MAX_CLIENT_STATEMENTS} prepared statements \
-                     ({} MiB) in transaction pool mode",
-                    MAX_CLIENT_BYTES >> 20
-                ),
-            ));
+            return Err(ClientError::TooManyStatements {
+                count: MAX_CLIENT_STATEMENTS,
+                mib: MAX_CLIENT_BYTES >> 20,
+            }
+            .into());
         }
         let id = statement_id(definition, &resolution());
         let mut parse = BytesMut::with_capacity(size);

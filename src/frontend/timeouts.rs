@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use tokio::time::Sleep;
 
 use crate::config::ProxyConfig;
-use crate::protocol::{sqlstate, PgError};
+use crate::errors::ClientError;
+use crate::protocol::PgError;
 
 /// What the session is waiting for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,19 +99,11 @@ impl Timeouts {
 
 fn expired(phase: Phase) -> PgError {
     match phase {
-        Phase::Idle => PgError::fatal(
-            sqlstate::IDLE_SESSION_TIMEOUT,
-            "terminating connection due to idle-session timeout (pgtenant client_idle_timeout_ms)",
-        ),
-        Phase::InTransaction => PgError::fatal(
-            sqlstate::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
-            "terminating connection due to idle-in-transaction timeout (pgtenant idle_transaction_timeout_ms); the transaction was rolled back",
-        ),
-        Phase::Busy => PgError::fatal(
-            sqlstate::QUERY_CANCELED,
-            "canceling statement due to query timeout (pgtenant query_timeout_ms); the connection is closed",
-        ),
+        Phase::Idle => ClientError::IdleTimeout,
+        Phase::InTransaction => ClientError::IdleInTransactionTimeout,
+        Phase::Busy => ClientError::QueryTimeout,
     }
+    .into()
 }
 
 #[cfg(test)]
@@ -135,7 +128,7 @@ mod tests {
         let mut t2 = Timeouts::new(&config(20, 0, 0)).unwrap();
         std::thread::sleep(Duration::from_millis(30));
         let e = t2.check(Phase::Idle).unwrap();
-        assert_eq!(e.code, sqlstate::IDLE_SESSION_TIMEOUT);
+        assert_eq!(e.code, crate::protocol::sqlstate::IDLE_SESSION_TIMEOUT);
         // A client event restarts the clock.
         t2.client_event();
         assert!(t2.check(Phase::Idle).is_none());
@@ -146,6 +139,9 @@ mod tests {
         std::thread::sleep(Duration::from_millis(30));
         // The backend streaming rows does not make a statement younger.
         q.server_event();
-        assert_eq!(q.check(Phase::Busy).unwrap().code, sqlstate::QUERY_CANCELED);
+        assert_eq!(
+            q.check(Phase::Busy).unwrap().code,
+            crate::protocol::sqlstate::QUERY_CANCELED
+        );
     }
 }

@@ -227,6 +227,31 @@ pub async fn install(
     stop: &tokio_util::sync::CancellationToken,
 ) -> Result<(), MigrateError> {
     setup(client).await?;
+    let sql = install_sql(side, tenant, tables);
+    // All tables are locked up front with a short lock_timeout, and the whole transaction is retried when that
+    // times out: waiting while holding some of the locks could deadlock with an application transaction, and
+    // then PostgreSQL might pick the application as the victim.
+    let mut tries = 0;
+    loop {
+        let Err(e) = client.batch_execute(&sql).await else {
+            return Ok(());
+        };
+        let _ = client.batch_execute("ROLLBACK").await;
+        let busy = e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE);
+        tries += 1;
+        if !busy || tries >= LOCK_TRIES {
+            return Err(MigrateError::pg("install capture triggers", e));
+        }
+        if stop.is_cancelled() {
+            return Err(MigrateError::Cancelled);
+        }
+        let jitter = rand::random::<u64>() % 50;
+        tokio::time::sleep(std::time::Duration::from_millis(20 + jitter)).await;
+    }
+}
+
+/// The install transaction: the tables locked, then per table the capture, truncate and fence triggers.
+fn install_sql(side: &Endpoint, tenant: &str, tables: &[String]) -> String {
     let arg = quote_literal(tenant);
     // Shared tables: the trigger keeps only the tenant's rows (and a TRUNCATE, which would empty the table for
     // every tenant, is not captured).
@@ -238,23 +263,20 @@ pub async fn install(
             quote_literal(&f.key)
         ),
     };
-    // All tables are locked up front with a short lock_timeout, and the whole transaction is retried when that
-    // times out: waiting while holding some of the locks could deadlock with an application transaction, and
-    // then PostgreSQL might pick the application as the victim.
     let list: Vec<String> = tables.iter().map(|t| side.qualified(t)).collect();
     let mut sql = format!(
         "BEGIN; SET LOCAL lock_timeout = '{LOCK_WAIT_MS}ms'; LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE;",
         list.join(", ")
     );
+    let (capture, truncate, fence) = (
+        trigger_name(tenant, "capture"),
+        trigger_name(tenant, "truncate"),
+        trigger_name(tenant, "fence"),
+    );
     for t in tables {
         let q = side.qualified(t);
         // CREATE OR REPLACE: a retry after a crash that left the triggers in place succeeds. ENABLE ALWAYS:
         // they fire under session_replication_role = replica too.
-        let (capture, truncate, fence) = (
-            trigger_name(tenant, "capture"),
-            trigger_name(tenant, "truncate"),
-            trigger_name(tenant, "fence"),
-        );
         sql.push_str(&format!(
             "CREATE OR REPLACE TRIGGER {capture} AFTER INSERT OR UPDATE OR DELETE ON {q} FOR EACH ROW \
              EXECUTE FUNCTION pgtenant.capture({row_args}); ALTER TABLE {q} ENABLE ALWAYS TRIGGER {capture};"
@@ -280,25 +302,7 @@ pub async fn install(
          ON CONFLICT (schema_name, tenant) DO NOTHING; COMMIT;",
         quote_literal(&side.schema)
     ));
-    let mut tries = 0;
-    loop {
-        match client.batch_execute(&sql).await {
-            Ok(()) => return Ok(()),
-            Err(e) => {
-                let _ = client.batch_execute("ROLLBACK").await;
-                let busy = e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE);
-                tries += 1;
-                if !busy || tries >= LOCK_TRIES {
-                    return Err(MigrateError::pg("install capture triggers", e));
-                }
-                if stop.is_cancelled() {
-                    return Err(MigrateError::Cancelled);
-                }
-                let jitter = rand::random::<u64>() % 50;
-                tokio::time::sleep(std::time::Duration::from_millis(20 + jitter)).await;
-            }
-        }
-    }
+    sql
 }
 
 /// How long the capture install waits for the tables' locks before it backs off and tries again.

@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::ops::reply::{CutOver, RolledBack};
 use metrics::Label;
 use tokio_postgres::Client;
 use tracing::{info, warn};
@@ -15,10 +14,11 @@ use super::capture;
 use super::catalog;
 use super::decide::{decide_swap, BeforeSwap, SwapDecision};
 use super::machine::{transition, Event};
+use super::ops::reply::CutOver;
 use super::pg::Endpoint;
 use super::record::{Record, State};
 use super::registry::{Direction, Live};
-use super::sides::{endpoints, start_tee, stop_tee};
+use super::sides::{endpoints, start_tee};
 use super::tee::DRAIN_MARGIN;
 use super::MigrateError;
 use crate::context::Shared;
@@ -28,9 +28,9 @@ use crate::tenant::TenantId;
 
 /// A pass reading fewer entries than this before the gate closes means the backlog is a few milliseconds of
 /// writes, so the drain with the tenant held stays short.
-const CAUGHT_UP: usize = 200;
+pub(super) const CAUGHT_UP: usize = 200;
 
-fn labels(tenant: &str, result: Option<&str>) -> Vec<Label> {
+pub(super) fn labels(tenant: &str, result: Option<&str>) -> Vec<Label> {
     let mut l = vec![Label::new("tenant", tenant.to_owned())];
     if let Some(r) = result {
         l.push(Label::new("result", r.to_owned()));
@@ -38,7 +38,7 @@ fn labels(tenant: &str, result: Option<&str>) -> Vec<Label> {
     l
 }
 
-fn gate_of(shared: &Shared, tenant: &TenantId) -> Result<Arc<Gate>, MigrateError> {
+pub(super) fn gate_of(shared: &Shared, tenant: &TenantId) -> Result<Arc<Gate>, MigrateError> {
     let gate = shared.gates.get(tenant);
     if gate.is_closed() {
         return Err(MigrateError::Refused(format!(
@@ -339,7 +339,11 @@ async fn fall_back(
 }
 
 /// Persists the route of `tenant` as `route` with a higher epoch and publishes it.
-fn swap_route(shared: &Shared, tenant: &TenantId, route: &Route) -> Result<(), MigrateError> {
+pub(super) fn swap_route(
+    shared: &Shared,
+    tenant: &TenantId,
+    route: &Route,
+) -> Result<(), MigrateError> {
     let route = Arc::new(route.clone());
     let table = shared.router.update(
         |routes| {
@@ -355,7 +359,7 @@ fn swap_route(shared: &Shared, tenant: &TenantId, route: &Route) -> Result<(), M
 /// Ends the tenant's sessions that are still on its old route and cannot move (pinned by state that cannot
 /// follow them): the old side is fenced, so they could only fail there. Called with the gate still closed, so
 /// none of them is inside a transaction. Returns how many were told to end.
-fn end_pinned_sessions(shared: &Shared, tenant: &TenantId) -> usize {
+pub(super) fn end_pinned_sessions(shared: &Shared, tenant: &TenantId) -> usize {
     let Some(epoch) = shared.migrations.moved_at(tenant) else {
         return 0;
     };
@@ -419,108 +423,6 @@ pub async fn sync_sequences(
     to.query(&format!("SELECT {}", sets.join(", ")), &[])
         .await
         .map_err(|e| MigrateError::pg("set sequences on the target", e))?;
-    Ok(())
-}
-
-/// Moves the tenant back to the source after a cutover, with the same machinery. The caller holds `live.lock`.
-pub async fn rollback(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<RolledBack, MigrateError> {
-    let rec = shared
-        .migrations
-        .get(&live.tenant)
-        .ok_or(MigrateError::Cancelled)?;
-    if rec.state != State::Migrated {
-        return Err(MigrateError::Refused(format!(
-            "rollback needs state migrated; the migration is {}",
-            rec.shown_state()
-        )));
-    }
-    let gate = gate_of(shared, &rec.tenant)?;
-    let timeout = Duration::from_millis(shared.config.load().migration.cutover_timeout_ms);
-    // Connections and the sequence list before the gate closes, as in the cutover.
-    let (source, target) = endpoints(shared, &rec)?;
-    let (_, tee) = live
-        .tee()
-        .ok_or_else(|| MigrateError::Refused("the reverse tee is not running".into()))?;
-    let (src, dst) = (source.connect().await?, target.connect().await?);
-    let sequences = catalog::sequences_of(&dst, &target, &rec.tables).await?;
-    tee.catch_up(Instant::now() + timeout, CAUGHT_UP).await?;
-    let closed_at = Instant::now();
-    gate.close();
-    let deadline = closed_at + timeout;
-    let swap = async {
-        let left = deadline.saturating_duration_since(Instant::now() + DRAIN_MARGIN);
-        if !tee.drain_while(gate.wait_drained(left), deadline).await? {
-            return Err(MigrateError::Timeout(
-                "open transactions did not finish".into(),
-            ));
-        }
-        tee.drain_to_empty(deadline).await?;
-        sync_sequences(&dst, &target, &src, &source, &sequences).await?;
-        shared
-            .migrations
-            .failpoints
-            .check("rollback.before_swap")
-            .await?;
-        // The target's copy is fenced from the swap on; the source takes writes again.
-        capture::fence(
-            &dst,
-            &rec.tenant,
-            "rolled back to its earlier backend",
-            target.filter.is_none(),
-        )
-        .await?;
-        capture::unfence(&src, &rec.tenant).await?;
-        tee.drain_to_empty(deadline).await
-    };
-    let result = match tokio::time::timeout(timeout, swap).await {
-        Ok(Ok(_)) => swap_route(shared, &rec.tenant, &rec.source),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(MigrateError::Timeout(
-            "rollback passed its time limit".into(),
-        )),
-    };
-    if let Err(e) = result {
-        // Not swapped: the target takes the tenant's writes again, the source stays fenced.
-        let _ = capture::unfence(&dst, &rec.tenant).await;
-        let _ = capture::fence(
-            &src,
-            &rec.tenant,
-            "cut over to another backend",
-            source.filter.is_none(),
-        )
-        .await;
-        gate.open();
-        return Err(e);
-    }
-    stop_tee(shared, live).await;
-    end_pinned_sessions(shared, &rec.tenant);
-    gate.open();
-    let pause_ms = closed_at.elapsed().as_secs_f64() * 1000.0;
-    shared
-        .metrics
-        .histogram("cutover_pause_duration_seconds", labels(&rec.tenant, None))
-        .record(pause_ms / 1000.0);
-    finish_rollback(shared, &rec, pause_ms).await?;
-    Ok(RolledBack {
-        tenant: rec.tenant.clone(),
-        state: State::RolledBack.as_str().to_owned(),
-        pause_ms,
-    })
-}
-
-/// After the route is back on the source: capture removed on both sides, record ended.
-pub async fn finish_rollback(
-    shared: &Shared,
-    rec: &Record,
-    pause_ms: f64,
-) -> Result<(), MigrateError> {
-    let (source, target) = endpoints(shared, rec)?;
-    capture::remove(&target.connect().await?, &rec.tenant).await?;
-    capture::remove(&source.connect().await?, &rec.tenant).await?;
-    transition(shared, &rec.tenant, Event::RolledBack, |r| {
-        r.last_pause_ms = Some(pause_ms);
-    })?;
-    shared.migrations.forget_live(&rec.tenant);
     Ok(())
 }
 

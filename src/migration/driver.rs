@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::warn;
+use tracing::Instrument;
 
 use super::catalog::Table;
 use super::decide::{self, AfterFailure, Step};
@@ -23,12 +24,21 @@ const TICK: Duration = Duration::from_millis(200);
 /// Spawns the task that drives `tenant`'s migration.
 pub fn spawn(shared: Arc<Shared>, live: Arc<Live>) {
     let task_live = live.clone();
-    let handle = tokio::spawn(async move {
-        drive(&shared, &task_live).await;
-        if !task_live.stop.is_cancelled() {
-            warn!(tenant = %task_live.tenant, "migration task ended");
+    // Every log line of the migration's task names its tenant and the state it was in.
+    let span = tracing::info_span!(
+        "migration",
+        tenant = %live.tenant,
+        state = tracing::field::Empty
+    );
+    let handle = tokio::spawn(
+        async move {
+            drive(&shared, &task_live).await;
+            if !task_live.stop.is_cancelled() {
+                warn!("migration task ended");
+            }
         }
-    });
+        .instrument(span),
+    );
     *live.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
 }
 
@@ -60,6 +70,7 @@ async fn drive(shared: &Arc<Shared>, live: &Arc<Live>) {
         if rec.state.is_final() {
             return;
         }
+        tracing::Span::current().record("state", rec.shown_state());
         if !loaded && rec.state != State::Failed {
             match load_tables(shared, live, &rec).await {
                 Ok(()) => loaded = true,
@@ -178,7 +189,7 @@ async fn running(
     if rec.state == State::Migrated && on_source(shared, &rec) {
         // A rollback swapped the route back but did not finish its cleanup: finish it.
         stop_tee(shared, live).await;
-        return super::cutover::finish_rollback(shared, &rec, rec.last_pause_ms.unwrap_or(0.0))
+        return super::rollback::finish_rollback(shared, &rec, rec.last_pause_ms.unwrap_or(0.0))
             .await;
     }
     if rec.state == State::Migrated {

@@ -24,6 +24,7 @@ pub mod ops;
 pub mod pg;
 pub mod record;
 pub mod registry;
+pub mod rollback;
 pub mod rowsql;
 pub mod sides;
 pub mod tee;

@@ -2,6 +2,8 @@
 //! takes effect) and what runs for each one (its driving task, its tee, its table definitions).
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,6 +17,7 @@ use super::failpoint::Failpoints;
 use super::record::{Record, Store};
 use super::tee::Tee;
 use super::MigrateError;
+use crate::routing::Epoch;
 use crate::state::StateError;
 use crate::tenant::TenantId;
 
@@ -25,6 +28,19 @@ pub enum Direction {
     Forward,
     /// Target back to source (after cutover).
     Reverse,
+}
+
+/// What a session waits for after a transaction of a migrating tenant that wrote, before the client hears
+/// that it committed: the tee has the changes on the other side (or gave up waiting). A trait so the relay's
+/// unit tests can hold a reply without a running migration.
+pub trait CommitWait: Send + Sync {
+    fn after_commit(&self) -> Pin<Box<dyn Future<Output = ()> + Send + Sync + '_>>;
+}
+
+impl CommitWait for Tee {
+    fn after_commit(&self) -> Pin<Box<dyn Future<Output = ()> + Send + Sync + '_>> {
+        Box::pin(Tee::after_commit(self))
+    }
 }
 
 /// What runs for one migration.
@@ -85,11 +101,11 @@ pub struct Migrations {
     records: Mutex<BTreeMap<TenantId, Record>>,
     live: Mutex<HashMap<TenantId, Arc<Live>>>,
     /// The running tees by tenant; sessions look here after a transaction that wrote.
-    pub tees: ArcSwap<HashMap<TenantId, Arc<Tee>>>,
+    pub tees: ArcSwap<HashMap<TenantId, Arc<dyn CommitWait>>>,
     pub failpoints: Arc<Failpoints>,
     /// The routing epoch at which a migration moved each tenant (cutover or rollback): a session still on an
     /// older route of the tenant is ended rather than left writing to the fenced old side.
-    moved: Mutex<HashMap<TenantId, u64>>,
+    moved: Mutex<HashMap<TenantId, Epoch>>,
 }
 
 impl Migrations {
@@ -107,7 +123,7 @@ impl Migrations {
     }
 
     /// A migration swapped `tenant`'s route at routing epoch `epoch`.
-    pub fn note_moved(&self, tenant: &TenantId, epoch: u64) {
+    pub fn note_moved(&self, tenant: &TenantId, epoch: Epoch) {
         self.moved
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -115,7 +131,7 @@ impl Migrations {
     }
 
     /// The epoch at which a migration last moved `tenant`, if one did since the proxy started.
-    pub fn moved_at(&self, tenant: &str) -> Option<u64> {
+    pub fn moved_at(&self, tenant: &str) -> Option<Epoch> {
         self.moved
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -181,7 +197,7 @@ impl Migrations {
     pub(super) fn publish_tee(&self, tenant: &TenantId, tee: Option<Arc<Tee>>) {
         let mut map = (**self.tees.load()).clone();
         match tee {
-            Some(t) => map.insert(tenant.clone(), t),
+            Some(t) => map.insert(tenant.clone(), t as Arc<dyn CommitWait>),
             None => map.remove(tenant),
         };
         self.tees.store(Arc::new(map));

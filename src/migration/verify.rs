@@ -158,51 +158,18 @@ async fn hash_chunks(
     level: VerifyLevel,
     report: &mut VerifyReport,
 ) -> Result<(), MigrateError> {
-    let h = row_hash(t);
     if t.key.is_empty() {
-        let q = |side: &Endpoint| {
-            format!(
-                "SELECT coalesce(md5(string_agg(h, '' ORDER BY h)), '') FROM (SELECT {h} AS h FROM {} x) s",
-                side.rows(&t.name)
-            )
-        };
-        let a: String = one(src, &q(sides.source)).await?;
-        let b: String = one(dst, &q(sides.target)).await?;
-        if a != b {
-            report.violations.push(format!(
-                "{}: rows differ (table without primary key)",
-                t.name
-            ));
-            report.ranges.push(KeyRange {
-                table: t.name.clone(),
-                from: None,
-                to: None,
-            });
-        }
-        return Ok(());
+        return hash_whole(sides, src, dst, t, report).await;
     }
+    let h = row_hash(t);
     let order: Vec<String> = t
         .key
         .iter()
         .map(|k| format!("x.{}", quote_ident(k)))
         .collect();
     let order = order.join(", ");
-    let bounds_sql = format!(
-        "SELECT k FROM (SELECT {} AS k, row_number() OVER (ORDER BY {order}) AS rn FROM {} x) s \
-         WHERE (rn - 1) % {} = 0 ORDER BY rn",
-        key_json(t),
-        sides.source.rows(&t.name),
-        sides.chunk_rows.max(1)
-    );
-    let bounds: Vec<String> = src
-        .query(&bounds_sql, &[])
-        .await
-        .map_err(|e| MigrateError::pg(&format!("chunk bounds of {}", t.name), e))?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let chunks = bounds.len().max(1);
-    for i in 0..chunks {
+    let bounds = chunk_bounds(sides, src, t, &order).await?;
+    for i in 0..bounds.len().max(1) {
         let q = |side: &Endpoint| {
             format!(
                 "SELECT coalesce(md5(string_agg({h}, '' ORDER BY {order})), '') FROM {} x {}",
@@ -238,6 +205,60 @@ async fn hash_chunks(
         }
     }
     Ok(())
+}
+
+/// A table without a primary key: one hash over all its rows, in row order.
+async fn hash_whole(
+    sides: &Sides<'_>,
+    src: &Client,
+    dst: &Client,
+    t: &Table,
+    report: &mut VerifyReport,
+) -> Result<(), MigrateError> {
+    let h = row_hash(t);
+    let q = |side: &Endpoint| {
+        format!(
+            "SELECT coalesce(md5(string_agg(h, '' ORDER BY h)), '') FROM (SELECT {h} AS h FROM {} x) s",
+            side.rows(&t.name)
+        )
+    };
+    let a: String = one(src, &q(sides.source)).await?;
+    let b: String = one(dst, &q(sides.target)).await?;
+    if a != b {
+        report.violations.push(format!(
+            "{}: rows differ (table without primary key)",
+            t.name
+        ));
+        report.ranges.push(KeyRange {
+            table: t.name.clone(),
+            from: None,
+            to: None,
+        });
+    }
+    Ok(())
+}
+
+/// The key of every `chunk_rows`-th row of the source, in key order: the chunks' lower bounds.
+async fn chunk_bounds(
+    sides: &Sides<'_>,
+    src: &Client,
+    t: &Table,
+    order: &str,
+) -> Result<Vec<String>, MigrateError> {
+    let bounds_sql = format!(
+        "SELECT k FROM (SELECT {} AS k, row_number() OVER (ORDER BY {order}) AS rn FROM {} x) s \
+         WHERE (rn - 1) % {} = 0 ORDER BY rn",
+        key_json(t),
+        sides.source.rows(&t.name),
+        sides.chunk_rows.max(1)
+    );
+    Ok(src
+        .query(&bounds_sql, &[])
+        .await
+        .map_err(|e| MigrateError::pg(&format!("chunk bounds of {}", t.name), e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
 }
 
 async fn one(c: &Client, sql: &str) -> Result<String, MigrateError> {

@@ -13,19 +13,27 @@ pub enum Stream {
     ServerTls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     /// Backend-facing TLS (we are the client).
     ClientTls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// An in-process pipe: the relay's unit tests drive a session and a scripted backend through these.
+    Memory(tokio::io::DuplexStream),
 }
 
 impl Stream {
     pub fn is_tls(&self) -> bool {
-        !matches!(self, Stream::Tcp(_))
+        matches!(self, Stream::ServerTls(_) | Stream::ClientTls(_))
     }
 
-    pub fn tcp(&self) -> &TcpStream {
+    /// The socket under the stream (none for an in-process pipe).
+    pub fn tcp(&self) -> Option<&TcpStream> {
         match self {
-            Stream::Tcp(s) => s,
-            Stream::ServerTls(s) => s.get_ref().0,
-            Stream::ClientTls(s) => s.get_ref().0,
+            Stream::Tcp(s) => Some(s),
+            Stream::ServerTls(s) => Some(s.get_ref().0),
+            Stream::ClientTls(s) => Some(s.get_ref().0),
+            Stream::Memory(_) => None,
         }
+    }
+
+    pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
+        self.tcp().and_then(|t| t.peer_addr().ok())
     }
 }
 
@@ -42,6 +50,10 @@ macro_rules! delegate {
             }
             Stream::ClientTls($s) => {
                 let $s = Pin::new($s.as_mut());
+                $e
+            }
+            Stream::Memory($s) => {
+                let $s = Pin::new($s);
                 $e
             }
         }
@@ -88,6 +100,7 @@ impl AsyncWrite for Stream {
             Stream::Tcp(s) => s.is_write_vectored(),
             Stream::ServerTls(s) => s.is_write_vectored(),
             Stream::ClientTls(s) => s.is_write_vectored(),
+            Stream::Memory(s) => s.is_write_vectored(),
         }
     }
 }

@@ -5,8 +5,6 @@ use std::borrow::Cow;
 
 use bytes::{BufMut, BytesMut};
 
-use super::sqlstate;
-
 /// Writes one frame: tag, a length patched in afterwards, and the body `f` appends.
 fn frame(buf: &mut BytesMut, tag: u8, f: impl FnOnce(&mut BytesMut)) {
     buf.put_u8(tag);
@@ -75,10 +73,6 @@ impl PgError {
     pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
         self.hint = Some(hint.into());
         self
-    }
-
-    pub fn protocol(message: impl Into<String>) -> Self {
-        PgError::fatal(sqlstate::PROTOCOL_VIOLATION, message)
     }
 
     /// Appends this error as an ErrorResponse frame.

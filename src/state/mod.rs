@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::routing::{Route, RoutingTable};
+use crate::routing::{Epoch, Route, RoutingTable};
 use crate::tenant::TenantId;
 
 pub use audit::{AuditEntry, AuditLog};
@@ -46,7 +46,7 @@ impl StateError {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RoutesFile {
     pub version: u32,
-    pub epoch: u64,
+    pub epoch: Epoch,
     pub routes: BTreeMap<String, Route>,
     /// Tenants removed through the admin socket, so a reload does not bring them back from the config.
     #[serde(default)]
@@ -188,7 +188,7 @@ mod tests {
         );
         let file = RoutesFile {
             version: 1,
-            epoch: 7,
+            epoch: crate::routing::Epoch(7),
             routes,
             removed: BTreeSet::new(),
         };

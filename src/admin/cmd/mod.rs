@@ -6,6 +6,7 @@ mod backends;
 mod gate;
 mod grants;
 mod migrate;
+mod reload;
 mod route;
 mod stats;
 mod tenants;
@@ -92,7 +93,7 @@ async fn run(shared: &Arc<Shared>, req: Request) -> Result<Done, AdminError> {
         Request::Pause(a) => gate::pause(shared, &a.tenant, a.timeout_ms).await,
         Request::Resume(a) => gate::resume(shared, &a.tenant),
         Request::Stats(_) => Ok(Done::read(&stats::stats(shared))),
-        Request::Reload(_) => crate::admin::reload::reload(shared),
+        Request::Reload(_) => reload::reload(shared),
         Request::Audit(a) => stats::audit(shared, a.tail.get()).map(|v| Done::read(&v)),
         other => migrate::run(shared, other).await,
     }

@@ -5,10 +5,11 @@ use std::collections::HashMap;
 use super::super::code::AdminError;
 use super::super::reply::{GateView, SessionView, TenantList, TenantRow, TenantView};
 use crate::context::Shared;
+use crate::routing::Epoch;
 use crate::tenant::TenantId;
 
 /// Sessions per tenant: (all, on an older route).
-fn session_counts(shared: &Shared, epoch: u64) -> HashMap<TenantId, (usize, usize)> {
+fn session_counts(shared: &Shared, epoch: Epoch) -> HashMap<TenantId, (usize, usize)> {
     let mut counts: HashMap<TenantId, (usize, usize)> = HashMap::new();
     for s in shared.sessions.all() {
         let r = s.route();

@@ -15,7 +15,7 @@ use crate::migration::record::{Record, State, VerifyLevel, VerifyReport};
 use crate::migration::registry::Live;
 use crate::migration::sides::{endpoints, ensure_tee, stop_tee};
 use crate::migration::verification::{verify_locked, verify_now};
-use crate::migration::{capture, cutover, driver, MigrateError};
+use crate::migration::{capture, cutover, driver, rollback, MigrateError};
 use crate::quote::quote_ident;
 use crate::routing::Route;
 use crate::tenant::TenantId;
@@ -87,7 +87,7 @@ pub async fn rollback_cmd(
     if rec.state == State::Migrated {
         ensure_tee(shared, &live, &rec).await?;
     }
-    Ok(cutover::rollback(shared, &live).await?)
+    Ok(rollback::rollback(shared, &live).await?)
 }
 
 /// `migrate finalize T [--drop-source]`.

@@ -232,30 +232,7 @@ async fn check_sides(
 ) -> Result<(Vec<Table>, bool), AdminError> {
     let src = source.connect().await.map_err(preflight)?;
     superuser(&src, &source.backend).await?;
-    if !catalog::schema_exists(&src, &source.schema)
-        .await
-        .map_err(preflight)?
-    {
-        return Err(preflight(format!(
-            "schema {:?} does not exist on the source",
-            source.schema
-        )));
-    }
-    let mut tables = catalog::tables(&src, &source.schema)
-        .await
-        .map_err(preflight)?;
-    if let Some(f) = &source.filter {
-        tables.retain(|t| t.columns.contains(&f.column));
-    }
-    if tables.is_empty() {
-        return Err(preflight(match &source.filter {
-            None => format!("schema {:?} has no tables to migrate", source.schema),
-            Some(f) => format!(
-                "no table in schema {:?} has the tenant column {:?}",
-                source.schema, f.column
-            ),
-        }));
-    }
+    let tables = source_tables(&src, source).await?;
     let dst = target.connect().await.map_err(preflight)?;
     superuser(&dst, &target.backend).await?;
     let mut created = false;
@@ -272,10 +249,51 @@ async fn check_sides(
         create_schema(shared, source, &dst).await?;
         created = true;
     }
-    let theirs = catalog::tables(&dst, &target.schema)
+    check_target_tables(&dst, target, &tables, allow_existing).await?;
+    Ok((tables, created))
+}
+
+/// The tables that migrate: the schema's, or for shared tables those with the tenant column.
+async fn source_tables(src: &Client, source: &Endpoint) -> Result<Vec<Table>, AdminError> {
+    if !catalog::schema_exists(src, &source.schema)
+        .await
+        .map_err(preflight)?
+    {
+        return Err(preflight(format!(
+            "schema {:?} does not exist on the source",
+            source.schema
+        )));
+    }
+    let mut tables = catalog::tables(src, &source.schema)
         .await
         .map_err(preflight)?;
-    for t in &tables {
+    if let Some(f) = &source.filter {
+        tables.retain(|t| t.columns.contains(&f.column));
+    }
+    if tables.is_empty() {
+        return Err(preflight(match &source.filter {
+            None => format!("schema {:?} has no tables to migrate", source.schema),
+            Some(f) => format!(
+                "no table in schema {:?} has the tenant column {:?}",
+                source.schema, f.column
+            ),
+        }));
+    }
+    Ok(tables)
+}
+
+/// Every table exists on the target with the same columns and, unless `allow_existing`, without the tenant's
+/// rows.
+async fn check_target_tables(
+    dst: &Client,
+    target: &Endpoint,
+    tables: &[Table],
+    allow_existing: bool,
+) -> Result<(), AdminError> {
+    let theirs = catalog::tables(dst, &target.schema)
+        .await
+        .map_err(preflight)?;
+    for t in tables {
         let Some(other) = theirs.iter().find(|o| o.name == t.name) else {
             return Err(preflight(format!(
                 "table {:?} is missing on the target",
@@ -303,8 +321,7 @@ async fn check_sides(
             )));
         }
     }
-    // Leftovers of an earlier migration of this tenant (abort removes them; a crash may not have).
-    Ok((tables, created))
+    Ok(())
 }
 
 /// With role isolation on the target, the tenant's role and grants are made there before anything is copied,

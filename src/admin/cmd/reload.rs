@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+use super::Done;
 use crate::admin::code::{AdminCode, AdminError};
 use crate::admin::reply::Reloaded;
-use crate::admin::Done;
 use crate::auth::Users;
 use crate::backend::{Backend, Backends};
 use crate::config::{BackendConfig, Config};
@@ -77,7 +77,7 @@ pub fn reload(shared: &Arc<Shared>) -> Result<Done, AdminError> {
         applied,
         requires_restart: restart,
     };
-    let after = super::cmd::to_json(&result);
+    let after = super::to_json(&result);
     Ok(Done::change(&result, Value::Null, after))
 }
 

@@ -1,0 +1,257 @@
+//! Just enough SQL lexing for the proxy: statements split at top-level semicolons (quotes, dollar quotes and
+//! comments respected), the first tokens of each, and case-insensitive word searches that rule most queries out
+//! before any lexing.
+
+use memchr::memmem::Finder;
+
+/// Statements up to this long are lower-cased on the stack for the case-insensitive word searches.
+pub(super) const SHORT_TEXT: usize = 512;
+
+/// Whether `sql` contains each of `needles` (given in lower case) in any letter case. A short text is
+/// lower-cased once into a stack buffer and searched with a vectorised substring search. Comparing at every
+/// occurrence of a needle's first letter instead costs a compare per word of an ordinary statement: pgbench's
+/// table names alone put a `p`, an `a` and an `s` in most of its words.
+pub(super) fn contains_words<const N: usize>(
+    sql: &[u8],
+    needles: [&Finder<'static>; N],
+) -> [bool; N] {
+    if sql.len() <= SHORT_TEXT {
+        let mut buf = [0u8; SHORT_TEXT];
+        let lower = &mut buf[..sql.len()];
+        lower.copy_from_slice(sql);
+        lower.make_ascii_lowercase();
+        return needles.map(|n| n.find(lower).is_some());
+    }
+    needles.map(|n| contains_at_first_letter(sql, n.needle()))
+}
+
+/// Whether `sql` contains `needle` (lower case) in any letter case, comparing at each occurrence of its first
+/// letter.
+pub(super) fn contains_at_first_letter(sql: &[u8], needle: &[u8]) -> bool {
+    let first = needle.first().copied().unwrap_or_default();
+    memchr::memchr2_iter(first, first.to_ascii_uppercase(), sql).any(|i| {
+        sql.get(i..i + needle.len())
+            .is_some_and(|w| w.eq_ignore_ascii_case(needle))
+    })
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Tok {
+    /// Unquoted word, lower-cased.
+    Word(String),
+    /// Double-quoted identifier, as written.
+    Quoted(String),
+    /// String literal, unescaped.
+    Str(String),
+    Punct(u8),
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Statement {
+    pub(super) tokens: Vec<(Tok, usize)>,
+    pub(super) end: usize,
+}
+
+/// Splits on top-level semicolons. Tokens carry their start offset so a value can be read from the raw text.
+pub(super) fn split_statements(sql: &[u8]) -> Vec<Statement> {
+    let mut out = vec![Statement::default()];
+    let mut lx = Lexer { s: sql, i: 0 };
+    while let Some((tok, start)) = lx.next() {
+        let cur = out.last_mut().expect("never empty");
+        if tok == Tok::Punct(b';') {
+            cur.end = start;
+            out.push(Statement::default());
+        } else {
+            cur.tokens.push((tok, start));
+        }
+    }
+    if let Some(last) = out.last_mut() {
+        last.end = sql.len();
+    }
+    out
+}
+
+pub(super) struct Lexer<'a> {
+    s: &'a [u8],
+    i: usize,
+}
+
+impl Lexer<'_> {
+    fn peek(&self, k: usize) -> Option<u8> {
+        self.s.get(self.i + k).copied()
+    }
+
+    fn next(&mut self) -> Option<(Tok, usize)> {
+        self.skip_space_and_comments();
+        let start = self.i;
+        let c = self.peek(0)?;
+        let tok = match c {
+            b'\'' => Tok::Str(self.quoted(b'\'', false)),
+            b'e' | b'E' if self.peek(1) == Some(b'\'') => {
+                self.i += 1;
+                Tok::Str(self.quoted(b'\'', true))
+            }
+            b'"' => Tok::Quoted(self.quoted(b'"', false)),
+            b'$' if self.dollar_tag().is_some() => {
+                self.dollar_quoted();
+                Tok::Str(String::new())
+            }
+            c if is_word_byte(c) => {
+                while self.peek(0).is_some_and(|b| is_word_byte(b) || b == b'$') {
+                    self.i += 1;
+                }
+                Tok::Word(String::from_utf8_lossy(&self.s[start..self.i]).to_ascii_lowercase())
+            }
+            c => {
+                self.i += 1;
+                Tok::Punct(c)
+            }
+        };
+        Some((tok, start))
+    }
+
+    fn skip_space_and_comments(&mut self) {
+        loop {
+            match (self.peek(0), self.peek(1)) {
+                (Some(c), _) if c.is_ascii_whitespace() => self.i += 1,
+                (Some(b'-'), Some(b'-')) => {
+                    while self.peek(0).is_some_and(|c| c != b'\n') {
+                        self.i += 1;
+                    }
+                }
+                (Some(b'/'), Some(b'*')) => {
+                    self.i += 2;
+                    let mut depth = 1usize;
+                    while depth > 0 {
+                        match (self.peek(0), self.peek(1)) {
+                            (None, _) => return,
+                            (Some(b'*'), Some(b'/')) => {
+                                depth -= 1;
+                                self.i += 2;
+                            }
+                            (Some(b'/'), Some(b'*')) => {
+                                depth += 1;
+                                self.i += 2;
+                            }
+                            _ => self.i += 1,
+                        }
+                    }
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// Reads a quoted run starting at the opening quote; a doubled quote is one quote, and with `backslash`
+    /// a backslash escapes the next byte. An unterminated run ends at the end of the text.
+    fn quoted(&mut self, q: u8, backslash: bool) -> String {
+        self.i += 1;
+        let mut out = Vec::new();
+        while let Some(c) = self.peek(0) {
+            self.i += 1;
+            if backslash && c == b'\\' {
+                if let Some(n) = self.peek(0) {
+                    out.push(n);
+                    self.i += 1;
+                }
+            } else if c == q {
+                if self.peek(0) == Some(q) {
+                    out.push(q);
+                    self.i += 1;
+                } else {
+                    break;
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// The length of a `$tag$` opener at the cursor, if there is one (`$1` is a parameter, not a tag).
+    fn dollar_tag(&self) -> Option<usize> {
+        let rest = &self.s[self.i + 1..];
+        if rest.first().is_some_and(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        let n = rest.iter().take_while(|&&b| is_word_byte(b)).count();
+        (rest.get(n) == Some(&b'$')).then_some(n + 2)
+    }
+
+    fn dollar_quoted(&mut self) {
+        let Some(n) = self.dollar_tag() else { return };
+        let tag = &self.s[self.i..self.i + n];
+        self.i += n;
+        match memchr::memmem::find(&self.s[self.i..], tag) {
+            Some(at) => self.i += at + n,
+            None => self.i = self.s.len(),
+        }
+    }
+}
+
+pub(super) fn is_word_byte(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80
+}
+
+pub(super) fn is_name(tok: Option<&(Tok, usize)>, name: &str) -> bool {
+    match tok {
+        Some((Tok::Word(w), _)) | Some((Tok::Quoted(w), _)) => w == name,
+        _ => false,
+    }
+}
+
+/// Whether the text may hold more than one statement: a cheap, conservative test that spares the common single
+/// statement with a trailing `;` (as pgbench and many drivers send it) the full tokenisation. Only a text with
+/// exactly one `;` is looked at: if that `;` sits inside a literal or comment there is one statement, and if it
+/// ends a statement, what follows is read from a clean position (blanks and comments only: one statement).
+pub(super) fn more_than_one_statement(sql: &[u8]) -> bool {
+    let Some(semi) = memchr::memchr(b';', sql) else {
+        return false;
+    };
+    if memchr::memchr(b';', &sql[semi + 1..]).is_some() {
+        return true;
+    }
+    let mut rest = Lexer {
+        s: &sql[semi + 1..],
+        i: 0,
+    };
+    rest.skip_space_and_comments();
+    rest.i < rest.s.len()
+}
+
+pub(super) fn word(t: Option<&(Tok, usize)>) -> Option<&str> {
+    match t {
+        Some((Tok::Word(w), _)) => Some(w.as_str()),
+        _ => None,
+    }
+}
+
+/// A setting name: words and quoted identifiers joined by dots (`myapp.tenant_id`).
+pub(super) fn setting_name(t: &[(Tok, usize)]) -> Option<(String, usize)> {
+    let mut name = String::new();
+    let mut i = 0;
+    loop {
+        match t.get(i) {
+            Some((Tok::Word(w), _)) | Some((Tok::Quoted(w), _)) => name.push_str(w),
+            _ => return None,
+        }
+        i += 1;
+        if t.get(i).is_some_and(|(tok, _)| *tok == Tok::Punct(b'.')) {
+            name.push('.');
+            i += 1;
+        } else {
+            return Some((name, i));
+        }
+    }
+}
+
+/// The first word of `sql` after blanks and comments (empty when it starts with something else).
+pub(super) fn first_word(sql: &[u8]) -> &[u8] {
+    let mut lx = Lexer { s: sql, i: 0 };
+    lx.skip_space_and_comments();
+    let start = lx.i;
+    while lx.peek(0).is_some_and(is_word_byte) {
+        lx.i += 1;
+    }
+    &sql[start..lx.i]
+}

@@ -1,0 +1,10 @@
+//! The little SQL the proxy reads: a lexer ([`lex`]), the tenant statements it answers itself ([`tenant`]),
+//! and the session-state effects of a query ([`effects`]). Nothing here parses SQL in general; it reads the
+//! first tokens of each statement.
+
+mod effects;
+mod lex;
+mod tenant;
+
+pub use effects::{classify, Effect, PIN_ADVISORY, PIN_CURSOR, PIN_LISTEN, PIN_TEMP};
+pub use tenant::{mentions_pgtenant, recognise, Recognised, TenantCommand, GUARDED_SETTINGS};
