@@ -224,6 +224,21 @@ impl ProxyProc {
         )
         .await;
     }
+
+    /// Starts acme's move and waits until it is in dual_write.
+    async fn start_to_dual_write(&self) {
+        self.start_migration().await;
+        self.wait_state("dual_write", Duration::from_secs(60)).await;
+    }
+
+    /// Waits for the tee to catch up, verifies, and cuts acme over.
+    async fn verify_and_cut_over(&self) {
+        self.wait_lag_zero().await;
+        self.admin_ok(json!({"cmd": "migrate.verify", "tenant": "acme"}))
+            .await;
+        self.admin_ok(json!({"cmd": "migrate.cutover", "tenant": "acme"}))
+            .await;
+    }
 }
 
 impl Drop for ProxyProc {
@@ -505,10 +520,7 @@ async fn kill9_during_bulk_copy_resumes_by_itself() {
 async fn kill9_during_dual_write_applies_the_backlog_after_restart() {
     let mut env = env().await;
     let load = load(&env.proxy);
-    env.proxy.start_migration().await;
-    env.proxy
-        .wait_state("dual_write", Duration::from_secs(60))
-        .await;
+    env.proxy.start_to_dual_write().await;
     until_acked(&load.acme, 30).await;
     env.proxy.kill9();
     // Writes made on the source while no proxy runs (an administrator's) reach the target too.
@@ -538,10 +550,7 @@ async fn kill9_during_dual_write_applies_the_backlog_after_restart() {
 async fn kill9_inside_cutover_before_the_swap_falls_back_to_the_source() {
     let mut env = env().await;
     let load = load(&env.proxy);
-    env.proxy.start_migration().await;
-    env.proxy
-        .wait_state("dual_write", Duration::from_secs(60))
-        .await;
+    env.proxy.start_to_dual_write().await;
     env.proxy.kill9();
     env.proxy.start("cutover.before_swap=hang");
     env.proxy
@@ -590,10 +599,7 @@ async fn kill9_inside_cutover_before_the_swap_falls_back_to_the_source() {
 async fn kill9_inside_cutover_after_the_swap_completes_it() {
     let mut env = env().await;
     let load = load(&env.proxy);
-    env.proxy.start_migration().await;
-    env.proxy
-        .wait_state("dual_write", Duration::from_secs(60))
-        .await;
+    env.proxy.start_to_dual_write().await;
     env.proxy.kill9();
     env.proxy.start("cutover.after_swap=hang");
     env.proxy
@@ -647,10 +653,7 @@ async fn kill9_inside_cutover_after_the_swap_completes_it() {
 async fn kill9_after_migrated_keeps_route_reverse_tee_and_rollback() {
     let mut env = env().await;
     let load = load(&env.proxy);
-    env.proxy.start_migration().await;
-    env.proxy
-        .wait_state("dual_write", Duration::from_secs(60))
-        .await;
+    env.proxy.start_to_dual_write().await;
     env.proxy
         .admin_ok(json!({"cmd": "migrate.cutover", "tenant": "acme"}))
         .await;
@@ -689,10 +692,7 @@ async fn kill9_after_migrated_keeps_route_reverse_tee_and_rollback() {
 async fn target_stopped_during_dual_write_delays_commits_but_loses_nothing() {
     let env = env().await;
     let load = load(&env.proxy);
-    env.proxy.start_migration().await;
-    env.proxy
-        .wait_state("dual_write", Duration::from_secs(60))
-        .await;
+    env.proxy.start_to_dual_write().await;
     until_acked(&load.acme, 20).await;
     env.dedicated.stop();
     let before = load.acme.acked();
@@ -704,13 +704,7 @@ async fn target_stopped_during_dual_write_delays_commits_but_loses_nothing() {
     );
     env.dedicated.restart();
     until_acked(&load.acme, 20).await;
-    env.proxy.wait_lag_zero().await;
-    env.proxy
-        .admin_ok(json!({"cmd": "migrate.verify", "tenant": "acme"}))
-        .await;
-    env.proxy
-        .admin_ok(json!({"cmd": "migrate.cutover", "tenant": "acme"}))
-        .await;
+    env.proxy.verify_and_cut_over().await;
     until_acked(&load.acme, 20).await;
     let (acme, beta) = settle(&env, load, &env.dedicated).await;
     assert!(acme.errors.is_empty(), "clients saw {:?}", acme.errors);
@@ -726,10 +720,7 @@ async fn target_stopped_during_dual_write_delays_commits_but_loses_nothing() {
 async fn source_stopped_during_dual_write_fails_sessions_and_the_move_recovers() {
     let env = env().await;
     let load = load(&env.proxy);
-    env.proxy.start_migration().await;
-    env.proxy
-        .wait_state("dual_write", Duration::from_secs(60))
-        .await;
+    env.proxy.start_to_dual_write().await;
     until_acked(&load.acme, 20).await;
     env.shared.stop();
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -743,13 +734,7 @@ async fn source_stopped_during_dual_write_fails_sessions_and_the_move_recovers()
     env.proxy
         .wait_state("dual_write", Duration::from_secs(30))
         .await;
-    env.proxy.wait_lag_zero().await;
-    env.proxy
-        .admin_ok(json!({"cmd": "migrate.verify", "tenant": "acme"}))
-        .await;
-    env.proxy
-        .admin_ok(json!({"cmd": "migrate.cutover", "tenant": "acme"}))
-        .await;
+    env.proxy.verify_and_cut_over().await;
     until_acked(&load.acme, 20).await;
     let (acme, beta) = settle(&env, load, &env.dedicated).await;
     // Sessions on the stopped server were ended (57P01 from the server, or 08006 from the proxy).
@@ -760,10 +745,7 @@ async fn source_stopped_during_dual_write_fails_sessions_and_the_move_recovers()
 async fn a_long_transaction_at_cutover_makes_it_fall_back_and_then_commits() {
     let env = env().await;
     let load = load(&env.proxy);
-    env.proxy.start_migration().await;
-    env.proxy
-        .wait_state("dual_write", Duration::from_secs(60))
-        .await;
+    env.proxy.start_to_dual_write().await;
     let long = connect(&env.proxy.url("acme")).await.unwrap();
     long.batch_execute("BEGIN; INSERT INTO ledger (n) VALUES (-7)")
         .await
@@ -797,10 +779,7 @@ async fn a_pinned_session_writing_across_the_cutover_loses_nothing() {
     let load = load(&env.proxy);
     // This session holds state that cannot move (LISTEN) and keeps writing.
     let pinned = writer_from(env.proxy.url("acme"), Some("LISTEN somewhere"), 1_000_000);
-    env.proxy.start_migration().await;
-    env.proxy
-        .wait_state("dual_write", Duration::from_secs(60))
-        .await;
+    env.proxy.start_to_dual_write().await;
     until_acked(&pinned, 20).await;
     let r = env
         .proxy
@@ -828,10 +807,7 @@ async fn a_pinned_session_writing_across_the_cutover_loses_nothing() {
 async fn a_client_cannot_switch_capture_off() {
     let env = env().await;
     let load = load(&env.proxy);
-    env.proxy.start_migration().await;
-    env.proxy
-        .wait_state("dual_write", Duration::from_secs(60))
-        .await;
+    env.proxy.start_to_dual_write().await;
     let c = connect(&env.proxy.url("acme")).await.unwrap();
     for sql in [
         "SET session_replication_role = replica",
@@ -877,10 +853,7 @@ async fn capture_holds_even_for_a_superuser_serving_role() {
     // The configuration this project started with: every tenant runs as the superuser.
     let env = env_as("", false, true).await;
     let load = load(&env.proxy);
-    env.proxy.start_migration().await;
-    env.proxy
-        .wait_state("dual_write", Duration::from_secs(60))
-        .await;
+    env.proxy.start_to_dual_write().await;
     let c = connect(&env.proxy.url("acme")).await.unwrap();
     // The proxy refuses the setting where it can see it...
     let e = c
@@ -985,10 +958,7 @@ async fn a_blackholed_target_during_a_tee_pass_holds_commits_only_to_the_timeout
     let env = env_with("", true).await;
     let fwd = env.forwarder.as_ref().unwrap();
     let load = load(&env.proxy);
-    env.proxy.start_migration().await;
-    env.proxy
-        .wait_state("dual_write", Duration::from_secs(60))
-        .await;
+    env.proxy.start_to_dual_write().await;
     until_acked(&load.acme, 20).await;
     fwd.blackhole.store(true, Ordering::Relaxed);
     let before = load.acme.acked();
@@ -999,13 +969,7 @@ async fn a_blackholed_target_during_a_tee_pass_holds_commits_only_to_the_timeout
     );
     fwd.blackhole.store(false, Ordering::Relaxed);
     until_acked(&load.acme, 20).await;
-    env.proxy.wait_lag_zero().await;
-    env.proxy
-        .admin_ok(json!({"cmd": "migrate.verify", "tenant": "acme"}))
-        .await;
-    env.proxy
-        .admin_ok(json!({"cmd": "migrate.cutover", "tenant": "acme"}))
-        .await;
+    env.proxy.verify_and_cut_over().await;
     until_acked(&load.acme, 20).await;
     let (acme, _) = settle(&env, load, &env.dedicated).await;
     assert!(acme.errors.is_empty(), "{:?}", acme.errors);
@@ -1020,10 +984,7 @@ async fn a_blackholed_target_during_a_tee_pass_holds_commits_only_to_the_timeout
 async fn an_approved_schema_change_is_applied_on_both_sides_in_order() {
     let env = env().await;
     let load = load(&env.proxy);
-    env.proxy.start_migration().await;
-    env.proxy
-        .wait_state("dual_write", Duration::from_secs(60))
-        .await;
+    env.proxy.start_to_dual_write().await;
     until_acked(&load.acme, 20).await;
     // The tenant's own DDL is refused during the move...
     let c = connect(&env.proxy.url("acme")).await.unwrap();

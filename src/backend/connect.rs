@@ -19,6 +19,7 @@ use crate::auth::scram_client::ScramClient;
 use crate::config::SslMode;
 use crate::errors::ClientError;
 use crate::net::Stream;
+use crate::protocol::tag::field;
 use crate::routing::BackendId;
 
 /// Handshake messages larger than this end the attempt.
@@ -209,8 +210,8 @@ pub(super) fn server_error(
     while let Ok(Some(f)) = it.next() {
         let value = String::from_utf8_lossy(f.value_bytes()).into_owned();
         match f.type_() {
-            b'C' => code = value,
-            b'M' => message = value,
+            field::CODE => code = value,
+            field::MESSAGE => message = value,
             _ => {}
         }
     }

@@ -18,6 +18,12 @@ pub async fn run_simple(
     conn: &mut ServerConn,
     statements: &[&str],
 ) -> Result<u8, ConnectError> {
+    let out = queries(backend, statements)?;
+    send_and_read(backend, conn, &out, statements.len()).await
+}
+
+/// Each statement as its own Query frame.
+fn queries(backend: &BackendId, statements: &[&str]) -> Result<BytesMut, ConnectError> {
     let mut out = BytesMut::new();
     for s in statements {
         frontend::query(s, &mut out).map_err(|e| ConnectError::Protocol {
@@ -25,7 +31,7 @@ pub async fn run_simple(
             reason: e.to_string(),
         })?;
     }
-    send_and_read(backend, conn, &out, statements.len()).await
+    Ok(out)
 }
 
 /// Whether the session on `conn` ever made a temporary object: PostgreSQL keeps its temporary namespace for
@@ -55,13 +61,7 @@ pub async fn run_collect(
     conn: &mut ServerConn,
     statements: &[&str],
 ) -> Result<(Option<String>, u8), ConnectError> {
-    let mut out = BytesMut::new();
-    for s in statements {
-        frontend::query(s, &mut out).map_err(|e| ConnectError::Protocol {
-            backend: backend.clone(),
-            reason: e.to_string(),
-        })?;
-    }
+    let out = queries(backend, statements)?;
     conn.stream
         .write_all(&out)
         .await

@@ -33,7 +33,7 @@ const MAX_TEMP_RETRIES: usize = 3;
 /// statement asks whether the session ever made temporary objects (such a connection is closed instead:
 /// PostgreSQL keeps the temporary namespace for the backend's life), the rest undo everything `DISCARD ALL`
 /// would except the prepared statements, which the proxy names by content and tracks per connection.
-const FULL_RESET: [&str; 7] = [
+pub(super) const FULL_RESET: [&str; 7] = [
     "SELECT pg_my_temp_schema() <> 0",
     "RESET ALL",
     "RESET SESSION AUTHORIZATION",

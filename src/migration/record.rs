@@ -198,29 +198,26 @@ pub struct Record {
 }
 
 impl Record {
-    /// A record in `pending` of `tenant`, moving schema `s` from backend `a` to `b` (for unit tests).
-    #[cfg(test)]
-    pub fn for_tests(tenant: &str) -> Record {
+    /// A new migration in `pending`: `tenant` moving from `source` to `target`, its tables in `schema`.
+    pub fn pending(
+        tenant: TenantId,
+        (source, source_database): (Route, String),
+        (target, target_database): (Route, String),
+        schema: String,
+    ) -> Record {
+        let now = crate::state::audit::rfc3339_now();
         Record {
-            tenant: TenantId::parse(tenant).expect("a valid tenant name"),
+            tenant,
             state: State::Pending,
             paused: false,
             failed_in: None,
-            source: Route::new(
-                crate::routing::BackendId::parse("a").unwrap(),
-                Some("app".into()),
-                Some("s".into()),
-            ),
-            target: Route::new(
-                crate::routing::BackendId::parse("b").unwrap(),
-                Some("app".into()),
-                Some("s".into()),
-            ),
-            schema: "s".into(),
+            source,
+            target,
+            schema,
             tenant_column: None,
             tenant_key: None,
-            source_database: "app".into(),
-            target_database: "app".into(),
+            source_database,
+            target_database,
             verify: VerifyLevel::Count,
             cutover: CutoverMode::Manual,
             created_target_schema: false,
@@ -233,9 +230,28 @@ impl Record {
             last_cutover_error: None,
             verification: None,
             last_error: None,
-            started_at: String::new(),
-            updated_at: String::new(),
+            started_at: now.clone(),
+            updated_at: now,
         }
+    }
+
+    /// A record in `pending` of `tenant`, moving schema `s` from backend `a` to `b` (for unit tests).
+    #[cfg(test)]
+    pub fn for_tests(tenant: &str) -> Record {
+        let side = |b: &str| {
+            let route = Route::new(
+                crate::routing::BackendId::parse(b).unwrap(),
+                Some("app".into()),
+                Some("s".into()),
+            );
+            (route, "app".to_string())
+        };
+        Record::pending(
+            TenantId::parse(tenant).unwrap(),
+            side("a"),
+            side("b"),
+            "s".into(),
+        )
     }
 
     /// Copy progress; `in_flight` rows are copied but their table has no checkpoint yet.

@@ -5,6 +5,7 @@
 //! frame starts, so that small frames the proxy must look at are seen whole, while large frames (a 100 MB
 //! `CopyData` or `DataRow`) are streamed through in pieces without being buffered.
 
+use super::tag::frontend as fe;
 use thiserror::Error;
 
 /// Frames the proxy must see whole are waited for up to this size; larger ones stream through uninspected.
@@ -40,8 +41,17 @@ pub fn max_frame_len(tag: u8, dir: Direction) -> Result<usize, FrameError> {
     match dir {
         Direction::FromBackend => Ok(MAX_LARGE_LEN + 1),
         Direction::FromClient => match tag {
-            b'Q' | b'F' | b'P' | b'B' | b'd' | b'p' => Ok(MAX_LARGE_LEN + 1),
-            b'C' | b'D' | b'E' | b'H' | b'S' | b'X' | b'c' | b'f' => Ok(MAX_SMALL_LEN + 1),
+            fe::QUERY | fe::FUNCTION_CALL | fe::PARSE | fe::BIND | fe::COPY_DATA | fe::PASSWORD => {
+                Ok(MAX_LARGE_LEN + 1)
+            }
+            fe::CLOSE
+            | fe::DESCRIBE
+            | fe::EXECUTE
+            | fe::FLUSH
+            | fe::SYNC
+            | fe::TERMINATE
+            | fe::COPY_DONE
+            | fe::COPY_FAIL => Ok(MAX_SMALL_LEN + 1),
             other => Err(FrameError::UnknownClientTag(other)),
         },
     }

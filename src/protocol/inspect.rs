@@ -1,10 +1,14 @@
 //! The few things the relay reads out of frames it forwards. Each takes a whole frame (tag included) and returns
 //! `None` on anything malformed: a frame the proxy cannot read is still forwarded, and the peer judges it.
 
+use super::tag::{backend as be, field, status};
+
 /// The transaction status byte of a ReadyForQuery frame (`I`, `T` or `E`).
 pub fn ready_status(frame: &[u8]) -> Option<u8> {
     match frame {
-        [b'Z', 0, 0, 0, 5, status @ (b'I' | b'T' | b'E')] => Some(*status),
+        [be::READY_FOR_QUERY, 0, 0, 0, 5, s @ (status::IDLE | status::IN_BLOCK | status::FAILED)] => {
+            Some(*s)
+        }
         _ => None,
     }
 }
@@ -21,7 +25,7 @@ pub fn parameter_status(frame: &[u8]) -> Option<(&str, &str)> {
 /// Process id and secret key of a BackendKeyData frame.
 pub fn backend_key_data(frame: &[u8]) -> Option<(i32, i32)> {
     match frame {
-        [b'K', 0, 0, 0, 12, p @ ..] if p.len() == 8 => Some((
+        [be::BACKEND_KEY_DATA, 0, 0, 0, 12, p @ ..] if p.len() == 8 => Some((
             i32::from_be_bytes([p[0], p[1], p[2], p[3]]),
             i32::from_be_bytes([p[4], p[5], p[6], p[7]]),
         )),
@@ -54,10 +58,10 @@ pub fn error_fields(frame: &[u8]) -> Option<(String, String, String)> {
         let end = memchr::memchr(0, rest)?;
         let value = String::from_utf8_lossy(&rest[..end]).into_owned();
         match field {
-            b'V' => severity = value,
-            b'S' if severity.is_empty() => severity = value,
-            b'C' => code = value,
-            b'M' => message = value,
+            field::SEVERITY_RAW => severity = value,
+            field::SEVERITY if severity.is_empty() => severity = value,
+            field::CODE => code = value,
+            field::MESSAGE => message = value,
             _ => {}
         }
         body = &rest[end + 1..];

@@ -5,6 +5,8 @@ use std::borrow::Cow;
 
 use bytes::{BufMut, BytesMut};
 
+use super::tag::{backend as be, field};
+
 /// Writes one frame: tag, a length patched in afterwards, and the body `f` appends.
 fn frame(buf: &mut BytesMut, tag: u8, f: impl FnOnce(&mut BytesMut)) {
     buf.put_u8(tag);
@@ -77,25 +79,20 @@ impl PgError {
 
     /// Appends this error as an ErrorResponse frame.
     pub fn encode(&self, buf: &mut BytesMut) {
-        frame(buf, b'E', |b| {
-            for (field, value) in [
-                (b'S', self.severity.as_str()),
-                (b'V', self.severity.as_str()),
-            ] {
-                b.put_u8(field);
-                cstr(b, value);
-            }
-            b.put_u8(b'C');
-            cstr(b, &self.code);
-            b.put_u8(b'M');
-            cstr(b, &self.message);
-            if let Some(d) = &self.detail {
-                b.put_u8(b'D');
-                cstr(b, d);
-            }
-            if let Some(h) = &self.hint {
-                b.put_u8(b'H');
-                cstr(b, h);
+        frame(buf, be::ERROR_RESPONSE, |b| {
+            let fields = [
+                (field::SEVERITY, Some(self.severity.as_str())),
+                (field::SEVERITY_RAW, Some(self.severity.as_str())),
+                (field::CODE, Some(&*self.code)),
+                (field::MESSAGE, Some(self.message.as_str())),
+                (field::DETAIL, self.detail.as_deref()),
+                (field::HINT, self.hint.as_deref()),
+            ];
+            for (code, value) in fields {
+                if let Some(v) = value {
+                    b.put_u8(code);
+                    cstr(b, v);
+                }
             }
             b.put_u8(0);
         });
@@ -115,18 +112,18 @@ impl std::fmt::Display for PgError {
 }
 
 pub fn auth_ok(buf: &mut BytesMut) {
-    frame(buf, b'R', |b| b.put_i32(0));
+    frame(buf, be::AUTHENTICATION, |b| b.put_i32(0));
 }
 
 pub fn auth_md5(buf: &mut BytesMut, salt: [u8; 4]) {
-    frame(buf, b'R', |b| {
+    frame(buf, be::AUTHENTICATION, |b| {
         b.put_i32(5);
         b.put_slice(&salt);
     });
 }
 
 pub fn auth_sasl(buf: &mut BytesMut, mechanisms: &[&str]) {
-    frame(buf, b'R', |b| {
+    frame(buf, be::AUTHENTICATION, |b| {
         b.put_i32(10);
         for m in mechanisms {
             cstr(b, m);
@@ -136,45 +133,45 @@ pub fn auth_sasl(buf: &mut BytesMut, mechanisms: &[&str]) {
 }
 
 pub fn auth_sasl_continue(buf: &mut BytesMut, data: &[u8]) {
-    frame(buf, b'R', |b| {
+    frame(buf, be::AUTHENTICATION, |b| {
         b.put_i32(11);
         b.put_slice(data);
     });
 }
 
 pub fn auth_sasl_final(buf: &mut BytesMut, data: &[u8]) {
-    frame(buf, b'R', |b| {
+    frame(buf, be::AUTHENTICATION, |b| {
         b.put_i32(12);
         b.put_slice(data);
     });
 }
 
 pub fn parameter_status(buf: &mut BytesMut, name: &str, value: &str) {
-    frame(buf, b'S', |b| {
+    frame(buf, be::PARAMETER_STATUS, |b| {
         cstr(b, name);
         cstr(b, value);
     });
 }
 
 pub fn backend_key_data(buf: &mut BytesMut, pid: i32, secret: i32) {
-    frame(buf, b'K', |b| {
+    frame(buf, be::BACKEND_KEY_DATA, |b| {
         b.put_i32(pid);
         b.put_i32(secret);
     });
 }
 
 pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
-    frame(buf, b'Z', |b| b.put_u8(status));
+    frame(buf, be::READY_FOR_QUERY, |b| b.put_u8(status));
 }
 
 pub fn command_complete(buf: &mut BytesMut, tag: &str) {
-    frame(buf, b'C', |b| cstr(b, tag));
+    frame(buf, be::COMMAND_COMPLETE, |b| cstr(b, tag));
 }
 
 /// A frontend Execute of a portal that cannot exist: the backend answers it with an error at exactly this
 /// point of an extended-protocol batch, which the proxy then replaces with its own.
 pub fn execute_refused(buf: &mut BytesMut) {
-    frame(buf, b'E', |b| {
+    frame(buf, be::ERROR_RESPONSE, |b| {
         cstr(b, "pgtenant refused this statement");
         b.put_i32(0);
     });
@@ -186,16 +183,16 @@ pub fn parse_complete(buf: &mut BytesMut) {
 }
 
 pub fn sync(buf: &mut BytesMut) {
-    frame(buf, b'S', |_| {});
+    frame(buf, be::PARAMETER_STATUS, |_| {});
 }
 
 pub fn empty_query_response(buf: &mut BytesMut) {
-    frame(buf, b'I', |_| {});
+    frame(buf, be::EMPTY_QUERY, |_| {});
 }
 
 /// NegotiateProtocolVersion: the newest minor version we speak and the protocol options we did not recognise.
 pub fn negotiate_protocol_version(buf: &mut BytesMut, minor: u16, unrecognised: &[&str]) {
-    frame(buf, b'v', |b| {
+    frame(buf, be::NEGOTIATE_PROTOCOL_VERSION, |b| {
         b.put_i32(minor as i32);
         b.put_i32(unrecognised.len() as i32);
         for o in unrecognised {
@@ -206,7 +203,7 @@ pub fn negotiate_protocol_version(buf: &mut BytesMut, minor: u16, unrecognised: 
 
 /// A one-column text result: RowDescription, one DataRow, CommandComplete (used to answer `SHOW`).
 pub fn single_text_row(buf: &mut BytesMut, column: &str, value: Option<&str>, tag: &str) {
-    frame(buf, b'T', |b| {
+    frame(buf, be::ROW_DESCRIPTION, |b| {
         b.put_i16(1);
         cstr(b, column);
         b.put_i32(0); // table oid
@@ -216,7 +213,7 @@ pub fn single_text_row(buf: &mut BytesMut, column: &str, value: Option<&str>, ta
         b.put_i32(-1);
         b.put_i16(0); // text format
     });
-    frame(buf, b'D', |b| {
+    frame(buf, be::DATA_ROW, |b| {
         b.put_i16(1);
         match value {
             Some(v) => {

@@ -57,3 +57,14 @@ pub mod status {
     /// In a failed transaction block.
     pub const FAILED: u8 = b'E';
 }
+
+/// Field codes inside ErrorResponse and NoticeResponse.
+pub mod field {
+    pub const SEVERITY: u8 = b'S';
+    /// The severity, never localised.
+    pub const SEVERITY_RAW: u8 = b'V';
+    pub const CODE: u8 = b'C';
+    pub const MESSAGE: u8 = b'M';
+    pub const DETAIL: u8 = b'D';
+    pub const HINT: u8 = b'H';
+}

@@ -8,7 +8,7 @@ use super::super::code::AdminError;
 use super::super::reply::{RouteRemoved, RouteSet};
 use super::{to_json, Done};
 use crate::context::Shared;
-use crate::routing::Route;
+use crate::routing::{Route, RoutingTable};
 use crate::tenant::TenantId;
 
 /// A route change under a running migration would pull the tenant out from under it.
@@ -32,6 +32,28 @@ fn mark_removed(shared: &Shared, tenant: &TenantId, removed: bool) -> bool {
     }
 }
 
+/// Sets (or, with `None`, removes) the tenant's route in a new routing table, persisted before it is published.
+fn publish(
+    shared: &Shared,
+    tenant: &TenantId,
+    route: Option<Arc<Route>>,
+) -> Result<Arc<RoutingTable>, AdminError> {
+    shared.router.update(
+        |routes| {
+            match &route {
+                Some(r) => routes.insert(tenant.clone(), r.clone()),
+                None => routes.remove(tenant.as_str()),
+            };
+            Ok(())
+        },
+        |table| {
+            shared
+                .persist_routes(table)
+                .map_err(AdminError::state_write)
+        },
+    )
+}
+
 pub(super) fn set(shared: &Shared, tenant: &TenantId, route: Route) -> Result<Done, AdminError> {
     refuse_if_migrating(shared, tenant)?;
     if shared.backends.load().get(&route.backend).is_none() {
@@ -44,18 +66,7 @@ pub(super) fn set(shared: &Shared, tenant: &TenantId, route: Route) -> Result<Do
         .map(|r| (**r).clone());
     let was_removed = mark_removed(shared, tenant, false);
     let new_route = Arc::new(route);
-    let updated = shared.router.update(
-        |routes| {
-            routes.insert(tenant.clone(), new_route.clone());
-            Ok(())
-        },
-        |table| {
-            shared
-                .persist_routes(table)
-                .map_err(AdminError::state_write)
-        },
-    );
-    let table = updated.inspect_err(|_| {
+    let table = publish(shared, tenant, Some(new_route.clone())).inspect_err(|_| {
         if was_removed {
             mark_removed(shared, tenant, true);
         }
@@ -79,18 +90,7 @@ pub(super) fn remove(shared: &Shared, tenant: &TenantId) -> Result<Done, AdminEr
         .map(|r| (**r).clone())
         .ok_or_else(|| AdminError::unknown_tenant(tenant.as_str()))?;
     mark_removed(shared, tenant, true);
-    let updated = shared.router.update(
-        |routes| {
-            routes.remove(tenant.as_str());
-            Ok(())
-        },
-        |table| {
-            shared
-                .persist_routes(table)
-                .map_err(AdminError::state_write)
-        },
-    );
-    let table = updated.inspect_err(|_| {
+    let table = publish(shared, tenant, None).inspect_err(|_| {
         mark_removed(shared, tenant, false);
     })?;
     // Requests queued for a removed tenant are let go; they end with a clear error at their boundary.

@@ -164,33 +164,17 @@ fn plan(shared: &Shared, req: &StartRequest) -> Result<Record, AdminError> {
             "the target must be another database or server than the source",
         ));
     }
-    let now = crate::state::audit::rfc3339_now();
     Ok(Record {
-        tenant: req.tenant.clone(),
-        state: State::Pending,
-        paused: false,
-        failed_in: None,
-        source: route,
-        target,
-        schema,
         tenant_column: req.tenant_column.clone().map(String::from),
         tenant_key: req.tenant_key.clone().map(String::from),
-        source_database,
-        target_database,
         verify: req.verify,
         cutover: req.cutover,
-        created_target_schema: false,
-        tables: Vec::new(),
-        copied: Default::default(),
-        rows_total: 0,
-        rows_copied: 0,
-        last_pause_ms: None,
-        cutover_attempts: 0,
-        last_cutover_error: None,
-        verification: None,
-        last_error: None,
-        started_at: now.clone(),
-        updated_at: now,
+        ..Record::pending(
+            req.tenant.clone(),
+            (route, source_database),
+            (target, target_database),
+            schema,
+        )
     })
 }
 
