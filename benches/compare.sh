@@ -9,6 +9,7 @@
 #   DURATION=10 REPEAT=2 bash benches/compare.sh   # full: about thirteen minutes
 #   CLIENTS=16 THREADS=2 SCALE=10 TARGETS="direct pgbouncer-session pgtenant-session"
 #   BASELINE=/path/to/older/pgtenant TARGETS="pgtenant-session baseline-session"   # A/B against another build
+#   TENANTS=0 skips the many-schema-tenants case (benches/tenants.sh) run at the end
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/pg-lib.sh
@@ -161,3 +162,11 @@ REPORT="$OUT_DIR/latest.md"
 python3 benches/report.py "$RAW" "$STAMP" "pgbench -c $CLIENTS -j $THREADS -T $DURATION, scale $SCALE, $REPEAT repetitions, $(nproc) cores, pgtenant workers=$PGT_WORKERS" > "$REPORT"
 cp "$RAW" "$OUT_DIR/latest.tsv"
 cat "$REPORT"
+
+# Many schema tenants in transaction pooling (one client per tenant against all clients on one tenant): its own
+# cluster and table, appended to the report. TENANTS=0 skips it.
+if [ "${TENANTS:-1}" = 1 ]; then
+  echo
+  echo "== many schema tenants (benches/tenants.sh)"
+  DURATION="$DURATION" bash benches/tenants.sh | tee -a "$REPORT"
+fi

@@ -160,8 +160,6 @@ pub enum ClientError {
     StateNotRecreated,
     #[error("pgtenant could not recreate this session's settings on a pooled backend connection")]
     SettingsNotRecreated,
-    #[error("pgtenant: no clean backend connection became free (others held temporary objects)")]
-    NoCleanConnection,
     #[error("{0}")]
     Internal(String),
 }
@@ -208,9 +206,7 @@ impl ClientError {
             | BackendNotConfigured { .. }
             | NoLogin(_) => Kind::Operator,
             BackendClosed | BackendUnreachable { .. } | BackendRefused { .. } => Kind::Server,
-            StateNotRecreated | SettingsNotRecreated | NoCleanConnection | Internal(_) => {
-                Kind::Proxy
-            }
+            StateNotRecreated | SettingsNotRecreated | Internal(_) => Kind::Proxy,
         }
     }
 
@@ -241,8 +237,7 @@ impl ClientError {
             | TooManyUserClients { .. }
             | TooManyTenantClients { .. }
             | TooManyPools { .. }
-            | PoolTimeout(_)
-            | NoCleanConnection => sqlstate::TOO_MANY_CONNECTIONS,
+            | PoolTimeout(_) => sqlstate::TOO_MANY_CONNECTIONS,
             TooManyStatements { .. } => sqlstate::CONFIGURATION_LIMIT_EXCEEDED,
             StatementTooLarge => sqlstate::PROGRAM_LIMIT_EXCEEDED,
             Held(_) | QueryTimeout => sqlstate::QUERY_CANCELED,

@@ -161,7 +161,11 @@ impl Proxy {
     pub async fn terminate(&self) {
         self.stop_accepting.cancel();
         self.sessions.close();
+        // The flag first: a session registered after the sweep below sees it at its first relay step.
         self.shared.terminate.fire();
+        for s in self.shared.sessions.all() {
+            s.end.fire();
+        }
         self.shared.migrations.shutdown();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.sessions.wait()).await;
     }

@@ -11,7 +11,7 @@ use std::time::Instant;
 use crate::admin::reply::SessionView;
 use crate::protocol::PgError;
 use crate::routing::{BackendId, Epoch};
-use crate::shutdown::Terminate;
+use crate::shutdown::EndSignal;
 use crate::tenant::TenantId;
 
 /// Where a session's backend connection came from.
@@ -34,7 +34,7 @@ pub struct SessionInfo {
     pub in_transaction: AtomicBool,
     route: Mutex<SessionRoute>,
     /// Fired to end this session from outside (a cutover ending pinned sessions, an operator's KILL).
-    pub end: Terminate,
+    pub end: EndSignal,
     end_reason: Mutex<Option<PgError>>,
 }
 
@@ -113,7 +113,7 @@ impl Sessions {
             started: Instant::now(),
             in_transaction: AtomicBool::new(false),
             route: Mutex::new(SessionRoute::default()),
-            end: Terminate::default(),
+            end: EndSignal::default(),
             end_reason: Mutex::new(None),
         });
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());

@@ -397,6 +397,22 @@ async fn statement_names_never_collide_and_follow_a_route_flip() {
     assert_eq!(a.replies().await.0, "1Z");
     let (tags, codes) = b.execute("", "x").await;
     assert_eq!((tags.as_str(), codes[0].as_str()), ("EZ", "26000"));
+    // Its own user keeps it across transactions (libpq's PQsendPrepare(conn, "", ...), a Sync, then
+    // PQsendQueryPrepared(conn, "", ...)): it is prepared again on the connection the next transaction gets,
+    // and only the client's own replies reach it.
+    assert_eq!(a.parse("", "SELECT 'mine:' || $1::text").await.0, "1Z");
+    assert_eq!(b.simple("SELECT 1").await.0, "TDCZ");
+    assert_eq!(
+        a.execute("", "x").await,
+        ("2DCZ".to_string(), vec!["mine:x".to_string()])
+    );
+    assert_eq!(a.execute("", "y").await.1, vec!["mine:y".to_string()]);
+    a.send(|buf| {
+        frontend::describe(b'S', "", buf).unwrap();
+        frontend::sync(buf);
+    })
+    .await;
+    assert_eq!(a.replies().await.0, "tTZ");
     // A Parse outside a transaction is answered without a backend connection; an error in the statement is
     // reported where it is used, every time, and the session goes on.
     assert_eq!(b.parse("broken", "SELEC nothing").await.0, "1Z");

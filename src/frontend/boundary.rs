@@ -130,10 +130,6 @@ impl Session {
         let info = self.handle.info.clone();
         tokio::select! {
             r = gate.enter(max_queued, wait) => Ok(r),
-            _ = self.shared.terminate.fired() => {
-                self.txn.gate = Some(fallback);
-                Err(End::Shutdown)
-            }
             _ = info.end.fired() => {
                 self.txn.gate = Some(fallback);
                 Err(self.shutdown_end())

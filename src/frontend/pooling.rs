@@ -27,35 +27,21 @@ use crate::routing::BackendId;
 const PIN_SQL_PREPARE: &str = "SQL PREPARE (transaction pool mode)";
 /// A connection's settings fingerprint when nobody knows what it holds (never equal to a session's).
 const UNKNOWN_SETS: u64 = u64::MAX;
-/// Connections with temporary objects closed in a row before a checkout gives up.
-const MAX_TEMP_RETRIES: usize = 3;
-/// What a connection gets before another tenant (or any session after a `DO`/`CALL`) may use it: the first
-/// statement asks whether the session ever made temporary objects (such a connection is closed instead:
-/// PostgreSQL keeps the temporary namespace for the backend's life), the rest undo everything `DISCARD ALL`
-/// would except the prepared statements, which the proxy names by content and tracks per connection.
-pub(super) const FULL_RESET: [&str; 7] = [
-    "SELECT pg_my_temp_schema() <> 0",
-    "RESET ALL",
-    "RESET SESSION AUTHORIZATION",
-    "CLOSE ALL",
-    "UNLISTEN *",
-    "SELECT pg_advisory_unlock_all()",
-    "DISCARD SEQUENCES",
-];
+/// What a connection gets before another tenant (or any session after a `DO`/`CALL`) may use it: everything
+/// `DISCARD ALL` undoes except the prepared statements, which the proxy names by content and tracks per
+/// connection. One Query (one implicit transaction): seven Queries cost the backend seven transactions, which
+/// with one client per schema tenant halved transaction-mode throughput. Temporary objects are dropped rather
+/// than the connection closed: a pool serves one role, so what is left is only the namespace itself.
+pub(super) const FULL_RESET: &str =
+    "RESET ALL; RESET SESSION AUTHORIZATION; CLOSE ALL; UNLISTEN *; \
+     SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES";
 
 /// Why a pooled connection could not be made this session's.
-pub(super) enum Unsettled {
-    /// Its last session made temporary objects: close it, take another.
-    TempObjects,
-    Failed(PgError),
-}
+pub(super) struct Unsettled(PgError);
 
 impl Unsettled {
     pub(super) fn into_error(self) -> PgError {
-        match self {
-            Unsettled::TempObjects => ClientError::NoCleanConnection.into(),
-            Unsettled::Failed(e) => e,
-        }
+        self.0
     }
 }
 
@@ -116,7 +102,7 @@ impl Session {
                 .as_ref()
                 .map(|r| r.backend.clone())
                 .unwrap_or_default();
-            match self.settle_settings(&mut server, &backend).await {
+            match self.settle_settings(&mut server, &backend, false).await {
                 Ok(()) => self.server = Some(server),
                 Err(e) => {
                     tracing::debug!(error = %e.into_error().message, "could not settle a pooled connection");
@@ -168,36 +154,28 @@ impl Session {
         Ok(())
     }
 
-    /// A connection of `resolved`'s pool holding this session's settings. One whose last session made
-    /// temporary objects is closed and another taken (a few times at most).
+    /// A connection of `resolved`'s pool holding this session's settings.
     async fn checkout_settled(
         &mut self,
         resolved: &Resolved,
         tenant: &crate::tenant::TenantId,
     ) -> Result<Server, Refusal> {
-        let mut tries = 0;
-        loop {
-            let mut server = match checkout(resolved, tenant, self.pooling.spare.take()).await {
-                Ok(s) => s,
-                Err(e) => {
-                    self.count_error(ErrorKind::BackendUnavailable);
-                    return Err(Refusal::Statement(e));
-                }
-            };
-            match self
-                .settle_settings(&mut server, &resolved.route.backend)
-                .await
-            {
-                Ok(()) => return Ok(server),
-                Err(Unsettled::TempObjects) if tries < MAX_TEMP_RETRIES => {
-                    tries += 1;
-                    server.release(true);
-                }
-                Err(e) => {
-                    self.count_error(ErrorKind::MoveFailed);
-                    server.release(true);
-                    return Err(Refusal::Statement(e.into_error()));
-                }
+        let mut server = match checkout(resolved, tenant, self.pooling.spare.take()).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.count_error(ErrorKind::BackendUnavailable);
+                return Err(Refusal::Statement(e));
+            }
+        };
+        match self
+            .settle_settings(&mut server, &resolved.route.backend, true)
+            .await
+        {
+            Ok(()) => Ok(server),
+            Err(e) => {
+                self.count_error(ErrorKind::MoveFailed);
+                server.release(true);
+                Err(Refusal::Statement(e.into_error()))
             }
         }
     }
@@ -211,23 +189,56 @@ impl Session {
     /// Makes the connection this session's: its settings, its tenant's schema (shared pools) and, when
     /// another tenant used it last or its last user ran code whose effects are unknown (`DO`, `CALL`), a full
     /// reset first. The connection usually needs nothing; the reset (rare per session, one round trip) is
-    /// boxed, so its state does not sit in every session's task.
+    /// boxed, so its state does not sit in every session's task. `ahead`: client frames follow at once (a
+    /// transaction starting), so the proxy's own part may be pipelined in front of them; at login nothing
+    /// follows, and a pipelined reply would hold the connection until the client's next statement.
     async fn settle_settings(
         &mut self,
         server: &mut Server,
         backend: &BackendId,
+        ahead: bool,
     ) -> Result<(), Unsettled> {
         let conn = server.conn.get();
         let foreign = conn.owner.is_some() && conn.owner != self.place.tenant;
         let full = foreign || conn.suspect;
-        if full
+        let (fingerprint, _) = self.state.sets_fingerprint();
+        if ahead && fingerprint == 0 && conn.applied_sets == 0 {
+            // Nothing of the client's to replay: the proxy's own part (a reset, the tenant's schema) goes ahead
+            // of the client's first frames, and its replies are taken out (no round trip of its own).
+            if full || conn.route_path != self.pooling.route_path {
+                self.pipeline_own(server, full);
+            }
+        } else if full
             || conn.route_path != self.pooling.route_path
-            || conn.applied_sets != self.state.sets_fingerprint().0
+            || conn.applied_sets != fingerprint
         {
             Box::pin(self.apply_settings(server, backend, full)).await?;
         }
         server.synced = true;
         Ok(())
+    }
+
+    /// The proxy's own settling of a connection, sent ahead of the client's frames: the full reset when
+    /// `full`, the tenant's schema on a shared pool. Its replies are dropped as they arrive (ParameterStatus
+    /// goes on to the client, as any asynchronous one does); should it fail, the connection is closed when the
+    /// session gives it back.
+    fn pipeline_own(&mut self, server: &mut Server, full: bool) {
+        let path = self.pooling.route_path.as_deref().map(quote_ident);
+        let own = match (full, path) {
+            (true, Some(p)) => format!("{FULL_RESET}; SET search_path = {p}"),
+            (true, None) => FULL_RESET.to_owned(),
+            (false, Some(p)) => format!("SET search_path = {p}"),
+            (false, None) => "RESET search_path".to_owned(),
+        };
+        if postgres_protocol::message::frontend::query(&own, &mut server.out).is_err() {
+            return;
+        }
+        server.own_pending += 1;
+        let conn = server.conn.get_mut();
+        conn.applied_role = false;
+        conn.route_path = self.pooling.route_path.clone();
+        conn.owner = self.place.tenant.clone();
+        conn.suspect = false;
     }
 
     /// Brings the connection's session to this session's: a full reset when `full` (anything another
@@ -243,34 +254,29 @@ impl Session {
     ) -> Result<(), Unsettled> {
         let (fingerprint, role) = self.state.sets_fingerprint();
         let conn = server.conn.get_mut();
-        let path = self
-            .pooling
-            .route_path
-            .as_ref()
-            .map(|p| format!("SET search_path = {}", quote_ident(p)));
-        let mut statements: Vec<&str> = Vec::new();
-        if full {
-            statements.extend(FULL_RESET);
-        } else {
-            statements.push("RESET ALL");
-            if conn.applied_role {
-                statements.extend(["RESET SESSION AUTHORIZATION", "RESET ROLE"]);
-            }
+        // The proxy's own part (reset, the tenant's schema) is one Query; the client's SETs follow one each, so
+        // a SET the backend refuses fails alone, as it did when the client sent it.
+        let mut own = String::from(match (full, conn.applied_role) {
+            (true, _) => FULL_RESET,
+            (false, true) => "RESET ALL; RESET SESSION AUTHORIZATION; RESET ROLE",
+            (false, false) => "RESET ALL",
+        });
+        if let Some(p) = &self.pooling.route_path {
+            own.push_str("; SET search_path = ");
+            own.push_str(&quote_ident(p));
         }
-        statements.extend(path.as_deref());
+        let mut statements: Vec<&str> = vec![&own];
         statements.extend(self.state.set_statements());
-        let (temp, _) = crate::backend::query::run_collect(backend, conn, &statements)
+        crate::backend::query::run_collect(backend, conn, &statements)
             .await
             .map_err(|e| {
                 tracing::warn!(error = %e, "could not apply session settings on a pooled connection");
-                Unsettled::Failed(
-                    ClientError::SettingsNotRecreated.to_pg()
-                    .with_detail(e.to_string()),
+                Unsettled(
+                    ClientError::SettingsNotRecreated
+                        .to_pg()
+                        .with_detail(e.to_string()),
                 )
             })?;
-        if full && temp.as_deref() != Some("f") {
-            return Err(Unsettled::TempObjects);
-        }
         (conn.applied_sets, conn.applied_role) = (fingerprint, role);
         conn.route_path = self.pooling.route_path.clone();
         conn.owner = self.place.tenant.clone();
@@ -344,6 +350,7 @@ impl Session {
                 inflight: &mut s.inflight,
                 statements: &mut conn.statements,
                 limit,
+                unnamed_ours: &mut s.unnamed_ours,
             },
         );
         self.client.cin.advance(total);
@@ -383,6 +390,8 @@ impl Session {
             }
             ClientStatements::passed(&mut s.inflight);
             s.conn.get_mut().statements.unnamed = true;
+            s.unnamed_ours = true;
+            self.pooling.statements.forget_unnamed();
             move_bytes(&mut self.client.cin, &mut s.out, avail);
             return Ok(true);
         }
@@ -392,6 +401,7 @@ impl Session {
             inflight: &mut s.inflight,
             statements: &mut conn.statements,
             limit,
+            unnamed_ours: &mut s.unnamed_ours,
         };
         match self.pooling.statements.bind_head(head, total, target) {
             Some(consumed) => {

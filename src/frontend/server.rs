@@ -36,6 +36,14 @@ pub struct Server {
     /// Transaction pool mode: the connection's session settings were made this session's, so what it holds
     /// when it goes back is this session's SETs.
     pub synced: bool,
+    /// Queries the proxy sent ahead of the client's frames (settling a pooled connection) whose replies are
+    /// still to be taken out of the stream.
+    pub own_pending: u32,
+    /// One of them failed: the connection is closed when it is given back.
+    pub own_failed: bool,
+    /// Transaction pool mode: the connection holds this session's unnamed statement (prepared on it since the
+    /// checkout, and no simple Query since, which would have dropped it).
+    pub unnamed_ours: bool,
 }
 
 impl Server {
@@ -56,6 +64,9 @@ impl Server {
             replace_error: None,
             inflight,
             synced: false,
+            own_pending: 0,
+            own_failed: false,
+            unnamed_ours: false,
         }
     }
 
@@ -64,6 +75,7 @@ impl Server {
     pub fn note_sent(&mut self, tag: u8) -> bool {
         match tag {
             fe::QUERY => {
+                self.unnamed_ours = false;
                 self.pending += 1;
                 self.inflight.sent_ready();
                 self.syncs_since_exec = 0;
@@ -99,6 +111,7 @@ impl Server {
     pub fn quiet(&self) -> bool {
         self.out.is_empty()
             && self.pending == 0
+            && self.own_pending == 0
             && !self.batch_open
             && !self.copy_in
             && !self.scan.mid_frame()
@@ -115,7 +128,7 @@ impl Server {
     }
 
     pub fn release(self, broken: bool) {
-        let clean = !broken && self.quiet();
+        let clean = !broken && !self.own_failed && self.quiet();
         let state = match (clean, self.status) {
             (false, _) => ReleaseState::Dirty,
             (true, status::IDLE) => ReleaseState::Idle,

@@ -15,6 +15,7 @@ use super::state::SessionState;
 use super::statements::ClientStatements;
 use crate::backend::statements::ServerStatements;
 use crate::context::Shared;
+use crate::errors::ClientError;
 use crate::protocol::frame::Scan;
 use crate::protocol::inspect;
 use crate::protocol::tag::{backend as be, status};
@@ -109,6 +110,7 @@ fn read_frames(s: &mut Server, p: &mut Parts<'_>) -> Result<(), End> {
         };
         match backend_frame(s, fwd, tag, total, p) {
             Next::Forward => fwd += total,
+            Next::Drop if s.own_failed => return Err(own_failed()),
             Next::Drop | Next::Replaced => fwd = 0,
             Next::Hold(wait) => {
                 let conn = s.conn.get_mut();
@@ -124,6 +126,9 @@ fn read_frames(s: &mut Server, p: &mut Parts<'_>) -> Result<(), End> {
 
 /// One whole frame at `at + ..total` of the backend's input (what precedes it is being forwarded).
 fn backend_frame(s: &mut Server, at: usize, tag: u8, total: usize, p: &mut Parts<'_>) -> Next {
+    if s.own_pending > 0 && tag != be::PARAMETER_STATUS {
+        return own_reply(s, at, tag, total, p);
+    }
     let conn = s.conn.get_mut();
     let frame = &conn.buf[at..at + total];
     if matches!(tag, be::PARSE_COMPLETE | be::CLOSE_COMPLETE) && s.inflight.on_complete() {
@@ -172,6 +177,41 @@ fn backend_frame(s: &mut Server, at: usize, tag: u8, total: usize, p: &mut Parts
         _ => s.sent_fatal |= is_fatal(frame),
     }
     Next::Forward
+}
+
+/// The proxy's own settling Query failed on the backend: the client's statements that followed it ran on a
+/// connection not brought to this session's settings (schema included), so the session ends rather than go on
+/// as if nothing happened, and the connection is closed. (The reset fails only when the backend itself is
+/// failing: every statement in it is one PostgreSQL cannot refuse on an idle connection.)
+fn own_failed() -> End {
+    End::Fatal(
+        ClientError::SettingsNotRecreated
+            .fatal()
+            .with_detail("the reset of a pooled connection failed; see the proxy's log"),
+    )
+}
+
+/// A reply to a Query the proxy sent ahead of the client's frames: dropped (its ParameterStatus frames are
+/// handled as any other); a failure ends the session (see [`own_failed`]).
+fn own_reply(s: &mut Server, at: usize, tag: u8, total: usize, p: &mut Parts<'_>) -> Next {
+    let conn = s.conn.get_mut();
+    match tag {
+        be::READY_FOR_QUERY => s.own_pending -= 1,
+        be::ERROR_RESPONSE => {
+            let frame = &conn.buf[at..at + total];
+            let (_, code, message) = inspect::error_fields(frame).unwrap_or_default();
+            tracing::warn!(
+                code,
+                message,
+                "settling a pooled connection failed; it is closed after use"
+            );
+            s.own_failed = true;
+        }
+        _ => {}
+    }
+    move_bytes(&mut conn.buf, &mut p.client.cout, at);
+    conn.buf.advance(total);
+    Next::Drop
 }
 
 /// ReadyForQuery: the transaction status, replies owed, and at the end of a transaction that wrote, the wait

@@ -120,15 +120,10 @@ impl Session {
     /// Relays until either side ends, then says goodbye. The session is boxed: an async fn keeps its arguments
     /// twice in its state (rust-lang/rust#62958), and the session is most of a connection's task.
     pub async fn run(mut self: Box<Self>) {
-        let shared = self.shared.clone();
         let info = self.handle.info.clone();
-        // Either the whole proxy ends every session, or this one is told to end.
-        let shutdown = async {
-            tokio::select! {
-                _ = shared.terminate.fired() => {}
-                _ = info.end.fired() => {}
-            }
-        };
+        // Shutdown fires every session's own end signal (see `shutdown::Terminate`); a session registered
+        // after that sees the proxy's flag at its first relay step.
+        let shutdown = info.end.fired();
         tokio::pin!(shutdown);
         let end = self.relay(shutdown).await;
         self.finish(end).await;

@@ -151,6 +151,8 @@ pub struct Target<'a> {
     pub statements: &'a mut ServerStatements,
     /// `max_prepared_statements`.
     pub limit: usize,
+    /// The connection has this session's unnamed statement.
+    pub unnamed_ours: &'a mut bool,
 }
 
 /// One client's named statements.
@@ -159,7 +161,15 @@ pub struct ClientStatements {
     map: HashMap<Box<[u8]>, ClientStatement>,
     /// Bytes of the Parse frames kept.
     bytes: usize,
+    /// The client's last unnamed Parse, as sent (empty: none, or too large to keep). In transaction pooling the
+    /// next transaction may run on another connection, where it is prepared again before a Bind or Describe
+    /// of the unnamed statement (libpq's `PQsendPrepare(conn, "", ...)` then `PQsendQueryPrepared`). The
+    /// buffer is reused, so a Parse per query costs a copy, not an allocation.
+    unnamed: BytesMut,
 }
+
+/// Longest unnamed Parse kept for preparing again elsewhere (larger ones stream through and are not kept).
+const MAX_UNNAMED_KEPT: usize = 64 * 1024;
 
 impl ClientStatements {
     /// Forwards a whole Parse, Bind, Describe or Close frame under server names. `resolution` gives the
@@ -183,8 +193,17 @@ impl ClientStatements {
                     ),
                     None => t.out.extend_from_slice(frame),
                 },
-                _ => t.out.extend_from_slice(frame),
+                Some(_) => {
+                    self.ensure_unnamed(&mut t);
+                    t.out.extend_from_slice(frame);
+                }
+                None => t.out.extend_from_slice(frame),
             },
+            // Describe of the unnamed statement.
+            fe::DESCRIBE if body == b"S\0" => {
+                self.ensure_unnamed(&mut t);
+                t.out.extend_from_slice(frame);
+            }
             fe::DESCRIBE => match statement_target(body).and_then(|stmt| self.ensure(stmt, &mut t))
             {
                 Some(id) => put_frame(t.out, fe::DESCRIBE, &[b"S", &server_name(id), b"\0"]),
@@ -304,7 +323,9 @@ impl ClientStatements {
             return Ok(());
         };
         if name.is_empty() {
+            self.keep_unnamed(frame);
             t.statements.unnamed = true;
+            *t.unnamed_ours = true;
             t.out.extend_from_slice(frame);
             t.inflight.push(false, Undo::Nothing);
             return Ok(());
@@ -347,6 +368,31 @@ impl ClientStatements {
         Some(stmt.id)
     }
 
+    /// Remembers the client's unnamed Parse (or forgets it when it is too large to keep).
+    fn keep_unnamed(&mut self, frame: &[u8]) {
+        self.unnamed.clear();
+        if frame.len() <= MAX_UNNAMED_KEPT {
+            self.unnamed.extend_from_slice(frame);
+        }
+    }
+
+    /// The client's unnamed statement is gone (a Parse too large to keep replaced it).
+    pub fn forget_unnamed(&mut self) {
+        self.unnamed.clear();
+    }
+
+    /// Before a Bind or Describe of the unnamed statement on a connection that does not have the client's:
+    /// its Parse again, whose completion the client does not see.
+    fn ensure_unnamed(&mut self, t: &mut Target<'_>) {
+        if *t.unnamed_ours || self.unnamed.is_empty() {
+            return;
+        }
+        t.out.extend_from_slice(&self.unnamed);
+        t.inflight.push(true, Undo::Nothing);
+        t.statements.unnamed = true;
+        *t.unnamed_ours = true;
+    }
+
     /// The head of a Bind too large to hold whole: when its names are all in `head`, writes the rewritten
     /// beginning (header with the new length, portal, server statement name) and returns how many bytes of
     /// `head` it replaced; the rest of the frame streams through unchanged. `None`: the names are not all there
@@ -355,6 +401,7 @@ impl ClientStatements {
         let (portal, stmt, _) = split_names(head.get(5..)?)?;
         let consumed = 5 + portal.len() + 1 + stmt.len() + 1;
         let known = if stmt.is_empty() {
+            self.ensure_unnamed(&mut t);
             None
         } else {
             self.ensure(stmt, &mut t)
@@ -477,6 +524,7 @@ mod tests {
         out: BytesMut,
         inflight: Inflight,
         statements: ServerStatements,
+        unnamed_ours: bool,
     }
 
     impl Conn {
@@ -485,6 +533,7 @@ mod tests {
                 out: BytesMut::new(),
                 inflight: Inflight::default(),
                 statements: ServerStatements::default(),
+                unnamed_ours: false,
             }
         }
         fn target(&mut self, limit: usize) -> Target<'_> {
@@ -493,6 +542,7 @@ mod tests {
                 inflight: &mut self.inflight,
                 statements: &mut self.statements,
                 limit,
+                unnamed_ours: &mut self.unnamed_ours,
             }
         }
         /// The frames written, as (tag, body) pairs; clears the output.

@@ -57,6 +57,10 @@ backend = "b"
 schema = "s_globex"
 "#
         );
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("debug")
+            .with_test_writer()
+            .try_init();
         let config = Config::from_toml(&toml, std::iter::empty()).unwrap();
         let shared = Shared::new(config, None).unwrap();
         let log = Arc::new(Log::default());

@@ -167,15 +167,13 @@ async fn another_tenant_gets_a_connection_only_after_a_full_reset() {
     globex.query("SELECT 3").await;
     let q = w.log.queries(1)[start..].to_vec();
     // globex logged in last: acme's statement needs a full reset first, and so does globex's after it.
-    let mut expected: Vec<&str> = Vec::new();
-    for (path, select) in [
-        ("SET search_path = \"s_acme\"", "SELECT 1"),
-        ("SET search_path = \"s_globex\"", "SELECT 2"),
-    ] {
-        expected.extend(FULL_RESET);
-        expected.extend([path, select]);
-    }
-    expected.push("SELECT 3");
+    let expected = [
+        format!("{FULL_RESET}; SET search_path = \"s_acme\""),
+        "SELECT 1".into(),
+        format!("{FULL_RESET}; SET search_path = \"s_globex\""),
+        "SELECT 2".into(),
+        "SELECT 3".into(),
+    ];
     assert_eq!(q, expected);
 }
 
