@@ -20,7 +20,7 @@ CLIENTS="${CLIENTS:-16}"
 THREADS="${THREADS:-2}"
 SCALE="${SCALE:-10}"
 TARGETS="${TARGETS:-direct pgbouncer-session pgbouncer-transaction pgtenant-session pgtenant-transaction}"
-PGT_WORKERS="${PGT_WORKERS:-0}"   # pgtenant runtime threads (0: one per core)
+PGT_WORKERS="${PGT_WORKERS:-0}"   # pgtenant runtime threads (0: the default, chosen from the core count)
 MODES="${MODES:-simple extended prepared}"
 OUT_DIR="benches/results"
 

@@ -8,7 +8,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use pgtenant::frontend::state::SessionState;
 use pgtenant::protocol::frame::{Direction, Scan, Scanner};
 use pgtenant::protocol::sql;
-use pgtenant::routing::{BackendId, Route, Router, RoutingTable};
+use pgtenant::routing::{BackendId, Epoch, Route, Router, RoutingTable};
 use pgtenant::tenant::TenantId;
 
 fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
@@ -57,19 +57,65 @@ fn frames(c: &mut Criterion) {
     g.finish();
 }
 
+fn table_of(n: usize) -> RoutingTable {
+    let mut routes = std::collections::HashMap::new();
+    for i in 0..n {
+        let id = TenantId::parse(&format!("tenant{i}")).unwrap_or_else(|_| unreachable!());
+        let route = Route::new(BackendId::parse("b").unwrap(), None, Some(format!("s{i}")));
+        routes.insert(id, Arc::new(route));
+    }
+    RoutingTable::new(Epoch(1), routes)
+}
+
+/// Sets tenant `i`'s route to a new schema (nothing persisted): the in-memory part of `tenant set`.
+fn change(router: &Arc<Router>, i: usize) {
+    let id = TenantId::parse(&format!("tenant{i}")).unwrap_or_else(|_| unreachable!());
+    let route = Arc::new(Route::new(
+        BackendId::parse("b").unwrap(),
+        None,
+        Some(format!("x{i}")),
+    ));
+    let _ = router.update::<()>(
+        |c| {
+            c.insert(id, route);
+            Ok(())
+        },
+        |_, _| Ok(()),
+    );
+}
+
 fn routing(c: &mut Criterion) {
     let mut g = c.benchmark_group("route_lookup");
     for n in [1usize, 10_000, 1_000_000] {
-        let mut table = RoutingTable::default();
-        for i in 0..n {
-            let id = TenantId::parse(&format!("tenant{i}")).unwrap_or_else(|_| unreachable!());
-            let route = Route::new(BackendId::parse("b").unwrap(), None, Some(format!("s{i}")));
-            table.routes.insert(id, Arc::new(route));
-        }
-        let router = Router::new(table);
+        let router = Router::new(table_of(n));
         let probe = format!("tenant{}", n / 2);
         g.bench_with_input(BenchmarkId::from_parameter(n), &probe, |b, probe| {
             b.iter(|| router.load().get(black_box(probe)).map(|r| r.backend.len()))
+        });
+    }
+    // With changes made since the table's base was built: a changed tenant and an unchanged one.
+    let router = Arc::new(Router::new(table_of(100_000)));
+    for i in 0..1000 {
+        change(&router, i * 7);
+    }
+    for probe in ["tenant700", "tenant701"] {
+        g.bench_with_input(
+            BenchmarkId::new("100000_after_1000_changes", probe),
+            &probe,
+            |b, probe| b.iter(|| router.load().get(black_box(probe)).map(|r| r.backend.len())),
+        );
+    }
+    g.finish();
+    // A route change is linear in the changes since the last fold, not in the tenants.
+    let mut g = c.benchmark_group("route_change");
+    for n in [10_000usize, 100_000] {
+        let router = Arc::new(Router::new(table_of(n)));
+        let mut i = 0;
+        g.bench_function(BenchmarkId::from_parameter(n), |b| {
+            b.iter(|| {
+                i = (i + 7919) % n;
+                change(&router, i)
+            })
         });
     }
     g.finish();

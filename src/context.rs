@@ -19,7 +19,7 @@ use crate::frontend::limits::{ClientCounts, LoginSlots};
 use crate::gate::Gates;
 use crate::metrics::Metrics;
 use crate::net::tls::{self, TlsError};
-use crate::routing::{Router, RoutingTable};
+use crate::routing::{Change, Router, RoutingTable};
 use crate::sessions::Sessions;
 pub use crate::shutdown::Terminate;
 use crate::state::{AuditLog, RoutesFile, StateError, StateStore};
@@ -37,7 +37,7 @@ pub enum ContextError {
 pub struct Shared {
     pub config: ArcSwap<Config>,
     pub users: ArcSwap<Users>,
-    pub router: Router,
+    pub router: Arc<Router>,
     pub backends: ArcSwap<Backends>,
     pub cancels: Arc<CancelRegistry>,
     pub tls: Option<TlsAcceptor>,
@@ -89,7 +89,7 @@ impl Shared {
         };
         let users = Users::from_config(&config.users)?;
         let backends = build_backends(&config)?;
-        let store = StateStore::open(&config.proxy.state_dir)?;
+        let mut store = StateStore::open(&config.proxy.state_dir)?;
         let key = crate::state::key::ProxyKey::load_or_create(&config.proxy.key_file_path())?;
         let audit = AuditLog::open(&store.audit_path(), key.clone())?;
         let migrations = crate::migration::Migrations::open(store.dir())?;
@@ -127,7 +127,7 @@ impl Shared {
             migrations,
             config: ArcSwap::from_pointee(config),
             users: ArcSwap::from_pointee(users),
-            router: Router::new(table),
+            router: Arc::new(Router::new(table)),
             backends: ArcSwap::from_pointee(backends),
             cancels: Arc::new(CancelRegistry::default()),
             tls,
@@ -137,16 +137,15 @@ impl Shared {
         }))
     }
 
-    /// Persists `table` (with the removed-tenant list); used as the `persist` step of [`Router::update`].
-    pub fn persist_routes(&self, table: &RoutingTable) -> Result<(), StateError> {
-        let removed = self
-            .removed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let r = self
-            .store
-            .save_routes(&RoutesFile::from_table(table, removed));
+    /// Persists the `changes` that made `table` (with each tenant's removed mark); the `persist` step of
+    /// [`Router::update`].
+    pub fn persist_routes(
+        &self,
+        table: &RoutingTable,
+        changes: &[Change],
+    ) -> Result<(), StateError> {
+        let removed = self.removed.lock().unwrap_or_else(|p| p.into_inner());
+        let r = self.store.record_routes(table, changes, &removed);
         self.state_ok.store(r.is_ok(), Ordering::Relaxed);
         r
     }

@@ -257,7 +257,7 @@ impl HealthSource for Health {
                     .set(n as f64);
             }
         }
-        for t in s.router.load().routes.keys() {
+        for t in s.router.load().tenants() {
             if let Some(g) = s.gates.peek(t.as_str()) {
                 let labels = vec![::metrics::Label::new("tenant", t.to_string())];
                 s.metrics

@@ -506,17 +506,29 @@ async fn routes_survive_a_restart_and_a_corrupt_state_file_is_refused() {
     let TestProxy { proxy, state } = p;
     proxy.close().await;
 
-    let routes = state.path().join("routes.json");
-    let text = std::fs::read_to_string(&routes).unwrap();
-    std::fs::write(&routes, text.replace("dedicated", "shared")).unwrap();
+    // The route change is a line of routes.log (after the routes.json snapshot): a changed line, a truncated
+    // snapshot and a snapshot gone while the log holds changes all stop startup.
+    let log = state.path().join("routes.log");
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(log_text.contains("dedicated"), "{log_text}");
+    std::fs::write(&log, log_text.replace("dedicated", "shared")).unwrap();
     let err = pgtenant::server::Proxy::start(config.clone())
         .await
         .err()
         .unwrap();
     assert!(err.to_string().contains("corrupt"), "{err}");
+    std::fs::write(&log, &log_text).unwrap();
+    let routes = state.path().join("routes.json");
+    let text = std::fs::read_to_string(&routes).unwrap();
     std::fs::write(&routes, &text[..text.len() - 20]).unwrap();
-    let err = pgtenant::server::Proxy::start(config).await.err().unwrap();
+    let err = pgtenant::server::Proxy::start(config.clone())
+        .await
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("corrupt"), "{err}");
+    std::fs::remove_file(&routes).unwrap();
+    let err = pgtenant::server::Proxy::start(config).await.err().unwrap();
+    assert!(err.to_string().contains("routes.log"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

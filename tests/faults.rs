@@ -546,13 +546,16 @@ async fn kill9_during_dual_write_applies_the_backlog_after_restart() {
     settle(&env, load, &env.dedicated).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill9_inside_cutover_before_the_swap_falls_back_to_the_source() {
+/// A move in dual_write under load, the proxy restarted with `failpoint` set, and a cutover started in the
+/// background (it hangs at the failpoint).
+async fn cutover_stuck_at(
+    failpoint: &str,
+) -> (Env, Load, tokio::task::JoinHandle<Result<Value, String>>) {
     let mut env = env().await;
     let load = load(&env.proxy);
     env.proxy.start_to_dual_write().await;
     env.proxy.kill9();
-    env.proxy.start("cutover.before_swap=hang");
+    env.proxy.start(failpoint);
     env.proxy
         .wait_state("dual_write", Duration::from_secs(30))
         .await;
@@ -564,6 +567,12 @@ async fn kill9_inside_cutover_before_the_swap_falls_back_to_the_source() {
         )
         .await
     });
+    (env, load, cutover)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_inside_cutover_before_the_swap_falls_back_to_the_source() {
+    let (mut env, load, cutover) = cutover_stuck_at("cutover.before_swap=hang").await;
     env.proxy
         .wait_state("cutover_paused", Duration::from_secs(10))
         .await;
@@ -597,22 +606,7 @@ async fn kill9_inside_cutover_before_the_swap_falls_back_to_the_source() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_inside_cutover_after_the_swap_completes_it() {
-    let mut env = env().await;
-    let load = load(&env.proxy);
-    env.proxy.start_to_dual_write().await;
-    env.proxy.kill9();
-    env.proxy.start("cutover.after_swap=hang");
-    env.proxy
-        .wait_state("dual_write", Duration::from_secs(30))
-        .await;
-    let socket = env.proxy.socket.clone();
-    let cutover = tokio::spawn(async move {
-        try_admin_line(
-            &socket,
-            &json!({"cmd": "migrate.cutover", "tenant": "acme"}),
-        )
-        .await
-    });
+    let (mut env, load, cutover) = cutover_stuck_at("cutover.after_swap=hang").await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let t = env

@@ -61,7 +61,8 @@ pub struct ProxyConfig {
     /// Tenant for connections that name none; empty means none. Reloadable.
     #[serde(default)]
     pub default_tenant: String,
-    /// Runtime worker threads; 0 means one per CPU core. Not reloadable.
+    /// Runtime worker threads; 0 chooses from the core count (one thread up to two cores, else one per core).
+    /// Not reloadable.
     #[serde(default)]
     pub workers: usize,
     /// Logged-in client connections beyond this get `53300`. Not reloadable.

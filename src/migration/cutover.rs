@@ -350,7 +350,11 @@ pub(super) fn swap_route(
             routes.insert(tenant.clone(), route.clone());
             Ok(())
         },
-        |table| shared.persist_routes(table).map_err(MigrateError::from),
+        |table, changes| {
+            shared
+                .persist_routes(table, changes)
+                .map_err(MigrateError::from)
+        },
     )?;
     shared.migrations.note_moved(tenant, table.epoch);
     Ok(())

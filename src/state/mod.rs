@@ -1,11 +1,13 @@
 //! Durable state in `state_dir`: the routing table (with its epoch) and the audit log.
 //!
-//! Files are written atomically (temp file, fsync, rename, fsync of the directory) and carry a checksum, so a
-//! torn or corrupted file stops startup with a clear message instead of routing tenants wrong.
+//! Routes are a snapshot (`routes.json`, written atomically: temp file, fsync, rename, fsync of the directory)
+//! plus an append-only log of the changes since (see [`routes_log`]). Everything carries a checksum, so a
+//! corrupted file stops startup with a clear message instead of routing tenants wrong.
 
 pub mod atomic;
 pub mod audit;
 pub mod key;
+pub mod routes_log;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -14,8 +16,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::routing::{Epoch, Route, RoutingTable};
+use crate::routing::{Change, Epoch, Route, RoutingTable};
 use crate::tenant::TenantId;
+use routes_log::{LogRecord, RoutesLog};
 
 pub use audit::{AuditEntry, AuditLog};
 
@@ -59,7 +62,6 @@ impl RoutesFile {
             version: FORMAT_VERSION,
             epoch: table.epoch,
             routes: table
-                .routes
                 .iter()
                 .map(|(k, v)| (k.to_string(), (**v).clone()))
                 .collect(),
@@ -68,15 +70,12 @@ impl RoutesFile {
     }
 
     pub fn to_table(&self) -> Result<RoutingTable, String> {
-        let mut table = RoutingTable {
-            epoch: self.epoch,
-            ..Default::default()
-        };
+        let mut routes = std::collections::HashMap::with_capacity(self.routes.len());
         for (name, route) in &self.routes {
             let id = TenantId::parse(name).map_err(|e| e.to_string())?;
-            table.routes.insert(id, std::sync::Arc::new(route.clone()));
+            routes.insert(id, std::sync::Arc::new(route.clone()));
         }
-        Ok(table)
+        Ok(RoutingTable::new(self.epoch, routes))
     }
 }
 
@@ -113,6 +112,7 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 #[derive(Debug)]
 pub struct StateStore {
     dir: PathBuf,
+    log: RoutesLog,
 }
 
 impl StateStore {
@@ -121,6 +121,7 @@ impl StateStore {
         std::fs::create_dir_all(dir).map_err(|e| StateError::io(dir, e))?;
         Ok(StateStore {
             dir: dir.to_owned(),
+            log: RoutesLog::new(dir, 0),
         })
     }
 
@@ -128,44 +129,93 @@ impl StateStore {
         &self.dir
     }
 
-    /// The persisted routes, `None` when none were ever written.
-    pub fn load_routes(&self) -> Result<Option<RoutesFile>, StateError> {
+    /// The persisted routes (the snapshot with the logged changes after it), `None` when none were ever
+    /// written.
+    pub fn load_routes(&mut self) -> Result<Option<RoutesFile>, StateError> {
         let path = self.dir.join(ROUTES_FILE);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(StateError::io(&path, e)),
+        let Some(mut file) = read_snapshot(&path)? else {
+            if self.dir.join(routes_log::LOG_FILE).exists() {
+                return Err(StateError::Corrupt {
+                    path,
+                    reason: "missing, while routes.log holds changes made after it; remove routes.log too to \
+                             reseed routes from the config"
+                        .into(),
+                });
+            }
+            return Ok(None);
         };
-        let json = unseal(&path, &text)?;
-        let file: RoutesFile = serde_json::from_str(json).map_err(|e| StateError::Corrupt {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        if file.version != FORMAT_VERSION {
-            return Err(StateError::Corrupt {
-                path,
-                reason: format!("unknown format version {}", file.version),
-            });
-        }
-        file.to_table().map_err(|reason| StateError::Corrupt {
-            path: self.dir.join(ROUTES_FILE),
-            reason,
-        })?;
+        let lines = routes_log::replay(&self.dir, &mut file)?;
+        self.log = RoutesLog::new(&self.dir, lines);
+        file.to_table()
+            .map_err(|reason| StateError::Corrupt { path, reason })?;
         Ok(Some(file))
     }
 
-    /// Writes the routes atomically; they are durable when this returns.
+    /// Writes a whole snapshot (the first one, seeded from the config); durable when this returns.
     pub fn save_routes(&self, file: &RoutesFile) -> Result<(), StateError> {
-        let json = serde_json::to_string_pretty(file).map_err(|e| StateError::Corrupt {
-            path: self.dir.join(ROUTES_FILE),
+        StateStore::write_snapshot(&self.dir, file)
+    }
+
+    pub(crate) fn write_snapshot(dir: &Path, file: &RoutesFile) -> Result<(), StateError> {
+        let path = dir.join(ROUTES_FILE);
+        let json = serde_json::to_string(file).map_err(|e| StateError::Corrupt {
+            path: path.clone(),
             reason: e.to_string(),
         })?;
-        atomic::write(&self.dir.join(ROUTES_FILE), seal(&json).as_bytes())
+        atomic::write(&path, seal(&json).as_bytes())
+    }
+
+    /// Persists one route change (`table` is the table it made); durable when this returns. Every
+    /// [`routes_log::SNAPSHOT_EVERY`] changes a new snapshot is written on a thread of its own.
+    pub fn record_routes(
+        &self,
+        table: &RoutingTable,
+        changes: &[Change],
+        removed: &BTreeSet<String>,
+    ) -> Result<(), StateError> {
+        let record = LogRecord::new(table.epoch, changes, removed);
+        if self.log.append(&record)? && self.log.rotate()? {
+            let (dir, table, removed) = (self.dir.clone(), table.clone(), removed.clone());
+            let spawned = std::thread::Builder::new()
+                .name("pgtenant-snapshot".into())
+                .spawn(move || {
+                    let file = RoutesFile::from_table(&table, removed);
+                    if let Err(e) = RoutesLog::finish_snapshot(&dir, &file) {
+                        // The changes stay in routes.log.prev and are replayed at start; the next try comes
+                        // when the log has grown again.
+                        tracing::warn!(error = %e, "writing a routes snapshot failed");
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "could not start the routes snapshot");
+            }
+        }
+        Ok(())
     }
 
     pub fn audit_path(&self) -> PathBuf {
         self.dir.join("audit.log")
     }
+}
+
+fn read_snapshot(path: &Path) -> Result<Option<RoutesFile>, StateError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(StateError::io(path, e)),
+    };
+    let json = unseal(path, &text)?;
+    let file: RoutesFile = serde_json::from_str(json).map_err(|e| StateError::Corrupt {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    if file.version != FORMAT_VERSION {
+        return Err(StateError::Corrupt {
+            path: path.to_owned(),
+            reason: format!("unknown format version {}", file.version),
+        });
+    }
+    Ok(Some(file))
 }
 
 #[cfg(test)]
@@ -175,7 +225,7 @@ mod tests {
     #[test]
     fn routes_round_trip_and_corruption_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let store = StateStore::open(dir.path()).unwrap();
+        let mut store = StateStore::open(dir.path()).unwrap();
         assert!(store.load_routes().unwrap().is_none());
         let mut routes = BTreeMap::new();
         routes.insert(
@@ -196,7 +246,7 @@ mod tests {
         assert_eq!(store.load_routes().unwrap(), Some(file));
         let path = dir.path().join(ROUTES_FILE);
         let text = std::fs::read_to_string(&path).unwrap();
-        std::fs::write(&path, text.replace("\"epoch\": 7", "\"epoch\": 8")).unwrap();
+        std::fs::write(&path, text.replace("\"epoch\":7", "\"epoch\":8")).unwrap();
         assert!(matches!(
             store.load_routes(),
             Err(StateError::Corrupt { .. })

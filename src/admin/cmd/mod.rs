@@ -82,18 +82,32 @@ pub async fn execute(shared: &Arc<Shared>, req: Request, actor: &str) -> Result<
     outcome.map(|d| d.result)
 }
 
+/// Runs a command that writes the state directory (an fsync) on a blocking thread, not on one that serves
+/// clients.
+async fn off_thread(
+    shared: &Arc<Shared>,
+    command: impl FnOnce(&Arc<Shared>) -> Result<Done, AdminError> + Send + 'static,
+) -> Result<Done, AdminError> {
+    let shared = shared.clone();
+    tokio::task::spawn_blocking(move || command(&shared))
+        .await
+        .map_err(|e| AdminError::state_write(format!("the command's thread failed: {e}")))?
+}
+
 async fn run(shared: &Arc<Shared>, req: Request) -> Result<Done, AdminError> {
     match req {
         Request::Tenants(_) => Ok(Done::read(&tenants::list(shared))),
         Request::TenantGet(a) => tenants::get(shared, &a.tenant).map(|v| Done::read(&v)),
-        Request::TenantSet(a) => route::set(shared, &a.tenant, a.route()),
+        Request::TenantSet(a) => {
+            off_thread(shared, move |s| route::set(s, &a.tenant, a.route())).await
+        }
         Request::TenantGrants(a) => grants::grants(shared, &a.tenant, a.apply).await,
-        Request::TenantRemove(a) => route::remove(shared, &a.tenant),
+        Request::TenantRemove(a) => off_thread(shared, move |s| route::remove(s, &a.tenant)).await,
         Request::Backends(_) => Ok(Done::read(&backends::list(shared))),
         Request::Pause(a) => gate::pause(shared, &a.tenant, a.timeout_ms).await,
         Request::Resume(a) => gate::resume(shared, &a.tenant),
         Request::Stats(_) => Ok(Done::read(&stats::stats(shared))),
-        Request::Reload(_) => reload::reload(shared),
+        Request::Reload(_) => off_thread(shared, reload::reload).await,
         Request::Audit(a) => stats::audit(shared, a.tail.get()).map(|v| Done::read(&v)),
         other => migrate::run(shared, other).await,
     }

@@ -46,15 +46,13 @@ pub fn reload(shared: &Arc<Shared>) -> Result<Done, AdminError> {
             .update(
                 |routes| {
                     for (t, r) in &new_tenants {
-                        routes
-                            .entry(t.clone())
-                            .or_insert_with(|| Arc::new(r.clone()));
+                        routes.insert_if_absent(t, || r.clone());
                     }
                     Ok(())
                 },
-                |table| {
+                |table, changes| {
                     shared
-                        .persist_routes(table)
+                        .persist_routes(table, changes)
                         .map_err(|e| AdminError::new(AdminCode::StateWriteFailed, e.to_string()))
                 },
             )
@@ -173,7 +171,7 @@ fn plan_backends(
         .keys()
         .filter(|n| !new.backends.contains_key(*n))
     {
-        if let Some((t, _)) = table.routes.iter().find(|(_, r)| &r.backend == name) {
+        if let Some((t, _)) = table.iter().find(|(_, r)| &r.backend == name) {
             return Err(failed(format!(
                 "backend {name:?} is removed but tenant {t} still routes to it"
             )));

@@ -42,13 +42,13 @@ fn publish(
         |routes| {
             match &route {
                 Some(r) => routes.insert(tenant.clone(), r.clone()),
-                None => routes.remove(tenant.as_str()),
+                None => routes.remove(tenant),
             };
             Ok(())
         },
-        |table| {
+        |table, changes| {
             shared
-                .persist_routes(table)
+                .persist_routes(table, changes)
                 .map_err(AdminError::state_write)
         },
     )

@@ -24,8 +24,7 @@ fn counters(shared: &Shared) -> BTreeMap<String, f64> {
 pub(super) fn stats(shared: &Shared) -> StatsView {
     let table = shared.router.snapshot();
     let mut paused_tenants: Vec<TenantId> = table
-        .routes
-        .keys()
+        .tenants()
         .filter(|t| shared.gates.peek(t.as_str()).is_some_and(|g| g.is_closed()))
         .cloned()
         .collect();
@@ -33,7 +32,7 @@ pub(super) fn stats(shared: &Shared) -> StatsView {
     StatsView {
         uptime_s: shared.started.elapsed().as_secs(),
         epoch: table.epoch,
-        tenants: table.routes.len(),
+        tenants: table.len(),
         client_sessions: shared.sessions.count(),
         paused_tenants,
         counters: counters(shared),

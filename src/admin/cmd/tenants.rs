@@ -37,7 +37,6 @@ pub(super) fn list(shared: &Shared) -> TenantList {
     let table = shared.router.snapshot();
     let counts = session_counts(shared, table.epoch);
     let mut tenants: Vec<TenantRow> = table
-        .routes
         .iter()
         .map(|(t, r)| {
             let (sessions, stale) = counts.get(t).copied().unwrap_or_default();
