@@ -10,6 +10,7 @@ pub mod ctl;
 pub mod errors;
 pub mod frontend;
 pub mod gate;
+pub mod heap;
 pub mod ids;
 pub mod metrics;
 pub mod migration;

@@ -234,6 +234,9 @@ impl Router {
                     len: current.len,
                 }));
                 folding.running = false;
+                drop((folding, current, at));
+                // The old base goes when its last reader does; what this thread's arena holds goes now.
+                crate::heap::trim();
             });
         match spawned {
             Ok(_) => true,

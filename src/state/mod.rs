@@ -79,6 +79,41 @@ impl RoutesFile {
     }
 }
 
+/// A [`RoutesFile`] written straight from a routing table (sorted by tenant, as the file's map is), without
+/// copying every route into one first: at 100 000 tenants the copy was 30 MB.
+pub struct SnapshotOf<'a> {
+    table: &'a RoutingTable,
+    removed: &'a BTreeSet<String>,
+}
+
+impl<'a> SnapshotOf<'a> {
+    pub fn new(table: &'a RoutingTable, removed: &'a BTreeSet<String>) -> SnapshotOf<'a> {
+        SnapshotOf { table, removed }
+    }
+}
+
+impl Serialize for SnapshotOf<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut routes: Vec<(&TenantId, &std::sync::Arc<Route>)> = self.table.iter().collect();
+        routes.sort_unstable_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        let mut st = s.serialize_struct("RoutesFile", 4)?;
+        st.serialize_field("version", &FORMAT_VERSION)?;
+        st.serialize_field("epoch", &self.table.epoch)?;
+        st.serialize_field("routes", &SortedRoutes(&routes))?;
+        st.serialize_field("removed", self.removed)?;
+        st.end()
+    }
+}
+
+struct SortedRoutes<'a>(&'a [(&'a TenantId, &'a std::sync::Arc<Route>)]);
+
+impl Serialize for SortedRoutes<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(t, r)| (t.as_str(), &***r)))
+    }
+}
+
 /// Text plus a checksum line: `<json>\nsha256:<hex>\n`.
 pub(crate) fn seal(json: &str) -> String {
     format!("{json}\nsha256:{}\n", hex(&Sha256::digest(json.as_bytes())))
@@ -156,7 +191,7 @@ impl StateStore {
         StateStore::write_snapshot(&self.dir, file)
     }
 
-    pub(crate) fn write_snapshot(dir: &Path, file: &RoutesFile) -> Result<(), StateError> {
+    pub(crate) fn write_snapshot(dir: &Path, file: &impl Serialize) -> Result<(), StateError> {
         let path = dir.join(ROUTES_FILE);
         let json = serde_json::to_string(file).map_err(|e| StateError::Corrupt {
             path: path.clone(),
@@ -179,12 +214,15 @@ impl StateStore {
             let spawned = std::thread::Builder::new()
                 .name("pgtenant-snapshot".into())
                 .spawn(move || {
-                    let file = RoutesFile::from_table(&table, removed);
-                    if let Err(e) = RoutesLog::finish_snapshot(&dir, &file) {
+                    if let Err(e) =
+                        RoutesLog::finish_snapshot(&dir, &SnapshotOf::new(&table, &removed))
+                    {
                         // The changes stay in routes.log.prev and are replayed at start; the next try comes
                         // when the log has grown again.
                         tracing::warn!(error = %e, "writing a routes snapshot failed");
                     }
+                    drop((table, removed));
+                    crate::heap::trim();
                 });
             if let Err(e) = spawned {
                 tracing::warn!(error = %e, "could not start the routes snapshot");
@@ -256,5 +294,23 @@ mod tests {
             store.load_routes(),
             Err(StateError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn a_snapshot_written_from_the_table_reads_back_as_the_file() {
+        let mut routes = std::collections::HashMap::new();
+        for name in ["zeta", "acme", "mid"] {
+            let route = Route::new(
+                crate::routing::BackendId::parse("b").unwrap(),
+                None,
+                Some(format!("s_{name}")),
+            );
+            routes.insert(TenantId::parse(name).unwrap(), std::sync::Arc::new(route));
+        }
+        let table = RoutingTable::new(crate::routing::Epoch(9), routes);
+        let removed: BTreeSet<String> = ["gone".to_string()].into();
+        let direct = serde_json::to_string(&SnapshotOf::new(&table, &removed)).unwrap();
+        let copied = serde_json::to_string(&RoutesFile::from_table(&table, removed)).unwrap();
+        assert_eq!(direct, copied);
     }
 }

@@ -143,7 +143,7 @@ impl RoutesLog {
     }
 
     /// Writes `snapshot` and removes the log lines it covers; run off the serving threads.
-    pub fn finish_snapshot(dir: &Path, snapshot: &RoutesFile) -> Result<(), StateError> {
+    pub fn finish_snapshot(dir: &Path, snapshot: &impl Serialize) -> Result<(), StateError> {
         super::StateStore::write_snapshot(dir, snapshot)?;
         let prev = dir.join(PREV_FILE);
         std::fs::remove_file(&prev).map_err(|e| StateError::io(&prev, e))
