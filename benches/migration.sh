@@ -5,7 +5,7 @@
 #   - gate-closed pause p50/p99/max over ROUNDS cutovers and ROUNDS rollbacks under pgbench -c CLIENTS.
 #   bash benches/migration.sh        (DURATION=20 CLIENTS=16 SCALE=10 ROUNDS=20; writes benches/results/migration.md)
 #   Also: LOOP_SCALE (5), TEE (sync|async), LOOP_MODE (pgbench -M of the pause rounds, prepared), COPY_BATCH
-#   (migration.copy_batch_rows), PERF_PROXY=1 (perf record -g of the proxy during the rounds, /tmp/perf.proxy.data).
+#   (migration.copy_batch_rows), WORKERS (proxy.workers, 0: the default), PERF_PROXY=1 (perf record -g of the proxy during the rounds, /tmp/perf.proxy.data).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/pg-lib.sh
@@ -29,7 +29,8 @@ METRICS_PORT="$(free_port)"
 CONFIG="$PG_WORKDIR/pgtenant.toml"
 SOCK="$PG_WORKDIR/pgtenant.sock"
 migration_config "$CONFIG" "$PROXY_PORT" "$shared_PORT" "$dedicated_PORT" 40 \
-  "metrics_listen = \"127.0.0.1:$METRICS_PORT\"" acme loop
+  "metrics_listen = \"127.0.0.1:$METRICS_PORT\"
+workers = ${WORKERS:-0}" acme loop
 printf 'tee = "%s"\n' "$TEE" >> "$CONFIG"
 [ -n "${COPY_BATCH:-}" ] && printf 'copy_batch_rows = %s\n' "$COPY_BATCH" >> "$CONFIG"
 pgtenant_serve "$CONFIG" "$PG_WORKDIR/proxy.log"

@@ -477,6 +477,36 @@ async fn restarts_resume_copy_tee_and_a_swapped_cutover() {
     assert_eq!(code(&e), "55000", "{}", message(&e));
     // DDL is allowed again once capture is gone.
     c.batch_execute("CREATE TABLE fresh (x int)").await.unwrap();
+    // The finished move is in the history with its figures, across a restart.
+    let h = proxy
+        .admin_ok(json!({"cmd": "migrate.history", "since": "1d"}))
+        .await;
+    let e = &h["entries"][0];
+    assert_eq!(e["outcome"], json!("completed"), "{h}");
+    assert_eq!(
+        (&e["source"]["backend"], &e["target"]["backend"]),
+        (&json!("shared"), &json!("dedicated"))
+    );
+    assert!(e["rows_copied"].as_u64().unwrap() > 0, "{h}");
+    assert!(e["bytes_copied"].as_u64().unwrap() > 0, "{h}");
+    assert!(e["duration_s"].as_f64().unwrap() > 0.0, "{h}");
+    assert_eq!(h["summary"]["completed_today"], json!(1), "{h}");
+    let TestProxy { proxy: old, state } = proxy;
+    old.close().await;
+    let proxy = TestProxy {
+        proxy: pgtenant::server::Proxy::start(config.clone())
+            .await
+            .unwrap(),
+        state,
+    };
+    let again = proxy
+        .admin_ok(json!({"cmd": "migrate.history", "tenant": "acme"}))
+        .await;
+    assert_eq!(again["entries"], h["entries"]);
+    let bad = proxy
+        .admin_err(json!({"cmd": "migrate.history", "since": "yesterday"}))
+        .await;
+    assert_eq!(bad, "invalid_argument");
 }
 
 /// Transaction pool mode: sessions park between transactions while their commits wait for the tee, and move
@@ -687,6 +717,35 @@ async fn abort_works_from_every_state_before_the_swap() {
     ] {
         assert!(text.contains(needle), "{needle} not audited");
     }
+    // Each abort is in the history, newest first; the last went through a failure and its retry.
+    let h = proxy
+        .admin_ok(json!({"cmd": "migrate.history", "tenant": "acme"}))
+        .await;
+    let entries = h["entries"].as_array().unwrap();
+    let outcomes: Vec<&str> = entries
+        .iter()
+        .map(|e| e["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["aborted"; 3], "{h}");
+    let states: Vec<&str> = entries[0]["states"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        states,
+        ["pending", "bulk_copy", "failed", "bulk_copy", "dual_write"],
+        "{h}"
+    );
+    assert_eq!(h["summary"]["active"], json!(0), "{h}");
+    assert!(
+        entries[0]["started_by"]
+            .as_str()
+            .unwrap()
+            .starts_with("uid:"),
+        "{h}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -898,6 +957,12 @@ async fn bad_requests_are_refused_clearly_and_ddl_is_guarded() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("TENANT") && text.contains("dual_write"),
+        "{text}"
+    );
+    let out = ctl(&["migrate", "history", "--since", "7d"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("active 1, completed today 0") && text.contains("OUTCOME"),
         "{text}"
     );
     let out = ctl(&["migrate", "status", "acme", "--json"]);

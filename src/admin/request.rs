@@ -84,6 +84,7 @@ commands! {
     "audit" => Audit(Audit),
     "migrate.start" => MigrateStart(StartRequest),
     "migrate.status" => MigrateStatus(MaybeTenant),
+    "migrate.history" => MigrateHistory(HistoryArgs),
     "migrate.cutover" => MigrateCutover(TenantArg),
     "migrate.abort" => MigrateAbort(Abort),
     "migrate.pause" => MigratePause(TenantArg),
@@ -115,7 +116,8 @@ impl Request {
             | Request::Backends(_)
             | Request::Stats(_)
             | Request::Audit(_)
-            | Request::MigrateStatus(_) => false,
+            | Request::MigrateStatus(_)
+            | Request::MigrateHistory(_) => false,
             Request::TenantGrants(g) => g.apply,
             _ => true,
         }
@@ -221,6 +223,24 @@ pub struct TenantArg {
 pub struct MaybeTenant {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<TenantId>,
+}
+
+/// `migrate.history`: which finished moves to list.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryArgs {
+    /// Only this tenant's moves.
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<TenantId>,
+    /// Only moves that ended since a date (2026-12-01, UTC) or a span back from now (7d, 12h, 30m).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// At most this many entries, newest first (default 100).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
 }
 
 /// `tenant.set`: the route's fields.
@@ -374,6 +394,12 @@ about_tenant!(
 );
 
 impl Args for MaybeTenant {
+    fn tenant(&self) -> Option<&TenantId> {
+        self.tenant.as_ref()
+    }
+}
+
+impl Args for HistoryArgs {
     fn tenant(&self) -> Option<&TenantId> {
         self.tenant.as_ref()
     }

@@ -36,6 +36,9 @@ pub struct MigrationConfig {
     /// The `pg_dump` used to create a missing target schema from the source's definition.
     #[serde(default = "default_pg_dump")]
     pub pg_dump: String,
+    /// Finished migrations kept in the history (`migrate history`); the oldest go beyond it.
+    #[serde(default = "default_history_keep")]
+    pub history_keep: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -59,6 +62,7 @@ impl Default for MigrationConfig {
             verify_chunk_rows: default_verify_chunk_rows(),
             catchup_interval_ms: default_catchup_interval_ms(),
             pg_dump: default_pg_dump(),
+            history_keep: default_history_keep(),
         }
     }
 }
@@ -77,6 +81,9 @@ fn default_tee_timeout_ms() -> u64 {
 }
 fn default_max_concurrent() -> usize {
     2
+}
+fn default_history_keep() -> usize {
+    1000
 }
 fn default_copy_parallel() -> usize {
     2

@@ -12,8 +12,8 @@ use tokio::net::UnixStream;
 
 use crate::admin::reply::Response;
 use crate::admin::request::{
-    Abort, Audit, Ddl, Finalize, Grants, MaybeTenant, NoArgs, Pause, Request, SetRoute, TenantArg,
-    Verify,
+    Abort, Audit, Ddl, Finalize, Grants, HistoryArgs, MaybeTenant, NoArgs, Pause, Request,
+    SetRoute, TenantArg, Verify,
 };
 use crate::migration::ops::reply::Status;
 use crate::migration::ops::StartRequest;
@@ -88,6 +88,8 @@ pub enum MigrateAction {
         #[arg(long)]
         watch: bool,
     },
+    /// Finished moves (completed, rolled back, aborted, failed) with their figures, and a summary.
+    History(HistoryArgs),
     /// Switch the tenant to the target now.
     Cutover(TenantArg),
     /// Stop a migration before cutover and remove its capture.
@@ -136,6 +138,7 @@ impl MigrateAction {
         match self {
             MigrateAction::Start(a) => Request::MigrateStart(a.clone()),
             MigrateAction::Status { who, .. } => Request::MigrateStatus(who.clone()),
+            MigrateAction::History(a) => Request::MigrateHistory(a.clone()),
             MigrateAction::Cutover(a) => Request::MigrateCutover(a.clone()),
             MigrateAction::Abort(a) => Request::MigrateAbort(a.clone()),
             MigrateAction::Pause(a) => Request::MigratePause(a.clone()),

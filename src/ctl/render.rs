@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use super::{CtlCommand, MigrateAction};
 use crate::admin::reply::{AuditView, BackendList, TenantList};
-use crate::migration::ops::reply::{Status, StatusList};
+use crate::migration::ops::reply::{HistoryView, Status, StatusList};
 
 /// The result as the command's table, or as `key: value` lines.
 pub fn human(cmd: &CtlCommand, result: &Value) -> String {
@@ -17,6 +17,9 @@ pub fn human(cmd: &CtlCommand, result: &Value) -> String {
         CtlCommand::Migrate {
             action: MigrateAction::Status { who, .. },
         } if who.tenant.is_none() => typed(result, migrations),
+        CtlCommand::Migrate {
+            action: MigrateAction::History(_),
+        } => typed(result, history),
         _ => None,
     };
     rendered.unwrap_or_else(|| key_values(result, ""))
@@ -212,4 +215,42 @@ fn key_values(v: &Value, prefix: &str) -> String {
             .collect(),
         other => format!("{}\n", scalar(other)),
     }
+}
+
+fn history(view: HistoryView) -> String {
+    let s = &view.summary;
+    let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1} ms"));
+    let head = format!(
+        "active {}, completed today {}, failed in the last 7 days {}, average duration {}, pause p50 {} p99 {}",
+        s.active,
+        s.completed_today,
+        s.failed_last_7_days,
+        s.average_duration_s.map_or("-".into(), |d| format!("{d:.1} s")),
+        ms(s.pause_p50_ms),
+        ms(s.pause_p99_ms),
+    );
+    let rows = view
+        .entries
+        .iter()
+        .map(|e| {
+            vec![
+                e.tenant.to_string(),
+                serde_json::to_value(e.outcome)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+                format!("{} -> {}", e.source.backend, e.target.backend),
+                e.ended_at.clone(),
+                format!("{:.1} s", e.duration_s),
+                e.rows_copied.to_string(),
+                e.bytes_copied.to_string(),
+                ms(e.pause_ms),
+                opt(&e.started_by),
+            ]
+        })
+        .collect();
+    let headers = [
+        "TENANT", "OUTCOME", "MOVE", "ENDED", "DURATION", "ROWS", "BYTES", "PAUSE", "BY",
+    ];
+    format!("{head}\n{}", table(&headers, rows))
 }

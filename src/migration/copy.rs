@@ -133,7 +133,7 @@ async fn worker(
         if progress.stopped() {
             return Err(MigrateError::Cancelled);
         }
-        let rows = copy_table(job, &source, &mut target, &table, progress).await?;
+        let (rows, bytes) = copy_table(job, &source, &mut target, &table, progress).await?;
         // Entries committed before the snapshot are in the copy; the others stay for the tee. The cleanup runs
         // before the checkpoint (it is idempotent), so a checkpointed table never has its copied changes left in
         // the log.
@@ -153,6 +153,7 @@ async fn worker(
             &table.name,
             TableCheckpoint {
                 rows,
+                bytes,
                 snapshot: snapshot.to_owned(),
             },
         )?;
@@ -165,14 +166,14 @@ async fn worker(
 }
 
 /// Copies one table as one stream within one target transaction (emptied first, so a retry after a crash starts
-/// clean). Returns the rows copied.
+/// clean). Returns the rows and bytes copied.
 async fn copy_table(
     job: &CopyJob,
     source: &Client,
     target: &mut Client,
     table: &Table,
     progress: &dyn CopyProgress,
-) -> Result<u64, MigrateError> {
+) -> Result<(u64, u64), MigrateError> {
     let src_rows = format!("{} s", job.source.rows(&table.name));
     let dst = job.target.qualified(&table.name);
     let dst_where = job.target.tenant_where();
@@ -213,13 +214,13 @@ struct TableCopy<'a> {
 }
 
 /// Streams one `COPY (query) TO STDOUT` into `COPY dst FROM STDIN`, both binary, reporting progress every
-/// `step` rows. Returns rows written.
+/// `step` rows. Returns rows and bytes (of the binary stream) written.
 async fn copy_one(
     source: &Client,
     tx: &tokio_postgres::Transaction<'_>,
     copy: &TableCopy<'_>,
     progress: &dyn CopyProgress,
-) -> Result<u64, MigrateError> {
+) -> Result<(u64, u64), MigrateError> {
     let out = source
         .copy_out(&format!("COPY ({}) TO STDOUT (FORMAT binary)", copy.query))
         .await
@@ -238,9 +239,11 @@ async fn copy_one(
     // the COPY FROM side takes the byte stream cut anywhere, so rows are passed on in blocks (one message and one
     // sink call per block, not per row), and messages count the rows for progress as they arrive.
     let mut block = BytesMut::with_capacity(COPY_BLOCK);
-    let (mut messages, mut reported) = (0u64, 0u64);
+    let (mut messages, mut reported, mut bytes) = (0u64, 0u64, 0u64);
     while let Some(chunk) = stream.next().await {
-        block.extend_from_slice(&chunk?);
+        let chunk = chunk?;
+        bytes += chunk.len() as u64;
+        block.extend_from_slice(&chunk);
         messages += 1;
         // `messages - 1`: every message but a possible trailer is a row already here.
         if messages - 1 - reported >= copy.step {
@@ -267,5 +270,5 @@ async fn copy_one(
         .await
         .map_err(|e| MigrateError::pg("copy in", e))?;
     progress.rows(rows.saturating_sub(reported));
-    Ok(rows)
+    Ok((rows, bytes))
 }

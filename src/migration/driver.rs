@@ -152,6 +152,7 @@ async fn step(shared: &Arc<Shared>, live: &Arc<Live>, rec: &Record) -> Result<()
             fp.check_until("copy.before_dual_write", &live.stop).await?;
             let rec = transition(shared, &rec.tenant, Event::Copied, |r| {
                 r.rows_copied = r.copied.values().map(|c| c.rows).sum();
+                r.bytes_copied = r.copied.values().map(|c| c.bytes).sum();
             })?;
             start_tee(shared, live, &rec, Direction::Forward).await?;
             Ok(())
@@ -286,6 +287,7 @@ impl copy::CopyProgress for Progress {
         let rec = self.shared.migrations.update(&self.live.tenant, |r| {
             r.copied.insert(table.to_owned(), cp);
             r.rows_copied = r.copied.values().map(|c| c.rows).sum();
+            r.bytes_copied = r.copied.values().map(|c| c.bytes).sum();
             r.rows_total = r.rows_total.max(r.rows_copied);
         })?;
         self.live.partial_rows.fetch_sub(

@@ -85,6 +85,7 @@ pub fn transition(
     let to = next(before, event).map_err(|e| MigrateError::Refused(e.to_string()))?;
     let rec = shared.migrations.update(tenant, |r| {
         r.state = to;
+        r.entered.push((to, super::history::now_ms()));
         f(r)
     })?;
     info!(%tenant, from = before.as_str(), to = to.as_str(), ?event, "migration state");
@@ -100,6 +101,17 @@ pub fn transition(
         warn!(%tenant, error = %e, "audit write failed for a migration transition");
     }
     set_state_gauge(shared, &rec);
+    if to.is_final() {
+        let keep = shared.config.load().migration.history_keep;
+        if let Err(e) = shared
+            .migrations
+            .history
+            .append(&super::history::HistoryEntry::of(&rec, event), keep)
+        {
+            // The move itself is done and recorded; only its line in the history is missing.
+            warn!(%tenant, error = %e, "could not add the migration to the history");
+        }
+    }
     Ok(rec)
 }
 

@@ -19,6 +19,7 @@ pub mod ddl;
 pub mod decide;
 pub mod driver;
 pub mod failpoint;
+pub mod history;
 pub mod machine;
 pub mod ops;
 pub mod pg;

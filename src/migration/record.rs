@@ -124,6 +124,9 @@ impl VerifyLevel {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TableCheckpoint {
     pub rows: u64,
+    /// Bytes of the table's binary COPY stream.
+    #[serde(default)]
+    pub bytes: u64,
     pub snapshot: String,
 }
 
@@ -184,6 +187,14 @@ pub struct Record {
     pub rows_total: u64,
     pub rows_copied: u64,
     #[serde(default)]
+    pub bytes_copied: u64,
+    /// When the migration entered each state it went through (unix ms), for the history's per-state times.
+    #[serde(default)]
+    pub entered: Vec<(State, u64)>,
+    /// The admin actor that started it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_by: Option<String>,
+    #[serde(default)]
     pub last_pause_ms: Option<f64>,
     #[serde(default)]
     pub cutover_attempts: u64,
@@ -225,6 +236,9 @@ impl Record {
             copied: BTreeMap::new(),
             rows_total: 0,
             rows_copied: 0,
+            bytes_copied: 0,
+            entered: vec![(State::Pending, super::history::now_ms())],
+            started_by: None,
             last_pause_ms: None,
             cutover_attempts: 0,
             last_cutover_error: None,

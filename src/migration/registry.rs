@@ -106,6 +106,8 @@ pub struct Migrations {
     /// The routing epoch at which a migration moved each tenant (cutover or rollback): a session still on an
     /// older route of the tenant is ended rather than left writing to the fenced old side.
     moved: Mutex<HashMap<TenantId, Epoch>>,
+    /// Finished migrations.
+    pub history: super::history::History,
 }
 
 impl Migrations {
@@ -119,6 +121,7 @@ impl Migrations {
             tees: ArcSwap::from_pointee(HashMap::new()),
             failpoints: Arc::new(Failpoints::from_env()),
             moved: Mutex::new(HashMap::new()),
+            history: super::history::History::new(dir),
         })
     }
 

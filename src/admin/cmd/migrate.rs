@@ -18,14 +18,29 @@ fn state_of(shared: &Shared, req: &Request) -> Value {
         .unwrap_or(Value::Null)
 }
 
-pub(super) async fn run(shared: &Arc<Shared>, req: Request) -> Result<Done, AdminError> {
+pub(super) async fn run(
+    shared: &Arc<Shared>,
+    req: Request,
+    actor: &str,
+) -> Result<Done, AdminError> {
     let before = state_of(shared, &req);
     let result = match &req {
-        Request::MigrateStart(a) => to_json(&ops::start(shared, a.clone()).await?),
+        Request::MigrateStart(a) => {
+            let started = ops::start(shared, a.clone()).await?;
+            // Who started it, for the history (the record exists from here on).
+            if let Err(e) = shared
+                .migrations
+                .update(a.tenant.as_str(), |r| r.started_by = Some(actor.to_owned()))
+            {
+                tracing::warn!(tenant = %a.tenant, error = %e, "could not record who started the migration");
+            }
+            to_json(&started)
+        }
         Request::MigrateStatus(a) => match &a.tenant {
             Some(t) => to_json(&ops::status_of(shared, t)?),
             None => to_json(&ops::status_all(shared)),
         },
+        Request::MigrateHistory(a) => to_json(&ops::history(shared, a)?),
         Request::MigrateCutover(a) => to_json(&ops::cutover_cmd(shared, &a.tenant).await?),
         Request::MigrateAbort(a) => to_json(&ops::abort(shared, &a.tenant, a.drop_target).await?),
         Request::MigratePause(a) => to_json(&ops::set_paused(shared, &a.tenant, true)?),

@@ -61,7 +61,7 @@ pub async fn execute(shared: &Arc<Shared>, req: Request, actor: &str) -> Result<
     } else {
         None
     };
-    let outcome = run(shared, req).await;
+    let outcome = run(shared, req, actor).await;
     if !mutates {
         return outcome.map(|d| d.result);
     }
@@ -94,7 +94,7 @@ async fn off_thread(
         .map_err(|e| AdminError::state_write(format!("the command's thread failed: {e}")))?
 }
 
-async fn run(shared: &Arc<Shared>, req: Request) -> Result<Done, AdminError> {
+async fn run(shared: &Arc<Shared>, req: Request, actor: &str) -> Result<Done, AdminError> {
     match req {
         Request::Tenants(_) => Ok(Done::read(&tenants::list(shared))),
         Request::TenantGet(a) => tenants::get(shared, &a.tenant).map(|v| Done::read(&v)),
@@ -109,6 +109,6 @@ async fn run(shared: &Arc<Shared>, req: Request) -> Result<Done, AdminError> {
         Request::Stats(_) => Ok(Done::read(&stats::stats(shared))),
         Request::Reload(_) => off_thread(shared, reload::reload).await,
         Request::Audit(a) => stats::audit(shared, a.tail.get()).map(|v| Done::read(&v)),
-        other => migrate::run(shared, other).await,
+        other => migrate::run(shared, other, actor).await,
     }
 }

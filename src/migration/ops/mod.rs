@@ -20,7 +20,7 @@ use crate::tenant::TenantId;
 pub use lifecycle::{abort, cutover_cmd, finalize, rollback_cmd, verify_cmd};
 pub use repair::repair;
 pub use start::{start, StartRequest};
-pub use status::{set_paused, status_all, status_of};
+pub use status::{history, set_paused, status_all, status_of};
 
 impl From<MigrateError> for AdminError {
     fn from(e: MigrateError) -> AdminError {

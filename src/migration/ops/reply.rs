@@ -93,6 +93,13 @@ pub struct StatusList {
     pub migrations: Vec<Status>,
 }
 
+/// `migrate history`: the summary and the finished moves asked for, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryView {
+    pub summary: crate::migration::history::Summary,
+    pub entries: Vec<crate::migration::history::HistoryEntry>,
+}
+
 /// `migrate pause|resume T`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkPaused {

@@ -123,3 +123,42 @@ pub fn set_paused(
         retried: false,
     })
 }
+
+/// `migrate history [--tenant T] [--since D] [--limit N]`: finished moves, newest first, with the summary over
+/// everything kept.
+pub fn history(
+    shared: &Shared,
+    args: &crate::admin::request::HistoryArgs,
+) -> Result<super::reply::HistoryView, AdminError> {
+    use crate::migration::history::{parse_since, Summary};
+    let now = crate::migration::history::now_ms() / 1000;
+    let since = match &args.since {
+        Some(text) => Some(parse_since(text, now).ok_or_else(|| {
+            AdminError::invalid(format!(
+                "since {text:?} is neither a date (2026-12-01) nor a span back from now (7d, 12h, 30m)"
+            ))
+        })?),
+        None => None,
+    };
+    let all = shared.migrations.history.read().map_err(|e| {
+        AdminError::new(
+            crate::admin::code::AdminCode::StateReadFailed,
+            e.to_string(),
+        )
+    })?;
+    let active = shared
+        .migrations
+        .all()
+        .iter()
+        .filter(|r| !r.state.is_final())
+        .count();
+    let summary = Summary::of(&all, active, now);
+    let entries = all
+        .into_iter()
+        .rev()
+        .filter(|e| args.tenant.as_ref().is_none_or(|t| &e.tenant == t))
+        .filter(|e| since.is_none_or(|s| e.ended_unix >= s))
+        .take(args.limit.unwrap_or(100))
+        .collect();
+    Ok(super::reply::HistoryView { summary, entries })
+}

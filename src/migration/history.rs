@@ -1,0 +1,386 @@
+//! Finished migrations (completed, rolled back, aborted, failed then aborted), kept in
+//! `state_dir/migration_history.jsonl`, one JSON line each, so an operator can see yesterday's moves and their
+//! figures after any number of restarts. Bounded: beyond `migration.history_keep` entries the oldest go.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::machine::Event;
+use super::record::{Record, State, VerifyLevel};
+use crate::state::StateError;
+use crate::tenant::TenantId;
+
+const FILE: &str = "migration_history.jsonl";
+
+/// How a migration ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Finalized on the target.
+    Completed,
+    /// Moved back to the source after the swap.
+    RolledBack,
+    /// Abandoned before the swap.
+    Aborted,
+    /// Abandoned after failing (the error is kept).
+    Failed,
+}
+
+/// Where a side of a move was.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Place {
+    pub backend: String,
+    pub database: String,
+    pub schema: String,
+}
+
+/// Time spent in one state (a state entered twice, e.g. dual_write after a fallback, counts both stays).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stay {
+    pub state: State,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub tenant: TenantId,
+    pub outcome: Outcome,
+    pub source: Place,
+    pub target: Place,
+    pub started_at: String,
+    pub ended_at: String,
+    /// Unix seconds of the end, for `--since` and the summary.
+    pub ended_unix: u64,
+    pub duration_s: f64,
+    pub states: Vec<Stay>,
+    pub started_by: Option<String>,
+    pub tables: usize,
+    pub rows_copied: u64,
+    pub bytes_copied: u64,
+    /// The gate-closed time of the last cutover or rollback.
+    pub pause_ms: Option<f64>,
+    pub cutover_attempts: u64,
+    pub verification_level: Option<VerifyLevel>,
+    pub verification_passed: Option<bool>,
+    pub error: Option<String>,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+impl HistoryEntry {
+    /// The entry for `rec`, which `event` has just brought to a final state.
+    pub fn of(rec: &Record, event: Event) -> HistoryEntry {
+        // The state it ended from: an abort of a failed migration is a failure.
+        let from = rec.entered.iter().rev().nth(1).map(|(s, _)| *s);
+        let outcome = match event {
+            Event::Finalized => Outcome::Completed,
+            Event::RolledBack => Outcome::RolledBack,
+            _ if from == Some(State::Failed) => Outcome::Failed,
+            _ => Outcome::Aborted,
+        };
+        let place = |r: &crate::routing::Route, db: &str| Place {
+            backend: r.backend.to_string(),
+            database: db.to_owned(),
+            schema: rec.schema.clone(),
+        };
+        let end = rec.entered.last().map(|(_, t)| *t).unwrap_or_else(now_ms);
+        let states = rec
+            .entered
+            .windows(2)
+            .map(|w| Stay {
+                state: w[0].0,
+                seconds: w[1].1.saturating_sub(w[0].1) as f64 / 1000.0,
+            })
+            .collect();
+        let start = rec.entered.first().map(|(_, t)| *t).unwrap_or(end);
+        HistoryEntry {
+            tenant: rec.tenant.clone(),
+            outcome,
+            source: place(&rec.source, &rec.source_database),
+            target: place(&rec.target, &rec.target_database),
+            started_at: rec.started_at.clone(),
+            ended_at: crate::state::audit::rfc3339_now(),
+            ended_unix: end / 1000,
+            duration_s: end.saturating_sub(start) as f64 / 1000.0,
+            states,
+            started_by: rec.started_by.clone(),
+            tables: rec.tables.len(),
+            rows_copied: rec.rows_copied,
+            bytes_copied: rec.bytes_copied,
+            pause_ms: rec.last_pause_ms,
+            cutover_attempts: rec.cutover_attempts,
+            verification_level: rec.verification.as_ref().and_then(|v| v.level),
+            verification_passed: rec.verification.as_ref().map(|v| v.passed),
+            error: rec.last_error.clone(),
+        }
+    }
+}
+
+/// The history file.
+#[derive(Debug)]
+pub struct History {
+    path: PathBuf,
+    lock: Mutex<()>,
+}
+
+impl History {
+    pub fn new(dir: &Path) -> History {
+        History {
+            path: dir.join(FILE),
+            lock: Mutex::new(()),
+        }
+    }
+
+    /// Appends `entry` (durable when this returns); beyond `keep` entries the oldest are dropped, a quarter
+    /// at a time so the rewrite is rare.
+    pub fn append(&self, entry: &HistoryEntry, keep: usize) -> Result<(), StateError> {
+        let err = |e| StateError::io(&self.path, e);
+        let line = serde_json::to_string(entry).map_err(|e| StateError::Corrupt {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })?;
+        let _one = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        // After a line cut short by a crash, the new one starts on a line of its own.
+        let torn = match std::fs::read(&self.path) {
+            Ok(b) => b.last().is_some_and(|c| *c != b'\n'),
+            Err(_) => false,
+        };
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(err)?;
+        let lead = if torn { "\n" } else { "" };
+        f.write_all(format!("{lead}{line}\n").as_bytes())
+            .map_err(err)?;
+        f.sync_data().map_err(err)?;
+        let entries = self.read_locked()?;
+        if entries.len() > keep + keep / 4 {
+            let kept: String = entries[entries.len() - keep..]
+                .iter()
+                .filter_map(|e| serde_json::to_string(e).ok())
+                .map(|l| l + "\n")
+                .collect();
+            crate::state::atomic::write(&self.path, kept.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Every kept entry, oldest first.
+    pub fn read(&self) -> Result<Vec<HistoryEntry>, StateError> {
+        let _one = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.read_locked()
+    }
+
+    fn read_locked(&self) -> Result<Vec<HistoryEntry>, StateError> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(StateError::io(&self.path, e)),
+        };
+        // A line cut short by a crash (the last one) is skipped; its migration's record still says how it ended.
+        Ok(text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect())
+    }
+}
+
+/// Figures over the history, as `migrate history` shows them above the list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// Migrations not finished (any state but completed and rolled back).
+    pub active: usize,
+    pub completed_today: usize,
+    pub failed_last_7_days: usize,
+    /// Over completed moves.
+    pub average_duration_s: Option<f64>,
+    /// Over every entry with a cutover or rollback.
+    pub pause_p50_ms: Option<f64>,
+    pub pause_p99_ms: Option<f64>,
+}
+
+impl Summary {
+    pub fn of(entries: &[HistoryEntry], active: usize, now_unix: u64) -> Summary {
+        let today = now_unix - now_unix % 86_400;
+        let completed: Vec<&HistoryEntry> = entries
+            .iter()
+            .filter(|e| e.outcome == Outcome::Completed)
+            .collect();
+        let mut pauses: Vec<f64> = entries.iter().filter_map(|e| e.pause_ms).collect();
+        pauses.sort_by(f64::total_cmp);
+        let pick = |q: f64| {
+            (!pauses.is_empty()).then(|| pauses[((pauses.len() - 1) as f64 * q).round() as usize])
+        };
+        Summary {
+            active,
+            completed_today: completed.iter().filter(|e| e.ended_unix >= today).count(),
+            failed_last_7_days: entries
+                .iter()
+                .filter(|e| e.outcome == Outcome::Failed && e.ended_unix + 7 * 86_400 >= now_unix)
+                .count(),
+            average_duration_s: (!completed.is_empty()).then(|| {
+                completed.iter().map(|e| e.duration_s).sum::<f64>() / completed.len() as f64
+            }),
+            pause_p50_ms: pick(0.5),
+            pause_p99_ms: pick(0.99),
+        }
+    }
+}
+
+/// `--since`: a date (`2026-12-01`, UTC midnight), or a span back from now (`7d`, `12h`, `30m`). Unix seconds.
+pub fn parse_since(text: &str, now_unix: u64) -> Option<u64> {
+    let span = |n: &str, unit: u64| {
+        n.parse::<u64>()
+            .ok()
+            .map(|n| now_unix.saturating_sub(n * unit))
+    };
+    if let Some(n) = text.strip_suffix('d') {
+        return span(n, 86_400);
+    }
+    if let Some(n) = text.strip_suffix('h') {
+        return span(n, 3_600);
+    }
+    if let Some(n) = text.strip_suffix('m') {
+        return span(n, 60);
+    }
+    let mut parts = text.splitn(3, '-').map(|p| p.parse::<i64>().ok());
+    let (Some(Some(y)), Some(Some(m)), Some(Some(d))) = (parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return None;
+    }
+    u64::try_from(days_from_civil(y, m, d) * 86_400).ok()
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's days-from-civil).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(
+        outcome: Outcome,
+        ended_unix: u64,
+        duration_s: f64,
+        pause: Option<f64>,
+    ) -> HistoryEntry {
+        let mut rec = Record::for_tests("acme");
+        rec.entered = vec![
+            (State::Pending, 0),
+            (State::BulkCopy, 1000),
+            (State::Completed, 4500),
+        ];
+        let mut e = HistoryEntry::of(&rec, Event::Finalized);
+        e.outcome = outcome;
+        e.ended_unix = ended_unix;
+        e.duration_s = duration_s;
+        e.pause_ms = pause;
+        e
+    }
+
+    #[test]
+    fn an_entry_has_the_time_spent_in_each_state() {
+        let e = entry(Outcome::Completed, 0, 0.0, None);
+        let stays: Vec<(State, f64)> = e.states.iter().map(|s| (s.state, s.seconds)).collect();
+        assert_eq!(stays, [(State::Pending, 1.0), (State::BulkCopy, 3.5)]);
+        let mut rec = Record::for_tests("acme");
+        rec.entered = vec![
+            (State::Pending, 0),
+            (State::Failed, 5),
+            (State::RolledBack, 9),
+        ];
+        assert_eq!(
+            HistoryEntry::of(&rec, Event::Aborted).outcome,
+            Outcome::Failed
+        );
+        rec.entered = vec![
+            (State::Pending, 0),
+            (State::DualWrite, 5),
+            (State::RolledBack, 9),
+        ];
+        assert_eq!(
+            HistoryEntry::of(&rec, Event::Aborted).outcome,
+            Outcome::Aborted
+        );
+        assert_eq!(
+            HistoryEntry::of(&rec, Event::RolledBack).outcome,
+            Outcome::RolledBack
+        );
+    }
+
+    #[test]
+    fn the_summary_counts_today_the_last_week_and_pause_percentiles() {
+        let now = 100 * 86_400 + 3_600;
+        let entries = [
+            entry(Outcome::Completed, now - 60, 10.0, Some(12.0)),
+            entry(Outcome::Completed, now - 86_400, 30.0, Some(20.0)),
+            entry(Outcome::Failed, now - 3 * 86_400, 5.0, None),
+            entry(Outcome::Failed, now - 9 * 86_400, 5.0, None),
+            entry(Outcome::RolledBack, now - 10, 8.0, Some(40.0)),
+        ];
+        let s = Summary::of(&entries, 2, now);
+        assert_eq!(s.active, 2);
+        assert_eq!(s.completed_today, 1);
+        assert_eq!(s.failed_last_7_days, 1);
+        assert_eq!(s.average_duration_s, Some(20.0));
+        assert_eq!(s.pause_p50_ms, Some(20.0));
+        assert_eq!(s.pause_p99_ms, Some(40.0));
+        assert_eq!(Summary::of(&[], 0, now).pause_p50_ms, None);
+    }
+
+    #[test]
+    fn since_takes_a_date_or_a_span() {
+        let now = 1_765_000_000;
+        assert_eq!(parse_since("7d", now), Some(now - 7 * 86_400));
+        assert_eq!(parse_since("12h", now), Some(now - 12 * 3_600));
+        assert_eq!(parse_since("1970-01-02", now), Some(86_400));
+        assert_eq!(parse_since("2026-12-06", now), Some(1_796_515_200));
+        assert_eq!(parse_since("2026-13-01", now), None);
+        assert_eq!(parse_since("soon", now), None);
+    }
+
+    #[test]
+    fn the_file_keeps_the_newest_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = History::new(dir.path());
+        for i in 0..30 {
+            h.append(&entry(Outcome::Completed, i, 1.0, None), 8)
+                .unwrap();
+        }
+        let kept = h.read().unwrap();
+        assert!(kept.len() >= 8 && kept.len() <= 10, "{}", kept.len());
+        assert_eq!(kept.last().unwrap().ended_unix, 29);
+        // A torn last line is skipped.
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(FILE))
+            .unwrap();
+        f.write_all(b"{\"tenant\":\"ac").unwrap();
+        assert_eq!(h.read().unwrap().len(), kept.len());
+        h.append(&entry(Outcome::Completed, 30, 1.0, None), 8)
+            .unwrap();
+        assert_eq!(h.read().unwrap().last().unwrap().ended_unix, 30);
+    }
+}
