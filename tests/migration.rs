@@ -1257,3 +1257,112 @@ async fn limits_async_tee_restart_before_swap_and_auto_cutover() {
         "50"
     );
 }
+
+/// `migrate estimate`: sizes, the target's gaps and the preflight with nothing installed, rates by default
+/// until a move has finished and from the history after; the history says how far the copy estimate was off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn estimate_sizes_a_move_and_learns_from_finished_ones() {
+    let shared = PgCluster::start();
+    let dedicated = PgCluster::start();
+    small_schema(&shared);
+    shared.psql(
+        "app",
+        "CREATE EXTENSION citext; CREATE TYPE tenant_acme.mood AS ENUM ('ok')",
+    );
+    let proxy = up(harness(&shared, &dedicated)).await;
+    let ask = |to: &str| json!({"cmd": "migrate.estimate", "tenant": "acme", "to": to, "verify": "hash", "allow_existing": true});
+    let e = proxy.admin_ok(ask("dedicated")).await;
+    assert_eq!(e["preflight_passed"], json!(true), "{e}");
+    assert_eq!(e["rows"], json!(4100), "{e}");
+    let tables: Vec<(String, u64, bool)> = e["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["table"].as_str().unwrap().to_owned(),
+                t["rows"].as_u64().unwrap(),
+                t["rows_exact"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        tables,
+        [
+            ("a".to_owned(), 2000, true),
+            ("b".to_owned(), 2000, true),
+            ("c".to_owned(), 100, true)
+        ]
+    );
+    assert!(e["bytes"].as_u64().unwrap() > 8192 * 3, "{e}");
+    assert_eq!(e["tables_without_primary_key"], json!(["c"]));
+    assert_eq!(e["sequences"], json!(2));
+    assert_eq!(e["missing_on_target"], json!(["extension citext"]), "{e}");
+    assert!(e["copy_rows_per_s"]["from"]
+        .as_str()
+        .unwrap()
+        .starts_with("default"));
+    assert_eq!(e["expected_pause_ms"], Value::Null);
+    // Nothing was installed or created.
+    assert_eq!(capture_left(&shared), "0/none");
+    assert_eq!(
+        dedicated.psql(
+            "app",
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'tenant_acme'"
+        ),
+        "0"
+    );
+    // A preflight problem is reported, not raised: a target that already holds the rows, without
+    // allow_existing, after the move below. First the move.
+    start_acme(&proxy).await;
+    wait_state(&proxy, "acme", "dual_write", Duration::from_secs(30)).await;
+    wait_lag_zero(&proxy, "acme").await;
+    let v = proxy
+        .admin_ok(json!({"cmd": "migrate.verify", "tenant": "acme", "level": "hash"}))
+        .await;
+    assert_eq!(v["passed"], json!(true), "{v}");
+    proxy
+        .admin_ok(json!({"cmd": "migrate.cutover", "tenant": "acme"}))
+        .await;
+    proxy
+        .admin_ok(json!({"cmd": "migrate.finalize", "tenant": "acme"}))
+        .await;
+    let h = proxy
+        .admin_ok(json!({"cmd": "migrate.history", "tenant": "acme"}))
+        .await;
+    let entry = &h["entries"][0];
+    let error = entry["copy_estimate_error_percent"].as_f64();
+    assert!(error.is_some(), "{h}");
+    // Moving back: the rates now come from the finished move.
+    let back = proxy.admin_ok(ask("shared")).await;
+    assert!(
+        back["copy_rows_per_s"]["from"]
+            .as_str()
+            .unwrap()
+            .starts_with("measured"),
+        "{back}"
+    );
+    assert!(back["expected_pause_ms"].as_f64().is_some(), "{back}");
+    assert_eq!(back["pause_from_moves"], json!(1));
+    let refused = proxy
+        .admin_ok(json!({"cmd": "migrate.estimate", "tenant": "acme", "to": "shared"}))
+        .await;
+    assert_eq!(refused["preflight_passed"], json!(false), "{refused}");
+    assert!(
+        refused["problems"][0]
+            .as_str()
+            .unwrap()
+            .contains("already holds"),
+        "{refused}"
+    );
+    eprintln!(
+        "estimate: copy {:.3} s at the default rate; the move's copy estimate was off by {:.0}%; \
+         next estimate {:.3} s at {:.0} rows/s",
+        e["copy_s"],
+        error.unwrap_or_default(),
+        back["copy_s"].as_f64().unwrap_or_default(),
+        back["copy_rows_per_s"]["value"]
+            .as_f64()
+            .unwrap_or_default()
+    );
+}

@@ -85,6 +85,7 @@ commands! {
     "migrate.start" => MigrateStart(StartRequest),
     "migrate.status" => MigrateStatus(MaybeTenant),
     "migrate.history" => MigrateHistory(HistoryArgs),
+    "migrate.estimate" => MigrateEstimate(StartRequest),
     "migrate.cutover" => MigrateCutover(TenantArg),
     "migrate.abort" => MigrateAbort(Abort),
     "migrate.pause" => MigratePause(TenantArg),
@@ -117,7 +118,8 @@ impl Request {
             | Request::Stats(_)
             | Request::Audit(_)
             | Request::MigrateStatus(_)
-            | Request::MigrateHistory(_) => false,
+            | Request::MigrateHistory(_)
+            | Request::MigrateEstimate(_) => false,
             Request::TenantGrants(g) => g.apply,
             _ => true,
         }

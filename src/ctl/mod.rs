@@ -88,6 +88,8 @@ pub enum MigrateAction {
         #[arg(long)]
         watch: bool,
     },
+    /// How big and how long a move would be (same preflight as start; nothing installed).
+    Estimate(StartRequest),
     /// Finished moves (completed, rolled back, aborted, failed) with their figures, and a summary.
     History(HistoryArgs),
     /// Switch the tenant to the target now.
@@ -139,6 +141,7 @@ impl MigrateAction {
             MigrateAction::Start(a) => Request::MigrateStart(a.clone()),
             MigrateAction::Status { who, .. } => Request::MigrateStatus(who.clone()),
             MigrateAction::History(a) => Request::MigrateHistory(a.clone()),
+            MigrateAction::Estimate(a) => Request::MigrateEstimate(a.clone()),
             MigrateAction::Cutover(a) => Request::MigrateCutover(a.clone()),
             MigrateAction::Abort(a) => Request::MigrateAbort(a.clone()),
             MigrateAction::Pause(a) => Request::MigratePause(a.clone()),

@@ -67,6 +67,11 @@ pub struct HistoryEntry {
     pub cutover_attempts: u64,
     pub verification_level: Option<VerifyLevel>,
     pub verification_passed: Option<bool>,
+    #[serde(default)]
+    pub verification_rows_per_s: Option<f64>,
+    /// How far the estimate of the copy's time was off: (estimated - actual) / actual, in percent.
+    #[serde(default)]
+    pub copy_estimate_error_percent: Option<f64>,
     pub error: Option<String>,
 }
 
@@ -121,9 +126,27 @@ impl HistoryEntry {
             cutover_attempts: rec.cutover_attempts,
             verification_level: rec.verification.as_ref().and_then(|v| v.level),
             verification_passed: rec.verification.as_ref().map(|v| v.passed),
+            verification_rows_per_s: rec
+                .verification
+                .as_ref()
+                .filter(|v| v.duration_ms > 0)
+                .map(|v| v.rows as f64 * 1000.0 / v.duration_ms as f64),
+            copy_estimate_error_percent: estimate_error(rec),
             error: rec.last_error.clone(),
         }
     }
+}
+
+/// (estimated - actual) / actual of the bulk copy's time, in percent.
+fn estimate_error(rec: &Record) -> Option<f64> {
+    let rate = rec.expected_copy_rows_per_s?;
+    let actual: f64 = rec
+        .entered
+        .windows(2)
+        .filter(|w| w[0].0 == State::BulkCopy)
+        .map(|w| w[1].1.saturating_sub(w[0].1) as f64 / 1000.0)
+        .sum();
+    (actual > 0.0 && rate > 0.0).then(|| (rec.rows_copied as f64 / rate - actual) / actual * 100.0)
 }
 
 /// The history file.

@@ -191,6 +191,9 @@ pub struct Record {
     /// When the migration entered each state it went through (unix ms), for the history's per-state times.
     #[serde(default)]
     pub entered: Vec<(State, u64)>,
+    /// The bulk-copy rate (rows/s) the estimate used when the move started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_copy_rows_per_s: Option<f64>,
     /// The admin actor that started it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_by: Option<String>,
@@ -239,6 +242,7 @@ impl Record {
             bytes_copied: 0,
             entered: vec![(State::Pending, super::history::now_ms())],
             started_by: None,
+            expected_copy_rows_per_s: None,
             last_pause_ms: None,
             cutover_attempts: 0,
             last_cutover_error: None,

@@ -41,6 +41,7 @@ pub(super) async fn run(
             None => to_json(&ops::status_all(shared)),
         },
         Request::MigrateHistory(a) => to_json(&ops::history(shared, a)?),
+        Request::MigrateEstimate(a) => to_json(&ops::estimate(shared, a.clone()).await?),
         Request::MigrateCutover(a) => to_json(&ops::cutover_cmd(shared, &a.tenant).await?),
         Request::MigrateAbort(a) => to_json(&ops::abort(shared, &a.tenant, a.drop_target).await?),
         Request::MigratePause(a) => to_json(&ops::set_paused(shared, &a.tenant, true)?),

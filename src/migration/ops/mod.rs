@@ -2,6 +2,7 @@
 //! repair, cutover, rollback, finalize and abort. Each answers with a typed reply ([`reply`]) or an
 //! [`AdminError`] with a stable code.
 
+mod estimate;
 mod lifecycle;
 mod repair;
 pub mod reply;
@@ -17,6 +18,7 @@ use crate::admin::code::{AdminCode, AdminError};
 use crate::context::Shared;
 use crate::tenant::TenantId;
 
+pub use estimate::estimate;
 pub use lifecycle::{abort, cutover_cmd, finalize, rollback_cmd, verify_cmd};
 pub use repair::repair;
 pub use start::{start, StartRequest};

@@ -93,6 +93,54 @@ pub struct StatusList {
     pub migrations: Vec<Status>,
 }
 
+/// `migrate estimate`: sizes, what the target lacks, and durations with the rates they come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Estimate {
+    pub tenant: TenantId,
+    pub source: Place,
+    pub target: Place,
+    /// The same checks as `start`; `problems` says what `start` would refuse.
+    pub preflight_passed: bool,
+    pub problems: Vec<String>,
+    pub tables: Vec<TableEstimate>,
+    pub rows: u64,
+    pub bytes: u64,
+    pub tables_without_primary_key: Vec<String>,
+    pub sequences: u64,
+    /// Extensions and types the target lacks.
+    pub missing_on_target: Vec<String>,
+    pub copy_rows_per_s: Figure,
+    pub verify_rows_per_s: Figure,
+    /// Inserted, updated and deleted rows per second on the source now (sampled for a second).
+    pub source_writes_per_s: f64,
+    pub copy_s: f64,
+    /// Applying the changes written during the copy.
+    pub catch_up_s: f64,
+    pub verify_s: f64,
+    pub total_s: f64,
+    /// Median gate-closed time of earlier cutovers and rollbacks.
+    pub expected_pause_ms: Option<f64>,
+    pub pause_from_moves: usize,
+}
+
+/// A rate and where it comes from (measured on earlier moves, or a default).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Figure {
+    pub value: f64,
+    pub from: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TableEstimate {
+    pub table: String,
+    pub rows: u64,
+    /// Counted; else the planner's estimate (sampled for a shared table's tenant rows).
+    pub rows_exact: bool,
+    /// With indexes and TOAST; for shared tables the tenant's share.
+    pub bytes: u64,
+    pub primary_key: bool,
+}
+
 /// `migrate history`: the summary and the finished moves asked for, newest first.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HistoryView {

@@ -103,6 +103,8 @@ pub async fn start(shared: &Arc<Shared>, req: StartRequest) -> Result<Started, A
     let rec = Record {
         tables: tables.iter().map(|t| t.name.clone()).collect(),
         created_target_schema: created,
+        // What the copy is expected to take, for the history's estimate error.
+        expected_copy_rows_per_s: Some(super::estimate::expected_copy_rate(shared)),
         ..rec
     };
     grant_target(shared, &rec, &target).await?;
@@ -130,7 +132,7 @@ pub async fn start(shared: &Arc<Shared>, req: StartRequest) -> Result<Started, A
 }
 
 /// The record a start would create, from the tenant's route and the request (no I/O).
-fn plan(shared: &Shared, req: &StartRequest) -> Result<Record, AdminError> {
+pub(super) fn plan(shared: &Shared, req: &StartRequest) -> Result<Record, AdminError> {
     let route = shared
         .router
         .load()
@@ -219,26 +221,45 @@ async fn check_sides(
     let tables = source_tables(&src, source).await?;
     let dst = target.connect().await.map_err(preflight)?;
     superuser(&dst, &target.backend).await?;
-    let mut created = false;
-    if !catalog::schema_exists(&dst, &target.schema)
+    let create = check_target(&dst, source, target, &tables, allow_existing).await?;
+    if create {
+        create_schema(shared, source, &dst).await?;
+        check_target_tables(&dst, target, &tables, allow_existing).await?;
+    }
+    Ok((tables, create))
+}
+
+/// The target's checks: its schema exists and holds every table, with the same columns and (unless
+/// `allow_existing`) without the tenant's rows; or it is missing and can be made from the source's definition
+/// (then true: `start` makes it, `estimate` only says so).
+pub(super) async fn check_target(
+    dst: &Client,
+    source: &Endpoint,
+    target: &Endpoint,
+    tables: &[Table],
+    allow_existing: bool,
+) -> Result<bool, AdminError> {
+    if catalog::schema_exists(dst, &target.schema)
         .await
         .map_err(preflight)?
     {
-        if target.schema != source.schema || target.filter.is_some() {
-            return Err(preflight(format!(
-                "target schema {:?} does not exist; create it with the tables' definitions first",
-                target.schema
-            )));
-        }
-        create_schema(shared, source, &dst).await?;
-        created = true;
+        check_target_tables(dst, target, tables, allow_existing).await?;
+        return Ok(false);
     }
-    check_target_tables(&dst, target, &tables, allow_existing).await?;
-    Ok((tables, created))
+    if target.schema != source.schema || target.filter.is_some() {
+        return Err(preflight(format!(
+            "target schema {:?} does not exist; create it with the tables' definitions first",
+            target.schema
+        )));
+    }
+    Ok(true)
 }
 
 /// The tables that migrate: the schema's, or for shared tables those with the tenant column.
-async fn source_tables(src: &Client, source: &Endpoint) -> Result<Vec<Table>, AdminError> {
+pub(super) async fn source_tables(
+    src: &Client,
+    source: &Endpoint,
+) -> Result<Vec<Table>, AdminError> {
     if !catalog::schema_exists(src, &source.schema)
         .await
         .map_err(preflight)?
@@ -333,7 +354,7 @@ async fn grant_target(shared: &Shared, rec: &Record, target: &Endpoint) -> Resul
         .map_err(|e| preflight(MigrateError::pg("grant the tenant's role on the target", e)))
 }
 
-async fn superuser(c: &Client, backend: &str) -> Result<(), AdminError> {
+pub(super) async fn superuser(c: &Client, backend: &str) -> Result<(), AdminError> {
     let row = c
         .query_one(
             "SELECT rolsuper FROM pg_roles WHERE rolname = current_user",
