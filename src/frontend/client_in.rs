@@ -197,6 +197,10 @@ impl Session {
                     {
                         self.forward_statement(total).map_err(End::Fatal)?;
                     } else {
+                        if tag == fe::QUERY {
+                            // PostgreSQL drops the unnamed statement at a simple Query.
+                            self.pooling.statements.forget_unnamed();
+                        }
                         self.pass_client(total);
                     }
                 }

@@ -202,11 +202,13 @@ impl Session {
         let foreign = conn.owner.is_some() && conn.owner != self.place.tenant;
         let full = foreign || conn.suspect;
         let (fingerprint, _) = self.state.sets_fingerprint();
-        if ahead && fingerprint == 0 && conn.applied_sets == 0 {
-            // Nothing of the client's to replay: the proxy's own part (a reset, the tenant's schema) goes ahead
-            // of the client's first frames, and its replies are taken out (no round trip of its own).
-            if full || conn.route_path != self.pooling.route_path {
-                self.pipeline_own(server, full);
+        if ahead && !full && fingerprint == 0 && conn.applied_sets == 0 {
+            // The same tenant's connection, nothing of the client's to replay: the schema change goes ahead of
+            // the client's first frames, its replies taken out (no round trip of its own). Never the full reset:
+            // frames queued behind it run even when it fails (it is one implicit transaction, all undone by any
+            // error, a cancel included), and would then run on what another tenant left.
+            if conn.route_path != self.pooling.route_path {
+                self.pipeline_path(server)?;
             }
         } else if full
             || conn.route_path != self.pooling.route_path
@@ -218,27 +220,26 @@ impl Session {
         Ok(())
     }
 
-    /// The proxy's own settling of a connection, sent ahead of the client's frames: the full reset when
-    /// `full`, the tenant's schema on a shared pool. Its replies are dropped as they arrive (ParameterStatus
-    /// goes on to the client, as any asynchronous one does); should it fail, the connection is closed when the
-    /// session gives it back.
-    fn pipeline_own(&mut self, server: &mut Server, full: bool) {
-        let path = self.pooling.route_path.as_deref().map(quote_ident);
-        let own = match (full, path) {
-            (true, Some(p)) => format!("{FULL_RESET}; SET search_path = {p}"),
-            (true, None) => FULL_RESET.to_owned(),
-            (false, Some(p)) => format!("SET search_path = {p}"),
-            (false, None) => "RESET search_path".to_owned(),
+    /// The tenant's schema set on its own connection, sent ahead of the client's frames. Its replies are
+    /// dropped as they arrive (ParameterStatus goes on to the client, as any asynchronous one does); should it
+    /// fail, the session ends and the connection is closed.
+    fn pipeline_path(&mut self, server: &mut Server) -> Result<(), Unsettled> {
+        let own = match self.pooling.route_path.as_deref() {
+            Some(p) => format!("SET search_path = {}", quote_ident(p)),
+            None => "RESET search_path".to_owned(),
         };
-        if postgres_protocol::message::frontend::query(&own, &mut server.out).is_err() {
-            return;
-        }
+        postgres_protocol::message::frontend::query(&own, &mut server.out).map_err(|e| {
+            Unsettled(
+                ClientError::SettingsNotRecreated
+                    .to_pg()
+                    .with_detail(e.to_string()),
+            )
+        })?;
         server.own_pending += 1;
         let conn = server.conn.get_mut();
-        conn.applied_role = false;
         conn.route_path = self.pooling.route_path.clone();
         conn.owner = self.place.tenant.clone();
-        conn.suspect = false;
+        Ok(())
     }
 
     /// Brings the connection's session to this session's: a full reset when `full` (anything another

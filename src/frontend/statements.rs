@@ -40,6 +40,9 @@ struct ClientStatement {
 /// What the proxy must undo when the backend skipped (or failed) a Parse or Close it was sent.
 enum Undo {
     Nothing,
+    /// An unnamed Parse got no ParseComplete (skipped after an earlier error, or failed): what the proxy kept
+    /// of the client's unnamed statement is no longer known to be right.
+    Unnamed,
     /// The connection does not have this statement after all.
     Forget(StatementId),
     /// The connection still has this statement (its eviction was skipped).
@@ -121,6 +124,7 @@ impl Inflight {
         for e in stale.into_iter().rev() {
             match e.undo {
                 Undo::Nothing => {}
+                Undo::Unnamed => client.forget_unnamed(),
                 Undo::Forget(id) => server.remove(id),
                 Undo::Restore(id) => server.restore(id),
                 Undo::Client {
@@ -227,6 +231,11 @@ impl ClientStatements {
                         );
                     }
                     None => {
+                        if body == b"S\0" {
+                            // The client closes its unnamed statement: nothing to prepare again elsewhere.
+                            self.forget_unnamed();
+                            *t.unnamed_ours = false;
+                        }
                         t.out.extend_from_slice(frame);
                         t.inflight.push(false, Undo::Nothing);
                     }
@@ -327,7 +336,7 @@ impl ClientStatements {
             t.statements.unnamed = true;
             *t.unnamed_ours = true;
             t.out.extend_from_slice(frame);
-            t.inflight.push(false, Undo::Nothing);
+            t.inflight.push(false, Undo::Unnamed);
             return Ok(());
         }
         let (id, parse, before) = self.define(name, definition, resolution)?;
@@ -376,7 +385,8 @@ impl ClientStatements {
         }
     }
 
-    /// The client's unnamed statement is gone (a Parse too large to keep replaced it).
+    /// The client's unnamed statement is gone or no longer known (a Parse too large to keep replaced it, a
+    /// simple Query or a Close dropped it, a Parse of it was skipped).
     pub fn forget_unnamed(&mut self) {
         self.unnamed.clear();
     }
@@ -424,6 +434,7 @@ impl ClientStatements {
     pub fn clear(&mut self) {
         self.map.clear();
         self.bytes = 0;
+        self.unnamed.clear();
     }
 
     /// SQL `DEALLOCATE name` of a statement the client prepared through the protocol: true when it was one.

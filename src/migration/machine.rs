@@ -85,7 +85,7 @@ pub fn transition(
     let to = next(before, event).map_err(|e| MigrateError::Refused(e.to_string()))?;
     let rec = shared.migrations.update(tenant, |r| {
         r.state = to;
-        r.entered.push((to, super::history::now_ms()));
+        r.entered.push((to, super::record::now_ms()));
         f(r)
     })?;
     info!(%tenant, from = before.as_str(), to = to.as_str(), ?event, "migration state");
@@ -103,16 +103,27 @@ pub fn transition(
     set_state_gauge(shared, &rec);
     if to.is_final() {
         let keep = shared.config.load().migration.history_keep;
-        if let Err(e) = shared
-            .migrations
-            .history
-            .append(&super::history::HistoryEntry::of(&rec, event), keep)
-        {
+        if let Err(e) = shared.migrations.history.append(
+            &super::history::HistoryEntry::of(&rec, outcome(event, &rec)),
+            keep,
+        ) {
             // The move itself is done and recorded; only its line in the history is missing.
             warn!(%tenant, error = %e, "could not add the migration to the history");
         }
     }
     Ok(rec)
+}
+
+/// How a migration that `event` brought to a final state ended: an abort of a failed one is a failure.
+fn outcome(event: Event, rec: &Record) -> super::history::Outcome {
+    use super::history::Outcome;
+    let from = rec.entered.iter().rev().nth(1).map(|(s, _)| *s);
+    match event {
+        Event::Finalized => Outcome::Completed,
+        Event::RolledBack => Outcome::RolledBack,
+        _ if from == Some(State::Failed) => Outcome::Failed,
+        _ => Outcome::Aborted,
+    }
 }
 
 pub(super) fn labels(tenant: &str) -> Vec<Label> {
@@ -220,5 +231,25 @@ mod tests {
         for state in [State::Completed, State::RolledBack] {
             assert!(events().iter().all(|e| next(state, *e).is_err()));
         }
+    }
+
+    #[test]
+    fn a_finished_migration_is_named_by_how_it_ended() {
+        use crate::migration::history::Outcome;
+        let mut rec = Record::for_tests("acme");
+        rec.entered = vec![
+            (State::Pending, 0),
+            (State::Failed, 5),
+            (State::RolledBack, 9),
+        ];
+        assert_eq!(outcome(Event::Aborted, &rec), Outcome::Failed);
+        rec.entered = vec![
+            (State::Pending, 0),
+            (State::DualWrite, 5),
+            (State::RolledBack, 9),
+        ];
+        assert_eq!(outcome(Event::Aborted, &rec), Outcome::Aborted);
+        assert_eq!(outcome(Event::RolledBack, &rec), Outcome::RolledBack);
+        assert_eq!(outcome(Event::Finalized, &rec), Outcome::Completed);
     }
 }

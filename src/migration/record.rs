@@ -211,6 +211,14 @@ pub struct Record {
     pub updated_at: String,
 }
 
+/// Milliseconds since the Unix epoch (state entry times).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
 impl Record {
     /// A new migration in `pending`: `tenant` moving from `source` to `target`, its tables in `schema`.
     pub fn pending(
@@ -240,7 +248,7 @@ impl Record {
             rows_total: 0,
             rows_copied: 0,
             bytes_copied: 0,
-            entered: vec![(State::Pending, super::history::now_ms())],
+            entered: vec![(State::Pending, now_ms())],
             started_by: None,
             expected_copy_rows_per_s: None,
             last_pause_ms: None,

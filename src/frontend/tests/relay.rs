@@ -132,6 +132,55 @@ async fn named_statements_are_renamed_and_prepared_where_missing() {
     other.query("COMMIT").await;
 }
 
+/// Transaction pooling: the client's unnamed statement is prepared again on another connection before a Bind
+/// of it (libpq's PQsendPrepare then PQsendQueryPrepared), until a simple Query drops it as PostgreSQL does.
+#[tokio::test]
+async fn the_unnamed_statement_follows_the_session_until_a_query_drops_it() {
+    let w = World::new("transaction", 2);
+    let mut a = w.connect("acme").await;
+    let mut other = w.connect("acme").await;
+    let unnamed_parses = || {
+        w.log
+            .seen()
+            .into_iter()
+            .filter(|s| s.tag == b'P' && s.name.is_empty() && s.text == "SELECT 7")
+            .map(|s| s.conn)
+            .collect::<Vec<_>>()
+    };
+    let mut out = BytesMut::new();
+    parse(&mut out, "", "SELECT 7");
+    sync(&mut out);
+    a.send(&out).await;
+    a.reply().await.unwrap();
+    let first_conn = unnamed_parses()[0];
+    // Another client's transaction holds that connection: the Bind goes to the other one, the Parse first.
+    loop {
+        let r = other.query("BEGIN; SELECT 1").await;
+        if r.values == [first_conn.to_string()] {
+            break;
+        }
+        other.query("COMMIT").await;
+    }
+    let mut out = BytesMut::new();
+    bind_execute(&mut out, "");
+    sync(&mut out);
+    a.send(&out).await;
+    let r = a.reply().await.unwrap();
+    assert_eq!(r.tags, b"2DCZ".to_vec(), "{r:?}");
+    let parses = unnamed_parses();
+    assert_eq!(parses.len(), 2, "{:?}", w.log.seen());
+    assert_ne!(parses[1], first_conn);
+    other.query("COMMIT").await;
+    // A simple Query drops it: a later Bind of "" is sent as it is, on whichever connection.
+    a.query("SELECT 1").await;
+    let mut out = BytesMut::new();
+    bind_execute(&mut out, "");
+    sync(&mut out);
+    a.send(&out).await;
+    a.reply().await.unwrap();
+    assert_eq!(unnamed_parses().len(), 2, "{:?}", w.log.seen());
+}
+
 /// Transaction pooling: a session's SETs are replayed on the next connection it gets, before its statement.
 #[tokio::test]
 async fn session_settings_follow_the_session_to_another_connection() {

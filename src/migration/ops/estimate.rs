@@ -13,17 +13,14 @@ use super::start::{check_target, plan, source_tables, superuser, StartRequest};
 use crate::admin::code::AdminError;
 use crate::context::Shared;
 use crate::migration::catalog::Table;
-use crate::migration::history::{HistoryEntry, Outcome};
+use crate::migration::history::{copy_rates, median, HistoryEntry, DEFAULT_COPY_ROWS_PER_S};
 use crate::migration::pg::Endpoint;
-use crate::migration::record::{State, VerifyLevel};
+use crate::migration::record::VerifyLevel;
 use crate::migration::sides::endpoints;
 use crate::migration::MigrateError;
 
 /// Tables with fewer rows than this (by the planner's estimate) are counted exactly.
 const EXACT_BELOW: i64 = 200_000;
-/// Until a move has been measured: rows copied per second (pgbench rows on this project's 2-core machine
-/// copied at 630 000/s; a conservative half).
-const DEFAULT_COPY_ROWS_PER_S: f64 = 300_000.0;
 /// Changes the tee applies per second during catch-up (row-at-a-time statements), until measured.
 const DEFAULT_APPLY_ROWS_PER_S: f64 = 20_000.0;
 /// How long the source's write rate is sampled for the catch-up estimate.
@@ -132,30 +129,9 @@ fn assemble(f: Facts) -> Estimate {
     }
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    Some(v[v.len() / 2])
-}
-
 /// Rows per second of bulk copy in earlier moves (median), or the default.
-pub fn copy_rate(history: &[HistoryEntry]) -> Figure {
-    let rates: Vec<f64> = history
-        .iter()
-        .filter(|e| e.outcome == Outcome::Completed || e.outcome == Outcome::RolledBack)
-        .filter_map(|e| {
-            let secs: f64 = e
-                .states
-                .iter()
-                .filter(|s| s.state == State::BulkCopy)
-                .map(|s| s.seconds)
-                .sum();
-            (e.rows_copied > 0 && secs > 0.01).then(|| e.rows_copied as f64 / secs)
-        })
-        .collect();
-    Figure::measured_or(rates, DEFAULT_COPY_ROWS_PER_S)
+fn copy_rate(history: &[HistoryEntry]) -> Figure {
+    Figure::measured_or(copy_rates(history), DEFAULT_COPY_ROWS_PER_S)
 }
 
 /// Rows per second of verification at `level` in earlier moves, or a default per level.
@@ -321,9 +297,4 @@ async fn names(c: &Client, sql: &str, param: &str) -> Result<Vec<String>, Migrat
         .await
         .map(|rows| rows.iter().map(|r| r.get::<_, String>(0)).collect())
         .map_err(|e| MigrateError::pg("catalog", e))
-}
-
-/// For the history: the rows per second the copy of this move was expected to run at.
-pub fn expected_copy_rate(shared: &Shared) -> f64 {
-    copy_rate(&shared.migrations.history.read().unwrap_or_default()).value
 }

@@ -104,7 +104,9 @@ pub async fn start(shared: &Arc<Shared>, req: StartRequest) -> Result<Started, A
         tables: tables.iter().map(|t| t.name.clone()).collect(),
         created_target_schema: created,
         // What the copy is expected to take, for the history's estimate error.
-        expected_copy_rows_per_s: Some(super::estimate::expected_copy_rate(shared)),
+        expected_copy_rows_per_s: Some(crate::migration::history::expected_copy_rate(
+            &shared.migrations.history.read().unwrap_or_default(),
+        )),
         ..rec
     };
     grant_target(shared, &rec, &target).await?;
