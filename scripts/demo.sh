@@ -55,6 +55,11 @@ pgbench -n -c "$CLIENTS" -j 2 -T "$SECONDS_RUN" -M extended "$(url globex)" > "$
 G=$!
 sleep 3
 
+field() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {}, {'d': d}))" "$@"; }
+echo "== estimate of the move (same preflight as start, nothing installed)"
+ctl migrate estimate acme --to dedicated --verify hash --json > "$PG_WORKDIR/estimate.json"
+echo "   $(field "$PG_WORKDIR/estimate.json" '"%d rows, %.1f MB in %d tables; copy ~%.1f s (%s), catch-up ~%.1f s, verification ~%.1f s; preflight %s" % (d["rows"], d["bytes"] / 1e6, len(d["tables"]), d["copy_s"], d["copy_rows_per_s"]["from"], d["catch_up_s"], d["verify_s"], "passed" if d["preflight_passed"] else d["problems"])')"
+
 echo "== live migration of acme to the dedicated cluster while pgbench runs"
 ctl migrate start acme --to dedicated --verify hash --cutover auto
 ctl migrate status acme --watch
@@ -65,7 +70,7 @@ echo "== after the migration"
 ctl migrate verify acme --level full --json > "$PG_WORKDIR/verify.json"
 ctl migrate status acme --json > "$PG_WORKDIR/status.json"
 ctl migrate finalize acme >/dev/null
-field() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {}, {'d': d}))" "$@"; }
+ctl migrate history --tenant acme --json > "$PG_WORKDIR/history.json"
 
 printf '%-8s %-10s %-14s %8s %10s\n' tenant backend schema tps failed
 for t in acme globex; do
@@ -89,6 +94,7 @@ echo "summary"
 echo "   rows moved by the bulk copy:   $(field "$PG_WORKDIR/status.json" 'd["rows_copied"]')"
 echo "   cutover pause (gate closed):   $(field "$PG_WORKDIR/status.json" '"%.1f ms" % d["last_pause_ms"]') after $(field "$PG_WORKDIR/status.json" 'd["cutover_attempts"]') attempt(s)"
 echo "   full verification after cutover: $(field "$PG_WORKDIR/verify.json" '"passed" if d["passed"] else "FAILED: %s" % d["violations"][:3]') ($(field "$PG_WORKDIR/verify.json" 'd["rows"]') rows compared)"
+echo "   copy estimate off by:          $(field "$PG_WORKDIR/history.json" '"%+.0f%%" % d["entries"][0]["copy_estimate_error_percent"]') (history: $(field "$PG_WORKDIR/history.json" 'd["entries"][0]["outcome"]'))"
 echo "   source and target identical:   $([ "$src" = "$dst" ] && echo yes || echo "NO ($src vs $dst)")"
 echo "   pgbench invariant on target:   sum(abalance)=$abal sum(delta)=$delta over $hist history rows"
 status=0

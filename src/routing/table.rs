@@ -108,28 +108,29 @@ pub struct Change {
 pub struct Changes<'a> {
     table: &'a RoutingTable,
     made: Vec<Change>,
+    /// The last change of each tenant in `made` (a reload adds many tenants in one update).
+    last: HashMap<TenantId, usize>,
 }
 
 impl Changes<'_> {
     pub fn get(&self, tenant: &str) -> Option<&Arc<Route>> {
-        match self.made.iter().rev().find(|c| c.tenant.as_str() == tenant) {
-            Some(c) => c.route.as_ref(),
+        match self.last.get(tenant) {
+            Some(&i) => self.made[i].route.as_ref(),
             None => self.table.get(tenant),
         }
     }
 
+    fn push(&mut self, tenant: TenantId, route: Option<Arc<Route>>) {
+        self.last.insert(tenant.clone(), self.made.len());
+        self.made.push(Change { tenant, route });
+    }
+
     pub fn insert(&mut self, tenant: TenantId, route: Arc<Route>) {
-        self.made.push(Change {
-            tenant,
-            route: Some(route),
-        });
+        self.push(tenant, Some(route));
     }
 
     pub fn remove(&mut self, tenant: &TenantId) {
-        self.made.push(Change {
-            tenant: tenant.clone(),
-            route: None,
-        });
+        self.push(tenant.clone(), None);
     }
 
     /// Sets the route unless the tenant has one.
@@ -183,6 +184,7 @@ impl Router {
         let mut changes = Changes {
             table: &current,
             made: Vec::new(),
+            last: HashMap::new(),
         };
         change(&mut changes)?;
         let made = changes.made;

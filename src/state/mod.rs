@@ -169,7 +169,9 @@ impl StateStore {
     pub fn load_routes(&mut self) -> Result<Option<RoutesFile>, StateError> {
         let path = self.dir.join(ROUTES_FILE);
         let Some(mut file) = read_snapshot(&path)? else {
-            if self.dir.join(routes_log::LOG_FILE).exists() {
+            if self.dir.join(routes_log::LOG_FILE).exists()
+                || self.dir.join(routes_log::PREV_FILE).exists()
+            {
                 return Err(StateError::Corrupt {
                     path,
                     reason: "missing, while routes.log holds changes made after it; remove routes.log too to \
@@ -209,7 +211,15 @@ impl StateStore {
         removed: &BTreeSet<String>,
     ) -> Result<(), StateError> {
         let record = LogRecord::new(table.epoch, changes, removed);
-        if self.log.append(&record)? && self.log.rotate()? {
+        if !self.log.append(&record)? {
+            return Ok(());
+        }
+        // The change is durable; a failed rotation only postpones the snapshot.
+        let rotated = self.log.rotate().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "could not move routes.log aside for a snapshot");
+            false
+        });
+        if rotated {
             let (dir, table, removed) = (self.dir.clone(), table.clone(), removed.clone());
             let spawned = std::thread::Builder::new()
                 .name("pgtenant-snapshot".into())
@@ -217,8 +227,8 @@ impl StateStore {
                     if let Err(e) =
                         RoutesLog::finish_snapshot(&dir, &SnapshotOf::new(&table, &removed))
                     {
-                        // The changes stay in routes.log.prev and are replayed at start; the next try comes
-                        // when the log has grown again.
+                        // The changes stay in routes.log.prev (the log grows meanwhile): the next start
+                        // replays them and writes the snapshot.
                         tracing::warn!(error = %e, "writing a routes snapshot failed");
                     }
                     drop((table, removed));

@@ -86,13 +86,19 @@ pub struct RoutesLog {
 struct Open {
     file: Option<File>,
     lines: usize,
+    /// A failed append could not be taken back: nothing more is appended until a restart.
+    broken: bool,
 }
 
 impl RoutesLog {
     pub fn new(dir: &Path, lines: usize) -> RoutesLog {
         RoutesLog {
             dir: dir.to_owned(),
-            open: Mutex::new(Open { file: None, lines }),
+            open: Mutex::new(Open {
+                file: None,
+                lines,
+                broken: false,
+            }),
         }
     }
 
@@ -106,22 +112,32 @@ impl RoutesLog {
         })?;
         let line = format!("{json}\t{}\n", hex(&Sha256::digest(json.as_bytes())));
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if open.broken {
+            return Err(err(std::io::Error::other(
+                "an earlier failed append could not be taken back; restart the proxy",
+            )));
+        }
         if open.file.is_none() {
+            // Whatever a failed append left at the end goes before anything else is added.
+            cut_torn_tail(&path).map_err(err)?;
             let f = OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(&path)
                 .map_err(err)?;
+            sync_dir(&self.dir);
             open.file = Some(f);
         }
         let Some(f) = open.file.as_mut() else {
             return Ok(false);
         };
-        // A failed write may have left part of a line: the next open drops a torn tail, but only at the end,
-        // so the file is reopened (and the tail cut) before anything else is appended.
+        let before = f.metadata().map_err(err)?.len();
         if let Err(e) = f.write_all(line.as_bytes()).and_then(|_| f.sync_data()) {
+            // The change is refused, so no trace of it may stay (a restart would apply it, and the next change
+            // would reuse its epoch).
+            let undone = f.set_len(before).and_then(|_| f.sync_data());
             open.file = None;
-            cut_torn_tail(&path).map_err(err)?;
+            open.broken = undone.is_err();
             return Err(err(e));
         }
         open.lines += 1;
@@ -138,6 +154,7 @@ impl RoutesLog {
         }
         open.file = None;
         std::fs::rename(&log, &prev).map_err(|e| StateError::io(&log, e))?;
+        sync_dir(&self.dir);
         open.lines = 0;
         Ok(true)
     }
@@ -150,12 +167,29 @@ impl RoutesLog {
     }
 }
 
-/// Applies the lines of `.prev` and the log that are newer than `file`'s epoch; returns the log's line count.
+/// Applies the lines of `.prev` and the log that are newer than `file`'s epoch. A `.prev` left by a crash (or
+/// a snapshot that failed) is folded into a new snapshot here, so it never blocks the next rotation. Returns
+/// the log's line count.
 pub fn replay(dir: &Path, file: &mut RoutesFile) -> Result<usize, StateError> {
-    replay_one(&dir.join(PREV_FILE), file, false)?;
+    let prev = dir.join(PREV_FILE);
+    replay_one(&prev, file, false)?;
     let log = dir.join(LOG_FILE);
     cut_torn_tail(&log).map_err(|e| StateError::io(&log, e))?;
-    replay_one(&log, file, true)
+    let lines = replay_one(&log, file, true)?;
+    if prev.exists() {
+        super::StateStore::write_snapshot(dir, &*file)?;
+        for path in [&prev, &log] {
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(StateError::io(path, e))
+                }
+                _ => {}
+            }
+        }
+        sync_dir(dir);
+        return Ok(0);
+    }
+    Ok(lines)
 }
 
 fn replay_one(path: &Path, file: &mut RoutesFile, current: bool) -> Result<usize, StateError> {
@@ -168,16 +202,27 @@ fn replay_one(path: &Path, file: &mut RoutesFile, current: bool) -> Result<usize
         path: path.to_owned(),
         reason: format!("line {n}: {reason}"),
     };
-    let mut lines = 0;
-    for (i, line) in text.lines().enumerate() {
-        let (json, sum) = line
-            .rsplit_once('\t')
-            .ok_or_else(|| corrupt(i + 1, "no checksum".into()))?;
-        if hex(&Sha256::digest(json.as_bytes())) != sum {
-            return Err(corrupt(i + 1, "checksum mismatch".into()));
+    let all: Vec<&str> = text.lines().collect();
+    let (mut lines, mut last) = (0, None);
+    for (i, line) in all.iter().enumerate() {
+        let record = match parse_line(line) {
+            Ok(r) => r,
+            // The current log's last line, complete but bad: an append cut short by a power loss (it was
+            // never acknowledged).
+            Err(reason) if current && i + 1 == all.len() => {
+                tracing::warn!(path = %path.display(), reason, "dropping a route change cut short by a crash");
+                cut_to(path, text.len() - line.len() - 1).map_err(|e| StateError::io(path, e))?;
+                break;
+            }
+            Err(reason) => return Err(corrupt(i + 1, reason)),
+        };
+        if last.is_some_and(|l| record.epoch <= l) {
+            return Err(corrupt(
+                i + 1,
+                format!("epoch {} repeats or goes back", record.epoch),
+            ));
         }
-        let record: LogRecord =
-            serde_json::from_str(json).map_err(|e| corrupt(i + 1, e.to_string()))?;
+        last = Some(record.epoch);
         lines += 1;
         if record.epoch <= file.epoch {
             continue;
@@ -194,6 +239,27 @@ fn replay_one(path: &Path, file: &mut RoutesFile, current: bool) -> Result<usize
         record.apply(file);
     }
     Ok(if current { lines } else { 0 })
+}
+
+fn parse_line(line: &str) -> Result<LogRecord, String> {
+    let (json, sum) = line.rsplit_once('\t').ok_or("no checksum")?;
+    if hex(&Sha256::digest(json.as_bytes())) != sum {
+        return Err("checksum mismatch".into());
+    }
+    serde_json::from_str(json).map_err(|e| e.to_string())
+}
+
+fn cut_to(path: &Path, len: usize) -> std::io::Result<()> {
+    let f = OpenOptions::new().write(true).open(path)?;
+    f.set_len(len as u64)?;
+    f.sync_all()
+}
+
+/// Makes a created or renamed file's directory entry durable (a failure is logged: the data itself is synced).
+fn sync_dir(dir: &Path) {
+    if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+        tracing::warn!(dir = %dir.display(), error = %e, "directory fsync failed");
+    }
 }
 
 /// Drops a last line a crash cut short (it was never acknowledged: the append had not returned).
@@ -294,7 +360,7 @@ mod tests {
     }
 
     #[test]
-    fn a_snapshot_covers_the_rotated_log_and_a_crash_around_it_loses_nothing() {
+    fn a_snapshot_covers_the_rotated_log_and_a_leftover_prev_is_folded_at_start() {
         let dir = tempfile::tempdir().unwrap();
         let store = seeded(dir.path());
         let none = BTreeSet::new();
@@ -307,18 +373,56 @@ mod tests {
         store
             .record_routes(&table(3), &[change("b", Some("s2"))], &none)
             .unwrap();
-        // Crash before the snapshot: .prev and the log are both replayed.
-        let file = reload(dir.path()).unwrap();
-        assert_eq!((file.epoch, file.routes.len()), (Epoch(3), 2));
-        // Snapshot at epoch 2 written, .prev removed: the log's newer line still applies.
+        // Snapshot at epoch 2 written and .prev removed: the log's newer line still applies.
         let mut at2 = RoutesFile::from_table(&table(2), none.clone());
         at2.routes.insert(
             "a".into(),
             (*change("a", Some("s1")).route.unwrap()).clone(),
         );
+        let prev_text = std::fs::read_to_string(dir.path().join(PREV_FILE)).unwrap();
         RoutesLog::finish_snapshot(dir.path(), &at2).unwrap();
-        assert!(!dir.path().join(PREV_FILE).exists());
         let file = reload(dir.path()).unwrap();
         assert_eq!((file.epoch, file.routes.len()), (Epoch(3), 2));
+        // A crash before the snapshot (or a snapshot that failed) leaves .prev: the next start replays it and
+        // the log, writes the snapshot and removes both.
+        std::fs::write(dir.path().join(PREV_FILE), prev_text).unwrap();
+        let file = reload(dir.path()).unwrap();
+        assert_eq!((file.epoch, file.routes.len()), (Epoch(3), 2));
+        assert!(!dir.path().join(PREV_FILE).exists());
+        assert!(!dir.path().join(LOG_FILE).exists());
+        let file = reload(dir.path()).unwrap();
+        assert_eq!((file.epoch, file.routes.len()), (Epoch(3), 2));
+        // Without its snapshot, a .prev is refused rather than replayed over a fresh seed.
+        std::fs::write(dir.path().join(PREV_FILE), "x").unwrap();
+        std::fs::remove_file(dir.path().join("routes.json")).unwrap();
+        assert!(matches!(
+            reload(dir.path()),
+            Err(StateError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn a_bad_last_line_is_dropped_and_a_repeated_epoch_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = seeded(dir.path());
+        let none = BTreeSet::new();
+        for (epoch, tenant) in [(2, "a"), (3, "b")] {
+            store
+                .record_routes(&table(epoch), &[change(tenant, Some("s"))], &none)
+                .unwrap();
+        }
+        let log = dir.path().join(LOG_FILE);
+        let good = std::fs::read_to_string(&log).unwrap();
+        // A whole last line whose bytes did not all reach the disk.
+        std::fs::write(&log, format!("{good}{{\"epoch\":4}}\tbad\n")).unwrap();
+        assert_eq!(reload(dir.path()).unwrap().epoch, Epoch(3));
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), good);
+        // The same epoch twice is not a crash's doing.
+        let first = good.lines().next().unwrap();
+        std::fs::write(&log, format!("{first}\n{first}\n{good}")).unwrap();
+        assert!(matches!(
+            reload(dir.path()),
+            Err(StateError::Corrupt { .. })
+        ));
     }
 }
