@@ -1366,3 +1366,65 @@ async fn estimate_sizes_a_move_and_learns_from_finished_ones() {
             .unwrap_or_default()
     );
 }
+
+/// A move with a cutover window waits in dual_write outside it (a manual cutover is refused, saying when the
+/// window opens) and cuts over by itself once it opens, with the usual short pause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cutover_window_holds_the_move_in_dual_write_until_it_opens() {
+    let shared = PgCluster::start();
+    let dedicated = PgCluster::start();
+    small_schema(&shared);
+    let proxy = up(harness(&shared, &dedicated)).await;
+    let unix = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let hms = |t: u64| {
+        format!(
+            "{:02}:{:02}:{:02}",
+            t % 86_400 / 3600,
+            t % 3600 / 60,
+            t % 60
+        )
+    };
+    let opens = unix() + 8;
+    let window = format!("{}-{}", hms(opens), hms(opens + 600));
+    proxy
+        .admin_ok(
+            json!({"cmd": "migrate.start", "tenant": "acme", "to": "dedicated",
+            "cutover": "auto", "cutover_window": window}),
+        )
+        .await;
+    let s = wait_state(&proxy, "acme", "dual_write", Duration::from_secs(30)).await;
+    assert!(s["cutover_window"].as_str().is_some(), "{s}");
+    let refused = proxy
+        .admin(json!({"cmd": "migrate.cutover", "tenant": "acme"}))
+        .await;
+    assert_eq!(
+        refused["error"]["code"],
+        json!("invalid_state"),
+        "{refused}"
+    );
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cutover window"),
+        "{refused}"
+    );
+    // Verified and caught up, it still waits for the window.
+    while unix() + 2 < opens {
+        assert_eq!(status(&proxy, "acme").await["state"], json!("dual_write"));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let s = wait_state(&proxy, "acme", "migrated", Duration::from_secs(30)).await;
+    assert!(unix() >= opens, "cut over before its window opened");
+    let pause = s["last_pause_ms"].as_f64().unwrap();
+    eprintln!("cut over inside its window after a pause of {pause:.1} ms");
+    assert_eq!(
+        fingerprint(&shared, "tenant_acme"),
+        fingerprint(&dedicated, "tenant_acme")
+    );
+}

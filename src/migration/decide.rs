@@ -58,14 +58,21 @@ pub fn after_failure(state: State, failures: u32) -> AfterFailure {
     AfterFailure::Retry(Duration::from_millis(500 << failures.min(4)))
 }
 
-/// Whether an automatic cutover goes ahead now: asked for, verified, caught up, and not given up on.
-pub fn should_auto_cutover(rec: &Record, lag: u64) -> bool {
+/// Whether an automatic cutover goes ahead at `now` (unix seconds): asked for, verified, caught up, inside
+/// the move's cutover window, and not given up on.
+pub fn should_auto_cutover(rec: &Record, lag: u64, now: u64) -> bool {
     rec.state == State::DualWrite
         && !rec.paused
         && rec.cutover == CutoverMode::Auto
         && rec.verification.as_ref().is_some_and(|v| v.passed)
         && lag <= AUTO_CUTOVER_LAG
         && rec.cutover_attempts < AUTO_CUTOVER_ATTEMPTS
+        && in_window(rec, now)
+}
+
+/// Whether a cutover may happen at `now`: always without a window, else inside it.
+pub fn in_window(rec: &Record, now: u64) -> bool {
+    rec.cutover_window.is_none_or(|w| w.contains(now))
 }
 
 /// How the steps before the swap (with the tenant held) ended.
@@ -178,8 +185,15 @@ mod tests {
             verification: passed.clone(),
             ..rec(State::DualWrite)
         };
-        assert!(should_auto_cutover(&ready, 0));
-        assert!(should_auto_cutover(&ready, AUTO_CUTOVER_LAG));
+        // 03:00 UTC on some day.
+        let now = 20_000 * 86_400 + 3 * 3600;
+        assert!(should_auto_cutover(&ready, 0, now));
+        assert!(should_auto_cutover(&ready, AUTO_CUTOVER_LAG, now));
+        let windowed = |w: &str| Record {
+            cutover_window: Some(w.parse().unwrap()),
+            ..ready.clone()
+        };
+        assert!(should_auto_cutover(&windowed("02:00-04:00"), 0, now));
         let not = [
             (
                 Record {
@@ -224,9 +238,10 @@ mod tests {
                 },
                 0,
             ),
+            (windowed("04:00-05:00"), 0),
         ];
         for (r, lag) in not {
-            assert!(!should_auto_cutover(&r, lag), "{r:?} lag {lag}");
+            assert!(!should_auto_cutover(&r, lag, now), "{r:?} lag {lag}");
         }
     }
 

@@ -205,7 +205,7 @@ async fn running(
         if let Err(e) = super::verification::verify_locked(shared, live, rec.verify).await {
             warn!(tenant = %rec.tenant, error = %e, "verification failed to run");
         }
-    } else if decide::should_auto_cutover(&rec, tee.lag()) {
+    } else if decide::should_auto_cutover(&rec, tee.lag(), super::record::now_ms() / 1000) {
         if let Err(e) = super::cutover::cutover(shared, live).await {
             warn!(tenant = %rec.tenant, error = %e, "automatic cutover attempt failed");
             drop(_one);

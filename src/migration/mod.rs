@@ -31,6 +31,7 @@ pub mod sides;
 pub mod tee;
 pub mod verification;
 pub mod verify;
+pub mod window;
 
 use thiserror::Error;
 

@@ -178,6 +178,9 @@ pub struct Record {
     pub target_database: String,
     pub verify: VerifyLevel,
     pub cutover: CutoverMode,
+    /// Cut over only inside this part of the day.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cutover_window: Option<super::window::CutoverWindow>,
     /// Target schema made by this migration (dropped by `abort --drop-target`).
     #[serde(default)]
     pub created_target_schema: bool,
@@ -242,6 +245,7 @@ impl Record {
             target_database,
             verify: VerifyLevel::Count,
             cutover: CutoverMode::Manual,
+            cutover_window: None,
             created_target_schema: false,
             tables: Vec::new(),
             copied: BTreeMap::new(),

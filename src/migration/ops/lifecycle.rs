@@ -42,6 +42,16 @@ pub async fn cutover_cmd(shared: &Arc<Shared>, tenant: &TenantId) -> Result<CutO
             ),
         ));
     }
+    let now = crate::migration::record::now_ms() / 1000;
+    if let Some(w) = rec.cutover_window.filter(|w| !w.contains(now)) {
+        return Err(AdminError::new(
+            AdminCode::InvalidState,
+            format!(
+                "outside the migration's cutover window {w} (opens in {} s); it waits in dual_write",
+                w.opens_in(now)
+            ),
+        ));
+    }
     let _one = live.lock.lock().await;
     ensure_tee(shared, &live, &rec).await?;
     let passed = rec

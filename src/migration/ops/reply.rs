@@ -71,6 +71,9 @@ pub struct Status {
     pub cutover_attempts: u64,
     pub last_cutover_error: Option<String>,
     pub cutover: CutoverMode,
+    /// The part of the day (UTC) the move may cut over in, if limited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cutover_window: Option<crate::migration::window::CutoverWindow>,
     pub verify_level: VerifyLevel,
     pub verification: Option<VerifyReport>,
     pub last_error: Option<String>,

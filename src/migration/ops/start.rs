@@ -9,6 +9,7 @@ use tokio_postgres::Client;
 
 use crate::admin::args::{is_default, or_default, Ident, TenantKey};
 use crate::admin::code::{AdminCode, AdminError};
+use crate::migration::window::CutoverWindow;
 use crate::routing::{BackendId, Route};
 
 use super::preflight;
@@ -72,6 +73,11 @@ pub struct StartRequest {
     #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant_key: Option<TenantKey>,
+    /// Cut over only inside this part of the day, HH:MM-HH:MM UTC (copy and dual_write run any time; a move
+    /// ready outside it waits in dual_write).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cutover_window: Option<CutoverWindow>,
 }
 
 /// Preflight, then the record in `pending` and the task that drives it.
@@ -169,6 +175,7 @@ pub(super) fn plan(shared: &Shared, req: &StartRequest) -> Result<Record, AdminE
         ));
     }
     Ok(Record {
+        cutover_window: req.cutover_window,
         tenant_column: req.tenant_column.clone().map(String::from),
         tenant_key: req.tenant_key.clone().map(String::from),
         verify: req.verify,
