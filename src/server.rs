@@ -90,6 +90,9 @@ impl Proxy {
             .push(tokio::spawn(shared.clone().reap_idle_loop()));
         proxy
             .background
+            .push(tokio::spawn(crate::migration::queue::run(shared.clone())));
+        proxy
+            .background
             .push(tokio::spawn(check_serving_roles(shared.clone())));
         // Unfinished migrations continue from their persisted state.
         crate::migration::driver::resume_all(&shared).await;

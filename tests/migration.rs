@@ -1428,3 +1428,94 @@ async fn a_cutover_window_holds_the_move_in_dual_write_until_it_opens() {
         fingerprint(&dedicated, "tenant_acme")
     );
 }
+
+/// Moves queued with `--at` start when due, survive a restart, and a queued one can be cancelled; the queue
+/// lists them in the order they would start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_moves_start_when_due_survive_a_restart_and_can_be_cancelled() {
+    let shared = PgCluster::start();
+    let dedicated = PgCluster::start();
+    small_schema(&shared);
+    let h = harness(&shared, &dedicated);
+    let config = h.config();
+    let proxy = up(h).await;
+    let q = proxy
+        .admin_ok(json!({"cmd": "migrate.start", "tenant": "acme", "to": "dedicated", "at": "+3s"}))
+        .await;
+    assert_eq!(q["state"], json!("queued"), "{q}");
+    let later = proxy
+        .admin_ok(json!({"cmd": "migrate.start", "tenant": "beta", "to": "dedicated", "at": "+1h", "priority": 5}))
+        .await;
+    assert!(later["starts_in_s"].as_u64().unwrap() > 3500, "{later}");
+    assert_eq!(
+        proxy
+            .admin_err(
+                json!({"cmd": "migrate.start", "tenant": "acme", "to": "dedicated", "at": "+1h"})
+            )
+            .await,
+        "invalid_state"
+    );
+    assert_eq!(
+        proxy
+            .admin_err(
+                json!({"cmd": "migrate.start", "tenant": "acme", "to": "dedicated", "at": "soon"})
+            )
+            .await,
+        "invalid_argument"
+    );
+    let listed = proxy.admin_ok(json!({"cmd": "migrate.queue"})).await;
+    let order: Vec<&str> = listed["queued"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["request"]["tenant"].as_str().unwrap())
+        .collect();
+    assert_eq!(order, ["beta", "acme"], "{listed}");
+    // Not before its time; then by itself.
+    assert_eq!(
+        proxy
+            .admin_err(json!({"cmd": "migrate.status", "tenant": "acme"}))
+            .await,
+        "no_migration"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while proxy
+        .admin(json!({"cmd": "migrate.status", "tenant": "acme"}))
+        .await["ok"]
+        != json!(true)
+    {
+        assert!(Instant::now() < deadline, "the queued move never started");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_state(&proxy, "acme", "dual_write", Duration::from_secs(30)).await;
+    let audit = proxy.admin_ok(json!({"cmd": "audit", "tail": 20})).await;
+    assert!(
+        audit.to_string().contains("scheduler (queued by"),
+        "{audit}"
+    );
+    // The later one survives a restart, and is cancelled.
+    let TestProxy { proxy: old, state } = proxy;
+    old.close().await;
+    let proxy = TestProxy {
+        proxy: pgtenant::server::Proxy::start(config.clone())
+            .await
+            .unwrap(),
+        state,
+    };
+    let listed = proxy.admin_ok(json!({"cmd": "migrate.queue"})).await;
+    assert_eq!(listed["queued"].as_array().unwrap().len(), 1, "{listed}");
+    let c = proxy
+        .admin_ok(json!({"cmd": "migrate.cancel", "tenant": "beta"}))
+        .await;
+    assert_eq!(c["state"], json!("cancelled"));
+    assert_eq!(
+        proxy
+            .admin_err(json!({"cmd": "migrate.cancel", "tenant": "beta"}))
+            .await,
+        "no_migration"
+    );
+    assert_eq!(
+        proxy.admin_ok(json!({"cmd": "migrate.queue"})).await["queued"],
+        json!([])
+    );
+}

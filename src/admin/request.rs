@@ -86,6 +86,8 @@ commands! {
     "migrate.status" => MigrateStatus(MaybeTenant),
     "migrate.history" => MigrateHistory(HistoryArgs),
     "migrate.estimate" => MigrateEstimate(StartRequest),
+    "migrate.queue" => MigrateQueue(NoArgs),
+    "migrate.cancel" => MigrateCancel(TenantArg),
     "migrate.cutover" => MigrateCutover(TenantArg),
     "migrate.abort" => MigrateAbort(Abort),
     "migrate.pause" => MigratePause(TenantArg),
@@ -119,7 +121,8 @@ impl Request {
             | Request::Audit(_)
             | Request::MigrateStatus(_)
             | Request::MigrateHistory(_)
-            | Request::MigrateEstimate(_) => false,
+            | Request::MigrateEstimate(_)
+            | Request::MigrateQueue(_) => false,
             Request::TenantGrants(g) => g.apply,
             _ => true,
         }

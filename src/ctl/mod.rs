@@ -90,6 +90,10 @@ pub enum MigrateAction {
     },
     /// How big and how long a move would be (same preflight as start; nothing installed).
     Estimate(StartRequest),
+    /// Moves queued with `start --at`, in the order they would start.
+    Queue,
+    /// Drop a queued move.
+    Cancel(TenantArg),
     /// Finished moves (completed, rolled back, aborted, failed) with their figures, and a summary.
     History(HistoryArgs),
     /// Switch the tenant to the target now.
@@ -141,6 +145,8 @@ impl MigrateAction {
             MigrateAction::Start(a) => Request::MigrateStart(a.clone()),
             MigrateAction::Status { who, .. } => Request::MigrateStatus(who.clone()),
             MigrateAction::History(a) => Request::MigrateHistory(a.clone()),
+            MigrateAction::Queue => Request::MigrateQueue(NoArgs {}),
+            MigrateAction::Cancel(a) => Request::MigrateCancel(a.clone()),
             MigrateAction::Estimate(a) => Request::MigrateEstimate(a.clone()),
             MigrateAction::Cutover(a) => Request::MigrateCutover(a.clone()),
             MigrateAction::Abort(a) => Request::MigrateAbort(a.clone()),

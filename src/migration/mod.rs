@@ -23,6 +23,7 @@ pub mod history;
 pub mod machine;
 pub mod ops;
 pub mod pg;
+pub mod queue;
 pub mod record;
 pub mod registry;
 pub mod rollback;

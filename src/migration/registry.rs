@@ -108,6 +108,8 @@ pub struct Migrations {
     moved: Mutex<HashMap<TenantId, Epoch>>,
     /// Finished migrations.
     pub history: super::history::History,
+    /// Moves queued for later.
+    pub queue: super::queue::Queue,
 }
 
 impl Migrations {
@@ -122,6 +124,7 @@ impl Migrations {
             failpoints: Arc::new(Failpoints::from_env()),
             moved: Mutex::new(HashMap::new()),
             history: super::history::History::new(dir),
+            queue: super::queue::Queue::open(dir)?,
         })
     }
 

@@ -198,7 +198,15 @@ pub fn rfc3339_now() -> String {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
-    let secs = now.as_secs() as i64;
+    rfc3339_at(now.as_secs() as i64, now.subsec_millis())
+}
+
+/// `unix` seconds as RFC 3339 UTC.
+pub fn rfc3339_of(unix: u64) -> String {
+    rfc3339_at(unix as i64, 0)
+}
+
+fn rfc3339_at(secs: i64, millis: u32) -> String {
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     // Howard Hinnant's civil-from-days.
     let z = days + 719_468;
@@ -215,7 +223,7 @@ pub fn rfc3339_now() -> String {
         rem / 3600,
         rem % 3600 / 60,
         rem % 60,
-        now.subsec_millis()
+        millis
     )
 }
 

@@ -25,6 +25,11 @@ pub(super) async fn run(
 ) -> Result<Done, AdminError> {
     let before = state_of(shared, &req);
     let result = match &req {
+        Request::MigrateStart(a) if a.at.is_some() => {
+            to_json(&ops::enqueue(shared, a.clone(), actor)?)
+        }
+        Request::MigrateQueue(_) => to_json(&ops::queue(shared)),
+        Request::MigrateCancel(a) => to_json(&ops::cancel(shared, &a.tenant)?),
         Request::MigrateStart(a) => {
             let started = ops::start(shared, a.clone()).await?;
             // Who started it, for the history (the record exists from here on).

@@ -6,6 +6,7 @@ mod estimate;
 mod lifecycle;
 mod repair;
 pub mod reply;
+mod schedule;
 mod start;
 mod status;
 
@@ -21,6 +22,7 @@ use crate::tenant::TenantId;
 pub use estimate::estimate;
 pub use lifecycle::{abort, cutover_cmd, finalize, rollback_cmd, verify_cmd};
 pub use repair::repair;
+pub use schedule::{cancel, enqueue, queue};
 pub use start::{start, StartRequest};
 pub use status::{history, set_paused, status_all, status_of};
 

@@ -96,6 +96,23 @@ pub struct StatusList {
     pub migrations: Vec<Status>,
 }
 
+/// `migrate start --at` and `migrate cancel`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueuedMove {
+    pub tenant: TenantId,
+    /// `queued` or `cancelled`.
+    pub state: String,
+    pub at: String,
+    pub starts_in_s: u64,
+    pub priority: i32,
+}
+
+/// `migrate queue`: queued moves in the order they would start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueueView {
+    pub queued: Vec<crate::migration::queue::Queued>,
+}
+
 /// `migrate estimate`: sizes, what the target lacks, and durations with the rates they come from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Estimate {

@@ -78,6 +78,19 @@ pub struct StartRequest {
     #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cutover_window: Option<CutoverWindow>,
+    /// Queue the move to start later: `+30s`, `+5m`, `+2h`, `HH:MM` (next occurrence, UTC) or
+    /// `YYYY-MM-DDTHH:MM[:SS]Z`.
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
+    /// Among queued moves due at once, higher starts first.
+    #[arg(long, default_value_t = 0)]
+    #[serde(
+        default,
+        deserialize_with = "or_default",
+        skip_serializing_if = "is_default"
+    )]
+    pub priority: i32,
 }
 
 /// Preflight, then the record in `pending` and the task that drives it.

@@ -1,0 +1,298 @@
+//! Moves queued for later (`migrate start --at TIME [--priority N]`), kept in `state_dir/migration_queue.json`
+//! so they survive restarts. Once a second the scheduler starts the due ones, highest priority first, then the
+//! earliest, as far as `migration.max_concurrent` allows; a due move waits while its tenant still has one.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::ops::StartRequest;
+use crate::context::Shared;
+use crate::state::StateError;
+use crate::tenant::TenantId;
+
+const FILE: &str = "migration_queue.json";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Queued {
+    pub request: StartRequest,
+    /// Unix seconds at which it may start.
+    pub at_unix: u64,
+    pub at: String,
+    pub priority: i32,
+    pub queued_at: String,
+    pub queued_by: String,
+}
+
+#[derive(Debug)]
+pub struct Queue {
+    path: PathBuf,
+    entries: Mutex<Vec<Queued>>,
+}
+
+impl Queue {
+    pub fn open(dir: &Path) -> Result<Queue, StateError> {
+        let path = dir.join(FILE);
+        let entries = match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| StateError::Corrupt {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(StateError::io(&path, e)),
+        };
+        Ok(Queue {
+            path,
+            entries: Mutex::new(entries),
+        })
+    }
+
+    /// Every queued move, in the order they would start.
+    pub fn list(&self) -> Vec<Queued> {
+        let mut all = self.lock().clone();
+        all.sort_by_key(|q| (-q.priority, q.at_unix));
+        all
+    }
+
+    pub fn contains(&self, tenant: &TenantId) -> bool {
+        self.lock().iter().any(|q| &q.request.tenant == tenant)
+    }
+
+    /// Adds `q` (durable when this returns).
+    pub fn push(&self, q: Queued) -> Result<(), StateError> {
+        let mut entries = self.lock();
+        entries.push(q);
+        self.save(&entries).inspect_err(|_| {
+            entries.pop();
+        })
+    }
+
+    /// Removes and returns the tenant's queued move.
+    pub fn remove(&self, tenant: &TenantId) -> Result<Option<Queued>, StateError> {
+        let mut entries = self.lock();
+        let Some(i) = entries.iter().position(|q| &q.request.tenant == tenant) else {
+            return Ok(None);
+        };
+        let q = entries.remove(i);
+        if let Err(e) = self.save(&entries) {
+            entries.insert(i, q);
+            return Err(e);
+        }
+        Ok(Some(q))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Queued>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn save(&self, entries: &[Queued]) -> Result<(), StateError> {
+        let json = serde_json::to_string_pretty(entries).map_err(|e| StateError::Corrupt {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })?;
+        crate::state::atomic::write(&self.path, json.as_bytes())
+    }
+}
+
+/// When `--at` means, in unix seconds: `+30s`/`+5m`/`+2h`, `HH:MM[:SS]` (its next occurrence, UTC) or
+/// `YYYY-MM-DDTHH:MM[:SS]Z`.
+pub fn parse_at(text: &str, now: u64) -> Option<u64> {
+    if let Some(rel) = text.strip_prefix('+') {
+        let (n, unit) = rel.split_at(rel.len().checked_sub(1)?);
+        let n: u64 = n.parse().ok()?;
+        let unit = match unit {
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86_400,
+            _ => return None,
+        };
+        return Some(now + n * unit);
+    }
+    let (date, time) = match text.split_once('T') {
+        Some((d, t)) => (Some(d), t.strip_suffix('Z')?),
+        None => (None, text),
+    };
+    let mut hms = time.split(':').map(|p| p.parse::<u64>().ok());
+    let (Some(Some(h)), Some(Some(m))) = (hms.next(), hms.next()) else {
+        return None;
+    };
+    let s = hms.next().map_or(Some(0), |s| s)?;
+    if h > 23 || m > 59 || s > 59 {
+        return None;
+    }
+    let of_day = h * 3600 + m * 60 + s;
+    let Some(date) = date else {
+        let today = now - now % 86_400 + of_day;
+        return Some(if today > now { today } else { today + 86_400 });
+    };
+    let mut ymd = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
+    let (Some(Some(y)), Some(Some(mo)), Some(Some(d))) = (ymd.next(), ymd.next(), ymd.next())
+    else {
+        return None;
+    };
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) {
+        return None;
+    }
+    let days = u64::try_from(super::history::days_from_civil(y, mo, d)).ok()?;
+    Some(days * 86_400 + of_day)
+}
+
+/// The due moves to start now, in order: due, their tenant without a running migration, within the free slots.
+pub fn due(
+    queued: &[Queued],
+    now: u64,
+    free: usize,
+    busy: impl Fn(&TenantId) -> bool,
+) -> Vec<TenantId> {
+    let mut ready: Vec<&Queued> = queued
+        .iter()
+        .filter(|q| q.at_unix <= now && !busy(&q.request.tenant))
+        .collect();
+    ready.sort_by_key(|q| (-q.priority, q.at_unix));
+    ready
+        .into_iter()
+        .take(free)
+        .map(|q| q.request.tenant.clone())
+        .collect()
+}
+
+/// Starts due moves once a second until the proxy stops.
+pub async fn run(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shared.terminate.fired() => return,
+            _ = tick.tick() => {}
+        }
+        let limit = shared.config.load().migration.max_concurrent;
+        let free = limit.saturating_sub(shared.migrations.active_count());
+        let busy = |t: &TenantId| {
+            shared
+                .migrations
+                .get(t.as_str())
+                .is_some_and(|r| !r.state.is_final())
+        };
+        let now = super::record::now_ms() / 1000;
+        for tenant in due(&shared.migrations.queue.list(), now, free, busy) {
+            start_one(&shared, &tenant).await;
+        }
+    }
+}
+
+async fn start_one(shared: &Arc<Shared>, tenant: &TenantId) {
+    let q = match shared.migrations.queue.remove(tenant) {
+        Ok(Some(q)) => q,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(%tenant, error = %e, "could not take a queued move off the queue");
+            return;
+        }
+    };
+    let actor = format!("scheduler (queued by {})", q.queued_by);
+    let outcome = super::ops::start(shared, q.request.clone()).await;
+    let result = match &outcome {
+        Ok(_) => {
+            if let Err(e) = shared
+                .migrations
+                .update(tenant.as_str(), |r| r.started_by = Some(actor.clone()))
+            {
+                tracing::warn!(%tenant, error = %e, "could not record who started the migration");
+            }
+            tracing::info!(%tenant, "queued move started");
+            "ok".to_string()
+        }
+        Err(e) => {
+            tracing::warn!(%tenant, code = e.code.as_str(), error = %e.message, "queued move could not start");
+            format!("error: {}: {}", e.code.as_str(), e.message)
+        }
+    };
+    let request = serde_json::to_value(&q).unwrap_or_default();
+    if let Err(e) = shared.audit.append(
+        &actor,
+        "migrate.start",
+        Some(tenant.as_str()),
+        request,
+        serde_json::Value::Null,
+        &result,
+    ) {
+        shared
+            .audit_ok
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(%tenant, error = %e, "audit write failed for a queued start");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queued(tenant: &str, at_unix: u64, priority: i32) -> Queued {
+        let request: StartRequest =
+            serde_json::from_value(serde_json::json!({"tenant": tenant, "to": "b"})).unwrap();
+        Queued {
+            request,
+            at_unix,
+            at: String::new(),
+            priority,
+            queued_at: String::new(),
+            queued_by: "test".into(),
+        }
+    }
+
+    #[test]
+    fn due_moves_start_by_priority_then_time_within_the_free_slots() {
+        let q = [
+            queued("late", 200, 9),
+            queued("low", 10, 0),
+            queued("high", 50, 5),
+            queued("busy", 5, 9),
+            queued("early", 5, 0),
+        ];
+        let busy = |t: &TenantId| t.as_str() == "busy";
+        let names = |v: Vec<TenantId>| v.iter().map(|t| t.to_string()).collect::<Vec<_>>();
+        assert_eq!(names(due(&q, 100, 2, busy)), ["high", "early"]);
+        assert_eq!(names(due(&q, 100, 5, busy)), ["high", "early", "low"]);
+        assert!(due(&q, 100, 0, busy).is_empty());
+        assert_eq!(names(due(&q, 300, 1, busy)), ["late"]);
+    }
+
+    #[test]
+    fn at_takes_spans_times_of_day_and_dates() {
+        let now = 20_000 * 86_400 + 10 * 3600;
+        assert_eq!(parse_at("+30s", now), Some(now + 30));
+        assert_eq!(parse_at("+2h", now), Some(now + 7200));
+        assert_eq!(parse_at("11:00", now), Some(now + 3600));
+        assert_eq!(parse_at("09:00", now), Some(now + 23 * 3600));
+        assert_eq!(parse_at("2026-12-06T10:00:00Z", now), Some(1_796_551_200));
+        for bad in ["", "+", "+5x", "25:00", "2026-12-06T10:00", "tomorrow"] {
+            assert_eq!(parse_at(bad, now), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_queue_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = Queue::open(dir.path()).unwrap();
+        queue.push(queued("a", 10, 0)).unwrap();
+        queue.push(queued("b", 5, 1)).unwrap();
+        let again = Queue::open(dir.path()).unwrap();
+        let order: Vec<String> = again
+            .list()
+            .iter()
+            .map(|q| q.request.tenant.to_string())
+            .collect();
+        assert_eq!(order, ["b", "a"]);
+        assert!(again
+            .remove(&TenantId::parse("a").unwrap())
+            .unwrap()
+            .is_some());
+        assert!(again
+            .remove(&TenantId::parse("a").unwrap())
+            .unwrap()
+            .is_none());
+        assert_eq!(Queue::open(dir.path()).unwrap().list().len(), 1);
+    }
+}
