@@ -90,7 +90,9 @@ impl Proxy {
             .push(tokio::spawn(shared.clone().reap_idle_loop()));
         proxy
             .background
-            .push(tokio::spawn(crate::migration::queue::run(shared.clone())));
+            .push(tokio::spawn(crate::migration::ops::run_queue(
+                shared.clone(),
+            )));
         proxy
             .background
             .push(tokio::spawn(check_serving_roles(shared.clone())));

@@ -9,7 +9,8 @@ use tokio_postgres::Client;
 
 use super::preflight;
 use super::reply::{Estimate, Figure, Place, TableEstimate};
-use super::start::{check_target, plan, source_tables, superuser, StartRequest};
+use super::request::StartRequest;
+use super::start::{check_target, plan, source_tables, superuser};
 use crate::admin::code::AdminError;
 use crate::context::Shared;
 use crate::migration::catalog::Table;

@@ -6,6 +6,7 @@ mod estimate;
 mod lifecycle;
 mod repair;
 pub mod reply;
+pub mod request;
 mod schedule;
 mod start;
 mod status;
@@ -22,8 +23,10 @@ use crate::tenant::TenantId;
 pub use estimate::estimate;
 pub use lifecycle::{abort, cutover_cmd, finalize, rollback_cmd, verify_cmd};
 pub use repair::repair;
+pub use request::StartRequest;
+pub use schedule::run_queue;
 pub use schedule::{cancel, enqueue, queue};
-pub use start::{start, StartRequest};
+pub use start::start;
 pub use status::{history, set_paused, status_all, status_of};
 
 impl From<MigrateError> for AdminError {

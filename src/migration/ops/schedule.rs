@@ -1,8 +1,12 @@
 //! `migrate start --at`, `migrate queue` and `migrate cancel`: moves queued for later (see
 //! [`crate::migration::queue`]).
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use super::reply::{QueueView, QueuedMove};
-use super::start::{plan, StartRequest};
+use super::request::StartRequest;
+use super::start::plan;
 use crate::admin::code::{AdminCode, AdminError};
 use crate::context::Shared;
 use crate::migration::queue::{parse_at, Queued};
@@ -79,4 +83,71 @@ pub fn cancel(shared: &Shared, tenant: &TenantId) -> Result<QueuedMove, AdminErr
         starts_in_s: 0,
         priority: q.priority,
     })
+}
+
+/// Starts due moves once a second until the proxy stops.
+pub async fn run_queue(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shared.terminate.fired() => return,
+            _ = tick.tick() => {}
+        }
+        let limit = shared.config.load().migration.max_concurrent;
+        let free = limit.saturating_sub(shared.migrations.active_count());
+        let busy = |t: &TenantId| {
+            shared
+                .migrations
+                .get(t.as_str())
+                .is_some_and(|r| !r.state.is_final())
+        };
+        let now = now_ms() / 1000;
+        for tenant in crate::migration::queue::due(&shared.migrations.queue.list(), now, free, busy)
+        {
+            start_one(&shared, &tenant).await;
+        }
+    }
+}
+
+async fn start_one(shared: &Arc<Shared>, tenant: &TenantId) {
+    let q = match shared.migrations.queue.remove(tenant) {
+        Ok(Some(q)) => q,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(%tenant, error = %e, "could not take a queued move off the queue");
+            return;
+        }
+    };
+    let actor = format!("scheduler (queued by {})", q.queued_by);
+    let outcome = super::start(shared, q.request.clone()).await;
+    let result = match &outcome {
+        Ok(_) => {
+            if let Err(e) = shared
+                .migrations
+                .update(tenant.as_str(), |r| r.started_by = Some(actor.clone()))
+            {
+                tracing::warn!(%tenant, error = %e, "could not record who started the migration");
+            }
+            tracing::info!(%tenant, "queued move started");
+            "ok".to_string()
+        }
+        Err(e) => {
+            tracing::warn!(%tenant, code = e.code.as_str(), error = %e.message, "queued move could not start");
+            format!("error: {}: {}", e.code.as_str(), e.message)
+        }
+    };
+    let request = serde_json::to_value(&q).unwrap_or_default();
+    if let Err(e) = shared.audit.append(
+        &actor,
+        "migrate.start",
+        Some(tenant.as_str()),
+        request,
+        serde_json::Value::Null,
+        &result,
+    ) {
+        shared
+            .audit_ok
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(%tenant, error = %e, "audit write failed for a queued start");
+    }
 }
