@@ -77,6 +77,17 @@ async fn pipelined_batches_keep_their_order() {
     }
 }
 
+/// Leaves `client` inside a transaction on backend connection `conn` (transactions on the others are ended).
+async fn hold(client: &mut super::Client, conn: usize) {
+    loop {
+        let r = client.query("BEGIN; SELECT 1").await;
+        if r.values == [conn.to_string()] {
+            return;
+        }
+        client.query("COMMIT").await;
+    }
+}
+
 /// Transaction pooling: a client's named statement gets a server-side name of the proxy's, and is prepared
 /// again on a connection that does not have it before the Bind that needs it.
 #[tokio::test]
@@ -104,13 +115,7 @@ async fn named_statements_are_renamed_and_prepared_where_missing() {
     assert!(parsed[0].starts_with("pgtenant_"), "{parsed:?}");
     assert_eq!(server_name(first_conn, b'B'), parsed);
     // Keep that connection busy with another client's transaction: the next Bind goes to the other one.
-    loop {
-        let r = other.query("BEGIN; SELECT 1").await;
-        if r.values == [first_conn.to_string()] {
-            break;
-        }
-        other.query("COMMIT").await;
-    }
+    hold(&mut other, first_conn).await;
     let mut out = BytesMut::new();
     bind_execute(&mut out, "s1");
     sync(&mut out);
@@ -154,13 +159,7 @@ async fn the_unnamed_statement_follows_the_session_until_a_query_drops_it() {
     a.reply().await.unwrap();
     let first_conn = unnamed_parses()[0];
     // Another client's transaction holds that connection: the Bind goes to the other one, the Parse first.
-    loop {
-        let r = other.query("BEGIN; SELECT 1").await;
-        if r.values == [first_conn.to_string()] {
-            break;
-        }
-        other.query("COMMIT").await;
-    }
+    hold(&mut other, first_conn).await;
     let mut out = BytesMut::new();
     bind_execute(&mut out, "");
     sync(&mut out);
