@@ -92,7 +92,7 @@ pub async fn cutover(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<CutOver, 
     // The swap is outside the time limit: once it is on disk it must be completed, not abandoned halfway.
     let failure = match decide_swap(outcome, Instant::now() >= deadline, limit) {
         SwapDecision::Swap => {
-            let r = swap_route(shared, &rec.tenant, &rec.target).err();
+            let r = swap_route(shared, &rec.tenant, &rec.target).await.err();
             marks.mark("swap_route");
             r
         }
@@ -338,12 +338,33 @@ async fn fall_back(
     Ok(())
 }
 
-/// Persists the route of `tenant` as `route` with a higher epoch and publishes it.
-pub(super) fn swap_route(
-    shared: &Shared,
+/// Persists the route of `tenant` as `route` with a higher epoch and publishes it, on a blocking thread: the
+/// fsync must not hold up the other tenants served by the runtime thread (one thread on small machines).
+pub(super) async fn swap_route(
+    shared: &Arc<Shared>,
     tenant: &TenantId,
     route: &Route,
 ) -> Result<(), MigrateError> {
+    let (s, t, r) = (shared.clone(), tenant.clone(), route.clone());
+    match tokio::task::spawn_blocking(move || swap_route_now(&s, &t, &r)).await {
+        Ok(result) => result,
+        // The thread failed (it does not panic, but if it did): the router tells whether the swap was
+        // published, which happens only once it is on disk.
+        Err(e)
+            if shared
+                .router
+                .load()
+                .get(tenant.as_str())
+                .is_some_and(|now| **now == *route) =>
+        {
+            tracing::warn!(%tenant, error = %e, "the route swap's thread failed after the swap");
+            Ok(())
+        }
+        Err(e) => Err(MigrateError::Refused(format!("the route swap failed: {e}"))),
+    }
+}
+
+fn swap_route_now(shared: &Shared, tenant: &TenantId, route: &Route) -> Result<(), MigrateError> {
     let route = Arc::new(route.clone());
     let table = shared.router.update(
         |routes| {

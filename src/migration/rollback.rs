@@ -71,7 +71,7 @@ pub async fn rollback(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<RolledBa
     )
     .await;
     let result = match swapped {
-        Ok(Ok(())) => swap_route(shared, &rec.tenant, &rec.source),
+        Ok(Ok(())) => swap_route(shared, &rec.tenant, &rec.source).await,
         Ok(Err(e)) => Err(e),
         Err(_) => Err(MigrateError::Timeout(
             "rollback passed its time limit".into(),
