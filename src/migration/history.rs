@@ -283,40 +283,10 @@ impl Summary {
 
 /// `--since`: a date (`2026-12-01`, UTC midnight), or a span back from now (`7d`, `12h`, `30m`). Unix seconds.
 pub fn parse_since(text: &str, now_unix: u64) -> Option<u64> {
-    let span = |n: &str, unit: u64| {
-        n.parse::<u64>()
-            .ok()
-            .map(|n| now_unix.saturating_sub(n * unit))
-    };
-    if let Some(n) = text.strip_suffix('d') {
-        return span(n, 86_400);
+    match super::clock::span(text) {
+        Some(back) => Some(now_unix.saturating_sub(back)),
+        None => super::clock::date(text),
     }
-    if let Some(n) = text.strip_suffix('h') {
-        return span(n, 3_600);
-    }
-    if let Some(n) = text.strip_suffix('m') {
-        return span(n, 60);
-    }
-    let mut parts = text.splitn(3, '-').map(|p| p.parse::<i64>().ok());
-    let (Some(Some(y)), Some(Some(m)), Some(Some(d))) = (parts.next(), parts.next(), parts.next())
-    else {
-        return None;
-    };
-    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
-        return None;
-    }
-    u64::try_from(days_from_civil(y, m, d) * 86_400).ok()
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's days-from-civil).
-pub(crate) fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 #[cfg(test)]

@@ -97,45 +97,17 @@ impl Queue {
 /// When `--at` means, in unix seconds: `+30s`/`+5m`/`+2h`, `HH:MM[:SS]` (its next occurrence, UTC) or
 /// `YYYY-MM-DDTHH:MM[:SS]Z`.
 pub fn parse_at(text: &str, now: u64) -> Option<u64> {
+    use super::clock::{date, span, time_of_day};
     if let Some(rel) = text.strip_prefix('+') {
-        let (n, unit) = rel.split_at(rel.len().checked_sub(1)?);
-        let n: u64 = n.parse().ok()?;
-        let unit = match unit {
-            "s" => 1,
-            "m" => 60,
-            "h" => 3600,
-            "d" => 86_400,
-            _ => return None,
-        };
-        return Some(now + n * unit);
+        return now.checked_add(span(rel)?);
     }
-    let (date, time) = match text.split_once('T') {
-        Some((d, t)) => (Some(d), t.strip_suffix('Z')?),
-        None => (None, text),
-    };
-    let mut hms = time.split(':').map(|p| p.parse::<u64>().ok());
-    let (Some(Some(h)), Some(Some(m))) = (hms.next(), hms.next()) else {
-        return None;
-    };
-    let s = hms.next().map_or(Some(0), |s| s)?;
-    if h > 23 || m > 59 || s > 59 {
-        return None;
+    match text.split_once('T') {
+        Some((day, time)) => Some(date(day)? + u64::from(time_of_day(time.strip_suffix('Z')?)?)),
+        None => {
+            let today = now - now % 86_400 + u64::from(time_of_day(text)?);
+            Some(if today > now { today } else { today + 86_400 })
+        }
     }
-    let of_day = h * 3600 + m * 60 + s;
-    let Some(date) = date else {
-        let today = now - now % 86_400 + of_day;
-        return Some(if today > now { today } else { today + 86_400 });
-    };
-    let mut ymd = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
-    let (Some(Some(y)), Some(Some(mo)), Some(Some(d))) = (ymd.next(), ymd.next(), ymd.next())
-    else {
-        return None;
-    };
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) {
-        return None;
-    }
-    let days = u64::try_from(super::history::days_from_civil(y, mo, d)).ok()?;
-    Some(days * 86_400 + of_day)
 }
 
 /// The due moves to start now, in order: due, their tenant without a running migration, within the free slots.

@@ -6,6 +6,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use super::clock::time_of_day;
+
 const DAY: u32 = 86_400;
 
 /// `HH:MM[:SS]-HH:MM[:SS]`, UTC; a window whose end is before its start spans midnight.
@@ -35,17 +37,6 @@ impl CutoverWindow {
         let t = (unix % u64::from(DAY)) as u32;
         u64::from((self.start + DAY - t) % DAY)
     }
-}
-
-fn time_of_day(text: &str) -> Option<u32> {
-    let mut parts = text.split(':');
-    let h: u32 = parts.next()?.parse().ok()?;
-    let m: u32 = parts.next()?.parse().ok()?;
-    let s: u32 = match parts.next() {
-        Some(s) => s.parse().ok()?,
-        None => 0,
-    };
-    (parts.next().is_none() && h < 24 && m < 60 && s < 60).then_some(h * 3600 + m * 60 + s)
 }
 
 impl FromStr for CutoverWindow {
