@@ -74,6 +74,8 @@ pub struct Shared {
     pub auth_throttle: AuthThrottle,
     /// The key signing the audit chain and seeding fake SCRAM salts (`proxy.key_file`).
     pub key: crate::state::key::ProxyKey,
+    /// Webhook receivers of migration events.
+    pub notifier: crate::notify::Notifier,
 }
 
 impl Shared {
@@ -107,7 +109,9 @@ impl Shared {
                 (table, BTreeSet::new())
             }
         };
+        let metrics = Metrics::new();
         Ok(Arc::new(Shared {
+            notifier: crate::notify::Notifier::new(metrics.clone()),
             client_permits: Arc::new(tokio::sync::Semaphore::new(config.proxy.max_client_conn)),
             logins: LoginSlots::new(config.proxy.max_login_conn),
             clients: Arc::new(ClientCounts::default()),
@@ -115,7 +119,7 @@ impl Shared {
             key,
             gates: Gates::default(),
             sessions: Arc::new(Sessions::default()),
-            metrics: Metrics::new(),
+            metrics,
             store,
             audit,
             removed: Mutex::new(removed),

@@ -15,6 +15,7 @@ pub mod ids;
 pub mod metrics;
 pub mod migration;
 pub mod net;
+pub mod notify;
 pub mod protocol;
 pub mod quote;
 pub mod routing;

@@ -85,6 +85,7 @@ impl Proxy {
             sessions: TaskTracker::new(),
             background: Vec::new(),
         };
+        shared.notifier.configure(&shared.config.load().webhooks);
         proxy
             .background
             .push(tokio::spawn(shared.clone().reap_idle_loop()));

@@ -209,6 +209,14 @@ pub struct AuditView {
     pub broken_at_line: Option<usize>,
 }
 
+/// `webhooks log`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WebhookLogView {
+    pub receivers: usize,
+    /// Oldest first.
+    pub deliveries: Vec<crate::notify::log::Delivery>,
+}
+
 /// `reload`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Reloaded {

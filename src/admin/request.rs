@@ -82,6 +82,7 @@ commands! {
     "stats" => Stats(NoArgs),
     "reload" => Reload(NoArgs),
     "audit" => Audit(Audit),
+    "webhooks.log" => WebhooksLog(Audit),
     "migrate.start" => MigrateStart(StartRequest),
     "migrate.status" => MigrateStatus(MaybeTenant),
     "migrate.history" => MigrateHistory(HistoryArgs),
@@ -119,6 +120,7 @@ impl Request {
             | Request::Backends(_)
             | Request::Stats(_)
             | Request::Audit(_)
+            | Request::WebhooksLog(_)
             | Request::MigrateStatus(_)
             | Request::MigrateHistory(_)
             | Request::MigrateEstimate(_)

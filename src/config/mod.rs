@@ -7,6 +7,7 @@ mod migration;
 mod proxy;
 pub mod secret;
 mod users;
+mod webhook;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -25,6 +26,7 @@ pub use migration::{MigrationConfig, TeeMode};
 pub use proxy::{admin_socket_for, Keepalive, PinnedAtMove, PoolMode, ProxyConfig};
 pub use secret::Secret;
 pub use users::{AuthMethod, TlsConfig, UserConfig};
+pub use webhook::{WebhookConfig, EVENTS as WEBHOOK_EVENTS};
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -54,6 +56,9 @@ pub struct Config {
     pub tenants: BTreeMap<String, TenantConfig>,
     #[serde(default)]
     pub migration: MigrationConfig,
+    /// Receivers of migration events.
+    #[serde(default)]
+    pub webhooks: Vec<WebhookConfig>,
 }
 
 impl Config {
@@ -123,6 +128,9 @@ impl Config {
             }
             .resolve(env)?;
         }
+        for (i, w) in self.webhooks.iter_mut().enumerate() {
+            w.resolve(i, env)?;
+        }
         Ok(())
     }
 
@@ -140,6 +148,9 @@ impl Config {
         self.validate_proxy()?;
         self.validate_backends()?;
         self.validate_tenants()?;
+        for (i, w) in self.webhooks.iter().enumerate() {
+            w.validate(i)?;
+        }
         self.validate_users()
     }
 

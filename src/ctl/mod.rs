@@ -56,11 +56,22 @@ pub enum CtlCommand {
     Reload,
     /// The audit log.
     Audit(Audit),
+    /// Webhook deliveries.
+    Webhooks {
+        #[command(subcommand)]
+        action: WebhooksAction,
+    },
     /// Live tenant migrations.
     Migrate {
         #[command(subcommand)]
         action: MigrateAction,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WebhooksAction {
+    /// The last deliveries: receiver, event, outcome, attempts (kept in memory, the newest 1 000).
+    Log(Audit),
 }
 
 #[derive(Subcommand, Debug)]
@@ -134,6 +145,9 @@ impl CtlCommand {
             CtlCommand::Stats => Request::Stats(NoArgs {}),
             CtlCommand::Reload => Request::Reload(NoArgs {}),
             CtlCommand::Audit(a) => Request::Audit(a.clone()),
+            CtlCommand::Webhooks {
+                action: WebhooksAction::Log(a),
+            } => Request::WebhooksLog(a.clone()),
             CtlCommand::Migrate { action } => action.request(),
         }
     }

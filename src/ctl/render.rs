@@ -5,7 +5,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::{CtlCommand, MigrateAction};
-use crate::admin::reply::{AuditView, BackendList, TenantList};
+use crate::admin::reply::{AuditView, BackendList, TenantList, WebhookLogView};
 use crate::migration::ops::reply::{HistoryView, Status, StatusList};
 
 /// The result as the command's table, or as `key: value` lines.
@@ -14,6 +14,7 @@ pub fn human(cmd: &CtlCommand, result: &Value) -> String {
         CtlCommand::Tenants => typed(result, tenants),
         CtlCommand::Backends => typed(result, backends),
         CtlCommand::Audit(_) => typed(result, audit),
+        CtlCommand::Webhooks { .. } => typed(result, webhooks),
         CtlCommand::Migrate {
             action: MigrateAction::Status { who, .. },
         } if who.tenant.is_none() => typed(result, migrations),
@@ -118,6 +119,30 @@ fn audit(view: AuditView) -> String {
     };
     let headers = ["SEQ", "TIME", "ACTOR", "COMMAND", "TENANT", "RESULT"];
     format!("{}{verified}\n", table(&headers, rows))
+}
+
+fn webhooks(view: WebhookLogView) -> String {
+    let rows = view
+        .deliveries
+        .iter()
+        .map(|d| {
+            vec![
+                d.at.clone(),
+                d.url.clone(),
+                d.event.clone(),
+                d.tenant.clone(),
+                d.outcome.clone(),
+                d.attempts.to_string(),
+                opt(&d.status),
+                format!("{} ms", d.duration_ms),
+                opt(&d.error),
+            ]
+        })
+        .collect();
+    let headers = [
+        "TIME", "URL", "EVENT", "TENANT", "OUTCOME", "ATTEMPTS", "STATUS", "TOOK", "ERROR",
+    ];
+    format!("{} receiver(s)\n{}", view.receivers, table(&headers, rows))
 }
 
 fn migrations(list: StatusList) -> String {

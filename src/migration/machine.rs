@@ -101,6 +101,7 @@ pub fn transition(
         warn!(%tenant, error = %e, "audit write failed for a migration transition");
     }
     set_state_gauge(shared, &rec);
+    super::events::state_changed(shared, &rec, before, event);
     if to.is_final() {
         let keep = shared.config.load().migration.history_keep;
         if let Err(e) = shared.migrations.history.append(

@@ -66,6 +66,7 @@ pub async fn verify_locked(
         .record(started.elapsed().as_secs_f64());
     m.counter("verification_violations_total", l)
         .increment(report.violations.len() as u64);
+    super::events::verified(shared, &rec.tenant, &report);
     let report2 = report.clone();
     shared
         .migrations

@@ -16,6 +16,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use pgtenant::config::Config;
+
+pub mod moves;
 use pgtenant::server::Proxy;
 
 pub const PASSWORD: &str = "secret";

@@ -30,17 +30,7 @@ pub(super) async fn run(
         }
         Request::MigrateQueue(_) => to_json(&ops::queue(shared)),
         Request::MigrateCancel(a) => to_json(&ops::cancel(shared, &a.tenant)?),
-        Request::MigrateStart(a) => {
-            let started = ops::start(shared, a.clone()).await?;
-            // Who started it, for the history (the record exists from here on).
-            if let Err(e) = shared
-                .migrations
-                .update(a.tenant.as_str(), |r| r.started_by = Some(actor.to_owned()))
-            {
-                tracing::warn!(tenant = %a.tenant, error = %e, "could not record who started the migration");
-            }
-            to_json(&started)
-        }
+        Request::MigrateStart(a) => to_json(&ops::start(shared, a.clone(), actor).await?),
         Request::MigrateStatus(a) => match &a.tenant {
             Some(t) => to_json(&ops::status_of(shared, t)?),
             None => to_json(&ops::status_all(shared)),

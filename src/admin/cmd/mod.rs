@@ -109,6 +109,7 @@ async fn run(shared: &Arc<Shared>, req: Request, actor: &str) -> Result<Done, Ad
         Request::Stats(_) => Ok(Done::read(&stats::stats(shared))),
         Request::Reload(_) => off_thread(shared, reload::reload).await,
         Request::Audit(a) => stats::audit(shared, a.tail.get()).map(|v| Done::read(&v)),
+        Request::WebhooksLog(a) => Ok(Done::read(&stats::webhooks_log(shared, a.tail.get()))),
         other => migrate::run(shared, other, actor).await,
     }
 }

@@ -69,6 +69,8 @@ pub fn reload(shared: &Arc<Shared>) -> Result<Done, AdminError> {
     shared.users.store(Arc::new(users));
     applied.push("users".into());
     shared.backends.store(Arc::new(plan.backends));
+    shared.notifier.configure(&merged.webhooks);
+    applied.push("webhooks".into());
     shared.config.store(Arc::new(merged));
     applied.push("proxy session settings".into());
     let result = Reloaded {

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use super::super::code::{AdminCode, AdminError};
-use super::super::reply::{AuditView, StatsView};
+use super::super::reply::{AuditView, StatsView, WebhookLogView};
 use crate::context::Shared;
 use crate::tenant::TenantId;
 
@@ -50,4 +50,12 @@ pub(super) fn audit(shared: &Shared, tail: usize) -> Result<AuditView, AdminErro
         verified: broken_at.is_none(),
         broken_at_line: broken_at,
     })
+}
+
+/// `webhooks log`: the last deliveries and how many receivers are configured.
+pub(super) fn webhooks_log(shared: &Shared, tail: usize) -> WebhookLogView {
+    WebhookLogView {
+        receivers: shared.config.load().webhooks.len(),
+        deliveries: shared.notifier.log.tail(tail),
+    }
 }

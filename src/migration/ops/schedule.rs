@@ -119,15 +119,9 @@ async fn start_one(shared: &Arc<Shared>, tenant: &TenantId) {
         }
     };
     let actor = format!("scheduler (queued by {})", q.queued_by);
-    let outcome = super::start(shared, q.request.clone()).await;
+    let outcome = super::start(shared, q.request.clone(), &actor).await;
     let result = match &outcome {
         Ok(_) => {
-            if let Err(e) = shared
-                .migrations
-                .update(tenant.as_str(), |r| r.started_by = Some(actor.clone()))
-            {
-                tracing::warn!(%tenant, error = %e, "could not record who started the migration");
-            }
             tracing::info!(%tenant, "queued move started");
             "ok".to_string()
         }

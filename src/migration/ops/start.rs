@@ -23,7 +23,12 @@ use crate::migration::MigrateError;
 use crate::tenant::TenantId;
 
 /// Preflight, then the record in `pending` and the task that drives it.
-pub async fn start(shared: &Arc<Shared>, req: StartRequest) -> Result<Started, AdminError> {
+/// `migrate start` on behalf of `actor` (kept in the record for the history).
+pub async fn start(
+    shared: &Arc<Shared>,
+    req: StartRequest,
+    actor: &str,
+) -> Result<Started, AdminError> {
     let tenant = req.tenant.as_str();
     if let Some(r) = shared
         .migrations
@@ -51,6 +56,7 @@ pub async fn start(shared: &Arc<Shared>, req: StartRequest) -> Result<Started, A
     let rec = Record {
         tables: tables.iter().map(|t| t.name.clone()).collect(),
         created_target_schema: created,
+        started_by: Some(actor.to_owned()),
         // What the copy is expected to take, for the history's estimate error.
         expected_copy_rows_per_s: Some(crate::migration::history::expected_copy_rate(
             &shared.migrations.history.read().unwrap_or_default(),
@@ -63,6 +69,7 @@ pub async fn start(shared: &Arc<Shared>, req: StartRequest) -> Result<Started, A
         .put(rec.clone())
         .map_err(|e| AdminError::new(AdminCode::StateWriteFailed, e.to_string()))?;
     set_state_gauge(shared, &rec);
+    crate::migration::events::started(shared, &rec);
     let live = shared.migrations.register_live(&req.tenant);
     *live.tables.lock().unwrap_or_else(|p| p.into_inner()) = tables.clone();
     driver::spawn(shared.clone(), live);
