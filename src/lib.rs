@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod auth;
 pub mod backend;
+pub mod backup;
 pub mod cancel;
 pub mod config;
 pub mod context;

@@ -57,6 +57,21 @@ impl TryFrom<String> for Sql {
     }
 }
 
+/// A file or directory path on the proxy's machine (backups): absolute, at most 4 096 bytes, no NUL.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct FilePath(String);
+
+impl TryFrom<String> for FilePath {
+    type Error = String;
+    fn try_from(s: String) -> Result<FilePath, String> {
+        if !s.starts_with('/') || s.len() > 4096 || s.contains('\0') {
+            return Err("must be an absolute path of at most 4096 bytes".into());
+        }
+        Ok(FilePath(s))
+    }
+}
+
 /// How long `pause` waits for open transactions, in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "u64", into = "u64")]
@@ -132,7 +147,7 @@ macro_rules! text_value {
         }
     )*};
 }
-text_value!(Ident, TenantKey, Sql);
+text_value!(Ident, TenantKey, Sql, FilePath);
 
 macro_rules! number_value {
     ($($t:ident),*) => {$(
@@ -178,6 +193,8 @@ mod tests {
         assert_eq!(&*"Weird \"S\"".parse::<Ident>().unwrap(), "Weird \"S\"");
         assert!("k".repeat(257).parse::<TenantKey>().is_err());
         assert!("  ".parse::<Sql>().is_err());
+        assert!("relative/x".parse::<FilePath>().is_err());
+        assert_eq!(&*"/tmp/b".parse::<FilePath>().unwrap(), "/tmp/b");
         assert!("3600001".parse::<PauseTimeout>().is_err());
         assert!("-1".parse::<PauseTimeout>().is_err());
         assert_eq!(u64::from("10000".parse::<AuditTail>().unwrap()), 10_000);

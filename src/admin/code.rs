@@ -36,6 +36,10 @@ pub enum AdminCode {
     StateWriteFailed,
     StateReadFailed,
     AuditWriteFailed,
+    /// Taking or restoring a backup failed (the message says where).
+    BackupFailed,
+    /// A backup file failed its checksums; nothing was restored.
+    BackupCorrupt,
 }
 
 impl AdminCode {
@@ -64,6 +68,8 @@ impl AdminCode {
             AdminCode::StateWriteFailed => "state_write_failed",
             AdminCode::StateReadFailed => "state_read_failed",
             AdminCode::AuditWriteFailed => "audit_write_failed",
+            AdminCode::BackupFailed => "backup_failed",
+            AdminCode::BackupCorrupt => "backup_corrupt",
         }
     }
 }

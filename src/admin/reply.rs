@@ -209,6 +209,15 @@ pub struct AuditView {
     pub broken_at_line: Option<usize>,
 }
 
+/// `tenant backups`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackupList {
+    pub tenant: crate::tenant::TenantId,
+    pub dir: String,
+    /// Newest first.
+    pub backups: Vec<crate::backup::Listed>,
+}
+
 /// `webhooks log`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WebhookLogView {

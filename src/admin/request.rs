@@ -9,7 +9,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::args::{is_default, or_default, AuditTail, Ident, PauseTimeout, Sql, TenantKey};
+use super::args::{
+    is_default, or_default, AuditTail, FilePath, Ident, PauseTimeout, Sql, TenantKey,
+};
 use super::code::{AdminCode, AdminError};
 use crate::config::Isolation;
 use crate::migration::ops::StartRequest;
@@ -76,6 +78,9 @@ commands! {
     "tenant.set" => TenantSet(SetRoute),
     "tenant.grants" => TenantGrants(Grants),
     "tenant.remove" => TenantRemove(TenantArg),
+    "tenant.backup" => TenantBackup(BackupArgs),
+    "tenant.backups" => TenantBackups(BackupsArgs),
+    "tenant.restore" => TenantRestore(RestoreArgs),
     "backends" => Backends(NoArgs),
     "pause" => Pause(Pause),
     "resume" => Resume(TenantArg),
@@ -98,6 +103,8 @@ commands! {
     "migrate.ddl" => MigrateDdl(Ddl),
     "migrate.rollback" => MigrateRollback(TenantArg),
     "migrate.finalize" => MigrateFinalize(Finalize),
+    "migrate.drops" => MigrateDrops(NoArgs),
+    "migrate.cancel_drop" => MigrateCancelDrop(TenantArg),
 }
 
 impl Request {
@@ -121,10 +128,12 @@ impl Request {
             | Request::Stats(_)
             | Request::Audit(_)
             | Request::WebhooksLog(_)
+            | Request::TenantBackups(_)
             | Request::MigrateStatus(_)
             | Request::MigrateHistory(_)
             | Request::MigrateEstimate(_)
-            | Request::MigrateQueue(_) => false,
+            | Request::MigrateQueue(_)
+            | Request::MigrateDrops(_) => false,
             Request::TenantGrants(g) => g.apply,
             _ => true,
         }
@@ -377,6 +386,66 @@ pub struct Finalize {
         skip_serializing_if = "is_default"
     )]
     pub drop_source: bool,
+    /// Keep the source's copy (fenced) for this long, then drop it: 30d, 12h, 30m, 45s. Scheduled, survives
+    /// restarts, cancellable with `migrate cancel-drop`.
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drop_source_after: Option<String>,
+}
+
+/// `tenant.backup`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct BackupArgs {
+    pub tenant: TenantId,
+    /// Directory the backup file goes to (default: <state_dir>/backups).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<FilePath>,
+}
+
+/// `tenant.backups`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct BackupsArgs {
+    pub tenant: TenantId,
+    /// Directory to list (default: <state_dir>/backups).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<FilePath>,
+}
+
+/// `tenant.restore`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreArgs {
+    /// The backup file (its checksums are checked before anything is restored).
+    pub file: FilePath,
+    /// The backend to restore to.
+    #[arg(long)]
+    pub to: BackendId,
+    /// Restore as this tenant (default: the backup's).
+    #[arg(long = "as")]
+    #[serde(rename = "as", default, skip_serializing_if = "Option::is_none")]
+    pub as_tenant: Option<TenantId>,
+    /// Database on the target (default: the backend's, else the backup's).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<Ident>,
+    /// Schema on the target (default: the backup's, with the tenant's name in it replaced by the new one).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<Ident>,
+    /// Rows of shared tables: the new tenant's value in the tenant column (default: its name).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant_key: Option<TenantKey>,
+}
+
+impl Args for RestoreArgs {
+    fn tenant(&self) -> Option<&TenantId> {
+        self.as_tenant.as_ref()
+    }
 }
 
 macro_rules! about_tenant {
@@ -397,7 +466,9 @@ about_tenant!(
     Verify,
     Ddl,
     Finalize,
-    StartRequest
+    StartRequest,
+    BackupArgs,
+    BackupsArgs
 );
 
 impl Args for MaybeTenant {

@@ -12,8 +12,8 @@ use tokio::net::UnixStream;
 
 use crate::admin::reply::Response;
 use crate::admin::request::{
-    Abort, Audit, Ddl, Finalize, Grants, HistoryArgs, MaybeTenant, NoArgs, Pause, Request,
-    SetRoute, TenantArg, Verify,
+    Abort, Audit, BackupArgs, BackupsArgs, Ddl, Finalize, Grants, HistoryArgs, MaybeTenant, NoArgs,
+    Pause, Request, RestoreArgs, SetRoute, TenantArg, Verify,
 };
 use crate::migration::ops::reply::Status;
 use crate::migration::ops::StartRequest;
@@ -85,6 +85,14 @@ pub enum TenantAction {
     /// Print the SQL that creates the tenant's role and grants it exactly its data (schema, database, or rows
     /// of shared tables with row-level security); --apply runs it with the backend's admin credentials.
     Grants(Grants),
+    /// Write a consistent snapshot of the tenant (its schema, or its rows of shared tables) to a file with a
+    /// manifest and checksums.
+    Backup(BackupArgs),
+    /// List the tenant's backups, newest first.
+    Backups(BackupsArgs),
+    /// Restore a backup (checksums checked first) to a backend, under the same or a new tenant name; never
+    /// overwrites.
+    Restore(RestoreArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -126,6 +134,10 @@ pub enum MigrateAction {
     Rollback(TenantArg),
     /// End a migration: remove capture on both sides.
     Finalize(Finalize),
+    /// Source copies waiting for their scheduled drop (`finalize --drop-source-after`).
+    Drops,
+    /// Keep a finalized move's source copy: cancel its scheduled drop.
+    CancelDrop(TenantArg),
 }
 
 impl CtlCommand {
@@ -138,6 +150,9 @@ impl CtlCommand {
                 TenantAction::Set(a) => Request::TenantSet(a.clone()),
                 TenantAction::Remove(a) => Request::TenantRemove(a.clone()),
                 TenantAction::Grants(a) => Request::TenantGrants(a.clone()),
+                TenantAction::Backup(a) => Request::TenantBackup(a.clone()),
+                TenantAction::Backups(a) => Request::TenantBackups(a.clone()),
+                TenantAction::Restore(a) => Request::TenantRestore(a.clone()),
             },
             CtlCommand::Backends => Request::Backends(NoArgs {}),
             CtlCommand::Pause(a) => Request::Pause(a.clone()),
@@ -171,6 +186,8 @@ impl MigrateAction {
             MigrateAction::Ddl(a) => Request::MigrateDdl(a.clone()),
             MigrateAction::Rollback(a) => Request::MigrateRollback(a.clone()),
             MigrateAction::Finalize(a) => Request::MigrateFinalize(a.clone()),
+            MigrateAction::Drops => Request::MigrateDrops(NoArgs {}),
+            MigrateAction::CancelDrop(a) => Request::MigrateCancelDrop(a.clone()),
         }
     }
 }

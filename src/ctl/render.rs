@@ -4,8 +4,8 @@
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use super::{CtlCommand, MigrateAction};
-use crate::admin::reply::{AuditView, BackendList, TenantList, WebhookLogView};
+use super::{CtlCommand, MigrateAction, TenantAction};
+use crate::admin::reply::{AuditView, BackendList, BackupList, TenantList, WebhookLogView};
 use crate::migration::ops::reply::{HistoryView, Status, StatusList};
 
 /// The result as the command's table, or as `key: value` lines.
@@ -15,6 +15,9 @@ pub fn human(cmd: &CtlCommand, result: &Value) -> String {
         CtlCommand::Backends => typed(result, backends),
         CtlCommand::Audit(_) => typed(result, audit),
         CtlCommand::Webhooks { .. } => typed(result, webhooks),
+        CtlCommand::Tenant {
+            action: TenantAction::Backups(_),
+        } => typed(result, backups),
         CtlCommand::Migrate {
             action: MigrateAction::Status { who, .. },
         } if who.tenant.is_none() => typed(result, migrations),
@@ -119,6 +122,26 @@ fn audit(view: AuditView) -> String {
     };
     let headers = ["SEQ", "TIME", "ACTOR", "COMMAND", "TENANT", "RESULT"];
     format!("{}{verified}\n", table(&headers, rows))
+}
+
+fn backups(list: BackupList) -> String {
+    let rows = list
+        .backups
+        .iter()
+        .map(|b| {
+            vec![
+                b.taken_at.clone(),
+                format!("{:?}", b.holds).to_lowercase(),
+                format!("{}/{}/{}", b.backend, b.database, b.schema),
+                b.tables.to_string(),
+                b.rows.to_string(),
+                b.size.to_string(),
+                b.file.clone(),
+            ]
+        })
+        .collect();
+    let headers = ["TAKEN", "HOLDS", "FROM", "TABLES", "ROWS", "BYTES", "FILE"];
+    format!("{} in {}\n{}", list.tenant, list.dir, table(&headers, rows))
 }
 
 fn webhooks(view: WebhookLogView) -> String {

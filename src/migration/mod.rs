@@ -19,6 +19,7 @@ pub mod cutover;
 pub mod ddl;
 pub mod decide;
 pub mod driver;
+pub mod drops;
 pub mod events;
 pub mod failpoint;
 pub mod history;

@@ -147,3 +147,49 @@ pub async fn present_key(client: &Client) -> Result<(), MigrateError> {
     }
     Ok(())
 }
+
+/// The DDL `pg_dump --schema-only` writes for `side`'s schema, with `extra` arguments (a section, a snapshot);
+/// psql meta-commands (`\restrict` in newer dumps) are left out, as they are not SQL.
+pub async fn dump_schema(
+    pg_dump: &str,
+    side: &Endpoint,
+    extra: &[String],
+    timeout: Duration,
+) -> Result<String, MigrateError> {
+    let mut cmd = tokio::process::Command::new(pg_dump);
+    cmd.arg("--schema-only")
+        .arg("--no-owner")
+        .arg("--no-privileges")
+        .arg(format!("--schema={}", side.schema))
+        .arg(format!("--host={}", side.config.host))
+        .arg(format!("--port={}", side.config.port))
+        .arg(format!("--username={}", side.config.admin_user()))
+        .arg(format!("--dbname={}", side.database))
+        .args(extra)
+        .env("PGPASSWORD", side.config.admin_password())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(timeout, cmd.output())
+        .await
+        .map_err(|_| {
+            MigrateError::Timeout(format!(
+                "pg_dump --schema-only took over {} s",
+                timeout.as_secs()
+            ))
+        })?
+        .map_err(|e| {
+            MigrateError::Refused(format!(
+                "{pg_dump:?} could not run ({e}); install pg_dump or set migration.pg_dump"
+            ))
+        })?;
+    if !out.status.success() {
+        return Err(MigrateError::Refused(format!(
+            "pg_dump --schema-only failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('\\'))
+        .collect::<Vec<_>>()
+        .join("\n"))
+}

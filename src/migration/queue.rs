@@ -2,12 +2,12 @@
 //! so they survive restarts. Once a second the scheduler starts the due ones, highest priority first, then the
 //! earliest, as far as `migration.max_concurrent` allows; a due move waits while its tenant still has one.
 
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use super::ops::request::StartRequest;
+use crate::state::json_list::JsonList;
 use crate::state::StateError;
 use crate::tenant::TenantId;
 
@@ -25,72 +25,32 @@ pub struct Queued {
 }
 
 #[derive(Debug)]
-pub struct Queue {
-    path: PathBuf,
-    entries: Mutex<Vec<Queued>>,
-}
+pub struct Queue(JsonList<Queued>);
 
 impl Queue {
     pub fn open(dir: &Path) -> Result<Queue, StateError> {
-        let path = dir.join(FILE);
-        let entries = match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| StateError::Corrupt {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(StateError::io(&path, e)),
-        };
-        Ok(Queue {
-            path,
-            entries: Mutex::new(entries),
-        })
+        JsonList::open(dir, FILE).map(Queue)
     }
 
     /// Every queued move, in the order they would start.
     pub fn list(&self) -> Vec<Queued> {
-        let mut all = self.lock().clone();
+        let mut all = self.0.all();
         all.sort_by_key(|q| (-q.priority, q.at_unix));
         all
     }
 
     pub fn contains(&self, tenant: &TenantId) -> bool {
-        self.lock().iter().any(|q| &q.request.tenant == tenant)
+        self.0.any(|q| &q.request.tenant == tenant)
     }
 
     /// Adds `q` (durable when this returns).
     pub fn push(&self, q: Queued) -> Result<(), StateError> {
-        let mut entries = self.lock();
-        entries.push(q);
-        self.save(&entries).inspect_err(|_| {
-            entries.pop();
-        })
+        self.0.push(q)
     }
 
     /// Removes and returns the tenant's queued move.
     pub fn remove(&self, tenant: &TenantId) -> Result<Option<Queued>, StateError> {
-        let mut entries = self.lock();
-        let Some(i) = entries.iter().position(|q| &q.request.tenant == tenant) else {
-            return Ok(None);
-        };
-        let q = entries.remove(i);
-        if let Err(e) = self.save(&entries) {
-            entries.insert(i, q);
-            return Err(e);
-        }
-        Ok(Some(q))
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Queued>> {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn save(&self, entries: &[Queued]) -> Result<(), StateError> {
-        let json = serde_json::to_string_pretty(entries).map_err(|e| StateError::Corrupt {
-            path: self.path.clone(),
-            reason: e.to_string(),
-        })?;
-        crate::state::atomic::write(&self.path, json.as_bytes())
+        self.0.remove(|q| &q.request.tenant == tenant)
     }
 }
 

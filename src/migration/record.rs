@@ -200,6 +200,9 @@ pub struct Record {
     /// The admin actor that started it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_by: Option<String>,
+    /// The backup taken before the move (`--backup`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_file: Option<String>,
     #[serde(default)]
     pub last_pause_ms: Option<f64>,
     #[serde(default)]
@@ -254,6 +257,7 @@ impl Record {
             bytes_copied: 0,
             entered: vec![(State::Pending, now_ms())],
             started_by: None,
+            backup_file: None,
             expected_copy_rows_per_s: None,
             last_pause_ms: None,
             cutover_attempts: 0,

@@ -110,6 +110,8 @@ pub struct Migrations {
     pub history: super::history::History,
     /// Moves queued for later.
     pub queue: super::queue::Queue,
+    /// Source copies of finished moves waiting for their scheduled drop.
+    pub drops: super::drops::Drops,
 }
 
 impl Migrations {
@@ -125,6 +127,7 @@ impl Migrations {
             moved: Mutex::new(HashMap::new()),
             history: super::history::History::new(dir),
             queue: super::queue::Queue::open(dir)?,
+            drops: super::drops::Drops::open(dir)?,
         })
     }
 

@@ -6,6 +6,7 @@
 
 pub mod atomic;
 pub mod audit;
+pub mod json_list;
 pub mod key;
 pub mod routes_log;
 

@@ -46,8 +46,18 @@ pub(super) async fn run(
         Request::MigrateDdl(a) => to_json(&ddl::ddl(shared, &a.tenant, &a.sql).await?),
         Request::MigrateRollback(a) => to_json(&ops::rollback_cmd(shared, &a.tenant).await?),
         Request::MigrateFinalize(a) => {
-            to_json(&ops::finalize(shared, &a.tenant, a.drop_source).await?)
+            let after = match &a.drop_source_after {
+                None => None,
+                Some(s) => Some(crate::migration::clock::span(s).ok_or_else(|| {
+                    AdminError::invalid(format!(
+                        "drop_source_after: {s:?} is not a span such as 30d, 12h, 30m or 45s"
+                    ))
+                })?),
+            };
+            to_json(&ops::finalize(shared, &a.tenant, a.drop_source, after).await?)
         }
+        Request::MigrateDrops(_) => to_json(&ops::drops(shared)),
+        Request::MigrateCancelDrop(a) => to_json(&ops::cancel_drop(shared, &a.tenant)?),
         other => {
             return Err(AdminError::invalid(format!(
                 "{} is not a migration command",

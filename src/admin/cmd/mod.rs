@@ -3,6 +3,7 @@
 //! answer.
 
 mod backends;
+mod backup;
 mod gate;
 mod grants;
 mod migrate;
@@ -103,6 +104,9 @@ async fn run(shared: &Arc<Shared>, req: Request, actor: &str) -> Result<Done, Ad
         }
         Request::TenantGrants(a) => grants::grants(shared, &a.tenant, a.apply).await,
         Request::TenantRemove(a) => off_thread(shared, move |s| route::remove(s, &a.tenant)).await,
+        Request::TenantBackup(a) => backup::take(shared, &a).await,
+        Request::TenantBackups(a) => backup::list(shared, &a).await,
+        Request::TenantRestore(a) => backup::restore(shared, &a).await,
         Request::Backends(_) => Ok(Done::read(&backends::list(shared))),
         Request::Pause(a) => gate::pause(shared, &a.tenant, a.timeout_ms).await,
         Request::Resume(a) => gate::resume(shared, &a.tenant),

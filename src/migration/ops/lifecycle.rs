@@ -105,7 +105,13 @@ pub async fn finalize(
     shared: &Arc<Shared>,
     tenant: &TenantId,
     drop_source: bool,
+    drop_source_after_s: Option<u64>,
 ) -> Result<Finalized, AdminError> {
+    if drop_source && drop_source_after_s.is_some() {
+        return Err(AdminError::invalid(
+            "give --drop-source or --drop-source-after, not both",
+        ));
+    }
     let (rec, live) = live_of(shared, tenant)?;
     if rec.state != State::Migrated {
         return Err(AdminError::new(
@@ -141,13 +147,24 @@ pub async fn finalize(
             .map_err(|e| MigrateError::pg("drop the tenant's data on the source", e))?;
         capture::remove_fence(&src, tenant).await?;
     }
+    // Scheduled before the state changes: a drop that cannot be persisted leaves the move to finalize again.
+    let scheduled = drop_source_after_s.map(|s| super::drops::plan(&rec, &source, s));
+    if let Some(d) = &scheduled {
+        shared
+            .migrations
+            .drops
+            .schedule(d.clone())
+            .map_err(AdminError::state_write)?;
+    }
     transition(shared, tenant, Event::Finalized, |_| {})?;
     shared.migrations.forget_live(tenant);
     Ok(Finalized {
         tenant: tenant.clone(),
         state: State::Completed.as_str().to_owned(),
         source_dropped: drop_source,
-    })
+        source_drop_due: None,
+    }
+    .with_drop(scheduled.as_ref()))
 }
 
 /// `migrate abort T [--drop-target]`: from any state before the swap, back to how the source was.
@@ -260,7 +277,7 @@ async fn abort_target(
 
 /// Deletes the tenant's data on `side`: its schema, or for shared tables its rows (in one transaction, foreign
 /// keys not checked: every table of the tenant loses the tenant's rows together).
-fn drop_tenant_sql(side: &Endpoint, tables: &[String]) -> String {
+pub(super) fn drop_tenant_sql(side: &Endpoint, tables: &[String]) -> String {
     if side.filter.is_none() {
         return format!("DROP SCHEMA {} CASCADE", quote_ident(&side.schema));
     }

@@ -2,6 +2,7 @@
 //! repair, cutover, rollback, finalize and abort. Each answers with a typed reply ([`reply`]) or an
 //! [`AdminError`] with a stable code.
 
+mod drops;
 mod estimate;
 mod lifecycle;
 mod repair;
@@ -20,6 +21,7 @@ use crate::admin::code::{AdminCode, AdminError};
 use crate::context::Shared;
 use crate::tenant::TenantId;
 
+pub use drops::{cancel_drop, drops, run_due as run_due_drops, DropList};
 pub use estimate::estimate;
 pub use lifecycle::{abort, cutover_cmd, finalize, rollback_cmd, verify_cmd};
 pub use repair::repair;

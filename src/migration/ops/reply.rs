@@ -46,6 +46,9 @@ pub struct Started {
     pub created_target_schema: bool,
     pub source: Place,
     pub target: Place,
+    /// The backup taken before the move (`--backup`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<String>,
 }
 
 /// `migrate status T`, and each row of `migrate status`.
@@ -205,6 +208,9 @@ pub struct Finalized {
     pub tenant: TenantId,
     pub state: String,
     pub source_dropped: bool,
+    /// When the source's copy is dropped (`--drop-source-after`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_drop_due: Option<String>,
 }
 
 /// `migrate abort T`.

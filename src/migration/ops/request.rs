@@ -75,4 +75,13 @@ pub struct StartRequest {
         skip_serializing_if = "is_default"
     )]
     pub priority: i32,
+    /// Take a backup of the tenant (as `tenant backup`, into <state_dir>/backups) before anything is installed
+    /// or copied; the move does not start if it fails.
+    #[arg(long)]
+    #[serde(
+        default,
+        deserialize_with = "or_default",
+        skip_serializing_if = "is_default"
+    )]
+    pub backup: bool,
 }

@@ -101,6 +101,7 @@ pub async fn run_queue(shared: Arc<Shared>) {
                 .get(t.as_str())
                 .is_some_and(|r| !r.state.is_final())
         };
+        super::run_due_drops(&shared).await;
         let now = now_ms() / 1000;
         for tenant in crate::migration::queue::due(&shared.migrations.queue.list(), now, free, busy)
         {

@@ -52,11 +52,21 @@ pub async fn start(
     }
     let rec = plan(shared, &req)?;
     let (source, target) = endpoints(shared, &rec).map_err(preflight)?;
+    let backup_file = match req.backup {
+        true => Some(
+            crate::backup::take::take(shared, &req.tenant, None)
+                .await
+                .map_err(|e| preflight(format!("the backup before the move failed: {e}")))?
+                .file,
+        ),
+        false => None,
+    };
     let (tables, created) = check_sides(shared, &source, &target, req.allow_existing).await?;
     let rec = Record {
         tables: tables.iter().map(|t| t.name.clone()).collect(),
         created_target_schema: created,
         started_by: Some(actor.to_owned()),
+        backup_file: backup_file.clone(),
         // What the copy is expected to take, for the history's estimate error.
         expected_copy_rows_per_s: Some(crate::migration::history::expected_copy_rate(
             &shared.migrations.history.read().unwrap_or_default(),
@@ -85,6 +95,7 @@ pub async fn start(
         source: Place::source(&rec),
         target: Place::target(&rec),
         tables: rec.tables,
+        backup: backup_file,
     })
 }
 
@@ -331,37 +342,13 @@ pub(super) async fn superuser(c: &Client, backend: &str) -> Result<(), AdminErro
 /// `pg_dump --schema-only` of the tenant's schema on the source, run on the target in one transaction.
 async fn create_schema(shared: &Shared, source: &Endpoint, dst: &Client) -> Result<(), AdminError> {
     let pg_dump = shared.config.load().migration.pg_dump.clone();
-    let mut cmd = tokio::process::Command::new(&pg_dump);
-    cmd.arg("--schema-only")
-        .arg("--no-owner")
-        .arg("--no-privileges")
-        .arg(format!("--schema={}", source.schema))
-        .arg(format!("--host={}", source.config.host))
-        .arg(format!("--port={}", source.config.port))
-        .arg(format!("--username={}", source.config.admin_user()))
-        .arg(format!("--dbname={}", source.database))
-        .env("PGPASSWORD", source.config.admin_password())
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+    let sql = crate::migration::pg::dump_schema(&pg_dump, source, &[], Duration::from_secs(120))
         .await
-        .map_err(|_| preflight("pg_dump --schema-only took over 120 s"))?
         .map_err(|e| {
             preflight(format!(
-                "the target schema is missing and {pg_dump:?} could not run ({e}); install pg_dump, set migration.pg_dump, or create the schema on the target first"
+                "the target schema is missing and could not be made: {e}"
             ))
         })?;
-    if !out.status.success() {
-        return Err(preflight(format!(
-            "pg_dump --schema-only failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    // psql meta-commands (\restrict in newer dumps) are not SQL.
-    let sql: String = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.starts_with('\\'))
-        .collect::<Vec<_>>()
-        .join("\n");
     let wrapped = format!("BEGIN;\n{sql}\nCOMMIT;");
     if let Err(e) = dst.batch_execute(&wrapped).await {
         let _ = dst.batch_execute("ROLLBACK").await;
