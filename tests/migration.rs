@@ -1257,7 +1257,9 @@ async fn a_cutover_window_holds_the_move_in_dual_write_until_it_opens() {
         )
     };
     let opens = unix() + 8;
-    let window = format!("{}-{}", hms(opens), hms(opens + 600));
+    // In a zone (India, UTC+05:30 all year): the window is written in the zone's local time.
+    let local = opens + 5 * 3600 + 1800;
+    let window = format!("{}-{} Asia/Kolkata", hms(local), hms(local + 600));
     proxy
         .admin_ok(
             json!({"cmd": "migrate.start", "tenant": "acme", "to": "dedicated",
@@ -1265,7 +1267,13 @@ async fn a_cutover_window_holds_the_move_in_dual_write_until_it_opens() {
         )
         .await;
     let s = wait_state(&proxy, "acme", "dual_write", Duration::from_secs(30)).await;
-    assert!(s["cutover_window"].as_str().is_some(), "{s}");
+    assert!(
+        s["cutover_window"]
+            .as_str()
+            .unwrap()
+            .ends_with("Asia/Kolkata"),
+        "{s}"
+    );
     let refused = proxy
         .admin(json!({"cmd": "migrate.cutover", "tenant": "acme"}))
         .await;

@@ -72,7 +72,7 @@ pub fn should_auto_cutover(rec: &Record, lag: u64, now: u64) -> bool {
 
 /// Whether a cutover may happen at `now`: always without a window, else inside it.
 pub fn in_window(rec: &Record, now: u64) -> bool {
-    rec.cutover_window.is_none_or(|w| w.contains(now))
+    rec.cutover_window.as_ref().is_none_or(|w| w.contains(now))
 }
 
 /// How the steps before the swap (with the tenant held) ended.

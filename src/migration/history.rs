@@ -127,8 +127,29 @@ impl HistoryEntry {
 /// a move usually runs under load.
 pub const DEFAULT_COPY_ROWS_PER_S: f64 = 200_000.0;
 
-/// Rows per second of bulk copy in each finished move that copied (completed or rolled back).
-pub fn copy_rates(history: &[HistoryEntry]) -> Vec<f64> {
+/// Until a move has been measured: seconds of fixed cost per table (its own transaction, its checkpoint
+/// written and synced, its change-log cleanup); about what this project's machine shows for small tables.
+pub const DEFAULT_COPY_TABLE_S: f64 = 0.03;
+
+/// How long a bulk copy takes: a fixed cost per table plus the rows at a rate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CopyModel {
+    pub rows_per_s: f64,
+    pub per_table_s: f64,
+    /// Earlier moves it was measured from (0: the defaults).
+    pub moves: usize,
+    /// Both figures fitted (moves of different shapes), not only the rate.
+    pub fitted: bool,
+}
+
+impl CopyModel {
+    pub fn seconds(&self, rows: u64, tables: usize) -> f64 {
+        tables as f64 * self.per_table_s + rows as f64 / self.rows_per_s
+    }
+}
+
+/// (tables, rows, seconds of bulk copy) of each finished move that copied (completed or rolled back).
+fn copy_samples(history: &[HistoryEntry]) -> Vec<(f64, f64, f64)> {
     history
         .iter()
         .filter(|e| e.outcome == Outcome::Completed || e.outcome == Outcome::RolledBack)
@@ -139,9 +160,63 @@ pub fn copy_rates(history: &[HistoryEntry]) -> Vec<f64> {
                 .filter(|s| s.state == State::BulkCopy)
                 .map(|s| s.seconds)
                 .sum();
-            (e.rows_copied > 0 && secs > 0.01).then(|| e.rows_copied as f64 / secs)
+            (e.rows_copied > 0 && secs > 0.01).then_some((
+                e.tables as f64,
+                e.rows_copied as f64,
+                secs,
+            ))
         })
         .collect()
+}
+
+/// The copy model of this proxy's earlier moves: with moves of different shapes, both figures by least
+/// squares of `seconds = per_table * tables + rows / rate`; otherwise the default per-table cost and the median
+/// rate of the time left after it; with no move, the defaults.
+pub fn copy_model(history: &[HistoryEntry]) -> CopyModel {
+    let samples = copy_samples(history);
+    if let Some(m) = fit(&samples) {
+        return m;
+    }
+    let rates = samples
+        .iter()
+        .map(|&(t, r, s)| {
+            let left = s - t * DEFAULT_COPY_TABLE_S;
+            r / if left > 0.2 * s { left } else { s }
+        })
+        .collect();
+    CopyModel {
+        rows_per_s: median(rates).unwrap_or(DEFAULT_COPY_ROWS_PER_S),
+        per_table_s: DEFAULT_COPY_TABLE_S,
+        moves: samples.len(),
+        fitted: false,
+    }
+}
+
+/// Least squares of `s = a t + b r` (no intercept); `None` when the moves do not tell the two apart or the fit
+/// makes no physical sense.
+fn fit(samples: &[(f64, f64, f64)]) -> Option<CopyModel> {
+    if samples.len() < 2 {
+        return None;
+    }
+    let sum = |f: &dyn Fn(&(f64, f64, f64)) -> f64| samples.iter().map(f).sum::<f64>();
+    let (tt, tr, rr) = (
+        sum(&|x| x.0 * x.0),
+        sum(&|x| x.0 * x.1),
+        sum(&|x| x.1 * x.1),
+    );
+    let (ts, rs) = (sum(&|x| x.0 * x.2), sum(&|x| x.1 * x.2));
+    let det = tt * rr - tr * tr;
+    if det.abs() <= 1e-6 * tt * rr {
+        return None;
+    }
+    let a = (ts * rr - rs * tr) / det;
+    let b = (tt * rs - tr * ts) / det;
+    (a >= 0.0 && b > 0.0).then_some(CopyModel {
+        rows_per_s: 1.0 / b,
+        per_table_s: a,
+        moves: samples.len(),
+        fitted: true,
+    })
 }
 
 pub fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -152,21 +227,22 @@ pub fn median(mut v: Vec<f64>) -> Option<f64> {
     Some(v[v.len() / 2])
 }
 
-/// The bulk-copy rate a move starting now is expected to run at.
-pub fn expected_copy_rate(history: &[HistoryEntry]) -> f64 {
-    median(copy_rates(history)).unwrap_or(DEFAULT_COPY_ROWS_PER_S)
-}
-
 /// (estimated - actual) / actual of the bulk copy's time, in percent.
 fn estimate_error(rec: &Record) -> Option<f64> {
-    let rate = rec.expected_copy_rows_per_s?;
+    let model = CopyModel {
+        rows_per_s: rec.expected_copy_rows_per_s?,
+        per_table_s: rec.expected_copy_per_table_s.unwrap_or(0.0),
+        moves: 0,
+        fitted: false,
+    };
     let actual: f64 = rec
         .entered
         .windows(2)
         .filter(|w| w[0].0 == State::BulkCopy)
         .map(|w| w[1].1.saturating_sub(w[0].1) as f64 / 1000.0)
         .sum();
-    (actual > 0.0 && rate > 0.0).then(|| (rec.rows_copied as f64 / rate - actual) / actual * 100.0)
+    let estimated = model.seconds(rec.rows_copied, rec.tables.len());
+    (actual > 0.0 && model.rows_per_s > 0.0).then(|| (estimated - actual) / actual * 100.0)
 }
 
 /// The history file.
@@ -371,5 +447,37 @@ mod tests {
         h.append(&entry(Outcome::Completed, 30, 1.0, None), 8)
             .unwrap();
         assert_eq!(h.read().unwrap().last().unwrap().ended_unix, 30);
+    }
+
+    fn copied(tables: usize, rows: u64, secs: f64) -> HistoryEntry {
+        let mut e = entry(Outcome::Completed, 0, 0.0, None);
+        e.tables = tables;
+        e.rows_copied = rows;
+        e.states = vec![Stay {
+            state: State::BulkCopy,
+            seconds: secs,
+        }];
+        e
+    }
+
+    #[test]
+    fn the_copy_model_separates_per_table_cost_from_the_rate() {
+        // 50 ms per table, 100 000 rows/s.
+        let truth = |t: usize, r: u64| t as f64 * 0.05 + r as f64 / 100_000.0;
+        let h = [
+            copied(3, 4_000, truth(3, 4_000)),
+            copied(2, 300_000, truth(2, 300_000)),
+        ];
+        let m = copy_model(&h);
+        assert!(m.fitted);
+        assert!((m.per_table_s - 0.05).abs() < 1e-6, "{m:?}");
+        assert!((m.rows_per_s - 100_000.0).abs() < 1.0, "{m:?}");
+        // One move: the default per-table cost, the rate of the rest; the same move is estimated exactly.
+        let one = copy_model(&h[..1]);
+        assert!(!one.fitted);
+        assert!((one.seconds(4_000, 3) - truth(3, 4_000)).abs() < 1e-9);
+        // Nothing measured: the defaults.
+        let none = copy_model(&[]);
+        assert_eq!((none.rows_per_s, none.moves), (DEFAULT_COPY_ROWS_PER_S, 0));
     }
 }

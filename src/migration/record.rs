@@ -197,6 +197,9 @@ pub struct Record {
     /// The bulk-copy rate (rows/s) the estimate used when the move started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expected_copy_rows_per_s: Option<f64>,
+    /// And the fixed cost per table it used (seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_copy_per_table_s: Option<f64>,
     /// The admin actor that started it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_by: Option<String>,
@@ -259,6 +262,7 @@ impl Record {
             started_by: None,
             backup_file: None,
             expected_copy_rows_per_s: None,
+            expected_copy_per_table_s: None,
             last_pause_ms: None,
             cutover_attempts: 0,
             last_cutover_error: None,

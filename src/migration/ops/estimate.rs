@@ -14,7 +14,7 @@ use super::start::{check_target, plan, source_tables, superuser};
 use crate::admin::code::AdminError;
 use crate::context::Shared;
 use crate::migration::catalog::Table;
-use crate::migration::history::{copy_rates, median, HistoryEntry, DEFAULT_COPY_ROWS_PER_S};
+use crate::migration::history::{copy_model, median, HistoryEntry};
 use crate::migration::pg::Endpoint;
 use crate::migration::record::VerifyLevel;
 use crate::migration::sides::endpoints;
@@ -99,9 +99,9 @@ struct Facts {
 fn assemble(f: Facts) -> Estimate {
     let rows: u64 = f.sizes.iter().map(|t| t.rows).sum();
     let bytes: u64 = f.sizes.iter().map(|t| t.bytes).sum();
-    let copy = copy_rate(&f.history);
+    let model = copy_model(&f.history);
     let verify = verify_rate(&f.history, f.level);
-    let copy_s = rows as f64 / copy.value;
+    let copy_s = model.seconds(rows, f.sizes.len());
     // Changes written during the copy, applied by the tee afterwards.
     let catch_up_s = f.writes_per_s * copy_s / DEFAULT_APPLY_ROWS_PER_S;
     let verify_s = rows as f64 / verify.value;
@@ -118,7 +118,8 @@ fn assemble(f: Facts) -> Estimate {
         tables_without_primary_key: f.no_key,
         sequences: f.sequences,
         missing_on_target: f.missing,
-        copy_rows_per_s: copy,
+        copy_rows_per_s: copy_figure(&model),
+        copy_per_table_s: model.per_table_s,
         verify_rows_per_s: verify,
         source_writes_per_s: f.writes_per_s,
         copy_s,
@@ -130,9 +131,17 @@ fn assemble(f: Facts) -> Estimate {
     }
 }
 
-/// Rows per second of bulk copy in earlier moves (median), or the default.
-fn copy_rate(history: &[HistoryEntry]) -> Figure {
-    Figure::measured_or(copy_rates(history), DEFAULT_COPY_ROWS_PER_S)
+/// The copy rate and where it comes from.
+fn copy_figure(m: &crate::migration::history::CopyModel) -> Figure {
+    let from = match (m.moves, m.fitted) {
+        (0, _) => "default: no earlier move measured".to_string(),
+        (n, true) => format!("measured: fitted to {n} earlier moves (rate and per-table cost)"),
+        (n, false) => format!("measured: median of {n} earlier moves"),
+    };
+    Figure {
+        value: m.rows_per_s,
+        from,
+    }
 }
 
 /// Rows per second of verification at `level` in earlier moves, or a default per level.

@@ -43,7 +43,7 @@ pub async fn cutover_cmd(shared: &Arc<Shared>, tenant: &TenantId) -> Result<CutO
         ));
     }
     let now = crate::migration::record::now_ms() / 1000;
-    if let Some(w) = rec.cutover_window.filter(|w| !w.contains(now)) {
+    if let Some(w) = rec.cutover_window.as_ref().filter(|w| !w.contains(now)) {
         return Err(AdminError::new(
             AdminCode::InvalidState,
             format!(

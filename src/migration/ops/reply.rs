@@ -133,6 +133,8 @@ pub struct Estimate {
     /// Extensions and types the target lacks.
     pub missing_on_target: Vec<String>,
     pub copy_rows_per_s: Figure,
+    /// Fixed seconds per table of the copy (transaction, checkpoint), measured with the rate or the default.
+    pub copy_per_table_s: f64,
     pub verify_rows_per_s: Figure,
     /// Inserted, updated and deleted rows per second on the source now (sampled for a second).
     pub source_writes_per_s: f64,

@@ -57,8 +57,8 @@ pub struct StartRequest {
     #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant_key: Option<TenantKey>,
-    /// Cut over only inside this part of the day, HH:MM-HH:MM UTC (copy and dual_write run any time; a move
-    /// ready outside it waits in dual_write).
+    /// Cut over only inside this part of the day: `HH:MM-HH:MM` in UTC, or `HH:MM-HH:MM Europe/Berlin` in a
+    /// zone (copy and dual_write run any time; a move ready outside it waits in dual_write).
     #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cutover_window: Option<CutoverWindow>,

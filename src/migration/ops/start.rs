@@ -62,15 +62,17 @@ pub async fn start(
         false => None,
     };
     let (tables, created) = check_sides(shared, &source, &target, req.allow_existing).await?;
+    let model = crate::migration::history::copy_model(
+        &shared.migrations.history.read().unwrap_or_default(),
+    );
     let rec = Record {
         tables: tables.iter().map(|t| t.name.clone()).collect(),
         created_target_schema: created,
         started_by: Some(actor.to_owned()),
         backup_file: backup_file.clone(),
         // What the copy is expected to take, for the history's estimate error.
-        expected_copy_rows_per_s: Some(crate::migration::history::expected_copy_rate(
-            &shared.migrations.history.read().unwrap_or_default(),
-        )),
+        expected_copy_rows_per_s: Some(model.rows_per_s),
+        expected_copy_per_table_s: Some(model.per_table_s),
         ..rec
     };
     grant_target(shared, &rec, &target).await?;
@@ -135,7 +137,7 @@ pub(super) fn plan(shared: &Shared, req: &StartRequest) -> Result<Record, AdminE
         ));
     }
     Ok(Record {
-        cutover_window: req.cutover_window,
+        cutover_window: req.cutover_window.clone(),
         tenant_column: req.tenant_column.clone().map(String::from),
         tenant_key: req.tenant_key.clone().map(String::from),
         verify: req.verify,

@@ -67,7 +67,7 @@ fn status(shared: &Shared, rec: &Record) -> Status {
             mode: shared.config.load().migration.tee,
             last_error: t.last_error(),
         }),
-        cutover_window: rec.cutover_window,
+        cutover_window: rec.cutover_window.clone(),
         last_pause_ms: rec.last_pause_ms,
         cutover_attempts: rec.cutover_attempts,
         last_cutover_error: rec.last_cutover_error.clone(),
