@@ -69,8 +69,9 @@ echo
 echo "== after the migration"
 ctl migrate verify acme --level full --json > "$PG_WORKDIR/verify.json"
 ctl migrate status acme --json > "$PG_WORKDIR/status.json"
-ctl migrate finalize acme >/dev/null
+ctl migrate finalize acme --drop-source-after 7d --json > "$PG_WORKDIR/finalize.json"
 ctl migrate history --tenant acme --json > "$PG_WORKDIR/history.json"
+ctl tenant backup acme --json > "$PG_WORKDIR/backup.json"
 
 printf '%-8s %-10s %-14s %8s %10s\n' tenant backend schema tps failed
 for t in acme globex; do
@@ -96,6 +97,8 @@ echo "   cutover pause (gate closed):   $(field "$PG_WORKDIR/status.json" '"%.1f
 echo "   full verification after cutover: $(field "$PG_WORKDIR/verify.json" '"passed" if d["passed"] else "FAILED: %s" % d["violations"][:3]') ($(field "$PG_WORKDIR/verify.json" 'd["rows"]') rows compared)"
 echo "   copy estimate off by:          $(field "$PG_WORKDIR/history.json" '"%+.0f%%" % d["entries"][0]["copy_estimate_error_percent"]') (history: $(field "$PG_WORKDIR/history.json" 'd["entries"][0]["outcome"]'))"
 echo "   source and target identical:   $([ "$src" = "$dst" ] && echo yes || echo "NO ($src vs $dst)")"
+echo "   source copy kept (fenced) until: $(field "$PG_WORKDIR/finalize.json" 'd["source_drop_due"]') (migrate drops; cancel-drop keeps it)"
+echo "   backup of acme on its new home: $(field "$PG_WORKDIR/backup.json" '"%d rows, %.1f MB in %d ms: %s" % (d["rows"], d["size"] / 1e6, d["took_ms"], d["file"])')"
 echo "   pgbench invariant on target:   sum(abalance)=$abal sum(delta)=$delta over $hist history rows"
 status=0
 for t in acme globex; do

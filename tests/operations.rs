@@ -578,3 +578,99 @@ async fn the_copy_estimate_is_within_a_quarter_of_the_actual_copy() {
         "{recorded:?} vs {error}"
     );
 }
+
+/// The README's walk-through: a tenant goes from a schema in the shared database to a database of its own on
+/// the same server, to a dedicated server, and back to a schema in the shared database; each hop estimated
+/// first, the first one backed up first; the history has all three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_walks_the_tiers_and_back() {
+    let shared = PgCluster::start();
+    let dedicated = PgCluster::start();
+    small_schema(&shared);
+    shared.psql("postgres", "CREATE DATABASE acme");
+    let proxy = up(harness(&shared, &dedicated)).await;
+    let count = |proxy: &TestProxy| {
+        let url = proxy.url("app.acme", "app");
+        async move {
+            let c = connect(&url).await.unwrap();
+            c.batch_execute("INSERT INTO a (v) VALUES (-1)")
+                .await
+                .unwrap();
+            c.query_one("SELECT count(*) FROM a", &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    assert_eq!(count(&proxy).await, 2001);
+    let hops = [
+        json!({"to": "shared", "database": "acme", "backup": true}),
+        json!({"to": "dedicated", "database": "app"}),
+        json!({"to": "shared", "database": "app"}),
+    ];
+    for (i, hop) in hops.iter().enumerate() {
+        let mut req = hop.as_object().unwrap().clone();
+        req.insert("tenant".into(), json!("acme"));
+        req.insert("verify".into(), json!("hash"));
+        let mut ask = req.clone();
+        ask.remove("backup");
+        ask.insert("cmd".into(), json!("migrate.estimate"));
+        let e = proxy.admin_ok(Value::Object(ask)).await;
+        assert_eq!(e["preflight_passed"], json!(true), "hop {i}: {e}");
+        req.insert("cmd".into(), json!("migrate.start"));
+        proxy.admin_ok(Value::Object(req)).await;
+        wait_state(&proxy, "acme", "dual_write", Duration::from_secs(30)).await;
+        wait_lag_zero(&proxy, "acme").await;
+        proxy
+            .admin_ok(json!({"cmd": "migrate.cutover", "tenant": "acme"}))
+            .await;
+        proxy
+            .admin_ok(json!({"cmd": "migrate.finalize", "tenant": "acme", "drop_source": true}))
+            .await;
+        let route = proxy
+            .admin_ok(json!({"cmd": "tenant.get", "tenant": "acme"}))
+            .await;
+        assert_eq!(route["route"]["backend"], hop["to"], "{route}");
+        assert_eq!(route["route"]["database"], hop["database"], "{route}");
+        assert_eq!(count(&proxy).await, 2002 + i as i64, "hop {i}");
+    }
+    assert_eq!(
+        shared.psql(
+            "acme",
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'tenant_acme'"
+        ),
+        "0",
+        "the own-database copy was dropped when the tenant left it"
+    );
+    let h = proxy
+        .admin_ok(json!({"cmd": "migrate.history", "tenant": "acme"}))
+        .await;
+    let hops_done: Vec<(String, String)> = h["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["outcome"].as_str().unwrap().to_owned(),
+                format!(
+                    "{}/{}",
+                    e["target"]["backend"].as_str().unwrap(),
+                    e["target"]["database"].as_str().unwrap()
+                ),
+            )
+        })
+        .collect();
+    assert_eq!(
+        hops_done,
+        [
+            ("completed".to_owned(), "shared/app".to_owned()),
+            ("completed".to_owned(), "dedicated/app".to_owned()),
+            ("completed".to_owned(), "shared/acme".to_owned()),
+        ],
+        "{h}"
+    );
+    let backups = proxy
+        .admin_ok(json!({"cmd": "tenant.backups", "tenant": "acme"}))
+        .await;
+    assert_eq!(backups["backups"].as_array().unwrap().len(), 1, "{backups}");
+}
