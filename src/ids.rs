@@ -26,8 +26,15 @@ impl fmt::Display for Epoch {
 }
 
 /// A backend's name (a `[backends.NAME]` of the config): `[A-Za-z0-9_-]{1,63}`. Cheap to clone.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct BackendId(Arc<str>);
+
+/// `"dedicated"`: messages that quote a backend with `{:?}` show its name, not a Rust type.
+impl std::fmt::Debug for BackendId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&*self.0, f)
+    }
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("invalid backend name {0:?}: use 1 to 63 of A-Z a-z 0-9 _ -")]

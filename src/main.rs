@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use pgtenant::admin::cmd::execute;
 use pgtenant::admin::Request;
@@ -100,6 +100,38 @@ fn auto_workers() -> usize {
     }
 }
 
+/// Raises the soft file-descriptor limit to the hard one, and warns when the clients and backend connections
+/// the config allows cannot all have one.
+fn check_fd_limit(config: &Config) {
+    let limit = match pgtenant::net::fds::raise_limit() {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(error = %e, "cannot read the file-descriptor limit");
+            return;
+        }
+    };
+    let backends: usize = config
+        .backends
+        .values()
+        .map(|b| match b.max_connections {
+            0 => b.pool_size + b.reserve_pool_size,
+            n => n,
+        })
+        .sum();
+    // Listeners, the state directory, logs and the runtime's own descriptors.
+    let needed =
+        (config.proxy.max_client_conn + config.proxy.max_login_conn + backends + 64) as u64;
+    if needed > limit {
+        warn!(
+            limit,
+            needed,
+            "the file-descriptor limit (ulimit -n) is below max_client_conn + max_login_conn + backend connections (one pool each); clients beyond it are refused with 53300"
+        );
+    } else {
+        info!(limit, "file-descriptor limit");
+    }
+}
+
 async fn serve(path: PathBuf) -> ExitCode {
     let config = match Config::load(&path) {
         Ok(c) => c,
@@ -109,6 +141,7 @@ async fn serve(path: PathBuf) -> ExitCode {
         }
     };
     let grace = config.proxy.shutdown_timeout();
+    check_fd_limit(&config);
     let proxy = match Proxy::start_with_path(config, Some(path)).await {
         Ok(p) => p,
         Err(e) => {

@@ -30,6 +30,8 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Admin(#[from] AdminServerError),
+    #[error(transparent)]
+    Lock(#[from] crate::state::lock::LockError),
 }
 
 /// A running proxy.
@@ -42,6 +44,8 @@ pub struct Proxy {
     sessions: TaskTracker,
     /// Admin, metrics and housekeeping tasks, stopped when the proxy is dropped.
     background: Vec<tokio::task::JoinHandle<()>>,
+    /// The exclusive lock on `state_dir`, released when the proxy is closed or dropped.
+    state_lock: Option<crate::state::lock::StateLock>,
 }
 
 impl Drop for Proxy {
@@ -65,6 +69,7 @@ impl Proxy {
         config: Config,
         path: Option<std::path::PathBuf>,
     ) -> Result<Proxy, ServerError> {
+        let state_lock = crate::state::lock::StateLock::acquire(&config.proxy.state_dir)?;
         let addr = config.listen_addr()?;
         let listener = TcpListener::bind(addr)
             .await
@@ -84,6 +89,7 @@ impl Proxy {
             stop_accepting: CancellationToken::new(),
             sessions: TaskTracker::new(),
             background: Vec::new(),
+            state_lock: Some(state_lock),
         };
         shared.notifier.configure(&shared.config.load().webhooks);
         proxy
@@ -161,6 +167,7 @@ impl Proxy {
             let _ = task.await;
         }
         let _ = std::fs::remove_file(self.shared.config.load().proxy.admin_socket_path());
+        self.state_lock.take();
     }
 
     /// Ends every session now (each client gets a 57P01 error).
@@ -281,15 +288,22 @@ async fn accept_loop(
     stop: CancellationToken,
     sessions: TaskTracker,
 ) {
+    let mut shortage = crate::net::fds::Shortage::default();
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
             r = listener.accept() => r,
         };
         let tcp = match accepted {
-            Ok((tcp, _)) => tcp,
+            Ok((tcp, _)) => {
+                shortage.over();
+                tcp
+            }
+            Err(e) if crate::net::fds::exhausted(&e) => {
+                shortage.hit(&listener, "ulimit -n").await;
+                continue;
+            }
             Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
                 warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;

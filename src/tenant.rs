@@ -18,8 +18,15 @@ pub enum TenantSource {
 }
 
 /// A validated tenant name: `[A-Za-z0-9_-]{1,63}`. Cheap to clone.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TenantId(Arc<str>);
+
+/// `"acme"`: messages that quote a tenant with `{:?}` show its name, not a Rust type.
+impl fmt::Debug for TenantId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum TenantError {

@@ -5,7 +5,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{admin_line, closes_within, code, http_get, Harness, TestProxy};
+use common::{
+    admin_line, closes_within, code, eventually, http_get, psql, Harness, PgCluster, TestProxy,
+    PASSWORD,
+};
 use serde_json::json;
 
 use common::{show, two_clusters as clusters, Two};
@@ -909,4 +912,110 @@ async fn a_psql_session_keeps_its_settings_and_prepared_statements_across_a_move
         vec!["before|tenant_acme", "9MB", "dedicated"],
         "{text}"
     );
+}
+
+/// A second proxy on the same state_dir refuses to start, naming the first's pid; once the first is closed
+/// it starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_proxy_on_the_same_state_dir_refuses_to_start() {
+    let pg = PgCluster::start();
+    let h = Harness::new()
+        .backend_with("shared", &pg, "database = \"app\"")
+        .tenant("acme", "shared", None, None);
+    let config = h.config();
+    let first = h.start().await;
+    let err = match pgtenant::server::Proxy::start(config.clone()).await {
+        Ok(_) => panic!("a second proxy started on the same state_dir"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("in use by another pgtenant")
+            && err.contains(&format!("pid {}", std::process::id())),
+        "{err}"
+    );
+    let TestProxy { proxy, state } = first;
+    proxy.close().await;
+    let again = pgtenant::server::Proxy::start(config).await.unwrap();
+    again.close().await;
+    drop(state);
+}
+
+/// Under a low `ulimit -n`, clients beyond the descriptors get a clear 53300 instead of silence, the log says so
+/// without flooding, and the proxy serves again once descriptors are free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_refuses_clearly_and_recovers() {
+    use tokio::io::AsyncReadExt;
+    let pg = PgCluster::start();
+    pg.tenant_schemas("app", &["tenant_acme"]);
+    let port = common::free_port();
+    let h = Harness::new()
+        .backend_with("shared", &pg, "database = \"app\"")
+        .tenant("acme", "shared", None, Some("tenant_acme"));
+    let text = toml::to_string(&h.config())
+        .unwrap()
+        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let config = h.state_dir().join("pgtenant.toml");
+    std::fs::write(&config, text).unwrap();
+    let log = h.state_dir().join("stderr.log");
+    let mut child = std::process::Command::new("bash")
+        .args([
+            "-c",
+            &format!(
+                "ulimit -n 40 && exec {} serve --config {} 2> {}",
+                env!("CARGO_BIN_EXE_pgtenant"),
+                config.display(),
+                log.display()
+            ),
+        ])
+        .spawn()
+        .unwrap();
+    let url = format!("host=127.0.0.1 port={port} user=app.acme dbname=app password={PASSWORD}");
+    assert!(
+        eventually(Duration::from_secs(10), || psql(&url, &["-c", "SELECT 1"])
+            .0)
+        .await
+    );
+    // Far more idle sockets than descriptors.
+    let mut idle = Vec::new();
+    for _ in 0..80 {
+        idle.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut told = 0;
+    for s in idle.iter_mut() {
+        let mut buf = vec![0u8; 512];
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(20), s.read(&mut buf)).await {
+            let text = String::from_utf8_lossy(&buf[..n]);
+            if n > 0
+                && buf[0] == b'E'
+                && text.contains("53300")
+                && text.contains("out of file descriptors")
+            {
+                told += 1;
+            }
+        }
+    }
+    assert!(told >= 1, "no waiting client was told why");
+    drop(idle);
+    assert!(
+        eventually(Duration::from_secs(10), || psql(&url, &["-c", "SELECT 1"])
+            .0)
+        .await,
+        "the proxy did not serve again"
+    );
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    let warnings = stderr.matches("out of file descriptors").count();
+    assert!(
+        (1..=3).contains(&warnings),
+        "{warnings} warnings:\n{stderr}"
+    );
+    eprintln!("{told} waiting clients refused with 53300; {warnings} log line(s)");
 }

@@ -2,6 +2,7 @@
 //! helpers for reading frames during handshakes.
 
 pub mod cidr;
+pub mod fds;
 pub mod keepalive;
 pub mod stream;
 pub mod tls;

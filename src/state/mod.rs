@@ -8,6 +8,7 @@ pub mod atomic;
 pub mod audit;
 pub mod json_list;
 pub mod key;
+pub mod lock;
 pub mod routes_log;
 
 use std::collections::{BTreeMap, BTreeSet};
