@@ -34,7 +34,7 @@ pub fn raise_limit() -> std::io::Result<u64> {
             }
         }
     }
-    Ok(lim.rlim_cur as u64)
+    Ok(lim.rlim_cur)
 }
 
 /// Out of descriptors (the process's or the system's).
