@@ -76,6 +76,8 @@ pub struct Shared {
     pub key: crate::state::key::ProxyKey,
     /// Webhook receivers of migration events.
     pub notifier: crate::notify::Notifier,
+    /// Per-tenant rates of the last stats period.
+    pub rates: crate::stats::Rates,
 }
 
 impl Shared {
@@ -112,6 +114,7 @@ impl Shared {
         let metrics = Metrics::new();
         Ok(Arc::new(Shared {
             notifier: crate::notify::Notifier::new(metrics.clone()),
+            rates: crate::stats::Rates::default(),
             client_permits: Arc::new(tokio::sync::Semaphore::new(config.proxy.max_client_conn)),
             logins: LoginSlots::new(config.proxy.max_login_conn),
             clients: Arc::new(ClientCounts::default()),

@@ -208,14 +208,57 @@ impl Drop for QueuePlace<'_> {
 #[derive(Default)]
 pub struct Gates {
     map: Mutex<HashMap<TenantId, Arc<Gate>>>,
+    /// A global pause is in force: gates made from now on start closed too.
+    all_closed: std::sync::atomic::AtomicBool,
 }
 
 impl Gates {
     pub fn get(&self, tenant: &TenantId) -> Arc<Gate> {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(tenant.clone())
-            .or_insert_with(|| Gate::new(tenant.clone()))
+            .or_insert_with(|| {
+                let g = Gate::new(tenant.clone());
+                if self.all_closed.load(SeqCst) {
+                    g.close();
+                }
+                g
+            })
             .clone()
+    }
+
+    /// The global pause: every gate closes, those of `tenants` are made (closed) if they do not exist, and gates
+    /// made later start closed. The gates, to wait on.
+    pub fn close_all<'a>(&self, tenants: impl Iterator<Item = &'a TenantId>) -> Vec<Arc<Gate>> {
+        self.all_closed.store(true, SeqCst);
+        for t in tenants {
+            self.get(t);
+        }
+        let gates: Vec<Arc<Gate>> = {
+            let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            map.values().cloned().collect()
+        };
+        for g in &gates {
+            g.close();
+        }
+        gates
+    }
+
+    /// Ends a global pause (and any tenant's own): every gate opens. How many were waiting.
+    pub fn open_all(&self) -> usize {
+        self.all_closed.store(false, SeqCst);
+        let gates: Vec<Arc<Gate>> = {
+            let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            map.values().cloned().collect()
+        };
+        gates
+            .iter()
+            .filter(|g| g.is_closed())
+            .map(|g| g.open())
+            .sum()
+    }
+
+    pub fn all_closed(&self) -> bool {
+        self.all_closed.load(SeqCst)
     }
 
     /// The gate if it exists (so listing does not create gates).

@@ -5,8 +5,9 @@
 //! per transaction, not per message; pool and connection gauges are read when scraped.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
@@ -45,12 +46,55 @@ pub struct TenantMetrics {
     pub queries: Counter,
     pub clients: Gauge,
     errors: Vec<Counter>,
+    /// The same counts, readable (Prometheus counters are write-only handles), for `stats` and `SHOW STATS`.
+    pub totals: Totals,
+}
+
+/// A tenant's running totals since start.
+#[derive(Default)]
+pub struct Totals {
+    pub transactions: AtomicU64,
+    pub queries: AtomicU64,
+    /// Microseconds from each transaction's gate pass to its end.
+    pub transaction_us: AtomicU64,
+    pub errors: AtomicU64,
+    pub clients: AtomicI64,
 }
 
 impl TenantMetrics {
+    pub fn client_came(&self) {
+        self.clients.increment(1.0);
+        self.totals.clients.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn client_left(&self) {
+        self.clients.decrement(1.0);
+        self.totals.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub fn clients_now(&self) -> i64 {
+        self.totals.clients.load(Ordering::Relaxed)
+    }
+
+    /// A transaction ended, with `queries` Query/Execute messages, begun at `started`.
+    pub fn finished(&self, queries: u64, started: Option<Instant>) {
+        self.transactions.increment(1);
+        self.totals.transactions.fetch_add(1, Ordering::Relaxed);
+        if queries > 0 {
+            self.queries.increment(queries);
+            self.totals.queries.fetch_add(queries, Ordering::Relaxed);
+        }
+        if let Some(t) = started {
+            self.totals
+                .transaction_us
+                .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
+    }
+
     pub fn error(&self, kind: ErrorKind) {
         if let Some(i) = KINDS.iter().position(|(k, _)| *k == kind) {
             self.errors[i].increment(1);
+            self.totals.errors.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -239,9 +283,16 @@ impl Metrics {
                             )
                         })
                         .collect(),
+                    totals: Totals::default(),
                 })
             })
             .clone()
+    }
+
+    /// Every tenant's series that exists (tenants that had a client since start).
+    pub fn tenants(&self) -> Vec<(TenantId, Arc<TenantMetrics>)> {
+        let map = self.tenants.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter().map(|(t, m)| (t.clone(), m.clone())).collect()
     }
 
     pub fn render(&self) -> String {

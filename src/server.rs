@@ -97,6 +97,9 @@ impl Proxy {
             .push(tokio::spawn(shared.clone().reap_idle_loop()));
         proxy
             .background
+            .push(tokio::spawn(crate::stats::run(shared.clone())));
+        proxy
+            .background
             .push(tokio::spawn(crate::migration::ops::run_queue(
                 shared.clone(),
             )));

@@ -89,6 +89,12 @@ pub struct SessionView {
     pub connected_s: u64,
 }
 
+/// `clients`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClientList {
+    pub clients: Vec<SessionView>,
+}
+
 /// `tenant get`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TenantView {
@@ -164,6 +170,17 @@ pub struct PoolView {
     pub privileged_role: Option<bool>,
 }
 
+/// `pause.all`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PausedAll {
+    pub paused: bool,
+    /// Tenant gates closed.
+    pub tenants: usize,
+    pub drained: bool,
+    pub drain_ms: f64,
+    pub open_transactions: usize,
+}
+
 /// `pause`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Paused {
@@ -195,9 +212,15 @@ pub struct StatsView {
     pub tenants: usize,
     pub client_sessions: usize,
     pub paused_tenants: Vec<TenantId>,
+    /// A global pause (`pause-all`) is in force.
+    #[serde(default)]
+    pub paused_all: bool,
     /// Every `pgtenant_*` series of the metrics registry and its value.
     pub counters: BTreeMap<String, f64>,
     pub backends: Vec<BackendView>,
+    /// Tenants that had clients since start: totals and the last period's rates.
+    #[serde(default)]
+    pub tenant_stats: Vec<crate::stats::TenantStats>,
 }
 
 /// `audit`.

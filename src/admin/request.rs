@@ -74,6 +74,7 @@ macro_rules! commands {
 
 commands! {
     "tenants" => Tenants(NoArgs),
+    "clients" => Clients(NoArgs),
     "tenant.get" => TenantGet(TenantArg),
     "tenant.set" => TenantSet(SetRoute),
     "tenant.grants" => TenantGrants(Grants),
@@ -83,6 +84,9 @@ commands! {
     "tenant.restore" => TenantRestore(RestoreArgs),
     "backends" => Backends(NoArgs),
     "pause" => Pause(Pause),
+    "pause.all" => PauseAll(PauseAll),
+    "resume.all" => ResumeAll(NoArgs),
+    "tenant.kill" => TenantKill(TenantArg),
     "resume" => Resume(TenantArg),
     "stats" => Stats(NoArgs),
     "reload" => Reload(NoArgs),
@@ -123,6 +127,7 @@ impl Request {
     pub fn mutates(&self) -> bool {
         match self {
             Request::Tenants(_)
+            | Request::Clients(_)
             | Request::TenantGet(_)
             | Request::Backends(_)
             | Request::Stats(_)
@@ -331,6 +336,17 @@ pub struct Pause {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<PauseTimeout>,
 }
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct PauseAll {
+    /// How long to wait for open transactions to finish (default 10 000).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<PauseTimeout>,
+}
+
+impl Args for PauseAll {}
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]

@@ -38,6 +38,21 @@ pub struct ProxyConfig {
     /// Not reloadable.
     #[serde(default)]
     pub admin_listen: String,
+    /// The virtual database of the psql admin console (`psql -p 6432 -U admin pgtenant -c 'SHOW POOLS'`).
+    /// Reloadable.
+    #[serde(default = "default_admin_database")]
+    pub admin_database: String,
+    /// Users (of `[[users]]`, logging in with their password) who may run every console command. Reloadable.
+    #[serde(default)]
+    pub admin_users: Vec<String>,
+    /// Users who may run the console's `SHOW` commands only. Reloadable.
+    #[serde(default)]
+    pub stats_users: Vec<String>,
+    /// Log each client login (user, tenant, database, peer) and each end (with its duration). Reloadable.
+    #[serde(default)]
+    pub log_connections: bool,
+    #[serde(default)]
+    pub log_disconnections: bool,
     /// The token the first request of every TCP admin connection must carry (`"token": "..."`). Reloadable.
     #[serde(default)]
     pub admin_token: String,
@@ -263,4 +278,8 @@ impl ProxyConfig {
             .unwrap_or_else(|| "pgtenant.key".into());
         parent.join(name)
     }
+}
+
+fn default_admin_database() -> String {
+    "pgtenant".into()
 }

@@ -13,7 +13,7 @@ use tokio::net::UnixStream;
 use crate::admin::reply::Response;
 use crate::admin::request::{
     Abort, Audit, BackupArgs, BackupsArgs, Ddl, Finalize, Grants, HistoryArgs, MaybeTenant, NoArgs,
-    Pause, Request, RestoreArgs, SetRoute, TenantArg, Verify,
+    Pause, PauseAll, Request, RestoreArgs, SetRoute, TenantArg, Verify,
 };
 use crate::migration::ops::reply::Status;
 use crate::migration::ops::StartRequest;
@@ -46,10 +46,16 @@ pub enum CtlCommand {
     },
     /// Backends with pool figures and health.
     Backends,
+    /// Every client session: user, tenant, backend, route epoch, transaction state.
+    Clients,
     /// Hold a tenant's new transactions; answers when its open transactions have finished.
     Pause(Pause),
     /// Release a paused tenant's queue in order.
     Resume(TenantArg),
+    /// Hold every tenant's new transactions (PgBouncer's global PAUSE); answers when none is open.
+    PauseAll(PauseAll),
+    /// Open every tenant's gate (ends a global pause and tenants' own).
+    ResumeAll,
     /// Counters and figures.
     Stats,
     /// Re-read the config file and apply what can change live.
@@ -82,6 +88,8 @@ pub enum TenantAction {
     Set(SetRoute),
     /// Remove a tenant's route.
     Remove(TenantArg),
+    /// End the tenant's client sessions now (each gets 57P01 saying why).
+    Kill(TenantArg),
     /// Print the SQL that creates the tenant's role and grants it exactly its data (schema, database, or rows
     /// of shared tables with row-level security); --apply runs it with the backend's admin credentials.
     Grants(Grants),
@@ -149,14 +157,18 @@ impl CtlCommand {
                 TenantAction::Get(a) => Request::TenantGet(a.clone()),
                 TenantAction::Set(a) => Request::TenantSet(a.clone()),
                 TenantAction::Remove(a) => Request::TenantRemove(a.clone()),
+                TenantAction::Kill(a) => Request::TenantKill(a.clone()),
                 TenantAction::Grants(a) => Request::TenantGrants(a.clone()),
                 TenantAction::Backup(a) => Request::TenantBackup(a.clone()),
                 TenantAction::Backups(a) => Request::TenantBackups(a.clone()),
                 TenantAction::Restore(a) => Request::TenantRestore(a.clone()),
             },
             CtlCommand::Backends => Request::Backends(NoArgs {}),
+            CtlCommand::Clients => Request::Clients(NoArgs {}),
             CtlCommand::Pause(a) => Request::Pause(a.clone()),
             CtlCommand::Resume(a) => Request::Resume(a.clone()),
+            CtlCommand::PauseAll(a) => Request::PauseAll(a.clone()),
+            CtlCommand::ResumeAll => Request::ResumeAll(NoArgs {}),
             CtlCommand::Stats => Request::Stats(NoArgs {}),
             CtlCommand::Reload => Request::Reload(NoArgs {}),
             CtlCommand::Audit(a) => Request::Audit(a.clone()),

@@ -5,7 +5,9 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::{CtlCommand, MigrateAction, TenantAction};
-use crate::admin::reply::{AuditView, BackendList, BackupList, TenantList, WebhookLogView};
+use crate::admin::reply::{
+    AuditView, BackendList, BackupList, StatsView, TenantList, WebhookLogView,
+};
 use crate::migration::ops::reply::{HistoryView, Status, StatusList};
 
 /// The result as the command's table, or as `key: value` lines.
@@ -13,6 +15,7 @@ pub fn human(cmd: &CtlCommand, result: &Value) -> String {
     let rendered = match cmd {
         CtlCommand::Tenants => typed(result, tenants),
         CtlCommand::Backends => typed(result, backends),
+        CtlCommand::Stats => typed(result, stats),
         CtlCommand::Audit(_) => typed(result, audit),
         CtlCommand::Webhooks { .. } => typed(result, webhooks),
         CtlCommand::Tenant {
@@ -63,6 +66,48 @@ fn tenants(list: TenantList) -> String {
         "ON_OLD_ROUTE",
     ];
     format!("epoch {}\n{}", list.epoch, table(&headers, rows))
+}
+
+fn stats(view: StatsView) -> String {
+    let rows = view
+        .tenant_stats
+        .iter()
+        .map(|t| {
+            vec![
+                t.tenant.to_string(),
+                t.clients.to_string(),
+                format!("{:.1}", t.xact_per_s),
+                format!("{:.1}", t.query_per_s),
+                format!("{:.2}", t.avg_xact_time_us as f64 / 1000.0),
+                t.total_xact_count.to_string(),
+                t.total_query_count.to_string(),
+                t.total_errors.to_string(),
+            ]
+        })
+        .collect();
+    let headers = [
+        "TENANT",
+        "CLIENTS",
+        "XACT/S",
+        "QUERY/S",
+        "AVG_XACT_MS",
+        "XACTS",
+        "QUERIES",
+        "ERRORS",
+    ];
+    let paused: Vec<String> = view.paused_tenants.iter().map(|t| t.to_string()).collect();
+    format!(
+        "uptime {} s, routing epoch {}, {} tenants routed, {} client sessions, paused: {}\n\n{}\n{}",
+        view.uptime_s,
+        view.epoch,
+        view.tenants,
+        view.client_sessions,
+        if paused.is_empty() { "none".to_string() } else { paused.join(", ") },
+        table(&headers, rows),
+        backends(BackendList {
+            backends: view.backends
+        })
+    )
 }
 
 fn backends(list: BackendList) -> String {

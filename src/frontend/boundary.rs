@@ -70,7 +70,10 @@ impl Session {
             Err(gate) => Box::pin(self.wait_at_gate(gate)).await?,
         };
         match entered {
-            Ok(pass) => self.txn.pass = Some(pass),
+            Ok(pass) => {
+                self.txn.pass = Some(pass);
+                self.txn.started = Some(std::time::Instant::now());
+            }
             Err((gate, e)) => {
                 self.txn.gate = Some(gate);
                 self.count_error(match e {
@@ -147,11 +150,9 @@ impl Session {
             .info
             .in_transaction
             .store(false, Ordering::Relaxed);
+        let started = self.txn.started.take();
         if let (true, Some(tm)) = (completed, &self.place.tm) {
-            tm.transactions.increment(1);
-            if self.txn.queries > 0 {
-                tm.queries.increment(self.txn.queries);
-            }
+            tm.finished(self.txn.queries, started);
         }
         self.txn.queries = 0;
     }
@@ -330,11 +331,11 @@ impl Session {
         }
         if tenant != self.place.tenant {
             if let Some(tm) = self.place.tm.take() {
-                tm.clients.decrement(1.0);
+                tm.client_left();
             }
             self.place.tm = tenant.as_ref().map(|t| self.shared.metrics.tenant(t));
             if let Some(tm) = &self.place.tm {
-                tm.clients.increment(1.0);
+                tm.client_came();
             }
             self.txn.gate = tenant.as_ref().map(|t| self.shared.gates.get(t));
             if let Some(t) = &tenant {

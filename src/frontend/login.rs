@@ -89,19 +89,53 @@ async fn serve_in_span(
             return;
         }
         Ok(Ok(None)) => return,
-        Ok(Ok(Some(session))) => session,
+        Ok(Ok(Some(Started::Console(stream, buf, login)))) => {
+            return crate::console::serve(shared, stream, buf, login).await;
+        }
+        Ok(Ok(Some(Started::Session(session)))) => session,
     };
     let span = tracing::Span::current();
     span.record("id", session.handle.info.id);
     span.record("user", session.info.user_name.as_str());
-    Box::new(session).run().await;
+    let (log_in, log_out) = {
+        let p = &shared.config.load().proxy;
+        (p.log_connections, p.log_disconnections)
+    };
+    let started = std::time::Instant::now();
+    if log_in {
+        info!(
+            tenant = session.info.startup_tenant.as_deref().unwrap_or("-"),
+            database = session.info.database.as_deref().unwrap_or("-"),
+            "client connected"
+        );
+    }
+    session.run().await;
+    if log_out {
+        info!(
+            duration_ms = started.elapsed().as_millis() as u64,
+            "client disconnected"
+        );
+    }
+}
+
+/// What a finished login goes on to.
+enum Started {
+    Session(Box<Session>),
+    /// The admin console (its own loop, without the login's deadline).
+    Console(Stream, BytesMut, crate::console::Login),
+}
+
+/// What `admit` let in.
+enum Admitted {
+    Tenant(ClientInfo, BytesMut),
+    Console(crate::console::Login, BytesMut),
 }
 
 async fn login(
     shared: &Arc<Shared>,
     stream: Stream,
     ticket: &LoginTicket,
-) -> Result<Option<Session>, LoginError> {
+) -> Result<Option<Started>, LoginError> {
     let (mut stream, buf, message) = match handshake(stream, shared.tls.as_ref()).await? {
         None => return Ok(None),
         Some(Hello::Cancel { pid, secret }) => {
@@ -116,13 +150,16 @@ async fn login(
     };
     ticket.spoke();
     match admit(shared, &mut stream, buf, &message).await {
-        Ok(Some((info, buf))) => match Session::start(shared.clone(), stream, buf, info).await {
-            Ok(session) => Ok(Some(session)),
-            Err((mut stream, err)) => {
-                report(&mut stream, err).await;
-                Ok(None)
+        Ok(Some(Admitted::Console(login, buf))) => Ok(Some(Started::Console(stream, buf, login))),
+        Ok(Some(Admitted::Tenant(info, buf))) => {
+            match Session::start(shared.clone(), stream, buf, info).await {
+                Ok(session) => Ok(Some(Started::Session(Box::new(session)))),
+                Err((mut stream, err)) => {
+                    report(&mut stream, err).await;
+                    Ok(None)
+                }
             }
-        },
+        }
         Ok(None) => Ok(None),
         Err(err) => {
             report(&mut stream, err).await;
@@ -148,7 +185,7 @@ async fn admit(
     stream: &mut Stream,
     mut buf: BytesMut,
     message: &StartupMessage,
-) -> Result<Option<(ClientInfo, BytesMut)>, PgError> {
+) -> Result<Option<Admitted>, PgError> {
     let Ok(client_permit) = shared.client_permits.clone().try_acquire_owned() else {
         return Err(ClientError::TooManyClients(shared.config.load().proxy.max_client_conn).into());
     };
@@ -187,6 +224,25 @@ async fn admit(
             user: entry.name.clone(),
             limit: entry.max_client_conn.unwrap_or_default(),
         })?;
+    let config = shared.config.load();
+    if message.get("database") == Some(config.proxy.admin_database.as_str()) {
+        let role = crate::console::role_of(&config.proxy, &entry.name).ok_or_else(|| {
+            PgError::fatal(
+                crate::protocol::sqlstate::INSUFFICIENT_PRIVILEGE,
+                format!(
+                    "user {:?} may not use the admin console (proxy.admin_users, proxy.stats_users)",
+                    entry.name
+                ),
+            )
+        })?;
+        let login = crate::console::Login {
+            user: entry.name.clone(),
+            role,
+            permits: Box::new((client_permit, user_slot)),
+        };
+        return Ok(Some(Admitted::Console(login, buf)));
+    }
+    drop(config);
     let mut options = split_options(message.get("options").unwrap_or(""));
     let hints = StartupHints {
         user_suffix: suffix,
@@ -214,7 +270,7 @@ async fn admit(
         tenant_fixed: fixed,
         peer,
     };
-    Ok(Some((info, buf)))
+    Ok(Some(Admitted::Tenant(info, buf)))
 }
 
 /// Answers protocol options we do not know (NegotiateProtocolVersion) and refuses replication connections.

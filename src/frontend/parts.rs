@@ -140,6 +140,8 @@ pub(super) struct Txn {
     pub pass: Option<GatePass>,
     /// Query/Execute messages in the current transaction, added to the tenant's counter when it ends.
     pub queries: u64,
+    /// When the current transaction got its gate pass (for the tenant's transaction time).
+    pub started: Option<std::time::Instant>,
     /// A statement the proxy answers itself waits at the head of the input until the backend owes nothing.
     pub blocked: bool,
     /// The current transaction changed rows (judged from CommandComplete tags and COPY FROM).

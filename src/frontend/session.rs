@@ -151,7 +151,7 @@ impl Session {
         }
         self.end_transaction(false);
         if let Some(tm) = self.place.tm.take() {
-            tm.clients.decrement(1.0);
+            tm.client_left();
         }
         if matches!(end, End::ServerGone) {
             self.count_error(ErrorKind::ServerLost);

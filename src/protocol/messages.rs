@@ -203,27 +203,41 @@ pub fn negotiate_protocol_version(buf: &mut BytesMut, minor: u16, unrecognised: 
 
 /// A one-column text result: RowDescription, one DataRow, CommandComplete (used to answer `SHOW`).
 pub fn single_text_row(buf: &mut BytesMut, column: &str, value: Option<&str>, tag: &str) {
+    row_description(buf, &[column]);
+    data_row(buf, &[value]);
+    command_complete(buf, tag);
+}
+
+/// RowDescription of text columns.
+pub fn row_description(buf: &mut BytesMut, columns: &[&str]) {
     frame(buf, be::ROW_DESCRIPTION, |b| {
-        b.put_i16(1);
-        cstr(b, column);
-        b.put_i32(0); // table oid
-        b.put_i16(0); // column number
-        b.put_i32(25); // text
-        b.put_i16(-1);
-        b.put_i32(-1);
-        b.put_i16(0); // text format
-    });
-    frame(buf, be::DATA_ROW, |b| {
-        b.put_i16(1);
-        match value {
-            Some(v) => {
-                b.put_i32(v.len() as i32);
-                b.put_slice(v.as_bytes());
-            }
-            None => b.put_i32(-1),
+        b.put_i16(columns.len() as i16);
+        for c in columns {
+            cstr(b, c);
+            b.put_i32(0); // table oid
+            b.put_i16(0); // column number
+            b.put_i32(25); // text
+            b.put_i16(-1);
+            b.put_i32(-1);
+            b.put_i16(0); // text format
         }
     });
-    command_complete(buf, tag);
+}
+
+/// One DataRow of text values (`None`: NULL).
+pub fn data_row(buf: &mut BytesMut, values: &[Option<&str>]) {
+    frame(buf, be::DATA_ROW, |b| {
+        b.put_i16(values.len() as i16);
+        for v in values {
+            match v {
+                Some(v) => {
+                    b.put_i32(v.len() as i32);
+                    b.put_slice(v.as_bytes());
+                }
+                None => b.put_i32(-1),
+            }
+        }
+    });
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use serde_json::json;
 
 use super::super::args::PauseTimeout;
 use super::super::code::AdminError;
-use super::super::reply::{Paused, Resumed};
+use super::super::reply::{Paused, PausedAll, Resumed};
 use super::Done;
 use crate::context::Shared;
 use crate::tenant::TenantId;
@@ -78,5 +78,66 @@ pub(super) fn resume(shared: &Shared, tenant: &TenantId) -> Result<Done, AdminEr
         &result,
         json!({"paused": true}),
         json!({"paused": false, "released": released}),
+    ))
+}
+
+/// `pause.all`: PgBouncer's global PAUSE, per tenant gate: every tenant's new transactions wait, the answer
+/// comes when open ones have finished (or the timeout passed).
+pub(super) async fn pause_all(
+    shared: &Shared,
+    timeout: Option<PauseTimeout>,
+) -> Result<Done, AdminError> {
+    let started = Instant::now();
+    let table = shared.router.snapshot();
+    let gates = shared.gates.close_all(table.tenants());
+    let timeout = timeout.map_or(DEFAULT_PAUSE_TIMEOUT, PauseTimeout::duration);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut drained = true;
+    for g in &gates {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        drained &= g.wait_drained(left).await;
+    }
+    let result = PausedAll {
+        paused: true,
+        tenants: gates.len(),
+        drained,
+        drain_ms: started.elapsed().as_secs_f64() * 1000.0,
+        open_transactions: gates.iter().map(|g| g.active()).sum(),
+    };
+    Ok(Done::change(
+        &result,
+        json!({"paused_all": false}),
+        json!({"paused_all": true, "drained": drained}),
+    ))
+}
+
+/// `resume.all`: every gate opens (a global pause's and tenants' own).
+pub(super) fn resume_all(shared: &Shared) -> Result<Done, AdminError> {
+    let released = shared.gates.open_all();
+    let result = json!({"paused": false, "released": released});
+    Ok(Done::change(
+        &result,
+        json!({"paused_all": true}),
+        result.clone(),
+    ))
+}
+
+/// `tenant.kill`: ends the tenant's client sessions now (each gets `57P01` saying why).
+pub(super) fn kill(shared: &Shared, tenant: &TenantId) -> Result<Done, AdminError> {
+    if shared.router.load().get(tenant.as_str()).is_none() {
+        return Err(AdminError::unknown_tenant(tenant.as_str()));
+    }
+    let sessions = shared.sessions.of_tenant(tenant.as_str());
+    for s in &sessions {
+        s.end_with(crate::protocol::messages::PgError::fatal(
+            crate::protocol::sqlstate::ADMIN_SHUTDOWN,
+            format!("terminating connection: an operator ended tenant {tenant}'s sessions"),
+        ));
+    }
+    let result = json!({"tenant": tenant, "sessions_ended": sessions.len()});
+    Ok(Done::change(
+        &result,
+        serde_json::Value::Null,
+        result.clone(),
     ))
 }

@@ -98,6 +98,7 @@ async fn off_thread(
 async fn run(shared: &Arc<Shared>, req: Request, actor: &str) -> Result<Done, AdminError> {
     match req {
         Request::Tenants(_) => Ok(Done::read(&tenants::list(shared))),
+        Request::Clients(_) => Ok(Done::read(&tenants::clients(shared))),
         Request::TenantGet(a) => tenants::get(shared, &a.tenant).map(|v| Done::read(&v)),
         Request::TenantSet(a) => {
             off_thread(shared, move |s| route::set(s, &a.tenant, a.route())).await
@@ -110,6 +111,9 @@ async fn run(shared: &Arc<Shared>, req: Request, actor: &str) -> Result<Done, Ad
         Request::Backends(_) => Ok(Done::read(&backends::list(shared))),
         Request::Pause(a) => gate::pause(shared, &a.tenant, a.timeout_ms).await,
         Request::Resume(a) => gate::resume(shared, &a.tenant),
+        Request::PauseAll(a) => gate::pause_all(shared, a.timeout_ms).await,
+        Request::ResumeAll(_) => gate::resume_all(shared),
+        Request::TenantKill(a) => gate::kill(shared, &a.tenant),
         Request::Stats(_) => Ok(Done::read(&stats::stats(shared))),
         Request::Reload(_) => off_thread(shared, reload::reload).await,
         Request::Audit(a) => stats::audit(shared, a.tail.get()).map(|v| Done::read(&v)),

@@ -35,8 +35,10 @@ pub(super) fn stats(shared: &Shared) -> StatsView {
         tenants: table.len(),
         client_sessions: shared.sessions.count(),
         paused_tenants,
+        paused_all: shared.gates.all_closed(),
         counters: counters(shared),
         backends: super::backends::list(shared).backends,
+        tenant_stats: shared.rates.all(&shared.metrics),
     }
 }
 

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use super::super::code::AdminError;
-use super::super::reply::{GateView, SessionView, TenantList, TenantRow, TenantView};
+use super::super::reply::{ClientList, GateView, SessionView, TenantList, TenantRow, TenantView};
 use crate::context::Shared;
 use crate::routing::Epoch;
 use crate::tenant::TenantId;
@@ -74,4 +74,17 @@ pub(super) fn get(shared: &Shared, tenant: &TenantId) -> Result<TenantView, Admi
         gate: gate_view(shared, tenant.as_str()),
         sessions,
     })
+}
+
+/// `clients`: every client session, oldest first.
+pub(super) fn clients(shared: &Shared) -> ClientList {
+    let epoch = shared.router.load().epoch;
+    let mut clients: Vec<SessionView> = shared
+        .sessions
+        .all()
+        .iter()
+        .map(|s| s.view(epoch))
+        .collect();
+    clients.sort_by_key(|c| c.id);
+    ClientList { clients }
 }
