@@ -1,6 +1,7 @@
 //! pgtenant: a PostgreSQL wire-protocol proxy that routes each tenant's connections to that tenant's backend.
 
 pub mod admin;
+pub mod api;
 pub mod auth;
 pub mod backend;
 pub mod backup;

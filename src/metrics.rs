@@ -7,12 +7,10 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 use crate::tenant::TenantId;
 
@@ -306,67 +304,4 @@ pub trait HealthSource: Send + Sync + 'static {
     fn health(&self) -> Result<String, String>;
     /// Prometheus text, gauges refreshed.
     fn scrape(&self) -> String;
-}
-
-const MAX_REQUEST: usize = 8 * 1024;
-
-/// Serves `GET /metrics` and `GET /health` until the listener is dropped.
-pub async fn serve(listener: TcpListener, source: Arc<dyn HealthSource>) {
-    loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let source = source.clone();
-        tokio::spawn(async move {
-            let mut buf = Vec::with_capacity(1024);
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
-                let mut chunk = [0u8; 1024];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < MAX_REQUEST {
-                    let n = stream.read(&mut chunk).await?;
-                    if n == 0 {
-                        break;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                }
-                Ok::<_, std::io::Error>(())
-            })
-            .await;
-            if !matches!(read, Ok(Ok(()))) {
-                return;
-            }
-            let line = buf.split(|&b| b == b'\r').next().unwrap_or_default();
-            let response = respond(line, source.as_ref());
-            let _ = stream.write_all(response.as_bytes()).await;
-            let _ = stream.shutdown().await;
-        });
-    }
-}
-
-fn respond(request_line: &[u8], source: &dyn HealthSource) -> String {
-    let reply = |status: &str, kind: &str, body: String| {
-        format!(
-            "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-    };
-    let mut parts = request_line.split(|&b| b == b' ');
-    let (method, path) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-    );
-    let path = path.split(|&b| b == b'?').next().unwrap_or_default();
-    match (method, path) {
-        (b"GET", b"/metrics") => reply("200 OK", "text/plain; version=0.0.4", source.scrape()),
-        (b"GET", b"/health") => match source.health() {
-            Ok(body) => reply("200 OK", "application/json", body),
-            Err(body) => reply("503 Service Unavailable", "application/json", body),
-        },
-        (b"GET", _) => reply("404 Not Found", "text/plain", "not found\n".into()),
-        _ => reply(
-            "405 Method Not Allowed",
-            "text/plain",
-            "method not allowed\n".into(),
-        ),
-    }
 }

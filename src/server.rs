@@ -15,7 +15,7 @@ use crate::admin::server::{bind_unix, serve_tcp, serve_unix, AdminServerError};
 use crate::config::{Config, ConfigError};
 use crate::context::{ContextError, Shared};
 use crate::frontend::serve_client;
-use crate::metrics::{self as pgmetrics, HealthSource};
+use crate::metrics::HealthSource;
 
 #[derive(Debug, Error)]
 pub enum ServerError {
@@ -117,10 +117,13 @@ impl Proxy {
                 .push(tokio::spawn(serve_tcp(l, shared.clone())));
         }
         if let Some(l) = metrics_listener {
-            let source: Arc<dyn HealthSource> = Arc::new(Health(shared.clone()));
+            let api = Arc::new(crate::api::Api {
+                shared: shared.clone(),
+                health: Arc::new(Health(shared.clone())),
+            });
             proxy
                 .background
-                .push(tokio::spawn(pgmetrics::serve(l, source)));
+                .push(tokio::spawn(crate::api::serve(l, api)));
         }
         proxy.background.push(tokio::spawn(accept_loop(
             listener,

@@ -144,6 +144,12 @@ impl Request {
         }
     }
 
+    /// The least HTTP API role that may run it: reads for viewers; pause, resume, kill, backups and migrations
+    /// for operators; routes, grants, reload, restores and schema changes for admins.
+    pub fn role(&self) -> crate::config::ApiRole {
+        role_of(self.command())
+    }
+
     /// The request as one JSON object (what `ctl` sends).
     pub fn to_json(&self) -> Value {
         let mut object = match self.args_json() {
@@ -152,6 +158,19 @@ impl Request {
         };
         object.insert("cmd".into(), Value::String(self.command().into()));
         Value::Object(object)
+    }
+}
+
+/// The least HTTP API role that may run command `cmd` (see [`Request::role`]).
+pub fn role_of(cmd: &str) -> crate::config::ApiRole {
+    use crate::config::ApiRole;
+    match cmd {
+        "tenant.set" | "tenant.remove" | "tenant.grants" | "reload" | "tenant.restore"
+        | "migrate.ddl" => ApiRole::Admin,
+        "tenants" | "clients" | "tenant.get" | "backends" | "stats" | "audit" | "webhooks.log"
+        | "tenant.backups" | "migrate.status" | "migrate.history" | "migrate.estimate"
+        | "migrate.queue" | "migrate.drops" => ApiRole::Viewer,
+        _ => ApiRole::Operator,
     }
 }
 

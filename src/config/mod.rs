@@ -2,6 +2,7 @@
 //! sense, and `PGTENANT_<SECTION>_<KEY>` environment variables override scalar keys of `[proxy]`, `[tls]` and
 //! `[migration]` (for example `PGTENANT_PROXY_LISTEN=0.0.0.0:6432`).
 
+mod api;
 mod backend;
 mod migration;
 mod proxy;
@@ -21,6 +22,7 @@ use crate::net::cidr::Cidr;
 use crate::tenant::TenantId;
 
 pub use crate::tenant::TenantSource;
+pub use api::{ApiRole, ApiToken};
 pub use backend::{BackendConfig, BackendSecrets, Isolation, SslMode, TenantConfig};
 pub use migration::{MigrationConfig, TeeMode};
 pub use proxy::{admin_socket_for, Keepalive, PinnedAtMove, PoolMode, ProxyConfig};
@@ -59,6 +61,9 @@ pub struct Config {
     /// Receivers of migration events.
     #[serde(default)]
     pub webhooks: Vec<WebhookConfig>,
+    /// Bearer tokens of the HTTP API (on `proxy.metrics_listen`).
+    #[serde(default)]
+    pub api_tokens: Vec<ApiToken>,
 }
 
 impl Config {
@@ -130,6 +135,16 @@ impl Config {
         }
         for (i, w) in self.webhooks.iter_mut().enumerate() {
             w.resolve(i, env)?;
+        }
+        let mut names = std::collections::HashSet::new();
+        for t in self.api_tokens.iter_mut() {
+            if !names.insert(t.name.clone()) {
+                return Err(ConfigError::Invalid(format!(
+                    "api_tokens: {} is named twice",
+                    t.name
+                )));
+            }
+            t.resolve(env)?;
         }
         Ok(())
     }

@@ -50,8 +50,19 @@ struct Hook {
     tx: mpsc::Sender<Item>,
 }
 
+/// An event as the HTTP API's event streams get it.
+#[derive(Debug)]
+pub struct Published {
+    pub event: &'static str,
+    pub tenant: String,
+    /// The webhook body (JSON).
+    pub body: Bytes,
+}
+
 pub struct Notifier {
     hooks: Mutex<Vec<Hook>>,
+    /// Every event, for the HTTP API's server-sent event streams (a slow reader misses events, never blocks).
+    events: tokio::sync::broadcast::Sender<Arc<Published>>,
     pub log: Arc<DeliveryLog>,
     next_id: AtomicU64,
     metrics: Arc<Metrics>,
@@ -69,6 +80,7 @@ impl Notifier {
     pub fn new(metrics: Arc<Metrics>) -> Notifier {
         Notifier {
             hooks: Mutex::new(Vec::new()),
+            events: tokio::sync::broadcast::channel(1024).0,
             log: Arc::new(DeliveryLog::default()),
             next_id: AtomicU64::new(crate::migration::record::now_ms().saturating_mul(1000)),
             metrics,
@@ -105,10 +117,16 @@ impl Notifier {
         }
     }
 
+    /// Every event from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<Published>> {
+        self.events.subscribe()
+    }
+
     /// Queues `event` about `tenant` for every receiver that asked for it; never waits.
     pub fn emit(&self, event: &'static str, tenant: &str, data: Value) {
         let hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
-        if !hooks.iter().any(|h| h.config.wants(event)) {
+        let listeners = self.events.receiver_count() > 0;
+        if !listeners && !hooks.iter().any(|h| h.config.wants(event)) {
             return;
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -120,6 +138,13 @@ impl Notifier {
             data: &data,
         };
         let body = Bytes::from(serde_json::to_vec(&notice).unwrap_or_default());
+        if listeners {
+            let _ = self.events.send(Arc::new(Published {
+                event,
+                tenant: tenant.to_owned(),
+                body: body.clone(),
+            }));
+        }
         for h in hooks.iter().filter(|h| h.config.wants(event)) {
             let item = Item {
                 id,

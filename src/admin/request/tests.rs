@@ -151,6 +151,17 @@ fn every_command_round_trips() {
         r#"{"cmd":"migrate.ddl","tenant":"a","sql":"ALTER TABLE t ADD c int"}"#,
         r#"{"cmd":"migrate.rollback","tenant":"a"}"#,
         r#"{"cmd":"migrate.finalize","tenant":"a","drop_source":true}"#,
+        r#"{"cmd":"clients"}"#,
+        r#"{"cmd":"pause.all","timeout_ms":5}"#,
+        r#"{"cmd":"resume.all"}"#,
+        r#"{"cmd":"tenant.kill","tenant":"a"}"#,
+        r#"{"cmd":"tenant.backup","tenant":"a","to":"/b"}"#,
+        r#"{"cmd":"tenant.backups","tenant":"a"}"#,
+        r#"{"cmd":"tenant.restore","file":"/b/a.pgtbackup","to":"b","as":"a2"}"#,
+        r#"{"cmd":"webhooks.log","tail":5}"#,
+        r#"{"cmd":"migrate.drops"}"#,
+        r#"{"cmd":"migrate.cancel_drop","tenant":"a"}"#,
+        r#"{"cmd":"migrate.finalize","tenant":"a","drop_source_after":"30d"}"#,
     ];
     for line in lines {
         let (request, _) = parse(line.as_bytes()).unwrap_or_else(|e| panic!("{line}: {e}"));
@@ -175,4 +186,36 @@ fn audit_and_serialisation_rules() {
         Some(&tenant("a"))
     );
     assert_eq!(read(r#"{"cmd":"stats"}"#).tenant(), None);
+}
+
+/// Reads are for viewers, and only reads: a command's API role agrees with whether it changes anything.
+#[test]
+fn api_roles_follow_what_a_command_changes() {
+    use crate::config::ApiRole;
+    let read = |l: &str| parse(l.as_bytes()).unwrap().0;
+    for line in [
+        r#"{"cmd":"tenants"}"#,
+        r#"{"cmd":"clients"}"#,
+        r#"{"cmd":"stats"}"#,
+        r#"{"cmd":"migrate.status"}"#,
+        r#"{"cmd":"migrate.estimate","tenant":"a","to":"b"}"#,
+        r#"{"cmd":"tenant.backups","tenant":"a"}"#,
+        r#"{"cmd":"pause","tenant":"a"}"#,
+        r#"{"cmd":"migrate.start","tenant":"a","to":"b"}"#,
+        r#"{"cmd":"tenant.backup","tenant":"a"}"#,
+        r#"{"cmd":"tenant.kill","tenant":"a"}"#,
+        r#"{"cmd":"reload"}"#,
+        r#"{"cmd":"tenant.restore","file":"/f","to":"b"}"#,
+    ] {
+        let r = read(line);
+        assert_eq!(r.role() == ApiRole::Viewer, !r.mutates(), "{line}");
+    }
+    assert_eq!(
+        read(r#"{"cmd":"tenant.set","tenant":"a","backend":"b"}"#).role(),
+        ApiRole::Admin
+    );
+    assert_eq!(
+        read(r#"{"cmd":"migrate.cutover","tenant":"a"}"#).role(),
+        ApiRole::Operator
+    );
 }
