@@ -2,6 +2,7 @@
 //! command table ([`routes`]), bearer tokens with roles checked per command, an OpenAPI description at
 //! `/api/openapi.json`, and server-sent events of a migration's progress at `/api/migrations/{tenant}/events`.
 
+pub mod panel;
 pub mod routes;
 
 use std::collections::HashMap;
@@ -49,7 +50,8 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/metrics", get(metrics))
         .route("/health", get(health))
         .route("/api/openapi.json", get(openapi))
-        .route("/api/migrations/{tenant}/events", get(events));
+        .route("/api/migrations/{tenant}/events", get(events))
+        .merge(panel::routes());
     for route in routes::routes() {
         let Ok(method) = MethodFilter::try_from(route.method.clone()) else {
             continue;

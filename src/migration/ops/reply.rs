@@ -82,6 +82,9 @@ pub struct Status {
     pub last_error: Option<String>,
     pub started_at: String,
     pub updated_at: String,
+    /// The states it went through and the seconds spent in each (the current one up to now).
+    #[serde(default)]
+    pub steps: Vec<crate::migration::history::Stay>,
 }
 
 /// The tee between the sides: direction, mode and its last error.

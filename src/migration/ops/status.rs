@@ -77,7 +77,31 @@ fn status(shared: &Shared, rec: &Record) -> Status {
         last_error: rec.last_error.clone(),
         started_at: rec.started_at.clone(),
         updated_at: rec.updated_at.clone(),
+        steps: steps(rec),
     }
+}
+
+/// Time in each state so far: closed stays from the record's entry times, the current one up to now.
+fn steps(rec: &Record) -> Vec<crate::migration::history::Stay> {
+    // A finished move's last state has no duration.
+    let now = match rec.entered.last() {
+        Some((_, t)) if rec.state.is_final() => *t,
+        _ => crate::migration::record::now_ms(),
+    };
+    let ends = rec
+        .entered
+        .iter()
+        .skip(1)
+        .map(|(_, t)| *t)
+        .chain(std::iter::once(now));
+    rec.entered
+        .iter()
+        .zip(ends)
+        .map(|((state, from), to)| crate::migration::history::Stay {
+            state: *state,
+            seconds: to.saturating_sub(*from) as f64 / 1000.0,
+        })
+        .collect()
 }
 
 /// `migrate pause T` / `migrate resume T`: hold or restart copy and tee work (not the tenant's traffic). Resume
