@@ -164,7 +164,8 @@ impl Shared {
         }
     }
 
-    /// Closes pooled connections idle for longer than the configured limit; runs until `terminate`.
+    /// Closes pooled connections idle for longer than the configured limit, or older than `server_lifetime_ms`;
+    /// runs until `terminate`.
     pub async fn reap_idle_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
@@ -172,10 +173,16 @@ impl Shared {
                 _ = self.terminate.fired() => return,
                 _ = tick.tick() => {}
             }
-            let max_idle = Duration::from_millis(self.config.load().proxy.server_idle_timeout_ms);
+            let (max_idle, lifetime) = {
+                let p = &self.config.load().proxy;
+                (
+                    Duration::from_millis(p.server_idle_timeout_ms),
+                    Duration::from_millis(p.server_lifetime_ms),
+                )
+            };
             for backend in self.backends.load().by_name.values() {
                 for pool in backend.pools() {
-                    pool.reap_idle(max_idle);
+                    pool.reap_idle(max_idle, lifetime);
                 }
             }
         }

@@ -121,9 +121,15 @@ impl Proxy {
                 shared: shared.clone(),
                 health: Arc::new(Health(shared.clone())),
             });
+            let tls = match shared.config.load().proxy.metrics_tls {
+                true => Some(shared.tls.clone().ok_or_else(|| {
+                    ConfigError::Invalid("proxy.metrics_tls needs a [tls] certificate".into())
+                })?),
+                false => None,
+            };
             proxy
                 .background
-                .push(tokio::spawn(crate::api::serve(l, api)));
+                .push(tokio::spawn(crate::api::serve(l, api, tls)));
         }
         proxy.background.push(tokio::spawn(accept_loop(
             listener,

@@ -291,3 +291,55 @@ async fn a_move_streams_its_progress_and_events() {
     .await;
     assert!(!got.is_empty());
 }
+
+/// With `metrics_tls`, the API (and metrics and panel) are served over HTTPS with the `[tls]` certificate, and
+/// not over plain HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_speaks_https_when_configured() {
+    let pg = PgCluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let (c, k) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&c, cert.cert.pem()).unwrap();
+    std::fs::write(&k, cert.key_pair.serialize_pem()).unwrap();
+    let proxy = Harness::new()
+        .proxy("metrics_listen = \"127.0.0.1:0\"")
+        .proxy("metrics_tls = true")
+        .raw(&format!(
+            "[tls]\ncert = \"{}\"\nkey = \"{}\"\n[[api_tokens]]\nname = \"dash\"\nrole = \"viewer\"\ntoken = \"{VIEWER}\"",
+            c.display(),
+            k.display()
+        ))
+        .backend_with("shared", &pg, "database = \"app\"")
+        .start()
+        .await;
+    let addr = proxy.proxy.metrics_addr().unwrap();
+    let curl = move |scheme: &str| {
+        std::process::Command::new("curl")
+            .args([
+                "-sk",
+                "--max-time",
+                "5",
+                "-H",
+                &format!("Authorization: Bearer {VIEWER}"),
+            ])
+            .arg(format!("{scheme}://{addr}/api/stats"))
+            .output()
+            .unwrap()
+    };
+    let out = tokio::task::spawn_blocking(move || (curl("https"), curl("http")))
+        .await
+        .unwrap();
+    let body: Value = serde_json::from_slice(&out.0.stdout).unwrap_or(Value::Null);
+    assert_eq!(
+        body["ok"],
+        json!(true),
+        "{}",
+        String::from_utf8_lossy(&out.0.stderr)
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.1.stdout).contains("\"ok\""),
+        "plain HTTP answered"
+    );
+}

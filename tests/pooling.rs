@@ -615,3 +615,32 @@ async fn every_pin_kind_waits_or_disconnects_at_a_move() {
         }
     }
 }
+
+/// `server_lifetime_ms`: a backend connection past its lifetime is closed once idle and the next client gets a
+/// fresh one; within it, the same connection is reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_connections_are_renewed_after_their_lifetime() {
+    let pg = common::PgCluster::start();
+    pg.tenant_schemas("app", &["tenant_acme"]);
+    let proxy = common::Harness::new()
+        .proxy("server_lifetime_ms = 1500")
+        .backend_with("shared", &pg, "database = \"app\"")
+        .tenant("acme", "shared", None, Some("tenant_acme"))
+        .start()
+        .await;
+    let pid = || async {
+        let c = proxy.connect("app.acme", "app").await.unwrap();
+        let pid: i32 = c
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        drop(c);
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        pid
+    };
+    let first = pid().await;
+    assert_eq!(pid().await, first, "reused within its lifetime");
+    tokio::time::sleep(std::time::Duration::from_millis(6500)).await;
+    assert_ne!(pid().await, first, "renewed after its lifetime");
+}

@@ -38,10 +38,32 @@ pub struct Api {
 
 type Ctx = State<Arc<Api>>;
 
-/// Serves until the task is dropped.
-pub async fn serve(listener: TcpListener, api: Arc<Api>) {
-    if let Err(e) = axum::serve(listener, router(api)).await {
-        tracing::warn!(error = %e, "HTTP listener stopped");
+/// Serves until the task is dropped: plain HTTP, or HTTPS with `tls` (`proxy.metrics_tls`).
+pub async fn serve(listener: TcpListener, api: Arc<Api>, tls: Option<tokio_rustls::TlsAcceptor>) {
+    let app = router(api);
+    let Some(tls) = tls else {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::warn!(error = %e, "HTTP listener stopped");
+        }
+        return;
+    };
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let (tls, app) = (tls.clone(), app.clone());
+        tokio::spawn(async move {
+            let Ok(Ok(stream)) =
+                tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await
+            else {
+                return;
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
     }
 }
 

@@ -36,6 +36,8 @@ pub struct ServerConn {
     pub host: Arc<str>,
     pub port: u16,
     pub idle_since: Instant,
+    /// When it was opened (`server_lifetime`).
+    pub born: Instant,
     /// Prepared statements pgtenant made here for transaction-pool clients.
     pub statements: ServerStatements,
     /// Fingerprint of the session `SET`s in effect here (0: none beyond the startup parameters).

@@ -124,7 +124,7 @@ impl Backend {
             Some(p) if p.login == *login => return Some(p.clone()),
             // The role's password changed (reload): a new pool; the old one's idle connections go now, its
             // busy ones when they are given back.
-            Some(old) => old.reap_idle(Duration::ZERO),
+            Some(old) => old.reap_idle(Duration::ZERO, Duration::ZERO),
             None => {}
         }
         if pools.len() >= MAX_POOLS_PER_BACKEND {

@@ -481,13 +481,17 @@ impl Pool {
     }
 
     /// Closes idle connections that have not been used for `max_idle`.
-    pub fn reap_idle(&self, max_idle: Duration) {
+    /// Closes idle connections idle for `max_idle` or older than `lifetime` (zero: no limit), as PgBouncer's
+    /// `server_idle_timeout` and `server_lifetime`: a connection in use is never closed, only once it is idle.
+    pub fn reap_idle(&self, max_idle: Duration, lifetime: Duration) {
         let now = Instant::now();
         let mut inner = self.lock();
         let before = inner.idle.len();
-        let (keep, old): (Vec<_>, Vec<_>) = std::mem::take(&mut inner.idle)
-            .into_iter()
-            .partition(|c| now.duration_since(c.idle_since) < max_idle);
+        let (keep, old): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut inner.idle).into_iter().partition(|c| {
+                now.duration_since(c.idle_since) < max_idle
+                    && (lifetime.is_zero() || now.duration_since(c.born) < lifetime)
+            });
         inner.idle = keep;
         let closed = before - inner.idle.len();
         inner.total -= closed;

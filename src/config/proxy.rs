@@ -38,6 +38,10 @@ pub struct ProxyConfig {
     /// Not reloadable.
     #[serde(default)]
     pub admin_listen: String,
+    /// Serve the HTTP listener (`metrics_listen`: metrics, API, panel) over TLS with the `[tls]` certificate.
+    /// Not reloadable.
+    #[serde(default)]
+    pub metrics_tls: bool,
     /// The virtual database of the psql admin console (`psql -p 6432 -U admin pgtenant -c 'SHOW POOLS'`).
     /// Reloadable.
     #[serde(default = "default_admin_database")]
@@ -130,6 +134,10 @@ pub struct ProxyConfig {
     /// Idle pooled backend connections older than this are closed. Reloadable.
     #[serde(default = "default_server_idle_timeout_ms")]
     pub server_idle_timeout_ms: u64,
+    /// A backend connection older than this is closed once it is idle (within 5 s), so connections are renewed
+    /// (PgBouncer's `server_lifetime`); 0: never. Reloadable.
+    #[serde(default = "default_server_lifetime_ms")]
+    pub server_lifetime_ms: u64,
     /// On SIGTERM, sessions get this long to finish before they are closed. Reloadable.
     #[serde(default = "default_shutdown_timeout_ms")]
     pub shutdown_timeout_ms: u64,
@@ -282,4 +290,8 @@ impl ProxyConfig {
 
 fn default_admin_database() -> String {
     "pgtenant".into()
+}
+
+fn default_server_lifetime_ms() -> u64 {
+    3_600_000
 }
