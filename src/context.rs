@@ -78,6 +78,8 @@ pub struct Shared {
     pub notifier: crate::notify::Notifier,
     /// Per-tenant rates of the last stats period.
     pub rates: crate::stats::Rates,
+    /// The shared control plane (`control_plane`), set once the listener is bound.
+    pub control_plane: std::sync::OnceLock<crate::cluster::ControlPlane>,
 }
 
 impl Shared {
@@ -115,6 +117,7 @@ impl Shared {
         Ok(Arc::new(Shared {
             notifier: crate::notify::Notifier::new(metrics.clone()),
             rates: crate::stats::Rates::default(),
+            control_plane: std::sync::OnceLock::new(),
             client_permits: Arc::new(tokio::sync::Semaphore::new(config.proxy.max_client_conn)),
             logins: LoginSlots::new(config.proxy.max_login_conn),
             clients: Arc::new(ClientCounts::default()),

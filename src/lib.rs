@@ -6,6 +6,7 @@ pub mod auth;
 pub mod backend;
 pub mod backup;
 pub mod cancel;
+pub mod cluster;
 pub mod config;
 pub mod console;
 pub mod context;

@@ -92,12 +92,16 @@ impl Proxy {
             state_lock: Some(state_lock),
         };
         shared.notifier.configure(&shared.config.load().webhooks);
+        join_control_plane(&shared, local_addr).await;
         proxy
             .background
             .push(tokio::spawn(shared.clone().reap_idle_loop()));
         proxy
             .background
             .push(tokio::spawn(crate::stats::run(shared.clone())));
+        proxy
+            .background
+            .push(tokio::spawn(crate::cluster::run(shared.clone())));
         proxy
             .background
             .push(tokio::spawn(crate::migration::ops::run_queue(
@@ -330,5 +334,29 @@ async fn accept_loop(
         };
         let shared = shared.clone();
         sessions.spawn(serve_client(shared, tcp, ticket));
+    }
+}
+
+/// With `control_plane`, registers this instance and loads the routes from the store. An unreachable store is
+/// not fatal: the instance serves with the routes it last applied (its `state_dir`) and keeps trying.
+async fn join_control_plane(shared: &Arc<Shared>, local: SocketAddr) {
+    let Some(url) = shared.config.load().control_plane.clone() else {
+        return;
+    };
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "pgtenant".into());
+    let cp = crate::cluster::ControlPlane::new(
+        &url,
+        format!("{host}:{}", local.port()),
+        local.to_string(),
+    );
+    if shared.control_plane.set(cp).is_err() {
+        return;
+    }
+    if let Some(cp) = shared.control_plane.get() {
+        if let Err(e) = cp.bootstrap(shared).await {
+            warn!(error = %e, "control plane unreachable at start; serving with the routes in state_dir");
+        }
     }
 }

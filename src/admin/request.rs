@@ -75,6 +75,7 @@ macro_rules! commands {
 commands! {
     "tenants" => Tenants(NoArgs),
     "clients" => Clients(NoArgs),
+    "instances" => Instances(NoArgs),
     "tenant.get" => TenantGet(TenantArg),
     "tenant.set" => TenantSet(SetRoute),
     "tenant.grants" => TenantGrants(Grants),
@@ -128,6 +129,7 @@ impl Request {
         match self {
             Request::Tenants(_)
             | Request::Clients(_)
+            | Request::Instances(_)
             | Request::TenantGet(_)
             | Request::Backends(_)
             | Request::Stats(_)
@@ -167,9 +169,9 @@ pub fn role_of(cmd: &str) -> crate::config::ApiRole {
     match cmd {
         "tenant.set" | "tenant.remove" | "tenant.grants" | "reload" | "tenant.restore"
         | "migrate.ddl" => ApiRole::Admin,
-        "tenants" | "clients" | "tenant.get" | "backends" | "stats" | "audit" | "webhooks.log"
-        | "tenant.backups" | "migrate.status" | "migrate.history" | "migrate.estimate"
-        | "migrate.queue" | "migrate.drops" => ApiRole::Viewer,
+        "tenants" | "clients" | "instances" | "tenant.get" | "backends" | "stats" | "audit"
+        | "webhooks.log" | "tenant.backups" | "migrate.status" | "migrate.history"
+        | "migrate.estimate" | "migrate.queue" | "migrate.drops" => ApiRole::Viewer,
         _ => ApiRole::Operator,
     }
 }

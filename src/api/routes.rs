@@ -105,6 +105,11 @@ pub fn routes() -> Vec<ApiRoute> {
         ),
         post("/api/resume", "resume.all", "Open every tenant's gate"),
         get("/api/backends", "backends", "Backends, pools and health"),
+        get(
+            "/api/instances",
+            "instances",
+            "Proxy instances sharing the control plane",
+        ),
         ApiRoute {
             paged: Some("clients"),
             ..get("/api/clients", "clients", "Client sessions (paged)")

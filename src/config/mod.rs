@@ -64,6 +64,10 @@ pub struct Config {
     /// Bearer tokens of the HTTP API (on `proxy.metrics_listen`).
     #[serde(default)]
     pub api_tokens: Vec<ApiToken>,
+    /// A PostgreSQL database several instances share their routes and membership in (`postgres://...`);
+    /// none: `state_dir` alone. Not reloadable.
+    #[serde(default)]
+    pub control_plane: Option<String>,
 }
 
 impl Config {

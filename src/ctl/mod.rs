@@ -48,6 +48,8 @@ pub enum CtlCommand {
     Backends,
     /// Every client session: user, tenant, backend, route epoch, transaction state.
     Clients,
+    /// The proxy instances sharing the control plane, with the route epoch each has applied.
+    Instances,
     /// Hold a tenant's new transactions; answers when its open transactions have finished.
     Pause(Pause),
     /// Release a paused tenant's queue in order.
@@ -165,6 +167,7 @@ impl CtlCommand {
             },
             CtlCommand::Backends => Request::Backends(NoArgs {}),
             CtlCommand::Clients => Request::Clients(NoArgs {}),
+            CtlCommand::Instances => Request::Instances(NoArgs {}),
             CtlCommand::Pause(a) => Request::Pause(a.clone()),
             CtlCommand::Resume(a) => Request::Resume(a.clone()),
             CtlCommand::PauseAll(a) => Request::PauseAll(a.clone()),

@@ -346,7 +346,7 @@ pub(super) async fn swap_route(
     route: &Route,
 ) -> Result<(), MigrateError> {
     let (s, t, r) = (shared.clone(), tenant.clone(), route.clone());
-    match tokio::task::spawn_blocking(move || swap_route_now(&s, &t, &r)).await {
+    let swapped = match tokio::task::spawn_blocking(move || swap_route_now(&s, &t, &r)).await {
         Ok(result) => result,
         // The thread failed (it does not panic, but if it did): the router tells whether the swap was
         // published, which happens only once it is on disk.
@@ -361,6 +361,26 @@ pub(super) async fn swap_route(
             Ok(())
         }
         Err(e) => Err(MigrateError::Refused(format!("the route swap failed: {e}"))),
+    };
+    if swapped.is_ok() {
+        publish_swap(shared, tenant, route).await;
+    }
+    swapped
+}
+
+/// With a control plane, the swap goes to the store so the other instances route the tenant there too (within
+/// about a second; until they do, the fence on the old side refuses their writes of the tenant rather than
+/// lose them). This instance swapped already; a store that cannot be written is logged, and the next change
+/// written through the store carries the route.
+async fn publish_swap(shared: &Arc<Shared>, tenant: &TenantId, route: &Route) {
+    let Some(cp) = shared.control_plane.get() else {
+        return;
+    };
+    if let Err(e) = cp
+        .write(shared, vec![(tenant.clone(), Some(route.clone()))])
+        .await
+    {
+        tracing::warn!(%tenant, error = %e, "the route swap could not be written to the control plane");
     }
 }
 

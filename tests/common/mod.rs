@@ -300,6 +300,8 @@ impl Drop for PgCluster {
 /// Builds a proxy config around test clusters and starts the proxy.
 pub struct Harness {
     state: tempfile::TempDir,
+    /// Top-level keys (before any table).
+    top: String,
     toml: String,
     users: String,
     backends: String,
@@ -325,6 +327,7 @@ impl Harness {
         );
         Harness {
             state,
+            top: String::new(),
             toml,
             users: format!(
                 "[[users]]\nname = \"app\"\npassword = \"{PASSWORD}\"\ntenants = [\"*\"]\n"
@@ -345,6 +348,13 @@ impl Harness {
             .collect();
         self.toml.push_str(line);
         self.toml.push('\n');
+        self
+    }
+
+    /// Adds a top-level key (`control_plane = "..."`).
+    pub fn top(mut self, line: &str) -> Harness {
+        self.top.push_str(line);
+        self.top.push('\n');
         self
     }
 
@@ -400,8 +410,8 @@ impl Harness {
     /// The config as TOML text (for a proxy run as its own process).
     pub fn text(&self) -> String {
         format!(
-            "{}\n{}\n{}\n{}",
-            self.toml, self.users, self.backends, self.tenants
+            "{}{}\n{}\n{}\n{}",
+            self.top, self.toml, self.users, self.backends, self.tenants
         )
     }
 

@@ -99,6 +99,10 @@ async fn run(shared: &Arc<Shared>, req: Request, actor: &str) -> Result<Done, Ad
     match req {
         Request::Tenants(_) => Ok(Done::read(&tenants::list(shared))),
         Request::Clients(_) => Ok(Done::read(&tenants::clients(shared))),
+        Request::Instances(_) => crate::cluster::instances(shared)
+            .await
+            .map(|v| Done::read(&v))
+            .map_err(|e| AdminError::new(AdminCode::StateReadFailed, e.to_string())),
         Request::TenantGet(a) => tenants::get(shared, &a.tenant).map(|v| Done::read(&v)),
         Request::TenantSet(a) => {
             off_thread(shared, move |s| route::set(s, &a.tenant, a.route())).await

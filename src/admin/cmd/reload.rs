@@ -41,22 +41,7 @@ pub fn reload(shared: &Arc<Shared>) -> Result<Done, AdminError> {
     let new_tenants = plan_tenants(shared, &merged, &plan.backends)?;
     let mut applied = plan.applied;
     if !new_tenants.is_empty() {
-        shared
-            .router
-            .update(
-                |routes| {
-                    for (t, r) in &new_tenants {
-                        routes.insert_if_absent(t, || r.clone());
-                    }
-                    Ok(())
-                },
-                |table, changes| {
-                    shared
-                        .persist_routes(table, changes)
-                        .map_err(|e| AdminError::new(AdminCode::StateWriteFailed, e.to_string()))
-                },
-            )
-            .map_err(|e| failed(e.message))?;
+        add_tenants(shared, &new_tenants)?;
         applied.extend(
             new_tenants
                 .iter()
@@ -233,4 +218,34 @@ fn plan_tenants(
         out.push((id, Route::from(t)));
     }
     Ok(out)
+}
+
+/// Routes the config's new tenants (through the control plane when there is one).
+fn add_tenants(shared: &Arc<Shared>, new_tenants: &[(TenantId, Route)]) -> Result<(), AdminError> {
+    if let Some(cp) = shared.control_plane.get() {
+        let changes = new_tenants
+            .iter()
+            .map(|(t, r)| (t.clone(), Some(r.clone())))
+            .collect();
+        return tokio::runtime::Handle::current()
+            .block_on(cp.write(shared, changes))
+            .map_err(|e| failed(e.to_string()));
+    }
+    shared
+        .router
+        .update(
+            |routes| {
+                for (t, r) in new_tenants {
+                    routes.insert_if_absent(t, || r.clone());
+                }
+                Ok(())
+            },
+            |table, changes| {
+                shared
+                    .persist_routes(table, changes)
+                    .map_err(|e| AdminError::new(AdminCode::StateWriteFailed, e.to_string()))
+            },
+        )
+        .map(|_| ())
+        .map_err(|e| failed(e.message))
 }

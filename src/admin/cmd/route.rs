@@ -33,11 +33,20 @@ fn mark_removed(shared: &Shared, tenant: &TenantId, removed: bool) -> bool {
 }
 
 /// Sets (or, with `None`, removes) the tenant's route in a new routing table, persisted before it is published.
+/// With a control plane the change goes to the store first and comes back from it (so every instance applies
+/// the same changes in the same order); called on a blocking thread.
 fn publish(
     shared: &Shared,
     tenant: &TenantId,
     route: Option<Arc<Route>>,
 ) -> Result<Arc<RoutingTable>, AdminError> {
+    if let Some(cp) = shared.control_plane.get() {
+        let change = vec![(tenant.clone(), route.as_deref().cloned())];
+        tokio::runtime::Handle::current()
+            .block_on(cp.write(shared, change))
+            .map_err(|e| AdminError::state_write(format!("{e}; the route is unchanged")))?;
+        return Ok(shared.router.snapshot());
+    }
     shared.router.update(
         |routes| {
             match &route {

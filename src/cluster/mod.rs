@@ -1,0 +1,251 @@
+//! Several proxies, one tenant map (`control_plane = "postgres://..."`): the routes live in a PostgreSQL
+//! database ([`store`]) as a log of changes with one global epoch. Every instance applies the log in epoch
+//! order: on a `NOTIFY`, and at least once a second (a lost notification only delays). A route change made on
+//! any instance (`tenant set/remove`, a reload's new tenants, a cutover's or rollback's swap) is written to the
+//! store first and then applied from it, so every instance applies the same changes in the same order. Each
+//! instance heartbeats its id, address, version and applied epoch (`ctl instances`). When the store is
+//! unreachable, serving goes on with the routes last applied, changes are refused, and the instance reconnects.
+//! Without `control_plane` none of this runs and `state_dir` alone holds the routes.
+
+pub mod store;
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_postgres::Client;
+use tracing::{info, warn};
+
+use crate::context::Shared;
+use crate::routing::Route;
+use crate::tenant::TenantId;
+use store::{InstanceRow, RouteChange, StoreError};
+
+/// Changes read from the store per query.
+const BATCH: i64 = 10_000;
+
+pub struct ControlPlane {
+    url: String,
+    pub id: String,
+    address: String,
+    started_unix: i64,
+    /// The store epoch this instance has applied.
+    pub applied: AtomicI64,
+    /// The store answered the last time it was asked.
+    pub reachable: AtomicBool,
+    client: tokio::sync::Mutex<Option<Client>>,
+    /// Serialises applying, so changes are applied once and in order.
+    applying: tokio::sync::Mutex<()>,
+    wake_tx: mpsc::UnboundedSender<()>,
+    wake_rx: Mutex<Option<mpsc::UnboundedReceiver<()>>>,
+}
+
+/// `instances`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceList {
+    /// This instance's id.
+    pub this: String,
+    pub control_plane: bool,
+    pub instances: Vec<InstanceRow>,
+}
+
+impl ControlPlane {
+    pub fn new(url: &str, id: String, address: String) -> ControlPlane {
+        let (wake_tx, wake_rx) = mpsc::unbounded_channel();
+        ControlPlane {
+            url: url.to_owned(),
+            id,
+            address,
+            started_unix: (crate::migration::record::now_ms() / 1000) as i64,
+            applied: AtomicI64::new(0),
+            reachable: AtomicBool::new(false),
+            client: tokio::sync::Mutex::new(None),
+            applying: tokio::sync::Mutex::new(()),
+            wake_tx,
+            wake_rx: Mutex::new(Some(wake_rx)),
+        }
+    }
+
+    /// Runs `f` on the store's connection, connecting (and listening) first if there is none; a failure drops
+    /// the connection, so the next call reconnects.
+    async fn with_client<T>(
+        &self,
+        f: impl AsyncFnOnce(&mut Client) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut guard = self.client.lock().await;
+        if guard.is_none() {
+            let mut c = store::connect(&self.url, Some(self.wake_tx.clone())).await?;
+            store::ensure_schema(&mut c).await?;
+            c.batch_execute(&format!("LISTEN {}", store::CHANNEL))
+                .await
+                .map_err(|e| StoreError::Pg(format!("listen: {e}")))?;
+            *guard = Some(c);
+        }
+        let Some(c) = guard.as_mut() else {
+            return Err(StoreError::Pg("no connection".into()));
+        };
+        let r = f(c).await;
+        if r.is_err() {
+            *guard = None;
+        }
+        self.reachable.store(r.is_ok(), Ordering::Relaxed);
+        r
+    }
+
+    /// Writes `changes` to the store, then applies the log up to them (and anything before them).
+    pub async fn write(
+        &self,
+        shared: &Shared,
+        changes: Vec<(TenantId, Option<Route>)>,
+    ) -> Result<(), StoreError> {
+        let id = self.id.clone();
+        self.with_client(async move |c| store::append(c, &id, &changes).await.map(|_| ()))
+            .await?;
+        self.sync(shared).await
+    }
+
+    /// Applies every change after the applied epoch.
+    pub async fn sync(&self, shared: &Shared) -> Result<(), StoreError> {
+        let _one = self.applying.lock().await;
+        loop {
+            let after = self.applied.load(Ordering::Acquire);
+            let changes = self
+                .with_client(async move |c| store::changes_after(c, after, BATCH).await)
+                .await?;
+            let Some(last) = changes.last().map(|c| c.epoch) else {
+                return Ok(());
+            };
+            apply(shared, &changes, &[])?;
+            self.applied.store(last, Ordering::Release);
+        }
+    }
+
+    /// At start: seeds an empty store with this instance's routes, then replaces them with the store's.
+    pub async fn bootstrap(&self, shared: &Shared) -> Result<(), StoreError> {
+        let _one = self.applying.lock().await;
+        let (epoch, latest) = self.with_client(async |c| store::current(c).await).await?;
+        if epoch == 0 {
+            let table = shared.router.snapshot();
+            let seed: Vec<(TenantId, Option<Route>)> = table
+                .iter()
+                .map(|(t, r)| (t.clone(), Some((**r).clone())))
+                .collect();
+            if !seed.is_empty() {
+                let id = self.id.clone();
+                self.with_client(async move |c| store::append(c, &id, &seed).await.map(|_| ()))
+                    .await?;
+                info!(
+                    tenants = table.len(),
+                    "control plane was empty: seeded with this instance's routes"
+                );
+            }
+            drop(_one);
+            return self.sync(shared).await;
+        }
+        let known: std::collections::HashSet<&TenantId> =
+            latest.iter().map(|c| &c.tenant).collect();
+        let gone: Vec<TenantId> = shared
+            .router
+            .snapshot()
+            .tenants()
+            .filter(|t| !known.contains(t))
+            .cloned()
+            .collect();
+        apply(shared, &latest, &gone)?;
+        self.applied.store(epoch, Ordering::Release);
+        info!(
+            epoch,
+            tenants = latest.len(),
+            "routes loaded from the control plane"
+        );
+        Ok(())
+    }
+
+    pub async fn heartbeat(&self) -> Result<(), StoreError> {
+        let (id, addr, started) = (self.id.clone(), self.address.clone(), self.started_unix);
+        let applied = self.applied.load(Ordering::Acquire);
+        self.with_client(async move |c| store::heartbeat(c, &id, &addr, started, applied).await)
+            .await
+    }
+
+    pub async fn instances(&self) -> Result<Vec<InstanceRow>, StoreError> {
+        self.with_client(async |c| store::instances(c).await).await
+    }
+}
+
+/// Applies store changes (and removals of tenants the store does not have) to the local routing table, which
+/// persists them in `state_dir` as its cache.
+fn apply(shared: &Shared, changes: &[RouteChange], gone: &[TenantId]) -> Result<(), StoreError> {
+    shared
+        .router
+        .update(
+            |routes| {
+                for c in changes {
+                    match &c.route {
+                        Some(r) => routes.insert(c.tenant.clone(), Arc::new(r.clone())),
+                        None => routes.remove(&c.tenant),
+                    };
+                }
+                for t in gone {
+                    routes.remove(t);
+                }
+                Ok(())
+            },
+            |table, made| {
+                shared
+                    .persist_routes(table, made)
+                    .map_err(|e| StoreError::Pg(format!("local state: {e}")))
+            },
+        )
+        .map(|_| ())
+}
+
+/// Follows the store until the proxy stops: applies on each notification and every second, heartbeats every
+/// second, reconnects (backing off to 5 s) when the store is unreachable.
+pub async fn run(shared: Arc<Shared>) {
+    let Some(cp) = shared.control_plane.get() else {
+        return;
+    };
+    let Some(mut wake) = cp.wake_rx.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        tokio::select! {
+            _ = shared.terminate.fired() => return,
+            _ = wake.recv() => {}
+            _ = tick.tick() => {
+                if let Err(e) = cp.heartbeat().await {
+                    warn!(error = %e, "control plane heartbeat failed; serving with the routes last applied");
+                }
+            }
+        }
+        match cp.sync(&shared).await {
+            Ok(()) => backoff = Duration::from_millis(200),
+            Err(e) => {
+                warn!(error = %e, "control plane unreachable; serving with the routes last applied");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// `instances`: the members the store knows, or this one alone without a control plane.
+pub async fn instances(shared: &Shared) -> Result<InstanceList, StoreError> {
+    match shared.control_plane.get() {
+        Some(cp) => Ok(InstanceList {
+            this: cp.id.clone(),
+            control_plane: true,
+            instances: cp.instances().await?,
+        }),
+        None => Ok(InstanceList {
+            this: "local".into(),
+            control_plane: false,
+            instances: Vec::new(),
+        }),
+    }
+}

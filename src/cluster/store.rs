@@ -1,0 +1,276 @@
+//! The control-plane store on PostgreSQL (`control_plane = "postgres://..."`): route changes as an append-only
+//! log with one global epoch, and instance membership. Every write is one transaction; a route change takes an
+//! advisory lock so epochs are gap-free and in commit order, and announces itself with `NOTIFY`. The schema is
+//! created and upgraded by the proxy (`pgtenant_cp.meta.schema_version`).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio_postgres::{Client, NoTls};
+
+use crate::routing::Route;
+use crate::tenant::TenantId;
+
+/// The channel route changes are announced on.
+pub const CHANNEL: &str = "pgtenant_routes";
+/// The schema version this build writes.
+const VERSION: i32 = 1;
+/// `pg_advisory_xact_lock` key of route writes (and schema creation).
+const LOCK: i64 = 0x7067_7465_6e61_6e74; // "pgtenant"
+
+const SCHEMA: &str = "
+CREATE SCHEMA IF NOT EXISTS pgtenant_cp;
+CREATE TABLE IF NOT EXISTS pgtenant_cp.meta (k text PRIMARY KEY, v text NOT NULL);
+CREATE TABLE IF NOT EXISTS pgtenant_cp.route_changes (
+    epoch bigint PRIMARY KEY, tenant text NOT NULL, route jsonb, instance text NOT NULL,
+    at timestamptz NOT NULL DEFAULT now());
+CREATE INDEX IF NOT EXISTS route_changes_tenant ON pgtenant_cp.route_changes (tenant, epoch DESC);
+CREATE TABLE IF NOT EXISTS pgtenant_cp.instances (
+    id text PRIMARY KEY, address text NOT NULL, version text NOT NULL, started_at timestamptz NOT NULL,
+    heartbeat_at timestamptz NOT NULL, applied_epoch bigint NOT NULL);";
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("control plane: {0}")]
+    Pg(String),
+    #[error("control plane schema version {0} is newer than this pgtenant understands ({VERSION}); upgrade pgtenant")]
+    TooNew(i32),
+    #[error("control plane: bad route for {tenant}: {reason}")]
+    BadRoute { tenant: String, reason: String },
+}
+
+fn pg(what: &str) -> impl Fn(tokio_postgres::Error) -> StoreError + '_ {
+    move |e| {
+        let detail = e
+            .as_db_error()
+            .map_or_else(|| e.to_string(), |d| d.message().to_owned());
+        StoreError::Pg(format!("{what}: {detail}"))
+    }
+}
+
+/// One change: a tenant's new route, or `None` for removed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteChange {
+    pub epoch: i64,
+    pub tenant: TenantId,
+    pub route: Option<Route>,
+}
+
+/// One instance as `instances` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceRow {
+    pub id: String,
+    pub address: String,
+    pub version: String,
+    pub started_at: String,
+    /// Seconds since its last heartbeat.
+    pub heartbeat_age_s: f64,
+    pub applied_epoch: i64,
+    /// Heartbeat within the last 5 s.
+    pub alive: bool,
+}
+
+/// Connects (with a 5 s limit), drives the connection on its own task, and passes notifications to `notify`.
+pub async fn connect(
+    url: &str,
+    notify: Option<tokio::sync::mpsc::UnboundedSender<()>>,
+) -> Result<Client, StoreError> {
+    let mut config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e: tokio_postgres::Error| StoreError::Pg(format!("control_plane url: {e}")))?;
+    config
+        .connect_timeout(Duration::from_secs(5))
+        .application_name("pgtenant-control-plane")
+        .keepalives_idle(Duration::from_secs(10));
+    let (client, mut conn) = config.connect(NoTls).await.map_err(pg("connect"))?;
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        use futures_util::StreamExt;
+        while let Some(Ok(m)) = messages.next().await {
+            if let (tokio_postgres::AsyncMessage::Notification(_), Some(tx)) = (m, &notify) {
+                let _ = tx.send(());
+            }
+        }
+    });
+    Ok(client)
+}
+
+/// Creates or upgrades the schema, under the advisory lock (several instances may start at once).
+pub async fn ensure_schema(c: &mut Client) -> Result<(), StoreError> {
+    let tx = c.transaction().await.map_err(pg("begin"))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK])
+        .await
+        .map_err(pg("lock"))?;
+    tx.batch_execute(SCHEMA)
+        .await
+        .map_err(pg("create schema"))?;
+    let row = tx
+        .query_opt(
+            "SELECT v FROM pgtenant_cp.meta WHERE k = 'schema_version'",
+            &[],
+        )
+        .await
+        .map_err(pg("read schema version"))?;
+    match row.map(|r| r.get::<_, String>(0).parse::<i32>().unwrap_or(0)) {
+        Some(v) if v > VERSION => return Err(StoreError::TooNew(v)),
+        Some(_) => {}
+        None => {
+            tx.execute(
+                "INSERT INTO pgtenant_cp.meta VALUES ('schema_version', $1)",
+                &[&VERSION.to_string()],
+            )
+            .await
+            .map_err(pg("write schema version"))?;
+        }
+    }
+    tx.commit().await.map_err(pg("commit schema"))
+}
+
+/// Appends `changes` as the next epochs, in order, and announces them; the last epoch written.
+pub async fn append(
+    c: &mut Client,
+    instance: &str,
+    changes: &[(TenantId, Option<Route>)],
+) -> Result<i64, StoreError> {
+    let tx = c.transaction().await.map_err(pg("begin"))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK])
+        .await
+        .map_err(pg("lock"))?;
+    let mut epoch: i64 = tx
+        .query_one(
+            "SELECT coalesce(max(epoch), 0) FROM pgtenant_cp.route_changes",
+            &[],
+        )
+        .await
+        .map_err(pg("read epoch"))?
+        .get(0);
+    for (tenant, route) in changes {
+        epoch += 1;
+        let json = route
+            .as_ref()
+            .map(|r| serde_json::to_value(r).unwrap_or_default());
+        tx.execute(
+            "INSERT INTO pgtenant_cp.route_changes (epoch, tenant, route, instance) VALUES ($1, $2, $3, $4)",
+            &[&epoch, &tenant.as_str(), &json, &instance],
+        )
+        .await
+        .map_err(pg("write route change"))?;
+    }
+    tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &epoch.to_string()])
+        .await
+        .map_err(pg("notify"))?;
+    tx.commit().await.map_err(pg("commit route change"))?;
+    Ok(epoch)
+}
+
+fn change(
+    epoch: i64,
+    tenant: String,
+    route: Option<serde_json::Value>,
+) -> Result<RouteChange, StoreError> {
+    let bad = |reason: String| StoreError::BadRoute {
+        tenant: tenant.clone(),
+        reason,
+    };
+    let id = TenantId::parse(&tenant).map_err(|e| bad(e.to_string()))?;
+    let route = match route {
+        Some(v) => Some(serde_json::from_value(v).map_err(|e| bad(e.to_string()))?),
+        None => None,
+    };
+    Ok(RouteChange {
+        epoch,
+        tenant: id,
+        route,
+    })
+}
+
+/// The changes after `epoch`, in epoch order (at most `limit`).
+pub async fn changes_after(
+    c: &Client,
+    epoch: i64,
+    limit: i64,
+) -> Result<Vec<RouteChange>, StoreError> {
+    let rows = c
+        .query(
+            "SELECT epoch, tenant, route FROM pgtenant_cp.route_changes WHERE epoch > $1 ORDER BY epoch LIMIT $2",
+            &[&epoch, &limit],
+        )
+        .await
+        .map_err(pg("read route changes"))?;
+    rows.into_iter()
+        .map(|r| change(r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+/// Every tenant's latest route and the store's epoch: the whole table, for an instance that starts.
+pub async fn current(c: &Client) -> Result<(i64, Vec<RouteChange>), StoreError> {
+    let epoch: i64 = c
+        .query_one(
+            "SELECT coalesce(max(epoch), 0) FROM pgtenant_cp.route_changes",
+            &[],
+        )
+        .await
+        .map_err(pg("read epoch"))?
+        .get(0);
+    let rows = c
+        .query(
+            "SELECT DISTINCT ON (tenant) epoch, tenant, route FROM pgtenant_cp.route_changes \
+              WHERE epoch <= $1 ORDER BY tenant, epoch DESC",
+            &[&epoch],
+        )
+        .await
+        .map_err(pg("read routes"))?;
+    let latest = rows
+        .into_iter()
+        .map(|r| change(r.get(0), r.get(1), r.get(2)))
+        .collect::<Result<_, _>>()?;
+    Ok((epoch, latest))
+}
+
+/// Registers or refreshes this instance.
+pub async fn heartbeat(
+    c: &Client,
+    id: &str,
+    address: &str,
+    started_unix: i64,
+    applied: i64,
+) -> Result<(), StoreError> {
+    c.execute(
+        "INSERT INTO pgtenant_cp.instances (id, address, version, started_at, heartbeat_at, applied_epoch)
+         VALUES ($1, $2, $3, to_timestamp($4), now(), $5)
+         ON CONFLICT (id) DO UPDATE SET address = EXCLUDED.address, version = EXCLUDED.version,
+           started_at = EXCLUDED.started_at, heartbeat_at = now(), applied_epoch = EXCLUDED.applied_epoch",
+        &[&id, &address, &env!("CARGO_PKG_VERSION"), &(started_unix as f64), &applied],
+    )
+    .await
+    .map_err(pg("heartbeat"))?;
+    Ok(())
+}
+
+pub async fn instances(c: &Client) -> Result<Vec<InstanceRow>, StoreError> {
+    let rows = c
+        .query(
+            "SELECT id, address, version, to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+                    extract(epoch FROM now() - heartbeat_at)::float8, applied_epoch
+               FROM pgtenant_cp.instances ORDER BY id",
+            &[],
+        )
+        .await
+        .map_err(pg("list instances"))?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let age: f64 = r.get(4);
+            InstanceRow {
+                id: r.get(0),
+                address: r.get(1),
+                version: r.get(2),
+                started_at: r.get(3),
+                heartbeat_age_s: (age * 10.0).round() / 10.0,
+                applied_epoch: r.get(5),
+                alive: age < 5.0,
+            }
+        })
+        .collect())
+}
