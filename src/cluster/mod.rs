@@ -7,6 +7,7 @@
 //! unreachable, serving goes on with the routes last applied, changes are refused, and the instance reconnects.
 //! Without `control_plane` none of this runs and `state_dir` alone holds the routes.
 
+pub mod barrier;
 pub mod store;
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -40,6 +41,8 @@ pub struct ControlPlane {
     applying: tokio::sync::Mutex<()>,
     wake_tx: mpsc::UnboundedSender<()>,
     wake_rx: Mutex<Option<mpsc::UnboundedReceiver<()>>>,
+    /// Other instances' cutover barriers this one holds.
+    held: barrier::Held,
 }
 
 /// `instances`.
@@ -65,6 +68,7 @@ impl ControlPlane {
             applying: tokio::sync::Mutex::new(()),
             wake_tx,
             wake_rx: Mutex::new(Some(wake_rx)),
+            held: barrier::Held::default(),
         }
     }
 
@@ -223,7 +227,11 @@ pub async fn run(shared: Arc<Shared>) {
                 }
             }
         }
-        match cp.sync(&shared).await {
+        let synced = match cp.sync(&shared).await {
+            Ok(()) => cp.follow_barriers(&shared).await,
+            Err(e) => Err(e),
+        };
+        match synced {
             Ok(()) => backoff = Duration::from_millis(200),
             Err(e) => {
                 warn!(error = %e, "control plane unreachable; serving with the routes last applied");

@@ -28,7 +28,13 @@ CREATE TABLE IF NOT EXISTS pgtenant_cp.route_changes (
 CREATE INDEX IF NOT EXISTS route_changes_tenant ON pgtenant_cp.route_changes (tenant, epoch DESC);
 CREATE TABLE IF NOT EXISTS pgtenant_cp.instances (
     id text PRIMARY KEY, address text NOT NULL, version text NOT NULL, started_at timestamptz NOT NULL,
-    heartbeat_at timestamptz NOT NULL, applied_epoch bigint NOT NULL);";
+    heartbeat_at timestamptz NOT NULL, applied_epoch bigint NOT NULL);
+CREATE TABLE IF NOT EXISTS pgtenant_cp.barriers (
+    tenant text PRIMARY KEY, attempt bigint NOT NULL, coordinator text NOT NULL, phase text NOT NULL,
+    deadline timestamptz NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE IF NOT EXISTS pgtenant_cp.barrier_acks (
+    tenant text NOT NULL, attempt bigint NOT NULL, instance text NOT NULL, state text NOT NULL,
+    held_ms float8, at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (tenant, attempt, instance, state));";
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -40,7 +46,7 @@ pub enum StoreError {
     BadRoute { tenant: String, reason: String },
 }
 
-fn pg(what: &str) -> impl Fn(tokio_postgres::Error) -> StoreError + '_ {
+pub(super) fn pg(what: &str) -> impl Fn(tokio_postgres::Error) -> StoreError + '_ {
     move |e| {
         let detail = e
             .as_db_error()

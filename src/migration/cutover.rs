@@ -79,12 +79,18 @@ pub async fn cutover(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<CutOver, 
     gate.close();
     let deadline = closed_at + limit;
     let mut marks = Marks::new(closed_at);
-    let outcome = match tokio::time::timeout(
-        limit,
-        before_swap(shared, &ready, &gate, deadline, &mut marks),
-    )
-    .await
-    {
+    let cluster = shared.control_plane.get();
+    let held = async {
+        // With several instances, each holds the tenant too before anything is drained or swapped.
+        if let Some(cp) = cluster {
+            cp.hold_everywhere(&rec.tenant, deadline)
+                .await
+                .map_err(|e| MigrateError::Refused(e.to_string()))?;
+            marks.mark("barrier_held");
+        }
+        before_swap(shared, &ready, &gate, deadline, &mut marks).await
+    };
+    let outcome = match tokio::time::timeout(limit, held).await {
         Ok(Ok(())) => BeforeSwap::Done,
         Ok(Err(e)) => BeforeSwap::Failed(e),
         Err(_) => BeforeSwap::TimedOut,
@@ -100,6 +106,9 @@ pub async fn cutover(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<CutOver, 
     };
     if let Some(e) = failure {
         let pause = closed_at.elapsed();
+        if let Some(cp) = cluster {
+            cp.release_everywhere(&rec.tenant, "abort").await;
+        }
         gate.open();
         if matches!(e, MigrateError::Timeout(_)) {
             shared
@@ -151,6 +160,10 @@ async fn after_swap(
     let ended = end_pinned_sessions(shared, &rec.tenant);
     marks.mark("end_pinned_sessions");
     let blocked = gate.queued();
+    if let Some(cp) = shared.control_plane.get() {
+        cp.release_everywhere(&rec.tenant, "open").await;
+        marks.mark("barrier_released");
+    }
     gate.open();
     let pause = closed_at.elapsed();
     let m = &shared.metrics;
