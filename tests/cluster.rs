@@ -254,3 +254,112 @@ async fn a_cutover_holds_the_tenant_on_every_instance() {
     assert_eq!(parts[1], parts[2], "pgbench's invariant");
     eprintln!("three-instance cutover: coordinator pause {pause:.1} ms, other instances held at most {max_held} ms");
 }
+
+/// One instance frozen (SIGSTOP) during a cutover: it cannot hold the tenant, so the attempt falls back within
+/// the cutover timeout and the move stays in dual_write; after SIGCONT the next cutover succeeds, and the
+/// frozen instance follows the move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_instance_makes_the_cutover_fall_back_until_it_thaws() {
+    use std::process::Command;
+    let (cp, shared, dedicated) = (PgCluster::start(), PgCluster::start(), PgCluster::start());
+    common::moves::small_schema(&shared);
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", cp.port);
+    let harness = || {
+        Harness::new()
+            .top(&format!("control_plane = \"{url}\""))
+            .raw(&format!(
+                "[migration]\npg_dump = \"{}\"\ncutover_timeout_ms = 2000",
+                pg_bin("pg_dump").display()
+            ))
+            .backend_with(
+                "shared",
+                &shared,
+                "database = \"app\"\nadmin_user = \"postgres\"",
+            )
+            .backend_with(
+                "dedicated",
+                &dedicated,
+                "database = \"app\"\nadmin_user = \"postgres\"",
+            )
+            .tenant("acme", "shared", None, Some("tenant_acme"))
+            .tenant("beta", "shared", None, Some("tenant_beta"))
+    };
+    let coordinator = harness().start().await;
+    // The other instance is a process of its own, so it can be frozen.
+    let other = harness();
+    let port = free_port();
+    let text = toml::to_string(&other.config())
+        .unwrap()
+        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let config = other.state_dir().join("pgtenant.toml");
+    std::fs::write(&config, text).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgtenant"))
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let alive = || async {
+        let l = coordinator.admin_ok(json!({"cmd": "instances"})).await;
+        l["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["alive"] == json!(true))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive().await < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the second instance did not join"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    coordinator
+        .admin_ok(json!({"cmd": "migrate.start", "tenant": "acme", "to": "dedicated"}))
+        .await;
+    common::moves::wait_state(&coordinator, "acme", "dual_write", Duration::from_secs(30)).await;
+    common::moves::wait_lag_zero(&coordinator, "acme").await;
+    let signal = |sig: &str| {
+        assert!(Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success())
+    };
+    signal("-STOP");
+    let started = Instant::now();
+    let refused = coordinator
+        .admin_err(json!({"cmd": "migrate.cutover", "tenant": "acme"}))
+        .await;
+    let took = started.elapsed();
+    assert_eq!(refused, "cutover_failed");
+    assert!(took < Duration::from_secs(4), "fell back after {took:?}");
+    let s = coordinator
+        .admin_ok(json!({"cmd": "migrate.status", "tenant": "acme"}))
+        .await;
+    assert_eq!(s["state"], json!("dual_write"), "{s}");
+    assert_eq!(backend_of(&coordinator, "acme").await, json!("shared"));
+    signal("-CONT");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let cut = coordinator
+        .admin_ok(json!({"cmd": "migrate.cutover", "tenant": "acme"}))
+        .await;
+    assert!(cut["pause_ms"].as_f64().unwrap() < 100.0, "{cut}");
+    let socket = other.state_dir().join("admin.sock");
+    let mut followed = false;
+    for _ in 0..50 {
+        let r = admin_line(&socket, &json!({"cmd": "tenant.get", "tenant": "acme"})).await;
+        if r["result"]["route"]["backend"] == json!("dedicated") {
+            followed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    signal("-KILL");
+    let _ = child.wait();
+    assert!(followed, "the thawed instance did not follow the move");
+    eprintln!(
+        "frozen instance: cutover fell back after {took:?}; after SIGCONT the pause was {} ms",
+        cut["pause_ms"]
+    );
+}
