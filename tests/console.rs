@@ -205,4 +205,18 @@ async fn the_console_shows_and_runs_through_psql() {
     console(&proxy, "ops", "MIGRATE FINALIZE acme").unwrap();
     let h = console(&proxy, "ops", "SHOW HISTORY acme").unwrap();
     assert_eq!(cell(&h, "tenant", "acme", "outcome"), "completed");
+    // A queued move shows in SHOW QUEUE until cancelled.
+    console(
+        &proxy,
+        "ops",
+        "MIGRATE START beta TO dedicated AT +1h PRIORITY 2",
+    )
+    .unwrap();
+    let q = console(&proxy, "ops", "SHOW QUEUE").unwrap();
+    assert_eq!(cell(&q, "request.tenant", "beta", "priority"), "2");
+    assert_eq!(
+        cell(&q, "request.tenant", "beta", "queued_by"),
+        "console:ops"
+    );
+    console(&proxy, "ops", "MIGRATE CANCEL beta").unwrap();
 }

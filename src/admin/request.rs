@@ -257,6 +257,7 @@ impl Args for NoArgs {}
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct TenantArg {
+    /// The tenant's name.
     pub tenant: TenantId,
 }
 
@@ -289,6 +290,7 @@ pub struct HistoryArgs {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct SetRoute {
+    /// The tenant's name.
     pub tenant: TenantId,
     /// The backend (a `[backends.NAME]` of the config) the tenant's connections go to.
     #[arg(long)]
@@ -337,6 +339,7 @@ impl SetRoute {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct Grants {
+    /// The tenant's name.
     pub tenant: TenantId,
     /// Run the SQL with the backend's admin credentials (else only print it).
     #[arg(long)]
@@ -351,6 +354,7 @@ pub struct Grants {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct Pause {
+    /// The tenant's name.
     pub tenant: TenantId,
     /// How long to wait for open transactions to finish (default 10 000).
     #[arg(long)]
@@ -381,6 +385,7 @@ pub struct Audit {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct Abort {
+    /// The tenant's name.
     pub tenant: TenantId,
     /// Also delete what was copied to the target.
     #[arg(long)]
@@ -395,6 +400,7 @@ pub struct Abort {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct Verify {
+    /// The tenant's name.
     pub tenant: TenantId,
     /// count, hash or full (default: the migration's level).
     #[arg(long)]
@@ -405,6 +411,7 @@ pub struct Verify {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct Ddl {
+    /// The tenant's name.
     pub tenant: TenantId,
     /// The statement(s), run with the tenant's schema as search_path.
     #[arg(long)]
@@ -414,6 +421,7 @@ pub struct Ddl {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct Finalize {
+    /// The tenant's name.
     pub tenant: TenantId,
     /// Delete the tenant's data on the source.
     #[arg(long)]
@@ -434,6 +442,7 @@ pub struct Finalize {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct BackupArgs {
+    /// The tenant's name.
     pub tenant: TenantId,
     /// Directory the backup file goes to (default: <state_dir>/backups).
     #[arg(long)]
@@ -445,6 +454,7 @@ pub struct BackupArgs {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct BackupsArgs {
+    /// The tenant's name.
     pub tenant: TenantId,
     /// Directory to list (default: <state_dir>/backups).
     #[arg(long)]

@@ -12,6 +12,7 @@ use crate::tenant::TenantId;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct StartRequest {
+    /// The tenant's name.
     pub tenant: TenantId,
     /// The backend to move the tenant to.
     #[arg(long)]
