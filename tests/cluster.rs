@@ -253,6 +253,30 @@ async fn a_cutover_holds_the_tenant_on_every_instance() {
     let parts: Vec<&str> = dst.split(':').collect();
     assert_eq!(parts[1], parts[2], "pgbench's invariant");
     eprintln!("three-instance cutover: coordinator pause {pause:.1} ms, other instances held at most {max_held} ms");
+    // A rollback holds every instance the same way and brings them all back to the source.
+    let back = coordinator
+        .admin_ok(json!({"cmd": "migrate.rollback", "tenant": "acme"}))
+        .await;
+    assert!(back["pause_ms"].as_f64().unwrap() < 100.0, "{back}");
+    for p in &proxies {
+        let mut home = false;
+        for _ in 0..50 {
+            if backend_of(p, "acme").await == json!("shared") {
+                home = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            home,
+            "an instance still routes acme to the target after the rollback"
+        );
+    }
+    let opened = cp.psql(
+        "postgres",
+        "SELECT count(*) FROM pgtenant_cp.barrier_acks WHERE state = 'opened'",
+    );
+    assert_eq!(opened, "4", "both barriers held by both other instances");
 }
 
 /// One instance frozen (SIGSTOP) during a cutover: it cannot hold the tenant, so the attempt falls back within

@@ -57,8 +57,14 @@ pub async fn rollback(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<RolledBa
     tee.catch_up(Instant::now() + timeout, CAUGHT_UP).await?;
     let closed_at = Instant::now();
     gate.close();
-    let swapped = tokio::time::timeout(
-        timeout,
+    let cluster = shared.control_plane.get();
+    let held = async {
+        // With several instances, each holds the tenant too (the same barrier as the cutover's).
+        if let Some(cp) = cluster {
+            cp.hold_everywhere(&rec.tenant, closed_at + timeout)
+                .await
+                .map_err(|e| MigrateError::Refused(e.to_string()))?;
+        }
         back_to_source(
             shared,
             &rec,
@@ -67,9 +73,10 @@ pub async fn rollback(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<RolledBa
             &gate,
             &sequences,
             closed_at + timeout,
-        ),
-    )
-    .await;
+        )
+        .await
+    };
+    let swapped = tokio::time::timeout(timeout, held).await;
     let result = match swapped {
         Ok(Ok(())) => swap_route(shared, &rec.tenant, &rec.source).await,
         Ok(Err(e)) => Err(e),
@@ -87,11 +94,17 @@ pub async fn rollback(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<RolledBa
             sides.source.filter.is_none(),
         )
         .await;
+        if let Some(cp) = cluster {
+            cp.release_everywhere(&rec.tenant, "abort").await;
+        }
         gate.open();
         return Err(e);
     }
     stop_tee(shared, live).await;
     end_pinned_sessions(shared, &rec.tenant);
+    if let Some(cp) = cluster {
+        cp.release_everywhere(&rec.tenant, "open").await;
+    }
     gate.open();
     let pause_ms = closed_at.elapsed().as_secs_f64() * 1000.0;
     shared
