@@ -110,8 +110,11 @@ impl Proxy {
         proxy
             .background
             .push(tokio::spawn(check_serving_roles(shared.clone())));
-        // Unfinished migrations continue from their persisted state.
-        crate::migration::driver::resume_all(&shared).await;
+        // Unfinished migrations continue from their persisted state; with a control plane, from the store once
+        // their lease is this instance's (see cluster::leases).
+        if shared.control_plane.get().is_none() {
+            crate::migration::driver::resume_all(&shared).await;
+        }
         proxy
             .background
             .push(tokio::spawn(serve_unix(admin, shared.clone())));

@@ -387,3 +387,146 @@ async fn a_frozen_instance_makes_the_cutover_fall_back_until_it_thaws() {
         cut["pause_ms"]
     );
 }
+
+/// kill -9 of the instance coordinating a move in dual_write: another instance takes the move over when the
+/// lease runs out, and the move completes with every write made through any instance on the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_instance_takes_over_a_move_whose_coordinator_died() {
+    use std::process::Command;
+    let (cp, shared, dedicated) = (PgCluster::start(), PgCluster::start(), PgCluster::start());
+    common::moves::small_schema(&shared);
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", cp.port);
+    let harness = || {
+        Harness::new()
+            .top(&format!("control_plane = \"{url}\""))
+            .raw(&format!(
+                "[migration]\npg_dump = \"{}\"\ncutover_timeout_ms = 3000",
+                pg_bin("pg_dump").display()
+            ))
+            .backend_with(
+                "shared",
+                &shared,
+                "database = \"app\"\nadmin_user = \"postgres\"",
+            )
+            .backend_with(
+                "dedicated",
+                &dedicated,
+                "database = \"app\"\nadmin_user = \"postgres\"",
+            )
+            .tenant("acme", "shared", None, Some("tenant_acme"))
+            .tenant("beta", "shared", None, Some("tenant_beta"))
+    };
+    let first = harness();
+    let port = free_port();
+    let text = toml::to_string(&first.config())
+        .unwrap()
+        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let config = first.state_dir().join("pgtenant.toml");
+    std::fs::write(&config, text).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgtenant"))
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let socket = first.state_dir().join("admin.sock");
+    let others = [harness().start().await, harness().start().await];
+    let alive = || async {
+        let l = others[0].admin_ok(json!({"cmd": "instances"})).await;
+        l["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["alive"] == json!(true))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive().await < 3 {
+        assert!(Instant::now() < deadline, "the instances did not all join");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let started = admin_line(
+        &socket,
+        &json!({"cmd": "migrate.start", "tenant": "acme", "to": "dedicated", "verify": "hash"}),
+    )
+    .await;
+    assert_eq!(started["ok"], json!(true), "{started}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = admin_line(&socket, &json!({"cmd": "migrate.status", "tenant": "acme"})).await;
+        if s["result"]["state"] == json!("dual_write") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let write = |p: &TestProxy, from: i32| {
+        let url = p.url("app.acme", "app");
+        async move {
+            let c = connect(&url).await.unwrap();
+            c.execute(
+                "INSERT INTO a (v) SELECT g FROM generate_series($1::int, $1::int + 99) g",
+                &[&from],
+            )
+            .await
+            .unwrap();
+        }
+    };
+    write(&others[0], 100_000).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(Command::new("kill")
+        .args(["-KILL", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let _ = child.wait();
+    let killed = Instant::now();
+    write(&others[1], 200_000).await;
+    // One of the others takes the move over once the lease runs out.
+    let taker = loop {
+        let mut found = None;
+        for p in &others {
+            let s = p
+                .admin(json!({"cmd": "migrate.status", "tenant": "acme"}))
+                .await;
+            if s["ok"] == json!(true) {
+                found = Some(p);
+            }
+        }
+        if let Some(p) = found {
+            break p;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(20),
+            "no instance took the move over"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let took = killed.elapsed();
+    common::moves::wait_state(taker, "acme", "dual_write", Duration::from_secs(30)).await;
+    common::moves::wait_lag_zero(taker, "acme").await;
+    let cut = taker
+        .admin_ok(json!({"cmd": "migrate.cutover", "tenant": "acme"}))
+        .await;
+    assert!(cut["pause_ms"].as_f64().unwrap() < 100.0, "{cut}");
+    for p in &others {
+        assert_eq!(backend_of(p, "acme").await, json!("dedicated"));
+    }
+    let rows = dedicated.psql(
+        "app",
+        "SELECT count(*) FROM tenant_acme.a WHERE v >= 100000",
+    );
+    assert_eq!(
+        rows, "200",
+        "writes through both surviving instances are on the target"
+    );
+    let v = taker
+        .admin_ok(json!({"cmd": "migrate.verify", "tenant": "acme", "level": "full"}))
+        .await;
+    assert_eq!(v["passed"], json!(true), "{v}");
+    taker
+        .admin_ok(json!({"cmd": "migrate.finalize", "tenant": "acme"}))
+        .await;
+    eprintln!(
+        "coordinator killed: move taken over after {took:?}, cutover pause {} ms",
+        cut["pause_ms"]
+    );
+}

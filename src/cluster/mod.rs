@@ -8,6 +8,7 @@
 //! Without `control_plane` none of this runs and `state_dir` alone holds the routes.
 
 pub mod barrier;
+pub mod leases;
 pub mod store;
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -43,6 +44,8 @@ pub struct ControlPlane {
     wake_rx: Mutex<Option<mpsc::UnboundedReceiver<()>>>,
     /// Other instances' cutover barriers this one holds.
     held: barrier::Held,
+    /// Finished migrations whose lease was given up.
+    released: leases::Released,
 }
 
 /// `instances`.
@@ -69,6 +72,7 @@ impl ControlPlane {
             wake_tx,
             wake_rx: Mutex::new(Some(wake_rx)),
             held: barrier::Held::default(),
+            released: leases::Released::default(),
         }
     }
 
@@ -110,14 +114,30 @@ impl ControlPlane {
         self.sync(shared).await
     }
 
-    /// Applies every change after the applied epoch.
+    /// Applies every change after the applied epoch. A store whose epoch is behind the one applied (restored
+    /// from a backup, or it lost commits) is read again whole.
     pub async fn sync(&self, shared: &Shared) -> Result<(), StoreError> {
         let _one = self.applying.lock().await;
         loop {
             let after = self.applied.load(Ordering::Acquire);
-            let changes = self
-                .with_client(async move |c| store::changes_after(c, after, BATCH).await)
+            let (changes, latest) = self
+                .with_client(async move |c| {
+                    let changes = store::changes_after(c, after, BATCH).await?;
+                    let latest = match changes.is_empty() {
+                        true => store::current(c).await.map(|(e, _)| e)?,
+                        false => after,
+                    };
+                    Ok((changes, latest))
+                })
                 .await?;
+            if latest < after {
+                warn!(
+                    store = latest,
+                    applied = after,
+                    "the control plane's epoch went back; reading every route again"
+                );
+                return self.reload(shared).await;
+            }
             let Some(last) = changes.last().map(|c| c.epoch) else {
                 return Ok(());
             };
@@ -129,6 +149,11 @@ impl ControlPlane {
     /// At start: seeds an empty store with this instance's routes, then replaces them with the store's.
     pub async fn bootstrap(&self, shared: &Shared) -> Result<(), StoreError> {
         let _one = self.applying.lock().await;
+        self.reload(shared).await
+    }
+
+    /// Replaces the local routes with the store's (seeding an empty store first); `applying` is held.
+    async fn reload(&self, shared: &Shared) -> Result<(), StoreError> {
         let (epoch, latest) = self.with_client(async |c| store::current(c).await).await?;
         if epoch == 0 {
             let table = shared.router.snapshot();
@@ -136,17 +161,19 @@ impl ControlPlane {
                 .iter()
                 .map(|(t, r)| (t.clone(), Some((**r).clone())))
                 .collect();
-            if !seed.is_empty() {
-                let id = self.id.clone();
-                self.with_client(async move |c| store::append(c, &id, &seed).await.map(|_| ()))
-                    .await?;
-                info!(
-                    tenants = table.len(),
-                    "control plane was empty: seeded with this instance's routes"
-                );
+            self.applied.store(0, Ordering::Release);
+            if seed.is_empty() {
+                return Ok(());
             }
-            drop(_one);
-            return self.sync(shared).await;
+            let id = self.id.clone();
+            self.with_client(async move |c| store::append(c, &id, &seed).await.map(|_| ()))
+                .await?;
+            info!(
+                tenants = table.len(),
+                "control plane was empty: seeded with this instance's routes"
+            );
+            // Read back what is there now (the seed, or another instance's if it seeded first).
+            return Box::pin(self.reload(shared)).await;
         }
         let known: std::collections::HashSet<&TenantId> =
             latest.iter().map(|c| &c.tenant).collect();
@@ -224,6 +251,8 @@ pub async fn run(shared: Arc<Shared>) {
             _ = tick.tick() => {
                 if let Err(e) = cp.heartbeat().await {
                     warn!(error = %e, "control plane heartbeat failed; serving with the routes last applied");
+                } else if let Err(e) = cp.tend_leases(&shared).await {
+                    warn!(error = %e, "migration leases could not be renewed");
                 }
             }
         }

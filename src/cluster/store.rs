@@ -29,6 +29,9 @@ CREATE INDEX IF NOT EXISTS route_changes_tenant ON pgtenant_cp.route_changes (te
 CREATE TABLE IF NOT EXISTS pgtenant_cp.instances (
     id text PRIMARY KEY, address text NOT NULL, version text NOT NULL, started_at timestamptz NOT NULL,
     heartbeat_at timestamptz NOT NULL, applied_epoch bigint NOT NULL);
+CREATE TABLE IF NOT EXISTS pgtenant_cp.migrations (
+    tenant text PRIMARY KEY, record jsonb NOT NULL, holder text NOT NULL, lease_until timestamptz NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now());
 CREATE TABLE IF NOT EXISTS pgtenant_cp.barriers (
     tenant text PRIMARY KEY, attempt bigint NOT NULL, coordinator text NOT NULL, phase text NOT NULL,
     deadline timestamptz NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
@@ -88,6 +91,8 @@ pub async fn connect(
     config
         .connect_timeout(Duration::from_secs(5))
         .application_name("pgtenant-control-plane")
+        // The store's writes are durable whatever the server's default: an epoch must never be lost.
+        .options("-c synchronous_commit=on")
         .keepalives_idle(Duration::from_secs(10));
     let (client, mut conn) = config.connect(NoTls).await.map_err(pg("connect"))?;
     tokio::spawn(async move {

@@ -45,16 +45,20 @@ pub fn spawn(shared: Arc<Shared>, live: Arc<Live>) {
 /// Resumes every unfinished migration after a start (DESIGN: restart safety).
 pub async fn resume_all(shared: &Arc<Shared>) {
     for rec in shared.migrations.all() {
-        if rec.state.is_final() {
-            continue;
+        if !rec.state.is_final() {
+            resume(shared, &rec).await;
         }
-        let live = shared.migrations.register_live(&rec.tenant);
-        set_state_gauge(shared, &rec);
-        if rec.state == State::CutoverPaused {
-            super::cutover::recover(shared, &rec).await;
-        }
-        spawn(shared.clone(), live);
     }
+}
+
+/// Continues one unfinished migration from its record (after a restart, or a takeover from another instance).
+pub async fn resume(shared: &Arc<Shared>, rec: &super::record::Record) {
+    let live = shared.migrations.register_live(&rec.tenant);
+    set_state_gauge(shared, rec);
+    if rec.state == State::CutoverPaused {
+        super::cutover::recover(shared, rec).await;
+    }
+    spawn(shared.clone(), live);
 }
 
 async fn drive(shared: &Arc<Shared>, live: &Arc<Live>) {

@@ -1,0 +1,161 @@
+//! One coordinator per migration: the instance running a migration keeps its record in the store with a lease
+//! (renewed each second, valid 5 s). When a coordinator dies, its lease runs out and another live instance takes
+//! the migration over: it takes the lease, installs the record and resumes the move from it, as a restart does
+//! (copy from its table checkpoints, the tee from the change log, a cutover interrupted before the swap falls
+//! back, the swap itself being in the store or not). A coordinator that finds its lease taken (it was frozen
+//! or cut off) stops its move at once.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::Mutex;
+
+use super::store::{pg, StoreError};
+use super::ControlPlane;
+use crate::context::Shared;
+use crate::migration::record::Record;
+use crate::tenant::TenantId;
+
+/// Finished migrations already written to the store with their lease given up.
+#[derive(Default)]
+pub struct Released(Mutex<HashSet<(TenantId, String)>>);
+
+const LEASE: &str = "5 seconds";
+
+impl ControlPlane {
+    /// Renews this instance's leases (mirroring the records), gives up finished ones, stops moves whose lease
+    /// another instance took, and takes over moves whose coordinator's lease ran out.
+    pub async fn tend_leases(&self, shared: &Arc<Shared>) -> Result<(), StoreError> {
+        for rec in shared.migrations.all() {
+            let running = shared.migrations.live(rec.tenant.as_str()).is_some();
+            if rec.state.is_final() {
+                self.release(&rec).await?;
+            } else if running && !self.renew(&rec).await? {
+                tracing::warn!(tenant = %rec.tenant, "another instance took this migration over; stopping it here");
+                if let Some(live) = shared.migrations.live(rec.tenant.as_str()) {
+                    live.halt().await;
+                }
+                shared.migrations.forget_live(rec.tenant.as_str());
+            }
+        }
+        for stored in self.take_expired(shared).await? {
+            // After a restart this instance's own record may be newer than its last copy in the store.
+            let rec = match shared.migrations.get(stored.tenant.as_str()) {
+                Some(local) if local.updated_at >= stored.updated_at => local,
+                _ => stored,
+            };
+            tracing::info!(tenant = %rec.tenant, state = rec.shown_state(), "taking over a migration whose coordinator is gone");
+            if let Err(e) = shared.migrations.put(rec.clone()) {
+                tracing::warn!(tenant = %rec.tenant, error = %e, "could not record the migration taken over");
+                continue;
+            }
+            crate::migration::driver::resume(shared, &rec).await;
+        }
+        Ok(())
+    }
+
+    /// Writes the record with a fresh lease; false when another instance holds it.
+    async fn renew(&self, rec: &Record) -> Result<bool, StoreError> {
+        let json = serde_json::to_value(rec).map_err(|e| StoreError::Pg(e.to_string()))?;
+        let (id, t) = (self.id.clone(), rec.tenant.to_string());
+        self.with_client(async move |c| {
+            let rows = c
+                .query(
+                    &format!(
+                        "INSERT INTO pgtenant_cp.migrations (tenant, record, holder, lease_until)
+                         VALUES ($1, $2, $3, now() + interval '{LEASE}')
+                         ON CONFLICT (tenant) DO UPDATE SET record = EXCLUDED.record, holder = EXCLUDED.holder,
+                           lease_until = EXCLUDED.lease_until, updated_at = now()
+                         WHERE pgtenant_cp.migrations.holder = EXCLUDED.holder
+                            OR pgtenant_cp.migrations.lease_until < now()
+                         RETURNING 1"
+                    ),
+                    &[&t, &json, &id],
+                )
+                .await
+                .map_err(pg("renew lease"))?;
+            Ok(!rows.is_empty())
+        })
+        .await
+    }
+
+    /// A finished migration's record, written once more with its lease given up.
+    async fn release(&self, rec: &Record) -> Result<(), StoreError> {
+        let key = (rec.tenant.clone(), rec.updated_at.clone());
+        if self
+            .released
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&key)
+        {
+            return Ok(());
+        }
+        let json = serde_json::to_value(rec).map_err(|e| StoreError::Pg(e.to_string()))?;
+        let (id, t) = (self.id.clone(), rec.tenant.to_string());
+        self.with_client(async move |c| {
+            c.execute(
+                "UPDATE pgtenant_cp.migrations SET record = $2, lease_until = now(), updated_at = now()
+                  WHERE tenant = $1 AND holder = $3",
+                &[&t, &json, &id],
+            )
+            .await
+            .map_err(pg("release lease"))
+            .map(|_| ())
+        })
+        .await?;
+        self.released
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key);
+        Ok(())
+    }
+
+    /// Unfinished migrations whose lease ran out (or that this instance held before it restarted) and that do
+    /// not run here, each taken with a fresh lease.
+    async fn take_expired(&self, shared: &Shared) -> Result<Vec<Record>, StoreError> {
+        let id = self.id.clone();
+        let candidates: Vec<String> = self
+            .with_client(async move |c| {
+                let rows = c
+                    .query(
+                        "SELECT tenant FROM pgtenant_cp.migrations
+                          WHERE (lease_until < now() OR holder = $1)
+                            AND record->>'state' NOT IN ('completed', 'rolled_back')",
+                        &[&id],
+                    )
+                    .await
+                    .map_err(pg("look for migrations to take over"))?;
+                Ok(rows.iter().map(|r| r.get(0)).collect())
+            })
+            .await?;
+        let mut taken = Vec::new();
+        for t in candidates.into_iter().filter(|t| !runs_here(shared, t)) {
+            let id = self.id.clone();
+            let row: Option<serde_json::Value> = self
+                .with_client(async move |c| {
+                    let row = c
+                        .query_opt(
+                            &format!(
+                                "UPDATE pgtenant_cp.migrations SET holder = $1, lease_until = now() + interval '{LEASE}'
+                                  WHERE tenant = $2 AND (lease_until < now() OR holder = $1) RETURNING record"
+                            ),
+                            &[&id, &t],
+                        )
+                        .await
+                        .map_err(pg("take over a migration"))?;
+                    Ok(row.map(|r| r.get(0)))
+                })
+                .await?;
+            if let Some(rec) = row.and_then(|v| serde_json::from_value::<Record>(v).ok()) {
+                taken.push(rec);
+            }
+        }
+        Ok(taken)
+    }
+}
+
+/// Whether this instance runs `tenant`'s migration now (so it should not be taken over by itself again).
+pub fn runs_here(shared: &Shared, tenant: &str) -> bool {
+    shared.migrations.live(tenant).is_some()
+}
