@@ -2,7 +2,8 @@
 # Three pgtenant instances sharing one control plane (a PostgreSQL database): pgbench through every instance,
 # a route change made on one instance seen by all, and a live move of a tenant coordinated across the three:
 # the cutover holds the tenant on every instance, then all route it to the new backend.
-#   bash scripts/demo-ha.sh     (DEMO_SECONDS=20 DEMO_CLIENTS=2 DEMO_SCALE=5 to change the load)
+#   bash scripts/demo-ha.sh     (DEMO_SECONDS=20 DEMO_CLIENTS=2 DEMO_SCALE=5 to change the load; INSTANCES=1 runs
+#   the same move with one instance, for comparison)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/pg-lib.sh
@@ -10,6 +11,7 @@ source scripts/pg-lib.sh
 SECONDS_RUN="${DEMO_SECONDS:-20}"
 CLIENTS="${DEMO_CLIENTS:-2}"
 SCALE="${DEMO_SCALE:-5}"
+INSTANCES="${INSTANCES:-3}"
 
 echo "== building pgtenant (release)"
 cargo build --release --quiet
@@ -24,7 +26,7 @@ pg_sql "$shared_PORT" app "CREATE SCHEMA tenant_acme; CREATE SCHEMA tenant_globe
 CP="postgres://postgres@127.0.0.1:$control_PORT/postgres"
 
 ports=()
-for i in 1 2 3; do
+for i in $(seq 1 "$INSTANCES"); do
   port="$(free_port)"
   ports+=("$port")
   {
@@ -51,31 +53,31 @@ ctl 1 instances
 export PGPASSWORD=secret
 url() { echo "host=127.0.0.1 port=${ports[$(( $1 - 1 ))]} user=app.$2 dbname=app"; }
 
-echo "== a route change on instance 2, seen by every instance"
+echo "== a route change on instance $INSTANCES, seen by every instance"
 start_ns=$(date +%s%N)
-ctl 2 tenant set globex --backend shared --schema tenant_globex --database app >/dev/null
-for i in 1 2 3; do
+ctl "$INSTANCES" tenant set globex --backend shared --schema tenant_globex --database app >/dev/null
+for i in $(seq 1 "$INSTANCES"); do
   until ctl "$i" tenant get globex --json | grep -q '"database": *"app"'; do sleep 0.005; done
 done
-echo "   applied by all three in $(( ($(date +%s%N) - start_ns) / 1000000 )) ms (ctl round trips included)"
+echo "   applied by all $INSTANCES in $(( ($(date +%s%N) - start_ns) / 1000000 )) ms (ctl round trips included)"
 
-echo "== pgbench -i -s $SCALE for acme (through instance 1), then pgbench through all three instances"
+echo "== pgbench -i -s $SCALE for acme (through instance 1), then pgbench through every instance"
 pgbench -i -s "$SCALE" -q "$(url 1 acme)" 2>&1 | tail -1
 pids=()
-for i in 1 2 3; do
+for i in $(seq 1 "$INSTANCES"); do
   pgbench -n -c "$CLIENTS" -T "$SECONDS_RUN" "$(url "$i" acme)" > "$PG_WORKDIR/bench$i.out" 2>&1 &
   pids+=($!)
 done
 sleep 3
 
-echo "== live migration of acme to the dedicated cluster, coordinated by instance 1"
+echo "== live migration of acme to the dedicated cluster, coordinated by instance 1 of $INSTANCES"
 ctl 1 migrate start acme --to dedicated --verify hash --cutover auto
 ctl 1 migrate status acme --watch
 wait "${pids[@]}"
 
 echo
 echo "summary"
-for i in 1 2 3; do
+for i in $(seq 1 "$INSTANCES"); do
   failed="$(grep -oP 'number of failed transactions: \K[0-9]+' "$PG_WORKDIR/bench$i.out" || echo '?')"
   tps="$(grep -oP 'tps = \K[0-9.]+' "$PG_WORKDIR/bench$i.out" | head -1)"
   backend="$(ctl "$i" tenant get acme --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["route"]["backend"])')"
@@ -94,6 +96,6 @@ IFS='|' read -r hist abal delta <<<"$dst"
 echo "   source and target identical:  $([ "$src" = "$dst" ] && echo yes || echo "NO ($src vs $dst)")"
 echo "   pgbench invariant on target:  sum(abalance)=$abal sum(delta)=$delta over $hist history rows"
 status=0
-for i in 1 2 3; do grep -q 'number of failed transactions: 0 ' "$PG_WORKDIR/bench$i.out" || status=1; done
+for i in $(seq 1 "$INSTANCES"); do grep -q 'number of failed transactions: 0 ' "$PG_WORKDIR/bench$i.out" || status=1; done
 [ "$src" = "$dst" ] && [ "$abal" = "$delta" ] || status=1
 [ "$status" = 0 ] && echo "demo-ha ok" || { echo "demo-ha FAILED"; exit 1; }
