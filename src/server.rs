@@ -357,6 +357,7 @@ async fn join_control_plane(shared: &Arc<Shared>, local: SocketAddr) {
     if shared.control_plane.set(cp).is_err() {
         return;
     }
+    shared.audit.start_mirror();
     if let Some(cp) = shared.control_plane.get() {
         if let Err(e) = cp.bootstrap(shared).await {
             warn!(error = %e, "control plane unreachable at start; serving with the routes in state_dir");

@@ -68,6 +68,19 @@ async fn a_route_change_on_any_instance_reaches_every_instance() {
         }
         latencies.push(started.elapsed().as_secs_f64() * 1000.0);
     }
+    // Every instance's audit entries reach the shared audit table.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let audited = cp.psql(
+            "postgres",
+            "SELECT count(*) || ' ' || count(DISTINCT instance) FROM pgtenant_cp.audit WHERE command = 'tenant.set'",
+        );
+        if audited == "20 3" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "shared audit: {audited}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     latencies.sort_by(f64::total_cmp);
     let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
     eprintln!("route change applied by all three instances: p50 {p50:.1} ms, p99 {p99:.1} ms");

@@ -194,6 +194,23 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// Copies this instance's new audit entries to the store's shared audit table.
+    pub async fn mirror_audit(&self, shared: &Shared) -> Result<(), StoreError> {
+        let entries = shared.audit.take_outbox();
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let id = self.id.clone();
+        let copy = entries.clone();
+        let r = self
+            .with_client(async move |c| store::mirror_audit(c, &id, &copy).await)
+            .await;
+        if r.is_err() {
+            shared.audit.return_outbox(entries);
+        }
+        r
+    }
+
     pub async fn heartbeat(&self) -> Result<(), StoreError> {
         let (id, addr, started) = (self.id.clone(), self.address.clone(), self.started_unix);
         let applied = self.applied.load(Ordering::Acquire);
@@ -253,6 +270,8 @@ pub async fn run(shared: Arc<Shared>) {
                     warn!(error = %e, "control plane heartbeat failed; serving with the routes last applied");
                 } else if let Err(e) = cp.tend_leases(&shared).await {
                     warn!(error = %e, "migration leases could not be renewed");
+                } else if let Err(e) = cp.mirror_audit(&shared).await {
+                    warn!(error = %e, "audit entries could not be copied to the control plane");
                 }
             }
         }

@@ -29,6 +29,9 @@ CREATE INDEX IF NOT EXISTS route_changes_tenant ON pgtenant_cp.route_changes (te
 CREATE TABLE IF NOT EXISTS pgtenant_cp.instances (
     id text PRIMARY KEY, address text NOT NULL, version text NOT NULL, started_at timestamptz NOT NULL,
     heartbeat_at timestamptz NOT NULL, applied_epoch bigint NOT NULL);
+CREATE TABLE IF NOT EXISTS pgtenant_cp.audit (
+    instance text NOT NULL, seq bigint NOT NULL, time text NOT NULL, actor text NOT NULL, command text NOT NULL,
+    tenant text, result text NOT NULL, entry jsonb NOT NULL, PRIMARY KEY (instance, seq));
 CREATE TABLE IF NOT EXISTS pgtenant_cp.migrations (
     tenant text PRIMARY KEY, record jsonb NOT NULL, holder text NOT NULL, lease_until timestamptz NOT NULL,
     updated_at timestamptz NOT NULL DEFAULT now());
@@ -284,4 +287,23 @@ pub async fn instances(c: &Client) -> Result<Vec<InstanceRow>, StoreError> {
             }
         })
         .collect())
+}
+
+/// Copies audit entries of `instance` into the shared audit table (entries already there are skipped).
+pub async fn mirror_audit(
+    c: &Client,
+    instance: &str,
+    entries: &[crate::state::audit::AuditEntry],
+) -> Result<(), StoreError> {
+    for e in entries {
+        let json = serde_json::to_value(e).unwrap_or_default();
+        c.execute(
+            "INSERT INTO pgtenant_cp.audit (instance, seq, time, actor, command, tenant, result, entry)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+            &[&instance, &(e.seq as i64), &e.time, &e.actor, &e.command, &e.tenant, &e.result, &json],
+        )
+        .await
+        .map_err(pg("mirror audit"))?;
+    }
+    Ok(())
 }

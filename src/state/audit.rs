@@ -57,6 +57,10 @@ pub struct AuditLog {
     path: PathBuf,
     key: ProxyKey,
     tail: Mutex<Tail>,
+    /// Entries appended since the control plane last took them (only while `mirror` is on), for the shared
+    /// audit table; bounded, the oldest dropped.
+    outbox: Mutex<std::collections::VecDeque<AuditEntry>>,
+    mirror: std::sync::atomic::AtomicBool,
 }
 
 /// The line as signed: without its chain fields.
@@ -114,6 +118,9 @@ fn parse_chain(key: &ProxyKey, text: &str) -> (Vec<AuditEntry>, String, Option<u
     (entries, prev, bad)
 }
 
+/// Audit entries waiting for the control plane at most.
+const OUTBOX_MAX: usize = 10_000;
+
 impl AuditLog {
     /// Opens the log for appending. A last line without its newline was never acknowledged (we fsync before
     /// answering), so it is cut off.
@@ -139,6 +146,8 @@ impl AuditLog {
             path: path.to_owned(),
             key,
             tail: Mutex::new(Tail { file, seq, sum }),
+            outbox: Mutex::new(std::collections::VecDeque::new()),
+            mirror: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -179,7 +188,36 @@ impl AuditLog {
         tail.seq = entry.seq;
         tail.sum = entry.link().to_owned();
         tail.file.sync_data().map_err(err)?;
+        if self.mirror.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut out = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+            if out.len() >= OUTBOX_MAX {
+                out.pop_front();
+            }
+            out.push_back(entry.clone());
+        }
         Ok(entry)
+    }
+
+    /// From now on, keeps appended entries for [`AuditLog::take_outbox`] (a control plane mirrors them).
+    pub fn start_mirror(&self) {
+        self.mirror
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The entries appended since the last call.
+    pub fn take_outbox(&self) -> Vec<AuditEntry> {
+        let mut out = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        out.drain(..).collect()
+    }
+
+    /// Entries that could not be mirrored go back to the front, to be tried again.
+    pub fn return_outbox(&self, entries: Vec<AuditEntry>) {
+        let mut out = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        for e in entries.into_iter().rev() {
+            if out.len() < OUTBOX_MAX {
+                out.push_front(e);
+            }
+        }
     }
 
     /// The last `n` entries and whether the whole chain verifies (`None`) or the line where it breaks.
