@@ -79,7 +79,7 @@ pub struct Shared {
     /// Per-tenant rates of the last stats period.
     pub rates: crate::stats::Rates,
     /// The shared control plane (`control_plane`), set once the listener is bound.
-    pub control_plane: std::sync::OnceLock<crate::cluster::ControlPlane>,
+    pub control_plane: std::sync::OnceLock<crate::cluster::plane::ControlPlane>,
 }
 
 impl Shared {

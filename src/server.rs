@@ -93,23 +93,7 @@ impl Proxy {
         };
         shared.notifier.configure(&shared.config.load().webhooks);
         join_control_plane(&shared, local_addr).await;
-        proxy
-            .background
-            .push(tokio::spawn(shared.clone().reap_idle_loop()));
-        proxy
-            .background
-            .push(tokio::spawn(crate::stats::run(shared.clone())));
-        proxy
-            .background
-            .push(tokio::spawn(crate::cluster::run(shared.clone())));
-        proxy
-            .background
-            .push(tokio::spawn(crate::migration::ops::run_queue(
-                shared.clone(),
-            )));
-        proxy
-            .background
-            .push(tokio::spawn(check_serving_roles(shared.clone())));
+        proxy.background.extend(housekeeping(&shared));
         // Unfinished migrations continue from their persisted state; with a control plane, from the store once
         // their lease is this instance's (see cluster::leases).
         if shared.control_plane.get().is_none() {
@@ -124,19 +108,7 @@ impl Proxy {
                 .push(tokio::spawn(serve_tcp(l, shared.clone())));
         }
         if let Some(l) = metrics_listener {
-            let api = Arc::new(crate::api::Api {
-                shared: shared.clone(),
-                health: Arc::new(Health(shared.clone())),
-            });
-            let tls = match shared.config.load().proxy.metrics_tls {
-                true => Some(shared.tls.clone().ok_or_else(|| {
-                    ConfigError::Invalid("proxy.metrics_tls needs a [tls] certificate".into())
-                })?),
-                false => None,
-            };
-            proxy
-                .background
-                .push(tokio::spawn(crate::api::serve(l, api, tls)));
+            proxy.background.push(serve_http(&shared, l)?);
         }
         proxy.background.push(tokio::spawn(accept_loop(
             listener,
@@ -363,4 +335,45 @@ async fn join_control_plane(shared: &Arc<Shared>, local: SocketAddr) {
             warn!(error = %e, "control plane unreachable at start; serving with the routes in state_dir");
         }
     }
+}
+
+/// Samples the per-tenant rates every stats period until the proxy stops.
+async fn sample_rates(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(crate::stats::PERIOD);
+    loop {
+        tokio::select! {
+            _ = shared.terminate.fired() => return,
+            _ = tick.tick() => shared.rates.sample(&shared.metrics),
+        }
+    }
+}
+
+/// The background tasks every proxy runs: idle-connection reaping, rate sampling, the control plane, the
+/// migration queue, and the first look at the serving roles.
+fn housekeeping(shared: &Arc<Shared>) -> Vec<tokio::task::JoinHandle<()>> {
+    vec![
+        tokio::spawn(shared.clone().reap_idle_loop()),
+        tokio::spawn(sample_rates(shared.clone())),
+        tokio::spawn(crate::cluster::run(shared.clone())),
+        tokio::spawn(crate::migration::ops::run_queue(shared.clone())),
+        tokio::spawn(check_serving_roles(shared.clone())),
+    ]
+}
+
+/// The HTTP listener (metrics, health, API, panel), over TLS with `metrics_tls`.
+fn serve_http(
+    shared: &Arc<Shared>,
+    listener: TcpListener,
+) -> Result<tokio::task::JoinHandle<()>, ServerError> {
+    let api = Arc::new(crate::api::Api {
+        shared: shared.clone(),
+        health: Arc::new(Health(shared.clone())),
+    });
+    let tls = match shared.config.load().proxy.metrics_tls {
+        true => Some(shared.tls.clone().ok_or_else(|| {
+            ConfigError::Invalid("proxy.metrics_tls needs a [tls] certificate".into())
+        })?),
+        false => None,
+    };
+    Ok(tokio::spawn(crate::api::serve(listener, api, tls)))
 }

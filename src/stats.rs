@@ -113,14 +113,3 @@ impl Rates {
         out
     }
 }
-
-/// Samples every [`PERIOD`] until the proxy stops.
-pub async fn run(shared: Arc<crate::context::Shared>) {
-    let mut tick = tokio::time::interval(PERIOD);
-    loop {
-        tokio::select! {
-            _ = shared.terminate.fired() => return,
-            _ = tick.tick() => shared.rates.sample(&shared.metrics),
-        }
-    }
-}

@@ -37,6 +37,15 @@ const fn post(path: &'static str, cmd: &'static str, summary: &'static str) -> A
 
 /// Every route of `/api`.
 pub fn routes() -> Vec<ApiRoute> {
+    let mut all = tenant_routes();
+    all.extend(proxy_routes());
+    all.extend(migration_routes());
+    all.extend(move_routes());
+    all
+}
+
+/// Tenants, backends, sessions, the proxy as a whole.
+fn tenant_routes() -> Vec<ApiRoute> {
     vec![
         ApiRoute {
             paged: Some("tenants"),
@@ -97,6 +106,12 @@ pub fn routes() -> Vec<ApiRoute> {
             "tenant.backups",
             "The tenant's backups",
         ),
+    ]
+}
+
+/// The proxy as a whole: global pause, backends, sessions, stats, reload, audit, webhooks.
+fn proxy_routes() -> Vec<ApiRoute> {
+    vec![
         post("/api/restore", "tenant.restore", "Restore a backup"),
         post(
             "/api/pause",
@@ -122,6 +137,12 @@ pub fn routes() -> Vec<ApiRoute> {
             "webhooks.log",
             "The last webhook deliveries",
         ),
+    ]
+}
+
+/// Migrations, their queue, history and source drops.
+fn migration_routes() -> Vec<ApiRoute> {
+    vec![
         get(
             "/api/migrations",
             "migrate.status",
@@ -142,6 +163,12 @@ pub fn routes() -> Vec<ApiRoute> {
             "migrate.status",
             "One migration's status",
         ),
+    ]
+}
+
+/// One move's commands.
+fn move_routes() -> Vec<ApiRoute> {
+    vec![
         post(
             "/api/migrations/{tenant}/verify",
             "migrate.verify",

@@ -7,13 +7,11 @@ pub mod file;
 pub mod restore;
 pub mod take;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::context::Shared;
-use crate::migration::pg::{Endpoint, Filter};
 use crate::migration::MigrateError;
 use crate::tenant::TenantId;
 
@@ -96,57 +94,6 @@ pub struct Manifest {
     /// Bytes of row data (COPY text) over all tables.
     pub data_bytes: u64,
     pub took_ms: u64,
-}
-
-/// Where backups go unless told: `<state_dir>/backups`.
-pub fn default_dir(shared: &Shared) -> PathBuf {
-    shared.store.dir().join("backups")
-}
-
-/// Where `tenant`'s data is now, as the migration coordinator would reach it.
-pub fn endpoint_of(shared: &Shared, tenant: &TenantId) -> Result<(Endpoint, Holds), BackupError> {
-    let route = shared
-        .router
-        .load()
-        .get(tenant.as_str())
-        .map(|r| (**r).clone())
-        .ok_or_else(|| BackupError::Refused(format!("tenant {tenant} is not routed")))?;
-    let backends = shared.backends.load();
-    let backend = backends.get(&route.backend).ok_or_else(|| {
-        BackupError::Refused(format!("backend {} is not configured", route.backend))
-    })?;
-    let database = route
-        .database
-        .clone()
-        .or_else(|| backend.config.database.clone())
-        .ok_or_else(|| {
-            BackupError::Refused(format!(
-                "tenant {tenant}'s route and backend {} name no database",
-                route.backend
-            ))
-        })?;
-    let filter = route.tenant_column.as_ref().map(|column| Filter {
-        column: column.clone(),
-        key: route
-            .tenant_key
-            .clone()
-            .unwrap_or_else(|| tenant.to_string()),
-    });
-    let holds = if filter.is_some() {
-        Holds::Rows
-    } else {
-        Holds::Schema
-    };
-    Ok((
-        Endpoint {
-            backend: route.backend.clone(),
-            config: backend.config.clone(),
-            database,
-            schema: route.schema.clone().unwrap_or_else(|| "public".into()),
-            filter,
-        },
-        holds,
-    ))
 }
 
 /// One backup as `tenant backups` lists it.

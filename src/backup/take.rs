@@ -2,7 +2,7 @@
 //! reads the schema's definitions in that snapshot (before and after the data, as pg_dump's sections), and the
 //! rows are read with `COPY ... TO STDOUT` in the same transaction, table by table, into the file.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -12,9 +12,10 @@ use sha2::{Digest, Sha256};
 use tokio_postgres::Client;
 
 use super::file::{Kind, Writer};
-use super::{endpoint_of, BackupError, Holds, Manifest, SequenceEntry, TableEntry, SUFFIX};
+use super::{BackupError, Holds, Manifest, SequenceEntry, TableEntry, SUFFIX};
 use crate::context::Shared;
 use crate::migration::catalog::{self, Table};
+use crate::migration::pg::Filter;
 use crate::migration::pg::{dump_schema, Endpoint};
 use crate::quote::quote_ident;
 use crate::tenant::TenantId;
@@ -43,7 +44,7 @@ pub async fn take(
     dir: Option<&Path>,
 ) -> Result<Taken, BackupError> {
     let (side, holds) = endpoint_of(shared, tenant)?;
-    let dir = dir.map_or_else(|| super::default_dir(shared), Path::to_owned);
+    let dir = dir.map_or_else(|| default_dir(shared), Path::to_owned);
     tokio::fs::create_dir_all(&dir)
         .await
         .map_err(|e| BackupError::io(&dir, e))?;
@@ -79,6 +80,57 @@ pub async fn take(
         size,
         took_ms: manifest.took_ms,
     })
+}
+
+/// Where backups go unless told: `<state_dir>/backups`.
+pub fn default_dir(shared: &Shared) -> PathBuf {
+    shared.store.dir().join("backups")
+}
+
+/// Where `tenant`'s data is now, as the migration coordinator would reach it.
+pub fn endpoint_of(shared: &Shared, tenant: &TenantId) -> Result<(Endpoint, Holds), BackupError> {
+    let route = shared
+        .router
+        .load()
+        .get(tenant.as_str())
+        .map(|r| (**r).clone())
+        .ok_or_else(|| BackupError::Refused(format!("tenant {tenant} is not routed")))?;
+    let backends = shared.backends.load();
+    let backend = backends.get(&route.backend).ok_or_else(|| {
+        BackupError::Refused(format!("backend {} is not configured", route.backend))
+    })?;
+    let database = route
+        .database
+        .clone()
+        .or_else(|| backend.config.database.clone())
+        .ok_or_else(|| {
+            BackupError::Refused(format!(
+                "tenant {tenant}'s route and backend {} name no database",
+                route.backend
+            ))
+        })?;
+    let filter = route.tenant_column.as_ref().map(|column| Filter {
+        column: column.clone(),
+        key: route
+            .tenant_key
+            .clone()
+            .unwrap_or_else(|| tenant.to_string()),
+    });
+    let holds = if filter.is_some() {
+        Holds::Rows
+    } else {
+        Holds::Schema
+    };
+    Ok((
+        Endpoint {
+            backend: route.backend.clone(),
+            config: backend.config.clone(),
+            database,
+            schema: route.schema.clone().unwrap_or_else(|| "public".into()),
+            filter,
+        },
+        holds,
+    ))
 }
 
 /// Everything but the manifest's timing, written in one snapshot.

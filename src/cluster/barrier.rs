@@ -7,20 +7,15 @@
 //! gates reopen onto the source and the migration stays in dual_write. An instance that loses the control
 //! plane while holding keeps its gate closed (its clients wait, then get the gate timeout) rather than guess.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
+use super::plane::ControlPlane;
 use super::store::{pg, StoreError};
-use super::ControlPlane;
 use crate::context::Shared;
 use crate::tenant::TenantId;
-
-/// What this instance holds for other instances' barriers: tenant -> (attempt, closed at, closed by us).
-#[derive(Default)]
-pub struct Held(Mutex<HashMap<TenantId, (i64, Instant, bool)>>);
 
 async fn notify(c: &Client) -> Result<(), StoreError> {
     c.execute("SELECT pg_notify($1, 'barrier')", &[&super::store::CHANNEL])

@@ -5,19 +5,12 @@
 //! back, the swap itself being in the store or not). A coordinator that finds its lease taken (it was frozen
 //! or cut off) stops its move at once.
 
-use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::Mutex;
 
+use super::plane::ControlPlane;
 use super::store::{pg, StoreError};
-use super::ControlPlane;
 use crate::context::Shared;
 use crate::migration::record::Record;
-use crate::tenant::TenantId;
-
-/// Finished migrations already written to the store with their lease given up.
-#[derive(Default)]
-pub struct Released(Mutex<HashSet<(TenantId, String)>>);
 
 const LEASE: &str = "5 seconds";
 

@@ -9,44 +9,24 @@
 
 pub mod barrier;
 pub mod leases;
+pub mod plane;
 pub mod store;
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
-use tokio_postgres::Client;
 use tracing::{info, warn};
 
 use crate::context::Shared;
 use crate::routing::Route;
 use crate::tenant::TenantId;
+pub use plane::ControlPlane;
 use store::{InstanceRow, RouteChange, StoreError};
 
 /// Changes read from the store per query.
 const BATCH: i64 = 10_000;
-
-pub struct ControlPlane {
-    url: String,
-    pub id: String,
-    address: String,
-    started_unix: i64,
-    /// The store epoch this instance has applied.
-    pub applied: AtomicI64,
-    /// The store answered the last time it was asked.
-    pub reachable: AtomicBool,
-    client: tokio::sync::Mutex<Option<Client>>,
-    /// Serialises applying, so changes are applied once and in order.
-    applying: tokio::sync::Mutex<()>,
-    wake_tx: mpsc::UnboundedSender<()>,
-    wake_rx: Mutex<Option<mpsc::UnboundedReceiver<()>>>,
-    /// Other instances' cutover barriers this one holds.
-    held: barrier::Held,
-    /// Finished migrations whose lease was given up.
-    released: leases::Released,
-}
 
 /// `instances`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,50 +38,6 @@ pub struct InstanceList {
 }
 
 impl ControlPlane {
-    pub fn new(url: &str, id: String, address: String) -> ControlPlane {
-        let (wake_tx, wake_rx) = mpsc::unbounded_channel();
-        ControlPlane {
-            url: url.to_owned(),
-            id,
-            address,
-            started_unix: (crate::migration::record::now_ms() / 1000) as i64,
-            applied: AtomicI64::new(0),
-            reachable: AtomicBool::new(false),
-            client: tokio::sync::Mutex::new(None),
-            applying: tokio::sync::Mutex::new(()),
-            wake_tx,
-            wake_rx: Mutex::new(Some(wake_rx)),
-            held: barrier::Held::default(),
-            released: leases::Released::default(),
-        }
-    }
-
-    /// Runs `f` on the store's connection, connecting (and listening) first if there is none; a failure drops
-    /// the connection, so the next call reconnects.
-    async fn with_client<T>(
-        &self,
-        f: impl AsyncFnOnce(&mut Client) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        let mut guard = self.client.lock().await;
-        if guard.is_none() {
-            let mut c = store::connect(&self.url, Some(self.wake_tx.clone())).await?;
-            store::ensure_schema(&mut c).await?;
-            c.batch_execute(&format!("LISTEN {}", store::CHANNEL))
-                .await
-                .map_err(|e| StoreError::Pg(format!("listen: {e}")))?;
-            *guard = Some(c);
-        }
-        let Some(c) = guard.as_mut() else {
-            return Err(StoreError::Pg("no connection".into()));
-        };
-        let r = f(c).await;
-        if r.is_err() {
-            *guard = None;
-        }
-        self.reachable.store(r.is_ok(), Ordering::Relaxed);
-        r
-    }
-
     /// Writes `changes` to the store, then applies the log up to them (and anything before them).
     pub async fn write(
         &self,

@@ -195,14 +195,8 @@ async fn admit(
         .filter(|u| !u.is_empty())
         .ok_or(ClientError::NoUser)?;
     let users = shared.users.load();
-    let sep = shared
-        .config
-        .load()
-        .proxy
-        .user_separator
-        .chars()
-        .next()
-        .unwrap_or('.');
+    let sep = shared.config.load().proxy.user_separator.chars().next();
+    let sep = sep.unwrap_or('.');
     let (user, suffix) = tenant::split_user(raw_user, sep, |u| users.contains(u));
     let peer = stream.peer_addr();
     let entry = match authenticate(shared, stream, &mut buf, &users, user, raw_user).await {
@@ -224,17 +218,7 @@ async fn admit(
             user: entry.name.clone(),
             limit: entry.max_client_conn.unwrap_or_default(),
         })?;
-    let config = shared.config.load();
-    if message.get("database") == Some(config.proxy.admin_database.as_str()) {
-        let role = crate::console::role_of(&config.proxy, &entry.name).ok_or_else(|| {
-            PgError::fatal(
-                crate::protocol::sqlstate::INSUFFICIENT_PRIVILEGE,
-                format!(
-                    "user {:?} may not use the admin console (proxy.admin_users, proxy.stats_users)",
-                    entry.name
-                ),
-            )
-        })?;
+    if let Some(role) = console_role(shared, message, &entry.name)? {
         let login = crate::console::Login {
             user: entry.name.clone(),
             role,
@@ -242,7 +226,6 @@ async fn admit(
         };
         return Ok(Some(Admitted::Console(login, buf)));
     }
-    drop(config);
     let mut options = split_options(message.get("options").unwrap_or(""));
     let hints = StartupHints {
         user_suffix: suffix,
@@ -415,4 +398,23 @@ fn choose_tenant(
         .fatal());
     }
     Ok((Some(tenant), fixed))
+}
+
+/// The console role of `user` when the client asked for the admin console's database; a user who may not use
+/// it is refused (42501).
+fn console_role(
+    shared: &Shared,
+    message: &StartupMessage,
+    user: &str,
+) -> Result<Option<crate::console::Role>, PgError> {
+    let config = shared.config.load();
+    if message.get("database") != Some(config.proxy.admin_database.as_str()) {
+        return Ok(None);
+    }
+    crate::console::role_of(&config.proxy, user).map(Some).ok_or_else(|| {
+        PgError::fatal(
+            crate::protocol::sqlstate::INSUFFICIENT_PRIVILEGE,
+            format!("user {user:?} may not use the admin console (proxy.admin_users, proxy.stats_users)"),
+        )
+    })
 }

@@ -3,24 +3,8 @@
 
 use serde_json::{json, Value};
 
-use super::machine::Event;
 use super::record::{Record, State, VerifyReport};
 use crate::context::Shared;
-
-fn event_name(e: Event) -> &'static str {
-    match e {
-        Event::CaptureInstalled => "capture_installed",
-        Event::Copied => "copied",
-        Event::StepFailed => "step_failed",
-        Event::Retry(_) => "retry",
-        Event::CutoverStarted => "cutover_started",
-        Event::Swapped => "swapped",
-        Event::FellBack => "fell_back",
-        Event::RolledBack => "rolled_back",
-        Event::Finalized => "finalized",
-        Event::Aborted => "aborted",
-    }
-}
 
 fn sides(rec: &Record) -> Value {
     json!({
@@ -46,7 +30,7 @@ pub fn started(shared: &Shared, rec: &Record) {
 }
 
 /// After `rec` moved from `from` by `event`.
-pub fn state_changed(shared: &Shared, rec: &Record, from: State, event: Event) {
+pub fn state_changed(shared: &Shared, rec: &Record, from: State, event: &'static str) {
     let n = &shared.notifier;
     let tenant = rec.tenant.as_str();
     n.emit(
@@ -55,7 +39,7 @@ pub fn state_changed(shared: &Shared, rec: &Record, from: State, event: Event) {
         json!({
             "from": from.as_str(),
             "to": rec.state.as_str(),
-            "event": event_name(event),
+            "event": event,
             "migration": sides(rec),
             "rows_total": rec.rows_total,
             "rows_copied": rec.rows_copied,
@@ -74,8 +58,8 @@ pub fn state_changed(shared: &Shared, rec: &Record, from: State, event: Event) {
         );
     }
     let outcome = match event {
-        Event::Swapped => "swapped",
-        Event::FellBack => "fell_back",
+        "swapped" => "swapped",
+        "fell_back" => "fell_back",
         _ => return,
     };
     n.emit(
@@ -85,7 +69,7 @@ pub fn state_changed(shared: &Shared, rec: &Record, from: State, event: Event) {
             "outcome": outcome,
             "pause_ms": rec.last_pause_ms,
             "attempt": rec.cutover_attempts,
-            "error": if event == Event::FellBack { rec.last_cutover_error.clone() } else { None },
+            "error": if event == "fell_back" { rec.last_cutover_error.clone() } else { None },
             "migration": sides(rec),
         }),
     );

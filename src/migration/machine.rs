@@ -39,6 +39,24 @@ pub enum Event {
     Aborted,
 }
 
+impl Event {
+    /// The event's name in notifications.
+    pub fn name(self) -> &'static str {
+        match self {
+            Event::CaptureInstalled => "capture_installed",
+            Event::Copied => "copied",
+            Event::StepFailed => "step_failed",
+            Event::Retry(_) => "retry",
+            Event::CutoverStarted => "cutover_started",
+            Event::Swapped => "swapped",
+            Event::FellBack => "fell_back",
+            Event::RolledBack => "rolled_back",
+            Event::Finalized => "finalized",
+            Event::Aborted => "aborted",
+        }
+    }
+}
+
 /// An event that is not legal in a state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 #[error("{event:?} is not possible in state {}", state.as_str())]
@@ -101,7 +119,7 @@ pub fn transition(
         warn!(%tenant, error = %e, "audit write failed for a migration transition");
     }
     set_state_gauge(shared, &rec);
-    super::events::state_changed(shared, &rec, before, event);
+    super::events::state_changed(shared, &rec, before, event.name());
     if to.is_final() {
         let keep = shared.config.load().migration.history_keep;
         if let Err(e) = shared.migrations.history.append(

@@ -19,6 +19,7 @@ use super::tee::{Tee, DRAIN_MARGIN};
 use super::MigrateError;
 use crate::context::Shared;
 use crate::gate::Gate;
+use crate::tenant::TenantId;
 
 /// The two sides of a rollback, connected.
 struct Sides {
@@ -57,14 +58,9 @@ pub async fn rollback(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<RolledBa
     tee.catch_up(Instant::now() + timeout, CAUGHT_UP).await?;
     let closed_at = Instant::now();
     gate.close();
-    let cluster = shared.control_plane.get();
-    let held = async {
-        // With several instances, each holds the tenant too (the same barrier as the cutover's).
-        if let Some(cp) = cluster {
-            cp.hold_everywhere(&rec.tenant, closed_at + timeout)
-                .await
-                .map_err(|e| MigrateError::Refused(e.to_string()))?;
-        }
+    let held = hold_everywhere(shared, &rec.tenant, closed_at + timeout);
+    let back = async {
+        held.await?;
         back_to_source(
             shared,
             &rec,
@@ -76,7 +72,7 @@ pub async fn rollback(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<RolledBa
         )
         .await
     };
-    let swapped = tokio::time::timeout(timeout, held).await;
+    let swapped = tokio::time::timeout(timeout, back).await;
     let result = match swapped {
         Ok(Ok(())) => swap_route(shared, &rec.tenant, &rec.source).await,
         Ok(Err(e)) => Err(e),
@@ -94,17 +90,13 @@ pub async fn rollback(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<RolledBa
             sides.source.filter.is_none(),
         )
         .await;
-        if let Some(cp) = cluster {
-            cp.release_everywhere(&rec.tenant, "abort").await;
-        }
+        release_everywhere(shared, &rec.tenant, "abort").await;
         gate.open();
         return Err(e);
     }
     stop_tee(shared, live).await;
     end_pinned_sessions(shared, &rec.tenant);
-    if let Some(cp) = cluster {
-        cp.release_everywhere(&rec.tenant, "open").await;
-    }
+    release_everywhere(shared, &rec.tenant, "open").await;
     gate.open();
     let pause_ms = closed_at.elapsed().as_secs_f64() * 1000.0;
     shared
@@ -177,4 +169,26 @@ pub async fn finish_rollback(
     })?;
     shared.migrations.forget_live(&rec.tenant);
     Ok(())
+}
+
+/// With several instances, each holds the tenant too (the same barrier as the cutover's).
+async fn hold_everywhere(
+    shared: &Shared,
+    tenant: &TenantId,
+    deadline: Instant,
+) -> Result<(), MigrateError> {
+    match shared.control_plane.get() {
+        Some(cp) => cp
+            .hold_everywhere(tenant, deadline)
+            .await
+            .map(|_| ())
+            .map_err(|e| MigrateError::Refused(e.to_string())),
+        None => Ok(()),
+    }
+}
+
+async fn release_everywhere(shared: &Shared, tenant: &TenantId, phase: &'static str) {
+    if let Some(cp) = shared.control_plane.get() {
+        cp.release_everywhere(tenant, phase).await;
+    }
 }

@@ -32,10 +32,10 @@ pub(super) async fn take(shared: &Arc<Shared>, a: &BackupArgs) -> Result<Done, A
 }
 
 pub(super) async fn list(shared: &Arc<Shared>, a: &BackupsArgs) -> Result<Done, AdminError> {
-    let dir = a
-        .dir
-        .as_ref()
-        .map_or_else(|| backup::default_dir(shared), |d| PathBuf::from(&**d));
+    let dir = a.dir.as_ref().map_or_else(
+        || backup::take::default_dir(shared),
+        |d| PathBuf::from(&**d),
+    );
     let backups = backup::list(&dir, &a.tenant).await?;
     Ok(Done::read(&BackupList {
         tenant: a.tenant.clone(),

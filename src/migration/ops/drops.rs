@@ -7,13 +7,13 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::reply::Finalized;
 use crate::admin::code::{AdminCode, AdminError};
 use crate::context::Shared;
 use crate::migration::drops::{due, SourceDrop};
 use crate::migration::pg::Endpoint;
 use crate::migration::record::{now_ms, Record};
 use crate::migration::{capture, MigrateError};
+use crate::quote::quote_ident;
 use crate::tenant::TenantId;
 
 /// The drop of `rec`'s source, `after_s` seconds from now.
@@ -63,13 +63,6 @@ pub fn cancel_drop(shared: &Shared, tenant: &TenantId) -> Result<DropList, Admin
         ));
     }
     Ok(DropList { drops: cancelled })
-}
-
-impl Finalized {
-    pub(super) fn with_drop(mut self, d: Option<&SourceDrop>) -> Finalized {
-        self.source_drop_due = d.map(|d| d.due.clone());
-        self
-    }
 }
 
 /// Runs the due drops (called by the scheduler once a second).
@@ -139,7 +132,7 @@ async fn drop_now(shared: &Shared, d: &SourceDrop) -> Result<(), MigrateError> {
             }),
     };
     let src = side.connect().await?;
-    src.batch_execute(&super::lifecycle::drop_tenant_sql(&side, &d.tables))
+    src.batch_execute(&drop_tenant_sql(&side, &d.tables))
         .await
         .map_err(|e| MigrateError::pg("drop the tenant's data on the source", e))?;
     capture::remove_fence(&src, &d.tenant).await
@@ -175,4 +168,21 @@ fn settle(shared: &Shared, d: &SourceDrop, outcome: Result<(), Outcome>, now: u6
             .store(false, std::sync::atomic::Ordering::Relaxed);
         tracing::warn!(%tenant, error = %e, "audit write failed for a source drop");
     }
+}
+
+/// The SQL that removes the tenant's data from `side`: its schema, or its rows of the shared tables.
+pub(super) fn drop_tenant_sql(side: &Endpoint, tables: &[String]) -> String {
+    if side.filter.is_none() {
+        return format!("DROP SCHEMA {} CASCADE", quote_ident(&side.schema));
+    }
+    let mut sql = String::from("BEGIN; SET LOCAL session_replication_role = replica;");
+    for t in tables {
+        sql.push_str(&format!(
+            " DELETE FROM {}{};",
+            side.qualified(t),
+            side.tenant_where()
+        ));
+    }
+    sql.push_str(" COMMIT;");
+    sql
 }

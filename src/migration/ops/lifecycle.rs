@@ -142,7 +142,7 @@ pub async fn finalize(
     // On the source the fence stays as long as the data does.
     capture::remove(&src, tenant).await?;
     if drop_source {
-        src.batch_execute(&drop_tenant_sql(&source, &rec.tables))
+        src.batch_execute(&super::drops::drop_tenant_sql(&source, &rec.tables))
             .await
             .map_err(|e| MigrateError::pg("drop the tenant's data on the source", e))?;
         capture::remove_fence(&src, tenant).await?;
@@ -162,9 +162,8 @@ pub async fn finalize(
         tenant: tenant.clone(),
         state: State::Completed.as_str().to_owned(),
         source_dropped: drop_source,
-        source_drop_due: None,
-    }
-    .with_drop(scheduled.as_ref()))
+        source_drop_due: scheduled.as_ref().map(|d| d.due.clone()),
+    })
 }
 
 /// `migrate abort T [--drop-target]`: from any state before the swap, back to how the source was.
@@ -264,7 +263,7 @@ async fn abort_target(
     let sql = if rec.created_target_schema {
         format!("DROP SCHEMA {} CASCADE", quote_ident(&target.schema))
     } else if target.filter.is_some() {
-        drop_tenant_sql(target, &rec.tables)
+        super::drops::drop_tenant_sql(target, &rec.tables)
     } else {
         let list: Vec<String> = rec.tables.iter().map(|t| target.qualified(t)).collect();
         format!("TRUNCATE {}", list.join(", "))
@@ -277,22 +276,6 @@ async fn abort_target(
 
 /// Deletes the tenant's data on `side`: its schema, or for shared tables its rows (in one transaction, foreign
 /// keys not checked: every table of the tenant loses the tenant's rows together).
-pub(super) fn drop_tenant_sql(side: &Endpoint, tables: &[String]) -> String {
-    if side.filter.is_none() {
-        return format!("DROP SCHEMA {} CASCADE", quote_ident(&side.schema));
-    }
-    let mut sql = String::from("BEGIN; SET LOCAL session_replication_role = replica;");
-    for t in tables {
-        sql.push_str(&format!(
-            " DELETE FROM {}{};",
-            side.qualified(t),
-            side.tenant_where()
-        ));
-    }
-    sql.push_str(" COMMIT;");
-    sql
-}
-
 /// A fresh task for a migration whose task was halted (its token is cancelled for good), taking over the tee.
 fn respawn(shared: &Arc<Shared>, old: &Live) {
     let fresh = shared.migrations.register_live(&old.tenant);
