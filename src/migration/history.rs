@@ -177,15 +177,22 @@ pub fn copy_model(history: &[HistoryEntry]) -> CopyModel {
     if let Some(m) = fit(&samples) {
         return m;
     }
-    let rates = samples
+    let rates: Vec<f64> = samples
         .iter()
         .map(|&(t, r, s)| {
             let left = s - t * DEFAULT_COPY_TABLE_S;
             r / if left > 0.2 * s { left } else { s }
         })
         .collect();
+    // A move's copy time varies by a fifth from run to run on a busy machine: with few moves the mean is the
+    // better guess, from three on the median (robust to one odd move).
+    let rate = match rates.len() {
+        0 => None,
+        1 | 2 => Some(rates.iter().sum::<f64>() / rates.len() as f64),
+        _ => median(rates),
+    };
     CopyModel {
-        rows_per_s: median(rates).unwrap_or(DEFAULT_COPY_ROWS_PER_S),
+        rows_per_s: rate.unwrap_or(DEFAULT_COPY_ROWS_PER_S),
         per_table_s: DEFAULT_COPY_TABLE_S,
         moves: samples.len(),
         fitted: false,

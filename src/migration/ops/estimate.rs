@@ -136,6 +136,7 @@ fn copy_figure(m: &crate::migration::history::CopyModel) -> Figure {
     let from = match (m.moves, m.fitted) {
         (0, _) => "default: no earlier move measured".to_string(),
         (n, true) => format!("measured: fitted to {n} earlier moves (rate and per-table cost)"),
+        (n @ (1 | 2), false) => format!("measured: mean of {n} earlier moves"),
         (n, false) => format!("measured: median of {n} earlier moves"),
     };
     Figure {
