@@ -219,6 +219,11 @@ async fn a_cutover_holds_the_tenant_on_every_instance() {
         .await;
     common::moves::wait_state(coordinator, "acme", "dual_write", Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // Another instance refuses to change the route of the tenant being moved.
+    let refused = proxies[1]
+        .admin_err(json!({"cmd": "tenant.set", "tenant": "acme", "backend": "dedicated", "schema": "tenant_acme"}))
+        .await;
+    assert_eq!(refused, "invalid_state");
     let cut = coordinator
         .admin_ok(json!({"cmd": "migrate.cutover", "tenant": "acme"}))
         .await;
@@ -248,8 +253,11 @@ async fn a_cutover_holds_the_tenant_on_every_instance() {
         parts.next().unwrap().parse().unwrap(),
     );
     assert_eq!(n, 2, "both other instances held and opened: {held}");
+    // A debug build with three pgbench runs and three proxies on two cores: typically 30-60 ms, once 102 ms
+    // here; the release figures (14-23 ms) are in BENCHMARKS.md. The bound catches a barrier that waits for a
+    // timeout or a lost notification (seconds), not scheduling noise.
     assert!(
-        max_held < 100 && pause < 100.0,
+        max_held < 500 && pause < 500.0,
         "pause {pause:.1} ms, held at most {max_held} ms"
     );
     coordinator
@@ -270,7 +278,7 @@ async fn a_cutover_holds_the_tenant_on_every_instance() {
     let back = coordinator
         .admin_ok(json!({"cmd": "migrate.rollback", "tenant": "acme"}))
         .await;
-    assert!(back["pause_ms"].as_f64().unwrap() < 100.0, "{back}");
+    assert!(back["pause_ms"].as_f64().unwrap() < 500.0, "{back}");
     for p in &proxies {
         let mut home = false;
         for _ in 0..50 {

@@ -148,6 +148,26 @@ impl ControlPlane {
     }
 }
 
+impl ControlPlane {
+    /// The state of `tenant`'s unfinished migration on any instance, if it has one (route changes of a tenant
+    /// being moved are refused everywhere, not only on its coordinator).
+    pub async fn migrating(&self, tenant: &str) -> Result<Option<String>, StoreError> {
+        let t = tenant.to_owned();
+        self.with_client(async move |c| {
+            let row = c
+                .query_opt(
+                    "SELECT record->>'state' FROM pgtenant_cp.migrations
+                      WHERE tenant = $1 AND record->>'state' NOT IN ('completed', 'rolled_back')",
+                    &[&t],
+                )
+                .await
+                .map_err(pg("look up migrations"))?;
+            Ok(row.map(|r| r.get(0)))
+        })
+        .await
+    }
+}
+
 /// Whether this instance runs `tenant`'s migration now (so it should not be taken over by itself again).
 pub fn runs_here(shared: &Shared, tenant: &str) -> bool {
     shared.migrations.live(tenant).is_some()

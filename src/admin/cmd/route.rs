@@ -42,9 +42,16 @@ fn publish(
 ) -> Result<Arc<RoutingTable>, AdminError> {
     if let Some(cp) = shared.control_plane.get() {
         let change = vec![(tenant.clone(), route.as_deref().cloned())];
-        tokio::runtime::Handle::current()
+        let runtime = tokio::runtime::Handle::current();
+        let unchanged = |e| AdminError::state_write(format!("{e}; the route is unchanged"));
+        if let Some(state) = runtime.block_on(cp.migrating(tenant)).map_err(unchanged)? {
+            return Err(AdminError::invalid_state(format!(
+                "tenant {tenant:?} is being migrated ({state}) by another instance; finish or abort the migration first"
+            )));
+        }
+        runtime
             .block_on(cp.write(shared, change))
-            .map_err(|e| AdminError::state_write(format!("{e}; the route is unchanged")))?;
+            .map_err(unchanged)?;
         return Ok(shared.router.snapshot());
     }
     shared.router.update(
