@@ -33,6 +33,42 @@ async fn backend_of(p: &TestProxy, tenant: &str) -> Value {
         .clone()
 }
 
+/// An instance of the control plane at `cp` with the two backends, tenants acme and beta, and a migration setup.
+fn member(
+    cp: &PgCluster,
+    shared: &PgCluster,
+    dedicated: &PgCluster,
+    cutover_timeout_ms: u64,
+) -> Harness {
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", cp.port);
+    let backend = "database = \"app\"\nadmin_user = \"postgres\"";
+    Harness::new()
+        .top(&format!("control_plane = \"{url}\""))
+        .raw(&format!(
+            "[migration]\npg_dump = \"{}\"\ncutover_timeout_ms = {cutover_timeout_ms}",
+            pg_bin("pg_dump").display()
+        ))
+        .backend_with("shared", shared, backend)
+        .backend_with("dedicated", dedicated, backend)
+        .tenant("acme", "shared", None, Some("tenant_acme"))
+        .tenant("beta", "shared", None, Some("tenant_beta"))
+}
+
+/// Runs the instance of `h` as a process of its own (so it can be frozen or killed); its admin socket is in its
+/// state directory.
+fn spawn_member(h: &Harness) -> std::process::Child {
+    let port = free_port();
+    let text = toml::to_string(&h.config())
+        .unwrap()
+        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let config = h.state_dir().join("pgtenant.toml");
+    std::fs::write(&config, text).unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_pgtenant"))
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .spawn()
+        .unwrap()
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -164,31 +200,9 @@ async fn a_cutover_holds_the_tenant_on_every_instance() {
     use std::process::{Command, Stdio};
     let (cp, shared, dedicated) = (PgCluster::start(), PgCluster::start(), PgCluster::start());
     shared.tenant_schemas("app", &["tenant_acme", "tenant_beta"]);
-    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", cp.port);
     let mut proxies = Vec::new();
     for _ in 0..3 {
-        proxies.push(
-            Harness::new()
-                .top(&format!("control_plane = \"{url}\""))
-                .raw(&format!(
-                    "[migration]\npg_dump = \"{}\"\ncutover_timeout_ms = 3000",
-                    pg_bin("pg_dump").display()
-                ))
-                .backend_with(
-                    "shared",
-                    &shared,
-                    "database = \"app\"\nadmin_user = \"postgres\"",
-                )
-                .backend_with(
-                    "dedicated",
-                    &dedicated,
-                    "database = \"app\"\nadmin_user = \"postgres\"",
-                )
-                .tenant("acme", "shared", None, Some("tenant_acme"))
-                .tenant("beta", "shared", None, Some("tenant_beta"))
-                .start()
-                .await,
-        );
+        proxies.push(member(&cp, &shared, &dedicated, 3000).start().await);
     }
     let init = Command::new("pgbench")
         .args(["-i", "-s", "1", "-q", &proxies[0].url("app.acme", "app")])
@@ -308,40 +322,11 @@ async fn a_frozen_instance_makes_the_cutover_fall_back_until_it_thaws() {
     use std::process::Command;
     let (cp, shared, dedicated) = (PgCluster::start(), PgCluster::start(), PgCluster::start());
     common::moves::small_schema(&shared);
-    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", cp.port);
-    let harness = || {
-        Harness::new()
-            .top(&format!("control_plane = \"{url}\""))
-            .raw(&format!(
-                "[migration]\npg_dump = \"{}\"\ncutover_timeout_ms = 2000",
-                pg_bin("pg_dump").display()
-            ))
-            .backend_with(
-                "shared",
-                &shared,
-                "database = \"app\"\nadmin_user = \"postgres\"",
-            )
-            .backend_with(
-                "dedicated",
-                &dedicated,
-                "database = \"app\"\nadmin_user = \"postgres\"",
-            )
-            .tenant("acme", "shared", None, Some("tenant_acme"))
-            .tenant("beta", "shared", None, Some("tenant_beta"))
-    };
+    let harness = || member(&cp, &shared, &dedicated, 2000);
     let coordinator = harness().start().await;
     // The other instance is a process of its own, so it can be frozen.
     let other = harness();
-    let port = free_port();
-    let text = toml::to_string(&other.config())
-        .unwrap()
-        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
-    let config = other.state_dir().join("pgtenant.toml");
-    std::fs::write(&config, text).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pgtenant"))
-        .args(["serve", "--config", config.to_str().unwrap()])
-        .spawn()
-        .unwrap();
+    let mut child = spawn_member(&other);
     let alive = || async {
         let l = coordinator.admin_ok(json!({"cmd": "instances"})).await;
         l["instances"]
@@ -416,38 +401,9 @@ async fn another_instance_takes_over_a_move_whose_coordinator_died() {
     use std::process::Command;
     let (cp, shared, dedicated) = (PgCluster::start(), PgCluster::start(), PgCluster::start());
     common::moves::small_schema(&shared);
-    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", cp.port);
-    let harness = || {
-        Harness::new()
-            .top(&format!("control_plane = \"{url}\""))
-            .raw(&format!(
-                "[migration]\npg_dump = \"{}\"\ncutover_timeout_ms = 3000",
-                pg_bin("pg_dump").display()
-            ))
-            .backend_with(
-                "shared",
-                &shared,
-                "database = \"app\"\nadmin_user = \"postgres\"",
-            )
-            .backend_with(
-                "dedicated",
-                &dedicated,
-                "database = \"app\"\nadmin_user = \"postgres\"",
-            )
-            .tenant("acme", "shared", None, Some("tenant_acme"))
-            .tenant("beta", "shared", None, Some("tenant_beta"))
-    };
+    let harness = || member(&cp, &shared, &dedicated, 3000);
     let first = harness();
-    let port = free_port();
-    let text = toml::to_string(&first.config())
-        .unwrap()
-        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
-    let config = first.state_dir().join("pgtenant.toml");
-    std::fs::write(&config, text).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pgtenant"))
-        .args(["serve", "--config", config.to_str().unwrap()])
-        .spawn()
-        .unwrap();
+    let mut child = spawn_member(&first);
     let socket = first.state_dir().join("admin.sock");
     let others = [harness().start().await, harness().start().await];
     let alive = || async {
