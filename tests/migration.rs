@@ -269,14 +269,7 @@ async fn restarts_resume_copy_tee_and_a_swapped_cutover() {
         .unwrap();
     // Restart inside bulk_copy: the copied table keeps its checkpoint, the others are copied afterwards.
     proxy.proxy.terminate().await;
-    let TestProxy { proxy: old, state } = proxy;
-    old.close().await;
-    let proxy = TestProxy {
-        proxy: pgtenant::server::Proxy::start(config.clone())
-            .await
-            .unwrap(),
-        state,
-    };
+    let proxy = proxy.restart(&config).await;
     let s = wait_state(&proxy, "acme", "dual_write", Duration::from_secs(30)).await;
     assert_eq!(s["tables_copied"], json!(3), "{s}");
     let c = proxy.connect("app.acme", "app").await.unwrap();
@@ -358,14 +351,7 @@ async fn restarts_resume_copy_tee_and_a_swapped_cutover() {
     assert!(e["bytes_copied"].as_u64().unwrap() > 0, "{h}");
     assert!(e["duration_s"].as_f64().unwrap() > 0.0, "{h}");
     assert_eq!(h["summary"]["completed_today"], json!(1), "{h}");
-    let TestProxy { proxy: old, state } = proxy;
-    old.close().await;
-    let proxy = TestProxy {
-        proxy: pgtenant::server::Proxy::start(config.clone())
-            .await
-            .unwrap(),
-        state,
-    };
+    let proxy = proxy.restart(&config).await;
     let again = proxy
         .admin_ok(json!({"cmd": "migrate.history", "tenant": "acme"}))
         .await;
@@ -1370,14 +1356,7 @@ async fn queued_moves_start_when_due_survive_a_restart_and_can_be_cancelled() {
         "{audit}"
     );
     // The later one survives a restart, and is cancelled.
-    let TestProxy { proxy: old, state } = proxy;
-    old.close().await;
-    let proxy = TestProxy {
-        proxy: pgtenant::server::Proxy::start(config.clone())
-            .await
-            .unwrap(),
-        state,
-    };
+    let proxy = proxy.restart(&config).await;
     let listed = proxy.admin_ok(json!({"cmd": "migrate.queue"})).await;
     assert_eq!(listed["queued"].as_array().unwrap().len(), 1, "{listed}");
     let c = proxy

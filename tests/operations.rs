@@ -444,14 +444,7 @@ async fn the_source_is_dropped_after_its_window_and_not_before_across_a_restart(
     };
     assert_eq!(source_left(), "1");
     // A restart inside the window.
-    let TestProxy { proxy: old, state } = proxy;
-    old.close().await;
-    let proxy = TestProxy {
-        proxy: pgtenant::server::Proxy::start(config.clone())
-            .await
-            .unwrap(),
-        state,
-    };
+    let proxy = proxy.restart(&config).await;
     let unix = || {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

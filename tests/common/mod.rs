@@ -445,6 +445,16 @@ impl TestProxy {
         self.proxy.local_addr().port()
     }
 
+    /// Closes the proxy and starts a new one with `config` on the same state directory (a restart).
+    pub async fn restart(self, config: &Config) -> TestProxy {
+        let TestProxy { proxy, state } = self;
+        proxy.close().await;
+        TestProxy {
+            proxy: Proxy::start(config.clone()).await.unwrap(),
+            state,
+        }
+    }
+
     /// A libpq connection string to the proxy.
     pub fn url(&self, user: &str, db: &str) -> String {
         format!(
