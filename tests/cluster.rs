@@ -69,6 +69,28 @@ fn spawn_member(h: &Harness) -> std::process::Child {
         .unwrap()
 }
 
+/// Waits (up to 10 s) until `p` lists `n` live instances.
+async fn wait_members(p: &TestProxy, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let l = p.admin_ok(json!({"cmd": "instances"})).await;
+        let alive = l["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["alive"] == json!(true))
+            .count();
+        if alive >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {alive} of {n} instances joined: {l}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -327,23 +349,7 @@ async fn a_frozen_instance_makes_the_cutover_fall_back_until_it_thaws() {
     // The other instance is a process of its own, so it can be frozen.
     let other = harness();
     let mut child = spawn_member(&other);
-    let alive = || async {
-        let l = coordinator.admin_ok(json!({"cmd": "instances"})).await;
-        l["instances"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|r| r["alive"] == json!(true))
-            .count()
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while alive().await < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "the second instance did not join"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_members(&coordinator, 2).await;
     coordinator
         .admin_ok(json!({"cmd": "migrate.start", "tenant": "acme", "to": "dedicated"}))
         .await;
@@ -406,20 +412,7 @@ async fn another_instance_takes_over_a_move_whose_coordinator_died() {
     let mut child = spawn_member(&first);
     let socket = first.state_dir().join("admin.sock");
     let others = [harness().start().await, harness().start().await];
-    let alive = || async {
-        let l = others[0].admin_ok(json!({"cmd": "instances"})).await;
-        l["instances"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|r| r["alive"] == json!(true))
-            .count()
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while alive().await < 3 {
-        assert!(Instant::now() < deadline, "the instances did not all join");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_members(&others[0], 3).await;
     let started = admin_line(
         &socket,
         &json!({"cmd": "migrate.start", "tenant": "acme", "to": "dedicated", "verify": "hash"}),
