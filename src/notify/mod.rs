@@ -157,16 +157,19 @@ impl Notifier {
                     mpsc::error::TrySendError::Full(i) | mpsc::error::TrySendError::Closed(i) => i,
                 };
                 warn!(url = %shown_url(&h.config.url), event, %tenant, "webhook queue full: event dropped");
-                let d = outcome(
+                let ended = Ended {
+                    outcome: "dropped",
+                    attempts: 0,
+                    status: None,
+                    error: Some("queue full".into()),
+                };
+                ended.record(
+                    &self.metrics,
+                    &self.log,
                     &h.config.url,
                     &item,
-                    "dropped",
-                    0,
-                    None,
-                    Some("queue full".into()),
+                    Instant::now(),
                 );
-                count(&self.metrics, &h.config.url, "dropped");
-                self.log.push(d(Instant::now()));
             }
         }
     }
@@ -177,42 +180,45 @@ fn shown_url(url: &str) -> String {
     url.split('?').next().unwrap_or_default().to_owned()
 }
 
-fn count(metrics: &Metrics, url: &str, outcome: &'static str) {
-    metrics
-        .counter(
-            "webhook_deliveries_total",
-            vec![
-                Label::new("webhook", shown_url(url)),
-                Label::new("outcome", outcome),
-            ],
-        )
-        .increment(1);
-}
-
-/// A log entry for `item` (its duration measured from the instant given).
-fn outcome(
-    url: &str,
-    item: &Item,
-    outcome: &str,
+/// How one event's delivery to one receiver ended.
+struct Ended {
+    outcome: &'static str,
     attempts: u32,
     status: Option<u16>,
     error: Option<String>,
-) -> impl FnOnce(Instant) -> Delivery {
-    let d = Delivery {
-        at: crate::state::audit::rfc3339_now(),
-        url: shown_url(url),
-        event: item.event.to_owned(),
-        tenant: item.tenant.clone(),
-        id: item.id,
-        outcome: outcome.to_owned(),
-        attempts,
-        status,
-        error,
-        duration_ms: 0,
-    };
-    move |started: Instant| Delivery {
-        duration_ms: started.elapsed().as_millis() as u64,
-        ..d
+}
+
+impl Ended {
+    /// Counts it (`pgtenant_webhook_deliveries_total`) and logs it, its duration measured from `started`.
+    fn record(
+        self,
+        metrics: &Metrics,
+        log: &DeliveryLog,
+        url: &str,
+        item: &Item,
+        started: Instant,
+    ) {
+        metrics
+            .counter(
+                "webhook_deliveries_total",
+                vec![
+                    Label::new("webhook", shown_url(url)),
+                    Label::new("outcome", self.outcome),
+                ],
+            )
+            .increment(1);
+        log.push(Delivery {
+            at: crate::state::audit::rfc3339_now(),
+            url: shown_url(url),
+            event: item.event.to_owned(),
+            tenant: item.tenant.clone(),
+            id: item.id,
+            outcome: self.outcome.to_owned(),
+            attempts: self.attempts,
+            status: self.status,
+            error: self.error,
+            duration_ms: started.elapsed().as_millis() as u64,
+        });
     }
 }
 
@@ -258,16 +264,13 @@ impl Worker {
         for attempt in 1..=self.config.max_attempts {
             match post::post(&self.uri, &headers, item.body.clone(), timeout).await {
                 Ok(s) if s.is_success() => {
-                    count(&self.metrics, &self.config.url, "delivered");
-                    let d = outcome(
-                        &self.config.url,
-                        item,
-                        "delivered",
-                        attempt,
-                        Some(s.as_u16()),
-                        None,
-                    );
-                    self.log.push(d(started));
+                    let ended = Ended {
+                        outcome: "delivered",
+                        attempts: attempt,
+                        status: Some(s.as_u16()),
+                        error: None,
+                    };
+                    ended.record(&self.metrics, &self.log, &self.config.url, item, started);
                     return;
                 }
                 Ok(s) => last = (Some(s.as_u16()), Some(format!("answered {s}"))),
@@ -285,16 +288,13 @@ impl Worker {
             }
         }
         warn!(url = %self.shown, event = item.event, tenant = %item.tenant, error = ?last.1, "webhook delivery failed");
-        count(&self.metrics, &self.config.url, "failed");
-        let d = outcome(
-            &self.config.url,
-            item,
-            "failed",
-            self.config.max_attempts,
-            last.0,
-            last.1,
-        );
-        self.log.push(d(started));
+        let ended = Ended {
+            outcome: "failed",
+            attempts: self.config.max_attempts,
+            status: last.0,
+            error: last.1,
+        };
+        ended.record(&self.metrics, &self.log, &self.config.url, item, started);
     }
 
     fn headers(&self, item: &Item) -> Vec<(HeaderName, HeaderValue)> {
