@@ -85,7 +85,7 @@ pub async fn cutover(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<CutOver, 
         if let Some(cp) = cluster {
             cp.hold_everywhere(&rec.tenant, deadline)
                 .await
-                .map_err(|e| MigrateError::Refused(e.to_string()))?;
+                .map_err(|e| MigrateError::Barrier(e.to_string()))?;
             marks.mark("barrier_held");
         }
         before_swap(shared, &ready, &gate, deadline, &mut marks).await
@@ -110,7 +110,7 @@ pub async fn cutover(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<CutOver, 
             cp.release_everywhere(&rec.tenant, "abort").await;
         }
         gate.open();
-        if matches!(e, MigrateError::Timeout(_)) {
+        if matches!(e, MigrateError::Timeout(_) | MigrateError::Barrier(_)) {
             shared
                 .metrics
                 .counter("cutover_timeout_total", labels(&rec.tenant, None))

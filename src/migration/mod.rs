@@ -49,6 +49,9 @@ pub enum MigrateError {
     Postgres { context: String, message: String },
     #[error("timed out: {0}")]
     Timeout(String),
+    /// Another proxy instance did not hold the tenant (or the control plane did not answer) in time.
+    #[error("cutover barrier: {0}")]
+    Barrier(String),
     #[error("failpoint {0} triggered")]
     Failpoint(String),
     #[error("stopped")]
