@@ -26,7 +26,7 @@ impl CancelSlot {
         *self.target.lock().unwrap_or_else(|p| p.into_inner()) = target;
     }
 
-    fn get(&self) -> Option<CancelTarget> {
+    pub fn get(&self) -> Option<CancelTarget> {
         self.target
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -42,10 +42,26 @@ const KINDS: [(ErrorKind, &str); 7] = [
 pub struct TenantMetrics {
     pub transactions: Counter,
     pub queries: Counter,
+    /// Bytes from the tenant's clients, and to them.
+    received: Counter,
+    sent: Counter,
     pub clients: Gauge,
     errors: Vec<Counter>,
     /// The same counts, readable (Prometheus counters are write-only handles), for `stats` and `SHOW STATS`.
     pub totals: Totals,
+}
+
+/// What one session counted since its last flush into the tenant's totals: kept in the session so the hot
+/// path touches no shared counter per message.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Tally {
+    /// Query, Execute and FunctionCall messages.
+    pub queries: u64,
+    pub query_us: u64,
+    pub wait_us: u64,
+    /// Bytes read from the client, and from the backend for the client.
+    pub received: u64,
+    pub sent: u64,
 }
 
 /// A tenant's running totals since start.
@@ -55,6 +71,12 @@ pub struct Totals {
     pub queries: AtomicU64,
     /// Microseconds from each transaction's gate pass to its end.
     pub transaction_us: AtomicU64,
+    /// Microseconds the backend worked on queries (a query or batch sent to its ReadyForQuery).
+    pub query_us: AtomicU64,
+    /// Microseconds transactions waited before a backend connection was theirs (the gate and the pool).
+    pub wait_us: AtomicU64,
+    pub received: AtomicU64,
+    pub sent: AtomicU64,
     pub errors: AtomicU64,
     pub clients: AtomicI64,
 }
@@ -74,18 +96,41 @@ impl TenantMetrics {
         self.totals.clients.load(Ordering::Relaxed)
     }
 
-    /// A transaction ended, with `queries` Query/Execute messages, begun at `started`.
-    pub fn finished(&self, queries: u64, started: Option<Instant>) {
+    /// A transaction ended, begun at `started`, with the figures of `tally` (which it empties).
+    pub fn finished(&self, tally: &mut Tally, started: Option<Instant>) {
         self.transactions.increment(1);
         self.totals.transactions.fetch_add(1, Ordering::Relaxed);
-        if queries > 0 {
-            self.queries.increment(queries);
-            self.totals.queries.fetch_add(queries, Ordering::Relaxed);
-        }
         if let Some(t) = started {
             self.totals
                 .transaction_us
                 .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
+        self.add(tally);
+    }
+
+    /// Adds what a session counted since its last flush (at a transaction's end, or when it ends).
+    pub fn add(&self, tally: &mut Tally) {
+        let t = std::mem::take(tally);
+        let add = |a: &AtomicU64, n: u64| {
+            if n > 0 {
+                a.fetch_add(n, Ordering::Relaxed);
+            }
+        };
+        if t.queries > 0 {
+            self.queries.increment(t.queries);
+        }
+        add(&self.totals.queries, t.queries);
+        add(&self.totals.query_us, t.query_us);
+        add(&self.totals.wait_us, t.wait_us);
+        if t.received > 0 {
+            self.received.increment(t.received);
+            self.totals
+                .received
+                .fetch_add(t.received, Ordering::Relaxed);
+        }
+        if t.sent > 0 {
+            self.sent.increment(t.sent);
+            self.totals.sent.fetch_add(t.sent, Ordering::Relaxed);
         }
     }
 
@@ -120,6 +165,14 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     (
         "pgtenant_queries_total",
         "Query and Execute messages relayed, by tenant",
+    ),
+    (
+        "pgtenant_client_received_bytes_total",
+        "Bytes received from client connections, by tenant",
+    ),
+    (
+        "pgtenant_client_sent_bytes_total",
+        "Bytes sent to client connections (the backends' replies), by tenant",
     ),
     (
         "pgtenant_errors_total",
@@ -262,6 +315,14 @@ impl Metrics {
                     ),
                     queries: r.register_counter(
                         &Key::from_parts("pgtenant_queries_total", label()),
+                        &META,
+                    ),
+                    received: r.register_counter(
+                        &Key::from_parts("pgtenant_client_received_bytes_total", label()),
+                        &META,
+                    ),
+                    sent: r.register_counter(
+                        &Key::from_parts("pgtenant_client_sent_bytes_total", label()),
                         &META,
                     ),
                     clients: r.register_gauge(

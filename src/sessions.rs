@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::admin::reply::SessionView;
+use crate::cancel::CancelSlot;
 use crate::protocol::PgError;
 use crate::routing::{BackendId, Epoch};
 use crate::shutdown::EndSignal;
@@ -24,6 +25,8 @@ pub struct SessionRoute {
     pub epoch: Epoch,
     /// Session state that cannot move yet keeps it on an older route.
     pub pinned: Option<&'static str>,
+    /// The login role of the pool the backend connection came from.
+    pub role: Option<String>,
 }
 
 pub struct SessionInfo {
@@ -33,6 +36,8 @@ pub struct SessionInfo {
     pub started: Instant,
     pub in_transaction: AtomicBool,
     route: Mutex<SessionRoute>,
+    /// The session's cancel key: it points at the backend connection the session holds now.
+    cancel: Arc<CancelSlot>,
     /// Fired to end this session from outside (a cutover ending pinned sessions, an operator's KILL).
     pub end: EndSignal,
     end_reason: Mutex<Option<PgError>>,
@@ -69,6 +74,7 @@ impl SessionInfo {
 
     pub fn view(&self, current_epoch: Epoch) -> SessionView {
         let r = self.route();
+        let server = self.cancel.get();
         SessionView {
             id: self.id,
             user: self.user.clone(),
@@ -81,6 +87,9 @@ impl SessionInfo {
             pinned: r.pinned.map(str::to_owned),
             in_transaction: self.in_transaction.load(Ordering::Relaxed),
             connected_s: self.started.elapsed().as_secs(),
+            server_pid: server.as_ref().map(|s| s.pid),
+            server_addr: server.map(|s| format!("{}:{}", s.host, s.port)),
+            server_role: r.role,
         }
     }
 }
@@ -105,7 +114,12 @@ impl Drop for SessionHandle {
 }
 
 impl Sessions {
-    pub fn register(self: &Arc<Self>, user: &str, peer: Option<SocketAddr>) -> SessionHandle {
+    pub fn register(
+        self: &Arc<Self>,
+        user: &str,
+        peer: Option<SocketAddr>,
+        cancel: Arc<CancelSlot>,
+    ) -> SessionHandle {
         let info = Arc::new(SessionInfo {
             id: self.next.fetch_add(1, Ordering::Relaxed) + 1,
             user: user.to_owned(),
@@ -113,6 +127,7 @@ impl Sessions {
             started: Instant::now(),
             in_transaction: AtomicBool::new(false),
             route: Mutex::new(SessionRoute::default()),
+            cancel,
             end: EndSignal::default(),
             end_reason: Mutex::new(None),
         });

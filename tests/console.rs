@@ -111,8 +111,43 @@ async fn the_console_shows_and_runs_through_psql() {
     assert_eq!(cell(&pools, "backend", "shared", "pool_mode"), "session");
     let clients = console(&proxy, "ops", "SHOW CLIENTS").unwrap();
     assert_eq!(cell(&clients, "tenant", "acme", "user"), "app");
-    let servers = console(&proxy, "ops", "SHOW SERVERS").unwrap();
-    assert_eq!(cell(&servers, "backend", "shared", "type"), "S");
+    // One row per backend connection: acme's client holds one (its pid is the backend's), and a connection
+    // a client of beta gave back waits idle in the pool.
+    let pid = app
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get::<_, i32>(0);
+    {
+        let beta = proxy.connect("app.beta", "app").await.unwrap();
+        beta.simple_query("SELECT 1").await.unwrap();
+    }
+    let mut servers = console(&proxy, "ops", "SHOW SERVERS").unwrap();
+    for _ in 0..50 {
+        if servers.1.iter().any(|r| r[4] == "idle") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        servers = console(&proxy, "ops", "SHOW SERVERS").unwrap();
+    }
+    assert_eq!(
+        &servers.0[..5],
+        ["type", "backend", "database", "user", "state"]
+    );
+    let active = cell(&servers, "remote_pid", &pid.to_string(), "state");
+    assert_eq!(active, "active", "{servers:?}");
+    assert_eq!(
+        cell(&servers, "remote_pid", &pid.to_string(), "tenant"),
+        "acme"
+    );
+    assert_eq!(
+        cell(&servers, "remote_pid", &pid.to_string(), "database"),
+        "app"
+    );
+    assert!(
+        servers.1.iter().any(|r| r[1] == "shared" && r[4] == "idle"),
+        "{servers:?}"
+    );
     let stats = console(&proxy, "ops", "SHOW STATS").unwrap();
     assert!(
         stats.0.contains(&"avg_xact_count".to_string()),
@@ -123,6 +158,20 @@ async fn the_console_shows_and_runs_through_psql() {
         .parse()
         .unwrap();
     assert!(xacts >= 5, "{stats:?}");
+    // Bytes both ways, and the backend's time on the queries, are counted per tenant.
+    for column in ["total_received", "total_sent", "total_query_time"] {
+        let n: u64 = cell(&stats, "tenant", "acme", column).parse().unwrap();
+        assert!(n > 0, "{column}: {stats:?}");
+    }
+    for column in [
+        "total_wait_time",
+        "avg_query_time",
+        "avg_wait_time",
+        "avg_recv",
+    ] {
+        let n: Result<f64, _> = cell(&stats, "tenant", "acme", column).parse();
+        assert!(n.is_ok(), "{column}: {stats:?}");
+    }
     let backends = console(&proxy, "ops", "SHOW BACKENDS").unwrap();
     assert_eq!(cell(&backends, "backend", "dedicated", "healthy"), "true");
     let config = console(&proxy, "ops", "SHOW CONFIG").unwrap();

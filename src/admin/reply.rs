@@ -87,6 +87,14 @@ pub struct SessionView {
     pub pinned: Option<String>,
     pub in_transaction: bool,
     pub connected_s: u64,
+    /// The backend connection the session holds now (none between transactions in transaction pooling):
+    /// its process id, address and login role.
+    #[serde(default)]
+    pub server_pid: Option<i32>,
+    #[serde(default)]
+    pub server_addr: Option<String>,
+    #[serde(default)]
+    pub server_role: Option<String>,
 }
 
 /// `clients`.
@@ -168,6 +176,9 @@ pub struct PoolView {
     pub waiting: usize,
     /// Whether the serving role is a superuser or has BYPASSRLS (unknown until a first connection).
     pub privileged_role: Option<bool>,
+    /// The idle connections, one by one (the active ones are the clients' `server_pid`s).
+    #[serde(default)]
+    pub idle_servers: Vec<crate::backend::pool::IdleServer>,
 }
 
 /// `pause.all`.

@@ -480,7 +480,21 @@ impl Pool {
         true
     }
 
-    /// Closes idle connections that have not been used for `max_idle`.
+    /// The idle connections, for `SHOW SERVERS`.
+    pub fn idle_list(&self) -> Vec<IdleServer> {
+        let now = Instant::now();
+        self.lock()
+            .idle
+            .iter()
+            .map(|c| IdleServer {
+                pid: c.pid,
+                connected_s: now.duration_since(c.born).as_secs(),
+                idle_ms: now.duration_since(c.idle_since).as_millis() as u64,
+                last_tenant: c.owner.clone(),
+            })
+            .collect()
+    }
+
     /// Closes idle connections idle for `max_idle` or older than `lifetime` (zero: no limit), as PgBouncer's
     /// `server_idle_timeout` and `server_lifetime`: a connection in use is never closed, only once it is idle.
     pub fn reap_idle(&self, max_idle: Duration, lifetime: Duration) {
@@ -537,6 +551,16 @@ fn alive(conn: &ServerConn) -> bool {
         Some(Err(_)) => false,
         None => true,
     }
+}
+
+/// An idle connection of a pool.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct IdleServer {
+    pub pid: i32,
+    pub connected_s: u64,
+    pub idle_ms: u64,
+    /// Transaction pooling: the tenant whose transaction used it last.
+    pub last_tenant: Option<TenantId>,
 }
 
 /// A checked-out connection. Dropping it closes the connection; [`PooledConn::release`] returns it.

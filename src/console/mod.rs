@@ -15,7 +15,7 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::admin::code::{AdminCode, AdminError};
-use crate::admin::reply::{BackendList, StatsView};
+use crate::admin::reply::{BackendList, ClientList, StatsView};
 use crate::context::Shared;
 use crate::net::stream::Stream;
 use crate::protocol::messages::{self, PgError};
@@ -195,7 +195,11 @@ async fn local(shared: &Arc<Shared>, listing: Listing) -> Result<RowSet, AdminEr
             let mode = format!("{:?}", shared.config.load().proxy.pool_mode).to_lowercase();
             rows::pools(&list, &mode)
         }
-        Listing::Servers => rows::servers(&typed(run("backends").await?)?),
+        Listing::Servers => {
+            let backends: BackendList = typed(run("backends").await?)?;
+            let clients: ClientList = typed(run("clients").await?)?;
+            rows::servers(&backends, &clients)
+        }
         Listing::Stats => {
             let view: StatsView = typed(run("stats").await?)?;
             rows::stats(&view)

@@ -4,7 +4,7 @@
 use serde_json::{Map, Value};
 
 use super::parse::Listing;
-use crate::admin::reply::{BackendList, StatsView};
+use crate::admin::reply::{BackendList, ClientList, StatsView};
 use crate::context::Shared;
 
 #[derive(Debug, Default, PartialEq)]
@@ -164,26 +164,67 @@ pub fn pools(list: &BackendList, pool_mode: &str) -> RowSet {
     set
 }
 
-/// `SHOW SERVERS`: the backend connections, one row per pool and state (active, idle) with their count.
-pub fn servers(list: &BackendList) -> RowSet {
+/// `SHOW SERVERS`: one row per backend connection: the ones clients hold now (`active`), then each pool's idle
+/// ones (PgBouncer's columns where they apply; `remote_pid` is the backend's process id).
+pub fn servers(list: &BackendList, clients: &ClientList) -> RowSet {
     let mut set = RowSet::new(&[
-        "type", "backend", "addr", "port", "database", "user", "state", "count",
+        "type",
+        "backend",
+        "database",
+        "user",
+        "state",
+        "addr",
+        "port",
+        "remote_pid",
+        "tenant",
+        "client_id",
+        "connected_s",
+        "idle_ms",
     ]);
+    let text = |v: Option<String>| v.unwrap_or_default();
+    for c in &clients.clients {
+        let (Some(pid), Some(addr)) = (c.server_pid, &c.server_addr) else {
+            continue;
+        };
+        let (host, port) = addr.rsplit_once(':').unwrap_or((addr.as_str(), ""));
+        let backend = text(c.backend.as_ref().map(|b| b.to_string()));
+        // A route without a database of its own uses its backend's.
+        let database = c.database.clone().or_else(|| {
+            let b = list.backends.iter().find(|b| b.backend == backend)?;
+            b.database.clone()
+        });
+        set.push(vec![
+            "S".into(),
+            backend,
+            text(database),
+            text(c.server_role.clone()),
+            "active".into(),
+            host.to_owned(),
+            port.to_owned(),
+            pid.to_string(),
+            text(c.tenant.as_ref().map(|t| t.to_string())),
+            c.id.to_string(),
+            String::new(),
+            "0".into(),
+        ]);
+    }
     for b in &list.backends {
         for p in &b.pools {
-            for (state, n) in [("active", p.active), ("idle", p.idle)] {
-                if n > 0 {
-                    set.push(vec![
-                        "S".into(),
-                        b.backend.clone(),
-                        b.host.clone(),
-                        b.port.to_string(),
-                        p.database.clone(),
-                        p.role.clone(),
-                        state.into(),
-                        n.to_string(),
-                    ]);
-                }
+            for s in &p.idle_servers {
+                set.push(vec![
+                    "S".into(),
+                    b.backend.clone(),
+                    p.database.clone(),
+                    p.role.clone(),
+                    "idle".into(),
+                    b.host.clone(),
+                    b.port.to_string(),
+                    s.pid.to_string(),
+                    text(s.last_tenant.as_ref().map(|t| t.to_string())),
+                    String::new(),
+                    s.connected_s.to_string(),
+                    s.idle_ms.to_string(),
+                ]);
             }
         }
     }
@@ -197,11 +238,19 @@ pub fn stats(view: &StatsView) -> RowSet {
         "tenant",
         "total_xact_count",
         "total_query_count",
+        "total_received",
+        "total_sent",
         "total_xact_time",
+        "total_query_time",
+        "total_wait_time",
         "total_errors",
         "avg_xact_count",
         "avg_query_count",
+        "avg_recv",
+        "avg_sent",
         "avg_xact_time",
+        "avg_query_time",
+        "avg_wait_time",
         "clients",
     ]);
     for t in &view.tenant_stats {
@@ -209,11 +258,19 @@ pub fn stats(view: &StatsView) -> RowSet {
             t.tenant.to_string(),
             t.total_xact_count.to_string(),
             t.total_query_count.to_string(),
+            t.total_received.to_string(),
+            t.total_sent.to_string(),
             t.total_xact_time_us.to_string(),
+            t.total_query_time_us.to_string(),
+            t.total_wait_time_us.to_string(),
             t.total_errors.to_string(),
             format!("{:.2}", t.xact_per_s),
             format!("{:.2}", t.query_per_s),
+            format!("{:.0}", t.avg_recv),
+            format!("{:.0}", t.avg_sent),
             t.avg_xact_time_us.to_string(),
+            t.avg_query_time_us.to_string(),
+            t.avg_wait_time_us.to_string(),
             t.clients.to_string(),
         ]);
     }

@@ -79,8 +79,14 @@ fn stats(view: StatsView) -> String {
                 format!("{:.1}", t.xact_per_s),
                 format!("{:.1}", t.query_per_s),
                 format!("{:.2}", t.avg_xact_time_us as f64 / 1000.0),
+                format!("{:.2}", t.avg_query_time_us as f64 / 1000.0),
+                format!("{:.2}", t.avg_wait_time_us as f64 / 1000.0),
+                format!("{:.0}", t.avg_recv),
+                format!("{:.0}", t.avg_sent),
                 t.total_xact_count.to_string(),
                 t.total_query_count.to_string(),
+                t.total_received.to_string(),
+                t.total_sent.to_string(),
                 t.total_errors.to_string(),
             ]
         })
@@ -91,8 +97,14 @@ fn stats(view: StatsView) -> String {
         "XACT/S",
         "QUERY/S",
         "AVG_XACT_MS",
+        "AVG_QUERY_MS",
+        "AVG_WAIT_MS",
+        "RECV_B/S",
+        "SENT_B/S",
         "XACTS",
         "QUERIES",
+        "RECEIVED_B",
+        "SENT_B",
         "ERRORS",
     ];
     let paused: Vec<String> = view.paused_tenants.iter().map(|t| t.to_string()).collect();

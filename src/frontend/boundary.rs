@@ -64,6 +64,7 @@ impl Session {
         let Some(gate) = self.txn.gate.take() else {
             return Ok(Admission::Go);
         };
+        let arrived = std::time::Instant::now();
         let entered = match gate.try_pass() {
             Ok(pass) => Ok(pass),
             // Rare (the gate is closed): boxed, so its state is not part of every session's task.
@@ -107,6 +108,7 @@ impl Session {
         } else {
             Ok(())
         };
+        self.txn.tally.wait_us += arrived.elapsed().as_micros() as u64;
         match routed {
             Ok(()) => Ok(Admission::Go),
             Err(Refusal::Statement(e)) => {
@@ -146,15 +148,17 @@ impl Session {
             return;
         };
         self.txn.gate = pass.leave();
+        self.txn.query_started = None;
         self.handle
             .info
             .in_transaction
             .store(false, Ordering::Relaxed);
         let started = self.txn.started.take();
-        if let (true, Some(tm)) = (completed, &self.place.tm) {
-            tm.finished(self.txn.queries, started);
+        match &self.place.tm {
+            Some(tm) if completed => tm.finished(&mut self.txn.tally, started),
+            Some(tm) => tm.add(&mut self.txn.tally),
+            None => self.txn.tally = Default::default(),
         }
-        self.txn.queries = 0;
     }
 
     /// The routing table changed since this session's backend was chosen (only then can the route differ).
@@ -331,6 +335,7 @@ impl Session {
         }
         if tenant != self.place.tenant {
             if let Some(tm) = self.place.tm.take() {
+                tm.add(&mut self.txn.tally);
                 tm.client_left();
             }
             self.place.tm = tenant.as_ref().map(|t| self.shared.metrics.tenant(t));
@@ -358,6 +363,10 @@ impl Session {
             database: self.place.route.as_ref().and_then(|r| r.database.clone()),
             epoch: self.place.epoch,
             pinned: self.pin_reason(),
+            role: self
+                .server
+                .as_ref()
+                .map(|s| s.conn.pool().login.user.clone()),
         });
     }
 

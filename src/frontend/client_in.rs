@@ -4,7 +4,7 @@
 use bytes::Buf;
 
 use super::boundary::Admission;
-use super::parts::{move_bytes, End, SkipEnd, OUT_HIGH_WATER};
+use super::parts::{move_bytes, End, SkipEnd, Txn, OUT_HIGH_WATER};
 use super::server::Server;
 use super::session::Session;
 use super::state::SessionState;
@@ -99,13 +99,7 @@ impl Session {
             if !plain {
                 break;
             }
-            book(
-                s,
-                &mut self.state,
-                &mut self.txn.queries,
-                h.tag,
-                Some(frame),
-            );
+            book(s, &mut self.state, &mut self.txn, h.tag, Some(frame));
             run += h.total;
         }
         move_bytes(&mut self.client.cin, &mut s.out, run);
@@ -288,7 +282,7 @@ impl Session {
     fn count_request(&mut self, tag: u8, total: Option<usize>) {
         if let Some(s) = self.server.as_mut() {
             let frame = total.map(|n| &self.client.cin[..n]);
-            book(s, &mut self.state, &mut self.txn.queries, tag, frame);
+            book(s, &mut self.state, &mut self.txn, tag, frame);
         }
     }
 
@@ -310,14 +304,19 @@ impl Session {
 fn book(
     server: &mut Server,
     state: &mut SessionState,
-    queries: &mut u64,
+    txn: &mut Txn,
     tag: u8,
     frame: Option<&[u8]>,
 ) {
     let owes = server.note_sent(tag);
     state.on_client(tag, frame, owes);
     if matches!(tag, fe::QUERY | fe::EXECUTE | fe::FUNCTION_CALL) {
-        *queries += 1;
+        txn.tally.queries += 1;
+        // The query time runs from the first query sent while the backend owed nothing to the ReadyForQuery
+        // that settles everything owed (a pipelined batch counts once, as the backend works it).
+        if txn.query_started.is_none() {
+            txn.query_started = Some(std::time::Instant::now());
+        }
     }
 }
 

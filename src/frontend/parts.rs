@@ -138,8 +138,10 @@ pub(super) struct Txn {
     pub gate: Option<Arc<Gate>>,
     /// Held from the start of a transaction to its end.
     pub pass: Option<GatePass>,
-    /// Query/Execute messages in the current transaction, added to the tenant's counter when it ends.
-    pub queries: u64,
+    /// Queries, times and bytes counted since the last flush into the tenant's totals (at a transaction's end).
+    pub tally: crate::metrics::Tally,
+    /// When the backend began to owe a ReadyForQuery for the query or batch in flight (for the query time).
+    pub query_started: Option<std::time::Instant>,
     /// When the current transaction got its gate pass (for the tenant's transaction time).
     pub started: Option<std::time::Instant>,
     /// A statement the proxy answers itself waits at the head of the input until the backend owes nothing.

@@ -175,7 +175,10 @@ impl Session {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
                     return Poll::Ready(Err(End::ClientGone))
                 }
-                Poll::Ready(Ok(_)) => return Poll::Ready(Ok(Ev::ClientIn)),
+                Poll::Ready(Ok(n)) => {
+                    self.txn.tally.received += n as u64;
+                    return Poll::Ready(Ok(Ev::ClientIn));
+                }
                 Poll::Pending => {}
             }
         }
@@ -187,7 +190,10 @@ impl Session {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
                         return Poll::Ready(Err(End::ServerGone))
                     }
-                    Poll::Ready(Ok(_)) => return Poll::Ready(Ok(Ev::ServerIn)),
+                    Poll::Ready(Ok(n)) => {
+                        self.txn.tally.sent += n as u64;
+                        return Poll::Ready(Ok(Ev::ServerIn));
+                    }
                     Poll::Pending => {}
                 }
             }

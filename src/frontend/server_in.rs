@@ -226,6 +226,11 @@ fn ready_for_query(s: &mut Server, at: usize, total: usize, p: &mut Parts<'_>) -
     s.pending = s.pending.saturating_sub(1);
     s.inflight.on_ready(&mut conn.statements, p.statements);
     s.replace_error = None;
+    if s.pending == 0 {
+        if let Some(t) = p.txn.query_started.take() {
+            p.txn.tally.query_us += t.elapsed().as_micros() as u64;
+        }
+    }
     let end = s.pending == 0 && s.status == status::IDLE && !s.batch_open;
     p.ended |= end;
     if end && std::mem::take(&mut p.txn.wrote) {

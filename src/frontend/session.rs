@@ -76,7 +76,9 @@ impl Session {
             }
             None => fallback_params(&shared, &info),
         };
-        let handle = shared.sessions.register(&info.user_name, info.peer);
+        let handle = shared
+            .sessions
+            .register(&info.user_name, info.peer, cancel.slot.clone());
         let config = shared.config.load_full();
         let tx_mode = config.proxy.pool_mode == PoolMode::Transaction;
         let mut session = Session {
@@ -151,6 +153,7 @@ impl Session {
         }
         self.end_transaction(false);
         if let Some(tm) = self.place.tm.take() {
+            tm.add(&mut self.txn.tally);
             tm.client_left();
         }
         if matches!(end, End::ServerGone) {

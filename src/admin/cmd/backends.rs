@@ -25,6 +25,7 @@ fn view(b: &Backend) -> BackendView {
                 active: open - idle.min(open),
                 waiting: p.waiting(),
                 privileged_role: p.privileged(),
+                idle_servers: p.idle_list(),
             }
         })
         .collect();
