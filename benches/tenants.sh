@@ -6,7 +6,8 @@
 # transaction) and role isolation (a pool per tenant role, the database enforcing the boundary) side by side.
 #
 #   bash benches/tenants.sh                              # N=50, 10 s cells, pool_size 10
-#   N=50 DURATION=20 POOL=10 ISOLATIONS="shared role" bash benches/tenants.sh
+#   N=50 DURATION=20 POOL=10 ISOLATIONS="shared tracked role" bash benches/tenants.sh
+# ("tracked": shared isolation with `tenant_switch = "tracked"`, no full reset between tenants.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/pg-lib.sh
@@ -14,7 +15,7 @@ source scripts/pg-lib.sh
 N="${N:-50}"
 DURATION="${DURATION:-10}"
 POOL="${POOL:-10}"
-ISOLATIONS="${ISOLATIONS:-shared role}"
+ISOLATIONS="${ISOLATIONS:-shared tracked role}"
 ROWS=1000
 
 cargo build --release --quiet
@@ -37,8 +38,9 @@ sessions() {
   pg_sql "$bench_PORT" app "SELECT sessions FROM pg_stat_database WHERE datname = 'app'"
 }
 
-start_proxy() { # isolation
-  local port
+start_proxy() { # isolation (shared, tracked or role)
+  local port iso="$1" switch=full
+  [ "$1" = tracked ] && iso=shared switch=tracked
   port="$(free_port)"
   {
     printf '[proxy]\nlisten = "127.0.0.1:%s"\nadmin_socket = "%s/%s.sock"\nstate_dir = "%s/%s-state"\n' \
@@ -46,7 +48,7 @@ start_proxy() { # isolation
     printf 'pool_mode = "transaction"\nmax_client_conn = 2000\n'
     printf '[[users]]\nname = "app"\npassword = "secret"\ntenants = ["*"]\n'
     printf '[backends.main]\nhost = "127.0.0.1"\nport = %s\nuser = "postgres"\ndatabase = "app"\n' "$bench_PORT"
-    printf 'pool_size = %s\nisolation = "%s"\n' "$POOL" "$1"
+    printf 'pool_size = %s\nisolation = "%s"\ntenant_switch = "%s"\n' "$POOL" "$iso" "$switch"
     # Role isolation needs a connection per busy tenant: room for every tenant's pool, bounded backend-wide.
     if [ "$1" = role ]; then printf 'max_connections = %s\n' "$((N + POOL))"; fi
     for i in $(seq 1 "$N"); do printf '[tenants.t%s]\nbackend = "main"\nschema = "t%s"\n' "$i" "$i"; done

@@ -354,17 +354,43 @@ async fn startup_parameters_that_escape_the_route_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transaction_pooling_never_hands_session_state_to_another_tenant() {
-    // Shared isolation (one serving role, one pool) in transaction mode with a single connection: every
-    // transaction of either tenant lands on the same backend connection.
+    let leaked = session_state_between_tenants("full").await;
+    assert_eq!(
+        leaked, "",
+        "a full reset between tenants undoes set_config inside a function"
+    );
+}
+
+/// `tenant_switch = "tracked"` keeps every promise above (what the proxy can see, `DO` blocks included); what
+/// a function changes out of the proxy's sight reaches the next tenant, as documented.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tracked_tenant_switch_undoes_what_the_proxy_saw() {
+    let leaked = session_state_between_tenants("tracked").await;
+    assert_eq!(
+        leaked, "from t1",
+        "tracked switches do not reset what they cannot see"
+    );
+}
+
+/// Shared isolation (one serving role, one pool) in transaction mode with a single connection: every
+/// transaction of either tenant lands on the same backend connection. Returns what t2 sees of a setting t1
+/// changed inside a function (`tenant_switch` decides).
+async fn session_state_between_tenants(switch: &str) -> String {
     let pg = PgCluster::start();
     pg.tenant_schemas("app", &["tenant_t1", "tenant_t2"]);
     pg.psql(
         "app",
-        "CREATE TABLE public.shared_t (who text); CREATE TABLE tenant_t1.own (x int); CREATE TABLE tenant_t2.own (x int)",
+        "CREATE TABLE public.shared_t (who text); CREATE TABLE tenant_t1.own (x int); CREATE TABLE tenant_t2.own (x int); \
+         CREATE FUNCTION public.mark() RETURNS int LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM set_config('app.mark', 'from t1', false); RETURN 1; END $$",
     );
     let p = Harness::new()
         .proxy("pool_mode = \"transaction\"")
-        .backend_with("shared", &pg, "database = \"app\"\npool_size = 1")
+        .backend_with(
+            "shared",
+            &pg,
+            &format!("database = \"app\"\npool_size = 1\ntenant_switch = \"{switch}\""),
+        )
         .tenant("t1", "shared", None, Some("tenant_t1"))
         .tenant("t2", "shared", None, Some("tenant_t2"))
         .start()
@@ -413,6 +439,32 @@ async fn transaction_pooling_never_hands_session_state_to_another_tenant() {
     let w1: String = t1.query_one(&s1, &[]).await.unwrap().get(0);
     let w2: String = t2.query_one(&s2, &[]).await.unwrap().get(0);
     assert_eq!((w1.as_str(), w2.as_str()), ("tenant_t1", "tenant_t2"));
+    // A setting changed inside a function: the proxy cannot see it.
+    assert_eq!(one(&t1, "SELECT public.mark()::text").await, "1");
+    let leaked = one(
+        &t2,
+        "SELECT coalesce(current_setting('app.mark', true), '')",
+    )
+    .await;
+    // A SET the proxy saw never reaches the other tenant, in either mode (nor does the function's setting
+    // after it: the SET makes the next tenant's connection get `RESET ALL`).
+    t1.batch_execute("SET application_name = 't1 app'")
+        .await
+        .unwrap();
+    assert_eq!(one(&t1, "SELECT public.mark()::text").await, "1");
+    assert_eq!(
+        one(&t2, "SELECT current_setting('application_name')").await,
+        ""
+    );
+    assert_eq!(
+        one(
+            &t2,
+            "SELECT coalesce(current_setting('app.mark', true), '')"
+        )
+        .await,
+        ""
+    );
+    leaked
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,6 +16,7 @@ use super::server::Server;
 use super::session::Session;
 use super::statements::{ClientStatements, Target, MAX_HEAD_NAMES, MAX_INFLIGHT};
 use crate::backend::pool::ReleaseState;
+use crate::config::TenantSwitch;
 use crate::errors::ClientError;
 use crate::metrics::ErrorKind;
 use crate::protocol::tag::{backend as be, frontend as fe, status};
@@ -199,7 +200,8 @@ impl Session {
         ahead: bool,
     ) -> Result<(), Unsettled> {
         let conn = server.conn.get();
-        let foreign = conn.owner.is_some() && conn.owner != self.place.tenant;
+        let tracked = server.conn.pool().backend.config.tenant_switch == TenantSwitch::Tracked;
+        let foreign = conn.owner.is_some() && conn.owner != self.place.tenant && !tracked;
         let full = foreign || conn.suspect;
         let (fingerprint, _) = self.state.sets_fingerprint();
         if ahead && !full && fingerprint == 0 && conn.applied_sets == 0 {
