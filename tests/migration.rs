@@ -369,7 +369,9 @@ async fn migrates_live_in_transaction_pool_mode() {
     let shared = PgCluster::start();
     let dedicated = PgCluster::start();
     shared.psql("app", "CREATE SCHEMA tenant_acme");
-    let proxy = up(harness(&shared, &dedicated).proxy("pool_mode = \"transaction\"")).await;
+    // pgbench_accounts (13 MB) is copied as two block ranges at once, under the writes.
+    let h = harness_with(&shared, &dedicated, "copy_split_mb = 1");
+    let proxy = up(h.proxy("pool_mode = \"transaction\"")).await;
     let url = acme_url(&proxy);
     pgbench(&url, &["-i", "-s", "1", "-q"]);
     let bench_url = url.clone();
@@ -386,6 +388,11 @@ async fn migrates_live_in_transaction_pool_mode() {
         )
         .await;
     wait_state(&proxy, "acme", "dual_write", Duration::from_secs(60)).await;
+    // The source's capture triggers did not come along with its post-data (the target gets its own, reverse
+    // ones at cutover).
+    let ours = "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'pgtenant%'";
+    assert_ne!(shared.psql("app", ours), "0");
+    assert_eq!(dedicated.psql("app", ours), "0");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let cut = proxy
         .admin_ok(json!({"cmd": "migrate.cutover", "tenant": "acme"}))
@@ -395,6 +402,14 @@ async fn migrates_live_in_transaction_pool_mode() {
     assert!(out.contains("number of failed transactions: 0"), "{out}");
     let invariant = "SET search_path = tenant_acme; SELECT (SELECT sum(abalance) FROM pgbench_accounts) = (SELECT sum(delta) FROM pgbench_history)";
     assert_eq!(dedicated.psql("app", invariant).lines().last(), Some("t"));
+    // The target's indexes and constraints were made after the copy (pg_dump's post-data), the same as the
+    // source's.
+    let indexes = "SELECT string_agg(indexdef, '; ' ORDER BY indexname) FROM pg_indexes WHERE schemaname = 'tenant_acme'";
+    assert_eq!(dedicated.psql("app", indexes), shared.psql("app", indexes));
+    assert!(dedicated
+        .psql("app", indexes)
+        .contains("pgbench_accounts_pkey"));
+
     wait_lag_zero(&proxy, "acme").await;
     assert_eq!(
         fingerprint(&dedicated, "tenant_acme"),

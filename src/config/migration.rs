@@ -27,6 +27,10 @@ pub struct MigrationConfig {
     /// Tables copied at once during bulk copy.
     #[serde(default = "default_copy_parallel")]
     pub copy_parallel_tables: usize,
+    /// A table at least this large (MiB on the source) is copied as `copy_parallel_tables` block ranges at
+    /// once, all in the one snapshot; 0: never split.
+    #[serde(default = "default_copy_split_mb")]
+    pub copy_split_mb: u64,
     /// Rows per verification chunk (a hash mismatch names one chunk's key range).
     #[serde(default = "default_verify_chunk_rows")]
     pub verify_chunk_rows: usize,
@@ -59,6 +63,7 @@ impl Default for MigrationConfig {
             tee_timeout_ms: default_tee_timeout_ms(),
             max_concurrent: default_max_concurrent(),
             copy_parallel_tables: default_copy_parallel(),
+            copy_split_mb: default_copy_split_mb(),
             verify_chunk_rows: default_verify_chunk_rows(),
             catchup_interval_ms: default_catchup_interval_ms(),
             pg_dump: default_pg_dump(),
@@ -87,6 +92,9 @@ fn default_history_keep() -> usize {
 }
 fn default_copy_parallel() -> usize {
     2
+}
+fn default_copy_split_mb() -> u64 {
+    64
 }
 fn default_verify_chunk_rows() -> usize {
     10_000

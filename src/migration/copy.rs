@@ -1,5 +1,6 @@
 //! Bulk copy: the tenant's tables read in one snapshot of the source and written to the target with binary
-//! COPY, several tables at once, each as one stream (progress moves as rows arrive).
+//! COPY, several tables at once, each as one stream, or a big table as several block ranges at once
+//! ([`super::copy_split`]); progress moves as rows arrive.
 //!
 //! A table counts as copied when its target transaction committed; its checkpoint records the snapshot it was
 //! read in, and the change-log entries visible in that snapshot (already contained in the copy) are deleted, so
@@ -14,6 +15,7 @@ use futures_util::{pin_mut, SinkExt, StreamExt, TryStreamExt};
 use tokio_postgres::Client;
 
 use super::catalog::Table;
+use super::copy_split::{plan, Piece};
 use super::pg::Endpoint;
 use super::record::TableCheckpoint;
 use super::MigrateError;
@@ -40,8 +42,55 @@ pub struct CopyJob {
     pub tables: Vec<Table>,
     pub batch_rows: usize,
     pub parallel: usize,
+    /// Tables of at least this many bytes are split into `parallel` block ranges (0: never).
+    pub split_bytes: u64,
     pub failpoints: Arc<super::failpoint::Failpoints>,
     pub stop: tokio_util::sync::CancellationToken,
+}
+
+/// Makes the target schema's indexes, constraints and triggers (`pg_dump --section=post-data` of the source) in
+/// one transaction, after the copy. Nothing is done when the schema already has an index: a restart after
+/// this committed and before the record said so finds them there.
+pub async fn post_data(
+    pg_dump: &str,
+    tenant: &str,
+    source: &Endpoint,
+    target: &Endpoint,
+) -> Result<(), MigrateError> {
+    let dst = target.connect().await?;
+    let made: i64 = dst
+        .query_one(
+            "SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid \
+             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1",
+            &[&target.schema],
+        )
+        .await
+        .map_err(|e| MigrateError::pg("look for the target's indexes", e))?
+        .get(0);
+    if made > 0 {
+        return Ok(());
+    }
+    let post = ["--section=post-data".to_owned()];
+    let sql =
+        super::pg::dump_schema(pg_dump, source, &post, std::time::Duration::from_secs(120)).await?;
+    // The source's tables carry this migration's capture and fence triggers by now; the dump has them too,
+    // and they are not the target's.
+    let names: Vec<String> = super::capture::trigger_names(tenant)
+        .iter()
+        .map(|n| quote_literal(n))
+        .collect();
+    let drop_ours = format!(
+        "DO $pgtenant$ DECLARE r record; BEGIN \
+         FOR r IN SELECT t.tgname, c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid \
+         JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = {schema} AND NOT t.tgisinternal AND t.tgname IN ({names}) LOOP \
+         EXECUTE format('DROP TRIGGER %I ON %I.%I', r.tgname, {schema}, r.relname); END LOOP; END $pgtenant$;",
+        schema = quote_literal(&target.schema),
+        names = names.join(", ")
+    );
+    dst.batch_execute(&format!("BEGIN;\n{sql}\n{drop_ours}\nCOMMIT;"))
+        .await
+        .map_err(|e| MigrateError::pg("make the target's indexes and constraints", e))
 }
 
 /// Counts the rows of `tables` in a fresh snapshot (for `rows_total`).
@@ -83,12 +132,20 @@ pub async fn run(job: CopyJob, progress: Arc<dyn CopyProgress>) -> Result<(), Mi
         .map_err(|e| MigrateError::pg("export snapshot", e))?;
     let exported: String = row.get(0);
     let snapshot: String = row.get(1);
-    let queue = Arc::new(Mutex::new(
-        job.tables.iter().cloned().collect::<VecDeque<_>>(),
-    ));
+    let pieces = plan(
+        &holder,
+        &job.source,
+        &job.tables,
+        job.parallel,
+        job.split_bytes,
+    )
+    .await?;
+    empty_split_tables(&job, &pieces).await?;
+    let workers_n = job.parallel.clamp(1, pieces.len());
+    let queue = Arc::new(Mutex::new(pieces.into_iter().collect::<VecDeque<_>>()));
     let job = Arc::new(job);
     let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..job.parallel.clamp(1, job.tables.len()) {
+    for _ in 0..workers_n {
         let (job, queue, progress) = (job.clone(), queue.clone(), progress.clone());
         let (exported, snapshot) = (exported.clone(), snapshot.clone());
         workers.spawn(async move { worker(&job, &queue, &*progress, &exported, &snapshot).await });
@@ -109,9 +166,35 @@ pub async fn run(job: CopyJob, progress: Arc<dyn CopyProgress>) -> Result<(), Mi
     result
 }
 
+/// The target's rows of every split table are deleted first, in a transaction of their own: each range is then
+/// written in its own transaction (a retry after a crash empties the table again, as a whole table's copy does).
+async fn empty_split_tables(job: &CopyJob, pieces: &[Piece]) -> Result<(), MigrateError> {
+    let mut split: Vec<&str> = pieces
+        .iter()
+        .filter(|p| p.split.is_some())
+        .map(|p| p.table.name.as_str())
+        .collect();
+    split.dedup();
+    if split.is_empty() {
+        return Ok(());
+    }
+    let target = job.target.connect().await?;
+    for name in split {
+        target
+            .batch_execute(&format!(
+                "BEGIN; SET LOCAL session_replication_role = replica; DELETE FROM {}{}; COMMIT",
+                job.target.qualified(name),
+                job.target.tenant_where()
+            ))
+            .await
+            .map_err(|e| MigrateError::pg(&format!("empty {} on the target", name), e))?;
+    }
+    Ok(())
+}
+
 async fn worker(
     job: &CopyJob,
-    queue: &Mutex<VecDeque<Table>>,
+    queue: &Mutex<VecDeque<Piece>>,
     progress: &dyn CopyProgress,
     exported: &str,
     snapshot: &str,
@@ -127,13 +210,22 @@ async fn worker(
     let mut target = job.target.connect().await?;
     loop {
         let next = queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
-        let Some(table) = next else {
+        let Some(piece) = next else {
             break;
         };
         if progress.stopped() {
             return Err(MigrateError::Cancelled);
         }
-        let (rows, bytes) = copy_table(job, &source, &mut target, &table, progress).await?;
+        let (rows, bytes) = copy_table(job, &source, &mut target, &piece, progress).await?;
+        // A split table is done when its last range is.
+        let (rows, bytes) = match &piece.split {
+            None => (rows, bytes),
+            Some(split) => match split.done(rows, bytes) {
+                Some(totals) => totals,
+                None => continue,
+            },
+        };
+        let table = piece.table;
         // Entries committed before the snapshot are in the copy; the others stay for the tee. The cleanup runs
         // before the checkpoint (it is idempotent), so a checkpointed table never has its copied changes left in
         // the log.
@@ -165,16 +257,26 @@ async fn worker(
     Ok(())
 }
 
-/// Copies one table as one stream within one target transaction (emptied first, so a retry after a crash starts
-/// clean). Returns the rows and bytes copied.
+/// Copies one table (or one range of a split table) as one stream within one target transaction (a whole table
+/// is emptied first in it, so a retry after a crash starts clean). Returns the rows and bytes copied.
 async fn copy_table(
     job: &CopyJob,
     source: &Client,
     target: &mut Client,
-    table: &Table,
+    piece: &Piece,
     progress: &dyn CopyProgress,
 ) -> Result<(u64, u64), MigrateError> {
-    let src_rows = format!("{} s", job.source.rows(&table.name));
+    let table = &piece.table;
+    let src_rows = match piece.range {
+        None => format!("{} s", job.source.rows(&table.name)),
+        // A TID range scan of the table itself (a shared table's filter applies on top).
+        Some(_) => format!(
+            "{} s WHERE {}{}",
+            job.source.qualified(&table.name),
+            piece.ctid_cond(),
+            job.source.tenant_and("s")
+        ),
+    };
     let dst = job.target.qualified(&table.name);
     let dst_where = job.target.tenant_where();
     let cols: Vec<String> = table.columns.iter().map(|c| quote_ident(c)).collect();
@@ -183,8 +285,12 @@ async fn copy_table(
         .transaction()
         .await
         .map_err(|e| MigrateError::pg("begin copy", e))?;
+    let empty = match piece.split {
+        None => format!("DELETE FROM {dst}{dst_where}"),
+        Some(_) => String::new(),
+    };
     tx.batch_execute(&format!(
-        "SET LOCAL session_replication_role = replica; DELETE FROM {dst}{dst_where}"
+        "SET LOCAL session_replication_role = replica; {empty}"
     ))
     .await
     .map_err(|e| MigrateError::pg(&format!("prepare {}", table.name), e))?;

@@ -153,6 +153,18 @@ async fn step(shared: &Arc<Shared>, live: &Arc<Live>, rec: &Record) -> Result<()
         }
         Step::Copy => {
             bulk_copy(shared, live, rec).await?;
+            if shared
+                .migrations
+                .get(&rec.tenant)
+                .is_some_and(|r| r.post_data_pending)
+            {
+                let (source, target) = endpoints(shared, rec)?;
+                let pg_dump = shared.config.load().migration.pg_dump.clone();
+                copy::post_data(&pg_dump, &rec.tenant, &source, &target).await?;
+                shared
+                    .migrations
+                    .update(&rec.tenant, |r| r.post_data_pending = false)?;
+            }
             fp.check_until("copy.before_dual_write", &live.stop).await?;
             let rec = transition(shared, &rec.tenant, Event::Copied, |r| {
                 r.rows_copied = r.copied.values().map(|c| c.rows).sum();
@@ -258,6 +270,7 @@ async fn bulk_copy(
         tables,
         batch_rows: cfg.migration.copy_batch_rows.max(1),
         parallel: cfg.migration.copy_parallel_tables.max(1),
+        split_bytes: cfg.migration.copy_split_mb.saturating_mul(1024 * 1024),
         failpoints: shared.migrations.failpoints.clone(),
         stop: live.stop.clone(),
     };

@@ -15,6 +15,7 @@ pub mod capture;
 pub mod catalog;
 pub mod clock;
 pub mod copy;
+pub(crate) mod copy_split;
 pub mod cutover;
 pub mod ddl;
 pub mod decide;

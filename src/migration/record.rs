@@ -184,6 +184,10 @@ pub struct Record {
     /// Target schema made by this migration (dropped by `abort --drop-target`).
     #[serde(default)]
     pub created_target_schema: bool,
+    /// The target schema was made without its indexes, constraints and triggers (pg_dump's post-data): they
+    /// are made once the copy is done, as a restore does, because rows load much faster into bare tables.
+    #[serde(default)]
+    pub post_data_pending: bool,
     pub tables: Vec<String>,
     #[serde(default)]
     pub copied: BTreeMap<String, TableCheckpoint>,
@@ -253,6 +257,7 @@ impl Record {
             cutover: CutoverMode::Manual,
             cutover_window: None,
             created_target_schema: false,
+            post_data_pending: false,
             tables: Vec::new(),
             copied: BTreeMap::new(),
             rows_total: 0,

@@ -10,6 +10,11 @@ use super::*;
 /// Serving connections log in as each tenant's own role (`isolation = "role"`, grants made by `tenant grants
 /// --apply`, see [`grant`]) under a serving role that is not a superuser; migrations use the admin role.
 pub fn harness(shared: &PgCluster, dedicated: &PgCluster) -> Harness {
+    harness_with(shared, dedicated, "")
+}
+
+/// [`harness`] with more `[migration]` keys (lines).
+pub fn harness_with(shared: &PgCluster, dedicated: &PgCluster, migration: &str) -> Harness {
     least_privilege(shared);
     least_privilege(dedicated);
     let backend =
@@ -20,7 +25,7 @@ pub fn harness(shared: &PgCluster, dedicated: &PgCluster) -> Harness {
         .tenant("acme", "shared", None, Some("tenant_acme"))
         .tenant("beta", "shared", None, Some("tenant_beta"))
         .raw(&format!(
-            "[migration]\npg_dump = \"{}\"\ncopy_batch_rows = 1000\nverify_chunk_rows = 500\ncutover_timeout_ms = 3000",
+            "[migration]\npg_dump = \"{}\"\ncopy_batch_rows = 1000\nverify_chunk_rows = 500\ncutover_timeout_ms = 3000\n{migration}",
             pg_bin("pg_dump").display()
         ))
 }

@@ -68,6 +68,7 @@ pub async fn start(
     let rec = Record {
         tables: tables.iter().map(|t| t.name.clone()).collect(),
         created_target_schema: created,
+        post_data_pending: created,
         started_by: Some(actor.to_owned()),
         backup_file: backup_file.clone(),
         // What the copy is expected to take, for the history's estimate error.
@@ -341,10 +342,13 @@ pub(super) async fn superuser(c: &Client, backend: &str) -> Result<(), AdminErro
     Ok(())
 }
 
-/// `pg_dump --schema-only` of the tenant's schema on the source, run on the target in one transaction.
+/// `pg_dump --schema-only --section=pre-data` of the tenant's schema on the source (its tables without
+/// indexes, constraints and triggers, which the copy's end makes: see [`crate::migration::copy::post_data`]),
+/// run on the target in one transaction.
 async fn create_schema(shared: &Shared, source: &Endpoint, dst: &Client) -> Result<(), AdminError> {
     let pg_dump = shared.config.load().migration.pg_dump.clone();
-    let sql = crate::migration::pg::dump_schema(&pg_dump, source, &[], Duration::from_secs(120))
+    let pre = ["--section=pre-data".to_owned()];
+    let sql = crate::migration::pg::dump_schema(&pg_dump, source, &pre, Duration::from_secs(120))
         .await
         .map_err(|e| {
             preflight(format!(
