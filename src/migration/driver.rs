@@ -161,6 +161,12 @@ async fn step(shared: &Arc<Shared>, live: &Arc<Live>, rec: &Record) -> Result<()
                 let (source, target) = endpoints(shared, rec)?;
                 let pg_dump = shared.config.load().migration.pg_dump.clone();
                 copy::post_data(&pg_dump, &rec.tenant, &source, &target).await?;
+                super::ops::grant_target(shared, rec, &target)
+                    .await
+                    .map_err(|e| MigrateError::Postgres {
+                        context: "grant the tenant's role on the target".into(),
+                        message: e.to_string(),
+                    })?;
                 shared
                     .migrations
                     .update(&rec.tenant, |r| r.post_data_pending = false)?;

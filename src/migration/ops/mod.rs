@@ -28,6 +28,7 @@ pub use repair::repair;
 pub use request::StartRequest;
 pub use schedule::run_queue;
 pub use schedule::{cancel, enqueue, queue};
+pub(crate) use start::grant_target;
 pub use start::start;
 pub use status::{history, set_paused, status_all, status_of};
 

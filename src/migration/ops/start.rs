@@ -76,7 +76,10 @@ pub async fn start(
         expected_copy_per_table_s: Some(model.per_table_s),
         ..rec
     };
-    grant_target(shared, &rec, &target).await?;
+    // A schema the move makes gets its grants once its post-data (policies among it) is there, after the copy.
+    if !created {
+        grant_target(shared, &rec, &target).await?;
+    }
     shared
         .migrations
         .put(rec.clone())
@@ -301,9 +304,14 @@ async fn check_target_tables(
     Ok(())
 }
 
-/// With role isolation on the target, the tenant's role and grants are made there before anything is copied,
-/// so the tenant's sessions can use the target the moment the route swaps.
-async fn grant_target(shared: &Shared, rec: &Record, target: &Endpoint) -> Result<(), AdminError> {
+/// With role isolation on the target, the tenant's role and grants are made there before the swap (at start, or
+/// for a schema the move makes, once its post-data is there after the copy), so the tenant's sessions can use
+/// the target the moment the route swaps.
+pub(crate) async fn grant_target(
+    shared: &Shared,
+    rec: &Record,
+    target: &Endpoint,
+) -> Result<(), AdminError> {
     let Some(backend) = shared.backends.load().get(&rec.target.backend).cloned() else {
         return Err(preflight(format!(
             "backend {:?} is not configured",
