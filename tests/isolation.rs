@@ -372,6 +372,35 @@ async fn a_tracked_tenant_switch_undoes_what_the_proxy_saw() {
     );
 }
 
+/// A serving role that is no superuser gets the cheaper full reset (`RESET ROLE` for `RESET SESSION
+/// AUTHORIZATION`): a role taken inside a function by one tenant still never reaches the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_taken_inside_a_function_never_reaches_the_next_tenant() {
+    let pg = PgCluster::start();
+    pg.tenant_schemas("app", &["tenant_t1", "tenant_t2"]);
+    pg.psql(
+        "app",
+        "CREATE ROLE serve LOGIN; CREATE ROLE other; GRANT other TO serve; \
+         GRANT USAGE ON SCHEMA tenant_t1, tenant_t2 TO serve; \
+         GRANT SELECT ON ALL TABLES IN SCHEMA tenant_t1, tenant_t2 TO serve; \
+         CREATE FUNCTION public.become_other() RETURNS text LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM set_config('role', 'other', false); RETURN current_user; END $$",
+    );
+    let p = Harness::new()
+        .proxy("pool_mode = \"transaction\"")
+        .backend_as("shared", &pg, "serve", "database = \"app\"\npool_size = 1")
+        .tenant("t1", "shared", None, Some("tenant_t1"))
+        .tenant("t2", "shared", None, Some("tenant_t2"))
+        .start()
+        .await;
+    let t1 = tenant(&p, "t1").await;
+    let t2 = tenant(&p, "t2").await;
+    assert_eq!(one(&t2, "SELECT current_user").await, "serve");
+    assert_eq!(one(&t1, "SELECT public.become_other()").await, "other");
+    assert_eq!(one(&t2, "SELECT current_user").await, "serve");
+    assert_eq!(one(&t2, "SELECT who FROM t").await, "tenant_t2");
+}
+
 /// Shared isolation (one serving role, one pool) in transaction mode with a single connection: every
 /// transaction of either tenant lands on the same backend connection. Returns what t2 sees of a setting t1
 /// changed inside a function (`tenant_switch` decides).

@@ -36,6 +36,23 @@ const UNKNOWN_SETS: u64 = u64::MAX;
 pub(super) const FULL_RESET: &str =
     "RESET ALL; RESET SESSION AUTHORIZATION; CLOSE ALL; UNLISTEN *; \
      SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES";
+/// The same for a login known not to be a superuser: PostgreSQL lets only a superuser's session change its
+/// session authorization, so `RESET ROLE` undoes all a `SET ROLE` or `set_config('role', ...)` can have done,
+/// and costs the backend a fraction of `RESET SESSION AUTHORIZATION` (measured: that one statement took 10-17%
+/// of a point select's throughput; BENCHMARKS.md).
+pub(super) const FULL_RESET_UNPRIVILEGED: &str = "RESET ALL; RESET ROLE; CLOSE ALL; UNLISTEN *; \
+     SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES";
+
+/// What a pooled connection needs before this session's settings go on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reset {
+    /// Everything any session may have left (another tenant's, or after code the proxy cannot follow).
+    Full,
+    /// Another tenant's, with `tenant_switch = "tracked"`: what the proxy saw.
+    Switch,
+    /// The same tenant's: only the SETs, when they differ.
+    Sets,
+}
 
 /// Why a pooled connection could not be made this session's.
 pub(super) struct Unsettled(PgError);
@@ -201,22 +218,28 @@ impl Session {
     ) -> Result<(), Unsettled> {
         let conn = server.conn.get();
         let tracked = server.conn.pool().backend.config.tenant_switch == TenantSwitch::Tracked;
-        let foreign = conn.owner.is_some() && conn.owner != self.place.tenant && !tracked;
-        let full = foreign || conn.suspect;
+        let foreign = conn.owner.is_some() && conn.owner != self.place.tenant;
+        let reset = match (foreign, tracked) {
+            _ if conn.suspect => Reset::Full,
+            (true, false) => Reset::Full,
+            (true, true) => Reset::Switch,
+            (false, _) => Reset::Sets,
+        };
         let (fingerprint, _) = self.state.sets_fingerprint();
-        if ahead && !full && fingerprint == 0 && conn.applied_sets == 0 {
+        if ahead && !foreign && reset == Reset::Sets && fingerprint == 0 && conn.applied_sets == 0 {
             // The same tenant's connection, nothing of the client's to replay: the schema change goes ahead of
             // the client's first frames, its replies taken out (no round trip of its own). Never the full reset:
             // frames queued behind it run even when it fails (it is one implicit transaction, all undone by any
-            // error, a cancel included), and would then run on what another tenant left.
+            // error, a cancel included), and would then run on what another tenant left. Nor another tenant's
+            // schema change, for the same reason: they would run in the other tenant's schema.
             if conn.route_path != self.pooling.route_path {
                 self.pipeline_path(server)?;
             }
-        } else if full
+        } else if reset != Reset::Sets
             || conn.route_path != self.pooling.route_path
             || conn.applied_sets != fingerprint
         {
-            Box::pin(self.apply_settings(server, backend, full)).await?;
+            Box::pin(self.apply_settings(server, backend, reset)).await?;
         }
         server.synced = true;
         Ok(())
@@ -253,16 +276,25 @@ impl Session {
         &mut self,
         server: &mut Server,
         backend: &BackendId,
-        full: bool,
+        reset: Reset,
     ) -> Result<(), Unsettled> {
         let (fingerprint, role) = self.state.sets_fingerprint();
+        let unprivileged = server.conn.pool().privileged() == Some(false);
         let conn = server.conn.get_mut();
         // The proxy's own part (reset, the tenant's schema) is one Query; the client's SETs follow one each, so
         // a SET the backend refuses fails alone, as it did when the client sent it.
-        let mut own = String::from(match (full, conn.applied_role) {
-            (true, _) => FULL_RESET,
-            (false, true) => "RESET ALL; RESET SESSION AUTHORIZATION; RESET ROLE",
-            (false, false) => "RESET ALL",
+        let sets_left = conn.applied_sets != 0 || conn.applied_role;
+        let mut own = String::from(match (reset, conn.applied_role) {
+            (Reset::Full, _) if unprivileged => FULL_RESET_UNPRIVILEGED,
+            (Reset::Full, _) => FULL_RESET,
+            // A tracked switch: the last tenant's SETs undone, and its sequences' values (`lastval()`).
+            (Reset::Switch, _) if !sets_left => "DISCARD SEQUENCES",
+            (Reset::Switch, true) => {
+                "RESET ALL; RESET SESSION AUTHORIZATION; RESET ROLE; DISCARD SEQUENCES"
+            }
+            (Reset::Switch, false) => "RESET ALL; DISCARD SEQUENCES",
+            (Reset::Sets, true) => "RESET ALL; RESET SESSION AUTHORIZATION; RESET ROLE",
+            (Reset::Sets, false) => "RESET ALL",
         });
         if let Some(p) = &self.pooling.route_path {
             own.push_str("; SET search_path = ");

@@ -148,6 +148,8 @@ impl Session {
             _ => {}
         }
         if let Some(server) = self.server.take() {
+            // The key stops pointing at the connection before another session may get it.
+            self.cancel.slot.set(None);
             // A client that died inside a frame left the backend holding part of it.
             server.release(broken || self.client.scan.mid_frame());
         }

@@ -201,14 +201,6 @@ fn trigger_name(tenant: &str, kind: &str) -> String {
     quote_ident(&raw_trigger_name(tenant, kind))
 }
 
-/// The names of `tenant`'s capture and fence triggers.
-pub(super) fn trigger_names(tenant: &str) -> Vec<String> {
-    ["capture", "truncate", "fence"]
-        .iter()
-        .map(|k| raw_trigger_name(tenant, k))
-        .collect()
-}
-
 /// `pgtenant_<kind>_<tenant>`, shortened with a hash when it would pass PostgreSQL's 63-byte identifier limit
 /// (which would truncate it, and then `remove` would look for a name that does not exist).
 fn raw_trigger_name(tenant: &str, kind: &str) -> String {

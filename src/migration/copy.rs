@@ -48,51 +48,6 @@ pub struct CopyJob {
     pub stop: tokio_util::sync::CancellationToken,
 }
 
-/// Makes the target schema's indexes, constraints and triggers (`pg_dump --section=post-data` of the source) in
-/// one transaction, after the copy. Nothing is done when the schema already has an index: a restart after
-/// this committed and before the record said so finds them there.
-pub async fn post_data(
-    pg_dump: &str,
-    tenant: &str,
-    source: &Endpoint,
-    target: &Endpoint,
-) -> Result<(), MigrateError> {
-    let dst = target.connect().await?;
-    let made: i64 = dst
-        .query_one(
-            "SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid \
-             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1",
-            &[&target.schema],
-        )
-        .await
-        .map_err(|e| MigrateError::pg("look for the target's indexes", e))?
-        .get(0);
-    if made > 0 {
-        return Ok(());
-    }
-    let post = ["--section=post-data".to_owned()];
-    let sql =
-        super::pg::dump_schema(pg_dump, source, &post, std::time::Duration::from_secs(120)).await?;
-    // The source's tables carry this migration's capture and fence triggers by now; the dump has them too,
-    // and they are not the target's.
-    let names: Vec<String> = super::capture::trigger_names(tenant)
-        .iter()
-        .map(|n| quote_literal(n))
-        .collect();
-    let drop_ours = format!(
-        "DO $pgtenant$ DECLARE r record; BEGIN \
-         FOR r IN SELECT t.tgname, c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid \
-         JOIN pg_namespace n ON n.oid = c.relnamespace \
-         WHERE n.nspname = {schema} AND NOT t.tgisinternal AND t.tgname IN ({names}) LOOP \
-         EXECUTE format('DROP TRIGGER %I ON %I.%I', r.tgname, {schema}, r.relname); END LOOP; END $pgtenant$;",
-        schema = quote_literal(&target.schema),
-        names = names.join(", ")
-    );
-    dst.batch_execute(&format!("BEGIN;\n{sql}\n{drop_ours}\nCOMMIT;"))
-        .await
-        .map_err(|e| MigrateError::pg("make the target's indexes and constraints", e))
-}
-
 /// Counts the rows of `tables` in a fresh snapshot (for `rows_total`).
 pub async fn count_rows(
     client: &Client,
@@ -120,7 +75,10 @@ pub async fn run(job: CopyJob, progress: Arc<dyn CopyProgress>) -> Result<(), Mi
     }
     let holder = job.source.connect().await?;
     holder
-        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .batch_execute(
+            "SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0; \
+             BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+        )
         .await
         .map_err(|e| MigrateError::pg("begin snapshot", e))?;
     let row = holder
@@ -199,15 +157,21 @@ async fn worker(
     exported: &str,
     snapshot: &str,
 ) -> Result<(), MigrateError> {
+    // A copy stream takes as long as its table: no statement timeout on either side.
     let source = job.source.connect().await?;
     source
         .batch_execute(&format!(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT {}",
+            "SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0; \
+             BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT {}",
             quote_literal(exported)
         ))
         .await
         .map_err(|e| MigrateError::pg("import snapshot", e))?;
     let mut target = job.target.connect().await?;
+    target
+        .batch_execute("SET statement_timeout = 0")
+        .await
+        .map_err(|e| MigrateError::pg("copy session setup", e))?;
     loop {
         let next = queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
         let Some(piece) = next else {

@@ -79,6 +79,17 @@ pub(super) async fn plan(
                 .await
                 .map_err(|e| MigrateError::pg(&format!("size of {}", t.name), e))?;
             let (size, block): (i64, i64) = (row.get(0), row.get(1));
+            if size as u64 >= split_bytes {
+                // Row positions must hold until the last range is read: VACUUM FULL, CLUSTER or a rewriting
+                // ALTER TABLE between two ranges would move rows across them. They wait for the copy instead.
+                client
+                    .batch_execute(&format!(
+                        "LOCK TABLE {} IN ACCESS SHARE MODE",
+                        source.qualified(&t.name)
+                    ))
+                    .await
+                    .map_err(|e| MigrateError::pg(&format!("lock {}", t.name), e))?;
+            }
             (size as u64 >= split_bytes).then(|| size as u64 / block.max(1) as u64)
         } else {
             None

@@ -160,7 +160,8 @@ async fn step(shared: &Arc<Shared>, live: &Arc<Live>, rec: &Record) -> Result<()
             {
                 let (source, target) = endpoints(shared, rec)?;
                 let pg_dump = shared.config.load().migration.pg_dump.clone();
-                copy::post_data(&pg_dump, &rec.tenant, &source, &target).await?;
+                let migration = format!("{}@{}", rec.tenant, rec.started_at);
+                super::post_data::apply(&pg_dump, &migration, &source, &target).await?;
                 super::ops::grant_target(shared, rec, &target)
                     .await
                     .map_err(|e| MigrateError::Postgres {

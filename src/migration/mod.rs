@@ -27,6 +27,7 @@ pub mod history;
 pub mod machine;
 pub mod ops;
 pub mod pg;
+pub mod post_data;
 pub mod queue;
 pub mod record;
 pub mod registry;

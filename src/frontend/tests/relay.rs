@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 
-use super::super::pooling::FULL_RESET;
+// The scripted backend's login is no superuser, so the full reset is the unprivileged one.
+use super::super::pooling::FULL_RESET_UNPRIVILEGED as FULL_RESET;
 use super::{bind_execute, parse, sync, World};
 use crate::migration::registry::CommitWait;
 use crate::tenant::TenantId;

@@ -2,7 +2,6 @@
 //! definition when missing, the tenant's role granted on the target), and the record that starts the driver.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio_postgres::Client;
 
@@ -351,26 +350,20 @@ pub(super) async fn superuser(c: &Client, backend: &str) -> Result<(), AdminErro
 }
 
 /// `pg_dump --schema-only --section=pre-data` of the tenant's schema on the source (its tables without
-/// indexes, constraints and triggers, which the copy's end makes: see [`crate::migration::copy::post_data`]),
+/// indexes, constraints and triggers, which the copy's end makes: see [`crate::migration::post_data`]),
 /// run on the target in one transaction.
 async fn create_schema(shared: &Shared, source: &Endpoint, dst: &Client) -> Result<(), AdminError> {
     let pg_dump = shared.config.load().migration.pg_dump.clone();
-    let pre = ["--section=pre-data".to_owned()];
-    let sql = crate::migration::pg::dump_schema(&pg_dump, source, &pre, Duration::from_secs(120))
+    let (pre, post) = crate::migration::post_data::dump(&pg_dump, source)
         .await
         .map_err(|e| {
             preflight(format!(
                 "the target schema is missing and could not be made: {e}"
             ))
         })?;
-    let wrapped = format!("BEGIN;\n{sql}\nCOMMIT;");
-    if let Err(e) = dst.batch_execute(&wrapped).await {
-        let _ = dst.batch_execute("ROLLBACK").await;
-        return Err(preflight(MigrateError::pg(
-            "create the target schema from pg_dump",
-            e,
-        )));
-    }
+    crate::migration::post_data::create(dst, &pre, &post)
+        .await
+        .map_err(preflight)?;
     // pg_dump's script empties search_path for the session; put ours back.
     let _ = dst.batch_execute("RESET search_path").await;
     Ok(())
