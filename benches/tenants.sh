@@ -6,8 +6,7 @@
 # transaction) and role isolation (a pool per tenant role, the database enforcing the boundary) side by side.
 #
 #   bash benches/tenants.sh                              # N=50, 10 s cells, pool_size 10
-#   N=50 DURATION=20 POOL=10 ISOLATIONS="shared tracked role" bash benches/tenants.sh
-# ("tracked": shared isolation with `tenant_switch = "tracked"`, no full reset between tenants.)
+#   N=50 DURATION=20 POOL=10 ISOLATIONS="shared role" bash benches/tenants.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/pg-lib.sh
@@ -15,7 +14,7 @@ source scripts/pg-lib.sh
 N="${N:-50}"
 DURATION="${DURATION:-10}"
 POOL="${POOL:-10}"
-ISOLATIONS="${ISOLATIONS:-shared tracked role}"
+ISOLATIONS="${ISOLATIONS:-shared role}"
 ROWS=1000
 
 cargo build --release --quiet
@@ -24,10 +23,13 @@ pg_start bench
 W="$PG_WORKDIR"
 pg_sql "$bench_PORT" postgres "CREATE DATABASE app" >/dev/null
 {
+  # Shared pools log in as an ordinary role, as README's security model asks (no superuser serving).
+  echo "CREATE ROLE serve LOGIN;"
   for i in $(seq 1 "$N"); do
     echo "CREATE SCHEMA t$i; CREATE TABLE t$i.acc (id int PRIMARY KEY, v int);"
     echo "INSERT INTO t$i.acc SELECT g, g FROM generate_series(1, $ROWS) g;"
     echo "CREATE ROLE t_t$i LOGIN; GRANT USAGE ON SCHEMA t$i TO t_t$i; GRANT SELECT ON t$i.acc TO t_t$i;"
+    echo "GRANT USAGE ON SCHEMA t$i TO serve; GRANT SELECT ON t$i.acc TO serve;"
   done
   echo "VACUUM ANALYZE;"
 } | psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$bench_PORT" -U postgres -d app >/dev/null
@@ -38,17 +40,16 @@ sessions() {
   pg_sql "$bench_PORT" app "SELECT sessions FROM pg_stat_database WHERE datname = 'app'"
 }
 
-start_proxy() { # isolation (shared, tracked or role)
-  local port iso="$1" switch=full
-  [ "$1" = tracked ] && iso=shared switch=tracked
+start_proxy() { # isolation
+  local port
   port="$(free_port)"
   {
     printf '[proxy]\nlisten = "127.0.0.1:%s"\nadmin_socket = "%s/%s.sock"\nstate_dir = "%s/%s-state"\n' \
       "$port" "$W" "$1" "$W" "$1"
     printf 'pool_mode = "transaction"\nmax_client_conn = 2000\n'
     printf '[[users]]\nname = "app"\npassword = "secret"\ntenants = ["*"]\n'
-    printf '[backends.main]\nhost = "127.0.0.1"\nport = %s\nuser = "postgres"\ndatabase = "app"\n' "$bench_PORT"
-    printf 'pool_size = %s\nisolation = "%s"\ntenant_switch = "%s"\n' "$POOL" "$iso" "$switch"
+    printf '[backends.main]\nhost = "127.0.0.1"\nport = %s\nuser = "serve"\ndatabase = "app"\n' "$bench_PORT"
+    printf 'pool_size = %s\nisolation = "%s"\n' "$POOL" "$1"
     # Role isolation needs a connection per busy tenant: room for every tenant's pool, bounded backend-wide.
     if [ "$1" = role ]; then printf 'max_connections = %s\n' "$((N + POOL))"; fi
     for i in $(seq 1 "$N"); do printf '[tenants.t%s]\nbackend = "main"\nschema = "t%s"\n' "$i" "$i"; done

@@ -354,57 +354,8 @@ async fn startup_parameters_that_escape_the_route_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transaction_pooling_never_hands_session_state_to_another_tenant() {
-    let leaked = session_state_between_tenants("full").await;
-    assert_eq!(
-        leaked, "",
-        "a full reset between tenants undoes set_config inside a function"
-    );
-}
-
-/// `tenant_switch = "tracked"` keeps every promise above (what the proxy can see, `DO` blocks included); what
-/// a function changes out of the proxy's sight reaches the next tenant, as documented.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tracked_tenant_switch_undoes_what_the_proxy_saw() {
-    let leaked = session_state_between_tenants("tracked").await;
-    assert_eq!(
-        leaked, "from t1",
-        "tracked switches do not reset what they cannot see"
-    );
-}
-
-/// A serving role that is no superuser gets the cheaper full reset (`RESET ROLE` for `RESET SESSION
-/// AUTHORIZATION`): a role taken inside a function by one tenant still never reaches the next.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_role_taken_inside_a_function_never_reaches_the_next_tenant() {
-    let pg = PgCluster::start();
-    pg.tenant_schemas("app", &["tenant_t1", "tenant_t2"]);
-    pg.psql(
-        "app",
-        "CREATE ROLE serve LOGIN; CREATE ROLE other; GRANT other TO serve; \
-         GRANT USAGE ON SCHEMA tenant_t1, tenant_t2 TO serve; \
-         GRANT SELECT ON ALL TABLES IN SCHEMA tenant_t1, tenant_t2 TO serve; \
-         CREATE FUNCTION public.become_other() RETURNS text LANGUAGE plpgsql AS \
-         $$ BEGIN PERFORM set_config('role', 'other', false); RETURN current_user; END $$",
-    );
-    let p = Harness::new()
-        .proxy("pool_mode = \"transaction\"")
-        .backend_as("shared", &pg, "serve", "database = \"app\"\npool_size = 1")
-        .tenant("t1", "shared", None, Some("tenant_t1"))
-        .tenant("t2", "shared", None, Some("tenant_t2"))
-        .start()
-        .await;
-    let t1 = tenant(&p, "t1").await;
-    let t2 = tenant(&p, "t2").await;
-    assert_eq!(one(&t2, "SELECT current_user").await, "serve");
-    assert_eq!(one(&t1, "SELECT public.become_other()").await, "other");
-    assert_eq!(one(&t2, "SELECT current_user").await, "serve");
-    assert_eq!(one(&t2, "SELECT who FROM t").await, "tenant_t2");
-}
-
-/// Shared isolation (one serving role, one pool) in transaction mode with a single connection: every
-/// transaction of either tenant lands on the same backend connection. Returns what t2 sees of a setting t1
-/// changed inside a function (`tenant_switch` decides).
-async fn session_state_between_tenants(switch: &str) -> String {
+    // Shared isolation (one serving role, one pool) in transaction mode with a single connection: every
+    // transaction of either tenant lands on the same backend connection.
     let pg = PgCluster::start();
     pg.tenant_schemas("app", &["tenant_t1", "tenant_t2"]);
     pg.psql(
@@ -415,11 +366,7 @@ async fn session_state_between_tenants(switch: &str) -> String {
     );
     let p = Harness::new()
         .proxy("pool_mode = \"transaction\"")
-        .backend_with(
-            "shared",
-            &pg,
-            &format!("database = \"app\"\npool_size = 1\ntenant_switch = \"{switch}\""),
-        )
+        .backend_with("shared", &pg, "database = \"app\"\npool_size = 1")
         .tenant("t1", "shared", None, Some("tenant_t1"))
         .tenant("t2", "shared", None, Some("tenant_t2"))
         .start()
@@ -468,15 +415,15 @@ async fn session_state_between_tenants(switch: &str) -> String {
     let w1: String = t1.query_one(&s1, &[]).await.unwrap().get(0);
     let w2: String = t2.query_one(&s2, &[]).await.unwrap().get(0);
     assert_eq!((w1.as_str(), w2.as_str()), ("tenant_t1", "tenant_t2"));
-    // A setting changed inside a function: the proxy cannot see it.
+    // A setting changed inside a function, out of the proxy's sight: the full reset undoes it all the same.
     assert_eq!(one(&t1, "SELECT public.mark()::text").await, "1");
     let leaked = one(
         &t2,
         "SELECT coalesce(current_setting('app.mark', true), '')",
     )
     .await;
-    // A SET the proxy saw never reaches the other tenant, in either mode (nor does the function's setting
-    // after it: the SET makes the next tenant's connection get `RESET ALL`).
+    assert_eq!(leaked, "");
+    // Nor does a SET the proxy saw reach the other tenant, or the function's setting after it.
     t1.batch_execute("SET application_name = 't1 app'")
         .await
         .unwrap();
@@ -493,7 +440,35 @@ async fn session_state_between_tenants(switch: &str) -> String {
         .await,
         ""
     );
-    leaked
+}
+
+/// A serving role that is no superuser gets the cheaper full reset (`RESET ROLE` for `RESET SESSION
+/// AUTHORIZATION`): a role taken inside a function by one tenant still never reaches the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_taken_inside_a_function_never_reaches_the_next_tenant() {
+    let pg = PgCluster::start();
+    pg.tenant_schemas("app", &["tenant_t1", "tenant_t2"]);
+    pg.psql(
+        "app",
+        "CREATE ROLE serve LOGIN; CREATE ROLE other; GRANT other TO serve; \
+         GRANT USAGE ON SCHEMA tenant_t1, tenant_t2 TO serve; \
+         GRANT SELECT ON ALL TABLES IN SCHEMA tenant_t1, tenant_t2 TO serve; \
+         CREATE FUNCTION public.become_other() RETURNS text LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM set_config('role', 'other', false); RETURN current_user; END $$",
+    );
+    let p = Harness::new()
+        .proxy("pool_mode = \"transaction\"")
+        .backend_as("shared", &pg, "serve", "database = \"app\"\npool_size = 1")
+        .tenant("t1", "shared", None, Some("tenant_t1"))
+        .tenant("t2", "shared", None, Some("tenant_t2"))
+        .start()
+        .await;
+    let t1 = tenant(&p, "t1").await;
+    let t2 = tenant(&p, "t2").await;
+    assert_eq!(one(&t2, "SELECT current_user").await, "serve");
+    assert_eq!(one(&t1, "SELECT public.become_other()").await, "other");
+    assert_eq!(one(&t2, "SELECT current_user").await, "serve");
+    assert_eq!(one(&t2, "SELECT who FROM t").await, "tenant_t2");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -32,22 +32,6 @@ pub enum Isolation {
     Shared,
 }
 
-/// What a shared pool's connection gets when another tenant's transaction takes it over (transaction pooling).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TenantSwitch {
-    /// A full reset (settings, role, cursors, listeners, advisory locks, temporary objects, sequences), one
-    /// round trip before the transaction: nothing the last tenant's session did, seen or not, reaches the next.
-    #[default]
-    Full,
-    /// Only what the proxy saw: the last tenant's `SET`s undone, the schema switched ahead of the statements
-    /// (no round trip of its own), a full reset after a `DO` or `CALL`. State made inside functions called
-    /// from a query (`set_config(..., false)`, session advisory locks, temporary tables made by a function)
-    /// can reach the next tenant: for applications trusted not to, as PgBouncer's transaction pooling, which
-    /// resets nothing between clients.
-    Tracked,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
@@ -91,9 +75,6 @@ pub struct BackendConfig {
     /// Isolation of routes to this backend that do not set their own.
     #[serde(default)]
     pub isolation: Isolation,
-    /// What a shared pool's connection gets between tenants in transaction pooling.
-    #[serde(default)]
-    pub tenant_switch: TenantSwitch,
     /// The role an `isolation = "role"` route logs in as unless it names one; `{tenant}` is the tenant's name.
     #[serde(default = "default_tenant_role")]
     pub tenant_role: String,
@@ -137,7 +118,6 @@ impl BackendConfig {
             max_tenant_connections: 0,
             sslmode: SslMode::Disable,
             isolation: Isolation::Shared,
-            tenant_switch: TenantSwitch::Full,
             tenant_role: default_tenant_role(),
             tenant_password_key_file: None,
             secrets: BackendSecrets::default(),

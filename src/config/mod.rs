@@ -23,7 +23,7 @@ use crate::tenant::TenantId;
 
 pub use crate::tenant::TenantSource;
 pub use api::{ApiRole, ApiToken};
-pub use backend::{BackendConfig, BackendSecrets, Isolation, SslMode, TenantConfig, TenantSwitch};
+pub use backend::{BackendConfig, BackendSecrets, Isolation, SslMode, TenantConfig};
 pub use migration::{MigrationConfig, TeeMode};
 pub use proxy::{admin_socket_for, Keepalive, PinnedAtMove, PoolMode, ProxyConfig};
 pub use secret::Secret;

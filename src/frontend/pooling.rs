@@ -16,7 +16,6 @@ use super::server::Server;
 use super::session::Session;
 use super::statements::{ClientStatements, Target, MAX_HEAD_NAMES, MAX_INFLIGHT};
 use crate::backend::pool::ReleaseState;
-use crate::config::TenantSwitch;
 use crate::errors::ClientError;
 use crate::metrics::ErrorKind;
 use crate::protocol::tag::{backend as be, frontend as fe, status};
@@ -48,8 +47,6 @@ pub(super) const FULL_RESET_UNPRIVILEGED: &str = "RESET ALL; RESET ROLE; CLOSE A
 enum Reset {
     /// Everything any session may have left (another tenant's, or after code the proxy cannot follow).
     Full,
-    /// Another tenant's, with `tenant_switch = "tracked"`: what the proxy saw.
-    Switch,
     /// The same tenant's: only the SETs, when they differ.
     Sets,
 }
@@ -217,21 +214,18 @@ impl Session {
         ahead: bool,
     ) -> Result<(), Unsettled> {
         let conn = server.conn.get();
-        let tracked = server.conn.pool().backend.config.tenant_switch == TenantSwitch::Tracked;
         let foreign = conn.owner.is_some() && conn.owner != self.place.tenant;
-        let reset = match (foreign, tracked) {
-            _ if conn.suspect => Reset::Full,
-            (true, false) => Reset::Full,
-            (true, true) => Reset::Switch,
-            (false, _) => Reset::Sets,
+        let reset = if foreign || conn.suspect {
+            Reset::Full
+        } else {
+            Reset::Sets
         };
         let (fingerprint, _) = self.state.sets_fingerprint();
-        if ahead && !foreign && reset == Reset::Sets && fingerprint == 0 && conn.applied_sets == 0 {
+        if ahead && reset == Reset::Sets && fingerprint == 0 && conn.applied_sets == 0 {
             // The same tenant's connection, nothing of the client's to replay: the schema change goes ahead of
             // the client's first frames, its replies taken out (no round trip of its own). Never the full reset:
             // frames queued behind it run even when it fails (it is one implicit transaction, all undone by any
-            // error, a cancel included), and would then run on what another tenant left. Nor another tenant's
-            // schema change, for the same reason: they would run in the other tenant's schema.
+            // error, a cancel included), and would then run on what another tenant left.
             if conn.route_path != self.pooling.route_path {
                 self.pipeline_path(server)?;
             }
@@ -283,16 +277,9 @@ impl Session {
         let conn = server.conn.get_mut();
         // The proxy's own part (reset, the tenant's schema) is one Query; the client's SETs follow one each, so
         // a SET the backend refuses fails alone, as it did when the client sent it.
-        let sets_left = conn.applied_sets != 0 || conn.applied_role;
         let mut own = String::from(match (reset, conn.applied_role) {
             (Reset::Full, _) if unprivileged => FULL_RESET_UNPRIVILEGED,
             (Reset::Full, _) => FULL_RESET,
-            // A tracked switch: the last tenant's SETs undone, and its sequences' values (`lastval()`).
-            (Reset::Switch, _) if !sets_left => "DISCARD SEQUENCES",
-            (Reset::Switch, true) => {
-                "RESET ALL; RESET SESSION AUTHORIZATION; RESET ROLE; DISCARD SEQUENCES"
-            }
-            (Reset::Switch, false) => "RESET ALL; DISCARD SEQUENCES",
             (Reset::Sets, true) => "RESET ALL; RESET SESSION AUTHORIZATION; RESET ROLE",
             (Reset::Sets, false) => "RESET ALL",
         });
