@@ -108,9 +108,12 @@ impl Session {
         } else {
             Ok(())
         };
-        self.txn.tally.wait_us += arrived.elapsed().as_micros() as u64;
         match routed {
-            Ok(()) => Ok(Admission::Go),
+            // As PgBouncer's wait time: counted for transactions that got their connection.
+            Ok(()) => {
+                self.txn.tally.wait_us += arrived.elapsed().as_micros() as u64;
+                Ok(Admission::Go)
+            }
             Err(Refusal::Statement(e)) => {
                 self.end_transaction(false);
                 Ok(Admission::Refuse(e))
