@@ -71,26 +71,7 @@ pub(super) async fn plan(
     let mut pieces = Vec::new();
     for t in tables {
         let blocks = if parallel > 1 && split_bytes > 0 {
-            let row = client
-                .query_one(
-                    "SELECT pg_relation_size($1::text::regclass)::int8, current_setting('block_size')::int8",
-                    &[&source.qualified(&t.name)],
-                )
-                .await
-                .map_err(|e| MigrateError::pg(&format!("size of {}", t.name), e))?;
-            let (size, block): (i64, i64) = (row.get(0), row.get(1));
-            if size as u64 >= split_bytes {
-                // Row positions must hold until the last range is read: VACUUM FULL, CLUSTER or a rewriting
-                // ALTER TABLE between two ranges would move rows across them. They wait for the copy instead.
-                client
-                    .batch_execute(&format!(
-                        "LOCK TABLE {} IN ACCESS SHARE MODE",
-                        source.qualified(&t.name)
-                    ))
-                    .await
-                    .map_err(|e| MigrateError::pg(&format!("lock {}", t.name), e))?;
-            }
-            (size as u64 >= split_bytes).then(|| size as u64 / block.max(1) as u64)
+            big_table_blocks(client, source, t, split_bytes).await?
         } else {
             None
         };
@@ -107,6 +88,34 @@ pub(super) async fn plan(
         }
     }
     Ok(pieces)
+}
+
+/// The table's size in blocks when it is at least `split_bytes`, after locking it for the copy: row positions
+/// must hold until the last range is read (VACUUM FULL, CLUSTER or a rewriting ALTER TABLE between two ranges
+/// would move rows across them; they wait for the copy instead).
+async fn big_table_blocks(
+    client: &Client,
+    source: &Endpoint,
+    t: &Table,
+    split_bytes: u64,
+) -> Result<Option<u64>, MigrateError> {
+    let table = source.qualified(&t.name);
+    let row = client
+        .query_one(
+            "SELECT pg_relation_size($1::text::regclass)::int8, current_setting('block_size')::int8",
+            &[&table],
+        )
+        .await
+        .map_err(|e| MigrateError::pg(&format!("size of {}", t.name), e))?;
+    let (size, block): (i64, i64) = (row.get(0), row.get(1));
+    if (size as u64) < split_bytes {
+        return Ok(None);
+    }
+    client
+        .batch_execute(&format!("LOCK TABLE {table} IN ACCESS SHARE MODE"))
+        .await
+        .map_err(|e| MigrateError::pg(&format!("lock {}", t.name), e))?;
+    Ok(Some(size as u64 / block.max(1) as u64))
 }
 
 /// `n` block ranges covering `blocks` blocks (and whatever follows them).
