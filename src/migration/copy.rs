@@ -139,15 +139,20 @@ async fn empty_split_tables(job: &CopyJob, pieces: &[Piece]) -> Result<(), Migra
     let target = job.target.connect().await?;
     for name in split {
         target
-            .batch_execute(&format!(
-                "BEGIN; SET LOCAL session_replication_role = replica; DELETE FROM {}{}; COMMIT",
-                job.target.qualified(name),
-                job.target.tenant_where()
-            ))
+            .batch_execute(&format!("BEGIN; {}; COMMIT", empty_sql(job, name)))
             .await
             .map_err(|e| MigrateError::pg(&format!("empty {} on the target", name), e))?;
     }
     Ok(())
+}
+
+/// Empties the tenant's rows of `table` on the target, inside a transaction (triggers off, as for the copy).
+fn empty_sql(job: &CopyJob, table: &str) -> String {
+    format!(
+        "SET LOCAL session_replication_role = replica; DELETE FROM {}{}",
+        job.target.qualified(table),
+        job.target.tenant_where()
+    )
 }
 
 async fn worker(
@@ -242,22 +247,19 @@ async fn copy_table(
         ),
     };
     let dst = job.target.qualified(&table.name);
-    let dst_where = job.target.tenant_where();
     let cols: Vec<String> = table.columns.iter().map(|c| quote_ident(c)).collect();
     let list = cols.join(", ");
     let tx = target
         .transaction()
         .await
         .map_err(|e| MigrateError::pg("begin copy", e))?;
-    let empty = match piece.split {
-        None => format!("DELETE FROM {dst}{dst_where}"),
-        Some(_) => String::new(),
+    let setup = match piece.split {
+        None => empty_sql(job, &table.name),
+        Some(_) => "SET LOCAL session_replication_role = replica".to_owned(),
     };
-    tx.batch_execute(&format!(
-        "SET LOCAL session_replication_role = replica; {empty}"
-    ))
-    .await
-    .map_err(|e| MigrateError::pg(&format!("prepare {}", table.name), e))?;
+    tx.batch_execute(&setup)
+        .await
+        .map_err(|e| MigrateError::pg(&format!("prepare {}", table.name), e))?;
     let copy = TableCopy {
         query: format!("SELECT {list} FROM {src_rows}"),
         dst: &dst,

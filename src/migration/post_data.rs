@@ -15,21 +15,20 @@ const DUMP_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The source schema's `pre-data` and `post-data` DDL.
 pub async fn dump(pg_dump: &str, source: &Endpoint) -> Result<(String, String), MigrateError> {
-    let pre = dump_schema(
-        pg_dump,
-        source,
-        &["--section=pre-data".to_owned()],
-        DUMP_TIMEOUT,
-    )
-    .await?;
-    let post = dump_schema(
-        pg_dump,
-        source,
-        &["--section=post-data".to_owned()],
-        DUMP_TIMEOUT,
-    )
-    .await?;
+    let pre = section(pg_dump, source, "pre-data").await?;
+    let post = section(pg_dump, source, "post-data").await?;
     Ok((pre, post))
+}
+
+/// One section of `pg_dump --schema-only` of the source schema.
+async fn section(pg_dump: &str, source: &Endpoint, name: &str) -> Result<String, MigrateError> {
+    dump_schema(
+        pg_dump,
+        source,
+        &[format!("--section={name}")],
+        DUMP_TIMEOUT,
+    )
+    .await
 }
 
 /// Makes the target schema from `pre` in one transaction, after trying `post` on it and rolling that back.
@@ -57,13 +56,7 @@ pub async fn apply(
     if done(&dst, &target.schema, migration).await? {
         return Ok(());
     }
-    let post = dump_schema(
-        pg_dump,
-        source,
-        &["--section=post-data".to_owned()],
-        DUMP_TIMEOUT,
-    )
-    .await?;
+    let post = section(pg_dump, source, "post-data").await?;
     let marker = format!(
         "CREATE SCHEMA IF NOT EXISTS pgtenant; \
          CREATE TABLE IF NOT EXISTS pgtenant.post_data_done (schema_name text, migration text, \
