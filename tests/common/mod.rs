@@ -101,8 +101,12 @@ log_min_messages = warning
 fn template() -> &'static Path {
     static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
     TEMPLATE.get_or_init(|| {
-        let base = std::env::temp_dir().join(format!("pgtenant-tpl-{}", std::process::id()));
+        sweep_dead_templates();
+        let base = template_dir(std::process::id());
         let _ = std::fs::remove_dir_all(&base);
+        // Statics are never dropped: remove the template when the test binary exits.
+        // SAFETY: `remove_template` is an `extern "C" fn()` that touches only the file system.
+        unsafe { libc::atexit(remove_template) };
         make_dir_for_postgres(&base);
         let data = base.join("data");
         run_pg(
@@ -126,6 +130,34 @@ fn template() -> &'static Path {
         make_dir_for_postgres(&base);
         data
     })
+}
+
+fn template_dir(pid: u32) -> PathBuf {
+    std::env::temp_dir().join(format!("pgtenant-tpl-{pid}"))
+}
+
+extern "C" fn remove_template() {
+    let _ = std::fs::remove_dir_all(template_dir(std::process::id()));
+}
+
+/// Templates of test binaries that were killed before `atexit` ran: 39 MB each, they filled the disk once.
+fn sweep_dead_templates() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("pgtenant-tpl-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 pub fn free_port() -> u16 {
