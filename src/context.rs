@@ -85,7 +85,10 @@ pub struct Shared {
 impl Shared {
     /// Builds the shared state. Routes come from `state_dir` when they were ever persisted (the config only
     /// seeds them); a corrupt state file is an error.
-    pub fn new(config: Config, config_path: Option<PathBuf>) -> Result<Arc<Shared>, ContextError> {
+    pub fn new(
+        mut config: Config,
+        config_path: Option<PathBuf>,
+    ) -> Result<Arc<Shared>, ContextError> {
         let (tls, tls_end_point) = match &config.tls {
             Some(t) => {
                 let server = tls::acceptor(&t.cert, &t.key)?;
@@ -113,6 +116,7 @@ impl Shared {
                 (table, BTreeSet::new())
             }
         };
+        config.keep_login_settings();
         let metrics = Metrics::new();
         Ok(Arc::new(Shared {
             notifier: crate::notify::Notifier::new(metrics.clone()),

@@ -57,7 +57,7 @@ fn main() -> ExitCode {
             let Some(runtime) = runtime(config_file.proxy.workers) else {
                 return ExitCode::FAILURE;
             };
-            runtime.block_on(serve(config))
+            runtime.block_on(serve(config_file, config))
         }
         Command::Ctl(args) => match runtime(1) {
             Some(rt) => ExitCode::from(rt.block_on(pgtenant::ctl::run(*args)) as u8),
@@ -132,14 +132,7 @@ fn check_fd_limit(config: &Config) {
     }
 }
 
-async fn serve(path: PathBuf) -> ExitCode {
-    let config = match Config::load(&path) {
-        Ok(c) => c,
-        Err(e) => {
-            error!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
+async fn serve(config: Config, path: PathBuf) -> ExitCode {
     let grace = config.proxy.shutdown_timeout();
     check_fd_limit(&config);
     let proxy = match Proxy::start_with_path(config, Some(path)).await {

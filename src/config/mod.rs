@@ -77,7 +77,37 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Config::from_toml(&text, std::env::vars())
+        // The parse tree of a large config (100 000 tenants: ~200 MB) is garbage once the config is built, and
+        // so are most tenant entries once the routes are (see `keep_login_settings`). Built on a thread of its
+        // own, all of it sits in that thread's malloc arena, which a trim then gives back whole.
+        std::thread::scope(|s| {
+            s.spawn(|| Config::from_toml(&text, std::env::vars()))
+                .join()
+                .unwrap_or_else(|_| Err(ConfigError::Parse("the config parser panicked".into())))
+        })
+    }
+
+    /// The config as the serving path keeps it once the routes are built: of `[tenants.*]`, only the entries a
+    /// login reads (a password of the tenant's role, a client cap), copied into fresh allocations. Everything
+    /// else about a tenant lives in its route, so 100 000 schema tenants are not held twice, and nothing of
+    /// the parse is left to keep its memory from the system.
+    pub fn keep_login_settings(&mut self) {
+        self.tenants = self
+            .tenants
+            .iter()
+            .filter(|(_, t)| t.secret.is_some() || t.max_client_conn.is_some())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+    }
+
+    /// Every tenant's backend name becomes the backends map's own: one allocation per backend, not one per
+    /// tenant (100 000 tenants: 4.8 MB), shared by the routes built from them.
+    fn share_backend_names(&mut self) {
+        for t in self.tenants.values_mut() {
+            if let Some((shared, _)) = self.backends.get_key_value(&t.backend) {
+                t.backend = shared.clone();
+            }
+        }
     }
 
     /// Parses `text` with overrides from `env` (pairs of variable name and value).
@@ -94,6 +124,7 @@ impl Config {
             .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
         config.validate()?;
         config.resolve_secrets(&env)?;
+        config.share_backend_names();
         Ok(config)
     }
 
@@ -393,6 +424,33 @@ schema = "tenant_acme"
         assert!(Config::from_toml(&dangling, std::iter::empty()).is_err());
         let bad_tenant = EXAMPLE.replace("[tenants.acme]", "[tenants.\"a b\"]");
         assert!(Config::from_toml(&bad_tenant, std::iter::empty()).is_err());
+    }
+
+    #[test]
+    fn the_kept_config_holds_only_what_a_login_reads() {
+        let text = format!(
+            "{EXAMPLE}
+[tenants.capped]
+backend = \"shared\"
+max_client_conn = 3
+[tenants.secured]
+backend = \"shared\"
+isolation = \"role\"
+password = \"pw\"
+"
+        );
+        let mut c = Config::from_toml(&text, std::iter::empty()).unwrap();
+        let backend = c.backends.keys().next().unwrap().clone();
+        for t in c.tenants.values() {
+            assert_eq!(t.backend, backend);
+            // Every tenant's name is the backends map's own allocation.
+            assert!(std::ptr::eq(t.backend.as_str(), backend.as_str()));
+        }
+        c.keep_login_settings();
+        let kept: Vec<&str> = c.tenants.keys().map(String::as_str).collect();
+        assert_eq!(kept, ["capped", "secured"]);
+        assert_eq!(c.tenants["capped"].max_client_conn, Some(3));
+        assert_eq!(c.tenants["secured"].secret.as_ref().unwrap().expose(), "pw");
     }
 }
 

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
+use crate::ids::BackendId;
 use crate::routing::{Change, Epoch, Route, RoutingTable};
 use crate::tenant::TenantId;
 use routes_log::{LogRecord, RoutesLog};
@@ -73,9 +74,26 @@ impl RoutesFile {
 
     pub fn to_table(&self) -> Result<RoutingTable, String> {
         let mut routes = std::collections::HashMap::with_capacity(self.routes.len());
-        for (name, route) in &self.routes {
+        // One fresh name per backend, shared by its routes: not one per route, and none pointing back into the
+        // memory the file was parsed in (see `load_routes`).
+        let mut names: std::collections::HashMap<&str, BackendId> =
+            std::collections::HashMap::new();
+        for (name, original) in &self.routes {
             let id = TenantId::parse(name).map_err(|e| e.to_string())?;
-            routes.insert(id, std::sync::Arc::new(route.clone()));
+            let key = original.backend.as_str();
+            let backend = match names.get(key) {
+                Some(shared) => shared.clone(),
+                None => {
+                    let fresh = BackendId::parse(key).map_err(|e| e.to_string())?;
+                    names.insert(key, fresh.clone());
+                    fresh
+                }
+            };
+            let route = Route {
+                backend,
+                ..original.clone()
+            };
+            routes.insert(id, std::sync::Arc::new(route));
         }
         Ok(RoutingTable::new(self.epoch, routes))
     }
@@ -169,24 +187,22 @@ impl StateStore {
     /// The persisted routes (the snapshot with the logged changes after it), `None` when none were ever
     /// written.
     pub fn load_routes(&mut self) -> Result<Option<RoutesFile>, StateError> {
-        let path = self.dir.join(ROUTES_FILE);
-        let Some(mut file) = read_snapshot(&path)? else {
-            if self.dir.join(routes_log::LOG_FILE).exists()
-                || self.dir.join(routes_log::PREV_FILE).exists()
-            {
-                return Err(StateError::Corrupt {
-                    path,
-                    reason: "missing, while routes.log holds changes made after it; remove routes.log too to \
-                             reseed routes from the config"
-                        .into(),
-                });
-            }
+        // Read, replayed and checked on a thread of its own: the JSON text, its parse and the checking table
+        // (100 000 routes: ~100 MB) are garbage in that thread's malloc arena, which a trim gives back whole,
+        // instead of holes between the tables the proxy keeps.
+        let dir = &self.dir;
+        let loaded = std::thread::scope(|s| {
+            s.spawn(|| read_and_replay(dir)).join().unwrap_or_else(|_| {
+                Err(StateError::Corrupt {
+                    path: dir.join(ROUTES_FILE),
+                    reason: "its reader panicked".into(),
+                })
+            })
+        })?;
+        let Some((file, lines)) = loaded else {
             return Ok(None);
         };
-        let lines = routes_log::replay(&self.dir, &mut file)?;
         self.log = RoutesLog::new(&self.dir, lines);
-        file.to_table()
-            .map_err(|reason| StateError::Corrupt { path, reason })?;
         Ok(Some(file))
     }
 
@@ -266,6 +282,27 @@ fn read_snapshot(path: &Path) -> Result<Option<RoutesFile>, StateError> {
         });
     }
     Ok(Some(file))
+}
+
+/// The snapshot with the log's changes applied and checked, and the number of log lines; `None` when no
+/// snapshot was ever written.
+fn read_and_replay(dir: &Path) -> Result<Option<(RoutesFile, usize)>, StateError> {
+    let path = dir.join(ROUTES_FILE);
+    let Some(mut file) = read_snapshot(&path)? else {
+        if dir.join(routes_log::LOG_FILE).exists() || dir.join(routes_log::PREV_FILE).exists() {
+            return Err(StateError::Corrupt {
+                path,
+                reason: "missing, while routes.log holds changes made after it; remove routes.log too to \
+                         reseed routes from the config"
+                    .into(),
+            });
+        }
+        return Ok(None);
+    };
+    let lines = routes_log::replay(dir, &mut file)?;
+    file.to_table()
+        .map_err(|reason| StateError::Corrupt { path, reason })?;
+    Ok(Some((file, lines)))
 }
 
 #[cfg(test)]

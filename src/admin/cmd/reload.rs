@@ -56,6 +56,8 @@ pub fn reload(shared: &Arc<Shared>) -> Result<Done, AdminError> {
     shared.backends.store(Arc::new(plan.backends));
     shared.notifier.configure(&merged.webhooks);
     applied.push("webhooks".into());
+    let mut merged = merged;
+    merged.keep_login_settings();
     shared.config.store(Arc::new(merged));
     applied.push("proxy session settings".into());
     let result = Reloaded {
