@@ -1389,3 +1389,66 @@ async fn queued_moves_start_when_due_survive_a_restart_and_can_be_cancelled() {
         json!([])
     );
 }
+
+/// The synchronous tee's promise, one commit at a time: each write is on the target when its COMMIT returns.
+/// With no commit waiting after it, the pass is confirmed at once: the source's change log and the target's
+/// ledger are emptied without another write to push them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_commit_is_on_the_target_when_it_returns_and_is_confirmed_after() {
+    let shared = PgCluster::start();
+    let dedicated = PgCluster::start();
+    small_schema(&shared);
+    let proxy = up(harness(&shared, &dedicated)).await;
+    start_acme(&proxy).await;
+    wait_state(&proxy, "acme", "dual_write", Duration::from_secs(30)).await;
+    wait_lag_zero(&proxy, "acme").await;
+    let c = proxy.connect("app.acme", "app").await.unwrap();
+    let target = connect(&format!(
+        "host=127.0.0.1 port={} user=postgres dbname=app",
+        dedicated.port
+    ))
+    .await
+    .unwrap();
+    for n in 0..20 {
+        c.batch_execute(&format!(
+            "BEGIN; INSERT INTO a (v) VALUES ({}); UPDATE b SET v = v + 1 WHERE id = {}; COMMIT;",
+            10_000 + n,
+            n + 1
+        ))
+        .await
+        .unwrap();
+        let row = target
+            .query_one(
+                "SELECT (SELECT count(*) FROM tenant_acme.a WHERE v = $1::int), \
+                 (SELECT v FROM tenant_acme.b WHERE id = $2::int)",
+                &[&(10_000 + n), &(n + 1)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, i64>(0), 1, "commit {n} not on the target");
+        assert_eq!(row.get::<_, i32>(1), n + 2, "commit {n} not on the target");
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let log = shared.psql(
+            "app",
+            "SELECT count(*) FROM pgtenant.change_log WHERE tenant = 'acme'",
+        );
+        let ledger = dedicated.psql(
+            "app",
+            "SELECT count(*) FROM pgtenant.applied WHERE tenant = 'acme'",
+        );
+        if log == "0" && ledger == "0" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not confirmed: {log} log entries, {ledger} ledger rows"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        fingerprint(&dedicated, "tenant_acme"),
+        fingerprint(&shared, "tenant_acme")
+    );
+}

@@ -128,6 +128,45 @@ impl Link {
         })
     }
 
+    /// Confirms the last pass outside of any commit's wait: deletes its entries from the "from" log and, at
+    /// the same time, the ledger rows of entries deleted before. A pass does the same itself when no tidy ran
+    /// in between (see [`super::tee::Tee`]'s driver, which tidies only while no commit is waiting).
+    pub async fn tidy(&mut self, tenant: &str) -> Result<(), MigrateError> {
+        if self.unconfirmed.is_empty() && self.trim.is_empty() {
+            return Ok(());
+        }
+        let [_, delete_stmt, trim_stmt] = self.ready().await?;
+        let done = std::mem::take(&mut self.unconfirmed);
+        let trim = std::mem::take(&mut self.trim);
+        let (from, to) = (&self.from, &self.to);
+        let delete = async {
+            if done.is_empty() {
+                Ok(0)
+            } else {
+                from.execute(&delete_stmt, &[&tenant, &done]).await
+            }
+        };
+        let trimmed = async {
+            if trim.is_empty() {
+                Ok(0)
+            } else {
+                to.execute(&trim_stmt, &[&tenant, &trim]).await
+            }
+        };
+        let (deleted, trimmed) = join(delete, trimmed).await;
+        // What failed is done again later: the entries stay unconfirmed, the ledger rows stay to be trimmed.
+        match deleted {
+            Ok(_) => self.trim.extend(done),
+            Err(_) => self.unconfirmed = done,
+        }
+        if trimmed.is_err() {
+            self.trim.extend(trim);
+        }
+        deleted.map_err(|e| MigrateError::pg("trim change log", e))?;
+        trimmed.map_err(|e| MigrateError::pg("trim ledger", e))?;
+        Ok(())
+    }
+
     /// Applies `entries` on the "to" side in one pipelined transaction, batched by [`super::batch::plan`];
     /// entries the ledger already has are skipped by the statements themselves.
     pub async fn apply(&mut self, tenant: &str, entries: &[Entry]) -> Result<(), MigrateError> {

@@ -352,8 +352,31 @@ impl Tee {
         let read = self.pass_locked(&mut guard, deadline).await?;
         if read > 0 {
             debug!(tenant = %self.spec.tenant, read, "tee pass");
+            // With no commit waiting, confirm the pass now rather than at the start of the next one, where
+            // it would add a statement on each side to the next commit's wait (a single writer: 4 entries a
+            // pass, the two deletes were ~0.1 ms of its 0.9 ms).
+            if *self.done.borrow() >= self.requested.load(Ordering::SeqCst) {
+                self.tidy_locked(&mut guard, deadline).await?;
+            }
         }
         Ok(read as i64 >= PASS_LIMIT)
+    }
+
+    async fn tidy_locked(
+        &self,
+        guard: &mut MutexGuard<'_, Option<Link>>,
+        deadline: Instant,
+    ) -> Result<(), MigrateError> {
+        let link = guard.as_mut().ok_or(MigrateError::Cancelled)?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, link.tidy(&self.spec.tenant)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => {
+                **guard = None;
+                Err(MigrateError::Timeout("confirming a tee pass".into()))
+            }
+        }
     }
 
     /// Vacuums the change log and the ledger. Both are queues (every row is inserted and deleted within
