@@ -66,7 +66,10 @@ def main():
     th = threading.Thread(target=select_loop, args=(dsn, stop, worst))
     th.start()
     lat = []
+    rss_mid = rss_before
     for i in range(changes):
+        if i == changes // 5:
+            rss_mid = rss_mb(pid)
         tenant = f"t{1 + (i * 7919) % (tenants - 1)}"
         t = time.perf_counter()
         admin.call({"cmd": "tenant.set", "tenant": tenant, "backend": "main", "schema": f"s{i}"})
@@ -80,7 +83,7 @@ def main():
     p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
     print(
         f"| {tenants} | {changes} | {ms(statistics.median(lat))} / {ms(p99)} / {ms(lat[-1])} "
-        f"| {ms(quiet)} / {ms(worst[0])} | {rss_before:.0f} -> {rss_after:.0f} |"
+        f"| {ms(quiet)} / {ms(worst[0])} | {rss_before:.0f} -> {rss_mid:.0f} -> {rss_after:.0f} |"
     )
 
 

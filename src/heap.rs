@@ -16,3 +16,22 @@ pub fn trim() {
         }
     }
 }
+
+/// Allocations of 1 MiB and more (a routing table's hash table, a routes snapshot's JSON, the config text) get
+/// pages of their own, given back when they are freed. glibc would otherwise raise that threshold to the size of
+/// the first such block freed and serve the later ones from the heap, where each fold and snapshot leaves a hole.
+/// Called once the start is done: the start itself (parsing a large config, reading a routes snapshot) is
+/// faster with glibc's default, and its garbage is trimmed as a whole.
+pub fn big_blocks_apart() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn mallopt(param: i32, value: i32) -> i32;
+        }
+        const M_MMAP_THRESHOLD: i32 = -3;
+        // SAFETY: mallopt takes no pointers and takes glibc's arena lock itself.
+        unsafe {
+            mallopt(M_MMAP_THRESHOLD, 1 << 20);
+        }
+    }
+}

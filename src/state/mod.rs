@@ -72,6 +72,15 @@ impl RoutesFile {
         }
     }
 
+    /// What [`RoutesFile::to_table`] would refuse, without building the table.
+    pub fn check(&self) -> Result<(), String> {
+        for (name, route) in &self.routes {
+            TenantId::parse(name).map_err(|e| e.to_string())?;
+            BackendId::parse(route.backend.as_str()).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
     pub fn to_table(&self) -> Result<RoutingTable, String> {
         let mut routes = std::collections::HashMap::with_capacity(self.routes.len());
         // One fresh name per backend, shared by its routes: not one per route, and none pointing back into the
@@ -300,7 +309,7 @@ fn read_and_replay(dir: &Path) -> Result<Option<(RoutesFile, usize)>, StateError
         return Ok(None);
     };
     let lines = routes_log::replay(dir, &mut file)?;
-    file.to_table()
+    file.check()
         .map_err(|reason| StateError::Corrupt { path, reason })?;
     Ok(Some((file, lines)))
 }
