@@ -53,7 +53,8 @@ pub struct Config {
     pub users: Vec<UserConfig>,
     #[serde(default)]
     pub backends: BTreeMap<BackendId, BackendConfig>,
-    /// Initial routes; persisted routes override them once the control plane has written any.
+    /// Initial routes; persisted routes override them once the control plane has written any. Once the
+    /// routes are built, the running proxy keeps only the entries a login reads ([`Config::keep_login_settings`]).
     #[serde(default)]
     pub tenants: BTreeMap<String, TenantConfig>,
     #[serde(default)]

@@ -6,7 +6,8 @@
 //! (`WITH l AS (INSERT ... ON CONFLICT DO NOTHING RETURNING 1) UPDATE ... WHERE EXISTS (SELECT 1 FROM l)`);
 //! COMMIT. Entries leave the "from" log only after that commit, and ledger rows only after their entries left
 //! the log, so a crash anywhere leaves either entries the ledger says were applied (skipped) or entries not
-//! yet applied (applied next time), never a second application.
+//! yet applied (applied next time), never a second application. When the tee's driver is idle after a pass,
+//! [`Link::tidy`] does those deletes at once instead, outside the next commit's wait.
 
 use std::collections::HashMap;
 use std::future::Future;

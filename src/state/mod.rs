@@ -196,9 +196,9 @@ impl StateStore {
     /// The persisted routes (the snapshot with the logged changes after it), `None` when none were ever
     /// written.
     pub fn load_routes(&mut self) -> Result<Option<RoutesFile>, StateError> {
-        // Read, replayed and checked on a thread of its own: the JSON text, its parse and the checking table
-        // (100 000 routes: ~100 MB) are garbage in that thread's malloc arena, which a trim gives back whole,
-        // instead of holes between the tables the proxy keeps.
+        // Read, replayed and checked on a thread of its own: the JSON text and its parse (100 000 routes: tens
+        // of MB) are garbage once the caller has built its table from the file, and in that thread's malloc
+        // arena a trim gives them back whole, instead of leaving holes between the tables the proxy keeps.
         let dir = &self.dir;
         let loaded = std::thread::scope(|s| {
             s.spawn(|| read_and_replay(dir)).join().unwrap_or_else(|_| {

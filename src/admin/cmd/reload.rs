@@ -32,7 +32,7 @@ pub fn reload(shared: &Arc<Shared>) -> Result<Done, AdminError> {
     let mut restart = restart_only_changes(&old, &new);
     // What will be in force: the new file with the start-only settings still running. It must be valid as a
     // whole (e.g. a running TCP admin listener keeps needing a proper token).
-    let merged = keep_restart_only(&old, new);
+    let mut merged = keep_restart_only(&old, new);
     merged.validate().map_err(|e| failed(e.to_string()))?;
 
     // Plan everything first; nothing changes until every check has passed and the routes are on disk.
@@ -56,7 +56,6 @@ pub fn reload(shared: &Arc<Shared>) -> Result<Done, AdminError> {
     shared.backends.store(Arc::new(plan.backends));
     shared.notifier.configure(&merged.webhooks);
     applied.push("webhooks".into());
-    let mut merged = merged;
     merged.keep_login_settings();
     shared.config.store(Arc::new(merged));
     applied.push("proxy session settings".into());
