@@ -14,9 +14,7 @@ SIZE_MB="${SIZE_MB:-1024}"
 PARALLEL="${PARALLEL:-2}"
 cargo build --release --quiet
 pg_setup_workdir
-pg_start shared
-pg_start dedicated
-for p in "$shared_PORT" "$dedicated_PORT"; do pg_sql "$p" postgres "CREATE DATABASE app" >/dev/null; done
+pg_start_pair
 # About 150 bytes a row on disk.
 ROWS=$((SIZE_MB * 1024 * 1024 / 150))
 psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$shared_PORT" -U postgres -d app >/dev/null <<SQL

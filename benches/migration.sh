@@ -20,9 +20,7 @@ OUT="benches/results/migration.md"
 
 cargo build --release --quiet
 pg_setup_workdir
-pg_start shared
-pg_start dedicated
-for p in "$shared_PORT" "$dedicated_PORT"; do pg_sql "$p" postgres "CREATE DATABASE app" >/dev/null; done
+pg_start_pair
 pg_sql "$shared_PORT" app "CREATE SCHEMA tenant_acme; CREATE SCHEMA tenant_loop" >/dev/null
 PROXY_PORT="$(free_port)"
 METRICS_PORT="$(free_port)"

@@ -19,9 +19,7 @@ pg_setup_workdir
 
 echo "== starting three PostgreSQL clusters: the control plane, shared and dedicated"
 pg_start control
-pg_start shared
-pg_start dedicated
-for p in "$shared_PORT" "$dedicated_PORT"; do pg_sql "$p" postgres "CREATE DATABASE app" >/dev/null; done
+pg_start_pair
 pg_sql "$shared_PORT" app "CREATE SCHEMA tenant_acme; CREATE SCHEMA tenant_globex" >/dev/null
 CP="postgres://postgres@127.0.0.1:$control_PORT/postgres"
 

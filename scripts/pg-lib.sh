@@ -76,6 +76,13 @@ pgtenant_serve() {
   PG_CLEANUP_EXTRA+=("$PGTENANT_PID")
 }
 
+# pg_start_pair: the two clusters of a move, `shared` and `dedicated`, each with an empty database `app`.
+pg_start_pair() {
+  pg_start shared
+  pg_start dedicated
+  for p in "$shared_PORT" "$dedicated_PORT"; do pg_sql "$p" postgres "CREATE DATABASE app" >/dev/null; done
+}
+
 # pg_sql PORT DB SQL: run SQL as the superuser, unaligned tuples-only output.
 pg_sql() {
   psql -X -q -A -t -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$1" -U postgres -d "$2" -c "$3"
