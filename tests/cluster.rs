@@ -380,7 +380,7 @@ async fn a_frozen_instance_makes_the_cutover_fall_back_until_it_thaws() {
     let cut = coordinator
         .admin_ok(json!({"cmd": "migrate.cutover", "tenant": "acme"}))
         .await;
-    assert!(cut["pause_ms"].as_f64().unwrap() < 100.0, "{cut}");
+    common::held_briefly(cut["pause_ms"].as_f64().unwrap(), &cut);
     let socket = other.state_dir().join("admin.sock");
     let mut followed = false;
     for _ in 0..50 {
@@ -476,7 +476,7 @@ async fn another_instance_takes_over_a_move_whose_coordinator_died() {
     let cut = taker
         .admin_ok(json!({"cmd": "migrate.cutover", "tenant": "acme"}))
         .await;
-    assert!(cut["pause_ms"].as_f64().unwrap() < 100.0, "{cut}");
+    common::held_briefly(cut["pause_ms"].as_f64().unwrap(), &cut);
     for p in &others {
         assert_eq!(backend_of(p, "acme").await, json!("dedicated"));
     }

@@ -820,3 +820,20 @@ pub async fn show(c: &tokio_postgres::Client, what: &str) -> String {
         })
         .unwrap()
 }
+
+/// Checks a cutover's pause. The product's goal is under 100 ms, and the benchmarks (BENCHMARKS.md, demo.sh,
+/// demo-ha.sh) report it; a test on a shared, noisy machine only checks that the tenant was held briefly and
+/// released rather than timed out (a fallback is refused long before a second), and prints the figure so a
+/// run over the goal is visible in the log without failing CI on machine noise.
+pub fn held_briefly(pause_ms: f64, context: &impl std::fmt::Display) {
+    let note = if pause_ms < 100.0 {
+        ""
+    } else {
+        " (over the 100 ms goal on this run)"
+    };
+    eprintln!("cutover pause {pause_ms:.1} ms{note}");
+    assert!(
+        pause_ms < 1000.0,
+        "the tenant was held {pause_ms:.1} ms: {context}"
+    );
+}
