@@ -6,7 +6,7 @@
 # transaction) and role isolation (a pool per tenant role, the database enforcing the boundary) side by side.
 #
 #   bash benches/tenants.sh                              # N=50, 10 s cells, pool_size 10
-#   N=50 DURATION=20 POOL=10 ISOLATIONS="shared role" bash benches/tenants.sh
+#   N=50 DURATION=20 POOL=10 ISOLATIONS="shared role" MODE=prepared bash benches/tenants.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/pg-lib.sh
@@ -15,6 +15,7 @@ N="${N:-50}"
 DURATION="${DURATION:-10}"
 POOL="${POOL:-10}"
 ISOLATIONS="${ISOLATIONS:-shared role}"
+MODE="${MODE:-simple}" # pgbench's query protocol: simple, extended or prepared
 ROWS=1000
 
 cargo build --release --quiet
@@ -65,7 +66,7 @@ run() {
   before="$(sessions)"
   # One pgbench process per client in both cases, so the two differ only in the tenants.
   for i in $(seq 1 "$N"); do
-    pgbench -n -c 1 -j 1 -T "$DURATION" -f "$W/select.sql" "$(url "$([ "$kind" = spread ] && echo "$i" || echo 1)")" \
+    pgbench -n -c 1 -j 1 -T "$DURATION" -M "$MODE" -f "$W/select.sql" "$(url "$([ "$kind" = spread ] && echo "$i" || echo 1)")" \
       > "$W/out.$i" 2>&1 &
     pids+=("$!")
   done

@@ -644,3 +644,86 @@ async fn backend_connections_are_renewed_after_their_lifetime() {
     tokio::time::sleep(std::time::Duration::from_millis(6500)).await;
     assert_ne!(pid().await, first, "renewed after its lifetime");
 }
+
+/// The reset between tenants goes ahead of the next tenant's statement with no Sync between them, so when the
+/// reset fails PostgreSQL skips the statement: nothing of the next tenant runs on what the last one left. Made
+/// to fail here by a tenant that, inside `DO` (where the proxy cannot see; `set_config` spelt so that the
+/// proxy's look for it, which would keep the session on its connection, misses it), points its `search_path`
+/// at its own schema, makes enough temporary tables that dropping them takes a while, and sets a 1 ms
+/// `statement_timeout`, which cancels the reset: globex's unqualified INSERT, had it run without the reset,
+/// would have landed in acme's table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_reset_lets_nothing_of_the_next_tenant_run() {
+    let w = clusters();
+    let p = harness(&w, 1).start().await;
+    let acme = p.connect("app.acme", "app").await.unwrap();
+    let globex = p.connect("app.globex", "app").await.unwrap();
+    let set = |name: &str, value: &str| {
+        format!("EXECUTE 'SELECT set_' || 'config(''{name}'', ''{value}'', false)';")
+    };
+    acme.batch_execute(&format!(
+        "DO $$ BEGIN {} \
+         FOR i IN 1..500 LOOP EXECUTE format('CREATE TEMP TABLE tmp_%s (i int)', i); END LOOP; {} END $$",
+        set("search_path", "tenant_acme"),
+        set("statement_timeout", "1")
+    ))
+    .await
+    .unwrap();
+    let e = globex
+        .batch_execute("INSERT INTO t VALUES (1000, 'globex-late')")
+        .await
+        .unwrap_err();
+    eprintln!(
+        "globex's statement after the failed reset: {} {}",
+        code(&e),
+        common::message(&e)
+    );
+    assert_eq!(code(&e), "08006", "{e}");
+    let landed = w.shared.psql(
+        "app",
+        "SELECT (SELECT count(*) FROM tenant_acme.t WHERE id = 1000) || ' ' || \
+         (SELECT count(*) FROM tenant_globex.t WHERE id = 1000)",
+    );
+    assert_eq!(landed, "0 0", "the statement ran after a failed reset");
+    // The connection was closed; a new session of globex gets a fresh one, in its own schema.
+    let again = p.connect("app.globex", "app").await.unwrap();
+    again
+        .batch_execute("INSERT INTO t VALUES (1000, 'globex')")
+        .await
+        .unwrap();
+    assert_eq!(
+        w.shared
+            .psql("app", "SELECT who FROM tenant_globex.t WHERE id = 1000"),
+        "globex"
+    );
+    drop(acme);
+}
+
+/// After another tenant's transaction the reset and the schema go ahead of the client's statement in a
+/// transaction of their own, committed first: a statement PostgreSQL refuses inside a transaction or pipeline
+/// (`VACUUM`) runs, and a `ROLLBACK` in the client's query string cannot take the schema back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_switch_leaves_the_clients_statements_as_if_sent_alone() {
+    let w = clusters();
+    let p = harness(&w, 1).start().await;
+    let acme = p.connect("app.acme", "app").await.unwrap();
+    let globex = p.connect("app.globex", "app").await.unwrap();
+    for _ in 0..3 {
+        globex.batch_execute("SELECT 1").await.unwrap();
+        acme.batch_execute("VACUUM t").await.unwrap();
+        globex.batch_execute("SELECT 1").await.unwrap();
+        let rows = acme
+            .simple_query("BEGIN; ROLLBACK; SELECT who FROM t")
+            .await
+            .unwrap();
+        let who: Vec<&str> = rows
+            .iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(who, ["tenant_acme"]);
+        assert_eq!(who_is(&globex).await.unwrap(), "tenant_globex");
+    }
+}

@@ -203,10 +203,11 @@ impl Session {
 
     /// Makes the connection this session's: its settings, its tenant's schema (shared pools) and, when
     /// another tenant used it last or its last user ran code whose effects are unknown (`DO`, `CALL`), a full
-    /// reset first. The connection usually needs nothing; the reset (rare per session, one round trip) is
-    /// boxed, so its state does not sit in every session's task. `ahead`: client frames follow at once (a
-    /// transaction starting), so the proxy's own part may be pipelined in front of them; at login nothing
-    /// follows, and a pipelined reply would hold the connection until the client's next statement.
+    /// reset first. The connection usually needs nothing. `ahead`: client frames follow at once (a transaction
+    /// starting), so a session with no SETs of its own gets the proxy's part pipelined in front of them (see
+    /// [`Session::pipeline_reset`]); otherwise, and at login (where nothing follows, and a pipelined reply would
+    /// hold the connection until the client's next statement), it takes a round trip of its own, boxed so its
+    /// state does not sit in every session's task.
     async fn settle_settings(
         &mut self,
         server: &mut Server,
@@ -221,44 +222,73 @@ impl Session {
             Reset::Sets
         };
         let (fingerprint, _) = self.state.sets_fingerprint();
-        if ahead && reset == Reset::Sets && fingerprint == 0 && conn.applied_sets == 0 {
-            // The same tenant's connection, nothing of the client's to replay: the schema change goes ahead of
-            // the client's first frames, its replies taken out (no round trip of its own). Never the full reset:
-            // frames queued behind it run even when it fails (it is one implicit transaction, all undone by any
-            // error, a cancel included), and would then run on what another tenant left.
-            if conn.route_path != self.pooling.route_path {
-                self.pipeline_path(server)?;
-            }
-        } else if reset != Reset::Sets
+        let needed = reset != Reset::Sets
             || conn.route_path != self.pooling.route_path
-            || conn.applied_sets != fingerprint
-        {
+            || conn.applied_sets != fingerprint;
+        if needed && ahead && fingerprint == 0 {
+            self.pipeline_reset(server, reset);
+        } else if needed {
             Box::pin(self.apply_settings(server, backend, reset)).await?;
         }
         server.synced = true;
         Ok(())
     }
 
-    /// The tenant's schema set on its own connection, sent ahead of the client's frames. Its replies are
-    /// dropped as they arrive (ParameterStatus goes on to the client, as any asynchronous one does); should it
-    /// fail, the session ends and the connection is closed.
-    fn pipeline_path(&mut self, server: &mut Server) -> Result<(), Unsettled> {
-        let own = match self.pooling.route_path.as_deref() {
-            Some(p) => format!("SET search_path = {}", quote_ident(p)),
-            None => "RESET search_path".to_owned(),
-        };
-        postgres_protocol::message::frontend::query(&own, &mut server.out).map_err(|e| {
-            Unsettled(
-                ClientError::SettingsNotRecreated
-                    .to_pg()
-                    .with_detail(e.to_string()),
-            )
-        })?;
-        server.own_pending += 1;
+    /// The proxy's part (the reset `reset` calls for, then the tenant's schema) sent ahead of the client's
+    /// frames, each statement an extended-protocol Execute, with no Sync. Without a Sync, an error in any of
+    /// them (a cancel landing on it included) makes PostgreSQL skip every message up to the next Sync, so none
+    /// of the client's statements runs on what the last user left; the session then ends (see server_in's
+    /// `own_failed`). They run in a transaction of their own that is committed before the client's frames, so
+    /// a client's `ROLLBACK` cannot undo them and the client's statements run as if sent alone (`VACUUM`
+    /// included, which PostgreSQL refuses inside a pipeline). Their replies are taken out as they arrive.
+    ///
+    /// Measured straight on PostgreSQL in front of a point select (BENCHMARKS.md), the statement count is the
+    /// cost: a connection holding no prepared statements is reset with one `DISCARD ALL` (which PostgreSQL
+    /// commits at once as the first statement of a pipeline), and the schema set in an explicit `BEGIN` ...
+    /// `COMMIT` (an implicit transaction ended by `COMMIT` warns, and the warning alone cost a third of the
+    /// throughput). A connection holding prepared statements keeps them for the tenants that come back to it.
+    fn pipeline_reset(&mut self, server: &mut Server, reset: Reset) {
+        let unprivileged = server.conn.pool().privileged() == Some(false);
         let conn = server.conn.get_mut();
+        let discard_all = reset == Reset::Full && conn.statements.is_empty();
+        let reset_sql = match (reset, conn.applied_sets != 0, conn.applied_role) {
+            _ if discard_all => "",
+            (Reset::Full, _, _) if unprivileged => FULL_RESET_UNPRIVILEGED,
+            (Reset::Full, _, _) => FULL_RESET,
+            (Reset::Sets, true, true) => "RESET ALL; RESET SESSION AUTHORIZATION; RESET ROLE",
+            (Reset::Sets, true, false) => "RESET ALL",
+            (Reset::Sets, false, _) => "",
+        };
+        let path = match self.pooling.route_path.as_deref() {
+            Some(p) => Some(format!("SET search_path = {}", quote_ident(p))),
+            // After DISCARD ALL the schema is the login's already.
+            None if discard_all => None,
+            None => Some(String::from("RESET search_path")),
+        };
+        let mut sent = 0;
+        let mut send = |out: &mut bytes::BytesMut, sql: &str| {
+            messages::execute_unnamed(out, sql);
+            sent += 1;
+        };
+        if discard_all {
+            send(&mut server.out, "DISCARD ALL");
+            conn.statements.clear();
+        }
+        if !reset_sql.is_empty() || path.is_some() {
+            send(&mut server.out, "BEGIN");
+            for statement in reset_sql.split("; ").filter(|s| !s.is_empty()) {
+                send(&mut server.out, statement);
+            }
+            if let Some(path) = &path {
+                send(&mut server.out, path);
+            }
+            send(&mut server.out, "COMMIT");
+        }
+        server.own_pending += sent;
+        (conn.applied_sets, conn.applied_role) = (0, false);
         conn.route_path = self.pooling.route_path.clone();
         conn.owner = self.place.tenant.clone();
-        Ok(())
+        conn.suspect = false;
     }
 
     /// Brings the connection's session to this session's: a full reset when `full` (anything another

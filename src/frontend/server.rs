@@ -36,8 +36,8 @@ pub struct Server {
     /// Transaction pool mode: the connection's session settings were made this session's, so what it holds
     /// when it goes back is this session's SETs.
     pub synced: bool,
-    /// Queries the proxy sent ahead of the client's frames (settling a pooled connection) whose replies are
-    /// still to be taken out of the stream.
+    /// Statements the proxy sent ahead of the client's frames (settling a pooled connection), one Execute
+    /// each, whose CommandComplete is still to be taken out of the stream.
     pub own_pending: u32,
     /// One of them failed: the connection is closed when it is given back.
     pub own_failed: bool,

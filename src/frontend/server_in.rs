@@ -181,10 +181,11 @@ fn backend_frame(s: &mut Server, at: usize, tag: u8, total: usize, p: &mut Parts
     Next::Forward
 }
 
-/// The proxy's own settling Query failed on the backend: the client's statements that followed it ran on a
-/// connection not brought to this session's settings (schema included), so the session ends rather than go on
-/// as if nothing happened, and the connection is closed. (The reset fails only when the backend itself is
-/// failing: every statement in it is one PostgreSQL cannot refuse on an idle connection.)
+/// A statement the proxy sent ahead of the client's frames to settle the connection failed on the backend.
+/// PostgreSQL skipped the client's frames that followed (no Sync in between), so nothing of the client ran on
+/// what the last user left; but the client is owed replies the backend will not send, so the session ends
+/// with a clear error and the connection is closed. (Every statement in the reset is one PostgreSQL does not
+/// refuse on an idle connection: it fails only when the backend itself is failing, or a cancel lands on it.)
 fn own_failed() -> End {
     End::Fatal(
         ClientError::SettingsNotRecreated
@@ -193,22 +194,25 @@ fn own_failed() -> End {
     )
 }
 
-/// A reply to a Query the proxy sent ahead of the client's frames: dropped (its ParameterStatus frames are
-/// handled as any other); a failure ends the session (see [`own_failed`]).
+/// A reply to a statement the proxy sent ahead of the client's frames: dropped (ParameterStatus frames are
+/// handled as any other before this is reached: PostgreSQL reports what the reset changed just before the
+/// ReadyForQuery of the client's statement, so the client hears the reset values, never the last user's); a
+/// failure ends the session (see [`own_failed`]).
 fn own_reply(s: &mut Server, at: usize, tag: u8, total: usize, p: &mut Parts<'_>) -> Next {
     let conn = s.conn.get_mut();
     match tag {
-        be::READY_FOR_QUERY => s.own_pending -= 1,
+        be::COMMAND_COMPLETE => s.own_pending -= 1,
         be::ERROR_RESPONSE => {
             let frame = &conn.buf[at..at + total];
             let (_, code, message) = inspect::error_fields(frame).unwrap_or_default();
             tracing::warn!(
                 code,
                 message,
-                "settling a pooled connection failed; it is closed after use"
+                "settling a pooled connection failed; it is closed"
             );
             s.own_failed = true;
         }
+        // ParseComplete, BindComplete, a DataRow, the COMMIT's "no transaction in progress" notice.
         _ => {}
     }
     move_bytes(&mut conn.buf, &mut p.client.cout, at);

@@ -5,7 +5,7 @@ use std::borrow::Cow;
 
 use bytes::{BufMut, BytesMut};
 
-use super::tag::{backend as be, field};
+use super::tag::{backend as be, field, frontend as fe};
 
 /// Writes one frame: tag, a length patched in afterwards, and the body `f` appends.
 fn frame(buf: &mut BytesMut, tag: u8, f: impl FnOnce(&mut BytesMut)) {
@@ -177,11 +177,11 @@ pub fn execute_refused(buf: &mut BytesMut) {
     });
 }
 
-/// A frontend Sync (the proxy sends one to end an extended-protocol batch it refused part of).
 pub fn parse_complete(buf: &mut BytesMut) {
     buf.extend_from_slice(b"1\0\0\0\x04");
 }
 
+/// A frontend Sync (the proxy sends one to end an extended-protocol batch it refused part of).
 pub fn sync(buf: &mut BytesMut) {
     frame(buf, be::PARAMETER_STATUS, |_| {});
 }
@@ -237,6 +237,28 @@ pub fn data_row(buf: &mut BytesMut, values: &[Option<&str>]) {
                 None => b.put_i32(-1),
             }
         }
+    });
+}
+
+/// A frontend Parse, Bind and Execute of `sql` as the unnamed statement and portal, no parameters, text results,
+/// and no Sync: the proxy's own statements sent ahead of a client's (frontend::pooling says why no Sync).
+pub fn execute_unnamed(buf: &mut BytesMut, sql: &str) {
+    frame(buf, fe::PARSE, |b| {
+        cstr(b, "");
+        cstr(b, sql);
+        b.put_i16(0);
+    });
+    frame(buf, fe::BIND, |b| {
+        cstr(b, "");
+        cstr(b, "");
+        // No parameter formats, no parameters, no result formats.
+        b.put_i16(0);
+        b.put_i16(0);
+        b.put_i16(0);
+    });
+    frame(buf, fe::EXECUTE, |b| {
+        cstr(b, "");
+        b.put_i32(0);
     });
 }
 
