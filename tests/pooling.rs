@@ -645,46 +645,95 @@ async fn backend_connections_are_renewed_after_their_lifetime() {
     assert_ne!(pid().await, first, "renewed after its lifetime");
 }
 
-/// The reset between tenants goes ahead of the next tenant's statement with no Sync between them, so when the
-/// reset fails PostgreSQL skips the statement: nothing of the next tenant runs on what the last one left. Made
+/// The reset between tenants goes ahead of the next tenant's statements with no Sync between them, so when the
+/// reset fails PostgreSQL skips the statements up to the first Sync, and the proxy sends nothing after that
+/// until the reset is known to have succeeded: nothing of the next tenant runs on what the last one left. Made
 /// to fail here by a tenant that, inside `DO` (where the proxy cannot see; `set_config` spelt so that the
 /// proxy's look for it, which would keep the session on its connection, misses it), points its `search_path`
-/// at its own schema, makes enough temporary tables that dropping them takes a while, and sets a 1 ms
-/// `statement_timeout`, which cancels the reset: globex's unqualified INSERT, had it run without the reset,
-/// would have landed in acme's table.
+/// at its own schema and makes 300 temporary tables: on a server whose lock table holds about 700 locks,
+/// making them fits in one transaction but dropping them (each with its row types) does not. globex's
+/// unqualified INSERTs, had any run without the reset, would have landed in acme's table.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_reset_lets_nothing_of_the_next_tenant_run() {
-    let w = clusters();
+    let shared = PgCluster::start();
+    shared.psql(
+        "postgres",
+        "ALTER SYSTEM SET max_locks_per_transaction = 10",
+    );
+    shared.psql("postgres", "ALTER SYSTEM SET max_connections = 20");
+    shared.stop();
+    shared.restart();
+    // (Made after the restart: the test clusters run without fsync, and the stop is immediate.)
+    shared.tenant_schemas("app", &["tenant_acme", "tenant_globex"]);
+    let w = Two {
+        shared,
+        dedicated: PgCluster::start(),
+    };
     let p = harness(&w, 1).start().await;
-    let acme = p.connect("app.acme", "app").await.unwrap();
-    let globex = p.connect("app.globex", "app").await.unwrap();
+    // The proxy's start-up check of the serving role uses a connection of the pool of its own and resets it
+    // in the background; were that reset to run while acme's temporary tables fill the lock table, it would
+    // fail and free the place, and globex would get a fresh connection instead of acme's.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Both raw clients, with the same startup parameters, share the pool's one connection.
+    let mut acme = common::raw_login(p.port(), &[("user", "dev.acme"), ("database", "app")]).await;
+    let mut globex =
+        common::raw_login(p.port(), &[("user", "dev.globex"), ("database", "app")]).await;
     let set = |name: &str, value: &str| {
         format!("EXECUTE 'SELECT set_' || 'config(''{name}'', ''{value}'', false)';")
     };
-    acme.batch_execute(&format!(
-        "DO $$ BEGIN {} \
-         FOR i IN 1..500 LOOP EXECUTE format('CREATE TEMP TABLE tmp_%s (i int)', i); END LOOP; {} END $$",
-        set("search_path", "tenant_acme"),
-        set("statement_timeout", "1")
-    ))
-    .await
+    let mut out = BytesMut::new();
+    frontend::query(
+        &format!(
+            "DO $$ BEGIN {} \
+             FOR i IN 1..300 LOOP EXECUTE format('CREATE TEMP TABLE tmp_%s (i int)', i); END LOOP; END $$",
+            set("search_path", "tenant_acme"),
+        ),
+        &mut out,
+    )
     .unwrap();
-    let e = globex
-        .batch_execute("INSERT INTO t VALUES (1000, 'globex-late')")
-        .await
-        .unwrap_err();
-    eprintln!(
-        "globex's statement after the failed reset: {} {}",
-        code(&e),
-        common::message(&e)
-    );
-    assert_eq!(code(&e), "08006", "{e}");
+    acme.write_all(&out).await.unwrap();
+    let done = common::read_until(&mut acme, b'C').await.unwrap();
+    assert_eq!(&done[..], b"DO\0");
+    common::read_until(&mut acme, b'Z').await.unwrap();
+    // The session gives the connection back just after its ReadyForQuery went out.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Pipelined, in one write: two extended-protocol batches and a Query. PostgreSQL skips only up to the
+    // first Sync after a failed reset; what follows must not even be sent.
+    let mut out = BytesMut::new();
+    for (id, sql) in [
+        (1000, "INSERT INTO t VALUES (1000, 'globex-late')"),
+        (1001, "INSERT INTO t VALUES (1001, 'globex-later')"),
+    ] {
+        frontend::parse("", sql, std::iter::empty(), &mut out).unwrap();
+        frontend::bind(
+            "",
+            "",
+            std::iter::empty::<i16>(),
+            std::iter::empty::<&str>(),
+            |_, _| Ok(postgres_protocol::IsNull::No),
+            std::iter::empty::<i16>(),
+            &mut out,
+        )
+        .map_err(|_| id)
+        .unwrap();
+        frontend::execute("", 0, &mut out).unwrap();
+        frontend::sync(&mut out);
+    }
+    frontend::query("INSERT INTO t VALUES (1002, 'globex-last')", &mut out).unwrap();
+    globex.write_all(&out).await.unwrap();
+    // Everything the session answers, up to its end.
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), globex.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    eprintln!("globex's statements after the failed reset: {answer:?}");
+    assert!(read.is_ok(), "the session did not end: {answer:?}");
+    assert!(answer.contains("C08006"), "{answer:?}");
     let landed = w.shared.psql(
         "app",
-        "SELECT (SELECT count(*) FROM tenant_acme.t WHERE id = 1000) || ' ' || \
-         (SELECT count(*) FROM tenant_globex.t WHERE id = 1000)",
+        "SELECT (SELECT count(*) FROM tenant_acme.t WHERE id >= 1000) || ' ' || \
+         (SELECT count(*) FROM tenant_globex.t WHERE id >= 1000)",
     );
-    assert_eq!(landed, "0 0", "the statement ran after a failed reset");
+    assert_eq!(landed, "0 0", "a statement ran after a failed reset");
     // The connection was closed; a new session of globex gets a fresh one, in its own schema.
     let again = p.connect("app.globex", "app").await.unwrap();
     again
@@ -725,5 +774,24 @@ async fn a_tenant_switch_leaves_the_clients_statements_as_if_sent_alone() {
             .collect();
         assert_eq!(who, ["tenant_acme"]);
         assert_eq!(who_is(&globex).await.unwrap(), "tenant_globex");
+    }
+}
+
+/// The reset leaves its own statement as the connection's unnamed one; a client's Bind of an unnamed statement
+/// it never prepared fails as on PostgreSQL (26000), rather than running the proxy's `COMMIT`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bind_of_no_unnamed_statement_fails_after_a_tenant_switch() {
+    let w = clusters();
+    let p = harness(&w, 1).start().await;
+    let mut acme = Raw::connect(&p).await;
+    let mut globex =
+        common::raw_login(p.port(), &[("user", "dev.globex"), ("database", "app")]).await;
+    for _ in 0..2 {
+        let mut out = BytesMut::new();
+        frontend::query("SELECT 1", &mut out).unwrap();
+        globex.write_all(&out).await.unwrap();
+        common::read_until(&mut globex, b'Z').await.unwrap();
+        let (tags, texts) = acme.execute("", "1").await;
+        assert_eq!((tags.as_str(), texts), ("EZ", vec!["26000".to_owned()]));
     }
 }

@@ -33,6 +33,10 @@ impl Session {
         }
         // Stop while our own answers pile up unread: a client that never reads cannot grow them without bound.
         while !self.txn.blocked && self.client.cout.len() < OUT_HIGH_WATER {
+            if self.behind_own_reset() {
+                self.txn.own_wait = true;
+                return Ok(());
+            }
             self.pass_admitted_run();
             // Transaction pool mode renames statements in Bind, Describe and Close: those are read whole too (a
             // Bind over 1 MiB is renamed at its head).
@@ -66,6 +70,17 @@ impl Session {
         Ok(())
     }
 
+    /// The proxy's reset went ahead of the client's frames with no Sync between (see pooling's
+    /// `pipeline_reset`), and a frame that ends a batch (Sync, Query, FunctionCall) has followed it: should
+    /// the reset fail, PostgreSQL skips up to that frame and runs whatever comes next. So nothing more goes
+    /// until the reset's replies are in (at a frame boundary: a frame being streamed is finished first).
+    fn behind_own_reset(&self) -> bool {
+        self.server
+            .as_ref()
+            .is_some_and(|s| s.own_pending > 0 && s.pending > 0)
+            && !self.client.scan.mid_frame()
+    }
+
     /// Forwards, with one move for the lot, the run of whole frames at the head of the input that need nothing
     /// but booking: every frame of a statement inside a transaction the gate already admitted, and Syncs. This
     /// is what `client_frame` would do with each of them (no gate, no route, no answer of ours), without its
@@ -82,6 +97,10 @@ impl Session {
         let admitted = self.txn.pass.is_some();
         let mut run = 0;
         while let Ok(Some(h)) = parse_header(&self.client.cin[run..], Direction::FromClient) {
+            // One batch at most behind the proxy's own reset (see `behind_own_reset`).
+            if s.own_pending > 0 && s.pending > 0 {
+                break;
+            }
             let Some(frame) = self.client.cin.get(run..run + h.total) else {
                 break;
             };

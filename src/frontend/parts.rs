@@ -146,6 +146,10 @@ pub(super) struct Txn {
     pub started: Option<std::time::Instant>,
     /// A statement the proxy answers itself waits at the head of the input until the backend owes nothing.
     pub blocked: bool,
+    /// Client frames wait behind the proxy's own reset (pipelined with no Sync ahead of them) until it is
+    /// known to have succeeded: one frame that ends a batch has gone after it, and if the reset failed,
+    /// PostgreSQL would run whatever comes after that frame on the unreset connection.
+    pub own_wait: bool,
     /// The current transaction changed rows (judged from CommandComplete tags and COPY FROM).
     pub wrote: bool,
     /// While a migration tee drains this transaction's changes to the target, the reply that ends it waits in

@@ -27,11 +27,12 @@ use crate::routing::BackendId;
 const PIN_SQL_PREPARE: &str = "SQL PREPARE (transaction pool mode)";
 /// A connection's settings fingerprint when nobody knows what it holds (never equal to a session's).
 const UNKNOWN_SETS: u64 = u64::MAX;
-/// What a connection gets before another tenant (or any session after a `DO`/`CALL`) may use it: everything
-/// `DISCARD ALL` undoes except the prepared statements, which the proxy names by content and tracks per
-/// connection. One Query (one implicit transaction): seven Queries cost the backend seven transactions, which
-/// with one client per schema tenant halved transaction-mode throughput. Temporary objects are dropped rather
-/// than the connection closed: a pool serves one role, so what is left is only the namespace itself.
+/// What a connection gets before another tenant (or any session after a `DO`/`CALL`) may use it, when it holds
+/// prepared statements (without any, one `DISCARD ALL` does it all): everything `DISCARD ALL` undoes except the
+/// prepared statements, which the proxy names by content and tracks per connection. Sent in one transaction,
+/// either as one Query (a round trip of its own) or as pipelined Executes (see `Session::pipeline_reset`).
+/// Temporary objects are dropped rather than the connection closed: a pool serves one role, so what is left
+/// is only the namespace itself.
 pub(super) const FULL_RESET: &str =
     "RESET ALL; RESET SESSION AUTHORIZATION; CLOSE ALL; UNLISTEN *; \
      SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES";
@@ -285,6 +286,10 @@ impl Session {
             send(&mut server.out, "COMMIT");
         }
         server.own_pending += sent;
+        // The backend's unnamed statement is now our last one: closed by `unpark` like any user's, so a
+        // client's Bind of an unnamed statement it never prepared here fails as on PostgreSQL instead of
+        // running our COMMIT.
+        conn.statements.unnamed |= sent > 0;
         (conn.applied_sets, conn.applied_role) = (0, false);
         conn.route_path = self.pooling.route_path.clone();
         conn.owner = self.place.tenant.clone();

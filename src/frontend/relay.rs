@@ -231,8 +231,20 @@ impl Session {
             return Ok(());
         }
         self.on_server_input()?;
-        if self.txn.blocked && self.server.as_ref().is_none_or(|s| s.pending == 0) {
+        let (pending, own) = self
+            .server
+            .as_ref()
+            .map_or((0, 0), |s| (s.pending, s.own_pending));
+        let mut resume = false;
+        if self.txn.blocked && pending == 0 {
             self.txn.blocked = false;
+            resume = true;
+        }
+        if self.txn.own_wait && own == 0 {
+            self.txn.own_wait = false;
+            resume = true;
+        }
+        if resume {
             self.on_client_input().await?;
         }
         Ok(())
