@@ -795,29 +795,3 @@ async fn a_bind_of_no_unnamed_statement_fails_after_a_tenant_switch() {
         assert_eq!((tags.as_str(), texts), ("EZ", vec!["26000".to_owned()]));
     }
 }
-
-/// A plain statement on a connection another tenant used carries its schema in its own transaction (the
-/// connection holds no prepared statements: simple protocol only here); when it fails, the schema change goes
-/// with it, and the next statement on the connection, the same tenant's, still runs in the tenant's schema.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_plain_statement_takes_its_schema_change_with_it() {
-    async fn who(c: &tokio_postgres::Client) -> String {
-        let rows = c.simple_query("SELECT who FROM t").await.unwrap();
-        rows.iter()
-            .find_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(String::from),
-                _ => None,
-            })
-            .unwrap()
-    }
-    let w = clusters();
-    let p = harness(&w, 1).start().await;
-    let acme = p.connect("app.acme", "app").await.unwrap();
-    let globex = p.connect("app.globex", "app").await.unwrap();
-    for _ in 0..3 {
-        assert_eq!(who(&globex).await, "tenant_globex");
-        let e = acme.simple_query("SELECT 1/0").await.unwrap_err();
-        assert_eq!(code(&e), "22012");
-        assert_eq!(who(&acme).await, "tenant_acme");
-    }
-}

@@ -227,27 +227,12 @@ impl Session {
             || conn.route_path != self.pooling.route_path
             || conn.applied_sets != fingerprint;
         if needed && ahead && fingerprint == 0 {
-            let plain = self.first_frame_plain();
-            self.pipeline_reset(server, reset, plain);
+            self.pipeline_reset(server, reset);
         } else if needed {
             Box::pin(self.apply_settings(server, backend, reset)).await?;
         }
         server.synced = true;
         Ok(())
-    }
-
-    /// Whether the frame at the head of the client's input, whole, is a Query of one plain statement.
-    fn first_frame_plain(&self) -> bool {
-        let cin = &self.client.cin;
-        let Some(&[tag, a, b, c, d]) = cin.get(..5) else {
-            return false;
-        };
-        let total = 1 + u32::from_be_bytes([a, b, c, d]) as usize;
-        tag == fe::QUERY
-            && cin
-                .get(..total)
-                .and_then(crate::protocol::inspect::query_text)
-                .is_some_and(sql::single_plain_statement)
     }
 
     /// The proxy's part (the reset `reset` calls for, then the tenant's schema) sent ahead of the client's
@@ -263,12 +248,7 @@ impl Session {
     /// commits at once as the first statement of a pipeline), and the schema set in an explicit `BEGIN` ...
     /// `COMMIT` (an implicit transaction ended by `COMMIT` warns, and the warning alone cost a third of the
     /// throughput). A connection holding prepared statements keeps them for the tenants that come back to it.
-    ///
-    /// `plain`: the client's first frame is a Query of one statement that only reads or writes rows
-    /// ([`sql::single_plain_statement`]). Its implicit transaction commits exactly when it succeeds, so the
-    /// schema's `SET` goes into it instead of a transaction of its own (two statements fewer); should it fail,
-    /// the `SET` is undone with it, and server_in marks the connection for a full reset (`path_tentative`).
-    fn pipeline_reset(&mut self, server: &mut Server, reset: Reset, plain: bool) {
+    fn pipeline_reset(&mut self, server: &mut Server, reset: Reset) {
         let unprivileged = server.conn.pool().privileged() == Some(false);
         let conn = server.conn.get_mut();
         let discard_all = reset == Reset::Full && conn.statements.is_empty();
@@ -295,12 +275,7 @@ impl Session {
             send(&mut server.out, "DISCARD ALL");
             conn.statements.clear();
         }
-        if reset_sql.is_empty() && plain {
-            if let Some(path) = &path {
-                send(&mut server.out, path);
-                server.path_tentative = true;
-            }
-        } else if !reset_sql.is_empty() || path.is_some() {
+        if !reset_sql.is_empty() || path.is_some() {
             send(&mut server.out, "BEGIN");
             for statement in reset_sql.split("; ").filter(|s| !s.is_empty()) {
                 send(&mut server.out, statement);

@@ -39,9 +39,6 @@ pub struct Server {
     /// Statements the proxy sent ahead of the client's frames (settling a pooled connection), one Execute
     /// each, whose CommandComplete is still to be taken out of the stream.
     pub own_pending: u32,
-    /// The tenant's schema was set inside the client's own transaction (see pooling's `pipeline_reset`): if
-    /// that transaction fails, the schema change is undone with it.
-    pub path_tentative: bool,
     /// One of them failed: the connection is closed when it is given back.
     pub own_failed: bool,
     /// Transaction pool mode: the connection holds this session's unnamed statement (prepared on it since the
@@ -68,7 +65,6 @@ impl Server {
             inflight,
             synced: false,
             own_pending: 0,
-            path_tentative: false,
             own_failed: false,
             unnamed_ours: false,
         }

@@ -132,12 +132,6 @@ fn backend_frame(s: &mut Server, at: usize, tag: u8, total: usize, p: &mut Parts
         return own_reply(s, at, tag, total, p);
     }
     let conn = s.conn.get_mut();
-    if s.path_tentative && tag == be::ERROR_RESPONSE {
-        // The transaction the schema was set in failed, and took the change with it: whoever uses the
-        // connection next (this session included) starts with a full reset.
-        conn.suspect = true;
-        conn.route_path = None;
-    }
     let frame = &conn.buf[at..at + total];
     if matches!(tag, be::PARSE_COMPLETE | be::CLOSE_COMPLETE) && s.inflight.on_complete() {
         // The completion of a Parse or Close the proxy sent on its own.
@@ -234,7 +228,6 @@ fn ready_for_query(s: &mut Server, at: usize, total: usize, p: &mut Parts<'_>) -
     let conn = s.conn.get_mut();
     s.status = inspect::ready_status(&conn.buf[at..at + total]).unwrap_or(s.status);
     s.pending = s.pending.saturating_sub(1);
-    s.path_tentative = false;
     s.inflight.on_ready(&mut conn.statements, p.statements);
     s.replace_error = None;
     if s.pending == 0 {

@@ -126,22 +126,6 @@ pub fn classify(sql: &[u8]) -> Effect {
     }
 }
 
-/// One statement that reads or writes rows and nothing else the proxy follows: its first word is one of
-/// SELECT, INSERT, UPDATE, DELETE, WITH, VALUES, TABLE, no second statement follows, and it has no session
-/// effect. PostgreSQL runs it in a transaction of its own that commits exactly when it succeeds, and runs it
-/// inside a pipeline (unlike VACUUM and the like). Anything else, or anything unsure, is false.
-pub fn single_plain_statement(sql: &[u8]) -> bool {
-    const PLAIN: [&str; 7] = [
-        "select", "insert", "update", "delete", "with", "values", "table",
-    ];
-    let first = first_word(sql);
-    PLAIN
-        .iter()
-        .any(|w| first.eq_ignore_ascii_case(w.as_bytes()))
-        && !more_than_one_statement(sql)
-        && classify(sql) == Effect::None
-}
-
 fn classify_one(sql: &[u8], stmt: &Statement) -> Effect {
     let t = &stmt.tokens;
     // Replayed text must be the client's bytes exactly; text that is not UTF-8 is not tracked.
@@ -258,38 +242,7 @@ fn pin_effect(t: &[(Tok, usize)]) -> Effect {
 
 #[cfg(test)]
 mod effect_tests {
-    use super::{classify, single_plain_statement, Effect};
-
-    #[test]
-    fn only_one_statement_that_reads_or_writes_rows_is_plain() {
-        for s in [
-            "SELECT 1",
-            " select * from t;",
-            "INSERT INTO t VALUES (1)",
-            "with x as (select 1) select * from x",
-            "UPDATE t SET a = 1",
-            "DELETE FROM t",
-            "VALUES (1)",
-            "TABLE t",
-        ] {
-            assert!(single_plain_statement(s.as_bytes()), "{s}");
-        }
-        for s in [
-            "SELECT 1; SELECT 2",
-            "BEGIN",
-            "VACUUM t",
-            "/* c */ VACUUM t",
-            "SELECT set_config('x', 'y', false)",
-            "SELECT pg_advisory_lock(1)",
-            "COMMIT",
-            "DO $$ BEGIN END $$",
-            "CREATE TEMP TABLE x (i int)",
-            "SET search_path = x",
-            "",
-        ] {
-            assert!(!single_plain_statement(s.as_bytes()), "{s}");
-        }
-    }
+    use super::{classify, Effect};
 
     fn set(key: &str, text: &str) -> Effect {
         Effect::Set {

@@ -6,7 +6,5 @@ mod effects;
 mod lex;
 mod tenant;
 
-pub use effects::{
-    classify, single_plain_statement, Effect, PIN_ADVISORY, PIN_CURSOR, PIN_LISTEN, PIN_TEMP,
-};
+pub use effects::{classify, Effect, PIN_ADVISORY, PIN_CURSOR, PIN_LISTEN, PIN_TEMP};
 pub use tenant::{mentions_pgtenant, recognise, Recognised, TenantCommand, GUARDED_SETTINGS};
