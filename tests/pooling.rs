@@ -795,3 +795,45 @@ async fn a_bind_of_no_unnamed_statement_fails_after_a_tenant_switch() {
         assert_eq!((tags.as_str(), texts), ("EZ", vec!["26000".to_owned()]));
     }
 }
+
+/// COPY FROM STDIN as a transaction's first statement on a connection another tenant used: the copy data
+/// waits behind the reset only until its replies are in (the backend sends them with CopyInResponse).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_from_stdin_right_after_a_tenant_switch() {
+    let w = clusters();
+    let p = harness(&w, 1).start().await;
+    let mut acme = Raw::connect(&p).await;
+    let mut globex =
+        common::raw_login(p.port(), &[("user", "dev.globex"), ("database", "app")]).await;
+    for n in 0..3 {
+        let mut out = BytesMut::new();
+        frontend::query("SELECT 1", &mut out).unwrap();
+        globex.write_all(&out).await.unwrap();
+        common::read_until(&mut globex, b'Z').await.unwrap();
+        acme.send(|b| frontend::query("COPY t FROM STDIN", b).unwrap())
+            .await;
+        let started = tokio::time::timeout(
+            Duration::from_secs(10),
+            common::read_until(&mut acme.s, b'G'),
+        )
+        .await
+        .expect("CopyInResponse within 10 s");
+        assert!(started.is_some());
+        acme.send(|b| {
+            frontend::CopyData::new(format!("{}\tcopied\n", 100 + n).as_bytes())
+                .unwrap()
+                .write(b);
+            frontend::copy_done(b);
+        })
+        .await;
+        let (tags, _) = acme.replies().await;
+        assert_eq!(tags, "CZ");
+    }
+    assert_eq!(
+        w.shared.psql(
+            "app",
+            "SELECT count(*) FROM tenant_acme.t WHERE who = 'copied'"
+        ),
+        "3"
+    );
+}
