@@ -244,7 +244,11 @@ struct Raw {
 
 impl Raw {
     async fn connect(p: &TestProxy) -> Raw {
-        let s = common::raw_login(p.port(), &[("user", "dev.acme"), ("database", "app")]).await;
+        Raw::connect_as(p, "dev.acme").await
+    }
+
+    async fn connect_as(p: &TestProxy, user: &str) -> Raw {
+        let s = common::raw_login(p.port(), &[("user", user), ("database", "app")]).await;
         Raw { s }
     }
 
@@ -784,13 +788,9 @@ async fn a_bind_of_no_unnamed_statement_fails_after_a_tenant_switch() {
     let w = clusters();
     let p = harness(&w, 1).start().await;
     let mut acme = Raw::connect(&p).await;
-    let mut globex =
-        common::raw_login(p.port(), &[("user", "dev.globex"), ("database", "app")]).await;
+    let mut globex = Raw::connect_as(&p, "dev.globex").await;
     for _ in 0..2 {
-        let mut out = BytesMut::new();
-        frontend::query("SELECT 1", &mut out).unwrap();
-        globex.write_all(&out).await.unwrap();
-        common::read_until(&mut globex, b'Z').await.unwrap();
+        globex.simple("SELECT 1").await;
         let (tags, texts) = acme.execute("", "1").await;
         assert_eq!((tags.as_str(), texts), ("EZ", vec!["26000".to_owned()]));
     }
@@ -803,13 +803,9 @@ async fn copy_from_stdin_right_after_a_tenant_switch() {
     let w = clusters();
     let p = harness(&w, 1).start().await;
     let mut acme = Raw::connect(&p).await;
-    let mut globex =
-        common::raw_login(p.port(), &[("user", "dev.globex"), ("database", "app")]).await;
+    let mut globex = Raw::connect_as(&p, "dev.globex").await;
     for n in 0..3 {
-        let mut out = BytesMut::new();
-        frontend::query("SELECT 1", &mut out).unwrap();
-        globex.write_all(&out).await.unwrap();
-        common::read_until(&mut globex, b'Z').await.unwrap();
+        globex.simple("SELECT 1").await;
         acme.send(|b| frontend::query("COPY t FROM STDIN", b).unwrap())
             .await;
         let started = tokio::time::timeout(

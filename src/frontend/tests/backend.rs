@@ -28,6 +28,16 @@ impl Log {
         self.seen.lock().unwrap().clone()
     }
 
+    /// The Query and Parse texts, in order, that connection `conn` received after the first `start` frames
+    /// (of all connections) were logged.
+    pub fn statements_since(&self, start: usize, conn: usize) -> Vec<String> {
+        self.seen()[start..]
+            .iter()
+            .filter(|s| s.conn == conn && matches!(s.tag, b'Q' | b'P'))
+            .map(|s| s.text.clone())
+            .collect()
+    }
+
     /// The Query texts, in order, of connection `conn`.
     pub fn queries(&self, conn: usize) -> Vec<String> {
         self.seen()

@@ -216,12 +216,7 @@ async fn another_tenant_gets_a_connection_only_after_a_full_reset() {
     acme.query("SELECT 1").await;
     globex.query("SELECT 2").await;
     globex.query("SELECT 3").await;
-    // Query and Parse texts, in order, of the one connection.
-    let sent: Vec<String> = w.log.seen()[start..]
-        .iter()
-        .filter(|s| s.conn == 1 && matches!(s.tag, b'Q' | b'P'))
-        .map(|s| s.text.clone())
-        .collect();
+    let sent = w.log.statements_since(start, 1);
     // The connection holds no prepared statements: one DISCARD ALL, then the schema in a transaction.
     let reset = |schema: &str| {
         [
@@ -261,11 +256,7 @@ async fn a_connection_with_prepared_statements_is_reset_without_discarding_them(
     acme.reply().await.unwrap();
     let start = w.log.seen().len();
     globex.query("SELECT 2").await;
-    let sent: Vec<String> = w.log.seen()[start..]
-        .iter()
-        .filter(|s| matches!(s.tag, b'Q' | b'P'))
-        .map(|s| s.text.clone())
-        .collect();
+    let sent = w.log.statements_since(start, 1);
     let mut expected = vec![String::from("BEGIN")];
     expected.extend(FULL_RESET.split("; ").map(String::from));
     expected.extend(["SET search_path = \"s_globex\"", "COMMIT", "SELECT 2"].map(String::from));
