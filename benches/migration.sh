@@ -5,7 +5,8 @@
 #   - gate-closed pause p50/p99/max over ROUNDS cutovers and ROUNDS rollbacks under pgbench -c CLIENTS.
 #   bash benches/migration.sh        (DURATION=20 CLIENTS=16 SCALE=10 ROUNDS=20; writes benches/results/migration.md)
 #   Also: LOOP_SCALE (5), TEE (sync|async), LOOP_MODE (pgbench -M of the pause rounds, prepared), COPY_BATCH
-#   (migration.copy_batch_rows), WORKERS (proxy.workers, 0: the default), PERF_PROXY=1 (perf record -g of the proxy during the rounds, /tmp/perf.proxy.data).
+#   (migration.copy_batch_rows), WORKERS (proxy.workers, 0: the default), PERF_PROXY=1 (perf record -g of the proxy during the rounds, /tmp/perf.proxy.data),
+#   STATEMENTS=1 (pg_stat_statements of both servers over the dual_write run, printed at the end).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/pg-lib.sh
@@ -19,6 +20,10 @@ LOOP_SCALE="${LOOP_SCALE:-5}"
 OUT="benches/results/migration.md"
 
 cargo build --release --quiet
+if [ -n "${STATEMENTS:-}" ]; then
+  export PG_EXTRA_CONF="shared_preload_libraries = 'pg_stat_statements'
+pg_stat_statements.track = all"
+fi
 pg_setup_workdir
 pg_start_pair
 pg_sql "$shared_PORT" app "CREATE SCHEMA tenant_acme; CREATE SCHEMA tenant_loop" >/dev/null
@@ -59,7 +64,18 @@ rows=$(ctl migrate status acme --json | python3 -c 'import json,sys; print(json.
 lag() { ctl migrate status acme --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["lag_events"])'; }
 sleep 2
 until [ "$(lag)" -lt 100 ]; do sleep 0.5; done
+statements() {
+  for p in "$shared_PORT" "$dedicated_PORT"; do pg_sql "$p" app "$1"; done
+}
+[ -z "${STATEMENTS:-}" ] || statements "CREATE EXTENSION IF NOT EXISTS pg_stat_statements; SELECT pg_stat_statements_reset()" >/dev/null
 pgbench -n -r -c "$CLIENTS" -j 2 -T "$DURATION" -M prepared "$(url acme)" > "$PG_WORKDIR/during.out" 2>&1
+if [ -n "${STATEMENTS:-}" ]; then
+  for p in "$shared_PORT" "$dedicated_PORT"; do
+    echo "== server on port $p (shared: $shared_PORT): µs per call, calls, total ms"
+    pg_sql "$p" app "SELECT round((mean_exec_time * 1000)::numeric, 1), calls, round(total_exec_time::numeric), left(regexp_replace(query, '\s+', ' ', 'g'), 150)
+                       FROM pg_stat_statements WHERE calls > 10 ORDER BY total_exec_time DESC LIMIT 25"
+  done > "$PG_WORKDIR/statements.txt"
+fi
 curl -s "http://127.0.0.1:$METRICS_PORT/metrics" | grep -E '^dual_write_(latency|operations)' > "$PG_WORKDIR/tee.metrics" || true
 ctl migrate abort acme --drop-target >/dev/null
 
@@ -142,6 +158,7 @@ print(f"| cutover/rollback attempts that fell back (timeout) | {failed_attempts}
 PY
 cat "$OUT"
 cat "$PG_WORKDIR/tee.metrics"
+[ -z "${STATEMENTS:-}" ] || cat "$PG_WORKDIR/statements.txt"
 [ -n "${SHOW_STATEMENTS:-}" ] && grep -A12 'latency (ms)' "$PG_WORKDIR/before.out" "$PG_WORKDIR/during.out"
 true
 [ -n "${KEEP_LOG:-}" ] && cp "$PG_WORKDIR/proxy.log" "$KEEP_LOG"

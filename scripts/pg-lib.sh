@@ -35,7 +35,7 @@ pg_setup_workdir() {
   trap pg_cleanup EXIT
 }
 
-# pg_start NAME: initdb and start a cluster; sets ${NAME}_PORT.
+# pg_start NAME: initdb and start a cluster; sets ${NAME}_PORT. PG_EXTRA_CONF: more postgresql.conf lines.
 pg_start() {
   local name="$1" dir="$PG_WORKDIR/$1" port
   port="$(free_port)"
@@ -49,6 +49,7 @@ shared_buffers = 128MB
 fsync = off
 synchronous_commit = off
 log_min_messages = warning
+${PG_EXTRA_CONF:-}
 CONF
   as_pg "$PG_BIN/pg_ctl" -D "$dir" -l "$dir.log" -w start >/dev/null
   PG_CLUSTERS+=("$dir")

@@ -1,10 +1,14 @@
 //! Applying change-log entries from one side to the other, exactly once, in two round trips per pass.
 //!
-//! Round trip 1 (the "from" side): delete the entries the previous pass applied, then read the oldest entries.
-//! Round trip 2 (the "to" side), pipelined: BEGIN; trim ledger rows whose log entries are gone; one statement
-//! per entry that records its id in `pgtenant.applied` and applies the row image only if that id was new
-//! (`WITH l AS (INSERT ... ON CONFLICT DO NOTHING RETURNING 1) UPDATE ... WHERE EXISTS (SELECT 1 FROM l)`);
-//! COMMIT. Entries leave the "from" log only after that commit, and ledger rows only after their entries left
+//! Round trip 1 (the "from" side), one statement: delete the entries the previous pass applied, and read the
+//! oldest of the others.
+//! Round trip 2 (the "to" side): statements that record each entry's id in `pgtenant.applied` and apply its row
+//! image only if that id was new (`WITH l AS (INSERT ... ON CONFLICT DO NOTHING RETURNING id) UPDATE ... JOIN
+//! l`), and trim ledger rows whose log entries are gone. A pass of batches is one statement per layer
+//! ([`super::layers`]; the usual pass is one statement, its own transaction); a pass with entries applied by
+//! themselves is BEGIN, the trim, one statement per batch or entry, COMMIT, pipelined.
+//!
+//! Entries leave the "from" log only after the pass committed, and ledger rows only after their entries left
 //! the log, so a crash anywhere leaves either entries the ledger says were applied (skipped) or entries not
 //! yet applied (applied next time), never a second application. When the tee's driver is idle after a pass,
 //! [`Link::tidy`] does those deletes at once instead, outside the next commit's wait.
@@ -16,9 +20,11 @@ use std::pin::Pin;
 use futures_util::future::{join, try_join_all};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
+use tracing::debug;
 
 use super::batch::{batch_sql, plan, Work};
 use super::catalog::Table;
+use super::layers::{layer_ids, layer_params, layer_sql, layers, signature, Signature};
 use super::pg::Endpoint;
 use super::rowsql::{apply_sql, entry, Entry};
 use super::MigrateError;
@@ -33,6 +39,10 @@ pub struct Link {
     pub to_side: Endpoint,
     tables: HashMap<String, Table>,
     statements: HashMap<(String, i8), Statement>,
+    /// Layer statements by what they are made from; emptied when it reaches [`MAX_LAYER_STATEMENTS`].
+    layered: HashMap<Signature, Statement>,
+    /// Passes applied entry by entry after their batches met a unique violation.
+    fallbacks: u64,
     /// Applied on the "to" side; not yet deleted from the "from" log.
     unconfirmed: Vec<i64>,
     /// Deleted from the "from" log; their ledger rows can go.
@@ -41,12 +51,23 @@ pub struct Link {
     fixed: Option<[Statement; 3]>,
 }
 
+/// Layer statements a link keeps prepared (a pass's layers depend on which tables it touched in which order;
+/// a workload cycling through more shapes than this prepares them again).
+const MAX_LAYER_STATEMENTS: usize = 256;
+
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Pass {
     pub read: usize,
 }
 
-const READ: &str = "SELECT id, tbl, op, old_row::text, new_row::text FROM pgtenant.change_log WHERE tenant = $1 ORDER BY id LIMIT $2";
+/// Deletes the entries `$3` (confirmed applied) and reads the oldest others. The statement's snapshot still
+/// shows the deleted rows, hence the filter: on the ids the delete returns, a hashed subplan (a filter on the
+/// array would compare every row scanned with every confirmed id, 5 000 x 5 000 for a full pass).
+const READ: &str = "WITH d AS (DELETE FROM pgtenant.change_log \
+                    WHERE tenant = $1 AND id = ANY($3::bigint[]) RETURNING id) \
+                    SELECT id, tbl, op, old_row::text, new_row::text FROM pgtenant.change_log \
+                    WHERE tenant = $1 AND id NOT IN (SELECT id FROM d) ORDER BY id LIMIT $2";
+/// The delete of confirmed entries alone, for [`Link::tidy`].
 const DELETE: &str = "DELETE FROM pgtenant.change_log WHERE tenant = $1 AND id = ANY($2)";
 const TRIM: &str = "DELETE FROM pgtenant.applied WHERE tenant = $1 AND id = ANY($2)";
 
@@ -60,6 +81,8 @@ impl Link {
             to_side,
             tables: tables.into_iter().map(|t| (t.name.clone(), t)).collect(),
             statements: HashMap::new(),
+            layered: HashMap::new(),
+            fallbacks: 0,
             unconfirmed: Vec::new(),
             trim: Vec::new(),
             fixed: None,
@@ -93,24 +116,17 @@ impl Link {
     /// One pass: confirm the previous pass, read the oldest entries and apply them. Returns what it read;
     /// `read == 0` means the log held nothing unapplied.
     pub async fn pass(&mut self, tenant: &str) -> Result<Pass, MigrateError> {
-        let [read_stmt, delete_stmt, trim_stmt] = self.ready().await?;
+        let [read_stmt, _, trim_stmt] = self.ready().await?;
         let done = std::mem::take(&mut self.unconfirmed);
-        let delete = async {
-            if done.is_empty() {
-                Ok(0)
-            } else {
-                self.from.execute(&delete_stmt, &[&tenant, &done]).await
+        let params: [&(dyn ToSql + Sync); 3] = [&tenant, &PASS_LIMIT, &done];
+        let rows = match self.from.query(&read_stmt, &params).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                self.unconfirmed = done;
+                return Err(MigrateError::pg("read change log", e));
             }
         };
-        let params: [&(dyn ToSql + Sync); 2] = [&tenant, &PASS_LIMIT];
-        let read = self.from.query(&read_stmt, &params);
-        let (deleted, rows) = join(delete, read).await;
-        if let Err(e) = deleted {
-            self.unconfirmed = done;
-            return Err(MigrateError::pg("trim change log", e));
-        }
         self.trim.extend(done);
-        let rows = rows.map_err(|e| MigrateError::pg("read change log", e))?;
         let entries: Vec<Entry> = rows.iter().map(entry).collect();
         if entries.is_empty() {
             if !self.trim.is_empty() {
@@ -127,6 +143,11 @@ impl Link {
         Ok(Pass {
             read: entries.len(),
         })
+    }
+
+    /// Passes this link applied entry by entry after their batches met a unique violation.
+    pub fn fallbacks(&self) -> u64 {
+        self.fallbacks
     }
 
     /// Confirms the last pass outside of any commit's wait: deletes its entries from the "from" log and, at
@@ -168,21 +189,36 @@ impl Link {
         Ok(())
     }
 
-    /// Applies `entries` on the "to" side in one pipelined transaction, batched by [`super::batch::plan`];
-    /// entries the ledger already has are skipped by the statements themselves.
+    /// Applies `entries` on the "to" side in one transaction, batched by [`super::batch::plan`] (and layered
+    /// when they are all batches); entries the ledger already has are skipped by the statements themselves.
     pub async fn apply(&mut self, tenant: &str, entries: &[Entry]) -> Result<(), MigrateError> {
         let work = plan(entries, &self.tables);
         let [_, _, trim] = self.ready().await?;
-        for w in &work {
-            self.prepare_work(w).await?;
-        }
-        match self.apply_work(tenant, &work, &trim).await {
+        let attempt = match layers(&work) {
+            Some(layers) => {
+                let statements = self.prepare_layers(&layers).await?;
+                self.apply_layers(tenant, &layers, &statements).await
+            }
+            None => {
+                for w in &work {
+                    self.prepare_work(w).await?;
+                }
+                self.apply_work(tenant, &work, &trim).await
+            }
+        };
+        match attempt {
             Err(e)
                 if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
                     && work.iter().any(|w| !matches!(w, Work::One(_))) =>
             {
                 // A collapsed batch can pass through a state the source never had (two rows swapping a unique
                 // value): apply this pass entry by entry, in log order, instead.
+                self.fallbacks += 1;
+                debug!(
+                    tenant,
+                    entries = entries.len(),
+                    "unique violation in a batch; applying entry by entry"
+                );
                 let one_by_one: Vec<Work<'_>> = entries.iter().map(Work::One).collect();
                 for w in &one_by_one {
                     self.prepare_work(w).await?;
@@ -193,6 +229,72 @@ impl Link {
             }
             r => r.map_err(|e| MigrateError::pg("apply changes", e)),
         }
+    }
+
+    /// Runs the layers' statements: a single layer as one statement (its own transaction), several in one
+    /// pipelined transaction. The ledger trim rides in the first layer.
+    async fn apply_layers(
+        &mut self,
+        tenant: &str,
+        layers: &[Vec<&Work<'_>>],
+        statements: &[Statement],
+    ) -> Result<(), tokio_postgres::Error> {
+        let trim = std::mem::take(&mut self.trim);
+        let none = Vec::new();
+        let ids: Vec<Vec<i64>> = layers.iter().map(|l| layer_ids(l)).collect();
+        let tenant = &tenant;
+        let to = &self.to;
+        let result = if let ([layer], [stmt]) = (layers, statements) {
+            let params = layer_params(tenant, &ids[0], &trim, layer);
+            to.execute(stmt, &params).await.map(|_| ())
+        } else {
+            let mut steps: Vec<Step<'_>> = Vec::with_capacity(layers.len() + 2);
+            steps.push(Box::pin(to.batch_execute("BEGIN")));
+            for (i, (layer, stmt)) in layers.iter().zip(statements).enumerate() {
+                let params =
+                    layer_params(tenant, &ids[i], if i == 0 { &trim } else { &none }, layer);
+                steps.push(Box::pin(async move {
+                    to.execute(stmt, &params).await.map(|_| ())
+                }));
+            }
+            steps.push(Box::pin(to.batch_execute("COMMIT")));
+            // As in `apply_work`: sent back to back, the first failure aborts the transaction.
+            try_join_all(steps).await.map(|_| ())
+        };
+        if let Err(e) = result {
+            if layers.len() > 1 {
+                let _ = self.to.batch_execute("ROLLBACK").await;
+            }
+            self.trim = trim;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    async fn prepare_layers(
+        &mut self,
+        layers: &[Vec<&Work<'_>>],
+    ) -> Result<Vec<Statement>, MigrateError> {
+        let mut out = Vec::with_capacity(layers.len());
+        for layer in layers {
+            let sig = signature(layer);
+            if let Some(stmt) = self.layered.get(&sig) {
+                out.push(stmt.clone());
+                continue;
+            }
+            let sql = layer_sql(&self.to_side, &self.tables, &sig)?;
+            let stmt = self
+                .to
+                .prepare(&sql)
+                .await
+                .map_err(|e| MigrateError::pg("prepare apply", e))?;
+            if self.layered.len() >= MAX_LAYER_STATEMENTS {
+                self.layered.clear();
+            }
+            self.layered.insert(sig, stmt.clone());
+            out.push(stmt);
+        }
+        Ok(out)
     }
 
     async fn apply_work(

@@ -175,11 +175,34 @@ fn key_of(image: &str, key: &[String]) -> Option<String> {
 /// The statement of a batch `kind` (b'i', b'd', b'u') for `table` on `side`. Parameters: $1 tenant, $2 every id
 /// (for the ledger); for b'i'/b'd' $3 the images; for b'u' $3 the gating ids and $4 the images.
 pub fn batch_sql(side: &Endpoint, table: &Table, kind: u8) -> Option<String> {
+    let (ids, images) = if kind == b'u' {
+        ("$3", "$4")
+    } else {
+        ("$2", "$3")
+    };
+    let dml = batch_dml(side, table, kind, ids, images)?;
+    Some(format!("WITH {} {dml}", ledger_cte("$2")))
+}
+
+/// `l AS (...)`: records the ids of the array parameter `ids` in the ledger and yields those that were new.
+pub fn ledger_cte(ids: &str) -> String {
+    format!(
+        "l AS (INSERT INTO pgtenant.applied (tenant, id) SELECT $1, unnest({ids}::bigint[]) \
+         ON CONFLICT DO NOTHING RETURNING id)"
+    )
+}
+
+/// The data change of a batch `kind` for `table` on `side`, without its ledger: it applies the images (array
+/// parameter `images`) whose ids (array parameter `ids`, the same length) the ledger CTE `l` yields as new.
+pub fn batch_dml(
+    side: &Endpoint,
+    table: &Table,
+    kind: u8,
+    ids: &str,
+    images: &str,
+) -> Option<String> {
     let q = side.qualified(&table.name);
-    let ledger =
-        "WITH l AS (INSERT INTO pgtenant.applied (tenant, id) SELECT $1, unnest($2::bigint[]) \
-                  ON CONFLICT DO NOTHING RETURNING id)";
-    let rows = |ids: &str, images: &str, alias: &str| {
+    let rows = |alias: &str| {
         format!(
             "unnest({ids}::bigint[], {images}::text[]) AS u(id, img) JOIN l ON l.id = u.id \
              CROSS JOIN LATERAL jsonb_populate_record(NULL::{q}, u.img::jsonb) AS {alias}"
@@ -188,29 +211,27 @@ pub fn batch_sql(side: &Endpoint, table: &Table, kind: u8) -> Option<String> {
     let cols: Vec<String> = table.columns.iter().map(|c| quote_ident(c)).collect();
     Some(match kind {
         b'i' => format!(
-            "{ledger} INSERT INTO {q} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {}",
+            "INSERT INTO {q} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {}",
             cols.join(", "),
             cols.iter()
                 .map(|c| format!("r.{c}"))
                 .collect::<Vec<_>>()
                 .join(", "),
-            rows("$2", "$3", "r")
+            rows("r")
         ),
         b'd' if !table.key.is_empty() => format!(
-            "{ledger} DELETE FROM {q} AS x USING {} WHERE {}{}",
-            rows("$2", "$3", "o"),
+            "DELETE FROM {q} AS x USING {} WHERE {}{}",
+            rows("o"),
             key_match(table, "o"),
             side.tenant_and("x")
         ),
-        b'u' if !table.key.is_empty() => {
-            format!(
-                "{ledger} UPDATE {q} AS x SET {} FROM {} WHERE {}{}",
-                assignments(table),
-                rows("$3", "$4", "r"),
-                key_match(table, "r"),
-                side.tenant_and("x")
-            )
-        }
+        b'u' if !table.key.is_empty() => format!(
+            "UPDATE {q} AS x SET {} FROM {} WHERE {}{}",
+            assignments(table),
+            rows("r"),
+            key_match(table, "r"),
+            side.tenant_and("x")
+        ),
         _ => return None,
     })
 }

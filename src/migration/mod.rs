@@ -5,7 +5,7 @@
 //! - What drives it: the per-migration task ([`driver`]) and its pure decisions ([`decide`]); the admin
 //!   operations ([`ops`], [`ddl`]).
 //! - The work: change capture and the fence ([`capture`]), bulk copy ([`copy`]), the exactly-once applier
-//!   ([`apply`], [`batch`], [`rowsql`]) and the tee that runs it after commits ([`tee`]), verification
+//!   ([`apply`], [`batch`], [`layers`], [`rowsql`]) and the tee that runs it after commits ([`tee`]), verification
 //!   ([`verify`], [`verification`]), cutover and rollback ([`cutover`]); both sides and their connections
 //!   ([`sides`], [`pg`], [`catalog`]); failpoints for tests ([`failpoint`]).
 
@@ -24,6 +24,7 @@ pub mod drops;
 pub mod events;
 pub mod failpoint;
 pub mod history;
+pub mod layers;
 pub mod machine;
 pub mod ops;
 pub mod pg;

@@ -1,0 +1,184 @@
+//! The exactly-once applier on real PostgreSQL, below the proxy: passes of a [`Link`] between two databases,
+//! with the layered statements, the unique-value fallback and a pass repeated by a second link after the
+//! first one stopped before confirming.
+
+mod common;
+
+use common::*;
+use pgtenant::config::BackendConfig;
+use pgtenant::migration::apply::Link;
+use pgtenant::migration::pg::Endpoint;
+use pgtenant::migration::{capture, catalog};
+use pgtenant::routing::BackendId;
+use tokio_util::sync::CancellationToken;
+
+const SCHEMA: &str = "
+CREATE SCHEMA t;
+CREATE TABLE t.k (id int PRIMARY KEY, v text, u int UNIQUE);
+CREATE TABLE t.h (n int, note text);
+";
+
+fn side(pg: &PgCluster, db: &str) -> Endpoint {
+    Endpoint {
+        backend: BackendId::parse(db).expect("backend name"),
+        config: BackendConfig::new("127.0.0.1", pg.port, "postgres"),
+        database: db.into(),
+        schema: "t".into(),
+        filter: None,
+    }
+}
+
+async fn link(from: &Endpoint, to: &Endpoint) -> Link {
+    let from_client = from.connect().await.expect("connect source");
+    let to_client = to.connect().await.expect("connect target");
+    capture::setup(&to_client)
+        .await
+        .expect("ledger on the target");
+    let tables = catalog::tables(&from_client, "t").await.expect("tables");
+    Link::new(from_client, to_client, to.clone(), tables)
+}
+
+/// Passes until the log is empty; returns how many entries they read.
+async fn drain(link: &mut Link) -> usize {
+    let mut total = 0;
+    loop {
+        let pass = link.pass("acme").await.expect("pass");
+        if pass.read == 0 {
+            return total;
+        }
+        total += pass.read;
+    }
+}
+
+fn rows(pg: &PgCluster, db: &str) -> String {
+    pg.psql(
+        db,
+        "SELECT string_agg(format('%s/%s/%s', id, v, u), ' ' ORDER BY id) FROM t.k \
+         UNION ALL SELECT string_agg(format('%s/%s', n, note), ' ' ORDER BY n, note) FROM t.h",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passes_apply_each_entry_once_in_log_order() {
+    let pg = PgCluster::start();
+    pg.psql("postgres", "CREATE DATABASE dst");
+    for db in ["app", "dst"] {
+        pg.psql(db, SCHEMA);
+        pg.psql(db, "INSERT INTO t.k VALUES (1, 'a', 1), (2, 'b', 2)");
+    }
+    let (src, dst) = (side(&pg, "app"), side(&pg, "dst"));
+    let admin = src.connect().await.expect("admin");
+    let tables = ["k".to_string(), "h".to_string()];
+    capture::install(&admin, &src, "acme", &tables, &CancellationToken::new())
+        .await
+        .expect("capture");
+    let app = connect(&format!(
+        "host=127.0.0.1 port={} user=postgres dbname=app",
+        pg.port
+    ))
+    .await
+    .expect("application connection");
+
+    // Two equal rows into the table without a key and an update of the other: one statement.
+    app.batch_execute(
+        "INSERT INTO t.h VALUES (1, 'x'), (1, 'x'); UPDATE t.k SET v = 'a2' WHERE id = 1;",
+    )
+    .await
+    .expect("writes");
+    // A link applies the pass and stops before confirming it (the entries stay in the source's log).
+    let mut first = link(&src, &dst).await;
+    assert_eq!(first.pass("acme").await.expect("first pass").read, 3);
+    drop(first);
+    assert_eq!(rows(&pg, "dst"), rows(&pg, "app"));
+    // Another link reads the same entries again; the ledger skips every one of them.
+    let mut second = link(&src, &dst).await;
+    assert_eq!(drain(&mut second).await, 3);
+    assert_eq!(rows(&pg, "dst"), rows(&pg, "app"));
+    assert_eq!(pg.psql("dst", "SELECT count(*) FROM t.h"), "2");
+    assert_eq!(second.fallbacks(), 0, "applied as one layered statement");
+
+    // Two rows trading unique values through a third: collapsed per key, that is one UPDATE which fails on the
+    // unique index, and the pass is applied entry by entry instead.
+    app.batch_execute(
+        "BEGIN; UPDATE t.k SET u = 3 WHERE id = 1; UPDATE t.k SET u = 1 WHERE id = 2;
+                UPDATE t.k SET u = 2 WHERE id = 1; COMMIT;",
+    )
+    .await
+    .expect("unique values traded");
+    assert_eq!(drain(&mut second).await, 3);
+    assert_eq!(rows(&pg, "dst"), rows(&pg, "app"));
+
+    assert_eq!(
+        second.fallbacks(),
+        1,
+        "the traded values went entry by entry"
+    );
+
+    // One pass with a table's delete, insert and update of one key (three layers) among another table's
+    // insert, left unconfirmed: its ledger rows stay until the next pass.
+    app.batch_execute(
+        "BEGIN; DELETE FROM t.k WHERE id = 2; INSERT INTO t.k VALUES (2, 'c', 5);
+                INSERT INTO t.h VALUES (3, 'y'); UPDATE t.k SET v = 'd' WHERE id = 2; COMMIT;",
+    )
+    .await
+    .expect("three layers");
+    assert_eq!(second.pass("acme").await.expect("pass").read, 4);
+    assert_eq!(rows(&pg, "dst"), rows(&pg, "app"));
+    assert_eq!(ledger(&pg), logged(&pg));
+    // The next pass confirms it (the source's delete, then the ledger trim inside the next layered statement).
+    app.batch_execute("INSERT INTO t.h VALUES (4, 'z')")
+        .await
+        .expect("one insert");
+    assert_eq!(second.pass("acme").await.expect("pass").read, 1);
+    assert_eq!(
+        ledger(&pg),
+        logged(&pg),
+        "the ledger holds the last pass only"
+    );
+    assert_eq!(second.fallbacks(), 1, "no unique violation in these");
+
+    // Two layers whose second meets a unique violation while a trim is pending: the pass goes entry by entry,
+    // and the trim with it.
+    app.batch_execute(
+        "BEGIN; INSERT INTO t.k VALUES (3, 'e', 7); UPDATE t.k SET u = 9 WHERE id = 1;
+                UPDATE t.k SET u = 2 WHERE id = 2; UPDATE t.k SET u = 5 WHERE id = 1; COMMIT;",
+    )
+    .await
+    .expect("values traded after an insert");
+    assert_eq!(second.pass("acme").await.expect("pass").read, 4);
+    assert_eq!(second.fallbacks(), 2);
+    assert_eq!(rows(&pg, "dst"), rows(&pg, "app"));
+    assert_eq!(
+        ledger(&pg),
+        logged(&pg),
+        "the ledger holds the last pass only"
+    );
+    assert_eq!(
+        rows(&pg, "dst"),
+        "1/a2/5 2/d/2 3/e/7\n1/x 1/x 3/y 4/z",
+        "the target holds the source's rows"
+    );
+
+    // Confirmed outside a pass: the entries leave the log, then their ledger rows leave the target.
+    second.tidy("acme").await.expect("tidy");
+    assert_eq!(logged(&pg), "");
+    assert_ne!(ledger(&pg), "");
+    second.tidy("acme").await.expect("tidy");
+    assert_eq!(ledger(&pg), "");
+    assert_eq!(drain(&mut second).await, 0);
+}
+
+/// The ids in the target's ledger and in the source's change log.
+fn ledger(pg: &PgCluster) -> String {
+    pg.psql(
+        "dst",
+        "SELECT string_agg(id::text, ',' ORDER BY id) FROM pgtenant.applied",
+    )
+}
+
+fn logged(pg: &PgCluster) -> String {
+    pg.psql(
+        "app",
+        "SELECT string_agg(id::text, ',' ORDER BY id) FROM pgtenant.change_log",
+    )
+}
