@@ -90,11 +90,15 @@ async fn passes_apply_each_entry_once_in_log_order() {
     assert_eq!(first.pass("acme").await.expect("first pass").read, 3);
     drop(first);
     assert_eq!(rows(&pg, "dst"), rows(&pg, "app"));
-    // Another link reads the same entries again; the ledger skips every one of them.
+    // Another link reads the same entries again with a new one: the cheap form's ledger insert fails on the
+    // old ids, and the gated form applies the new entry only.
+    app.batch_execute("INSERT INTO t.h VALUES (2, 'w')")
+        .await
+        .expect("a new entry");
     let mut second = link(&src, &dst).await;
-    assert_eq!(drain(&mut second).await, 3);
+    assert_eq!(drain(&mut second).await, 4);
     assert_eq!(rows(&pg, "dst"), rows(&pg, "app"));
-    assert_eq!(pg.psql("dst", "SELECT count(*) FROM t.h"), "2");
+    assert_eq!(pg.psql("dst", "SELECT count(*) FROM t.h"), "3");
     assert_eq!(second.fallbacks(), 0, "applied as one layered statement");
 
     // Two rows trading unique values through a third: collapsed per key, that is one UPDATE which fails on the
@@ -155,7 +159,7 @@ async fn passes_apply_each_entry_once_in_log_order() {
     );
     assert_eq!(
         rows(&pg, "dst"),
-        "1/a2/5 2/d/2 3/e/7\n1/x 1/x 3/y 4/z",
+        "1/a2/5 2/d/2 3/e/7\n1/x 1/x 2/w 3/y 4/z",
         "the target holds the source's rows"
     );
 

@@ -5,8 +5,10 @@
 //! Round trip 2 (the "to" side): statements that record each entry's id in `pgtenant.applied` and apply its row
 //! image only if that id was new (`WITH l AS (INSERT ... ON CONFLICT DO NOTHING RETURNING id) UPDATE ... JOIN
 //! l`), and trim ledger rows whose log entries are gone. A pass of batches is one statement per layer
-//! ([`super::layers`]; the usual pass is one statement, its own transaction); a pass with entries applied by
-//! themselves is BEGIN, the trim, one statement per batch or entry, COMMIT, pipelined.
+//! ([`super::layers`]; the usual pass is one statement, its own transaction), first in a cheaper form whose
+//! ledger insert fails the whole pass on an id already recorded, then, only if it did, in the gated form; a
+//! pass with entries applied by themselves is BEGIN, the trim, one statement per batch or entry, COMMIT,
+//! pipelined.
 //!
 //! Entries leave the "from" log only after the pass committed, and ledger rows only after their entries left
 //! the log, so a crash anywhere leaves either entries the ledger says were applied (skipped) or entries not
@@ -22,7 +24,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 use tracing::debug;
 
-use super::batch::{batch_sql, plan, Work};
+use super::batch::{batch_sql, plan, Gate, Work};
 use super::catalog::Table;
 use super::layers::{layer_ids, layer_params, layer_sql, layers, signature, Signature};
 use super::pg::Endpoint;
@@ -40,7 +42,7 @@ pub struct Link {
     tables: HashMap<String, Table>,
     statements: HashMap<(String, i8), Statement>,
     /// Layer statements by what they are made from; emptied when it reaches [`MAX_LAYER_STATEMENTS`].
-    layered: HashMap<Signature, Statement>,
+    layered: HashMap<(Signature, Gate), Statement>,
     /// Passes applied entry by entry after their batches met a unique violation.
     fallbacks: u64,
     /// Applied on the "to" side; not yet deleted from the "from" log.
@@ -196,8 +198,16 @@ impl Link {
         let [_, _, trim] = self.ready().await?;
         let attempt = match layers(&work) {
             Some(layers) => {
-                let statements = self.prepare_layers(&layers).await?;
-                self.apply_layers(tenant, &layers, &statements).await
+                // Entries are new to the ledger unless a link stopped between applying them and confirming
+                // them; the cheap form finds out by failing, and the gated form then skips those.
+                match self.layered(tenant, &layers, Gate::Fail).await? {
+                    Err(e)
+                        if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) =>
+                    {
+                        self.layered(tenant, &layers, Gate::Ledger).await?
+                    }
+                    r => r,
+                }
             }
             None => {
                 for w in &work {
@@ -229,6 +239,17 @@ impl Link {
             }
             r => r.map_err(|e| MigrateError::pg("apply changes", e)),
         }
+    }
+
+    /// Prepares (once) and runs the layers' statements in the form `gate`. The outer error is the prepare's.
+    async fn layered(
+        &mut self,
+        tenant: &str,
+        layers: &[Vec<&Work<'_>>],
+        gate: Gate,
+    ) -> Result<Result<(), tokio_postgres::Error>, MigrateError> {
+        let statements = self.prepare_layers(layers, gate).await?;
+        Ok(self.apply_layers(tenant, layers, &statements).await)
     }
 
     /// Runs the layers' statements: a single layer as one statement (its own transaction), several in one
@@ -274,15 +295,16 @@ impl Link {
     async fn prepare_layers(
         &mut self,
         layers: &[Vec<&Work<'_>>],
+        gate: Gate,
     ) -> Result<Vec<Statement>, MigrateError> {
         let mut out = Vec::with_capacity(layers.len());
         for layer in layers {
-            let sig = signature(layer);
-            if let Some(stmt) = self.layered.get(&sig) {
+            let key = (signature(layer), gate);
+            if let Some(stmt) = self.layered.get(&key) {
                 out.push(stmt.clone());
                 continue;
             }
-            let sql = layer_sql(&self.to_side, &self.tables, &sig)?;
+            let sql = layer_sql(&self.to_side, &self.tables, &key.0, gate)?;
             let stmt = self
                 .to
                 .prepare(&sql)
@@ -291,7 +313,7 @@ impl Link {
             if self.layered.len() >= MAX_LAYER_STATEMENTS {
                 self.layered.clear();
             }
-            self.layered.insert(sig, stmt.clone());
+            self.layered.insert(key, stmt.clone());
             out.push(stmt);
         }
         Ok(out)

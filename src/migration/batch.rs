@@ -180,31 +180,52 @@ pub fn batch_sql(side: &Endpoint, table: &Table, kind: u8) -> Option<String> {
     } else {
         ("$2", "$3")
     };
-    let dml = batch_dml(side, table, kind, ids, images)?;
-    Some(format!("WITH {} {dml}", ledger_cte("$2")))
+    let dml = batch_dml(side, table, kind, ids, images, Gate::Ledger)?;
+    Some(format!("WITH {} {dml}", ledger_cte("$2", Gate::Ledger)))
+}
+
+/// How a statement keeps an entry from being applied twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Gate {
+    /// Each image applies only if its id was new to the ledger (`ON CONFLICT DO NOTHING`, joined per image).
+    Ledger,
+    /// The ledger insert fails the whole statement on an id already there (a unique violation), so the images
+    /// apply unconditionally; the caller then tries again with [`Gate::Ledger`]. Cheaper: no speculative
+    /// insertion, no join.
+    Fail,
 }
 
 /// `l AS (...)`: records the ids of the array parameter `ids` in the ledger and yields those that were new.
-pub fn ledger_cte(ids: &str) -> String {
+pub fn ledger_cte(ids: &str, gate: Gate) -> String {
+    let conflict = match gate {
+        Gate::Ledger => " ON CONFLICT DO NOTHING",
+        Gate::Fail => "",
+    };
     format!(
-        "l AS (INSERT INTO pgtenant.applied (tenant, id) SELECT $1, unnest({ids}::bigint[]) \
-         ON CONFLICT DO NOTHING RETURNING id)"
+        "l AS (INSERT INTO pgtenant.applied (tenant, id) SELECT $1, unnest({ids}::bigint[]){conflict} \
+         RETURNING id)"
     )
 }
 
 /// The data change of a batch `kind` for `table` on `side`, without its ledger: it applies the images (array
-/// parameter `images`) whose ids (array parameter `ids`, the same length) the ledger CTE `l` yields as new.
+/// parameter `images`) whose ids (array parameter `ids`, the same length) the ledger CTE `l` yields as new
+/// ([`Gate::Ledger`]), or all of them ([`Gate::Fail`]).
 pub fn batch_dml(
     side: &Endpoint,
     table: &Table,
     kind: u8,
     ids: &str,
     images: &str,
+    gate: Gate,
 ) -> Option<String> {
     let q = side.qualified(&table.name);
+    let join = match gate {
+        Gate::Ledger => " JOIN l ON l.id = u.id",
+        Gate::Fail => "",
+    };
     let rows = |alias: &str| {
         format!(
-            "unnest({ids}::bigint[], {images}::text[]) AS u(id, img) JOIN l ON l.id = u.id \
+            "unnest({ids}::bigint[], {images}::text[]) AS u(id, img){join} \
              CROSS JOIN LATERAL jsonb_populate_record(NULL::{q}, u.img::jsonb) AS {alias}"
         )
     };

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 
 use tokio_postgres::types::ToSql;
 
-use super::batch::{batch_dml, ledger_cte, Work};
+use super::batch::{batch_dml, ledger_cte, Gate, Work};
 use super::catalog::Table;
 use super::pg::Endpoint;
 use super::MigrateError;
@@ -71,10 +71,11 @@ pub fn layer_sql(
     side: &Endpoint,
     tables: &HashMap<String, Table>,
     signature: &[(String, u8)],
+    gate: Gate,
 ) -> Result<String, MigrateError> {
     let mut sql = format!(
         "WITH {}, t AS (DELETE FROM pgtenant.applied WHERE tenant = $1 AND id = ANY($3::bigint[]))",
-        ledger_cte("$2")
+        ledger_cte("$2", gate)
     );
     for (i, (name, kind)) in signature.iter().enumerate() {
         let table = tables.get(name).ok_or_else(|| {
@@ -83,7 +84,7 @@ pub fn layer_sql(
             ))
         })?;
         let (ids, images) = (format!("${}", 4 + 2 * i), format!("${}", 5 + 2 * i));
-        let dml = batch_dml(side, table, *kind, &ids, &images).ok_or_else(|| {
+        let dml = batch_dml(side, table, *kind, &ids, &images, gate).ok_or_else(|| {
             MigrateError::Refused(format!(
                 "no batch statement for {name:?} ({})",
                 *kind as char
@@ -234,7 +235,7 @@ mod tests {
             filter: None,
         };
         let sig = vec![("a".to_string(), b'u'), ("h".to_string(), b'i')];
-        let sql = layer_sql(&side, &tables(), &sig).expect("known tables");
+        let sql = layer_sql(&side, &tables(), &sig, Gate::Ledger).expect("known tables");
         assert!(
             sql.starts_with("WITH l AS (INSERT INTO pgtenant.applied"),
             "{sql}"
@@ -246,6 +247,15 @@ mod tests {
         assert!(sql.contains(r#"w1 AS (INSERT INTO "s"."h""#), "{sql}");
         assert!(sql.contains("unnest($6::bigint[], $7::text[])"), "{sql}");
         let unknown = vec![("zz".to_string(), b'i')];
-        assert!(layer_sql(&side, &tables(), &unknown).is_err());
+        let fail = layer_sql(&side, &tables(), &sig, Gate::Fail).expect("known tables");
+        assert!(
+            !fail.contains("ON CONFLICT") && !fail.contains("JOIN l"),
+            "{fail}"
+        );
+        assert!(
+            fail.contains("unnest($4::bigint[], $5::text[]) AS u(id, img) CROSS JOIN"),
+            "{fail}"
+        );
+        assert!(layer_sql(&side, &tables(), &unknown, Gate::Ledger).is_err());
     }
 }
