@@ -46,13 +46,19 @@ wait_state() {
   until [ "$(state "$1")" = "$2" ]; do sleep 0.05; done
 }
 tps() { grep -oP 'tps = \K[0-9.]+' "$1" | head -1; }
+# The machine's busy CPU time in jiffies (user, nice, system, irq, softirq: everything on it, proxy, both
+# servers and pgbench; steal and idle left out), to put a figure on CPU per transaction that the neighbours'
+# noise moves less than TPS.
+busy() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }
 failed() { grep -oP 'number of failed transactions: \K[0-9]+' "$1"; }
 
 pgbench -i -s "$SCALE" -q "$(url acme)" >/dev/null 2>&1
 pgbench -i -s "$LOOP_SCALE" -q "$(url loop)" >/dev/null 2>&1
 
 echo "== TPS before and during dual_write (pgbench -c $CLIENTS -T $DURATION, TPC-B, prepared)"
+b0=$(busy)
 pgbench -n -r -c "$CLIENTS" -j 2 -T "$DURATION" -M prepared "$(url acme)" > "$PG_WORKDIR/before.out" 2>&1
+b1=$(busy)
 t0=$(date +%s.%N)
 ctl migrate start acme --to dedicated --verify count >/dev/null
 wait_state acme bulk_copy
@@ -68,7 +74,9 @@ statements() {
   for p in "$shared_PORT" "$dedicated_PORT"; do pg_sql "$p" app "$1"; done
 }
 [ -z "${STATEMENTS:-}" ] || statements "CREATE EXTENSION IF NOT EXISTS pg_stat_statements; SELECT pg_stat_statements_reset()" >/dev/null
+b2=$(busy)
 pgbench -n -r -c "$CLIENTS" -j 2 -T "$DURATION" -M prepared "$(url acme)" > "$PG_WORKDIR/during.out" 2>&1
+b3=$(busy)
 if [ -n "${STATEMENTS:-}" ]; then
   for p in "$shared_PORT" "$dedicated_PORT"; do
     echo "== server on port $p (shared: $shared_PORT): µs per call, calls, total ms"
@@ -117,9 +125,9 @@ done
 touch "$PG_WORKDIR/stop"; wait "$BENCH" || true
 if [ -n "${PERF_PID:-}" ]; then kill -INT "$PERF_PID"; sleep 2; fi
 
-python3 - "$PG_WORKDIR" "$t0" "$c0" "$c1" "$rows" "$d0" "$d1" "$CLIENTS" "$DURATION" "$SCALE" "$ROUNDS" "$TEE" "$LOOP_SCALE" > "$OUT" <<'PY'
+python3 - "$PG_WORKDIR" "$t0" "$c0" "$c1" "$rows" "$d0" "$d1" "$CLIENTS" "$DURATION" "$SCALE" "$ROUNDS" "$TEE" "$LOOP_SCALE" "$((b1 - b0))" "$((b3 - b2))" "$(getconf CLK_TCK)" > "$OUT" <<'PY'
 import sys, re, statistics
-w, t0, c0, c1, rows, d0, d1, clients, duration, scale, rounds, tee, loop_scale = sys.argv[1:]
+w, t0, c0, c1, rows, d0, d1, clients, duration, scale, rounds, tee, loop_scale, busy_before, busy_during, hz = sys.argv[1:]
 def grab(name, pat):
     m = re.search(pat, open(f"{w}/{name}.out").read())
     return float(m.group(1)) if m else float("nan")
@@ -144,6 +152,9 @@ print("| figure | value |\n|---|---|")
 print(f"| TPS before migration | {before:.0f} (failed {fb:.0f}) |")
 print(f"| TPS during dual_write ({tee} tee) | {during:.0f} (failed {fd:.0f}) |")
 print(f"| ratio during / before | {during / before:.2f} |")
+def per_txn(jiffies, tps):
+    return int(jiffies) / int(hz) / (tps * float(duration)) * 1e6
+print(f"| machine CPU per transaction, before -> during | {per_txn(busy_before, before):.0f} -> {per_txn(busy_during, during):.0f} us |")
 print(f"| bulk copy | {rows} rows in {copy_s:.2f} s = {rows / copy_s:,.0f} rows/s |")
 print(f"| pg_dump --data-only \\| psql, same schema | {dump_s:.2f} s = {rows / dump_s:,.0f} rows/s |")
 print(f"| bulk copy speed / pg_dump \\| psql | {dump_s / copy_s:.2f} |")

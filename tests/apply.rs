@@ -58,8 +58,9 @@ fn rows(pg: &PgCluster, db: &str) -> String {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn passes_apply_each_entry_once_in_log_order() {
+/// A cluster with databases `app` (the source, capture installed) and `dst` (the target), both holding two rows
+/// of `t.k`, and an application connection to `app`.
+async fn setup() -> (PgCluster, Endpoint, Endpoint, tokio_postgres::Client) {
     let pg = PgCluster::start();
     pg.psql("postgres", "CREATE DATABASE dst");
     for db in ["app", "dst"] {
@@ -78,6 +79,12 @@ async fn passes_apply_each_entry_once_in_log_order() {
     ))
     .await
     .expect("application connection");
+    (pg, src, dst, app)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passes_apply_each_entry_once_in_log_order() {
+    let (pg, src, dst, app) = setup().await;
 
     // Two equal rows into the table without a key and an update of the other: one statement.
     app.batch_execute(
@@ -99,7 +106,11 @@ async fn passes_apply_each_entry_once_in_log_order() {
     assert_eq!(drain(&mut second).await, 4);
     assert_eq!(rows(&pg, "dst"), rows(&pg, "app"));
     assert_eq!(pg.psql("dst", "SELECT count(*) FROM t.h"), "3");
-    assert_eq!(second.fallbacks(), 0, "applied as one layered statement");
+    assert_eq!(
+        (second.regated(), second.fallbacks()),
+        (1, 0),
+        "gated once, in layers"
+    );
 
     // Two rows trading unique values through a third: collapsed per key, that is one UPDATE which fails on the
     // unique index, and the pass is applied entry by entry instead.
@@ -139,7 +150,11 @@ async fn passes_apply_each_entry_once_in_log_order() {
         logged(&pg),
         "the ledger holds the last pass only"
     );
-    assert_eq!(second.fallbacks(), 1, "no unique violation in these");
+    assert_eq!(
+        (second.regated(), second.fallbacks()),
+        (1, 1),
+        "no violation in these"
+    );
 
     // Two layers whose second meets a unique violation while a trim is pending: the pass goes entry by entry,
     // and the trim with it.
@@ -150,7 +165,11 @@ async fn passes_apply_each_entry_once_in_log_order() {
     .await
     .expect("values traded after an insert");
     assert_eq!(second.pass("acme").await.expect("pass").read, 4);
-    assert_eq!(second.fallbacks(), 2);
+    assert_eq!(
+        (second.regated(), second.fallbacks()),
+        (1, 2),
+        "no ledger retry"
+    );
     assert_eq!(rows(&pg, "dst"), rows(&pg, "app"));
     assert_eq!(
         ledger(&pg),
@@ -185,4 +204,41 @@ fn logged(pg: &PgCluster) -> String {
         "app",
         "SELECT string_agg(id::text, ',' ORDER BY id) FROM pgtenant.change_log",
     )
+}
+
+/// A pass of two layers whose second was applied and recorded while its first was not (source ids commit out
+/// of order): the cheap form applies the first layer, fails on the second, and its transaction takes the first
+/// back; the gated form then applies the first layer only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_recorded_in_part_is_applied_once() {
+    let (pg, src, dst, app) = setup().await;
+    // Layer 0: an insert into `h` and an update of `k`; layer 1: an insert into `k` (its second run).
+    app.batch_execute(
+        "BEGIN; INSERT INTO t.h VALUES (5, 'm'); UPDATE t.k SET v = 'p' WHERE id = 1;
+                INSERT INTO t.k VALUES (4, 'q', 11); COMMIT;",
+    )
+    .await
+    .expect("writes");
+    let mut first = link(&src, &dst).await;
+    assert_eq!(first.pass("acme").await.expect("first pass").read, 3);
+    drop(first);
+    // Undo layer 0 on the target, ledger rows and all, so only layer 1 stands applied.
+    let layer1 = pg.psql(
+        "app",
+        "SELECT id FROM pgtenant.change_log WHERE tbl = 'k' AND op = 'I'",
+    );
+    pg.psql(
+        "dst",
+        &format!(
+            "DELETE FROM pgtenant.applied WHERE id <> {layer1}; DELETE FROM t.h; \
+             UPDATE t.k SET v = 'a' WHERE id = 1"
+        ),
+    );
+    assert_eq!(ledger(&pg), layer1);
+
+    let mut second = link(&src, &dst).await;
+    assert_eq!(drain(&mut second).await, 3);
+    assert_eq!((second.regated(), second.fallbacks()), (1, 0));
+    assert_eq!(rows(&pg, "dst"), rows(&pg, "app"));
+    assert_eq!(rows(&pg, "dst"), "1/p/1 2/b/2 4/q/11\n5/m");
 }

@@ -45,6 +45,8 @@ pub struct Link {
     layered: HashMap<(Signature, Gate), Statement>,
     /// Passes applied entry by entry after their batches met a unique violation.
     fallbacks: u64,
+    /// Passes applied in the gated form after the cheap form met ids the ledger had.
+    regated: u64,
     /// Applied on the "to" side; not yet deleted from the "from" log.
     unconfirmed: Vec<i64>,
     /// Deleted from the "from" log; their ledger rows can go.
@@ -53,8 +55,8 @@ pub struct Link {
     fixed: Option<[Statement; 3]>,
 }
 
-/// Layer statements a link keeps prepared (a pass's layers depend on which tables it touched in which order;
-/// a workload cycling through more shapes than this prepares them again).
+/// Layer statements a link keeps prepared, of both forms (a pass's layers depend on which tables it touched
+/// with which kinds of change; a workload cycling through more shapes than this prepares them again).
 const MAX_LAYER_STATEMENTS: usize = 256;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +87,7 @@ impl Link {
             statements: HashMap::new(),
             layered: HashMap::new(),
             fallbacks: 0,
+            regated: 0,
             unconfirmed: Vec::new(),
             trim: Vec::new(),
             fixed: None,
@@ -152,6 +155,11 @@ impl Link {
         self.fallbacks
     }
 
+    /// Passes this link applied in the gated form after the cheap form met ids the ledger had.
+    pub fn regated(&self) -> u64 {
+        self.regated
+    }
+
     /// Confirms the last pass outside of any commit's wait: deletes its entries from the "from" log and, at
     /// the same time, the ledger rows of entries deleted before. A pass does the same itself when no tidy ran
     /// in between (see [`super::tee::Tee`]'s driver, which tidies only while no commit is waiting).
@@ -201,11 +209,11 @@ impl Link {
                 // Entries are new to the ledger unless a link stopped between applying them and confirming
                 // them; the cheap form finds out by failing, and the gated form then skips those.
                 match self.layered(tenant, &layers, Gate::Fail).await? {
-                    Err(e)
-                        if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) =>
-                    {
+                    Err(e) if ledger_conflict(&e) => {
+                        self.regated += 1;
                         self.layered(tenant, &layers, Gate::Ledger).await?
                     }
+                    // A unique violation of the tenant's own tables goes entry by entry (below).
                     r => r,
                 }
             }
@@ -403,6 +411,15 @@ impl Link {
         self.statements.insert(key, stmt);
         Ok(())
     }
+}
+
+/// Whether `e` is the ledger's unique violation: an id the pass carries was recorded already.
+fn ledger_conflict(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|d| {
+        d.code() == &tokio_postgres::error::SqlState::UNIQUE_VIOLATION
+            && d.schema() == Some("pgtenant")
+            && d.table() == Some("applied")
+    })
 }
 
 /// The statement cache key of a unit of work: (table, operation), batch kinds in lower case.

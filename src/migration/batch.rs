@@ -2,8 +2,10 @@
 //! applied with `session_replication_role = replica`: no foreign-key checks, no user triggers), so each table's
 //! entries are applied together, in log order within the table, as runs of one operation: a run of inserts or of
 //! key deletes is one statement over arrays, and a run of key updates keeps only the last image per key (the
-//! row's state after the run). Every entry id still goes through the ledger, and each image applies only if its
-//! entry is new to the ledger, so a pass re-read after a crash applies exactly what was not applied yet.
+//! row's state after the run). Every entry id still goes through the ledger: in the gated form ([`Gate::Ledger`])
+//! each image applies only if its entry is new to the ledger, so a pass re-read after a crash applies exactly
+//! what was not applied yet; in the cheap form ([`Gate::Fail`]) an id the ledger has fails the whole pass,
+//! which is then applied in the gated form.
 
 use std::collections::HashMap;
 

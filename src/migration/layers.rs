@@ -9,7 +9,8 @@
 //! layer never holds two batches of one table (a table's later batch goes to a later layer, a statement of its
 //! own that sees the earlier ones); tables are independent because changes are applied under the replica role
 //! (no foreign-key checks, no user triggers); the trimmed ledger ids were confirmed gone from the log before
-//! this pass read it, so they are never among the ids the layer inserts.
+//! this pass read it, so they are never among the ids the layer inserts. A layer comes in both forms of
+//! [`Gate`]: the cheap one, tried first, and the gated one, used when the cheap one met a recorded id.
 
 use std::collections::HashMap;
 
