@@ -267,10 +267,16 @@ pub fn batch_dml(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn e(id: i64, table: &str, op: u8, old: Option<&str>, new: Option<&str>) -> Entry {
+    pub(in crate::migration) fn e(
+        id: i64,
+        table: &str,
+        op: u8,
+        old: Option<&str>,
+        new: Option<&str>,
+    ) -> Entry {
         Entry {
             id,
             table: table.into(),
@@ -280,17 +286,22 @@ mod tests {
         }
     }
 
-    fn tables() -> HashMap<String, Table> {
+    /// Tables `a` and `b` keyed by `k`, `h` without a key; columns `k` and `v`.
+    pub(in crate::migration) fn tables() -> HashMap<String, Table> {
         let t = |name: &str, key: &[&str]| Table {
             name: name.into(),
             columns: vec!["k".into(), "v".into()],
             identity_always: vec![],
             key: key.iter().map(|s| s.to_string()).collect(),
         };
-        [("a", t("a", &["k"])), ("h", t("h", &[]))]
-            .into_iter()
-            .map(|(n, t)| (n.to_string(), t))
-            .collect()
+        [
+            ("a", t("a", &["k"])),
+            ("b", t("b", &["k"])),
+            ("h", t("h", &[])),
+        ]
+        .into_iter()
+        .map(|(n, t)| (n.to_string(), t))
+        .collect()
     }
 
     #[test]

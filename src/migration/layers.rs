@@ -140,34 +140,7 @@ pub fn layer_params<'p>(
 mod tests {
     use super::*;
     use crate::migration::batch::plan;
-    use crate::migration::rowsql::Entry;
-
-    fn e(id: i64, table: &str, op: u8, old: Option<&str>, new: Option<&str>) -> Entry {
-        Entry {
-            id,
-            table: table.into(),
-            op: op as i8,
-            old_row: old.map(String::from),
-            new_row: new.map(String::from),
-        }
-    }
-
-    fn tables() -> HashMap<String, Table> {
-        let t = |name: &str, key: &[&str]| Table {
-            name: name.into(),
-            columns: vec!["k".into(), "v".into()],
-            identity_always: vec![],
-            key: key.iter().map(|s| s.to_string()).collect(),
-        };
-        [
-            ("a", t("a", &["k"])),
-            ("h", t("h", &[])),
-            ("b", t("b", &["k"])),
-        ]
-        .into_iter()
-        .map(|(n, t)| (n.to_string(), t))
-        .collect()
-    }
+    use crate::migration::batch::tests::{e, tables};
 
     #[test]
     fn a_tables_later_batches_go_to_later_layers_sorted_by_table() {
