@@ -286,6 +286,11 @@ pub(super) mod tests {
         }
     }
 
+    /// An update entry with its old and new images.
+    pub(in crate::migration) fn upd(id: i64, table: &str, old: &str, new: &str) -> Entry {
+        e(id, table, b'U', Some(old), Some(new))
+    }
+
     /// Tables `a` and `b` keyed by `k`, `h` without a key; columns `k` and `v`.
     pub(in crate::migration) fn tables() -> HashMap<String, Table> {
         let t = |name: &str, key: &[&str]| Table {
@@ -307,28 +312,10 @@ pub(super) mod tests {
     #[test]
     fn updates_collapse_per_key_and_tables_batch_separately() {
         let entries = vec![
-            e(
-                1,
-                "a",
-                b'U',
-                Some(r#"{"k":1,"v":1}"#),
-                Some(r#"{"k":1,"v":2}"#),
-            ),
+            upd(1, "a", r#"{"k":1,"v":1}"#, r#"{"k":1,"v":2}"#),
             e(2, "h", b'I', None, Some(r#"{"k":9,"v":0}"#)),
-            e(
-                3,
-                "a",
-                b'U',
-                Some(r#"{"k":2,"v":1}"#),
-                Some(r#"{"k":2,"v":5}"#),
-            ),
-            e(
-                4,
-                "a",
-                b'U',
-                Some(r#"{"k":1,"v":2}"#),
-                Some(r#"{"k":1,"v":3}"#),
-            ),
+            upd(3, "a", r#"{"k":2,"v":1}"#, r#"{"k":2,"v":5}"#),
+            upd(4, "a", r#"{"k":1,"v":2}"#, r#"{"k":1,"v":3}"#),
             e(5, "h", b'I', None, Some(r#"{"k":9,"v":1}"#)),
             e(6, "a", b'D', Some(r#"{"k":2,"v":5}"#), None),
         ];
@@ -372,34 +359,10 @@ pub(super) mod tests {
     #[test]
     fn key_changes_and_tables_without_keys_go_one_by_one() {
         let entries = vec![
-            e(
-                1,
-                "a",
-                b'U',
-                Some(r#"{"k":1,"v":1}"#),
-                Some(r#"{"k":1,"v":2}"#),
-            ),
-            e(
-                2,
-                "a",
-                b'U',
-                Some(r#"{"k":1,"v":2}"#),
-                Some(r#"{"k":7,"v":2}"#),
-            ),
-            e(
-                3,
-                "a",
-                b'U',
-                Some(r#"{"k":7,"v":2}"#),
-                Some(r#"{"k":7,"v":3}"#),
-            ),
-            e(
-                4,
-                "h",
-                b'U',
-                Some(r#"{"k":9,"v":0}"#),
-                Some(r#"{"k":9,"v":1}"#),
-            ),
+            upd(1, "a", r#"{"k":1,"v":1}"#, r#"{"k":1,"v":2}"#),
+            upd(2, "a", r#"{"k":1,"v":2}"#, r#"{"k":7,"v":2}"#),
+            upd(3, "a", r#"{"k":7,"v":2}"#, r#"{"k":7,"v":3}"#),
+            upd(4, "h", r#"{"k":9,"v":0}"#, r#"{"k":9,"v":1}"#),
             e(5, "h", b'T', None, None),
         ];
         let work = plan(&entries, &tables());

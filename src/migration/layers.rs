@@ -140,18 +140,12 @@ pub fn layer_params<'p>(
 mod tests {
     use super::*;
     use crate::migration::batch::plan;
-    use crate::migration::batch::tests::{e, tables};
+    use crate::migration::batch::tests::{e, tables, upd};
 
     #[test]
     fn a_tables_later_batches_go_to_later_layers_sorted_by_table() {
         let entries = vec![
-            e(
-                1,
-                "a",
-                b'U',
-                Some(r#"{"k":1,"v":1}"#),
-                Some(r#"{"k":1,"v":2}"#),
-            ),
+            upd(1, "a", r#"{"k":1,"v":1}"#, r#"{"k":1,"v":2}"#),
             e(2, "h", b'I', None, Some(r#"{"k":9,"v":0}"#)),
             e(3, "a", b'D', Some(r#"{"k":1,"v":2}"#), None),
             e(4, "b", b'I', None, Some(r#"{"k":1,"v":0}"#)),
@@ -180,20 +174,8 @@ mod tests {
     #[test]
     fn an_entry_applied_by_itself_keeps_the_per_batch_form() {
         let entries = vec![
-            e(
-                1,
-                "a",
-                b'U',
-                Some(r#"{"k":1,"v":1}"#),
-                Some(r#"{"k":1,"v":2}"#),
-            ),
-            e(
-                2,
-                "h",
-                b'U',
-                Some(r#"{"k":9,"v":0}"#),
-                Some(r#"{"k":9,"v":1}"#),
-            ),
+            upd(1, "a", r#"{"k":1,"v":1}"#, r#"{"k":1,"v":2}"#),
+            upd(2, "h", r#"{"k":9,"v":0}"#, r#"{"k":9,"v":1}"#),
         ];
         let work = plan(&entries, &tables());
         assert!(layers(&work).is_none());
