@@ -3,6 +3,7 @@
 //! to the backend session the client is on now and forwarded with the backend's own secret.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::backend::conn::CancelTarget;
+use crate::backend::conn::{CancelTarget, ServerConn};
 
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -19,14 +20,43 @@ const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Default)]
 pub struct CancelSlot {
     target: Mutex<Option<CancelTarget>>,
+    /// Whether `target` stands. A transaction-pool session gives its connection back and takes one at every
+    /// transaction: clearing this is a plain store where emptying `target` would take the lock.
+    attached: AtomicBool,
 }
 
 impl CancelSlot {
     pub fn set(&self, target: Option<CancelTarget>) {
-        *self.target.lock().unwrap_or_else(|p| p.into_inner()) = target;
+        match target {
+            Some(t) => {
+                *self.target.lock().unwrap_or_else(|p| p.into_inner()) = Some(t);
+                self.attached.store(true, Ordering::Release);
+            }
+            None => self.attached.store(false, Ordering::Release),
+        }
+    }
+
+    /// Points the slot at `conn`'s backend session. A session often gets the connection it had last, and
+    /// then nothing is copied.
+    pub fn attach(&self, conn: &ServerConn) {
+        let mut target = self.target.lock().unwrap_or_else(|p| p.into_inner());
+        let same = target.as_ref().is_some_and(|t| {
+            t.pid == conn.pid
+                && t.secret == conn.secret
+                && t.port == conn.port
+                && t.host == conn.host
+        });
+        if !same {
+            *target = Some(conn.cancel_target());
+        }
+        drop(target);
+        self.attached.store(true, Ordering::Release);
     }
 
     pub fn get(&self) -> Option<CancelTarget> {
+        if !self.attached.load(Ordering::Acquire) {
+            return None;
+        }
         self.target
             .lock()
             .unwrap_or_else(|p| p.into_inner())

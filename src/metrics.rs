@@ -40,8 +40,9 @@ const KINDS: [(ErrorKind, &str); 7] = [
 
 /// One tenant's series.
 pub struct TenantMetrics {
-    pub transactions: Counter,
-    pub queries: Counter,
+    /// Exported from `totals` when scraped (see `publish`).
+    transactions: Counter,
+    queries: Counter,
     /// Bytes from the tenant's clients, and to them.
     received: Counter,
     sent: Counter,
@@ -96,14 +97,16 @@ impl TenantMetrics {
         self.totals.clients.load(Ordering::Relaxed)
     }
 
-    /// A transaction ended, begun at `started`, with the figures of `tally` (which it empties).
-    pub fn finished(&self, tally: &mut Tally, started: Option<Instant>) {
-        self.transactions.increment(1);
+    /// A transaction ended (at `ended`, now if unknown), begun at `started`, with the figures of `tally`
+    /// (which it empties).
+    pub fn finished(&self, tally: &mut Tally, started: Option<Instant>, ended: Option<Instant>) {
         self.totals.transactions.fetch_add(1, Ordering::Relaxed);
         if let Some(t) = started {
-            self.totals
-                .transaction_us
-                .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+            let ended = ended.unwrap_or_else(Instant::now);
+            self.totals.transaction_us.fetch_add(
+                ended.saturating_duration_since(t).as_micros() as u64,
+                Ordering::Relaxed,
+            );
         }
         self.add(tally);
     }
@@ -116,22 +119,22 @@ impl TenantMetrics {
                 a.fetch_add(n, Ordering::Relaxed);
             }
         };
-        if t.queries > 0 {
-            self.queries.increment(t.queries);
-        }
         add(&self.totals.queries, t.queries);
         add(&self.totals.query_us, t.query_us);
         add(&self.totals.wait_us, t.wait_us);
-        if t.received > 0 {
-            self.received.increment(t.received);
-            self.totals
-                .received
-                .fetch_add(t.received, Ordering::Relaxed);
-        }
-        if t.sent > 0 {
-            self.sent.increment(t.sent);
-            self.totals.sent.fetch_add(t.sent, Ordering::Relaxed);
-        }
+        add(&self.totals.received, t.received);
+        add(&self.totals.sent, t.sent);
+    }
+
+    /// Brings the Prometheus counters up to the totals. The hot path bumps only the totals (each shared
+    /// counter bumped costs atomic operations at every transaction's end); the exported series follow when
+    /// scraped.
+    fn publish(&self) {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        self.transactions.absolute(get(&self.totals.transactions));
+        self.queries.absolute(get(&self.totals.queries));
+        self.received.absolute(get(&self.totals.received));
+        self.sent.absolute(get(&self.totals.sent));
     }
 
     pub fn error(&self, kind: ErrorKind) {
@@ -355,6 +358,9 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
+        for (_, m) in self.tenants() {
+            m.publish();
+        }
         self.handle.render()
     }
 }

@@ -833,3 +833,51 @@ async fn copy_from_stdin_right_after_a_tenant_switch() {
         "3"
     );
 }
+
+/// In transaction pooling a client's cancel key stands for the backend connection it holds now: it stops the
+/// client's own statement while one runs, and does nothing while the client is between transactions, when its
+/// last connection is running another client's statement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_reaches_only_the_connection_the_client_holds_now() {
+    let pg = PgCluster::start();
+    pg.tenant_schemas("app", &["tenant_acme"]);
+    let proxy = Harness::new()
+        .proxy("pool_mode = \"transaction\"")
+        .backend_with("shared", &pg, "database = \"app\"\npool_size = 1")
+        .tenant("acme", "shared", None, Some("tenant_acme"))
+        .start()
+        .await;
+    let a = proxy.connect("app.acme", "app").await.unwrap();
+    let token = a.cancel_token();
+    let sleeper = tokio::spawn(async move {
+        let r = a.simple_query("SELECT pg_sleep(30)").await.map(|_| ());
+        (a, r)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let (a, r) = tokio::time::timeout(Duration::from_secs(10), sleeper)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(code(&r.unwrap_err()), "57014");
+    // a is parked; b gets the pool's one connection, the one a's key last stood for.
+    let b = proxy.connect("app.acme", "app").await.unwrap();
+    let sleeper = tokio::spawn(async move { b.simple_query("SELECT pg_sleep(1.5)").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(10), sleeper)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(r.is_ok(), "a's cancel stopped b's statement: {r:?}");
+    // And a's key works again once a holds a connection.
+    let sleeper =
+        tokio::spawn(async move { a.simple_query("SELECT pg_sleep(30)").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(10), sleeper)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(code(&r.unwrap_err()), "57014");
+}

@@ -20,9 +20,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use futures_util::FutureExt;
 use thiserror::Error;
-use tokio::io::Interest;
 
 use super::conn::{ServerConn, StartupTag};
 use super::connect::{connect, ConnectError};
@@ -83,7 +81,11 @@ pub enum ReleaseState {
 
 #[derive(Default)]
 struct Inner {
-    idle: Vec<ServerConn>,
+    /// Boxed for the connection's life: a checkout and a checkin then move a pointer, not the connection's
+    /// 272 bytes through every step from this list to the session and back (perf: those copies were 4% of
+    /// the proxy's user time in transaction pooling).
+    #[allow(clippy::vec_box)]
+    idle: Vec<Box<ServerConn>>,
     /// Open connections, idle or not, plus connections being opened (and places granted to open one).
     total: usize,
     /// Connections held per tenant (kept only while `max_tenant_connections` is set).
@@ -107,10 +109,8 @@ const PRIVILEGE_UNKNOWN: u8 = 0;
 const PRIVILEGE_NONE: u8 = 1;
 const PRIVILEGE_HIGH: u8 = 2;
 
-// Short-lived, on the stack: boxing the connection would cost an allocation per checkout.
-#[allow(clippy::large_enum_variant)]
 enum Step {
-    Reuse(ServerConn),
+    Reuse(Box<ServerConn>),
     Open,
     /// The backend's `max_connections` is reached: make room in another pool, then look again.
     Starved,
@@ -155,7 +155,8 @@ impl Pool {
         tag: &Arc<StartupTag>,
         tenant: Option<&TenantId>,
     ) -> Result<PooledConn, PoolError> {
-        let deadline = tokio::time::Instant::now() + self.backend.timeouts.checkout;
+        // Read the clock only when the checkout has to wait (most find an idle connection).
+        let mut deadline = None;
         let mut reclaimed = false;
         loop {
             let (step, evicted) = self.choose(tag, tenant, reclaimed);
@@ -169,7 +170,12 @@ impl Pool {
                     reclaimed = true;
                     continue;
                 }
-                Step::Wait(id, rx) => self.wait(id, rx, tenant, deadline).await?,
+                Step::Wait(id, rx) => {
+                    let deadline = *deadline.get_or_insert_with(|| {
+                        tokio::time::Instant::now() + self.backend.timeouts.checkout
+                    });
+                    self.wait(id, rx, tenant, deadline).await?
+                }
             };
             return self.take(grant, tag, tenant).await;
         }
@@ -181,7 +187,7 @@ impl Pool {
         tag: &Arc<StartupTag>,
         tenant: Option<&TenantId>,
         reclaimed: bool,
-    ) -> (Step, Option<ServerConn>) {
+    ) -> (Step, Option<Box<ServerConn>>) {
         let mut inner = self.lock();
         let cap = self.backend.max_tenant_connections();
         if under_cap(&inner, tenant, cap) {
@@ -313,7 +319,7 @@ impl Pool {
                 if self.privileged.load(Ordering::Relaxed) == PRIVILEGE_UNKNOWN {
                     Box::pin(self.check_privileges(&mut conn)).await;
                 }
-                Ok(self.wrap(conn, tenant))
+                Ok(self.wrap(Box::new(conn), tenant))
             }
             Err(e) => {
                 self.backend.note_connect(Err(&e));
@@ -380,7 +386,7 @@ impl Pool {
         }
     }
 
-    fn wrap(self: &Arc<Self>, conn: ServerConn, tenant: Option<&TenantId>) -> PooledConn {
+    fn wrap(self: &Arc<Self>, conn: Box<ServerConn>, tenant: Option<&TenantId>) -> PooledConn {
         PooledConn {
             conn: Some(conn),
             pool: self.clone(),
@@ -424,7 +430,7 @@ impl Pool {
         }
     }
 
-    fn checkin(&self, mut conn: ServerConn, tenant: Option<&TenantId>) {
+    fn checkin(&self, mut conn: Box<ServerConn>, tenant: Option<&TenantId>) {
         conn.idle_since = Instant::now();
         let mut inner = self.lock();
         let cap = self.backend.max_tenant_connections();
@@ -546,11 +552,10 @@ fn alive(conn: &ServerConn) -> bool {
     let Some(tcp) = conn.stream.tcp() else {
         return true;
     };
-    match tcp.ready(Interest::READABLE).now_or_never() {
-        Some(Ok(r)) => !(r.is_readable() || r.is_read_closed() || r.is_error()),
-        Some(Err(_)) => false,
-        None => true,
-    }
+    // The readiness the reactor last saw, read with a waker that does nothing: nobody waits on an idle
+    // connection, and unlike a `ready()` future this takes the socket's waiter lock once, not twice.
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    tcp.poll_read_ready(&mut cx).is_pending()
 }
 
 /// An idle connection of a pool.
@@ -565,7 +570,7 @@ pub struct IdleServer {
 
 /// A checked-out connection. Dropping it closes the connection; [`PooledConn::release`] returns it.
 pub struct PooledConn {
-    conn: Option<ServerConn>,
+    conn: Option<Box<ServerConn>>,
     pool: Arc<Pool>,
     tenant: Option<TenantId>,
 }

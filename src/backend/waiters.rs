@@ -14,7 +14,7 @@ use crate::tenant::TenantId;
 #[allow(clippy::large_enum_variant)]
 pub enum Grant {
     /// A connection someone gave back.
-    Conn(ServerConn),
+    Conn(Box<ServerConn>),
     /// A free place in the pool (and on the backend): open a connection in it.
     Open,
 }

@@ -64,16 +64,21 @@ impl Session {
         let Some(gate) = self.txn.gate.take() else {
             return Ok(Admission::Go);
         };
+        // Clock reads are counted on this path (a few per transaction add up at tens of thousands a second):
+        // a pass taken at once starts the transaction when it arrived.
         let arrived = std::time::Instant::now();
-        let entered = match gate.try_pass() {
-            Ok(pass) => Ok(pass),
+        let (entered, started) = match gate.try_pass() {
+            Ok(pass) => (Ok(pass), arrived),
             // Rare (the gate is closed): boxed, so its state is not part of every session's task.
-            Err(gate) => Box::pin(self.wait_at_gate(gate)).await?,
+            Err(gate) => (
+                Box::pin(self.wait_at_gate(gate)).await?,
+                std::time::Instant::now(),
+            ),
         };
         match entered {
             Ok(pass) => {
                 self.txn.pass = Some(pass);
-                self.txn.started = Some(std::time::Instant::now());
+                self.txn.started = Some(started);
             }
             Err((gate, e)) => {
                 self.txn.gate = Some(gate);
@@ -111,7 +116,12 @@ impl Session {
         match routed {
             // As PgBouncer's wait time: counted for transactions that got their connection.
             Ok(()) => {
-                self.txn.tally.wait_us += arrived.elapsed().as_micros() as u64;
+                let now = std::time::Instant::now();
+                self.txn.tally.wait_us += now.saturating_duration_since(arrived).as_micros() as u64;
+                // The query (or batch) about to go starts its query time now (see client_in's `book`).
+                if matches!(tag, fe::QUERY | fe::PARSE | fe::BIND | fe::FUNCTION_CALL) {
+                    self.txn.query_started.get_or_insert(now);
+                }
                 Ok(Admission::Go)
             }
             Err(Refusal::Statement(e)) => {
@@ -157,8 +167,9 @@ impl Session {
             .in_transaction
             .store(false, Ordering::Relaxed);
         let started = self.txn.started.take();
+        let ended = self.txn.settled_at.take();
         match &self.place.tm {
-            Some(tm) if completed => tm.finished(&mut self.txn.tally, started),
+            Some(tm) if completed => tm.finished(&mut self.txn.tally, started, ended),
             Some(tm) => tm.add(&mut self.txn.tally),
             None => self.txn.tally = Default::default(),
         }

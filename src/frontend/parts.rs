@@ -144,6 +144,9 @@ pub(super) struct Txn {
     pub query_started: Option<std::time::Instant>,
     /// When the current transaction got its gate pass (for the tenant's transaction time).
     pub started: Option<std::time::Instant>,
+    /// When the last ReadyForQuery that settled everything owed arrived: the end of a transaction ending there,
+    /// read once for both its query time and its transaction time.
+    pub settled_at: Option<std::time::Instant>,
     /// A statement the proxy answers itself waits at the head of the input until the backend owes nothing.
     pub blocked: bool,
     /// Client frames wait behind the proxy's own reset (pipelined with no Sync ahead of them) until it is

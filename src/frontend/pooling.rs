@@ -149,9 +149,7 @@ impl Session {
         if std::mem::take(&mut conn.statements.unnamed) {
             ClientStatements::close_unnamed(&mut server.out, &mut server.inflight);
         }
-        self.cancel
-            .slot
-            .set(Some(server.conn.get().cancel_target()));
+        self.cancel.slot.attach(server.conn.get());
         self.server = Some(server);
         if self.place.epoch != resolved.epoch {
             if self

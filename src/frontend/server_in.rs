@@ -232,7 +232,9 @@ fn ready_for_query(s: &mut Server, at: usize, total: usize, p: &mut Parts<'_>) -
     s.replace_error = None;
     if s.pending == 0 {
         if let Some(t) = p.txn.query_started.take() {
-            p.txn.tally.query_us += t.elapsed().as_micros() as u64;
+            let now = std::time::Instant::now();
+            p.txn.tally.query_us += now.saturating_duration_since(t).as_micros() as u64;
+            p.txn.settled_at = Some(now);
         }
     }
     let end = s.pending == 0 && s.status == status::IDLE && !s.batch_open;
