@@ -8,6 +8,7 @@ use super::parts::{move_bytes, End, SkipEnd, Txn, OUT_HIGH_WATER};
 use super::server::Server;
 use super::session::Session;
 use super::state::SessionState;
+use super::statements::ClientStatements;
 use crate::errors::ClientError;
 use crate::protocol::frame::{parse_header, Direction, Header, Scan};
 use crate::protocol::tag::frontend as fe;
@@ -85,8 +86,8 @@ impl Session {
     /// but booking: every frame of a statement inside a transaction the gate already admitted, and Syncs. This
     /// is what `client_frame` would do with each of them (no gate, no route, no answer of ours), without its
     /// per-frame steps and copies: pgbench -M extended sends five frames per statement. The first frame that
-    /// needs more (a new transaction, a tenant statement, a rename in transaction pool mode, COPY data, a
-    /// Terminate) ends the run and takes the ordinary path.
+    /// needs more (a new transaction, a tenant statement, a Parse or a rename in transaction pool mode, COPY
+    /// data, a Terminate) ends the run and takes the ordinary path.
     fn pass_admitted_run(&mut self) {
         if self.client.skip.is_some() || self.client.discarding || self.client.scan.mid_frame() {
             return;
@@ -107,6 +108,10 @@ impl Session {
             let plain = match h.tag {
                 fe::SYNC | fe::FLUSH => true,
                 fe::EXECUTE => admitted,
+                // Transaction pooling renames statements in these, except where nothing needs renaming.
+                fe::BIND | fe::DESCRIBE if self.pooling.tx_mode => {
+                    admitted && ClientStatements::passes_unchanged(frame, s.unnamed_ours)
+                }
                 fe::BIND | fe::DESCRIBE | fe::CLOSE => admitted && !self.pooling.tx_mode,
                 fe::QUERY | fe::PARSE => {
                     admitted

@@ -246,6 +246,21 @@ impl ClientStatements {
         Ok(())
     }
 
+    /// Whether [`ClientStatements::forward`] would send this whole Bind or Describe as it is and change nothing:
+    /// it names the unnamed statement while the connection holds this session's own (`unnamed_ours`), or
+    /// describes a portal. The relay then forwards it in one run with the frames around it (pgbench
+    /// `-M extended` sends Parse, Bind, Describe, Execute and Sync per statement, all unnamed).
+    pub fn passes_unchanged(frame: &[u8], unnamed_ours: bool) -> bool {
+        let body = frame.get(5..).unwrap_or_default();
+        match frame.first() {
+            Some(&fe::BIND) => {
+                unnamed_ours && split_names(body).is_some_and(|(_, stmt, _)| stmt.is_empty())
+            }
+            Some(&fe::DESCRIBE) => body.first() == Some(&b'P') || unnamed_ours && body == b"S\0",
+            _ => false,
+        }
+    }
+
     /// Registers a client's named Parse without sending it anywhere. `Ok(false)`: unnamed (or malformed), it
     /// must go to a backend.
     pub fn register(
@@ -576,6 +591,57 @@ mod tests {
 
     fn bind(stmt: &str) -> Vec<u8> {
         frame(b'B', format!("\0{stmt}\0\0\0\0\0\0\0").as_bytes())
+    }
+
+    /// The frames the relay forwards in a run without `forward` are exactly those `forward` would send
+    /// unchanged, changing nothing.
+    #[test]
+    fn frames_passed_unchanged_are_those_forward_leaves_alone() {
+        let describe = |body: &str| frame(b'D', body.as_bytes());
+        let frames = [
+            bind(""),
+            bind("s0"),
+            frame(b'B', b"p1\0\0\0\0\0\0\0\0"),
+            describe("P\0"),
+            describe("Pp1\0"),
+            describe("S\0"),
+            describe("Ss0\0"),
+            frame(b'C', b"S\0"),
+            parse("", "select 1"),
+        ];
+        for unnamed_ours in [false, true] {
+            for f in &frames {
+                let mut client = ClientStatements::default();
+                client
+                    .forward(&parse("", "select 1"), String::new, Conn::new().target(10))
+                    .unwrap();
+                client
+                    .forward(
+                        &parse("s0", "select 2"),
+                        String::new,
+                        Conn::new().target(10),
+                    )
+                    .unwrap();
+                let mut conn = Conn::new();
+                conn.unnamed_ours = unnamed_ours;
+                client.forward(f, String::new, conn.target(10)).unwrap();
+                let unchanged = conn.out[..] == f[..]
+                    && conn.inflight.len() == 0
+                    && conn.unnamed_ours == unnamed_ours
+                    && !conn.statements.unnamed;
+                if ClientStatements::passes_unchanged(f, unnamed_ours) {
+                    assert!(unchanged, "{f:?} ours={unnamed_ours}: {:?}", conn.frames());
+                }
+            }
+        }
+        assert!(ClientStatements::passes_unchanged(&bind(""), true));
+        assert!(!ClientStatements::passes_unchanged(&bind(""), false));
+        assert!(!ClientStatements::passes_unchanged(&bind("s0"), true));
+        assert!(ClientStatements::passes_unchanged(&describe("P\0"), false));
+        assert!(!ClientStatements::passes_unchanged(
+            &describe("Ss0\0"),
+            true
+        ));
     }
 
     #[test]
