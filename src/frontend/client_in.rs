@@ -8,7 +8,7 @@ use super::parts::{move_bytes, End, SkipEnd, Txn, OUT_HIGH_WATER};
 use super::server::Server;
 use super::session::Session;
 use super::state::SessionState;
-use super::statements::ClientStatements;
+use super::statements::{ClientStatements, MAX_INFLIGHT};
 use crate::errors::ClientError;
 use crate::protocol::frame::{parse_header, Direction, Header, Scan};
 use crate::protocol::tag::frontend as fe;
@@ -86,7 +86,7 @@ impl Session {
     /// but booking: every frame of a statement inside a transaction the gate already admitted, and Syncs. This
     /// is what `client_frame` would do with each of them (no gate, no route, no answer of ours), without its
     /// per-frame steps and copies: pgbench -M extended sends five frames per statement. The first frame that
-    /// needs more (a new transaction, a tenant statement, a Parse or a rename in transaction pool mode, COPY
+    /// needs more (a new transaction, a tenant statement, a named statement in transaction pool mode, COPY
     /// data, a Terminate) ends the run and takes the ordinary path.
     fn pass_admitted_run(&mut self) {
         if self.client.skip.is_some() || self.client.discarding || self.client.scan.mid_frame() {
@@ -113,6 +113,13 @@ impl Session {
                     admitted && ClientStatements::passes_unchanged(frame, s.unnamed_ours)
                 }
                 fe::BIND | fe::DESCRIBE | fe::CLOSE => admitted && !self.pooling.tx_mode,
+                // An unnamed Parse goes as it is in transaction pooling too, with its bookkeeping below.
+                fe::PARSE if self.pooling.tx_mode => {
+                    admitted
+                        && ClientStatements::parses_unnamed(frame)
+                        && s.inflight.len() < MAX_INFLIGHT
+                        && matches!(recognise_frame(h.tag, frame), sql::Recognised::Pass)
+                }
                 fe::QUERY | fe::PARSE => {
                     admitted
                         && !self.pooling.tx_mode
@@ -124,6 +131,15 @@ impl Session {
                 break;
             }
             book(s, &mut self.state, &mut self.txn, h.tag, Some(frame));
+            if h.tag == fe::PARSE && self.pooling.tx_mode {
+                let conn = s.conn.get_mut();
+                self.pooling.statements.note_unnamed_parse(
+                    frame,
+                    &mut conn.statements,
+                    &mut s.unnamed_ours,
+                    &mut s.inflight,
+                );
+            }
             run += h.total;
         }
         move_bytes(&mut self.client.cin, &mut s.out, run);

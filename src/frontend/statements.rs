@@ -347,11 +347,8 @@ impl ClientStatements {
             return Ok(());
         };
         if name.is_empty() {
-            self.keep_unnamed(frame);
-            t.statements.unnamed = true;
-            *t.unnamed_ours = true;
+            self.note_unnamed_parse(frame, t.statements, t.unnamed_ours, t.inflight);
             t.out.extend_from_slice(frame);
-            t.inflight.push(false, Undo::Unnamed);
             return Ok(());
         }
         let (id, parse, before) = self.define(name, definition, resolution)?;
@@ -393,6 +390,26 @@ impl ClientStatements {
     }
 
     /// Remembers the client's unnamed Parse (or forgets it when it is too large to keep).
+    /// What a Parse of the unnamed statement, sent as it is, changes: the client's kept copy, the connection's
+    /// unnamed statement (now this session's) and the ParseComplete awaited.
+    pub fn note_unnamed_parse(
+        &mut self,
+        frame: &[u8],
+        server: &mut ServerStatements,
+        unnamed_ours: &mut bool,
+        inflight: &mut Inflight,
+    ) {
+        self.keep_unnamed(frame);
+        server.unnamed = true;
+        *unnamed_ours = true;
+        inflight.push(false, Undo::Unnamed);
+    }
+
+    /// A well-formed Parse of the unnamed statement (its name is empty).
+    pub fn parses_unnamed(frame: &[u8]) -> bool {
+        frame.first() == Some(&fe::PARSE) && frame.get(5) == Some(&0)
+    }
+
     fn keep_unnamed(&mut self, frame: &[u8]) {
         self.unnamed.clear();
         if frame.len() <= MAX_UNNAMED_KEPT {
