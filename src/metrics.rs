@@ -1,8 +1,9 @@
 //! Prometheus metrics (DESIGN section 8) and the `/metrics` + `/health` endpoint.
 //!
 //! The recorder is an instance owned by the proxy rather than the process-global one, so several proxies (the
-//! tests run many in one process) never mix their figures. Hot-path counters are per tenant and are bumped once
-//! per transaction, not per message; pool and connection gauges are read when scraped.
+//! tests run many in one process) never mix their figures. The hot path adds to per-tenant atomic totals once
+//! per transaction, not per message; the exported per-tenant counters are set from those totals, and the pool
+//! and connection gauges read, when scraped.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};

@@ -9,9 +9,7 @@ use tokio::sync::oneshot;
 use super::conn::ServerConn;
 use crate::tenant::TenantId;
 
-/// What a waiter is given. Moved, not boxed: it is handed out once per wait, and boxing the connection
-/// would cost an allocation every time a connection changes hands.
-#[allow(clippy::large_enum_variant)]
+/// What a waiter is given (a connection is boxed for its life, so handing it out moves a pointer).
 pub enum Grant {
     /// A connection someone gave back.
     Conn(Box<ServerConn>),

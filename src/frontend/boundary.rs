@@ -118,10 +118,8 @@ impl Session {
             Ok(()) => {
                 let now = std::time::Instant::now();
                 self.txn.tally.wait_us += now.saturating_duration_since(arrived).as_micros() as u64;
-                // The query (or batch) about to go starts its query time now (see client_in's `book`).
-                if matches!(tag, fe::QUERY | fe::PARSE | fe::BIND | fe::FUNCTION_CALL) {
-                    self.txn.query_started.get_or_insert(now);
-                }
+                // Lent to the query time of the query about to go (client_in's `book`), so that reads no clock.
+                self.txn.routed_at = Some(now);
                 Ok(Admission::Go)
             }
             Err(Refusal::Statement(e)) => {
@@ -162,6 +160,7 @@ impl Session {
         };
         self.txn.gate = pass.leave();
         self.txn.query_started = None;
+        self.txn.routed_at = None;
         self.handle
             .info
             .in_transaction

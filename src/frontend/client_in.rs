@@ -34,11 +34,13 @@ impl Session {
         }
         // Stop while our own answers pile up unread: a client that never reads cannot grow them without bound.
         while !self.txn.blocked && self.client.cout.len() < OUT_HIGH_WATER {
+            self.pass_admitted_run();
+            // The run stops behind a batch that went after the proxy's own reset (or forwards nothing when
+            // one already has): the frame after it waits, whichever path would take it.
             if self.behind_own_reset() {
                 self.txn.own_wait = true;
                 return Ok(());
             }
-            self.pass_admitted_run();
             // Transaction pool mode renames statements in Bind, Describe and Close: those are read whole too (a
             // Bind over 1 MiB is renamed at its head).
             let tx = self.pooling.tx_mode;
@@ -86,8 +88,10 @@ impl Session {
     /// but booking: every frame of a statement inside a transaction the gate already admitted, and Syncs. This
     /// is what `client_frame` would do with each of them (no gate, no route, no answer of ours), without its
     /// per-frame steps and copies: pgbench -M extended sends five frames per statement. The first frame that
-    /// needs more (a new transaction, a tenant statement, a named statement in transaction pool mode, COPY
-    /// data, a Terminate) ends the run and takes the ordinary path.
+    /// needs more ends the run and takes the ordinary path: a new transaction, a tenant statement, COPY data,
+    /// a Terminate, and in transaction pool mode any Close, a named statement's Parse, Bind or Describe, the
+    /// unnamed statement's while the connection does not hold this session's, and a Parse past the in-flight
+    /// limit.
     fn pass_admitted_run(&mut self) {
         if self.client.skip.is_some() || self.client.discarding || self.client.scan.mid_frame() {
             return;
@@ -355,7 +359,8 @@ fn book(
         // The query time runs from the first query sent while the backend owed nothing to the ReadyForQuery
         // that settles everything owed (a pipelined batch counts once, as the backend works it).
         if txn.query_started.is_none() {
-            txn.query_started = Some(std::time::Instant::now());
+            let now = txn.routed_at.take();
+            txn.query_started = Some(now.unwrap_or_else(std::time::Instant::now));
         }
     }
 }

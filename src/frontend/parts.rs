@@ -142,6 +142,9 @@ pub(super) struct Txn {
     pub tally: crate::metrics::Tally,
     /// When the backend began to owe a ReadyForQuery for the query or batch in flight (for the query time).
     pub query_started: Option<std::time::Instant>,
+    /// When this transaction's backend connection was ready: the start of its first query's time, if that
+    /// query is booked before the backend next settles everything owed (then it is dropped).
+    pub routed_at: Option<std::time::Instant>,
     /// When the current transaction got its gate pass (for the tenant's transaction time).
     pub started: Option<std::time::Instant>,
     /// When the last ReadyForQuery that settled everything owed arrived: the end of a transaction ending there,

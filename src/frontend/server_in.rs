@@ -231,6 +231,7 @@ fn ready_for_query(s: &mut Server, at: usize, total: usize, p: &mut Parts<'_>) -
     s.inflight.on_ready(&mut conn.statements, p.statements);
     s.replace_error = None;
     if s.pending == 0 {
+        p.txn.routed_at = None;
         if let Some(t) = p.txn.query_started.take() {
             let now = std::time::Instant::now();
             p.txn.tally.query_us += now.saturating_duration_since(t).as_micros() as u64;

@@ -389,7 +389,6 @@ impl ClientStatements {
         Some(stmt.id)
     }
 
-    /// Remembers the client's unnamed Parse (or forgets it when it is too large to keep).
     /// What a Parse of the unnamed statement, sent as it is, changes: the client's kept copy, the connection's
     /// unnamed statement (now this session's) and the ParseComplete awaited.
     pub fn note_unnamed_parse(
@@ -410,6 +409,7 @@ impl ClientStatements {
         frame.first() == Some(&fe::PARSE) && frame.get(5) == Some(&0)
     }
 
+    /// Remembers the client's unnamed Parse (or forgets it when it is too large to keep).
     fn keep_unnamed(&mut self, frame: &[u8]) {
         self.unnamed.clear();
         if frame.len() <= MAX_UNNAMED_KEPT {
