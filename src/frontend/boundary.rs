@@ -79,6 +79,8 @@ impl Session {
             Ok(pass) => {
                 self.txn.pass = Some(pass);
                 self.txn.started = Some(started);
+                // Only this transaction's own ReadyForQuery may end it.
+                self.txn.settled_at = None;
             }
             Err((gate, e)) => {
                 self.txn.gate = Some(gate);

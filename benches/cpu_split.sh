@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The proxy's user and system CPU per transaction, pgtenant against PgBouncer: where a gap in proxy CPU is.
+# One throwaway cluster (scale 10) per call; pgbench -c 16 -j 2 for 5 s after a 2 s warm-up; the proxy's utime and
+# stime from /proc over the run, divided by the transactions. Both proxies make the same system calls per
+# transaction (two recvfrom, two sendto, about 0.2 epoll_wait at -c 16), so system time says little about the
+# proxy's own code and user time says most.
+#
+#   bash benches/cpu_split.sh pgtenant-transaction simple select     # TARGET QUERY_MODE SCRIPT(select|tpcb)
+#   bash benches/cpu_split.sh pgbouncer-transaction extended tpcb
+#   PGTENANT_BIN=/path/to/other/build bash benches/cpu_split.sh pgtenant-session prepared select
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/pg-lib.sh
+
+TARGET="${1:?target: pgtenant-session|pgtenant-transaction|pgbouncer-session|pgbouncer-transaction}"
+QMODE="${2:-simple}"
+SCRIPT="${3:-select}"
+MODE="${TARGET#*-}"
+[ -n "${PGTENANT_BIN:-}" ] || cargo build --release --quiet
+
+pg_setup_workdir
+pg_start bench
+W="$PG_WORKDIR"
+pg_sql "$bench_PORT" postgres "CREATE DATABASE app" >/dev/null
+export PGPASSWORD=secret
+port="$(free_port)"
+if [[ $TARGET == pgtenant-* ]]; then
+  pgtenant_config "$W/p.toml" "$port" "$bench_PORT" 20 "" "pool_mode = \"$MODE\"
+max_client_conn = 2000"
+  RUST_LOG=pgtenant=warn pgtenant_serve "$W/p.toml" "$W/p.log"
+  PID="$PGTENANT_PID"
+  user=app.acme
+else
+  printf '"app" "secret"\n' > "$W/userlist.txt"
+  cat > "$W/pgb.ini" <<INI
+[databases]
+app = host=127.0.0.1 port=$bench_PORT dbname=app user=postgres
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $port
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $W/userlist.txt
+pool_mode = $MODE
+max_client_conn = 2000
+default_pool_size = 20
+logfile = $W/pgb.log
+pidfile = $W/pgb.pid
+ignore_startup_parameters = extra_float_digits,options
+INI
+  chown postgres "$W/pgb.ini" "$W/userlist.txt" 2>/dev/null || true
+  as_pg pgbouncer -d "$W/pgb.ini"
+  wait_port "$port"
+  PID="$(cat "$W/pgb.pid")"
+  PG_CLEANUP_EXTRA+=("$PID")
+  user=app
+fi
+wait_port "$port"
+pgbench -i -s 10 -q "host=127.0.0.1 port=$bench_PORT user=postgres dbname=app" >/dev/null 2>&1
+args=(-n -c 16 -j 2 -M "$QMODE")
+[ "$SCRIPT" = select ] && args+=(-S)
+url="host=127.0.0.1 port=$port user=$user dbname=app"
+pgbench "${args[@]}" -T 2 "$url" >/dev/null 2>&1
+read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$PID/stat")
+out="$(pgbench "${args[@]}" -T 5 "$url" 2>&1)"
+read -r u1 s1 < <(awk '{print $14, $15}' "/proc/$PID/stat")
+tx="$(grep -oP 'actually processed: \K[0-9]+' <<<"$out")"
+tick="$(getconf CLK_TCK)"
+python3 - "$TARGET" "$QMODE" "$SCRIPT" "$(grep -oP 'tps = \K[0-9.]+' <<<"$out")" "$tx" "$tick" "$u0" "$u1" "$s0" "$s1" <<'PY'
+import sys
+t, q, s, tps, tx, tick, u0, u1, s0, s1 = sys.argv[1:]
+tx, tick = int(tx), int(tick)
+us = lambda a, b: (int(b) - int(a)) / tick / tx * 1e6
+print(f"{t} -M {q} {s}: tps={float(tps):.0f} user_us_per_txn={us(u0, u1):.2f} sys_us_per_txn={us(s0, s1):.2f}")
+PY
