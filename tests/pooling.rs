@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use common::{code, python, Harness, PgCluster, TestProxy};
+use common::{cancelled_midway, code, python, Harness, PgCluster, TestProxy};
 use postgres_protocol::message::frontend;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -852,35 +852,13 @@ async fn a_cancel_reaches_only_the_connection_the_client_holds_now() {
         .await;
     let a = proxy.connect("app.acme", "app").await.unwrap();
     let token = a.cancel_token();
-    let sleeper = tokio::spawn(async move {
-        let r = a.simple_query("SELECT pg_sleep(30)").await.map(|_| ());
-        (a, r)
-    });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
-    let (a, r) = tokio::time::timeout(Duration::from_secs(10), sleeper)
-        .await
-        .unwrap()
-        .unwrap();
+    let (a, r) = cancelled_midway(a, "SELECT pg_sleep(30)", &token).await;
     assert_eq!(code(&r.unwrap_err()), "57014");
     // a is parked; b gets the pool's one connection, the one a's key last stood for.
     let b = proxy.connect("app.acme", "app").await.unwrap();
-    let sleeper = tokio::spawn(async move { b.simple_query("SELECT pg_sleep(1.5)").await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
-    let r = tokio::time::timeout(Duration::from_secs(10), sleeper)
-        .await
-        .unwrap()
-        .unwrap();
+    let (_b, r) = cancelled_midway(b, "SELECT pg_sleep(1.5)", &token).await;
     assert!(r.is_ok(), "a's cancel stopped b's statement: {r:?}");
     // And a's key works again once a holds a connection.
-    let sleeper =
-        tokio::spawn(async move { a.simple_query("SELECT pg_sleep(30)").await.map(|_| ()) });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
-    let r = tokio::time::timeout(Duration::from_secs(10), sleeper)
-        .await
-        .unwrap()
-        .unwrap();
+    let (_a, r) = cancelled_midway(a, "SELECT pg_sleep(30)", &token).await;
     assert_eq!(code(&r.unwrap_err()), "57014");
 }

@@ -154,14 +154,7 @@ async fn cancel_reaches_the_right_backend() {
     let c = proxy.connect("app.acme", "app").await.unwrap();
     let other = proxy.connect("app.acme", "app").await.unwrap();
     let token = c.cancel_token();
-    let sleeper =
-        tokio::spawn(async move { c.simple_query("SELECT pg_sleep(30)").await.map(|_| ()) });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
-    let r = tokio::time::timeout(Duration::from_secs(10), sleeper)
-        .await
-        .unwrap()
-        .unwrap();
+    let (_c, r) = common::cancelled_midway(c, "SELECT pg_sleep(30)", &token).await;
     assert_eq!(code(&r.unwrap_err()), "57014");
     // The other session was not touched.
     assert_eq!(

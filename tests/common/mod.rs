@@ -513,6 +513,25 @@ pub async fn connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres
 }
 
 /// The SQLSTATE of a tokio-postgres error, or "" when it has none.
+/// Runs `sql` on `client` while, half a second in, a CancelRequest goes with `token` (which may be another
+/// client's); gives back the client and the statement's result.
+pub async fn cancelled_midway(
+    client: tokio_postgres::Client,
+    sql: &'static str,
+    token: &tokio_postgres::CancelToken,
+) -> (tokio_postgres::Client, Result<(), tokio_postgres::Error>) {
+    let run = tokio::spawn(async move {
+        let r = client.simple_query(sql).await.map(|_| ());
+        (client, r)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the statement ended")
+        .unwrap()
+}
+
 pub fn code(e: &tokio_postgres::Error) -> String {
     e.code().map(|c| c.code().to_string()).unwrap_or_default()
 }
