@@ -36,33 +36,12 @@ pg_sql "$bench_PORT" postgres "CREATE DATABASE app" >/dev/null
 W="$PG_WORKDIR"
 export PGPASSWORD=secret
 
-# PgBouncer, one instance per pool mode, SCRAM client auth like pgtenant's.
+# PgBouncer, one instance per pool mode (scripts/pg-lib.sh).
 start_pgbouncer() {
-  local mode="$1" port
-  port="$(free_port)"
-  printf '"app" "secret"\n' > "$W/userlist.txt"
-  cat > "$W/pgbouncer-$mode.ini" <<INI
-[databases]
-app = host=127.0.0.1 port=$bench_PORT dbname=app user=postgres
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = $port
-unix_socket_dir =
-auth_type = scram-sha-256
-auth_file = $W/userlist.txt
-pool_mode = $mode
-max_client_conn = 2000
-default_pool_size = 20
-logfile = $W/pgbouncer-$mode.log
-pidfile = $W/pgbouncer-$mode.pid
-ignore_startup_parameters = extra_float_digits,options
-INI
-  chown postgres "$W"/pgbouncer-"$mode".ini "$W/userlist.txt" 2>/dev/null || true
-  as_pg pgbouncer -d "$W/pgbouncer-$mode.ini"
-  wait_port "$port"
-  PG_CLEANUP_EXTRA+=("$(cat "$W/pgbouncer-$mode.pid")")
-  printf -v "PID_pgbouncer_${mode}" '%s' "$(cat "$W/pgbouncer-$mode.pid")"
-  printf -v "PGB_${mode}_PORT" '%s' "$port"
+  local mode="$1"
+  pgbouncer_serve "$mode" "$W" "$bench_PORT"
+  printf -v "PID_pgbouncer_${mode}" '%s' "$PGBOUNCER_PID"
+  printf -v "PGB_${mode}_PORT" '%s' "$PGBOUNCER_PORT"
 }
 
 start_pgtenant() { # mode [name bin]: name pgtenant (this build) or baseline ($BASELINE)

@@ -23,36 +23,17 @@ pg_start bench
 W="$PG_WORKDIR"
 pg_sql "$bench_PORT" postgres "CREATE DATABASE app" >/dev/null
 export PGPASSWORD=secret
-port="$(free_port)"
 if [[ $TARGET == pgtenant-* ]]; then
+  port="$(free_port)"
   pgtenant_config "$W/p.toml" "$port" "$bench_PORT" 20 "" "pool_mode = \"$MODE\"
 max_client_conn = 2000"
   RUST_LOG=pgtenant=warn pgtenant_serve "$W/p.toml" "$W/p.log"
   PID="$PGTENANT_PID"
   user=app.acme
 else
-  printf '"app" "secret"\n' > "$W/userlist.txt"
-  cat > "$W/pgb.ini" <<INI
-[databases]
-app = host=127.0.0.1 port=$bench_PORT dbname=app user=postgres
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = $port
-unix_socket_dir =
-auth_type = scram-sha-256
-auth_file = $W/userlist.txt
-pool_mode = $MODE
-max_client_conn = 2000
-default_pool_size = 20
-logfile = $W/pgb.log
-pidfile = $W/pgb.pid
-ignore_startup_parameters = extra_float_digits,options
-INI
-  chown postgres "$W/pgb.ini" "$W/userlist.txt" 2>/dev/null || true
-  as_pg pgbouncer -d "$W/pgb.ini"
-  wait_port "$port"
-  PID="$(cat "$W/pgb.pid")"
-  PG_CLEANUP_EXTRA+=("$PID")
+  pgbouncer_serve "$MODE" "$W" "$bench_PORT"
+  port="$PGBOUNCER_PORT"
+  PID="$PGBOUNCER_PID"
   user=app
 fi
 wait_port "$port"

@@ -77,6 +77,36 @@ pgtenant_serve() {
   PG_CLEANUP_EXTRA+=("$PGTENANT_PID")
 }
 
+# pgbouncer_serve MODE DIR BACKEND_PORT: PgBouncer in pool mode MODE (session or transaction) in front of the
+# backend's database `app` as user postgres, SCRAM client auth for app/secret like pgtenant's, a pool of 20;
+# its files in DIR. Sets PGBOUNCER_PORT and PGBOUNCER_PID. PgBouncer daemonizes (-d): a session of its own.
+pgbouncer_serve() {
+  local mode="$1" dir="$2" backend="$3"
+  PGBOUNCER_PORT="$(free_port)"
+  printf '"app" "secret"\n' > "$dir/userlist.txt"
+  cat > "$dir/pgbouncer-$mode.ini" <<INI
+[databases]
+app = host=127.0.0.1 port=$backend dbname=app user=postgres
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $PGBOUNCER_PORT
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $dir/userlist.txt
+pool_mode = $mode
+max_client_conn = 2000
+default_pool_size = 20
+logfile = $dir/pgbouncer-$mode.log
+pidfile = $dir/pgbouncer-$mode.pid
+ignore_startup_parameters = extra_float_digits,options
+INI
+  chown postgres "$dir/pgbouncer-$mode.ini" "$dir/userlist.txt" 2>/dev/null || true
+  as_pg pgbouncer -d "$dir/pgbouncer-$mode.ini"
+  wait_port "$PGBOUNCER_PORT"
+  PGBOUNCER_PID="$(cat "$dir/pgbouncer-$mode.pid")"
+  PG_CLEANUP_EXTRA+=("$PGBOUNCER_PID")
+}
+
 # pg_start_pair: the two clusters of a move, `shared` and `dedicated`, each with an empty database `app`.
 pg_start_pair() {
   pg_start shared
