@@ -107,18 +107,23 @@ impl Session {
                 }
             }
         }
-        let routed = if self.pooling.tx_mode && self.server.is_none() {
-            self.unpark().await
+        let (routed, waited) = if self.pooling.tx_mode && self.server.is_none() {
+            (self.unpark().await, true)
         } else if self.route_changed() {
             // Rare: boxed, so its state does not sit in every idle session's task.
-            Box::pin(self.follow_route()).await
+            (Box::pin(self.follow_route()).await, true)
         } else {
-            Ok(())
+            (Ok(()), false)
         };
         match routed {
-            // As PgBouncer's wait time: counted for transactions that got their connection.
+            // As PgBouncer's wait time: counted for transactions that got their connection. A session that
+            // kept its connection waited for nothing, and reads no clock for it.
             Ok(()) => {
-                let now = std::time::Instant::now();
+                let now = if waited {
+                    std::time::Instant::now()
+                } else {
+                    arrived
+                };
                 self.txn.tally.wait_us += now.saturating_duration_since(arrived).as_micros() as u64;
                 // Lent to the query time of the query about to go (client_in's `book`), so that reads no clock.
                 self.txn.routed_at = Some(now);

@@ -66,6 +66,9 @@ impl AsyncRead for Stream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if let Stream::Tcp(s) = self.as_ref().get_ref() {
+            return super::rawio::poll_recv(s, cx, buf);
+        }
         delegate!(self, s => s.poll_read(cx, buf))
     }
 }
@@ -76,6 +79,9 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if let Stream::Tcp(s) = self.as_ref().get_ref() {
+            return super::rawio::poll_send(s, cx, buf);
+        }
         delegate!(self, s => s.poll_write(cx, buf))
     }
 
