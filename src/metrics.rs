@@ -152,6 +152,7 @@ pub struct Metrics {
     tenants: Mutex<HashMap<TenantId, Arc<TenantMetrics>>>,
     pub auth_failures: Counter,
     pub moves: Counter,
+    pub tenant_resets: Counter,
     pub pinned_waits: Counter,
     pub pinned_disconnects: Counter,
     pub cutover_pause: Histogram,
@@ -193,6 +194,11 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     (
         "pgtenant_session_moves_total",
         "Sessions moved to a new route at a transaction boundary",
+    ),
+    (
+        "pgtenant_pool_tenant_resets_total",
+        "Full resets of a pooled backend connection before another tenant (or any session after code whose \
+         effects the proxy cannot follow) used it, in transaction pooling",
     ),
     (
         "pgtenant_gate_queued",
@@ -256,6 +262,7 @@ impl Metrics {
         let counter = |name: &'static str| recorder.register_counter(&Key::from_name(name), &META);
         let auth_failures = counter("pgtenant_auth_failures_total");
         let moves = counter("pgtenant_session_moves_total");
+        let tenant_resets = counter("pgtenant_pool_tenant_resets_total");
         let pinned_waits = counter("pgtenant_pinned_sessions_waited_total");
         let pinned_disconnects = counter("pgtenant_pinned_sessions_disconnected_total");
         // Declared now so dashboards and alerts find them; the migration coordinator fills them.
@@ -273,6 +280,7 @@ impl Metrics {
         let m = Metrics {
             auth_failures,
             moves,
+            tenant_resets,
             pinned_waits,
             pinned_disconnects,
             cutover_pause,

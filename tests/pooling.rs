@@ -862,3 +862,70 @@ async fn a_cancel_reaches_only_the_connection_the_client_holds_now() {
     let (_a, r) = cancelled_midway(a, "SELECT pg_sleep(30)", &token).await;
     assert_eq!(code(&r.unwrap_err()), "57014");
 }
+
+/// Two tenants of a shared pool of two connections, taking turns: each keeps finding the connection it used
+/// last (no reset between tenants is needed), where taking the connection returned last would hand each
+/// transaction the one the other tenant just left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_taking_turns_each_find_their_own_connection_again() {
+    let w = clusters();
+    let p = harness(&w, 2)
+        .proxy("metrics_listen = \"127.0.0.1:0\"")
+        .start()
+        .await;
+    let resets = || async {
+        let (_, body) = common::http_get(p.proxy.metrics_addr().unwrap(), "/metrics").await;
+        let line = body
+            .lines()
+            .find(|l| l.starts_with("pgtenant_pool_tenant_resets_total "))
+            .map(str::to_owned);
+        line.and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no resets counter in\n{body}"))
+    };
+    let acme = p.connect("app.acme", "app").await.unwrap();
+    let globex = p.connect("app.globex", "app").await.unwrap();
+    // Both connections opened: each client holds one at the same time.
+    acme.batch_execute("BEGIN").await.unwrap();
+    globex.batch_execute("BEGIN").await.unwrap();
+    acme.batch_execute("COMMIT").await.unwrap();
+    globex.batch_execute("COMMIT").await.unwrap();
+    async fn pid(c: &tokio_postgres::Client) -> i32 {
+        let r = c.query_one("SELECT pg_backend_pid()", &[]).await.unwrap();
+        r.get(0)
+    }
+    let before = resets().await;
+    let (mut mine, mut theirs) = (
+        std::collections::BTreeSet::new(),
+        std::collections::BTreeSet::new(),
+    );
+    for _ in 0..10 {
+        mine.insert(pid(&acme).await);
+        assert_eq!(who_is(&acme).await.unwrap(), "tenant_acme");
+        theirs.insert(pid(&globex).await);
+        assert_eq!(who_is(&globex).await.unwrap(), "tenant_globex");
+    }
+    assert_eq!((mine.len(), theirs.len()), (1, 1), "{mine:?} {theirs:?}");
+    assert!(mine.is_disjoint(&theirs), "{mine:?} {theirs:?}");
+    assert_eq!(resets().await, before, "no connection changed tenants");
+    assert!(backend_connections(&w.shared) <= 2);
+    // With one connection between them, every turn is a reset, and the counter says so.
+    drop(p);
+    let p = harness(&w, 1)
+        .proxy("metrics_listen = \"127.0.0.1:0\"")
+        .start()
+        .await;
+    let acme = p.connect("app.acme", "app").await.unwrap();
+    let globex = p.connect("app.globex", "app").await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(who_is(&acme).await.unwrap(), "tenant_acme");
+        assert_eq!(who_is(&globex).await.unwrap(), "tenant_globex");
+    }
+    let (_, body) = common::http_get(p.proxy.metrics_addr().unwrap(), "/metrics").await;
+    assert!(
+        body.lines().any(|l| l
+            .strip_prefix("pgtenant_pool_tenant_resets_total ")
+            .and_then(|v| v.parse::<f64>().ok())
+            .is_some_and(|n| n >= 5.0)),
+        "{body}"
+    );
+}

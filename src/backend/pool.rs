@@ -191,13 +191,8 @@ impl Pool {
         let mut inner = self.lock();
         let cap = self.backend.max_tenant_connections();
         if under_cap(&inner, tenant, cap) {
-            // Sessions share their tag's Arc, so the pointer comparison settles almost every check. (An idle
-            // connection beside a queue is one no waiter could take: their tenants are at their cap.)
-            if let Some(i) = inner
-                .idle
-                .iter()
-                .rposition(|c| Arc::ptr_eq(&c.tag, tag) || c.tag == *tag)
-            {
+            // (An idle connection beside a queue is one no waiter could take: their tenants are at their cap.)
+            if let Some(i) = pick_idle(&inner.idle, tag, tenant) {
                 let conn = inner.idle.swap_remove(i);
                 note_held(&mut inner, tenant, cap);
                 return (Step::Reuse(conn), None);
@@ -521,6 +516,31 @@ impl Pool {
             self.backend.free_slot();
         }
     }
+}
+
+/// The idle connection a checkout takes: the most recently returned one with `tag`'s startup parameters that
+/// `tenant` itself used last, else the most recently returned one with those parameters. In transaction pooling
+/// of a shared pool, another tenant's connection costs a full reset before it can be used (a third of a point
+/// select's throughput); preferring the tenant's own lets the tenants of a pool that is not saturated each keep
+/// finding theirs, where taking the last one returned would hand each transaction the connection another tenant
+/// just left.
+fn pick_idle(
+    idle: &[Box<ServerConn>],
+    tag: &Arc<StartupTag>,
+    tenant: Option<&TenantId>,
+) -> Option<usize> {
+    let mut fallback = None;
+    for (i, c) in idle.iter().enumerate().rev() {
+        // Sessions share their tag's Arc, so the pointer comparison settles almost every check.
+        if !(Arc::ptr_eq(&c.tag, tag) || c.tag == *tag) {
+            continue;
+        }
+        if tenant.is_none() || c.owner.as_ref() == tenant {
+            return Some(i);
+        }
+        fallback.get_or_insert(i);
+    }
+    fallback
 }
 
 fn under_cap(inner: &Inner, tenant: Option<&TenantId>, cap: usize) -> bool {

@@ -216,6 +216,7 @@ impl Session {
         let conn = server.conn.get();
         let foreign = conn.owner.is_some() && conn.owner != self.place.tenant;
         let reset = if foreign || conn.suspect {
+            self.shared.metrics.tenant_resets.increment(1);
             Reset::Full
         } else {
             Reset::Sets
