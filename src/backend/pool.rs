@@ -193,7 +193,9 @@ impl Pool {
         if under_cap(&inner, tenant, cap) {
             // (An idle connection beside a queue is one no waiter could take: their tenants are at their cap.)
             if let Some(i) = pick_idle(&inner.idle, tag, tenant) {
-                let conn = inner.idle.swap_remove(i);
+                // `remove`, not `swap_remove`: the list stays in the order connections came back, oldest first,
+                // which the evictions below and `close_one_idle` count on (the list is a pool's size at most).
+                let conn = inner.idle.remove(i);
                 note_held(&mut inner, tenant, cap);
                 return (Step::Reuse(conn), None);
             }
@@ -518,18 +520,18 @@ impl Pool {
     }
 }
 
-/// The idle connection a checkout takes: the most recently returned one with `tag`'s startup parameters that
-/// `tenant` itself used last, else the most recently returned one with those parameters. In transaction pooling
-/// of a shared pool, another tenant's connection costs a full reset before it can be used (a third of a point
-/// select's throughput); preferring the tenant's own lets the tenants of a pool that is not saturated each keep
-/// finding theirs, where taking the last one returned would hand each transaction the connection another tenant
-/// just left.
+/// The idle connection a checkout takes, among those with `tag`'s startup parameters, the most recently
+/// returned of: those `tenant` itself used last, else those no tenant has used since a reset (they need only
+/// the schema), else any. In transaction pooling of a shared pool, a connection another tenant used last costs
+/// a full reset before it can be used (a third of a point select's throughput); preferring the tenant's own lets
+/// the tenants of a pool that is not saturated each keep finding theirs, where taking the last one returned
+/// would hand each transaction the connection another tenant just left.
 fn pick_idle(
     idle: &[Box<ServerConn>],
     tag: &Arc<StartupTag>,
     tenant: Option<&TenantId>,
 ) -> Option<usize> {
-    let mut fallback = None;
+    let (mut clean, mut any) = (None, None);
     for (i, c) in idle.iter().enumerate().rev() {
         // Sessions share their tag's Arc, so the pointer comparison settles almost every check.
         if !(Arc::ptr_eq(&c.tag, tag) || c.tag == *tag) {
@@ -538,9 +540,12 @@ fn pick_idle(
         if tenant.is_none() || c.owner.as_ref() == tenant {
             return Some(i);
         }
-        fallback.get_or_insert(i);
+        if c.owner.is_none() && !c.suspect {
+            clean.get_or_insert(i);
+        }
+        any.get_or_insert(i);
     }
-    fallback
+    clean.or(any)
 }
 
 fn under_cap(inner: &Inner, tenant: Option<&TenantId>, cap: usize) -> bool {

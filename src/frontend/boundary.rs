@@ -119,10 +119,11 @@ impl Session {
             // As PgBouncer's wait time: counted for transactions that got their connection. A session that
             // kept its connection waited for nothing, and reads no clock for it.
             Ok(()) => {
+                // `started` is `arrived` unless the session waited at a closed gate (read after that wait).
                 let now = if waited {
                     std::time::Instant::now()
                 } else {
-                    arrived
+                    started
                 };
                 self.txn.tally.wait_us += now.saturating_duration_since(arrived).as_micros() as u64;
                 // Lent to the query time of the query about to go (client_in's `book`), so that reads no clock.

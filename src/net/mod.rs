@@ -4,6 +4,7 @@
 pub mod cidr;
 pub mod fds;
 pub mod keepalive;
+#[cfg(target_os = "linux")]
 pub mod rawio;
 pub mod stream;
 pub mod tls;

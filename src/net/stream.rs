@@ -66,6 +66,7 @@ impl AsyncRead for Stream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        #[cfg(target_os = "linux")]
         if let Stream::Tcp(s) = self.as_ref().get_ref() {
             return super::rawio::poll_recv(s, cx, buf);
         }
@@ -79,6 +80,7 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        #[cfg(target_os = "linux")]
         if let Stream::Tcp(s) = self.as_ref().get_ref() {
             return super::rawio::poll_send(s, cx, buf);
         }
