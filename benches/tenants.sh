@@ -2,7 +2,8 @@
 # Many schema tenants on one backend in transaction pooling (issue 16, goal 0): N tenants with schema routes,
 # one pgbench client each, against the same N clients all on one tenant, and against direct connections. For each
 # case: total TPS, per-tenant spread (max/median TPS), and the backend connections opened during the run
-# (pg_stat_database.sessions). Shared isolation (one pool for the backend's tenants, the schema set per
+# (pg_stat_database.sessions), and through the proxy the full resets of a connection between tenants per
+# transaction (pgtenant_pool_tenant_resets_total). Shared isolation (one pool for the backend's tenants, the schema set per
 # transaction) and role isolation (a pool per tenant role, the database enforcing the boundary) side by side.
 #
 #   bash benches/tenants.sh                              # N=50, 10 s cells, pool_size 10
@@ -41,12 +42,31 @@ sessions() {
   pg_sql "$bench_PORT" app "SELECT sessions FROM pg_stat_database WHERE datname = 'app'"
 }
 
+# counts: "<full resets> <transactions>" so far, from the proxy's metrics ("- -" with no proxy running).
+METRICS=""
+counts() {
+  [ -n "$METRICS" ] || { echo "- -"; return; }
+  python3 - "$METRICS" <<'PY'
+import sys, urllib.request
+text = urllib.request.urlopen(f"http://{sys.argv[1]}/metrics", timeout=5).read().decode()
+resets = txns = 0.0
+for line in text.splitlines():
+    if line.startswith("pgtenant_pool_tenant_resets_total "):
+        resets = float(line.rsplit(" ", 1)[1])
+    elif line.startswith("pgtenant_transactions_total{"):
+        txns += float(line.rsplit(" ", 1)[1])
+print(f"{resets:.0f} {txns:.0f}")
+PY
+}
+
 start_proxy() { # isolation
   local port
   port="$(free_port)"
+  METRICS="127.0.0.1:$(free_port)"
   {
     printf '[proxy]\nlisten = "127.0.0.1:%s"\nadmin_socket = "%s/%s.sock"\nstate_dir = "%s/%s-state"\n' \
       "$port" "$W" "$1" "$W" "$1"
+    printf 'metrics_listen = "%s"\n' "$METRICS"
     printf 'pool_mode = "transaction"\nmax_client_conn = 2000\n'
     printf '[[users]]\nname = "app"\npassword = "secret"\ntenants = ["*"]\n'
     printf '[backends.main]\nhost = "127.0.0.1"\nport = %s\nuser = "serve"\ndatabase = "app"\n' "$bench_PORT"
@@ -62,8 +82,9 @@ start_proxy() { # isolation
 
 # run CASE KIND: N single-client pgbench processes, one per tenant (spread) or all on tenant t1 (one).
 run() {
-  local name="$1" kind="$2" before after i pids=()
+  local name="$1" kind="$2" before after i pids=() counted
   before="$(sessions)"
+  counted="$(counts)"
   # One pgbench process per client in both cases, so the two differ only in the tenants.
   for i in $(seq 1 "$N"); do
     pgbench -n -c 1 -j 1 -T "$DURATION" -M "$MODE" -f "$W/select.sql" "$(url "$([ "$kind" = spread ] && echo "$i" || echo 1)")" \
@@ -72,9 +93,11 @@ run() {
   done
   wait "${pids[@]}"
   after="$(sessions)"
-  python3 - "$name" "$kind" "$N" "$((after - before))" "$W" <<'PY'
+  python3 - "$name" "$kind" "$N" "$((after - before))" "$W" $counted $(counts) <<'PY'
 import re, statistics, sys
 name, kind, n, opened, w = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+r0, t0, r1, t1 = sys.argv[6:10]
+resets = "-" if r0 == "-" or float(t1) == float(t0) else f"{(float(r1) - float(r0)) / (float(t1) - float(t0)):.2f}"
 files = [f"{w}/out.{i}" for i in range(1, n + 1)]
 tps, failed = [], 0
 for f in files:
@@ -83,12 +106,12 @@ for f in files:
     tps.append(float(m.group(1)) if m else 0.0)
     failed += 0 if "number of failed transactions: 0 " in text else 1
 spread = max(tps) / statistics.median(tps) if kind == "spread" and statistics.median(tps) else 1.0
-print(f"| {name} | {sum(tps):.0f} | {spread:.2f} | {opened} | {failed} |")
+print(f"| {name} | {sum(tps):.0f} | {spread:.2f} | {opened} | {resets} | {failed} |")
 PY
 }
 
-echo "| case ($N clients, ${DURATION}s, pool_size $POOL) | TPS | spread max/median | backend connections opened | pgbench runs failed |"
-echo "|---|---:|---:|---:|---:|"
+echo "| case ($N clients, ${DURATION}s, pool_size $POOL) | TPS | spread max/median | backend connections opened | full resets per transaction | pgbench runs failed |"
+echo "|---|---:|---:|---:|---:|---:|"
 url() { echo "host=127.0.0.1 port=$bench_PORT user=postgres dbname=app options=-csearch_path=t$1"; }
 run "direct, one client per tenant" spread
 for iso in $ISOLATIONS; do
@@ -97,4 +120,5 @@ for iso in $ISOLATIONS; do
   run "pgtenant $iso isolation, all clients on one tenant" one
   run "pgtenant $iso isolation, one client per tenant" spread
   kill "$PGTENANT_PID"
+  METRICS=""
 done
