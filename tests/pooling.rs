@@ -863,6 +863,15 @@ async fn a_cancel_reaches_only_the_connection_the_client_holds_now() {
     assert_eq!(code(&r.unwrap_err()), "57014");
 }
 
+/// The proxy's count of full resets between tenants (`pgtenant_pool_tenant_resets_total`).
+async fn tenant_resets(p: &TestProxy) -> f64 {
+    let (_, body) = common::http_get(p.proxy.metrics_addr().unwrap(), "/metrics").await;
+    body.lines()
+        .find_map(|l| l.strip_prefix("pgtenant_pool_tenant_resets_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no resets counter in\n{body}"))
+}
+
 /// Two tenants of a shared pool of two connections, taking turns: each keeps finding the connection it used
 /// last (no reset between tenants is needed), where taking the connection returned last would hand each
 /// transaction the one the other tenant just left.
@@ -873,15 +882,6 @@ async fn tenants_taking_turns_each_find_their_own_connection_again() {
         .proxy("metrics_listen = \"127.0.0.1:0\"")
         .start()
         .await;
-    let resets = || async {
-        let (_, body) = common::http_get(p.proxy.metrics_addr().unwrap(), "/metrics").await;
-        let line = body
-            .lines()
-            .find(|l| l.starts_with("pgtenant_pool_tenant_resets_total "))
-            .map(str::to_owned);
-        line.and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("no resets counter in\n{body}"))
-    };
     let acme = p.connect("app.acme", "app").await.unwrap();
     let globex = p.connect("app.globex", "app").await.unwrap();
     // Both connections opened: each client holds one at the same time.
@@ -893,7 +893,7 @@ async fn tenants_taking_turns_each_find_their_own_connection_again() {
         let r = c.query_one("SELECT pg_backend_pid()", &[]).await.unwrap();
         r.get(0)
     }
-    let before = resets().await;
+    let before = tenant_resets(&p).await;
     let (mut mine, mut theirs) = (
         std::collections::BTreeSet::new(),
         std::collections::BTreeSet::new(),
@@ -906,7 +906,11 @@ async fn tenants_taking_turns_each_find_their_own_connection_again() {
     }
     assert_eq!((mine.len(), theirs.len()), (1, 1), "{mine:?} {theirs:?}");
     assert!(mine.is_disjoint(&theirs), "{mine:?} {theirs:?}");
-    assert_eq!(resets().await, before, "no connection changed tenants");
+    assert_eq!(
+        tenant_resets(&p).await,
+        before,
+        "no connection changed tenants"
+    );
     assert!(backend_connections(&w.shared) <= 2);
     // With one connection between them, every turn is a reset, and the counter says so.
     drop(p);
@@ -920,12 +924,6 @@ async fn tenants_taking_turns_each_find_their_own_connection_again() {
         assert_eq!(who_is(&acme).await.unwrap(), "tenant_acme");
         assert_eq!(who_is(&globex).await.unwrap(), "tenant_globex");
     }
-    let (_, body) = common::http_get(p.proxy.metrics_addr().unwrap(), "/metrics").await;
-    assert!(
-        body.lines().any(|l| l
-            .strip_prefix("pgtenant_pool_tenant_resets_total ")
-            .and_then(|v| v.parse::<f64>().ok())
-            .is_some_and(|n| n >= 5.0)),
-        "{body}"
-    );
+    let counted = tenant_resets(&p).await;
+    assert!(counted >= 5.0, "{counted}");
 }
