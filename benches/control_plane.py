@@ -4,7 +4,8 @@
 
 Makes CHANGES route changes (`tenant set` of tenants spread over TENANTS, each a new schema) over one admin
 connection, while a client of tenant t0 runs `SELECT 1` in a loop through the proxy; prints one markdown row:
-change latency p50/p99/max, that client's worst latency before and during the changes, RSS before and after.
+change latency p50/p99/max, that client's worst latency and its queries per second before and during the
+changes, RSS before and after.
 """
 import json
 import socket
@@ -40,21 +41,25 @@ class Admin:
 
 
 def select_loop(dsn, stop, worst):
+    """worst = [worst latency, queries, seconds]."""
     with psycopg.connect(dsn, autocommit=True) as c:
+        start = time.perf_counter()
         while not stop.is_set():
             t = time.perf_counter()
             c.execute("SELECT 1").fetchone()
             worst[0] = max(worst[0], time.perf_counter() - t)
+            worst[1] += 1
+        worst[2] = time.perf_counter() - start
 
 
 def worst_select(dsn, seconds):
-    stop, worst = threading.Event(), [0.0]
+    stop, worst = threading.Event(), [0.0, 0, 0.0]
     th = threading.Thread(target=select_loop, args=(dsn, stop, worst))
     th.start()
     time.sleep(seconds)
     stop.set()
     th.join()
-    return worst[0]
+    return worst
 
 
 def main():
@@ -62,7 +67,7 @@ def main():
     admin = Admin(path)
     quiet = worst_select(dsn, 2.0)
     rss_before = rss_mb(pid)
-    stop, worst = threading.Event(), [0.0]
+    stop, worst = threading.Event(), [0.0, 0, 0.0]
     th = threading.Thread(target=select_loop, args=(dsn, stop, worst))
     th.start()
     lat = []
@@ -83,7 +88,8 @@ def main():
     p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
     print(
         f"| {tenants} | {changes} | {ms(statistics.median(lat))} / {ms(p99)} / {ms(lat[-1])} "
-        f"| {ms(quiet)} / {ms(worst[0])} | {rss_before:.0f} -> {rss_mid:.0f} -> {rss_after:.0f} |"
+        f"| {ms(quiet[0])} / {ms(worst[0])} | {quiet[1] / quiet[2]:.0f} / {worst[1] / worst[2]:.0f} "
+        f"| {rss_before:.0f} -> {rss_mid:.0f} -> {rss_after:.0f} |"
     )
 
 

@@ -52,9 +52,6 @@ pub fn to_json(v: &impl Serialize) -> Value {
 
 /// Runs one request on behalf of `actor`.
 pub async fn execute(shared: &Arc<Shared>, req: Request, actor: &str) -> Result<Value, AdminError> {
-    let command = req.command();
-    let mutates = req.mutates();
-    let tenant = req.tenant().map(|t| t.to_string());
     // Route changes (and reload) run one at a time, with their audit entry written before the next starts, so
     // the log's order is the epochs' order and `removed` is never changed by two writers.
     let _serial = if req.changes_routes() {
@@ -62,40 +59,83 @@ pub async fn execute(shared: &Arc<Shared>, req: Request, actor: &str) -> Result<
     } else {
         None
     };
-    let outcome = run(shared, req, actor).await;
-    if !mutates {
+    let mut line = req.mutates().then(|| AuditLine {
+        actor: actor.to_owned(),
+        command: req.command(),
+        tenant: req.tenant().map(|t| t.to_string()),
+    });
+    let outcome = run(shared, req, actor, &mut line).await;
+    // A command run by `off_thread` wrote its line there already.
+    let Some(line) = line else {
         return outcome.map(|d| d.result);
-    }
-    let (before, after, result) = match &outcome {
-        Ok(d) => (d.before.clone(), d.after.clone(), "ok".to_string()),
-        Err(e) => (Value::Null, Value::Null, format!("error: {}", e.code)),
     };
-    if let Err(e) = shared
-        .audit
-        .append(actor, command, tenant.as_deref(), before, after, &result)
-    {
-        shared.audit_ok.store(false, Ordering::Relaxed);
-        return Err(AdminError::new(
-            AdminCode::AuditWriteFailed,
-            format!("the command ran ({result}) but could not be written to the audit log: {e}"),
-        ));
-    }
+    // The line's fdatasync runs off the threads that serve clients.
+    let shared = shared.clone();
+    let (written, outcome) =
+        tokio::task::spawn_blocking(move || (line.write(&shared, &outcome), outcome))
+            .await
+            .map_err(|e| AdminError::new(AdminCode::AuditWriteFailed, e.to_string()))?;
+    written?;
     outcome.map(|d| d.result)
 }
 
-/// Runs a command that writes the state directory (an fsync) on a blocking thread, not on one that serves
-/// clients.
-async fn off_thread(
-    shared: &Arc<Shared>,
-    command: impl FnOnce(&Arc<Shared>) -> Result<Done, AdminError> + Send + 'static,
-) -> Result<Done, AdminError> {
-    let shared = shared.clone();
-    tokio::task::spawn_blocking(move || command(&shared))
-        .await
-        .map_err(|e| AdminError::state_write(format!("the command's thread failed: {e}")))?
+/// What the audit log records about a mutating command, besides its outcome.
+struct AuditLine {
+    actor: String,
+    command: &'static str,
+    tenant: Option<String>,
 }
 
-async fn run(shared: &Arc<Shared>, req: Request, actor: &str) -> Result<Done, AdminError> {
+impl AuditLine {
+    /// Appends the line for `outcome` (an fdatasync: call it off the serving threads).
+    fn write(&self, shared: &Shared, outcome: &Result<Done, AdminError>) -> Result<(), AdminError> {
+        let (before, after, result) = match outcome {
+            Ok(d) => (d.before.clone(), d.after.clone(), "ok".to_string()),
+            Err(e) => (Value::Null, Value::Null, format!("error: {}", e.code)),
+        };
+        let tenant = self.tenant.as_deref();
+        if let Err(e) =
+            shared
+                .audit
+                .append(&self.actor, self.command, tenant, before, after, &result)
+        {
+            shared.audit_ok.store(false, Ordering::Relaxed);
+            return Err(AdminError::new(
+                AdminCode::AuditWriteFailed,
+                format!(
+                    "the command ran ({result}) but could not be written to the audit log: {e}"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Runs a command that writes the state directory (an fsync) on a blocking thread, not on one that serves
+/// clients, and its audit line after it on the same thread (one hand-over instead of two).
+async fn off_thread(
+    shared: &Arc<Shared>,
+    line: &mut Option<AuditLine>,
+    command: impl FnOnce(&Arc<Shared>) -> Result<Done, AdminError> + Send + 'static,
+) -> Result<Done, AdminError> {
+    let (shared, line) = (shared.clone(), line.take());
+    tokio::task::spawn_blocking(move || {
+        let outcome = command(&shared);
+        match &line {
+            Some(line) => line.write(&shared, &outcome).and(outcome),
+            None => outcome,
+        }
+    })
+    .await
+    .map_err(|e| AdminError::state_write(format!("the command's thread failed: {e}")))?
+}
+
+async fn run(
+    shared: &Arc<Shared>,
+    req: Request,
+    actor: &str,
+    line: &mut Option<AuditLine>,
+) -> Result<Done, AdminError> {
     match req {
         Request::Tenants(_) => Ok(Done::read(&tenants::list(shared))),
         Request::Clients(_) => Ok(Done::read(&tenants::clients(shared))),
@@ -105,10 +145,12 @@ async fn run(shared: &Arc<Shared>, req: Request, actor: &str) -> Result<Done, Ad
             .map_err(|e| AdminError::new(AdminCode::StateReadFailed, e.to_string())),
         Request::TenantGet(a) => tenants::get(shared, &a.tenant).map(|v| Done::read(&v)),
         Request::TenantSet(a) => {
-            off_thread(shared, move |s| route::set(s, &a.tenant, a.route())).await
+            off_thread(shared, line, move |s| route::set(s, &a.tenant, a.route())).await
         }
         Request::TenantGrants(a) => grants::grants(shared, &a.tenant, a.apply).await,
-        Request::TenantRemove(a) => off_thread(shared, move |s| route::remove(s, &a.tenant)).await,
+        Request::TenantRemove(a) => {
+            off_thread(shared, line, move |s| route::remove(s, &a.tenant)).await
+        }
         Request::TenantBackup(a) => backup::take(shared, &a).await,
         Request::TenantBackups(a) => backup::list(shared, &a).await,
         Request::TenantRestore(a) => backup::restore(shared, &a).await,
@@ -119,7 +161,7 @@ async fn run(shared: &Arc<Shared>, req: Request, actor: &str) -> Result<Done, Ad
         Request::ResumeAll(_) => gate::resume_all(shared),
         Request::TenantKill(a) => gate::kill(shared, &a.tenant),
         Request::Stats(_) => Ok(Done::read(&stats::stats(shared))),
-        Request::Reload(_) => off_thread(shared, reload::reload).await,
+        Request::Reload(_) => off_thread(shared, line, reload::reload).await,
         Request::Audit(a) => stats::audit(shared, a.tail.get()).map(|v| Done::read(&v)),
         Request::WebhooksLog(a) => Ok(Done::read(&stats::webhooks_log(shared, a.tail.get()))),
         other => migrate::run(shared, other, actor).await,
