@@ -8,6 +8,7 @@ change latency p50/p99/max, that client's worst latency and its queries per seco
 changes, RSS before and after.
 """
 import json
+import os
 import socket
 import statistics
 import sys
@@ -64,6 +65,8 @@ def worst_select(dsn, seconds):
 
 def main():
     pid, path, dsn, tenants, changes = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+    # TOUCHED: how many distinct tenants the changes go to (default all but t0).
+    touched = min(int(os.environ.get("TOUCHED", tenants - 1)), tenants - 1)
     admin = Admin(path)
     quiet = worst_select(dsn, 2.0)
     rss_before = rss_mb(pid)
@@ -75,7 +78,7 @@ def main():
     for i in range(changes):
         if i == changes // 5:
             rss_mid = rss_mb(pid)
-        tenant = f"t{1 + (i * 7919) % (tenants - 1)}"
+        tenant = f"t{1 + (i * 7919) % touched}"
         t = time.perf_counter()
         admin.call({"cmd": "tenant.set", "tenant": tenant, "backend": "main", "schema": f"s{i}"})
         lat.append(time.perf_counter() - t)

@@ -5,6 +5,7 @@
 #
 #   bash benches/control_plane.sh                   # N in 10000 100000, CHANGES=10000
 #   SIZES="100000" CHANGES=20000 bash benches/control_plane.sh
+#   TOUCHED=1000 ...: the changes cycle over 1 000 tenants (RSS over many changes of the same tenants)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/pg-lib.sh

@@ -144,7 +144,7 @@ async fn serve(config: Config, path: PathBuf) -> ExitCode {
     };
     // Parsing the config (100 000 tenants: ~150 MB of short-lived allocations) is done.
     pgtenant::heap::trim();
-    pgtenant::heap::big_blocks_apart();
+    pgtenant::heap::settle_after_start();
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
