@@ -13,7 +13,7 @@ use tracing::{info, warn};
 use super::capture;
 use super::catalog;
 use super::decide::{decide_swap, BeforeSwap, SwapDecision};
-use super::machine::{transition, Event};
+use super::machine::{transition, transition_off_thread, Event};
 use super::ops::reply::CutOver;
 use super::pg::Endpoint;
 use super::record::{Record, State};
@@ -62,9 +62,10 @@ pub async fn cutover(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<CutOver, 
     }
     let gate = gate_of(shared, &rec.tenant)?;
     let limit = Duration::from_millis(shared.config.load().migration.cutover_timeout_ms);
-    let rec = transition(shared, &rec.tenant, Event::CutoverStarted, |r| {
+    let rec = transition_off_thread(shared, &rec.tenant, Event::CutoverStarted, |r| {
         r.cutover_attempts += 1
-    })?;
+    })
+    .await?;
     // Everything that does not need the tenant held is done before the gate closes: connections, the
     // sequence list, and the reverse capture on the target (which takes no traffic until the swap).
     let ready = match prepare(shared, live, &rec).await {
@@ -175,10 +176,11 @@ async fn after_swap(
     let pause_ms = pause.as_secs_f64() * 1000.0;
     // If this write fails the record stays `cutover_paused` with the route swapped; every command checks the
     // route, and a restart completes it (recover).
-    transition(shared, &rec.tenant, Event::Swapped, |r| {
+    transition_off_thread(shared, &rec.tenant, Event::Swapped, move |r| {
         r.last_pause_ms = Some(pause_ms);
         r.last_cutover_error = None;
-    })?;
+    })
+    .await?;
     info!(tenant = %rec.tenant, pause_ms, blocked, ended, "cutover done");
     Ok(CutOver {
         tenant: rec.tenant.clone(),
@@ -321,7 +323,7 @@ impl Marks {
 /// Cutover did not happen: lift the fence if it went up, remove the reverse capture made for it and stay in
 /// dual_write.
 async fn fall_back(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     rec: &Record,
     error: &str,
     pause: Duration,
@@ -344,10 +346,12 @@ async fn fall_back(
         }
     }
     let pause_ms = pause.as_secs_f64() * 1000.0;
-    transition(shared, &rec.tenant, Event::FellBack, |r| {
-        r.last_cutover_error = Some(error.to_owned());
+    let error = error.to_owned();
+    transition_off_thread(shared, &rec.tenant, Event::FellBack, move |r| {
+        r.last_cutover_error = Some(error);
         r.last_pause_ms = Some(pause_ms);
-    })?;
+    })
+    .await?;
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 //! caller must handle, never ignored), then audits it and updates the gauge.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use metrics::Label;
 use serde_json::json;
@@ -85,6 +86,22 @@ pub fn next(state: State, event: Event) -> Result<State, Refused> {
         _ => return Err(Refused { state, event }),
     };
     Ok(to)
+}
+
+/// [`transition`] on a blocking thread. Its writes (the record, the audit line, the history) each end in an
+/// fsync, which on a busy disk can take tens of milliseconds; the cutover runs on a thread that serves every
+/// tenant's clients (the only one on small machines), and the tenant's own held transactions, released just
+/// before, would wait behind them.
+pub async fn transition_off_thread(
+    shared: &Arc<Shared>,
+    tenant: &str,
+    event: Event,
+    f: impl FnOnce(&mut Record) + Send + 'static,
+) -> Result<Record, MigrateError> {
+    let (shared, tenant) = (shared.clone(), tenant.to_owned());
+    tokio::task::spawn_blocking(move || transition(&shared, &tenant, event, f))
+        .await
+        .map_err(|e| MigrateError::Refused(format!("the state write's thread failed: {e}")))?
 }
 
 /// Moves `tenant`'s migration by `event` (checked against [`next`]), applying `f` to the record on the way;
