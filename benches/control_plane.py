@@ -66,7 +66,7 @@ def worst_select(dsn, seconds):
 def main():
     pid, path, dsn, tenants, changes = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
     # TOUCHED: how many distinct tenants the changes go to (default all but t0).
-    touched = min(int(os.environ.get("TOUCHED", tenants - 1)), tenants - 1)
+    touched = max(1, min(int(os.environ.get("TOUCHED", tenants - 1)), tenants - 1))
     admin = Admin(path)
     quiet = worst_select(dsn, 2.0)
     rss_before = rss_mb(pid)

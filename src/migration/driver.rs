@@ -11,7 +11,7 @@ use tracing::Instrument;
 
 use super::catalog::Table;
 use super::decide::{self, AfterFailure, Step};
-use super::machine::{labels, set_state_gauge, transition, Event};
+use super::machine::{labels, set_state_gauge, transition_off_thread, Event};
 use super::record::{Record, State};
 use super::registry::{Direction, Live};
 use super::sides::{endpoints, load_tables, start_tee, stop_tee};
@@ -102,12 +102,20 @@ async fn drive(shared: &Arc<Shared>, live: &Arc<Live>) {
 
 /// Marks the migration `failed` (an operator resumes it). If even that cannot be written, the failure is
 /// logged and the step tried again later: the record on disk still says where the migration stands.
-async fn fail(shared: &Shared, live: &Live, rec: &Record, e: &MigrateError, failures: &mut u32) {
+async fn fail(
+    shared: &Arc<Shared>,
+    live: &Live,
+    rec: &Record,
+    e: &MigrateError,
+    failures: &mut u32,
+) {
     warn!(tenant = %rec.tenant, error = %e, "migration failed");
-    let failed = transition(shared, &rec.tenant, Event::StepFailed, |r| {
-        r.failed_in = Some(rec.state);
-        r.last_error = Some(e.to_string());
-    });
+    let (state, error) = (rec.state, e.to_string());
+    let failed = transition_off_thread(shared, &rec.tenant, Event::StepFailed, move |r| {
+        r.failed_in = Some(state);
+        r.last_error = Some(error);
+    })
+    .await;
     match failed {
         Ok(_) => *failures = 0,
         Err(write) => {
@@ -148,7 +156,7 @@ async fn step(shared: &Arc<Shared>, live: &Arc<Live>, rec: &Record) -> Result<()
             let client = source.connect().await?;
             capture::install(&client, &source, &rec.tenant, &rec.tables, &live.stop).await?;
             fp.check_until("pending.after_capture", &live.stop).await?;
-            transition(shared, &rec.tenant, Event::CaptureInstalled, |_| {})?;
+            transition_off_thread(shared, &rec.tenant, Event::CaptureInstalled, |_| {}).await?;
             Ok(())
         }
         Step::Copy => {
@@ -173,10 +181,11 @@ async fn step(shared: &Arc<Shared>, live: &Arc<Live>, rec: &Record) -> Result<()
                     .update(&rec.tenant, |r| r.post_data_pending = false)?;
             }
             fp.check_until("copy.before_dual_write", &live.stop).await?;
-            let rec = transition(shared, &rec.tenant, Event::Copied, |r| {
+            let rec = transition_off_thread(shared, &rec.tenant, Event::Copied, |r| {
                 r.rows_copied = r.copied.values().map(|c| c.rows).sum();
                 r.bytes_copied = r.copied.values().map(|c| c.bytes).sum();
-            })?;
+            })
+            .await?;
             start_tee(shared, live, &rec, Direction::Forward).await?;
             Ok(())
         }

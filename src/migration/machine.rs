@@ -98,10 +98,16 @@ pub async fn transition_off_thread(
     event: Event,
     f: impl FnOnce(&mut Record) + Send + 'static,
 ) -> Result<Record, MigrateError> {
-    let (shared, tenant) = (shared.clone(), tenant.to_owned());
-    tokio::task::spawn_blocking(move || transition(&shared, &tenant, event, f))
+    let (shared, tenant, span) = (shared.clone(), tenant.to_owned(), tracing::Span::current());
+    tokio::task::spawn_blocking(move || span.in_scope(|| transition(&shared, &tenant, event, f)))
         .await
-        .map_err(|e| MigrateError::Refused(format!("the state write's thread failed: {e}")))?
+        .map_err(|e| {
+            let failed = std::io::Error::other(format!("the state write's thread failed: {e}"));
+            MigrateError::State(crate::state::StateError::io(
+                std::path::Path::new("migrations"),
+                failed,
+            ))
+        })?
 }
 
 /// Moves `tenant`'s migration by `event` (checked against [`next`]), applying `f` to the record on the way;

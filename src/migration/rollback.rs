@@ -9,7 +9,7 @@ use tokio_postgres::Client;
 use super::capture;
 use super::catalog;
 use super::cutover::{end_pinned_sessions, gate_of, labels, swap_route, sync_sequences, CAUGHT_UP};
-use super::machine::{transition, Event};
+use super::machine::{transition_off_thread, Event};
 use super::ops::reply::RolledBack;
 use super::pg::Endpoint;
 use super::record::{Record, State};
@@ -157,16 +157,17 @@ async fn back_to_source(
 
 /// After the route is back on the source: capture removed on both sides, record ended.
 pub async fn finish_rollback(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     rec: &Record,
     pause_ms: f64,
 ) -> Result<(), MigrateError> {
     let (source, target) = endpoints(shared, rec)?;
     capture::remove(&target.connect().await?, &rec.tenant).await?;
     capture::remove(&source.connect().await?, &rec.tenant).await?;
-    transition(shared, &rec.tenant, Event::RolledBack, |r| {
+    transition_off_thread(shared, &rec.tenant, Event::RolledBack, move |r| {
         r.last_pause_ms = Some(pause_ms);
-    })?;
+    })
+    .await?;
     shared.migrations.forget_live(&rec.tenant);
     Ok(())
 }

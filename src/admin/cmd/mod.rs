@@ -52,6 +52,21 @@ pub fn to_json(v: &impl Serialize) -> Value {
 
 /// Runs one request on behalf of `actor`.
 pub async fn execute(shared: &Arc<Shared>, req: Request, actor: &str) -> Result<Value, AdminError> {
+    if !req.mutates() {
+        return run(shared, req, actor, &mut None).await.map(|d| d.result);
+    }
+    // A change runs to its end in a task of its own: a requester that goes away (an HTTP client disconnecting
+    // drops its handler's future) must not stop it halfway, between a tenant's gate closing and opening, or
+    // between a route change and its audit line.
+    let (shared, actor) = (shared.clone(), actor.to_owned());
+    let task = async move { change(&shared, req, &actor).await };
+    tokio::spawn(tracing::Instrument::in_current_span(task))
+        .await
+        .map_err(|e| AdminError::state_write(format!("the command's task failed: {e}")))?
+}
+
+/// A mutating command, then its audit line.
+async fn change(shared: &Arc<Shared>, req: Request, actor: &str) -> Result<Value, AdminError> {
     // Route changes (and reload) run one at a time, with their audit entry written before the next starts, so
     // the log's order is the epochs' order and `removed` is never changed by two writers.
     let _serial = if req.changes_routes() {
@@ -59,7 +74,7 @@ pub async fn execute(shared: &Arc<Shared>, req: Request, actor: &str) -> Result<
     } else {
         None
     };
-    let mut line = req.mutates().then(|| AuditLine {
+    let mut line = Some(AuditLine {
         actor: actor.to_owned(),
         command: req.command(),
         tenant: req.tenant().map(|t| t.to_string()),
@@ -70,16 +85,24 @@ pub async fn execute(shared: &Arc<Shared>, req: Request, actor: &str) -> Result<
         return outcome.map(|d| d.result);
     };
     // The line's fdatasync runs off the threads that serve clients.
-    let shared = shared.clone();
+    let s = shared.clone();
     let (written, outcome) =
-        tokio::task::spawn_blocking(move || (line.write(&shared, &outcome), outcome))
-            .await
-            .map_err(|e| AdminError::new(AdminCode::AuditWriteFailed, e.to_string()))?;
+        match tokio::task::spawn_blocking(move || (line.write(&s, &outcome), outcome)).await {
+            Ok(done) => done,
+            Err(e) => {
+                shared.audit_ok.store(false, Ordering::Relaxed);
+                return Err(AdminError::new(
+                    AdminCode::AuditWriteFailed,
+                    format!("the command ran but its audit line's thread failed: {e}"),
+                ));
+            }
+        };
     written?;
     outcome.map(|d| d.result)
 }
 
 /// What the audit log records about a mutating command, besides its outcome.
+#[derive(Clone)]
 struct AuditLine {
     actor: String,
     command: &'static str,
@@ -112,22 +135,27 @@ impl AuditLine {
 }
 
 /// Runs a command that writes the state directory (an fsync) on a blocking thread, not on one that serves
-/// clients, and its audit line after it on the same thread (one hand-over instead of two).
+/// clients, and its audit line after it on the same thread (one hand-over instead of two). When the thread
+/// fails, `line` is left for the caller to write.
 async fn off_thread(
     shared: &Arc<Shared>,
     line: &mut Option<AuditLine>,
     command: impl FnOnce(&Arc<Shared>) -> Result<Done, AdminError> + Send + 'static,
 ) -> Result<Done, AdminError> {
-    let (shared, line) = (shared.clone(), line.take());
-    tokio::task::spawn_blocking(move || {
-        let outcome = command(&shared);
-        match &line {
-            Some(line) => line.write(&shared, &outcome).and(outcome),
-            None => outcome,
-        }
+    let (s, audit, span) = (shared.clone(), line.clone(), tracing::Span::current());
+    let ran = tokio::task::spawn_blocking(move || {
+        span.in_scope(|| {
+            let outcome = command(&s);
+            match &audit {
+                Some(audit) => audit.write(&s, &outcome).and(outcome),
+                None => outcome,
+            }
+        })
     })
     .await
-    .map_err(|e| AdminError::state_write(format!("the command's thread failed: {e}")))?
+    .map_err(|e| AdminError::state_write(format!("the command's thread failed: {e}")))?;
+    *line = None;
+    ran
 }
 
 async fn run(

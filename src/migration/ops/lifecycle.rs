@@ -9,7 +9,7 @@ use super::live_of;
 use super::reply::{Aborted, CutOver, Finalized, RolledBack};
 use crate::admin::code::{AdminCode, AdminError};
 use crate::context::Shared;
-use crate::migration::machine::{transition, Event};
+use crate::migration::machine::{transition_off_thread, Event};
 use crate::migration::pg::Endpoint;
 use crate::migration::record::{Record, State, VerifyLevel, VerifyReport};
 use crate::migration::registry::Live;
@@ -156,7 +156,7 @@ pub async fn finalize(
             .schedule(d.clone())
             .map_err(AdminError::state_write)?;
     }
-    transition(shared, tenant, Event::Finalized, |_| {})?;
+    transition_off_thread(shared, tenant, Event::Finalized, |_| {}).await?;
     shared.migrations.forget_live(tenant);
     Ok(Finalized {
         tenant: tenant.clone(),
@@ -232,7 +232,7 @@ pub async fn abort(
     // The target's leftovers (ledger rows, copied data) are cleaned best-effort: a dead target is a common reason
     // to abort, and its leftovers are removed by name at the next migration of this tenant.
     let target_cleanup = abort_target(&target, &rec, tenant, drop_target).await;
-    transition(shared, tenant, Event::Aborted, |r| r.paused = false)?;
+    transition_off_thread(shared, tenant, Event::Aborted, |r| r.paused = false).await?;
     shared.migrations.forget_live(tenant);
     let (left, error) = match target_cleanup {
         Ok(left) => (Some(left), None),
