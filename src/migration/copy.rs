@@ -106,7 +106,7 @@ pub async fn run(job: CopyJob, progress: Arc<dyn CopyProgress>) -> Result<(), Mi
     for _ in 0..workers_n {
         let (job, queue, progress) = (job.clone(), queue.clone(), progress.clone());
         let (exported, snapshot) = (exported.clone(), snapshot.clone());
-        workers.spawn(async move { worker(&job, &queue, &*progress, &exported, &snapshot).await });
+        workers.spawn(async move { worker(&job, &queue, &progress, &exported, &snapshot).await });
     }
     let mut result = Ok(());
     while let Some(done) = workers.join_next().await {
@@ -158,7 +158,7 @@ fn empty_sql(job: &CopyJob, table: &str) -> String {
 async fn worker(
     job: &CopyJob,
     queue: &Mutex<VecDeque<Piece>>,
-    progress: &dyn CopyProgress,
+    progress: &Arc<dyn CopyProgress>,
     exported: &str,
     snapshot: &str,
 ) -> Result<(), MigrateError> {
@@ -185,7 +185,7 @@ async fn worker(
         if progress.stopped() {
             return Err(MigrateError::Cancelled);
         }
-        let (rows, bytes) = copy_table(job, &source, &mut target, &piece, progress).await?;
+        let (rows, bytes) = copy_table(job, &source, &mut target, &piece, &**progress).await?;
         // A split table is done when its last range is.
         let (rows, bytes) = match &piece.split {
             None => (rows, bytes),
@@ -210,14 +210,16 @@ async fn worker(
         job.failpoints
             .check_until("copy.before_checkpoint", &job.stop)
             .await?;
-        progress.table_done(
-            &table.name,
-            TableCheckpoint {
-                rows,
-                bytes,
-                snapshot: snapshot.to_owned(),
-            },
-        )?;
+        // The checkpoint is a state write (an fsync): on a blocking thread, not one that serves clients.
+        let checkpoint = TableCheckpoint {
+            rows,
+            bytes,
+            snapshot: snapshot.to_owned(),
+        };
+        let (p, name) = (progress.clone(), table.name.clone());
+        tokio::task::spawn_blocking(move || p.table_done(&name, checkpoint))
+            .await
+            .map_err(|e| MigrateError::state_thread("checkpoint", e))??;
         job.failpoints
             .check_until("copy.after_table", &job.stop)
             .await?;

@@ -101,13 +101,7 @@ pub async fn transition_off_thread(
     let (shared, tenant, span) = (shared.clone(), tenant.to_owned(), tracing::Span::current());
     tokio::task::spawn_blocking(move || span.in_scope(|| transition(&shared, &tenant, event, f)))
         .await
-        .map_err(|e| {
-            let failed = std::io::Error::other(format!("the state write's thread failed: {e}"));
-            MigrateError::State(crate::state::StateError::io(
-                std::path::Path::new("migrations"),
-                failed,
-            ))
-        })?
+        .map_err(|e| MigrateError::state_thread("state write", e))?
 }
 
 /// Moves `tenant`'s migration by `event` (checked against [`next`]), applying `f` to the record on the way;

@@ -64,6 +64,16 @@ pub enum MigrateError {
 }
 
 impl MigrateError {
+    /// A blocking thread that wrote migration state failed (it does not panic; if it did, the write's outcome is
+    /// unknown, which is a state write error).
+    pub fn state_thread(what: &str, e: tokio::task::JoinError) -> MigrateError {
+        let failed = std::io::Error::other(format!("the {what}'s thread failed: {e}"));
+        MigrateError::State(crate::state::StateError::io(
+            std::path::Path::new("migrations"),
+            failed,
+        ))
+    }
+
     /// A PostgreSQL error with the server's message, code and detail (tokio-postgres' Display hides them).
     pub fn pg(context: &str, e: tokio_postgres::Error) -> MigrateError {
         let message = match e.as_db_error() {
