@@ -242,3 +242,50 @@ async fn a_pass_recorded_in_part_is_applied_once() {
     assert_eq!(rows(&pg, "dst"), rows(&pg, "app"));
     assert_eq!(rows(&pg, "dst"), "1/p/1 2/b/2 4/q/11\n5/m");
 }
+
+/// A link that read entries and stalled (a frozen coordinator, a pass timed out with its statement still on the
+/// wire) while the next link applied, confirmed and trimmed them: its late apply must not write the old row
+/// image over the newer one. The next link's claim ended the stalled link's target session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_link_cannot_apply_after_the_next_one_took_over() {
+    let (pg, src, dst, app) = setup().await;
+    let mut stalled = link(&src, &dst).await;
+    assert_eq!(stalled.pass("acme").await.expect("claiming pass").read, 0);
+    app.batch_execute("UPDATE t.k SET v = 'old' WHERE id = 1")
+        .await
+        .expect("first write");
+    // What the stalled link read before it stalled.
+    let reader = src.connect().await.expect("reader");
+    let read: Vec<_> = reader
+        .query(
+            "SELECT id, tbl, op, old_row::text, new_row::text FROM pgtenant.change_log ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("read the log")
+        .iter()
+        .map(pgtenant::migration::rowsql::entry)
+        .collect();
+    assert_eq!(read.len(), 1);
+
+    let mut next = link(&src, &dst).await;
+    assert_eq!(drain(&mut next).await, 1);
+    app.batch_execute("UPDATE t.k SET v = 'new' WHERE id = 1")
+        .await
+        .expect("second write");
+    assert_eq!(drain(&mut next).await, 1);
+    next.tidy("acme").await.expect("tidy");
+    assert_eq!(ledger(&pg), "", "the first entry's ledger row is trimmed");
+    assert_eq!(rows(&pg, "dst"), "1/new/1 2/b/2");
+
+    let late = stalled.apply("acme", &read).await;
+    assert!(late.is_err(), "the stalled link applied after the takeover");
+    assert_eq!(rows(&pg, "dst"), rows(&pg, "app"));
+    assert_eq!(rows(&pg, "dst"), "1/new/1 2/b/2");
+    // The link that holds the target goes on.
+    app.batch_execute("UPDATE t.k SET v = 'newer' WHERE id = 2")
+        .await
+        .expect("third write");
+    assert_eq!(drain(&mut next).await, 1);
+    assert_eq!(rows(&pg, "dst"), rows(&pg, "app"));
+}

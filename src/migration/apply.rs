@@ -53,6 +53,8 @@ pub struct Link {
     trim: Vec<i64>,
     /// READ, DELETE (on "from") and TRIM (on "to"), prepared by [`Link::ready`].
     fixed: Option<[Statement; 3]>,
+    /// The tenant whose apply lock the "to" connection holds ([`super::claim`]).
+    claimed: Option<String>,
 }
 
 /// Layer statements a link keeps prepared, of both forms (a pass's layers depend on which tables it touched
@@ -91,17 +93,33 @@ impl Link {
             unconfirmed: Vec::new(),
             trim: Vec::new(),
             fixed: None,
+            claimed: None,
         }
     }
 
-    /// The link's setup, done at its first use: the "to" connection takes the replica role for good (changing
-    /// `session_replication_role` empties a backend's plan cache, so setting it per pass made every pass parse
-    /// and plan its statements again), and the fixed statements are prepared (a pass then costs one round trip
-    /// per side and no parsing).
-    async fn ready(&mut self) -> Result<[Statement; 3], MigrateError> {
-        if let Some(f) = &self.fixed {
-            return Ok(f.clone());
+    /// Claims the target for `tenant` ([`super::claim`]): entries must be read after this for the claim to
+    /// protect them, so a link that reads the log itself (a verification's snapshot) claims first. A pass
+    /// claims at its first use.
+    pub async fn claim(&mut self, tenant: &str) -> Result<(), MigrateError> {
+        self.ready(tenant).await.map(|_| ())
+    }
+
+    /// The link's setup, done at its first use: the "to" connection takes the tenant's apply lock and the
+    /// replica role for good (changing `session_replication_role` empties a backend's plan cache, so setting it
+    /// per pass made every pass parse and plan its statements again), and the fixed statements are prepared (a
+    /// pass then costs one round trip per side and no parsing).
+    async fn ready(&mut self, tenant: &str) -> Result<[Statement; 3], MigrateError> {
+        match (&self.claimed, &self.fixed) {
+            (Some(t), Some(f)) if t == tenant => return Ok(f.clone()),
+            (Some(t), _) if t != tenant => {
+                return Err(MigrateError::Refused(format!(
+                    "this link applies tenant {t:?}'s changes, not {tenant:?}'s"
+                )))
+            }
+            _ => {}
         }
+        super::claim::claim(&self.to, tenant, &self.to_side.schema).await?;
+        self.claimed = Some(tenant.to_string());
         self.to
             .batch_execute("SET session_replication_role = replica")
             .await
@@ -121,7 +139,7 @@ impl Link {
     /// One pass: confirm the previous pass, read the oldest entries and apply them. Returns what it read;
     /// `read == 0` means the log held nothing unapplied.
     pub async fn pass(&mut self, tenant: &str) -> Result<Pass, MigrateError> {
-        let [read_stmt, _, trim_stmt] = self.ready().await?;
+        let [read_stmt, _, trim_stmt] = self.ready(tenant).await?;
         let done = std::mem::take(&mut self.unconfirmed);
         let params: [&(dyn ToSql + Sync); 3] = [&tenant, &PASS_LIMIT, &done];
         let rows = match self.from.query(&read_stmt, &params).await {
@@ -167,7 +185,7 @@ impl Link {
         if self.unconfirmed.is_empty() && self.trim.is_empty() {
             return Ok(());
         }
-        let [_, delete_stmt, trim_stmt] = self.ready().await?;
+        let [_, delete_stmt, trim_stmt] = self.ready(tenant).await?;
         let done = std::mem::take(&mut self.unconfirmed);
         let trim = std::mem::take(&mut self.trim);
         let (from, to) = (&self.from, &self.to);
@@ -203,7 +221,7 @@ impl Link {
     /// when they are all batches); entries the ledger already has are skipped by the statements themselves.
     pub async fn apply(&mut self, tenant: &str, entries: &[Entry]) -> Result<(), MigrateError> {
         let work = plan(entries, &self.tables);
-        let [_, _, trim] = self.ready().await?;
+        let [_, _, trim] = self.ready(tenant).await?;
         let attempt = match layers(&work) {
             Some(layers) => {
                 // Entries are new to the ledger unless a link stopped between applying them and confirming

@@ -13,6 +13,7 @@ pub mod apply;
 pub mod batch;
 pub mod capture;
 pub mod catalog;
+pub mod claim;
 pub mod clock;
 pub mod copy;
 pub(crate) mod copy_split;

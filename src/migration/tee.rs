@@ -122,10 +122,11 @@ impl Tee {
     }
 
     /// Stops the driver, waits for a pass in flight to end (so nothing of this direction is applied after this
-    /// returns), and releases the waiters.
+    /// returns), closes the link (its target session holds the tenant's apply lock, see `claim`), and releases
+    /// the waiters.
     pub async fn stop(&self) {
         self.stop.cancel();
-        drop(self.link.lock().await);
+        drop(self.link.lock().await.take());
         self.release_all();
     }
 
@@ -287,12 +288,10 @@ impl Tee {
     async fn connect(&self) -> Result<Link, MigrateError> {
         let from = self.spec.from.connect().await?;
         let to = self.spec.to.connect().await?;
-        Ok(Link::new(
-            from,
-            to,
-            self.spec.to.clone(),
-            self.spec.tables.clone(),
-        ))
+        let mut link = Link::new(from, to, self.spec.to.clone(), self.spec.tables.clone());
+        // Before anything reads the log through this link (a verification reads it outside a pass).
+        link.claim(&self.spec.tenant).await?;
+        Ok(link)
     }
 
     async fn run(self: Arc<Self>) {

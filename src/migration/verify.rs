@@ -32,6 +32,8 @@ pub struct Sides<'a> {
 
 /// Opens the two aligned snapshots. `link` is the tee's link, taken under its drain lock.
 pub async fn aligned(sides: &Sides<'_>, link: &mut Link) -> Result<(Client, Client), MigrateError> {
+    // The entries read below are applied by `link`, so it must hold the target before they are read.
+    link.claim(sides.tenant).await?;
     let src = sides.source.connect().await?;
     src.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .await

@@ -1,0 +1,64 @@
+//! One applying link per tenant and target: the link's "to" connection holds a session advisory lock for as
+//! long as it lives, and takes it before the link reads anything.
+//!
+//! Why: exactly-once rests on the ledger, and ledger rows are trimmed once their entries left the source's
+//! log. A link that read entries, then stalled (a frozen coordinator thawing after another instance took the
+//! migration over, a pass that timed out with its statement still on the wire), would apply them after the
+//! next link had applied, confirmed and trimmed them: the ledger no longer knows those ids, so an old row image
+//! would be written over newer ones. With the claim, a new link ends the old link's "to" session before it
+//! takes the lock: whatever that session committed is visible to the new link's reads, and nothing it sends
+//! afterwards reaches the target.
+
+use tokio_postgres::Client;
+use tracing::warn;
+
+use super::MigrateError;
+
+/// The lock's key: a 64-bit hash of the tenant and the schema written into (advisory locks are per database;
+/// a move and its rollback link write into different schemas or databases).
+fn key_text(tenant: &str, schema: &str) -> String {
+    format!("pgtenant apply {tenant} into {schema}")
+}
+
+const TRY: &str = "SELECT pg_try_advisory_lock(hashtextextended($1, 0))";
+
+/// Ends the sessions of earlier links that hold the lock. Only the migration's own sessions (by their
+/// `application_name`, see `pg::Endpoint::connect`) are ended: an application's lock that happens to share the
+/// hash is waited for instead, up to `lock_timeout`. A bigint key shows in `pg_locks` as its high half in
+/// `classid`, its low half in `objid`, and `objsubid` 1.
+const END_HOLDERS: &str = "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l \
+     JOIN pg_stat_activity a ON a.pid = l.pid \
+     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.pid <> pg_backend_pid() \
+     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+     AND l.classid::bigint = (hashtextextended($1, 0) >> 32) & 4294967295 \
+     AND l.objid::bigint = hashtextextended($1, 0) & 4294967295 \
+     AND a.application_name = 'pgtenant-migration'";
+
+/// Waits for the lock; bounded by the session's `lock_timeout`, and an ended session releases it as it exits.
+const WAIT: &str = "SELECT pg_advisory_lock(hashtextextended($1, 0))";
+
+/// Takes the apply lock for `tenant` into `schema` on `to`, ending an earlier link's session that holds it.
+pub async fn claim(to: &Client, tenant: &str, schema: &str) -> Result<(), MigrateError> {
+    let key = key_text(tenant, schema);
+    let took: bool = to
+        .query_one(TRY, &[&key])
+        .await
+        .map_err(|e| MigrateError::pg("take the apply lock", e))?
+        .get(0);
+    if took {
+        return Ok(());
+    }
+    let ended: i64 = to
+        .query_one(END_HOLDERS, &[&key])
+        .await
+        .map_err(|e| MigrateError::pg("end the earlier applying session", e))?
+        .get(0);
+    warn!(
+        tenant,
+        ended, "another link held the apply lock; its session was ended"
+    );
+    to.query_one(WAIT, &[&key])
+        .await
+        .map_err(|e| MigrateError::pg("wait for the apply lock", e))?;
+    Ok(())
+}
