@@ -1390,6 +1390,88 @@ async fn queued_moves_start_when_due_survive_a_restart_and_can_be_cancelled() {
     );
 }
 
+/// The synchronous tee's promise holds for writes no command tag shows: a function called by a SELECT, a
+/// procedure, a DO block. The capture trigger's notice tells the proxy the transaction wrote, and the client
+/// never hears that notice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_hidden_in_functions_are_on_the_target_when_their_commit_returns() {
+    let shared = PgCluster::start();
+    let dedicated = PgCluster::start();
+    small_schema(&shared);
+    shared.psql(
+        "app",
+        "CREATE FUNCTION tenant_acme.add_a(x int) RETURNS int LANGUAGE sql \
+           AS 'INSERT INTO tenant_acme.a (v) VALUES (x) RETURNING id';
+         CREATE PROCEDURE tenant_acme.bump_b(i int) LANGUAGE sql \
+           AS 'UPDATE tenant_acme.b SET v = v + 1 WHERE id = i';",
+    );
+    let proxy = up(harness(&shared, &dedicated)).await;
+    start_acme(&proxy).await;
+    wait_state(&proxy, "acme", "dual_write", Duration::from_secs(30)).await;
+    wait_lag_zero(&proxy, "acme").await;
+    let c = proxy.connect("app.acme", "app").await.unwrap();
+    let target = connect(&format!(
+        "host=127.0.0.1 port={} user=postgres dbname=app",
+        dedicated.port
+    ))
+    .await
+    .unwrap();
+    let on_target = |sql: &'static str| {
+        let target = &target;
+        async move { target.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+    for n in 0..10 {
+        let v = 20_000 + n;
+        c.batch_execute(&format!("SELECT add_a({v})"))
+            .await
+            .unwrap();
+        let got = target
+            .query_one("SELECT count(*) FROM tenant_acme.a WHERE v = $1", &[&v])
+            .await
+            .unwrap()
+            .get::<_, i64>(0);
+        assert_eq!(
+            got, 1,
+            "SELECT add_a({v}) returned before the target had it"
+        );
+        c.batch_execute(&format!("CALL bump_b({})", n + 1))
+            .await
+            .unwrap();
+        let got = target
+            .query_one("SELECT v FROM tenant_acme.b WHERE id = $1", &[&(n + 1)])
+            .await
+            .unwrap()
+            .get::<_, i32>(0);
+        assert_eq!(got, n + 2, "CALL bump_b returned before the target had it");
+        c.batch_execute(&format!(
+            "DO $$ BEGIN INSERT INTO tenant_acme.c VALUES ({}); END $$",
+            30_000 + n
+        ))
+        .await
+        .unwrap();
+        let got = on_target("SELECT count(*) FROM tenant_acme.c WHERE v >= 30000").await;
+        assert_eq!(
+            got,
+            i64::from(n + 1),
+            "DO returned before the target had it"
+        );
+    }
+    // psql prints every notice it hears: the capture trigger's is not among them.
+    let (ok, out, err) = psql(
+        &proxy.url("app.acme", "app"),
+        &["-c", "SELECT add_a(1); CALL bump_b(1)"],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        !err.contains("NOTICE") && !out.contains("NOTICE"),
+        "{out} {err}"
+    );
+    assert_eq!(
+        fingerprint(&dedicated, "tenant_acme"),
+        fingerprint(&shared, "tenant_acme")
+    );
+}
+
 /// The synchronous tee's promise, one commit at a time: each write is on the target when its COMMIT returns.
 /// With no commit waiting after it, the pass is confirmed at once: the source's change log and the target's
 /// ledger are emptied without another write to push them.

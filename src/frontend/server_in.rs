@@ -32,6 +32,7 @@ fn inspected(t: u8) -> bool {
             | be::COMMAND_COMPLETE
             | be::PARSE_COMPLETE
             | be::CLOSE_COMPLETE
+            | be::NOTICE_RESPONSE
     )
 }
 
@@ -168,6 +169,13 @@ fn backend_frame(s: &mut Server, at: usize, tag: u8, total: usize, p: &mut Parts
             }
         }
         be::COPY_IN_RESPONSE => copy_in_started(s, p),
+        be::NOTICE_RESPONSE if inspect::is_capture_notice(frame) => {
+            // The capture trigger's word that this transaction wrote: for the proxy, not the client.
+            p.txn.wrote = true;
+            move_bytes(&mut conn.buf, &mut p.client.cout, at);
+            conn.buf.advance(total);
+            return Next::Drop;
+        }
         be::ERROR_RESPONSE if s.replace_error.is_some() => {
             move_bytes(&mut conn.buf, &mut p.client.cout, at);
             conn.buf.advance(total);

@@ -80,6 +80,19 @@ BEGIN
 END
 $fn$;
 REVOKE ALL ON FUNCTION pgtenant.is_applier() FROM PUBLIC;
+-- The word to the proxy that this transaction wrote a migrating tenant's rows where no command tag tells it: in a
+-- function called by a SELECT, a procedure, a DO block. The proxy holds the transaction's commit for the
+-- synchronous tee on hearing it, and takes it out of the stream (a client connected straight to the server hears
+-- it). Called by capture() at the transaction's first captured row (then a transaction-local flag is set),
+-- unless the client's statement is itself an INSERT, UPDATE, DELETE or MERGE, whose tag tells. At NOTICE
+-- whatever the session's client_min_messages. A session that sets the flag itself only loses the wait for its own commits.
+CREATE OR REPLACE FUNCTION pgtenant.note() RETURNS void LANGUAGE plpgsql
+    SET search_path = pg_catalog SET client_min_messages = notice AS $fn$
+BEGIN
+    RAISE NOTICE 'pgtenant: change captured for a tenant being migrated' USING ERRCODE = 'PT001';
+END
+$fn$;
+REVOKE ALL ON FUNCTION pgtenant.note() FROM PUBLIC;
 CREATE OR REPLACE FUNCTION pgtenant.capture() RETURNS trigger LANGUAGE plpgsql
     SECURITY DEFINER SET search_path = pg_catalog AS $fn$
 DECLARE
@@ -99,7 +112,16 @@ BEGIN
         now_is := TG_OP <> 'DELETE' AND to_jsonb(NEW)->>TG_ARGV[1] IS NOT DISTINCT FROM TG_ARGV[2];
         IF NOT was AND NOT now_is THEN
             RETURN NULL;
-        ELSIF TG_OP = 'UPDATE' AND NOT now_is THEN
+        END IF;
+    END IF;
+    IF current_setting('pgtenant.noted', true) IS DISTINCT FROM 'y' THEN
+        PERFORM set_config('pgtenant.noted', 'y', true);
+        IF current_query() !~* '^[[:space:]]*(insert|update|delete|merge)[[:space:]]' THEN
+            PERFORM pgtenant.note();
+        END IF;
+    END IF;
+    IF TG_NARGS >= 3 AND TG_LEVEL = 'ROW' THEN
+        IF TG_OP = 'UPDATE' AND NOT now_is THEN
             INSERT INTO pgtenant.change_log (tenant, tbl, op, old_row)
             VALUES (TG_ARGV[0], TG_TABLE_NAME, 'D', to_jsonb(OLD));
             RETURN NULL;

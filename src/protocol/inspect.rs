@@ -69,8 +69,32 @@ pub fn error_fields(frame: &[u8]) -> Option<(String, String, String)> {
     Some((severity, code, message))
 }
 
+/// The SQLSTATE of the notice the migration's capture trigger sends, once per transaction, in the proxy's own
+/// backend sessions (`pgtenant.note()`, see `migration::capture`).
+pub const CAPTURE_NOTICE_CODE: &[u8] = b"PT001";
+
+/// True for the capture trigger's NoticeResponse: the transaction wrote rows of a tenant being migrated, however
+/// it wrote them (in a function called by a SELECT, a procedure, a `DO` block), which no CommandComplete tag
+/// tells. Allocates nothing; notices are rare.
+pub fn is_capture_notice(frame: &[u8]) -> bool {
+    let mut body = frame.get(5..).unwrap_or_default();
+    while let Some((&field, rest)) = body.split_first() {
+        let Some(end) = memchr::memchr(0, rest) else {
+            return false;
+        };
+        if field == 0 {
+            return false;
+        }
+        if field == field::CODE {
+            return &rest[..end] == CAPTURE_NOTICE_CODE;
+        }
+        body = &rest[end + 1..];
+    }
+    false
+}
+
 /// True for the CommandComplete of a statement that changes rows (INSERT, UPDATE, DELETE, MERGE). A write hidden
-/// in a function call is not seen here; the migration's background catch-up applies it.
+/// in a function call is not seen here: the capture trigger's notice tells of it ([`is_capture_notice`]).
 pub fn is_write_tag(frame: &[u8]) -> bool {
     let tag = frame.get(5..).unwrap_or(&[]);
     [&b"INSERT "[..], b"UPDATE ", b"DELETE ", b"MERGE "]
@@ -97,6 +121,36 @@ mod tests {
         assert!(!is_write_tag(&cc("SELECT 1")));
         assert!(!is_write_tag(&cc("COMMIT")));
         assert!(!is_write_tag(b"C"));
+    }
+
+    #[test]
+    fn capture_notice() {
+        let notice = |fields: &[(u8, &str)]| {
+            let mut f = vec![b'N', 0, 0, 0, 0];
+            for (k, v) in fields {
+                f.push(*k);
+                f.extend_from_slice(v.as_bytes());
+                f.push(0);
+            }
+            f.push(0);
+            f
+        };
+        let ours = notice(&[
+            (b'S', "NOTICE"),
+            (b'V', "NOTICE"),
+            (b'C', "PT001"),
+            (b'M', "x"),
+        ]);
+        assert!(is_capture_notice(&ours));
+        assert!(!is_capture_notice(&notice(&[
+            (b'S', "NOTICE"),
+            (b'C', "00000")
+        ])));
+        assert!(!is_capture_notice(&notice(&[(b'C', "PT0011")])));
+        assert!(!is_capture_notice(&notice(&[(b'M', "PT001")])));
+        // Cut short: no terminator.
+        assert!(!is_capture_notice(&ours[..ours.len() - 12]));
+        assert!(!is_capture_notice(b"N"));
     }
 
     #[test]
