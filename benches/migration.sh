@@ -6,7 +6,10 @@
 #   bash benches/migration.sh        (DURATION=20 CLIENTS=16 SCALE=10 ROUNDS=20; writes benches/results/migration.md)
 #   Also: LOOP_SCALE (5), TEE (sync|async), LOOP_MODE (pgbench -M of the pause rounds, prepared), COPY_BATCH
 #   (migration.copy_batch_rows), WORKERS (proxy.workers, 0: the default), PERF_PROXY=1 (perf record -g of the proxy during the rounds, /tmp/perf.proxy.data),
-#   STATEMENTS=1 (pg_stat_statements of both servers over the dual_write run, printed at the end).
+#   STATEMENTS=1 (pg_stat_statements of both servers over the dual_write run, printed at the end),
+#   PAIRS=N (N alternating PAIR_SECS-second runs, default 3 s, on acme in dual_write and on its twin, a tenant of the
+#   same scale on the same server with no move: what the tee adds, measured side by side rather than before and
+#   after, so the machine's drift between the two does not count).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/pg-lib.sh
@@ -26,14 +29,14 @@ pg_stat_statements.track = all"
 fi
 pg_setup_workdir
 pg_start_pair
-pg_sql "$shared_PORT" app "CREATE SCHEMA tenant_acme; CREATE SCHEMA tenant_loop" >/dev/null
+pg_sql "$shared_PORT" app "CREATE SCHEMA tenant_acme; CREATE SCHEMA tenant_loop; CREATE SCHEMA tenant_twin" >/dev/null
 PROXY_PORT="$(free_port)"
 METRICS_PORT="$(free_port)"
 CONFIG="$PG_WORKDIR/pgtenant.toml"
 SOCK="$PG_WORKDIR/pgtenant.sock"
 migration_config "$CONFIG" "$PROXY_PORT" "$shared_PORT" "$dedicated_PORT" 40 \
   "metrics_listen = \"127.0.0.1:$METRICS_PORT\"
-workers = ${WORKERS:-0}" acme loop
+workers = ${WORKERS:-0}" acme loop twin
 printf 'tee = "%s"\n' "$TEE" >> "$CONFIG"
 [ -n "${COPY_BATCH:-}" ] && printf 'copy_batch_rows = %s\n' "$COPY_BATCH" >> "$CONFIG"
 pgtenant_serve "$CONFIG" "$PG_WORKDIR/proxy.log"
@@ -54,6 +57,7 @@ failed() { grep -oP 'number of failed transactions: \K[0-9]+' "$1"; }
 
 pgbench -i -s "$SCALE" -q "$(url acme)" >/dev/null 2>&1
 pgbench -i -s "$LOOP_SCALE" -q "$(url loop)" >/dev/null 2>&1
+[ "${PAIRS:-0}" = 0 ] || pgbench -i -s "$SCALE" -q "$(url twin)" >/dev/null 2>&1
 
 echo "== TPS before and during dual_write (pgbench -c $CLIENTS -T $DURATION, TPC-B, prepared)"
 b0=$(busy)
@@ -85,6 +89,14 @@ if [ -n "${STATEMENTS:-}" ]; then
   done > "$PG_WORKDIR/statements.txt"
 fi
 curl -s "http://127.0.0.1:$METRICS_PORT/metrics" | grep -E '^dual_write_(latency|operations)' > "$PG_WORKDIR/tee.metrics" || true
+: > "$PG_WORKDIR/pairs.tsv"
+for i in $(seq 1 "${PAIRS:-0}"); do
+  for t in twin acme; do
+    pgbench -n -c "$CLIENTS" -j 2 -T "${PAIR_SECS:-3}" -M prepared "$(url "$t")" > "$PG_WORKDIR/pair.out" 2>&1
+    printf '%s\t%s\t%s\n' "$t" "$(tps "$PG_WORKDIR/pair.out")" \
+      "$(grep -oP 'latency average = \K[0-9.]+' "$PG_WORKDIR/pair.out")" >> "$PG_WORKDIR/pairs.tsv"
+  done
+done
 ctl migrate abort acme --drop-target >/dev/null
 
 echo "== pg_dump --data-only | psql of the same schema"
@@ -166,6 +178,16 @@ import os
 failed_attempts = sum(1 for _ in open(f"{w}/failed_rounds")) if os.path.exists(f"{w}/failed_rounds") else 0
 print(f"| failed pgbench transactions during the {rounds} rounds ({loop_runs} pgbench runs) | {loop_failed} |")
 print(f"| cutover/rollback attempts that fell back (timeout) | {failed_attempts} |")
+pairs = [l.split() for l in open(f"{w}/pairs.tsv")]
+if pairs:
+    twin = [(float(p[1]), float(p[2])) for p in pairs if p[0] == "twin"]
+    acme = [(float(p[1]), float(p[2])) for p in pairs if p[0] == "acme"]
+    ratios = [a[0] / b[0] for a, b in zip(acme, twin)]
+    added = [a[1] - b[1] for a, b in zip(acme, twin)]
+    print(f"| side by side, {len(ratios)} pairs: TPS in dual_write / twin's | "
+          f"{', '.join(f'{r:.2f}' for r in ratios)} (median {statistics.median(ratios):.2f}) |")
+    print(f"| side by side: latency added per transaction | "
+          f"{', '.join(f'{a:.2f}' for a in added)} ms (median {statistics.median(added):.2f}) |")
 PY
 cat "$OUT"
 cat "$PG_WORKDIR/tee.metrics"

@@ -400,16 +400,17 @@ async fn a_frozen_instance_makes_the_cutover_fall_back_until_it_thaws() {
     );
 }
 
-/// kill -9 of the instance coordinating a move in dual_write: another instance takes the move over when the
-/// lease runs out, and the move completes with every write made through any instance on the target.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn another_instance_takes_over_a_move_whose_coordinator_died() {
-    use std::process::Command;
-    let (cp, shared, dedicated) = (PgCluster::start(), PgCluster::start(), PgCluster::start());
-    common::moves::small_schema(&shared);
-    let harness = || member(&cp, &shared, &dedicated, 3000);
+/// A move of acme coordinated by an instance running as a process of its own (so it can be frozen or killed),
+/// in dual_write, and two more instances; returns the process and the two others.
+async fn move_on_a_process(
+    cp: &PgCluster,
+    shared: &PgCluster,
+    dedicated: &PgCluster,
+) -> (std::process::Child, [TestProxy; 2]) {
+    common::moves::small_schema(shared);
+    let harness = || member(cp, shared, dedicated, 3000);
     let first = harness();
-    let mut child = spawn_member(&first);
+    let child = spawn_member(&first);
     let socket = first.state_dir().join("admin.sock");
     let others = [harness().start().await, harness().start().await];
     wait_members(&others[0], 3).await;
@@ -428,6 +429,35 @@ async fn another_instance_takes_over_a_move_whose_coordinator_died() {
         assert!(Instant::now() < deadline, "{s}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    (child, others)
+}
+
+/// The instance of `others` that took the move of acme over (within 20 s of `since`).
+async fn taker(others: &[TestProxy], since: Instant) -> &TestProxy {
+    loop {
+        for p in others {
+            let s = p
+                .admin(json!({"cmd": "migrate.status", "tenant": "acme"}))
+                .await;
+            if s["ok"] == json!(true) {
+                return p;
+            }
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(20),
+            "no instance took the move over"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// kill -9 of the instance coordinating a move in dual_write: another instance takes the move over when the
+/// lease runs out, and the move completes with every write made through any instance on the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_instance_takes_over_a_move_whose_coordinator_died() {
+    use std::process::Command;
+    let (cp, shared, dedicated) = (PgCluster::start(), PgCluster::start(), PgCluster::start());
+    let (mut child, others) = move_on_a_process(&cp, &shared, &dedicated).await;
     let write = |p: &TestProxy, from: i32| {
         let url = p.url("app.acme", "app");
         async move {
@@ -451,25 +481,7 @@ async fn another_instance_takes_over_a_move_whose_coordinator_died() {
     let killed = Instant::now();
     write(&others[1], 200_000).await;
     // One of the others takes the move over once the lease runs out.
-    let taker = loop {
-        let mut found = None;
-        for p in &others {
-            let s = p
-                .admin(json!({"cmd": "migrate.status", "tenant": "acme"}))
-                .await;
-            if s["ok"] == json!(true) {
-                found = Some(p);
-            }
-        }
-        if let Some(p) = found {
-            break p;
-        }
-        assert!(
-            killed.elapsed() < Duration::from_secs(20),
-            "no instance took the move over"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let taker = taker(&others, killed).await;
     let took = killed.elapsed();
     common::moves::wait_state(taker, "acme", "dual_write", Duration::from_secs(30)).await;
     common::moves::wait_lag_zero(taker, "acme").await;
@@ -499,4 +511,74 @@ async fn another_instance_takes_over_a_move_whose_coordinator_died() {
         "coordinator killed: move taken over after {took:?}, cutover pause {} ms",
         cut["pause_ms"]
     );
+}
+
+/// The target session holding the apply lock of acme's move (the applying link's), if any.
+fn apply_lock_holder(dedicated: &PgCluster) -> String {
+    dedicated.psql(
+        "app",
+        "SELECT string_agg(l.pid::text, ',') FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.granted AND a.application_name = 'pgtenant-migration' \
+         AND NOT (l.classid = 0 AND l.objid = 7406721)",
+    )
+}
+
+/// SIGSTOP of the instance coordinating a move in dual_write, until another instance took the move over, then
+/// SIGCONT: the thawed instance stops its move, its tee included, so the two do not take the target's apply lock
+/// from each other (each new link ends the session holding it); the taker's link keeps it, and the move
+/// completes with every write on the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_that_thaws_after_a_takeover_leaves_the_tee_to_the_taker() {
+    use std::process::Command;
+    let (cp, shared, dedicated) = (PgCluster::start(), PgCluster::start(), PgCluster::start());
+    let (mut child, others) = move_on_a_process(&cp, &shared, &dedicated).await;
+    let signal = |sig: &str| {
+        assert!(Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success());
+    };
+    // The coordinator's lease reaches the store at its next renewal (each second).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    signal("-STOP");
+    let frozen = Instant::now();
+    let taker = taker(&others, frozen).await;
+    common::moves::wait_state(taker, "acme", "dual_write", Duration::from_secs(30)).await;
+    common::moves::wait_lag_zero(taker, "acme").await;
+    signal("-CONT");
+    // The thawed instance finds its lease taken at its next renewal (each second).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let c = connect(&taker.url("app.acme", "app")).await.unwrap();
+    let holder = apply_lock_holder(&dedicated);
+    for n in 0..20 {
+        c.execute("INSERT INTO a (v) VALUES ($1)", &[&(300_000 + n)])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!holder.is_empty() && !holder.contains(','), "{holder}");
+    assert_eq!(
+        apply_lock_holder(&dedicated),
+        holder,
+        "the apply lock changed hands after the thaw"
+    );
+    assert_eq!(
+        dedicated.psql(
+            "app",
+            "SELECT count(*) FROM tenant_acme.a WHERE v >= 300000"
+        ),
+        "20",
+        "each sync commit is on the target"
+    );
+    let cut = taker
+        .admin_ok(json!({"cmd": "migrate.cutover", "tenant": "acme"}))
+        .await;
+    common::held_briefly(cut["pause_ms"].as_f64().unwrap(), &cut);
+    let v = taker
+        .admin_ok(json!({"cmd": "migrate.verify", "tenant": "acme", "level": "full"}))
+        .await;
+    assert_eq!(v["passed"], json!(true), "{v}");
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -1472,6 +1472,54 @@ async fn writes_hidden_in_functions_are_on_the_target_when_their_commit_returns(
     );
 }
 
+/// The synchronous tee's promise inside a client's pipeline: two autocommit INSERTs sent back to back (each
+/// with its Sync; the first sleeps, so the second is on the wire when the first commits). The reply to the
+/// first is held for the tee although the second is still in flight behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_inside_a_pipeline_is_on_the_target_when_it_returns() {
+    let shared = PgCluster::start();
+    let dedicated = PgCluster::start();
+    small_schema(&shared);
+    let proxy = up(harness(&shared, &dedicated)).await;
+    start_acme(&proxy).await;
+    wait_state(&proxy, "acme", "dual_write", Duration::from_secs(30)).await;
+    wait_lag_zero(&proxy, "acme").await;
+    let c = std::sync::Arc::new(proxy.connect("app.acme", "app").await.unwrap());
+    let target = std::sync::Arc::new(
+        connect(&format!(
+            "host=127.0.0.1 port={} user=postgres dbname=app",
+            dedicated.port
+        ))
+        .await
+        .unwrap(),
+    );
+    for n in 0..5 {
+        let (first, second) = (40_000 + 2 * n, 40_001 + 2 * n);
+        let (c1, t1) = (c.clone(), target.clone());
+        let one = tokio::spawn(async move {
+            c1.execute(
+                "INSERT INTO a (v) SELECT $1::int FROM pg_sleep(0.05)",
+                &[&first],
+            )
+            .await
+            .unwrap();
+            t1.query_one("SELECT count(*) FROM tenant_acme.a WHERE v = $1", &[&first])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        });
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        c.execute("INSERT INTO a (v) VALUES ($1)", &[&second])
+            .await
+            .unwrap();
+        assert_eq!(
+            one.await.unwrap(),
+            1,
+            "pipelined commit {n} returned before the target had it"
+        );
+    }
+}
+
 /// The synchronous tee's promise, one commit at a time: each write is on the target when its COMMIT returns.
 /// With no commit waiting after it, the pass is confirmed at once: the source's change log and the target's
 /// ledger are emptied without another write to push them.

@@ -26,6 +26,10 @@ impl ControlPlane {
                 tracing::warn!(tenant = %rec.tenant, "another instance took this migration over; stopping it here");
                 if let Some(live) = shared.migrations.live(rec.tenant.as_str()) {
                     live.halt().await;
+                    // The tee runs on its own task: left running, it would go on applying and, each time it
+                    // reconnects, end the new coordinator's applying session (the apply lock, `claim`), which
+                    // would end its in turn.
+                    crate::migration::sides::stop_tee(shared, &live).await;
                 }
                 shared.migrations.forget_live(rec.tenant.as_str());
             }

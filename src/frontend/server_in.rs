@@ -248,7 +248,9 @@ fn ready_for_query(s: &mut Server, at: usize, total: usize, p: &mut Parts<'_>) -
     }
     let end = s.pending == 0 && s.status == status::IDLE && !s.batch_open;
     p.ended |= end;
-    if end && std::mem::take(&mut p.txn.wrote) {
+    // Every ReadyForQuery that says idle ends a transaction, also one inside a client's pipeline (more Syncs in
+    // flight behind it): its commit is held for the tee as a lone one is.
+    if s.status == status::IDLE && std::mem::take(&mut p.txn.wrote) {
         if let Some(wait) = tee_for(p.shared, p.tenant) {
             return Next::Hold(wait);
         }

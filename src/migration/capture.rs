@@ -83,9 +83,11 @@ REVOKE ALL ON FUNCTION pgtenant.is_applier() FROM PUBLIC;
 -- The word to the proxy that this transaction wrote a migrating tenant's rows where no command tag tells it: in a
 -- function called by a SELECT, a procedure, a DO block. The proxy holds the transaction's commit for the
 -- synchronous tee on hearing it, and takes it out of the stream (a client connected straight to the server hears
--- it). Called by capture() at the transaction's first captured row (then a transaction-local flag is set),
--- unless the client's statement is itself an INSERT, UPDATE, DELETE or MERGE, whose tag tells. At NOTICE
--- whatever the session's client_min_messages. A session that sets the flag itself only loses the wait for its own commits.
+-- it). Called by capture() at the transaction's first captured row (then a transaction-local flag holds the
+-- transaction's id, which a default set for a role or database cannot foresee), unless the client's statement
+-- is itself an INSERT, UPDATE, DELETE or MERGE, whose tag tells (a FunctionCall message has no statement text:
+-- it is noted). At NOTICE whatever the session's client_min_messages. A session that sets the flag to its own
+-- transaction's id only loses the wait for its own commit.
 CREATE OR REPLACE FUNCTION pgtenant.note() RETURNS void LANGUAGE plpgsql
     SET search_path = pg_catalog SET client_min_messages = notice AS $fn$
 BEGIN
@@ -114,9 +116,9 @@ BEGIN
             RETURN NULL;
         END IF;
     END IF;
-    IF current_setting('pgtenant.noted', true) IS DISTINCT FROM 'y' THEN
-        PERFORM set_config('pgtenant.noted', 'y', true);
-        IF current_query() !~* '^[[:space:]]*(insert|update|delete|merge)[[:space:]]' THEN
+    IF current_setting('pgtenant.noted', true) IS DISTINCT FROM pg_current_xact_id()::text THEN
+        PERFORM set_config('pgtenant.noted', pg_current_xact_id()::text, true);
+        IF coalesce(current_query(), '') !~* '^[[:space:]]*(insert|update|delete|merge)[[:space:]]' THEN
             PERFORM pgtenant.note();
         END IF;
     END IF;

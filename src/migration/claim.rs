@@ -22,17 +22,23 @@ fn key_text(tenant: &str, schema: &str) -> String {
 
 const TRY: &str = "SELECT pg_try_advisory_lock(hashtextextended($1, 0))";
 
-/// Ends the sessions of earlier links that hold the lock. Only the migration's own sessions (by their
-/// `application_name`, see `pg::Endpoint::connect`) are ended: an application's lock that happens to share the
-/// hash is waited for instead, up to `lock_timeout`. A bigint key shows in `pg_locks` as its high half in
+/// Ends the sessions of earlier links that hold the lock; returns how many hold it and how many were ended. Only
+/// the migration's own sessions (by their `application_name`, see `pg::Endpoint::connect`) are ended: an
+/// application's lock that happens to share the hash is waited for instead, up to `lock_timeout`. A holder this
+/// role may not signal (a superuser's session, another role's without `pg_signal_backend`) is counted, not
+/// asked, as `pg_terminate_backend` would raise an error. A bigint key shows in `pg_locks` as its high half in
 /// `classid`, its low half in `objid`, and `objsubid` 1.
-const END_HOLDERS: &str = "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l \
-     JOIN pg_stat_activity a ON a.pid = l.pid \
+const END_HOLDERS: &str = "SELECT count(*), count(*) FILTER (WHERE ended) FROM ( \
+     SELECT CASE WHEN (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) \
+                   OR (NOT coalesce((SELECT rolsuper FROM pg_roles r WHERE r.oid = a.usesysid), true) \
+                       AND (pg_has_role(a.usesysid, 'MEMBER') OR pg_has_role('pg_signal_backend', 'MEMBER'))) \
+            THEN pg_terminate_backend(l.pid) ELSE false END AS ended \
+     FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
      WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.pid <> pg_backend_pid() \
      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
      AND l.classid::bigint = (hashtextextended($1, 0) >> 32) & 4294967295 \
      AND l.objid::bigint = hashtextextended($1, 0) & 4294967295 \
-     AND a.application_name = 'pgtenant-migration'";
+     AND a.application_name = 'pgtenant-migration') h";
 
 /// Waits for the lock; bounded by the session's `lock_timeout`, and an ended session releases it as it exits.
 const WAIT: &str = "SELECT pg_advisory_lock(hashtextextended($1, 0))";
@@ -48,11 +54,18 @@ pub async fn claim(to: &Client, tenant: &str, schema: &str) -> Result<(), Migrat
     if took {
         return Ok(());
     }
-    let ended: i64 = to
+    let row = to
         .query_one(END_HOLDERS, &[&key])
         .await
-        .map_err(|e| MigrateError::pg("end the earlier applying session", e))?
-        .get(0);
+        .map_err(|e| MigrateError::pg("end the earlier applying session", e))?;
+    let (holders, ended): (i64, i64) = (row.get(0), row.get(1));
+    if ended < holders {
+        return Err(MigrateError::Refused(format!(
+            "tenant {tenant:?}'s apply lock on the target is held by a migration session this role may not end \
+             (another role's, or a superuser's); end it (pg_terminate_backend), or use the same admin_user on \
+             every instance"
+        )));
+    }
     warn!(
         tenant,
         ended, "another link held the apply lock; its session was ended"

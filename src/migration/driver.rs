@@ -64,6 +64,9 @@ pub async fn resume(shared: &Arc<Shared>, rec: &super::record::Record) {
 async fn drive(shared: &Arc<Shared>, live: &Arc<Live>) {
     let mut failures = 0u32;
     let mut loaded = false;
+    // The span's state is recorded when it changes: the log formatter appends a field each time it is recorded,
+    // so recording it on every turn of this loop grew the span (and every line logged in it) without end.
+    let mut shown = "";
     loop {
         if live.stop.is_cancelled() || shared.terminate.is_fired() {
             return;
@@ -74,7 +77,10 @@ async fn drive(shared: &Arc<Shared>, live: &Arc<Live>) {
         if rec.state.is_final() {
             return;
         }
-        tracing::Span::current().record("state", rec.shown_state());
+        if shown != rec.shown_state() {
+            shown = rec.shown_state();
+            tracing::Span::current().record("state", shown);
+        }
         if !loaded && rec.state != State::Failed {
             match load_tables(shared, live, &rec).await {
                 Ok(()) => loaded = true,

@@ -77,16 +77,21 @@ pub const CAPTURE_NOTICE_CODE: &[u8] = b"PT001";
 /// it wrote them (in a function called by a SELECT, a procedure, a `DO` block), which no CommandComplete tag
 /// tells. Allocates nothing; notices are rare.
 pub fn is_capture_notice(frame: &[u8]) -> bool {
+    let (mut code, mut notice) = (false, false);
     let mut body = frame.get(5..).unwrap_or_default();
     while let Some((&field, rest)) = body.split_first() {
+        if field == 0 {
+            return code && notice;
+        }
         let Some(end) = memchr::memchr(0, rest) else {
             return false;
         };
-        if field == 0 {
-            return false;
-        }
-        if field == field::CODE {
-            return &rest[..end] == CAPTURE_NOTICE_CODE;
+        let value = &rest[..end];
+        match field {
+            field::CODE => code = value == CAPTURE_NOTICE_CODE,
+            // The severity as sent, never translated: an application's own WARNING with that code is its own.
+            field::SEVERITY_RAW => notice = value == b"NOTICE",
+            _ => {}
         }
         body = &rest[end + 1..];
     }
@@ -142,12 +147,12 @@ mod tests {
             (b'M', "x"),
         ]);
         assert!(is_capture_notice(&ours));
-        assert!(!is_capture_notice(&notice(&[
-            (b'S', "NOTICE"),
-            (b'C', "00000")
-        ])));
-        assert!(!is_capture_notice(&notice(&[(b'C', "PT0011")])));
-        assert!(!is_capture_notice(&notice(&[(b'M', "PT001")])));
+        let no = |fields: &[(u8, &str)]| assert!(!is_capture_notice(&notice(fields)), "{fields:?}");
+        no(&[(b'V', "NOTICE"), (b'C', "00000")]);
+        no(&[(b'V', "NOTICE"), (b'C', "PT0011")]);
+        no(&[(b'V', "NOTICE"), (b'M', "PT001")]);
+        no(&[(b'V', "WARNING"), (b'C', "PT001")]);
+        no(&[(b'C', "PT001")]);
         // Cut short: no terminator.
         assert!(!is_capture_notice(&ours[..ours.len() - 12]));
         assert!(!is_capture_notice(b"N"));
