@@ -56,17 +56,30 @@ fn member(
 
 /// Runs the instance of `h` as a process of its own (so it can be frozen or killed); its admin socket is in its
 /// state directory.
-fn spawn_member(h: &Harness) -> std::process::Child {
+/// An instance running as a process of its own, killed when dropped (a failed assertion must not leave it
+/// running, holding the test's output open).
+struct Member(std::process::Child);
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_member(h: &Harness) -> Member {
     let port = free_port();
     let text = toml::to_string(&h.config())
         .unwrap()
         .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
     let config = h.state_dir().join("pgtenant.toml");
     std::fs::write(&config, text).unwrap();
-    std::process::Command::new(env!("CARGO_BIN_EXE_pgtenant"))
-        .args(["serve", "--config", config.to_str().unwrap()])
-        .spawn()
-        .unwrap()
+    Member(
+        std::process::Command::new(env!("CARGO_BIN_EXE_pgtenant"))
+            .args(["serve", "--config", config.to_str().unwrap()])
+            .spawn()
+            .unwrap(),
+    )
 }
 
 /// Waits (up to 10 s) until `p` lists `n` live instances.
@@ -357,7 +370,7 @@ async fn a_frozen_instance_makes_the_cutover_fall_back_until_it_thaws() {
     common::moves::wait_lag_zero(&coordinator, "acme").await;
     let signal = |sig: &str| {
         assert!(Command::new("kill")
-            .args([sig, &child.id().to_string()])
+            .args([sig, &child.0.id().to_string()])
             .status()
             .unwrap()
             .success())
@@ -392,7 +405,7 @@ async fn a_frozen_instance_makes_the_cutover_fall_back_until_it_thaws() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     signal("-KILL");
-    let _ = child.wait();
+    let _ = child.0.wait();
     assert!(followed, "the thawed instance did not follow the move");
     eprintln!(
         "frozen instance: cutover fell back after {took:?}; after SIGCONT the pause was {} ms",
@@ -406,7 +419,7 @@ async fn move_on_a_process(
     cp: &PgCluster,
     shared: &PgCluster,
     dedicated: &PgCluster,
-) -> (std::process::Child, [TestProxy; 2]) {
+) -> (Member, [TestProxy; 2]) {
     common::moves::small_schema(shared);
     let harness = || member(cp, shared, dedicated, 3000);
     let first = harness();
@@ -473,11 +486,11 @@ async fn another_instance_takes_over_a_move_whose_coordinator_died() {
     write(&others[0], 100_000).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(Command::new("kill")
-        .args(["-KILL", &child.id().to_string()])
+        .args(["-KILL", &child.0.id().to_string()])
         .status()
         .unwrap()
         .success());
-    let _ = child.wait();
+    let _ = child.0.wait();
     let killed = Instant::now();
     write(&others[1], 200_000).await;
     // One of the others takes the move over once the lease runs out.
@@ -531,16 +544,14 @@ fn apply_lock_holder(dedicated: &PgCluster) -> String {
 async fn a_coordinator_that_thaws_after_a_takeover_leaves_the_tee_to_the_taker() {
     use std::process::Command;
     let (cp, shared, dedicated) = (PgCluster::start(), PgCluster::start(), PgCluster::start());
-    let (mut child, others) = move_on_a_process(&cp, &shared, &dedicated).await;
+    let (child, others) = move_on_a_process(&cp, &shared, &dedicated).await;
     let signal = |sig: &str| {
         assert!(Command::new("kill")
-            .args([sig, &child.id().to_string()])
+            .args([sig, &child.0.id().to_string()])
             .status()
             .unwrap()
             .success());
     };
-    // The coordinator's lease reaches the store at its next renewal (each second).
-    tokio::time::sleep(Duration::from_millis(1500)).await;
     signal("-STOP");
     let frozen = Instant::now();
     let taker = taker(&others, frozen).await;
@@ -550,12 +561,16 @@ async fn a_coordinator_that_thaws_after_a_takeover_leaves_the_tee_to_the_taker()
     // The thawed instance finds its lease taken at its next renewal (each second).
     tokio::time::sleep(Duration::from_secs(3)).await;
     let c = connect(&taker.url("app.acme", "app")).await.unwrap();
-    let holder = apply_lock_holder(&dedicated);
+    let mut holder = String::new();
     for n in 0..20 {
         c.execute("INSERT INTO a (v) VALUES ($1)", &[&(300_000 + n)])
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
+        if n == 0 {
+            // The taker's link holds it now (it applied that write).
+            holder = apply_lock_holder(&dedicated);
+        }
     }
     assert!(!holder.is_empty() && !holder.contains(','), "{holder}");
     assert_eq!(
@@ -579,6 +594,29 @@ async fn a_coordinator_that_thaws_after_a_takeover_leaves_the_tee_to_the_taker()
         .admin_ok(json!({"cmd": "migrate.verify", "tenant": "acme", "level": "full"}))
         .await;
     assert_eq!(v["passed"], json!(true), "{v}");
-    let _ = child.kill();
-    let _ = child.wait();
+}
+
+/// A move's lease is in the store when `migrate start` answers (not at the next renewal), and a second
+/// instance asked to move the same tenant refuses: one coordinator per move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_has_one_coordinator_from_its_start() {
+    let (cp, shared, dedicated) = (PgCluster::start(), PgCluster::start(), PgCluster::start());
+    common::moves::small_schema(&shared);
+    let a = member(&cp, &shared, &dedicated, 3000).start().await;
+    let b = member(&cp, &shared, &dedicated, 3000).start().await;
+    wait_members(&a, 2).await;
+    let start = json!({"cmd": "migrate.start", "tenant": "acme", "to": "dedicated"});
+    a.admin_ok(start.clone()).await;
+    assert_eq!(
+        cp.psql(
+            "postgres",
+            "SELECT count(*) FROM pgtenant_cp.migrations WHERE tenant = 'acme' AND lease_until > now()"
+        ),
+        "1",
+        "the lease is taken before the start answers"
+    );
+    assert_eq!(b.admin_err(start).await, "invalid_state");
+    common::moves::wait_state(&a, "acme", "dual_write", Duration::from_secs(30)).await;
+    a.admin_ok(json!({"cmd": "migrate.abort", "tenant": "acme"}))
+        .await;
 }

@@ -50,6 +50,13 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// Takes the lease of a migration this instance starts, before any of its work: the other instances know
+    /// its coordinator from the first moment (one dying in its first second is taken over like any other), and
+    /// a move of the tenant another instance coordinates is refused (false).
+    pub async fn lease_new(&self, rec: &Record) -> Result<bool, StoreError> {
+        self.renew(rec).await
+    }
+
     /// Writes the record with a fresh lease; false when another instance holds it.
     async fn renew(&self, rec: &Record) -> Result<bool, StoreError> {
         let json = serde_json::to_value(rec).map_err(|e| StoreError::Pg(e.to_string()))?;

@@ -75,6 +75,7 @@ pub async fn start(
         expected_copy_per_table_s: Some(model.per_table_s),
         ..rec
     };
+    lease(shared, &rec).await?;
     // A schema the move makes gets its grants once its post-data (policies among it) is there, after the copy.
     if !created {
         grant_target(shared, &rec, &target).await?;
@@ -367,4 +368,27 @@ async fn create_schema(shared: &Shared, source: &Endpoint, dst: &Client) -> Resu
     // pg_dump's script empties search_path for the session; put ours back.
     let _ = dst.batch_execute("RESET search_path").await;
     Ok(())
+}
+
+/// With a control plane, the new migration's lease, taken before anything of it is done (see
+/// [`crate::cluster::ControlPlane::lease_new`]): a move another instance coordinates, or one the store cannot be
+/// told about, is refused.
+async fn lease(shared: &Shared, rec: &Record) -> Result<(), AdminError> {
+    let Some(cp) = shared.control_plane.get() else {
+        return Ok(());
+    };
+    match cp.lease_new(rec).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(AdminError::new(
+            AdminCode::InvalidState,
+            format!(
+                "tenant {:?} has a migration coordinated by another instance",
+                rec.tenant.as_str()
+            ),
+        )),
+        Err(e) => Err(preflight(format!(
+            "the control plane did not take the migration's lease ({e}); with a control plane, a move starts \
+             only once every instance can see who coordinates it"
+        ))),
+    }
 }
