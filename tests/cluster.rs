@@ -596,8 +596,8 @@ async fn a_coordinator_that_thaws_after_a_takeover_leaves_the_tee_to_the_taker()
     assert_eq!(v["passed"], json!(true), "{v}");
 }
 
-/// A move's lease is in the store when `migrate start` answers (not at the next renewal), and a second
-/// instance asked to move the same tenant refuses: one coordinator per move.
+/// A move's lease is in the store when `migrate start` answers (not at the next renewal), a start that fails
+/// leaves none, and a second instance asked to move the same tenant refuses: one coordinator per move.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_has_one_coordinator_from_its_start() {
     let (cp, shared, dedicated) = (PgCluster::start(), PgCluster::start(), PgCluster::start());
@@ -606,6 +606,17 @@ async fn a_move_has_one_coordinator_from_its_start() {
     let b = member(&cp, &shared, &dedicated, 3000).start().await;
     wait_members(&a, 2).await;
     let start = json!({"cmd": "migrate.start", "tenant": "acme", "to": "dedicated"});
+    // A start refused after its lease was taken (the target schema exists) leaves no lease behind.
+    dedicated.psql("app", "CREATE SCHEMA tenant_acme");
+    assert_eq!(a.admin_err(start.clone()).await, "preflight_failed");
+    assert_eq!(
+        cp.psql(
+            "postgres",
+            "SELECT count(*) FROM pgtenant_cp.migrations WHERE tenant = 'acme'"
+        ),
+        "0"
+    );
+    dedicated.psql("app", "DROP SCHEMA tenant_acme");
     a.admin_ok(start.clone()).await;
     assert_eq!(
         cp.psql(

@@ -1390,36 +1390,61 @@ async fn queued_moves_start_when_due_survive_a_restart_and_can_be_cancelled() {
     );
 }
 
-/// The synchronous tee's promise holds for writes no command tag shows: a function called by a SELECT, a
-/// procedure, a DO block. The capture trigger's notice tells the proxy the transaction wrote, and the client
-/// never hears that notice.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn writes_hidden_in_functions_are_on_the_target_when_their_commit_returns() {
+/// acme's move in dual_write with the synchronous tee (the default), `before` run on the source first, with a
+/// client of acme through the proxy and a connection straight to the target (fields drop in this order).
+struct DualWrite {
+    client: tokio_postgres::Client,
+    target: tokio_postgres::Client,
+    proxy: TestProxy,
+    shared: PgCluster,
+    dedicated: PgCluster,
+}
+
+async fn in_dual_write(before: &str) -> DualWrite {
     let shared = PgCluster::start();
     let dedicated = PgCluster::start();
     small_schema(&shared);
-    shared.psql(
-        "app",
-        "CREATE FUNCTION tenant_acme.add_a(x int) RETURNS int LANGUAGE sql \
-           AS 'INSERT INTO tenant_acme.a (v) VALUES (x) RETURNING id';
-         CREATE PROCEDURE tenant_acme.bump_b(i int) LANGUAGE sql \
-           AS 'UPDATE tenant_acme.b SET v = v + 1 WHERE id = i';",
-    );
+    if !before.is_empty() {
+        shared.psql("app", before);
+    }
     let proxy = up(harness(&shared, &dedicated)).await;
     start_acme(&proxy).await;
     wait_state(&proxy, "acme", "dual_write", Duration::from_secs(30)).await;
     wait_lag_zero(&proxy, "acme").await;
-    let c = proxy.connect("app.acme", "app").await.unwrap();
+    let client = proxy.connect("app.acme", "app").await.unwrap();
     let target = connect(&format!(
         "host=127.0.0.1 port={} user=postgres dbname=app",
         dedicated.port
     ))
     .await
     .unwrap();
-    let on_target = |sql: &'static str| {
-        let target = &target;
-        async move { target.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
-    };
+    DualWrite {
+        client,
+        target,
+        proxy,
+        shared,
+        dedicated,
+    }
+}
+
+/// The synchronous tee's promise holds for writes no command tag shows: a function called by a SELECT, a
+/// procedure, a DO block. The capture trigger's notice tells the proxy the transaction wrote, and the client
+/// never hears that notice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_hidden_in_functions_are_on_the_target_when_their_commit_returns() {
+    let DualWrite {
+        client: c,
+        target,
+        proxy,
+        shared,
+        dedicated,
+    } = in_dual_write(
+        "CREATE FUNCTION tenant_acme.add_a(x int) RETURNS int LANGUAGE sql \
+           AS 'INSERT INTO tenant_acme.a (v) VALUES (x) RETURNING id';
+         CREATE PROCEDURE tenant_acme.bump_b(i int) LANGUAGE sql \
+           AS 'UPDATE tenant_acme.b SET v = v + 1 WHERE id = i';",
+    )
+    .await;
     for n in 0..10 {
         let v = 20_000 + n;
         c.batch_execute(&format!("SELECT add_a({v})"))
@@ -1449,7 +1474,11 @@ async fn writes_hidden_in_functions_are_on_the_target_when_their_commit_returns(
         ))
         .await
         .unwrap();
-        let got = on_target("SELECT count(*) FROM tenant_acme.c WHERE v >= 30000").await;
+        let got = target
+            .query_one("SELECT count(*) FROM tenant_acme.c WHERE v >= 30000", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0);
         assert_eq!(
             got,
             i64::from(n + 1),
@@ -1477,22 +1506,8 @@ async fn writes_hidden_in_functions_are_on_the_target_when_their_commit_returns(
 /// first is held for the tee although the second is still in flight behind it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_inside_a_pipeline_is_on_the_target_when_it_returns() {
-    let shared = PgCluster::start();
-    let dedicated = PgCluster::start();
-    small_schema(&shared);
-    let proxy = up(harness(&shared, &dedicated)).await;
-    start_acme(&proxy).await;
-    wait_state(&proxy, "acme", "dual_write", Duration::from_secs(30)).await;
-    wait_lag_zero(&proxy, "acme").await;
-    let c = std::sync::Arc::new(proxy.connect("app.acme", "app").await.unwrap());
-    let target = std::sync::Arc::new(
-        connect(&format!(
-            "host=127.0.0.1 port={} user=postgres dbname=app",
-            dedicated.port
-        ))
-        .await
-        .unwrap(),
-    );
+    let m = in_dual_write("").await;
+    let (c, target) = (std::sync::Arc::new(m.client), std::sync::Arc::new(m.target));
     for n in 0..5 {
         let (first, second) = (40_000 + 2 * n, 40_001 + 2 * n);
         let (c1, t1) = (c.clone(), target.clone());
@@ -1525,20 +1540,13 @@ async fn a_commit_inside_a_pipeline_is_on_the_target_when_it_returns() {
 /// ledger are emptied without another write to push them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_commit_is_on_the_target_when_it_returns_and_is_confirmed_after() {
-    let shared = PgCluster::start();
-    let dedicated = PgCluster::start();
-    small_schema(&shared);
-    let proxy = up(harness(&shared, &dedicated)).await;
-    start_acme(&proxy).await;
-    wait_state(&proxy, "acme", "dual_write", Duration::from_secs(30)).await;
-    wait_lag_zero(&proxy, "acme").await;
-    let c = proxy.connect("app.acme", "app").await.unwrap();
-    let target = connect(&format!(
-        "host=127.0.0.1 port={} user=postgres dbname=app",
-        dedicated.port
-    ))
-    .await
-    .unwrap();
+    let DualWrite {
+        client: c,
+        target,
+        proxy: _proxy,
+        shared,
+        dedicated,
+    } = in_dual_write("").await;
     for n in 0..20 {
         c.batch_execute(&format!(
             "BEGIN; INSERT INTO a (v) VALUES ({}); UPDATE b SET v = v + 1 WHERE id = {}; COMMIT;",

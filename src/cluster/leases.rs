@@ -57,6 +57,21 @@ impl ControlPlane {
         self.renew(rec).await
     }
 
+    /// Removes the lease `lease_new` took, for a move whose start failed after it.
+    pub async fn unlease(&self, tenant: &crate::tenant::TenantId) -> Result<(), StoreError> {
+        let (id, t) = (self.id.clone(), tenant.to_string());
+        self.with_client(async move |c| {
+            c.execute(
+                "DELETE FROM pgtenant_cp.migrations WHERE tenant = $1 AND holder = $2",
+                &[&t, &id],
+            )
+            .await
+            .map_err(pg("remove a lease"))
+            .map(|_| ())
+        })
+        .await
+    }
+
     /// Writes the record with a fresh lease; false when another instance holds it.
     async fn renew(&self, rec: &Record) -> Result<bool, StoreError> {
         let json = serde_json::to_value(rec).map_err(|e| StoreError::Pg(e.to_string()))?;

@@ -50,6 +50,22 @@ pub async fn start(
         ));
     }
     let rec = plan(shared, &req)?;
+    lease(shared, &rec).await?;
+    let started = begin(shared, &req, rec, actor).await;
+    if started.is_err() {
+        // A lease left in the store for a move that never started would be taken over and driven elsewhere.
+        unlease(shared, &req.tenant).await;
+    }
+    started
+}
+
+/// The start's checks and side preparation under its lease, then the record and its driver.
+async fn begin(
+    shared: &Arc<Shared>,
+    req: &StartRequest,
+    rec: Record,
+    actor: &str,
+) -> Result<Started, AdminError> {
     let (source, target) = endpoints(shared, &rec).map_err(preflight)?;
     let backup_file = match req.backup {
         true => Some(
@@ -75,11 +91,12 @@ pub async fn start(
         expected_copy_per_table_s: Some(model.per_table_s),
         ..rec
     };
-    lease(shared, &rec).await?;
     // A schema the move makes gets its grants once its post-data (policies among it) is there, after the copy.
     if !created {
         grant_target(shared, &rec, &target).await?;
     }
+    // The lease again, now with the whole record: an instance taking the move over from here reads this one.
+    lease(shared, &rec).await?;
     shared
         .migrations
         .put(rec.clone())
@@ -390,5 +407,15 @@ async fn lease(shared: &Shared, rec: &Record) -> Result<(), AdminError> {
             "the control plane did not take the migration's lease ({e}); with a control plane, a move starts \
              only once every instance can see who coordinates it"
         ))),
+    }
+}
+
+/// Removes the lease [`lease`] took, for a start that failed after it.
+async fn unlease(shared: &Shared, tenant: &TenantId) {
+    let Some(cp) = shared.control_plane.get() else {
+        return;
+    };
+    if let Err(e) = cp.unlease(tenant).await {
+        tracing::warn!(%tenant, error = %e, "the lease of a move that did not start could not be removed");
     }
 }
