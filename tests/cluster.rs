@@ -414,12 +414,13 @@ async fn a_frozen_instance_makes_the_cutover_fall_back_until_it_thaws() {
 }
 
 /// A move of acme coordinated by an instance running as a process of its own (so it can be frozen or killed),
-/// in dual_write, and two more instances; returns the process and the two others.
+/// in dual_write, and two more instances; returns its harness (which keeps its state directory: dropped after
+/// the process), the process and the two others.
 async fn move_on_a_process(
     cp: &PgCluster,
     shared: &PgCluster,
     dedicated: &PgCluster,
-) -> (Member, [TestProxy; 2]) {
+) -> (Harness, Member, [TestProxy; 2]) {
     common::moves::small_schema(shared);
     let harness = || member(cp, shared, dedicated, 3000);
     let first = harness();
@@ -442,7 +443,7 @@ async fn move_on_a_process(
         assert!(Instant::now() < deadline, "{s}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    (child, others)
+    (first, child, others)
 }
 
 /// The instance of `others` that took the move of acme over (within 20 s of `since`).
@@ -470,7 +471,7 @@ async fn taker(others: &[TestProxy], since: Instant) -> &TestProxy {
 async fn another_instance_takes_over_a_move_whose_coordinator_died() {
     use std::process::Command;
     let (cp, shared, dedicated) = (PgCluster::start(), PgCluster::start(), PgCluster::start());
-    let (mut child, others) = move_on_a_process(&cp, &shared, &dedicated).await;
+    let (_first, mut child, others) = move_on_a_process(&cp, &shared, &dedicated).await;
     let write = |p: &TestProxy, from: i32| {
         let url = p.url("app.acme", "app");
         async move {
@@ -544,7 +545,7 @@ fn apply_lock_holder(dedicated: &PgCluster) -> String {
 async fn a_coordinator_that_thaws_after_a_takeover_leaves_the_tee_to_the_taker() {
     use std::process::Command;
     let (cp, shared, dedicated) = (PgCluster::start(), PgCluster::start(), PgCluster::start());
-    let (child, others) = move_on_a_process(&cp, &shared, &dedicated).await;
+    let (_first, child, others) = move_on_a_process(&cp, &shared, &dedicated).await;
     let signal = |sig: &str| {
         assert!(Command::new("kill")
             .args([sig, &child.0.id().to_string()])
