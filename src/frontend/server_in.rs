@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use bytes::Buf;
+use bytes::{Buf, BytesMut};
 use tracing::debug;
 
 use super::parts::{move_bytes, ClientSide, End, Txn};
@@ -136,8 +136,7 @@ fn backend_frame(s: &mut Server, at: usize, tag: u8, total: usize, p: &mut Parts
     let frame = &conn.buf[at..at + total];
     if matches!(tag, be::PARSE_COMPLETE | be::CLOSE_COMPLETE) && s.inflight.on_complete() {
         // The completion of a Parse or Close the proxy sent on its own.
-        move_bytes(&mut conn.buf, &mut p.client.cout, at);
-        conn.buf.advance(total);
+        take_out(&mut conn.buf, &mut p.client.cout, at, total);
         return Next::Drop;
     }
     if matches!(
@@ -172,13 +171,11 @@ fn backend_frame(s: &mut Server, at: usize, tag: u8, total: usize, p: &mut Parts
         be::NOTICE_RESPONSE if inspect::is_capture_notice(frame) => {
             // The capture trigger's word that this transaction wrote: for the proxy, not the client.
             p.txn.wrote = true;
-            move_bytes(&mut conn.buf, &mut p.client.cout, at);
-            conn.buf.advance(total);
+            take_out(&mut conn.buf, &mut p.client.cout, at, total);
             return Next::Drop;
         }
         be::ERROR_RESPONSE if s.replace_error.is_some() => {
-            move_bytes(&mut conn.buf, &mut p.client.cout, at);
-            conn.buf.advance(total);
+            take_out(&mut conn.buf, &mut p.client.cout, at, total);
             if let Some(e) = s.replace_error.take() {
                 e.encode(&mut p.client.cout);
             }
@@ -223,9 +220,15 @@ fn own_reply(s: &mut Server, at: usize, tag: u8, total: usize, p: &mut Parts<'_>
         // ParseComplete, BindComplete, a DataRow, the COMMIT's "no transaction in progress" notice.
         _ => {}
     }
-    move_bytes(&mut conn.buf, &mut p.client.cout, at);
-    conn.buf.advance(total);
+    take_out(&mut conn.buf, &mut p.client.cout, at, total);
     Next::Drop
+}
+
+/// The frame at `at..at + total` of the backend's input leaves the stream: what precedes it goes on to the
+/// client, the frame itself goes nowhere.
+fn take_out(buf: &mut BytesMut, cout: &mut BytesMut, at: usize, total: usize) {
+    move_bytes(buf, cout, at);
+    buf.advance(total);
 }
 
 /// ReadyForQuery: the transaction status, replies owed, and at the end of a transaction that wrote, the wait
