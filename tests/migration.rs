@@ -1433,7 +1433,7 @@ async fn in_dual_write(before: &str) -> DualWrite {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_hidden_in_functions_are_on_the_target_when_their_commit_returns() {
     let DualWrite {
-        client: c,
+        client: mut c,
         target,
         proxy,
         shared,
@@ -1483,6 +1483,34 @@ async fn writes_hidden_in_functions_are_on_the_target_when_their_commit_returns(
             got,
             i64::from(n + 1),
             "DO returned before the target had it"
+        );
+    }
+    // An INSERT ... RETURNING fetched one row at a time and closed early: PostgreSQL wrote all three rows at
+    // the first Execute, and neither a command tag nor the capture trigger's notice says so.
+    for n in 0..5 {
+        let v = 50_000 + 10 * n;
+        let tx = c.transaction().await.unwrap();
+        let portal = tx
+            .bind(
+                "INSERT INTO tenant_acme.c SELECT g FROM generate_series($1::int, $1 + 2) g RETURNING v",
+                &[&v],
+            )
+            .await
+            .unwrap();
+        assert_eq!(tx.query_portal(&portal, 1).await.unwrap().len(), 1);
+        drop(portal);
+        tx.commit().await.unwrap();
+        let got = target
+            .query_one(
+                "SELECT count(*) FROM tenant_acme.c WHERE v BETWEEN $1 AND $1 + 2",
+                &[&v],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0);
+        assert_eq!(
+            got, 3,
+            "a commit after a suspended INSERT returned before the target had it"
         );
     }
     // psql prints every notice it hears: the capture trigger's is not among them.

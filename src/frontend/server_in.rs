@@ -168,6 +168,11 @@ fn backend_frame(s: &mut Server, at: usize, tag: u8, total: usize, p: &mut Parts
             }
         }
         be::COPY_IN_RESPONSE => copy_in_started(s, p),
+        // A portal left suspended may be an `INSERT ... RETURNING` fetched a few rows at a time: PostgreSQL ran
+        // the whole write at the first Execute, and a client that closes the portal early never sees its tag
+        // (nor does the capture trigger send its notice, the statement being an INSERT). Counted as a write: a
+        // suspended read then only costs its commit the tee's wait.
+        be::PORTAL_SUSPENDED => p.txn.wrote = true,
         be::NOTICE_RESPONSE if inspect::is_capture_notice(frame) => {
             // The capture trigger's word that this transaction wrote: for the proxy, not the client.
             p.txn.wrote = true;
