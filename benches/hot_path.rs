@@ -7,6 +7,7 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use pgtenant::frontend::state::SessionState;
 use pgtenant::protocol::frame::{Direction, Scan, Scanner};
+use pgtenant::protocol::inspect;
 use pgtenant::protocol::sql;
 use pgtenant::routing::{BackendId, Epoch, Route, Router, RoutingTable};
 use pgtenant::tenant::TenantId;
@@ -182,5 +183,67 @@ fn session_state(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, frames, routing, recogniser, session_state);
+/// A NoticeResponse's body: its fields (type byte, value, NUL), then the closing NUL.
+fn notice(fields: &[(u8, &str)]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (t, v) in fields {
+        body.push(*t);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    frame(b'N', &body)
+}
+
+/// What the relay reads of backend replies for the migration tee: every CommandComplete's tag (did the
+/// transaction write), every NoticeResponse's code and severity (the capture trigger's word).
+fn reply_inspection(c: &mut Criterion) {
+    let mut g = c.benchmark_group("reply_inspection");
+    let update = frame(b'C', b"UPDATE 1\0");
+    let select = frame(b'C', b"SELECT 1\0");
+    g.bench_function("write_tag_update", |b| {
+        b.iter(|| inspect::is_write_tag(black_box(&update)))
+    });
+    g.bench_function("write_tag_select", |b| {
+        b.iter(|| inspect::is_write_tag(black_box(&select)))
+    });
+    let capture = notice(&[
+        (b'S', "NOTICE"),
+        (b'V', "NOTICE"),
+        (b'C', "PT001"),
+        (
+            b'M',
+            "pgtenant: change captured for a tenant being migrated",
+        ),
+        (b'W', "PL/pgSQL function pgtenant.note() line 3 at RAISE"),
+        (b'F', "pl_exec.c"),
+        (b'L', "3893"),
+        (b'R', "exec_stmt_raise"),
+    ]);
+    let other = notice(&[
+        (b'S', "NOTICE"),
+        (b'V', "NOTICE"),
+        (b'C', "00000"),
+        (b'M', "relation \"t\" already exists, skipping"),
+        (b'F', "parse_utilcmd.c"),
+        (b'L', "207"),
+        (b'R', "transformCreateStmt"),
+    ]);
+    g.bench_function("capture_notice", |b| {
+        b.iter(|| inspect::is_capture_notice(black_box(&capture)))
+    });
+    g.bench_function("application_notice", |b| {
+        b.iter(|| inspect::is_capture_notice(black_box(&other)))
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    frames,
+    routing,
+    recogniser,
+    session_state,
+    reply_inspection
+);
 criterion_main!(benches);
