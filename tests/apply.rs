@@ -1,15 +1,17 @@
 //! The exactly-once applier on real PostgreSQL, below the proxy: passes of a [`Link`] between two databases,
 //! with the layered statements, the unique-value fallback and a pass repeated by a second link after the
-//! first one stopped before confirming.
+//! first one stopped before confirming; and the bulk copy's fence between two runs of it.
 
 mod common;
 
 use common::*;
 use pgtenant::config::BackendConfig;
 use pgtenant::migration::apply::Link;
+use pgtenant::migration::failpoint::{Action, Failpoints};
 use pgtenant::migration::pg::Endpoint;
-use pgtenant::migration::{capture, catalog};
+use pgtenant::migration::{capture, catalog, copy};
 use pgtenant::routing::BackendId;
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 const SCHEMA: &str = "
@@ -288,4 +290,122 @@ async fn a_stalled_link_cannot_apply_after_the_next_one_took_over() {
         .expect("third write");
     assert_eq!(drain(&mut next).await, 1);
     assert_eq!(rows(&pg, "dst"), rows(&pg, "app"));
+}
+
+/// A copy's progress, unrecorded.
+struct Quiet;
+
+impl copy::CopyProgress for Quiet {
+    fn rows(&self, _: u64) {}
+    fn table_done(
+        &self,
+        _: &str,
+        _: pgtenant::migration::record::TableCheckpoint,
+    ) -> Result<(), pgtenant::migration::MigrateError> {
+        Ok(())
+    }
+    fn stopped(&self) -> bool {
+        false
+    }
+}
+
+/// A run of the copy of `t.h` from `src` into `dst`, stopping at the failpoint `hang_at` (if any) until cleared.
+async fn copy_run(
+    src: &Endpoint,
+    dst: &Endpoint,
+    hang_at: Option<&str>,
+) -> (
+    Arc<Failpoints>,
+    tokio::task::JoinHandle<Result<(), pgtenant::migration::MigrateError>>,
+) {
+    let failpoints = Arc::new(Failpoints::default());
+    if let Some(name) = hang_at {
+        failpoints.set(name, Some(Action::Hang));
+    }
+    let client = src.connect().await.expect("catalog");
+    let tables = catalog::tables(&client, "t").await.expect("tables");
+    let job = copy::CopyJob {
+        tenant: pgtenant::tenant::TenantId::parse("acme").expect("tenant"),
+        source: src.clone(),
+        target: dst.clone(),
+        tables: tables.into_iter().filter(|t| t.name == "h").collect(),
+        batch_rows: 1000,
+        parallel: 1,
+        split_bytes: 0,
+        failpoints: failpoints.clone(),
+        stop: CancellationToken::new(),
+    };
+    (failpoints, tokio::spawn(copy::run(job, Arc::new(Quiet))))
+}
+
+/// Polls `sql` on `db` until it answers `want` (up to 20 s).
+async fn until(pg: &PgCluster, db: &str, sql: &str, want: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while pg.psql(db, sql) != want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{sql} never gave {want}; sessions: {}",
+            pg.psql(
+                db,
+                "SELECT string_agg(application_name || ':' || state || ':' || query, E'\\n') \
+                 FROM pg_stat_activity"
+            )
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// A coordinator that stalls in the middle of a bulk copy (a frozen process) while another takes the move
+/// over and copies again: when it resumes, it writes nothing on the target. Stalled with its table's rows
+/// sent and not committed, its commit fails (the new run ended its session): without the fence, the table
+/// held each row twice. Stalled before its first stream connected, its streams refuse to write: without the
+/// fence, its copy replaced the taker's, and what the tee had applied since was gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_copy_cannot_write_after_another_run_took_over() {
+    let (pg, src, dst, app) = setup().await;
+    app.batch_execute("INSERT INTO t.h SELECT g, 'row' FROM generate_series(1, 100) g")
+        .await
+        .expect("rows");
+    let count = "SELECT count(*) FROM t.h";
+
+    let (stalled, first) = copy_run(&src, &dst, Some("copy.before_commit")).await;
+    until(
+        &pg,
+        "dst",
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgtenant-migration' \
+         AND datname = 'dst' AND state = 'idle in transaction' AND query LIKE 'COPY%'",
+        "1",
+    )
+    .await;
+    let (_, second) = copy_run(&src, &dst, None).await;
+    second.await.expect("task").expect("the second run copies");
+    assert_eq!(pg.psql("dst", count), "100");
+    stalled.set("copy.before_commit", None);
+    assert!(
+        first.await.expect("task").is_err(),
+        "the stalled commit went through"
+    );
+    assert_eq!(pg.psql("dst", count), "100", "rows copied twice");
+
+    let run = "SELECT run FROM pgtenant.copy_run";
+    let before = pg.psql("dst", run);
+    let (stalled, first) = copy_run(&src, &dst, Some("copy.after_claim")).await;
+    until(
+        &pg,
+        "dst",
+        &format!("SELECT run <> '{before}' FROM pgtenant.copy_run"),
+        "t",
+    )
+    .await;
+    let (_, second) = copy_run(&src, &dst, None).await;
+    second.await.expect("task").expect("the third run copies");
+    // What the tee applies once the copy is done.
+    pg.psql("dst", "INSERT INTO t.h VALUES (101, 'applied later')");
+    stalled.set("copy.after_claim", None);
+    let late = first.await.expect("task");
+    assert!(
+        matches!(&late, Err(e) if e.to_string().contains("taken over")),
+        "{late:?}"
+    );
+    assert_eq!(pg.psql("dst", count), "101", "the stalled run copied again");
 }

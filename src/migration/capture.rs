@@ -37,6 +37,13 @@ CREATE TABLE IF NOT EXISTS pgtenant.applied (
     id     bigint NOT NULL,
     PRIMARY KEY (tenant, id)
 );
+-- The copy run that may write a tenant's tables into a target schema (see copy_fence.rs).
+CREATE TABLE IF NOT EXISTS pgtenant.copy_run (
+    tenant text NOT NULL,
+    dest   text NOT NULL,
+    run    text NOT NULL,
+    PRIMARY KEY (tenant, dest)
+);
 CREATE TABLE IF NOT EXISTS pgtenant.guarded (
     schema_name text NOT NULL,
     tenant      text NOT NULL,

@@ -22,9 +22,9 @@ fn key_text(tenant: &str, schema: &str) -> String {
 
 const TRY: &str = "SELECT pg_try_advisory_lock(hashtextextended($1, 0))";
 
-/// Ends the sessions of earlier links that hold the lock; returns how many hold it and how many were ended. Only
-/// the migration's own sessions (by their `application_name`, see `pg::Endpoint::connect`) are ended: an
-/// application's lock that happens to share the hash is waited for instead, up to `lock_timeout`. A holder this
+/// Ends the sessions of earlier links that hold the lock (in either mode); returns how many hold it and how many
+/// were ended. Only the migration's own sessions (by their `application_name`, see `pg::Endpoint::connect`) are
+/// ended: an application's lock that happens to share the hash is waited for instead, up to `lock_timeout`. A holder this
 /// role may not signal (a superuser's session, another role's without `pg_signal_backend`) is counted, not
 /// asked, as `pg_terminate_backend` would raise an error. A bigint key shows in `pg_locks` as its high half in
 /// `classid`, its low half in `objid`, and `objsubid` 1.
@@ -45,11 +45,16 @@ const WAIT: &str = "SELECT pg_advisory_lock(hashtextextended($1, 0))";
 
 /// Takes the apply lock for `tenant` into `schema` on `to`, ending an earlier link's session that holds it.
 pub async fn claim(to: &Client, tenant: &str, schema: &str) -> Result<(), MigrateError> {
-    let key = key_text(tenant, schema);
+    take(to, &key_text(tenant, schema), tenant, "apply").await
+}
+
+/// Takes the lock of `key` (a text hashed to the lock's 64-bit key) exclusively on `to`, ending the migration
+/// sessions that hold it, shared or exclusive (see [`END_HOLDERS`]). `what` names the lock in messages.
+pub async fn take(to: &Client, key: &str, tenant: &str, what: &str) -> Result<(), MigrateError> {
     let took: bool = to
         .query_one(TRY, &[&key])
         .await
-        .map_err(|e| MigrateError::pg("take the apply lock", e))?
+        .map_err(|e| MigrateError::pg(&format!("take the {what} lock"), e))?
         .get(0);
     if took {
         return Ok(());
@@ -57,21 +62,21 @@ pub async fn claim(to: &Client, tenant: &str, schema: &str) -> Result<(), Migrat
     let row = to
         .query_one(END_HOLDERS, &[&key])
         .await
-        .map_err(|e| MigrateError::pg("end the earlier applying session", e))?;
+        .map_err(|e| MigrateError::pg(&format!("end the earlier {what} sessions"), e))?;
     let (holders, ended): (i64, i64) = (row.get(0), row.get(1));
     if ended < holders {
         return Err(MigrateError::Refused(format!(
-            "tenant {tenant:?}'s apply lock on the target is held by a migration session this role may not end \
+            "tenant {tenant:?}'s {what} lock on the target is held by a migration session this role may not end \
              (another role's, or a superuser's); end it (pg_terminate_backend), or use the same admin_user on \
              every instance"
         )));
     }
     warn!(
         tenant,
-        ended, "another link held the apply lock; its session was ended"
+        what, ended, "an earlier coordinator's sessions held the lock; they were ended"
     );
     to.query_one(WAIT, &[&key])
         .await
-        .map_err(|e| MigrateError::pg("wait for the apply lock", e))?;
+        .map_err(|e| MigrateError::pg(&format!("wait for the {what} lock"), e))?;
     Ok(())
 }

@@ -15,6 +15,7 @@ use futures_util::{pin_mut, SinkExt, StreamExt, TryStreamExt};
 use tokio_postgres::Client;
 
 use super::catalog::Table;
+use super::copy_fence::CopyRun;
 use super::copy_split::{plan, Piece};
 use super::pg::Endpoint;
 use super::record::TableCheckpoint;
@@ -73,6 +74,11 @@ pub async fn run(job: CopyJob, progress: Arc<dyn CopyProgress>) -> Result<(), Mi
     if job.tables.is_empty() {
         return Ok(());
     }
+    // Before anything is read: an earlier run's streams are ended and fenced off the target.
+    let fence = Arc::new(CopyRun::begin(&job.target, job.tenant.as_str()).await?);
+    job.failpoints
+        .check_until("copy.after_claim", &job.stop)
+        .await?;
     let holder = job.source.connect().await?;
     holder
         .batch_execute(
@@ -98,15 +104,17 @@ pub async fn run(job: CopyJob, progress: Arc<dyn CopyProgress>) -> Result<(), Mi
         job.split_bytes,
     )
     .await?;
-    empty_split_tables(&job, &pieces).await?;
+    empty_split_tables(&job, &pieces, &fence).await?;
     let workers_n = job.parallel.clamp(1, pieces.len());
     let queue = Arc::new(Mutex::new(pieces.into_iter().collect::<VecDeque<_>>()));
     let job = Arc::new(job);
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..workers_n {
         let (job, queue, progress) = (job.clone(), queue.clone(), progress.clone());
-        let (exported, snapshot) = (exported.clone(), snapshot.clone());
-        workers.spawn(async move { worker(&job, &queue, &progress, &exported, &snapshot).await });
+        let (exported, snapshot, fence) = (exported.clone(), snapshot.clone(), fence.clone());
+        workers.spawn(async move {
+            worker(&job, &fence, &queue, &progress, &exported, &snapshot).await
+        });
     }
     let mut result = Ok(());
     while let Some(done) = workers.join_next().await {
@@ -126,7 +134,11 @@ pub async fn run(job: CopyJob, progress: Arc<dyn CopyProgress>) -> Result<(), Mi
 
 /// The target's rows of every split table are deleted first, in a transaction of their own: each range is then
 /// written in its own transaction (a retry after a crash empties the table again, as a whole table's copy does).
-async fn empty_split_tables(job: &CopyJob, pieces: &[Piece]) -> Result<(), MigrateError> {
+async fn empty_split_tables(
+    job: &CopyJob,
+    pieces: &[Piece],
+    fence: &CopyRun,
+) -> Result<(), MigrateError> {
     let mut split: Vec<&str> = pieces
         .iter()
         .filter(|p| p.split.is_some())
@@ -136,14 +148,17 @@ async fn empty_split_tables(job: &CopyJob, pieces: &[Piece]) -> Result<(), Migra
     if split.is_empty() {
         return Ok(());
     }
-    let target = job.target.connect().await?;
+    let mut target = job.target.connect().await?;
+    fence.join(&target).await?;
+    let empty = |e| MigrateError::pg("empty the split tables on the target", e);
+    let tx = target.transaction().await.map_err(empty)?;
+    fence.check(&tx).await?;
     for name in split {
-        target
-            .batch_execute(&format!("BEGIN; {}; COMMIT", empty_sql(job, name)))
+        tx.batch_execute(&empty_sql(job, name))
             .await
-            .map_err(|e| MigrateError::pg(&format!("empty {} on the target", name), e))?;
+            .map_err(empty)?;
     }
-    Ok(())
+    tx.commit().await.map_err(empty)
 }
 
 /// Empties the tenant's rows of `table` on the target, inside a transaction (triggers off, as for the copy).
@@ -157,6 +172,7 @@ fn empty_sql(job: &CopyJob, table: &str) -> String {
 
 async fn worker(
     job: &CopyJob,
+    fence: &CopyRun,
     queue: &Mutex<VecDeque<Piece>>,
     progress: &Arc<dyn CopyProgress>,
     exported: &str,
@@ -173,6 +189,7 @@ async fn worker(
         .await
         .map_err(|e| MigrateError::pg("import snapshot", e))?;
     let mut target = job.target.connect().await?;
+    fence.join(&target).await?;
     target
         .batch_execute("SET statement_timeout = 0")
         .await
@@ -185,7 +202,8 @@ async fn worker(
         if progress.stopped() {
             return Err(MigrateError::Cancelled);
         }
-        let (rows, bytes) = copy_table(job, &source, &mut target, &piece, &**progress).await?;
+        let (rows, bytes) =
+            copy_table(job, fence, &source, &mut target, &piece, &**progress).await?;
         // A split table is done when its last range is.
         let (rows, bytes) = match &piece.split {
             None => (rows, bytes),
@@ -232,6 +250,7 @@ async fn worker(
 /// is emptied first in it, so a retry after a crash starts clean). Returns the rows and bytes copied.
 async fn copy_table(
     job: &CopyJob,
+    fence: &CopyRun,
     source: &Client,
     target: &mut Client,
     piece: &Piece,
@@ -255,6 +274,7 @@ async fn copy_table(
         .transaction()
         .await
         .map_err(|e| MigrateError::pg("begin copy", e))?;
+    fence.check(&tx).await?;
     let setup = match piece.split {
         None => empty_sql(job, &table.name),
         Some(_) => "SET LOCAL session_replication_role = replica".to_owned(),
@@ -269,6 +289,9 @@ async fn copy_table(
         step: job.batch_rows.max(1) as u64,
     };
     let total = copy_one(source, &tx, &copy, progress).await?;
+    job.failpoints
+        .check_until("copy.before_commit", &job.stop)
+        .await?;
     tx.commit()
         .await
         .map_err(|e| MigrateError::pg(&format!("commit copy of {}", table.name), e))?;

@@ -16,6 +16,7 @@ pub mod catalog;
 pub mod claim;
 pub mod clock;
 pub mod copy;
+pub mod copy_fence;
 pub(crate) mod copy_split;
 pub mod cutover;
 pub mod ddl;
