@@ -286,6 +286,23 @@ async fn restarts_resume_copy_tee_and_a_swapped_cutover() {
             .unwrap(),
         state,
     };
+    // The tee runs from the moment the proxy serves: a sync commit right away is on the target on return.
+    assert!(
+        proxy
+            .proxy
+            .shared
+            .migrations
+            .tees
+            .load()
+            .contains_key("acme"),
+        "the proxy served before the resumed move's tee ran"
+    );
+    let c = proxy.connect("app.acme", "app").await.unwrap();
+    c.batch_execute("INSERT INTO c VALUES (-77)").await.unwrap();
+    assert_eq!(
+        dedicated.psql("app", "SELECT count(*) FROM tenant_acme.c WHERE v = -77"),
+        "1"
+    );
     wait_state(&proxy, "acme", "dual_write", Duration::from_secs(5)).await;
     wait_lag_zero(&proxy, "acme").await;
     let v = proxy
@@ -1428,8 +1445,10 @@ async fn in_dual_write(before: &str) -> DualWrite {
 }
 
 /// The synchronous tee's promise holds for writes no command tag shows: a function called by a SELECT, a
-/// procedure, a DO block. The capture trigger's notice tells the proxy the transaction wrote, and the client
-/// never hears that notice.
+/// procedure, a DO block (the capture trigger's notice tells the proxy the transaction wrote, and the client
+/// never hears that notice), an `INSERT ... RETURNING` whose portal was closed early; and for commits no idle
+/// ReadyForQuery follows (`COMMIT AND CHAIN`, `COMMIT; BEGIN`) or that commit another statement's writes
+/// (`COMMIT PREPARED`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_hidden_in_functions_are_on_the_target_when_their_commit_returns() {
     let DualWrite {
@@ -1511,6 +1530,56 @@ async fn writes_hidden_in_functions_are_on_the_target_when_their_commit_returns(
         assert_eq!(
             got, 3,
             "a commit after a suspended INSERT returned before the target had it"
+        );
+    }
+    // A commit after which no idle ReadyForQuery comes (the session is in its next transaction at once), and
+    // a transaction prepared, then committed by COMMIT PREPARED, whose writes no tag of that statement shows.
+    for n in 0..5 {
+        let v = 60_000 + 10 * n;
+        c.batch_execute(&format!(
+            "BEGIN; INSERT INTO tenant_acme.c VALUES ({v}); COMMIT AND CHAIN"
+        ))
+        .await
+        .unwrap();
+        let on_target = |v: i32| {
+            let target = &target;
+            async move {
+                target
+                    .query_one("SELECT count(*) FROM tenant_acme.c WHERE v = $1", &[&v])
+                    .await
+                    .unwrap()
+                    .get::<_, i64>(0)
+            }
+        };
+        assert_eq!(
+            on_target(v).await,
+            1,
+            "COMMIT AND CHAIN returned before the target had it"
+        );
+        c.batch_execute(&format!(
+            "INSERT INTO tenant_acme.c VALUES ({}); COMMIT; BEGIN",
+            v + 1
+        ))
+        .await
+        .unwrap();
+        assert_eq!(
+            on_target(v + 1).await,
+            1,
+            "COMMIT; BEGIN returned before the target had it"
+        );
+        c.batch_execute(&format!(
+            "INSERT INTO tenant_acme.c VALUES ({}); PREPARE TRANSACTION 'p{n}'",
+            v + 2
+        ))
+        .await
+        .unwrap();
+        c.batch_execute(&format!("COMMIT PREPARED 'p{n}'"))
+            .await
+            .unwrap();
+        assert_eq!(
+            on_target(v + 2).await,
+            1,
+            "COMMIT PREPARED returned before the target had it"
         );
     }
     // psql prints every notice it hears: the capture trigger's is not among them.

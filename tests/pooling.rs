@@ -665,6 +665,8 @@ async fn a_failed_reset_lets_nothing_of_the_next_tenant_run() {
         "ALTER SYSTEM SET max_locks_per_transaction = 10",
     );
     shared.psql("postgres", "ALTER SYSTEM SET max_connections = 20");
+    // The lock table holds max_locks_per_transaction * (max_connections + max_prepared_transactions) locks.
+    shared.psql("postgres", "ALTER SYSTEM SET max_prepared_transactions = 0");
     shared.stop();
     shared.restart();
     // (Made after the restart: the test clusters run without fsync, and the stop is immediate.)

@@ -158,7 +158,10 @@ fn backend_frame(s: &mut Server, at: usize, tag: u8, total: usize, p: &mut Parts
                 &mut conn.statements,
                 &mut conn.route_path,
                 p.statements,
-            )
+            );
+            if let Some(wait) = commit_wait(frame, p) {
+                return Next::Hold(wait);
+            }
         }
         be::PARAMETER_STATUS => {
             if let Some((k, v)) = inspect::parameter_status(frame) {
@@ -286,6 +289,22 @@ fn command_complete(
     }
 }
 
+/// The wait for the tee at a COMMIT's CommandComplete, held from that frame on. Most commits are also held at
+/// the idle ReadyForQuery that follows; these are not: after `COMMIT AND CHAIN`, or a COMMIT followed by a BEGIN
+/// in one query string or one pipeline, the session is in its next transaction when the ReadyForQuery comes.
+/// `COMMIT PREPARED` commits a transaction some session prepared earlier, of whichever tenant: it waits for
+/// every running tee.
+fn commit_wait(
+    frame: &[u8],
+    p: &mut Parts<'_>,
+) -> Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>> {
+    match inspect::commit_tag(frame) {
+        inspect::Commit::Commit if std::mem::take(&mut p.txn.wrote) => tee_for(p.shared, p.tenant),
+        inspect::Commit::Prepared => every_tee(p.shared),
+        _ => None,
+    }
+}
+
 /// CopyInResponse: the Syncs sent after the Execute that started this COPY reach a backend in copy-in mode,
 /// which ignores them: no ReadyForQuery will answer them.
 fn copy_in_started(s: &mut Server, p: &mut Parts<'_>) {
@@ -308,6 +327,18 @@ fn tee_for(
     }
     let tee = tees.get(tenant?.as_str())?.clone();
     Some(Box::pin(async move { tee.after_commit().await }))
+}
+
+/// A wait for one pass of every running tee.
+fn every_tee(shared: &Shared) -> Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>> {
+    let tees = shared.migrations.tees.load();
+    if tees.is_empty() {
+        return None;
+    }
+    let all: Vec<_> = tees.values().cloned().collect();
+    Some(Box::pin(async move {
+        futures_util::future::join_all(all.iter().map(|t| t.after_commit())).await;
+    }))
 }
 
 fn is_fatal(frame: &[u8]) -> bool {

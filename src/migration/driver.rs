@@ -20,6 +20,8 @@ use crate::context::Shared;
 
 /// How often the driving task looks at its migration when nothing happens.
 const TICK: Duration = Duration::from_millis(200);
+/// How long a resumption waits for its tee before serving goes on without it.
+const PRESTART: Duration = Duration::from_secs(5);
 
 /// Spawns the task that drives `tenant`'s migration.
 pub fn spawn(shared: Arc<Shared>, live: Arc<Live>) {
@@ -58,7 +60,28 @@ pub async fn resume(shared: &Arc<Shared>, rec: &super::record::Record) {
     if rec.state == State::CutoverPaused {
         super::cutover::recover(shared, rec).await;
     }
+    prestart_tee(shared, &live, rec).await;
     spawn(shared.clone(), live);
+}
+
+/// A resumed move's tee is published before clients are served again ([`resume_all`] runs before the
+/// listener accepts): left to the driver's first step, commits in dual_write would return without waiting for
+/// it until then. Bounded: a source that is down leaves it to the driver, which retries.
+async fn prestart_tee(shared: &Arc<Shared>, live: &Arc<Live>, rec: &Record) {
+    let runs = match rec.state {
+        State::DualWrite => true,
+        // Unless a rollback swapped the route back (the driver finishes it, with no tee).
+        State::Migrated => !on_source(shared, rec),
+        _ => false,
+    };
+    if rec.paused || !runs {
+        return;
+    }
+    let _one = live.lock.lock().await;
+    let started = tokio::time::timeout(PRESTART, super::sides::ensure_tee(shared, live, rec)).await;
+    if let Err(e) = started.unwrap_or(Err(MigrateError::Timeout("starting the tee".into()))) {
+        warn!(tenant = %rec.tenant, error = %e, "the tee did not start with the move's resumption; the driver retries");
+    }
 }
 
 async fn drive(shared: &Arc<Shared>, live: &Arc<Live>) {
@@ -187,12 +210,13 @@ async fn step(shared: &Arc<Shared>, live: &Arc<Live>, rec: &Record) -> Result<()
                     .update(&rec.tenant, |r| r.post_data_pending = false)?;
             }
             fp.check_until("copy.before_dual_write", &live.stop).await?;
-            let rec = transition_off_thread(shared, &rec.tenant, Event::Copied, |r| {
+            // The tee first: once the state says dual_write, a commit that returns is on the target.
+            start_tee(shared, live, rec, Direction::Forward).await?;
+            transition_off_thread(shared, &rec.tenant, Event::Copied, |r| {
                 r.rows_copied = r.copied.values().map(|c| c.rows).sum();
                 r.bytes_copied = r.copied.values().map(|c| c.bytes).sum();
             })
             .await?;
-            start_tee(shared, live, &rec, Direction::Forward).await?;
             Ok(())
         }
         Step::Run => {

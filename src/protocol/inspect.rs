@@ -107,6 +107,24 @@ pub fn is_write_tag(frame: &[u8]) -> bool {
         .any(|w| tag.starts_with(w))
 }
 
+/// What a CommandComplete says about a commit: `COMMIT` (also of `END` and `COMMIT AND CHAIN`, after which the
+/// session is in a new transaction and no idle ReadyForQuery follows), `COMMIT PREPARED` (a transaction prepared
+/// by any session, whose writes no tag of this one showed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Commit {
+    No,
+    Commit,
+    Prepared,
+}
+
+pub fn commit_tag(frame: &[u8]) -> Commit {
+    match frame.get(5..).unwrap_or(&[]) {
+        b"COMMIT\0" => Commit::Commit,
+        b"COMMIT PREPARED\0" => Commit::Prepared,
+        _ => Commit::No,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,6 +144,11 @@ mod tests {
         assert!(!is_write_tag(&cc("SELECT 1")));
         assert!(!is_write_tag(&cc("COMMIT")));
         assert!(!is_write_tag(b"C"));
+        assert_eq!(commit_tag(&cc("COMMIT")), Commit::Commit);
+        assert_eq!(commit_tag(&cc("COMMIT PREPARED")), Commit::Prepared);
+        assert_eq!(commit_tag(&cc("COMMIT 1")), Commit::No);
+        assert_eq!(commit_tag(&cc("ROLLBACK")), Commit::No);
+        assert_eq!(commit_tag(b"C"), Commit::No);
     }
 
     #[test]

@@ -93,6 +93,7 @@ synchronous_commit = off
 full_page_writes = off
 shared_buffers = 32MB
 max_connections = 200
+max_prepared_transactions = 10
 listen_addresses = '127.0.0.1'
 log_min_messages = warning
 ";
