@@ -632,3 +632,47 @@ async fn a_move_has_one_coordinator_from_its_start() {
     a.admin_ok(json!({"cmd": "migrate.abort", "tenant": "acme"}))
         .await;
 }
+
+/// A coordinator cut off from the control plane stops acting on its move once its lease is no longer confirmed
+/// (another instance could take the move over when the lease runs out): its tee, whose applying session was
+/// ended, does not connect again, so it cannot take the target back from a taker. Once the store answers and the
+/// lease is renewed, the tee resumes and the write made meanwhile reaches the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_cut_off_from_the_store_stops_acting_on_its_move() {
+    let (cp, shared, dedicated) = (PgCluster::start(), PgCluster::start(), PgCluster::start());
+    common::moves::small_schema(&shared);
+    let a = member(&cp, &shared, &dedicated, 3000).start().await;
+    a.admin_ok(json!({"cmd": "migrate.start", "tenant": "acme", "to": "dedicated"}))
+        .await;
+    common::moves::wait_state(&a, "acme", "dual_write", Duration::from_secs(30)).await;
+    common::moves::wait_lag_zero(&a, "acme").await;
+    assert!(!apply_lock_holder(&dedicated).is_empty());
+    cp.stop();
+    // Past the time a renewal is trusted (3 s), well inside the lease (5 s).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    dedicated.psql(
+        "app",
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'pgtenant-migration'",
+    );
+    let c = connect(&a.url("app.acme", "app")).await.unwrap();
+    c.execute("INSERT INTO a (v) VALUES (424242)", &[])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        apply_lock_holder(&dedicated),
+        "",
+        "the tee connected again without a confirmed lease"
+    );
+    cp.restart();
+    common::moves::wait_lag_zero(&a, "acme").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while dedicated.psql("app", "SELECT count(*) FROM tenant_acme.a WHERE v = 424242") != "1" {
+        assert!(
+            Instant::now() < deadline,
+            "the write never reached the target"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!apply_lock_holder(&dedicated).is_empty());
+}

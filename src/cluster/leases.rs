@@ -5,14 +5,48 @@
 //! back, the swap itself being in the store or not). A coordinator that finds its lease taken (it was frozen
 //! or cut off) stops its move at once.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::plane::ControlPlane;
 use super::store::{pg, StoreError};
 use crate::context::Shared;
 use crate::migration::record::Record;
+use crate::tenant::TenantId;
 
 const LEASE: &str = "5 seconds";
+/// How long after a renewal was sent this instance still acts on the lease: well inside the 5 s the store gives
+/// it, so the lease cannot have run out (and been taken) while a step it allows is running.
+const TRUSTED: Duration = Duration::from_secs(3);
+
+/// When each of this instance's leases was last renewed (the instant the renewal was sent). A coordinator cut off
+/// from the store, or frozen past its lease, stops acting on its moves by itself: without this it would learn
+/// that its lease was taken only from the store it cannot reach, and meanwhile take the target back from the
+/// instance that took the move over (a new tee link or copy run ends the sessions of the one before).
+#[derive(Default)]
+pub struct LeaseClock(Mutex<HashMap<TenantId, Instant>>);
+
+impl LeaseClock {
+    /// Whether this instance may act on `tenant`'s move now.
+    pub fn holds(&self, tenant: &str) -> bool {
+        self.lock()
+            .get(tenant)
+            .is_some_and(|at| at.elapsed() < TRUSTED)
+    }
+
+    fn renewed(&self, tenant: &TenantId, sent: Instant) {
+        self.lock().insert(tenant.clone(), sent);
+    }
+
+    fn lost(&self, tenant: &str) {
+        self.lock().remove(tenant);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TenantId, Instant>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
 
 impl ControlPlane {
     /// Renews this instance's leases (mirroring the records), gives up finished ones, stops moves whose lease
@@ -76,7 +110,8 @@ impl ControlPlane {
     async fn renew(&self, rec: &Record) -> Result<bool, StoreError> {
         let json = serde_json::to_value(rec).map_err(|e| StoreError::Pg(e.to_string()))?;
         let (id, t) = (self.id.clone(), rec.tenant.to_string());
-        self.with_client(async move |c| {
+        let sent = Instant::now();
+        let held = self.with_client(async move |c| {
             let rows = c
                 .query(
                     &format!(
@@ -94,7 +129,13 @@ impl ControlPlane {
                 .map_err(pg("renew lease"))?;
             Ok(!rows.is_empty())
         })
-        .await
+        .await?;
+        if held {
+            self.lease_clock.renewed(&rec.tenant, sent);
+        } else {
+            self.lease_clock.lost(rec.tenant.as_str());
+        }
+        Ok(held)
     }
 
     /// A finished migration's record, written once more with its lease given up.
@@ -151,6 +192,7 @@ impl ControlPlane {
         let mut taken = Vec::new();
         for t in candidates.into_iter().filter(|t| !runs_here(shared, t)) {
             let id = self.id.clone();
+            let sent = Instant::now();
             let row: Option<serde_json::Value> = self
                 .with_client(async move |c| {
                     let row = c
@@ -167,6 +209,7 @@ impl ControlPlane {
                 })
                 .await?;
             if let Some(rec) = row.and_then(|v| serde_json::from_value::<Record>(v).ok()) {
+                self.lease_clock.renewed(&rec.tenant, sent);
                 taken.push(rec);
             }
         }

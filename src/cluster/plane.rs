@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::mpsc;
@@ -31,6 +31,8 @@ pub struct ControlPlane {
     pub(super) held: Held,
     /// Finished migrations whose lease was given up.
     pub(super) released: Released,
+    /// When this instance's leases were last renewed; shared with the tees of its moves.
+    pub lease_clock: Arc<super::leases::LeaseClock>,
 }
 
 /// What this instance holds for other instances' barriers: tenant -> (attempt, closed at, closed by us).
@@ -57,6 +59,7 @@ impl ControlPlane {
             wake_rx: Mutex::new(Some(wake_rx)),
             held: Held::default(),
             released: Released::default(),
+            lease_clock: Arc::default(),
         }
     }
 

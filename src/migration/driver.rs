@@ -114,6 +114,13 @@ async fn drive(shared: &Arc<Shared>, live: &Arc<Live>) {
                 }
             }
         }
+        if !super::sides::lease_held(shared, &live.tenant) {
+            // Cut off from the control plane, or frozen past the lease: another instance may be running this
+            // move now. Nothing is done until a renewal confirms the lease (or finds it taken: then this task is
+            // halted).
+            sleep(live, TICK).await;
+            continue;
+        }
         match step(shared, live, &rec).await {
             Ok(()) => failures = 0,
             Err(MigrateError::Cancelled) => {}

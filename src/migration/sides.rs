@@ -87,6 +87,7 @@ pub async fn start_tee(
         timeout: Duration::from_millis(cfg.migration.tee_timeout_ms),
         interval: Duration::from_millis(cfg.migration.catchup_interval_ms.max(10)),
         failpoints: shared.migrations.failpoints.clone(),
+        lease: shared.control_plane.get().map(|cp| cp.lease_clock.clone()),
     };
     let tee = Tee::start(spec, metrics, rec.paused);
     *live.tee.lock().unwrap_or_else(|p| p.into_inner()) = Some((dir, tee.clone()));
@@ -136,4 +137,13 @@ pub async fn ensure_tee(
         load_tables(shared, live, rec).await?;
     }
     start_tee(shared, live, rec, dir).await
+}
+
+/// Whether this instance may act on `tenant`'s move: always without a control plane; with one, while its lease
+/// is confirmed (see [`crate::cluster::leases::LeaseClock`]).
+pub fn lease_held(shared: &Shared, tenant: &str) -> bool {
+    shared
+        .control_plane
+        .get()
+        .is_none_or(|cp| cp.lease_clock.holds(tenant))
 }

@@ -53,6 +53,8 @@ pub struct TeeSpec {
     pub interval: Duration,
     /// `tee.before_pass`: between taking the drain lock and reading the log.
     pub failpoints: Arc<Failpoints>,
+    /// With a control plane: the link connects only while this instance's lease on the move is confirmed.
+    pub lease: Option<Arc<crate::cluster::leases::LeaseClock>>,
 }
 
 pub struct Tee {
@@ -286,6 +288,11 @@ impl Tee {
     }
 
     async fn connect(&self) -> Result<Link, MigrateError> {
+        if let Some(clock) = &self.spec.lease {
+            if !clock.holds(self.spec.tenant.as_str()) {
+                return Err(lease_unconfirmed());
+            }
+        }
         let from = self.spec.from.connect().await?;
         let to = self.spec.to.connect().await?;
         let mut link = Link::new(from, to, self.spec.to.clone(), self.spec.tables.clone());
@@ -421,4 +428,13 @@ impl Drop for Tee {
     fn drop(&mut self) {
         self.stop.cancel();
     }
+}
+
+/// Why a move's work waits on an instance whose lease is not confirmed.
+fn lease_unconfirmed() -> MigrateError {
+    MigrateError::Refused(
+        "this instance's lease on the move is not confirmed (the control plane has not renewed it for 3 s, or \
+         another instance took the move over); its work waits"
+            .into(),
+    )
 }
