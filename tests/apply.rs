@@ -334,6 +334,7 @@ async fn copy_run(
         split_bytes: 0,
         failpoints: failpoints.clone(),
         stop: CancellationToken::new(),
+        lease: None,
     };
     (failpoints, tokio::spawn(copy::run(job, Arc::new(Quiet))))
 }

@@ -664,6 +664,9 @@ async fn a_coordinator_cut_off_from_the_store_stops_acting_on_its_move() {
         "",
         "the tee connected again without a confirmed lease"
     );
+    // Commands that act on the move are refused too.
+    let verify = json!({"cmd": "migrate.verify", "tenant": "acme"});
+    assert_eq!(a.admin_err(verify.clone()).await, "invalid_state");
     cp.restart();
     common::moves::wait_lag_zero(&a, "acme").await;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -675,4 +678,6 @@ async fn a_coordinator_cut_off_from_the_store_stops_acting_on_its_move() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(!apply_lock_holder(&dedicated).is_empty());
+    let v = a.admin_ok(verify).await;
+    assert_eq!(v["passed"], json!(true), "{v}");
 }

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::plane::ControlPlane;
 use super::store::{pg, StoreError};
@@ -24,18 +24,21 @@ const TRUSTED: Duration = Duration::from_secs(3);
 /// from the store, or frozen past its lease, stops acting on its moves by itself: without this it would learn
 /// that its lease was taken only from the store it cannot reach, and meanwhile take the target back from the
 /// instance that took the move over (a new tee link or copy run ends the sessions of the one before).
+///
+/// Both clocks are read: the monotonic one does not move while the machine is suspended (a paused VM), the wall
+/// clock does (and one that went back counts as expired).
 #[derive(Default)]
-pub struct LeaseClock(Mutex<HashMap<TenantId, Instant>>);
+pub struct LeaseClock(Mutex<HashMap<TenantId, (Instant, SystemTime)>>);
 
 impl LeaseClock {
     /// Whether this instance may act on `tenant`'s move now.
     pub fn holds(&self, tenant: &str) -> bool {
-        self.lock()
-            .get(tenant)
-            .is_some_and(|at| at.elapsed() < TRUSTED)
+        self.lock().get(tenant).is_some_and(|(at, wall)| {
+            at.elapsed() < TRUSTED && wall.elapsed().is_ok_and(|d| d < TRUSTED)
+        })
     }
 
-    fn renewed(&self, tenant: &TenantId, sent: Instant) {
+    fn renewed(&self, tenant: &TenantId, sent: (Instant, SystemTime)) {
         self.lock().insert(tenant.clone(), sent);
     }
 
@@ -43,7 +46,7 @@ impl LeaseClock {
         self.lock().remove(tenant);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TenantId, Instant>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TenantId, (Instant, SystemTime)>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -67,6 +70,10 @@ impl ControlPlane {
                 }
                 shared.migrations.forget_live(rec.tenant.as_str());
             }
+        }
+        // A move being started here has no task yet, and its record is not yet among this instance's.
+        for rec in shared.migrations.all_starting() {
+            self.renew(&rec).await?;
         }
         for stored in self.take_expired(shared).await? {
             // After a restart this instance's own record may be newer than its last copy in the store.
@@ -110,7 +117,7 @@ impl ControlPlane {
     async fn renew(&self, rec: &Record) -> Result<bool, StoreError> {
         let json = serde_json::to_value(rec).map_err(|e| StoreError::Pg(e.to_string()))?;
         let (id, t) = (self.id.clone(), rec.tenant.to_string());
-        let sent = Instant::now();
+        let sent = (Instant::now(), SystemTime::now());
         let held = self.with_client(async move |c| {
             let rows = c
                 .query(
@@ -192,7 +199,7 @@ impl ControlPlane {
         let mut taken = Vec::new();
         for t in candidates.into_iter().filter(|t| !runs_here(shared, t)) {
             let id = self.id.clone();
-            let sent = Instant::now();
+            let sent = (Instant::now(), SystemTime::now());
             let row: Option<serde_json::Value> = self
                 .with_client(async move |c| {
                     let row = c
@@ -239,5 +246,35 @@ impl ControlPlane {
 
 /// Whether this instance runs `tenant`'s migration now (so it should not be taken over by itself again).
 pub fn runs_here(shared: &Shared, tenant: &str) -> bool {
-    shared.migrations.live(tenant).is_some()
+    shared.migrations.runs_or_starts(tenant)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_is_trusted_for_a_while_after_its_renewal_was_sent() {
+        let clock = LeaseClock::default();
+        let acme = TenantId::parse("acme").unwrap();
+        assert!(!clock.holds("acme"), "never renewed");
+        clock.renewed(&acme, (Instant::now(), SystemTime::now()));
+        assert!(clock.holds("acme"));
+        assert!(!clock.holds("beta"));
+        let long_ago = Duration::from_secs(4);
+        let old = (Instant::now() - long_ago, SystemTime::now());
+        clock.renewed(&acme, old);
+        assert!(
+            !clock.holds("acme"),
+            "monotonic clock past the trusted time"
+        );
+        // A machine suspended since: the monotonic clock stood still, the wall clock went on.
+        clock.renewed(&acme, (Instant::now(), SystemTime::now() - long_ago));
+        assert!(!clock.holds("acme"), "wall clock past the trusted time");
+        // A wall clock set back counts as expired.
+        clock.renewed(&acme, (Instant::now(), SystemTime::now() + long_ago));
+        assert!(!clock.holds("acme"), "wall clock went back");
+        clock.lost("acme");
+        assert!(!clock.holds("acme"));
+    }
 }

@@ -159,7 +159,7 @@ fn backend_frame(s: &mut Server, at: usize, tag: u8, total: usize, p: &mut Parts
                 &mut conn.route_path,
                 p.statements,
             );
-            if let Some(wait) = commit_wait(frame, p) {
+            if let Some(wait) = commit_wait(frame, &conn.buf[at + total..], p) {
                 return Next::Hold(wait);
             }
         }
@@ -289,21 +289,30 @@ fn command_complete(
     }
 }
 
-/// The wait for the tee at a COMMIT's CommandComplete, held from that frame on. Most commits are also held at
-/// the idle ReadyForQuery that follows; these are not: after `COMMIT AND CHAIN`, or a COMMIT followed by a BEGIN
-/// in one query string or one pipeline, the session is in its next transaction when the ReadyForQuery comes.
+/// The wait for the tee at a COMMIT's CommandComplete, held from that frame on, for the commits no idle
+/// ReadyForQuery follows: after `COMMIT AND CHAIN`, or a COMMIT followed by a BEGIN in one query string or one
+/// pipeline, the session is in its next transaction when the ReadyForQuery comes. A COMMIT whose idle
+/// ReadyForQuery is already here (`next`, the input after the frame) is left to that ReadyForQuery, which ends
+/// the transaction first: in transaction pooling the connection goes back to the pool while the reply waits.
 /// `COMMIT PREPARED` commits a transaction some session prepared earlier, of whichever tenant: it waits for
 /// every running tee.
 fn commit_wait(
     frame: &[u8],
+    next: &[u8],
     p: &mut Parts<'_>,
 ) -> Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>> {
     match inspect::commit_tag(frame) {
-        inspect::Commit::Commit if std::mem::take(&mut p.txn.wrote) => tee_for(p.shared, p.tenant),
+        inspect::Commit::Commit if p.txn.wrote && !next.starts_with(IDLE_READY) => {
+            p.txn.wrote = false;
+            tee_for(p.shared, p.tenant)
+        }
         inspect::Commit::Prepared => every_tee(p.shared),
         _ => None,
     }
 }
+
+/// A whole ReadyForQuery saying idle.
+const IDLE_READY: &[u8] = &[be::READY_FOR_QUERY, 0, 0, 0, 5, status::IDLE];
 
 /// CopyInResponse: the Syncs sent after the Execute that started this COPY reach a backend in copy-in mode,
 /// which ignores them: no ReadyForQuery will answer them.

@@ -47,6 +47,8 @@ pub struct CopyJob {
     pub split_bytes: u64,
     pub failpoints: Arc<super::failpoint::Failpoints>,
     pub stop: tokio_util::sync::CancellationToken,
+    /// With a control plane: the copy takes the target over only while this instance's lease is confirmed.
+    pub lease: Option<Arc<crate::cluster::leases::LeaseClock>>,
 }
 
 /// Counts the rows of `tables` in a fresh snapshot (for `rows_total`).
@@ -75,7 +77,8 @@ pub async fn run(job: CopyJob, progress: Arc<dyn CopyProgress>) -> Result<(), Mi
         return Ok(());
     }
     // Before anything is read: an earlier run's streams are ended and fenced off the target.
-    let fence = Arc::new(CopyRun::begin(&job.target, job.tenant.as_str()).await?);
+    let fence =
+        Arc::new(CopyRun::begin(&job.target, job.tenant.as_str(), job.lease.as_deref()).await?);
     job.failpoints
         .check_until("copy.after_claim", &job.stop)
         .await?;

@@ -17,6 +17,7 @@ use tokio_postgres::{Client, Transaction};
 
 use super::pg::Endpoint;
 use super::MigrateError;
+use crate::cluster::leases::LeaseClock;
 
 /// The copy lock's key text (hashed to 64 bits, as the apply lock's).
 fn key_text(tenant: &str, schema: &str) -> String {
@@ -39,8 +40,13 @@ pub struct CopyRun {
 }
 
 impl CopyRun {
-    /// Takes the target's copy over for a new run: ends an earlier run's sessions, records this run.
-    pub async fn begin(target: &Endpoint, tenant: &str) -> Result<CopyRun, MigrateError> {
+    /// Takes the target's copy over for a new run: ends an earlier run's sessions, records this run. With a
+    /// control plane, only while this instance's lease is confirmed, checked just before the takeover.
+    pub async fn begin(
+        target: &Endpoint,
+        tenant: &str,
+        lease: Option<&LeaseClock>,
+    ) -> Result<CopyRun, MigrateError> {
         let me = CopyRun {
             tenant: tenant.to_owned(),
             dest: target.schema.clone(),
@@ -50,6 +56,9 @@ impl CopyRun {
         // The table, where an older build set up this target.
         super::capture::setup(&owner).await?;
         let key = key_text(&me.tenant, &me.dest);
+        if lease.is_some_and(|l| !l.holds(tenant)) {
+            return Err(super::tee::lease_unconfirmed());
+        }
         super::claim::take(&owner, &key, tenant, "copy").await?;
         owner
             .execute(RECORD, &[&me.tenant, &me.dest, &me.run])

@@ -45,28 +45,42 @@ pub fn spawn(shared: Arc<Shared>, live: Arc<Live>) {
 }
 
 /// Resumes every unfinished migration after a start (DESIGN: restart safety).
+/// Continues every unfinished migration at start-up, before the listener accepts clients: each one's tee is
+/// started first (see [`prestart_tee`]).
 pub async fn resume_all(shared: &Arc<Shared>) {
     for rec in shared.migrations.all() {
-        if !rec.state.is_final() {
-            resume(shared, &rec).await;
+        if rec.state.is_final() {
+            continue;
         }
+        let live = restore(shared, &rec).await;
+        // As `recover` left it (a cutover interrupted at start-up is back in dual_write or migrated).
+        if let Some(now) = shared.migrations.get(&rec.tenant) {
+            prestart_tee(shared, &live, &now).await;
+        }
+        spawn(shared.clone(), live);
     }
 }
 
-/// Continues one unfinished migration from its record (after a restart, or a takeover from another instance).
+/// Continues one unfinished migration from its record, taken over from another instance. Its tee is left to
+/// the driver: this runs in the control plane's loop, which must go on renewing the other leases.
 pub async fn resume(shared: &Arc<Shared>, rec: &super::record::Record) {
+    let live = restore(shared, rec).await;
+    spawn(shared.clone(), live);
+}
+
+/// Registers a resumed migration's task and settles a cutover it was interrupted in.
+async fn restore(shared: &Arc<Shared>, rec: &super::record::Record) -> Arc<Live> {
     let live = shared.migrations.register_live(&rec.tenant);
     set_state_gauge(shared, rec);
     if rec.state == State::CutoverPaused {
         super::cutover::recover(shared, rec).await;
     }
-    prestart_tee(shared, &live, rec).await;
-    spawn(shared.clone(), live);
+    live
 }
 
-/// A resumed move's tee is published before clients are served again ([`resume_all`] runs before the
-/// listener accepts): left to the driver's first step, commits in dual_write would return without waiting for
-/// it until then. Bounded: a source that is down leaves it to the driver, which retries.
+/// A resumed move's tee is published before clients are served again: left to the driver's first step,
+/// commits in dual_write would return without waiting for it until then. Bounded: a source that is down leaves
+/// it to the driver, which retries.
 async fn prestart_tee(shared: &Arc<Shared>, live: &Arc<Live>, rec: &Record) {
     let runs = match rec.state {
         State::DualWrite => true,
@@ -217,8 +231,13 @@ async fn step(shared: &Arc<Shared>, live: &Arc<Live>, rec: &Record) -> Result<()
                     .update(&rec.tenant, |r| r.post_data_pending = false)?;
             }
             fp.check_until("copy.before_dual_write", &live.stop).await?;
-            // The tee first: once the state says dual_write, a commit that returns is on the target.
-            start_tee(shared, live, rec, Direction::Forward).await?;
+            // The tee first: once the state says dual_write, a commit that returns is on the target. (The record
+            // as it is now: a pause may have come during the copy.)
+            let now = shared
+                .migrations
+                .get(&rec.tenant)
+                .unwrap_or_else(|| rec.clone());
+            start_tee(shared, live, &now, Direction::Forward).await?;
             transition_off_thread(shared, &rec.tenant, Event::Copied, |r| {
                 r.rows_copied = r.copied.values().map(|c| c.rows).sum();
                 r.bytes_copied = r.copied.values().map(|c| c.bytes).sum();
@@ -326,6 +345,7 @@ async fn bulk_copy(
         split_bytes: cfg.migration.copy_split_mb.saturating_mul(1024 * 1024),
         failpoints: shared.migrations.failpoints.clone(),
         stop: live.stop.clone(),
+        lease: shared.control_plane.get().map(|cp| cp.lease_clock.clone()),
     };
     let progress = Arc::new(Progress {
         shared: shared.clone(),

@@ -112,6 +112,33 @@ pub struct Migrations {
     pub queue: super::queue::Queue,
     /// Source copies of finished moves waiting for their scheduled drop.
     pub drops: super::drops::Drops,
+    /// Moves whose `migrate start` is between taking the lease and registering the driver: their lease is
+    /// this instance's and no task runs them yet, which a takeover must not mistake for a move to resume.
+    starting: Mutex<HashMap<TenantId, Record>>,
+}
+
+/// A tenant's place in [`Migrations::starting`], given up when dropped.
+pub struct Starting<'a>(&'a Migrations, TenantId);
+
+impl Starting<'_> {
+    /// The record renewed from now on.
+    pub fn set(&self, rec: &Record) {
+        self.0
+            .starting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(self.1.clone(), rec.clone());
+    }
+}
+
+impl Drop for Starting<'_> {
+    fn drop(&mut self) {
+        self.0
+            .starting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.1);
+    }
 }
 
 impl Migrations {
@@ -128,6 +155,7 @@ impl Migrations {
             history: super::history::History::new(dir),
             queue: super::queue::Queue::open(dir)?,
             drops: super::drops::Drops::open(dir)?,
+            starting: Mutex::new(HashMap::new()),
         })
     }
 
@@ -163,6 +191,36 @@ impl Migrations {
             .values()
             .cloned()
             .collect()
+    }
+
+    /// Marks the move of `rec` as starting here until the returned guard is dropped (its lease is renewed
+    /// meanwhile: a start with a backup takes longer than the lease).
+    pub fn starting(&self, rec: &Record) -> Starting<'_> {
+        self.starting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(rec.tenant.clone(), rec.clone());
+        Starting(self, rec.tenant.clone())
+    }
+
+    /// The records of the moves being started here.
+    pub fn all_starting(&self) -> Vec<Record> {
+        self.starting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Whether a move of `tenant` runs here or is being started here.
+    pub fn runs_or_starts(&self, tenant: &str) -> bool {
+        self.live(tenant).is_some()
+            || self
+                .starting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(tenant)
     }
 
     pub fn live(&self, tenant: &str) -> Option<Arc<Live>> {

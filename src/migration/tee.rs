@@ -288,14 +288,15 @@ impl Tee {
     }
 
     async fn connect(&self) -> Result<Link, MigrateError> {
+        let from = self.spec.from.connect().await?;
+        let to = self.spec.to.connect().await?;
+        let mut link = Link::new(from, to, self.spec.to.clone(), self.spec.tables.clone());
+        // Just before the claim, which ends the session of whichever link holds the target now.
         if let Some(clock) = &self.spec.lease {
             if !clock.holds(self.spec.tenant.as_str()) {
                 return Err(lease_unconfirmed());
             }
         }
-        let from = self.spec.from.connect().await?;
-        let to = self.spec.to.connect().await?;
-        let mut link = Link::new(from, to, self.spec.to.clone(), self.spec.tables.clone());
         // Before anything reads the log through this link (a verification reads it outside a pass).
         link.claim(&self.spec.tenant).await?;
         Ok(link)
@@ -431,7 +432,7 @@ impl Drop for Tee {
 }
 
 /// Why a move's work waits on an instance whose lease is not confirmed.
-fn lease_unconfirmed() -> MigrateError {
+pub fn lease_unconfirmed() -> MigrateError {
     MigrateError::Refused(
         "this instance's lease on the move is not confirmed (the control plane has not renewed it for 3 s, or \
          another instance took the move over); its work waits"

@@ -187,6 +187,7 @@ pub async fn abort(
             ),
         ));
     }
+    super::lease_confirmed(shared, tenant)?;
     let live = shared.migrations.live(tenant);
     let _one = match &live {
         Some(l) => {

@@ -62,5 +62,19 @@ pub(crate) fn live_of(
             rec.state.as_str()
         ))
     })?;
+    lease_confirmed(shared, tenant)?;
     Ok((rec, live))
+}
+
+/// With a control plane, a command acts on a move only while this instance's lease on it is confirmed (see
+/// [`crate::cluster::leases::LeaseClock`]): one cut off from the store may have been replaced by now.
+pub(crate) fn lease_confirmed(shared: &Shared, tenant: &TenantId) -> Result<(), AdminError> {
+    if crate::migration::sides::lease_held(shared, tenant.as_str()) {
+        return Ok(());
+    }
+    Err(AdminError::invalid_state(format!(
+        "this instance's lease on the move of {tenant:?} is not confirmed (the control plane has not renewed it \
+         for 3 s, or another instance took the move over); try again when the control plane answers, or on the \
+         instance that coordinates the move"
+    )))
 }

@@ -17,6 +17,7 @@ use crate::migration::driver;
 use crate::migration::machine::set_state_gauge;
 use crate::migration::pg::Endpoint;
 use crate::migration::record::{Record, State};
+use crate::migration::registry::Starting;
 use crate::migration::sides::endpoints;
 use crate::migration::MigrateError;
 use crate::tenant::TenantId;
@@ -50,8 +51,10 @@ pub async fn start(
         ));
     }
     let rec = plan(shared, &req)?;
+    // Until its driver runs, the lease loop must not take this move for one to resume.
+    let starting = shared.migrations.starting(&rec);
     lease(shared, &rec).await?;
-    let started = begin(shared, &req, rec, actor).await;
+    let started = begin(shared, &req, rec, actor, &starting).await;
     if started.is_err() {
         // A lease left in the store for a move that never started would be taken over and driven elsewhere.
         unlease(shared, &req.tenant).await;
@@ -65,6 +68,7 @@ async fn begin(
     req: &StartRequest,
     rec: Record,
     actor: &str,
+    starting: &Starting<'_>,
 ) -> Result<Started, AdminError> {
     let (source, target) = endpoints(shared, &rec).map_err(preflight)?;
     let backup_file = match req.backup {
@@ -96,6 +100,7 @@ async fn begin(
         grant_target(shared, &rec, &target).await?;
     }
     // The lease again, now with the whole record: an instance taking the move over from here reads this one.
+    starting.set(&rec);
     lease(shared, &rec).await?;
     shared
         .migrations
