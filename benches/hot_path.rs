@@ -196,7 +196,7 @@ fn notice(fields: &[(u8, &str)]) -> Vec<u8> {
 }
 
 /// What the relay reads of backend replies for the migration tee: every CommandComplete's tag (did the
-/// transaction write), every NoticeResponse's code and severity (the capture trigger's word).
+/// transaction write, is it a commit), every NoticeResponse's code and severity (the capture trigger's word).
 fn reply_inspection(c: &mut Criterion) {
     let mut g = c.benchmark_group("reply_inspection");
     let update = frame(b'C', b"UPDATE 1\0");
@@ -206,6 +206,13 @@ fn reply_inspection(c: &mut Criterion) {
     });
     g.bench_function("write_tag_select", |b| {
         b.iter(|| inspect::is_write_tag(black_box(&select)))
+    });
+    let commit = frame(b'C', b"COMMIT\0");
+    g.bench_function("commit_tag_commit", |b| {
+        b.iter(|| inspect::commit_tag(black_box(&commit)))
+    });
+    g.bench_function("commit_tag_update", |b| {
+        b.iter(|| inspect::commit_tag(black_box(&update)))
     });
     let capture = notice(&[
         (b'S', "NOTICE"),
