@@ -44,9 +44,8 @@ pub fn spawn(shared: Arc<Shared>, live: Arc<Live>) {
     *live.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
 }
 
-/// Resumes every unfinished migration after a start (DESIGN: restart safety).
-/// Continues every unfinished migration at start-up, before the listener accepts clients: each one's tee is
-/// started first (see [`prestart_tee`]).
+/// Resumes every unfinished migration after a start (DESIGN: restart safety), before the listener accepts
+/// clients: each one's tee is started first (see [`prestart_tee`]).
 pub async fn resume_all(shared: &Arc<Shared>) {
     for rec in shared.migrations.all() {
         if rec.state.is_final() {
