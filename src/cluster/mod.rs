@@ -187,7 +187,7 @@ fn apply(shared: &Shared, changes: &[RouteChange], gone: &[TenantId]) -> Result<
 }
 
 /// Follows the store until the proxy stops: applies on each notification and every second, heartbeats every
-/// second, reconnects (backing off to 5 s) when the store is unreachable.
+/// second, reconnects (backing off to 1 s) when the store is unreachable.
 pub async fn run(shared: Arc<Shared>) {
     let Some(cp) = shared.control_plane.get() else {
         return;
@@ -220,7 +220,10 @@ pub async fn run(shared: Arc<Shared>) {
             Err(e) => {
                 warn!(error = %e, "control plane unreachable; serving with the routes last applied");
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                // Never past the second: this loop also renews the move leases, which are trusted for 3 s after
+                // a renewal (see `leases::LeaseClock`); a sync failing with the store reachable (a local write
+                // error) must not let them lapse.
+                backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
     }
