@@ -9,7 +9,7 @@ use pgtenant::config::BackendConfig;
 use pgtenant::migration::apply::Link;
 use pgtenant::migration::failpoint::{Action, Failpoints};
 use pgtenant::migration::pg::Endpoint;
-use pgtenant::migration::{capture, catalog, copy};
+use pgtenant::migration::{capture, catalog, copy, copy_fence};
 use pgtenant::routing::BackendId;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -409,4 +409,13 @@ async fn a_stalled_copy_cannot_write_after_another_run_took_over() {
         "{late:?}"
     );
     assert_eq!(pg.psql("dst", count), "101", "the stalled run copied again");
+    // An instance whose lease on the move is not confirmed takes nothing over.
+    let recorded = pg.psql("dst", run);
+    let stale = pgtenant::cluster::leases::LeaseClock::default();
+    let refused = copy_fence::CopyRun::begin(&dst, "acme", Some(&stale)).await;
+    assert!(
+        matches!(&refused, Err(e) if e.to_string().contains("lease")),
+        "{refused:?}"
+    );
+    assert_eq!(pg.psql("dst", run), recorded);
 }
