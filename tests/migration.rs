@@ -1444,6 +1444,14 @@ async fn in_dual_write(before: &str) -> DualWrite {
     }
 }
 
+/// Rows of `table` on `db` matching `cond`, whose `$1` is `v`.
+async fn count_where(db: &tokio_postgres::Client, table: &str, cond: &str, v: i32) -> i64 {
+    db.query_one(&format!("SELECT count(*) FROM {table} WHERE {cond}"), &[&v])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// The synchronous tee's promise holds for writes no command tag shows: a function called by a SELECT, a
 /// procedure, a DO block (the capture trigger's notice tells the proxy the transaction wrote, and the client
 /// never hears that notice), an `INSERT ... RETURNING` whose portal was closed early; and for commits no idle
@@ -1469,11 +1477,7 @@ async fn writes_hidden_in_functions_are_on_the_target_when_their_commit_returns(
         c.batch_execute(&format!("SELECT add_a({v})"))
             .await
             .unwrap();
-        let got = target
-            .query_one("SELECT count(*) FROM tenant_acme.a WHERE v = $1", &[&v])
-            .await
-            .unwrap()
-            .get::<_, i64>(0);
+        let got = count_where(&target, "tenant_acme.a", "v = $1", v).await;
         assert_eq!(
             got, 1,
             "SELECT add_a({v}) returned before the target had it"
@@ -1519,14 +1523,7 @@ async fn writes_hidden_in_functions_are_on_the_target_when_their_commit_returns(
         assert_eq!(tx.query_portal(&portal, 1).await.unwrap().len(), 1);
         drop(portal);
         tx.commit().await.unwrap();
-        let got = target
-            .query_one(
-                "SELECT count(*) FROM tenant_acme.c WHERE v BETWEEN $1 AND $1 + 2",
-                &[&v],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0);
+        let got = count_where(&target, "tenant_acme.c", "v BETWEEN $1 AND $1 + 2", v).await;
         assert_eq!(
             got, 3,
             "a commit after a suspended INSERT returned before the target had it"
@@ -1541,18 +1538,8 @@ async fn writes_hidden_in_functions_are_on_the_target_when_their_commit_returns(
         ))
         .await
         .unwrap();
-        let on_target = |v: i32| {
-            let target = &target;
-            async move {
-                target
-                    .query_one("SELECT count(*) FROM tenant_acme.c WHERE v = $1", &[&v])
-                    .await
-                    .unwrap()
-                    .get::<_, i64>(0)
-            }
-        };
         assert_eq!(
-            on_target(v).await,
+            count_where(&target, "tenant_acme.c", "v = $1", v).await,
             1,
             "COMMIT AND CHAIN returned before the target had it"
         );
@@ -1563,7 +1550,7 @@ async fn writes_hidden_in_functions_are_on_the_target_when_their_commit_returns(
         .await
         .unwrap();
         assert_eq!(
-            on_target(v + 1).await,
+            count_where(&target, "tenant_acme.c", "v = $1", v + 1).await,
             1,
             "COMMIT; BEGIN returned before the target had it"
         );
@@ -1577,7 +1564,7 @@ async fn writes_hidden_in_functions_are_on_the_target_when_their_commit_returns(
             .await
             .unwrap();
         assert_eq!(
-            on_target(v + 2).await,
+            count_where(&target, "tenant_acme.c", "v = $1", v + 2).await,
             1,
             "COMMIT PREPARED returned before the target had it"
         );
