@@ -8,6 +8,7 @@
 #
 #   bash benches/tenants.sh                              # N=50, 10 s cells, pool_size 10
 #   N=50 DURATION=20 POOL=10 ISOLATIONS="shared role" MODE=prepared bash benches/tenants.sh
+#   TURN_MS=0 bash benches/tenants.sh                    # tenants' turns off (default: the backend's default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/pg-lib.sh
@@ -37,6 +38,11 @@ pg_sql "$bench_PORT" postgres "CREATE DATABASE app" >/dev/null
 } | psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$bench_PORT" -U postgres -d app >/dev/null
 printf '\\set id random(1, %s)\nSELECT v FROM acc WHERE id = :id;\n' "$ROWS" > "$W/select.sql"
 export PGPASSWORD=secret
+
+# busy: the machine's busy CPU time so far, in clock ticks (every /proc/stat field but idle and iowait).
+busy() {
+  awk '/^cpu /{print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat
+}
 
 sessions() {
   pg_sql "$bench_PORT" app "SELECT sessions FROM pg_stat_database WHERE datname = 'app'"
@@ -71,6 +77,8 @@ start_proxy() { # isolation
     printf '[[users]]\nname = "app"\npassword = "secret"\ntenants = ["*"]\n'
     printf '[backends.main]\nhost = "127.0.0.1"\nport = %s\nuser = "serve"\ndatabase = "app"\n' "$bench_PORT"
     printf 'pool_size = %s\nisolation = "%s"\n' "$POOL" "$1"
+    # Tenants' turns on shared connections (README: pooling); TURN_MS=0 turns them off, for comparison.
+    if [ -n "${TURN_MS:-}" ]; then printf 'tenant_turn_ms = %s\n' "$TURN_MS"; fi
     # Role isolation needs a connection per busy tenant: room for every tenant's pool, bounded backend-wide.
     if [ "$1" = role ]; then printf 'max_connections = %s\n' "$((N + POOL))"; fi
     for i in $(seq 1 "$N"); do printf '[tenants.t%s]\nbackend = "main"\nschema = "t%s"\n' "$i" "$i"; done
@@ -85,6 +93,8 @@ run() {
   local name="$1" kind="$2" before after i pids=() counted
   before="$(sessions)"
   counted="$(counts)"
+  local cpu0 cpu1
+  cpu0="$(busy)"
   # One pgbench process per client in both cases, so the two differ only in the tenants.
   for i in $(seq 1 "$N"); do
     pgbench -n -c 1 -j 1 -T "$DURATION" -M "$MODE" -f "$W/select.sql" "$(url "$([ "$kind" = spread ] && echo "$i" || echo 1)")" \
@@ -92,26 +102,31 @@ run() {
     pids+=("$!")
   done
   wait "${pids[@]}"
+  cpu1="$(busy)"
   after="$(sessions)"
-  python3 - "$name" "$kind" "$N" "$((after - before))" "$W" $counted $(counts) <<'PY'
+  python3 - "$name" "$kind" "$N" "$((after - before))" "$W" $counted $(counts) "$cpu0" "$cpu1" "$DURATION" <<'PY'
 import re, statistics, sys
 name, kind, n, opened, w = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
 r0, t0, r1, t1 = sys.argv[6:10]
+cpu = (float(sys.argv[11]) - float(sys.argv[10])) / 100.0  # clock ticks to seconds
 resets = "-" if r0 == "-" or float(t1) == float(t0) else f"{(float(r1) - float(r0)) / (float(t1) - float(t0)):.2f}"
 files = [f"{w}/out.{i}" for i in range(1, n + 1)]
-tps, failed = [], 0
+tps, lat, failed = [], [], 0
 for f in files:
     text = open(f).read()
     m = re.search(r"tps = ([0-9.]+)", text)
     tps.append(float(m.group(1)) if m else 0.0)
+    m = re.search(r"latency average = ([0-9.]+) ms", text)
+    lat.append(float(m.group(1)) if m else 0.0)
     failed += 0 if "number of failed transactions: 0 " in text else 1
 spread = max(tps) / statistics.median(tps) if kind == "spread" and statistics.median(tps) else 1.0
-print(f"| {name} | {sum(tps):.0f} | {spread:.2f} | {opened} | {resets} | {failed} |")
+per_txn = cpu / (sum(tps) * float(sys.argv[12])) * 1e6 if sum(tps) else 0.0
+print(f"| {name} | {sum(tps):.0f} | {spread:.2f} | {statistics.median(lat):.2f} / {max(lat):.2f} | {per_txn:.0f} | {opened} | {resets} | {failed} |")
 PY
 }
 
-echo "| case ($N clients, ${DURATION}s, pool_size $POOL) | TPS | spread max/median | backend connections opened | full resets per transaction | pgbench runs failed |"
-echo "|---|---:|---:|---:|---:|---:|"
+echo "| case ($N clients, ${DURATION}s, pool_size $POOL) | TPS | spread max/median | latency ms, median / worst client's average | machine CPU µs per transaction | backend connections opened | full resets per transaction | pgbench runs failed |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|"
 url() { echo "host=127.0.0.1 port=$bench_PORT user=postgres dbname=app options=-csearch_path=t$1"; }
 run "direct, one client per tenant" spread
 for iso in $ISOLATIONS; do

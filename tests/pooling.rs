@@ -929,3 +929,111 @@ async fn tenants_taking_turns_each_find_their_own_connection_again() {
     let counted = tenant_resets(&p).await;
     assert!(counted >= 5.0, "{counted}");
 }
+
+/// Clients waiting for a connection of `backend`'s pools, from the admin socket.
+async fn waiting(p: &TestProxy, backend: &str) -> u64 {
+    pools_sum(p, backend, "waiting").await
+}
+
+/// A field of `backend`'s pools in the admin socket's `backends`, summed.
+async fn pools_sum(p: &TestProxy, backend: &str, field: &str) -> u64 {
+    let b = p.admin_ok(json!({"cmd": "backends"})).await;
+    b["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["backend"] == backend)
+        .flat_map(|b| b["pools"].as_array().unwrap().iter())
+        .map(|p| p[field].as_u64().unwrap())
+        .sum()
+}
+
+/// A proxy whose shared pool has one connection and the given tenant turn (ms) and linger (ms).
+async fn one_connection_with_turns(w: &Two, turn: u64, linger: u64) -> TestProxy {
+    Harness::new()
+        .proxy("pool_mode = \"transaction\"\nmetrics_listen = \"127.0.0.1:0\"")
+        .backend_with(
+            "shared",
+            &w.shared,
+            &format!(
+                "database = \"app\"\npool_size = 1\ntenant_turn_ms = {turn}\ntenant_turn_linger_ms = {linger}"
+            ),
+        )
+        .tenant("acme", "shared", None, Some("tenant_acme"))
+        .tenant("globex", "shared", None, Some("tenant_globex"))
+        .start()
+        .await
+}
+
+/// Turns: a tenant whose transaction ends while another tenant waits keeps the connection for its next
+/// transaction (no reset between tenants), and the waiter gets it once the tenant's client does not come back
+/// within the linger. With turns off, the waiter gets it at once and each tenant change costs a reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_keeps_its_connection_for_its_turn_while_another_waits() {
+    let w = clusters();
+    for turns in [true, false] {
+        let p = match turns {
+            true => one_connection_with_turns(&w, 60_000, 1_500).await,
+            false => one_connection_with_turns(&w, 0, 1_500).await,
+        };
+        let acme = p.connect("app.acme", "app").await.unwrap();
+        let globex = p.connect("app.globex", "app").await.unwrap();
+        acme.batch_execute("BEGIN").await.unwrap();
+        assert_eq!(who_is(&acme).await.unwrap(), "tenant_acme");
+        let queued = tokio::spawn(async move { who_is(&globex).await });
+        while waiting(&p, "shared").await == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let before = tenant_resets(&p).await;
+        acme.batch_execute("COMMIT").await.unwrap();
+        assert_eq!(who_is(&acme).await.unwrap(), "tenant_acme");
+        if turns {
+            assert!(!queued.is_finished(), "globex took acme's turn");
+            assert_eq!(
+                tenant_resets(&p).await,
+                before,
+                "acme's turn needed no reset"
+            );
+        }
+        // Acme's client does not come back: after the linger, globex gets the connection, reset.
+        assert_eq!(queued.await.unwrap().unwrap(), "tenant_globex");
+        // (Each `who_is` is two checkouts: tokio-postgres prepares, then executes. Without turns the tenants
+        // alternate on the connection between them, each change a reset.)
+        let resets = tenant_resets(&p).await - before;
+        match turns {
+            true => assert_eq!(resets, 1.0),
+            false => assert!(resets >= 2.0, "{resets}"),
+        }
+        assert_eq!(pools_sum(&p, "shared", "open").await, 1);
+        drop(p);
+    }
+}
+
+/// A turn is bounded: a tenant whose client keeps coming back within the linger still lets a waiting tenant
+/// in once its turn is over, long before it stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_ends_while_its_tenant_keeps_coming_back() {
+    let w = clusters();
+    let p = one_connection_with_turns(&w, 50, 1_000).await;
+    let acme = p.connect("app.acme", "app").await.unwrap();
+    let globex = p.connect("app.globex", "app").await.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let looping = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                assert_eq!(who_is(&acme).await.unwrap(), "tenant_acme");
+                n += 1;
+            }
+            n
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Globex waits behind acme's turn, which acme's loop would hold forever if turns had no end.
+    assert_eq!(who_is(&globex).await.unwrap(), "tenant_globex");
+    assert!(!looping.is_finished(), "acme's loop stopped on its own");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let n = looping.await.unwrap();
+    assert!(n > 1, "acme ran {n} transactions");
+}

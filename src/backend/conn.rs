@@ -53,6 +53,11 @@ pub struct ServerConn {
     /// Transaction pool mode: its last user ran something whose session effects the proxy cannot follow
     /// (a `DO` block, `CALL`): the next user, of any tenant, gets it only after a full reset.
     pub suspect: bool,
+    /// Transaction pooling of a shared pool with clients waiting: when its owner's turn on it began (see
+    /// [`super::pool`]'s turns). `None`: no turn running.
+    pub turn_since: Option<Instant>,
+    /// Idle and kept for its owner's next transaction until then, while other tenants wait.
+    pub kept_until: Option<Instant>,
 }
 
 impl ServerConn {

@@ -126,6 +126,8 @@ async fn connect_inner(pool: &Pool, tag: Arc<StartupTag>) -> Result<ServerConn, 
         applied_role: false,
         owner: None,
         suspect: false,
+        turn_since: None,
+        kept_until: None,
         route_path: None,
     };
     authenticate(pool, &mut conn).await?;

@@ -11,7 +11,7 @@ pub mod statements;
 pub mod waiters;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -66,6 +66,9 @@ pub struct Backend {
     pool_size: AtomicUsize,
     max_connections: AtomicUsize,
     max_tenant_connections: AtomicUsize,
+    /// `tenant_turn_ms` and `tenant_turn_linger_ms`, in µs.
+    turn_us: AtomicU64,
+    turn_linger_us: AtomicU64,
     reserve: Mutex<(usize, Duration)>,
     health: Mutex<Health>,
     tls: Option<TlsConnector>,
@@ -93,6 +96,8 @@ impl Backend {
             pool_size: AtomicUsize::new(0),
             max_connections: AtomicUsize::new(0),
             max_tenant_connections: AtomicUsize::new(0),
+            turn_us: AtomicU64::new(0),
+            turn_linger_us: AtomicU64::new(0),
             reserve: Mutex::new((0, Duration::ZERO)),
             health: Mutex::new(Health::default()),
             config,
@@ -147,6 +152,15 @@ impl Backend {
         self.max_tenant_connections.load(Ordering::Relaxed)
     }
 
+    /// Tenants' turns on shared transaction-pool connections: (turn, linger); `None`: no turns.
+    pub fn turns(&self) -> Option<(Duration, Duration)> {
+        let turn = self.turn_us.load(Ordering::Relaxed);
+        (turn > 0).then(|| {
+            let linger = self.turn_linger_us.load(Ordering::Relaxed);
+            (Duration::from_micros(turn), Duration::from_micros(linger))
+        })
+    }
+
     /// (reserve_pool_size, reserve_pool_timeout).
     pub fn reserve(&self) -> (usize, Duration) {
         *self.reserve.lock().unwrap_or_else(|p| p.into_inner())
@@ -159,6 +173,14 @@ impl Backend {
             .store(config.max_connections, Ordering::Relaxed);
         self.max_tenant_connections
             .store(config.max_tenant_connections, Ordering::Relaxed);
+        self.turn_us.store(
+            config.tenant_turn_ms.saturating_mul(1000),
+            Ordering::Relaxed,
+        );
+        self.turn_linger_us.store(
+            config.tenant_turn_linger_ms.saturating_mul(1000),
+            Ordering::Relaxed,
+        );
         *self.reserve.lock().unwrap_or_else(|p| p.into_inner()) = (
             config.reserve_pool_size,
             Duration::from_millis(config.reserve_pool_timeout_ms),

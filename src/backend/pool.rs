@@ -91,6 +91,10 @@ struct Inner {
     /// Connections held per tenant (kept only while `max_tenant_connections` is set).
     held: HashMap<TenantId, usize>,
     waiting: WaitQueue,
+    /// Idle connections kept for their owner's next transaction (`kept_until` set).
+    kept: usize,
+    /// A task ends kept connections whose time ran out when no checkout or checkin comes to do it.
+    sweeper: bool,
 }
 
 pub struct Pool {
@@ -190,12 +194,20 @@ impl Pool {
     ) -> (Step, Option<Box<ServerConn>>) {
         let mut inner = self.lock();
         let cap = self.backend.max_tenant_connections();
+        let now = (inner.kept > 0).then(Instant::now);
+        if let Some(now) = now {
+            self.end_kept(&mut inner, now, cap);
+        }
+        // Connections kept for another tenant's turn are not replaced either: this checkout waits for one.
+        let mut kept_for_others = false;
         if under_cap(&inner, tenant, cap) {
             // (An idle connection beside a queue is one no waiter could take: their tenants are at their cap.)
-            if let Some(i) = pick_idle(&inner.idle, tag, tenant) {
+            let (pick, skipped) = pick_idle(&inner.idle, tag, tenant, now);
+            kept_for_others = skipped;
+            if let Some(i) = pick {
                 // `remove`, not `swap_remove`: the list stays in the order connections came back, oldest first,
                 // which the evictions below and `close_one_idle` count on (the list is a pool's size at most).
-                let conn = inner.idle.remove(i);
+                let conn = take_idle(&mut inner, i);
                 note_held(&mut inner, tenant, cap);
                 return (Step::Reuse(conn), None);
             }
@@ -208,10 +220,10 @@ impl Pool {
                     note_held(&mut inner, tenant, cap);
                     return (Step::Open, None);
                 }
-                if !inner.idle.is_empty() {
+                if !inner.idle.is_empty() && !kept_for_others {
                     // The backend is full but this pool has an idle connection with other parameters: its
                     // place on the backend is reused.
-                    let old = inner.idle.remove(0);
+                    let old = take_idle(&mut inner, 0);
                     note_held(&mut inner, tenant, cap);
                     return (Step::Open, Some(old));
                 }
@@ -219,9 +231,9 @@ impl Pool {
                     return (Step::Starved, None);
                 }
                 self.backend.starving(self);
-            } else if !inner.idle.is_empty() {
+            } else if !inner.idle.is_empty() && !kept_for_others {
                 // Full, but some idle connection has other startup parameters: replace the oldest one.
-                let old = inner.idle.remove(0);
+                let old = take_idle(&mut inner, 0);
                 note_held(&mut inner, tenant, cap);
                 return (Step::Open, Some(old));
             }
@@ -427,8 +439,9 @@ impl Pool {
         }
     }
 
-    fn checkin(&self, mut conn: Box<ServerConn>, tenant: Option<&TenantId>) {
-        conn.idle_since = Instant::now();
+    fn checkin(self: &Arc<Self>, mut conn: Box<ServerConn>, tenant: Option<&TenantId>) {
+        let now = Instant::now();
+        conn.idle_since = now;
         let mut inner = self.lock();
         let cap = self.backend.max_tenant_connections();
         note_released(&mut inner, tenant, cap);
@@ -440,6 +453,13 @@ impl Pool {
             self.backend.free_slot();
             return;
         }
+        if inner.kept > 0 {
+            self.end_kept(&mut inner, now, cap);
+        }
+        let conn = match self.keep_turn(&mut inner, conn, tenant, now, cap) {
+            Some(conn) => conn,
+            None => return,
+        };
         let Some(Grant::Conn(conn)) = self.give(&mut inner, Grant::Conn(conn), cap) else {
             return;
         };
@@ -452,6 +472,90 @@ impl Pool {
             return;
         }
         inner.idle.push(conn);
+    }
+
+    /// Turns: in transaction pooling of a shared pool with clients waiting, a connection stays with the tenant
+    /// that just used it for up to `turn`, given to that tenant's next waiter or kept idle for its next
+    /// transaction for up to `linger`, instead of going round-robin to another tenant's waiter. Another tenant
+    /// gets it only after a full reset (`DISCARD ALL`, a third of a point select's backend cost): with one
+    /// client per tenant and more tenants than connections, round-robin alone made almost every transaction
+    /// pay one. The turn bounds how long other tenants wait for it. Returns the connection when the turn is over
+    /// (or none runs): it then goes round-robin.
+    fn keep_turn(
+        self: &Arc<Self>,
+        inner: &mut Inner,
+        mut conn: Box<ServerConn>,
+        tenant: Option<&TenantId>,
+        now: Instant,
+        cap: usize,
+    ) -> Option<Box<ServerConn>> {
+        let turns = self.backend.turns();
+        let own = tenant.filter(|t| conn.owner.as_ref() == Some(*t));
+        let (Some(t), Some((turn, linger))) = (own, turns) else {
+            conn.turn_since = None;
+            return Some(conn);
+        };
+        // Turns exist only while clients wait. (No runtime: nothing could end a kept connection's time; only
+        // unit tests check in without one.)
+        let runtime = match inner.waiting.is_empty() || self.backend.has_starving() {
+            true => None,
+            false => tokio::runtime::Handle::try_current().ok(),
+        };
+        let Some(runtime) = runtime else {
+            conn.turn_since = None;
+            return Some(conn);
+        };
+        let since = *conn.turn_since.get_or_insert(now);
+        if now.duration_since(since) >= turn {
+            conn.turn_since = None;
+            return Some(conn);
+        }
+        let held = &inner.held;
+        let eligible = |x: Option<&TenantId>| {
+            cap == 0 || x.is_none_or(|x| held.get(x).copied().unwrap_or(0) < cap)
+        };
+        if !eligible(Some(t)) {
+            conn.turn_since = None;
+            return Some(conn);
+        }
+        match inner.waiting.hand_out_to(t, Grant::Conn(conn)) {
+            Ok(()) => {
+                note_held(inner, Some(t), cap);
+                return None;
+            }
+            Err(Grant::Conn(back)) => conn = back,
+            Err(Grant::Open) => return None,
+        }
+        conn.kept_until = Some(now + linger);
+        inner.kept += 1;
+        inner.idle.push(conn);
+        if !inner.sweeper {
+            inner.sweeper = true;
+            runtime.spawn(sweep(Arc::downgrade(self), linger));
+        }
+        None
+    }
+
+    /// Ends the keeping of idle connections whose time ran out; each goes to a waiter, if one may take it.
+    fn end_kept(&self, inner: &mut Inner, now: Instant, cap: usize) {
+        let mut i = 0;
+        while i < inner.idle.len() {
+            let due = inner.idle[i].kept_until.is_some_and(|u| u <= now);
+            if !due {
+                i += 1;
+                continue;
+            }
+            let mut conn = take_idle(inner, i);
+            conn.turn_since = None;
+            match self.give(inner, Grant::Conn(conn), cap) {
+                None => {}
+                Some(Grant::Conn(conn)) => {
+                    inner.idle.insert(i, conn);
+                    i += 1;
+                }
+                Some(Grant::Open) => {}
+            }
+        }
     }
 
     /// Offers a place freed on the backend to this pool's waiters; false when none took it.
@@ -475,7 +579,7 @@ impl Pool {
         if inner.idle.is_empty() {
             return false;
         }
-        let conn = inner.idle.remove(0);
+        let conn = take_idle(&mut inner, 0);
         inner.total -= 1;
         drop(inner);
         drop(conn);
@@ -510,6 +614,7 @@ impl Pool {
                     && (lifetime.is_zero() || now.duration_since(c.born) < lifetime)
             });
         inner.idle = keep;
+        inner.kept = inner.idle.iter().filter(|c| c.kept_until.is_some()).count();
         let closed = before - inner.idle.len();
         inner.total -= closed;
         drop(inner);
@@ -530,22 +635,60 @@ fn pick_idle(
     idle: &[Box<ServerConn>],
     tag: &Arc<StartupTag>,
     tenant: Option<&TenantId>,
-) -> Option<usize> {
-    let (mut clean, mut any) = (None, None);
+    now: Option<Instant>,
+) -> (Option<usize>, bool) {
+    let (mut clean, mut any, mut skipped) = (None, None, false);
     for (i, c) in idle.iter().enumerate().rev() {
         // Sessions share their tag's Arc, so the pointer comparison settles almost every check.
         if !(Arc::ptr_eq(&c.tag, tag) || c.tag == *tag) {
             continue;
         }
-        if tenant.is_none() || c.owner.as_ref() == tenant {
-            return Some(i);
+        let own = tenant.is_some() && c.owner.as_ref() == tenant;
+        // Kept for its owner's turn (`now` is read whenever a connection is kept).
+        if !own && c.kept_until.zip(now).is_some_and(|(u, now)| u > now) {
+            skipped = true;
+            continue;
+        }
+        if own || tenant.is_none() {
+            return (Some(i), skipped);
         }
         if c.owner.is_none() && !c.suspect {
             clean.get_or_insert(i);
         }
         any.get_or_insert(i);
     }
-    clean.or(any)
+    (clean.or(any), skipped)
+}
+
+/// Takes idle connection `i` out of the list, ending its keeping.
+fn take_idle(inner: &mut Inner, i: usize) -> Box<ServerConn> {
+    let mut conn = inner.idle.remove(i);
+    if conn.kept_until.take().is_some() {
+        inner.kept -= 1;
+    }
+    conn
+}
+
+/// Ends kept connections' time when no checkout or checkin comes to do it (a pool gone quiet with clients
+/// still waiting); runs while any connection is kept, waking at the earliest end (at the timer's resolution).
+async fn sweep(pool: std::sync::Weak<Pool>, first: Duration) {
+    let mut at = Instant::now() + first;
+    loop {
+        tokio::time::sleep_until(at.into()).await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        let mut inner = pool.lock();
+        let cap = pool.backend.max_tenant_connections();
+        pool.end_kept(&mut inner, Instant::now(), cap);
+        match inner.idle.iter().filter_map(|c| c.kept_until).min() {
+            Some(next) => at = next,
+            None => {
+                inner.sweeper = false;
+                return;
+            }
+        }
+    }
 }
 
 fn under_cap(inner: &Inner, tenant: Option<&TenantId>, cap: usize) -> bool {

@@ -83,6 +83,37 @@ impl WaitQueue {
         true
     }
 
+    /// Gives `grant` to `tenant`'s first waiter, out of the round-robin's order (a tenant's turn on a connection,
+    /// see the pool). The grant comes back when the tenant has no waiter.
+    #[allow(clippy::result_large_err)]
+    pub fn hand_out_to(&mut self, tenant: &TenantId, mut grant: Grant) -> Result<(), Grant> {
+        let key = Some(tenant.clone());
+        let Some(q) = self.by_tenant.get_mut(&key) else {
+            return Err(grant);
+        };
+        let mut served = false;
+        while let Some(w) = q.pop_front() {
+            self.len -= 1;
+            match w.tx.send(grant) {
+                Ok(()) => {
+                    served = true;
+                    grant = Grant::Open;
+                    break;
+                }
+                Err(back) => grant = back,
+            }
+        }
+        if q.is_empty() {
+            self.by_tenant.remove(&key);
+            self.ring.retain(|t| *t != key);
+        }
+        if served {
+            Ok(())
+        } else {
+            Err(grant)
+        }
+    }
+
     /// Gives `grant` to the next waiter, round-robin over the tenants that `eligible` allows (a tenant at its
     /// connection cap waits its turn). Returns the tenant served, or the grant back when nobody took it
     /// (no eligible waiter, or every one gave up meanwhile).
@@ -169,6 +200,27 @@ mod tests {
         // Only `a` is left, and it may not take more.
         assert!(q.hand_out(Grant::Open, |t| t != a.as_ref()).is_err());
         assert_eq!(q.len(), 1);
+    }
+
+    #[test]
+    fn a_tenant_served_out_of_turn_keeps_the_others_order() {
+        let mut q = WaitQueue::default();
+        let (a, b) = (t("a"), t("b"));
+        let mut rx_a = q.push(a.as_ref()).1;
+        let mut rx_b = q.push(b.as_ref()).1;
+        let gone = q.push(b.as_ref()).1;
+        let mut rx_b3 = q.push(b.as_ref()).1;
+        assert!(q.hand_out_to(b.as_ref().unwrap(), Grant::Open).is_ok());
+        assert!(matches!(rx_b.try_recv(), Ok(Grant::Open)));
+        drop(gone);
+        // The one that gave up is passed over.
+        assert!(q.hand_out_to(b.as_ref().unwrap(), Grant::Open).is_ok());
+        assert!(matches!(rx_b3.try_recv(), Ok(Grant::Open)));
+        // `b` has nobody left: the grant comes back, and `b` is out of the ring.
+        assert!(q.hand_out_to(b.as_ref().unwrap(), Grant::Open).is_err());
+        assert_eq!(q.hand_out(Grant::Open, |_| true).unwrap(), a);
+        assert!(matches!(rx_a.try_recv(), Ok(Grant::Open)));
+        assert!(q.is_empty());
     }
 
     #[test]

@@ -69,6 +69,15 @@ pub struct BackendConfig {
     /// Connections one tenant may hold at once in a shared pool; 0: no per-tenant cap. Reloadable.
     #[serde(default)]
     pub max_tenant_connections: usize,
+    /// Transaction pooling of a shared pool with clients waiting: how long a connection stays with the tenant
+    /// whose transaction just used it before it goes round-robin to another tenant (which then pays a full
+    /// reset); 0: no turns. Reloadable.
+    #[serde(default = "default_tenant_turn_ms")]
+    pub tenant_turn_ms: u64,
+    /// Within a turn, how long a returned connection waits idle for its tenant's next transaction when that
+    /// tenant has no client waiting. Reloadable.
+    #[serde(default = "default_tenant_turn_linger_ms")]
+    pub tenant_turn_linger_ms: u64,
     /// TLS to the backend: `disable`, `prefer` or `require` (encrypted, certificate not verified, as libpq).
     #[serde(default)]
     pub sslmode: SslMode,
@@ -116,6 +125,8 @@ impl BackendConfig {
             reserve_pool_timeout_ms: default_reserve_pool_timeout_ms(),
             max_connections: 0,
             max_tenant_connections: 0,
+            tenant_turn_ms: default_tenant_turn_ms(),
+            tenant_turn_linger_ms: default_tenant_turn_linger_ms(),
             sslmode: SslMode::Disable,
             isolation: Isolation::Shared,
             tenant_role: default_tenant_role(),
@@ -181,6 +192,12 @@ fn default_pool_size() -> usize {
 }
 fn default_reserve_pool_timeout_ms() -> u64 {
     3_000
+}
+fn default_tenant_turn_ms() -> u64 {
+    5
+}
+fn default_tenant_turn_linger_ms() -> u64 {
+    1
 }
 fn default_tenant_role() -> String {
     "t_{tenant}".into()

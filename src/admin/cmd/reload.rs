@@ -170,13 +170,14 @@ fn plan_backends(
 }
 
 /// A backend's reloadable limits.
-fn limits(c: &BackendConfig) -> (usize, usize, usize, usize, u64) {
+fn limits(c: &BackendConfig) -> (usize, usize, usize, usize, u64, (u64, u64)) {
     (
         c.pool_size,
         c.max_connections,
         c.max_tenant_connections,
         c.reserve_pool_size,
         c.reserve_pool_timeout_ms,
+        (c.tenant_turn_ms, c.tenant_turn_linger_ms),
     )
 }
 
@@ -188,6 +189,8 @@ fn without_limits(c: &BackendConfig) -> BackendConfig {
         max_tenant_connections: 0,
         reserve_pool_size: 0,
         reserve_pool_timeout_ms: 0,
+        tenant_turn_ms: 0,
+        tenant_turn_linger_ms: 0,
         ..c.clone()
     }
 }
