@@ -1009,31 +1009,47 @@ async fn a_tenant_keeps_its_connection_for_its_turn_while_another_waits() {
     }
 }
 
-/// A turn is bounded: a tenant whose client keeps coming back within the linger still lets a waiting tenant
-/// in once its turn is over, long before it stops.
+/// A turn is bounded: two tenants whose clients each come back at once, on one connection, both make
+/// progress (a turn without an end would leave one waiting until the other stops), and the connection changes
+/// tenants once a turn, not once a transaction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_turn_ends_while_its_tenant_keeps_coming_back() {
+async fn turns_end_while_their_tenants_keep_coming_back() {
     let w = clusters();
-    let p = one_connection_with_turns(&w, 50, 1_000).await;
-    let acme = p.connect("app.acme", "app").await.unwrap();
-    let globex = p.connect("app.globex", "app").await.unwrap();
+    let p = one_connection_with_turns(&w, 50, 2_000).await;
+    let before = tenant_resets(&p).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let looping = {
+    let mut loops = Vec::new();
+    for (tenant, who) in [("app.acme", "tenant_acme"), ("app.globex", "tenant_globex")] {
+        let c = p.connect(tenant, "app").await.unwrap();
         let stop = stop.clone();
-        tokio::spawn(async move {
+        loops.push(tokio::spawn(async move {
             let mut n = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                assert_eq!(who_is(&acme).await.unwrap(), "tenant_acme");
+                // A simple query: one checkout per transaction.
+                let rows = c.simple_query("SELECT who FROM t").await.unwrap();
+                let got = rows.iter().find_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                    _ => None,
+                });
+                assert_eq!(got.as_deref(), Some(who));
                 n += 1;
             }
             n
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    // Globex waits behind acme's turn, which acme's loop would hold forever if turns had no end.
-    assert_eq!(who_is(&globex).await.unwrap(), "tenant_globex");
-    assert!(!looping.is_finished(), "acme's loop stopped on its own");
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let n = looping.await.unwrap();
-    assert!(n > 1, "acme ran {n} transactions");
+    let mut counts = Vec::new();
+    for l in loops {
+        counts.push(l.await.unwrap());
+    }
+    let resets = tenant_resets(&p).await - before;
+    let total = (counts[0] + counts[1]) as f64;
+    eprintln!("transactions {counts:?}, resets {resets}");
+    // Each tenant had several turns of 50 ms in 1.5 s.
+    assert!(counts.iter().all(|&n| n >= 5), "{counts:?}");
+    assert!(
+        resets <= total / 4.0,
+        "{resets} resets in {total} transactions"
+    );
 }

@@ -506,7 +506,8 @@ impl Pool {
             return Some(conn);
         };
         let since = *conn.turn_since.get_or_insert(now);
-        if now.duration_since(since) >= turn {
+        // A suspect connection needs a full reset even for its own tenant: keeping it saves nothing.
+        if now.duration_since(since) >= turn || conn.suspect {
             conn.turn_since = None;
             return Some(conn);
         }
@@ -526,7 +527,13 @@ impl Pool {
             Err(Grant::Conn(back)) => conn = back,
             Err(Grant::Open) => return None,
         }
-        conn.kept_until = Some(now + linger);
+        if inner.waiting.is_empty() {
+            // Its tenant's waiters had all given up, and nobody else waits: an ordinary idle connection.
+            conn.turn_since = None;
+            return Some(conn);
+        }
+        // The turn's end bounds the linger too.
+        conn.kept_until = Some((now + linger).min(since + turn));
         inner.kept += 1;
         inner.idle.push(conn);
         if !inner.sweeper {
@@ -576,10 +583,11 @@ impl Pool {
     /// Closes one idle connection to make room on the backend for another pool; true when one was closed.
     pub(super) fn close_one_idle(&self) -> bool {
         let mut inner = self.lock();
-        if inner.idle.is_empty() {
+        // A connection kept for its tenant's turn is as good as busy: this pool's clients wait for it.
+        let Some(i) = inner.idle.iter().position(|c| c.kept_until.is_none()) else {
             return false;
-        }
-        let conn = take_idle(&mut inner, 0);
+        };
+        let conn = take_idle(&mut inner, i);
         inner.total -= 1;
         drop(inner);
         drop(conn);
@@ -610,11 +618,13 @@ impl Pool {
         let before = inner.idle.len();
         let (keep, old): (Vec<_>, Vec<_>) =
             std::mem::take(&mut inner.idle).into_iter().partition(|c| {
-                now.duration_since(c.idle_since) < max_idle
-                    && (lifetime.is_zero() || now.duration_since(c.born) < lifetime)
+                // A connection kept for its tenant's turn is as good as busy (clients wait for it): it goes
+                // once its keeping ends, like one in use.
+                c.kept_until.is_some()
+                    || (now.duration_since(c.idle_since) < max_idle
+                        && (lifetime.is_zero() || now.duration_since(c.born) < lifetime))
             });
         inner.idle = keep;
-        inner.kept = inner.idle.iter().filter(|c| c.kept_until.is_some()).count();
         let closed = before - inner.idle.len();
         inner.total -= closed;
         drop(inner);

@@ -103,9 +103,13 @@ impl WaitQueue {
                 Err(back) => grant = back,
             }
         }
+        // Served out of turn, the tenant goes to the back of the ring, as if served in its turn: its next
+        // turn on a connection comes after every other waiting tenant's.
+        self.ring.retain(|t| *t != key);
         if q.is_empty() {
             self.by_tenant.remove(&key);
-            self.ring.retain(|t| *t != key);
+        } else if served {
+            self.ring.push_back(key);
         }
         if served {
             Ok(())
@@ -206,21 +210,26 @@ mod tests {
     fn a_tenant_served_out_of_turn_keeps_the_others_order() {
         let mut q = WaitQueue::default();
         let (a, b) = (t("a"), t("b"));
-        let mut rx_a = q.push(a.as_ref()).1;
         let mut rx_b = q.push(b.as_ref()).1;
+        let mut rx_a = q.push(a.as_ref()).1;
         let gone = q.push(b.as_ref()).1;
         let mut rx_b3 = q.push(b.as_ref()).1;
+        let mut rx_b4 = q.push(b.as_ref()).1;
         assert!(q.hand_out_to(b.as_ref().unwrap(), Grant::Open).is_ok());
         assert!(matches!(rx_b.try_recv(), Ok(Grant::Open)));
+        // Served out of turn, `b` goes behind `a` in the round-robin.
+        assert_eq!(q.hand_out(Grant::Open, |_| true).unwrap(), a);
+        assert!(matches!(rx_a.try_recv(), Ok(Grant::Open)));
         drop(gone);
         // The one that gave up is passed over.
         assert!(q.hand_out_to(b.as_ref().unwrap(), Grant::Open).is_ok());
         assert!(matches!(rx_b3.try_recv(), Ok(Grant::Open)));
-        // `b` has nobody left: the grant comes back, and `b` is out of the ring.
+        assert!(q.hand_out_to(b.as_ref().unwrap(), Grant::Open).is_ok());
+        assert!(matches!(rx_b4.try_recv(), Ok(Grant::Open)));
+        // `b` has nobody left: the grant comes back, and nobody is queued.
         assert!(q.hand_out_to(b.as_ref().unwrap(), Grant::Open).is_err());
-        assert_eq!(q.hand_out(Grant::Open, |_| true).unwrap(), a);
-        assert!(matches!(rx_a.try_recv(), Ok(Grant::Open)));
         assert!(q.is_empty());
+        assert!(q.hand_out(Grant::Open, |_| true).is_err());
     }
 
     #[test]
