@@ -8,6 +8,7 @@
 #   bash benches/cpu_split.sh pgtenant-transaction simple select     # TARGET QUERY_MODE SCRIPT(select|tpcb)
 #   bash benches/cpu_split.sh pgbouncer-transaction extended tpcb
 #   PGTENANT_BIN=/path/to/other/build bash benches/cpu_split.sh pgtenant-session prepared select
+#   PERF_OUT=/tmp/p.data bash benches/cpu_split.sh pgtenant-transaction simple select   # + a user-only perf profile
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/pg-lib.sh
@@ -43,8 +44,14 @@ args=(-n -c 16 -j 2 -M "$QMODE")
 url="host=127.0.0.1 port=$port user=$user dbname=app"
 pgbench "${args[@]}" -T 2 "$url" >/dev/null 2>&1
 read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$PID/stat")
+if [ -n "${PERF_OUT:-}" ]; then
+  # User-space samples only: the system calls are the same in both proxies (see above).
+  perf record -q -e cpu-clock:u -p "$PID" -o "$PERF_OUT" -- sleep 4 >/dev/null 2>&1 &
+  PERF_PID=$!
+fi
 out="$(pgbench "${args[@]}" -T 5 "$url" 2>&1)"
 read -r u1 s1 < <(awk '{print $14, $15}' "/proc/$PID/stat")
+[ -z "${PERF_OUT:-}" ] || wait "$PERF_PID" || true
 tx="$(grep -oP 'actually processed: \K[0-9]+' <<<"$out")"
 tick="$(getconf CLK_TCK)"
 python3 - "$TARGET" "$QMODE" "$SCRIPT" "$(grep -oP 'tps = \K[0-9.]+' <<<"$out")" "$tx" "$tick" "$u0" "$u1" "$s0" "$s1" <<'PY'
