@@ -292,6 +292,50 @@ async fn a_stalled_link_cannot_apply_after_the_next_one_took_over() {
     assert_eq!(rows(&pg, "dst"), rows(&pg, "app"));
 }
 
+/// Lease generations fence the claim: a link of an older coordinator (lower generation) that comes back after a
+/// newer one claimed the target is refused before it ends anyone, and the newer link goes on applying; a still
+/// newer one takes the target over as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_of_an_older_lease_generation_is_refused() {
+    let (pg, src, dst, app) = setup().await;
+    let mut taker = link(&src, &dst).await;
+    taker.generation = Some(7);
+    assert_eq!(taker.pass("acme").await.expect("taker claims").read, 0);
+    let mut thawed = link(&src, &dst).await;
+    thawed.generation = Some(6);
+    let refused = thawed.pass("acme").await;
+    assert!(
+        matches!(&refused, Err(e) if e.to_string().contains("newer coordinator")),
+        "{refused:?}"
+    );
+    // Without generations the claim would have ended the taker's session; it still applies.
+    app.batch_execute("UPDATE t.k SET v = 'kept' WHERE id = 1")
+        .await
+        .expect("write");
+    assert_eq!(drain(&mut taker).await, 1);
+    assert_eq!(rows(&pg, "dst"), rows(&pg, "app"));
+    assert_eq!(
+        pg.psql(
+            "dst",
+            "SELECT lock, generation FROM pgtenant.claim_generation"
+        ),
+        "pgtenant apply acme into t|7"
+    );
+    // A newer coordinator's link takes over, ending the taker's session.
+    let mut newer = link(&src, &dst).await;
+    newer.generation = Some(8);
+    assert_eq!(newer.pass("acme").await.expect("newer claims").read, 0);
+    app.batch_execute("UPDATE t.k SET v = 'newer' WHERE id = 2")
+        .await
+        .expect("write");
+    assert!(
+        taker.pass("acme").await.is_err(),
+        "the taker's session was ended"
+    );
+    assert_eq!(drain(&mut newer).await, 1);
+    assert_eq!(rows(&pg, "dst"), rows(&pg, "app"));
+}
+
 /// A copy's progress, unrecorded.
 struct Quiet;
 

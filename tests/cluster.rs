@@ -553,11 +553,38 @@ async fn a_coordinator_that_thaws_after_a_takeover_leaves_the_tee_to_the_taker()
             .unwrap()
             .success());
     };
+    let generation = || {
+        cp.psql(
+            "postgres",
+            "SELECT generation FROM pgtenant_cp.migrations WHERE tenant = 'acme'",
+        )
+        .parse::<i64>()
+        .unwrap()
+    };
+    let claimed = || {
+        dedicated
+            .psql(
+                "app",
+                "SELECT generation FROM pgtenant.claim_generation WHERE lock LIKE 'pgtenant apply acme %'",
+            )
+            .parse::<i64>()
+            .unwrap()
+    };
+    let first_generation = generation();
+    assert_eq!(
+        claimed(),
+        first_generation,
+        "the link's claim carries its lease's generation"
+    );
     signal("-STOP");
     let frozen = Instant::now();
     let taker = taker(&others, frozen).await;
     common::moves::wait_state(taker, "acme", "dual_write", Duration::from_secs(30)).await;
     common::moves::wait_lag_zero(taker, "acme").await;
+    // The takeover drew a newer generation, which the taker's claim recorded on the target: the thawed
+    // instance's claims are refused there even if its own lease check let one through.
+    assert!(generation() > first_generation);
+    assert_eq!(claimed(), generation());
     signal("-CONT");
     // The thawed instance finds its lease taken at its next renewal (each second).
     tokio::time::sleep(Duration::from_secs(3)).await;

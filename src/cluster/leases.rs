@@ -28,25 +28,47 @@ const TRUSTED: Duration = Duration::from_secs(3);
 /// Both clocks are read: the monotonic one does not move while the machine is suspended (a paused VM), the wall
 /// clock does (and one that went back counts as expired).
 #[derive(Default)]
-pub struct LeaseClock(Mutex<HashMap<TenantId, (Instant, SystemTime)>>);
+pub struct LeaseClock(Mutex<HashMap<TenantId, Renewal>>);
+
+/// A lease's last successful renewal: when it was sent, on both clocks, and the lease's generation.
+#[derive(Debug, Clone, Copy)]
+struct Renewal {
+    at: Instant,
+    wall: SystemTime,
+    generation: i64,
+}
 
 impl LeaseClock {
     /// Whether this instance may act on `tenant`'s move now.
     pub fn holds(&self, tenant: &str) -> bool {
-        self.lock().get(tenant).is_some_and(|(at, wall)| {
-            at.elapsed() < TRUSTED && wall.elapsed().is_ok_and(|d| d < TRUSTED)
+        self.lock().get(tenant).is_some_and(|r| {
+            r.at.elapsed() < TRUSTED && r.wall.elapsed().is_ok_and(|d| d < TRUSTED)
         })
     }
 
-    fn renewed(&self, tenant: &TenantId, sent: (Instant, SystemTime)) {
-        self.lock().insert(tenant.clone(), sent);
+    /// The generation of this instance's lease on `tenant`'s move, which its claims on the backends carry:
+    /// each takeover by another instance draws a higher one.
+    pub fn generation(&self, tenant: &str) -> Option<i64> {
+        self.lock().get(tenant).map(|r| r.generation)
+    }
+
+    fn renewed(&self, tenant: &TenantId, sent: (Instant, SystemTime), generation: i64) {
+        let (at, wall) = sent;
+        self.lock().insert(
+            tenant.clone(),
+            Renewal {
+                at,
+                wall,
+                generation,
+            },
+        );
     }
 
     fn lost(&self, tenant: &str) {
         self.lock().remove(tenant);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TenantId, (Instant, SystemTime)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TenantId, Renewal>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -118,31 +140,34 @@ impl ControlPlane {
         let json = serde_json::to_value(rec).map_err(|e| StoreError::Pg(e.to_string()))?;
         let (id, t) = (self.id.clone(), rec.tenant.to_string());
         let sent = (Instant::now(), SystemTime::now());
+        // The generation stays while the holder does; a lease taken from another instance draws a new one.
         let held = self.with_client(async move |c| {
-            let rows = c
-                .query(
+            let row = c
+                .query_opt(
                     &format!(
-                        "INSERT INTO pgtenant_cp.migrations (tenant, record, holder, lease_until)
-                         VALUES ($1, $2, $3, now() + interval '{LEASE}')
+                        "INSERT INTO pgtenant_cp.migrations (tenant, record, holder, lease_until, generation)
+                         VALUES ($1, $2, $3, now() + interval '{LEASE}', nextval('pgtenant_cp.lease_generation'))
                          ON CONFLICT (tenant) DO UPDATE SET record = EXCLUDED.record, holder = EXCLUDED.holder,
-                           lease_until = EXCLUDED.lease_until, updated_at = now()
+                           lease_until = EXCLUDED.lease_until, updated_at = now(),
+                           generation = CASE WHEN pgtenant_cp.migrations.holder = EXCLUDED.holder
+                             THEN pgtenant_cp.migrations.generation ELSE EXCLUDED.generation END
                          WHERE pgtenant_cp.migrations.holder = EXCLUDED.holder
                             OR pgtenant_cp.migrations.lease_until < now()
-                         RETURNING 1"
+                         RETURNING generation"
                     ),
                     &[&t, &json, &id],
                 )
                 .await
                 .map_err(pg("renew lease"))?;
-            Ok(!rows.is_empty())
+            Ok(row.map(|r| r.get::<_, i64>(0)))
         })
         .await?;
-        if held {
-            self.lease_clock.renewed(&rec.tenant, sent);
+        if let Some(generation) = held {
+            self.lease_clock.renewed(&rec.tenant, sent, generation);
         } else {
             self.lease_clock.lost(rec.tenant.as_str());
         }
-        Ok(held)
+        Ok(held.is_some())
     }
 
     /// A finished migration's record, written once more with its lease given up.
@@ -200,23 +225,29 @@ impl ControlPlane {
         for t in candidates.into_iter().filter(|t| !runs_here(shared, t)) {
             let id = self.id.clone();
             let sent = (Instant::now(), SystemTime::now());
-            let row: Option<serde_json::Value> = self
+            let row: Option<(serde_json::Value, i64)> = self
                 .with_client(async move |c| {
                     let row = c
                         .query_opt(
                             &format!(
-                                "UPDATE pgtenant_cp.migrations SET holder = $1, lease_until = now() + interval '{LEASE}'
-                                  WHERE tenant = $2 AND (lease_until < now() OR holder = $1) RETURNING record"
+                                "UPDATE pgtenant_cp.migrations SET holder = $1, lease_until = now() + interval '{LEASE}',
+                                   generation = CASE WHEN holder = $1 THEN generation
+                                     ELSE nextval('pgtenant_cp.lease_generation') END
+                                  WHERE tenant = $2 AND (lease_until < now() OR holder = $1)
+                                  RETURNING record, generation"
                             ),
                             &[&id, &t],
                         )
                         .await
                         .map_err(pg("take over a migration"))?;
-                    Ok(row.map(|r| r.get(0)))
+                    Ok(row.map(|r| (r.get(0), r.get(1))))
                 })
                 .await?;
-            if let Some(rec) = row.and_then(|v| serde_json::from_value::<Record>(v).ok()) {
-                self.lease_clock.renewed(&rec.tenant, sent);
+            let Some((value, generation)) = row else {
+                continue;
+            };
+            if let Ok(rec) = serde_json::from_value::<Record>(value) {
+                self.lease_clock.renewed(&rec.tenant, sent, generation);
                 taken.push(rec);
             }
         }
@@ -258,21 +289,21 @@ mod tests {
         let clock = LeaseClock::default();
         let acme = TenantId::parse("acme").unwrap();
         assert!(!clock.holds("acme"), "never renewed");
-        clock.renewed(&acme, (Instant::now(), SystemTime::now()));
+        clock.renewed(&acme, (Instant::now(), SystemTime::now()), 1);
         assert!(clock.holds("acme"));
         assert!(!clock.holds("beta"));
         let long_ago = Duration::from_secs(4);
         let old = (Instant::now() - long_ago, SystemTime::now());
-        clock.renewed(&acme, old);
+        clock.renewed(&acme, old, 1);
         assert!(
             !clock.holds("acme"),
             "monotonic clock past the trusted time"
         );
         // A machine suspended since: the monotonic clock stood still, the wall clock went on.
-        clock.renewed(&acme, (Instant::now(), SystemTime::now() - long_ago));
+        clock.renewed(&acme, (Instant::now(), SystemTime::now() - long_ago), 1);
         assert!(!clock.holds("acme"), "wall clock past the trusted time");
         // A wall clock set back counts as expired.
-        clock.renewed(&acme, (Instant::now(), SystemTime::now() + long_ago));
+        clock.renewed(&acme, (Instant::now(), SystemTime::now() + long_ago), 1);
         assert!(!clock.holds("acme"), "wall clock went back");
         clock.lost("acme");
         assert!(!clock.holds("acme"));

@@ -35,6 +35,10 @@ CREATE TABLE IF NOT EXISTS pgtenant_cp.audit (
 CREATE TABLE IF NOT EXISTS pgtenant_cp.migrations (
     tenant text PRIMARY KEY, record jsonb NOT NULL, holder text NOT NULL, lease_until timestamptz NOT NULL,
     updated_at timestamptz NOT NULL DEFAULT now());
+-- Each taking of a move's lease by another instance draws a new generation, which the coordinator carries into
+-- its claims on the backends (migration/claim.rs): an older coordinator's claim is refused there.
+CREATE SEQUENCE IF NOT EXISTS pgtenant_cp.lease_generation;
+ALTER TABLE pgtenant_cp.migrations ADD COLUMN IF NOT EXISTS generation bigint NOT NULL DEFAULT 0;
 CREATE TABLE IF NOT EXISTS pgtenant_cp.barriers (
     tenant text PRIMARY KEY, attempt bigint NOT NULL, coordinator text NOT NULL, phase text NOT NULL,
     deadline timestamptz NOT NULL, created_at timestamptz NOT NULL DEFAULT now());

@@ -55,6 +55,8 @@ pub struct Link {
     fixed: Option<[Statement; 3]>,
     /// The tenant whose apply lock the "to" connection holds ([`super::claim`]).
     claimed: Option<String>,
+    /// The generation of the coordinator's lease its claim carries (with a control plane).
+    pub generation: Option<i64>,
 }
 
 /// Layer statements a link keeps prepared, of both forms (a pass's layers depend on which tables it touched
@@ -94,6 +96,7 @@ impl Link {
             trim: Vec::new(),
             fixed: None,
             claimed: None,
+            generation: None,
         }
     }
 
@@ -118,7 +121,7 @@ impl Link {
             }
             _ => {}
         }
-        super::claim::claim(&self.to, tenant, &self.to_side.schema).await?;
+        super::claim::claim(&self.to, tenant, &self.to_side.schema, self.generation).await?;
         self.claimed = Some(tenant.to_string());
         self.to
             .batch_execute("SET session_replication_role = replica")

@@ -8,6 +8,12 @@
 //! would be written over newer ones. With the claim, a new link ends the old link's "to" session before it
 //! takes the lock: whatever that session committed is visible to the new link's reads, and nothing it sends
 //! afterwards reaches the target.
+//!
+//! With a control plane, a claim also carries the generation of the coordinator's lease on the move (each
+//! takeover by another instance draws a higher one, see `cluster::leases`), recorded per lock in
+//! `pgtenant.claim_generation` on the backend. A claim older than the one recorded is refused before it ends
+//! anyone: a coordinator that thawed after its move was taken over cannot take the backend back from the taker,
+//! however its own lease check went. Its sessions were ended by the taker's claim; it can only fail.
 
 use tokio_postgres::Client;
 use tracing::warn;
@@ -44,13 +50,64 @@ const END_HOLDERS: &str = "SELECT count(*), count(*) FILTER (WHERE ended) FROM (
 const WAIT: &str = "SELECT pg_advisory_lock(hashtextextended($1, 0))";
 
 /// Takes the apply lock for `tenant` into `schema` on `to`, ending an earlier link's session that holds it.
-pub async fn claim(to: &Client, tenant: &str, schema: &str) -> Result<(), MigrateError> {
-    take(to, &key_text(tenant, schema), tenant, "apply").await
+pub async fn claim(
+    to: &Client,
+    tenant: &str,
+    schema: &str,
+    generation: Option<i64>,
+) -> Result<(), MigrateError> {
+    take(to, &key_text(tenant, schema), tenant, "apply", generation).await
 }
 
+/// The table of claims' generations (the migration's schema exists wherever a lock is claimed; an older build
+/// set it up without this table).
+const GENERATIONS: &str = "CREATE TABLE IF NOT EXISTS pgtenant.claim_generation (      lock text PRIMARY KEY, generation bigint NOT NULL);      REVOKE ALL ON pgtenant.claim_generation FROM PUBLIC";
+
+/// Records the claim's generation unless a newer one is recorded; no row: refused. Its row stays locked until
+/// the claim's transaction ends, so a newer claim running at the same time waits for this one and then ends it.
+const RECORD_GENERATION: &str = "INSERT INTO pgtenant.claim_generation (lock, generation) VALUES ($1, $2)      ON CONFLICT (lock) DO UPDATE SET generation = excluded.generation      WHERE pgtenant.claim_generation.generation <= excluded.generation RETURNING 1";
+
 /// Takes the lock of `key` (a text hashed to the lock's 64-bit key) exclusively on `to`, ending the migration
-/// sessions that hold it, shared or exclusive (see [`END_HOLDERS`]). `what` names the lock in messages.
-pub async fn take(to: &Client, key: &str, tenant: &str, what: &str) -> Result<(), MigrateError> {
+/// sessions that hold it, shared or exclusive (see [`END_HOLDERS`]). `what` names the lock in messages. With a
+/// `generation` (a control plane's lease), the claim is fenced by it (see the module's note).
+pub async fn take(
+    to: &Client,
+    key: &str,
+    tenant: &str,
+    what: &str,
+    generation: Option<i64>,
+) -> Result<(), MigrateError> {
+    let Some(generation) = generation else {
+        return take_lock(to, key, tenant, what).await;
+    };
+    to.batch_execute(GENERATIONS)
+        .await
+        .map_err(|e| MigrateError::pg("set up the claims' generations", e))?;
+    to.batch_execute("BEGIN")
+        .await
+        .map_err(|e| MigrateError::pg("begin the claim", e))?;
+    let taken = async {
+        let newest = to
+            .query_opt(RECORD_GENERATION, &[&key, &generation])
+            .await
+            .map_err(|e| MigrateError::pg(&format!("record the {what} claim's generation"), e))?;
+        if newest.is_none() {
+            return Err(MigrateError::Refused(format!(
+                "tenant {tenant:?}'s {what} lock was claimed by a newer coordinator of the move than this one                  (lease generation {generation}): another instance took the move over; this one stops"
+            )));
+        }
+        take_lock(to, key, tenant, what).await
+    }
+    .await;
+    // The session-level advisory lock outlives the transaction; the generation's row lock does not.
+    let end = if taken.is_ok() { "COMMIT" } else { "ROLLBACK" };
+    let ended = to.batch_execute(end).await;
+    taken?;
+    ended.map_err(|e| MigrateError::pg("end the claim", e))
+}
+
+/// The lock itself: tried, else its migration holders ended and waited for.
+async fn take_lock(to: &Client, key: &str, tenant: &str, what: &str) -> Result<(), MigrateError> {
     let took: bool = to
         .query_one(TRY, &[&key])
         .await

@@ -59,7 +59,8 @@ impl CopyRun {
         if lease.is_some_and(|l| !l.holds(tenant)) {
             return Err(super::tee::lease_unconfirmed());
         }
-        super::claim::take(&owner, &key, tenant, "copy").await?;
+        let generation = lease.and_then(|l| l.generation(tenant));
+        super::claim::take(&owner, &key, tenant, "copy", generation).await?;
         owner
             .execute(RECORD, &[&me.tenant, &me.dest, &me.run])
             .await

@@ -291,11 +291,13 @@ impl Tee {
         let from = self.spec.from.connect().await?;
         let to = self.spec.to.connect().await?;
         let mut link = Link::new(from, to, self.spec.to.clone(), self.spec.tables.clone());
-        // Just before the claim, which ends the session of whichever link holds the target now.
+        // Just before the claim, which ends the session of whichever link holds the target now; the claim
+        // carries the lease's generation, so a newer coordinator's claim is never undone by this one.
         if let Some(clock) = &self.spec.lease {
             if !clock.holds(self.spec.tenant.as_str()) {
                 return Err(lease_unconfirmed());
             }
+            link.generation = clock.generation(self.spec.tenant.as_str());
         }
         // Before anything reads the log through this link (a verification reads it outside a pass).
         link.claim(&self.spec.tenant).await?;
