@@ -16,6 +16,15 @@ use crate::migration::record::Record;
 use crate::tenant::TenantId;
 
 const LEASE: &str = "5 seconds";
+/// This process holds the row's lease (in an upsert, `EXCLUDED` is this process's).
+const SAME_HOLDER: &str = "pgtenant_cp.migrations.holder = EXCLUDED.holder \
+     AND pgtenant_cp.migrations.incarnation = EXCLUDED.incarnation";
+/// A new lease generation, above every earlier one: the sequence's next value, raised to the store's clock in
+/// microseconds (and the sequence with it), so a store recreated or restored from a backup does not hand out
+/// generations below those its predecessor left recorded on the backends (`migration::claim`).
+const NEXT_GENERATION: &str =
+    "setval('pgtenant_cp.lease_generation', greatest(nextval('pgtenant_cp.lease_generation'), \
+     (extract(epoch FROM clock_timestamp()) * 1000000)::bigint))";
 /// How long after a renewal was sent this instance still acts on the lease: well inside the 5 s the store gives
 /// it, so the lease cannot have run out (and been taken) while a step it allows is running.
 const TRUSTED: Duration = Duration::from_secs(3);
@@ -41,15 +50,16 @@ struct Renewal {
 impl LeaseClock {
     /// Whether this instance may act on `tenant`'s move now.
     pub fn holds(&self, tenant: &str) -> bool {
-        self.lock().get(tenant).is_some_and(|r| {
-            r.at.elapsed() < TRUSTED && r.wall.elapsed().is_ok_and(|d| d < TRUSTED)
-        })
+        self.held(tenant).is_some()
     }
 
-    /// The generation of this instance's lease on `tenant`'s move, which its claims on the backends carry:
-    /// each takeover by another instance draws a higher one.
-    pub fn generation(&self, tenant: &str) -> Option<i64> {
-        self.lock().get(tenant).map(|r| r.generation)
+    /// The generation of this instance's lease on `tenant`'s move while it may act on it (see [`Self::holds`]),
+    /// which its claims on the backends carry: each takeover by another instance draws a higher one.
+    pub fn held(&self, tenant: &str) -> Option<i64> {
+        self.lock()
+            .get(tenant)
+            .filter(|r| r.at.elapsed() < TRUSTED && r.wall.elapsed().is_ok_and(|d| d < TRUSTED))
+            .map(|r| r.generation)
     }
 
     fn renewed(&self, tenant: &TenantId, sent: (Instant, SystemTime), generation: i64) {
@@ -122,11 +132,15 @@ impl ControlPlane {
 
     /// Removes the lease `lease_new` took, for a move whose start failed after it.
     pub async fn unlease(&self, tenant: &crate::tenant::TenantId) -> Result<(), StoreError> {
-        let (id, t) = (self.id.clone(), tenant.to_string());
+        let (id, t, me) = (
+            self.id.clone(),
+            tenant.to_string(),
+            self.incarnation.clone(),
+        );
         self.with_client(async move |c| {
             c.execute(
-                "DELETE FROM pgtenant_cp.migrations WHERE tenant = $1 AND holder = $2",
-                &[&t, &id],
+                "DELETE FROM pgtenant_cp.migrations WHERE tenant = $1 AND holder = $2 AND incarnation = $3",
+                &[&t, &id, &me],
             )
             .await
             .map_err(pg("remove a lease"))
@@ -138,24 +152,28 @@ impl ControlPlane {
     /// Writes the record with a fresh lease; false when another instance holds it.
     async fn renew(&self, rec: &Record) -> Result<bool, StoreError> {
         let json = serde_json::to_value(rec).map_err(|e| StoreError::Pg(e.to_string()))?;
-        let (id, t) = (self.id.clone(), rec.tenant.to_string());
         let sent = (Instant::now(), SystemTime::now());
-        // The generation stays while the holder does; a lease taken from another instance draws a new one.
+        // The generation stays while this process holds the lease; a lease taken from another (or from a
+        // process of the same id) draws a new one.
+        let (id, t, me) = (
+            self.id.clone(),
+            rec.tenant.to_string(),
+            self.incarnation.clone(),
+        );
         let held = self.with_client(async move |c| {
             let row = c
                 .query_opt(
                     &format!(
-                        "INSERT INTO pgtenant_cp.migrations (tenant, record, holder, lease_until, generation)
-                         VALUES ($1, $2, $3, now() + interval '{LEASE}', nextval('pgtenant_cp.lease_generation'))
+                        "INSERT INTO pgtenant_cp.migrations (tenant, record, holder, incarnation, lease_until, generation)
+                         VALUES ($1, $2, $3, $4, now() + interval '{LEASE}', {NEXT_GENERATION})
                          ON CONFLICT (tenant) DO UPDATE SET record = EXCLUDED.record, holder = EXCLUDED.holder,
-                           lease_until = EXCLUDED.lease_until, updated_at = now(),
-                           generation = CASE WHEN pgtenant_cp.migrations.holder = EXCLUDED.holder
-                             THEN pgtenant_cp.migrations.generation ELSE EXCLUDED.generation END
-                         WHERE pgtenant_cp.migrations.holder = EXCLUDED.holder
-                            OR pgtenant_cp.migrations.lease_until < now()
+                           incarnation = EXCLUDED.incarnation, lease_until = EXCLUDED.lease_until, updated_at = now(),
+                           generation = CASE WHEN {SAME_HOLDER} THEN pgtenant_cp.migrations.generation
+                             ELSE EXCLUDED.generation END
+                         WHERE {SAME_HOLDER} OR pgtenant_cp.migrations.lease_until < now()
                          RETURNING generation"
                     ),
-                    &[&t, &json, &id],
+                    &[&t, &json, &id, &me],
                 )
                 .await
                 .map_err(pg("renew lease"))?;
@@ -183,12 +201,16 @@ impl ControlPlane {
             return Ok(());
         }
         let json = serde_json::to_value(rec).map_err(|e| StoreError::Pg(e.to_string()))?;
-        let (id, t) = (self.id.clone(), rec.tenant.to_string());
+        let (id, t, me) = (
+            self.id.clone(),
+            rec.tenant.to_string(),
+            self.incarnation.clone(),
+        );
         self.with_client(async move |c| {
             c.execute(
                 "UPDATE pgtenant_cp.migrations SET record = $2, lease_until = now(), updated_at = now()
-                  WHERE tenant = $1 AND holder = $3",
-                &[&t, &json, &id],
+                  WHERE tenant = $1 AND holder = $3 AND incarnation = $4",
+                &[&t, &json, &id, &me],
             )
             .await
             .map_err(pg("release lease"))
@@ -223,20 +245,21 @@ impl ControlPlane {
             .await?;
         let mut taken = Vec::new();
         for t in candidates.into_iter().filter(|t| !runs_here(shared, t)) {
-            let id = self.id.clone();
+            let (id, me) = (self.id.clone(), self.incarnation.clone());
             let sent = (Instant::now(), SystemTime::now());
+            // Always a new generation: the move does not run in this process (one of the same id before a
+            // restart may still be alive somewhere).
             let row: Option<(serde_json::Value, i64)> = self
                 .with_client(async move |c| {
                     let row = c
                         .query_opt(
                             &format!(
-                                "UPDATE pgtenant_cp.migrations SET holder = $1, lease_until = now() + interval '{LEASE}',
-                                   generation = CASE WHEN holder = $1 THEN generation
-                                     ELSE nextval('pgtenant_cp.lease_generation') END
+                                "UPDATE pgtenant_cp.migrations SET holder = $1, incarnation = $3,
+                                   lease_until = now() + interval '{LEASE}', generation = {NEXT_GENERATION}
                                   WHERE tenant = $2 AND (lease_until < now() OR holder = $1)
                                   RETURNING record, generation"
                             ),
-                            &[&id, &t],
+                            &[&id, &t, &me],
                         )
                         .await
                         .map_err(pg("take over a migration"))?;

@@ -16,6 +16,10 @@ use crate::tenant::TenantId;
 pub struct ControlPlane {
     pub(super) url: String,
     pub id: String,
+    /// This process's own mark on its leases, beside `id`: a replacement started under the same id (a pod
+    /// rescheduled with its name while the old one is frozen or cut off) takes the leases over with a new one,
+    /// and the old process's renewals then fail instead of passing as the replacement's.
+    pub(super) incarnation: String,
     pub(super) address: String,
     pub(super) started_unix: i64,
     /// The store epoch this instance has applied.
@@ -49,6 +53,7 @@ impl ControlPlane {
         ControlPlane {
             url: url.to_owned(),
             id,
+            incarnation: format!("{:016x}", rand::random::<u64>()),
             address,
             started_unix: (crate::migration::record::now_ms() / 1000) as i64,
             applied: AtomicI64::new(0),

@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS pgtenant_cp.migrations (
 -- its claims on the backends (migration/claim.rs): an older coordinator's claim is refused there.
 CREATE SEQUENCE IF NOT EXISTS pgtenant_cp.lease_generation;
 ALTER TABLE pgtenant_cp.migrations ADD COLUMN IF NOT EXISTS generation bigint NOT NULL DEFAULT 0;
+ALTER TABLE pgtenant_cp.migrations ADD COLUMN IF NOT EXISTS incarnation text NOT NULL DEFAULT '';
 CREATE TABLE IF NOT EXISTS pgtenant_cp.barriers (
     tenant text PRIMARY KEY, attempt bigint NOT NULL, coordinator text NOT NULL, phase text NOT NULL,
     deadline timestamptz NOT NULL, created_at timestamptz NOT NULL DEFAULT now());

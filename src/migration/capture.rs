@@ -44,6 +44,11 @@ CREATE TABLE IF NOT EXISTS pgtenant.copy_run (
     run    text NOT NULL,
     PRIMARY KEY (tenant, dest)
 );
+-- The newest lease generation that claimed each apply or copy lock here (see claim.rs).
+CREATE TABLE IF NOT EXISTS pgtenant.claim_generation (
+    lock       text PRIMARY KEY,
+    generation bigint NOT NULL
+);
 CREATE TABLE IF NOT EXISTS pgtenant.guarded (
     schema_name text NOT NULL,
     tenant      text NOT NULL,

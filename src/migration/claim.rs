@@ -13,7 +13,8 @@
 //! takeover by another instance draws a higher one, see `cluster::leases`), recorded per lock in
 //! `pgtenant.claim_generation` on the backend. A claim older than the one recorded is refused before it ends
 //! anyone: a coordinator that thawed after its move was taken over cannot take the backend back from the taker,
-//! however its own lease check went. Its sessions were ended by the taker's claim; it can only fail.
+//! however its own lease check went. Its sessions were ended by the taker's claim; it can only fail. (Equal
+//! generations pass: they are the same coordinator's.)
 
 use tokio_postgres::Client;
 use tracing::warn;
@@ -59,17 +60,29 @@ pub async fn claim(
     take(to, &key_text(tenant, schema), tenant, "apply", generation).await
 }
 
-/// The table of claims' generations (the migration's schema exists wherever a lock is claimed; an older build
-/// set it up without this table).
-const GENERATIONS: &str = "CREATE TABLE IF NOT EXISTS pgtenant.claim_generation (      lock text PRIMARY KEY, generation bigint NOT NULL);      REVOKE ALL ON pgtenant.claim_generation FROM PUBLIC";
+/// The table of claims' generations, made here only where an older build set the migration's schema up
+/// without it (`capture::setup` makes it).
+const GENERATIONS: &str = "CREATE TABLE IF NOT EXISTS pgtenant.claim_generation ( \
+     lock text PRIMARY KEY, generation bigint NOT NULL)";
 
-/// Records the claim's generation unless a newer one is recorded; no row: refused. Its row stays locked until
-/// the claim's transaction ends, so a newer claim running at the same time waits for this one and then ends it.
-const RECORD_GENERATION: &str = "INSERT INTO pgtenant.claim_generation (lock, generation) VALUES ($1, $2)      ON CONFLICT (lock) DO UPDATE SET generation = excluded.generation      WHERE pgtenant.claim_generation.generation <= excluded.generation RETURNING 1";
+/// The newest generation that claimed the lock here.
+const NEWEST: &str = "SELECT generation FROM pgtenant.claim_generation WHERE lock = $1";
+
+/// Records the claim's generation unless a newer one is recorded (no row: refused).
+const RECORD_GENERATION: &str =
+    "INSERT INTO pgtenant.claim_generation (lock, generation) VALUES ($1, $2) \
+     ON CONFLICT (lock) DO UPDATE SET generation = excluded.generation \
+     WHERE pgtenant.claim_generation.generation <= excluded.generation RETURNING 1";
+
+const UNLOCK: &str = "SELECT pg_advisory_unlock(hashtextextended($1, 0))";
 
 /// Takes the lock of `key` (a text hashed to the lock's 64-bit key) exclusively on `to`, ending the migration
 /// sessions that hold it, shared or exclusive (see [`END_HOLDERS`]). `what` names the lock in messages. With a
-/// `generation` (a control plane's lease), the claim is fenced by it (see the module's note).
+/// `generation` (a control plane's lease), the claim is fenced by it (see the module's note): refused at once
+/// when a newer generation is recorded, and, after the lock is taken, recorded unless a newer one was recorded
+/// meanwhile, in which case the lock is let go and the claim refused. Each statement commits on its own, so a
+/// claimer that freezes holds no row another claimer would wait for; one that records its generation while this
+/// claim takes the lock then ends this session with its own claim.
 pub async fn take(
     to: &Client,
     key: &str,
@@ -80,30 +93,43 @@ pub async fn take(
     let Some(generation) = generation else {
         return take_lock(to, key, tenant, what).await;
     };
-    to.batch_execute(GENERATIONS)
-        .await
-        .map_err(|e| MigrateError::pg("set up the claims' generations", e))?;
-    to.batch_execute("BEGIN")
-        .await
-        .map_err(|e| MigrateError::pg("begin the claim", e))?;
-    let taken = async {
-        let newest = to
-            .query_opt(RECORD_GENERATION, &[&key, &generation])
-            .await
-            .map_err(|e| MigrateError::pg(&format!("record the {what} claim's generation"), e))?;
-        if newest.is_none() {
-            return Err(MigrateError::Refused(format!(
-                "tenant {tenant:?}'s {what} lock was claimed by a newer coordinator of the move than this one                  (lease generation {generation}): another instance took the move over; this one stops"
-            )));
+    let newest = match to.query_opt(NEWEST, &[&key]).await {
+        Ok(row) => row.map(|r| r.get::<_, i64>(0)),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+            to.batch_execute(GENERATIONS)
+                .await
+                .map_err(|e| MigrateError::pg("set up the claims' generations", e))?;
+            None
         }
-        take_lock(to, key, tenant, what).await
+        Err(e) => {
+            return Err(MigrateError::pg(
+                &format!("read the {what} claim's generation"),
+                e,
+            ))
+        }
+    };
+    if newest.is_some_and(|n| n > generation) {
+        return Err(newer_claim(tenant, what, generation));
     }
-    .await;
-    // The session-level advisory lock outlives the transaction; the generation's row lock does not.
-    let end = if taken.is_ok() { "COMMIT" } else { "ROLLBACK" };
-    let ended = to.batch_execute(end).await;
-    taken?;
-    ended.map_err(|e| MigrateError::pg("end the claim", e))
+    take_lock(to, key, tenant, what).await?;
+    let recorded = to
+        .query_opt(RECORD_GENERATION, &[&key, &generation])
+        .await
+        .map_err(|e| MigrateError::pg(&format!("record the {what} claim's generation"), e))?;
+    if recorded.is_none() {
+        to.execute(UNLOCK, &[&key])
+            .await
+            .map_err(|e| MigrateError::pg(&format!("let the {what} lock go"), e))?;
+        return Err(newer_claim(tenant, what, generation));
+    }
+    Ok(())
+}
+
+fn newer_claim(tenant: &str, what: &str, generation: i64) -> MigrateError {
+    MigrateError::Refused(format!(
+        "tenant {tenant:?}'s {what} lock was claimed by a newer coordinator of the move than this one (lease \
+         generation {generation}): another instance took the move over; this one stops"
+    ))
 }
 
 /// The lock itself: tried, else its migration holders ended and waited for.

@@ -56,10 +56,11 @@ impl CopyRun {
         // The table, where an older build set up this target.
         super::capture::setup(&owner).await?;
         let key = key_text(&me.tenant, &me.dest);
-        if lease.is_some_and(|l| !l.holds(tenant)) {
-            return Err(super::tee::lease_unconfirmed());
-        }
-        let generation = lease.and_then(|l| l.generation(tenant));
+        let generation = match lease.map(|l| l.held(tenant)) {
+            Some(None) => return Err(super::tee::lease_unconfirmed()),
+            Some(held) => held,
+            None => None,
+        };
         super::claim::take(&owner, &key, tenant, "copy", generation).await?;
         owner
             .execute(RECORD, &[&me.tenant, &me.dest, &me.run])

@@ -294,10 +294,10 @@ impl Tee {
         // Just before the claim, which ends the session of whichever link holds the target now; the claim
         // carries the lease's generation, so a newer coordinator's claim is never undone by this one.
         if let Some(clock) = &self.spec.lease {
-            if !clock.holds(self.spec.tenant.as_str()) {
+            let Some(generation) = clock.held(self.spec.tenant.as_str()) else {
                 return Err(lease_unconfirmed());
-            }
-            link.generation = clock.generation(self.spec.tenant.as_str());
+            };
+            link.generation = Some(generation);
         }
         // Before anything reads the log through this link (a verification reads it outside a pass).
         link.claim(&self.spec.tenant).await?;
