@@ -527,6 +527,24 @@ async fn another_instance_takes_over_a_move_whose_coordinator_died() {
     );
 }
 
+/// Waits until acme's apply claim on `target` was recorded with `generation`.
+async fn apply_claimed(target: &PgCluster, generation: i64) {
+    let sql =
+        "SELECT generation FROM pgtenant.claim_generation WHERE lock LIKE 'pgtenant apply acme %'";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = target.psql("app", sql);
+        if got == generation.to_string() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "apply claim {got:?}, not {generation}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The target session holding the apply lock of acme's move (the applying link's), if any.
 fn apply_lock_holder(dedicated: &PgCluster) -> String {
     dedicated.psql(
@@ -561,27 +579,10 @@ async fn a_coordinator_that_thaws_after_a_takeover_leaves_the_tee_to_the_taker()
         .parse::<i64>()
         .unwrap()
     };
-    // The generation recorded by the applying link's claim (it claims on its own task, just after the tee
-    // starts): waited for.
-    let claimed = || async {
-        for _ in 0..100 {
-            let g = dedicated.psql(
-                "app",
-                "SELECT generation FROM pgtenant.claim_generation WHERE lock LIKE 'pgtenant apply acme %'",
-            );
-            if let Ok(g) = g.parse::<i64>() {
-                return g;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("no apply claim recorded on the target");
-    };
     let first_generation = generation();
-    assert_eq!(
-        claimed().await,
-        first_generation,
-        "the link's claim carries its lease's generation"
-    );
+    // The applying link's claim carries its lease's generation (it claims on its own task, just after the
+    // tee starts).
+    apply_claimed(&dedicated, first_generation).await;
     signal("-STOP");
     let frozen = Instant::now();
     let taker = taker(&others, frozen).await;
@@ -590,7 +591,7 @@ async fn a_coordinator_that_thaws_after_a_takeover_leaves_the_tee_to_the_taker()
     // The takeover drew a newer generation, which the taker's claim recorded on the target (what a claim of
     // the older generation meets there is tests/apply.rs's `a_claim_of_an_older_lease_generation_is_refused`).
     assert!(generation() > first_generation);
-    assert_eq!(claimed().await, generation());
+    apply_claimed(&dedicated, generation()).await;
     signal("-CONT");
     // The thawed instance finds its lease taken at its next renewal (each second).
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -739,29 +740,34 @@ async fn a_lease_of_the_same_id_but_another_process_is_not_renewed() {
         "postgres",
         "UPDATE pgtenant_cp.migrations SET incarnation = 'another process' WHERE tenant = 'acme'",
     );
-    // The renewal fails, the move stops here, and the lease is taken again (by this instance, whose id it
-    // is: as after a restart) with a new incarnation and generation.
+    // The renewal fails, the move stops here, and once the lease ran out it is taken again (by this instance,
+    // whose id it is: as after a restart) with a new incarnation and generation.
     let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    let taken_again = loop {
         let now = lease();
         let (who, generation) = now.rsplit_once(' ').unwrap();
         if who != "another process" && generation != first_generation {
-            assert!(generation.parse::<i64>().unwrap() > first_generation.parse::<i64>().unwrap());
-            break;
+            let generation: i64 = generation.parse().unwrap();
+            assert!(generation > first_generation.parse::<i64>().unwrap());
+            break generation;
         }
         assert!(Instant::now() < deadline, "the lease stayed {now:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    common::moves::wait_state(&a, "acme", "dual_write", Duration::from_secs(30)).await;
+    };
+    // The move stopped and was resumed: its tee claimed the target anew, under the new generation.
+    apply_claimed(&dedicated, taken_again).await;
     let c = connect(&a.url("app.acme", "app")).await.unwrap();
     c.execute("INSERT INTO a (v) VALUES (515151)", &[])
         .await
         .unwrap();
-    common::moves::wait_lag_zero(&a, "acme").await;
-    assert_eq!(
-        dedicated.psql("app", "SELECT count(*) FROM tenant_acme.a WHERE v = 515151"),
-        "1"
-    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while dedicated.psql("app", "SELECT count(*) FROM tenant_acme.a WHERE v = 515151") != "1" {
+        assert!(
+            Instant::now() < deadline,
+            "the write never reached the target"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let v = a
         .admin_ok(json!({"cmd": "migrate.verify", "tenant": "acme"}))
         .await;

@@ -19,12 +19,6 @@ const LEASE: &str = "5 seconds";
 /// This process holds the row's lease (in an upsert, `EXCLUDED` is this process's).
 const SAME_HOLDER: &str = "pgtenant_cp.migrations.holder = EXCLUDED.holder \
      AND pgtenant_cp.migrations.incarnation = EXCLUDED.incarnation";
-/// A new lease generation, above every earlier one: the sequence's next value, raised to the store's clock in
-/// microseconds (and the sequence with it), so a store recreated or restored from a backup does not hand out
-/// generations below those its predecessor left recorded on the backends (`migration::claim`).
-const NEXT_GENERATION: &str =
-    "setval('pgtenant_cp.lease_generation', greatest(nextval('pgtenant_cp.lease_generation'), \
-     (extract(epoch FROM clock_timestamp()) * 1000000)::bigint))";
 /// How long after a renewal was sent this instance still acts on the lease: well inside the 5 s the store gives
 /// it, so the lease cannot have run out (and been taken) while a step it allows is running.
 const TRUSTED: Duration = Duration::from_secs(3);
@@ -81,6 +75,19 @@ impl LeaseClock {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TenantId, Renewal>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Draws the first generation of a lease row just written with none.
+async fn first_generation(c: &tokio_postgres::Client, tenant: &str) -> Result<i64, StoreError> {
+    let row = c
+        .query_one(
+            "UPDATE pgtenant_cp.migrations SET generation = pgtenant_cp.next_generation()
+              WHERE tenant = $1 RETURNING generation",
+            &[&tenant],
+        )
+        .await
+        .map_err(pg("draw a lease generation"))?;
+    Ok(row.get(0))
 }
 
 impl ControlPlane {
@@ -165,11 +172,11 @@ impl ControlPlane {
                 .query_opt(
                     &format!(
                         "INSERT INTO pgtenant_cp.migrations (tenant, record, holder, incarnation, lease_until, generation)
-                         VALUES ($1, $2, $3, $4, now() + interval '{LEASE}', {NEXT_GENERATION})
+                         VALUES ($1, $2, $3, $4, now() + interval '{LEASE}', 0)
                          ON CONFLICT (tenant) DO UPDATE SET record = EXCLUDED.record, holder = EXCLUDED.holder,
                            incarnation = EXCLUDED.incarnation, lease_until = EXCLUDED.lease_until, updated_at = now(),
                            generation = CASE WHEN {SAME_HOLDER} THEN pgtenant_cp.migrations.generation
-                             ELSE EXCLUDED.generation END
+                             ELSE pgtenant_cp.next_generation() END
                          WHERE {SAME_HOLDER} OR pgtenant_cp.migrations.lease_until < now()
                          RETURNING generation"
                     ),
@@ -177,7 +184,11 @@ impl ControlPlane {
                 )
                 .await
                 .map_err(pg("renew lease"))?;
-            Ok(row.map(|r| r.get::<_, i64>(0)))
+            match row.map(|r| r.get::<_, i64>(0)) {
+                // A new row: its first generation is drawn now (drawing in VALUES would draw at every renewal).
+                Some(0) => first_generation(c, &t).await.map(Some),
+                held => Ok(held),
+            }
         })
         .await?;
         if let Some(generation) = held {
@@ -247,16 +258,17 @@ impl ControlPlane {
         for t in candidates.into_iter().filter(|t| !runs_here(shared, t)) {
             let (id, me) = (self.id.clone(), self.incarnation.clone());
             let sent = (Instant::now(), SystemTime::now());
-            // Always a new generation: the move does not run in this process (one of the same id before a
-            // restart may still be alive somewhere).
+            // Always a new generation: the move does not run in this process. A lease of this id but of
+            // another process (this one before a restart, or a frozen one) is waited out like any other.
             let row: Option<(serde_json::Value, i64)> = self
                 .with_client(async move |c| {
                     let row = c
                         .query_opt(
                             &format!(
                                 "UPDATE pgtenant_cp.migrations SET holder = $1, incarnation = $3,
-                                   lease_until = now() + interval '{LEASE}', generation = {NEXT_GENERATION}
-                                  WHERE tenant = $2 AND (lease_until < now() OR holder = $1)
+                                   lease_until = now() + interval '{LEASE}', generation = pgtenant_cp.next_generation()
+                                  WHERE tenant = $2
+                                    AND (lease_until < now() OR (holder = $1 AND incarnation = $3))
                                   RETURNING record, generation"
                             ),
                             &[&id, &t, &me],

@@ -37,7 +37,16 @@ CREATE TABLE IF NOT EXISTS pgtenant_cp.migrations (
     updated_at timestamptz NOT NULL DEFAULT now());
 -- Each taking of a move's lease by another instance draws a new generation, which the coordinator carries into
 -- its claims on the backends (migration/claim.rs): an older coordinator's claim is refused there.
-CREATE SEQUENCE IF NOT EXISTS pgtenant_cp.lease_generation;
+-- The last generation drawn; one row, so draws are serialised. A draw is above the last one and at least the
+-- store's clock in microseconds, so a store recreated or restored from a backup does not hand out generations
+-- below those its predecessor left recorded on the backends.
+CREATE TABLE IF NOT EXISTS pgtenant_cp.lease_generation (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one), last bigint NOT NULL);
+INSERT INTO pgtenant_cp.lease_generation (last) VALUES (0) ON CONFLICT DO NOTHING;
+CREATE OR REPLACE FUNCTION pgtenant_cp.next_generation() RETURNS bigint LANGUAGE sql VOLATILE AS $$
+    UPDATE pgtenant_cp.lease_generation
+       SET last = greatest(last + 1, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)
+    RETURNING last $$;
 ALTER TABLE pgtenant_cp.migrations ADD COLUMN IF NOT EXISTS generation bigint NOT NULL DEFAULT 0;
 ALTER TABLE pgtenant_cp.migrations ADD COLUMN IF NOT EXISTS incarnation text NOT NULL DEFAULT '';
 CREATE TABLE IF NOT EXISTS pgtenant_cp.barriers (
