@@ -161,7 +161,9 @@ impl ControlPlane {
         let json = serde_json::to_value(rec).map_err(|e| StoreError::Pg(e.to_string()))?;
         let sent = (Instant::now(), SystemTime::now());
         // The generation stays while this process holds the lease; a lease taken from another (or from a
-        // process of the same id) draws a new one.
+        // process of the same id) draws a new one. Only a finished move's expired lease is written over (a new
+        // move of the tenant): an unfinished one's is another process's to take over with the store's record
+        // (`take_expired`), never to overwrite with this process's, which may be older than the taker's.
         let (id, t, me) = (
             self.id.clone(),
             rec.tenant.to_string(),
@@ -177,7 +179,8 @@ impl ControlPlane {
                            incarnation = EXCLUDED.incarnation, lease_until = EXCLUDED.lease_until, updated_at = now(),
                            generation = CASE WHEN {SAME_HOLDER} THEN pgtenant_cp.migrations.generation
                              ELSE pgtenant_cp.next_generation() END
-                         WHERE {SAME_HOLDER} OR pgtenant_cp.migrations.lease_until < now()
+                         WHERE {SAME_HOLDER} OR (pgtenant_cp.migrations.lease_until < now()
+                           AND pgtenant_cp.migrations.record->>'state' IN ('completed', 'rolled_back'))
                          RETURNING generation"
                     ),
                     &[&t, &json, &id, &me],
