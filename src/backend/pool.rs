@@ -196,7 +196,9 @@ impl Pool {
         let cap = self.backend.max_tenant_connections();
         let now = (inner.kept > 0).then(Instant::now);
         if let Some(now) = now {
-            self.end_kept(&mut inner, now, cap);
+            // (Nothing is closed for another pool here: this checkout may take what is no longer kept.)
+            let closed = self.end_kept(&mut inner, now, cap, false);
+            debug_assert!(closed.is_empty());
         }
         // Connections kept for another tenant's turn are not replaced either: this checkout waits for one.
         let mut kept_for_others = false;
@@ -453,8 +455,14 @@ impl Pool {
             self.backend.free_slot();
             return;
         }
-        if inner.kept > 0 {
-            self.end_kept(&mut inner, now, cap);
+        let closed = match inner.kept {
+            0 => Vec::new(),
+            _ => self.end_kept(&mut inner, now, cap, true),
+        };
+        if !closed.is_empty() {
+            drop(inner);
+            self.closed(closed);
+            inner = self.lock();
         }
         let conn = match self.keep_turn(&mut inner, conn, tenant, now, cap) {
             Some(conn) => conn,
@@ -543,8 +551,19 @@ impl Pool {
         None
     }
 
-    /// Ends the keeping of idle connections whose time ran out; each goes to a waiter, if one may take it.
-    fn end_kept(&self, inner: &mut Inner, now: Instant, cap: usize) {
+    /// Ends the keeping of idle connections whose time ran out; each goes to a waiter, if one may take it. One
+    /// nobody takes while another pool of the backend waits for room is returned to be closed (`for_others`),
+    /// as a checkin would close it; the caller closes it outside the lock ([`Pool::closed`]). (Connections stay
+    /// boxed for their life, see `Inner::idle`.)
+    #[allow(clippy::vec_box)]
+    fn end_kept(
+        &self,
+        inner: &mut Inner,
+        now: Instant,
+        cap: usize,
+        for_others: bool,
+    ) -> Vec<Box<ServerConn>> {
+        let mut closed = Vec::new();
         let mut i = 0;
         while i < inner.idle.len() {
             let due = inner.idle[i].kept_until.is_some_and(|u| u <= now);
@@ -556,12 +575,26 @@ impl Pool {
             conn.turn_since = None;
             match self.give(inner, Grant::Conn(conn), cap) {
                 None => {}
+                Some(Grant::Conn(conn)) if for_others && self.backend.has_starving() => {
+                    inner.total -= 1;
+                    closed.push(conn);
+                }
                 Some(Grant::Conn(conn)) => {
                     inner.idle.insert(i, conn);
                     i += 1;
                 }
                 Some(Grant::Open) => {}
             }
+        }
+        closed
+    }
+
+    /// Closes connections taken out of the pool (and its count) and offers their places on the backend.
+    #[allow(clippy::vec_box)]
+    fn closed(&self, conns: Vec<Box<ServerConn>>) {
+        for conn in conns {
+            drop(conn);
+            self.backend.free_slot();
         }
     }
 
@@ -690,13 +723,16 @@ async fn sweep(pool: std::sync::Weak<Pool>, first: Duration) {
         };
         let mut inner = pool.lock();
         let cap = pool.backend.max_tenant_connections();
-        pool.end_kept(&mut inner, Instant::now(), cap);
-        match inner.idle.iter().filter_map(|c| c.kept_until).min() {
+        let closed = pool.end_kept(&mut inner, Instant::now(), cap, true);
+        let next = inner.idle.iter().filter_map(|c| c.kept_until).min();
+        if next.is_none() {
+            inner.sweeper = false;
+        }
+        drop(inner);
+        pool.closed(closed);
+        match next {
             Some(next) => at = next,
-            None => {
-                inner.sweeper = false;
-                return;
-            }
+            None => return,
         }
     }
 }
