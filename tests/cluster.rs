@@ -531,18 +531,12 @@ async fn another_instance_takes_over_a_move_whose_coordinator_died() {
 async fn apply_claimed(target: &PgCluster, generation: i64) {
     let sql =
         "SELECT generation FROM pgtenant.claim_generation WHERE lock LIKE 'pgtenant apply acme %'";
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let got = target.psql("app", sql);
-        if got == generation.to_string() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "apply claim {got:?}, not {generation}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let claimed = || target.psql("app", sql) == generation.to_string();
+    assert!(
+        common::eventually(Duration::from_secs(20), claimed).await,
+        "apply claim {:?}, not {generation}",
+        target.psql("app", sql)
+    );
 }
 
 /// The target session holding the apply lock of acme's move (the applying link's), if any.
@@ -667,6 +661,17 @@ async fn a_move_has_one_coordinator_from_its_start() {
         .await;
 }
 
+/// One instance on the control plane, moving acme from `shared` to `dedicated`, in dual_write with no lag.
+async fn one_member_moving(cp: &PgCluster, shared: &PgCluster, dedicated: &PgCluster) -> TestProxy {
+    common::moves::small_schema(shared);
+    let a = member(cp, shared, dedicated, 3000).start().await;
+    a.admin_ok(json!({"cmd": "migrate.start", "tenant": "acme", "to": "dedicated"}))
+        .await;
+    common::moves::wait_state(&a, "acme", "dual_write", Duration::from_secs(30)).await;
+    common::moves::wait_lag_zero(&a, "acme").await;
+    a
+}
+
 /// A coordinator cut off from the control plane stops acting on its move once its lease is no longer confirmed
 /// (another instance could take the move over when the lease runs out): its tee, whose applying session was
 /// ended, does not connect again, so it cannot take the target back from a taker. Once the store answers and the
@@ -674,12 +679,7 @@ async fn a_move_has_one_coordinator_from_its_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_cut_off_from_the_store_stops_acting_on_its_move() {
     let (cp, shared, dedicated) = (PgCluster::start(), PgCluster::start(), PgCluster::start());
-    common::moves::small_schema(&shared);
-    let a = member(&cp, &shared, &dedicated, 3000).start().await;
-    a.admin_ok(json!({"cmd": "migrate.start", "tenant": "acme", "to": "dedicated"}))
-        .await;
-    common::moves::wait_state(&a, "acme", "dual_write", Duration::from_secs(30)).await;
-    common::moves::wait_lag_zero(&a, "acme").await;
+    let a = one_member_moving(&cp, &shared, &dedicated).await;
     assert!(!apply_lock_holder(&dedicated).is_empty());
     cp.stop();
     // Past the time a renewal is trusted (3 s), well inside the lease (5 s).
@@ -722,12 +722,7 @@ async fn a_coordinator_cut_off_from_the_store_stops_acting_on_its_move() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_of_the_same_id_but_another_process_is_not_renewed() {
     let (cp, shared, dedicated) = (PgCluster::start(), PgCluster::start(), PgCluster::start());
-    common::moves::small_schema(&shared);
-    let a = member(&cp, &shared, &dedicated, 3000).start().await;
-    a.admin_ok(json!({"cmd": "migrate.start", "tenant": "acme", "to": "dedicated"}))
-        .await;
-    common::moves::wait_state(&a, "acme", "dual_write", Duration::from_secs(30)).await;
-    common::moves::wait_lag_zero(&a, "acme").await;
+    let a = one_member_moving(&cp, &shared, &dedicated).await;
     let lease = || {
         cp.psql(
             "postgres",
@@ -760,14 +755,12 @@ async fn a_lease_of_the_same_id_but_another_process_is_not_renewed() {
     c.execute("INSERT INTO a (v) VALUES (515151)", &[])
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while dedicated.psql("app", "SELECT count(*) FROM tenant_acme.a WHERE v = 515151") != "1" {
-        assert!(
-            Instant::now() < deadline,
-            "the write never reached the target"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let on_target =
+        || dedicated.psql("app", "SELECT count(*) FROM tenant_acme.a WHERE v = 515151") == "1";
+    assert!(
+        common::eventually(Duration::from_secs(20), on_target).await,
+        "the write never reached the target"
+    );
     let v = a
         .admin_ok(json!({"cmd": "migrate.verify", "tenant": "acme"}))
         .await;
