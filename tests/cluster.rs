@@ -719,6 +719,7 @@ async fn a_coordinator_cut_off_from_the_store_stops_acting_on_its_move() {
 /// A lease is held by a process, not only by an instance id: when the store shows the lease renewed by another
 /// process of the same id (a replacement started under the same name while this one was frozen), this process's
 /// next renewal fails and it stops its move; the move is then taken over under a new generation, and goes on.
+/// Nor is another instance's expired lease on the unfinished move renewed over: it is taken over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_of_the_same_id_but_another_process_is_not_renewed() {
     let (cp, shared, dedicated) = (PgCluster::start(), PgCluster::start(), PgCluster::start());
@@ -751,6 +752,25 @@ async fn a_lease_of_the_same_id_but_another_process_is_not_renewed() {
     };
     // The move stopped and was resumed: its tee claimed the target anew, under the new generation.
     apply_claimed(&dedicated, taken_again).await;
+    // An expired lease of another instance on this unfinished move (a taker that died in turn) is not written
+    // over by this process's renewal, which would keep its own, possibly older, record: the move stops here
+    // and is taken over from the store's record, so its tee claims the target anew.
+    cp.psql(
+        "postgres",
+        "UPDATE pgtenant_cp.migrations SET holder = 'gone:1', incarnation = 'gone',          lease_until = now() - interval '1 second' WHERE tenant = 'acme'",
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let taken_back = loop {
+        let now = lease();
+        let (who, generation) = now.rsplit_once(' ').unwrap();
+        let generation: i64 = generation.parse().unwrap();
+        if who != "gone" && generation != taken_again {
+            break generation;
+        }
+        assert!(Instant::now() < deadline, "the lease stayed {now:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    apply_claimed(&dedicated, taken_back).await;
     let c = connect(&a.url("app.acme", "app")).await.unwrap();
     c.execute("INSERT INTO a (v) VALUES (515151)", &[])
         .await
