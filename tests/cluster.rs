@@ -716,6 +716,31 @@ async fn a_coordinator_cut_off_from_the_store_stops_acting_on_its_move() {
     assert_eq!(v["passed"], json!(true), "{v}");
 }
 
+/// The incarnation and generation of acme's lease in the store.
+fn lease_of_acme(cp: &PgCluster) -> (String, i64) {
+    let row = cp.psql(
+        "postgres",
+        "SELECT incarnation || ' ' || generation FROM pgtenant_cp.migrations WHERE tenant = 'acme'",
+    );
+    let (who, generation) = row.rsplit_once(' ').unwrap();
+    (who.to_owned(), generation.parse().unwrap())
+}
+
+/// Waits until acme's lease is held by an incarnation other than `from`, under a generation other than
+/// `generation`; returns the new generation.
+async fn lease_taken_from(cp: &PgCluster, from: &str, generation: i64) -> i64 {
+    let taken = || {
+        let (who, g) = lease_of_acme(cp);
+        who != from && g != generation
+    };
+    assert!(
+        common::eventually(Duration::from_secs(20), taken).await,
+        "the lease stayed {:?}",
+        lease_of_acme(cp)
+    );
+    lease_of_acme(cp).1
+}
+
 /// A lease is held by a process, not only by an instance id: when the store shows the lease renewed by another
 /// process of the same id (a replacement started under the same name while this one was frozen), this process's
 /// next renewal fails and it stops its move; the move is then taken over under a new generation, and goes on.
@@ -724,32 +749,15 @@ async fn a_coordinator_cut_off_from_the_store_stops_acting_on_its_move() {
 async fn a_lease_of_the_same_id_but_another_process_is_not_renewed() {
     let (cp, shared, dedicated) = (PgCluster::start(), PgCluster::start(), PgCluster::start());
     let a = one_member_moving(&cp, &shared, &dedicated).await;
-    let lease = || {
-        cp.psql(
-            "postgres",
-            "SELECT incarnation || ' ' || generation FROM pgtenant_cp.migrations WHERE tenant = 'acme'",
-        )
-    };
-    let before = lease();
-    let (_, first_generation) = before.rsplit_once(' ').unwrap();
+    let first_generation = lease_of_acme(&cp).1;
     cp.psql(
         "postgres",
         "UPDATE pgtenant_cp.migrations SET incarnation = 'another process' WHERE tenant = 'acme'",
     );
     // The renewal fails, the move stops here, and once the lease ran out it is taken again (by this instance,
     // whose id it is: as after a restart) with a new incarnation and generation.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let taken_again = loop {
-        let now = lease();
-        let (who, generation) = now.rsplit_once(' ').unwrap();
-        if who != "another process" && generation != first_generation {
-            let generation: i64 = generation.parse().unwrap();
-            assert!(generation > first_generation.parse::<i64>().unwrap());
-            break generation;
-        }
-        assert!(Instant::now() < deadline, "the lease stayed {now:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let taken_again = lease_taken_from(&cp, "another process", first_generation).await;
+    assert!(taken_again > first_generation);
     // The move stopped and was resumed: its tee claimed the target anew, under the new generation.
     apply_claimed(&dedicated, taken_again).await;
     // An expired lease of another instance on this unfinished move (a taker that died in turn) is not written
@@ -757,19 +765,10 @@ async fn a_lease_of_the_same_id_but_another_process_is_not_renewed() {
     // and is taken over from the store's record, so its tee claims the target anew.
     cp.psql(
         "postgres",
-        "UPDATE pgtenant_cp.migrations SET holder = 'gone:1', incarnation = 'gone',          lease_until = now() - interval '1 second' WHERE tenant = 'acme'",
+        "UPDATE pgtenant_cp.migrations SET holder = 'gone:1', incarnation = 'gone', \
+         lease_until = now() - interval '1 second' WHERE tenant = 'acme'",
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let taken_back = loop {
-        let now = lease();
-        let (who, generation) = now.rsplit_once(' ').unwrap();
-        let generation: i64 = generation.parse().unwrap();
-        if who != "gone" && generation != taken_again {
-            break generation;
-        }
-        assert!(Instant::now() < deadline, "the lease stayed {now:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let taken_back = lease_taken_from(&cp, "gone", taken_again).await;
     apply_claimed(&dedicated, taken_back).await;
     let c = connect(&a.url("app.acme", "app")).await.unwrap();
     c.execute("INSERT INTO a (v) VALUES (515151)", &[])
