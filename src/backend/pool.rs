@@ -33,6 +33,7 @@ use crate::protocol::PgError;
 use crate::tenant::TenantId;
 
 mod pooled;
+mod tags;
 mod turns;
 
 pub use pooled::PooledConn;
@@ -112,6 +113,7 @@ pub struct Pool {
     /// neither): looked up on the pool's first connection.
     privileged: AtomicU8,
     inner: Mutex<Inner>,
+    tags: tags::Tags,
 }
 
 const PRIVILEGE_UNKNOWN: u8 = 0;
@@ -135,7 +137,14 @@ impl Pool {
             scram_cache: SaltedPasswordCache::default(),
             privileged: AtomicU8::new(PRIVILEGE_UNKNOWN),
             inner: Mutex::new(Inner::default()),
+            tags: tags::Tags::default(),
         })
+    }
+
+    /// The pool's shared copy of a session's startup parameters (see `tags`): checkouts with it compare
+    /// connections' tags by pointer.
+    pub fn intern(&self, tag: StartupTag) -> Arc<StartupTag> {
+        self.tags.intern(tag)
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -442,8 +451,13 @@ impl Pool {
         }
     }
 
-    fn checkin(self: &Arc<Self>, mut conn: Box<ServerConn>, tenant: Option<&TenantId>) {
-        let now = Instant::now();
+    fn checkin(
+        self: &Arc<Self>,
+        mut conn: Box<ServerConn>,
+        tenant: Option<&TenantId>,
+        now: Option<Instant>,
+    ) {
+        let now = now.unwrap_or_else(Instant::now);
         conn.idle_since = now;
         let mut inner = self.lock();
         let cap = self.backend.max_tenant_connections();

@@ -73,6 +73,12 @@ impl Session {
     /// At the end of a transaction: gives the backend connection back to the pool when the session is in
     /// transaction pool mode and nothing ties it to this connection.
     pub(super) fn park(&mut self) {
+        self.park_at(None);
+    }
+
+    /// As [`Session::park`], at `now` when the caller has just read the clock: a transaction's end reads it
+    /// for the query time, and the checkin then needs no read of its own.
+    pub(super) fn park_at(&mut self, now: Option<std::time::Instant>) {
         if !self.pooling.tx_mode || !self.server.as_ref().is_some_and(|s| s.parkable()) {
             return;
         }
@@ -97,7 +103,7 @@ impl Session {
             std::mem::take(&mut server.out),
             std::mem::take(&mut server.inflight),
         );
-        server.conn.release(ReleaseState::Keep);
+        server.conn.release_at(ReleaseState::Keep, now);
         // A parked session holds no large buffers: one that grew for a burst goes.
         if out.capacity() <= 8 * 1024 {
             inflight.reset();

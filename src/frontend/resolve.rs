@@ -98,7 +98,6 @@ pub(super) fn resolve(
     } else {
         route.schema.as_deref()
     };
-    let tag = Arc::new(startup_tag(info, tag_schema));
     let login = crate::backend::identity::login_for(&config, backend, &route, tenant)
         .map_err(|e| ClientError::NoLogin(e.to_string()))?;
     drop(config);
@@ -108,6 +107,7 @@ pub(super) fn resolve(
             backend: backend.name.to_string(),
             pools: crate::backend::MAX_POOLS_PER_BACKEND,
         })?;
+    let tag = pool.intern(startup_tag(info, tag_schema));
     Ok(Resolved {
         tenant: tenant.clone(),
         route,

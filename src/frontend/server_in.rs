@@ -58,6 +58,8 @@ struct Parts<'a> {
     tenant: Option<&'a TenantId>,
     /// A transaction (or a statement outside one) ended in this read.
     ended: bool,
+    /// The clock as a ReadyForQuery of this read found it (for the query time), if one read it.
+    now: Option<std::time::Instant>,
 }
 
 impl Session {
@@ -74,13 +76,15 @@ impl Session {
             shared: &self.shared,
             tenant: self.place.tenant.as_ref(),
             ended: false,
+            now: None,
         };
         read_frames(s, &mut parts)?;
+        let now = parts.now;
         if parts.ended {
             if self.txn.pass.is_some() {
                 self.end_transaction(true);
             }
-            self.park();
+            self.park_at(now);
             // The registry shows whether the session is pinned (a cutover ends pinned sessions on the old
             // route); it changes rarely, so it is published only when it did.
             if self.pin_reason() != self.place.published_pin {
@@ -255,6 +259,7 @@ fn ready_for_query(s: &mut Server, at: usize, total: usize, p: &mut Parts<'_>) -
             let now = std::time::Instant::now();
             p.txn.tally.query_us += now.saturating_duration_since(t).as_micros() as u64;
             p.txn.settled_at = Some(now);
+            p.now = Some(now);
         }
     }
     let end = s.pending == 0 && s.status == status::IDLE && !s.batch_open;

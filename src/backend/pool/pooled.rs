@@ -1,6 +1,7 @@
 //! A connection checked out of a pool, and how it goes back: as it is, reset first, or closed.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::super::conn::ServerConn;
 use super::super::query::{run_simple, temp_schema_used};
@@ -45,14 +46,20 @@ impl PooledConn {
 
     /// Gives the connection back: reset in the background, then idle; or closed when it is not clean, or when
     /// its session made temporary objects.
-    pub fn release(mut self, state: ReleaseState) {
+    pub fn release(self, state: ReleaseState) {
+        self.release_at(state, None);
+    }
+
+    /// As [`PooledConn::release`], with the time now when the caller has just read the clock (a transaction's
+    /// end in transaction pooling reads it for the query time): a clock read fewer per transaction.
+    pub fn release_at(mut self, state: ReleaseState, now: Option<Instant>) {
         let Some(mut conn) = self.conn.take() else {
             return;
         };
         let (pool, tenant) = (self.pool.clone(), self.tenant.take());
         let statements: &'static [&'static str] = match state {
             ReleaseState::Keep => {
-                pool.checkin(conn, tenant.as_ref());
+                pool.checkin(conn, tenant.as_ref(), now);
                 return;
             }
             ReleaseState::Idle => &["DISCARD ALL"],
@@ -80,7 +87,7 @@ impl PooledConn {
                     conn.owner = None;
                     conn.suspect = false;
                     conn.route_path = None;
-                    pool.checkin(conn, tenant.as_ref())
+                    pool.checkin(conn, tenant.as_ref(), None)
                 }
                 other => {
                     tracing::debug!(backend = %name, ?other, "reset failed or temporary objects were used; closing backend connection");
