@@ -293,7 +293,7 @@ impl Session {
         if let Some(s) = self.server.as_mut() {
             messages::execute_refused(&mut s.out);
             let owes = s.note_sent(fe::EXECUTE);
-            s.replace_error = Some(err);
+            s.replace_error = Some(Box::new(err));
             self.state.on_client(fe::EXECUTE, None, owes);
         }
         self.client.skip = Some(SkipEnd::ForwardSync);

@@ -29,8 +29,10 @@ pub struct Server {
     pub copy_in: bool,
     /// Syncs sent since the last Execute or Query: those the backend will ignore if that started a COPY.
     pub syncs_since_exec: u32,
-    /// The backend's next ErrorResponse (before the next ReadyForQuery) is replaced by this one.
-    pub replace_error: Option<PgError>,
+    /// The backend's next ErrorResponse (before the next ReadyForQuery) is replaced by this one. Boxed: it is
+    /// rare, and a checkout moves the whole `Server` several times (unboxed it made the struct 264 bytes, over
+    /// the 256 up to which glibc copies a struct without a loop).
+    pub replace_error: Option<Box<PgError>>,
     /// Parse and Close frames awaiting completion (transaction pool mode rewrites and adds some).
     pub inflight: Inflight,
     /// Transaction pool mode: the connection's session settings were made this session's, so what it holds
