@@ -217,8 +217,9 @@ mod tests {
 
     #[test]
     fn word_search_ignores_case_in_short_and_long_texts() {
-        // 55 bytes of text: the short path, exactly SHORT_TEXT bytes (still short), one byte over, and long.
-        for pad in [0, SHORT_TEXT - 55, SHORT_TEXT - 54, 4 * SHORT_TEXT] {
+        // 55 bytes of text: the small buffer, exactly its 128 bytes and one over, exactly SHORT_TEXT bytes
+        // (still lower-cased on the stack), one byte over, and long.
+        for pad in [0, 73, 74, SHORT_TEXT - 55, SHORT_TEXT - 54, 4 * SHORT_TEXT] {
             let text = format!(
                 "{}select Set_Config('a', 'b', false), PG_ADVISORY_lock(1)",
                 " ".repeat(pad)
