@@ -83,24 +83,9 @@ impl Session {
         loop {
             let ev = poll_fn(|cx| self.poll_io(cx, shutdown.as_mut())).await;
             let step = match ev {
-                Ok(Ev::ClientOut(n)) => {
-                    self.client.cout.advance(n);
-                    trim(&mut self.client.cout);
-                    // Plain TCP writes go straight to the socket; only TLS buffers and needs a flush.
-                    self.client.flush = self.client.stream.is_tls();
-                    // Input held back while our answers piled up can go on now.
-                    if self.client.cout.len() < OUT_HIGH_WATER && !self.client.cin.is_empty() {
-                        self.on_client_input().await
-                    } else {
-                        Ok(())
-                    }
-                }
+                Ok(Ev::ClientOut(n)) => self.client_wrote(n).await,
                 Ok(Ev::ServerOut(n)) => {
-                    if let Some(s) = self.server.as_mut() {
-                        s.out.advance(n);
-                        trim(&mut s.out);
-                        s.flush = s.conn.get().stream.is_tls();
-                    }
+                    self.server_wrote(n);
                     Ok(())
                 }
                 Ok(Ev::ClientFlushed) => {
@@ -117,13 +102,19 @@ impl Session {
                     if let Some(t) = self.timeouts.as_mut() {
                         t.client_event();
                     }
-                    self.on_client_input().await
+                    match self.on_client_input().await {
+                        Ok(()) => self.write_server_now(),
+                        Err(end) => Err(end),
+                    }
                 }
                 Ok(Ev::ServerIn) => {
                     if let Some(t) = self.timeouts.as_mut() {
                         t.server_event();
                     }
-                    self.after_server_input().await
+                    match self.after_server_input().await {
+                        Ok(()) => self.write_client_now().await,
+                        Err(end) => Err(end),
+                    }
                 }
                 Ok(Ev::Timer) => self.on_timer(),
                 Ok(Ev::TeeDone) => self.after_tee().await,
@@ -133,6 +124,60 @@ impl Session {
             if let Err(end) = step {
                 return end;
             }
+        }
+    }
+
+    /// Some of the client's answers went out.
+    async fn client_wrote(&mut self, n: usize) -> Result<(), End> {
+        self.client.cout.advance(n);
+        trim(&mut self.client.cout);
+        // Plain TCP writes go straight to the socket; only TLS buffers and needs a flush.
+        self.client.flush = self.client.stream.is_tls();
+        // Input held back while our answers piled up can go on now.
+        if self.client.cout.len() < OUT_HIGH_WATER && !self.client.cin.is_empty() {
+            self.on_client_input().await
+        } else {
+            Ok(())
+        }
+    }
+
+    fn server_wrote(&mut self, n: usize) {
+        if let Some(s) = self.server.as_mut() {
+            s.out.advance(n);
+            trim(&mut s.out);
+            s.flush = s.conn.get().stream.is_tls();
+        }
+    }
+
+    /// Writes what the client's input put in the backend's buffer at once when its socket is known writable,
+    /// rather than on the next turn of the poll loop (what is left, if any, that turn writes). Counted with
+    /// `benches/instructions.sh`, the extra turn cost each direction about 100 instructions of a transaction.
+    fn write_server_now(&mut self) -> Result<(), End> {
+        let Some(s) = self.server.as_mut() else {
+            return Ok(());
+        };
+        if s.out.is_empty() {
+            return Ok(());
+        }
+        match s.conn.get().stream.try_send(&s.out) {
+            Ok(Some(n)) => {
+                self.server_wrote(n);
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(_) => Err(End::ServerGone),
+        }
+    }
+
+    /// The same for the client's answers.
+    async fn write_client_now(&mut self) -> Result<(), End> {
+        if self.client.cout.is_empty() {
+            return Ok(());
+        }
+        match self.client.stream.try_send(&self.client.cout) {
+            Ok(Some(n)) => self.client_wrote(n).await,
+            Ok(None) => Ok(()),
+            Err(_) => Err(End::ClientGone),
         }
     }
 

@@ -88,6 +88,32 @@ pub fn poll_send(stream: &TcpStream, cx: &mut Context<'_>, data: &[u8]) -> Poll<
     }
 }
 
+/// `send` of `data` only if the socket is known to be writable, without registering for a wake-up: `None` when
+/// it is not (or the call was interrupted), and the caller's next poll waits for readiness as usual. The relay
+/// writes a reply the moment it has one this way, instead of going round its poll loop once more to find the
+/// socket writable.
+pub fn try_send(stream: &TcpStream, data: &[u8]) -> io::Result<Option<usize>> {
+    let fd = stream.as_raw_fd();
+    let mut done = 0;
+    let outcome = stream.try_io(Interest::WRITABLE, || {
+        // SAFETY: as in `poll_send`.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_sendto,
+                libc::c_long::from(fd),
+                data.as_ptr().cast::<libc::c_void>(),
+                data.len(),
+                libc::c_long::from(libc::MSG_NOSIGNAL),
+                std::ptr::null::<libc::sockaddr>(),
+                NONE,
+            )
+        };
+        done = result(n)?;
+        short(done, data.len())
+    });
+    settle(outcome, done).transpose()
+}
+
 /// A transfer of `n` bytes out of `len` that moved some but not all of them emptied the socket's buffer (read)
 /// or filled it (write): reported to `try_io` as `EWOULDBLOCK` so that it clears the readiness, as tokio does.
 fn short(n: usize, len: usize) -> io::Result<()> {

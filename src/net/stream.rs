@@ -32,6 +32,16 @@ impl Stream {
         }
     }
 
+    /// Sends what it can of `data` now if this is plain TCP known to be writable (see `rawio::try_send`);
+    /// `None` otherwise, and the relay's poll writes it.
+    pub fn try_send(&self, data: &[u8]) -> io::Result<Option<usize>> {
+        match self {
+            #[cfg(target_os = "linux")]
+            Stream::Tcp(s) => super::rawio::try_send(s, data),
+            _ => Ok(None),
+        }
+    }
+
     pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
         self.tcp().and_then(|t| t.peer_addr().ok())
     }
