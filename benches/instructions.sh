@@ -100,8 +100,9 @@ def totals(path):
     return total, funcs
 (t0, f0), (t1, f1) = totals(small), totals(big)
 n = tb - ts
-# The whole process's count moves by several percent between runs (how many events each wake-up finds); the
-# session task's own count (inclusive of what it calls) is steady to a fraction of a percent.
+# The whole process's count moves by several percent between runs: start-up work of varying length (the metrics
+# clock's calibration loop) and how many events each wake-up finds. The session task's own count (inclusive of
+# what it calls) is steady to a fraction of a percent: compare builds by that one.
 task = "pgtenant::frontend::login::serve_in_span::{{closure}}"
 label = target if target.startswith("floor") else f"{target}-{mode}"
 line = f"{label} -M {qmode}: {(t1 - t0) / n:.0f} instructions per transaction"
