@@ -3,8 +3,8 @@
 # not blur, for A/B of changes too small for cpu_split.sh's CPU times (which move by 10-30% between runs). The
 # proxy runs under callgrind twice, for TX_SMALL and TX_BIG transactions of `pgbench -S -c 4 -j 1`; the
 # difference of its instruction counts over the difference of transactions is the cost of a transaction, start-up
-# and shutdown taken out. Under valgrind the proxy is about fifty times slower, so every client always has a
-# query waiting and each wake-up finds more to do than at full speed: the per-wake-up share (tokio's) comes out
+# and shutdown taken out. Under valgrind the proxy runs about three times slower, so clients' queries wait for it
+# and each wake-up finds more to do than at full speed: the per-wake-up share (tokio's) comes out
 # lower than in production, the per-transaction share (the session's own work) as it is.
 #
 #   bash benches/instructions.sh                          # transaction pooling, -M simple
@@ -28,7 +28,8 @@ case "$TARGET" in
   floor-*) cargo build --release --quiet --example relay_floor ;;
   pgtenant) [ -n "${PGTENANT_BIN:-}" ] || cargo build --release --quiet ;;
 esac
-BIN="$(realpath "${PGTENANT_BIN:-./target/release/pgtenant}")"
+BIN=""
+[ "$TARGET" != pgtenant ] || BIN="$(realpath "${PGTENANT_BIN:-./target/release/pgtenant}")"
 
 pg_setup_workdir
 pg_start bench
@@ -48,8 +49,8 @@ start_pgtenant() {
 # PgBouncer as benches/compare.sh configures it (scripts/pg-lib.sh), in the foreground under valgrind.
 start_pgbouncer() {
   printf '"app" "secret"\n' >"$W/userlist.txt"
-  printf '[databases]\napp = host=127.0.0.1 port=%s dbname=app user=postgres\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = %s\nunix_socket_dir =\nauth_type = scram-sha-256\nauth_file = %s/userlist.txt\npool_mode = %s\ndefault_pool_size = 8\nlogfile = %s/pgbouncer%s.log\nignore_startup_parameters = extra_float_digits,options\n' \
-    "$bench_PORT" "$3" "$W" "$MODE" "$W" "$1" >"$W/pgbouncer$1.ini"
+  printf '[databases]\napp = host=127.0.0.1 port=%s dbname=app user=postgres\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = %s\nunix_socket_dir =\nauth_type = scram-sha-256\nauth_file = %s/userlist.txt\npool_mode = %s\ndefault_pool_size = 8\nlogfile = %s/pgbouncer%s.log\npidfile = %s/pgbouncer%s.pid\nignore_startup_parameters = extra_float_digits,options\n' \
+    "$bench_PORT" "$3" "$W" "$MODE" "$W" "$1" "$W" "$1" >"$W/pgbouncer$1.ini"
   chown postgres "$W/pgbouncer$1.ini" "$W/userlist.txt" 2>/dev/null || true
   as_pg valgrind -q --tool=callgrind --callgrind-out-file="$2" pgbouncer "$W/pgbouncer$1.ini" &
   PROXY_PID=$!
@@ -75,10 +76,11 @@ run() {
   # (Start-up under valgrind takes longer than wait_port's ten seconds.)
   for _ in $(seq 600); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.2; done
   local url="host=127.0.0.1 port=$port user=$user dbname=app"
-  pgbench -n -S -M "$QMODE" -c 4 -j 1 -t $((tx / 4)) "$url" >"$W/pgbench$tx.log" 2>&1 || { cat "$W/pgbench$tx.log" "$W/p$tx.log" >&2; exit 1; }
-  # (SIGINT: PgBouncer's shutdown that does not wait for its clients; pgtenant stops on either.)
-  if [ "$TARGET" = pgbouncer ]; then pkill -INT -f "pgbouncer $W/pgbouncer$tx.ini" || true; else kill -TERM "$PROXY_PID"; fi
+  pgbench -n -S -M "$QMODE" -c 4 -j 1 -t $((tx / 4)) "$url" >"$W/pgbench$tx.log" 2>&1 || { cat "$W/pgbench$tx.log" >&2; echo "(KEEP_WORKDIR=1 keeps the proxy log)" >&2; exit 1; }
+  # PgBouncer itself (not the runuser around it) gets SIGINT, its shutdown that does not wait for clients.
+  if [ "$TARGET" = pgbouncer ]; then kill -INT "$(cat "$W/pgbouncer$tx.pid")"; else kill -TERM "$PROXY_PID"; fi
   for _ in $(seq 600); do kill -0 "$PROXY_PID" 2>/dev/null || break; sleep 0.1; done
+  [ -s "$out" ] || { echo "no profile from the proxy in $out (KEEP_WORKDIR=1 keeps the logs)" >&2; exit 1; }
 }
 run "$TX_SMALL" "$W/small.cg"
 run "$TX_BIG" "$W/big.cg"

@@ -1056,9 +1056,9 @@ async fn turns_end_while_their_tenants_keep_coming_back() {
 
 /// A connection kept for a tenant's turn whose time runs out when nobody in its pool waits any more, while
 /// another pool of the backend waits for room under the backend's `max_connections`, is closed to make that
-/// room (as a checkin would close it), not left idle where nothing would hand it on: the other pool's client
-/// would wait out its checkout timeout. Timings: globex's wait (the harness's 3 s checkout timeout) ends before acme's linger (4.5 s), and
-/// initech, arriving after globex gave up, is still waiting when the linger ends.
+/// room (as a checkin would close it), not left idle where nothing hands it on: the other pool's client would
+/// wait out its checkout timeout. Timings: globex's wait (4 s) ends before acme's linger (6 s) does, and
+/// initech, queued after globex gave up, is still waiting when the linger ends (its own wait ends at 8 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_connection_whose_time_ran_out_makes_room_for_another_pool() {
     let w = clusters();
@@ -1071,11 +1071,12 @@ async fn a_kept_connection_whose_time_ran_out_makes_room_for_another_pool() {
     }
     let p = Harness::new()
         .proxy("pool_mode = \"transaction\"")
+        .proxy("pool_checkout_timeout_ms = 4000")
         .backend_with(
             "shared",
             &w.shared,
             "database = \"app\"\npool_size = 1\nmax_connections = 1\ntenant_turn_ms = 60000\n\
-             tenant_turn_linger_ms = 4500",
+             tenant_turn_linger_ms = 6000",
         )
         .tenant("acme", "shared", None, Some("tenant_acme"))
         .tenant("globex", "shared", None, Some("tenant_globex"))
@@ -1087,25 +1088,37 @@ async fn a_kept_connection_whose_time_ran_out_makes_room_for_another_pool() {
     acme.batch_execute("BEGIN").await.unwrap();
     assert_eq!(who_is(&acme).await.unwrap(), "tenant_acme");
     let queued = tokio::spawn(async move { who_is(&globex).await });
-    while waiting(&p, "shared").await == 0 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until_waiting(&p, 1).await;
     // Globex waits: the connection stays with acme for its turn, and acme's client does not come back.
     acme.batch_execute("COMMIT").await.unwrap();
     let err = queued.await.unwrap().expect_err("globex's wait ends first");
     assert_eq!(code(&err), "53300", "{err}");
     assert_eq!(pools_sum(&p, "shared", "open").await, 1);
-    // Initech's pool (another database) finds the backend full, and acme's connection still kept.
-    let initech = async {
-        let c = p.connect("app.initech", "app").await?;
+    // Initech's pool (another database) finds the backend full and acme's connection still kept: it queues
+    // (had the keeping ended already, it would have taken the idle connection's place without queueing).
+    let url = p.url("app.initech", "app");
+    let initech = tokio::spawn(async move {
+        let c = common::connect(&url).await?;
         c.query_one("SELECT current_database()", &[])
             .await
             .map(|r| r.get::<_, String>(0))
-    };
-    assert_eq!(initech.await.unwrap(), "turns_other");
+    });
+    until_waiting(&p, 1).await;
+    assert_eq!(initech.await.unwrap().unwrap(), "turns_other");
     assert_eq!(
         pools_sum(&p, "shared", "open").await,
         1,
         "the backend's cap held"
     );
+}
+
+/// Until `n` clients wait on the pools of backend `shared` (panics after 10 s).
+async fn until_waiting(p: &TestProxy, n: u64) {
+    for _ in 0..2000 {
+        if waiting(p, "shared").await == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("{n} clients never waited");
 }

@@ -151,7 +151,8 @@ impl Session {
 
     /// Writes what the client's input put in the backend's buffer at once when its socket is known writable,
     /// rather than on the next turn of the poll loop (what is left, if any, that turn writes). Counted with
-    /// `benches/instructions.sh`, the extra turn cost each direction about 100 instructions of a transaction.
+    /// `benches/instructions.sh`, the extra turns cost about 100 instructions of a transaction, both directions
+    /// together.
     fn write_server_now(&mut self) -> Result<(), End> {
         let Some(s) = self.server.as_mut() else {
             return Ok(());

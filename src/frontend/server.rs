@@ -139,3 +139,12 @@ impl Server {
         self.conn.release(state);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// A checkout moves `Server` through several steps: see `replace_error`.
+    #[test]
+    fn a_server_stays_small_enough_to_copy_without_a_loop() {
+        assert!(std::mem::size_of::<super::Server>() <= 256);
+    }
+}

@@ -220,6 +220,41 @@ mod tests {
         assert!(b.poll_read_ready(&mut cx).is_ready());
     }
 
+    /// The relay's write at once: it sends while the socket is writable, sends nothing (and registers
+    /// nothing) once the buffer is full, leaving the readiness cleared for the poll to wait on, and sends again
+    /// once the peer has read.
+    #[tokio::test]
+    async fn try_send_sends_only_while_the_socket_is_writable() {
+        let (a, mut b) = pair().await;
+        a.writable().await.unwrap();
+        let chunk = vec![7u8; 64 * 1024];
+        let mut sent = 0;
+        for _ in 0..10_000 {
+            match try_send(&a, &chunk).unwrap() {
+                Some(n) => sent += n,
+                None => break,
+            }
+        }
+        assert!(sent > 0);
+        assert_eq!(
+            try_send(&a, &chunk).unwrap(),
+            None,
+            "a full buffer takes nothing"
+        );
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(
+            a.poll_write_ready(&mut cx).is_pending(),
+            "readiness cleared"
+        );
+        let mut drained = vec![0u8; sent];
+        tokio::io::AsyncReadExt::read_exact(&mut b, &mut drained)
+            .await
+            .unwrap();
+        assert!(drained.iter().all(|&x| x == 7));
+        a.writable().await.unwrap();
+        assert!(try_send(&a, b"more").unwrap().is_some());
+    }
+
     #[tokio::test]
     async fn a_send_to_a_reset_peer_fails() {
         let (a, b) = pair().await;

@@ -34,6 +34,7 @@ impl Stream {
 
     /// Sends what it can of `data` now if this is plain TCP known to be writable (see `rawio::try_send`);
     /// `None` otherwise, and the relay's poll writes it.
+    #[cfg_attr(not(target_os = "linux"), allow(unused_variables))]
     pub fn try_send(&self, data: &[u8]) -> io::Result<Option<usize>> {
         match self {
             #[cfg(target_os = "linux")]

@@ -6,7 +6,7 @@ use memchr::memmem::Finder;
 
 /// Statements up to this long are lower-cased on the stack for the case-insensitive word searches.
 pub(super) const SHORT_TEXT: usize = 512;
-const SMALL_TEXT: usize = 128;
+pub(super) const SMALL_TEXT: usize = 128;
 
 /// Whether `sql` contains each of `needles` (given in lower case) in any letter case. A short text is
 /// lower-cased once into a stack buffer and searched with a vectorised substring search. Comparing at every

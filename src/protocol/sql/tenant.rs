@@ -205,7 +205,7 @@ fn set_value(sql: &[u8], stmt: &Statement, at: usize) -> Result<TenantCommand, S
 
 #[cfg(test)]
 mod tests {
-    use super::super::lex::SHORT_TEXT;
+    use super::super::lex::{SHORT_TEXT, SMALL_TEXT};
     use super::*;
 
     static SET_CONFIG: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"set_config"));
@@ -217,9 +217,16 @@ mod tests {
 
     #[test]
     fn word_search_ignores_case_in_short_and_long_texts() {
-        // 55 bytes of text: the small buffer, exactly its 128 bytes and one over, exactly SHORT_TEXT bytes
+        // 55 bytes of text: the small buffer, exactly its size and one byte over, exactly SHORT_TEXT bytes
         // (still lower-cased on the stack), one byte over, and long.
-        for pad in [0, 73, 74, SHORT_TEXT - 55, SHORT_TEXT - 54, 4 * SHORT_TEXT] {
+        for pad in [
+            0,
+            SMALL_TEXT - 55,
+            SMALL_TEXT - 54,
+            SHORT_TEXT - 55,
+            SHORT_TEXT - 54,
+            4 * SHORT_TEXT,
+        ] {
             let text = format!(
                 "{}select Set_Config('a', 'b', false), PG_ADVISORY_lock(1)",
                 " ".repeat(pad)
