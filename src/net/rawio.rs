@@ -62,27 +62,9 @@ pub fn poll_recv(
 /// `send` of `data` (without `SIGPIPE`, as the standard library sends), waiting for readiness as
 /// `TcpStream::poll_write` does.
 pub fn poll_send(stream: &TcpStream, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-    let fd = stream.as_raw_fd();
     loop {
         ready!(stream.poll_write_ready(cx))?;
-        let mut done = 0;
-        let outcome = stream.try_io(Interest::WRITABLE, || {
-            // SAFETY: the kernel reads `data.len()` bytes from `data`, which outlives the call; no address given.
-            let n = unsafe {
-                libc::syscall(
-                    libc::SYS_sendto,
-                    libc::c_long::from(fd),
-                    data.as_ptr().cast::<libc::c_void>(),
-                    data.len(),
-                    libc::c_long::from(libc::MSG_NOSIGNAL),
-                    std::ptr::null::<libc::sockaddr>(),
-                    NONE,
-                )
-            };
-            done = result(n)?;
-            short(done, data.len())
-        });
-        if let Some(r) = settle(outcome, done) {
+        if let Some(r) = send_if_ready(stream, data) {
             return Poll::Ready(r);
         }
     }
@@ -93,10 +75,16 @@ pub fn poll_send(stream: &TcpStream, cx: &mut Context<'_>, data: &[u8]) -> Poll<
 /// writes a reply the moment it has one this way, instead of going round its poll loop once more to find the
 /// socket writable.
 pub fn try_send(stream: &TcpStream, data: &[u8]) -> io::Result<Option<usize>> {
+    send_if_ready(stream, data).transpose()
+}
+
+/// One `send` inside `try_io` (which skips it when the socket is not known writable): the bytes sent, an error,
+/// or `None` when readiness is to be waited for again.
+fn send_if_ready(stream: &TcpStream, data: &[u8]) -> Option<io::Result<usize>> {
     let fd = stream.as_raw_fd();
     let mut done = 0;
     let outcome = stream.try_io(Interest::WRITABLE, || {
-        // SAFETY: as in `poll_send`.
+        // SAFETY: the kernel reads `data.len()` bytes from `data`, which outlives the call; no address given.
         let n = unsafe {
             libc::syscall(
                 libc::SYS_sendto,
@@ -111,7 +99,7 @@ pub fn try_send(stream: &TcpStream, data: &[u8]) -> io::Result<Option<usize>> {
         done = result(n)?;
         short(done, data.len())
     });
-    settle(outcome, done).transpose()
+    settle(outcome, done)
 }
 
 /// A transfer of `n` bytes out of `len` that moved some but not all of them emptied the socket's buffer (read)
