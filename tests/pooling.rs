@@ -981,9 +981,7 @@ async fn a_tenant_keeps_its_connection_for_its_turn_while_another_waits() {
         acme.batch_execute("BEGIN").await.unwrap();
         assert_eq!(who_is(&acme).await.unwrap(), "tenant_acme");
         let queued = tokio::spawn(async move { who_is(&globex).await });
-        while waiting(&p, "shared").await == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        until_waiting(&p, 1).await;
         let before = tenant_resets(&p).await;
         acme.batch_execute("COMMIT").await.unwrap();
         assert_eq!(who_is(&acme).await.unwrap(), "tenant_acme");
