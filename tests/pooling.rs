@@ -976,12 +976,7 @@ async fn a_tenant_keeps_its_connection_for_its_turn_while_another_waits() {
             true => one_connection_with_turns(&w, 60_000, 1_500).await,
             false => one_connection_with_turns(&w, 0, 1_500).await,
         };
-        let acme = p.connect("app.acme", "app").await.unwrap();
-        let globex = p.connect("app.globex", "app").await.unwrap();
-        acme.batch_execute("BEGIN").await.unwrap();
-        assert_eq!(who_is(&acme).await.unwrap(), "tenant_acme");
-        let queued = tokio::spawn(async move { who_is(&globex).await });
-        until_waiting(&p, 1).await;
+        let (acme, queued) = acme_holds_globex_queued(&p).await;
         let before = tenant_resets(&p).await;
         acme.batch_execute("COMMIT").await.unwrap();
         assert_eq!(who_is(&acme).await.unwrap(), "tenant_acme");
@@ -1081,12 +1076,7 @@ async fn a_kept_connection_whose_time_ran_out_makes_room_for_another_pool() {
         .tenant("initech", "shared", Some("turns_other"), None)
         .start()
         .await;
-    let acme = p.connect("app.acme", "app").await.unwrap();
-    let globex = p.connect("app.globex", "app").await.unwrap();
-    acme.batch_execute("BEGIN").await.unwrap();
-    assert_eq!(who_is(&acme).await.unwrap(), "tenant_acme");
-    let queued = tokio::spawn(async move { who_is(&globex).await });
-    until_waiting(&p, 1).await;
+    let (acme, queued) = acme_holds_globex_queued(&p).await;
     // Globex waits: the connection stays with acme for its turn, and acme's client does not come back.
     acme.batch_execute("COMMIT").await.unwrap();
     let err = queued.await.unwrap().expect_err("globex's wait ends first");
@@ -1108,6 +1098,22 @@ async fn a_kept_connection_whose_time_ran_out_makes_room_for_another_pool() {
         1,
         "the backend's cap held"
     );
+}
+
+/// Acme's client in a transaction on the pool's only connection, and globex's query queued behind it.
+async fn acme_holds_globex_queued(
+    p: &TestProxy,
+) -> (
+    tokio_postgres::Client,
+    tokio::task::JoinHandle<Result<String, tokio_postgres::Error>>,
+) {
+    let acme = p.connect("app.acme", "app").await.unwrap();
+    let globex = p.connect("app.globex", "app").await.unwrap();
+    acme.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(who_is(&acme).await.unwrap(), "tenant_acme");
+    let queued = tokio::spawn(async move { who_is(&globex).await });
+    until_waiting(p, 1).await;
+    (acme, queued)
 }
 
 /// Until `n` clients wait on the pools of backend `shared` (panics after 10 s).
