@@ -69,7 +69,7 @@ impl Proxy {
         config: Config,
         path: Option<std::path::PathBuf>,
     ) -> Result<Proxy, ServerError> {
-        let state_lock = crate::state::lock::StateLock::acquire(&config.proxy.state_dir)?;
+        let state_lock = crate::state::lock::StateLock::acquire(&config.proxy.state_dir).await?;
         let addr = config.listen_addr()?;
         let listener = TcpListener::bind(addr)
             .await

@@ -1,6 +1,13 @@
 //! The exclusive lock on `state_dir`: two proxies writing one state directory would corrupt its routes and
 //! audit chain, so the second refuses to start and names the first's pid. The lock is an advisory `flock` on
 //! `state_dir/pgtenant.pid`, released by the kernel when the holder exits, however it exits.
+//!
+//! A refused lock is retried for a short while before it counts as held. A `flock` belongs to the open file
+//! description, and a child forked by this process (or by a predecessor) holds a copy of it until the child's
+//! `exec` closes it; a restart that races such a fork, or a predecessor that is still exiting, would otherwise be
+//! refused although nobody is left to hold the directory.
+
+use std::time::{Duration, Instant};
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
@@ -9,6 +16,9 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 const FILE: &str = "pgtenant.pid";
+/// How long a refused lock is retried: far above a fork-to-exec window, far below a supervisor's patience.
+const WAIT: Duration = Duration::from_secs(2);
+const RETRY_EVERY: Duration = Duration::from_millis(20);
 
 #[derive(Debug, Error)]
 pub enum LockError {
@@ -28,7 +38,24 @@ pub struct StateLock {
 }
 
 impl StateLock {
-    pub fn acquire(dir: &Path) -> Result<StateLock, LockError> {
+    pub async fn acquire(dir: &Path) -> Result<StateLock, LockError> {
+        Self::acquire_within(dir, WAIT).await
+    }
+
+    /// Takes the lock, retrying a refusal until `wait` has passed.
+    pub async fn acquire_within(dir: &Path, wait: Duration) -> Result<StateLock, LockError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            match Self::try_acquire(dir) {
+                Err(LockError::InUse { .. }) if Instant::now() < deadline => {
+                    tokio::time::sleep(RETRY_EVERY).await
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn try_acquire(dir: &Path) -> Result<StateLock, LockError> {
         let io = |source| LockError::Io {
             dir: dir.to_owned(),
             source,
@@ -64,13 +91,30 @@ impl StateLock {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_second_holder_is_refused_with_the_first_ones_pid_until_it_lets_go() {
+    #[tokio::test]
+    async fn a_second_holder_is_refused_with_the_first_ones_pid_until_it_lets_go() {
         let dir = tempfile::tempdir().unwrap();
-        let first = StateLock::acquire(dir.path()).unwrap();
-        let e = StateLock::acquire(dir.path()).unwrap_err().to_string();
+        let first = StateLock::acquire(dir.path()).await.unwrap();
+        let e = StateLock::acquire_within(dir.path(), Duration::from_millis(50))
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(&format!("pid {}", std::process::id())), "{e}");
         drop(first);
-        StateLock::acquire(dir.path()).unwrap();
+        StateLock::acquire(dir.path()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_lock_let_go_while_the_next_holder_waits_is_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = StateLock::acquire(dir.path()).await.unwrap();
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            drop(first);
+        });
+        StateLock::acquire_within(dir.path(), Duration::from_secs(10))
+            .await
+            .unwrap();
+        releaser.join().unwrap();
     }
 }
