@@ -1100,6 +1100,45 @@ async fn a_kept_connection_whose_time_ran_out_makes_room_for_another_pool() {
     );
 }
 
+/// A connection kept until before the time the pool's sweeping task sleeps to wakes that task: here a
+/// reload shortened the linger while the task slept out the old one. Timings: the old linger (6 s) ends after
+/// globex's wait (4 s) would; the new one (300 ms) long before. Without the early wake-up, nothing hands the
+/// kept connection on in time (acme's client does not come back), and globex's wait ends in `53300`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shorter_linger_after_a_reload_ends_a_kept_connection_at_its_own_time() {
+    let w = clusters();
+    let backend = |linger: u32| {
+        format!(
+            "database = \"app\"\npool_size = 1\ntenant_turn_ms = 60000\ntenant_turn_linger_ms = {linger}"
+        )
+    };
+    let harness = |linger| {
+        Harness::new()
+            .proxy("pool_mode = \"transaction\"")
+            .proxy("pool_checkout_timeout_ms = 4000")
+            .backend_with("shared", &w.shared, &backend(linger))
+            .tenant("acme", "shared", None, Some("tenant_acme"))
+            .tenant("globex", "shared", None, Some("tenant_globex"))
+    };
+    let (p, path) = harness(6000).start_from_file().await;
+    let (acme, queued) = acme_holds_globex_queued(&p).await;
+    // Kept for acme (the sweeping task now sleeps for 6 s), and taken back by acme's next transaction.
+    acme.batch_execute("COMMIT").await.unwrap();
+    acme.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(who_is(&acme).await.unwrap(), "tenant_acme");
+    std::fs::write(&path, harness(300).text()).unwrap();
+    p.admin_ok(json!({"cmd": "reload"})).await;
+    // Kept for acme again, for 300 ms now; acme's client does not come back.
+    acme.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        queued
+            .await
+            .unwrap()
+            .expect("globex served when acme's linger ended"),
+        "tenant_globex"
+    );
+}
+
 /// Acme's client in a transaction on the pool's only connection, and globex's query queued behind it.
 async fn acme_holds_globex_queued(
     p: &TestProxy,

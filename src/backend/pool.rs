@@ -99,8 +99,9 @@ struct Inner {
     waiting: WaitQueue,
     /// Idle connections kept for their owner's next transaction (`kept_until` set).
     kept: usize,
-    /// A task ends kept connections whose time ran out when no checkout or checkin comes to do it.
-    sweeper: bool,
+    /// When the task that ends kept connections' time (when no checkout or checkin comes to do it) wakes
+    /// next; none while no such task runs.
+    sweep_at: Option<Instant>,
 }
 
 pub struct Pool {
@@ -114,6 +115,9 @@ pub struct Pool {
     privileged: AtomicU8,
     inner: Mutex<Inner>,
     tags: tags::Tags,
+    /// Wakes the sweeping task early: a connection was kept until before its wake-up (a shorter linger after a
+    /// reload, or a turn about to end).
+    sweep_sooner: Arc<tokio::sync::Notify>,
 }
 
 const PRIVILEGE_UNKNOWN: u8 = 0;
@@ -138,6 +142,7 @@ impl Pool {
             privileged: AtomicU8::new(PRIVILEGE_UNKNOWN),
             inner: Mutex::new(Inner::default()),
             tags: tags::Tags::default(),
+            sweep_sooner: Arc::default(),
         })
     }
 

@@ -465,6 +465,21 @@ impl Harness {
             state: self.state,
         }
     }
+
+    /// Starts the proxy from a config file (written into the state directory), so that `reload` rereads it;
+    /// returns the file's path.
+    pub async fn start_from_file(self) -> (TestProxy, PathBuf) {
+        let path = self.state.path().join("pgtenant.toml");
+        std::fs::write(&path, self.text()).unwrap();
+        let proxy = Proxy::start_with_path(self.config(), Some(path.clone()))
+            .await
+            .unwrap();
+        let p = TestProxy {
+            proxy,
+            state: self.state,
+        };
+        (p, path)
+    }
 }
 
 pub struct TestProxy {

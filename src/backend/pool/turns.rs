@@ -4,7 +4,9 @@
 //! `kept_until` set; they are ended lazily by checkouts and checkins, and by [`sweep`] when the pool is quiet.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
+
+use tokio::sync::Notify;
 
 use super::super::conn::ServerConn;
 use super::super::waiters::Grant;
@@ -71,12 +73,20 @@ impl Pool {
             return Some(conn);
         }
         // The turn's end bounds the linger too.
-        conn.kept_until = Some((now + linger).min(since + turn));
+        let until = (now + linger).min(since + turn);
+        conn.kept_until = Some(until);
         inner.kept += 1;
         inner.idle.push(conn);
-        if !inner.sweeper {
-            inner.sweeper = true;
-            runtime.spawn(sweep(Arc::downgrade(self), linger));
+        match inner.sweep_at {
+            None => {
+                inner.sweep_at = Some(until);
+                runtime.spawn(sweep(Arc::downgrade(self), self.sweep_sooner.clone()));
+            }
+            Some(at) if until < at => {
+                inner.sweep_at = Some(until);
+                self.sweep_sooner.notify_one();
+            }
+            Some(_) => {}
         }
         None
     }
@@ -131,25 +141,36 @@ impl Pool {
 
 /// Ends kept connections' time when no checkout or checkin comes to do it (a pool gone quiet with clients
 /// still waiting); runs while any connection is kept, waking at the earliest end (at the timer's resolution).
-async fn sweep(pool: std::sync::Weak<Pool>, first: Duration) {
-    let mut at = Instant::now() + first;
+/// Its wake-up is `Inner::sweep_at`; a connection kept until before it moves it and wakes the task, which
+/// then sleeps again until the new time. Holds no strong reference while asleep, so a dropped pool ends it.
+async fn sweep(pool: std::sync::Weak<Pool>, sooner: Arc<Notify>) {
     loop {
-        tokio::time::sleep_until(at.into()).await;
+        let at = {
+            let Some(pool) = pool.upgrade() else {
+                return;
+            };
+            let Some(at) = pool.lock().sweep_at else {
+                return;
+            };
+            at
+        };
+        let woken_sooner = sooner.notified();
+        tokio::select! {
+            _ = tokio::time::sleep_until(at.into()) => {}
+            _ = woken_sooner => continue,
+        }
         let Some(pool) = pool.upgrade() else {
             return;
         };
         let mut inner = pool.lock();
         let cap = pool.backend.max_tenant_connections();
         let closed = pool.end_kept(&mut inner, Instant::now(), cap, true);
-        let next = inner.idle.iter().filter_map(|c| c.kept_until).min();
-        if next.is_none() {
-            inner.sweeper = false;
-        }
+        inner.sweep_at = inner.idle.iter().filter_map(|c| c.kept_until).min();
+        let done = inner.sweep_at.is_none();
         drop(inner);
         pool.closed(closed);
-        match next {
-            Some(next) => at = next,
-            None => return,
+        if done {
+            return;
         }
     }
 }
