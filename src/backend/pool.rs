@@ -204,6 +204,31 @@ impl Pool {
         }
     }
 
+    /// The common checkout without an `await`: an idle connection with `tag`'s parameters for `tenant` that is
+    /// alive, as [`Pool::checkout`] would take it. `None` changes nothing, and `checkout` decides (it may open,
+    /// replace, reclaim or wait; a dead idle connection is its to replace). Connections kept for a tenant's turn
+    /// are left to it too: their times need the clock. Counted with `benches/instructions.sh`, the checkout's
+    /// nested futures cost a transaction-pool transaction about 2% of the session's work.
+    pub fn try_reuse(
+        self: &Arc<Self>,
+        tag: &Arc<StartupTag>,
+        tenant: Option<&TenantId>,
+    ) -> Option<PooledConn> {
+        let mut inner = self.lock();
+        let cap = self.backend.max_tenant_connections();
+        if inner.kept > 0 || !under_cap(&inner, tenant, cap) {
+            return None;
+        }
+        let i = pick_idle(&inner.idle, tag, tenant, None).0?;
+        if !alive(&inner.idle[i]) {
+            return None;
+        }
+        let conn = take_idle(&mut inner, i);
+        note_held(&mut inner, tenant, cap);
+        drop(inner);
+        Some(self.wrap(conn, tenant))
+    }
+
     /// Picks what a checkout does, under the lock; an evicted connection is returned to be closed outside it.
     fn choose(
         self: &Arc<Self>,

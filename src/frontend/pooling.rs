@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use super::boundary::Refusal;
 use super::parts::move_bytes;
-use super::resolve::{checkout, resolve, Resolved};
+use super::resolve::{checkout, checkout_now, resolve, Resolved};
 use super::server::Server;
 use super::session::Session;
 use super::statements::{ClientStatements, Target, MAX_HEAD_NAMES, MAX_INFLIGHT};
@@ -148,7 +148,17 @@ impl Session {
             _ => resolve(&self.shared, &self.info, &tenant).map_err(Refusal::Statement)?,
         };
         self.pooling.route_path = resolved.route_path.clone();
-        let mut server = self.checkout_settled(&resolved, &tenant).await?;
+        // Most transactions find an idle connection that needs no round trip: taken without the checkout's
+        // futures.
+        let ready = checkout_now(&resolved, &tenant, &mut self.pooling.spare)
+            .map(|mut server| (self.settle_now(&mut server, true), server));
+        let mut server = match ready {
+            Some((None, server)) => server,
+            Some((Some(reset), server)) => {
+                Box::pin(self.settle_later(server, &resolved.route.backend, reset)).await?
+            }
+            None => self.checkout_settled(&resolved, &tenant).await?,
+        };
         // The unnamed statement is not the pool's: one left by the connection's last user is closed first (its
         // CloseComplete is taken out of the replies).
         let conn = server.conn.get_mut();
@@ -187,11 +197,27 @@ impl Session {
                 return Err(Refusal::Statement(e));
             }
         };
-        match self
-            .settle_settings(&mut server, &resolved.route.backend, true)
-            .await
-        {
-            Ok(()) => Ok(server),
+        match self.settle_now(&mut server, true) {
+            None => Ok(server),
+            Some(reset) => {
+                Box::pin(self.settle_later(server, &resolved.route.backend, reset)).await
+            }
+        }
+    }
+
+    /// A checked-out connection that needs its own round trip to hold the session's settings (see
+    /// [`Session::settle_now`]); released, as broken, when they cannot be applied.
+    async fn settle_later(
+        &mut self,
+        mut server: Server,
+        backend: &BackendId,
+        reset: Reset,
+    ) -> Result<Server, Refusal> {
+        match self.apply_settings(&mut server, backend, reset).await {
+            Ok(()) => {
+                server.synced = true;
+                Ok(server)
+            }
             Err(e) => {
                 self.count_error(ErrorKind::MoveFailed);
                 server.release(true);
@@ -219,6 +245,16 @@ impl Session {
         backend: &BackendId,
         ahead: bool,
     ) -> Result<(), Unsettled> {
+        if let Some(reset) = self.settle_now(server, ahead) {
+            Box::pin(self.apply_settings(server, backend, reset)).await?;
+            server.synced = true;
+        }
+        Ok(())
+    }
+
+    /// What `settle_settings` does without a round trip: nothing needed, or the proxy's part pipelined ahead
+    /// (the connection is then synced). `Some`: the reset that a round trip of its own must apply.
+    fn settle_now(&mut self, server: &mut Server, ahead: bool) -> Option<Reset> {
         let conn = server.conn.get();
         let foreign = conn.owner.is_some() && conn.owner != self.place.tenant;
         let reset = if foreign || conn.suspect {
@@ -234,10 +270,10 @@ impl Session {
         if needed && ahead && fingerprint == 0 {
             self.pipeline_reset(server, reset);
         } else if needed {
-            Box::pin(self.apply_settings(server, backend, reset)).await?;
+            return Some(reset);
         }
         server.synced = true;
-        Ok(())
+        None
     }
 
     /// The proxy's part (the reset `reset` calls for, then the tenant's schema) sent ahead of the client's

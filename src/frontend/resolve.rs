@@ -119,6 +119,17 @@ pub(super) fn resolve(
     })
 }
 
+/// [`checkout`] when the pool has an idle connection for the session at hand (see `Pool::try_reuse`); `None`
+/// takes nothing, not even the spare.
+pub(super) fn checkout_now(
+    resolved: &Resolved,
+    tenant: &TenantId,
+    spare: &mut Option<(BytesMut, Inflight)>,
+) -> Option<Server> {
+    let conn = resolved.pool.try_reuse(&resolved.tag, Some(tenant))?;
+    Some(Server::new(conn, spare.take()))
+}
+
 /// Checks out a backend connection of `resolved`'s pool (with a spare output buffer and in-flight queue).
 pub(super) async fn checkout(
     resolved: &Resolved,
