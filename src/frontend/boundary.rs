@@ -108,7 +108,11 @@ impl Session {
             }
         }
         let (routed, waited) = if self.pooling.tx_mode && self.server.is_none() {
-            (self.unpark().await, true)
+            let unparked = match self.unpark_now() {
+                Ok(Some(rest)) => Box::pin(self.unpark_later(rest)).await,
+                other => other.map(|_| ()),
+            };
+            (unparked, true)
         } else if self.route_changed() {
             // Rare: boxed, so its state does not sit in every idle session's task.
             (Box::pin(self.follow_route()).await, true)

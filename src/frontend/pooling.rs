@@ -52,6 +52,15 @@ enum Reset {
     Sets,
 }
 
+/// A transaction's checkout that must wait, open a connection or apply settings in a round trip of their own
+/// (see [`Session::unpark_now`]).
+pub(super) struct Unparking {
+    tenant: crate::tenant::TenantId,
+    resolved: Resolved,
+    /// A connection taken that needs this reset applied first.
+    taken: Option<(Server, Reset)>,
+}
+
 /// Why a pooled connection could not be made this session's.
 pub(super) struct Unsettled(PgError);
 
@@ -138,27 +147,56 @@ impl Session {
 
     /// At the start of a transaction of a parked session: a backend connection of the tenant's current route
     /// (a route changed since the last transaction is how a transaction-pool session moves), holding the
-    /// session's settings.
-    pub(super) async fn unpark(&mut self) -> Result<(), Refusal> {
+    /// session's settings. Done here without an `await` when an idle connection needs no round trip, as most
+    /// transactions find one; otherwise what is left is returned for [`Session::unpark_later`].
+    pub(super) fn unpark_now(&mut self) -> Result<Option<Unparking>, Refusal> {
         let Some(tenant) = self.place.tenant.clone() else {
-            return Ok(());
+            return Ok(None);
         };
         let resolved = match self.pooling.resolved.take() {
             Some(r) if r.tenant == tenant && self.fresh(&r) => r,
             _ => resolve(&self.shared, &self.info, &tenant).map_err(Refusal::Statement)?,
         };
         self.pooling.route_path = resolved.route_path.clone();
-        // Most transactions find an idle connection that needs no round trip: taken without the checkout's
-        // futures.
-        let ready = checkout_now(&resolved, &tenant, &mut self.pooling.spare)
-            .map(|mut server| (self.settle_now(&mut server, true), server));
-        let mut server = match ready {
-            Some((None, server)) => server,
-            Some((Some(reset), server)) => {
-                Box::pin(self.settle_later(server, &resolved.route.backend, reset)).await?
+        let Some(mut server) = checkout_now(&resolved, &tenant, &mut self.pooling.spare) else {
+            return Ok(Some(Unparking {
+                tenant,
+                resolved,
+                taken: None,
+            }));
+        };
+        if let Some(reset) = self.settle_now(&mut server, true) {
+            return Ok(Some(Unparking {
+                tenant,
+                resolved,
+                taken: Some((server, reset)),
+            }));
+        }
+        self.attach_unparked(server, resolved);
+        Ok(None)
+    }
+
+    /// The rest of [`Session::unpark_now`]: a checkout that waits or opens a connection, or settings applied in
+    /// a round trip of their own.
+    pub(super) async fn unpark_later(&mut self, job: Unparking) -> Result<(), Refusal> {
+        let Unparking {
+            tenant,
+            resolved,
+            taken,
+        } = job;
+        let server = match taken {
+            Some((server, reset)) => {
+                self.settle_later(server, &resolved.route.backend, reset)
+                    .await?
             }
             None => self.checkout_settled(&resolved, &tenant).await?,
         };
+        self.attach_unparked(server, resolved);
+        Ok(())
+    }
+
+    /// Makes a settled connection the session's.
+    fn attach_unparked(&mut self, mut server: Server, resolved: Resolved) {
         // The unnamed statement is not the pool's: one left by the connection's last user is closed first (its
         // CloseComplete is taken out of the replies).
         let conn = server.conn.get_mut();
@@ -181,7 +219,6 @@ impl Session {
             self.publish_route();
         }
         self.pooling.resolved = Some(resolved);
-        Ok(())
     }
 
     /// A connection of `resolved`'s pool holding this session's settings.
