@@ -63,6 +63,10 @@ pub enum ClientError {
     TenantChangeInTransaction,
     #[error("pgtenant.tenant statements are only accepted in the simple query protocol")]
     TenantStatementNotSimple,
+    #[error(
+        "pgtenant.tenant statements cannot be sent inside an unfinished extended-protocol batch; send Sync first"
+    )]
+    TenantStatementInBatch,
     #[error("{0}")]
     Unsupported(String),
     /// A setting or statement that would let a session step outside its tenant.
@@ -178,6 +182,7 @@ impl ClientError {
             | TenantLoginNotAllowed { .. }
             | TenantChangeInTransaction
             | TenantStatementNotSimple
+            | TenantStatementInBatch
             | Unsupported(_)
             | Forbidden(_)
             | ForbiddenStartupParameter { .. }
@@ -224,7 +229,8 @@ impl ClientError {
             TenantFixed(_) | TenantConflict(_) | NoTenantNamed => {
                 sqlstate::SQLSERVER_REJECTED_ESTABLISHMENT_OF_SQLCONNECTION
             }
-            TenantChangeInTransaction => sqlstate::ACTIVE_SQL_TRANSACTION,
+            // An unfinished batch is an implicit transaction.
+            TenantChangeInTransaction | TenantStatementInBatch => sqlstate::ACTIVE_SQL_TRANSACTION,
             TenantStatementNotSimple | Unsupported(_) | Replication => {
                 sqlstate::FEATURE_NOT_SUPPORTED
             }

@@ -11,6 +11,7 @@ use common::{
     TestProxy,
 };
 use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
 async fn setup(extra_proxy: &[&str]) -> (PgCluster, TestProxy) {
@@ -587,4 +588,91 @@ async fn a_refused_tenant_statement_fails_its_whole_batch() {
         pg.psql("app", "SELECT string_agg(n::text, ',') FROM tenant_acme.b"),
         "2"
     );
+}
+
+/// Reads frames until `n` ReadyForQuery have come; returns every frame's tag and, for errors, the SQLSTATE
+/// (ParameterStatus and notices left out).
+async fn tags_until_ready(s: &mut tokio::net::TcpStream, n: usize) -> Vec<String> {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    let mut ready = 0;
+    while ready < n {
+        let mut head = [0u8; 5];
+        s.read_exact(&mut head).await.unwrap();
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut body = vec![0u8; len - 4];
+        s.read_exact(&mut body).await.unwrap();
+        let mut tag = (head[0] as char).to_string();
+        if head[0] == b'E' {
+            let text = String::from_utf8_lossy(&body).into_owned();
+            let code = text
+                .split('\0')
+                .find_map(|f| f.strip_prefix('C'))
+                .unwrap_or("");
+            tag.push_str(code);
+        }
+        ready += usize::from(head[0] == b'Z');
+        if !matches!(head[0], b'S' | b'N') {
+            seen.push(tag);
+        }
+    }
+    seen
+}
+
+/// A tenant statement sent as a simple Query in the middle of an unfinished extended batch (no Sync yet), in
+/// both pool modes. Answered on the spot, its reply would overtake the batch's; a switch would close the
+/// connection with the batch's INSERT unsent and keep the old tenant's gate pass (its pause would never
+/// drain, and in transaction pooling every later statement went nowhere). It fails the batch as PostgreSQL
+/// fails an implicit transaction: the batch's replies, the error, ReadyForQuery, and the INSERT rolled back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_statement_inside_an_unfinished_batch_fails_the_batch() {
+    let pg = PgCluster::start();
+    pg.tenant_schemas("app", &["tenant_acme", "tenant_globex"]);
+    pg.psql("app", "CREATE TABLE tenant_acme.b (n int)");
+    for mode in ["session", "transaction"] {
+        pg.psql("app", "TRUNCATE tenant_acme.b");
+        let proxy = Harness::new()
+            .proxy(&format!("pool_mode = \"{mode}\""))
+            .backend_with("shared", &pg, "database = \"app\"")
+            .tenant("acme", "shared", None, Some("tenant_acme"))
+            .tenant("globex", "shared", None, Some("tenant_globex"))
+            .raw("[[users]]\nname = \"dev\"\nauth = \"trust\"\ntenants = [\"*\"]\n")
+            .start()
+            .await;
+        let mut s = raw_login(proxy.port(), &[("user", "dev"), ("database", "app")]).await;
+        s.write_all(&frame(b'Q', b"SET pgtenant.tenant = 'acme'\0"))
+            .await
+            .unwrap();
+        assert_eq!(tags_until_ready(&mut s, 1).await, ["C", "Z"], "{mode}");
+        for statement in ["SET pgtenant.tenant = 'globex'", "SHOW pgtenant.tenant"] {
+            let mut batch = parse("INSERT INTO b VALUES (1)");
+            batch.extend(bind_execute());
+            batch.extend(frame(b'Q', format!("{statement}\0").as_bytes()));
+            batch.extend(frame(b'S', b""));
+            s.write_all(&batch).await.unwrap();
+            assert_eq!(
+                tags_until_ready(&mut s, 2).await,
+                ["1", "2", "C", "E25001", "Z", "Z"],
+                "{mode}: {statement}"
+            );
+            assert_eq!(pg.psql("app", "SELECT count(*) FROM tenant_acme.b"), "0");
+        }
+        // Still acme's session, and it goes on.
+        s.write_all(&frame(b'Q', b"INSERT INTO b VALUES (2)\0"))
+            .await
+            .unwrap();
+        assert_eq!(tags_until_ready(&mut s, 1).await, ["C", "Z"], "{mode}");
+        assert_eq!(
+            pg.psql("app", "SELECT string_agg(n::text, ',') FROM tenant_acme.b"),
+            "2"
+        );
+        // No gate pass of acme's is left behind: a pause drains at once.
+        let r = proxy
+            .admin_ok(json!({"cmd": "pause", "tenant": "acme", "timeout_ms": 2000}))
+            .await;
+        assert_eq!(r["drained"], true, "{mode}: {r}");
+        proxy
+            .admin_ok(json!({"cmd": "resume", "tenant": "acme"}))
+            .await;
+    }
 }

@@ -243,6 +243,9 @@ impl Session {
                     }
                 }
             },
+            (fe::QUERY, r) if self.server.as_ref().is_some_and(|s| s.batch_open) => {
+                self.refuse_query_in_batch(total, r)
+            }
             (fe::QUERY, r) => {
                 if self.server.as_ref().is_some_and(|s| s.pending > 0) {
                     // Answer only after every reply the backend owes has reached the client.
@@ -284,6 +287,22 @@ impl Session {
         self.client.cin.advance(total);
         self.fail_in_batch(err);
         Ok(())
+    }
+
+    /// A tenant statement sent as a simple Query while an extended-protocol batch is unfinished (no Sync yet):
+    /// a local answer would overtake the batch's replies, and a tenant switch would drop its work along with
+    /// its connection. PostgreSQL runs such a Query in the batch's implicit transaction and ends it with a
+    /// ReadyForQuery, so it is refused the same way: the batch fails where it stands (an error in it rolls its
+    /// work back) and a Sync in the Query's place brings that ReadyForQuery. The client's own Sync, when it
+    /// comes, gets its own, as on PostgreSQL.
+    fn refuse_query_in_batch(&mut self, total: usize, why: sql::Recognised) {
+        let err = match why {
+            sql::Recognised::Forbidden(msg) => ClientError::Forbidden(msg),
+            _ => ClientError::TenantStatementInBatch,
+        };
+        self.client.cin.advance(total);
+        self.fail_in_batch(err.to_pg());
+        self.end_skip(SkipEnd::ForwardSync);
     }
 
     /// Fails the extended-protocol batch in progress where it stands: an Execute that must fail takes the place

@@ -76,7 +76,14 @@ impl Session {
                 );
                 Ok(None)
             }
-            _ if self.status() != status::IDLE => {
+            // (An unfinished batch or COPY never gets here, see `refuse_query_in_batch`; checked again because
+            // a switch would drop their work with the connection.)
+            _ if self.status() != status::IDLE
+                || self
+                    .server
+                    .as_ref()
+                    .is_some_and(|s| s.batch_open || s.copy_in) =>
+            {
                 Err(ClientError::TenantChangeInTransaction.into())
             }
             TenantCommand::Set(name) => match TenantId::parse(&name) {
@@ -139,6 +146,9 @@ impl Session {
             Some((server, slot)) => (Some(server), Some(slot)),
             None => (None, None),
         };
+        // Nothing is open here (see `tenant_command`); a gate pass still held is the old tenant's and goes
+        // back to its gate, or that tenant's pause would wait for this session forever.
+        self.end_transaction(false);
         self.info.admission.tenant = slot;
         info!(user = %self.info.user.name, from = ?self.place.tenant, to = ?target, "session moved by SET pgtenant.tenant");
         // A session that picks its tenant itself starts afresh there: nothing pins it yet.
