@@ -13,25 +13,42 @@ fn normalise(name: &str) -> String {
     name.to_ascii_lowercase().replace('-', "_")
 }
 
-/// Every `-c name=value` / `--name=value` setting in split `options`, by normalised name.
+/// The switches of a backend's command line that take an argument (PostgreSQL's `getopt` string for
+/// `process_postgres_switches`); every other letter is a flag.
+const SWITCHES_WITH_ARGUMENT: &[char] = &[
+    'B', 'C', 'c', 'D', 'd', 'f', 'h', 'k', 'N', 'p', 'r', 'S', 't', 'v', 'W', '-',
+];
+
+/// Every setting in split `options`, by normalised name, read as PostgreSQL's `getopt` reads them: `-c
+/// name=value`, `-cname=value`, `--name=value`, and switches grouped behind flags (`-ec name=value`,
+/// `-e-name=value`), which a check of the first two characters alone would miss. Every argument is also read
+/// on its own, even one that is another switch's argument: a setting-shaped argument is refused either way.
 fn option_settings(options: &[String]) -> Vec<String> {
     let mut names = Vec::new();
     let mut i = 0;
     while i < options.len() {
         let arg = &options[i];
-        let (setting, used) = if arg == "-c" {
-            (options.get(i + 1).map(String::as_str), 2)
-        } else if let Some(s) = arg.strip_prefix("-c") {
-            (Some(s), 1)
-        } else if let Some(s) = arg.strip_prefix("--") {
-            (Some(s), 1)
-        } else {
-            (None, 1)
+        i += 1;
+        let Some(switches) = arg.strip_prefix('-') else {
+            continue;
         };
-        if let Some((name, _)) = setting.and_then(|s| s.split_once('=')) {
-            names.push(normalise(name));
+        for (at, letter) in switches.char_indices() {
+            if !SWITCHES_WITH_ARGUMENT.contains(&letter) {
+                continue;
+            }
+            // The next argument is read as this switch's, and also on its own (erring towards refusing).
+            let rest = &switches[at + letter.len_utf8()..];
+            let value = match rest.is_empty() {
+                true => options.get(i).map(String::as_str),
+                false => Some(rest),
+            };
+            if matches!(letter, 'c' | '-') {
+                if let Some((name, _)) = value.and_then(|s| s.split_once('=')) {
+                    names.push(normalise(name));
+                }
+            }
+            break;
         }
-        i += used;
     }
     names
 }
@@ -129,5 +146,30 @@ mod tests {
             );
         }
         assert!(check(&[], &["-c", "session-replication-role=replica"], false).is_err());
+    }
+
+    #[test]
+    fn switches_grouped_behind_flags_are_read_as_postgresql_reads_them() {
+        for opts in [
+            &["-ecsession_replication_role=replica"][..],
+            &["-e-pgtenant.x=y"],
+            &["-ec", "role=t_globex"],
+            &["-Ee", "--role=x"],
+        ] {
+            assert!(check(&[], opts, false).is_err(), "{opts:?}");
+        }
+        // Erring towards refusing: `-crole=x` is `-d`'s argument to PostgreSQL, and still refused.
+        assert!(check(&[], &["-d", "-crole=x"], false).is_err());
+        assert!(check(&[], &["-d5", "-crole=x"], false).is_err());
+        assert!(check(&[], &["-e", "-c", "work_mem=8MB", "-F"], false).is_ok());
+    }
+
+    #[test]
+    fn a_vertical_tab_separates_options_as_in_postgresql() {
+        let options = crate::protocol::startup::split_options("-c\x0brole=t_globex");
+        assert_eq!(options, ["-c", "role=t_globex"]);
+        assert!(check(&[], &["-c", "role=t_globex"], false).is_err());
+        let joined = crate::protocol::startup::join_options(&["a\x0bb"]);
+        assert_eq!(crate::protocol::startup::split_options(&joined), ["a\x0bb"]);
     }
 }

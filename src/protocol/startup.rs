@@ -151,7 +151,7 @@ pub fn split_options(options: &str) -> Vec<String> {
                     cur.push(n);
                 }
             }
-            c if c.is_ascii_whitespace() => {
+            c if is_c_space(c) => {
                 if in_arg && !cur.is_empty() {
                     args.push(std::mem::take(&mut cur));
                 }
@@ -169,6 +169,13 @@ pub fn split_options(options: &str) -> Vec<String> {
     args
 }
 
+/// White space as PostgreSQL's `pg_split_opts` sees it (C's `isspace`): Rust's ASCII white space and the
+/// vertical tab, which Rust leaves out. A split that kept `-c\x0brole=x` as one argument would let a setting
+/// past the startup guards that PostgreSQL then applies.
+fn is_c_space(c: char) -> bool {
+    c.is_ascii_whitespace() || c == '\x0b'
+}
+
 /// The inverse of [`split_options`]: escapes white space and backslashes in each argument.
 pub fn join_options<S: AsRef<str>>(args: &[S]) -> String {
     let mut out = String::new();
@@ -177,7 +184,7 @@ pub fn join_options<S: AsRef<str>>(args: &[S]) -> String {
             out.push(' ');
         }
         for c in arg.as_ref().chars() {
-            if c == '\\' || c.is_ascii_whitespace() {
+            if c == '\\' || is_c_space(c) {
                 out.push('\\');
             }
             out.push(c);
