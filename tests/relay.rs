@@ -676,3 +676,59 @@ async fn a_tenant_statement_inside_an_unfinished_batch_fails_the_batch() {
             .await;
     }
 }
+
+/// Statements sent together with a Terminate run as PostgreSQL runs them, which reads everything before the
+/// Terminate: an autocommitted INSERT commits, also behind a reply the proxy had not read yet, and an open
+/// transaction is rolled back. Before, the frames still on their way to the backend were dropped with the
+/// connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_sent_with_a_terminate_run_as_on_postgresql() {
+    let pg = PgCluster::start();
+    pg.tenant_schemas("app", &["tenant_acme"]);
+    pg.psql("app", "CREATE TABLE tenant_acme.last_words (n int)");
+    for mode in ["session", "transaction"] {
+        pg.psql("app", "TRUNCATE tenant_acme.last_words");
+        let proxy = Harness::new()
+            .proxy(&format!("pool_mode = \"{mode}\""))
+            .backend_with("shared", &pg, "database = \"app\"")
+            .tenant("acme", "shared", None, Some("tenant_acme"))
+            .raw("[[users]]\nname = \"dev\"\nauth = \"trust\"\ntenants = [\"*\"]\n")
+            .start()
+            .await;
+        let login = [("user", "dev.acme"), ("database", "app")];
+        for (i, sql) in [
+            &["INSERT INTO last_words VALUES (1)"][..],
+            &["SELECT pg_sleep(0.2)", "INSERT INTO last_words VALUES (2)"],
+            &["BEGIN; INSERT INTO last_words VALUES (3)"],
+        ]
+        .iter()
+        .enumerate()
+        {
+            let mut s = raw_login(proxy.port(), &login).await;
+            let mut bytes = Vec::new();
+            for q in *sql {
+                bytes.extend(frame(b'Q', format!("{q}\0").as_bytes()));
+            }
+            bytes.extend(frame(b'X', b""));
+            s.write_all(&bytes).await.unwrap();
+            assert!(
+                closes_within(&mut s, Duration::from_secs(10)).await,
+                "{mode} {i}"
+            );
+        }
+        let rows = || {
+            pg.psql(
+                "app",
+                "SELECT string_agg(n::text, ',' ORDER BY n) FROM tenant_acme.last_words",
+            )
+        };
+        assert!(
+            eventually(Duration::from_secs(10), || rows() == "1,2").await,
+            "{mode}: {}",
+            rows()
+        );
+        // The open transaction's INSERT stays rolled back.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(rows(), "1,2", "{mode}");
+    }
+}

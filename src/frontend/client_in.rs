@@ -42,13 +42,14 @@ impl Session {
                 return Ok(());
             }
             // Transaction pool mode renames statements in Bind, Describe and Close: those are read whole too (a
-            // Bind over 1 MiB is renamed at its head).
+            // Bind over 1 MiB is renamed at its head). A Terminate is read whole so that one with a body never
+            // starts work or reaches the backend.
             let tx = self.pooling.tx_mode;
             let step = self
                 .client
                 .scan
                 .next(&self.client.cin, |t| {
-                    matches!(t, fe::QUERY | fe::PARSE)
+                    matches!(t, fe::QUERY | fe::PARSE | fe::TERMINATE)
                         || tx && matches!(t, fe::BIND | fe::DESCRIBE | fe::CLOSE)
                 })
                 .map_err(|e| End::Fatal(PgError::from(ClientError::Protocol(e.to_string()))))?;

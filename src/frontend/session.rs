@@ -27,6 +27,9 @@ use crate::sessions::SessionHandle;
 
 /// How long a closing session may spend delivering its last messages.
 const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long frames a departed client left on their way to the backend get to be delivered and run (see
+/// `deliver_last_frames`); the session's gate pass is held meanwhile, so a cutover waits for them.
+const LAST_FRAMES_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Session {
     pub(super) shared: Arc<Shared>,
@@ -147,11 +150,17 @@ impl Session {
             End::Shutdown => ClientError::Shutdown.to_pg().encode(&mut self.client.cout),
             _ => {}
         }
-        if let Some(server) = self.server.take() {
+        if let Some(mut server) = self.server.take() {
             // The key stops pointing at the connection before another session may get it.
             self.cancel.slot.set(None);
             // A client that died inside a frame left the backend holding part of it.
-            server.release(broken || self.client.scan.mid_frame());
+            let cut = broken || self.client.scan.mid_frame();
+            if !cut && !server.out.is_empty() && matches!(end, End::Terminated | End::ClientGone) {
+                deliver_last_frames(&mut server).await;
+                server.release(true);
+            } else {
+                server.release(cut);
+            }
         }
         self.end_transaction(false);
         if let Some(tm) = self.place.tm.take() {
@@ -178,6 +187,26 @@ impl Session {
     pub(super) fn status(&self) -> u8 {
         self.server.as_ref().map_or(tag::status::IDLE, |s| s.status)
     }
+}
+
+/// Frames the client sent before its Terminate (or before closing) that were still on their way to the backend:
+/// PostgreSQL runs what it has read before it sees the Terminate or the end of the connection (a Query and a
+/// Terminate sent together commit the Query's statement), so they are written before the connection is
+/// closed. Its write side is then shut, and its replies read and dropped until the backend, done with them,
+/// closes: closing a socket with unread input resets the connection, which can drop what was still queued
+/// to send. Both steps are bounded; the connection is closed afterwards either way (its replies went nowhere).
+async fn deliver_last_frames(server: &mut Server) {
+    let out = std::mem::take(&mut server.out);
+    let stream = &mut server.conn.get_mut().stream;
+    let _ = tokio::time::timeout(LAST_FRAMES_TIMEOUT, async move {
+        stream.write_all(&out).await?;
+        stream.flush().await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 8192];
+        while tokio::io::AsyncReadExt::read(stream, &mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
 }
 
 /// What a client that starts without a tenant is told: the parameters last seen from any backend, or plain

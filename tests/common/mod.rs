@@ -602,7 +602,6 @@ pub fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
     v
 }
 
-/// Polls `f` until it returns true or `timeout` passes.
 /// Runs pgbench against `url` (password from the harness) and returns its output; panics when it fails.
 pub fn pgbench(url: &str, args: &[&str]) -> String {
     let out = Command::new("pgbench")
@@ -616,6 +615,7 @@ pub fn pgbench(url: &str, args: &[&str]) -> String {
     text
 }
 
+/// Polls `f` until it returns true or `timeout` passes.
 pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + timeout;
     while tokio::time::Instant::now() < deadline {
