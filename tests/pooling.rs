@@ -390,6 +390,15 @@ async fn statement_names_never_collide_and_follow_a_route_flip() {
     assert_eq!(b.execute("other", "z").await.1, vec!["a:z".to_string()]);
     // SQL DEALLOCATE of a protocol-level statement (what older psycopg does) is answered by the proxy.
     assert_eq!(b.simple("DEALLOCATE other").await.0, "CZ");
+    // One of the proxy's own names is refused, with a comment in front of the DEALLOCATE too.
+    for sql in ["DEALLOCATE pgtenant_0", "/* x */ DEALLOCATE pgtenant_0"] {
+        let (tags, codes) = b.simple(sql).await;
+        assert_eq!(
+            (tags.as_str(), codes),
+            ("EZ", vec!["42501".to_string()]),
+            "{sql}"
+        );
+    }
     assert_eq!(b.execute("other", "z").await.1, vec!["26000".to_string()]);
     assert_eq!(b.execute("s1", "z").await.1, vec!["b:z".to_string()]);
     // The unnamed statement does not outlive its user's transaction on a pooled connection.
@@ -1164,4 +1173,51 @@ async fn until_waiting(p: &TestProxy, n: u64) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     panic!("{n} clients never waited");
+}
+
+/// A tenant's code cannot swap another tenant's prepared statement on a shared connection: it finds the
+/// proxy's statement in `pg_prepared_statements` and, in a `DO` block, deallocates it and prepares its own SQL
+/// under the same name. With statements kept across tenants, the other tenant's next execution ran that SQL;
+/// now a change of tenant discards them, and the other tenant's statement is prepared again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_cannot_replace_another_tenants_prepared_statement() {
+    let w = clusters();
+    let p = harness(&w, 1).start().await;
+    let globex = p.connect("app.globex", "app").await.unwrap();
+    let acme = p.connect("app.acme", "app").await.unwrap();
+    let statement = globex.prepare("SELECT who FROM t").await.unwrap();
+    let who = |rows: Vec<tokio_postgres::Row>| rows[0].get::<_, String>(0);
+    assert_eq!(
+        who(globex.query(&statement, &[]).await.unwrap()),
+        "tenant_globex"
+    );
+    // (A simple query: a prepared one would list itself.)
+    let rows = acme
+        .simple_query("SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'pgtenant\\_%'")
+        .await
+        .unwrap();
+    let swapped = rows
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .unwrap();
+    acme.batch_execute(
+        "DO $$ DECLARE n text; BEGIN \
+           FOR n IN SELECT name FROM pg_prepared_statements WHERE name LIKE 'pgtenant\\_%' LOOP \
+             EXECUTE format('DEALLOCATE %I', n); \
+             EXECUTE format('PREPARE %I AS SELECT ''forged''::text AS who', n); \
+           END LOOP; END $$",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        who(globex.query(&statement, &[]).await.unwrap()),
+        "tenant_globex"
+    );
+    assert_eq!(
+        swapped, "0",
+        "the connection came to acme with globex's statements"
+    );
 }

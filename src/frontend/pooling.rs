@@ -27,26 +27,14 @@ use crate::routing::BackendId;
 const PIN_SQL_PREPARE: &str = "SQL PREPARE (transaction pool mode)";
 /// A connection's settings fingerprint when nobody knows what it holds (never equal to a session's).
 const UNKNOWN_SETS: u64 = u64::MAX;
-/// What a connection gets before another tenant (or any session after a `DO`/`CALL`) may use it, when it holds
-/// prepared statements (without any, one `DISCARD ALL` does it all): everything `DISCARD ALL` undoes except the
-/// prepared statements, which the proxy names by content and tracks per connection. Sent in one transaction,
-/// either as one Query (a round trip of its own) or as pipelined Executes (see `Session::pipeline_reset`).
-/// Temporary objects are dropped rather than the connection closed: a pool serves one role, so what is left
-/// is only the namespace itself.
-pub(super) const FULL_RESET: &str =
-    "RESET ALL; RESET SESSION AUTHORIZATION; CLOSE ALL; UNLISTEN *; \
-     SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES";
-/// The same for a login known not to be a superuser: PostgreSQL lets only a superuser's session change its
-/// session authorization, so `RESET ROLE` undoes all a `SET ROLE` or `set_config('role', ...)` can have done,
-/// and costs the backend a fraction of `RESET SESSION AUTHORIZATION` (measured: that one statement took 10-17%
-/// of a point select's throughput; BENCHMARKS.md).
-pub(super) const FULL_RESET_UNPRIVILEGED: &str = "RESET ALL; RESET ROLE; CLOSE ALL; UNLISTEN *; \
-     SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES";
-
 /// What a pooled connection needs before this session's settings go on.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Reset {
-    /// Everything any session may have left (another tenant's, or after code the proxy cannot follow).
+    /// Everything any session may have left (another tenant's, or after code the proxy cannot follow): one
+    /// `DISCARD ALL`, prepared statements included. The proxy's statements on a connection are shared by the
+    /// sessions that use it, but it cannot see what a session's code does to them: a function or `DO` block
+    /// may `DEALLOCATE` one and `PREPARE` its own SQL under the same name, which the next tenant's Bind would
+    /// run. So no statement outlives a change of tenant; the next tenant's are prepared again.
     Full,
     /// The same tenant's: only the SETs, when they differ.
     Sets,
@@ -325,15 +313,12 @@ impl Session {
     /// cost: a connection holding no prepared statements is reset with one `DISCARD ALL` (which PostgreSQL
     /// commits at once as the first statement of a pipeline), and the schema set in an explicit `BEGIN` ...
     /// `COMMIT` (an implicit transaction ended by `COMMIT` warns, and the warning alone cost a third of the
-    /// throughput). A connection holding prepared statements keeps them for the tenants that come back to it.
+    /// throughput).
     fn pipeline_reset(&mut self, server: &mut Server, reset: Reset) {
-        let unprivileged = server.conn.pool().privileged() == Some(false);
         let conn = server.conn.get_mut();
-        let discard_all = reset == Reset::Full && conn.statements.is_empty();
+        let discard_all = reset == Reset::Full;
         let reset_sql = match (reset, conn.applied_sets != 0, conn.applied_role) {
-            _ if discard_all => "",
-            (Reset::Full, _, _) if unprivileged => FULL_RESET_UNPRIVILEGED,
-            (Reset::Full, _, _) => FULL_RESET,
+            (Reset::Full, _, _) => "",
             (Reset::Sets, true, true) => "RESET ALL; RESET SESSION AUTHORIZATION; RESET ROLE",
             (Reset::Sets, true, false) => "RESET ALL",
             (Reset::Sets, false, _) => "",
@@ -386,21 +371,31 @@ impl Session {
         reset: Reset,
     ) -> Result<(), Unsettled> {
         let (fingerprint, role) = self.state.sets_fingerprint();
-        let unprivileged = server.conn.pool().privileged() == Some(false);
         let conn = server.conn.get_mut();
-        // The proxy's own part (reset, the tenant's schema) is one Query; the client's SETs follow one each, so
-        // a SET the backend refuses fails alone, as it did when the client sent it.
+        // The proxy's own part (a full reset's `DISCARD ALL`, which may not share a Query; the SETs' reset and
+        // the tenant's schema) comes first; the client's SETs follow one each, so a SET the backend refuses fails
+        // alone, as it did when the client sent it.
         let mut own = String::from(match (reset, conn.applied_role) {
-            (Reset::Full, _) if unprivileged => FULL_RESET_UNPRIVILEGED,
-            (Reset::Full, _) => FULL_RESET,
+            (Reset::Full, _) => "",
             (Reset::Sets, true) => "RESET ALL; RESET SESSION AUTHORIZATION; RESET ROLE",
             (Reset::Sets, false) => "RESET ALL",
         });
         if let Some(p) = &self.pooling.route_path {
-            own.push_str("; SET search_path = ");
+            if !own.is_empty() {
+                own.push_str("; ");
+            }
+            own.push_str("SET search_path = ");
             own.push_str(&quote_ident(p));
         }
-        let mut statements: Vec<&str> = vec![&own];
+        let mut statements: Vec<&str> = Vec::new();
+        if reset == Reset::Full {
+            statements.push("DISCARD ALL");
+            // Whatever happens next, the statements the connection held are gone or unknown.
+            conn.statements.clear();
+        }
+        if !own.is_empty() {
+            statements.push(&own);
+        }
         statements.extend(self.state.set_statements());
         crate::backend::query::run_collect(backend, conn, &statements)
             .await
@@ -548,13 +543,13 @@ impl Session {
         }
     }
 
-    /// A simple query that starts with DEALLOCATE (a cheap look before the proxy takes a closer one).
+    /// A simple query that starts with DEALLOCATE (a cheap look before the proxy takes a closer one). Comments
+    /// before it count as white space, as they do to PostgreSQL: `/**/DEALLOCATE pgtenant_...` would otherwise
+    /// reach the backend and drop a statement other sessions use.
     pub(super) fn is_deallocate(&self, total: usize) -> bool {
         let text =
             crate::protocol::inspect::query_text(&self.client.cin[..total]).unwrap_or_default();
-        text.trim_ascii_start()
-            .get(..10)
-            .is_some_and(|w| w.eq_ignore_ascii_case(b"deallocate"))
+        sql::starts_with_word(text, b"deallocate")
     }
 
     /// SQL `DEALLOCATE name` in transaction pool mode. Of a statement the client prepared through the protocol

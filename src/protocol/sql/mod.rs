@@ -8,3 +8,8 @@ mod tenant;
 
 pub use effects::{classify, Effect, PIN_ADVISORY, PIN_CURSOR, PIN_LISTEN, PIN_TEMP};
 pub use tenant::{mentions_pgtenant, recognise, Recognised, TenantCommand, GUARDED_SETTINGS};
+
+/// Whether the first word of `sql`, after white space and comments, is `word` (lower case) in any case.
+pub fn starts_with_word(sql: &[u8], word: &[u8]) -> bool {
+    lex::first_word(sql).eq_ignore_ascii_case(word)
+}
