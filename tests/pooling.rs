@@ -1221,3 +1221,65 @@ async fn a_tenant_cannot_replace_another_tenants_prepared_statement() {
         "the connection came to acme with globex's statements"
     );
 }
+
+/// A COPY ended before the backend said it began (CopyDone sent right behind the Execute, as PostgreSQL
+/// allows) left the proxy counting both of the client's Syncs as ignored, so the two ReadyForQuery that answer
+/// them settled the client's next two queries in its count: the connection went back to the pool with those
+/// queries still running, for another tenant to read their replies as its own. Such a connection is never
+/// handed on now: it stays with its session, which gets every reply, and is closed after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_ended_before_it_began_never_hands_its_connection_on() {
+    let w = clusters();
+    w.shared.psql(
+        "app",
+        "CREATE TABLE IF NOT EXISTS tenant_acme.copied (n int)",
+    );
+    let p = harness(&w, 1).start().await;
+    let mut a = Raw::connect(&p).await;
+    let (_, first) = a.simple("SELECT pg_backend_pid()::text").await;
+    let unnamed = |sql: &str, b: &mut BytesMut| {
+        frontend::parse("", sql, std::iter::empty(), b).unwrap();
+        frontend::bind(
+            "",
+            "",
+            std::iter::empty::<i16>(),
+            std::iter::empty::<&str>(),
+            |_, _| Ok(postgres_protocol::IsNull::No),
+            std::iter::empty::<i16>(),
+            b,
+        )
+        .map_err(|_| ())
+        .unwrap();
+        frontend::execute("", 0, b).unwrap();
+    };
+    a.send(|b| {
+        unnamed("COPY copied FROM STDIN", b);
+        frontend::copy_done(b);
+        unnamed("SELECT pg_sleep(0.5)::text", b);
+        frontend::sync(b);
+        frontend::sync(b);
+    })
+    .await;
+    // Once COPY has begun, a CopyFail (which PostgreSQL, out of COPY again, ignores) and two more queries.
+    common::read_until(&mut a.s, b'G').await.unwrap();
+    a.send(|b| {
+        frontend::copy_fail("", b).unwrap();
+        frontend::query("SELECT pg_sleep(1)::text", b).unwrap();
+        frontend::query("SELECT 'mine'", b).unwrap();
+    })
+    .await;
+    assert_eq!(a.replies().await.0, "C12DCZ");
+    assert_eq!(a.replies().await.0, "Z");
+    assert_eq!(a.replies().await.0, "TDCZ");
+    assert_eq!(a.replies().await, ("TDCZ".into(), vec!["mine".into()]));
+    drop(a);
+    // Globex gets a connection of its own, and only its own replies.
+    let globex = p.connect("app.globex", "app").await.unwrap();
+    assert_eq!(who_is(&globex).await.unwrap(), "tenant_globex");
+    let theirs: i32 = globex
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(first, vec![theirs.to_string()]);
+}

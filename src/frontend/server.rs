@@ -27,6 +27,9 @@ pub struct Server {
     pub batch_open: bool,
     /// The backend is in copy-in mode (it ignores Sync there).
     pub copy_in: bool,
+    /// The client's messages made what the backend owes uncertain (a CopyDone or CopyFail sent before the
+    /// backend's CopyInResponse): the connection is never handed to anyone else, and is closed at its release.
+    pub desynced: bool,
     /// Syncs sent since the last Execute or Query: those the backend will ignore if that started a COPY.
     pub syncs_since_exec: u32,
     /// The backend's next ErrorResponse (before the next ReadyForQuery) is replaced by this one. Boxed: it is
@@ -62,6 +65,7 @@ impl Server {
             sent_fatal: false,
             batch_open: false,
             copy_in: false,
+            desynced: false,
             syncs_since_exec: 0,
             replace_error: None,
             inflight,
@@ -103,7 +107,12 @@ impl Server {
                 self.syncs_since_exec = 0;
             }
             fe::PARSE | fe::BIND | fe::DESCRIBE | fe::CLOSE => self.batch_open = true,
-            fe::COPY_DONE | fe::COPY_FAIL => self.copy_in = false,
+            fe::COPY_DONE | fe::COPY_FAIL => {
+                // Sent before the backend said COPY started (or with no COPY at all): PostgreSQL may already
+                // have left COPY at it and answer Syncs the proxy counts as ignored (`copy_in_started`).
+                self.desynced |= !self.copy_in;
+                self.copy_in = false;
+            }
             _ => {}
         }
         false
@@ -112,6 +121,7 @@ impl Server {
     /// Nothing is owed, unsent, half-read or half-finished: the connection may be reset and reused.
     pub fn quiet(&self) -> bool {
         self.out.is_empty()
+            && !self.desynced
             && self.pending == 0
             && self.own_pending == 0
             && !self.batch_open
