@@ -732,3 +732,66 @@ async fn statements_sent_with_a_terminate_run_as_on_postgresql() {
         assert_eq!(rows(), "1,2", "{mode}");
     }
 }
+
+/// A backend skipping to the next Sync after an error answers nothing, so named Parses sent behind the error
+/// without a Sync wait for replies that never come, and the proxy kept a copy of each: memory grew with what
+/// the client sent. Past 16 MiB (or 100 000 messages) the session ends with `08P01` instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parses_piled_up_behind_a_skipping_backend_are_bounded() {
+    let (_pg, proxy) = setup(&[]).await;
+    let mut s = raw_login(proxy.port(), &[("user", "dev.acme"), ("database", "app")]).await;
+    s.write_all(&frame(b'E', b"nope\0\0\0\0\0")).await.unwrap();
+    let text = "x".repeat(512 << 10);
+    let mut ended = None;
+    for i in 0..64 {
+        let mut body = format!("p{i}\0SELECT '{text}'\0").into_bytes();
+        body.extend_from_slice(&[0, 0]);
+        if s.write_all(&frame(b'P', &body)).await.is_err() {
+            break;
+        }
+        if i == 40 {
+            ended = Some(tags_until_closed(&mut s).await);
+            break;
+        }
+    }
+    let tags = match ended {
+        Some(tags) => tags,
+        None => tags_until_closed(&mut s).await,
+    };
+    assert_eq!(tags, ["E34000", "E08P01"]);
+}
+
+/// Reads frames until the peer closes (at most 10 s); returns their tags as `tags_until_ready` does.
+async fn tags_until_closed(s: &mut tokio::net::TcpStream) -> Vec<String> {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    let read = async {
+        loop {
+            let mut head = [0u8; 5];
+            if s.read_exact(&mut head).await.is_err() {
+                return;
+            }
+            let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+            let mut body = vec![0u8; len - 4];
+            if s.read_exact(&mut body).await.is_err() {
+                return;
+            }
+            let mut tag = (head[0] as char).to_string();
+            if head[0] == b'E' {
+                let text = String::from_utf8_lossy(&body).into_owned();
+                tag.push_str(
+                    text.split('\0')
+                        .find_map(|f| f.strip_prefix('C'))
+                        .unwrap_or(""),
+                );
+            }
+            if !matches!(head[0], b'S' | b'N') {
+                seen.push(tag);
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("closed within 10 s");
+    seen
+}

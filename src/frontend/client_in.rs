@@ -34,6 +34,13 @@ impl Session {
         }
         // Stop while our own answers pile up unread: a client that never reads cannot grow them without bound.
         while !self.txn.blocked && self.client.cout.len() < OUT_HIGH_WATER {
+            if self.state.backlog_full() {
+                return Err(End::Fatal(PgError::from(ClientError::Protocol(
+                    String::from(
+                        "too many messages waiting for the server's replies without a Sync",
+                    ),
+                ))));
+            }
             self.pass_admitted_run();
             // The run stops behind a batch that went after the proxy's own reset (or forwards nothing when
             // one already has): the frame after it waits, whichever path would take it.

@@ -18,6 +18,10 @@ const MAX_TX_CHANGES: usize = 256;
 const MAX_PREPARED: usize = 1_000;
 const MAX_NAME: usize = 256;
 const MAX_REPLAY_BYTES: usize = 4 << 20;
+/// Bounds on what waits for the backend's replies (see [`SessionState::backlog_full`]): entries, and bytes of
+/// the frames and statement texts they hold.
+const MAX_BACKLOG: usize = 100_000;
+const MAX_BACKLOG_BYTES: usize = 16 << 20;
 
 pub const PIN_UNTRACKED: &str = "session state the proxy does not track";
 
@@ -53,8 +57,11 @@ pub struct SessionState {
     /// Confirmed named statements and the Parse frames that made them.
     parsed: Vec<(Box<[u8]>, Bytes)>,
     awaiting: VecDeque<Awaiting>,
-    /// Effects of simple queries sent and not yet answered, with whether an error came back.
-    queries: VecDeque<(Effect, bool)>,
+    /// Effects of simple queries sent and not yet answered, with whether an error came back, and the bytes the
+    /// entry counts in `backlog_bytes`.
+    queries: VecDeque<(Effect, bool, usize)>,
+    /// Bytes held by `awaiting` and `queries`.
+    backlog_bytes: usize,
     /// ReadyForQuery replies asked for / received on the current connection.
     rfq_sent: u64,
     rfq_done: u64,
@@ -91,6 +98,7 @@ impl SessionState {
     pub fn new_connection(&mut self) {
         self.awaiting.clear();
         self.queries.clear();
+        self.backlog_bytes = 0;
         self.rfq_sent = 0;
         self.rfq_done = 0;
     }
@@ -116,7 +124,7 @@ impl SessionState {
             self.rfq_sent += 1;
             // Every ReadyForQuery pops one entry, so Syncs and FunctionCalls get an empty one.
             if tag != fe::QUERY {
-                self.queries.push_back((Effect::None, false));
+                self.push_query(Effect::None, 0);
             }
         }
         let Some(frame) = frame else {
@@ -124,7 +132,7 @@ impl SessionState {
                 fe::QUERY => {
                     // Too large to read: whatever it does is not followed.
                     self.pin(PIN_UNTRACKED);
-                    self.queries.push_back((Effect::None, false));
+                    self.push_query(Effect::None, 0);
                 }
                 fe::PARSE => {
                     self.pin(PIN_UNTRACKED);
@@ -141,7 +149,8 @@ impl SessionState {
         match tag {
             fe::QUERY => {
                 let effect = inspect::query_text(frame).map_or(Effect::None, sql::classify);
-                self.queries.push_back((effect, false));
+                // (Counted as the frame's size: the effect may copy its text.)
+                self.push_query(effect, frame.len());
             }
             fe::PARSE => self.on_parse(frame),
             fe::CLOSE => {
@@ -175,6 +184,7 @@ impl SessionState {
             self.pin(PIN_UNTRACKED);
         }
         let frame = if name.is_some() {
+            self.backlog_bytes += frame.len();
             Bytes::copy_from_slice(frame)
         } else {
             Bytes::new()
@@ -184,6 +194,27 @@ impl SessionState {
             frame,
             batch: self.rfq_sent + 1,
         });
+    }
+
+    /// More waits for the backend's replies than a session may make the proxy hold. A backend skipping to the
+    /// next Sync after an error answers nothing, so a client that keeps sending Parse or Query frames without
+    /// a Sync would otherwise grow these queues (and the frames they copy) without bound.
+    pub fn backlog_full(&self) -> bool {
+        self.awaiting.len() + self.queries.len() > MAX_BACKLOG
+            || self.backlog_bytes > MAX_BACKLOG_BYTES
+    }
+
+    fn push_query(&mut self, effect: Effect, bytes: usize) {
+        self.backlog_bytes += bytes;
+        self.queries.push_back((effect, false, bytes));
+    }
+
+    fn pop_awaiting_front(&mut self) -> Option<Awaiting> {
+        let a = self.awaiting.pop_front()?;
+        if let Awaiting::Parse { frame, .. } = &a {
+            self.backlog_bytes = self.backlog_bytes.saturating_sub(frame.len());
+        }
+        Some(a)
     }
 
     /// Syncs the backend ignored (sent during a COPY) will get no ReadyForQuery.
@@ -237,7 +268,7 @@ impl SessionState {
 
     /// The next awaited reply of this kind; entries before it were skipped by an error and are dropped.
     fn pop_awaiting(&mut self, parse: bool) -> Option<Awaiting> {
-        while let Some(a) = self.awaiting.pop_front() {
+        while let Some(a) = self.pop_awaiting_front() {
             if matches!(a, Awaiting::Parse { .. }) == parse {
                 return Some(a);
             }
@@ -250,7 +281,7 @@ impl SessionState {
         let done = self.rfq_done;
         // Parses and Closes of batches that are over and were not answered failed or were skipped.
         while self.awaiting.front().is_some_and(|a| a.batch() <= done) {
-            self.awaiting.pop_front();
+            self.pop_awaiting_front();
         }
         if self.rollback_seen && status == status::IN_BLOCK && !self.tx_changes.is_empty() {
             // ROLLBACK TO SAVEPOINT: which SETs survived is not followed.
@@ -263,9 +294,10 @@ impl SessionState {
             self.tx_changes.clear();
             self.local_set = false;
         }
-        let Some((effect, failed)) = self.queries.pop_front() else {
+        let Some((effect, failed, bytes)) = self.queries.pop_front() else {
             return;
         };
+        self.backlog_bytes = self.backlog_bytes.saturating_sub(bytes);
         match effect {
             Effect::None => {}
             // Even a DO block that failed may have left something behind (a temporary namespace).
@@ -456,6 +488,32 @@ mod tests {
     }
 
     const OK_I: &[(u8, &[u8])] = &[(b'C', b"SET\0"), (b'Z', b"I")];
+
+    /// A backend skipping to Sync answers nothing: named Parses and Queries piled up behind it are bounded by
+    /// bytes and by count, and what their Sync's ReadyForQuery settles is no longer counted.
+    #[test]
+    fn unanswered_frames_are_bounded_and_counted_off_when_answered() {
+        let mut s = SessionState::default();
+        let mut body = b"s\0SELECT '".to_vec();
+        body.extend(std::iter::repeat_n(b'x', 1 << 20));
+        body.extend_from_slice(b"'\0\0\0");
+        let big_parse = frame(b'P', &body);
+        for i in 0..16 {
+            assert!(!s.backlog_full(), "{i}");
+            s.on_client(b'P', Some(&big_parse), false);
+        }
+        assert!(s.backlog_full());
+        s.on_client(b'S', Some(&frame(b'S', b"")), true);
+        s.on_backend(b'Z', &frame(b'Z', b"I"));
+        assert!(!s.backlog_full());
+        assert_eq!(s.backlog_bytes, 0);
+        for _ in 0..=MAX_BACKLOG {
+            s.on_client(b'Q', Some(&frame(b'Q', b"SELECT 1\0")), true);
+        }
+        assert!(s.backlog_full());
+        s.new_connection();
+        assert!(!s.backlog_full());
+    }
 
     #[test]
     fn confirmed_sets_are_kept_and_local_or_rolled_back_ones_are_not() {
