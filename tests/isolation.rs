@@ -225,9 +225,18 @@ async fn schema_database_and_server_routes_hold_against_arbitrary_sql() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_table_rows_are_kept_apart_by_row_level_security() {
     let w = world();
+    // As in a database made before PostgreSQL 15: anyone may create in `public`.
+    w.a.psql("app", "GRANT CREATE ON SCHEMA public TO PUBLIC");
     let p = harness(&w).start().await;
     grant_all(&p, &["rowsa", "rowsb"]).await;
     let a = tenant(&p, "rowsa").await;
+    // No tenant can plant a function in the schema every tenant's names resolve in.
+    refused(
+        &a,
+        "CREATE FUNCTION lower(varchar) RETURNS text LANGUAGE sql AS $$ SELECT 'planted' $$",
+        &["42501"],
+    )
+    .await;
     assert_eq!(
         one(&a, "SELECT string_agg(body, ',' ORDER BY id) FROM docs").await,
         "a1,a2"

@@ -152,6 +152,10 @@ impl GrantPlan<'_> {
                 quote_literal(key)
             ),
             format!("GRANT USAGE ON SCHEMA {s} TO {role};"),
+            // Every tenant's names resolve in this schema: a tenant that could create in it (PUBLIC can in
+            // `public` on databases made before PostgreSQL 15) could shadow a function the others call, say
+            // `lower(varchar)` over `pg_catalog.lower(text)`, and run code as them.
+            format!("REVOKE CREATE ON SCHEMA {s} FROM PUBLIC;"),
             // nextval needs USAGE; UPDATE (setval) would let one tenant move the others' keys.
             format!("GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {s} TO {role};"),
         ];

@@ -48,6 +48,11 @@ impl Session {
     /// route. New work starts only once the backend owes nothing (a Sync the proxy forwarded on its own, or an
     /// exempt frame, may still be answered), so a refusal or a move never overtakes owed replies.
     pub(super) async fn begin_work(&mut self, tag: u8) -> Result<Admission, End> {
+        // A transaction-pool session holding a pass but no connection has nothing open on any backend: its
+        // frames would go nowhere, so the transaction starts over (gate, connection) instead.
+        if self.txn.pass.is_some() && self.pooling.tx_mode && self.server.is_none() {
+            self.end_transaction(false);
+        }
         // Sync, Flush and stray copy messages start nothing.
         if self.txn.pass.is_some()
             || matches!(
