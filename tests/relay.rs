@@ -758,7 +758,8 @@ async fn parses_piled_up_behind_a_skipping_backend_are_bounded() {
         Some(tags) => tags,
         None => tags_until_closed(&mut s).await,
     };
-    assert_eq!(tags, ["E34000", "E08P01"]);
+    // (The portal's error, `34000`, comes first when the proxy read it before it gave up.)
+    assert_eq!(tags.last().map(String::as_str), Some("E08P01"), "{tags:?}");
 }
 
 /// Reads frames until the peer closes (at most 10 s); returns their tags as `tags_until_ready` does.
