@@ -3,12 +3,14 @@
 
 /// `30s`, `5m`, `2h`, `7d` in seconds.
 pub fn span(text: &str) -> Option<u64> {
-    let (n, unit) = text.split_at(text.len().checked_sub(1)?);
-    let unit = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
+    // By the last character, not byte: text ending in a multibyte character is refused, not split inside it.
+    let last = text.chars().next_back()?;
+    let n = &text[..text.len() - last.len_utf8()];
+    let unit = match last {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
         _ => return None,
     };
     n.parse::<u64>().ok()?.checked_mul(unit)
@@ -48,4 +50,21 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     let doy = (153 * mp + 2) / 5 + d - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans_read_their_unit_and_refuse_anything_else() {
+        assert_eq!(span("30s"), Some(30));
+        assert_eq!(span("5m"), Some(300));
+        assert_eq!(span("2h"), Some(7200));
+        assert_eq!(span("7d"), Some(604_800));
+        // A multibyte last character is refused, not split inside (that panicked).
+        for bad in ["", "s", "1é", "é", "1x", "-1s", "99999999999999999999d"] {
+            assert_eq!(span(bad), None, "{bad}");
+        }
+    }
 }
