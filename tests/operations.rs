@@ -217,6 +217,14 @@ async fn backups_restore_under_a_new_name_and_a_damaged_one_is_refused() {
     assert_eq!(taken["tables"], json!(3), "{taken}");
     assert_eq!(taken["rows"], json!(4520), "{taken}");
     let file = taken["file"].as_str().unwrap().to_owned();
+    // Every row of the tenant: readable by the proxy's user only.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let path = std::path::Path::new(&file);
+        assert_eq!(mode(path), 0o600, "{file}");
+        assert_eq!(mode(path.parent().unwrap()), 0o700, "{file}");
+    }
     // Later writes are not in the backup.
     let acme = proxy.connect("app.acme", "app").await.unwrap();
     acme.batch_execute("INSERT INTO orders (note) VALUES ('after the backup')")

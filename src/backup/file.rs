@@ -76,9 +76,11 @@ pub struct Writer {
 impl Writer {
     pub async fn create(path: &Path) -> Result<Writer, BackupError> {
         let partial = path.with_extension("partial");
+        // A backup holds every row of the tenant: readable by the proxy's user only, whatever the umask.
         let file = tokio::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&partial)
             .await
             .map_err(|e| BackupError::io(&partial, e))?;

@@ -45,7 +45,11 @@ pub async fn take(
 ) -> Result<Taken, BackupError> {
     let (side, holds) = endpoint_of(shared, tenant)?;
     let dir = dir.map_or_else(|| default_dir(shared), Path::to_owned);
-    tokio::fs::create_dir_all(&dir)
+    // Directories it makes are the proxy user's only, as the files are (`Writer::create`).
+    tokio::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
         .await
         .map_err(|e| BackupError::io(&dir, e))?;
     let stamp: String = crate::state::audit::rfc3339_now()
