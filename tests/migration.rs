@@ -1674,3 +1674,62 @@ async fn each_commit_is_on_the_target_when_it_returns_and_is_confirmed_after() {
         fingerprint(&shared, "tenant_acme")
     );
 }
+
+/// Writes that passed the fence check before the fence went up are waited for, so they reach the target: a
+/// statement checks the fence when it starts, and a transaction the proxy no longer counts (its client gone,
+/// or a direct connection, as here) could commit on the source after the swap, where nothing copies it across.
+/// A prepared transaction holding such a write makes the cutover fall back instead of leaving it behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_open_on_the_source_when_the_fence_goes_up_reach_the_target() {
+    let w = in_dual_write("").await;
+    let proxy = &w.proxy;
+    let direct = connect(&format!(
+        "host=127.0.0.1 port={} user=postgres dbname=app",
+        w.shared.port
+    ))
+    .await
+    .unwrap();
+    direct
+        .batch_execute(
+            "BEGIN; INSERT INTO tenant_acme.a (v) VALUES (777002); PREPARE TRANSACTION 'held'",
+        )
+        .await
+        .unwrap();
+    let err = proxy
+        .admin_err(json!({"cmd": "migrate.cutover", "tenant": "acme"}))
+        .await;
+    assert_eq!(err, "cutover_failed");
+    let s = status(proxy, "acme").await;
+    assert_eq!(s["state"], json!("dual_write"), "{s}");
+    assert!(
+        s["last_cutover_error"]
+            .as_str()
+            .unwrap()
+            .contains("before the fence"),
+        "{s}"
+    );
+    direct
+        .batch_execute("COMMIT PREPARED 'held'")
+        .await
+        .unwrap();
+    wait_lag_zero(proxy, "acme").await;
+
+    direct
+        .batch_execute("BEGIN; INSERT INTO tenant_acme.a (v) VALUES (777001)")
+        .await
+        .unwrap();
+    let cutover = proxy.admin(json!({"cmd": "migrate.cutover", "tenant": "acme"}));
+    let commit = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        direct.batch_execute("COMMIT").await.unwrap();
+    };
+    let (cut, ()) = tokio::join!(cutover, commit);
+    assert_eq!(cut["ok"], json!(true), "{cut}");
+    for v in [777001, 777002] {
+        assert_eq!(
+            count_where(&w.target, "tenant_acme.a", "v = $1", v).await,
+            1,
+            "{v}"
+        );
+    }
+}

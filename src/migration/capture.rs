@@ -443,6 +443,52 @@ pub async fn fence(
         .map_err(|e| MigrateError::pg("fence the old side", e))
 }
 
+/// Writers that started before [`fence`] went up and may still commit here: transactions holding a write lock
+/// on one of the tenant's fenced tables that began before `$2`, and prepared transactions (no pid) holding
+/// one. A statement checks the fence when it starts (a `BEFORE ... FOR EACH STATEMENT` trigger; in
+/// `REPEATABLE READ` with the transaction's snapshot), so these passed it: a client that dropped its socket
+/// mid-statement (its gate pass is back), a direct connection, a `PREPARE TRANSACTION` waiting for its
+/// `COMMIT PREPARED`.
+const WRITERS_BEFORE_FENCE: &str = "SELECT count(DISTINCT coalesce(l.pid::text, l.virtualtransaction))      FROM pg_locks l JOIN pg_trigger t ON t.tgrelid = l.relation AND t.tgname = $1      LEFT JOIN pg_stat_activity a ON a.pid = l.pid      WHERE l.locktype = 'relation' AND l.granted        AND l.mode IN ('RowExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock')        AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())        AND l.pid IS DISTINCT FROM pg_backend_pid()        AND (l.pid IS NULL OR a.xact_start < $2::text::timestamptz)";
+
+/// After [`fence`]: waits until no writer that passed the fence before it went up is still open, so that
+/// whatever they commit is in the change log before the final drain, not on the old side after the swap. Runs
+/// with the tenant's gate closed; bounded by `deadline` (then the cutover falls back, as behind any
+/// long transaction).
+pub async fn wait_for_writers(
+    client: &Client,
+    tenant: &str,
+    deadline: std::time::Instant,
+) -> Result<(), MigrateError> {
+    let trigger = raw_trigger_name(tenant, "fence");
+    // A little before the cutover's own limit, so that the operator reads why it fell back.
+    let give_up = deadline
+        .checked_sub(std::time::Duration::from_millis(200))
+        .unwrap_or(deadline);
+    let fenced_at: String = client
+        .query_one("SELECT clock_timestamp()::text", &[])
+        .await
+        .map_err(|e| MigrateError::pg("read the fence's time", e))?
+        .get(0);
+    loop {
+        let open: i64 = client
+            .query_one(WRITERS_BEFORE_FENCE, &[&trigger, &fenced_at])
+            .await
+            .map_err(|e| MigrateError::pg("look for writers from before the fence", e))?
+            .get(0);
+        if open == 0 {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= give_up {
+            return Err(MigrateError::Timeout(format!(
+                "{open} transaction(s) that wrote the tenant's tables before the fence still open on the source \
+                 (a client gone mid-statement, a direct connection or a prepared transaction)"
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 /// Lets `tenant`'s writes through here again (its fence triggers stay, inactive, while capture is installed).
 pub async fn unfence(client: &Client, tenant: &str) -> Result<(), MigrateError> {
     let (installed, _) = fenced_here(client, tenant).await?;

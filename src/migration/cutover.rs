@@ -292,6 +292,8 @@ async fn before_swap(
     .await?;
     capture::unfence(&ready.dst, &ready.source_tenant).await?;
     marks.mark("fence");
+    capture::wait_for_writers(&ready.src, &ready.source_tenant, deadline).await?;
+    marks.mark("writers_before_fence");
     // Writes that reached the source meanwhile (outside the proxy) go across before the swap.
     ready.tee.drain_to_empty(deadline).await?;
     marks.mark("final_drain");
