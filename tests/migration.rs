@@ -642,7 +642,14 @@ async fn bad_requests_are_refused_clearly_and_ddl_is_guarded() {
         "app",
         "CREATE TABLE tenant_acme.u (id int PRIMARY KEY, pos int UNIQUE); INSERT INTO tenant_acme.u VALUES (1, 1), (2, 2)",
     );
-    let proxy = up(harness(&shared, &dedicated).tenant("gamma", "shared", None, None)).await;
+    dedicated.psql(
+        "app",
+        "CREATE SCHEMA tenant_delta; CREATE TABLE tenant_delta.a (id serial PRIMARY KEY, v int)",
+    );
+    let proxy = up(harness(&shared, &dedicated)
+        .tenant("gamma", "shared", None, None)
+        .tenant("delta", "dedicated", None, Some("tenant_delta")))
+    .await;
     // A table of the tenant's own (its role owns it).
     proxy
         .connect("app.acme", "app")
@@ -658,6 +665,20 @@ async fn bad_requests_are_refused_clearly_and_ddl_is_guarded() {
         }
         r
     };
+    // Another tenant's schema on the target (its tables would take acme's rows, an abort would empty them).
+    let r = proxy
+        .admin(start(
+            json!({"schema": "tenant_delta", "allow_existing": true}),
+        ))
+        .await;
+    assert_eq!(r["error"]["code"], "preflight_failed", "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tenant \"delta\"'s"),
+        "{r}"
+    );
     for (req, code) in [
         (start(json!({"tenant": "nobody"})), "unknown_tenant"),
         (start(json!({"to": "elsewhere"})), "unknown_backend"),
@@ -668,7 +689,7 @@ async fn bad_requests_are_refused_clearly_and_ddl_is_guarded() {
         (start(json!({"allow_existing": "yes"})), "invalid_argument"),
         (start(json!({"tenant_column": ""})), "invalid_argument"),
         (start(json!({"tenant_key": ""})), "invalid_argument"),
-        // Shared tables: no table of gamma's (public) schema has that column.
+        // A tenant column the route does not have: the route says gamma's database is its own.
         (
             start(json!({"tenant": "gamma", "tenant_column": "tenant_id"})),
             "preflight_failed",
@@ -958,10 +979,21 @@ async fn migrates_a_tenants_rows_of_shared_tables() {
     let acme = writer("acme", 12);
     let globex = writer("globex", 12);
     tokio::time::sleep(Duration::from_millis(1000)).await;
+    // The rows are told apart as the route says: another column or another tenant's key is refused (the whole
+    // shared schema, or globex's rows, would be moved, fenced and later dropped).
+    for asked in [
+        json!({"tenant_column": "name"}),
+        json!({"tenant_key": "globex"}),
+    ] {
+        let mut req = json!({"cmd": "migrate.start", "tenant": "acme", "to": "dedicated"});
+        for (k, v) in asked.as_object().unwrap() {
+            req[k] = v.clone();
+        }
+        assert_eq!(proxy.admin_err(req).await, "preflight_failed", "{asked}");
+    }
     let started = proxy
         .admin_ok(
-            json!({"cmd": "migrate.start", "tenant": "acme", "to": "dedicated", "verify": "hash",
-                         "tenant_column": "tenant"}),
+            json!({"cmd": "migrate.start", "tenant": "acme", "to": "dedicated", "verify": "hash"}),
         )
         .await;
     // Tables without the tenant column are not the tenant's.

@@ -135,9 +135,10 @@ pub(super) fn plan(shared: &Shared, req: &StartRequest) -> Result<Record, AdminE
         .get(req.tenant.as_str())
         .map(|r| (**r).clone())
         .ok_or_else(|| AdminError::unknown_tenant(&req.tenant))?;
+    let (tenant_column, tenant_key) = rows_of(&route, req)?;
     // Schema routes move the whole schema; shared tables move the tenant's rows of the tables that have the
     // tenant column (in the route's schema, or public).
-    let shared_tables = req.tenant_column.is_some();
+    let shared_tables = tenant_column.is_some();
     let schema = match (&route.schema, shared_tables) {
         (Some(s), _) => s.clone(),
         (None, true) => "public".to_owned(),
@@ -162,10 +163,13 @@ pub(super) fn plan(shared: &Shared, req: &StartRequest) -> Result<Record, AdminE
             "the target must be another database or server than the source",
         ));
     }
+    if !shared_tables {
+        refuse_taken_place(shared, req, &target, &target_database)?;
+    }
     Ok(Record {
         cutover_window: req.cutover_window.clone(),
-        tenant_column: req.tenant_column.clone().map(String::from),
-        tenant_key: req.tenant_key.clone().map(String::from),
+        tenant_column,
+        tenant_key,
         verify: req.verify,
         cutover: req.cutover,
         ..Record::pending(
@@ -175,6 +179,78 @@ pub(super) fn plan(shared: &Shared, req: &StartRequest) -> Result<Record, AdminE
             schema,
         )
     })
+}
+
+/// The tenant column and key a move of shared-table rows uses: the route's. A request may repeat them, not
+/// change them: the column left out would move (then fence, and at `finalize --drop-source` drop) the whole
+/// shared schema with every tenant's rows, another key another tenant's rows, and a column on a route without
+/// one a part of what the route says is the tenant's alone.
+fn rows_of(
+    route: &Route,
+    req: &StartRequest,
+) -> Result<(Option<String>, Option<String>), AdminError> {
+    let asked_column = req.tenant_column.clone().map(String::from);
+    let asked_key = req.tenant_key.clone().map(String::from);
+    let Some(column) = &route.tenant_column else {
+        return match &asked_column {
+            Some(asked) => Err(preflight(format!(
+                "tenant {:?}'s route has no tenant column; set it on the route (tenant set --tenant-column {asked}) \
+                 before moving its rows of shared tables",
+                req.tenant
+            ))),
+            None => Ok((None, None)),
+        };
+    };
+    let key = route
+        .tenant_key
+        .clone()
+        .unwrap_or_else(|| req.tenant.to_string());
+    if asked_column.as_ref().is_some_and(|c| c != column) {
+        return Err(preflight(format!(
+            "tenant {:?}'s route tells its rows apart by column {column:?}; a move cannot use another",
+            req.tenant
+        )));
+    }
+    if asked_key.as_ref().is_some_and(|k| *k != key) {
+        return Err(preflight(format!(
+            "tenant {:?}'s route has tenant key {key:?}; a move cannot take another key's rows",
+            req.tenant
+        )));
+    }
+    Ok((Some(column.clone()), route.tenant_key.clone()))
+}
+
+/// A whole-schema move may not land in a place another tenant's route uses (same backend, database and
+/// schema): it would copy into, and an abort would empty, that tenant's tables.
+fn refuse_taken_place(
+    shared: &Shared,
+    req: &StartRequest,
+    target: &Route,
+    target_database: &str,
+) -> Result<(), AdminError> {
+    let backends = shared.backends.load();
+    let database_of = |r: &Route| {
+        r.database.clone().or_else(|| {
+            backends
+                .get(&r.backend)
+                .and_then(|b| b.config.database.clone())
+        })
+    };
+    let router = shared.router.load();
+    let taken = router.iter().find(|(name, r)| {
+        name.as_str() != req.tenant.as_str()
+            && r.backend == target.backend
+            && r.schema == target.schema
+            && database_of(r).as_deref() == Some(target_database)
+    });
+    match taken {
+        Some((other, _)) => Err(preflight(format!(
+            "the target ({}, database {target_database:?}, schema {:?}) is tenant {other:?}'s",
+            target.backend,
+            target.schema.as_deref().unwrap_or("")
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// The source's database (the route's, else its backend's) and the target's (the request's, else the target
