@@ -1765,3 +1765,33 @@ async fn writes_open_on_the_source_when_the_fence_goes_up_reach_the_target() {
         );
     }
 }
+
+/// The client's session settings do not change the row images the move applies: with `extra_float_digits = 0`
+/// and `IntervalStyle = sql_standard`, the source stores 0.30000000000000004 and an all-negative interval, and
+/// the target must hold the same, also after an UPDATE of a table without a key (matched on the old image).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clients_settings_do_not_change_the_values_the_target_gets() {
+    let w = in_dual_write(
+        "CREATE TABLE tenant_acme.f (id serial PRIMARY KEY, x float8, i interval);
+         CREATE TABLE tenant_acme.g (x float8)",
+    )
+    .await;
+    w.client
+        .batch_execute(
+            "SET extra_float_digits = 0; SET IntervalStyle = sql_standard;
+             INSERT INTO f (x, i) VALUES (0.1::float8 + 0.2, '-1 days -2 hours');
+             INSERT INTO g VALUES (0.1::float8 + 0.2);
+             UPDATE g SET x = x * 3",
+        )
+        .await
+        .unwrap();
+    let image = "SELECT (SELECT string_agg(x::text || ' ' || i::text, ',') FROM tenant_acme.f) || ' / ' || \
+                 (SELECT string_agg(x::text, ',') FROM tenant_acme.g)";
+    let source = w.shared.psql("app", image);
+    assert_eq!(
+        source,
+        "0.30000000000000004 -1 days -02:00:00 / 0.9000000000000001"
+    );
+    let target: String = w.target.query_one(image, &[]).await.unwrap().get(0);
+    assert_eq!(target, source);
+}
