@@ -103,7 +103,7 @@ impl Notifier {
             let (tx, rx) = mpsc::channel(c.queue);
             let worker = Worker {
                 uri,
-                shown: shown_url(&c.url),
+                shown: metric_label(&c.url),
                 config: c.clone(),
                 log: self.log.clone(),
                 metrics: self.metrics.clone(),
@@ -175,9 +175,33 @@ impl Notifier {
     }
 }
 
-/// The receiver's URL as logged: without the query, which may carry a token.
+/// The receiver's URL as logged: without the query or user info, which may carry a token.
 fn shown_url(url: &str) -> String {
-    url.split('?').next().unwrap_or_default().to_owned()
+    let url = url.split(['?', '#']).next().unwrap_or_default();
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let host = authority.rsplit('@').next().unwrap_or_default();
+            format!("{scheme}://{host}{path}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// The receiver as a metric label, which anyone who can read `/metrics` sees: scheme, host and port only (some
+/// receivers take their token in the path).
+fn metric_label(url: &str) -> String {
+    match url.parse::<Uri>() {
+        Ok(u) => {
+            let port = u.port_u16().map(|p| format!(":{p}")).unwrap_or_default();
+            format!(
+                "{}://{}{port}",
+                u.scheme_str().unwrap_or(""),
+                u.host().unwrap_or("")
+            )
+        }
+        Err(_) => String::from("invalid"),
+    }
 }
 
 /// How one event's delivery to one receiver ended.
@@ -202,7 +226,7 @@ impl Ended {
             .counter(
                 "webhook_deliveries_total",
                 vec![
-                    Label::new("webhook", shown_url(url)),
+                    Label::new("webhook", metric_label(url)),
                     Label::new("outcome", self.outcome),
                 ],
             )
@@ -330,5 +354,18 @@ mod tests {
     #[test]
     fn logged_urls_lose_their_query() {
         assert_eq!(shown_url("https://h/x?token=1"), "https://h/x");
+        assert_eq!(shown_url("https://u:secret@h:8443/x#f"), "https://h:8443/x");
+    }
+
+    #[test]
+    fn metric_labels_keep_only_the_receivers_host() {
+        assert_eq!(
+            metric_label("https://hooks.example/services/T0/B0/secret?x=1"),
+            "https://hooks.example"
+        );
+        assert_eq!(
+            metric_label("http://u:p@127.0.0.1:9000/hook"),
+            "http://127.0.0.1:9000"
+        );
     }
 }
