@@ -38,16 +38,18 @@ impl GrantPlan<'_> {
     /// The whole script.
     pub fn sql(&self) -> String {
         let mut out = Vec::new();
+        // Names are shown escaped (`{:?}`): a name may hold a line break, which would end the comment and
+        // start a statement of its own.
         out.push(format!(
             "-- pgtenant: role and grants for tenant {} ({})",
             self.tenant,
             match &self.route.tenant_column {
                 Some(c) => format!(
-                    "rows with {c} = the tenant's key in schema {}",
+                    "rows with {c:?} = the tenant's key in schema {:?}",
                     self.schema()
                 ),
-                None if self.route.schema.is_some() => format!("schema {}", self.schema()),
-                None => format!("database {}", self.database),
+                None if self.route.schema.is_some() => format!("schema {:?}", self.schema()),
+                None => format!("database {:?}", self.database),
             }
         ));
         out.extend(self.role_sql());
@@ -180,7 +182,8 @@ impl GrantPlan<'_> {
              END LOOP; END $pgtenant$;",
             schema = quote_literal(self.schema()),
             col = quote_literal(column),
-            check = check.replace('\'', "''"),
+            // Inside format()'s string: its quotes doubled, and `%` (a quoted column may hold one) made literal.
+            check = check.replace('%', "%%").replace('\'', "''"),
             serving = serving.unwrap_or_default(),
             role_lit = quote_literal(&self.role),
         ));
@@ -287,5 +290,22 @@ mod tests {
             Some("x\"; DROP TABLE y; --".into()),
         ));
         assert!(sql.contains("\"x\"\"; DROP TABLE y; --\""));
+    }
+
+    #[test]
+    fn a_line_break_in_a_name_does_not_leave_the_comment() {
+        let mut route = Route::new(
+            crate::routing::BackendId::parse("b").unwrap(),
+            None,
+            Some("s\nALTER ROLE app SUPERUSER;--".into()),
+        );
+        route.tenant_column = Some("t%I".into());
+        let sql = plan_for(route);
+        // The comment is one line, the break shown escaped (elsewhere the name is a quoted identifier).
+        let comment = sql.lines().next().unwrap();
+        assert!(comment.ends_with("SUPERUSER;--\")"), "{comment}");
+        assert!(comment.contains("s\\nALTER ROLE"), "{comment}");
+        // The column's `%` is literal in the policy's format() string.
+        assert!(sql.contains("\"t%%I\"::text"), "{sql}");
     }
 }
