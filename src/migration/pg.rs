@@ -148,6 +148,17 @@ pub async fn present_key(client: &Client) -> Result<(), MigrateError> {
     Ok(())
 }
 
+/// A name as a pg_dump pattern that matches exactly it: double-quoted, which keeps its letter case and makes
+/// `*`, `?` and `.` literal (unquoted, `Acme` matched `acme` and `t_*` several schemas).
+fn pattern_literal(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A value in a libpq connection string: a database name with `=` in it would otherwise be read as one.
+fn conninfo_value(value: &str) -> String {
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
 /// The DDL `pg_dump --schema-only` writes for `side`'s schema, with `extra` arguments (a section, a snapshot);
 /// psql meta-commands (`\restrict` in newer dumps) are left out, as they are not SQL.
 pub async fn dump_schema(
@@ -160,11 +171,14 @@ pub async fn dump_schema(
     cmd.arg("--schema-only")
         .arg("--no-owner")
         .arg("--no-privileges")
-        .arg(format!("--schema={}", side.schema))
+        .arg(format!("--schema={}", pattern_literal(&side.schema)))
         .arg(format!("--host={}", side.config.host))
         .arg(format!("--port={}", side.config.port))
         .arg(format!("--username={}", side.config.admin_user()))
-        .arg(format!("--dbname={}", side.database))
+        .arg(format!(
+            "--dbname=dbname={}",
+            conninfo_value(&side.database)
+        ))
         .args(extra)
         .env("PGPASSWORD", side.config.admin_password())
         .kill_on_drop(true);
@@ -192,4 +206,21 @@ pub async fn dump_schema(
         .filter(|l| !l.starts_with('\\'))
         .collect::<Vec<_>>()
         .join("\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_reach_pg_dump_as_themselves() {
+        assert_eq!(pattern_literal("Acme"), "\"Acme\"");
+        assert_eq!(pattern_literal("t_*"), "\"t_*\"");
+        assert_eq!(pattern_literal("a\"b"), "\"a\"\"b\"");
+        assert_eq!(conninfo_value("app"), "'app'");
+        assert_eq!(
+            conninfo_value("host=evil dbname=x'\\"),
+            "'host=evil dbname=x\\'\\\\'"
+        );
+    }
 }
