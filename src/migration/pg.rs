@@ -15,7 +15,10 @@ use crate::routing::BackendId;
 /// text), and synchronous commit: exactly-once rests on the order "applied on the target, then deleted from
 /// the log, then ledger trimmed", which a server running with `synchronous_commit = off` could lose on a crash.
 /// (Our own DDL and writes get past the guard, capture and fence by the apply key, see `capture`.)
-const SESSION_SETUP: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; \
+/// `standard_conforming_strings` is set because `quote_literal` doubles quotes only: a database or role default
+/// of `off` would make a backslash in a value an escape.
+const SESSION_SETUP: &str =
+    "SET standard_conforming_strings = on; SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; \
      SET IntervalStyle = 'postgres'; SET extra_float_digits = 3; SET bytea_output = 'hex'; \
      SET lock_timeout = '10s'; SET synchronous_commit = on; \
      SET statement_timeout = '300s'; SET idle_in_transaction_session_timeout = '600s'";
