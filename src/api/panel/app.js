@@ -45,7 +45,10 @@ const place = (p) => (p ? `${p.backend}/${p.database}${p.schema ? "/" + p.schema
 const ms = (v) => (v == null ? "-" : `${Number(v).toFixed(1)} ms`);
 const secs = (v) => (v == null ? "-" : v >= 90 ? `${(v / 60).toFixed(1)} min` : `${Number(v).toFixed(1)} s`);
 const badge = (s) => el("span", { class: "badge " + s }, s);
-const monitorLink = (t) => el("a", { href: "#monitor/" + t }, t);
+// A tenant name in a URL path is always encoded: a name taken from the address bar could otherwise add path
+// segments (`..%2Fpause`) and turn a click into another request.
+const seg = (s) => encodeURIComponent(s);
+const monitorLink = (t) => el("a", { href: "#monitor/" + seg(t) }, t);
 
 function tier(t) {
   if (t.tenant_column) return "shared rows";
@@ -94,7 +97,7 @@ async function tenants() {
 }
 
 async function gate(tenant, paused) {
-  try { await api("POST", `/api/tenants/${tenant}/${paused ? "resume" : "pause"}`, {}); }
+  try { await api("POST", `/api/tenants/${seg(tenant)}/${paused ? "resume" : "pause"}`, {}); }
   catch (e) { alert(e.message); }
   tenants();
 }
@@ -148,7 +151,7 @@ async function startMove(at) {
   if (at) req.at = at;
   try {
     await api("POST", "/api/migrations", req);
-    location.hash = at ? "#migrations" : "#monitor/" + req.tenant;
+    location.hash = at ? "#migrations" : "#monitor/" + seg(req.tenant);
   } catch (e) { $("#start-error").textContent = e.message; }
 }
 
@@ -186,7 +189,7 @@ async function monitor(tenant) {
   for (const b of document.querySelectorAll("#monitor [data-act]")) {
     b.onclick = () => act(tenant, b.dataset.act, b.dataset.confirm);
   }
-  try { showStatus(await api("GET", "/api/migrations/" + tenant)); } catch (e) { $("#m-error").textContent = e.message; }
+  try { showStatus(await api("GET", "/api/migrations/" + seg(tenant))); } catch (e) { $("#m-error").textContent = e.message; }
   follow(tenant);
 }
 
@@ -194,7 +197,7 @@ async function act(tenant, action, question) {
   if (question && !confirm(question)) return;
   $("#m-error").textContent = "";
   try {
-    const r = await api("POST", `/api/migrations/${tenant}/${action}`, {});
+    const r = await api("POST", `/api/migrations/${seg(tenant)}/${action}`, {});
     log(`${action}: ${r.pause_ms != null ? "pause " + ms(r.pause_ms) : r.passed != null ? (r.passed ? "passed" : "FAILED") : "done"}`);
   } catch (e) { $("#m-error").textContent = `${action}: ${e.message}`; }
 }
@@ -204,7 +207,7 @@ async function follow(tenant) {
   if (stream) stream.abort();
   stream = new AbortController();
   try {
-    const resp = await fetch(`/api/migrations/${tenant}/events`, { headers: { Authorization: "Bearer " + token }, signal: stream.signal });
+    const resp = await fetch(`/api/migrations/${seg(tenant)}/events`, { headers: { Authorization: "Bearer " + token }, signal: stream.signal });
     const reader = resp.body.getReader();
     const decoder = new TextDecoder();
     let buf = "", event = "message";
