@@ -1540,6 +1540,35 @@ async fn writes_hidden_in_functions_are_on_the_target_when_their_commit_returns(
             "DO returned before the target had it"
         );
     }
+    // A write hidden in a function, in a Query whose text starts with an INSERT: the INSERT's transaction is
+    // over (its COMMIT), so its tag does not speak for the function's. The target's table is locked, so the
+    // reply can only come early if it is not held for the tee.
+    let mut locker = connect(&format!(
+        "host=127.0.0.1 port={} user=postgres dbname=app",
+        dedicated.port
+    ))
+    .await
+    .unwrap();
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE tenant_acme.a IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    {
+        let mut sent = std::pin::pin!(c.batch_execute(
+            "INSERT INTO tenant_acme.c VALUES (70000); COMMIT; SELECT add_a(70001)"
+        ));
+        let early = tokio::time::timeout(Duration::from_millis(500), sent.as_mut()).await;
+        assert!(
+            early.is_err(),
+            "a function's write after a COMMIT in the same Query returned before the target had it"
+        );
+        lock.rollback().await.unwrap();
+        sent.await.unwrap();
+    }
+    assert_eq!(
+        count_where(&target, "tenant_acme.a", "v = $1", 70001).await,
+        1
+    );
     // An INSERT ... RETURNING fetched one row at a time and closed early: PostgreSQL wrote all three rows at
     // the first Execute, and neither a command tag nor the capture trigger's notice says so.
     for n in 0..5 {

@@ -97,8 +97,9 @@ REVOKE ALL ON FUNCTION pgtenant.is_applier() FROM PUBLIC;
 -- synchronous tee on hearing it, and takes it out of the stream (a client connected straight to the server hears
 -- it). Called by capture() at the transaction's first captured row (then a transaction-local flag holds the
 -- transaction's id, which a default set for a role or database cannot foresee), unless the client's statement
--- is itself an INSERT, UPDATE, DELETE or MERGE, whose tag tells (a FunctionCall message has no statement text:
--- it is noted). At NOTICE whatever the session's client_min_messages. A session that sets the flag to its own
+-- is itself one INSERT, UPDATE, DELETE or MERGE, whose tag tells (a FunctionCall message has no statement text:
+-- it is noted; so is a text of several statements, where the first one's tag may belong to an earlier
+-- transaction than this write's). At NOTICE whatever the session's client_min_messages. A session that sets the flag to its own
 -- transaction's id only loses the wait for its own commit.
 CREATE OR REPLACE FUNCTION pgtenant.note() RETURNS void LANGUAGE plpgsql
     SET search_path = pg_catalog SET client_min_messages = notice AS $fn$
@@ -135,7 +136,7 @@ BEGIN
     END IF;
     IF current_setting('pgtenant.noted', true) IS DISTINCT FROM pg_current_xact_id()::text THEN
         PERFORM set_config('pgtenant.noted', pg_current_xact_id()::text, true);
-        IF coalesce(current_query(), '') !~* '^[[:space:]]*(insert|update|delete|merge)[[:space:]]' THEN
+        IF coalesce(current_query(), '') !~* '^[[:space:]]*(insert|update|delete|merge)[[:space:]][^;]*;?[[:space:]]*$' THEN
             PERFORM pgtenant.note();
         END IF;
     END IF;
