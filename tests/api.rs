@@ -343,3 +343,30 @@ async fn the_api_speaks_https_when_configured() {
         "plain HTTP answered"
     );
 }
+
+/// The HTTP listener closes a connection whose request headers do not arrive in time (silent, or dripping
+/// half a request), and still serves the next client: `/metrics` needs no token, so anyone may open one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_http_connections_are_closed_and_others_still_served() {
+    let (shared, dedicated) = (PgCluster::start(), PgCluster::start());
+    let proxy = up(&shared, &dedicated).await;
+    let addr = proxy.proxy.metrics_addr().unwrap();
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut dripping = tokio::net::TcpStream::connect(addr).await.unwrap();
+    dripping
+        .write_all(b"GET /metrics HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    for s in [&mut silent, &mut dripping] {
+        assert!(closes_within(s, Duration::from_secs(30)).await);
+    }
+    eprintln!("closed after {:?}", started.elapsed());
+    let mut ok = tokio::net::TcpStream::connect(addr).await.unwrap();
+    ok.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(ok).read_line(&mut line).await.unwrap();
+    assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+}

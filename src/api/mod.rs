@@ -38,33 +38,54 @@ pub struct Api {
 
 type Ctx = State<Arc<Api>>;
 
-/// Serves until the task is dropped: plain HTTP, or HTTPS with `tls` (`proxy.metrics_tls`).
+/// Open HTTP connections served at once; more are closed as they come. Unauthenticated sockets (`/metrics` is
+/// open) could otherwise hold file descriptors the client listener needs.
+const MAX_CONNECTIONS: usize = 256;
+/// A request's headers must arrive within this (a connection that sends nothing, or drips, is closed).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves until the task is dropped: plain HTTP, or HTTPS with `tls` (`proxy.metrics_tls`). HTTP/1.1, one task
+/// per connection, at most [`MAX_CONNECTIONS`] of them.
 pub async fn serve(listener: TcpListener, api: Arc<Api>, tls: Option<tokio_rustls::TlsAcceptor>) {
     let app = router(api);
-    let Some(tls) = tls else {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::warn!(error = %e, "HTTP listener stopped");
-        }
-        return;
-    };
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::debug!("HTTP connection refused: {MAX_CONNECTIONS} already open");
+            continue;
+        };
         let (tls, app) = (tls.clone(), app.clone());
         tokio::spawn(async move {
-            let Ok(Ok(stream)) =
-                tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await
-            else {
-                return;
-            };
-            let service = hyper_util::service::TowerToHyperService::new(app);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
+            let _permit = permit;
+            match tls {
+                None => serve_connection(tcp, app).await,
+                Some(tls) => {
+                    if let Ok(Ok(stream)) =
+                        tokio::time::timeout(HEADER_TIMEOUT, tls.accept(tcp)).await
+                    {
+                        serve_connection(stream, app).await;
+                    }
+                }
+            }
         });
     }
+}
+
+/// One connection's requests, with a deadline on each request's headers.
+async fn serve_connection<S>(io: S, app: Router)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+        .await;
 }
 
 pub fn router(api: Arc<Api>) -> Router {
