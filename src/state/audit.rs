@@ -221,10 +221,13 @@ impl AuditLog {
     }
 
     /// The last `n` entries and whether the whole chain verifies (`None`) or the line where it breaks.
+    /// Reads the file under the writers' lock (no half-written line) and verifies the chain after letting go,
+    /// so appends wait for a read, not for the verification of the whole chain.
     pub fn tail(&self, n: usize) -> Result<(Vec<AuditEntry>, Option<usize>), StateError> {
-        let _writer = self.tail.lock().unwrap_or_else(|p| p.into_inner());
-        let text =
-            std::fs::read_to_string(&self.path).map_err(|e| StateError::io(&self.path, e))?;
+        let text = {
+            let _writer = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+            std::fs::read_to_string(&self.path).map_err(|e| StateError::io(&self.path, e))?
+        };
         let (mut entries, _, bad) = parse_chain(&self.key, &text);
         let skip = entries.len().saturating_sub(n);
         Ok((entries.split_off(skip), bad))

@@ -190,7 +190,14 @@ async fn run(
         Request::TenantKill(a) => gate::kill(shared, &a.tenant),
         Request::Stats(_) => Ok(Done::read(&stats::stats(shared))),
         Request::Reload(_) => off_thread(shared, line, reload::reload).await,
-        Request::Audit(a) => stats::audit(shared, a.tail.get()).map(|v| Done::read(&v)),
+        // Off the runtime: it reads and verifies the whole chain, and any viewer may ask.
+        Request::Audit(a) => {
+            let tail = a.tail.get();
+            off_thread(shared, line, move |s| {
+                stats::audit(s, tail).map(|v| Done::read(&v))
+            })
+            .await
+        }
         Request::WebhooksLog(a) => Ok(Done::read(&stats::webhooks_log(shared, a.tail.get()))),
         other => migrate::run(shared, other, actor).await,
     }
