@@ -679,6 +679,21 @@ async fn bad_requests_are_refused_clearly_and_ddl_is_guarded() {
             .contains("tenant \"delta\"'s"),
         "{r}"
     );
+    // Large objects are not moved: a table that refers to them is refused rather than left pointing at nothing.
+    shared.psql(
+        "app",
+        "CREATE TABLE tenant_acme.blobs (id int PRIMARY KEY, doc oid)",
+    );
+    let r = proxy.admin(start(json!({}))).await;
+    assert_eq!(r["error"]["code"], "preflight_failed", "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("blobs.doc"),
+        "{r}"
+    );
+    shared.psql("app", "DROP TABLE tenant_acme.blobs");
     for (req, code) in [
         (start(json!({"tenant": "nobody"})), "unknown_tenant"),
         (start(json!({"to": "elsewhere"})), "unknown_backend"),

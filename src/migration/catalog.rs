@@ -46,6 +46,27 @@ pub async fn tables(client: &Client, schema: &str) -> Result<Vec<Table>, Migrate
         .collect())
 }
 
+/// `table.column` of the given tables' columns that refer to large objects (type `oid`, or a domain over it
+/// such as the `lo` extension's): the objects live in `pg_largeobject`, which a move does not copy.
+pub async fn large_object_columns(
+    client: &Client,
+    schema: &str,
+    tables: &[String],
+) -> Result<Vec<String>, MigrateError> {
+    let rows = client
+        .query(
+            "SELECT c.relname || '.' || a.attname FROM pg_attribute a \
+               JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+               JOIN pg_type t ON t.oid = a.atttypid \
+              WHERE n.nspname = $1 AND c.relname = ANY($2) AND a.attnum > 0 AND NOT a.attisdropped \
+                AND 'oid'::regtype IN (t.oid, t.typbasetype) ORDER BY 1",
+            &[&schema, &tables],
+        )
+        .await
+        .map_err(|e| MigrateError::pg("look for large object columns", e))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 pub async fn sequences(client: &Client, schema: &str) -> Result<Vec<String>, MigrateError> {
     let rows = client
         .query(

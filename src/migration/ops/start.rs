@@ -357,6 +357,17 @@ pub(super) async fn source_tables(
             ),
         }));
     }
+    let names: Vec<String> = tables.iter().map(|t| t.name.clone()).collect();
+    let references = catalog::large_object_columns(src, &source.schema, &names)
+        .await
+        .map_err(preflight)?;
+    if !references.is_empty() {
+        return Err(preflight(format!(
+            "column(s) {} hold large object references (oid or lo): a move copies and captures table rows, \
+             not the large objects they point at; store the data in bytea or move the tenant another way",
+            references.join(", ")
+        )));
+    }
     Ok(tables)
 }
 
