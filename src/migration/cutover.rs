@@ -330,6 +330,12 @@ async fn fall_back(
     error: &str,
     pause: Duration,
 ) -> Result<(), MigrateError> {
+    // A coordinator that stalled past its lease may have been replaced by another instance, which may have cut
+    // the tenant over since: lifting the fence or removing the reverse capture now would undo that cutover.
+    if !super::sides::lease_held(shared, rec.tenant.as_str()) {
+        warn!(tenant = %rec.tenant, "this instance no longer holds the move's lease: the fallback leaves the databases and the record to the instance that does");
+        return Ok(());
+    }
     if let Ok((source, target)) = endpoints(shared, rec) {
         match source.connect().await {
             Ok(c) => {
