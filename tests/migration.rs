@@ -1790,18 +1790,46 @@ async fn writes_open_on_the_source_when_the_fence_goes_up_reach_the_target() {
         .unwrap();
     wait_lag_zero(proxy, "acme").await;
 
+    // A transaction that wrote before the fence, and a REPEATABLE READ one whose snapshot predates the fence
+    // (it does not see it) and that writes only once the fence is up. Both commit while the cutover waits.
+    let url = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=app",
+        w.shared.port
+    );
+    let (repeatable, watcher) = (connect(&url).await.unwrap(), connect(&url).await.unwrap());
     direct
         .batch_execute("BEGIN; INSERT INTO tenant_acme.a (v) VALUES (777001)")
         .await
         .unwrap();
+    repeatable
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM tenant_acme.b")
+        .await
+        .unwrap();
     let cutover = proxy.admin(json!({"cmd": "migrate.cutover", "tenant": "acme"}));
     let commit = async {
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        let fenced = "SELECT count(*) FROM pgtenant.fenced WHERE tenant = 'acme'";
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while watcher
+            .query_one(fenced, &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 0
+        {
+            assert!(Instant::now() < deadline, "the fence never went up");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         direct.batch_execute("COMMIT").await.unwrap();
+        // Only the REPEATABLE READ transaction is left; it holds no lock on the tenant's tables yet.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        repeatable
+            .batch_execute("INSERT INTO tenant_acme.a (v) VALUES (777003); COMMIT")
+            .await
+            .unwrap();
     };
     let (cut, ()) = tokio::join!(cutover, commit);
     assert_eq!(cut["ok"], json!(true), "{cut}");
-    for v in [777001, 777002] {
+    for v in [777001, 777002, 777003] {
         assert_eq!(
             count_where(&w.target, "tenant_acme.a", "v = $1", v).await,
             1,

@@ -451,11 +451,29 @@ pub async fn fence(
 
 /// Writers that started before [`fence`] went up and may still commit here: transactions holding a write lock
 /// on one of the tenant's fenced tables that began before `$2`, and prepared transactions (no pid) holding
-/// one. A statement checks the fence when it starts (a `BEFORE ... FOR EACH STATEMENT` trigger; in
-/// `REPEATABLE READ` with the transaction's snapshot), so these passed it: a client that dropped its socket
-/// mid-statement (its gate pass is back), a direct connection, a `PREPARE TRANSACTION` waiting for its
-/// `COMMIT PREPARED`.
-const WRITERS_BEFORE_FENCE: &str = "SELECT count(DISTINCT coalesce(l.pid::text, l.virtualtransaction))      FROM pg_locks l JOIN pg_trigger t ON t.tgrelid = l.relation AND t.tgname = $1      LEFT JOIN pg_stat_activity a ON a.pid = l.pid      WHERE l.locktype = 'relation' AND l.granted        AND l.mode IN ('RowExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock')        AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())        AND l.pid IS DISTINCT FROM pg_backend_pid()        AND (l.pid IS NULL OR a.xact_start < $2::text::timestamptz)";
+/// one. The fence is checked by a trigger (per statement on the tenant's own tables, per row on shared ones)
+/// reading `pgtenant.fenced` with the statement's snapshot, in `REPEATABLE READ` the transaction's; so these
+/// passed it: a client that dropped its socket mid-statement (its gate pass is back), a direct connection, a
+/// `PREPARE TRANSACTION` waiting for its `COMMIT PREPARED`.
+///
+/// Also counted: transactions that began before the fence and keep one snapshot across statements
+/// (`REPEATABLE READ`, `SERIALIZABLE`), which may not have touched the tenant's tables yet but will not see the
+/// fence when they do. They show as a snapshot held while idle in the transaction, or while running a statement
+/// that is not the transaction's first. (A `READ COMMITTED` statement takes a new snapshot, and its table locks
+/// at its start: one that started before the fence and holds none will not write the tenant's tables.)
+const WRITERS_BEFORE_FENCE: &str = "SELECT count(DISTINCT coalesce(l.pid::text, l.virtualtransaction)) \
+     FROM pg_locks l JOIN pg_trigger t ON t.tgrelid = l.relation AND t.tgname = $1 \
+     LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+     WHERE l.locktype = 'relation' AND l.granted \
+       AND l.mode IN ('RowExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock') \
+       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+       AND l.pid IS DISTINCT FROM pg_backend_pid() \
+       AND (l.pid IS NULL OR a.xact_start < $2::text::timestamptz) \
+     UNION ALL SELECT count(*) FROM pg_stat_activity a \
+     WHERE a.datname = current_database() AND a.backend_type = 'client backend' \
+       AND a.pid <> pg_backend_pid() AND a.backend_xmin IS NOT NULL \
+       AND a.xact_start < $2::text::timestamptz \
+       AND (a.state = 'idle in transaction' OR (a.state = 'active' AND a.query_start > a.xact_start))";
 
 /// After [`fence`]: waits until no writer that passed the fence before it went up is still open, so that
 /// whatever they commit is in the change log before the final drain, not on the old side after the swap. Runs
@@ -478,10 +496,12 @@ pub async fn wait_for_writers(
         .get(0);
     loop {
         let open: i64 = client
-            .query_one(WRITERS_BEFORE_FENCE, &[&trigger, &fenced_at])
+            .query(WRITERS_BEFORE_FENCE, &[&trigger, &fenced_at])
             .await
             .map_err(|e| MigrateError::pg("look for writers from before the fence", e))?
-            .get(0);
+            .iter()
+            .map(|r| r.get::<_, i64>(0))
+            .sum();
         if open == 0 {
             return Ok(());
         }
