@@ -657,6 +657,21 @@ async fn a_tenant_statement_inside_an_unfinished_batch_fails_the_batch() {
             );
             assert_eq!(pg.psql("app", "SELECT count(*) FROM tenant_acme.b"), "0");
         }
+        // A second tenant statement after the first refusal, in the extended protocol: refused on its own,
+        // after the first one's answer (one refusal in flight at a time).
+        let mut batch = parse("INSERT INTO b VALUES (1)");
+        batch.extend(bind_execute());
+        batch.extend(frame(b'Q', b"SET pgtenant.tenant = 'globex'\0"));
+        batch.extend(parse("SET pgtenant.tenant = 'globex'"));
+        batch.extend(bind_execute());
+        batch.extend(frame(b'S', b""));
+        s.write_all(&batch).await.unwrap();
+        assert_eq!(
+            tags_until_ready(&mut s, 2).await,
+            ["1", "2", "C", "E25001", "Z", "E0A000", "Z"],
+            "{mode}"
+        );
+        assert_eq!(pg.psql("app", "SELECT count(*) FROM tenant_acme.b"), "0");
         // Still acme's session, and it goes on.
         s.write_all(&frame(b'Q', b"INSERT INTO b VALUES (2)\0"))
             .await

@@ -283,6 +283,15 @@ impl Session {
             _ => ClientError::TenantStatementNotSimple,
         }
         .to_pg();
+        if self
+            .server
+            .as_ref()
+            .is_some_and(|s| s.replace_error.is_some())
+        {
+            // As in `refuse_query_in_batch`: after the earlier refusal's ReadyForQuery.
+            self.txn.blocked = true;
+            return Ok(());
+        }
         match self.begin_work(tag).await? {
             Admission::Wait => return Ok(()),
             Admission::Refuse(gate_err) => {
@@ -304,6 +313,16 @@ impl Session {
     /// work back) and a Sync in the Query's place brings that ReadyForQuery. The client's own Sync, when it
     /// comes, gets its own, as on PostgreSQL.
     fn refuse_query_in_batch(&mut self, total: usize, why: sql::Recognised) {
+        // One refusal at a time: a second would take the first's place in `replace_error` before the backend
+        // answered; it waits for the first's ReadyForQuery.
+        if self
+            .server
+            .as_ref()
+            .is_some_and(|s| s.replace_error.is_some())
+        {
+            self.txn.blocked = true;
+            return;
+        }
         let err = match why {
             sql::Recognised::Forbidden(msg) => ClientError::Forbidden(msg),
             _ => ClientError::TenantStatementInBatch,

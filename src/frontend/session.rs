@@ -155,7 +155,10 @@ impl Session {
             self.cancel.slot.set(None);
             // A client that died inside a frame left the backend holding part of it.
             let cut = broken || self.client.scan.mid_frame();
-            if !cut && !server.out.is_empty() && matches!(end, End::Terminated | End::ClientGone) {
+            // (Also when all was sent but replies are owed: closing with their input unread resets the
+            // connection, which can drop what the kernel had not sent yet.)
+            let underway = !server.out.is_empty() || server.pending > 0 || server.copy_in;
+            if !cut && underway && matches!(end, End::Terminated | End::ClientGone) {
                 deliver_last_frames(&mut server).await;
                 server.release(true);
             } else {
