@@ -162,12 +162,13 @@ async fn webhooks_get_every_event_in_order_and_a_dead_receiver_changes_nothing()
                 .find(|d| d["outcome"] == json!("failed"))
                 .unwrap();
             assert_eq!(f["attempts"], json!(2), "{f}");
-            assert_eq!(f["url"], json!(format!("http://127.0.0.1:{dead}/hook")));
+            // Host and port only: a receiver's path may carry its token, and API viewers read this log.
+            assert_eq!(f["url"], json!(format!("http://127.0.0.1:{dead}")));
             assert!(f["error"].as_str().unwrap().contains("connect"), "{f}");
             assert_eq!(ok, expected.len(), "{l}");
             assert!(entries
                 .iter()
-                .all(|d| d["url"].as_str().unwrap().ends_with("/hook")));
+                .all(|d| !d["url"].as_str().unwrap().contains("/hook")));
             break;
         }
         assert!(

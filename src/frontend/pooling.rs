@@ -108,7 +108,7 @@ impl Session {
         }
     }
 
-    /// A connection checked out outside [`Session::unpark`] (at login, or for `SET pgtenant.tenant`) in
+    /// A connection checked out outside [`Session::unpark_now`] (at login, or for `SET pgtenant.tenant`) in
     /// transaction pool mode: make its settings the session's, then park.
     pub(super) async fn settle(&mut self) {
         if !self.pooling.tx_mode {
@@ -310,7 +310,7 @@ impl Session {
     /// included, which PostgreSQL refuses inside a pipeline). Their replies are taken out as they arrive.
     ///
     /// Measured straight on PostgreSQL in front of a point select (BENCHMARKS.md), the statement count is the
-    /// cost: a connection holding no prepared statements is reset with one `DISCARD ALL` (which PostgreSQL
+    /// cost: a full reset is one `DISCARD ALL` (which PostgreSQL
     /// commits at once as the first statement of a pipeline), and the schema set in an explicit `BEGIN` ...
     /// `COMMIT` (an implicit transaction ended by `COMMIT` warns, and the warning alone cost a third of the
     /// throughput).
@@ -349,7 +349,7 @@ impl Session {
             send(&mut server.out, "COMMIT");
         }
         server.own_pending += sent;
-        // The backend's unnamed statement is now our last one: closed by `unpark` like any user's, so a
+        // The backend's unnamed statement is now our last one: closed by `attach_unparked` like any user's, so a
         // client's Bind of an unnamed statement it never prepared here fails as on PostgreSQL instead of
         // running our COMMIT.
         conn.statements.unnamed |= sent > 0;

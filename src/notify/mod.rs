@@ -175,17 +175,10 @@ impl Notifier {
     }
 }
 
-/// The receiver's URL as logged: without the query or user info, which may carry a token.
+/// The receiver's URL as logged (the delivery log, which API viewers read, and warnings): scheme, host and port,
+/// as the metric label; the path, query and user info may carry a token.
 fn shown_url(url: &str) -> String {
-    let url = url.split(['?', '#']).next().unwrap_or_default();
-    match url.split_once("://") {
-        Some((scheme, rest)) => {
-            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-            let host = authority.rsplit('@').next().unwrap_or_default();
-            format!("{scheme}://{host}{path}")
-        }
-        None => url.to_owned(),
-    }
+    metric_label(url)
 }
 
 /// The receiver as a metric label, which anyone who can read `/metrics` sees: scheme, host and port only (some
@@ -353,8 +346,8 @@ mod tests {
 
     #[test]
     fn logged_urls_lose_their_query() {
-        assert_eq!(shown_url("https://h/x?token=1"), "https://h/x");
-        assert_eq!(shown_url("https://u:secret@h:8443/x#f"), "https://h:8443/x");
+        assert_eq!(shown_url("https://h/x?token=1"), "https://h");
+        assert_eq!(shown_url("https://u:secret@h:8443/x#f"), "https://h:8443");
     }
 
     #[test]

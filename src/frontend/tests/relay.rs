@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 
-// The scripted backend's login is no superuser, so the full reset is the unprivileged one.
 use super::{bind_execute, parse, sync, World};
 use crate::migration::registry::CommitWait;
 use crate::tenant::TenantId;

@@ -144,7 +144,7 @@ pub(super) fn plan(shared: &Shared, req: &StartRequest) -> Result<Record, AdminE
         (None, true) => "public".to_owned(),
         (None, false) => {
             return Err(preflight(format!(
-                "tenant {:?} has no schema in its route; give --tenant-column to migrate its rows of shared tables",
+                "tenant {:?} has no schema in its route; to move its rows of shared tables, give its route a tenant column (tenant set --tenant-column)",
                 req.tenant
             )))
         }
