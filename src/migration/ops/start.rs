@@ -221,7 +221,8 @@ fn rows_of(
 }
 
 /// A whole-schema move may not land in a place another tenant's route uses (same backend, database and
-/// schema): it would copy into, and an abort would empty, that tenant's tables.
+/// schema; a route without a schema uses `public`): it would copy into, and an abort would empty, that
+/// tenant's tables. (Two moves started at once into one empty place are not caught here.)
 fn refuse_taken_place(
     shared: &Shared,
     req: &StartRequest,
@@ -240,7 +241,8 @@ fn refuse_taken_place(
     let taken = router.iter().find(|(name, r)| {
         name.as_str() != req.tenant.as_str()
             && r.backend == target.backend
-            && r.schema == target.schema
+            && r.schema.as_deref().unwrap_or("public")
+                == target.schema.as_deref().unwrap_or("public")
             && database_of(r).as_deref() == Some(target_database)
     });
     match taken {
