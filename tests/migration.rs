@@ -666,33 +666,25 @@ async fn bad_requests_are_refused_clearly_and_ddl_is_guarded() {
         r
     };
     // Another tenant's schema on the target (its tables would take acme's rows, an abort would empty them).
-    let r = proxy
-        .admin(start(
-            json!({"schema": "tenant_delta", "allow_existing": true}),
-        ))
-        .await;
-    assert_eq!(r["error"]["code"], "preflight_failed", "{r}");
-    assert!(
-        r["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("tenant \"delta\"'s"),
-        "{r}"
-    );
+    let preflight_says = |req: Value, why: &'static str| {
+        let proxy = &proxy;
+        async move {
+            let r = proxy.admin(req).await;
+            assert_eq!(r["error"]["code"], "preflight_failed", "{r}");
+            assert!(r["error"]["message"].as_str().unwrap().contains(why), "{r}");
+        }
+    };
+    preflight_says(
+        start(json!({"schema": "tenant_delta", "allow_existing": true})),
+        "tenant \"delta\"'s",
+    )
+    .await;
     // Large objects are not moved: a table that refers to them is refused rather than left pointing at nothing.
     shared.psql(
         "app",
         "CREATE TABLE tenant_acme.blobs (id int PRIMARY KEY, doc oid)",
     );
-    let r = proxy.admin(start(json!({}))).await;
-    assert_eq!(r["error"]["code"], "preflight_failed", "{r}");
-    assert!(
-        r["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("blobs.doc"),
-        "{r}"
-    );
+    preflight_says(start(json!({})), "blobs.doc").await;
     shared.psql("app", "DROP TABLE tenant_acme.blobs");
     for (req, code) in [
         (start(json!({"tenant": "nobody"})), "unknown_tenant"),

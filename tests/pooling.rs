@@ -237,6 +237,23 @@ async fn prepared_statements_work_on_every_connection() {
     assert_eq!(r, 42);
 }
 
+/// Parse, Bind and Execute of `sql` as the unnamed statement and portal, without parameters (no Sync).
+fn unnamed_execute(sql: &str, out: &mut BytesMut) {
+    frontend::parse("", sql, std::iter::empty(), out).unwrap();
+    frontend::bind(
+        "",
+        "",
+        std::iter::empty::<i16>(),
+        std::iter::empty::<&str>(),
+        |_, _| Ok(postgres_protocol::IsNull::No),
+        std::iter::empty::<i16>(),
+        out,
+    )
+    .map_err(|_| ())
+    .unwrap();
+    frontend::execute("", 0, out).unwrap();
+}
+
 /// A raw protocol client, to send exactly the frames a test needs.
 struct Raw {
     s: TcpStream,
@@ -723,19 +740,7 @@ async fn a_failed_reset_lets_nothing_of_the_next_tenant_run() {
         if id == 1001 {
             frontend::query("INSERT INTO t VALUES (1002, 'globex-last')", &mut out).unwrap();
         }
-        frontend::parse("", sql, std::iter::empty(), &mut out).unwrap();
-        frontend::bind(
-            "",
-            "",
-            std::iter::empty::<i16>(),
-            std::iter::empty::<&str>(),
-            |_, _| Ok(postgres_protocol::IsNull::No),
-            std::iter::empty::<i16>(),
-            &mut out,
-        )
-        .map_err(|_| id)
-        .unwrap();
-        frontend::execute("", 0, &mut out).unwrap();
+        unnamed_execute(sql, &mut out);
         frontend::sync(&mut out);
     }
     globex.write_all(&out).await.unwrap();
@@ -1237,25 +1242,10 @@ async fn a_copy_ended_before_it_began_never_hands_its_connection_on() {
     let p = harness(&w, 1).start().await;
     let mut a = Raw::connect(&p).await;
     let (_, first) = a.simple("SELECT pg_backend_pid()::text").await;
-    let unnamed = |sql: &str, b: &mut BytesMut| {
-        frontend::parse("", sql, std::iter::empty(), b).unwrap();
-        frontend::bind(
-            "",
-            "",
-            std::iter::empty::<i16>(),
-            std::iter::empty::<&str>(),
-            |_, _| Ok(postgres_protocol::IsNull::No),
-            std::iter::empty::<i16>(),
-            b,
-        )
-        .map_err(|_| ())
-        .unwrap();
-        frontend::execute("", 0, b).unwrap();
-    };
     a.send(|b| {
-        unnamed("COPY copied FROM STDIN", b);
+        unnamed_execute("COPY copied FROM STDIN", b);
         frontend::copy_done(b);
-        unnamed("SELECT pg_sleep(0.5)::text", b);
+        unnamed_execute("SELECT pg_sleep(0.5)::text", b);
         frontend::sync(b);
         frontend::sync(b);
     })
