@@ -452,20 +452,8 @@ async fn cutover_falls_back_behind_a_long_transaction_and_survives_a_dead_target
     long.batch_execute("BEGIN; UPDATE a SET v = 4242 WHERE id = 1")
         .await
         .unwrap();
-    let err = proxy
-        .admin_err(json!({"cmd": "migrate.cutover", "tenant": "acme"}))
-        .await;
-    assert_eq!(err, "cutover_failed");
-    let s = status(&proxy, "acme").await;
-    assert_eq!(s["state"], json!("dual_write"), "{s}");
+    let s = cutover_falls_back(&proxy, "still open").await;
     assert_eq!(s["cutover_attempts"], json!(1));
-    assert!(
-        s["last_cutover_error"]
-            .as_str()
-            .unwrap()
-            .contains("still open"),
-        "{s}"
-    );
     // The gate is open again: the tenant works, on the source.
     let other = proxy.connect("app.acme", "app").await.unwrap();
     other
@@ -1446,6 +1434,21 @@ async fn queued_moves_start_when_due_survive_a_restart_and_can_be_cancelled() {
     );
 }
 
+/// A cutover of acme that fails and falls back to dual_write, saying `why`; the migration's status after it.
+async fn cutover_falls_back(proxy: &TestProxy, why: &str) -> Value {
+    let err = proxy
+        .admin_err(json!({"cmd": "migrate.cutover", "tenant": "acme"}))
+        .await;
+    assert_eq!(err, "cutover_failed");
+    let s = status(proxy, "acme").await;
+    assert_eq!(s["state"], json!("dual_write"), "{s}");
+    assert!(
+        s["last_cutover_error"].as_str().unwrap().contains(why),
+        "{s}"
+    );
+    s
+}
+
 /// acme's move in dual_write with the synchronous tee (the default), `before` run on the source first, with a
 /// client of acme through the proxy and a connection straight to the target (fields drop in this order).
 struct DualWrite {
@@ -1763,19 +1766,7 @@ async fn writes_open_on_the_source_when_the_fence_goes_up_reach_the_target() {
         )
         .await
         .unwrap();
-    let err = proxy
-        .admin_err(json!({"cmd": "migrate.cutover", "tenant": "acme"}))
-        .await;
-    assert_eq!(err, "cutover_failed");
-    let s = status(proxy, "acme").await;
-    assert_eq!(s["state"], json!("dual_write"), "{s}");
-    assert!(
-        s["last_cutover_error"]
-            .as_str()
-            .unwrap()
-            .contains("before the fence"),
-        "{s}"
-    );
+    cutover_falls_back(proxy, "before the fence").await;
     direct
         .batch_execute("COMMIT PREPARED 'held'")
         .await

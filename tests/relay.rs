@@ -593,30 +593,39 @@ async fn a_refused_tenant_statement_fails_its_whole_batch() {
 /// Reads frames until `n` ReadyForQuery have come; returns every frame's tag and, for errors, the SQLSTATE
 /// (ParameterStatus and notices left out).
 async fn tags_until_ready(s: &mut tokio::net::TcpStream, n: usize) -> Vec<String> {
-    use tokio::io::AsyncReadExt;
     let mut seen = Vec::new();
     let mut ready = 0;
     while ready < n {
-        let mut head = [0u8; 5];
-        s.read_exact(&mut head).await.unwrap();
-        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-        let mut body = vec![0u8; len - 4];
-        s.read_exact(&mut body).await.unwrap();
-        let mut tag = (head[0] as char).to_string();
-        if head[0] == b'E' {
-            let text = String::from_utf8_lossy(&body).into_owned();
-            let code = text
-                .split('\0')
-                .find_map(|f| f.strip_prefix('C'))
-                .unwrap_or("");
-            tag.push_str(code);
-        }
-        ready += usize::from(head[0] == b'Z');
-        if !matches!(head[0], b'S' | b'N') {
-            seen.push(tag);
-        }
+        let tag = next_tag(s).await.expect("a reply");
+        ready += usize::from(tag == "Z");
+        seen.extend(tag_shown(tag));
     }
     seen
+}
+
+/// The next frame's tag, with the SQLSTATE appended for an error; `None` once the stream ends.
+async fn next_tag(s: &mut tokio::net::TcpStream) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 5];
+    s.read_exact(&mut head).await.ok()?;
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    let mut body = vec![0u8; len.checked_sub(4)?];
+    s.read_exact(&mut body).await.ok()?;
+    let mut tag = (head[0] as char).to_string();
+    if head[0] == b'E' {
+        let text = String::from_utf8_lossy(&body).into_owned();
+        tag.push_str(
+            text.split('\0')
+                .find_map(|f| f.strip_prefix('C'))
+                .unwrap_or(""),
+        );
+    }
+    Some(tag)
+}
+
+/// A tag as the tests list it: ParameterStatus and notices left out.
+fn tag_shown(tag: String) -> Option<String> {
+    (!matches!(tag.as_str(), "S" | "N")).then_some(tag)
 }
 
 /// A tenant statement sent as a simple Query in the middle of an unfinished extended batch (no Sync yet), in
@@ -779,31 +788,10 @@ async fn parses_piled_up_behind_a_skipping_backend_are_bounded() {
 
 /// Reads frames until the peer closes (at most 10 s); returns their tags as `tags_until_ready` does.
 async fn tags_until_closed(s: &mut tokio::net::TcpStream) -> Vec<String> {
-    use tokio::io::AsyncReadExt;
     let mut seen = Vec::new();
     let read = async {
-        loop {
-            let mut head = [0u8; 5];
-            if s.read_exact(&mut head).await.is_err() {
-                return;
-            }
-            let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-            let mut body = vec![0u8; len - 4];
-            if s.read_exact(&mut body).await.is_err() {
-                return;
-            }
-            let mut tag = (head[0] as char).to_string();
-            if head[0] == b'E' {
-                let text = String::from_utf8_lossy(&body).into_owned();
-                tag.push_str(
-                    text.split('\0')
-                        .find_map(|f| f.strip_prefix('C'))
-                        .unwrap_or(""),
-                );
-            }
-            if !matches!(head[0], b'S' | b'N') {
-                seen.push(tag);
-            }
+        while let Some(tag) = next_tag(s).await {
+            seen.extend(tag_shown(tag));
         }
     };
     tokio::time::timeout(Duration::from_secs(10), read)
