@@ -785,3 +785,73 @@ async fn a_lease_of_the_same_id_but_another_process_is_not_renewed() {
         .await;
     assert_eq!(v["passed"], json!(true), "{v}");
 }
+
+/// The number of route changes of acme in the store with `backend`.
+fn acme_changes_to(cp: &PgCluster, backend: &str) -> String {
+    cp.psql(
+        "postgres",
+        &format!(
+            "SELECT count(*) FROM pgtenant_cp.route_changes WHERE tenant = 'acme' AND route->>'backend' = '{backend}'"
+        ),
+    )
+}
+
+/// A cutover whose route swap the store does not take at once: the swap stands on the coordinator, the other
+/// instance holds the tenant (it neither opens onto the fenced source nor fails the write waiting there) until
+/// the swap is in the store, then runs the write on the target. A rollback whose store write's answer is lost
+/// finds that write on its retry and does not write it twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_the_store_did_not_take_at_once_holds_the_other_instances_until_it_does() {
+    use pgtenant::migration::failpoint::Action;
+    let (cp, shared, dedicated) = (PgCluster::start(), PgCluster::start(), PgCluster::start());
+    let a = one_member_moving(&cp, &shared, &dedicated).await;
+    let b = member(&cp, &shared, &dedicated, 3000).start().await;
+    let on_b = connect(&b.url("app.acme", "app")).await.unwrap();
+    on_b.execute("INSERT INTO a (v) VALUES (1)", &[])
+        .await
+        .unwrap();
+    let failpoints = &a.proxy.shared.migrations.failpoints;
+    failpoints.set("swap.store", Some(Action::Error));
+    a.admin_ok(json!({"cmd": "migrate.cutover", "tenant": "acme"}))
+        .await;
+    assert_eq!(backend_of(&a, "acme").await, json!("dedicated"));
+    assert_eq!(acme_changes_to(&cp, "dedicated"), "0");
+    let write =
+        tokio::spawn(async move { on_b.execute("INSERT INTO a (v) VALUES (515151)", &[]).await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !write.is_finished(),
+        "the other instance did not hold the tenant: {:?}",
+        write.await
+    );
+    failpoints.set("swap.store", None);
+    let done = tokio::time::timeout(Duration::from_secs(15), write).await;
+    done.expect("the held write never ran").unwrap().unwrap();
+    assert_eq!(
+        dedicated.psql("app", "SELECT count(*) FROM tenant_acme.a WHERE v = 515151"),
+        "1"
+    );
+    assert_eq!(backend_of(&b, "acme").await, json!("dedicated"));
+    assert_eq!(acme_changes_to(&cp, "dedicated"), "1");
+    // The rollback's write commits, its answer is lost: the retry finds it.
+    let before = acme_changes_to(&cp, "shared");
+    failpoints.set("swap.store_answer", Some(Action::Error));
+    let back = a
+        .admin_ok(json!({"cmd": "migrate.rollback", "tenant": "acme"}))
+        .await;
+    failpoints.set("swap.store_answer", None);
+    assert_eq!(back["state"], json!("rolled_back"), "{back}");
+    let after: u32 = acme_changes_to(&cp, "shared").parse().unwrap();
+    assert_eq!(after, before.parse::<u32>().unwrap() + 1, "written once");
+    for p in [&a, &b] {
+        let mut home = false;
+        for _ in 0..100 {
+            if backend_of(p, "acme").await == json!("shared") {
+                home = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(home, "an instance still routes acme to the target");
+    }
+}

@@ -25,14 +25,20 @@ async fn notify(c: &Client) -> Result<(), StoreError> {
 }
 
 impl ControlPlane {
-    /// Coordinator: asks every other live instance to hold `tenant` and waits until each has drained, until
-    /// `deadline`. The attempt's number.
+    /// A new barrier attempt's number (the caller keeps it, so the release names the attempt it ends even
+    /// when the hold failed halfway).
+    pub fn new_attempt() -> i64 {
+        crate::migration::record::now_ms() as i64
+    }
+
+    /// Coordinator: asks every other live instance to hold `tenant` for barrier `attempt` and waits until each
+    /// has drained, until `deadline`.
     pub async fn hold_everywhere(
         &self,
         tenant: &TenantId,
+        attempt: i64,
         deadline: Instant,
-    ) -> Result<i64, StoreError> {
-        let attempt = crate::migration::record::now_ms() as i64;
+    ) -> Result<(), StoreError> {
         let left_ms = deadline
             .saturating_duration_since(Instant::now())
             .as_millis() as f64;
@@ -67,7 +73,7 @@ impl ControlPlane {
                 })
                 .await?;
             if missing == 0 {
-                return Ok(attempt);
+                return Ok(());
             }
             if Instant::now() >= deadline {
                 return Err(StoreError::Pg(format!(
@@ -78,24 +84,25 @@ impl ControlPlane {
         }
     }
 
-    /// Coordinator: ends the barrier: `open` after the swap (the route is in the store already), `abort`
-    /// after a fallback.
-    pub async fn release_everywhere(&self, tenant: &TenantId, phase: &'static str) {
+    /// Coordinator: ends barrier `attempt`: `open` after the swap (the route is in the store already), `abort`
+    /// after a fallback. Only that attempt's row is changed, so a late retry never ends a newer barrier.
+    pub async fn release_everywhere(
+        &self,
+        tenant: &TenantId,
+        attempt: i64,
+        phase: &'static str,
+    ) -> Result<(), StoreError> {
         let (t, id) = (tenant.to_string(), self.id.clone());
-        let r = self
-            .with_client(async move |c| {
-                c.execute(
-                    "UPDATE pgtenant_cp.barriers SET phase = $3 WHERE tenant = $1 AND coordinator = $2",
-                    &[&t, &id, &phase],
-                )
-                .await
-                .map_err(pg("release barrier"))?;
-                notify(c).await
-            })
-            .await;
-        if let Err(e) = r {
-            tracing::warn!(%tenant, phase, error = %e, "could not release the other instances' gates; they hold until the control plane answers");
-        }
+        self.with_client(async move |c| {
+            c.execute(
+                "UPDATE pgtenant_cp.barriers SET phase = $3 WHERE tenant = $1 AND coordinator = $2 AND attempt = $4",
+                &[&t, &id, &phase, &attempt],
+            )
+            .await
+            .map_err(pg("release barrier"))?;
+            notify(c).await
+        })
+        .await
     }
 
     /// Every instance: follows the other coordinators' barriers (called on each notification and tick).

@@ -50,6 +50,19 @@ impl ControlPlane {
         self.sync(shared).await
     }
 
+    /// Writes a migration's route swap of `tenant` unless its route changed after `since`
+    /// ([`store::append_swap`]); it is applied here by the caller and elsewhere by the usual sync.
+    pub async fn write_swap(
+        &self,
+        tenant: &TenantId,
+        since: i64,
+        route: &Route,
+    ) -> Result<store::SwapWrite, StoreError> {
+        let (id, t, r) = (self.id.clone(), tenant.clone(), route.clone());
+        self.with_client(async move |c| store::append_swap(c, &id, &t, since, &r).await)
+            .await
+    }
+
     /// Applies every change after the applied epoch. A store whose epoch is behind the one applied (restored
     /// from a backup, or it lost commits) is read again whole.
     pub async fn sync(&self, shared: &Shared) -> Result<(), StoreError> {

@@ -192,6 +192,65 @@ pub async fn append(
     Ok(epoch)
 }
 
+/// What [`append_swap`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SwapWrite {
+    /// The swap is written now.
+    Written,
+    /// The tenant's route changed after `since`: to this route (an earlier attempt whose answer was lost), or
+    /// to another one (a change this swap must not overwrite).
+    Changed(Option<Route>),
+}
+
+/// Appends a migration's route swap of `tenant`, unless the tenant's route changed in the store after epoch
+/// `since` (the epoch the coordinator had applied when it held the tenant). Retrying it is safe: an attempt
+/// whose commit went through but whose answer was lost is found, not written twice, and a newer route (an
+/// operator's, a rollback's) is never written over.
+pub async fn append_swap(
+    c: &mut Client,
+    instance: &str,
+    tenant: &TenantId,
+    since: i64,
+    route: &Route,
+) -> Result<SwapWrite, StoreError> {
+    let tx = c.transaction().await.map_err(pg("begin"))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK])
+        .await
+        .map_err(pg("lock"))?;
+    let newer = tx
+        .query_opt(
+            "SELECT epoch, route FROM pgtenant_cp.route_changes WHERE tenant = $1 AND epoch > $2
+              ORDER BY epoch DESC LIMIT 1",
+            &[&tenant.as_str(), &since],
+        )
+        .await
+        .map_err(pg("read the tenant's route"))?;
+    if let Some(row) = newer {
+        let found = change(row.get(0), tenant.to_string(), row.get(1))?;
+        return Ok(SwapWrite::Changed(found.route));
+    }
+    let epoch: i64 = tx
+        .query_one(
+            "SELECT coalesce(max(epoch), 0) + 1 FROM pgtenant_cp.route_changes",
+            &[],
+        )
+        .await
+        .map_err(pg("read epoch"))?
+        .get(0);
+    let json = serde_json::to_value(route).map_err(|e| StoreError::Pg(e.to_string()))?;
+    tx.execute(
+        "INSERT INTO pgtenant_cp.route_changes (epoch, tenant, route, instance) VALUES ($1, $2, $3, $4)",
+        &[&epoch, &tenant.as_str(), &json, &instance],
+    )
+    .await
+    .map_err(pg("write route change"))?;
+    tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &epoch.to_string()])
+        .await
+        .map_err(pg("notify"))?;
+    tx.commit().await.map_err(pg("commit route swap"))?;
+    Ok(SwapWrite::Written)
+}
+
 fn change(
     epoch: i64,
     tenant: String,

@@ -16,11 +16,13 @@ use super::decide::{decide_swap, BeforeSwap, SwapDecision};
 use super::machine::{transition, transition_off_thread, Event};
 use super::ops::reply::CutOver;
 use super::pg::Endpoint;
+use super::publish::{self, Published};
 use super::record::{Record, State};
 use super::registry::{Direction, Live};
 use super::sides::{endpoints, start_tee};
 use super::tee::DRAIN_MARGIN;
 use super::MigrateError;
+use crate::cluster::ControlPlane;
 use crate::context::Shared;
 use crate::gate::Gate;
 use crate::routing::Route;
@@ -81,10 +83,11 @@ pub async fn cutover(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<CutOver, 
     let deadline = closed_at + limit;
     let mut marks = Marks::new(closed_at);
     let cluster = shared.control_plane.get();
+    let attempt = ControlPlane::new_attempt();
     let held = async {
         // With several instances, each holds the tenant too before anything is drained or swapped.
         if let Some(cp) = cluster {
-            cp.hold_everywhere(&rec.tenant, deadline)
+            cp.hold_everywhere(&rec.tenant, attempt, deadline)
                 .await
                 .map_err(|e| MigrateError::Barrier(e.to_string()))?;
             marks.mark("barrier_held");
@@ -97,32 +100,44 @@ pub async fn cutover(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<CutOver, 
         Err(_) => BeforeSwap::TimedOut,
     };
     // The swap is outside the time limit: once it is on disk it must be completed, not abandoned halfway.
-    let failure = match decide_swap(outcome, Instant::now() >= deadline, limit) {
+    let swapped = match decide_swap(outcome, Instant::now() >= deadline, limit) {
         SwapDecision::Swap => {
-            let r = swap_route(shared, &rec.tenant, &rec.target).await.err();
+            let r = swap_route(shared, &rec.tenant, &rec.target).await;
             marks.mark("swap_route");
             r
         }
-        SwapDecision::FallBack(e) => Some(e),
+        SwapDecision::FallBack(e) => Err(e),
     };
-    if let Some(e) = failure {
-        let pause = closed_at.elapsed();
-        if let Some(cp) = cluster {
-            cp.release_everywhere(&rec.tenant, "abort").await;
+    let published = match swapped {
+        Ok(p) => p,
+        Err(e) => {
+            let pause = closed_at.elapsed();
+            publish::release(shared, &rec.tenant, attempt, "abort").await;
+            gate.open();
+            return failed_cutover(shared, &rec, e, pause).await;
         }
-        gate.open();
-        if matches!(e, MigrateError::Timeout(_) | MigrateError::Barrier(_)) {
-            shared
-                .metrics
-                .counter("cutover_timeout_total", labels(&rec.tenant, None))
-                .increment(1);
-        }
-        count_attempt(shared, &rec.tenant, "failed");
-        warn!(tenant = %rec.tenant, error = %e, "cutover fell back to the source");
-        fall_back(shared, &rec, &e.to_string(), pause).await?;
-        return Err(e);
+    };
+    let barrier = (attempt, published);
+    after_swap(shared, live, &rec, &gate, closed_at, marks, barrier).await
+}
+
+/// The cutover did not swap: counted, logged, fallen back to the source.
+async fn failed_cutover(
+    shared: &Arc<Shared>,
+    rec: &Record,
+    e: MigrateError,
+    pause: Duration,
+) -> Result<CutOver, MigrateError> {
+    if matches!(e, MigrateError::Timeout(_) | MigrateError::Barrier(_)) {
+        shared
+            .metrics
+            .counter("cutover_timeout_total", labels(&rec.tenant, None))
+            .increment(1);
     }
-    after_swap(shared, live, &rec, &gate, closed_at, marks).await
+    count_attempt(shared, &rec.tenant, "failed");
+    warn!(tenant = %rec.tenant, error = %e, "cutover fell back to the source");
+    fall_back(shared, rec, &e.to_string(), pause).await?;
+    Err(e)
 }
 
 /// Past the swap: the target is authoritative, the reverse tee starts, sessions that cannot follow end, the
@@ -134,6 +149,7 @@ async fn after_swap(
     gate: &Gate,
     closed_at: Instant,
     mut marks: Marks,
+    (attempt, published): (i64, Published),
 ) -> Result<CutOver, MigrateError> {
     match shared
         .migrations
@@ -161,10 +177,8 @@ async fn after_swap(
     let ended = end_pinned_sessions(shared, &rec.tenant);
     marks.mark("end_pinned_sessions");
     let blocked = gate.queued();
-    if let Some(cp) = shared.control_plane.get() {
-        cp.release_everywhere(&rec.tenant, "open").await;
-        marks.mark("barrier_released");
-    }
+    release_after_swap(shared, &rec.tenant, &rec.target, attempt, published).await;
+    marks.mark("barrier_released");
     gate.open();
     let pause = closed_at.elapsed();
     let m = &shared.metrics;
@@ -363,18 +377,25 @@ async fn fall_back(
     Ok(())
 }
 
-/// Persists the route of `tenant` as `route` with a higher epoch and publishes it, on a blocking thread: the
-/// fsync must not hold up the other tenants served by the runtime thread (one thread on small machines).
+/// Swaps the route of `tenant` to `route`: in the control plane's store first (so the other instances and a
+/// restart find the same route; [`publish`]), then persisted here with a higher epoch and published, on a
+/// blocking thread: the fsync must not hold up the other tenants served by the runtime thread (one thread on
+/// small machines). `Err` means nothing was swapped.
 pub(super) async fn swap_route(
     shared: &Arc<Shared>,
     tenant: &TenantId,
     route: &Route,
-) -> Result<(), MigrateError> {
+) -> Result<Published, MigrateError> {
+    let published = publish::store_swap(shared, tenant, route).await?;
     let (s, t, r) = (shared.clone(), tenant.clone(), route.clone());
-    let swapped = match tokio::task::spawn_blocking(move || swap_route_now(&s, &t, &r)).await {
+    let local = match tokio::task::spawn_blocking(move || swap_route_now(&s, &t, &r)).await {
         Ok(result) => result,
-        // The thread failed (it does not panic, but if it did): the router tells whether the swap was
-        // published, which happens only once it is on disk.
+        Err(e) => Err(MigrateError::Refused(format!(
+            "the route swap's thread failed: {e}"
+        ))),
+    };
+    match local {
+        // The router tells whether the swap was published, which happens only once it is on disk.
         Err(e)
             if shared
                 .router
@@ -382,30 +403,44 @@ pub(super) async fn swap_route(
                 .get(tenant.as_str())
                 .is_some_and(|now| **now == *route) =>
         {
-            tracing::warn!(%tenant, error = %e, "the route swap's thread failed after the swap");
-            Ok(())
+            warn!(%tenant, error = %e, "the route swap's thread failed after the swap");
+            Ok(published)
         }
-        Err(e) => Err(MigrateError::Refused(format!("the route swap failed: {e}"))),
-    };
-    if swapped.is_ok() {
-        publish_swap(shared, tenant, route).await;
+        // The store has the swap already: it stands, and this instance applies it from the store like the
+        // others (until then its sessions find the old side fenced, which refuses their writes).
+        Err(e) if shared.control_plane.get().is_some() && matches!(published, Published::Yes) => {
+            tracing::error!(%tenant, error = %e, "the route swap is in the control plane but could not be saved here");
+            Ok(published)
+        }
+        Err(e) => Err(e),
+        Ok(()) => {
+            // Applying the store's log now (the swap included) moves the applied epoch past the swap, so the
+            // next swap of the tenant (a rollback) is not taken for a conflicting change. The follow loop
+            // does it within a second otherwise.
+            if let (Some(cp), Published::Yes) = (shared.control_plane.get(), &published) {
+                if let Err(e) = cp.sync(shared).await {
+                    warn!(%tenant, error = %e, "could not apply the control plane's log after the swap");
+                }
+            }
+            Ok(published)
+        }
     }
-    swapped
 }
 
-/// With a control plane, the swap goes to the store so the other instances route the tenant there too (within
-/// about a second; until they do, the fence on the old side refuses their writes of the tenant rather than
-/// lose them). This instance swapped already; a store that cannot be written is logged, and the next change
-/// written through the store carries the route.
-async fn publish_swap(shared: &Arc<Shared>, tenant: &TenantId, route: &Route) {
-    let Some(cp) = shared.control_plane.get() else {
-        return;
-    };
-    if let Err(e) = cp
-        .write(shared, vec![(tenant.clone(), Some(route.clone()))])
-        .await
-    {
-        tracing::warn!(%tenant, error = %e, "the route swap could not be written to the control plane");
+/// Ends the other instances' hold after the swap: at once when the swap is in the store, else once a task has
+/// written it there.
+pub(super) async fn release_after_swap(
+    shared: &Arc<Shared>,
+    tenant: &TenantId,
+    route: &Route,
+    attempt: i64,
+    published: Published,
+) {
+    match published {
+        Published::Yes => publish::release(shared, tenant, attempt, "open").await,
+        Published::Unknown { since } => {
+            publish::finish_later(shared, tenant, since, route, attempt)
+        }
     }
 }
 

@@ -31,6 +31,7 @@ pub mod machine;
 pub mod ops;
 pub mod pg;
 pub mod post_data;
+mod publish;
 pub mod queue;
 pub mod record;
 pub mod registry;

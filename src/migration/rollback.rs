@@ -8,10 +8,13 @@ use tokio_postgres::Client;
 
 use super::capture;
 use super::catalog;
-use super::cutover::{end_pinned_sessions, gate_of, labels, swap_route, sync_sequences, CAUGHT_UP};
+use super::cutover::{
+    end_pinned_sessions, gate_of, labels, release_after_swap, swap_route, sync_sequences, CAUGHT_UP,
+};
 use super::machine::{transition_off_thread, Event};
 use super::ops::reply::RolledBack;
 use super::pg::Endpoint;
+use super::publish;
 use super::record::{Record, State};
 use super::registry::Live;
 use super::sides::{endpoints, stop_tee};
@@ -58,7 +61,8 @@ pub async fn rollback(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<RolledBa
     tee.catch_up(Instant::now() + timeout, CAUGHT_UP).await?;
     let closed_at = Instant::now();
     gate.close();
-    let held = hold_everywhere(shared, &rec.tenant, closed_at + timeout);
+    let attempt = crate::cluster::ControlPlane::new_attempt();
+    let held = hold_everywhere(shared, &rec.tenant, attempt, closed_at + timeout);
     let back = async {
         held.await?;
         back_to_source(
@@ -80,23 +84,26 @@ pub async fn rollback(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<RolledBa
             "rollback passed its time limit".into(),
         )),
     };
-    if let Err(e) = result {
-        // Not swapped: the target takes the tenant's writes again, the source stays fenced.
-        let _ = capture::unfence(&sides.dst, &rec.tenant).await;
-        let _ = capture::fence(
-            &sides.src,
-            &rec.tenant,
-            "cut over to another backend",
-            sides.source.filter.is_none(),
-        )
-        .await;
-        release_everywhere(shared, &rec.tenant, "abort").await;
-        gate.open();
-        return Err(e);
-    }
+    let published = match result {
+        Ok(published) => published,
+        Err(e) => {
+            // Not swapped: the target takes the tenant's writes again, the source stays fenced.
+            let _ = capture::unfence(&sides.dst, &rec.tenant).await;
+            let _ = capture::fence(
+                &sides.src,
+                &rec.tenant,
+                "cut over to another backend",
+                sides.source.filter.is_none(),
+            )
+            .await;
+            publish::release(shared, &rec.tenant, attempt, "abort").await;
+            gate.open();
+            return Err(e);
+        }
+    };
     stop_tee(shared, live).await;
     end_pinned_sessions(shared, &rec.tenant);
-    release_everywhere(shared, &rec.tenant, "open").await;
+    release_after_swap(shared, &rec.tenant, &rec.source, attempt, published).await;
     gate.open();
     let pause_ms = closed_at.elapsed().as_secs_f64() * 1000.0;
     shared
@@ -176,20 +183,14 @@ pub async fn finish_rollback(
 async fn hold_everywhere(
     shared: &Shared,
     tenant: &TenantId,
+    attempt: i64,
     deadline: Instant,
 ) -> Result<(), MigrateError> {
     match shared.control_plane.get() {
         Some(cp) => cp
-            .hold_everywhere(tenant, deadline)
+            .hold_everywhere(tenant, attempt, deadline)
             .await
-            .map(|_| ())
             .map_err(|e| MigrateError::Refused(e.to_string())),
         None => Ok(()),
-    }
-}
-
-async fn release_everywhere(shared: &Shared, tenant: &TenantId, phase: &'static str) {
-    if let Some(cp) = shared.control_plane.get() {
-        cp.release_everywhere(tenant, phase).await;
     }
 }
