@@ -855,3 +855,38 @@ async fn a_swap_the_store_did_not_take_at_once_holds_the_other_instances_until_i
         assert!(home, "an instance still routes acme to the target");
     }
 }
+
+/// Two moves into one place are refused while the first is unfinished, whether the second starts on the
+/// first's coordinator or on another instance (which knows of the first only through the store); neither
+/// instance changes the moving tenant's route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_move_into_the_same_place_is_refused_on_every_instance() {
+    let (cp, shared, dedicated) = (PgCluster::start(), PgCluster::start(), PgCluster::start());
+    let a = one_member_moving(&cp, &shared, &dedicated).await;
+    let b = member(&cp, &shared, &dedicated, 3000).start().await;
+    let into_acmes_place = json!({"cmd": "migrate.start", "tenant": "beta", "to": "dedicated",
+        "schema": "tenant_acme", "allow_existing": true});
+    for (p, whose) in [
+        (&a, "tenant \"acme\"'s move lands"),
+        (&b, "on another instance"),
+    ] {
+        let r = p.admin(into_acmes_place.clone()).await;
+        assert_eq!(r["error"]["code"], "invalid_state", "{r}");
+        assert!(
+            r["error"]["message"].as_str().unwrap().contains(whose),
+            "{r}"
+        );
+    }
+    let set = json!({"cmd": "tenant.set", "tenant": "acme", "backend": "dedicated", "schema": "tenant_acme"});
+    for p in [&a, &b] {
+        assert_eq!(p.admin_err(set.clone()).await, "invalid_state");
+    }
+    assert_eq!(
+        dedicated.psql(
+            "app",
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'tenant_acme' AND tablename = 't'"
+        ),
+        "0",
+        "beta's table was made in acme's place"
+    );
+}

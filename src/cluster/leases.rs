@@ -133,8 +133,10 @@ impl ControlPlane {
     /// Takes the lease of a migration this instance starts, before any of its work: the other instances know
     /// its coordinator from the first moment (one dying in its first second is taken over like any other), and
     /// a move of the tenant another instance coordinates is refused (false).
+    /// Taken under the route lock, with the start's checks ([`refuse_clashing_start`]), so a route change or a
+    /// start on another instance is either seen here or sees this move.
     pub async fn lease_new(&self, rec: &Record) -> Result<bool, StoreError> {
-        self.renew(rec).await
+        self.lease(rec, true).await
     }
 
     /// Removes the lease `lease_new` took, for a move whose start failed after it.
@@ -158,6 +160,11 @@ impl ControlPlane {
 
     /// Writes the record with a fresh lease; false when another instance holds it.
     async fn renew(&self, rec: &Record) -> Result<bool, StoreError> {
+        self.lease(rec, false).await
+    }
+
+    /// [`ControlPlane::renew`], or with `first` the lease of a move starting here.
+    async fn lease(&self, rec: &Record, first: bool) -> Result<bool, StoreError> {
         let json = serde_json::to_value(rec).map_err(|e| StoreError::Pg(e.to_string()))?;
         let sent = (Instant::now(), SystemTime::now());
         // The generation stays while this process holds the lease; a lease taken from another (or from a
@@ -169,8 +176,14 @@ impl ControlPlane {
             rec.tenant.to_string(),
             self.incarnation.clone(),
         );
+        let starting = first.then(|| rec.clone());
         let held = self.with_client(async move |c| {
-            let row = c
+            let tx = c.transaction().await.map_err(pg("begin"))?;
+            if let Some(rec) = &starting {
+                super::store::lock_routes(&tx).await?;
+                refuse_clashing_start(&tx, rec).await?;
+            }
+            let row = tx
                 .query_opt(
                     &format!(
                         "INSERT INTO pgtenant_cp.migrations (tenant, record, holder, incarnation, lease_until, generation)
@@ -187,6 +200,7 @@ impl ControlPlane {
                 )
                 .await
                 .map_err(pg("renew lease"))?;
+            tx.commit().await.map_err(pg("commit lease"))?;
             match row.map(|r| r.get::<_, i64>(0)) {
                 // A new row: its first generation is drawn now (drawing in VALUES would draw at every renewal).
                 Some(0) => first_generation(c, &t).await.map(Some),
@@ -293,24 +307,42 @@ impl ControlPlane {
     }
 }
 
-impl ControlPlane {
-    /// The state of `tenant`'s unfinished migration on any instance, if it has one (route changes of a tenant
-    /// being moved are refused everywhere, not only on its coordinator).
-    pub async fn migrating(&self, tenant: &str) -> Result<Option<String>, StoreError> {
-        let t = tenant.to_owned();
-        self.with_client(async move |c| {
-            let row = c
-                .query_opt(
-                    "SELECT record->>'state' FROM pgtenant_cp.migrations
-                      WHERE tenant = $1 AND record->>'state' NOT IN ('completed', 'rolled_back')",
-                    &[&t],
-                )
-                .await
-                .map_err(pg("look up migrations"))?;
-            Ok(row.map(|r| r.get(0)))
-        })
-        .await
+/// A move's start, under the route lock: refused ([`StoreError::Conflict`]) when the tenant's route in the
+/// store is not the one the move read (changed on another instance since), or another instance's unfinished
+/// move lands in the same place ([`Record::target_clashes`]).
+async fn refuse_clashing_start(
+    tx: &tokio_postgres::Transaction<'_>,
+    rec: &Record,
+) -> Result<(), StoreError> {
+    let tenant = rec.tenant.as_str();
+    let stored = super::store::latest_route(tx, &rec.tenant).await?;
+    if stored.as_ref() != Some(&rec.source) {
+        return Err(StoreError::Conflict(format!(
+            "the route of tenant {tenant:?} in the control plane is not the one this move read (it changed on \
+             another instance); start the move again"
+        )));
     }
+    let rows = tx
+        .query(
+            "SELECT record FROM pgtenant_cp.migrations
+              WHERE tenant <> $1 AND record->>'state' NOT IN ('completed', 'rolled_back')",
+            &[&tenant],
+        )
+        .await
+        .map_err(pg("look up migrations"))?;
+    let others = rows
+        .into_iter()
+        .filter_map(|r| serde_json::from_value::<Record>(r.get(0)).ok());
+    if let Some(other) = others.into_iter().find(|o| rec.target_clashes(o)) {
+        return Err(StoreError::Conflict(format!(
+            "tenant {:?}'s move (on another instance) lands in the same place ({}, database {:?}, schema {:?})",
+            other.tenant.as_str(),
+            other.target.backend,
+            other.target_database,
+            other.target.schema.as_deref().unwrap_or("public")
+        )));
+    }
+    Ok(())
 }
 
 /// Whether this instance runs `tenant`'s migration now (so it should not be taken over by itself again).

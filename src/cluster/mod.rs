@@ -38,15 +38,21 @@ pub struct InstanceList {
 }
 
 impl ControlPlane {
-    /// Writes `changes` to the store, then applies the log up to them (and anything before them).
+    /// Writes `changes` to the store, then applies the log up to them (and anything before them). With
+    /// `unless_moving`, refused ([`StoreError::Conflict`]) when one of the tenants has an unfinished move.
     pub async fn write(
         &self,
         shared: &Shared,
         changes: Vec<(TenantId, Option<Route>)>,
+        unless_moving: bool,
     ) -> Result<(), StoreError> {
         let id = self.id.clone();
-        self.with_client(async move |c| store::append(c, &id, &changes).await.map(|_| ()))
-            .await?;
+        self.with_client(async move |c| {
+            store::append(c, &id, &changes, unless_moving)
+                .await
+                .map(|_| ())
+        })
+        .await?;
         self.sync(shared).await
     }
 
@@ -115,7 +121,7 @@ impl ControlPlane {
                 return Ok(());
             }
             let id = self.id.clone();
-            self.with_client(async move |c| store::append(c, &id, &seed).await.map(|_| ()))
+            self.with_client(async move |c| store::append(c, &id, &seed, false).await.map(|_| ()))
                 .await?;
             info!(
                 tenants = table.len(),

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, NoTls, Transaction};
 
 use crate::routing::Route;
 use crate::tenant::TenantId;
@@ -62,6 +62,9 @@ pub enum StoreError {
     Pg(String),
     #[error("control plane schema version {0} is newer than this pgtenant understands ({VERSION}); upgrade pgtenant")]
     TooNew(i32),
+    /// The store refused the write for what it holds (another move, another route): not an outage.
+    #[error("{0}")]
+    Conflict(String),
     #[error("control plane: bad route for {tenant}: {reason}")]
     BadRoute { tenant: String, reason: String },
 }
@@ -155,16 +158,71 @@ pub async fn ensure_schema(c: &mut Client) -> Result<(), StoreError> {
     tx.commit().await.map_err(pg("commit schema"))
 }
 
-/// Appends `changes` as the next epochs, in order, and announces them; the last epoch written.
+/// Takes the route lock for the rest of `tx`: route writes, and the starts of moves, one at a time.
+pub async fn lock_routes(tx: &Transaction<'_>) -> Result<(), StoreError> {
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK])
+        .await
+        .map_err(pg("lock"))
+        .map(|_| ())
+}
+
+/// The latest route of `tenant` in the store (none: no route, or removed).
+pub async fn latest_route(
+    tx: &Transaction<'_>,
+    tenant: &TenantId,
+) -> Result<Option<Route>, StoreError> {
+    let row = tx
+        .query_opt(
+            "SELECT epoch, route FROM pgtenant_cp.route_changes WHERE tenant = $1 ORDER BY epoch DESC LIMIT 1",
+            &[&tenant.as_str()],
+        )
+        .await
+        .map_err(pg("read the tenant's route"))?;
+    match row {
+        Some(r) => Ok(change(r.get(0), tenant.to_string(), r.get(1))?.route),
+        None => Ok(None),
+    }
+}
+
+/// Refuses ([`StoreError::Conflict`]) a route change of a tenant with an unfinished move on any instance; under
+/// the route lock, so a move starting at the same moment is either seen here or sees this change.
+async fn refuse_moving(
+    tx: &Transaction<'_>,
+    changes: &[(TenantId, Option<Route>)],
+) -> Result<(), StoreError> {
+    let tenants: Vec<&str> = changes.iter().map(|(t, _)| t.as_str()).collect();
+    let row = tx
+        .query_opt(
+            "SELECT tenant, record->>'state' FROM pgtenant_cp.migrations
+              WHERE tenant = ANY($1) AND record->>'state' NOT IN ('completed', 'rolled_back') LIMIT 1",
+            &[&tenants],
+        )
+        .await
+        .map_err(pg("look up migrations"))?;
+    match row {
+        Some(r) => Err(StoreError::Conflict(format!(
+            "tenant {:?} is being migrated ({}) by another instance; finish or abort the migration first",
+            r.get::<_, String>(0),
+            r.get::<_, String>(1)
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Appends `changes` as the next epochs, in order, and announces them; the last epoch written. With
+/// `unless_moving`, a change of a tenant being moved refuses the whole write (an operator's route change; a
+/// seed writes regardless).
 pub async fn append(
     c: &mut Client,
     instance: &str,
     changes: &[(TenantId, Option<Route>)],
+    unless_moving: bool,
 ) -> Result<i64, StoreError> {
     let tx = c.transaction().await.map_err(pg("begin"))?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK])
-        .await
-        .map_err(pg("lock"))?;
+    lock_routes(&tx).await?;
+    if unless_moving {
+        refuse_moving(&tx, changes).await?;
+    }
     let mut epoch: i64 = tx
         .query_one(
             "SELECT coalesce(max(epoch), 0) FROM pgtenant_cp.route_changes",
@@ -214,9 +272,7 @@ pub async fn append_swap(
     route: &Route,
 ) -> Result<SwapWrite, StoreError> {
     let tx = c.transaction().await.map_err(pg("begin"))?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK])
-        .await
-        .map_err(pg("lock"))?;
+    lock_routes(&tx).await?;
     let newer = tx
         .query_opt(
             "SELECT epoch, route FROM pgtenant_cp.route_changes WHERE tenant = $1 AND epoch > $2

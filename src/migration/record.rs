@@ -233,6 +233,25 @@ pub fn now_ms() -> u64 {
 }
 
 impl Record {
+    /// Whether this move and `other` land in one place (backend, database and schema; none is `public`) where
+    /// at least one of them moves a whole schema: they would copy into, and an abort would empty, the same
+    /// tables. Moves of shared-table rows into one shared schema do not clash.
+    pub fn target_clashes(&self, other: &Record) -> bool {
+        let place = |r: &Record| {
+            (
+                r.target.backend.clone(),
+                r.target_database.clone(),
+                r.target
+                    .schema
+                    .clone()
+                    .unwrap_or_else(|| "public".to_owned()),
+            )
+        };
+        self.tenant != other.tenant
+            && (self.tenant_column.is_none() || other.tenant_column.is_none())
+            && place(self) == place(other)
+    }
+
     /// A new migration in `pending`: `tenant` moving from `source` to `target`, its tables in `schema`.
     pub fn pending(
         tenant: TenantId,

@@ -194,13 +194,41 @@ impl Migrations {
     }
 
     /// Marks the move of `rec` as starting here until the returned guard is dropped (its lease is renewed
-    /// meanwhile: a start with a backup takes longer than the lease).
-    pub fn starting(&self, rec: &Record) -> Starting<'_> {
+    /// meanwhile: a start with a backup takes longer than the lease). Refused (why) while another start of the
+    /// tenant is under way, or another unfinished move here lands in the same place ([`Record::target_clashes`]):
+    /// two starts at once both find the place free in the routes.
+    pub fn starting(&self, rec: &Record) -> Result<Starting<'_>, String> {
+        let records = self.all();
+        let mut starting = self.starting.lock().unwrap_or_else(|p| p.into_inner());
+        if starting.contains_key(&rec.tenant) {
+            return Err(format!(
+                "a move of tenant {:?} is being started",
+                rec.tenant.as_str()
+            ));
+        }
+        let unfinished = records.iter().filter(|r| !r.state.is_final());
+        if let Some(other) = unfinished
+            .chain(starting.values())
+            .find(|r| rec.target_clashes(r))
+        {
+            return Err(format!(
+                "tenant {:?}'s move lands in the same place ({}, database {:?}, schema {:?})",
+                other.tenant.as_str(),
+                other.target.backend,
+                other.target_database,
+                other.target.schema.as_deref().unwrap_or("public")
+            ));
+        }
+        starting.insert(rec.tenant.clone(), rec.clone());
+        Ok(Starting(self, rec.tenant.clone()))
+    }
+
+    /// Whether a move of `tenant` is being started here.
+    pub fn is_starting(&self, tenant: &str) -> bool {
         self.starting
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(rec.tenant.clone(), rec.clone());
-        Starting(self, rec.tenant.clone())
+            .contains_key(tenant)
     }
 
     /// The records of the moves being started here.

@@ -232,7 +232,7 @@ fn add_tenants(shared: &Arc<Shared>, new_tenants: &[(TenantId, Route)]) -> Resul
             .map(|(t, r)| (t.clone(), Some(r.clone())))
             .collect();
         return tokio::runtime::Handle::current()
-            .block_on(cp.write(shared, changes))
+            .block_on(cp.write(shared, changes, false))
             .map_err(|e| failed(e.to_string()));
     }
     shared

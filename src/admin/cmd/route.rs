@@ -7,12 +7,18 @@ use serde_json::Value;
 use super::super::code::AdminError;
 use super::super::reply::{RouteRemoved, RouteSet};
 use super::{to_json, Done};
+use crate::cluster::store::StoreError;
 use crate::context::Shared;
 use crate::routing::{Route, RoutingTable};
 use crate::tenant::TenantId;
 
 /// A route change under a running migration would pull the tenant out from under it.
 fn refuse_if_migrating(shared: &Shared, tenant: &TenantId) -> Result<(), AdminError> {
+    if shared.migrations.is_starting(tenant.as_str()) {
+        return Err(AdminError::invalid_state(format!(
+            "a migration of tenant {tenant:?} is starting; finish or abort it first"
+        )));
+    }
     match shared.migrations.get(tenant.as_str()) {
         Some(r) if !r.state.is_final() => Err(AdminError::invalid_state(format!(
             "tenant {tenant:?} is being migrated ({}); finish or abort the migration first",
@@ -43,15 +49,13 @@ fn publish(
     if let Some(cp) = shared.control_plane.get() {
         let change = vec![(tenant.clone(), route.as_deref().cloned())];
         let runtime = tokio::runtime::Handle::current();
-        let unchanged = |e| AdminError::state_write(format!("{e}; the route is unchanged"));
-        if let Some(state) = runtime.block_on(cp.migrating(tenant)).map_err(unchanged)? {
-            return Err(AdminError::invalid_state(format!(
-                "tenant {tenant:?} is being migrated ({state}) by another instance; finish or abort the migration first"
-            )));
-        }
+        // The store refuses a change of a tenant another instance moves, under the lock a move's start takes.
         runtime
-            .block_on(cp.write(shared, change))
-            .map_err(unchanged)?;
+            .block_on(cp.write(shared, change, true))
+            .map_err(|e| match e {
+                StoreError::Conflict(why) => AdminError::invalid_state(why),
+                e => AdminError::state_write(format!("{e}; the route is unchanged")),
+            })?;
         return Ok(shared.router.snapshot());
     }
     shared.router.update(

@@ -52,7 +52,21 @@ pub async fn start(
     }
     let rec = plan(shared, &req)?;
     // Until its driver runs, the lease loop must not take this move for one to resume.
-    let starting = shared.migrations.starting(&rec);
+    let starting = shared
+        .migrations
+        .starting(&rec)
+        .map_err(|e| AdminError::new(AdminCode::InvalidState, e))?;
+    // From here a route change of the tenant is refused; one made since the plan read the route would leave
+    // the move copying from where the tenant no longer lives.
+    let now = shared.router.load().get(tenant).map(|r| (**r).clone());
+    if now.as_ref() != Some(&rec.source) {
+        return Err(AdminError::new(
+            AdminCode::InvalidState,
+            format!(
+                "the route of tenant {tenant:?} changed while the move was planned; start it again"
+            ),
+        ));
+    }
     lease(shared, &rec).await?;
     let started = begin(shared, &req, rec, actor, &starting).await;
     if started.is_err() {
@@ -98,6 +112,16 @@ async fn begin(
     // A schema the move makes gets its grants once its post-data (policies among it) is there, after the copy.
     if !created {
         grant_target(shared, &rec, &target).await?;
+    }
+    // A route change whose check passed just before this start registered may have published since.
+    if shared.router.load().get(req.tenant.as_str()).map(|r| &**r) != Some(&rec.source) {
+        return Err(AdminError::new(
+            AdminCode::InvalidState,
+            format!(
+                "the route of tenant {:?} changed while the move started; start it again",
+                req.tenant.as_str()
+            ),
+        ));
     }
     // The lease again, now with the whole record: an instance taking the move over from here reads this one.
     starting.set(&rec);
@@ -490,6 +514,9 @@ async fn lease(shared: &Shared, rec: &Record) -> Result<(), AdminError> {
     };
     match cp.lease_new(rec).await {
         Ok(true) => Ok(()),
+        Err(crate::cluster::store::StoreError::Conflict(why)) => {
+            Err(AdminError::new(AdminCode::InvalidState, why))
+        }
         Ok(false) => Err(AdminError::new(
             AdminCode::InvalidState,
             format!(
