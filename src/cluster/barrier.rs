@@ -156,7 +156,9 @@ impl ControlPlane {
             return;
         }
         let gate = shared.gates.get(tenant);
-        let newly = gate.close();
+        // A newer attempt over one still held (its release was late) inherits whether this instance closed the
+        // gate, so its release opens it.
+        let newly = gate.close() || held.get(tenant).is_some_and(|(_, _, ours)| *ours);
         held.insert(tenant.clone(), (attempt, Instant::now(), newly));
         let (shared, tenant) = (shared.clone(), tenant.clone());
         tokio::spawn(async move {

@@ -178,14 +178,7 @@ impl ControlPlane {
         );
         let starting = first.then(|| rec.clone());
         let held = self.with_client(async move |c| {
-            let tx = c.transaction().await.map_err(pg("begin"))?;
-            if let Some(rec) = &starting {
-                super::store::lock_routes(&tx).await?;
-                refuse_clashing_start(&tx, rec).await?;
-            }
-            let row = tx
-                .query_opt(
-                    &format!(
+            let sql = format!(
                         "INSERT INTO pgtenant_cp.migrations (tenant, record, holder, incarnation, lease_until, generation)
                          VALUES ($1, $2, $3, $4, now() + interval '{LEASE}', 0)
                          ON CONFLICT (tenant) DO UPDATE SET record = EXCLUDED.record, holder = EXCLUDED.holder,
@@ -194,13 +187,20 @@ impl ControlPlane {
                              ELSE pgtenant_cp.next_generation() END
                          WHERE {SAME_HOLDER} OR (pgtenant_cp.migrations.lease_until < now()
                            AND pgtenant_cp.migrations.record->>'state' IN ('completed', 'rolled_back'))
-                         RETURNING generation"
-                    ),
-                    &[&t, &json, &id, &me],
-                )
-                .await
-                .map_err(pg("renew lease"))?;
-            tx.commit().await.map_err(pg("commit lease"))?;
+                         RETURNING generation");
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] = [&t, &json, &id, &me];
+            // A renewal is one statement; a first lease takes the route lock and the start's checks with it.
+            let row = match &starting {
+                Some(rec) => {
+                    let tx = c.transaction().await.map_err(pg("begin"))?;
+                    super::store::lock_routes(&tx).await?;
+                    refuse_clashing_start(&tx, rec).await?;
+                    let row = tx.query_opt(&sql, &params).await.map_err(pg("take lease"))?;
+                    tx.commit().await.map_err(pg("commit lease"))?;
+                    row
+                }
+                None => c.query_opt(&sql, &params).await.map_err(pg("renew lease"))?,
+            };
             match row.map(|r| r.get::<_, i64>(0)) {
                 // A new row: its first generation is drawn now (drawing in VALUES would draw at every renewal).
                 Some(0) => first_generation(c, &t).await.map(Some),
@@ -333,7 +333,7 @@ async fn refuse_clashing_start(
     let others = rows
         .into_iter()
         .filter_map(|r| serde_json::from_value::<Record>(r.get(0)).ok());
-    if let Some(other) = others.into_iter().find(|o| rec.target_clashes(o)) {
+    if let Some(other) = others.clone().find(|o| rec.target_clashes(o)) {
         return Err(StoreError::Conflict(format!(
             "tenant {:?}'s move (on another instance) lands in the same place ({}, database {:?}, schema {:?})",
             other.tenant.as_str(),

@@ -87,10 +87,12 @@ impl ControlPlane {
             return Err(StoreError::Pg("no connection".into()));
         };
         let r = f(c).await;
-        if r.is_err() {
+        // A refusal is an answer: the connection (and its LISTEN) stays. Only a failure drops it.
+        let answered = !matches!(r, Err(StoreError::Pg(_)));
+        if !answered {
             *guard = None;
         }
-        self.reachable.store(r.is_ok(), Ordering::Relaxed);
+        self.reachable.store(answered, Ordering::Relaxed);
         r
     }
 }

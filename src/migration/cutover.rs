@@ -380,7 +380,7 @@ async fn fall_back(
 /// Swaps the route of `tenant` to `route`: in the control plane's store first (so the other instances and a
 /// restart find the same route; [`publish`]), then persisted here with a higher epoch and published, on a
 /// blocking thread: the fsync must not hold up the other tenants served by the runtime thread (one thread on
-/// small machines). `Err` means nothing was swapped.
+/// small machines). `Err` means nothing was swapped (with a control plane: the store refused it).
 pub(super) async fn swap_route(
     shared: &Arc<Shared>,
     tenant: &TenantId,
@@ -406,9 +406,10 @@ pub(super) async fn swap_route(
             warn!(%tenant, error = %e, "the route swap's thread failed after the swap");
             Ok(published)
         }
-        // The store has the swap already: it stands, and this instance applies it from the store like the
-        // others (until then its sessions find the old side fenced, which refuses their writes).
-        Err(e) if shared.control_plane.get().is_some() && matches!(published, Published::Yes) => {
+        // The store has the swap already, or may have it: it stands (undoing it could split the tenant's
+        // writes), and this instance applies it from the store like the others (until then its sessions find
+        // the old side fenced, which refuses their writes).
+        Err(e) if shared.control_plane.get().is_some() => {
             tracing::error!(%tenant, error = %e, "the route swap is in the control plane but could not be saved here");
             Ok(published)
         }

@@ -23,8 +23,12 @@ use crate::tenant::TenantId;
 
 /// How long a swap's store write is retried with the tenant held before the swap goes on without the answer.
 const WRITE_WINDOW: Duration = Duration::from_secs(2);
+/// How long the first release is waited for before a task takes it over.
+const RELEASE_INLINE: Duration = Duration::from_secs(1);
 /// Pause between attempts while the tenant is held.
 const RETRY_HELD: Duration = Duration::from_millis(100);
+/// One background attempt's limit (the store connection's keepalive ends a dead one meanwhile).
+const ATTEMPT_LIMIT: Duration = Duration::from_secs(10);
 /// Pause between the background task's attempts.
 const RETRY_LATER: Duration = Duration::from_millis(500);
 /// The background task's limit; past it an error is logged and the other instances hold the tenant until an
@@ -61,7 +65,14 @@ pub(super) async fn store_swap(
     let since = cp.applied.load(std::sync::atomic::Ordering::Acquire);
     let until = Instant::now() + WRITE_WINDOW;
     loop {
-        match write_once(shared, cp, tenant, since, route).await {
+        // Each attempt within the window: a store that silently drops packets must not hold the tenant for as
+        // long as TCP takes to notice.
+        let left = until.saturating_duration_since(Instant::now());
+        let attempt =
+            tokio::time::timeout(left, write_once(shared, cp, tenant, since, route)).await;
+        let outcome =
+            attempt.unwrap_or_else(|_| Err(Failed::Unanswered("no answer in time".into())));
+        match outcome {
             Ok(()) => return Ok(Published::Yes),
             Err(Failed::Refused(e)) => return Err(e),
             Err(Failed::Unanswered(e)) if Instant::now() >= until => {
@@ -112,7 +123,12 @@ pub(super) async fn release(
     let Some(cp) = shared.control_plane.get() else {
         return;
     };
-    if cp.release_everywhere(tenant, attempt, phase).await.is_ok() {
+    // Inline only briefly: this instance's own gate waits on it.
+    let once = tokio::time::timeout(
+        RELEASE_INLINE,
+        cp.release_everywhere(tenant, attempt, phase),
+    );
+    if matches!(once.await, Ok(Ok(()))) {
         return;
     }
     let (shared, tenant) = (shared.clone(), tenant.clone());
@@ -145,6 +161,11 @@ pub(super) fn finish_later(
             }
         })
         .await;
+        // The log up to the swap, applied here too, so this instance's next swap of the tenant (a rollback)
+        // does not take its own swap for another's change.
+        if let Err(e) = cp.sync(&shared).await {
+            warn!(%tenant, error = %e, "could not apply the control plane's log after the swap");
+        }
         let phase = match written {
             Some(true) => "open",
             Some(false) => "abort",
@@ -185,7 +206,8 @@ async fn retrying<T, F: std::future::Future<Output = Result<T, String>>>(
     let until = Instant::now() + RETRY_LIMIT;
     let mut warned = false;
     loop {
-        match attempt().await {
+        let once = tokio::time::timeout(ATTEMPT_LIMIT, attempt()).await;
+        match once.unwrap_or_else(|_| Err("no answer in time".into())) {
             Ok(v) => return Some(v),
             Err(e) if !warned => {
                 warn!(%tenant, error = %e, "could not {what}; retrying until the control plane answers");

@@ -198,8 +198,10 @@ impl Migrations {
     /// tenant is under way, or another unfinished move here lands in the same place ([`Record::target_clashes`]):
     /// two starts at once both find the place free in the routes.
     pub fn starting(&self, rec: &Record) -> Result<Starting<'_>, String> {
-        let records = self.all();
+        // The starting lock first: a move passing from starting to records meanwhile is seen in one or the
+        // other (nothing takes these two locks the other way round).
         let mut starting = self.starting.lock().unwrap_or_else(|p| p.into_inner());
+        let records = self.all();
         if starting.contains_key(&rec.tenant) {
             return Err(format!(
                 "a move of tenant {:?} is being started",

@@ -67,7 +67,11 @@ pub async fn start(
             ),
         ));
     }
-    lease(shared, &rec).await?;
+    if let Err(e) = lease(shared, &rec).await {
+        // The lease may be in the store all the same (a renewal of the starting move, an answer lost).
+        unlease(shared, &req.tenant).await;
+        return Err(e);
+    }
     let started = begin(shared, &req, rec, actor, &starting).await;
     if started.is_err() {
         // A lease left in the store for a move that never started would be taken over and driven elsewhere.
