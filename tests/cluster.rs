@@ -68,6 +68,11 @@ impl Drop for Member {
 }
 
 fn spawn_member(h: &Harness) -> Member {
+    spawn_member_with(h, "")
+}
+
+/// [`spawn_member`] with `PGTENANT_FAILPOINTS=failpoints`.
+fn spawn_member_with(h: &Harness, failpoints: &str) -> Member {
     let port = free_port();
     let text = toml::to_string(&h.config())
         .unwrap()
@@ -77,6 +82,7 @@ fn spawn_member(h: &Harness) -> Member {
     Member(
         std::process::Command::new(env!("CARGO_BIN_EXE_pgtenant"))
             .args(["serve", "--config", config.to_str().unwrap()])
+            .env("PGTENANT_FAILPOINTS", failpoints)
             .spawn()
             .unwrap(),
     )
@@ -421,10 +427,20 @@ async fn move_on_a_process(
     shared: &PgCluster,
     dedicated: &PgCluster,
 ) -> (Harness, Member, [TestProxy; 2]) {
+    move_on_a_process_with(cp, shared, dedicated, "").await
+}
+
+/// [`move_on_a_process`] with the coordinator's `PGTENANT_FAILPOINTS`.
+async fn move_on_a_process_with(
+    cp: &PgCluster,
+    shared: &PgCluster,
+    dedicated: &PgCluster,
+    failpoints: &str,
+) -> (Harness, Member, [TestProxy; 2]) {
     common::moves::small_schema(shared);
     let harness = || member(cp, shared, dedicated, 3000);
     let first = harness();
-    let child = spawn_member(&first);
+    let child = spawn_member_with(&first, failpoints);
     let socket = first.state_dir().join("admin.sock");
     let others = [harness().start().await, harness().start().await];
     wait_members(&others[0], 3).await;
@@ -796,41 +812,67 @@ fn acme_changes_to(cp: &PgCluster, backend: &str) -> String {
     )
 }
 
-/// A cutover whose route swap the store does not take at once: the swap stands on the coordinator, the other
-/// instance holds the tenant (it neither opens onto the fenced source nor fails the write waiting there) until
-/// the swap is in the store, then runs the write on the target. A rollback whose store write's answer is lost
-/// finds that write on its retry and does not write it twice.
+/// A cutover whose route swap the store does not answer: the swap's outcome is unknown, so the tenant stays held
+/// on every instance (no write goes to either side, none fails) until the store answers; then the swap is in
+/// the store once, every instance routes to the target, and the held writes run there. A rollback whose store
+/// write's answer is lost finds that write on its retry and does not write it twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_swap_the_store_did_not_take_at_once_holds_the_other_instances_until_it_does() {
+async fn a_swap_the_store_does_not_answer_holds_every_instance_until_it_does() {
     use pgtenant::migration::failpoint::Action;
     let (cp, shared, dedicated) = (PgCluster::start(), PgCluster::start(), PgCluster::start());
-    let a = one_member_moving(&cp, &shared, &dedicated).await;
+    let a = std::sync::Arc::new(one_member_moving(&cp, &shared, &dedicated).await);
     let b = member(&cp, &shared, &dedicated, 3000).start().await;
+    let on_a = connect(&a.url("app.acme", "app")).await.unwrap();
     let on_b = connect(&b.url("app.acme", "app")).await.unwrap();
     on_b.execute("INSERT INTO a (v) VALUES (1)", &[])
         .await
         .unwrap();
-    let failpoints = &a.proxy.shared.migrations.failpoints;
+    let failpoints = a.proxy.shared.migrations.failpoints.clone();
     failpoints.set("swap.store", Some(Action::Error));
-    a.admin_ok(json!({"cmd": "migrate.cutover", "tenant": "acme"}))
-        .await;
-    assert_eq!(backend_of(&a, "acme").await, json!("dedicated"));
-    assert_eq!(acme_changes_to(&cp, "dedicated"), "0");
-    let write =
-        tokio::spawn(async move { on_b.execute("INSERT INTO a (v) VALUES (515151)", &[]).await });
+    let coordinator = a.clone();
+    let cut = tokio::spawn(async move {
+        coordinator
+            .admin(json!({"cmd": "migrate.cutover", "tenant": "acme"}))
+            .await
+    });
+    // Once the tenant is held everywhere (the barrier's drained answers are in), a write on each instance.
+    let drained = "SELECT count(*) FROM pgtenant_cp.barrier_acks WHERE state = 'drained'";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cp.psql("postgres", drained) != "1" {
+        assert!(
+            Instant::now() < deadline,
+            "the other instance never held the tenant"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let writes = [(on_a, 616161), (on_b, 515151)].map(|(c, v)| {
+        tokio::spawn(async move {
+            c.execute(&format!("INSERT INTO a (v) VALUES ({v})"), &[])
+                .await
+        })
+    });
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(
-        !write.is_finished(),
-        "the other instance did not hold the tenant: {:?}",
-        write.await
-    );
+    assert!(!cut.is_finished(), "the cutover went on without the store");
+    for w in &writes {
+        assert!(!w.is_finished(), "a write was not held");
+    }
+    assert_eq!(acme_changes_to(&cp, "dedicated"), "0");
     failpoints.set("swap.store", None);
-    let done = tokio::time::timeout(Duration::from_secs(15), write).await;
-    done.expect("the held write never ran").unwrap().unwrap();
+    let done = tokio::time::timeout(Duration::from_secs(20), cut).await;
+    let done = done.expect("the cutover never ended").unwrap();
+    assert_eq!(done["ok"], json!(true), "{done}");
+    for w in writes {
+        let ran = tokio::time::timeout(Duration::from_secs(15), w).await;
+        ran.expect("a held write never ran").unwrap().unwrap();
+    }
     assert_eq!(
-        dedicated.psql("app", "SELECT count(*) FROM tenant_acme.a WHERE v = 515151"),
-        "1"
+        dedicated.psql(
+            "app",
+            "SELECT count(*) FROM tenant_acme.a WHERE v IN (515151, 616161)"
+        ),
+        "2"
     );
+    assert_eq!(backend_of(&a, "acme").await, json!("dedicated"));
     assert_eq!(backend_of(&b, "acme").await, json!("dedicated"));
     assert_eq!(acme_changes_to(&cp, "dedicated"), "1");
     // The rollback's write commits, its answer is lost: the retry finds it.
@@ -843,7 +885,7 @@ async fn a_swap_the_store_did_not_take_at_once_holds_the_other_instances_until_i
     assert_eq!(back["state"], json!("rolled_back"), "{back}");
     let after: u32 = acme_changes_to(&cp, "shared").parse().unwrap();
     assert_eq!(after, before.parse::<u32>().unwrap() + 1, "written once");
-    for p in [&a, &b] {
+    for p in [&*a, &b] {
         let mut home = false;
         for _ in 0..100 {
             if backend_of(p, "acme").await == json!("shared") {
@@ -889,4 +931,63 @@ async fn a_second_move_into_the_same_place_is_refused_on_every_instance() {
         "0",
         "beta's table was made in acme's place"
     );
+}
+
+/// A coordinator killed while it holds every instance for a swap the store never answered: the instance that
+/// takes the move over settles the cutover from the store (no swap there: it falls back) and ends the dead
+/// coordinator's barrier, so the other instances stop holding and the write held there runs on the source,
+/// from where the tee carries it to the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_while_holding_for_its_swap_is_settled_by_the_taker() {
+    use std::process::Command;
+    let (cp, shared, dedicated) = (PgCluster::start(), PgCluster::start(), PgCluster::start());
+    let (first, mut child, others) =
+        move_on_a_process_with(&cp, &shared, &dedicated, "swap.store=error").await;
+    let held = connect(&others[0].url("app.acme", "app")).await.unwrap();
+    let socket = first.state_dir().join("admin.sock");
+    let cut = tokio::spawn(async move {
+        try_admin_line(
+            &socket,
+            &json!({"cmd": "migrate.cutover", "tenant": "acme"}),
+        )
+        .await
+    });
+    let drained = "SELECT count(*) FROM pgtenant_cp.barrier_acks WHERE state = 'drained'";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cp.psql("postgres", drained) != "2" {
+        assert!(
+            Instant::now() < deadline,
+            "the other instances never held the tenant"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let write =
+        tokio::spawn(async move { held.execute("INSERT INTO a (v) VALUES (717171)", &[]).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!write.is_finished(), "the write was not held");
+    assert!(Command::new("kill")
+        .args(["-KILL", &child.0.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let _ = child.0.wait();
+    cut.abort();
+    let killed = Instant::now();
+    let taker = taker(&others, killed).await;
+    // Within the clients' 30 s wait at the gate.
+    let ran = tokio::time::timeout(Duration::from_secs(25), write).await;
+    ran.expect("the held write never ran").unwrap().unwrap();
+    assert_eq!(
+        shared.psql("app", "SELECT count(*) FROM tenant_acme.a WHERE v = 717171"),
+        "1"
+    );
+    common::moves::wait_state(taker, "acme", "dual_write", Duration::from_secs(30)).await;
+    common::moves::wait_lag_zero(taker, "acme").await;
+    assert_eq!(
+        dedicated.psql("app", "SELECT count(*) FROM tenant_acme.a WHERE v = 717171"),
+        "1"
+    );
+    for p in &others {
+        assert_eq!(backend_of(p, "acme").await, json!("shared"));
+    }
 }

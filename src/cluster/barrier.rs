@@ -105,6 +105,30 @@ impl ControlPlane {
         .await
     }
 
+    /// The move's coordinator after a restart or a takeover: ends `tenant`'s barrier still closed, whichever
+    /// instance and attempt it was (true if there was one).
+    pub async fn end_barrier(
+        &self,
+        tenant: &TenantId,
+        phase: &'static str,
+    ) -> Result<bool, StoreError> {
+        let t = tenant.to_string();
+        self.with_client(async move |c| {
+            let n = c
+                .execute(
+                    "UPDATE pgtenant_cp.barriers SET phase = $2 WHERE tenant = $1 AND phase = 'close'",
+                    &[&t, &phase],
+                )
+                .await
+                .map_err(pg("end barrier"))?;
+            if n > 0 {
+                notify(c).await?;
+            }
+            Ok(n > 0)
+        })
+        .await
+    }
+
     /// Every instance: follows the other coordinators' barriers (called on each notification and tick).
     pub async fn follow_barriers(&self, shared: &Arc<Shared>) -> Result<(), StoreError> {
         let id = self.id.clone();

@@ -114,7 +114,13 @@ impl ControlPlane {
         for rec in shared.migrations.all_starting() {
             self.renew(&rec).await?;
         }
-        for stored in self.take_expired(shared).await? {
+        let taken = self.take_expired(shared).await?;
+        if !taken.is_empty() {
+            // A swap its coordinator wrote before the lease was taken (its write locked the lease row, so it
+            // committed first) is applied before the move is resumed from the route.
+            self.sync(shared).await?;
+        }
+        for stored in taken {
             // After a restart this instance's own record may be newer than its last copy in the store.
             let rec = match shared.migrations.get(stored.tenant.as_str()) {
                 Some(local) if local.updated_at >= stored.updated_at => local,

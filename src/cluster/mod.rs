@@ -56,16 +56,18 @@ impl ControlPlane {
         self.sync(shared).await
     }
 
-    /// Writes a migration's route swap of `tenant` unless its route changed after `since`
-    /// ([`store::append_swap`]); it is applied here by the caller and elsewhere by the usual sync.
+    /// Writes a migration's route swap of `tenant` unless its route changed after `since` or the move's lease
+    /// is not this process's ([`store::append_swap`]); it is applied here by the caller and elsewhere by the
+    /// usual sync.
     pub async fn write_swap(
         &self,
         tenant: &TenantId,
         since: i64,
         route: &Route,
     ) -> Result<store::SwapWrite, StoreError> {
-        let (id, t, r) = (self.id.clone(), tenant.clone(), route.clone());
-        self.with_client(async move |c| store::append_swap(c, &id, &t, since, &r).await)
+        let (id, me) = (self.id.clone(), self.incarnation.clone());
+        let (t, r) = (tenant.clone(), route.clone());
+        self.with_client(async move |c| store::append_swap(c, (&id, &me), &t, since, &r).await)
             .await
     }
 

@@ -255,24 +255,39 @@ pub async fn append(
 pub enum SwapWrite {
     /// The swap is written now.
     Written,
+    /// The move's lease is not this process's (taken over): nothing is written.
+    NotHolder,
     /// The tenant's route changed after `since`: to this route (an earlier attempt whose answer was lost), or
     /// to another one (a change this swap must not overwrite).
     Changed(Option<Route>),
 }
 
 /// Appends a migration's route swap of `tenant`, unless the tenant's route changed in the store after epoch
-/// `since` (the epoch the coordinator had applied when it held the tenant). Retrying it is safe: an attempt
-/// whose commit went through but whose answer was lost is found, not written twice, and a newer route (an
-/// operator's, a rollback's) is never written over.
+/// `since` (the epoch the coordinator had applied when it held the tenant), and only while the move's lease is
+/// `holder`'s (instance id and process). Retrying it is safe: an attempt whose commit went through but whose
+/// answer was lost is found, not written twice, and a newer route (an operator's, a rollback's) is never
+/// written over. The lease row stays locked to the commit, so an instance taking the move over does so after
+/// the swap is in, and finds it.
 pub async fn append_swap(
     c: &mut Client,
-    instance: &str,
+    holder: (&str, &str),
     tenant: &TenantId,
     since: i64,
     route: &Route,
 ) -> Result<SwapWrite, StoreError> {
+    let (instance, incarnation) = holder;
     let tx = c.transaction().await.map_err(pg("begin"))?;
     lock_routes(&tx).await?;
+    let held = tx
+        .query_opt(
+            "SELECT 1 FROM pgtenant_cp.migrations WHERE tenant = $1 AND holder = $2 AND incarnation = $3 FOR UPDATE",
+            &[&tenant.as_str(), &instance, &incarnation],
+        )
+        .await
+        .map_err(pg("check the move's lease"))?;
+    if held.is_none() {
+        return Ok(SwapWrite::NotHolder);
+    }
     let newer = tx
         .query_opt(
             "SELECT epoch, route FROM pgtenant_cp.route_changes WHERE tenant = $1 AND epoch > $2

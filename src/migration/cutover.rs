@@ -16,7 +16,7 @@ use super::decide::{decide_swap, BeforeSwap, SwapDecision};
 use super::machine::{transition, transition_off_thread, Event};
 use super::ops::reply::CutOver;
 use super::pg::Endpoint;
-use super::publish::{self, Published};
+use super::publish;
 use super::record::{Record, State};
 use super::registry::{Direction, Live};
 use super::sides::{endpoints, start_tee};
@@ -108,17 +108,20 @@ pub async fn cutover(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<CutOver, 
         }
         SwapDecision::FallBack(e) => Err(e),
     };
-    let published = match swapped {
-        Ok(p) => p,
+    match swapped {
+        Ok(()) => after_swap(shared, live, &rec, &gate, closed_at, marks, attempt).await,
+        // The swap may be in the store: neither side may take the tenant's writes until that is known.
+        Err(e @ MigrateError::SwapUnknown(_)) => {
+            warn!(tenant = %rec.tenant, error = %e, "cutover: the tenant stays held");
+            Err(e)
+        }
         Err(e) => {
             let pause = closed_at.elapsed();
             publish::release(shared, &rec.tenant, attempt, "abort").await;
             gate.open();
-            return failed_cutover(shared, &rec, e, pause).await;
+            failed_cutover(shared, &rec, e, pause).await
         }
-    };
-    let barrier = (attempt, published);
-    after_swap(shared, live, &rec, &gate, closed_at, marks, barrier).await
+    }
 }
 
 /// The cutover did not swap: counted, logged, fallen back to the source.
@@ -149,7 +152,7 @@ async fn after_swap(
     gate: &Gate,
     closed_at: Instant,
     mut marks: Marks,
-    (attempt, published): (i64, Published),
+    attempt: i64,
 ) -> Result<CutOver, MigrateError> {
     match shared
         .migrations
@@ -177,7 +180,7 @@ async fn after_swap(
     let ended = end_pinned_sessions(shared, &rec.tenant);
     marks.mark("end_pinned_sessions");
     let blocked = gate.queued();
-    release_after_swap(shared, &rec.tenant, &rec.target, attempt, published).await;
+    publish::release(shared, &rec.tenant, attempt, "open").await;
     marks.mark("barrier_released");
     gate.open();
     let pause = closed_at.elapsed();
@@ -377,16 +380,16 @@ async fn fall_back(
     Ok(())
 }
 
-/// Swaps the route of `tenant` to `route`: in the control plane's store first (so the other instances and a
-/// restart find the same route; [`publish`]), then persisted here with a higher epoch and published, on a
+/// Swaps the route of `tenant` to `route`: in the control plane's store first (so the other instances, a restart
+/// and a takeover find the same route; [`publish`]), then persisted here with a higher epoch and published, on a
 /// blocking thread: the fsync must not hold up the other tenants served by the runtime thread (one thread on
-/// small machines). `Err` means nothing was swapped (with a control plane: the store refused it).
+/// small machines). `Err` means nothing was swapped, except `SwapUnknown` (the store did not answer).
 pub(super) async fn swap_route(
     shared: &Arc<Shared>,
     tenant: &TenantId,
     route: &Route,
-) -> Result<Published, MigrateError> {
-    let published = publish::store_swap(shared, tenant, route).await?;
+) -> Result<(), MigrateError> {
+    publish::store_swap(shared, tenant, route).await?;
     let (s, t, r) = (shared.clone(), tenant.clone(), route.clone());
     let local = match tokio::task::spawn_blocking(move || swap_route_now(&s, &t, &r)).await {
         Ok(result) => result,
@@ -394,6 +397,7 @@ pub(super) async fn swap_route(
             "the route swap's thread failed: {e}"
         ))),
     };
+    let cp = shared.control_plane.get();
     match local {
         // The router tells whether the swap was published, which happens only once it is on disk.
         Err(e)
@@ -404,45 +408,25 @@ pub(super) async fn swap_route(
                 .is_some_and(|now| **now == *route) =>
         {
             warn!(%tenant, error = %e, "the route swap's thread failed after the swap");
-            Ok(published)
         }
-        // The store has the swap already, or may have it: it stands (undoing it could split the tenant's
-        // writes), and this instance applies it from the store like the others (until then its sessions find
-        // the old side fenced, which refuses their writes).
-        Err(e) if shared.control_plane.get().is_some() => {
+        // The store has the swap: it stands (undoing it could split the tenant's writes), and this instance
+        // applies it from the store like the others (until then its sessions find the old side fenced, which
+        // refuses their writes).
+        Err(e) if cp.is_some() => {
             tracing::error!(%tenant, error = %e, "the route swap is in the control plane but could not be saved here");
-            Ok(published)
         }
-        Err(e) => Err(e),
-        Ok(()) => {
-            // Applying the store's log now (the swap included) moves the applied epoch past the swap, so the
-            // next swap of the tenant (a rollback) is not taken for a conflicting change. The follow loop
-            // does it within a second otherwise.
-            if let (Some(cp), Published::Yes) = (shared.control_plane.get(), &published) {
-                if let Err(e) = cp.sync(shared).await {
-                    warn!(%tenant, error = %e, "could not apply the control plane's log after the swap");
-                }
-            }
-            Ok(published)
+        Err(e) => return Err(e),
+        Ok(()) => {}
+    }
+    // Applying the store's log now (the swap included) moves the applied epoch past the swap, so the next swap
+    // of the tenant (a rollback) does not take this one for a conflicting change. The follow loop does it
+    // within a second otherwise.
+    if let Some(cp) = cp {
+        if let Err(e) = cp.sync(shared).await {
+            warn!(%tenant, error = %e, "could not apply the control plane's log after the swap");
         }
     }
-}
-
-/// Ends the other instances' hold after the swap: at once when the swap is in the store, else once a task has
-/// written it there.
-pub(super) async fn release_after_swap(
-    shared: &Arc<Shared>,
-    tenant: &TenantId,
-    route: &Route,
-    attempt: i64,
-    published: Published,
-) {
-    match published {
-        Published::Yes => publish::release(shared, tenant, attempt, "open").await,
-        Published::Unknown { since } => {
-            publish::finish_later(shared, tenant, since, route, attempt)
-        }
-    }
+    Ok(())
 }
 
 fn swap_route_now(shared: &Shared, tenant: &TenantId, route: &Route) -> Result<(), MigrateError> {

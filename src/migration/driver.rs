@@ -74,6 +74,9 @@ async fn restore(shared: &Arc<Shared>, rec: &super::record::Record) -> Arc<Live>
     if rec.state == State::CutoverPaused {
         super::cutover::recover(shared, rec).await;
     }
+    // A barrier the previous coordinator (this process before a restart, or a dead instance) left closed
+    // holds the other instances until it ends; the route they apply first is settled by now.
+    super::publish::end_barrier(shared, &rec.tenant, "open");
     live
 }
 

@@ -58,6 +58,9 @@ pub enum MigrateError {
     /// Another proxy instance did not hold the tenant (or the control plane did not answer) in time.
     #[error("cutover barrier: {0}")]
     Barrier(String),
+    /// The control plane did not answer a route swap: its outcome is unknown, so the tenant stays held.
+    #[error("{0}")]
+    SwapUnknown(String),
     #[error("failpoint {0} triggered")]
     Failpoint(String),
     #[error("stopped")]

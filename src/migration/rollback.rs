@@ -8,9 +8,7 @@ use tokio_postgres::Client;
 
 use super::capture;
 use super::catalog;
-use super::cutover::{
-    end_pinned_sessions, gate_of, labels, release_after_swap, swap_route, sync_sequences, CAUGHT_UP,
-};
+use super::cutover::{end_pinned_sessions, gate_of, labels, swap_route, sync_sequences, CAUGHT_UP};
 use super::machine::{transition_off_thread, Event};
 use super::ops::reply::RolledBack;
 use super::pg::Endpoint;
@@ -84,8 +82,10 @@ pub async fn rollback(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<RolledBa
             "rollback passed its time limit".into(),
         )),
     };
-    let published = match result {
-        Ok(published) => published,
+    match result {
+        Ok(()) => {}
+        // The swap may be in the store: neither side may take the tenant's writes until that is known.
+        Err(e @ MigrateError::SwapUnknown(_)) => return Err(e),
         Err(e) => {
             // Not swapped: the target takes the tenant's writes again, the source stays fenced.
             let _ = capture::unfence(&sides.dst, &rec.tenant).await;
@@ -100,10 +100,10 @@ pub async fn rollback(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<RolledBa
             gate.open();
             return Err(e);
         }
-    };
+    }
     stop_tee(shared, live).await;
     end_pinned_sessions(shared, &rec.tenant);
-    release_after_swap(shared, &rec.tenant, &rec.source, attempt, published).await;
+    publish::release(shared, &rec.tenant, attempt, "open").await;
     gate.open();
     let pause_ms = closed_at.elapsed().as_secs_f64() * 1000.0;
     shared
