@@ -1034,3 +1034,69 @@ async fn an_approved_schema_change_is_applied_on_both_sides_in_order() {
     until_acked(&load.acme, 20).await;
     settle(&env, load, &env.dedicated).await;
 }
+
+/// kill -9 inside a rollback after the target was fenced and the source opened, before the route went back: the
+/// tenant's route is still the target, so the restarted proxy opens the target again and fences the source
+/// (without that, every write of the tenant was refused), the load goes on there, and the next rollback
+/// completes with nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_inside_rollback_before_its_swap_leaves_the_tenant_writable() {
+    let mut env = env().await;
+    let load = load(&env.proxy);
+    env.proxy.start_to_dual_write().await;
+    env.proxy.kill9();
+    env.proxy.start("rollback.after_fence=hang");
+    env.proxy
+        .wait_state("dual_write", Duration::from_secs(30))
+        .await;
+    env.proxy.wait_lag_zero().await;
+    env.proxy
+        .admin_ok(json!({"cmd": "migrate.cutover", "tenant": "acme"}))
+        .await;
+    until_acked(&load.acme, 30).await;
+    env.proxy.wait_lag_zero().await;
+    let socket = env.proxy.socket.clone();
+    let rollback = tokio::spawn(async move {
+        try_admin_line(
+            &socket,
+            &json!({"cmd": "migrate.rollback", "tenant": "acme"}),
+        )
+        .await
+    });
+    let fenced = |pg: &PgCluster| {
+        pg.psql(
+            "app",
+            "SELECT count(*) FROM pgtenant.fenced WHERE tenant = 'acme'",
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fenced(&env.dedicated) != "1" || fenced(&env.shared) != "0" {
+        assert!(
+            Instant::now() < deadline,
+            "the rollback never fenced the target"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    env.proxy.kill9();
+    let _ = rollback.await;
+    env.proxy.start("");
+    env.proxy
+        .wait_state("migrated", Duration::from_secs(20))
+        .await;
+    until_acked(&load.acme, 30).await;
+    assert_eq!(
+        (fenced(&env.dedicated), fenced(&env.shared)),
+        ("0".into(), "1".into())
+    );
+    env.proxy.wait_lag_zero().await;
+    let r = env
+        .proxy
+        .admin_ok(json!({"cmd": "migrate.rollback", "tenant": "acme"}))
+        .await;
+    assert_eq!(r["state"], "rolled_back");
+    until_acked(&load.acme, 30).await;
+    let (acme, beta) = load.stop().await;
+    check_ledger(&env.shared, "tenant_acme", &acme);
+    check_invariant(&env.shared);
+    check_ledger(&env.shared, "tenant_beta", &beta);
+}

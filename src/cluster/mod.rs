@@ -38,21 +38,17 @@ pub struct InstanceList {
 }
 
 impl ControlPlane {
-    /// Writes `changes` to the store, then applies the log up to them (and anything before them). With
-    /// `unless_moving`, refused ([`StoreError::Conflict`]) when one of the tenants has an unfinished move.
+    /// Writes `changes` to the store as `guard` allows ([`StoreError::Conflict`] when it refuses), then applies
+    /// the log up to them (and anything before them).
     pub async fn write(
         &self,
         shared: &Shared,
         changes: Vec<(TenantId, Option<Route>)>,
-        unless_moving: bool,
+        guard: store::Guard,
     ) -> Result<(), StoreError> {
         let id = self.id.clone();
-        self.with_client(async move |c| {
-            store::append(c, &id, &changes, unless_moving)
-                .await
-                .map(|_| ())
-        })
-        .await?;
+        self.with_client(async move |c| store::append(c, &id, &changes, guard).await.map(|_| ()))
+            .await?;
         self.sync(shared).await
     }
 
@@ -123,8 +119,12 @@ impl ControlPlane {
                 return Ok(());
             }
             let id = self.id.clone();
-            self.with_client(async move |c| store::append(c, &id, &seed, false).await.map(|_| ()))
-                .await?;
+            self.with_client(async move |c| {
+                store::append(c, &id, &seed, store::Guard::None)
+                    .await
+                    .map(|_| ())
+            })
+            .await?;
             info!(
                 tenants = table.len(),
                 "control plane was empty: seeded with this instance's routes"

@@ -209,20 +209,37 @@ async fn refuse_moving(
     }
 }
 
-/// Appends `changes` as the next epochs, in order, and announces them; the last epoch written. With
-/// `unless_moving`, a change of a tenant being moved refuses the whole write (an operator's route change; a
-/// seed writes regardless).
+/// What a route write may change, checked under the route lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guard {
+    /// Anything (a seed of an empty store).
+    None,
+    /// Refused whole if one of the tenants has an unfinished move (an operator's route change).
+    UnlessMoving,
+    /// Only tenants with no route in the store (a reload's new tenants: an instance behind the store must not
+    /// write its config's route over a newer one, a move's among them).
+    IfAbsent,
+}
+
+/// Appends `changes` as the next epochs, in order, and announces them; the last epoch written.
 pub async fn append(
     c: &mut Client,
     instance: &str,
     changes: &[(TenantId, Option<Route>)],
-    unless_moving: bool,
+    guard: Guard,
 ) -> Result<i64, StoreError> {
     let tx = c.transaction().await.map_err(pg("begin"))?;
     lock_routes(&tx).await?;
-    if unless_moving {
+    if guard == Guard::UnlessMoving {
         refuse_moving(&tx, changes).await?;
     }
+    let mut absent = Vec::with_capacity(changes.len());
+    for change in changes {
+        if guard != Guard::IfAbsent || latest_route(&tx, &change.0).await?.is_none() {
+            absent.push(change);
+        }
+    }
+    let changes = absent;
     let mut epoch: i64 = tx
         .query_one(
             "SELECT coalesce(max(epoch), 0) FROM pgtenant_cp.route_changes",

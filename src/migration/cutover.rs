@@ -516,26 +516,38 @@ pub async fn sync_sequences(
     Ok(())
 }
 
+/// The tenant lives on the target (its route): the source fenced, the target not. A restart right after a
+/// cutover's swap, or inside a rollback between fencing the target and swapping back, left them otherwise.
+pub async fn settle_fences(shared: &Shared, rec: &Record) {
+    let Ok((source, target)) = endpoints(shared, rec) else {
+        return;
+    };
+    match (source.connect().await, target.connect().await) {
+        (Ok(src), Ok(dst)) => {
+            let fenced = capture::fence(
+                &src,
+                &rec.tenant,
+                "cut over to another backend",
+                source.filter.is_none(),
+            )
+            .await;
+            let open = capture::unfence(&dst, &rec.tenant).await;
+            if let Err(e) = fenced.and(open) {
+                warn!(tenant = %rec.tenant, error = %e, "could not settle the fence after a restart");
+            }
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            warn!(tenant = %rec.tenant, error = %e, "could not reach both sides to settle the fence after a restart")
+        }
+    }
+}
+
 /// A restart found the migration inside a cutover: finish it if the route was swapped, else fall back.
 pub async fn recover(shared: &Arc<Shared>, rec: &Record) {
     let current = shared.router.load().get(&rec.tenant).cloned();
     if current.as_deref() == Some(&rec.target) {
         // Swapped: make sure the fence is where it belongs (the proxy may have stopped right after the swap).
-        if let Ok((source, target)) = endpoints(shared, rec) {
-            if let (Ok(src), Ok(dst)) = (source.connect().await, target.connect().await) {
-                let fenced = capture::fence(
-                    &src,
-                    &rec.tenant,
-                    "cut over to another backend",
-                    source.filter.is_none(),
-                )
-                .await;
-                let open = capture::unfence(&dst, &rec.tenant).await;
-                if let Err(e) = fenced.and(open) {
-                    warn!(tenant = %rec.tenant, error = %e, "could not settle the fence after a restart");
-                }
-            }
-        }
+        settle_fences(shared, rec).await;
         if let Err(e) = transition(shared, &rec.tenant, Event::Swapped, |r| {
             r.last_cutover_error = None;
         }) {

@@ -74,6 +74,11 @@ async fn restore(shared: &Arc<Shared>, rec: &super::record::Record) -> Arc<Live>
     if rec.state == State::CutoverPaused {
         super::cutover::recover(shared, rec).await;
     }
+    // Migrated and still routed to the target: a rollback that stopped between fencing the target and
+    // swapping the route back left the tenant's only route fenced.
+    if rec.state == State::Migrated && !on_source(shared, rec) {
+        super::cutover::settle_fences(shared, rec).await;
+    }
     // A barrier the previous coordinator (this process before a restart, or a dead instance) left closed
     // holds the other instances until it ends; the route they apply first is settled by now.
     super::publish::end_barrier(shared, &rec.tenant, "open");

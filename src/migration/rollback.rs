@@ -159,6 +159,11 @@ async fn back_to_source(
     .await?;
     capture::unfence(&sides.src, &rec.tenant).await?;
     tee.drain_to_empty(deadline).await?;
+    shared
+        .migrations
+        .failpoints
+        .check("rollback.after_fence")
+        .await?;
     Ok(())
 }
 

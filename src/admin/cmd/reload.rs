@@ -11,6 +11,7 @@ use crate::admin::code::{AdminCode, AdminError};
 use crate::admin::reply::Reloaded;
 use crate::auth::Users;
 use crate::backend::{Backend, Backends};
+use crate::cluster::store::Guard;
 use crate::config::{BackendConfig, Config};
 use crate::context::{timeouts, Shared};
 use crate::routing::Route;
@@ -232,7 +233,7 @@ fn add_tenants(shared: &Arc<Shared>, new_tenants: &[(TenantId, Route)]) -> Resul
             .map(|(t, r)| (t.clone(), Some(r.clone())))
             .collect();
         return tokio::runtime::Handle::current()
-            .block_on(cp.write(shared, changes, false))
+            .block_on(cp.write(shared, changes, Guard::IfAbsent))
             .map_err(|e| failed(e.to_string()));
     }
     shared

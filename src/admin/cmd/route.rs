@@ -7,7 +7,7 @@ use serde_json::Value;
 use super::super::code::AdminError;
 use super::super::reply::{RouteRemoved, RouteSet};
 use super::{to_json, Done};
-use crate::cluster::store::StoreError;
+use crate::cluster::store::{Guard, StoreError};
 use crate::context::Shared;
 use crate::routing::{Route, RoutingTable};
 use crate::tenant::TenantId;
@@ -51,7 +51,7 @@ fn publish(
         let runtime = tokio::runtime::Handle::current();
         // The store refuses a change of a tenant another instance moves, under the lock a move's start takes.
         runtime
-            .block_on(cp.write(shared, change, true))
+            .block_on(cp.write(shared, change, Guard::UnlessMoving))
             .map_err(|e| match e {
                 StoreError::Conflict(why) => AdminError::invalid_state(why),
                 e => AdminError::state_write(format!("{e}; the route is unchanged")),
