@@ -813,9 +813,10 @@ fn acme_changes_to(cp: &PgCluster, backend: &str) -> String {
 }
 
 /// A cutover whose route swap the store does not answer: the swap's outcome is unknown, so the tenant stays held
-/// on every instance (no write goes to either side, none fails) until the store answers; then the swap is in
-/// the store once, every instance routes to the target, and the held writes run there. A rollback whose store
-/// write's answer is lost finds that write on its retry and does not write it twice.
+/// on every instance (no write goes to either side, none fails), past the cutover's own answer, until the store
+/// answers; then the cutover completes, the swap is in the store once, every instance routes to the target, and
+/// the held writes run there. A rollback held the same way, whose store write's answer is then lost, finds that
+/// write on its retry and does not write it twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_swap_the_store_does_not_answer_holds_every_instance_until_it_does() {
     use pgtenant::migration::failpoint::Action;
@@ -829,38 +830,26 @@ async fn a_swap_the_store_does_not_answer_holds_every_instance_until_it_does() {
         .unwrap();
     let failpoints = a.proxy.shared.migrations.failpoints.clone();
     failpoints.set("swap.store", Some(Action::Error));
-    let coordinator = a.clone();
-    let cut = tokio::spawn(async move {
-        coordinator
-            .admin(json!({"cmd": "migrate.cutover", "tenant": "acme"}))
-            .await
-    });
-    // Once the tenant is held everywhere (the barrier's drained answers are in), a write on each instance.
-    let drained = "SELECT count(*) FROM pgtenant_cp.barrier_acks WHERE state = 'drained'";
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while cp.psql("postgres", drained) != "1" {
-        assert!(
-            Instant::now() < deadline,
-            "the other instance never held the tenant"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    failpoints.set("swap.answer_limit", Some(Action::Error));
+    let cut = a
+        .admin(json!({"cmd": "migrate.cutover", "tenant": "acme"}))
+        .await;
+    let why = cut["error"]["message"].as_str().unwrap_or_default();
+    assert!(why.contains("did not answer the route swap"), "{cut}");
     let writes = [(on_a, 616161), (on_b, 515151)].map(|(c, v)| {
         tokio::spawn(async move {
             c.execute(&format!("INSERT INTO a (v) VALUES ({v})"), &[])
                 .await
         })
     });
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(!cut.is_finished(), "the cutover went on without the store");
+    tokio::time::sleep(Duration::from_secs(3)).await;
     for w in &writes {
         assert!(!w.is_finished(), "a write was not held");
     }
     assert_eq!(acme_changes_to(&cp, "dedicated"), "0");
+    failpoints.set("swap.answer_limit", None);
     failpoints.set("swap.store", None);
-    let done = tokio::time::timeout(Duration::from_secs(20), cut).await;
-    let done = done.expect("the cutover never ended").unwrap();
-    assert_eq!(done["ok"], json!(true), "{done}");
+    common::moves::wait_state(&a, "acme", "migrated", Duration::from_secs(20)).await;
     for w in writes {
         let ran = tokio::time::timeout(Duration::from_secs(15), w).await;
         ran.expect("a held write never ran").unwrap().unwrap();
@@ -875,14 +864,27 @@ async fn a_swap_the_store_does_not_answer_holds_every_instance_until_it_does() {
     assert_eq!(backend_of(&a, "acme").await, json!("dedicated"));
     assert_eq!(backend_of(&b, "acme").await, json!("dedicated"));
     assert_eq!(acme_changes_to(&cp, "dedicated"), "1");
-    // The rollback's write commits, its answer is lost: the retry finds it.
+    // The rollback waits for the store with the tenant held; then its write commits and the answer is lost:
+    // the retry finds it.
     let before = acme_changes_to(&cp, "shared");
+    failpoints.set("swap.store", Some(Action::Error));
+    let coordinator = a.clone();
+    let back = tokio::spawn(async move {
+        coordinator
+            .admin(json!({"cmd": "migrate.rollback", "tenant": "acme"}))
+            .await
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !back.is_finished(),
+        "the rollback went on without the store"
+    );
     failpoints.set("swap.store_answer", Some(Action::Error));
-    let back = a
-        .admin_ok(json!({"cmd": "migrate.rollback", "tenant": "acme"}))
-        .await;
+    failpoints.set("swap.store", None);
+    let back = tokio::time::timeout(Duration::from_secs(20), back).await;
+    let back = back.expect("the rollback never ended").unwrap();
     failpoints.set("swap.store_answer", None);
-    assert_eq!(back["state"], json!("rolled_back"), "{back}");
+    assert_eq!(back["result"]["state"], json!("rolled_back"), "{back}");
     let after: u32 = acme_changes_to(&cp, "shared").parse().unwrap();
     assert_eq!(after, before.parse::<u32>().unwrap() + 1, "written once");
     for p in [&*a, &b] {

@@ -105,19 +105,28 @@ impl ControlPlane {
         .await
     }
 
-    /// The move's coordinator after a restart or a takeover: ends `tenant`'s barrier still closed, whichever
-    /// instance and attempt it was (true if there was one).
+    /// The move's coordinator after a restart or a takeover (resumed at `resumed_ms`): ends `tenant`'s barrier
+    /// still closed by an earlier coordinator, whichever instance and attempt it was (true if there was one).
+    /// Only while this process holds the move's lease, and never a barrier this instance started since.
     pub async fn end_barrier(
         &self,
         tenant: &TenantId,
         phase: &'static str,
+        resumed_ms: i64,
     ) -> Result<bool, StoreError> {
-        let t = tenant.to_string();
+        let (t, id, me) = (
+            tenant.to_string(),
+            self.id.clone(),
+            self.incarnation.clone(),
+        );
         self.with_client(async move |c| {
             let n = c
                 .execute(
-                    "UPDATE pgtenant_cp.barriers SET phase = $2 WHERE tenant = $1 AND phase = 'close'",
-                    &[&t, &phase],
+                    "UPDATE pgtenant_cp.barriers SET phase = $2 WHERE tenant = $1 AND phase = 'close'
+                       AND NOT (coordinator = $3 AND attempt >= $4)
+                       AND EXISTS (SELECT 1 FROM pgtenant_cp.migrations m
+                                    WHERE m.tenant = $1 AND m.holder = $3 AND m.incarnation = $5)",
+                    &[&t, &phase, &id, &resumed_ms, &me],
                 )
                 .await
                 .map_err(pg("end barrier"))?;

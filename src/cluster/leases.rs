@@ -164,6 +164,12 @@ impl ControlPlane {
         .await
     }
 
+    /// Writes the record now, with a fresh lease (a step another instance taking the move over must see);
+    /// false when another instance holds the lease.
+    pub async fn renew_now(&self, rec: &Record) -> Result<bool, StoreError> {
+        self.renew(rec).await
+    }
+
     /// Writes the record with a fresh lease; false when another instance holds it.
     async fn renew(&self, rec: &Record) -> Result<bool, StoreError> {
         self.lease(rec, false).await

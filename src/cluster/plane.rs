@@ -68,6 +68,12 @@ impl ControlPlane {
         }
     }
 
+    /// Drops the store connection (one that gave no answer in time); the next call connects again.
+    pub async fn disconnect(&self) {
+        *self.client.lock().await = None;
+        self.reachable.store(false, Ordering::Relaxed);
+    }
+
     /// Runs `f` on the store's connection, connecting (and listening) first if there is none; a failure drops
     /// the connection, so the next call reconnects.
     pub(super) async fn with_client<T>(

@@ -111,8 +111,12 @@ pub async fn connect(
     config
         .connect_timeout(Duration::from_secs(5))
         .application_name("pgtenant-control-plane")
-        // The store's writes are durable whatever the server's default: an epoch must never be lost.
-        .options("-c synchronous_commit=on")
+        // The store's writes are durable whatever the server's default: an epoch must never be lost. A
+        // transaction left open by a frozen instance (a swap holds its move's lease row) ends by itself, and no
+        // statement waits on a lock for longer than a few seconds: every instance's loop shares this store.
+        .options(
+            "-c synchronous_commit=on -c idle_in_transaction_session_timeout=10000 -c lock_timeout=5000",
+        )
         .keepalives_idle(Duration::from_secs(10));
     let (client, mut conn) = config.connect(NoTls).await.map_err(pg("connect"))?;
     tokio::spawn(async move {
@@ -295,16 +299,6 @@ pub async fn append_swap(
     let (instance, incarnation) = holder;
     let tx = c.transaction().await.map_err(pg("begin"))?;
     lock_routes(&tx).await?;
-    let held = tx
-        .query_opt(
-            "SELECT 1 FROM pgtenant_cp.migrations WHERE tenant = $1 AND holder = $2 AND incarnation = $3 FOR UPDATE",
-            &[&tenant.as_str(), &instance, &incarnation],
-        )
-        .await
-        .map_err(pg("check the move's lease"))?;
-    if held.is_none() {
-        return Ok(SwapWrite::NotHolder);
-    }
     let newer = tx
         .query_opt(
             "SELECT epoch, route FROM pgtenant_cp.route_changes WHERE tenant = $1 AND epoch > $2
@@ -316,6 +310,16 @@ pub async fn append_swap(
     if let Some(row) = newer {
         let found = change(row.get(0), tenant.to_string(), row.get(1))?;
         return Ok(SwapWrite::Changed(found.route));
+    }
+    let held = tx
+        .query_opt(
+            "SELECT 1 FROM pgtenant_cp.migrations WHERE tenant = $1 AND holder = $2 AND incarnation = $3 FOR UPDATE",
+            &[&tenant.as_str(), &instance, &incarnation],
+        )
+        .await
+        .map_err(pg("check the move's lease"))?;
+    if held.is_none() {
+        return Ok(SwapWrite::NotHolder);
     }
     let epoch: i64 = tx
         .query_one(

@@ -70,7 +70,11 @@ pub async fn cutover(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<CutOver, 
     .await?;
     // Everything that does not need the tenant held is done before the gate closes: connections, the
     // sequence list, and the reverse capture on the target (which takes no traffic until the swap).
-    let ready = match prepare(shared, live, &rec).await {
+    let prepared = async {
+        publish::record_started(shared, &rec).await?;
+        prepare(shared, live, &rec).await
+    };
+    let ready = match prepared.await {
         Ok(r) => r,
         Err(e) => {
             count_attempt(shared, &rec.tenant, "failed");
@@ -84,6 +88,9 @@ pub async fn cutover(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<CutOver, 
     let mut marks = Marks::new(closed_at);
     let cluster = shared.control_plane.get();
     let attempt = ControlPlane::new_attempt();
+    // The log as applied when the tenant is held: the swap is written only if the tenant's route is unchanged
+    // since.
+    let since = publish::since(shared);
     let held = async {
         // With several instances, each holds the tenant too before anything is drained or swapped.
         if let Some(cp) = cluster {
@@ -102,7 +109,7 @@ pub async fn cutover(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<CutOver, 
     // The swap is outside the time limit: once it is on disk it must be completed, not abandoned halfway.
     let swapped = match decide_swap(outcome, Instant::now() >= deadline, limit) {
         SwapDecision::Swap => {
-            let r = swap_route(shared, &rec.tenant, &rec.target).await;
+            let r = swap_route(shared, &rec.tenant, since, &rec.target).await;
             marks.mark("swap_route");
             r
         }
@@ -113,6 +120,14 @@ pub async fn cutover(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<CutOver, 
         // The swap may be in the store: neither side may take the tenant's writes until that is known.
         Err(e @ MigrateError::SwapUnknown(_)) => {
             warn!(tenant = %rec.tenant, error = %e, "cutover: the tenant stays held");
+            let held = Held {
+                live: live.clone(),
+                gate,
+                closed_at,
+                attempt,
+                since,
+            };
+            tokio::spawn(settle_when_answered(shared.clone(), rec, held));
             Err(e)
         }
         Err(e) => {
@@ -121,6 +136,54 @@ pub async fn cutover(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<CutOver, 
             gate.open();
             failed_cutover(shared, &rec, e, pause).await
         }
+    }
+}
+
+/// A cutover (or rollback) waiting for the store's answer to its swap, the tenant held.
+pub(super) struct Held {
+    pub live: Arc<Live>,
+    pub gate: Arc<Gate>,
+    pub closed_at: Instant,
+    pub attempt: i64,
+    pub since: i64,
+}
+
+/// After `SwapUnknown`: the swap's write goes on until the store answers, then the cutover completes (the swap
+/// is in) or falls back (refused), under the move's lock. Without an answer the tenant stays held; a restart
+/// settles it from the store.
+async fn settle_when_answered(shared: Arc<Shared>, rec: Record, held: Held) {
+    let Some(answer) = publish::keep_writing(&shared, &rec.tenant, held.since, &rec.target).await
+    else {
+        return;
+    };
+    let _one = held.live.lock.lock().await;
+    let done = match answer {
+        Ok(()) => match swap_locally(&shared, &rec.tenant, &rec.target).await {
+            Ok(()) => {
+                let marks = Marks::new(held.closed_at);
+                after_swap(
+                    &shared,
+                    &held.live,
+                    &rec,
+                    &held.gate,
+                    held.closed_at,
+                    marks,
+                    held.attempt,
+                )
+                .await
+                .map(|_| ())
+            }
+            Err(e) => Err(e),
+        },
+        Err(e) => {
+            let pause = held.closed_at.elapsed();
+            publish::release(&shared, &rec.tenant, held.attempt, "abort").await;
+            held.gate.open();
+            failed_cutover(&shared, &rec, e, pause).await.map(|_| ())
+        }
+    };
+    if let Err(e) = done {
+        warn!(tenant = %rec.tenant, error = %e, "settling the cutover after the control plane answered");
     }
 }
 
@@ -381,15 +444,26 @@ async fn fall_back(
 }
 
 /// Swaps the route of `tenant` to `route`: in the control plane's store first (so the other instances, a restart
-/// and a takeover find the same route; [`publish`]), then persisted here with a higher epoch and published, on a
-/// blocking thread: the fsync must not hold up the other tenants served by the runtime thread (one thread on
-/// small machines). `Err` means nothing was swapped, except `SwapUnknown` (the store did not answer).
+/// and a takeover find the same route; [`publish`]), then here ([`swap_locally`]). `Err` means nothing was
+/// swapped, except `SwapUnknown` (the store did not answer; see [`publish::keep_writing`]).
 pub(super) async fn swap_route(
+    shared: &Arc<Shared>,
+    tenant: &TenantId,
+    since: i64,
+    route: &Route,
+) -> Result<(), MigrateError> {
+    publish::store_swap(shared, tenant, since, route).await?;
+    swap_locally(shared, tenant, route).await
+}
+
+/// The swap, in the store already (or no control plane), persisted here with a higher epoch and published, on a
+/// blocking thread: the fsync must not hold up the other tenants served by the runtime thread (one thread on
+/// small machines).
+pub(super) async fn swap_locally(
     shared: &Arc<Shared>,
     tenant: &TenantId,
     route: &Route,
 ) -> Result<(), MigrateError> {
-    publish::store_swap(shared, tenant, route).await?;
     let (s, t, r) = (shared.clone(), tenant.clone(), route.clone());
     let local = match tokio::task::spawn_blocking(move || swap_route_now(&s, &t, &r)).await {
         Ok(result) => result,
@@ -516,28 +590,36 @@ pub async fn sync_sequences(
     Ok(())
 }
 
-/// The tenant lives on the target (its route): the source fenced, the target not. A restart right after a
-/// cutover's swap, or inside a rollback between fencing the target and swapping back, left them otherwise.
-pub async fn settle_fences(shared: &Shared, rec: &Record) {
+/// The tenant lives on the target (its route): the target not fenced, the source fenced. A restart right after a
+/// cutover's swap, or inside a rollback between fencing the target and swapping back, left them otherwise. The
+/// target is opened even when the source cannot be reached (it is the tenant's only route). True when both
+/// are as they should be.
+pub async fn settle_fences(shared: &Shared, rec: &Record) -> bool {
     let Ok((source, target)) = endpoints(shared, rec) else {
-        return;
+        return false;
     };
-    match (source.connect().await, target.connect().await) {
-        (Ok(src), Ok(dst)) => {
-            let fenced = capture::fence(
-                &src,
-                &rec.tenant,
-                "cut over to another backend",
-                source.filter.is_none(),
-            )
-            .await;
-            let open = capture::unfence(&dst, &rec.tenant).await;
-            if let Err(e) = fenced.and(open) {
-                warn!(tenant = %rec.tenant, error = %e, "could not settle the fence after a restart");
-            }
-        }
-        (Err(e), _) | (_, Err(e)) => {
-            warn!(tenant = %rec.tenant, error = %e, "could not reach both sides to settle the fence after a restart")
+    let opened = match target.connect().await {
+        Ok(dst) => capture::unfence(&dst, &rec.tenant)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let fenced = match source.connect().await {
+        Ok(src) => capture::fence(
+            &src,
+            &rec.tenant,
+            "cut over to another backend",
+            source.filter.is_none(),
+        )
+        .await
+        .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match opened.and(fenced) {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(tenant = %rec.tenant, error = %e, "could not settle the fences of the migrated tenant");
+            false
         }
     }
 }

@@ -74,11 +74,6 @@ async fn restore(shared: &Arc<Shared>, rec: &super::record::Record) -> Arc<Live>
     if rec.state == State::CutoverPaused {
         super::cutover::recover(shared, rec).await;
     }
-    // Migrated and still routed to the target: a rollback that stopped between fencing the target and
-    // swapping the route back left the tenant's only route fenced.
-    if rec.state == State::Migrated && !on_source(shared, rec) {
-        super::cutover::settle_fences(shared, rec).await;
-    }
     // A barrier the previous coordinator (this process before a restart, or a dead instance) left closed
     // holds the other instances until it ends; the route they apply first is settled by now.
     super::publish::end_barrier(shared, &rec.tenant, "open");
@@ -287,6 +282,15 @@ async fn running(
         stop_tee(shared, live).await;
         return super::rollback::finish_rollback(shared, &rec, rec.last_pause_ms.unwrap_or(0.0))
             .await;
+    }
+    // Migrated and routed to the target: a rollback that stopped between fencing the target and swapping the
+    // route back left the tenant's only route fenced. Checked once per run, by the move's own task (under its
+    // lease, and off the control plane's loop: a dead old source takes a connect timeout).
+    // Not while the tenant is held: a rollback waiting for the store's answer has the fences its way.
+    let held = shared.gates.get(&rec.tenant).is_closed();
+    if rec.state == State::Migrated && !held && !live.fences_settled.load(Ordering::Relaxed) {
+        let settled = super::cutover::settle_fences(shared, &rec).await;
+        live.fences_settled.store(settled, Ordering::Relaxed);
     }
     if rec.state == State::Migrated {
         start_tee(shared, live, &rec, Direction::Reverse)

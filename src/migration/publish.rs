@@ -7,8 +7,9 @@
 //!
 //! A store that does not answer leaves the swap's outcome unknown (a commit whose answer was lost is a swap).
 //! Then nothing is guessed: the tenant stays held on every instance, and the write is retried until the store
-//! answers, for up to [`ANSWER_LIMIT`]; past it the tenant stays held and the cutover reports that a restart
-//! settles it from the store ([`super::cutover::recover`]).
+//! answers. The cutover (or rollback) answers after [`ANSWER_LIMIT`] with the tenant still held, and a task goes
+//! on retrying ([`keep_writing`]) and finishes or undoes it by the store's answer; a restart meanwhile settles it
+//! from the store ([`super::cutover::recover`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,8 +23,11 @@ use crate::context::Shared;
 use crate::routing::Route;
 use crate::tenant::TenantId;
 
-/// How long a swap's store write is retried, with the tenant held, for an answer.
+/// How long a swap's store write is retried, with the tenant held, before the cutover answers (the tenant
+/// stays held after it, while [`keep_writing`] goes on).
 const ANSWER_LIMIT: Duration = Duration::from_secs(60);
+/// One attempt's limit while the cutover waits for it.
+const ATTEMPT_HELD: Duration = Duration::from_secs(3);
 /// How long the first release is waited for before a task takes it over.
 const RELEASE_INLINE: Duration = Duration::from_secs(1);
 /// Pause between attempts while the tenant is held.
@@ -36,38 +40,51 @@ const RETRY_LATER: Duration = Duration::from_millis(500);
 /// operator acts (the limit keeps a task from retrying for the life of the process).
 const RETRY_LIMIT: Duration = Duration::from_secs(3600);
 
+/// The epoch a swap's write is conditional on: the store's log as this instance has applied it when the tenant
+/// is held (none without a control plane).
+pub(super) fn since(shared: &Shared) -> i64 {
+    shared.control_plane.get().map_or(0, |cp| {
+        cp.applied.load(std::sync::atomic::Ordering::Acquire)
+    })
+}
+
 /// Writes the swap of `tenant` to `route` to the store (nothing to do without a control plane). `Ok` once the
 /// store has it. `Err(Refused)` when the store refused it for good (another route, or the move's lease taken
 /// over): nothing is swapped. `Err(SwapUnknown)` when the store did not answer within [`ANSWER_LIMIT`]: the
-/// caller keeps the tenant held.
+/// caller keeps the tenant held and goes on with [`keep_writing`].
 pub(super) async fn store_swap(
     shared: &Shared,
     tenant: &TenantId,
+    since: i64,
     route: &Route,
 ) -> Result<(), MigrateError> {
     let Some(cp) = shared.control_plane.get() else {
         return Ok(());
     };
-    let since = cp.applied.load(std::sync::atomic::Ordering::Acquire);
     let until = Instant::now() + ANSWER_LIMIT;
     let mut warned = false;
     loop {
         // Each attempt bounded: a store that silently drops packets must not hold the tenant for as long as
-        // TCP takes to notice.
-        let left = until.saturating_duration_since(Instant::now());
-        let attempt =
-            tokio::time::timeout(left, write_once(shared, cp, tenant, since, route)).await;
-        let error = match attempt {
-            Ok(Ok(())) => return Ok(()),
-            Ok(Err(Failed::Refused(e))) => return Err(e),
-            Ok(Err(Failed::Unanswered(e))) => e,
-            Err(_) => "no answer in time".to_owned(),
+        // TCP takes to notice, nor use up the whole limit in one attempt.
+        let left = until
+            .saturating_duration_since(Instant::now())
+            .min(ATTEMPT_HELD);
+        let error = match attempt(shared, cp, tenant, since, route, left).await {
+            Ok(()) => return Ok(()),
+            Err(Failed::Refused(e)) => return Err(e),
+            Err(Failed::Unanswered(e)) => e,
         };
-        if Instant::now() >= until {
+        // For tests: the limit is reached at the first unanswered attempt.
+        let limit_reached = shared
+            .migrations
+            .failpoints
+            .check("swap.answer_limit")
+            .await
+            .is_err();
+        if limit_reached || Instant::now() >= until {
             return Err(MigrateError::SwapUnknown(format!(
                 "the control plane did not answer the route swap of tenant {tenant} for {}s ({error}); the \
-                 tenant stays held on every instance, and a restart of this instance settles the cutover from \
-                 the store",
+                 tenant stays held on every instance until it answers",
                 ANSWER_LIMIT.as_secs()
             )));
         }
@@ -76,6 +93,71 @@ pub(super) async fn store_swap(
             warned = true;
         }
         tokio::time::sleep(RETRY_HELD).await;
+    }
+}
+
+/// After `SwapUnknown`: the same write, retried until the store answers (its outcome, which settles the
+/// cutover or rollback), the proxy stops or [`RETRY_LIMIT`] (`None`: the tenant stays held, and a restart
+/// settles it from the store).
+pub(super) async fn keep_writing(
+    shared: &Shared,
+    tenant: &TenantId,
+    since: i64,
+    route: &Route,
+) -> Option<Result<(), MigrateError>> {
+    let cp = shared.control_plane.get()?;
+    let outcome = retrying(shared, tenant, "write the route swap", move || async move {
+        match attempt(shared, cp, tenant, since, route, ATTEMPT_LIMIT).await {
+            Ok(()) => Ok(Ok(())),
+            Err(Failed::Refused(e)) => Ok(Err(e)),
+            Err(Failed::Unanswered(e)) => Err(e),
+        }
+    })
+    .await;
+    if outcome.is_some() {
+        info!(%tenant, "the control plane answered the route swap");
+    }
+    outcome
+}
+
+/// One write within `limit`; a connection that gave no answer in time is dropped, so the next attempt does
+/// not wait on it again.
+async fn attempt(
+    shared: &Shared,
+    cp: &ControlPlane,
+    tenant: &TenantId,
+    since: i64,
+    route: &Route,
+    limit: Duration,
+) -> Result<(), Failed> {
+    match tokio::time::timeout(limit, write_once(shared, cp, tenant, since, route)).await {
+        Ok(outcome) => outcome,
+        Err(_) => {
+            cp.disconnect().await;
+            Err(Failed::Unanswered("no answer in time".into()))
+        }
+    }
+}
+
+/// With a control plane, the record in `cutover_paused` is in the store before the tenant is held: an instance
+/// taking the move over from here (the coordinator died) must know a cutover was under way, since the source may
+/// be fenced by then. The lease is renewed each second otherwise, which may be too late.
+pub(super) async fn record_started(
+    shared: &Shared,
+    rec: &super::record::Record,
+) -> Result<(), MigrateError> {
+    let Some(cp) = shared.control_plane.get() else {
+        return Ok(());
+    };
+    match cp.renew_now(rec).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(MigrateError::Refused(format!(
+            "another instance took the move of tenant {} over",
+            rec.tenant
+        ))),
+        Err(e) => Err(MigrateError::Barrier(format!(
+            "the control plane did not take the cutover's start: {e}"
+        ))),
     }
 }
 
@@ -164,9 +246,11 @@ async fn release_later(shared: &Shared, tenant: &TenantId, attempt: i64, phase: 
     }
 }
 
-/// Ends whatever barrier of `tenant` is still closed, whoever started it: after a restart or a takeover the
-/// attempt that held the other instances is not known here, and this instance is the move's only coordinator.
+/// Ends whatever barrier of `tenant` an earlier coordinator left closed, whoever it was: after a restart or a
+/// takeover the attempt that held the other instances is not known here ([`ControlPlane::end_barrier`] keeps
+/// this to the lease's holder and to barriers older than the resume).
 pub(super) fn end_barrier(shared: &Arc<Shared>, tenant: &TenantId, phase: &'static str) {
+    let resumed_ms = ControlPlane::new_attempt();
     let (shared, tenant) = (shared.clone(), tenant.clone());
     tokio::spawn(async move {
         let Some(cp) = shared.control_plane.get() else {
@@ -174,7 +258,9 @@ pub(super) fn end_barrier(shared: &Arc<Shared>, tenant: &TenantId, phase: &'stat
         };
         let (s, t) = (&*shared, &tenant);
         let ended = retrying(s, t, "end the cutover barrier", move || async move {
-            cp.end_barrier(t, phase).await.map_err(|e| e.to_string())
+            cp.end_barrier(t, phase, resumed_ms)
+                .await
+                .map_err(|e| e.to_string())
         })
         .await;
         if ended == Some(true) {

@@ -54,6 +54,8 @@ pub struct Live {
     pub tee: Mutex<Option<(Direction, Arc<Tee>)>>,
     pub tables: Mutex<Vec<Table>>,
     pub(super) task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The fences were found where the route says (checked once per run of a `migrated` move).
+    pub fences_settled: std::sync::atomic::AtomicBool,
 }
 
 impl Live {
@@ -66,6 +68,7 @@ impl Live {
             tee: Mutex::new(None),
             tables: Mutex::new(Vec::new()),
             task: Mutex::new(None),
+            fences_settled: std::sync::atomic::AtomicBool::new(false),
         })
     }
 

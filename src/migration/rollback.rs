@@ -8,19 +8,22 @@ use tokio_postgres::Client;
 
 use super::capture;
 use super::catalog;
-use super::cutover::{end_pinned_sessions, gate_of, labels, swap_route, sync_sequences, CAUGHT_UP};
+use super::cutover::{
+    end_pinned_sessions, gate_of, labels, swap_locally, swap_route, sync_sequences, Held, CAUGHT_UP,
+};
 use super::machine::{transition_off_thread, Event};
 use super::ops::reply::RolledBack;
 use super::pg::Endpoint;
 use super::publish;
 use super::record::{Record, State};
 use super::registry::Live;
-use super::sides::{endpoints, stop_tee};
+use super::sides::{endpoints, lease_held, stop_tee};
 use super::tee::{Tee, DRAIN_MARGIN};
 use super::MigrateError;
 use crate::context::Shared;
 use crate::gate::Gate;
 use crate::tenant::TenantId;
+use tracing::warn;
 
 /// The two sides of a rollback, connected.
 struct Sides {
@@ -60,6 +63,7 @@ pub async fn rollback(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<RolledBa
     let closed_at = Instant::now();
     gate.close();
     let attempt = crate::cluster::ControlPlane::new_attempt();
+    let since = publish::since(shared);
     let held = hold_everywhere(shared, &rec.tenant, attempt, closed_at + timeout);
     let back = async {
         held.await?;
@@ -76,46 +80,104 @@ pub async fn rollback(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<RolledBa
     };
     let swapped = tokio::time::timeout(timeout, back).await;
     let result = match swapped {
-        Ok(Ok(())) => swap_route(shared, &rec.tenant, &rec.source).await,
+        Ok(Ok(())) => swap_route(shared, &rec.tenant, since, &rec.source).await,
         Ok(Err(e)) => Err(e),
         Err(_) => Err(MigrateError::Timeout(
             "rollback passed its time limit".into(),
         )),
     };
+    let held = Held {
+        live: live.clone(),
+        gate,
+        closed_at,
+        attempt,
+        since,
+    };
     match result {
-        Ok(()) => {}
+        Ok(()) => after_swap_back(shared, &rec, &held).await,
         // The swap may be in the store: neither side may take the tenant's writes until that is known.
-        Err(e @ MigrateError::SwapUnknown(_)) => return Err(e),
+        Err(e @ MigrateError::SwapUnknown(_)) => {
+            tokio::spawn(settle_when_answered(shared.clone(), rec, held));
+            Err(e)
+        }
         Err(e) => {
-            // Not swapped: the target takes the tenant's writes again, the source stays fenced.
-            let _ = capture::unfence(&sides.dst, &rec.tenant).await;
-            let _ = capture::fence(
-                &sides.src,
-                &rec.tenant,
-                "cut over to another backend",
-                sides.source.filter.is_none(),
-            )
-            .await;
-            publish::release(shared, &rec.tenant, attempt, "abort").await;
-            gate.open();
-            return Err(e);
+            undo(shared, &rec, &sides.src, &sides.dst, &held).await;
+            Err(e)
         }
     }
-    stop_tee(shared, live).await;
+}
+
+/// The route is back on the source: the reverse tee stops, pinned sessions end, the gate opens, capture is
+/// removed and the record ends.
+async fn after_swap_back(
+    shared: &Arc<Shared>,
+    rec: &Record,
+    held: &Held,
+) -> Result<RolledBack, MigrateError> {
+    stop_tee(shared, &held.live).await;
     end_pinned_sessions(shared, &rec.tenant);
-    publish::release(shared, &rec.tenant, attempt, "open").await;
-    gate.open();
-    let pause_ms = closed_at.elapsed().as_secs_f64() * 1000.0;
+    publish::release(shared, &rec.tenant, held.attempt, "open").await;
+    held.gate.open();
+    let pause_ms = held.closed_at.elapsed().as_secs_f64() * 1000.0;
     shared
         .metrics
         .histogram("cutover_pause_duration_seconds", labels(&rec.tenant, None))
         .record(pause_ms / 1000.0);
-    finish_rollback(shared, &rec, pause_ms).await?;
+    finish_rollback(shared, rec, pause_ms).await?;
     Ok(RolledBack {
         tenant: rec.tenant.clone(),
         state: State::RolledBack.as_str().to_owned(),
         pause_ms,
     })
+}
+
+/// Not swapped: the target takes the tenant's writes again and the source is fenced, unless another instance
+/// took the move over (the fences are its to set then); the other instances are let go, the gate opens.
+async fn undo(shared: &Arc<Shared>, rec: &Record, src: &Client, dst: &Client, held: &Held) {
+    if lease_held(shared, rec.tenant.as_str()) {
+        let _ = capture::unfence(dst, &rec.tenant).await;
+        let filtered = endpoints(shared, rec).is_ok_and(|(source, _)| source.filter.is_some());
+        let _ = capture::fence(src, &rec.tenant, "cut over to another backend", !filtered).await;
+    }
+    publish::release(shared, &rec.tenant, held.attempt, "abort").await;
+    // The route as the store has it now, before clients are let through.
+    if let Some(cp) = shared.control_plane.get() {
+        let _ = cp.sync(shared).await;
+    }
+    held.gate.open();
+}
+
+/// After `SwapUnknown`: the swap's write goes on until the store answers, then the rollback completes (the swap
+/// is in) or is undone (refused), under the move's lock. Without an answer the tenant stays held; a restart
+/// settles it from the store.
+async fn settle_when_answered(shared: Arc<Shared>, rec: Record, held: Held) {
+    let Some(answer) = publish::keep_writing(&shared, &rec.tenant, held.since, &rec.source).await
+    else {
+        return;
+    };
+    let _one = held.live.lock.lock().await;
+    let done = match answer {
+        Ok(()) => match swap_locally(&shared, &rec.tenant, &rec.source).await {
+            Ok(()) => after_swap_back(&shared, &rec, &held).await.map(|_| ()),
+            Err(e) => Err(e),
+        },
+        Err(refused) => {
+            warn!(tenant = %rec.tenant, error = %refused, "the rollback's swap was refused");
+            match endpoints(&shared, &rec) {
+                Ok((source, target)) => match (source.connect().await, target.connect().await) {
+                    (Ok(src), Ok(dst)) => {
+                        undo(&shared, &rec, &src, &dst, &held).await;
+                        Ok(())
+                    }
+                    (Err(e), _) | (_, Err(e)) => Err(e),
+                },
+                Err(e) => Err(e),
+            }
+        }
+    };
+    if let Err(e) = done {
+        warn!(tenant = %rec.tenant, error = %e, "settling the rollback after the control plane answered");
+    }
 }
 
 /// With the gate closed: open transactions end, the reverse tee drains, sequences are synced, the target is
