@@ -847,6 +847,13 @@ async fn a_swap_the_store_does_not_answer_holds_every_instance_until_it_does() {
         assert!(!w.is_finished(), "a write was not held");
     }
     assert_eq!(acme_changes_to(&cp, "dedicated"), "0");
+    // Nothing may let the tenant go or undo the move while the swap's outcome is unknown.
+    for req in [
+        json!({"cmd": "resume", "tenant": "acme"}),
+        json!({"cmd": "migrate.abort", "tenant": "acme"}),
+    ] {
+        assert_eq!(a.admin_err(req.clone()).await, "invalid_state", "{req}");
+    }
     failpoints.set("swap.answer_limit", None);
     failpoints.set("swap.store", None);
     common::moves::wait_state(&a, "acme", "migrated", Duration::from_secs(20)).await;

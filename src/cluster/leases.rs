@@ -182,7 +182,9 @@ impl ControlPlane {
         // The generation stays while this process holds the lease; a lease taken from another (or from a
         // process of the same id) draws a new one. Only a finished move's expired lease is written over (a new
         // move of the tenant): an unfinished one's is another process's to take over with the store's record
-        // (`take_expired`), never to overwrite with this process's, which may be older than the taker's.
+        // (`take_expired`), never to overwrite with this process's, which may be older than the taker's. This
+        // process's own newer record (a cutover's start, written at once) is not put back by a renewal that
+        // read the record before it.
         let (id, t, me) = (
             self.id.clone(),
             rec.tenant.to_string(),
@@ -193,7 +195,9 @@ impl ControlPlane {
             let sql = format!(
                         "INSERT INTO pgtenant_cp.migrations (tenant, record, holder, incarnation, lease_until, generation)
                          VALUES ($1, $2, $3, $4, now() + interval '{LEASE}', 0)
-                         ON CONFLICT (tenant) DO UPDATE SET record = EXCLUDED.record, holder = EXCLUDED.holder,
+                         ON CONFLICT (tenant) DO UPDATE SET record = CASE
+                             WHEN {SAME_HOLDER} AND pgtenant_cp.migrations.record->>'updated_at' > EXCLUDED.record->>'updated_at'
+                             THEN pgtenant_cp.migrations.record ELSE EXCLUDED.record END, holder = EXCLUDED.holder,
                            incarnation = EXCLUDED.incarnation, lease_until = EXCLUDED.lease_until, updated_at = now(),
                            generation = CASE WHEN {SAME_HOLDER} THEN pgtenant_cp.migrations.generation
                              ELSE pgtenant_cp.next_generation() END

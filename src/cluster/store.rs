@@ -65,6 +65,9 @@ pub enum StoreError {
     /// The store refused the write for what it holds (another move, another route): not an outage.
     #[error("{0}")]
     Conflict(String),
+    /// A lock stayed taken past `lock_timeout`: the store answered, try again later.
+    #[error("control plane busy: {0}")]
+    Busy(String),
     #[error("control plane: bad route for {tenant}: {reason}")]
     BadRoute { tenant: String, reason: String },
 }
@@ -74,7 +77,15 @@ pub(super) fn pg(what: &str) -> impl Fn(tokio_postgres::Error) -> StoreError + '
         let detail = e
             .as_db_error()
             .map_or_else(|| e.to_string(), |d| d.message().to_owned());
-        StoreError::Pg(format!("{what}: {detail}"))
+        // A lock wait past `lock_timeout` is the store's answer (busy), not a broken connection.
+        let busy = e.code().is_some_and(|c| {
+            *c == tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE
+                || *c == tokio_postgres::error::SqlState::QUERY_CANCELED
+        });
+        match busy {
+            true => StoreError::Busy(format!("{what}: {detail}")),
+            false => StoreError::Pg(format!("{what}: {detail}")),
+        }
     }
 }
 
@@ -133,6 +144,20 @@ pub async fn connect(
 
 /// Creates or upgrades the schema, under the advisory lock (several instances may start at once).
 pub async fn ensure_schema(c: &mut Client) -> Result<(), StoreError> {
+    // Made by this very schema text already: nothing to take a lock for (the DDL below locks `migrations`
+    // exclusively even when it changes nothing, which every reconnecting instance would otherwise do).
+    let made = schema_hash();
+    let current = c
+        .query_opt(
+            "SELECT v FROM pgtenant_cp.meta WHERE k = 'schema_hash'",
+            &[],
+        )
+        .await;
+    if let Ok(Some(row)) = current {
+        if row.get::<_, String>(0) == made {
+            return Ok(());
+        }
+    }
     let tx = c.transaction().await.map_err(pg("begin"))?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK])
         .await
@@ -159,7 +184,21 @@ pub async fn ensure_schema(c: &mut Client) -> Result<(), StoreError> {
             .map_err(pg("write schema version"))?;
         }
     }
+    tx.execute(
+        "INSERT INTO pgtenant_cp.meta VALUES ('schema_hash', $1) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v",
+        &[&made],
+    )
+    .await
+    .map_err(pg("write schema hash"))?;
     tx.commit().await.map_err(pg("commit schema"))
+}
+
+/// A fingerprint of [`SCHEMA`] (FNV-1a): the store records the one it was last made with.
+fn schema_hash() -> String {
+    let hash = SCHEMA.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{hash:016x}")
 }
 
 /// Takes the route lock for the rest of `tx`: route writes, and the starts of moves, one at a time.

@@ -3,6 +3,7 @@
 //! the swap is bounded by `cutover_timeout_ms`; past it the gate opens back onto the source and the migration
 //! stays in `dual_write`. The swap is the point of no return.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -120,6 +121,7 @@ pub async fn cutover(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<CutOver, 
         // The swap may be in the store: neither side may take the tenant's writes until that is known.
         Err(e @ MigrateError::SwapUnknown(_)) => {
             warn!(tenant = %rec.tenant, error = %e, "cutover: the tenant stays held");
+            live.swap_pending.store(true, Ordering::Release);
             let held = Held {
                 live: live.clone(),
                 gate,
@@ -130,11 +132,13 @@ pub async fn cutover(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<CutOver, 
             tokio::spawn(settle_when_answered(shared.clone(), rec, held));
             Err(e)
         }
+        // The source's fence comes down before anyone is let through (they would get 55000 meanwhile).
         Err(e) => {
             let pause = closed_at.elapsed();
+            let fell_back = failed_cutover(shared, &rec, e, pause).await;
             publish::release(shared, &rec.tenant, attempt, "abort").await;
             gate.open();
-            failed_cutover(shared, &rec, e, pause).await
+            fell_back
         }
     }
 }
@@ -157,6 +161,11 @@ async fn settle_when_answered(shared: Arc<Shared>, rec: Record, held: Held) {
         return;
     };
     let _one = held.live.lock.lock().await;
+    held.live.swap_pending.store(false, Ordering::Release);
+    if publish::stale(&shared, &held.live) {
+        publish::let_go(&shared, &rec.tenant, &held).await;
+        return;
+    }
     let done = match answer {
         Ok(()) => match swap_locally(&shared, &rec.tenant, &rec.target).await {
             Ok(()) => {
@@ -177,9 +186,10 @@ async fn settle_when_answered(shared: Arc<Shared>, rec: Record, held: Held) {
         },
         Err(e) => {
             let pause = held.closed_at.elapsed();
+            let fell_back = failed_cutover(&shared, &rec, e, pause).await.map(|_| ());
             publish::release(&shared, &rec.tenant, held.attempt, "abort").await;
             held.gate.open();
-            failed_cutover(&shared, &rec, e, pause).await.map(|_| ())
+            fell_back
         }
     };
     if let Err(e) = done {
@@ -592,8 +602,8 @@ pub async fn sync_sequences(
 
 /// The tenant lives on the target (its route): the target not fenced, the source fenced. A restart right after a
 /// cutover's swap, or inside a rollback between fencing the target and swapping back, left them otherwise. The
-/// target is opened even when the source cannot be reached (it is the tenant's only route). True when both
-/// are as they should be.
+/// target is opened even when the source cannot be reached (it is the tenant's only route). True once the
+/// target is open (a source that cannot be reached cannot take the tenant's writes either).
 pub async fn settle_fences(shared: &Shared, rec: &Record) -> bool {
     let Ok((source, target)) = endpoints(shared, rec) else {
         return false;
@@ -615,10 +625,13 @@ pub async fn settle_fences(shared: &Shared, rec: &Record) -> bool {
         .map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
-    match opened.and(fenced) {
+    if let Err(e) = &fenced {
+        warn!(tenant = %rec.tenant, error = %e, "could not fence the source of the migrated tenant");
+    }
+    match opened {
         Ok(()) => true,
         Err(e) => {
-            warn!(tenant = %rec.tenant, error = %e, "could not settle the fences of the migrated tenant");
+            warn!(tenant = %rec.tenant, error = %e, "could not open the target of the migrated tenant");
             false
         }
     }

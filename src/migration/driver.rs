@@ -287,7 +287,8 @@ async fn running(
     // route back left the tenant's only route fenced. Checked once per run, by the move's own task (under its
     // lease, and off the control plane's loop: a dead old source takes a connect timeout).
     // Not while the tenant is held: a rollback waiting for the store's answer has the fences its way.
-    let held = shared.gates.get(&rec.tenant).is_closed();
+    let held =
+        shared.gates.get(&rec.tenant).is_closed() || live.swap_pending.load(Ordering::Acquire);
     if rec.state == State::Migrated && !held && !live.fences_settled.load(Ordering::Relaxed) {
         let settled = super::cutover::settle_fences(shared, &rec).await;
         live.fences_settled.store(settled, Ordering::Relaxed);

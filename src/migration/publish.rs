@@ -107,7 +107,8 @@ pub(super) async fn keep_writing(
 ) -> Option<Result<(), MigrateError>> {
     let cp = shared.control_plane.get()?;
     let outcome = retrying(shared, tenant, "write the route swap", move || async move {
-        match attempt(shared, cp, tenant, since, route, ATTEMPT_LIMIT).await {
+        // Shorter than `retrying`'s own limit, so a silent connection is dropped here, not just given up on.
+        match attempt(shared, cp, tenant, since, route, ATTEMPT_HELD).await {
             Ok(()) => Ok(Ok(())),
             Err(Failed::Refused(e)) => Ok(Err(e)),
             Err(Failed::Unanswered(e)) => Err(e),
@@ -201,6 +202,27 @@ async fn write_once(
         .check("swap.store_answer")
         .await
         .map_err(unanswered)
+}
+
+/// Whether a move's waiting task acts on a move no longer this instance's to drive: stopped, replaced in the
+/// registry (aborted, finished, taken over and resumed), or its lease not held.
+pub(super) fn stale(shared: &Shared, live: &Arc<super::registry::Live>) -> bool {
+    live.stop.is_cancelled()
+        || !shared
+            .migrations
+            .live(live.tenant.as_str())
+            .is_some_and(|now| Arc::ptr_eq(&now, live))
+        || !super::sides::lease_held(shared, live.tenant.as_str())
+}
+
+/// Lets the tenant go after a swap that did not happen here: the other instances' hold ends, the store's log is
+/// applied (bounded: a store that does not answer must not keep the clients held), the gate opens.
+pub(super) async fn let_go(shared: &Arc<Shared>, tenant: &TenantId, held: &super::cutover::Held) {
+    release(shared, tenant, held.attempt, "abort").await;
+    if let Some(cp) = shared.control_plane.get() {
+        let _ = tokio::time::timeout(RELEASE_INLINE, cp.sync(shared)).await;
+    }
+    held.gate.open();
 }
 
 /// Ends barrier `attempt` of `tenant` with `phase` on every instance; when the store does not answer, a task

@@ -56,6 +56,9 @@ pub struct Live {
     pub(super) task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The fences were found where the route says (checked once per run of a `migrated` move).
     pub fences_settled: std::sync::atomic::AtomicBool,
+    /// A route swap whose outcome the store has not told yet (the tenant is held): nothing may change the
+    /// tenant's fences, gate or record until it has.
+    pub swap_pending: std::sync::atomic::AtomicBool,
 }
 
 impl Live {
@@ -69,6 +72,7 @@ impl Live {
             tables: Mutex::new(Vec::new()),
             task: Mutex::new(None),
             fences_settled: std::sync::atomic::AtomicBool::new(false),
+            swap_pending: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -254,6 +258,12 @@ impl Migrations {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .contains_key(tenant)
+    }
+
+    /// Whether `tenant`'s move waits for the store's answer to its route swap.
+    pub fn swap_pending(&self, tenant: &str) -> bool {
+        self.live(tenant)
+            .is_some_and(|l| l.swap_pending.load(std::sync::atomic::Ordering::Acquire))
     }
 
     pub fn live(&self, tenant: &str) -> Option<Arc<Live>> {

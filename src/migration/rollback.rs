@@ -97,11 +97,13 @@ pub async fn rollback(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<RolledBa
         Ok(()) => after_swap_back(shared, &rec, &held).await,
         // The swap may be in the store: neither side may take the tenant's writes until that is known.
         Err(e @ MigrateError::SwapUnknown(_)) => {
+            live.swap_pending
+                .store(true, std::sync::atomic::Ordering::Release);
             tokio::spawn(settle_when_answered(shared.clone(), rec, held));
             Err(e)
         }
         Err(e) => {
-            undo(shared, &rec, &sides.src, &sides.dst, &held).await;
+            undo(shared, &rec, Some((&sides.src, &sides.dst)), &held).await;
             Err(e)
         }
     }
@@ -131,20 +133,23 @@ async fn after_swap_back(
     })
 }
 
-/// Not swapped: the target takes the tenant's writes again and the source is fenced, unless another instance
-/// took the move over (the fences are its to set then); the other instances are let go, the gate opens.
-async fn undo(shared: &Arc<Shared>, rec: &Record, src: &Client, dst: &Client, held: &Held) {
-    if lease_held(shared, rec.tenant.as_str()) {
-        let _ = capture::unfence(dst, &rec.tenant).await;
-        let filtered = endpoints(shared, rec).is_ok_and(|(source, _)| source.filter.is_some());
-        let _ = capture::fence(src, &rec.tenant, "cut over to another backend", !filtered).await;
+/// Not swapped: the target takes the tenant's writes again and the source is fenced, unless this instance no
+/// longer holds the move's lease (the fences are then the holder's to set; if the lease comes back, the move's
+/// task checks them again); the other instances are let go, the gate opens.
+async fn undo(shared: &Arc<Shared>, rec: &Record, sides: Option<(&Client, &Client)>, held: &Held) {
+    match sides {
+        Some((src, dst)) if lease_held(shared, rec.tenant.as_str()) => {
+            let _ = capture::unfence(dst, &rec.tenant).await;
+            let filtered = endpoints(shared, rec).is_ok_and(|(source, _)| source.filter.is_some());
+            let _ =
+                capture::fence(src, &rec.tenant, "cut over to another backend", !filtered).await;
+        }
+        _ => held
+            .live
+            .fences_settled
+            .store(false, std::sync::atomic::Ordering::Relaxed),
     }
-    publish::release(shared, &rec.tenant, held.attempt, "abort").await;
-    // The route as the store has it now, before clients are let through.
-    if let Some(cp) = shared.control_plane.get() {
-        let _ = cp.sync(shared).await;
-    }
-    held.gate.open();
+    publish::let_go(shared, &rec.tenant, held).await;
 }
 
 /// After `SwapUnknown`: the swap's write goes on until the store answers, then the rollback completes (the swap
@@ -156,6 +161,13 @@ async fn settle_when_answered(shared: Arc<Shared>, rec: Record, held: Held) {
         return;
     };
     let _one = held.live.lock.lock().await;
+    held.live
+        .swap_pending
+        .store(false, std::sync::atomic::Ordering::Release);
+    if publish::stale(&shared, &held.live) {
+        publish::let_go(&shared, &rec.tenant, &held).await;
+        return;
+    }
     let done = match answer {
         Ok(()) => match swap_locally(&shared, &rec.tenant, &rec.source).await {
             Ok(()) => after_swap_back(&shared, &rec, &held).await.map(|_| ()),
@@ -163,16 +175,21 @@ async fn settle_when_answered(shared: Arc<Shared>, rec: Record, held: Held) {
         },
         Err(refused) => {
             warn!(tenant = %rec.tenant, error = %refused, "the rollback's swap was refused");
-            match endpoints(&shared, &rec) {
-                Ok((source, target)) => match (source.connect().await, target.connect().await) {
-                    (Ok(src), Ok(dst)) => {
-                        undo(&shared, &rec, &src, &dst, &held).await;
-                        Ok(())
+            // Connections only when the fences are this instance's to set; the tenant is let go in any case.
+            let sides = match (
+                lease_held(&shared, rec.tenant.as_str()),
+                endpoints(&shared, &rec),
+            ) {
+                (true, Ok((source, target))) => {
+                    match (source.connect().await, target.connect().await) {
+                        (Ok(src), Ok(dst)) => Some((src, dst)),
+                        _ => None,
                     }
-                    (Err(e), _) | (_, Err(e)) => Err(e),
-                },
-                Err(e) => Err(e),
-            }
+                }
+                _ => None,
+            };
+            undo(&shared, &rec, sides.as_ref().map(|(s, d)| (s, d)), &held).await;
+            Ok(())
         }
     };
     if let Err(e) = done {

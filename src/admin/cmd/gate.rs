@@ -63,6 +63,11 @@ pub(super) async fn pause(
 }
 
 pub(super) fn resume(shared: &Shared, tenant: &TenantId) -> Result<Done, AdminError> {
+    if shared.migrations.swap_pending(tenant.as_str()) {
+        return Err(AdminError::invalid_state(format!(
+            "tenant {tenant:?} is held until the control plane answers its move's route swap"
+        )));
+    }
     let gate = shared
         .gates
         .peek(tenant.as_str())

@@ -87,6 +87,18 @@ pub async fn cutover_cmd(shared: &Arc<Shared>, tenant: &TenantId) -> Result<CutO
     })
 }
 
+/// While the store has not told whether the move's route swap is in, the move's outcome is not known: dropping
+/// either side's data, or undoing the move, could leave the tenant routed to what is gone.
+fn refuse_while_swap_pending(shared: &Shared, tenant: &TenantId) -> Result<(), AdminError> {
+    match shared.migrations.swap_pending(tenant.as_str()) {
+        true => Err(AdminError::new(
+            AdminCode::InvalidState,
+            format!("tenant {tenant:?}'s route swap waits for the control plane's answer; try again once it has one"),
+        )),
+        false => Ok(()),
+    }
+}
+
 /// `migrate rollback T`.
 pub async fn rollback_cmd(
     shared: &Arc<Shared>,
@@ -113,6 +125,7 @@ pub async fn finalize(
         ));
     }
     let (rec, live) = live_of(shared, tenant)?;
+    refuse_while_swap_pending(shared, tenant)?;
     if rec.state != State::Migrated {
         return Err(AdminError::new(
             AdminCode::InvalidState,
@@ -178,6 +191,7 @@ pub async fn abort(
             format!("tenant {tenant:?} has no migration"),
         )
     })?;
+    refuse_while_swap_pending(shared, tenant)?;
     if !rec.state.before_swap() {
         return Err(AdminError::new(
             AdminCode::InvalidState,
