@@ -33,6 +33,17 @@ async fn backend_of(p: &TestProxy, tenant: &str) -> Value {
         .clone()
 }
 
+/// Whether `p` routes acme to `shared` within 2 s.
+async fn routes_home(p: &TestProxy) -> bool {
+    for _ in 0..100 {
+        if backend_of(p, "acme").await == json!("shared") {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
 /// An instance of the control plane at `cp` with the two backends, tenants acme and beta, and a migration setup.
 fn member(
     cp: &PgCluster,
@@ -335,16 +346,8 @@ async fn a_cutover_holds_the_tenant_on_every_instance() {
         .await;
     assert!(back["pause_ms"].as_f64().unwrap() < 500.0, "{back}");
     for p in &proxies {
-        let mut home = false;
-        for _ in 0..50 {
-            if backend_of(p, "acme").await == json!("shared") {
-                home = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
         assert!(
-            home,
+            routes_home(p).await,
             "an instance still routes acme to the target after the rollback"
         );
     }
@@ -895,15 +898,10 @@ async fn a_swap_the_store_does_not_answer_holds_every_instance_until_it_does() {
     let after: u32 = acme_changes_to(&cp, "shared").parse().unwrap();
     assert_eq!(after, before.parse::<u32>().unwrap() + 1, "written once");
     for p in [&*a, &b] {
-        let mut home = false;
-        for _ in 0..100 {
-            if backend_of(p, "acme").await == json!("shared") {
-                home = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(home, "an instance still routes acme to the target");
+        assert!(
+            routes_home(p).await,
+            "an instance still routes acme to the target"
+        );
     }
 }
 

@@ -643,6 +643,21 @@ async fn kill9_inside_cutover_after_the_swap_completes_it() {
     settle(&env, load, &env.dedicated).await;
 }
 
+/// A rollback under the load, then every acknowledged row of both tenants on the source, once, and pgbench's
+/// invariant there.
+async fn roll_back_and_check(env: &Env, load: Load) {
+    let r = env
+        .proxy
+        .admin_ok(json!({"cmd": "migrate.rollback", "tenant": "acme"}))
+        .await;
+    assert_eq!(r["state"], "rolled_back");
+    until_acked(&load.acme, 30).await;
+    let (acme, beta) = load.stop().await;
+    check_ledger(&env.shared, "tenant_acme", &acme);
+    check_invariant(&env.shared);
+    check_ledger(&env.shared, "tenant_beta", &beta);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_after_migrated_keeps_route_reverse_tee_and_rollback() {
     let mut env = env().await;
@@ -659,16 +674,7 @@ async fn kill9_after_migrated_keeps_route_reverse_tee_and_rollback() {
         .await;
     until_acked(&load.acme, 30).await;
     env.proxy.wait_lag_zero().await;
-    let r = env
-        .proxy
-        .admin_ok(json!({"cmd": "migrate.rollback", "tenant": "acme"}))
-        .await;
-    assert_eq!(r["state"], "rolled_back");
-    until_acked(&load.acme, 30).await;
-    let (acme, beta) = load.stop().await;
-    check_ledger(&env.shared, "tenant_acme", &acme);
-    check_invariant(&env.shared);
-    check_ledger(&env.shared, "tenant_beta", &beta);
+    roll_back_and_check(&env, load).await;
     // The target's copy is fenced now.
     let e = connect(&format!(
         "host=127.0.0.1 port={} user=postgres dbname=app",
@@ -1089,14 +1095,5 @@ async fn kill9_inside_rollback_before_its_swap_leaves_the_tenant_writable() {
         ("0".into(), "1".into())
     );
     env.proxy.wait_lag_zero().await;
-    let r = env
-        .proxy
-        .admin_ok(json!({"cmd": "migrate.rollback", "tenant": "acme"}))
-        .await;
-    assert_eq!(r["state"], "rolled_back");
-    until_acked(&load.acme, 30).await;
-    let (acme, beta) = load.stop().await;
-    check_ledger(&env.shared, "tenant_acme", &acme);
-    check_invariant(&env.shared);
-    check_ledger(&env.shared, "tenant_beta", &beta);
+    roll_back_and_check(&env, load).await;
 }

@@ -282,7 +282,17 @@ pub async fn append(
             absent.push(change);
         }
     }
-    let changes = absent;
+    let changes: Vec<_> = absent.iter().map(|(t, r)| (t, r.as_ref())).collect();
+    write_changes(tx, instance, &changes).await
+}
+
+/// Writes `changes` as the next epochs, in order, announces them and commits `tx` (which holds the route lock);
+/// the last epoch written.
+async fn write_changes(
+    tx: Transaction<'_>,
+    instance: &str,
+    changes: &[(&TenantId, Option<&Route>)],
+) -> Result<i64, StoreError> {
     let mut epoch: i64 = tx
         .query_one(
             "SELECT coalesce(max(epoch), 0) FROM pgtenant_cp.route_changes",
@@ -294,8 +304,9 @@ pub async fn append(
     for (tenant, route) in changes {
         epoch += 1;
         let json = route
-            .as_ref()
-            .map(|r| serde_json::to_value(r).unwrap_or_default());
+            .map(serde_json::to_value)
+            .transpose()
+            .map_err(|e| StoreError::Pg(e.to_string()))?;
         tx.execute(
             "INSERT INTO pgtenant_cp.route_changes (epoch, tenant, route, instance) VALUES ($1, $2, $3, $4)",
             &[&epoch, &tenant.as_str(), &json, &instance],
@@ -360,25 +371,7 @@ pub async fn append_swap(
     if held.is_none() {
         return Ok(SwapWrite::NotHolder);
     }
-    let epoch: i64 = tx
-        .query_one(
-            "SELECT coalesce(max(epoch), 0) + 1 FROM pgtenant_cp.route_changes",
-            &[],
-        )
-        .await
-        .map_err(pg("read epoch"))?
-        .get(0);
-    let json = serde_json::to_value(route).map_err(|e| StoreError::Pg(e.to_string()))?;
-    tx.execute(
-        "INSERT INTO pgtenant_cp.route_changes (epoch, tenant, route, instance) VALUES ($1, $2, $3, $4)",
-        &[&epoch, &tenant.as_str(), &json, &instance],
-    )
-    .await
-    .map_err(pg("write route change"))?;
-    tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &epoch.to_string()])
-        .await
-        .map_err(pg("notify"))?;
-    tx.commit().await.map_err(pg("commit route swap"))?;
+    write_changes(tx, instance, &[(tenant, Some(route))]).await?;
     Ok(SwapWrite::Written)
 }
 
