@@ -25,6 +25,8 @@ use crate::tenant::TenantId;
 pub use plane::ControlPlane;
 use store::{InstanceRow, RouteChange, StoreError};
 
+/// Attempts of a route write whose lock wait timed out.
+const BUSY_TRIES: u32 = 3;
 /// Changes read from the store per query.
 const BATCH: i64 = 10_000;
 
@@ -46,9 +48,21 @@ impl ControlPlane {
         changes: Vec<(TenantId, Option<Route>)>,
         guard: store::Guard,
     ) -> Result<(), StoreError> {
-        let id = self.id.clone();
-        self.with_client(async move |c| store::append(c, &id, &changes, guard).await.map(|_| ()))
-            .await?;
+        // A lock held past `lock_timeout` (another instance's write or a move's swap) is tried again a few
+        // times before the operator is told the store is busy.
+        for tries_left in (0..BUSY_TRIES).rev() {
+            let (id, changes) = (self.id.clone(), &changes);
+            let written = self
+                .with_client(async move |c| store::append(c, &id, changes, guard).await.map(|_| ()))
+                .await;
+            match written {
+                Err(StoreError::Busy(_)) if tries_left > 0 => {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                Err(e) => return Err(e),
+                Ok(()) => break,
+            }
+        }
         self.sync(shared).await
     }
 
