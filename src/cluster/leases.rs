@@ -68,6 +68,11 @@ impl LeaseClock {
         );
     }
 
+    /// The generation of this instance's last renewal of `tenant`'s lease, however long ago.
+    pub fn generation(&self, tenant: &str) -> Option<i64> {
+        self.lock().get(tenant).map(|r| r.generation)
+    }
+
     fn lost(&self, tenant: &str) {
         self.lock().remove(tenant);
     }

@@ -72,7 +72,7 @@ impl ControlPlane {
     pub async fn write_swap(
         &self,
         tenant: &TenantId,
-        since: i64,
+        since: store::SwapBasis,
         route: &Route,
     ) -> Result<store::SwapWrite, StoreError> {
         let (id, me) = (self.id.clone(), self.incarnation.clone());

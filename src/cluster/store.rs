@@ -321,6 +321,14 @@ async fn write_changes(
     Ok(epoch)
 }
 
+/// What a swap's write is conditional on, read when the tenant is held: the store's log as this instance had
+/// applied it, and the generation of the move's lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SwapBasis {
+    pub epoch: i64,
+    pub generation: i64,
+}
+
 /// What [`append_swap`] found.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SwapWrite {
@@ -334,8 +342,9 @@ pub enum SwapWrite {
 }
 
 /// Appends a migration's route swap of `tenant`, unless the tenant's route changed in the store after epoch
-/// `since` (the epoch the coordinator had applied when it held the tenant), and only while the move's lease is
-/// `holder`'s (instance id and process). Retrying it is safe: an attempt whose commit went through but whose
+/// `since.epoch` (the epoch the coordinator had applied when it held the tenant), and only while the move's
+/// lease is `holder`'s (instance id and process) with the generation it had then (`since.generation`; a lease
+/// lost and taken again since is another coordinator's). Retrying it is safe: an attempt whose commit went through but whose
 /// answer was lost is found, not written twice, and a newer route (an operator's, a rollback's) is never
 /// written over. The lease row stays locked to the commit, so an instance taking the move over does so after
 /// the swap is in, and finds it.
@@ -343,7 +352,7 @@ pub async fn append_swap(
     c: &mut Client,
     holder: (&str, &str),
     tenant: &TenantId,
-    since: i64,
+    since: SwapBasis,
     route: &Route,
 ) -> Result<SwapWrite, StoreError> {
     let (instance, incarnation) = holder;
@@ -353,7 +362,7 @@ pub async fn append_swap(
         .query_opt(
             "SELECT epoch, route FROM pgtenant_cp.route_changes WHERE tenant = $1 AND epoch > $2
               ORDER BY epoch DESC LIMIT 1",
-            &[&tenant.as_str(), &since],
+            &[&tenant.as_str(), &since.epoch],
         )
         .await
         .map_err(pg("read the tenant's route"))?;
@@ -363,8 +372,9 @@ pub async fn append_swap(
     }
     let held = tx
         .query_opt(
-            "SELECT 1 FROM pgtenant_cp.migrations WHERE tenant = $1 AND holder = $2 AND incarnation = $3 FOR UPDATE",
-            &[&tenant.as_str(), &instance, &incarnation],
+            "SELECT 1 FROM pgtenant_cp.migrations
+              WHERE tenant = $1 AND holder = $2 AND incarnation = $3 AND generation = $4 FOR UPDATE",
+            &[&tenant.as_str(), &instance, &incarnation, &since.generation],
         )
         .await
         .map_err(pg("check the move's lease"))?;

@@ -91,7 +91,7 @@ pub async fn cutover(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<CutOver, 
     let attempt = ControlPlane::new_attempt();
     // The log as applied when the tenant is held: the swap is written only if the tenant's route is unchanged
     // since.
-    let since = publish::since(shared);
+    let since = publish::since(shared, &rec.tenant);
     let held = async {
         // With several instances, each holds the tenant too before anything is drained or swapped.
         if let Some(cp) = cluster {
@@ -149,7 +149,7 @@ pub(super) struct Held {
     pub gate: Arc<Gate>,
     pub closed_at: Instant,
     pub attempt: i64,
-    pub since: i64,
+    pub since: crate::cluster::store::SwapBasis,
 }
 
 /// After `SwapUnknown`: the swap's write goes on until the store answers, then the cutover completes (the swap
@@ -459,7 +459,7 @@ async fn fall_back(
 pub(super) async fn swap_route(
     shared: &Arc<Shared>,
     tenant: &TenantId,
-    since: i64,
+    since: crate::cluster::store::SwapBasis,
     route: &Route,
 ) -> Result<(), MigrateError> {
     publish::store_swap(shared, tenant, since, route).await?;

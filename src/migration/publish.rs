@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::MigrateError;
-use crate::cluster::store::SwapWrite;
+use crate::cluster::store::{SwapBasis, SwapWrite};
 use crate::cluster::ControlPlane;
 use crate::context::Shared;
 use crate::routing::Route;
@@ -40,12 +40,19 @@ const RETRY_LATER: Duration = Duration::from_millis(500);
 /// operator acts (the limit keeps a task from retrying for the life of the process).
 const RETRY_LIMIT: Duration = Duration::from_secs(3600);
 
-/// The epoch a swap's write is conditional on: the store's log as this instance has applied it when the tenant
-/// is held (none without a control plane).
-pub(super) fn since(shared: &Shared) -> i64 {
-    shared.control_plane.get().map_or(0, |cp| {
-        cp.applied.load(std::sync::atomic::Ordering::Acquire)
-    })
+/// What a swap's write is conditional on, read when the tenant is held: the store's log as this instance has
+/// applied it, and its lease's generation (none without a control plane).
+pub(super) fn since(shared: &Shared, tenant: &TenantId) -> SwapBasis {
+    let Some(cp) = shared.control_plane.get() else {
+        return SwapBasis {
+            epoch: 0,
+            generation: 0,
+        };
+    };
+    SwapBasis {
+        epoch: cp.applied.load(std::sync::atomic::Ordering::Acquire),
+        generation: cp.lease_clock.generation(tenant.as_str()).unwrap_or(0),
+    }
 }
 
 /// Writes the swap of `tenant` to `route` to the store (nothing to do without a control plane). `Ok` once the
@@ -55,7 +62,7 @@ pub(super) fn since(shared: &Shared) -> i64 {
 pub(super) async fn store_swap(
     shared: &Shared,
     tenant: &TenantId,
-    since: i64,
+    since: SwapBasis,
     route: &Route,
 ) -> Result<(), MigrateError> {
     let Some(cp) = shared.control_plane.get() else {
@@ -102,7 +109,7 @@ pub(super) async fn store_swap(
 pub(super) async fn keep_writing(
     shared: &Shared,
     tenant: &TenantId,
-    since: i64,
+    since: SwapBasis,
     route: &Route,
 ) -> Option<Result<(), MigrateError>> {
     let cp = shared.control_plane.get()?;
@@ -127,7 +134,7 @@ async fn attempt(
     shared: &Shared,
     cp: &ControlPlane,
     tenant: &TenantId,
-    since: i64,
+    since: SwapBasis,
     route: &Route,
     limit: Duration,
 ) -> Result<(), Failed> {
@@ -174,7 +181,7 @@ async fn write_once(
     shared: &Shared,
     cp: &ControlPlane,
     tenant: &TenantId,
-    since: i64,
+    since: SwapBasis,
     route: &Route,
 ) -> Result<(), Failed> {
     let failpoints = &shared.migrations.failpoints;

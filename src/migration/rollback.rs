@@ -63,7 +63,7 @@ pub async fn rollback(shared: &Arc<Shared>, live: &Arc<Live>) -> Result<RolledBa
     let closed_at = Instant::now();
     gate.close();
     let attempt = crate::cluster::ControlPlane::new_attempt();
-    let since = publish::since(shared);
+    let since = publish::since(shared, &rec.tenant);
     let held = hold_everywhere(shared, &rec.tenant, attempt, closed_at + timeout);
     let back = async {
         held.await?;
