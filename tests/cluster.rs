@@ -99,6 +99,16 @@ fn spawn_member_with(h: &Harness, failpoints: &str) -> Member {
     )
 }
 
+/// Kills the instance's process (`kill -9`) and reaps it.
+fn kill9(child: &mut Member) {
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let _ = child.0.wait();
+}
+
 /// Waits (up to 10 s) until `p` lists `n` live instances.
 async fn wait_members(p: &TestProxy, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -488,7 +498,6 @@ async fn taker(others: &[TestProxy], since: Instant) -> &TestProxy {
 /// lease runs out, and the move completes with every write made through any instance on the target.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_instance_takes_over_a_move_whose_coordinator_died() {
-    use std::process::Command;
     let (cp, shared, dedicated) = (PgCluster::start(), PgCluster::start(), PgCluster::start());
     let (_first, mut child, others) = move_on_a_process(&cp, &shared, &dedicated).await;
     let write = |p: &TestProxy, from: i32| {
@@ -505,12 +514,7 @@ async fn another_instance_takes_over_a_move_whose_coordinator_died() {
     };
     write(&others[0], 100_000).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(Command::new("kill")
-        .args(["-KILL", &child.0.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
-    let _ = child.0.wait();
+    kill9(&mut child);
     let killed = Instant::now();
     write(&others[1], 200_000).await;
     // One of the others takes the move over once the lease runs out.
@@ -946,7 +950,6 @@ async fn a_second_move_into_the_same_place_is_refused_on_every_instance() {
 /// from where the tee carries it to the target.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_killed_while_holding_for_its_swap_is_settled_by_the_taker() {
-    use std::process::Command;
     let (cp, shared, dedicated) = (PgCluster::start(), PgCluster::start(), PgCluster::start());
     let (first, mut child, others) =
         move_on_a_process_with(&cp, &shared, &dedicated, "swap.store=error").await;
@@ -972,12 +975,7 @@ async fn a_coordinator_killed_while_holding_for_its_swap_is_settled_by_the_taker
         tokio::spawn(async move { held.execute("INSERT INTO a (v) VALUES (717171)", &[]).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!write.is_finished(), "the write was not held");
-    assert!(Command::new("kill")
-        .args(["-KILL", &child.0.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
-    let _ = child.0.wait();
+    kill9(&mut child);
     cut.abort();
     let killed = Instant::now();
     let taker = taker(&others, killed).await;

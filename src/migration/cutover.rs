@@ -156,16 +156,10 @@ pub(super) struct Held {
 /// is in) or falls back (refused), under the move's lock. Without an answer the tenant stays held; a restart
 /// settles it from the store.
 async fn settle_when_answered(shared: Arc<Shared>, rec: Record, held: Held) {
-    let Some(answer) = publish::keep_writing(&shared, &rec.tenant, held.since, &rec.target).await
+    let Some((_one, answer)) = publish::answer(&shared, &rec.tenant, &held, &rec.target).await
     else {
         return;
     };
-    let _one = held.live.lock.lock().await;
-    held.live.swap_pending.store(false, Ordering::Release);
-    if publish::stale(&shared, &held.live) {
-        publish::let_go(&shared, &rec.tenant, &held).await;
-        return;
-    }
     let done = match answer {
         Ok(()) => match swap_locally(&shared, &rec.tenant, &rec.target).await {
             Ok(()) => {

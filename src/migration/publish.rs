@@ -211,6 +211,27 @@ async fn write_once(
         .map_err(unanswered)
 }
 
+/// After `SwapUnknown`: the store's answer to the swap to `route`, with the move's lock taken. `None` when
+/// nothing is left to do: no answer (the tenant stays held), or the move is no longer this task's (the tenant
+/// was let go).
+pub(super) async fn answer<'a>(
+    shared: &Arc<Shared>,
+    tenant: &TenantId,
+    held: &'a super::cutover::Held,
+    route: &Route,
+) -> Option<(tokio::sync::MutexGuard<'a, ()>, Result<(), MigrateError>)> {
+    let answer = keep_writing(shared, tenant, held.since, route).await?;
+    let lock = held.live.lock.lock().await;
+    held.live
+        .swap_pending
+        .store(false, std::sync::atomic::Ordering::Release);
+    if stale(shared, &held.live) {
+        let_go(shared, tenant, held).await;
+        return None;
+    }
+    Some((lock, answer))
+}
+
 /// Whether a move's waiting task acts on a move no longer this instance's to drive: stopped, replaced in the
 /// registry (aborted, finished, taken over and resumed), or its lease not held.
 pub(super) fn stale(shared: &Shared, live: &Arc<super::registry::Live>) -> bool {

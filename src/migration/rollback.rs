@@ -156,18 +156,10 @@ async fn undo(shared: &Arc<Shared>, rec: &Record, sides: Option<(&Client, &Clien
 /// is in) or is undone (refused), under the move's lock. Without an answer the tenant stays held; a restart
 /// settles it from the store.
 async fn settle_when_answered(shared: Arc<Shared>, rec: Record, held: Held) {
-    let Some(answer) = publish::keep_writing(&shared, &rec.tenant, held.since, &rec.source).await
+    let Some((_one, answer)) = publish::answer(&shared, &rec.tenant, &held, &rec.source).await
     else {
         return;
     };
-    let _one = held.live.lock.lock().await;
-    held.live
-        .swap_pending
-        .store(false, std::sync::atomic::Ordering::Release);
-    if publish::stale(&shared, &held.live) {
-        publish::let_go(&shared, &rec.tenant, &held).await;
-        return;
-    }
     let done = match answer {
         Ok(()) => match swap_locally(&shared, &rec.tenant, &rec.source).await {
             Ok(()) => after_swap_back(&shared, &rec, &held).await.map(|_| ()),
