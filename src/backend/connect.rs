@@ -136,7 +136,7 @@ async fn connect_inner(pool: &Pool, tag: Arc<StartupTag>) -> Result<ServerConn, 
 
 async fn negotiate_tls(backend: &Backend, mut tcp: TcpStream) -> Result<Stream, ConnectError> {
     let Some(connector) = &backend.tls else {
-        return Ok(Stream::Tcp(tcp));
+        return Ok(Stream::plain(tcp));
     };
     let io = |source| ConnectError::Io {
         backend: backend.name.clone(),
@@ -157,7 +157,7 @@ async fn negotiate_tls(backend: &Backend, mut tcp: TcpStream) -> Result<Stream, 
             let tls = connector.connect(name, tcp).await.map_err(io)?;
             Ok(Stream::ClientTls(Box::new(tls)))
         }
-        b'N' if backend.config.sslmode == SslMode::Prefer => Ok(Stream::Tcp(tcp)),
+        b'N' if backend.config.sslmode == SslMode::Prefer => Ok(Stream::plain(tcp)),
         b'N' => Err(ConnectError::TlsRefused(backend.name.clone())),
         _ => Err(ConnectError::Protocol {
             backend: backend.name.clone(),

@@ -220,7 +220,7 @@ impl Pool {
             return None;
         }
         let i = pick_idle(&inner.idle, tag, tenant, None).0?;
-        if !alive(&inner.idle[i]) {
+        if !alive(&mut inner.idle[i]) {
             return None;
         }
         let conn = take_idle(&mut inner, i);
@@ -358,8 +358,8 @@ impl Pool {
         tag: &Arc<StartupTag>,
         tenant: Option<&TenantId>,
     ) -> Result<PooledConn, PoolError> {
-        if let Grant::Conn(conn) = grant {
-            if alive(&conn) && (Arc::ptr_eq(&conn.tag, tag) || conn.tag == *tag) {
+        if let Grant::Conn(mut conn) = grant {
+            if alive(&mut conn) && (Arc::ptr_eq(&conn.tag, tag) || conn.tag == *tag) {
                 return Ok(self.wrap(conn, tenant));
             }
             // Dead, or opened with other parameters: its place is ours to open a new one in.
@@ -663,26 +663,8 @@ fn note_released(inner: &mut Inner, tenant: Option<&TenantId>, cap: usize) {
 }
 
 /// An idle backend has nothing to say; if its socket is readable it sent an error (shutdown, terminate) or closed.
-fn alive(conn: &ServerConn) -> bool {
-    if !conn.buf.is_empty() {
-        return false;
-    }
-    let Some(tcp) = conn.stream.tcp() else {
-        return true;
-    };
-    // The readiness the reactor last saw, read with a waker that does nothing: nobody waits on an idle
-    // connection, and unlike a `ready()` future this takes the socket's waiter lock once, not twice.
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    if tcp.poll_read_ready(&mut cx).is_pending() {
-        return true;
-    }
-    // Readiness is a hint: the reactor can take the event of the reply's last bytes after the read that
-    // emptied the socket, which leaves it set with nothing to read (seen as a client's connection replaced
-    // for no reason, about one run in six of `tenants_taking_turns_each_find_their_own_connection_again`).
-    // A peek settles it; nothing to read clears the readiness again.
-    let mut byte = [0u8; 1];
-    let mut buf = tokio::io::ReadBuf::new(&mut byte);
-    tcp.poll_peek(&mut cx, &mut buf).is_pending()
+fn alive(conn: &mut ServerConn) -> bool {
+    conn.buf.is_empty() && conn.stream.nothing_to_read()
 }
 
 /// An idle connection of a pool.

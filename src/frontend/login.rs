@@ -41,7 +41,7 @@ pub enum LoginError {
 pub async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, ticket: LoginTicket) {
     let _ = tcp.set_nodelay(true);
     crate::net::keepalive::apply(&tcp, shared.config.load().proxy.keepalive());
-    serve_stream(shared, Stream::Tcp(tcp), ticket).await
+    serve_stream(shared, Stream::plain(tcp), ticket).await
 }
 
 /// Logs a client in on `stream` and runs its session (a TCP socket, or an in-process pipe in tests), inside a

@@ -11,7 +11,6 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWrite;
-use tokio_util::io::poll_read_buf;
 
 use super::parts::{End, OUT_HIGH_WATER};
 use super::session::Session;
@@ -217,7 +216,11 @@ impl Session {
             && self.client.cout.len() < OUT_HIGH_WATER
         {
             read_space(&mut self.client.cin);
-            match poll_read_buf(Pin::new(&mut self.client.stream), cx, &mut self.client.cin) {
+            match self
+                .client
+                .stream
+                .poll_read_bytes(cx, &mut self.client.cin, self.one_thread)
+            {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
                     return Poll::Ready(Err(End::ClientGone))
                 }
@@ -232,7 +235,10 @@ impl Session {
             if let Some(s) = self.server.as_mut() {
                 let conn = s.conn.get_mut();
                 read_space(&mut conn.buf);
-                match poll_read_buf(Pin::new(&mut conn.stream), cx, &mut conn.buf) {
+                match conn
+                    .stream
+                    .poll_read_bytes(cx, &mut conn.buf, self.one_thread)
+                {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
                         return Poll::Ready(Err(End::ServerGone))
                     }

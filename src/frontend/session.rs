@@ -46,6 +46,9 @@ pub struct Session {
     pub(super) handle: SessionHandle,
     /// Client timeouts (`None` when none is configured).
     pub(super) timeouts: Option<Box<Timeouts>>,
+    /// The session runs on a single-threaded runtime, where the relay's reads may trust their last
+    /// registration (see `rawio::poll_recv_armed`).
+    pub(super) one_thread: bool,
 }
 
 impl Session {
@@ -97,6 +100,7 @@ impl Session {
             cancel,
             handle,
             timeouts: Timeouts::new(&config.proxy),
+            one_thread: crate::net::on_one_thread(),
             shared,
             info,
         };

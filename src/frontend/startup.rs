@@ -118,7 +118,7 @@ async fn negotiate_tls(
     tls: Option<&TlsAcceptor>,
 ) -> Result<Stream, HandshakeError> {
     let mut tcp = match stream {
-        Stream::Tcp(tcp) => tcp,
+        Stream::Tcp(tcp, _) => tcp,
         // An in-process pipe has no TLS to offer.
         Stream::Memory(mut pipe) => {
             pipe.write_all(b"N").await?;
@@ -135,7 +135,7 @@ async fn negotiate_tls(
     }
     let Some(acceptor) = tls else {
         tcp.write_all(b"N").await?;
-        return Ok(Stream::Tcp(tcp));
+        return Ok(Stream::plain(tcp));
     };
     tcp.write_all(b"S").await?;
     let tls = acceptor.accept(tcp).await.map_err(HandshakeError::Tls)?;

@@ -8,7 +8,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 pub enum Stream {
-    Tcp(TcpStream),
+    /// Plain TCP, with the task whose read wake-up is registered (see `rawio::poll_recv_armed`).
+    Tcp(TcpStream, Armed),
     /// Client-facing TLS (we are the server).
     ServerTls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     /// Backend-facing TLS (we are the client).
@@ -17,7 +18,17 @@ pub enum Stream {
     Memory(tokio::io::DuplexStream),
 }
 
+/// The task (its waker's data and vtable pointers) that registered for the socket's next read readiness and saw none since;
+/// 0 when nobody is known to be registered. See `rawio::poll_recv_armed`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Armed(pub(super) (usize, usize));
+
 impl Stream {
+    /// A plain TCP connection.
+    pub fn plain(tcp: TcpStream) -> Stream {
+        Stream::Tcp(tcp, Armed::default())
+    }
+
     pub fn is_tls(&self) -> bool {
         matches!(self, Stream::ServerTls(_) | Stream::ClientTls(_))
     }
@@ -25,7 +36,7 @@ impl Stream {
     /// The socket under the stream (none for an in-process pipe).
     pub fn tcp(&self) -> Option<&TcpStream> {
         match self {
-            Stream::Tcp(s) => Some(s),
+            Stream::Tcp(s, _) => Some(s),
             Stream::ServerTls(s) => Some(s.get_ref().0),
             Stream::ClientTls(s) => Some(s.get_ref().0),
             Stream::Memory(_) => None,
@@ -38,9 +49,44 @@ impl Stream {
     pub fn try_send(&self, data: &[u8]) -> io::Result<Option<usize>> {
         match self {
             #[cfg(target_os = "linux")]
-            Stream::Tcp(s) => super::rawio::try_send(s, data),
+            Stream::Tcp(s, _) => super::rawio::try_send(s, data),
             _ => Ok(None),
         }
+    }
+
+    /// Reads into the spare capacity of `buf` (on plain TCP at least 1 KiB is made free; the relay keeps
+    /// more): the bytes read, 0 at the end. On plain TCP, a task on a single-threaded runtime (`one_thread`)
+    /// that reads in a loop skips tokio's readiness registration while its last one stands (see
+    /// `rawio::poll_recv_armed`).
+    pub fn poll_read_bytes(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut bytes::BytesMut,
+        one_thread: bool,
+    ) -> Poll<io::Result<usize>> {
+        #[cfg(target_os = "linux")]
+        if let Stream::Tcp(s, armed) = self {
+            let armed = one_thread.then_some(&mut armed.0);
+            return super::rawio::poll_recv_armed(s, armed, cx, buf);
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = one_thread;
+        tokio_util::io::poll_read_buf(Pin::new(self), cx, buf)
+    }
+
+    /// Whether nothing has arrived on an idle connection (the pool's liveness check), without registering a
+    /// waker: the one the connection's last reader left stays, and so does its `Armed` unless the check had
+    /// to peek (the readiness was set; see `rawio::nothing_to_read`).
+    pub fn nothing_to_read(&mut self) -> bool {
+        #[cfg(target_os = "linux")]
+        if let Stream::Tcp(s, armed) = self {
+            let (quiet, peeked) = super::rawio::nothing_to_read(s);
+            if peeked {
+                *armed = Armed::default();
+            }
+            return quiet;
+        }
+        self.tcp().is_none_or(quiet_by_readiness)
     }
 
     pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
@@ -48,10 +94,22 @@ impl Stream {
     }
 }
 
+/// [`Stream::nothing_to_read`] through tokio's readiness (TLS, or not Linux), read with a waker that does
+/// nothing (nobody waits on an idle connection), and a peek when it is set.
+fn quiet_by_readiness(tcp: &TcpStream) -> bool {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    if tcp.poll_read_ready(&mut cx).is_pending() {
+        return true;
+    }
+    let mut byte = [0u8; 1];
+    let mut buf = ReadBuf::new(&mut byte);
+    tcp.poll_peek(&mut cx, &mut buf).is_pending()
+}
+
 macro_rules! delegate {
     ($self:ident, $s:ident => $e:expr) => {
         match $self.get_mut() {
-            Stream::Tcp($s) => {
+            Stream::Tcp($s, _) => {
                 let $s = Pin::new($s);
                 $e
             }
@@ -73,12 +131,14 @@ macro_rules! delegate {
 
 impl AsyncRead for Stream {
     fn poll_read(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         #[cfg(target_os = "linux")]
-        if let Stream::Tcp(s) = self.as_ref().get_ref() {
+        if let Stream::Tcp(s, armed) = self.as_mut().get_mut() {
+            // A read outside the relay's: whatever it saw, the relay's next read registers again.
+            *armed = Armed::default();
             return super::rawio::poll_recv(s, cx, buf);
         }
         delegate!(self, s => s.poll_read(cx, buf))
@@ -92,7 +152,7 @@ impl AsyncWrite for Stream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         #[cfg(target_os = "linux")]
-        if let Stream::Tcp(s) = self.as_ref().get_ref() {
+        if let Stream::Tcp(s, _) = self.as_ref().get_ref() {
             return super::rawio::poll_send(s, cx, buf);
         }
         delegate!(self, s => s.poll_write(cx, buf))
@@ -116,7 +176,7 @@ impl AsyncWrite for Stream {
 
     fn is_write_vectored(&self) -> bool {
         match self {
-            Stream::Tcp(s) => s.is_write_vectored(),
+            Stream::Tcp(s, _) => s.is_write_vectored(),
             Stream::ServerTls(s) => s.is_write_vectored(),
             Stream::ClientTls(s) => s.is_write_vectored(),
             Stream::Memory(s) => s.is_write_vectored(),
