@@ -113,11 +113,11 @@ impl Session {
             }
         }
         let (routed, waited) = if self.pooling.tx_mode && self.server.is_none() {
-            let unparked = match self.unpark_now() {
-                Ok(Some(rest)) => Box::pin(self.unpark_later(rest)).await,
-                other => other.map(|_| ()),
-            };
-            (unparked, true)
+            // A connection taken without an await waited for nothing, and reads no clock for it.
+            match self.unpark_now() {
+                Ok(Some(rest)) => (Box::pin(self.unpark_later(rest)).await, true),
+                other => (other.map(|_| ()), false),
+            }
         } else if self.route_changed() {
             // Rare: boxed, so its state does not sit in every idle session's task.
             (Box::pin(self.follow_route()).await, true)
@@ -126,7 +126,7 @@ impl Session {
         };
         match routed {
             // As PgBouncer's wait time: counted for transactions that got their connection. A session that
-            // kept its connection waited for nothing, and reads no clock for it.
+            // kept its connection, or took an idle one at once, waited for nothing.
             Ok(()) => {
                 // `started` is `arrived` unless the session waited at a closed gate (read after that wait).
                 let now = if waited {

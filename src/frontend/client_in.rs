@@ -117,6 +117,13 @@ impl Session {
             let Some(frame) = self.client.cin.get(run..run + h.total) else {
                 break;
             };
+            // The statement's words, searched once for both the tenant-statement check and the booking.
+            let mut words = None;
+            let mut pass = |tag: u8, frame: &[u8]| {
+                let (r, w) = recognise_frame(tag, frame);
+                words = w;
+                matches!(r, sql::Recognised::Pass)
+            };
             let plain = match h.tag {
                 fe::SYNC | fe::FLUSH => true,
                 fe::EXECUTE => admitted,
@@ -130,19 +137,15 @@ impl Session {
                     admitted
                         && ClientStatements::parses_unnamed(frame)
                         && s.inflight.len() < MAX_INFLIGHT
-                        && matches!(recognise_frame(h.tag, frame), sql::Recognised::Pass)
+                        && pass(h.tag, frame)
                 }
-                fe::QUERY | fe::PARSE => {
-                    admitted
-                        && !self.pooling.tx_mode
-                        && matches!(recognise_frame(h.tag, frame), sql::Recognised::Pass)
-                }
+                fe::QUERY | fe::PARSE => admitted && !self.pooling.tx_mode && pass(h.tag, frame),
                 _ => false,
             };
             if !plain {
                 break;
             }
-            book(s, &mut self.state, &mut self.txn, h.tag, Some(frame));
+            book(s, &mut self.state, &mut self.txn, h.tag, Some(frame), words);
             if h.tag == fe::PARSE && self.pooling.tx_mode {
                 let conn = s.conn.get_mut();
                 self.pooling.statements.note_unnamed_parse(
@@ -178,11 +181,11 @@ impl Session {
                     Err(e) => return Err(End::Fatal(e)),
                 }
                 if !self.client.discarding {
-                    self.count_request(tag, None);
+                    self.count_request(tag, None, None);
                 }
                 return Ok(HeadStep::Handled);
             }
-            Admission::Go => self.count_request(tag, None),
+            Admission::Go => self.count_request(tag, None, None),
             // The session is blocked until the backend owes nothing.
             Admission::Wait => return Ok(HeadStep::Later),
             Admission::Refuse(err) => {
@@ -228,7 +231,7 @@ impl Session {
                 return Ok(());
             }
         }
-        let recognised = recognise_frame(tag, &self.client.cin[..total]);
+        let (recognised, words) = recognise_frame(tag, &self.client.cin[..total]);
         match (tag, recognised) {
             (_, sql::Recognised::Pass) => match self.begin_work(tag).await? {
                 Admission::Wait => {}
@@ -237,7 +240,7 @@ impl Session {
                     self.refuse(tag, err);
                 }
                 Admission::Go => {
-                    self.count_request(tag, Some(total));
+                    self.count_request(tag, Some(total), words);
                     if self.pooling.tx_mode
                         && matches!(tag, fe::PARSE | fe::BIND | fe::DESCRIBE | fe::CLOSE)
                     {
@@ -369,10 +372,10 @@ impl Session {
     }
 
     /// Books a frame about to be forwarded (`total`: its length when it is held whole).
-    fn count_request(&mut self, tag: u8, total: Option<usize>) {
+    fn count_request(&mut self, tag: u8, total: Option<usize>, words: Option<sql::Words>) {
         if let Some(s) = self.server.as_mut() {
             let frame = total.map(|n| &self.client.cin[..n]);
-            book(s, &mut self.state, &mut self.txn, tag, frame);
+            book(s, &mut self.state, &mut self.txn, tag, frame, words);
         }
     }
 
@@ -390,16 +393,18 @@ impl Session {
 }
 
 /// Books a client frame forwarded to `server`: what the backend will owe for it, the session state it may
-/// change, and the query count (`frame`: the frame when it is held whole).
+/// change, and the query count (`frame`: the frame when it is held whole; `words`: its statement's, when
+/// searched already).
 fn book(
     server: &mut Server,
     state: &mut SessionState,
     txn: &mut Txn,
     tag: u8,
     frame: Option<&[u8]>,
+    words: Option<sql::Words>,
 ) {
     let owes = server.note_sent(tag);
-    state.on_client(tag, frame, owes);
+    state.on_client_words(tag, frame, owes, words);
     if matches!(tag, fe::QUERY | fe::EXECUTE | fe::FUNCTION_CALL) {
         txn.tally.queries += 1;
         // The query time runs from the first query sent while the backend owed nothing to the ReadyForQuery
@@ -411,11 +416,13 @@ fn book(
     }
 }
 
-/// Whether a whole Query or Parse frame is a tenant statement; other frames pass.
-fn recognise_frame(tag: u8, frame: &[u8]) -> sql::Recognised {
-    match tag {
-        fe::QUERY => sql::recognise(inspect::query_text(frame).unwrap_or_default()),
-        fe::PARSE => sql::recognise(inspect::parse_statement(frame).map_or(&[][..], |(_, t)| t)),
-        _ => sql::Recognised::Pass,
-    }
+/// Whether a whole Query or Parse frame is a tenant statement (other frames pass), with its statement's words.
+fn recognise_frame(tag: u8, frame: &[u8]) -> (sql::Recognised, Option<sql::Words>) {
+    let text = match tag {
+        fe::QUERY => inspect::query_text(frame).unwrap_or_default(),
+        fe::PARSE => inspect::parse_statement(frame).map_or(&[][..], |(_, t)| t),
+        _ => return (sql::Recognised::Pass, None),
+    };
+    let words = sql::Words::of(text);
+    (sql::recognise_with(text, words), Some(words))
 }

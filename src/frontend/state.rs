@@ -120,6 +120,18 @@ impl SessionState {
     /// A client frame was forwarded; `owes_ready` says whether the backend will answer it with ReadyForQuery
     /// (a Sync during COPY is ignored). `frame` is `None` for a frame too large to hold whole.
     pub fn on_client(&mut self, tag: u8, frame: Option<&[u8]>, owes_ready: bool) {
+        self.on_client_words(tag, frame, owes_ready, None);
+    }
+
+    /// [`SessionState::on_client`] with the words of the frame's statement already searched (see
+    /// `sql::Words`), when the caller has them.
+    pub fn on_client_words(
+        &mut self,
+        tag: u8,
+        frame: Option<&[u8]>,
+        owes_ready: bool,
+        words: Option<sql::Words>,
+    ) {
         if owes_ready {
             self.rfq_sent += 1;
             // Every ReadyForQuery pops one entry, so Syncs and FunctionCalls get an empty one.
@@ -148,11 +160,13 @@ impl SessionState {
         };
         match tag {
             fe::QUERY => {
-                let effect = inspect::query_text(frame).map_or(Effect::None, sql::classify);
+                let effect = inspect::query_text(frame).map_or(Effect::None, |text| {
+                    sql::classify_with(text, words.unwrap_or_else(|| sql::Words::of(text)))
+                });
                 // (Counted as the frame's size: the effect may copy its text.)
                 self.push_query(effect, frame.len());
             }
-            fe::PARSE => self.on_parse(frame),
+            fe::PARSE => self.on_parse(frame, words),
             fe::CLOSE => {
                 let name = frame.get(5..).and_then(|b| match b.split_first() {
                     Some((b'S', rest)) => rest.strip_suffix(&[0]).filter(|n| !n.is_empty()),
@@ -167,12 +181,12 @@ impl SessionState {
         }
     }
 
-    fn on_parse(&mut self, frame: &[u8]) {
+    fn on_parse(&mut self, frame: &[u8], words: Option<sql::Words>) {
         let Some((name, text)) = inspect::parse_statement(frame) else {
             return;
         };
         // Statements that change session state through the extended protocol are not followed: pin instead.
-        match sql::classify(text) {
+        match sql::classify_with(text, words.unwrap_or_else(|| sql::Words::of(text))) {
             Effect::None => {}
             // Until the transaction ends, statements prepared now may resolve names differently.
             Effect::LocalSet => self.local_set = true,

@@ -2,18 +2,10 @@
 //! prepared statements, and state that pins a session to its connection (LISTEN, temporary tables, advisory
 //! locks, cursors WITH HOLD).
 
-use std::sync::LazyLock;
-
-use memchr::memmem::Finder;
-
 use super::lex::{
-    contains_words, first_word, more_than_one_statement, setting_name, split_statements, word,
-    Statement, Tok,
+    first_word, more_than_one_statement, setting_name, split_statements, word, Statement, Tok,
+    Words,
 };
-
-static ADVISORY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"advisory"));
-
-static SET_CONFIG: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"set_config"));
 
 /// What a simple query does to session state that the proxy can carry to another backend connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,9 +70,14 @@ const STATE_WORDS: [&str; 11] = [
 /// Classifies a simple query. Cheap for ordinary queries: one look at the first word (and a substring check
 /// for advisory locks).
 pub fn classify(sql: &[u8]) -> Effect {
+    classify_with(sql, Words::of(sql))
+}
+
+/// [`classify`] with the statement's words already searched.
+pub fn classify_with(sql: &[u8], words: Words) -> Effect {
     // set_config(..., false) changes a setting for the session in a way the proxy does not follow; "advisory"
     // is rare, and only then is the text looked at closer.
-    let [advisory, set_config] = contains_words(sql, [&ADVISORY, &SET_CONFIG]);
+    let (advisory, set_config) = (words.has(Words::ADVISORY), words.has(Words::SET_CONFIG));
     if advisory {
         let lower = sql.to_ascii_lowercase();
         let has = |needle: &[u8]| memchr::memmem::find(&lower, needle).is_some();

@@ -6,13 +6,7 @@
 //! statements and read the first few tokens of each, so that a tenant statement hidden in a multi-statement
 //! query is refused instead of reaching a backend, where it would silently set a meaningless placeholder variable.
 
-use std::sync::LazyLock;
-
-use memchr::memmem::Finder;
-
-use super::lex::{
-    contains_at_first_letter, contains_words, is_name, split_statements, Statement, Tok,
-};
+use super::lex::{contains_at_first_letter, is_name, split_statements, Statement, Tok, Words};
 
 /// What a `pgtenant.tenant` statement asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,14 +43,13 @@ pub fn mentions_pgtenant(sql: &[u8]) -> bool {
     contains_at_first_letter(sql, NAME)
 }
 
-static PGTENANT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(NAME));
-
-static REPLICATION_ROLE: LazyLock<Finder<'static>> =
-    LazyLock::new(|| Finder::new(b"replication_role"));
-
 pub fn recognise(sql: &[u8]) -> Recognised {
-    let [pgtenant, replication] = contains_words(sql, [&PGTENANT, &REPLICATION_ROLE]);
-    if !pgtenant && !replication {
+    recognise_with(sql, Words::of(sql))
+}
+
+/// [`recognise`] with the statement's words already searched.
+pub fn recognise_with(sql: &[u8], words: Words) -> Recognised {
+    if !words.has(Words::PGTENANT) && !words.has(Words::REPLICATION_ROLE) {
         return Recognised::Pass;
     }
     let statements = split_statements(sql);
@@ -208,9 +201,6 @@ mod tests {
     use super::super::lex::{SHORT_TEXT, SMALL_TEXT};
     use super::*;
 
-    static SET_CONFIG: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"set_config"));
-    static ADVISORY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"advisory"));
-
     fn cmd(sql: &str) -> Recognised {
         recognise(sql.as_bytes())
     }
@@ -231,9 +221,26 @@ mod tests {
                 "{}select Set_Config('a', 'b', false), PG_ADVISORY_lock(1)",
                 " ".repeat(pad)
             );
-            assert_eq!(
-                contains_words(text.as_bytes(), [&SET_CONFIG, &ADVISORY]),
-                [true, true],
+            let words = Words::of(text.as_bytes());
+            assert!(
+                words.has(Words::SET_CONFIG) && words.has(Words::ADVISORY),
+                "padding {pad}"
+            );
+            assert!(
+                !words.has(Words::PGTENANT) && !words.has(Words::REPLICATION_ROLE),
+                "padding {pad}"
+            );
+            let all = format!("{text}; SET SESSION_REPLICATION_ROLE = x; show PGTenant.x");
+            let every = Words::of(all.as_bytes());
+            assert!(
+                [
+                    Words::PGTENANT,
+                    Words::REPLICATION_ROLE,
+                    Words::ADVISORY,
+                    Words::SET_CONFIG
+                ]
+                .into_iter()
+                .all(|w| every.has(w)),
                 "padding {pad}"
             );
             let tail = format!("{}SHOW pgTenant.tenant", "x".repeat(pad));
