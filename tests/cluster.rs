@@ -996,3 +996,57 @@ async fn a_coordinator_killed_while_holding_for_its_swap_is_settled_by_the_taker
         assert_eq!(backend_of(p, "acme").await, json!("shared"));
     }
 }
+
+/// The store's route lock held past the store sessions' `lock_timeout` (5 s; here by a session of the test's
+/// own, as another instance's slow write would): a `migrate start` (whose first lease takes the lock) and then a
+/// `tenant set` that meet it are tried again, and go through once it is let go, rather than failing at the
+/// first timeout. (The admin commands that change routes run one at a time, so each meets a hold of its own.)
+/// Without the retry the start failed with `preflight_failed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_that_meet_a_held_route_lock_are_tried_again() {
+    let (cp, shared, dedicated) = (PgCluster::start(), PgCluster::start(), PgCluster::start());
+    common::moves::small_schema(&shared);
+    let a = member(&cp, &shared, &dedicated, 3000).start().await;
+    let start = json!({"cmd": "migrate.start", "tenant": "acme", "to": "dedicated"});
+    let set = json!({"cmd": "tenant.set", "tenant": "gamma", "backend": "shared", "schema": "tenant_beta"});
+    for request in [start, set] {
+        let held_for = Duration::from_secs(6);
+        let release = hold_route_lock(&cp, held_for).await;
+        let since = Instant::now();
+        let r = a.admin(request.clone()).await;
+        assert_eq!(r["ok"], json!(true), "{request} -> {r}");
+        assert!(
+            since.elapsed() >= held_for - Duration::from_millis(500),
+            "{request} waited for the lock: {:?}",
+            since.elapsed()
+        );
+        release.await.unwrap();
+    }
+    assert_eq!(backend_of(&a, "gamma").await, json!("shared"));
+    common::moves::wait_state(&a, "acme", "dual_write", Duration::from_secs(30)).await;
+    a.admin_ok(json!({"cmd": "migrate.abort", "tenant": "acme"}))
+        .await;
+}
+
+/// Takes the store's route lock (its key spells "pgtenant") in a session of the test's own, let go after
+/// `held_for` by the task returned.
+async fn hold_route_lock(cp: &PgCluster, held_for: Duration) -> tokio::task::JoinHandle<()> {
+    let holder = connect(&format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        cp.port
+    ))
+    .await
+    .unwrap();
+    let lock = 0x7067_7465_6e61_6e74_i64;
+    holder
+        .execute("SELECT pg_advisory_lock($1)", &[&lock])
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        tokio::time::sleep(held_for).await;
+        holder
+            .execute("SELECT pg_advisory_unlock($1)", &[&lock])
+            .await
+            .unwrap();
+    })
+}

@@ -147,7 +147,7 @@ impl ControlPlane {
     /// Taken under the route lock, with the start's checks ([`refuse_clashing_start`]), so a route change or a
     /// start on another instance is either seen here or sees this move.
     pub async fn lease_new(&self, rec: &Record) -> Result<bool, StoreError> {
-        self.lease(rec, true).await
+        super::retry_busy(|| self.lease(rec, true)).await
     }
 
     /// Removes the lease `lease_new` took, for a move whose start failed after it.

@@ -30,6 +30,27 @@ const BUSY_TRIES: u32 = 3;
 /// Changes read from the store per query.
 const BATCH: i64 = 10_000;
 
+/// Runs a store operation that takes the route lock, again when the store answered it busy (its wait for a
+/// lock timed out: another instance's write or a move's swap held it past `lock_timeout`; or the statement was
+/// cancelled): a few times before the caller is told the store is busy. The operations retried are one
+/// transaction each, so a busy answer left nothing of theirs behind.
+pub(crate) async fn retry_busy<T, F, Fut>(mut op: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut tries_left = BUSY_TRIES;
+    loop {
+        tries_left -= 1;
+        match op().await {
+            Err(StoreError::Busy(_)) if tries_left > 0 => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            done => return done,
+        }
+    }
+}
+
 /// `instances`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InstanceList {
@@ -48,21 +69,12 @@ impl ControlPlane {
         changes: Vec<(TenantId, Option<Route>)>,
         guard: store::Guard,
     ) -> Result<(), StoreError> {
-        // A lock held past `lock_timeout` (another instance's write or a move's swap) is tried again a few
-        // times before the operator is told the store is busy.
-        for tries_left in (0..BUSY_TRIES).rev() {
-            let (id, changes) = (self.id.clone(), &changes);
-            let written = self
-                .with_client(async move |c| store::append(c, &id, changes, guard).await.map(|_| ()))
-                .await;
-            match written {
-                Err(StoreError::Busy(_)) if tries_left > 0 => {
-                    tokio::time::sleep(Duration::from_millis(200)).await
-                }
-                Err(e) => return Err(e),
-                Ok(()) => break,
-            }
-        }
+        let changes = &changes;
+        retry_busy(|| {
+            let id = self.id.clone();
+            self.with_client(async move |c| store::append(c, &id, changes, guard).await.map(|_| ()))
+        })
+        .await?;
         self.sync(shared).await
     }
 
