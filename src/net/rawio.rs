@@ -59,7 +59,7 @@ pub fn poll_recv(
     }
 }
 
-/// `recv` into the spare capacity of `buf` (at least 1 KiB is made free) for a task that reads this socket in a
+/// `recv` into the spare capacity of `buf` (1 KiB is made free in a full one) for a task that reads this socket in a
 /// loop, as the relay does. A read that finds nothing registers the task's waker with tokio, which keeps it
 /// until the socket's next read readiness, and sets that readiness before it takes the waker. On a
 /// single-threaded runtime, where the I/O driver's turns (readiness set, waker taken) and the tasks' polls take
@@ -83,7 +83,8 @@ pub fn poll_recv_armed(
         cx.waker().data() as usize,
         std::ptr::from_ref(cx.waker().vtable()) as usize,
     );
-    if buf.capacity() - buf.len() < READ_ROOM {
+    // (A full buffer would read 0 bytes, which is the end of the stream; the relay keeps room of its own.)
+    if buf.capacity() == buf.len() {
         buf.reserve(READ_ROOM);
     }
     if let Some(a) = armed.as_deref_mut() {
@@ -162,7 +163,7 @@ fn arm_if_registered(armed: &mut (usize, usize), me: (usize, usize)) {
     }
 }
 
-/// Free space `poll_recv_armed` makes before a read (the relay keeps more).
+/// Free space `poll_recv_armed` makes in a full buffer before a read (the relay keeps room of its own).
 const READ_ROOM: usize = 1024;
 
 /// One `recv` into `buf`'s spare capacity; `done` gets the bytes read.

@@ -54,8 +54,8 @@ impl Stream {
         }
     }
 
-    /// Reads into the spare capacity of `buf` (on plain TCP at least 1 KiB is made free; the relay keeps
-    /// more): the bytes read, 0 at the end. On plain TCP, a task on a single-threaded runtime (`one_thread`)
+    /// Reads into the spare capacity of `buf` (on plain TCP, room is made in a full one; the relay keeps room
+    /// of its own): the bytes read, 0 at the end. On plain TCP, a task on a single-threaded runtime (`one_thread`)
     /// that reads in a loop skips tokio's readiness registration while its last one stands (see
     /// `rawio::poll_recv_armed`).
     pub fn poll_read_bytes(
