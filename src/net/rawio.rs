@@ -27,23 +27,10 @@ pub fn poll_recv(
         // SAFETY: the kernel only writes into the unfilled part; `assume_init` below covers exactly the bytes
         // it reported written.
         let unfilled = unsafe { buf.unfilled_mut() };
-        let (ptr, len) = (unfilled.as_mut_ptr().cast::<libc::c_void>(), unfilled.len());
+        let len = unfilled.len();
         let mut done = 0;
         let outcome = stream.try_io(Interest::READABLE, || {
-            // SAFETY: `ptr` and `len` describe memory `buf` owns for the duration of the call; no address out.
-            let n = unsafe {
-                // Every argument passed as the `long` the kernel's calling convention takes.
-                libc::syscall(
-                    libc::SYS_recvfrom,
-                    libc::c_long::from(fd),
-                    ptr,
-                    len,
-                    NONE,
-                    std::ptr::null_mut::<libc::sockaddr>(),
-                    std::ptr::null_mut::<libc::socklen_t>(),
-                )
-            };
-            done = result(n)?;
+            done = recv_raw(fd, unfilled, NONE)?;
             short(done, len)
         });
         match settle(outcome, done) {
@@ -131,20 +118,12 @@ pub fn nothing_to_read(stream: &TcpStream) -> (bool, bool) {
     let mut ran = false;
     let peeked = stream.try_io(Interest::READABLE, || {
         ran = true;
-        let mut byte = 0u8;
-        // SAFETY: one byte into `byte`, which outlives the call; no address out.
-        let n = unsafe {
-            libc::syscall(
-                libc::SYS_recvfrom,
-                libc::c_long::from(fd),
-                std::ptr::from_mut(&mut byte).cast::<libc::c_void>(),
-                1usize,
-                libc::c_long::from(libc::MSG_PEEK | libc::MSG_DONTWAIT),
-                std::ptr::null_mut::<libc::sockaddr>(),
-                std::ptr::null_mut::<libc::socklen_t>(),
-            )
-        };
-        result(n)
+        let mut byte = [std::mem::MaybeUninit::new(0u8)];
+        recv_raw(
+            fd,
+            &mut byte,
+            libc::c_long::from(libc::MSG_PEEK | libc::MSG_DONTWAIT),
+        )
     });
     (
         matches!(peeked, Err(e) if e.kind() == io::ErrorKind::WouldBlock),
@@ -169,21 +148,31 @@ const READ_ROOM: usize = 1024;
 /// One `recv` into `buf`'s spare capacity; `done` gets the bytes read.
 fn recv_spare(stream: &TcpStream, buf: &mut bytes::BytesMut, done: &mut usize) -> io::Result<()> {
     let spare = buf.spare_capacity_mut();
-    let (ptr, len) = (spare.as_mut_ptr().cast::<libc::c_void>(), spare.len());
-    // SAFETY: `ptr` and `len` describe `buf`'s spare capacity, which it owns for the call; no address out.
+    let len = spare.len();
+    *done = recv_raw(stream.as_raw_fd(), spare, NONE)?;
+    short(*done, len)
+}
+
+/// One `recv` system call into `space` with `flags`: how many bytes the kernel wrote at its start.
+fn recv_raw(
+    fd: std::os::fd::RawFd,
+    space: &mut [std::mem::MaybeUninit<u8>],
+    flags: libc::c_long,
+) -> io::Result<usize> {
+    // SAFETY: the kernel writes at most `space.len()` bytes into `space`, borrowed for the call; no address
+    // out. Every argument is passed as the `long` the kernel's calling convention takes.
     let n = unsafe {
         libc::syscall(
             libc::SYS_recvfrom,
-            libc::c_long::from(stream.as_raw_fd()),
-            ptr,
-            len,
-            NONE,
+            libc::c_long::from(fd),
+            space.as_mut_ptr().cast::<libc::c_void>(),
+            space.len(),
+            flags,
             std::ptr::null_mut::<libc::sockaddr>(),
             std::ptr::null_mut::<libc::socklen_t>(),
         )
     };
-    *done = result(n)?;
-    short(*done, len)
+    result(n)
 }
 
 /// What a `recv_spare` inside `try_io` gave: the bytes now part of `buf`, an error, or `None` to wait again.
