@@ -38,7 +38,7 @@ pub struct Shared {
     pub config: ArcSwap<Config>,
     pub users: ArcSwap<Users>,
     pub router: Arc<Router>,
-    pub backends: ArcSwap<Backends>,
+    pub backends: crate::published::Published<Backends>,
     pub cancels: Arc<CancelRegistry>,
     pub tls: Option<TlsAcceptor>,
     /// `tls-server-end-point` binding data of the TLS certificate (SCRAM-SHA-256-PLUS).
@@ -142,7 +142,7 @@ impl Shared {
             config: ArcSwap::from_pointee(config),
             users: ArcSwap::from_pointee(users),
             router: Arc::new(Router::new(table)),
-            backends: ArcSwap::from_pointee(backends),
+            backends: crate::published::Published::new(backends),
             cancels: Arc::new(CancelRegistry::default()),
             tls,
             tls_end_point,

@@ -21,6 +21,7 @@ pub mod migration;
 pub mod net;
 pub mod notify;
 pub mod protocol;
+pub mod published;
 pub mod quote;
 pub mod routing;
 pub mod server;

@@ -193,7 +193,7 @@ impl Session {
 
     /// The routing table changed since this session's backend was chosen (only then can the route differ).
     fn route_changed(&self) -> bool {
-        self.place.tenant.is_some() && self.shared.router.load().epoch != self.place.epoch
+        self.place.tenant.is_some() && self.shared.router.epoch() != self.place.epoch
     }
 
     /// When the routing table changed since this session's backend was chosen and the tenant's route is now

@@ -7,7 +7,6 @@
 //! Named prepared statements follow the session through [`super::statements`].
 
 use bytes::Buf;
-use std::sync::Arc;
 
 use super::boundary::Refusal;
 use super::parts::move_bytes;
@@ -251,10 +250,9 @@ impl Session {
         }
     }
 
-    /// A cached resolution still holds: same routing epoch, same backends.
+    /// A cached resolution still holds: same routing epoch, same backends (two atomic loads).
     fn fresh(&self, r: &Resolved) -> bool {
-        self.shared.router.load().epoch == r.epoch
-            && Arc::ptr_eq(&self.shared.backends.load(), &r.backends)
+        self.shared.router.epoch() == r.epoch && self.shared.backends.is_current(r.backends)
     }
 
     /// Makes the connection this session's: its settings, its tenant's schema (shared pools) and, when

@@ -9,7 +9,7 @@ use tracing::debug;
 use super::client_info::ClientInfo;
 use super::server::Server;
 use super::statements::Inflight;
-use crate::backend::{Backends, Pool, StartupTag};
+use crate::backend::{Pool, StartupTag};
 use crate::config::{Isolation, PoolMode};
 use crate::context::Shared;
 use crate::errors::ClientError;
@@ -52,8 +52,8 @@ pub(super) struct Resolved {
     pub epoch: Epoch,
     pub pool: Arc<Pool>,
     pub tag: Arc<StartupTag>,
-    /// The backends table this was resolved against (a reload replaces it).
-    pub backends: Arc<Backends>,
+    /// The generation of the backends table this was resolved against (a reload replaces it).
+    pub backends: u64,
     /// The schema set per transaction (`SET search_path`) rather than at connect (see [`resolve`]).
     pub route_path: Option<Arc<str>>,
 }
@@ -72,7 +72,7 @@ pub(super) fn resolve(
             .ok_or_else(|| ClientError::UnknownTenant(tenant.to_string()))?;
         (route, table.epoch)
     };
-    let backends = shared.backends.load_full();
+    let (backends, generation) = shared.backends.load_with_generation();
     let backend =
         backends
             .get(&route.backend)
@@ -114,7 +114,7 @@ pub(super) fn resolve(
         epoch,
         pool,
         tag,
-        backends,
+        backends: generation,
         route_path,
     })
 }

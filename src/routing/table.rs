@@ -4,6 +4,7 @@
 //! thread folds it into a new base and the writer swaps that in, keeping the changes made meanwhile.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -145,6 +146,9 @@ impl Changes<'_> {
 #[derive(Debug)]
 pub struct Router {
     table: ArcSwap<RoutingTable>,
+    /// The epoch of the table last stored, stored after it: a session that kept a route from an earlier
+    /// table checks it is still current with one atomic load (see [`Router::epoch`]).
+    published: AtomicU64,
     writer: Mutex<Folding>,
 }
 
@@ -157,6 +161,7 @@ struct Folding {
 impl Router {
     pub fn new(table: RoutingTable) -> Router {
         Router {
+            published: AtomicU64::new(table.epoch.0),
             table: ArcSwap::from_pointee(table),
             writer: Mutex::new(Folding::default()),
         }
@@ -165,6 +170,14 @@ impl Router {
     /// The current snapshot. Hold it for one transaction at most.
     pub fn load(&self) -> arc_swap::Guard<Arc<RoutingTable>> {
         self.table.load()
+    }
+
+    /// The epoch of the current snapshot, without loading it. Stored after the snapshot is, so a reader that
+    /// sees the old epoch may only miss a change still under way (as if it had read just before it). A
+    /// cutover opens the tenant's gate after `update` returned, so a transaction admitted after it sees the
+    /// new epoch.
+    pub fn epoch(&self) -> Epoch {
+        Epoch(self.published.load(Ordering::Acquire))
     }
 
     pub fn snapshot(&self) -> Arc<RoutingTable> {
@@ -207,6 +220,7 @@ impl Router {
         });
         persist(&next, &made)?;
         self.table.store(next.clone());
+        self.published.store(epoch.0, Ordering::Release);
         if next.recent.len() > RECENT_MAX && !folding.running {
             folding.running = self.fold_in_background(next.clone());
         }
@@ -287,8 +301,9 @@ mod tests {
     #[test]
     fn update_bumps_epoch_and_persist_failure_hides_change() {
         let router = Arc::new(Router::new(RoutingTable::default()));
+        assert_eq!(router.epoch(), Epoch(0));
         let t = set(&router, "acme", Some(route("s")));
-        assert_eq!(t.epoch, Epoch(1));
+        assert_eq!((t.epoch, router.epoch()), (Epoch(1), Epoch(1)));
         assert!(router.load().get("acme").is_some());
         let failed = router.update(
             |c| {
@@ -300,6 +315,7 @@ mod tests {
         assert_eq!(failed.unwrap_err(), "disk full");
         assert!(router.load().get("acme").is_some());
         assert_eq!(router.load().epoch, Epoch(1));
+        assert_eq!(router.epoch(), Epoch(1));
     }
 
     #[test]
@@ -363,5 +379,7 @@ mod tests {
         assert_eq!(table.len(), model.values().filter(|r| r.is_some()).count());
         assert_eq!(table.iter().count(), table.len());
         assert_eq!(table.epoch, Epoch(RECENT_MAX as u64 * 3));
+        // A fold publishes the same routes under the same epoch.
+        assert_eq!(router.epoch(), table.epoch);
     }
 }

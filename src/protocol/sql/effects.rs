@@ -4,8 +4,8 @@
 
 use super::lex::{
     first_word, more_than_one_statement, setting_name, split_statements, word, Statement, Tok,
-    Words,
 };
+use super::words::Words;
 
 /// What a simple query does to session state that the proxy can carry to another backend connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,7 +93,7 @@ pub fn classify_with(sql: &[u8], words: Words) -> Effect {
         .iter()
         .any(|w| first.eq_ignore_ascii_case(w.as_bytes()))
         || first.eq_ignore_ascii_case(b"close")
-        || more_than_one_statement(sql);
+        || more_than_one_statement(sql, words.semicolons());
     if set_config {
         return Effect::Untracked;
     }
@@ -252,10 +252,11 @@ mod effect_tests {
     fn classifies_session_state() {
         assert_eq!(classify(b"SELECT 1"), Effect::None);
         // A trailing `;` (and blanks or comments after it) is still one statement; anything more is looked at.
-        assert!(!super::more_than_one_statement(
-            b"SELECT 1; -- done\n /* c */ "
-        ));
-        assert!(super::more_than_one_statement(b"SELECT ';' AS x"));
+        let more = |t: &[u8]| super::more_than_one_statement(t, super::Words::of(t).semicolons());
+        assert!(!more(b"SELECT 1; -- done\n /* c */ "));
+        assert!(more(b"SELECT ';' AS x"));
+        assert!(more(b"SELECT 1; SELECT 2"));
+        assert!(!more(b"SELECT 1"));
         // A `;` inside a literal followed by what looks like a comment must not hide a second statement.
         assert_ne!(
             classify(b"SELECT ';--'; SET search_path TO other"),

@@ -1,73 +1,6 @@
 //! Just enough SQL lexing for the proxy: statements split at top-level semicolons (quotes, dollar quotes and
-//! comments respected), the first tokens of each, and case-insensitive word searches that rule most queries out
-//! before any lexing.
-
-use std::sync::LazyLock;
-
-use memchr::memmem::Finder;
-
-/// Statements up to this long are lower-cased on the stack for the case-insensitive word searches.
-pub(super) const SHORT_TEXT: usize = 512;
-pub(super) const SMALL_TEXT: usize = 128;
-
-/// The words the proxy looks for in a statement before it lexes any of it: a tenant statement or a guarded
-/// setting (`pgtenant`, `replication_role`) and a session-state effect no first word shows (`advisory`,
-/// `set_config`). One search for all four serves both readings of a statement: the tenant-statement check and
-/// the session-state classification of a frame the relay forwards (counted with `benches/instructions.sh`:
-/// two searches of two words each cost a `pgbench -S` transaction about 110 instructions more).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Words(u8);
-
-static NEEDLES: LazyLock<[Finder<'static>; 4]> = LazyLock::new(|| {
-    [
-        Finder::new(b"pgtenant"),
-        Finder::new(b"replication_role"),
-        Finder::new(b"advisory"),
-        Finder::new(b"set_config"),
-    ]
-});
-
-impl Words {
-    pub(super) const PGTENANT: u8 = 1;
-    pub(super) const REPLICATION_ROLE: u8 = 2;
-    pub(super) const ADVISORY: u8 = 4;
-    pub(super) const SET_CONFIG: u8 = 8;
-
-    /// Which of the words `sql` contains, in any letter case. A short text is lower-cased once into a stack
-    /// buffer and searched with a vectorised substring search. Comparing at every occurrence of a needle's
-    /// first letter instead costs a compare per word of an ordinary statement: pgbench's table names alone put
-    /// a `p`, an `a` and an `s` in most of its words.
-    pub fn of(sql: &[u8]) -> Words {
-        // Most statements fit the smaller buffer, which costs less to clear (counted with
-        // `benches/instructions.sh`: clearing 512 bytes was 1% of a `pgbench -S` transaction).
-        match sql.len() {
-            n if n <= SMALL_TEXT => lowered::<SMALL_TEXT>(sql),
-            n if n <= SHORT_TEXT => lowered::<SHORT_TEXT>(sql),
-            _ => Words(found(|i| {
-                contains_at_first_letter(sql, NEEDLES[i].needle())
-            })),
-        }
-    }
-
-    pub(super) fn has(self, word: u8) -> bool {
-        self.0 & word != 0
-    }
-}
-
-/// The bits of the needles `hit` says are there.
-fn found(hit: impl Fn(usize) -> bool) -> u8 {
-    (0..4).filter(|&i| hit(i)).fold(0, |bits, i| bits | 1 << i)
-}
-
-/// `Words::of` a text of at most `L` bytes, lower-cased into a stack buffer.
-fn lowered<const L: usize>(sql: &[u8]) -> Words {
-    let mut buf = [0u8; L];
-    let lower = &mut buf[..sql.len()];
-    lower.copy_from_slice(sql);
-    lower.make_ascii_lowercase();
-    let lower = &*lower;
-    Words(found(|i| NEEDLES[i].find(lower).is_some()))
-}
+//! comments respected), the first tokens of each, and a case-insensitive word search (the words every statement
+//! is searched for are in `words`).
 
 /// Whether `sql` contains `needle` (lower case) in any letter case, comparing at each occurrence of its first
 /// letter.
@@ -248,11 +181,13 @@ pub(super) fn is_name(tok: Option<&(Tok, usize)>, name: &str) -> bool {
 /// statement with a trailing `;` (as pgbench and many drivers send it) the full tokenisation. Only a text with
 /// exactly one `;` is looked at: if that `;` sits inside a literal or comment there is one statement, and if it
 /// ends a statement, what follows is read from a clean position (blanks and comments only: one statement).
-pub(super) fn more_than_one_statement(sql: &[u8]) -> bool {
-    let Some(semi) = memchr::memchr(b';', sql) else {
+///
+/// `semicolons`: the first and the last `;` of the text (see `Words::semicolons`).
+pub(super) fn more_than_one_statement(sql: &[u8], semicolons: Option<(usize, usize)>) -> bool {
+    let Some((semi, last)) = semicolons else {
         return false;
     };
-    if memchr::memchr(b';', &sql[semi + 1..]).is_some() {
+    if last != semi {
         return true;
     }
     let mut rest = Lexer {

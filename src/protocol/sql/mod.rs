@@ -5,14 +5,15 @@
 mod effects;
 mod lex;
 mod tenant;
+mod words;
 
 pub use effects::{
     classify, classify_with, Effect, PIN_ADVISORY, PIN_CURSOR, PIN_LISTEN, PIN_TEMP,
 };
-pub use lex::Words;
 pub use tenant::{
     mentions_pgtenant, recognise, recognise_with, Recognised, TenantCommand, GUARDED_SETTINGS,
 };
+pub use words::Words;
 
 /// Whether the first word of `sql`, after white space and comments, is `word` (lower case) in any case.
 pub fn starts_with_word(sql: &[u8], word: &[u8]) -> bool {

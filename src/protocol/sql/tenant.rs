@@ -6,7 +6,8 @@
 //! statements and read the first few tokens of each, so that a tenant statement hidden in a multi-statement
 //! query is refused instead of reaching a backend, where it would silently set a meaningless placeholder variable.
 
-use super::lex::{contains_at_first_letter, is_name, split_statements, Statement, Tok, Words};
+use super::lex::{contains_at_first_letter, is_name, split_statements, Statement, Tok};
+use super::words::Words;
 
 /// What a `pgtenant.tenant` statement asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -198,7 +199,6 @@ fn set_value(sql: &[u8], stmt: &Statement, at: usize) -> Result<TenantCommand, S
 
 #[cfg(test)]
 mod tests {
-    use super::super::lex::{SHORT_TEXT, SMALL_TEXT};
     use super::*;
 
     fn cmd(sql: &str) -> Recognised {
@@ -207,16 +207,8 @@ mod tests {
 
     #[test]
     fn word_search_ignores_case_in_short_and_long_texts() {
-        // 55 bytes of text: the small buffer, exactly its size and one byte over, exactly SHORT_TEXT bytes
-        // (still lower-cased on the stack), one byte over, and long.
-        for pad in [
-            0,
-            SMALL_TEXT - 55,
-            SMALL_TEXT - 54,
-            SHORT_TEXT - 55,
-            SHORT_TEXT - 54,
-            4 * SHORT_TEXT,
-        ] {
+        // 55 bytes of text, then longer ones around the search's 16-byte steps, and a long one.
+        for pad in [0, 73, 74, 457, 458, 2048] {
             let text = format!(
                 "{}select Set_Config('a', 'b', false), PG_ADVISORY_lock(1)",
                 " ".repeat(pad)
