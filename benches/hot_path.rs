@@ -133,6 +133,18 @@ fn recogniser(c: &mut Criterion) {
         b.iter(|| sql::recognise(black_box(set)))
     });
     g.finish();
+    // The one pass both checks start from (`sql::Words`): every Query and Parse.
+    let mut g = c.benchmark_group("statement_words");
+    g.bench_function("ordinary_query", |b| {
+        b.iter(|| sql::Words::of(black_box(ordinary)))
+    });
+    let long =
+        "SELECT o.id, o.total, c.name FROM orders o JOIN customers c ON c.id = o.customer_id "
+            .repeat(12);
+    g.bench_function("query_of_1_kib", |b| {
+        b.iter(|| sql::Words::of(black_box(long.as_bytes())))
+    });
+    g.finish();
     // Session-state tracking looks at every simple query the client sends.
     let mut g = c.benchmark_group("session_state_classify");
     g.bench_function("ordinary_query", |b| {
