@@ -1050,3 +1050,60 @@ async fn hold_route_lock(cp: &PgCluster, held_for: Duration) -> tokio::task::Joi
             .unwrap();
     })
 }
+
+/// A reload's new tenants go into the store only where it has no route (`Guard::IfAbsent`): an instance whose
+/// table is behind the store, reloading a config that names a tenant another instance has since routed or moved,
+/// never writes its config's route over the newer one. The write is made as such an instance's reload makes it,
+/// straight on the store, since the instance's lag cannot be timed from outside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloads_new_tenants_never_overwrite_a_route_the_store_has() {
+    use pgtenant::cluster::store::{append, latest_route, Guard};
+    use pgtenant::routing::{BackendId, Route};
+    use pgtenant::tenant::TenantId;
+    let (cp, shared, dedicated) = (PgCluster::start(), PgCluster::start(), PgCluster::start());
+    for pg in [&shared, &dedicated] {
+        pg.tenant_schemas("app", &["tenant_acme", "tenant_beta"]);
+    }
+    let p = member(&cp, &shared, &dedicated, 3000).start().await;
+    // The newer route: beta moved to dedicated by an operator.
+    p.admin_ok(json!({"cmd": "tenant.set", "tenant": "beta", "backend": "dedicated", "schema": "tenant_beta"}))
+        .await;
+    let id = |t: &str| TenantId::parse(t).unwrap();
+    let on_shared = |schema: &str| Route {
+        backend: BackendId::parse("shared").unwrap(),
+        schema: Some(schema.into()),
+        ..Default::default()
+    };
+    let mut store = connect(&format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        cp.port
+    ))
+    .await
+    .unwrap();
+    // A lagging instance's reload: beta as its config has it, and a tenant that is new everywhere.
+    let stale = [
+        (id("beta"), Some(on_shared("tenant_beta"))),
+        (id("gamma"), Some(on_shared("tenant_acme"))),
+    ];
+    append(&mut store, "lagging", &stale, Guard::IfAbsent)
+        .await
+        .unwrap();
+    let tx = store.transaction().await.unwrap();
+    let beta = latest_route(&tx, &id("beta")).await.unwrap().unwrap();
+    assert_eq!(&*beta.backend, "dedicated");
+    let gamma = latest_route(&tx, &id("gamma")).await.unwrap();
+    assert_eq!(gamma, Some(on_shared("tenant_acme")));
+    drop(tx);
+    // The instance applies what was written, and only that.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let gamma_of = || p.admin(json!({"cmd": "tenant.get", "tenant": "gamma"}));
+    while gamma_of().await["result"]["route"]["backend"] != json!("shared") {
+        assert!(
+            Instant::now() < deadline,
+            "gamma never reached the instance: {}",
+            gamma_of().await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(backend_of(&p, "beta").await, json!("dedicated"));
+}

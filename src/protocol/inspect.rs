@@ -41,7 +41,11 @@ pub fn query_text(frame: &[u8]) -> Option<&[u8]> {
 /// Statement name and text of a Parse frame.
 pub fn parse_statement(frame: &[u8]) -> Option<(&[u8], &[u8])> {
     let body = frame.get(5..)?;
-    let name_end = memchr::memchr(0, body)?;
+    // Most Parse frames name no statement (the extended protocol's unnamed one): no search for its end.
+    let name_end = match body.first() {
+        Some(0) => 0,
+        _ => memchr::memchr(0, body)?,
+    };
     let rest = &body[name_end + 1..];
     let text_end = memchr::memchr(0, rest)?;
     Some((&body[..name_end], &rest[..text_end]))
@@ -195,6 +199,13 @@ mod tests {
             parse_statement(b"P\0\0\0\x0fs1\0select\0\0\0"),
             Some((&b"s1"[..], &b"select"[..]))
         );
+        assert_eq!(
+            parse_statement(b"P\0\0\0\x0d\0select\0\0\0"),
+            Some((&b""[..], &b"select"[..]))
+        );
+        // No name and no text: cut short.
+        assert_eq!(parse_statement(b"P\0\0\0\x04"), None);
+        assert_eq!(parse_statement(b"P\0\0\0\x05\0"), None);
         let e = error_fields(b"E\0\0\0\x1aSERROR\0C42601\0Moops\0\0").unwrap();
         assert_eq!(e, ("ERROR".into(), "42601".into(), "oops".into()));
     }
