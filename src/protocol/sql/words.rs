@@ -68,6 +68,7 @@ struct Found {
 impl Found {
     /// Takes in one chunk's semicolons (`semis`: bit `k` set where `base + k` is a `;`, up to 32 bytes). Chunks
     /// overlap at the end of the text; a semicolon seen twice changes neither end.
+    #[cfg(target_arch = "x86_64")]
     #[inline]
     fn semicolons(&mut self, base: usize, semis: u32) {
         let first = base + semis.trailing_zeros() as usize;
@@ -81,6 +82,7 @@ impl Found {
     /// Compares one chunk's candidates in full (`masks[i]`: bit `k` set where word `i`'s pair matched at start
     /// `base + k`). A start seen twice (where chunks overlap) is compared again unless its word is found. Out of
     /// line: most chunks have no candidate, and the pass's loop stays small.
+    #[cfg(target_arch = "x86_64")]
     #[inline(never)]
     fn confirm(&mut self, sql: &[u8], base: usize, masks: [u32; 4]) {
         for (i, mut mask) in masks.into_iter().enumerate() {
@@ -135,7 +137,8 @@ mod vector {
 
     /// The four words' candidate starts among the 16 starting at `chunk[0]` (bit `k` of `masks[i]` set where
     /// word `i`'s pair, case folded, is at `k` plus the pair's offset; `None` when there is none at all, the
-    /// common case), and the semicolons among its first REACH bytes (bit `k` for `chunk[k]`). `chunk` must hold at least [`REACH`] bytes.
+    /// common case), and the semicolons among its first REACH bytes (bit `k` for `chunk[k]`). `chunk` must hold
+    /// at least [`REACH`] bytes.
     pub(super) fn candidates(chunk: &[u8]) -> (Option<[u32; 4]>, u32) {
         assert!(chunk.len() >= REACH);
         // SAFETY: SSE2 is part of every x86_64 target. Each load reads the 16 bytes from offset 0, a pair's
