@@ -110,6 +110,7 @@ impl Found {
 }
 
 /// Whether the word `needle` (its index in [`NEEDLES`]) starts at `at` of `sql`, in any letter case.
+#[cfg(any(target_arch = "x86_64", test))]
 fn starts_at(sql: &[u8], at: usize, needle: usize) -> bool {
     let word = NEEDLES[needle].0;
     sql.get(at..at + word.len())
@@ -202,14 +203,11 @@ fn search(sql: &[u8], found: &mut Found) {
     }
 }
 
-/// Elsewhere: each word compared at every occurrence of its pair's first byte.
+/// Elsewhere: each word compared at every occurrence of its first letter, the lexer's search.
 #[cfg(not(target_arch = "x86_64"))]
 fn search(sql: &[u8], found: &mut Found) {
-    for (i, (word, off)) in NEEDLES.iter().enumerate() {
-        let first = word[*off];
-        let hit = memchr::memchr2_iter(first, first.to_ascii_uppercase(), sql)
-            .any(|at| at >= *off && starts_at(sql, at - off, i));
-        if hit {
+    for (i, (word, _)) in NEEDLES.iter().enumerate() {
+        if super::lex::contains_at_first_letter(sql, word) {
             found.bits |= 1 << i;
         }
     }
