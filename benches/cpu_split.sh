@@ -98,6 +98,7 @@ if [ -n "${STRACE:-}" ]; then
   # Counted on a run of its own: strace slows every call, which would distort the CPU figures above.
   strace -c -f -p "$PID" -o "$W/strace.txt" &
   STRACE_PID=$!
+  PG_CLEANUP_EXTRA+=("$STRACE_PID")
   sleep 1
   out="$(pgbench "${args[@]}" -t 250 "$url" 2>&1)"
   tx="$(grep -oP 'actually processed: \K[0-9]+' <<<"$out")"

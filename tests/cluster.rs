@@ -1051,12 +1051,13 @@ async fn hold_route_lock(cp: &PgCluster, held_for: Duration) -> tokio::task::Joi
     })
 }
 
-/// A reload's new tenants go into the store only where it has no route (`Guard::IfAbsent`): an instance whose
-/// table is behind the store, reloading a config that names a tenant another instance has since routed or moved,
-/// never writes its config's route over the newer one. The write is made as such an instance's reload makes it,
-/// straight on the store, since the instance's lag cannot be timed from outside.
+/// A reload's new tenants go into the store (`add_tenants`, with `Guard::IfAbsent`) only where it has no route:
+/// an instance whose table is behind the store, reloading a config that names a tenant another instance has since
+/// routed or moved, never writes its config's route over the newer one. The write is made as such an instance's
+/// reload makes it, straight on the store, since the instance's lag cannot be timed from outside; so this tests
+/// the guard, not that `add_tenants` chooses it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reloads_new_tenants_never_overwrite_a_route_the_store_has() {
+async fn the_if_absent_guard_keeps_a_lagging_reload_from_overwriting_a_newer_route() {
     use pgtenant::cluster::store::{append, latest_route, Guard};
     use pgtenant::routing::{BackendId, Route};
     use pgtenant::tenant::TenantId;

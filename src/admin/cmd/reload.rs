@@ -54,12 +54,14 @@ pub fn reload(shared: &Arc<Shared>) -> Result<Done, AdminError> {
     }
     shared.users.store(Arc::new(users));
     applied.push("users".into());
-    shared.backends.store(Arc::new(plan.backends));
     shared.notifier.configure(&merged.webhooks);
     applied.push("webhooks".into());
     merged.keep_login_settings();
     shared.config.store(Arc::new(merged));
     applied.push("proxy session settings".into());
+    // Last: storing the backends tells transaction-pool sessions that what they resolved (pool, login from the
+    // config: a tenant's password) is stale, so everything it is resolved from must be in place before.
+    shared.backends.store(Arc::new(plan.backends));
     let result = Reloaded {
         applied,
         requires_restart: restart,

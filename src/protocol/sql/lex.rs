@@ -205,8 +205,9 @@ pub(super) fn more_than_one_statement(sql: &[u8], semicolons: Option<(usize, usi
     if last != semi {
         return true;
     }
+    // (`get`: the positions come from the caller; ones of another text must not panic.)
     let mut rest = Lexer {
-        s: &sql[semi + 1..],
+        s: sql.get(semi + 1..).unwrap_or_default(),
         i: 0,
     };
     rest.skip_space_and_comments();

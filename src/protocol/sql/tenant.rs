@@ -207,7 +207,8 @@ mod tests {
 
     #[test]
     fn word_search_ignores_case_in_short_and_long_texts() {
-        // 55 bytes of text, then longer ones around the search's 16-byte steps, and a long one.
+        // 55 bytes of text, then longer ones (the old lower-casing buffers' limits, 128 and 512 bytes, and one
+        // byte over each), and a long one. `words` tests the new search's edges (every length up to 80).
         for pad in [0, 73, 74, 457, 458, 2048] {
             let text = format!(
                 "{}select Set_Config('a', 'b', false), PG_ADVISORY_lock(1)",
